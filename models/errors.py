@@ -1,0 +1,36 @@
+"""Errors the engine raises; each message says what went wrong and what to do."""
+
+from __future__ import annotations
+
+
+class FineTuneError(Exception):
+    """Base class: a problem a user can act on (bad data, spec, weights)."""
+
+
+class UnknownBackboneError(FineTuneError, KeyError):
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0]) if self.args else ""
+
+
+class WeightsNotFoundError(FineTuneError):
+    pass
+
+
+class WeightsMismatchError(FineTuneError):
+    pass
+
+
+class DatasetError(FineTuneError):
+    pass
+
+
+class NonFiniteLossError(FineTuneError):
+    pass
+
+
+class OutputExistsError(FineTuneError):
+    pass
+
+
+class TrainingCancelled(FineTuneError):
+    pass

@@ -1,0 +1,143 @@
+"""The fine-tuning spec: one pydantic model, no torch import.
+
+The API process validates specs with this module alone, so it must stay cheap to
+import. Every field has a default, so ``FineTuneSpec()`` (the JSON ``{}``) is a
+complete, sensible spec. Unknown fields are rejected (``extra="forbid"``) so a
+typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+__all__ = [
+    "EarlyStoppingSpec",
+    "FineTuneSpec",
+    "FreezeSpec",
+    "HeadSpec",
+    "OptimizerSpec",
+    "ScheduleSpec",
+    "SpecError",
+    "ValidationError",
+    "parse_spec",
+]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class FreezeSpec(_Strict):
+    strategy: Literal["head_only", "last_n_blocks", "gradual", "none"] = Field(
+        "head_only",
+        description="head_only: only the new head trains; last_n_blocks: the last n backbone "
+        "stages and the head; gradual: start head-only and unfreeze one more stage from the top "
+        "every `unfreeze_every` epochs; none: everything trains.",
+    )
+    n_blocks: int = Field(1, ge=1, description="Stages trained by last_n_blocks.")
+    unfreeze_every: int = Field(1, ge=1, description="Epochs between unfreezing steps (gradual).")
+    batchnorm: Literal["frozen", "train"] = Field(
+        "frozen",
+        description="frozen: BatchNorm layers of frozen stages stay in eval mode (running "
+        "statistics untouched); train: they keep updating their statistics.",
+    )
+
+
+class HeadSpec(_Strict):
+    dropout: float = Field(0.2, ge=0.0, lt=1.0, description="Dropout before each linear layer.")
+    hidden: list[Annotated[int, Field(ge=1, le=65536)]] = Field(
+        default_factory=list, max_length=8, description="Widths of hidden layers in the head."
+    )
+    activation: Literal["relu", "leaky_relu", "elu", "selu", "gelu"] = "relu"
+    batchnorm: bool = Field(False, description="BatchNorm1d after each hidden linear layer.")
+    init: Literal["he", "glorot"] = Field("he", description="Weight init; biases start at zero.")
+
+
+class OptimizerSpec(_Strict):
+    name: Literal["sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adam", "adamw"] = "sgd"
+    lr: float = Field(0.001, gt=0.0, le=10.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0, description="Used by momentum/nesterov/rmsprop.")
+    weight_decay: float = Field(
+        0.0, ge=0.0, le=1.0, description="L2 penalty; never applied to biases or norm parameters."
+    )
+    layer_decay: float | None = Field(
+        None,
+        gt=0.0,
+        le=1.0,
+        description="Discriminative LR: the last backbone stage gets lr*f, the one before "
+        "lr*f^2, and so on; the head keeps lr.",
+    )
+
+
+class ScheduleSpec(_Strict):
+    name: Literal["constant", "cosine", "step", "onecycle"] = "constant"
+    warmup_epochs: float = Field(0, ge=0.0, description="Linear warmup from zero, in epochs.")
+
+
+class EarlyStoppingSpec(_Strict):
+    monitor: Literal["val_loss", "val_accuracy"] = "val_loss"
+    patience: int = Field(3, ge=1, description="Epochs without improvement before stopping.")
+    min_delta: float = Field(0.0, ge=0.0, description="Smallest change that counts as better.")
+
+
+class FineTuneSpec(_Strict):
+    backbone: str = Field(
+        "tf_efficientnet_lite0", min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_.\-]+$"
+    )
+    pretrained: bool = True
+    weights_path: str | None = Field(
+        None, description="Local weights file for the backbone; overrides every other source."
+    )
+    image_size: int | None = Field(
+        None, ge=16, le=1024, description="Square input size; null means the backbone's own."
+    )
+    epochs: int = Field(10, ge=1, le=10_000)
+    batch_size: int = Field(32, ge=1, le=4096)
+    seed: int = Field(0, ge=0, le=2**32 - 1)
+    val_fraction: float = Field(
+        0.2, ge=0.0, lt=1.0, description="Held out (stratified) when the data has no val split."
+    )
+    freeze: FreezeSpec = Field(default_factory=FreezeSpec)
+    head: HeadSpec = Field(default_factory=HeadSpec)
+    optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
+    schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)
+    early_stopping: EarlyStoppingSpec = Field(default_factory=EarlyStoppingSpec)
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    grad_clip_norm: float | None = Field(None, gt=0.0)
+    augment: Literal["none", "light", "strong"] = "none"
+    mixed_precision: Literal["auto", "off", "bf16", "fp16"] = "auto"
+
+    @model_validator(mode="after")
+    def _warmup_fits(self) -> FineTuneSpec:
+        if self.schedule.warmup_epochs > self.epochs:
+            raise ValueError(
+                f"schedule.warmup_epochs ({self.schedule.warmup_epochs}) exceeds epochs "
+                f"({self.epochs})"
+            )
+        return self
+
+
+class SpecError(ValueError):
+    """A spec that does not validate; the message names each bad field."""
+
+
+def parse_spec(data: dict | str | bytes | None) -> FineTuneSpec:
+    """Validate a spec given as a dict or JSON text; raise SpecError naming the bad fields."""
+    try:
+        if data is None:
+            return FineTuneSpec()
+        if isinstance(data, (str, bytes)):
+            return FineTuneSpec.model_validate_json(data)
+        return FineTuneSpec.model_validate(data)
+    except ValidationError as exc:
+        raise SpecError(format_validation_error(exc)) from exc
+
+
+def format_validation_error(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        field = ".".join(str(p) for p in err["loc"]) or "spec"
+        parts.append(f"{field}: {err['msg']}")
+    return "invalid spec: " + "; ".join(parts)
