@@ -1,0 +1,103 @@
+"""The tuned-model bundle on disk: model.safetensors, config.json, metrics.json.
+
+Written into a hidden temporary folder and renamed into place, so a failed or interrupted
+write never leaves a folder that looks like a model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import uuid
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from models.errors import OutputExistsError
+from models.training.fit import FitResult
+
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.json"
+BUNDLE_FILES = (WEIGHTS_FILE, CONFIG_FILE, METRICS_FILE)
+FORMAT_VERSION = 1
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in ("ftune", "torch", "torchvision", "timm", "safetensors", "pillow", "numpy"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def ensure_output_free(out_dir: str | Path) -> Path:
+    out = Path(out_dir)
+    if out.exists():
+        raise OutputExistsError(f"output {out} already exists; choose another --out or remove it")
+    return out
+
+
+def bundle_config(result: FitResult) -> dict:
+    return {
+        "format_version": FORMAT_VERSION,
+        "backbone": result.backbone,
+        "architecture": result.architecture,
+        "classes": result.classes,
+        "preprocessing": result.preprocessing.to_dict(),
+        "spec": result.spec.model_dump(mode="json"),
+        "weights_source": result.weights_source,
+        "best_epoch": result.best_epoch,
+        "best_metrics": result.best_metrics,
+        "stopped_early": result.stopped_early,
+        "epochs_run": len(result.history),
+        "num_train": result.num_train,
+        "num_val": result.num_val,
+        "skipped": [{"path": p, "reason": r} for p, r in result.skipped],
+        "device": result.device,
+        "precision": result.precision,
+        "train_seconds": round(result.seconds, 3),
+        "versions": package_versions(),
+        "created_at": datetime.now(UTC).isoformat(),
+    }
+
+
+def save_bundle(result: FitResult, out_dir: str | Path) -> Path:
+    out = ensure_output_free(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        state = {k: v.detach().to("cpu").contiguous() for k, v in result.model.state_dict().items()}
+        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        _write_json(tmp / CONFIG_FILE, bundle_config(result))
+        _write_json(tmp / METRICS_FILE, {"history": result.history,
+                                         "best_epoch": result.best_epoch})
+        ensure_output_free(out)
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def load_bundle(directory: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    directory = Path(directory)
+    missing = [name for name in (WEIGHTS_FILE, CONFIG_FILE) if not (directory / name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{directory} is not a tuned model: missing {', '.join(missing)}")
+    config = json.loads((directory / CONFIG_FILE).read_text())
+    if config.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{directory}: unsupported model format {config.get('format_version')}")
+    return config, load_file(str(directory / WEIGHTS_FILE))
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2, default=str) + "\n")

@@ -1,0 +1,165 @@
+"""``ftune``: train, predict and list backbones from the command line, no server needed."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import sys
+from pathlib import Path
+
+from models.errors import FineTuneError
+from models.spec import SpecError, parse_spec
+
+log = logging.getLogger("ftune")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.run(args) or 0)
+    except (FineTuneError, SpecError, FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ftune", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more")
+    sub = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    train = sub.add_parser("train", help="fine-tune a backbone on an image folder")
+    train.add_argument("data", help="DATA/<class>/<images> or DATA/train|val/<class>/...")
+    train.add_argument("--spec", help="fine-tuning spec (JSON file); defaults for missing fields")
+    train.add_argument("--out", required=True, help="folder for the tuned model (must not exist)")
+    train.add_argument("--checkpoint-dir", help="per-epoch checkpoints (default: OUT.partial)")
+    train.add_argument("--resume", help="checkpoint file or folder to continue from")
+    train.add_argument("--device", help="cpu, cuda, cuda:1 (default: automatic)")
+    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.set_defaults(run=_train)
+
+    predict = sub.add_parser("predict", help="classify images with a tuned model")
+    predict.add_argument("model", help="folder written by `ftune train`")
+    predict.add_argument("images", nargs="+")
+    predict.add_argument("--top-k", type=int, default=5)
+    predict.add_argument("--json", action="store_true", help="print JSON")
+    predict.set_defaults(run=_predict)
+
+    backbones = sub.add_parser("backbones", help="list backbones with offline pretrained weights")
+    backbones.add_argument("--json", action="store_true", help="print JSON")
+    backbones.set_defaults(run=_backbones)
+    return parser
+
+
+def _load_spec(path: str | None):  # -> FineTuneSpec
+    if path is None:
+        return parse_spec({})
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise FileNotFoundError(f"cannot read spec {path}: {exc.strerror}") from exc
+    return parse_spec(text)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from models.bundle import ensure_output_free, save_bundle
+    from models.training.fit import Callbacks, fit
+
+    spec = _load_spec(args.spec)  # fail fast on bad input: before any output exists
+    out = ensure_output_free(args.out)
+    ckpt_dir = Path(args.checkpoint_dir) if args.checkpoint_dir else out.with_name(
+        out.name + ".partial")
+    bar: tqdm | None = None
+
+    def on_batch(epoch: int, step: int, steps: int, loss: float) -> None:
+        nonlocal bar
+        if args.no_progress:
+            return
+        if bar is None:
+            bar = tqdm(total=steps, desc=f"epoch {epoch}/{spec.epochs}", leave=False,
+                       file=sys.stderr)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}")
+
+    def on_epoch(row: dict) -> None:
+        nonlocal bar
+        if bar is not None:
+            bar.close()
+            bar = None
+        print(_format_row(row, spec.epochs), flush=True)
+
+    try:
+        result = fit(args.data, spec, checkpoint_dir=ckpt_dir, resume=args.resume,
+                     callbacks=Callbacks(on_epoch_end=on_epoch, on_batch_end=on_batch),
+                     device=args.device)
+    except BaseException:
+        if bar is not None:
+            bar.close()
+        if ckpt_dir.exists():
+            print(f"checkpoints kept in {ckpt_dir} (continue with --resume {ckpt_dir})",
+                  file=sys.stderr)
+        raise
+    for path, reason in result.skipped:
+        print(f"skipped {path}: {reason}", file=sys.stderr)
+    save_bundle(result, out)
+    if not args.checkpoint_dir:
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+    best = result.best_metrics
+    print(f"best epoch {result.best_epoch}: val_accuracy={_fmt(best.get('val_accuracy'))} "
+          f"val_loss={_fmt(best.get('val_loss'))}"
+          f"{' (stopped early)' if result.stopped_early else ''}; model written to {out}")
+    return 0
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def _format_row(row: dict, epochs: int) -> str:
+    return (f"epoch {row['epoch']}/{epochs}  train_loss={_fmt(row['train_loss'])} "
+            f"train_acc={_fmt(row['train_accuracy'])}  val_loss={_fmt(row['val_loss'])} "
+            f"val_acc={_fmt(row['val_accuracy'])}  lr={row['lr']:.3g}  "
+            f"grad_norm={_fmt(row['grad_norm'])}  {row['seconds']:.1f}s"
+            f"{'  (cached features)' if row['feature_cache'] else ''}")
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from models.predictor import Predictor
+
+    predictor = Predictor.load(args.model)
+    results = predictor.predict([Path(p) for p in args.images], top_k=args.top_k)
+    if args.json:
+        print(json.dumps(dict(zip(args.images, results, strict=True)), indent=2))
+        return 0
+    for image, preds in zip(args.images, results, strict=True):
+        print(image)
+        for pred in preds:
+            print(f"  {pred['score']:.4f}  {pred['label']}")
+    return 0
+
+
+def _backbones(args: argparse.Namespace) -> int:
+    from models.backbones import list_backbones
+
+    infos = list_backbones()
+    if args.json:
+        print(json.dumps([i.to_dict() for i in infos], indent=2))
+        return 0
+    print(f"{'name':24} {'offline':8} {'input':6} {'params':>9}  weights from")
+    for i in infos:
+        print(f"{i.name:24} {'yes' if i.pretrained_offline else 'no':8} {i.input_size:<6} "
+              f"{i.num_params / 1e6:8.2f}M  {i.weights_source or '-'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

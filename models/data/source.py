@@ -1,0 +1,92 @@
+"""Batches of uint8 images for one split: decoded once into memory, or streamed from disk.
+
+Decoding and resizing every epoch competes with the model for the CPU; when the split fits the
+memory budget (``FTUNE_DECODE_CACHE_MB``, default 4096) it is decoded once, in parallel threads,
+and later epochs only index a tensor. Larger splits stream through DataLoader workers.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from models.data.images import open_rgb
+from models.data.transforms import resize_center_crop
+from models.preprocessing import Preprocessing
+
+Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # images uint8, labels, sample indices
+
+
+def decode_cache_budget_bytes() -> int:
+    return int(os.environ.get("FTUNE_DECODE_CACHE_MB", "4096")) * 2**20
+
+
+class _DecodeDataset(Dataset):
+    def __init__(self, paths: Sequence[Path], prep: Preprocessing, size: int) -> None:
+        self.paths, self.prep, self.size = paths, prep, size
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return resize_center_crop(open_rgb(self.paths[index]), self.prep, self.size), index
+
+
+class ImageSource:
+    def __init__(
+        self,
+        paths: Sequence[Path],
+        labels: Sequence[int],
+        prep: Preprocessing,
+        size: int,
+        *,
+        budget_bytes: int | None = None,
+        num_workers: int | None = None,
+    ) -> None:
+        self.paths = list(paths)
+        self.labels = torch.tensor(list(labels), dtype=torch.long)
+        self.prep, self.size = prep, size
+        self._dataset = _DecodeDataset(self.paths, prep, size)
+        budget = decode_cache_budget_bytes() if budget_bytes is None else budget_bytes
+        self.in_memory = len(self.paths) * 3 * size * size <= budget
+        self._workers = num_workers if num_workers is not None else min(4, os.cpu_count() or 1)
+        self._images: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def _decoded(self) -> torch.Tensor:
+        if self._images is None:
+            images = torch.empty((len(self.paths), 3, self.size, self.size), dtype=torch.uint8)
+
+            def decode(index: int) -> None:
+                images[index] = self._dataset[index][0]
+
+            with ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1)) as pool:
+                list(pool.map(decode, range(len(self.paths))))
+            self._images = images
+        return self._images
+
+    def batches(self, order: torch.Tensor, batch_size: int, *, pin: bool = False) -> Iterator[Batch]:
+        """Yield (images, labels, indices) in ``order``, ``batch_size`` at a time."""
+        if self.in_memory:
+            images = self._decoded()
+            for start in range(0, len(order), batch_size):
+                idx = order[start:start + batch_size]
+                yield images[idx], self.labels[idx], idx
+            return
+        loader = DataLoader(
+            self._dataset,
+            batch_size=batch_size,
+            sampler=order.tolist(),
+            num_workers=self._workers,
+            pin_memory=pin,
+            persistent_workers=False,
+        )
+        for images, idx in loader:
+            yield images, self.labels[idx], idx

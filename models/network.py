@@ -1,0 +1,60 @@
+"""The network being tuned: a pretrained backbone with a new classification head."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from models.spec import HeadSpec
+
+_ACTIVATIONS: dict[str, type[nn.Module]] = {
+    "relu": nn.ReLU,
+    "leaky_relu": nn.LeakyReLU,
+    "elu": nn.ELU,
+    "selu": nn.SELU,
+    "gelu": nn.GELU,
+}
+
+
+def build_head(in_features: int, num_classes: int, spec: HeadSpec) -> nn.Sequential:
+    """[Dropout → Linear → (BatchNorm1d) → activation]* → Dropout → Linear."""
+    layers: list[nn.Module] = []
+    width = in_features
+    for hidden in spec.hidden:
+        if spec.dropout > 0:
+            layers.append(nn.Dropout(spec.dropout))
+        layers.append(nn.Linear(width, hidden, bias=not spec.batchnorm))
+        if spec.batchnorm:
+            layers.append(nn.BatchNorm1d(hidden))
+        layers.append(_ACTIVATIONS[spec.activation]())
+        width = hidden
+    if spec.dropout > 0:
+        layers.append(nn.Dropout(spec.dropout))
+    layers.append(nn.Linear(width, num_classes))
+    head = nn.Sequential(*layers)
+    init_head(head, spec)
+    return head
+
+
+def init_head(head: nn.Module, spec: HeadSpec) -> None:
+    """He (Kaiming) or Glorot (Xavier) weights and zero biases for every linear layer."""
+    gain_name = "leaky_relu" if spec.activation == "leaky_relu" else "relu"
+    for module in head.modules():
+        if isinstance(module, nn.Linear):
+            if spec.init == "he":
+                nn.init.kaiming_normal_(module.weight, nonlinearity=gain_name)
+            else:
+                nn.init.xavier_uniform_(module.weight)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+
+class FineTuneModel(nn.Module):
+    """``head(backbone(x))``; kept separable so frozen features can be cached."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    def forward(self, x):  # type: ignore[no-untyped-def]
+        return self.head(self.backbone(x))

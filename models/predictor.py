@@ -1,0 +1,78 @@
+"""Load a tuned-model bundle and classify images with it."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from models.backbones import create_backbone
+from models.bundle import load_bundle
+from models.data.images import open_rgb, to_rgb
+from models.data.transforms import normalize, resize_center_crop
+from models.network import FineTuneModel, build_head
+from models.preprocessing import Preprocessing
+from models.spec import FineTuneSpec
+from models.training.runtime import resolve_device
+
+ImageInput = Image.Image | str | Path | bytes | np.ndarray
+
+
+class Predictor:
+    def __init__(self, model: FineTuneModel, classes: list[str], preprocessing: Preprocessing,
+                 device: torch.device, config: dict | None = None) -> None:
+        self.model = model.to(device).eval()
+        self.classes, self.preprocessing, self.device = classes, preprocessing, device
+        self.config = config or {}
+
+    @classmethod
+    def load(cls, directory: str | Path, device: str | None = None) -> Predictor:
+        config, state = load_bundle(directory)
+        spec = FineTuneSpec.model_validate(config["spec"])
+        prep = Preprocessing.from_dict(config["preprocessing"])
+        # Architecture only: the tuned weights come from the bundle, no pretrained lookup.
+        backbone = create_backbone(config["backbone"], pretrained=False)
+        model = FineTuneModel(backbone.model,
+                              build_head(backbone.num_features, len(config["classes"]), spec.head))
+        model.load_state_dict(state)
+        return cls(model, list(config["classes"]), prep, resolve_device(device), config)
+
+    def preprocess(self, images: Sequence[ImageInput]) -> torch.Tensor:
+        size = self.preprocessing.input_size
+        batch = torch.stack([resize_center_crop(_as_image(im), self.preprocessing, size)
+                             for im in images])
+        return normalize(batch.to(self.device), self.preprocessing)
+
+    @torch.no_grad()
+    def predict_proba(self, images: Sequence[ImageInput]) -> torch.Tensor:
+        return torch.softmax(self.model(self.preprocess(images)).float(), dim=1).cpu()
+
+    def predict(self, images: Sequence[ImageInput] | ImageInput,
+                top_k: int = 5) -> list[list[dict]]:
+        """One list per image of ``{"label", "score"}``, best first."""
+        if not isinstance(images, (list, tuple)):
+            images = [images]  # type: ignore[list-item]
+        if not images:
+            return []
+        probs = self.predict_proba(images)
+        k = max(1, min(top_k, len(self.classes)))
+        scores, indices = probs.topk(k, dim=1)
+        return [[{"label": self.classes[i], "score": float(s)}
+                 for s, i in zip(row_s.tolist(), row_i.tolist(), strict=True)]
+                for row_s, row_i in zip(scores, indices, strict=True)]
+
+
+def _as_image(image: ImageInput) -> Image.Image:
+    if isinstance(image, Image.Image):
+        return to_rgb(image)
+    if isinstance(image, (str, Path)):
+        return open_rgb(image)
+    if isinstance(image, bytes):
+        return open_rgb(io.BytesIO(image))
+    if isinstance(image, np.ndarray):
+        return to_rgb(Image.fromarray(image))
+    raise TypeError(f"cannot read an image from {type(image).__name__}")

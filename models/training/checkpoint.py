@@ -1,0 +1,50 @@
+"""Self-describing training checkpoints, written atomically."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+CHECKPOINT_NAME = "checkpoint.pt"
+BEST_WEIGHTS_NAME = "best.pt"
+CHECKPOINT_VERSION = 1
+
+
+def atomic_torch_save(obj: object, path: Path) -> None:
+    """Write to a temporary file and rename, so a crash never leaves a torn checkpoint."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(directory: Path, payload: dict) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / CHECKPOINT_NAME
+    atomic_torch_save({"version": CHECKPOINT_VERSION, **payload}, path)
+    return path
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    path = Path(path)
+    if path.is_dir():
+        path = path / CHECKPOINT_NAME
+    # Checkpoints hold RNG states and plain containers; weights_only keeps loading safe.
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if state.get("version") != CHECKPOINT_VERSION:
+        raise ValueError(f"{path}: unsupported checkpoint version {state.get('version')}")
+    return state
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

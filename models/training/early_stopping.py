@@ -1,0 +1,35 @@
+"""Stop when the monitored metric stops improving; remember the best epoch."""
+
+from __future__ import annotations
+
+import math
+
+
+class EarlyStopping:
+    def __init__(self, monitor: str, patience: int, min_delta: float = 0.0) -> None:
+        self.mode = "max" if monitor.endswith("accuracy") else "min"
+        self.patience, self.min_delta = patience, min_delta
+        self.best: float = -math.inf if self.mode == "max" else math.inf
+        self.best_epoch: int | None = None
+        self.bad_epochs = 0
+
+    def update(self, value: float, epoch: int) -> bool:
+        """Record ``value`` for ``epoch``; True when it is the new best."""
+        better = (value > self.best + self.min_delta if self.mode == "max"
+                  else value < self.best - self.min_delta)
+        if better or self.best_epoch is None:
+            self.best, self.best_epoch, self.bad_epochs = value, epoch, 0
+            return True
+        self.bad_epochs += 1
+        return False
+
+    @property
+    def should_stop(self) -> bool:
+        return self.bad_epochs >= self.patience
+
+    def state_dict(self) -> dict:
+        return {"best": self.best, "best_epoch": self.best_epoch, "bad_epochs": self.bad_epochs}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best, self.best_epoch = state["best"], state["best_epoch"]
+        self.bad_epochs = state["bad_epochs"]

@@ -1,0 +1,122 @@
+"""One epoch of training and one pass of evaluation, as plain functions.
+
+Both take any module and an iterable of ``(inputs, targets)`` already on the device: the full
+network on image batches, or just the head on cached backbone features.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from models.errors import NonFiniteLossError, TrainingCancelled
+from models.training.runtime import Precision
+
+BatchHook = Callable[[int, int, float], None]  # (step in epoch, steps in epoch, loss)
+
+
+@dataclass
+class EpochStats:
+    loss: float
+    accuracy: float
+    steps: int
+    grad_norm: float | None = None  # mean over steps of the overall gradient norm
+    stage_grad_norms: dict[str, float] = field(default_factory=dict)
+
+
+def _norm(grads: list[torch.Tensor]) -> torch.Tensor:
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+
+
+def train_one_epoch(
+    module: nn.Module,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    optimizer: torch.optim.Optimizer,
+    *,
+    loss_fn: nn.Module,
+    precision: Precision,
+    scaler: torch.amp.GradScaler,
+    first_step: int,
+    lr_at_step: Callable[[int], float],
+    grad_groups: dict[str, list[nn.Parameter]],
+    grad_clip_norm: float | None = None,
+    steps_in_epoch: int = 0,
+    on_batch: BatchHook | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> EpochStats:
+    total_loss = torch.zeros((), dtype=torch.float64)
+    correct = seen = steps = 0
+    norm_sum: dict[str, torch.Tensor] = {}
+    overall_sum: torch.Tensor | float = 0.0
+    all_params = [p for params in grad_groups.values() for p in params]
+    for inputs, targets in batches:
+        if should_stop is not None and should_stop():
+            raise TrainingCancelled("training cancelled")
+        factor = lr_at_step(first_step + steps)
+        for group in optimizer.param_groups:
+            group["lr"] = group["base_lr"] * factor
+        with precision.autocast():
+            logits = module(inputs)
+            loss = loss_fn(logits.float(), targets)
+        loss_value = loss.item()
+        if not math.isfinite(loss_value):
+            raise NonFiniteLossError(
+                f"loss became {loss_value} at step {steps + 1} of the epoch; lower optimizer.lr "
+                f"(the head's lr is now {optimizer.param_groups[0]['lr']:.3g}), set "
+                f"grad_clip_norm, or check the data"
+            )
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        step_norms = []
+        for name, params in grad_groups.items():
+            grads = [p.grad for p in params if p.grad is not None]
+            if grads:
+                norm = _norm(grads).detach()
+                norm_sum[name] = norm_sum.get(name, 0) + norm
+                step_norms.append(norm)
+        if step_norms:
+            overall_sum = overall_sum + torch.linalg.vector_norm(torch.stack(step_norms))
+        if grad_clip_norm is not None:
+            torch.nn.utils.clip_grad_norm_(all_params, grad_clip_norm)
+        scaler.step(optimizer)
+        scaler.update()
+        batch = targets.shape[0]
+        total_loss += loss_value * batch
+        correct += (logits.argmax(1) == targets).sum()  # stays on device: no sync per step
+        seen += batch
+        steps += 1
+        if on_batch is not None:
+            on_batch(steps, steps_in_epoch, loss_value)
+    stage_norms = {name: float(total) / steps for name, total in norm_sum.items()}
+    return EpochStats(
+        loss=float(total_loss) / max(seen, 1),
+        accuracy=int(correct) / max(seen, 1),
+        steps=steps,
+        grad_norm=float(overall_sum) / steps if norm_sum else None,
+        stage_grad_norms=stage_norms,
+    )
+
+
+@torch.no_grad()
+def evaluate(
+    module: nn.Module,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    *,
+    loss_fn: nn.Module,
+    precision: Precision,
+) -> tuple[float, float]:
+    """Mean loss and accuracy; the caller decides the module's train/eval mode."""
+    total_loss = 0.0
+    correct = seen = 0
+    for inputs, targets in batches:
+        with precision.autocast():
+            logits = module(inputs)
+        total_loss += float(loss_fn(logits.float(), targets)) * targets.shape[0]
+        correct += int((logits.argmax(1) == targets).sum())
+        seen += targets.shape[0]
+    return total_loss / max(seen, 1), correct / max(seen, 1)

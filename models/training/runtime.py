@@ -1,0 +1,58 @@
+"""Device placement and mixed precision, chosen automatically."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+
+import torch
+
+
+def resolve_device(requested: str | None = None) -> torch.device:
+    """CUDA when present, else CPU; ``FTUNE_DEVICE`` or ``requested`` override."""
+    name = requested or os.environ.get("FTUNE_DEVICE")
+    if name:
+        return torch.device(name)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@dataclass(frozen=True)
+class Precision:
+    device: torch.device
+    dtype: torch.dtype | None  # None: plain float32
+
+    @property
+    def name(self) -> str:
+        return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.dtype]
+
+    @property
+    def needs_grad_scaler(self) -> bool:
+        return self.dtype == torch.float16 and self.device.type == "cuda"
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
+
+
+def resolve_precision(mode: str, device: torch.device) -> Precision:
+    """``auto`` uses bf16 (or fp16 on GPUs without bf16) on CUDA, and fp32 on CPU, where
+    autocast is usually slower than float32 kernels."""
+    if mode == "off":
+        return Precision(device, None)
+    if mode == "bf16":
+        return Precision(device, torch.bfloat16)
+    if mode == "fp16":
+        return Precision(device, torch.float16)
+    if device.type == "cuda":
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return Precision(device, dtype)
+    return Precision(device, None)
+
+
+def configure_backends(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick kernels
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
