@@ -25,7 +25,10 @@ _EXPORTS = {
     "list_backbones": "models.backbones",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = [  # noqa: RUF022 - grouped by module, like _EXPORTS
+    "FineTuneSpec", "fit", "Callbacks", "FitResult", "save_bundle", "Predictor",
+    "create_backbone", "list_backbones",
+]
 
 
 def __getattr__(name: str) -> Any:

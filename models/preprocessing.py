@@ -16,7 +16,7 @@ class Preprocessing:
 
     @property
     def resize_size(self) -> int:
-        return int(math.floor(self.input_size / self.crop_pct))
+        return math.floor(self.input_size / self.crop_pct)
 
     def with_size(self, input_size: int | None) -> Preprocessing:
         if input_size is None:

@@ -135,7 +135,7 @@ def _pretrained_model(
         try:  # timm's own cache (or hub, when downloads are allowed)
             model = timm.create_model(architecture, pretrained=True)
             return model, f"timm hub {model.pretrained_cfg.get('hf_hub_id') or architecture}"
-        except Exception as exc:  # noqa: BLE001 - any failure here means "not found"
+        except Exception as exc:
             mode = "hub" if weights_mod.downloads_allowed() else "offline cache only"
             looked.append(f"timm hub cache ({mode}): {type(exc).__name__}")
     raise WeightsNotFoundError(

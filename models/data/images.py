@@ -50,5 +50,5 @@ def check_decodable(path: Path) -> str | None:
         return None
     except Image.DecompressionBombError as exc:
         return f"too many pixels ({exc})"
-    except Exception as exc:  # noqa: BLE001 - PIL raises many types for broken files
+    except Exception as exc:
         return f"cannot decode: {type(exc).__name__}: {exc}"

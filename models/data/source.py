@@ -72,7 +72,9 @@ class ImageSource:
             self._images = images
         return self._images
 
-    def batches(self, order: torch.Tensor, batch_size: int, *, pin: bool = False) -> Iterator[Batch]:
+    def batches(
+        self, order: torch.Tensor, batch_size: int, *, pin: bool = False
+    ) -> Iterator[Batch]:
         """Yield (images, labels, indices) in ``order``, ``batch_size`` at a time."""
         if self.in_memory:
             images = self._decoded()

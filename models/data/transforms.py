@@ -7,8 +7,8 @@ import math
 import torch
 from PIL import Image
 from torchvision.ops import roi_align
-from torchvision.transforms.v2 import functional as F
 from torchvision.transforms.v2 import InterpolationMode
+from torchvision.transforms.v2 import functional as F
 
 from models.preprocessing import Preprocessing
 

@@ -1,0 +1,233 @@
+"""Training throughput of ``fit`` against a bare PyTorch loop, and the head-only feature cache.
+
+Usage: ``.venv/bin/python bench/train_throughput.py [--images N] [--epochs E] ...``
+
+Two measurements, each printed as one ``key=value`` line:
+
+* ``full_finetune``: ``fit`` with every stage training (``freeze.strategy="none"``, no
+  augmentation, ``val_fraction=0``) on an image folder of N real animal-mnist images, against a
+  bare loop (same backbone and head, ``model.train()``, cross-entropy, Adam, same batch size,
+  resolution and torch threads) on a pre-made normalised float tensor of N images. Images/s come
+  from the epochs after the first: fit's first epoch also decodes the images, and the bare
+  loop's first epoch is dropped the same way (after an untimed warm-up step).
+* ``head_only``: ``fit`` head-only (BatchNorm frozen, no augmentation) with the feature cache on
+  against ``cache_features=False``; seconds per epoch after the first.
+
+``ratio`` is fit / bare images/s (target >= 0.9); ``speedup`` is recompute / cached epoch
+seconds (target >= 50).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from models.backbones import create_backbone  # noqa: E402
+from models.data.transforms import normalize  # noqa: E402
+from models.network import FineTuneModel, build_head  # noqa: E402
+from models.spec import FineTuneSpec  # noqa: E402
+from models.training.fit import fit  # noqa: E402
+from tests.realdata import animal_mnist_arrays, balanced_indices, write_image_folder  # noqa: E402
+
+BACKBONE = "tf_efficientnet_lite0"
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", type=int, default=480,
+                        help="training images for the full fine-tune comparison")
+    parser.add_argument("--head-images", type=int, default=1000,
+                        help="training images for the head-only comparison")
+    parser.add_argument("--epochs", type=int, default=3,
+                        help="epochs per run; epochs 2..E are timed (at least 2)")
+    parser.add_argument("--image-size", type=int, default=96)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--repeats", type=int, default=2,
+                        help="alternating fit / bare (or cached / recompute) rounds; the "
+                        "fastest timed epoch over all rounds gives the *_best_* keys")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch.set_num_threads (default: torch's current setting)")
+    parser.add_argument("--skip-full", action="store_true", help="only the head-only comparison")
+    parser.add_argument("--skip-head", action="store_true",
+                        help="only the full fine-tune comparison")
+    args = parser.parse_args()
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
+    if args.epochs < 2:
+        parser.error("--epochs must be at least 2 (the first epoch is not timed)")
+    return args
+
+
+def per_epoch_samples(n: int, batch_size: int) -> int:
+    """Samples fit trains on per epoch: it drops a final batch of one (BatchNorm)."""
+    return n - 1 if n % batch_size == 1 and n > 1 else n
+
+
+def image_folder(root: Path, n: int) -> Path:
+    images, labels = animal_mnist_arrays()
+    idx = balanced_indices(labels, -(-n // 10))[:n]  # ceil(n / 10) a class, n in all
+    return write_image_folder(root, images[idx], labels[idx])
+
+
+def base_spec(args: argparse.Namespace, **overrides: object) -> FineTuneSpec:
+    spec = {
+        "backbone": BACKBONE,
+        "pretrained": True,
+        "image_size": args.image_size,
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "val_fraction": 0.0,
+        "augment": "none",
+        "mixed_precision": "off",
+        "optimizer": {"name": "adam", "lr": args.lr},
+        # Train loss is monitored without a val split; never stop inside the timed epochs.
+        "early_stopping": {"patience": max(args.epochs, 1)},
+    }
+    spec.update(overrides)
+    return FineTuneSpec.model_validate(spec)
+
+
+def timed_epochs(seconds: list[float]) -> float:
+    return sum(seconds[1:])
+
+
+def bare_loop(args: argparse.Namespace, n: int) -> tuple[float, list[float]]:
+    """Images/s (epochs 2..E) and per-epoch seconds of a plain train loop over a pre-made
+    normalised tensor."""
+    spec = base_spec(args)
+    torch.manual_seed(0)
+    backbone = create_backbone(BACKBONE, pretrained=True, num_classes=0,
+                               image_size=args.image_size)
+    model = FineTuneModel(backbone.model, build_head(backbone.num_features, 10, spec.head))
+    prep = backbone.preprocessing
+    images = normalize(torch.randint(0, 256, (n, 3, args.image_size, args.image_size),
+                                     dtype=torch.uint8), prep).contiguous()
+    labels = torch.randint(0, 10, (n,))
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    loss_fn = nn.CrossEntropyLoss()
+    model.train()
+    per_epoch = per_epoch_samples(n, args.batch_size)
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> float:
+        loss = loss_fn(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return loss.item()
+
+    step(images[:args.batch_size], labels[:args.batch_size])  # warm-up, untimed
+    seconds = []
+    for epoch in range(args.epochs):
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(epoch))[:per_epoch]
+        started = time.perf_counter()
+        for start in range(0, per_epoch, args.batch_size):
+            idx = order[start:start + args.batch_size]
+            step(images[idx], labels[idx])
+        seconds.append(time.perf_counter() - started)
+    return per_epoch * (args.epochs - 1) / timed_epochs(seconds), seconds
+
+
+def fmt(seconds: list[float]) -> str:
+    return ",".join(f"{s:.3f}" for s in seconds)
+
+
+def load() -> str:
+    return f"{os.getloadavg()[0]:.2f}"
+
+
+def full_finetune(args: argparse.Namespace, data: Path, n: int) -> None:
+    spec = base_spec(args, freeze={"strategy": "none"})
+    per_epoch = per_epoch_samples(n, args.batch_size)
+    fit_timed: list[float] = []
+    bare_timed: list[float] = []
+    load_before = load()
+    for round_ in range(args.repeats):
+        result = fit(data, spec, device="cpu")
+        assert result.num_val == 0 and result.num_train == n, (result.num_train, result.num_val)
+        assert all(not row["feature_cache"] for row in result.history)
+        fit_seconds = [row["seconds"] for row in result.history]
+        _, bare_seconds = bare_loop(args, n)
+        fit_timed += fit_seconds[1:]
+        bare_timed += bare_seconds[1:]
+        print(f"full_finetune_round round={round_ + 1} fit_epoch_s={fmt(fit_seconds)} "
+              f"bare_epoch_s={fmt(bare_seconds)} fit_total_s={result.seconds:.2f} "
+              f"load1={load()}", flush=True)
+    fit_img_s = per_epoch * len(fit_timed) / sum(fit_timed)
+    bare_img_s = per_epoch * len(bare_timed) / sum(bare_timed)
+    fit_best = per_epoch / min(fit_timed)
+    bare_best = per_epoch / min(bare_timed)
+    print(f"full_finetune fit_img_s={fit_img_s:.2f} bare_img_s={bare_img_s:.2f} "
+          f"ratio={fit_img_s / bare_img_s:.3f} fit_best_img_s={fit_best:.2f} "
+          f"bare_best_img_s={bare_best:.2f} best_ratio={fit_best / bare_best:.3f} "
+          f"images={n} epochs={args.epochs} repeats={args.repeats} "
+          f"image_size={args.image_size} batch_size={args.batch_size} "
+          f"threads={torch.get_num_threads()} load1_before={load_before} load1_after={load()}",
+          flush=True)
+
+
+def head_only(args: argparse.Namespace, data: Path, n: int) -> None:
+    spec = base_spec(args, freeze={"strategy": "head_only", "batchnorm": "frozen"})
+    per_epoch = per_epoch_samples(n, args.batch_size)
+    cached_timed: list[float] = []
+    recompute_timed: list[float] = []
+    same = True
+    load_before = load()
+    for round_ in range(args.repeats):
+        cached = fit(data, spec, device="cpu", cache_features=True)
+        recompute = fit(data, spec, device="cpu", cache_features=False)
+        assert cached.num_train == n and cached.num_val == 0
+        assert all(row["feature_cache"] for row in cached.history)
+        assert not any(row["feature_cache"] for row in recompute.history)
+        cached_s = [row["seconds"] for row in cached.history]
+        recompute_s = [row["seconds"] for row in recompute.history]
+        cached_timed += cached_s[1:]
+        recompute_timed += recompute_s[1:]
+        same = same and all(
+            abs(a["train_loss"] - b["train_loss"]) <= 1e-4 * max(1.0, abs(b["train_loss"]))
+            for a, b in zip(cached.history, recompute.history, strict=True))
+        print(f"head_only_round round={round_ + 1} cached_epoch_s={fmt(cached_s)} "
+              f"recompute_epoch_s={fmt(recompute_s)} load1={load()}", flush=True)
+    cached_epoch = statistics.mean(cached_timed)
+    recompute_epoch = statistics.mean(recompute_timed)
+    cached_best, recompute_best = min(cached_timed), min(recompute_timed)
+    print(f"head_only cached_epoch_s={cached_epoch:.4f} recompute_epoch_s={recompute_epoch:.4f} "
+          f"speedup={recompute_epoch / cached_epoch:.1f} "
+          f"cached_img_s={per_epoch / cached_epoch:.0f} "
+          f"recompute_img_s={per_epoch / recompute_epoch:.1f} "
+          f"img_s_ratio={recompute_epoch / cached_epoch:.1f} "
+          f"cached_best_epoch_s={cached_best:.4f} recompute_best_epoch_s={recompute_best:.4f} "
+          f"best_speedup={recompute_best / cached_best:.1f} same_train_loss={same} "
+          f"images={n} epochs={args.epochs} repeats={args.repeats} "
+          f"image_size={args.image_size} batch_size={args.batch_size} "
+          f"threads={torch.get_num_threads()} load1_before={load_before} load1_after={load()}",
+          flush=True)
+
+
+def main() -> None:
+    args = parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="bench_throughput_") as tmp:
+        if not args.skip_full:
+            full_finetune(args, image_folder(Path(tmp) / "full", args.images), args.images)
+        if not args.skip_head:
+            head_only(args, image_folder(Path(tmp) / "head", args.head_images), args.head_images)
+    print(f"train_throughput total_s={time.perf_counter() - started:.1f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,56 @@
+"""Shared fixtures: small real datasets built once per session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Tests never touch the network and run on the CPU the way CI does.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.pop("FTUNE_WEIGHTS_DIR", None)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _torch_threads() -> None:
+    import torch
+
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def animal_arrays():
+    from tests.realdata import animal_mnist_arrays
+
+    return animal_mnist_arrays()
+
+
+@pytest.fixture(scope="session")
+def animal_folder(tmp_path_factory, animal_arrays) -> Path:
+    """40 real silhouettes per class, 10 classes: DATA/<class>/<images>."""
+    from tests.realdata import balanced_indices, write_image_folder
+
+    images, labels = animal_arrays
+    idx = balanced_indices(labels, 40)
+    return write_image_folder(tmp_path_factory.mktemp("animals") / "data", images[idx], labels[idx])
+
+
+@pytest.fixture(scope="session")
+def animal_heldout(animal_arrays):
+    """Images held out of ``animal_folder`` (never used for training), 10 per class."""
+    from tests.realdata import ANIMAL_CLASSES, balanced_indices
+
+    images, labels = animal_arrays
+    idx = balanced_indices(labels, 10, offset=40)
+    return images[idx], [ANIMAL_CLASSES[int(label)] for label in labels[idx]]
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory, animal_arrays) -> Path:
+    """3 classes × 12 images, for tests that only need the loop to run."""
+    from tests.realdata import balanced_indices, write_image_folder
+
+    images, labels = animal_arrays
+    idx = balanced_indices(labels, 12, classes=3)
+    return write_image_folder(tmp_path_factory.mktemp("tiny") / "data", images[idx], labels[idx])

@@ -1,0 +1,111 @@
+import numpy as np
+import pytest
+from PIL import Image
+
+from models.data.discover import scan_image_folder
+from models.data.images import open_rgb
+from models.data.split import stratified_split
+from models.errors import DatasetError
+
+
+def _image(path, mode="RGB", size=(12, 10)):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if mode == "I;16":
+        Image.fromarray(np.full(size[::-1], 40000, dtype=np.uint16)).save(path)
+    else:
+        Image.new(mode, size).save(path)
+    return path
+
+
+def test_class_folders_hidden_files_and_junk(tmp_path):
+    root = tmp_path / "data"
+    for cls in ("cat", "dog"):
+        for i in range(3):
+            _image(root / cls / f"{i}.png")
+    _image(root / "cat" / "nested" / "deep.png")
+    (root / ".DS_Store").write_bytes(b"junk")
+    _image(root / ".ipynb_checkpoints" / "x" / "0.png")
+    _image(root / "dog" / ".hidden.png")
+    (root / "dog" / "notes.txt").write_text("hello")
+    (root / "dog" / "broken.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
+    index = scan_image_folder(root)
+    assert index.classes == ["cat", "dog"]
+    assert len(index.train) == 7 and index.val is None
+    skipped = dict(index.skipped)
+    assert skipped["dog/notes.txt"] == "not an image file"
+    assert skipped["dog/broken.jpg"].startswith("cannot decode")
+    assert not any(".hidden" in p or "ipynb" in p for p in skipped)
+
+
+def test_train_val_layout_under_one_top_folder(tmp_path):
+    root = tmp_path / "export" / "dataset"
+    for split in ("train", "val"):
+        for cls in ("a", "b"):
+            for i in range(2):
+                _image(root / split / cls / f"{i}.png")
+    index = scan_image_folder(tmp_path / "export")
+    assert index.classes == ["a", "b"]
+    assert len(index.train) == 4 and len(index.val) == 4
+    assert {s.label for s in index.val} == {0, 1}
+
+
+def test_val_class_missing_from_train_is_an_error(tmp_path):
+    for split, classes in (("train", ("a", "b")), ("val", ("a", "c"))):
+        for cls in classes:
+            _image(tmp_path / split / cls / "0.png")
+    with pytest.raises(DatasetError, match="missing from train"):
+        scan_image_folder(tmp_path)
+
+
+@pytest.mark.parametrize("classes", [[], ["only"]])
+def test_fewer_than_two_classes(tmp_path, classes):
+    tmp_path.joinpath("x.txt").write_text("nothing")
+    for cls in classes:
+        _image(tmp_path / cls / "0.png")
+    with pytest.raises(DatasetError, match="at least 2 class"):
+        scan_image_folder(tmp_path)
+
+
+def test_class_left_empty_by_unreadable_images(tmp_path):
+    _image(tmp_path / "good" / "0.png")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "0.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    with pytest.raises(DatasetError, match=r"no usable images: \['bad'\].*bad/0.png"):
+        scan_image_folder(tmp_path)
+
+
+def test_missing_folder(tmp_path):
+    with pytest.raises(DatasetError, match="does not exist"):
+        scan_image_folder(tmp_path / "nope")
+
+
+@pytest.mark.parametrize("mode", ["L", "P", "RGBA", "LA", "I;16", "CMYK"])
+def test_every_mode_becomes_rgb(tmp_path, mode):
+    path = _image(tmp_path / f"img.{'jpg' if mode == 'CMYK' else 'png'}", mode)
+    image = open_rgb(path)
+    assert image.mode == "RGB" and image.size == (12, 10)
+
+
+def test_sixteen_bit_is_scaled_not_clipped(tmp_path):
+    image = open_rgb(_image(tmp_path / "deep.png", "I;16"))
+    assert image.getpixel((0, 0)) == (156, 156, 156)  # 40000 / 256
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    image = Image.new("RGB", (20, 10))
+    exif = image.getexif()
+    exif[0x0112] = 6  # rotate 90° clockwise on display
+    image.save(tmp_path / "r.jpg", exif=exif)
+    assert open_rgb(tmp_path / "r.jpg").size == (10, 20)
+
+
+def test_stratified_split_is_seeded_and_keeps_every_class():
+    labels = [0] * 50 + [1] * 10 + [2] * 2 + [3]
+    train, val = stratified_split(labels, 0.2, seed=7)
+    assert sorted(train + val) == list(range(len(labels)))
+    val_labels = [labels[i] for i in val]
+    assert val_labels.count(0) == 10 and val_labels.count(1) == 2 and val_labels.count(2) == 1
+    assert 3 not in val_labels  # a lone image stays in train
+    assert stratified_split(labels, 0.2, seed=7) == (train, val)
+    assert stratified_split(labels, 0.2, seed=8) != (train, val)
+    assert stratified_split(labels, 0.0, seed=7) == (list(range(len(labels))), [])

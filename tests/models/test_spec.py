@@ -1,0 +1,77 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from models.spec import FineTuneSpec, SpecError, parse_spec
+
+
+def test_empty_spec_is_complete_with_documented_defaults():
+    spec = parse_spec({})
+    assert spec.backbone == "tf_efficientnet_lite0"
+    assert spec.pretrained is True and spec.weights_path is None and spec.image_size is None
+    assert (spec.epochs, spec.batch_size, spec.seed, spec.val_fraction) == (10, 32, 0, 0.2)
+    assert spec.freeze.model_dump() == {"strategy": "head_only", "n_blocks": 1,
+                                        "unfreeze_every": 1, "batchnorm": "frozen"}
+    assert spec.head.model_dump() == {"dropout": 0.2, "hidden": [], "activation": "relu",
+                                      "batchnorm": False, "init": "he"}
+    assert spec.optimizer.model_dump() == {"name": "sgd", "lr": 0.001, "momentum": 0.9,
+                                           "weight_decay": 0.0, "layer_decay": None}
+    assert spec.schedule.model_dump() == {"name": "constant", "warmup_epochs": 0}
+    assert spec.early_stopping.model_dump() == {"monitor": "val_loss", "patience": 3,
+                                                "min_delta": 0.0}
+    assert (spec.label_smoothing, spec.grad_clip_norm) == (0.0, None)
+    assert (spec.augment, spec.mixed_precision) == ("none", "auto")
+
+
+def test_top_level_shape_is_exactly_the_documented_one():
+    assert set(FineTuneSpec.model_fields) == {
+        "backbone", "pretrained", "weights_path", "image_size", "epochs", "batch_size", "seed",
+        "val_fraction", "freeze", "head", "optimizer", "schedule", "early_stopping",
+        "label_smoothing", "grad_clip_norm", "augment", "mixed_precision",
+    }
+
+
+def test_round_trips_through_json():
+    spec = parse_spec({"optimizer": {"name": "nesterov", "layer_decay": 0.7},
+                       "head": {"hidden": [128], "activation": "gelu"}})
+    assert parse_spec(spec.model_dump_json()) == spec
+
+
+@pytest.mark.parametrize(
+    ("bad", "field"),
+    [
+        ({"epochs": 0}, "epochs"),
+        ({"batch_size": -1}, "batch_size"),
+        ({"optimizer": {"name": "lbfgs"}}, "optimizer.name"),
+        ({"optimizer": {"lr": 0}}, "optimizer.lr"),
+        ({"freeze": {"strategy": "most"}}, "freeze.strategy"),
+        ({"head": {"dropout": 1.5}}, "head.dropout"),
+        ({"head": {"activation": "tanh"}}, "head.activation"),
+        ({"val_fraction": 1.0}, "val_fraction"),
+        ({"mixed_precision": "fp8"}, "mixed_precision"),
+        ({"augment": "heavy"}, "augment"),
+        ({"early_stopping": {"monitor": "loss"}}, "early_stopping.monitor"),
+        ({"optimiser": {}}, "optimiser"),  # typo: extra fields are rejected
+        ({"freeze": {"stratgy": "none"}}, "freeze.stratgy"),
+        ({"epochs": 2, "schedule": {"warmup_epochs": 5}}, "warmup_epochs"),
+    ],
+)
+def test_bad_values_fail_naming_the_field(bad, field):
+    with pytest.raises(SpecError) as err:
+        parse_spec(bad)
+    assert field in str(err.value)
+
+
+def test_invalid_json_is_a_spec_error():
+    with pytest.raises(SpecError):
+        parse_spec("{not json")
+
+
+def test_spec_module_does_not_import_torch():
+    code = ("import sys, models.spec; models.spec.parse_spec({}); "
+            "print(json.dumps(sorted(m for m in ('torch', 'timm') if m in sys.modules)))")
+    out = subprocess.run([sys.executable, "-c", "import json; " + code], check=True,
+                         capture_output=True, text=True).stdout
+    assert json.loads(out) == []
