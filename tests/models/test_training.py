@@ -132,7 +132,7 @@ def test_non_finite_loss_stops_with_a_clear_error():
     optimizer = torch.optim.SGD([{"params": list(layer.parameters()), "lr": 0.1,
                                   "base_lr": 0.1}])
     batches = [(torch.ones(2, 4), torch.tensor([0, 1]))]
-    with pytest.raises(NonFiniteLossError, match="lower optimizer.lr"):
+    with pytest.raises(NonFiniteLossError, match=r"lower optimizer\.lr"):
         train_one_epoch(layer, batches, optimizer, loss_fn=torch.nn.CrossEntropyLoss(),
                         precision=Precision(torch.device("cpu"), None),
                         scaler=torch.amp.GradScaler("cpu", enabled=False), first_step=0,
