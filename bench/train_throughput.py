@@ -14,7 +14,10 @@ Two measurements, each printed as one ``key=value`` line:
   against ``cache_features=False``; seconds per epoch after the first.
 
 ``ratio`` is fit / bare images/s (target >= 0.9); ``speedup`` is recompute / cached epoch
-seconds (target >= 50).
+seconds (target >= 50). Each comparison runs ``--repeats`` alternating rounds; the plain keys
+pool all timed epochs, the ``*_best_*`` keys use the fastest one. The one-minute load average
+is printed too: another process using the CPUs (even one other torch process on a 2-core
+machine) slows epochs by up to 20x and makes the numbers meaningless.
 """
 
 from __future__ import annotations

@@ -7,10 +7,22 @@ images (100 a class, the next ones of each class, so disjoint; exact duplicates 
 ``animal_mnist_arrays``). Each trained model is saved with ``save_bundle``, loaded back with
 ``Predictor.load`` and scored on the held-out images; the in-memory model must agree.
 
+Default specs (tf_efficientnet_lite0, pretrained, no augmentation, val_fraction 0.1):
+
+* ``head_only``: 96 px, Adam lr 1e-3, head dropout 0.2, up to 40 epochs, early stopping on
+  val_loss with patience 5 (the feature cache makes each epoch take milliseconds).
+* ``full_finetune`` (``freeze.strategy="none"``) and ``finetune_last2``
+  (``last_n_blocks``, n_blocks 2): 96 px, Adam lr 1e-3, cosine schedule, 4 epochs.
+
+``wall_s`` is fit + saving the bundle + loading it + scoring the held-out images. For scale, a
+logistic regression (L-BFGS, L2) on standardised frozen lite0 96 px features of the same 3,000
+images scores about 0.955 on these held-out images.
+
 Result lines (``key=value``)::
 
     head_only heldout_accuracy=... wall_s=... ...
-    <finetune name> heldout_accuracy=... wall_s=... ...
+    full_finetune heldout_accuracy=... wall_s=... ...
+    finetune_last2 heldout_accuracy=... wall_s=... ...
 """
 
 from __future__ import annotations
@@ -49,18 +61,19 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--val-fraction", type=float, default=0.1)
     parser.add_argument("--threads", type=int, default=None,
                         help="torch.set_num_threads (default: torch's current setting)")
-    parser.add_argument("--only", choices=["head_only", "finetune"], default=None)
+    parser.add_argument("--skip-head", action="store_true", help="no head-only run")
     head = parser.add_argument_group("head-only spec")
     head.add_argument("--head-image-size", type=int, default=96)
-    head.add_argument("--head-epochs", type=int, default=30)
-    head.add_argument("--head-lr", type=float, default=3e-3)
+    head.add_argument("--head-epochs", type=int, default=40)
+    head.add_argument("--head-lr", type=float, default=1e-3)
     head.add_argument("--head-optimizer", default="adam")
     head.add_argument("--head-dropout", type=float, default=0.2)
     head.add_argument("--head-batch-size", type=int, default=32)
     head.add_argument("--head-patience", type=int, default=5)
     ft = parser.add_argument_group("fine-tune spec")
-    ft.add_argument("--ft-strategy", default="last_n_blocks",
-                    choices=["none", "last_n_blocks", "gradual"])
+    ft.add_argument("--ft-strategies", default="none,last_n_blocks",
+                    help="comma-separated freeze strategies to fine-tune with, one run each "
+                    "(none, last_n_blocks, gradual); empty for none")
     ft.add_argument("--ft-blocks", type=int, default=2, help="n_blocks for last_n_blocks")
     ft.add_argument("--ft-image-size", type=int, default=96)
     ft.add_argument("--ft-epochs", type=int, default=4)
@@ -88,14 +101,14 @@ def head_only_spec(args: argparse.Namespace) -> FineTuneSpec:
     })
 
 
-def finetune_spec(args: argparse.Namespace) -> FineTuneSpec:
+def finetune_spec(args: argparse.Namespace, strategy: str) -> FineTuneSpec:
     return FineTuneSpec.model_validate({
         "backbone": BACKBONE,
         "image_size": args.ft_image_size,
         "epochs": args.ft_epochs,
         "batch_size": args.ft_batch_size,
         "val_fraction": args.val_fraction,
-        "freeze": {"strategy": args.ft_strategy, "n_blocks": args.ft_blocks,
+        "freeze": {"strategy": strategy, "n_blocks": args.ft_blocks,
                    "batchnorm": "frozen"},
         "optimizer": {"name": args.ft_optimizer, "lr": args.ft_lr,
                       "layer_decay": args.ft_layer_decay},
@@ -171,10 +184,10 @@ def main() -> None:
         heldout_images, heldout_labels = images[heldout_idx], labels[heldout_idx]
         print(f"transfer_data train={len(train_idx)} heldout={len(heldout_idx)} "
               f"threads={torch.get_num_threads()}", flush=True)
-        if args.only in (None, "head_only"):
+        if not args.skip_head:
             run("head_only", head_only_spec(args), data, out, heldout_images, heldout_labels)
-        if args.only in (None, "finetune"):
-            spec = finetune_spec(args)
+        for strategy in filter(None, args.ft_strategies.split(",")):
+            spec = finetune_spec(args, strategy.strip())
             run(finetune_name(spec), spec, data, out, heldout_images, heldout_labels)
     print(f"transfer_accuracy total_s={time.perf_counter() - started:.1f}")
 
