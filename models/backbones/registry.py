@@ -69,12 +69,11 @@ def list_backbones() -> list[BackboneInfo]:
     return [describe_backbone(name) for name in sorted(PACKAGED_BACKBONES)]
 
 
-@functools.cache
 def describe_backbone(name: str) -> BackboneInfo:
     architecture = architecture_of(name)
+    # Looked up each time: FTUNE_WEIGHTS_DIR or installed packages may change.
     found, _ = weights_mod.find_weights_file(name, architecture, None)
-    with torch.device("meta"):  # shapes only: counting parameters allocates nothing
-        model = timm.create_model(architecture, pretrained=False, num_classes=0)
+    model = _shape_only_model(architecture)
     prep = _preprocessing(name, model)
     return BackboneInfo(
         name=name,
@@ -88,6 +87,12 @@ def describe_backbone(name: str) -> BackboneInfo:
         crop_pct=prep.crop_pct,
         num_params=sum(p.numel() for p in model.parameters()),
     )
+
+
+@functools.cache
+def _shape_only_model(architecture: str) -> nn.Module:
+    with torch.device("meta"):  # shapes only: counting parameters allocates nothing
+        return timm.create_model(architecture, pretrained=False, num_classes=0)
 
 
 def create_backbone(
@@ -167,22 +172,23 @@ def _load_into(model: nn.Module, state: dict, source_format: str | None, source:
 
 
 def _stages(model: nn.Module) -> list[list[str]]:
-    """Parameter names grouped into stages, input to output, as timm groups them for layer decay."""
-    named = [(n, p) for n, p in model.named_parameters() if not _is_classifier(model, n)]
-    try:
-        from timm.models import group_parameters
+    """Parameter names grouped into stages, input to output, as timm groups them for layer decay.
 
-        groups = group_parameters(model, model.group_matcher(coarse=True))
-        stages = [[n for n in names if not _is_classifier(model, n)]
-                  for _, names in sorted(groups.items())]
-        stages = [s for s in stages if s]
-    except (AttributeError, NotImplementedError, TypeError):
-        # No matcher: every top-level child with parameters is a stage.
-        order: dict[str, list[str]] = {}
-        for n, _ in named:
-            order.setdefault(n.split(".")[0], []).append(n)
-        stages = list(order.values())
-    return stages
+    Models without timm's coarse grouping fall back to one stage per top-level child.
+    """
+    from timm.models import group_parameters
+
+    names = [n for n, _ in model.named_parameters() if not _is_classifier(model, n)]
+    matcher = getattr(model, "group_matcher", None)
+    groups = group_parameters(model, matcher(coarse=True)) if matcher else {}
+    if groups:
+        wanted = set(names)
+        stages = [[n for n in group if n in wanted] for _, group in sorted(groups.items())]
+        return [s for s in stages if s]
+    by_child: dict[str, list[str]] = {}
+    for n in names:
+        by_child.setdefault(n.split(".")[0], []).append(n)
+    return list(by_child.values())
 
 
 def _is_classifier(model: nn.Module, param_name: str) -> bool:

@@ -37,6 +37,24 @@ def load_checkpoint(path: str | Path) -> dict:
     return state
 
 
+def checkpoint_folder(path: str | Path) -> Path:
+    """The folder of a checkpoint given as its file or its folder."""
+    path = Path(path)
+    return path if path.is_dir() else path.parent
+
+
+def save_best_weights(directory: Path, state: dict) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    atomic_torch_save(state, directory / BEST_WEIGHTS_NAME)
+
+
+def load_best_weights(directory: Path) -> dict | None:
+    path = directory / BEST_WEIGHTS_NAME
+    if not path.exists():
+        return None
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def rng_state() -> dict:
     state = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():

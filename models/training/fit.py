@@ -26,11 +26,12 @@ from models.network import FineTuneModel, build_head
 from models.preprocessing import Preprocessing
 from models.spec import FineTuneSpec, parse_spec
 from models.training.checkpoint import (
-    BEST_WEIGHTS_NAME,
-    atomic_torch_save,
+    checkpoint_folder,
+    load_best_weights,
     load_checkpoint,
     restore_rng_state,
     rng_state,
+    save_best_weights,
     save_checkpoint,
 )
 from models.training.early_stopping import EarlyStopping
@@ -137,10 +138,7 @@ def fit(
         run.step = state["step"]
         first_epoch, history = state["epoch"], state["history"]
         stopper.load_state_dict(state["early_stopping"])
-        best_file = Path(resume) if Path(resume).is_dir() else Path(resume).parent
-        if (best_file / BEST_WEIGHTS_NAME).exists():
-            run.best_state = torch.load(best_file / BEST_WEIGHTS_NAME, map_location="cpu",
-                                        weights_only=True)
+        run.best_state = load_best_weights(checkpoint_folder(resume))
         restore_rng_state(state["rng"])
         log.info("resumed from %s at epoch %d", resume, first_epoch)
 
@@ -152,8 +150,7 @@ def fit(
             run.best_state = {k: v.detach().to("cpu", copy=True)
                               for k, v in model.state_dict().items()}
             if ckpt_dir is not None:
-                ckpt_dir.mkdir(parents=True, exist_ok=True)
-                atomic_torch_save(run.best_state, ckpt_dir / BEST_WEIGHTS_NAME)
+                save_best_weights(ckpt_dir, run.best_state)
         history.append(row)
         if ckpt_dir is not None:
             save_checkpoint(ckpt_dir, {

@@ -109,3 +109,23 @@ def test_stratified_split_is_seeded_and_keeps_every_class():
     assert stratified_split(labels, 0.2, seed=7) == (train, val)
     assert stratified_split(labels, 0.2, seed=8) != (train, val)
     assert stratified_split(labels, 0.0, seed=7) == (list(range(len(labels))), [])
+
+
+def test_streamed_batches_equal_in_memory_batches(tiny_folder):
+    import torch
+
+    from models.data.source import ImageSource
+    from models.preprocessing import Preprocessing
+
+    index = scan_image_folder(tiny_folder)
+    paths, labels = [s.path for s in index.train], [s.label for s in index.train]
+    prep = Preprocessing(32, (0.5,) * 3, (0.5,) * 3, "bicubic", 0.875)
+    in_memory = ImageSource(paths, labels, prep, 32)
+    streamed = ImageSource(paths, labels, prep, 32, budget_bytes=0, num_workers=1)
+    assert in_memory.in_memory and not streamed.in_memory
+    order = torch.randperm(len(paths), generator=torch.Generator().manual_seed(0))
+    pairs = zip(in_memory.batches(order, 5), streamed.batches(order, 5), strict=True)
+    for (images_a, labels_a, idx_a), (images_b, labels_b, idx_b) in pairs:
+        assert images_a.dtype == torch.uint8 and images_a.shape[1:] == (3, 32, 32)
+        assert torch.equal(images_a, images_b)
+        assert torch.equal(labels_a, labels_b) and torch.equal(idx_a, idx_b)
