@@ -1,4 +1,4 @@
-"""``ftune``: train, predict and list backbones from the command line, no server needed."""
+"""``ftune``: fine-tune image classifiers; train, predict and list backbones need no server."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import json
 import logging
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from models.errors import FineTuneError
@@ -15,14 +16,25 @@ from models.spec import SpecError, parse_spec
 log = logging.getLogger("ftune")
 
 
+HANDLED_ERRORS: tuple[type[BaseException], ...] = (FineTuneError, SpecError, FileNotFoundError,
+                                                   ValueError)
+
+CommandAdder = Callable[["argparse._SubParsersAction"], None]
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = _parser()
+    return run(build_parser(), argv)
+
+
+def run(parser: argparse.ArgumentParser, argv: list[str] | None = None,
+        handled: tuple[type[BaseException], ...] = HANDLED_ERRORS) -> int:
+    """Parse, set up logging, run the command; a user's mistake exits 2 with one clear line."""
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(args.run(args) or 0)
-    except (FineTuneError, SpecError, FileNotFoundError, ValueError) as exc:
+    except handled as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -30,11 +42,17 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser(*extra_commands: CommandAdder) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ftune", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log more")
     sub = parser.add_subparsers(required=True, metavar="COMMAND")
+    add_engine_commands(sub)
+    for add in extra_commands:
+        add(sub)
+    return parser
 
+
+def add_engine_commands(sub: argparse._SubParsersAction) -> None:
     train = sub.add_parser("train", help="fine-tune a backbone on an image folder")
     train.add_argument("data", help="DATA/<class>/<images> or DATA/train|val/<class>/...")
     train.add_argument("--spec", help="fine-tuning spec (JSON file); defaults for missing fields")
@@ -55,7 +73,6 @@ def _parser() -> argparse.ArgumentParser:
     backbones = sub.add_parser("backbones", help="list backbones with offline pretrained weights")
     backbones.add_argument("--json", action="store_true", help="print JSON")
     backbones.set_defaults(run=_backbones)
-    return parser
 
 
 def _load_spec(path: str | None):  # -> FineTuneSpec

@@ -1,0 +1,44 @@
+"""What every request handler needs, built once per API process."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import redis
+from celery import Celery
+from fastapi import Request
+
+from service.db.session import Database
+from service.settings import Settings
+from service.storage import Storage
+from service.tuned_models import PredictorCache
+from workers.celery_app import make_celery
+
+
+@dataclass
+class AppContext:
+    settings: Settings
+    db: Database
+    storage: Storage
+    predictors: PredictorCache
+
+    @classmethod
+    def build(cls, settings: Settings) -> AppContext:
+        storage = Storage(settings.resolved_home)
+        storage.prepare()
+        return cls(settings, Database(settings.resolved_database_url), storage,
+                   PredictorCache(storage, settings.predictor_cache_size))
+
+    @cached_property
+    def celery(self) -> Celery:
+        return make_celery(self.settings)
+
+    @cached_property
+    def redis(self) -> redis.Redis:
+        return redis.Redis.from_url(self.settings.broker_url, socket_connect_timeout=2,
+                                    socket_timeout=2)
+
+
+def get_context(request: Request) -> AppContext:
+    return request.app.state.ctx

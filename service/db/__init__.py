@@ -1,0 +1,1 @@
+"""Database tables and sessions: the source of truth for datasets, jobs and models."""

@@ -1,0 +1,1 @@
+"""Dataset ingestion: stream an upload to disk, unpack it safely, check it with the engine."""

@@ -1,0 +1,166 @@
+"""Stream a multipart/form-data body straight to files under the data directory.
+
+Starlette's ``request.form()`` spools files to the system temp folder; we parse the stream
+ourselves so that the body is never held in memory whole, nothing is written outside the data
+directory, and an oversized upload is refused as soon as it is seen.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+from python_multipart.multipart import MultipartParser, parse_options_header
+from starlette.requests import ClientDisconnect, Request
+
+from service.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
+
+MAX_FIELD_BYTES = 64 * 1024
+
+
+@dataclass
+class ReceivedFile:
+    field: str
+    filename: str
+    path: Path
+    size: int = 0
+
+
+@dataclass
+class ReceivedForm:
+    fields: dict[str, str] = field(default_factory=dict)
+    files: list[ReceivedFile] = field(default_factory=list)
+
+    def files_named(self, name: str) -> list[ReceivedFile]:
+        return [f for f in self.files if f.field == name]
+
+    def cleanup(self) -> None:
+        for received in self.files:
+            received.path.unlink(missing_ok=True)
+
+
+class _FormBuilder:
+    """Callbacks for python-multipart's push parser; writes file parts as they arrive."""
+
+    def __init__(self, dest: Path, file_fields: set[str], max_files: int) -> None:
+        self.dest, self.file_fields, self.max_files = dest, file_fields, max_files
+        self.form = ReceivedForm()
+        self._header_field = b""
+        self._header_value = b""
+        self._headers: dict[bytes, bytes] = {}
+        self._name = ""
+        self._file: ReceivedFile | None = None
+        self._handle: IO[bytes] | None = None
+        self._value = bytearray()
+        self.error: Exception | None = None
+
+    def callbacks(self) -> dict:
+        return {
+            "on_part_begin": self._part_begin,
+            "on_header_field": lambda d, s, e: self._add(d, s, e, "field"),
+            "on_header_value": lambda d, s, e: self._add(d, s, e, "value"),
+            "on_header_end": self._header_end,
+            "on_headers_finished": self._headers_finished,
+            "on_part_data": self._part_data,
+            "on_part_end": self._part_end,
+        }
+
+    def _add(self, data: bytes, start: int, end: int, which: str) -> None:
+        if which == "field":
+            self._header_field += data[start:end]
+        else:
+            self._header_value += data[start:end]
+
+    def _part_begin(self) -> None:
+        self._headers, self._file, self._handle, self._value = {}, None, None, bytearray()
+
+    def _header_end(self) -> None:
+        self._headers[self._header_field.lower()] = self._header_value
+        self._header_field = self._header_value = b""
+
+    def _headers_finished(self) -> None:
+        disposition, options = parse_options_header(self._headers.get(b"content-disposition", b""))
+        if disposition != b"form-data" or b"name" not in options:
+            raise InvalidInput("multipart part without a form-data name")
+        self._name = options[b"name"].decode("utf-8", "replace")
+        if b"filename" not in options:
+            return
+        if self._name not in self.file_fields:
+            raise InvalidInput(f"unexpected file field {self._name!r}; "
+                               f"expected {', '.join(sorted(self.file_fields))}")
+        if len(self.form.files) >= self.max_files:
+            raise InvalidInput(f"too many files: at most {self.max_files} per request")
+        # The client's file name is kept for messages only; the stored name is ours.
+        filename = options[b"filename"].decode("utf-8", "replace")
+        path = self.dest / f"{uuid.uuid4().hex}.part"
+        self._file = ReceivedFile(self._name, filename, path)
+        self.form.files.append(self._file)
+        self._handle = open(path, "xb")  # noqa: SIM115 - closed in _part_end or close()
+
+    def _part_data(self, data: bytes, start: int, end: int) -> None:
+        if self._handle is not None and self._file is not None:
+            self._handle.write(data[start:end])
+            self._file.size += end - start
+            return
+        self._value += data[start:end]
+        if len(self._value) > MAX_FIELD_BYTES:
+            raise InvalidInput(f"form field {self._name!r} is longer than {MAX_FIELD_BYTES} bytes")
+
+    def _part_end(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+        elif self._name:
+            self.form.fields[self._name] = self._value.decode("utf-8", "replace")
+
+    @property
+    def part_open(self) -> bool:
+        return self._handle is not None
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+
+
+async def receive_multipart(request: Request, *, dest: Path, file_fields: set[str],
+                            max_bytes: int, max_files: int = 1) -> ReceivedForm:
+    """Parse the request body; files go to ``dest``. On any error nothing is left behind."""
+    content_type, params = parse_options_header(request.headers.get("content-type", ""))
+    if content_type != b"multipart/form-data" or b"boundary" not in params:
+        raise UnsupportedMediaType("send the upload as multipart/form-data "
+                                   f"(got {content_type.decode() or 'no content type'})")
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > max_bytes:
+        raise PayloadTooLarge(f"upload of {int(declared)} bytes exceeds the limit of "
+                              f"{max_bytes} bytes (FTUNE_MAX_UPLOAD_MB)")
+    dest.mkdir(parents=True, exist_ok=True)
+    builder = _FormBuilder(dest, file_fields, max_files)
+    parser = MultipartParser(params[b"boundary"], builder.callbacks())
+    received = 0
+    try:
+        async for chunk in request.stream():
+            received += len(chunk)
+            if received > max_bytes:
+                raise PayloadTooLarge(f"upload exceeds the limit of {max_bytes} bytes "
+                                      "(FTUNE_MAX_UPLOAD_MB)")
+            parser.write(chunk)
+        parser.finalize()
+        if builder.part_open:
+            raise InvalidInput("incomplete multipart body: the final boundary is missing")
+    except ClientDisconnect as exc:
+        builder.close()
+        builder.form.cleanup()
+        raise InvalidInput("the client disconnected before the upload finished") from exc
+    except BaseException as exc:
+        builder.close()
+        builder.form.cleanup()
+        if isinstance(exc, (InvalidInput, PayloadTooLarge)):
+            raise
+        if isinstance(exc, Exception) and type(exc).__module__.startswith("python_multipart"):
+            raise InvalidInput(f"malformed multipart body: {exc}") from exc
+        raise
+    builder.close()
+    return builder.form

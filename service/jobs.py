@@ -1,0 +1,99 @@
+"""Job service functions. Status changes are conditional UPDATEs, so the API and a worker
+racing on the same job (cancel vs start) always agree on the outcome."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from models.spec import FineTuneSpec, SpecError, parse_spec
+from service.db.tables import Dataset, EpochMetrics, Job, JobStatus, utcnow
+from service.errors import Conflict, InvalidInput, NotFound
+
+
+def validate_job_spec(payload: Any) -> FineTuneSpec:
+    if not isinstance(payload, dict):
+        raise InvalidInput("spec: must be a JSON object (the engine's fine-tuning spec)")
+    try:
+        spec = parse_spec(payload)
+    except SpecError as exc:
+        raise InvalidInput(str(exc)) from exc
+    if spec.weights_path is not None:
+        # A server path chosen by a client would let it read any file the worker can.
+        raise InvalidInput("invalid spec: weights_path: not accepted over HTTP; put weights in "
+                           "FTUNE_WEIGHTS_DIR on the workers instead")
+    return spec
+
+
+def create_job(session: Session, *, dataset_id: str, spec_payload: Any) -> Job:
+    spec = validate_job_spec(spec_payload)
+    if session.get(Dataset, dataset_id) is None:
+        raise NotFound(f"dataset {dataset_id} not found")
+    job = Job(dataset_id=dataset_id, spec=spec.model_dump(mode="json"), epochs=spec.epochs,
+              status=JobStatus.QUEUED)
+    session.add(job)
+    session.flush()
+    return job
+
+
+def get_job(session: Session, job_id: str) -> Job:
+    job = session.get(Job, job_id)
+    if job is None:
+        raise NotFound(f"job {job_id} not found")
+    return job
+
+
+def list_jobs(session: Session, *, status: str | None = None, limit: int = 100) -> list[Job]:
+    query = select(Job).order_by(Job.created_at.desc()).limit(limit)
+    if status is not None:
+        if status not in JobStatus.ALL:
+            raise InvalidInput(f"status must be one of {', '.join(JobStatus.ALL)}")
+        query = query.where(Job.status == status)
+    return list(session.scalars(query))
+
+
+def epoch_rows(session: Session, job_id: str) -> list[dict]:
+    rows = session.scalars(select(EpochMetrics).where(EpochMetrics.job_id == job_id)
+                           .order_by(EpochMetrics.epoch))
+    return [row.row for row in rows]
+
+
+def cancel_job(session: Session, *, job_id: str) -> Job:
+    """Queued: cancelled now and never starts. Running: stops at the next batch boundary."""
+    job = get_job(session, job_id)
+    now = utcnow()
+    cancelled_queued = session.execute(
+        update(Job).where(Job.id == job_id, Job.status == JobStatus.QUEUED)
+        .values(status=JobStatus.CANCELLED, cancel_requested=True, finished_at=now,
+                error="cancelled before it started")).rowcount
+    if not cancelled_queued:
+        session.execute(update(Job).where(Job.id == job_id, Job.status == JobStatus.RUNNING)
+                        .values(cancel_requested=True))
+    session.flush()
+    session.refresh(job)
+    if job.status in (JobStatus.SUCCEEDED, JobStatus.FAILED):
+        raise Conflict(f"job {job_id} already {job.status}; nothing to cancel")
+    return job
+
+
+def job_view(job: Job, metrics: list[dict]) -> dict:
+    return {
+        "id": job.id,
+        "dataset_id": job.dataset_id,
+        "status": job.status,
+        "spec": job.spec,
+        "created_at": job.created_at,
+        "started_at": job.started_at,
+        "finished_at": job.finished_at,
+        "progress": {"epoch": job.epoch, "epochs": job.epochs, "step": job.step,
+                     "steps": job.steps},
+        "metrics": metrics,
+        "best": job.best,
+        "stopped_early": job.stopped_early,
+        "error": job.error,
+        "model_id": job.model_id,
+        "cancel_requested": job.cancel_requested,
+        "attempts": job.attempts,
+    }

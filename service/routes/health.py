@@ -1,0 +1,32 @@
+from __future__ import annotations
+
+from typing import Annotated
+
+import redis
+from fastapi import APIRouter, Depends
+from fastapi.responses import JSONResponse
+from sqlalchemy.exc import SQLAlchemyError
+
+from service.context import AppContext, get_context
+from service.db.session import ping
+from workers.heartbeat import live_worker_count
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz")
+def healthz(ctx: Annotated[AppContext, Depends(get_context)]) -> JSONResponse:
+    """200 when the database and Redis answer; 503 naming what is down otherwise."""
+    body: dict = {"status": "ok", "database": "ok", "redis": "ok", "workers": None}
+    try:
+        ping(ctx.db.engine)
+    except SQLAlchemyError as exc:
+        body["database"] = f"down: {type(exc).__name__}"
+    try:
+        ctx.redis.ping()
+        body["workers"] = live_worker_count(ctx.redis)
+    except (redis.RedisError, RuntimeError) as exc:
+        body["redis"] = f"down: {exc}"
+    healthy = body["database"] == "ok" and body["redis"] == "ok"
+    body["status"] = "ok" if healthy else "unavailable"
+    return JSONResponse(body, status_code=200 if healthy else 503)

@@ -1,0 +1,76 @@
+"""Request and response bodies, as they appear in the OpenAPI document."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+JobStatusName = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+
+
+class DatasetOut(BaseModel):
+    id: str
+    name: str
+    created_at: datetime
+    classes: list[str]
+    num_images: int
+    splits: dict[str, int | None] = Field(description="images per split; val null: split at "
+                                          "training time by the spec's val_fraction")
+    class_counts: dict[str, dict[str, int]]
+    warnings: list[str]
+    size_bytes: int
+
+
+class JobIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    dataset_id: str
+    spec: dict[str, Any] = Field(default_factory=dict,
+                                 description="the engine's fine-tuning spec (see README)")
+
+
+class Progress(BaseModel):
+    epoch: int = Field(description="epochs finished")
+    epochs: int
+    step: int = Field(description="batch within the running epoch")
+    steps: int
+
+
+class JobOut(BaseModel):
+    id: str
+    dataset_id: str
+    status: JobStatusName
+    spec: dict[str, Any]
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    progress: Progress
+    metrics: list[dict[str, Any]] = Field(description="one row per finished epoch")
+    best: dict[str, Any] | None
+    stopped_early: bool | None
+    error: str | None
+    model_id: str | None
+    cancel_requested: bool
+    attempts: int
+
+
+class ModelOut(BaseModel):
+    id: str
+    job_id: str
+    dataset_id: str
+    backbone: str
+    classes: list[str]
+    metrics: dict[str, Any]
+    spec: dict[str, Any]
+    created_at: datetime
+
+
+class Prediction(BaseModel):
+    label: str
+    score: float
+
+
+class PredictOut(BaseModel):
+    predictions: list[list[Prediction]] = Field(description="one list per image, in order")

@@ -1,0 +1,48 @@
+"""One settings object for the API, the workers and ``ftune up``, read from the environment."""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="FTUNE_", extra="ignore")
+
+    home: Path = Field(Path("var"), description="Data directory: database, datasets, models.")
+    database_url: str | None = Field(
+        None, validation_alias=AliasChoices("DATABASE_URL", "FTUNE_DATABASE_URL"),
+        description="SQLAlchemy URL; default SQLite at HOME/ftune.db.")
+    redis_url: str | None = Field(
+        None, validation_alias=AliasChoices("REDIS_URL", "FTUNE_REDIS_URL"),
+        description="Celery broker; `ftune up` starts a private Redis when unset.")
+    api_host: str = "127.0.0.1"
+    api_port: int = Field(8000, ge=0, le=65535)
+    max_upload_mb: float = Field(2048, gt=0, description="Largest dataset upload accepted.")
+    max_extracted_mb: float = Field(20480, gt=0, description="Largest unpacked dataset.")
+    max_archive_files: int = Field(500_000, ge=1, description="Most entries in one archive.")
+    max_predict_images: int = Field(64, ge=1, description="Most images in one predict request.")
+    max_predict_image_mb: float = Field(20, gt=0, description="Largest image accepted by predict.")
+    predictor_cache_size: int = Field(4, ge=1, description="Tuned models kept loaded by the API.")
+    visibility_timeout_s: int = Field(
+        7 * 24 * 3600, ge=60,
+        description="Redis redelivers an unacknowledged job after this long; longer than any job.")
+    cancel_poll_s: float = Field(0.5, gt=0, description="How often a running job checks cancel.")
+    worker_heartbeat_s: float = Field(5.0, gt=0)
+
+    @cached_property
+    def resolved_home(self) -> Path:
+        return self.home.expanduser().resolve()
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.resolved_home / 'ftune.db'}"
+
+    @property
+    def broker_url(self) -> str:
+        if not self.redis_url:
+            raise RuntimeError("REDIS_URL is not set (`ftune up` starts a private Redis for you)")
+        return self.redis_url

@@ -1,0 +1,71 @@
+"""Where things live under the data directory. Every path is built from a server-made id."""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+def _checked(object_id: str) -> str:
+    # Ids come from our own database, but a path must never be built from anything else.
+    if not _ID.match(object_id):
+        raise ValueError(f"not a valid id: {object_id!r}")
+    return object_id
+
+
+class Storage:
+    def __init__(self, home: Path) -> None:
+        self.home = home
+
+    @property
+    def datasets(self) -> Path:
+        return self.home / "datasets"
+
+    @property
+    def models(self) -> Path:
+        return self.home / "models"
+
+    @property
+    def jobs(self) -> Path:
+        return self.home / "jobs"
+
+    @property
+    def uploads(self) -> Path:
+        return self.home / "uploads"
+
+    @property
+    def exports(self) -> Path:
+        return self.home / "exports"
+
+    @property
+    def tmp(self) -> Path:
+        return self.home / "tmp"
+
+    def prepare(self) -> None:
+        for folder in (self.datasets, self.models, self.jobs, self.uploads, self.exports,
+                       self.tmp):
+            folder.mkdir(parents=True, exist_ok=True)
+
+    def dataset_dir(self, dataset_id: str) -> Path:
+        """The unpacked images of a dataset (what the engine reads)."""
+        return self.datasets / _checked(dataset_id)
+
+    def model_dir(self, model_id: str) -> Path:
+        """The tuned-model bundle that ``models.Predictor.load`` reads."""
+        return self.models / _checked(model_id)
+
+    def job_dir(self, job_id: str) -> Path:
+        """A job's working files: per-epoch checkpoints while it runs."""
+        return self.jobs / _checked(job_id)
+
+    def checkpoint_dir(self, job_id: str) -> Path:
+        return self.job_dir(job_id) / "checkpoints"
+
+    def model_zip(self, model_id: str) -> Path:
+        return self.exports / f"{_checked(model_id)}.zip"
+
+    def remove_job_files(self, job_id: str) -> None:
+        shutil.rmtree(self.job_dir(job_id), ignore_errors=True)

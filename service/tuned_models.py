@@ -1,0 +1,101 @@
+"""Tuned-model service functions: look up, export as a zip, and load for predictions."""
+
+from __future__ import annotations
+
+import os
+import threading
+import uuid
+import zipfile
+from collections import OrderedDict
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from service.db.tables import TunedModel
+from service.errors import NotFound
+from service.storage import Storage
+
+if TYPE_CHECKING:
+    from models.predictor import Predictor
+
+# What models.Predictor.load reads; kept literal so the API never imports torch to list it.
+BUNDLE_FILES = ("model.safetensors", "config.json", "metrics.json")
+
+
+def get_model(session: Session, model_id: str) -> TunedModel:
+    model = session.get(TunedModel, model_id)
+    if model is None:
+        raise NotFound(f"model {model_id} not found")
+    return model
+
+
+def list_models(session: Session, *, limit: int = 100) -> list[TunedModel]:
+    return list(session.scalars(select(TunedModel).order_by(TunedModel.created_at.desc())
+                                .limit(limit)))
+
+
+def model_view(model: TunedModel) -> dict:
+    return {"id": model.id, "job_id": model.job_id, "dataset_id": model.dataset_id,
+            "backbone": model.backbone, "classes": model.classes, "metrics": model.metrics,
+            "spec": model.spec, "created_at": model.created_at}
+
+
+def model_zip(storage: Storage, model_id: str) -> Path:
+    """The bundle as a zip, built once (models never change) and renamed into place."""
+    target = storage.model_zip(model_id)
+    if target.exists():
+        return target
+    source = storage.model_dir(model_id)
+    missing = [name for name in BUNDLE_FILES if not (source / name).is_file()]
+    if missing:
+        raise NotFound(f"model {model_id} has no files on this server (missing "
+                       f"{', '.join(missing)}); was the data directory moved?")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}")
+    try:
+        # Weights are already dense floats: storing them uncompressed is as small and faster.
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as archive:
+            for name in BUNDLE_FILES:
+                archive.write(source / name, arcname=name)
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
+
+
+class PredictorCache:
+    """Loaded models kept in the API process, least recently used evicted first.
+
+    A per-model lock makes concurrent first requests load the model once.
+    """
+
+    def __init__(self, storage: Storage, max_models: int) -> None:
+        self.storage, self.max_models = storage, max_models
+        self._loaded: OrderedDict[str, Predictor] = OrderedDict()
+        self._lock = threading.Lock()
+        self._loading: dict[str, threading.Lock] = {}
+
+    def get(self, model_id: str) -> Predictor:
+        with self._lock:
+            if model_id in self._loaded:
+                self._loaded.move_to_end(model_id)
+                return self._loaded[model_id]
+            loading = self._loading.setdefault(model_id, threading.Lock())
+        with loading:
+            with self._lock:
+                if model_id in self._loaded:
+                    return self._loaded[model_id]
+            from models.predictor import Predictor  # torch loads on the first predict only
+
+            predictor = Predictor.load(self.storage.model_dir(model_id))
+            with self._lock:
+                self._loaded[model_id] = predictor
+                while len(self._loaded) > self.max_models:
+                    self._loaded.popitem(last=False)
+                self._loading.pop(model_id, None)
+            return predictor
+
+    def __len__(self) -> int:
+        return len(self._loaded)

@@ -1,0 +1,136 @@
+"""Run one fine-tuning job: the engine in, the database and storage out. No Celery here."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import threading
+import time
+from dataclasses import dataclass
+
+from models.errors import DatasetError, TrainingCancelled
+from models.spec import parse_spec
+from models.training.checkpoint import CHECKPOINT_NAME
+from service.db.session import Database
+from service.db.tables import JobStatus, TunedModel, new_id
+from service.storage import Storage
+from workers import job_state
+from workers.failures import describe_failure
+
+log = logging.getLogger(__name__)
+
+class WorkerShuttingDown(Exception):
+    """The run stopped because the worker is stopping; the job goes back to the queue."""
+
+
+@dataclass
+class ProgressReporter:
+    """Engine callbacks that write progress to the DB and poll it for a cancel request."""
+
+    db: Database
+    job_id: str
+    poll_s: float
+    shutdown: threading.Event
+    _last_write: float = 0.0
+    _cancelled: bool = False
+
+    def on_epoch_end(self, row: dict) -> None:
+        with self.db.session() as session:
+            job_state.record_epoch(session, self.job_id, row)
+
+    def on_batch_end(self, epoch: int, step: int, steps: int, loss: float) -> None:
+        now = time.monotonic()
+        if now - self._last_write < self.poll_s and step < steps:
+            return
+        self._last_write = now
+        with self.db.session() as session:
+            self._cancelled = job_state.record_progress(session, self.job_id, step, steps)
+
+    def should_stop(self) -> bool:
+        if self.shutdown.is_set() or self._cancelled:
+            return True
+        if time.monotonic() - self._last_write >= self.poll_s:
+            # No batch finished for a while (a slow first batch): look for a cancel directly.
+            self._last_write = time.monotonic()
+            with self.db.session() as session:
+                self._cancelled = job_state.cancel_requested(session, self.job_id)
+        return self._cancelled
+
+
+class JobRunner:
+    def __init__(self, db: Database, storage: Storage, *, worker_name: str,
+                 cancel_poll_s: float, shutdown: threading.Event | None = None) -> None:
+        self.db, self.storage, self.worker_name = db, storage, worker_name
+        self.cancel_poll_s = cancel_poll_s
+        self.shutdown = shutdown or threading.Event()
+
+    def run(self, job_id: str) -> str:
+        """Run the job to its end and return its final status (or "skipped")."""
+        with self.db.session() as session:
+            job = job_state.claim(session, job_id, self.worker_name)
+        if job is None:
+            log.info("job %s skipped: missing, finished or cancelled", job_id)
+            return "skipped"
+        try:
+            return self._train(job_id, job.spec, job.dataset_id)
+        except TrainingCancelled:
+            if self.shutdown.is_set():
+                with self.db.session() as session:
+                    if not job_state.cancel_requested(session, job_id):
+                        job_state.requeue(session, job_id)
+                        log.info("job %s handed back: the worker is stopping", job_id)
+                        raise WorkerShuttingDown(job_id) from None
+            with self.db.session() as session:
+                job_state.finish(session, job_id, JobStatus.CANCELLED,
+                                 error="cancelled while running")
+            self.storage.remove_job_files(job_id)
+            log.info("job %s cancelled", job_id)
+            return JobStatus.CANCELLED
+        except Exception as exc:
+            message = describe_failure(exc)
+            log.exception("job %s failed: %s", job_id, message)
+            with self.db.session() as session:
+                job_state.finish(session, job_id, JobStatus.FAILED, error=message)
+            self.storage.remove_job_files(job_id)
+            raise
+
+    def _train(self, job_id: str, spec_json: dict, dataset_id: str) -> str:
+        from models.bundle import save_bundle
+        from models.training.fit import Callbacks, fit
+
+        spec = parse_spec(spec_json)  # stored JSON is validated again: it may predate a change
+        data_dir = self.storage.dataset_dir(dataset_id)
+        if not data_dir.is_dir():
+            raise DatasetError(f"dataset {dataset_id} no longer exists on the server")
+        checkpoints = self.storage.checkpoint_dir(job_id)
+        resume = checkpoints if (checkpoints / CHECKPOINT_NAME).is_file() else None
+        if resume is not None:
+            log.info("job %s resumes from its last checkpoint", job_id)
+        reporter = ProgressReporter(self.db, job_id, self.cancel_poll_s, self.shutdown)
+        result = fit(data_dir, spec, checkpoint_dir=checkpoints, resume=resume,
+                     callbacks=Callbacks(on_epoch_end=reporter.on_epoch_end,
+                                         on_batch_end=reporter.on_batch_end,
+                                         should_stop=reporter.should_stop))
+        model_id = new_id()
+        model_dir = self.storage.model_dir(model_id)
+        save_bundle(result, model_dir)
+        best = {"epoch": result.best_epoch,
+                "val_accuracy": result.best_metrics.get("val_accuracy"),
+                "val_loss": result.best_metrics.get("val_loss")}
+        record = TunedModel(
+            id=model_id, job_id=job_id, dataset_id=dataset_id, backbone=result.backbone,
+            classes=result.classes, spec=spec.model_dump(mode="json"),
+            metrics={"best_epoch": result.best_epoch, "best": result.best_metrics,
+                     "stopped_early": result.stopped_early, "epochs_run": len(result.history),
+                     "num_train": result.num_train, "num_val": result.num_val,
+                     "device": result.device, "precision": result.precision,
+                     "train_seconds": round(result.seconds, 3)})
+        try:
+            with self.db.session() as session:
+                job_state.succeed(session, job_id, record, best, result.stopped_early)
+        except BaseException:
+            shutil.rmtree(model_dir, ignore_errors=True)
+            raise
+        self.storage.remove_job_files(job_id)
+        log.info("job %s succeeded: model %s", job_id, model_id)
+        return JobStatus.SUCCEEDED

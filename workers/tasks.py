@@ -1,0 +1,47 @@
+"""The Celery task: thin and idempotent. It carries a job id; state lives in the DB."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+from functools import cache
+
+from celery import shared_task
+from celery.exceptions import Reject
+from celery.signals import worker_shutting_down
+
+from service.db.session import Database
+from service.settings import Settings
+from service.storage import Storage
+from workers.celery_app import FINETUNE_TASK
+from workers.runner import JobRunner, WorkerShuttingDown
+
+log = logging.getLogger(__name__)
+
+# Set when the worker begins a warm shutdown: the running job stops at the next batch and
+# goes back to the queue, to resume from its checkpoint on the next worker.
+SHUTDOWN = threading.Event()
+
+
+@worker_shutting_down.connect
+def _on_shutdown(**_: object) -> None:
+    SHUTDOWN.set()
+
+
+@cache
+def runner() -> JobRunner:
+    settings = Settings()
+    storage = Storage(settings.resolved_home)
+    storage.prepare()
+    return JobRunner(Database(settings.resolved_database_url), storage,
+                     worker_name=f"{socket.gethostname()}:{threading.get_native_id()}",
+                     cancel_poll_s=settings.cancel_poll_s, shutdown=SHUTDOWN)
+
+
+@shared_task(name=FINETUNE_TASK, acks_late=True, reject_on_worker_lost=True)
+def finetune(job_id: str) -> str:
+    try:
+        return runner().run(job_id)
+    except WorkerShuttingDown:
+        raise Reject("worker shutting down", requeue=True) from None
