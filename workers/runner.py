@@ -76,10 +76,12 @@ class JobRunner:
         except TrainingCancelled:
             if self.shutdown.is_set():
                 with self.db.session() as session:
-                    if not job_state.cancel_requested(session, job_id):
+                    handed_back = not job_state.cancel_requested(session, job_id)
+                    if handed_back:
                         job_state.requeue(session, job_id)
-                        log.info("job %s handed back: the worker is stopping", job_id)
-                        raise WorkerShuttingDown(job_id) from None
+                if handed_back:  # raised after the commit, not inside the transaction
+                    log.info("job %s handed back: the worker is stopping", job_id)
+                    raise WorkerShuttingDown(job_id) from None
             with self.db.session() as session:
                 job_state.finish(session, job_id, JobStatus.CANCELLED,
                                  error="cancelled while running")

@@ -17,7 +17,8 @@ router = APIRouter(tags=["health"])
 @router.get("/healthz")
 def healthz(ctx: Annotated[AppContext, Depends(get_context)]) -> JSONResponse:
     """200 when the database and Redis answer; 503 naming what is down otherwise."""
-    body: dict = {"status": "ok", "database": "ok", "redis": "ok", "workers": None}
+    body: dict = {"status": "ok", "database": "ok", "redis": "ok", "workers": None,
+                  "loaded_models": len(ctx.predictors)}
     try:
         ping(ctx.db.engine)
     except SQLAlchemyError as exc:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +16,8 @@ import yaml
 from service.cli import add_service_commands
 from service.launcher import free_port
 from service.settings import Settings
-from tests.service.conftest import wait_until
+from tests.archives import zip_folder
+from tests.service.conftest import wait_for_job, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -57,6 +59,62 @@ def test_ftune_up_runs_everything_and_ctrl_c_stops_it(tmp_path):
     assert b"ftune is up" in output
     assert not [name for name, pid in state["children"].items() if _alive(pid)]
     assert not state_file.exists()
+
+
+def _start_up(home: Path, port: int) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "DATABASE_URL")}
+    env["FTUNE_CANCEL_POLL_S"] = "0.2"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "up", "--port", str(port), "--home", str(home)],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    wait_until(lambda: httpx.get(f"http://127.0.0.1:{port}/healthz").json()["workers"] == 1,
+               120, "ftune up to be ready")
+    return process
+
+
+def _stop_up(process: subprocess.Popen) -> str:
+    process.send_signal(signal.SIGINT)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 0, output.decode()
+    return output.decode()
+
+
+def test_stopping_ftune_up_hands_a_running_job_back_to_resume_later(tmp_path, tiny_folder):
+    home = tmp_path / "home"
+    port = free_port()
+    process = _start_up(home, port)
+    try:
+        http = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60)
+        dataset = http.post("/v1/datasets",
+                            files={"file": ("t.zip", zip_folder(tiny_folder))}).json()
+        spec = {"image_size": 64, "epochs": 12, "batch_size": 12, "seed": 3,
+                "freeze": {"strategy": "none"}, "early_stopping": {"patience": 100}}
+        job = http.post("/v1/jobs", json={"dataset_id": dataset["id"], "spec": spec}).json()
+        wait_until(lambda: len(http.get(f"/v1/jobs/{job['id']}").json()["metrics"]) >= 2, 180,
+                   "two finished epochs")
+        before = http.get(f"/v1/jobs/{job['id']}").json()["metrics"]
+    finally:
+        output = _stop_up(process)
+    with sqlite3.connect(home / "ftune.db") as db:
+        status, epoch = db.execute("SELECT status, epoch FROM jobs WHERE id = ?",
+                                   (job["id"],)).fetchone()
+    assert status == "queued", output  # handed back, not lost and not stuck "running"
+    assert 2 <= epoch < 12
+    assert (home / "jobs" / job["id"] / "checkpoints" / "checkpoint.pt").is_file()
+
+    port = free_port()
+    process = _start_up(home, port)  # same data dir: Redis kept the message on disk
+    try:
+        http = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60)
+        done = wait_for_job(http, job["id"], timeout_s=300)
+    finally:
+        output = _stop_up(process)
+    assert done["status"] == "succeeded", done["error"]
+    assert [row["epoch"] for row in done["metrics"]] == list(range(1, 13))  # each epoch once
+    assert done["attempts"] == 2
+    # Resumed, not restarted: epochs reported before the stop were not run again.
+    assert done["metrics"][: len(before)] == before
+    assert "resumes from its last checkpoint" in output
 
 
 def test_compose_file_matches_the_code():

@@ -31,6 +31,18 @@ def test_health_reports_database_redis_and_worker(client):
     assert body["workers"] >= 1
 
 
+def test_openapi_documents_every_route(client):
+    paths = client.get("/openapi.json").json()["paths"]
+    for path in ("/healthz", "/v1/backbones", "/v1/datasets", "/v1/datasets/{dataset_id}",
+                 "/v1/jobs", "/v1/jobs/{job_id}", "/v1/jobs/{job_id}/cancel", "/v1/models",
+                 "/v1/models/{model_id}", "/v1/models/{model_id}/download",
+                 "/v1/models/{model_id}/predict"):
+        assert path in paths, path
+    upload = paths["/v1/datasets"]["post"]["requestBody"]["content"]
+    assert "file" in upload["multipart/form-data"]["schema"]["properties"]
+    assert client.get("/docs").status_code == 200
+
+
 def test_backbones_lists_the_offline_registry(client):
     names = {b["name"]: b for b in client.get("/v1/backbones").json()}
     assert names["tf_efficientnet_lite0"]["pretrained_offline"] is True
@@ -94,5 +106,10 @@ def test_fine_tune_through_the_service(client, animal_folder, animal_heldout, tm
     assert accuracy > 0.5, f"held-out accuracy {accuracy:.2f} (chance is 0.10)"
     # The API and the downloaded model agree image by image.
     assert remote == [local[i] for i in chosen]
+    # The model was loaded once and is kept for the next request.
+    loaded = client.get("/healthz").json()["loaded_models"]
+    again = client.post(f"/v1/models/{model['id']}/predict", files=files[:1]).json()
+    assert again["predictions"][0][0]["label"] == remote[0]
+    assert client.get("/healthz").json()["loaded_models"] == loaded >= 1
     # Nothing is left in the upload area once requests finish.
     assert not any((service_home / "uploads").iterdir())

@@ -1,0 +1,143 @@
+"""What the service costs over running the engine directly.
+
+Runs the same fine-tune (about a minute on 2 cores) through the service (`ftune up`: upload →
+job succeeded, polled over HTTP) and through `ftune train`, alternating, and prints the ratio
+of wall times (target ≤ 1.1). Then measures submit → running latency with an idle worker.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from service.launcher import free_port  # noqa: E402
+from tests.archives import tar_folder  # noqa: E402
+from tests.realdata import animal_mnist_arrays, balanced_indices, write_image_folder  # noqa: E402
+
+SPEC = {"backbone": "tf_efficientnet_lite0", "image_size": 96, "epochs": 6, "batch_size": 32,
+        "freeze": {"strategy": "last_n_blocks", "n_blocks": 1},
+        "optimizer": {"name": "adam", "lr": 0.003}, "seed": 0}
+QUICK = {"image_size": 32, "epochs": 1, "batch_size": 8}
+
+
+def start_service(home: Path, port: int) -> tuple[subprocess.Popen, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "DATABASE_URL")}
+    log = open(home.parent / "service.log", "wb")  # noqa: SIM115 - lives as long as the service
+    process = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "up", "--home", str(home), "--port", str(port)],
+        env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/healthz", timeout=2).json().get("workers") == 1:
+                return process, url
+        except (httpx.HTTPError, ValueError):
+            pass
+        time.sleep(0.2)
+    raise SystemExit("the service did not start; see service.log")
+
+
+def wait_status(client: httpx.Client, job_id: str, statuses: set[str],
+                interval_s: float) -> dict:
+    while True:
+        job = client.get(f"/v1/jobs/{job_id}").json()
+        if job["status"] in statuses:
+            return job
+        time.sleep(interval_s)
+
+
+def run_service(client: httpx.Client, archive: bytes) -> tuple[float, float]:
+    started = time.perf_counter()
+    dataset = client.post("/v1/datasets", files={"file": ("bench.tar.gz", archive)}).json()
+    job = client.post("/v1/jobs", json={"dataset_id": dataset["id"], "spec": SPEC}).json()
+    job = wait_status(client, job["id"], {"succeeded", "failed", "cancelled"}, 0.1)
+    elapsed = time.perf_counter() - started
+    if job["status"] != "succeeded":
+        raise SystemExit(f"service job ended {job['status']}: {job['error']}")
+    model = client.get(f"/v1/models/{job['model_id']}").json()
+    return elapsed, model["metrics"]["train_seconds"]
+
+
+def run_direct(folder: Path, spec_file: Path, out: Path) -> tuple[float, float]:
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "service.cli", "train", str(folder), "--spec",
+                    str(spec_file), "--out", str(out), "--no-progress"], check=True,
+                   cwd=ROOT, stdout=subprocess.DEVNULL)
+    elapsed = time.perf_counter() - started
+    return elapsed, json.loads((out / "config.json").read_text())["train_seconds"]
+
+
+def submit_latency(client: httpx.Client, dataset_id: str, n: int) -> list[float]:
+    latencies = []
+    for _ in range(n):
+        started = time.perf_counter()
+        job = client.post("/v1/jobs", json={"dataset_id": dataset_id, "spec": QUICK}).json()
+        wait_status(client, job["id"], {"running", "succeeded", "failed"}, 0.005)
+        latencies.append((time.perf_counter() - started) * 1000)
+        wait_status(client, job["id"], {"succeeded", "failed"}, 0.1)
+    return latencies
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--per-class", type=int, default=160)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--latency-samples", type=int, default=10)
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="ftune-bench-"))
+    images, labels = animal_mnist_arrays()
+    idx = balanced_indices(labels, args.per_class)
+    folder = write_image_folder(work / "data", images[idx], labels[idx])
+    archive = tar_folder(folder)
+    spec_file = work / "spec.json"
+    spec_file.write_text(json.dumps(SPEC))
+
+    process, url = start_service(work / "home", free_port())
+    service_s, direct_s, service_fit, direct_fit = [], [], [], []
+    try:
+        with httpx.Client(base_url=url, timeout=120) as client:
+            for i in range(args.repeats):
+                wall, fit_s = run_service(client, archive)
+                service_s.append(wall)
+                service_fit.append(fit_s)
+                wall, fit_s = run_direct(folder, spec_file, work / f"direct-{i}")
+                direct_s.append(wall)
+                direct_fit.append(fit_s)
+            tiny = client.post("/v1/datasets", files={"file": ("t.tar.gz", archive)}).json()
+            latencies = submit_latency(client, tiny["id"], args.latency_samples)
+    finally:
+        process.send_signal(signal.SIGINT)
+        process.wait(120)
+    service_med, direct_med = statistics.median(service_s), statistics.median(direct_s)
+    print(f"service_overhead service_s={service_med:.2f} direct_s={direct_med:.2f} "
+          f"ratio={service_med / direct_med:.3f} best_ratio={min(service_s) / min(direct_s):.3f} "
+          f"runs={args.repeats} images={len(idx)} epochs={SPEC['epochs']} "
+          f"image_size={SPEC['image_size']} freeze=last_n_blocks(1) "
+          f"service_all={[round(s, 1) for s in service_s]} "
+          f"direct_all={[round(s, 1) for s in direct_s]}")
+    # The training itself (inside fit), to show the worker's DB writes do not slow it down.
+    fit_service, fit_direct = statistics.median(service_fit), statistics.median(direct_fit)
+    print(f"fit_inside service_fit_s={fit_service:.2f} direct_fit_s={fit_direct:.2f} "
+          f"fit_ratio={fit_service / fit_direct:.3f}")
+    print(f"submit_to_running p50_ms={statistics.median(latencies):.1f} "
+          f"max_ms={max(latencies):.1f} n={len(latencies)} (HTTP POST until GET shows running, "
+          f"worker idle, polled every 5 ms)")
+
+
+if __name__ == "__main__":
+    main()
