@@ -11,7 +11,7 @@ from celery import Celery
 from fastapi import Request
 from sqlalchemy.exc import SQLAlchemyError
 
-from service.db.session import Database, create_tables
+from service.db.session import Database
 from service.settings import Settings
 from service.storage import Storage
 from service.tuned_models import PredictorCache
@@ -31,9 +31,10 @@ class AppContext:
     def build(cls, settings: Settings) -> AppContext:
         storage = Storage(settings.resolved_home)
         storage.prepare()
+        storage.sweep_stale()
         db = Database(settings.resolved_database_url, create=False)
         try:
-            create_tables(db.engine)
+            db.ensure_tables()
         except SQLAlchemyError as exc:
             # Start anyway: /healthz reports the database down (503) until it answers.
             log.warning("database unavailable at start-up: %s", exc)

@@ -14,8 +14,9 @@ from sqlalchemy.orm import Session
 
 from models.data.discover import ImageFolderIndex, scan_image_folder
 from models.errors import DatasetError
-from service.db.tables import Dataset, Job, JobStatus, new_id
+from service.db.tables import Dataset, Job, JobStatus
 from service.errors import Conflict, InvalidInput, NotFound
+from service.ids import is_id, new_id
 from service.ingest.archives import ArchiveLimits, unpack
 from service.storage import Storage
 
@@ -93,7 +94,7 @@ def ingest_archive(session: Session, storage: Storage, *, archive: Path, filenam
         raise
     try:
         session.add(dataset)
-        session.flush()
+        session.commit()  # here, so a failed commit also removes the files
     except BaseException:
         shutil.rmtree(storage.dataset_dir(dataset_id), ignore_errors=True)
         raise
@@ -101,7 +102,7 @@ def ingest_archive(session: Session, storage: Storage, *, archive: Path, filenam
 
 
 def get_dataset(session: Session, dataset_id: str) -> Dataset:
-    dataset = session.get(Dataset, dataset_id)
+    dataset = session.get(Dataset, dataset_id) if is_id(dataset_id) else None
     if dataset is None:
         raise NotFound(f"dataset {dataset_id} not found")
     return dataset

@@ -3,6 +3,7 @@ racing on the same job (cancel vs start) always agree on the outcome."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from sqlalchemy import select, update
@@ -11,11 +12,16 @@ from sqlalchemy.orm import Session
 from models.spec import FineTuneSpec, SpecError, parse_spec
 from service.db.tables import Dataset, EpochMetrics, Job, JobStatus, utcnow
 from service.errors import Conflict, InvalidInput, NotFound
+from service.ids import is_id
 
 
 def validate_job_spec(payload: Any) -> FineTuneSpec:
     if not isinstance(payload, dict):
         raise InvalidInput("spec: must be a JSON object (the engine's fine-tuning spec)")
+    try:
+        json.dumps(payload, allow_nan=False)
+    except ValueError as exc:
+        raise InvalidInput("invalid spec: numbers must be finite (no NaN or Infinity)") from exc
     try:
         spec = parse_spec(payload)
     except SpecError as exc:
@@ -29,7 +35,7 @@ def validate_job_spec(payload: Any) -> FineTuneSpec:
 
 def create_job(session: Session, *, dataset_id: str, spec_payload: Any) -> Job:
     spec = validate_job_spec(spec_payload)
-    if session.get(Dataset, dataset_id) is None:
+    if not is_id(dataset_id) or session.get(Dataset, dataset_id) is None:
         raise NotFound(f"dataset {dataset_id} not found")
     job = Job(dataset_id=dataset_id, spec=spec.model_dump(mode="json"), epochs=spec.epochs,
               status=JobStatus.QUEUED)
@@ -39,7 +45,7 @@ def create_job(session: Session, *, dataset_id: str, spec_payload: Any) -> Job:
 
 
 def get_job(session: Session, job_id: str) -> Job:
-    job = session.get(Job, job_id)
+    job = session.get(Job, job_id) if is_id(job_id) else None
     if job is None:
         raise NotFound(f"job {job_id} not found")
     return job
@@ -63,16 +69,20 @@ def epoch_rows(session: Session, job_id: str) -> list[dict]:
 def cancel_job(session: Session, *, job_id: str) -> Job:
     """Queued: cancelled now and never starts. Running: stops at the next batch boundary."""
     job = get_job(session, job_id)
-    now = utcnow()
-    cancelled_queued = session.execute(
-        update(Job).where(Job.id == job_id, Job.status == JobStatus.QUEUED)
-        .values(status=JobStatus.CANCELLED, cancel_requested=True, finished_at=now,
-                error="cancelled before it started")).rowcount
-    if not cancelled_queued:
-        session.execute(update(Job).where(Job.id == job_id, Job.status == JobStatus.RUNNING)
-                        .values(cancel_requested=True))
-    session.flush()
-    session.refresh(job)
+    # Two conditional updates; a job moving between queued and running in between (a worker
+    # claiming it, or handing it back) matches neither, so try again.
+    for _ in range(5):
+        cancelled_queued = session.execute(
+            update(Job).where(Job.id == job_id, Job.status == JobStatus.QUEUED)
+            .values(status=JobStatus.CANCELLED, cancel_requested=True, finished_at=utcnow(),
+                    error="cancelled before it started")).rowcount
+        flagged_running = cancelled_queued or session.execute(
+            update(Job).where(Job.id == job_id, Job.status == JobStatus.RUNNING)
+            .values(cancel_requested=True)).rowcount
+        session.flush()
+        session.refresh(job)
+        if flagged_running or job.status in JobStatus.TERMINAL:
+            break
     if job.status in (JobStatus.SUCCEEDED, JobStatus.FAILED):
         raise Conflict(f"job {job_id} already {job.status}; nothing to cancel")
     return job

@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -112,7 +113,7 @@ class Supervisor:
         self.stop("redis", 15)
 
 
-def _wait_for(check: callable, what: str, timeout_s: float, sup: Supervisor) -> None:
+def _wait_for(check: Callable[[], object], what: str, timeout_s: float, sup: Supervisor) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         dead = sup.exited()
@@ -126,8 +127,8 @@ def _wait_for(check: callable, what: str, timeout_s: float, sup: Supervisor) -> 
     raise LaunchError(f"{what} did not come up within {timeout_s:.0f} s")
 
 
-class _Stop(Exception):
-    pass
+class _Stop(BaseException):
+    """Raised by the signal handler; a BaseException so no ``except Exception`` eats it."""
 
 
 def _raise_stop(signum: int, _frame: object) -> None:

@@ -31,7 +31,10 @@ class Settings(BaseSettings):
         7 * 24 * 3600, ge=60,
         description="Redis redelivers an unacknowledged job after this long; longer than any job.")
     cancel_poll_s: float = Field(0.5, gt=0, description="How often a running job checks cancel.")
-    worker_heartbeat_s: float = Field(5.0, gt=0)
+    worker_heartbeat_s: float = Field(5.0, gt=0, description="Worker and running-job heartbeat.")
+    job_stale_s: float = Field(
+        120.0, gt=0, description="A running job without a heartbeat for this long is "
+        "abandoned; a redelivery may then take it over (resuming from its checkpoint).")
 
     @cached_property
     def resolved_home(self) -> Path:

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import re
 import shutil
+import time
 from pathlib import Path
 
-_ID = re.compile(r"^[0-9a-f]{32}$")
+from service.ids import is_id
 
 
 def _checked(object_id: str) -> str:
     # Ids come from our own database, but a path must never be built from anything else.
-    if not _ID.match(object_id):
+    if not is_id(object_id):
         raise ValueError(f"not a valid id: {object_id!r}")
     return object_id
 
@@ -48,6 +48,22 @@ class Storage:
         for folder in (self.datasets, self.models, self.jobs, self.uploads, self.exports,
                        self.tmp):
             folder.mkdir(parents=True, exist_ok=True)
+
+    def sweep_stale(self, max_age_s: float = 24 * 3600) -> int:
+        """Remove what a crashed process left: upload parts and unpacking folders.
+
+        Only old ones: another API process sharing this directory may be mid-upload.
+        """
+        cutoff = time.time() - max_age_s
+        stale = [p for p in self.uploads.glob("*.part") if p.stat().st_mtime < cutoff]
+        stale += [p for p in self.datasets.glob(".*.staging") if p.stat().st_mtime < cutoff]
+        stale += [p for p in self.tmp.glob("deleted-*") if p.stat().st_mtime < cutoff]
+        for path in stale:
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+        return len(stale)
 
     def dataset_dir(self, dataset_id: str) -> Path:
         """The unpacked images of a dataset (what the engine reads)."""

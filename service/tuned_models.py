@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session
 
 from service.db.tables import TunedModel
 from service.errors import NotFound
+from service.ids import is_id
 from service.storage import Storage
 
 if TYPE_CHECKING:
@@ -25,7 +26,7 @@ BUNDLE_FILES = ("model.safetensors", "config.json", "metrics.json")
 
 
 def get_model(session: Session, model_id: str) -> TunedModel:
-    model = session.get(TunedModel, model_id)
+    model = session.get(TunedModel, model_id) if is_id(model_id) else None
     if model is None:
         raise NotFound(f"model {model_id} not found")
     return model
@@ -89,7 +90,11 @@ class PredictorCache:
                     return self._loaded[model_id]
             from models.predictor import Predictor  # torch loads on the first predict only
 
-            predictor = Predictor.load(self.storage.model_dir(model_id))
+            folder = self.storage.model_dir(model_id)
+            if not (folder / "model.safetensors").is_file():
+                raise NotFound(f"model {model_id} has no files on this server; was the data "
+                               "directory moved?")
+            predictor = Predictor.load(folder)
             with self._lock:
                 self._loaded[model_id] = predictor
                 while len(self._loaded) > self.max_models:

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
-from sqlalchemy import update
+from datetime import timedelta
+
+from sqlalchemy import and_, or_, update
 from sqlalchemy.orm import Session
 
 from service.db.tables import EpochMetrics, Job, JobStatus, TunedModel, utcnow
 
 
-def claim(session: Session, job_id: str, worker: str) -> Job | None:
-    """Mark the job running and return it; None when it must not run (gone, ended, cancelled).
+def claim(session: Session, job_id: str, worker: str, stale_after_s: float) -> Job | None:
+    """Mark the job running and return it; None when it must not run (gone, ended, cancelled,
+    or running on another worker).
 
-    A job already ``running`` is claimed again: that is a redelivery after its worker died,
-    and it resumes from its last checkpoint.
+    A ``running`` job whose heartbeat stopped more than ``stale_after_s`` ago is claimed again:
+    that is a redelivery after its worker died, and it resumes from its last checkpoint. One
+    with a fresh heartbeat is left alone, so a duplicate delivery never trains it twice.
     """
     job = session.get(Job, job_id)
     if job is None or job.status in JobStatus.TERMINAL:
@@ -21,14 +25,22 @@ def claim(session: Session, job_id: str, worker: str) -> Job | None:
         finish(session, job_id, JobStatus.CANCELLED, error="cancelled")
         return None
     now = utcnow()
+    abandoned = and_(Job.status == JobStatus.RUNNING,
+                     or_(Job.heartbeat_at.is_(None),
+                         Job.heartbeat_at < now - timedelta(seconds=stale_after_s)))
     claimed = session.execute(
-        update(Job).where(Job.id == job_id, Job.status.in_(JobStatus.ACTIVE),
-                          Job.cancel_requested.is_(False))
+        update(Job).where(Job.id == job_id, Job.cancel_requested.is_(False),
+                          or_(Job.status == JobStatus.QUEUED, abandoned))
         .values(status=JobStatus.RUNNING, started_at=job.started_at or now, worker=worker,
                 attempts=Job.attempts + 1, heartbeat_at=now, step=0, steps=0)).rowcount
     session.flush()
     session.refresh(job)
     return job if claimed else None
+
+
+def beat(session: Session, job_id: str) -> None:
+    session.execute(update(Job).where(Job.id == job_id, Job.status == JobStatus.RUNNING)
+                    .values(heartbeat_at=utcnow()))
 
 
 def record_epoch(session: Session, job_id: str, row: dict) -> None:
@@ -51,11 +63,16 @@ def cancel_requested(session: Session, job_id: str) -> bool:
 
 
 def succeed(session: Session, job_id: str, model: TunedModel, best: dict,
-            stopped_early: bool) -> None:
-    session.add(model)
-    session.execute(update(Job).where(Job.id == job_id).values(
-        status=JobStatus.SUCCEEDED, finished_at=utcnow(), model_id=model.id, best=best,
-        stopped_early=stopped_early, error=None, step=0))
+            stopped_early: bool) -> bool:
+    """Record the model and end the job; False (and nothing written) if it is no longer ours
+    to finish, e.g. cancelled in the last moment."""
+    done = session.execute(update(Job).where(Job.id == job_id, Job.status == JobStatus.RUNNING)
+                           .values(status=JobStatus.SUCCEEDED, finished_at=utcnow(),
+                                   model_id=model.id, best=best, stopped_early=stopped_early,
+                                   error=None, step=0)).rowcount
+    if done:
+        session.add(model)
+    return bool(done)
 
 
 def finish(session: Session, job_id: str, status: str, *, error: str | None) -> None:

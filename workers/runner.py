@@ -12,7 +12,8 @@ from models.errors import DatasetError, TrainingCancelled
 from models.spec import parse_spec
 from models.training.checkpoint import CHECKPOINT_NAME
 from service.db.session import Database
-from service.db.tables import JobStatus, TunedModel, new_id
+from service.db.tables import JobStatus, TunedModel
+from service.ids import new_id
 from service.storage import Storage
 from workers import job_state
 from workers.failures import describe_failure
@@ -57,22 +58,51 @@ class ProgressReporter:
         return self._cancelled
 
 
+class JobHeartbeat:
+    """Keeps the job's heartbeat fresh while it runs, including long stretches without batch
+    callbacks (feature caching, evaluation), so it is never mistaken for abandoned."""
+
+    def __init__(self, db: Database, job_id: str, interval_s: float) -> None:
+        self.db, self.job_id, self.interval_s = db, job_id, interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"job-{job_id[:8]}", daemon=True)
+
+    def __enter__(self) -> JobHeartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                with self.db.session() as session:
+                    job_state.beat(session, self.job_id)
+            except Exception as exc:  # a missed beat is not fatal; the next one may succeed
+                log.warning("job %s heartbeat failed: %s", self.job_id, exc)
+
+
 class JobRunner:
     def __init__(self, db: Database, storage: Storage, *, worker_name: str,
-                 cancel_poll_s: float, shutdown: threading.Event | None = None) -> None:
+                 cancel_poll_s: float, heartbeat_s: float = 5.0, stale_after_s: float = 120.0,
+                 shutdown: threading.Event | None = None) -> None:
         self.db, self.storage, self.worker_name = db, storage, worker_name
-        self.cancel_poll_s = cancel_poll_s
+        self.cancel_poll_s, self.heartbeat_s = cancel_poll_s, heartbeat_s
+        self.stale_after_s = stale_after_s
         self.shutdown = shutdown or threading.Event()
 
     def run(self, job_id: str) -> str:
         """Run the job to its end and return its final status (or "skipped")."""
         with self.db.session() as session:
-            job = job_state.claim(session, job_id, self.worker_name)
+            job = job_state.claim(session, job_id, self.worker_name, self.stale_after_s)
         if job is None:
-            log.info("job %s skipped: missing, finished or cancelled", job_id)
+            log.info("job %s skipped: missing, finished, cancelled or running elsewhere", job_id)
             return "skipped"
         try:
-            return self._train(job_id, job.spec, job.dataset_id)
+            with JobHeartbeat(self.db, job_id, self.heartbeat_s):
+                return self._train(job_id, job.spec, job.dataset_id)
         except TrainingCancelled:
             if self.shutdown.is_set():
                 with self.db.session() as session:
@@ -129,10 +159,15 @@ class JobRunner:
                      "train_seconds": round(result.seconds, 3)})
         try:
             with self.db.session() as session:
-                job_state.succeed(session, job_id, record, best, result.stopped_early)
+                recorded = job_state.succeed(session, job_id, record, best, result.stopped_early)
         except BaseException:
             shutil.rmtree(model_dir, ignore_errors=True)
             raise
+        if not recorded:
+            # Another worker took the job over (we were thought dead); its result stands.
+            shutil.rmtree(model_dir, ignore_errors=True)
+            log.warning("job %s is no longer ours to finish; model discarded", job_id)
+            return "superseded"
         self.storage.remove_job_files(job_id)
         log.info("job %s succeeded: model %s", job_id, model_id)
         return JobStatus.SUCCEEDED

@@ -36,7 +36,9 @@ def runner() -> JobRunner:
     storage.prepare()
     return JobRunner(Database(settings.resolved_database_url), storage,
                      worker_name=f"{socket.gethostname()}:{threading.get_native_id()}",
-                     cancel_poll_s=settings.cancel_poll_s, shutdown=SHUTDOWN)
+                     cancel_poll_s=settings.cancel_poll_s,
+                     heartbeat_s=settings.worker_heartbeat_s,
+                     stale_after_s=settings.job_stale_s, shutdown=SHUTDOWN)
 
 
 @shared_task(name=FINETUNE_TASK, acks_late=True, reject_on_worker_lost=True)

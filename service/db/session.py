@@ -61,13 +61,21 @@ class Database:
     def __init__(self, url: str, *, create: bool = True) -> None:
         self.url = url
         self.engine = make_engine(url)
+        self.tables_ready = False
         if create:
-            create_tables(self.engine)
+            self.ensure_tables()
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    def ensure_tables(self) -> None:
+        if not self.tables_ready:
+            create_tables(self.engine)
+            self.tables_ready = True
 
     @contextmanager
     def session(self) -> Iterator[Session]:
         """A session that commits on success and rolls back on error."""
+        # A database that was down at start-up gets its tables on first use.
+        self.ensure_tables()
         with self.sessions() as session:
             try:
                 yield session

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import uuid
 from datetime import UTC, datetime
 from typing import Any, ClassVar
 
 from sqlalchemy import JSON, Boolean, DateTime, ForeignKey, Integer, String, Text, TypeDecorator
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-
-def new_id() -> str:
-    return uuid.uuid4().hex
+from service.ids import new_id
 
 
 def utcnow() -> datetime:

@@ -8,20 +8,25 @@ taken from headers.
 
 from __future__ import annotations
 
+import gzip
+import lzma
 import re
 import shutil
 import stat
 import tarfile
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import IO
-from zlib import error as ZlibError
 
 from service.errors import InvalidInput
 
 CHUNK = 1 << 20
+MAX_HEADER_BYTES = 1 << 20  # a tar long-name or pax header larger than this is hostile
 _DRIVE = re.compile(r"^[A-Za-z]:")
+_ZIP_ERRORS = (zipfile.BadZipFile, zlib.error, lzma.LZMAError, EOFError, NotImplementedError,
+               UnicodeDecodeError, ValueError)
 
 
 @dataclass(frozen=True)
@@ -36,6 +41,7 @@ class ArchiveLimits:
 class Unpacked:
     kind: str
     files: int = 0
+    members: int = 0  # files, folders and metadata entries
     bytes: int = 0
 
 
@@ -55,6 +61,11 @@ def detect_kind(path: Path) -> str:
 
 def safe_member_path(name: str) -> PurePosixPath | None:
     """The member's relative path, None for the archive root; refuses anything escaping it."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidInput(f"archive entry {name.encode('utf-8', 'replace')!r} has a name that "
+                           "is not valid UTF-8; rename it") from exc
     cleaned = name.replace("\\", "/")
     if cleaned.startswith("/") or _DRIVE.match(cleaned):
         raise InvalidInput(f"archive entry {name!r} has an absolute path")
@@ -73,22 +84,35 @@ class _Writer:
         self.dest, self.limits, self.packed = dest, limits, max(packed_size, 1)
         self.result = Unpacked(kind)
 
-    def folder(self, rel: PurePosixPath) -> None:
-        (self.dest / rel).mkdir(parents=True, exist_ok=True)
+    def count_member(self, name: str) -> None:
+        self.result.members += 1
+        if self.result.members > self.limits.max_files:
+            raise InvalidInput(f"archive has more than {self.limits.max_files} entries "
+                               f"(at {name!r}; FTUNE_MAX_ARCHIVE_FILES)")
+
+    def folder(self, rel: PurePosixPath, name: str) -> None:
+        try:
+            (self.dest / rel).mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError) as exc:
+            raise InvalidInput(f"archive entry {name!r} clashes with a file of the same name"
+                               ) from exc
+        except OSError as exc:
+            raise InvalidInput(f"archive entry {name!r} cannot be stored: {exc.strerror}"
+                               ) from exc
 
     def file(self, rel: PurePosixPath, source: IO[bytes], name: str) -> None:
         self.result.files += 1
-        if self.result.files > self.limits.max_files:
-            raise InvalidInput(f"archive has more than {self.limits.max_files} files "
-                               "(FTUNE_MAX_ARCHIVE_FILES)")
         target = self.dest / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
+        self.folder(rel.parent, name)
         try:
             out = open(target, "xb")  # noqa: SIM115 - closed below
         except FileExistsError as exc:
             raise InvalidInput(f"archive entry {name!r} appears twice") from exc
         except (IsADirectoryError, NotADirectoryError) as exc:
             raise InvalidInput(f"archive entry {name!r} clashes with a folder of the same name"
+                               ) from exc
+        except OSError as exc:
+            raise InvalidInput(f"archive entry {name!r} cannot be stored: {exc.strerror}"
                                ) from exc
         with out:
             while chunk := source.read(CHUNK):
@@ -97,23 +121,52 @@ class _Writer:
                 out.write(chunk)
 
     def _check_size(self, name: str) -> None:
-        total = self.result.bytes
-        if total > self.limits.max_bytes:
-            raise InvalidInput(f"archive unpacks to more than {self.limits.max_bytes} bytes "
-                               f"(at {name!r}; FTUNE_MAX_EXTRACTED_MB)")
-        if (total > self.limits.ratio_grace_bytes
-                and total / self.packed > self.limits.max_ratio):
-            raise InvalidInput(f"archive expands more than {self.limits.max_ratio:.0f}× its "
-                               f"size (at {name!r}): refused as a decompression bomb")
+        check_expansion(self.result.bytes, self.packed, self.limits, f"at {name!r}")
+
+
+def check_expansion(total: int, packed: int, limits: ArchiveLimits, where: str) -> None:
+    if total > limits.max_bytes:
+        raise InvalidInput(f"archive unpacks to more than {limits.max_bytes} bytes "
+                           f"({where}; FTUNE_MAX_EXTRACTED_MB)")
+    if total > limits.ratio_grace_bytes and total / packed > limits.max_ratio:
+        raise InvalidInput(f"archive expands more than {limits.max_ratio:.0f}× its size "
+                           f"({where}): refused as a decompression bomb")
+
+
+class _CountingReader:
+    """Counts every byte tarfile reads (headers included) against the limits."""
+
+    def __init__(self, raw: IO[bytes], packed: int, limits: ArchiveLimits) -> None:
+        self.raw, self.packed, self.limits, self.total = raw, packed, limits, 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.raw.read(size)
+        self.total += len(data)
+        check_expansion(self.total, self.packed, self.limits, "in the tar stream")
+        return data
+
+
+class _BoundedTarInfo(tarfile.TarInfo):
+    """Refuses huge long-name and pax headers, which tarfile would read whole into memory."""
+
+    def _proc_member(self, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:  # type: ignore[override]
+        if self.type in _HEADER_TYPES and self.size > MAX_HEADER_BYTES:
+            raise InvalidInput(f"archive has a {self.size}-byte metadata header; refused")
+        return super()._proc_member(tarfile_)
+
+
+_HEADER_TYPES = (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE,
+                 tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE)
 
 
 def _unpack_zip(path: Path, writer: _Writer) -> None:
     try:
         archive = zipfile.ZipFile(path)
-    except zipfile.BadZipFile as exc:
+    except _ZIP_ERRORS as exc:
         raise InvalidInput(f"the zip archive is damaged or truncated: {exc}") from exc
     with archive:
         for info in archive.infolist():
+            writer.count_member(info.filename)
             rel = safe_member_path(info.filename)
             mode = info.external_attr >> 16
             if stat.S_ISLNK(mode):
@@ -123,44 +176,53 @@ def _unpack_zip(path: Path, writer: _Writer) -> None:
             if rel is None:
                 continue
             if info.is_dir():
-                writer.folder(rel)
+                writer.folder(rel, info.filename)
                 continue
             try:
                 with archive.open(info) as source:
                     writer.file(rel, source, info.filename)
-            except (zipfile.BadZipFile, EOFError, OSError) as exc:
+            except NotImplementedError as exc:
+                raise InvalidInput(f"archive entry {info.filename!r} uses a compression method "
+                                   f"we cannot read ({exc}); zip it again with Deflate") from exc
+            except _ZIP_ERRORS as exc:
                 raise InvalidInput(f"the zip archive is damaged at {info.filename!r}: {exc}"
                                    ) from exc
 
 
-def _unpack_tar(path: Path, writer: _Writer, mode: str) -> None:
-    try:
-        archive = tarfile.open(path, mode=mode)  # noqa: SIM115 - closed by the with below
-    except (tarfile.TarError, OSError, EOFError) as exc:
-        raise InvalidInput(f"the {writer.result.kind} archive is damaged or not a tar: {exc}"
-                           ) from exc
-    with archive:
+def _unpack_tar(path: Path, writer: _Writer, compressed: bool) -> None:
+    kind = writer.result.kind
+    with open(path, "rb") as raw:
+        stream = gzip.GzipFile(fileobj=raw, mode="rb") if compressed else raw
+        counted = _CountingReader(stream, writer.packed, writer.limits)
         try:
-            # Streamed member by member: a bomb is stopped as its bytes arrive.
-            for member in archive:
-                rel = safe_member_path(member.name)
-                if member.issym() or member.islnk():
-                    raise InvalidInput(f"archive entry {member.name!r} is a "
-                                       f"{'symbolic' if member.issym() else 'hard'} link")
-                if member.isdev() or member.isfifo():
-                    raise InvalidInput(f"archive entry {member.name!r} is a device or pipe")
-                if rel is None:
-                    continue
-                if member.isdir():
-                    writer.folder(rel)
-                elif member.isfile():
-                    source = archive.extractfile(member)
-                    if source is not None:
-                        writer.file(rel, source, member.name)
-                # pax/GNU metadata members carry no files and are skipped.
-        except (tarfile.TarError, EOFError, ZlibError, OSError) as exc:
-            raise InvalidInput(f"the {writer.result.kind} archive is damaged or truncated: {exc}"
-                               ) from exc
+            # Streamed member by member ("r|"): a bomb is stopped as its bytes arrive.
+            with tarfile.open(fileobj=counted, mode="r|",  # type: ignore[call-overload]
+                              tarinfo=_BoundedTarInfo) as archive:
+                while (member := archive.next()) is not None:
+                    archive.members.clear()  # stream mode would otherwise keep every header
+                    _tar_member(archive, member, writer)
+        except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile,
+                UnicodeDecodeError) as exc:
+            raise InvalidInput(f"the {kind} archive is damaged or truncated: {exc}") from exc
+
+
+def _tar_member(archive: tarfile.TarFile, member: tarfile.TarInfo, writer: _Writer) -> None:
+    writer.count_member(member.name)
+    rel = safe_member_path(member.name)
+    if member.issym() or member.islnk():
+        raise InvalidInput(f"archive entry {member.name!r} is a "
+                           f"{'symbolic' if member.issym() else 'hard'} link")
+    if member.isdev() or member.isfifo():
+        raise InvalidInput(f"archive entry {member.name!r} is a device or pipe")
+    if rel is None:
+        return
+    if member.isdir():
+        writer.folder(rel, member.name)
+    elif member.isfile():
+        source = archive.extractfile(member)
+        if source is not None:
+            writer.file(rel, source, member.name)
+    # Other types (sparse, contiguous) carry nothing an image folder needs and are skipped.
 
 
 def unpack(path: Path, dest: Path, limits: ArchiveLimits) -> Unpacked:
@@ -172,7 +234,7 @@ def unpack(path: Path, dest: Path, limits: ArchiveLimits) -> Unpacked:
         if kind == "zip":
             _unpack_zip(path, writer)
         else:
-            _unpack_tar(path, writer, "r|gz" if kind == "tar.gz" else "r|")
+            _unpack_tar(path, writer, compressed=kind == "tar.gz")
     except BaseException:
         shutil.rmtree(dest, ignore_errors=True)
         raise

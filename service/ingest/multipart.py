@@ -18,6 +18,7 @@ from starlette.requests import ClientDisconnect, Request
 from service.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
 
 MAX_FIELD_BYTES = 64 * 1024
+MAX_FIELDS = 32
 
 
 @dataclass
@@ -86,6 +87,8 @@ class _FormBuilder:
             raise InvalidInput("multipart part without a form-data name")
         self._name = options[b"name"].decode("utf-8", "replace")
         if b"filename" not in options:
+            if len(self.form.fields) >= MAX_FIELDS:
+                raise InvalidInput(f"too many form fields: at most {MAX_FIELDS}")
             return
         if self._name not in self.file_fields:
             raise InvalidInput(f"unexpected file field {self._name!r}; "
@@ -131,7 +134,7 @@ async def receive_multipart(request: Request, *, dest: Path, file_fields: set[st
     content_type, params = parse_options_header(request.headers.get("content-type", ""))
     if content_type != b"multipart/form-data" or b"boundary" not in params:
         raise UnsupportedMediaType("send the upload as multipart/form-data "
-                                   f"(got {content_type.decode() or 'no content type'})")
+                                   f"(got {content_type.decode('latin-1') or 'no content type'})")
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > max_bytes:
         raise PayloadTooLarge(f"upload of {int(declared)} bytes exceeds the limit of "

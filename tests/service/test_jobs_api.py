@@ -131,3 +131,12 @@ def test_cancel_queued_and_running_jobs(client, tiny_dataset, service_home):
                            files=[("files", ("good.png", _png_bytes()))])
     assert response.status_code == 200
     assert len(response.json()["predictions"][0]) == 3  # capped at the number of classes
+
+
+def test_ids_that_cannot_exist_are_404_and_numbers_must_be_finite(client, tiny_dataset):
+    for path in ("/v1/jobs/%00", "/v1/models/abc", "/v1/datasets/..%2F..%2Fetc"):
+        assert client.get(path).status_code == 404, path
+    response = client.post("/v1/jobs", content=b'{"dataset_id": "%s", "spec": {"early_stopping":'
+                           b' {"min_delta": Infinity}}}' % tiny_dataset["id"].encode(),
+                           headers={"content-type": "application/json"})
+    assert response.status_code == 422 and "finite" in response.json()["detail"]

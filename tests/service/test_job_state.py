@@ -1,0 +1,77 @@
+"""The worker's DB transitions on a real SQLite database: claims never double-run a job."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+
+from service.db.session import Database
+from service.db.tables import Dataset, Job, JobStatus, TunedModel, utcnow
+from service.jobs import cancel_job
+from workers import job_state
+
+
+@pytest.fixture
+def db(tmp_path):
+    database = Database(f"sqlite:///{tmp_path / 'jobs.db'}")
+    with database.session() as session:
+        session.add(Dataset(id="d" * 32, name="d", classes=["a", "b"], class_counts={},
+                            num_images=2, splits={}, warnings=[]))
+    yield database
+    database.dispose()
+
+
+def _job(db, **values) -> str:
+    with db.session() as session:
+        job = Job(dataset_id="d" * 32, spec={}, epochs=1, **values)
+        session.add(job)
+        session.flush()
+        return job.id
+
+
+def test_a_queued_job_is_claimed_once(db):
+    job_id = _job(db)
+    with db.session() as session:
+        assert job_state.claim(session, job_id, "w1", stale_after_s=60).status == "running"
+    with db.session() as session:
+        # A duplicate delivery while the first worker is alive must not run it again.
+        assert job_state.claim(session, job_id, "w2", stale_after_s=60) is None
+        assert session.get(Job, job_id).worker == "w1"
+
+
+def test_an_abandoned_running_job_is_taken_over(db):
+    job_id = _job(db, status=JobStatus.RUNNING, attempts=1,
+                  heartbeat_at=utcnow() - timedelta(seconds=600))
+    with db.session() as session:
+        job = job_state.claim(session, job_id, "w2", stale_after_s=60)
+        assert job is not None and job.attempts == 2 and job.worker == "w2"
+
+
+def test_cancel_wins_over_a_later_claim_and_a_cancelled_job_never_succeeds(db):
+    job_id = _job(db)
+    with db.session() as session:
+        assert cancel_job(session, job_id=job_id).status == "cancelled"
+    with db.session() as session:
+        assert job_state.claim(session, job_id, "w1", stale_after_s=60) is None
+    with db.session() as session:
+        model = TunedModel(id="m" * 32, job_id=job_id, dataset_id="d" * 32, backbone="x",
+                           classes=[], metrics={}, spec={})
+        assert job_state.succeed(session, job_id, model, {}, False) is False
+    with db.session() as session:
+        assert session.get(Job, job_id).status == "cancelled"
+        assert session.get(TunedModel, "m" * 32) is None
+
+
+def test_epoch_rows_are_written_once_per_epoch(db):
+    job_id = _job(db, status=JobStatus.RUNNING)
+    with db.session() as session:
+        job_state.record_epoch(session, job_id, {"epoch": 1, "train_loss": 2.0})
+    with db.session() as session:  # a resumed attempt reports epoch 1 again
+        job_state.record_epoch(session, job_id, {"epoch": 1, "train_loss": 1.5})
+        job_state.record_epoch(session, job_id, {"epoch": 2, "train_loss": 1.0})
+    from service.jobs import epoch_rows
+
+    with db.session() as session:
+        assert [r["epoch"] for r in epoch_rows(session, job_id)] == [1, 2]
+        assert session.get(Job, job_id).epoch == 2
