@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from datetime import datetime
 from pathlib import Path
 
 import httpx
@@ -63,12 +64,19 @@ def wait_status(client: httpx.Client, job_id: str, statuses: set[str],
 def run_service(client: httpx.Client, archive: bytes) -> tuple[float, float]:
     started = time.perf_counter()
     dataset = client.post("/v1/datasets", files={"file": ("bench.tar.gz", archive)}).json()
+    uploaded = time.perf_counter()
     job = client.post("/v1/jobs", json={"dataset_id": dataset["id"], "spec": SPEC}).json()
     job = wait_status(client, job["id"], {"succeeded", "failed", "cancelled"}, 0.1)
     elapsed = time.perf_counter() - started
     if job["status"] != "succeeded":
         raise SystemExit(f"service job ended {job['status']}: {job['error']}")
     model = client.get(f"/v1/models/{job['model_id']}").json()
+    stamps = {k: datetime.fromisoformat(job[k]) for k in ("created_at", "started_at",
+                                                           "finished_at")}
+    print(f"  service run: upload_s={uploaded - started:.2f} "
+          f"queued_s={(stamps['started_at'] - stamps['created_at']).total_seconds():.2f} "
+          f"running_s={(stamps['finished_at'] - stamps['started_at']).total_seconds():.2f} "
+          f"fit_s={model['metrics']['train_seconds']:.2f} wall_s={elapsed:.2f}", flush=True)
     return elapsed, model["metrics"]["train_seconds"]
 
 
@@ -78,7 +86,9 @@ def run_direct(folder: Path, spec_file: Path, out: Path) -> tuple[float, float]:
                     str(spec_file), "--out", str(out), "--no-progress"], check=True,
                    cwd=ROOT, stdout=subprocess.DEVNULL)
     elapsed = time.perf_counter() - started
-    return elapsed, json.loads((out / "config.json").read_text())["train_seconds"]
+    fit_s = json.loads((out / "config.json").read_text())["train_seconds"]
+    print(f"  direct run: fit_s={fit_s:.2f} wall_s={elapsed:.2f}", flush=True)
+    return elapsed, fit_s
 
 
 def submit_latency(client: httpx.Client, dataset_id: str, n: int) -> list[float]:
@@ -95,7 +105,7 @@ def submit_latency(client: httpx.Client, dataset_id: str, n: int) -> list[float]
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--per-class", type=int, default=160)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--latency-samples", type=int, default=10)
     args = parser.parse_args()
 
@@ -112,12 +122,13 @@ def main() -> None:
     try:
         with httpx.Client(base_url=url, timeout=120) as client:
             for i in range(args.repeats):
-                wall, fit_s = run_service(client, archive)
-                service_s.append(wall)
-                service_fit.append(fit_s)
-                wall, fit_s = run_direct(folder, spec_file, work / f"direct-{i}")
-                direct_s.append(wall)
-                direct_fit.append(fit_s)
+                # Alternate which goes first, so drifting machine load hits both alike.
+                runs = [("service", lambda: run_service(client, archive)),
+                        ("direct", lambda i=i: run_direct(folder, spec_file, work / f"d{i}"))]
+                for name, run in runs if i % 2 == 0 else runs[::-1]:
+                    wall, fit_s = run()
+                    (service_s if name == "service" else direct_s).append(wall)
+                    (service_fit if name == "service" else direct_fit).append(fit_s)
             tiny = client.post("/v1/datasets", files={"file": ("t.tar.gz", archive)}).json()
             latencies = submit_latency(client, tiny["id"], args.latency_samples)
     finally:

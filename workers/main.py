@@ -7,6 +7,8 @@ import os
 import socket
 import uuid
 
+from celery.signals import worker_ready
+
 from service.db.session import Database
 from service.settings import Settings
 from workers.celery_app import TRAINING_QUEUE, make_celery
@@ -23,7 +25,8 @@ def run_worker(settings: Settings, *, device: str | None = None, name: str | Non
     app = make_celery(settings)
     node = name or f"ftune-{uuid.uuid4().hex[:6]}@{socket.gethostname()}"
     heartbeat = Heartbeat(settings.broker_url, node, settings.worker_heartbeat_s)
-    heartbeat.start()
+    # Counted as live only once Celery consumes from the queue, not while it starts up.
+    worker_ready.connect(lambda **_: heartbeat.start(), weak=False)
     try:
         # threads pool, concurrency 1: the job runs in a thread of this process, never in a
         # forked child, so CUDA initialised here stays valid; the main thread keeps talking
