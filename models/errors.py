@@ -24,6 +24,10 @@ class DatasetError(FineTuneError):
     pass
 
 
+class ArchiveError(DatasetError):
+    """An archive that cannot be unpacked safely (damaged, hostile or over a limit)."""
+
+
 class NonFiniteLossError(FineTuneError):
     pass
 

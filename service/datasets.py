@@ -12,12 +12,12 @@ from pathlib import Path
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from models.data.archives import ArchiveLimits, unpack
 from models.data.discover import ImageFolderIndex, scan_image_folder
 from models.errors import DatasetError
 from service.db.tables import Dataset, Job, JobStatus
 from service.errors import Conflict, InvalidInput, NotFound
 from service.ids import is_id, new_id
-from service.ingest.archives import ArchiveLimits, unpack
 from service.storage import Storage
 
 log = logging.getLogger(__name__)

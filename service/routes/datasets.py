@@ -5,6 +5,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Request, Response
 from starlette.concurrency import run_in_threadpool
 
+from models.data.archives import ArchiveLimits
 from service.context import AppContext, get_context
 from service.datasets import (
     dataset_view,
@@ -15,7 +16,6 @@ from service.datasets import (
     list_datasets,
 )
 from service.errors import InvalidInput
-from service.ingest.archives import ArchiveLimits
 from service.ingest.multipart import receive_multipart
 from service.schemas import DatasetOut
 

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from models.data.discover import scan_image_folder
+from models.data.discover import inspect_dataset, scan_image_folder
 from models.data.images import open_rgb
 from models.data.split import stratified_split
 from models.errors import DatasetError
@@ -17,6 +17,14 @@ def _image(path, mode="RGB", size=(12, 10)):
     return path
 
 
+def _finding(report, code: str) -> dict:
+    found = [f for f in report.to_dict()["errors"] + report.to_dict()["warnings"]
+             + report.to_dict()["info"] if f["code"] == code]
+    assert found, f"no {code} in {[f.code for f in report.findings]}"
+    assert found[0]["action"], "every finding says what to do"
+    return found[0]
+
+
 def test_class_folders_hidden_files_and_junk(tmp_path):
     root = tmp_path / "data"
     for cls in ("cat", "dog"):
@@ -28,13 +36,19 @@ def test_class_folders_hidden_files_and_junk(tmp_path):
     _image(root / "dog" / ".hidden.png")
     (root / "dog" / "notes.txt").write_text("hello")
     (root / "dog" / "broken.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
+    (root / "Thumbs.db").write_bytes(b"junk")
+    _image(root / "__MACOSX" / "cat" / "._0.png")
     index = scan_image_folder(root)
     assert index.classes == ["cat", "dog"]
     assert len(index.train) == 7 and index.val is None
     skipped = dict(index.skipped)
-    assert skipped["dog/notes.txt"] == "not an image file"
-    assert skipped["dog/broken.jpg"].startswith("cannot decode")
-    assert not any(".hidden" in p or "ipynb" in p for p in skipped)
+    assert list(skipped) == ["dog/broken.jpg"] and skipped["dog/broken.jpg"].startswith("cannot")
+    report = inspect_dataset(root).report
+    assert report.ignored == {"hidden": 5, "not an image": 1}
+    ignored = {i["path"]: i["reason"] for i in _finding(report, "ignored_files")["items"]}
+    assert ignored["dog/notes.txt"] == "not an image"
+    assert ignored[".ipynb_checkpoints/x/0.png"] == ignored["__MACOSX/cat/._0.png"] == "hidden"
+    assert _finding(report, "corrupt_files")["items"][0]["path"] == "dog/broken.jpg"
 
 
 def test_train_val_layout_under_one_top_folder(tmp_path):
@@ -49,12 +63,18 @@ def test_train_val_layout_under_one_top_folder(tmp_path):
     assert {s.label for s in index.val} == {0, 1}
 
 
-def test_val_class_missing_from_train_is_an_error(tmp_path):
-    for split, classes in (("train", ("a", "b")), ("val", ("a", "c"))):
+def test_val_class_missing_from_train_is_a_warning_and_left_out(tmp_path):
+    for split, classes in (("train", ("a", "b")), ("val", ("a", "c")), ("test", ("b",))):
         for cls in classes:
-            _image(tmp_path / split / cls / "0.png")
-    with pytest.raises(DatasetError, match="missing from train"):
-        scan_image_folder(tmp_path)
+            for i in range(2):
+                _image(tmp_path / split / cls / f"{i}.png")
+    inspection = inspect_dataset(tmp_path)
+    index, report = inspection.index, inspection.report
+    assert index.classes == ["a", "b"] and len(index.val) == 2 and len(index.test) == 2
+    assert report.ok
+    assert _finding(report, "classes_missing_from_train")["items"] == ["val/c"]
+    assert _finding(report, "val_missing_classes")["items"] == ["b"]
+    assert _finding(report, "test_missing_classes")["items"] == ["a"]
 
 
 @pytest.mark.parametrize("classes", [[], ["only"]])
@@ -62,16 +82,20 @@ def test_fewer_than_two_classes(tmp_path, classes):
     tmp_path.joinpath("x.txt").write_text("nothing")
     for cls in classes:
         _image(tmp_path / cls / "0.png")
-    with pytest.raises(DatasetError, match="at least 2 class"):
+    with pytest.raises(DatasetError, match="at least 2 classes"):
         scan_image_folder(tmp_path)
 
 
 def test_class_left_empty_by_unreadable_images(tmp_path):
     _image(tmp_path / "good" / "0.png")
+    _image(tmp_path / "good" / "1.png")
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "0.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
-    with pytest.raises(DatasetError, match=r"no usable images: \['bad'\].*bad/0.png"):
+    with pytest.raises(DatasetError, match=r"1 class\(es\) have fewer than 2 usable"):
         scan_image_folder(tmp_path)
+    report = inspect_dataset(tmp_path).report
+    assert _finding(report, "too_few_images")["items"] == [{"class": "bad", "images": 0}]
+    assert _finding(report, "corrupt_files")["items"][0]["path"] == "bad/0.png"
 
 
 def test_missing_folder(tmp_path):

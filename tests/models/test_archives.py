@@ -9,8 +9,8 @@ import zipfile
 
 import pytest
 
-from service.errors import InvalidInput
-from service.ingest.archives import ArchiveLimits, detect_kind, safe_member_path, unpack
+from models.data.archives import ArchiveLimits, detect_kind, safe_member_path, unpack
+from models.errors import ArchiveError
 from tests.archives import tar_folder, tar_with, zip_members
 
 ROOMY = ArchiveLimits(max_bytes=10 << 20, max_files=1000)
@@ -30,7 +30,7 @@ def test_safe_member_path_normalises(name, expected):
 @pytest.mark.parametrize("name", ["../a.png", "cats/../../a.png", "/abs/a.png", "\\\\server\\a",
                                   "C:\\windows\\a.png", "d:/a.png", "cats/a\x00.png"])
 def test_safe_member_path_refuses_escapes(name):
-    with pytest.raises(InvalidInput):
+    with pytest.raises(ArchiveError):
         safe_member_path(name)
 
 
@@ -44,7 +44,7 @@ def test_detect_kind_reads_bytes_not_names(tmp_path, tiny_folder):
     assert detect_kind(_write(tmp_path, zip_members({"a/b": b"x"}))) == "zip"
     assert detect_kind(_write(tmp_path, tar_folder(tiny_folder))) == "tar.gz"
     assert detect_kind(_write(tmp_path, tar_folder(tiny_folder, mode="w"))) == "tar"
-    with pytest.raises(InvalidInput, match="empty"):
+    with pytest.raises(ArchiveError, match="empty"):
         detect_kind(_write(tmp_path, b""))
 
 
@@ -54,16 +54,16 @@ def test_zip_bomb_is_stopped_while_writing(tmp_path):
         archive.writestr("cats/zeros.png", b"\0" * (80 << 20))  # 80 MB of zeros, ~80 kB packed
     dest = tmp_path / "out"
     limits = ArchiveLimits(max_bytes=1 << 40, max_files=10)
-    with pytest.raises(InvalidInput, match="decompression bomb"):
+    with pytest.raises(ArchiveError, match="decompression bomb"):
         unpack(_write(tmp_path, buffer.getvalue()), dest, limits)
     assert not dest.exists()
 
 
 def test_size_and_count_limits(tmp_path):
     payload = zip_members({f"c/{i}.png": b"x" * 100 for i in range(20)})
-    with pytest.raises(InvalidInput, match="more than 5 entries"):
+    with pytest.raises(ArchiveError, match="more than 5 entries"):
         unpack(_write(tmp_path, payload), tmp_path / "a", ArchiveLimits(1 << 20, max_files=5))
-    with pytest.raises(InvalidInput, match="unpacks to more than 1000 bytes"):
+    with pytest.raises(ArchiveError, match="unpacks to more than 1000 bytes"):
         unpack(_write(tmp_path, payload), tmp_path / "b", ArchiveLimits(1000, max_files=100))
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
@@ -74,9 +74,9 @@ def test_duplicate_and_clashing_members_are_refused(tmp_path):
     with zipfile.ZipFile(buffer, "w") as archive:
         archive.writestr("c/a.png", b"1")
         archive.writestr("c/a.png", b"2")
-    with pytest.raises(InvalidInput, match="appears twice"):
+    with pytest.raises(ArchiveError, match="appears twice"):
         unpack(_write(tmp_path, buffer.getvalue()), tmp_path / "d", ROOMY)
-    with pytest.raises(InvalidInput, match="clashes"):
+    with pytest.raises(ArchiveError, match="clashes"):
         unpack(_write(tmp_path, zip_members({"c": b"file", "c/a.png": b"x"})), tmp_path / "e",
                ROOMY)
 
@@ -85,7 +85,7 @@ def test_an_archive_of_folders_only_is_empty(tmp_path):
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w") as archive:
         archive.writestr(zipfile.ZipInfo("cats/"), b"")
-    with pytest.raises(InvalidInput, match="no files"):
+    with pytest.raises(ArchiveError, match="no files"):
         unpack(_write(tmp_path, buffer.getvalue()), tmp_path / "f", ROOMY)
     assert not (tmp_path / "f").exists()
 
@@ -111,7 +111,7 @@ def _gnu_longname_bomb(size: int) -> bytes:
 def test_huge_tar_metadata_headers_are_refused_before_being_read(tmp_path):
     payload = _gnu_longname_bomb(50 << 20)  # 50 MB of name: refused at the header
     assert len(payload) < 200_000
-    with pytest.raises(InvalidInput, match="metadata header"):
+    with pytest.raises(ArchiveError, match="metadata header"):
         unpack(_write(tmp_path, payload), tmp_path / "h", ROOMY)
 
 
@@ -122,7 +122,7 @@ def test_names_that_are_not_utf8_are_refused(tmp_path):
     with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT,
                       encoding="latin-1", errors="surrogateescape") as archive:
         archive.addfile(info, io.BytesIO(b"x"))
-    with pytest.raises(InvalidInput, match="not valid UTF-8"):
+    with pytest.raises(ArchiveError, match="not valid UTF-8"):
         unpack(_write(tmp_path, buffer.getvalue()), tmp_path / "i", ROOMY)
 
 
@@ -132,7 +132,7 @@ def test_folders_count_against_the_entry_limit(tmp_path):
         folder = tarfile.TarInfo(f"d{i}")
         folder.type = tarfile.DIRTYPE
         entries.append(folder)
-    with pytest.raises(InvalidInput, match="more than 10 entries"):
+    with pytest.raises(ArchiveError, match="more than 10 entries"):
         unpack(_write(tmp_path, tar_with(entries)), tmp_path / "j",
                ArchiveLimits(1 << 20, max_files=10))
 
@@ -144,6 +144,6 @@ def test_corrupt_compressed_zip_data_is_422(tmp_path):
     data = bytearray(buffer.getvalue())
     start = 30 + len("c/a.png")  # local header, then the deflate stream
     data[start:start + 40] = b"\xff" * 40
-    with pytest.raises(InvalidInput, match="damaged"):
+    with pytest.raises(ArchiveError, match="damaged"):
         unpack(_write(tmp_path, bytes(data)), tmp_path / "k", ROOMY)
     assert not (tmp_path / "k").exists()

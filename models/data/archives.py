@@ -1,6 +1,7 @@
 """Recognise and unpack zip and tar archives without trusting anything inside them.
 
-Kinds come from magic bytes, not file names. Every member name is checked (no absolute paths,
+Used by the service for uploads and by ``ftune train ARCHIVE``. Kinds come from magic bytes,
+not file names. Every member name is checked (no absolute paths,
 drive letters or ``..``); only regular files and folders are accepted (links and devices are
 refused); sizes, counts and the compression ratio are enforced while bytes are written, not
 taken from headers.
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import IO
 
-from service.errors import InvalidInput
+from models.errors import ArchiveError
 
 CHUNK = 1 << 20
 MAX_HEADER_BYTES = 1 << 20  # a tar long-name or pax header larger than this is hostile
@@ -49,14 +50,14 @@ def detect_kind(path: Path) -> str:
     with open(path, "rb") as f:
         head = f.read(512)
     if not head:
-        raise InvalidInput("the uploaded file is empty")
+        raise ArchiveError("the uploaded file is empty")
     if head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
         return "zip"
     if head.startswith(b"\x1f\x8b"):
         return "tar.gz"
     if len(head) >= 262 and head[257:262] == b"ustar":
         return "tar"
-    raise InvalidInput("the upload is not a zip, tar or tar.gz archive (checked by its content)")
+    raise ArchiveError("the upload is not a zip, tar or tar.gz archive (checked by its content)")
 
 
 def safe_member_path(name: str) -> PurePosixPath | None:
@@ -64,16 +65,16 @@ def safe_member_path(name: str) -> PurePosixPath | None:
     try:
         name.encode("utf-8")
     except UnicodeEncodeError as exc:
-        raise InvalidInput(f"archive entry {name.encode('utf-8', 'replace')!r} has a name that "
+        raise ArchiveError(f"archive entry {name.encode('utf-8', 'replace')!r} has a name that "
                            "is not valid UTF-8; rename it") from exc
     cleaned = name.replace("\\", "/")
     if cleaned.startswith("/") or _DRIVE.match(cleaned):
-        raise InvalidInput(f"archive entry {name!r} has an absolute path")
+        raise ArchiveError(f"archive entry {name!r} has an absolute path")
     parts = [p for p in cleaned.split("/") if p not in ("", ".")]
     if ".." in parts:
-        raise InvalidInput(f"archive entry {name!r} points outside the archive (..)")
+        raise ArchiveError(f"archive entry {name!r} points outside the archive (..)")
     if any("\x00" in p for p in parts):
-        raise InvalidInput(f"archive entry {name!r} has a NUL byte in its name")
+        raise ArchiveError(f"archive entry {name!r} has a NUL byte in its name")
     return PurePosixPath(*parts) if parts else None
 
 
@@ -87,17 +88,17 @@ class _Writer:
     def count_member(self, name: str) -> None:
         self.result.members += 1
         if self.result.members > self.limits.max_files:
-            raise InvalidInput(f"archive has more than {self.limits.max_files} entries "
+            raise ArchiveError(f"archive has more than {self.limits.max_files} entries "
                                f"(at {name!r}; FTUNE_MAX_ARCHIVE_FILES)")
 
     def folder(self, rel: PurePosixPath, name: str) -> None:
         try:
             (self.dest / rel).mkdir(parents=True, exist_ok=True)
         except (FileExistsError, NotADirectoryError) as exc:
-            raise InvalidInput(f"archive entry {name!r} clashes with a file of the same name"
+            raise ArchiveError(f"archive entry {name!r} clashes with a file of the same name"
                                ) from exc
         except OSError as exc:
-            raise InvalidInput(f"archive entry {name!r} cannot be stored: {exc.strerror}"
+            raise ArchiveError(f"archive entry {name!r} cannot be stored: {exc.strerror}"
                                ) from exc
 
     def file(self, rel: PurePosixPath, source: IO[bytes], name: str) -> None:
@@ -107,12 +108,12 @@ class _Writer:
         try:
             out = open(target, "xb")  # noqa: SIM115 - closed below
         except FileExistsError as exc:
-            raise InvalidInput(f"archive entry {name!r} appears twice") from exc
+            raise ArchiveError(f"archive entry {name!r} appears twice") from exc
         except (IsADirectoryError, NotADirectoryError) as exc:
-            raise InvalidInput(f"archive entry {name!r} clashes with a folder of the same name"
+            raise ArchiveError(f"archive entry {name!r} clashes with a folder of the same name"
                                ) from exc
         except OSError as exc:
-            raise InvalidInput(f"archive entry {name!r} cannot be stored: {exc.strerror}"
+            raise ArchiveError(f"archive entry {name!r} cannot be stored: {exc.strerror}"
                                ) from exc
         with out:
             while chunk := source.read(CHUNK):
@@ -126,10 +127,10 @@ class _Writer:
 
 def check_expansion(total: int, packed: int, limits: ArchiveLimits, where: str) -> None:
     if total > limits.max_bytes:
-        raise InvalidInput(f"archive unpacks to more than {limits.max_bytes} bytes "
+        raise ArchiveError(f"archive unpacks to more than {limits.max_bytes} bytes "
                            f"({where}; FTUNE_MAX_EXTRACTED_MB)")
     if total > limits.ratio_grace_bytes and total / packed > limits.max_ratio:
-        raise InvalidInput(f"archive expands more than {limits.max_ratio:.0f}× its size "
+        raise ArchiveError(f"archive expands more than {limits.max_ratio:.0f}× its size "
                            f"({where}): refused as a decompression bomb")
 
 
@@ -151,7 +152,7 @@ class _BoundedTarInfo(tarfile.TarInfo):
 
     def _proc_member(self, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:  # type: ignore[override]
         if self.type in _HEADER_TYPES and self.size > MAX_HEADER_BYTES:
-            raise InvalidInput(f"archive has a {self.size}-byte metadata header; refused")
+            raise ArchiveError(f"archive has a {self.size}-byte metadata header; refused")
         return super()._proc_member(tarfile_)
 
 
@@ -163,16 +164,16 @@ def _unpack_zip(path: Path, writer: _Writer) -> None:
     try:
         archive = zipfile.ZipFile(path)
     except _ZIP_ERRORS as exc:
-        raise InvalidInput(f"the zip archive is damaged or truncated: {exc}") from exc
+        raise ArchiveError(f"the zip archive is damaged or truncated: {exc}") from exc
     with archive:
         for info in archive.infolist():
             writer.count_member(info.filename)
             rel = safe_member_path(info.filename)
             mode = info.external_attr >> 16
             if stat.S_ISLNK(mode):
-                raise InvalidInput(f"archive entry {info.filename!r} is a symbolic link")
+                raise ArchiveError(f"archive entry {info.filename!r} is a symbolic link")
             if info.flag_bits & 0x1:
-                raise InvalidInput(f"archive entry {info.filename!r} is encrypted")
+                raise ArchiveError(f"archive entry {info.filename!r} is encrypted")
             if rel is None:
                 continue
             if info.is_dir():
@@ -182,10 +183,10 @@ def _unpack_zip(path: Path, writer: _Writer) -> None:
                 with archive.open(info) as source:
                     writer.file(rel, source, info.filename)
             except NotImplementedError as exc:
-                raise InvalidInput(f"archive entry {info.filename!r} uses a compression method "
+                raise ArchiveError(f"archive entry {info.filename!r} uses a compression method "
                                    f"we cannot read ({exc}); zip it again with Deflate") from exc
             except _ZIP_ERRORS as exc:
-                raise InvalidInput(f"the zip archive is damaged at {info.filename!r}: {exc}"
+                raise ArchiveError(f"the zip archive is damaged at {info.filename!r}: {exc}"
                                    ) from exc
 
 
@@ -203,17 +204,17 @@ def _unpack_tar(path: Path, writer: _Writer, compressed: bool) -> None:
                     _tar_member(archive, member, writer)
         except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile,
                 UnicodeDecodeError) as exc:
-            raise InvalidInput(f"the {kind} archive is damaged or truncated: {exc}") from exc
+            raise ArchiveError(f"the {kind} archive is damaged or truncated: {exc}") from exc
 
 
 def _tar_member(archive: tarfile.TarFile, member: tarfile.TarInfo, writer: _Writer) -> None:
     writer.count_member(member.name)
     rel = safe_member_path(member.name)
     if member.issym() or member.islnk():
-        raise InvalidInput(f"archive entry {member.name!r} is a "
+        raise ArchiveError(f"archive entry {member.name!r} is a "
                            f"{'symbolic' if member.issym() else 'hard'} link")
     if member.isdev() or member.isfifo():
-        raise InvalidInput(f"archive entry {member.name!r} is a device or pipe")
+        raise ArchiveError(f"archive entry {member.name!r} is a device or pipe")
     if rel is None:
         return
     if member.isdir():
@@ -240,5 +241,5 @@ def unpack(path: Path, dest: Path, limits: ArchiveLimits) -> Unpacked:
         raise
     if writer.result.files == 0:
         shutil.rmtree(dest, ignore_errors=True)
-        raise InvalidInput("the archive holds no files")
+        raise ArchiveError("the archive holds no files")
     return writer.result

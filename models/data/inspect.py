@@ -1,0 +1,58 @@
+"""Per-file facts for a dataset check: content hash, pixel size, and whether it decodes.
+
+The pixel count is read from the header and checked before anything is decoded, so a
+decompression bomb costs nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+
+DEFAULT_MAX_PIXELS = 89_478_485  # PIL's own default: about 9459 × 9459
+
+
+def max_image_pixels() -> int:
+    return int(os.environ.get("FTUNE_MAX_IMAGE_PIXELS", DEFAULT_MAX_PIXELS))
+
+
+@dataclass(frozen=True)
+class FileFacts:
+    sha256: str | None
+    width: int = 0
+    height: int = 0
+    error: str | None = None  # why the file cannot be used; None when it can
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def inspect_image(path: Path, max_pixels: int | None = None) -> FileFacts:
+    limit = max_pixels or max_image_pixels()
+    try:
+        digest = file_sha256(path)
+    except OSError as exc:
+        return FileFacts(None, error=f"cannot read: {exc.strerror or exc}")
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+            if width * height > limit:
+                return FileFacts(digest, width, height,
+                                 f"too many pixels ({width}×{height} > {limit}); downscale it")
+            if image.format == "JPEG":
+                image.draft("RGB", (64, 64))  # decode at reduced scale: still reads every byte
+            image.load()
+    except Image.DecompressionBombError as exc:
+        return FileFacts(digest, error=f"too many pixels ({exc})")
+    except Exception as exc:  # PIL raises many types for damaged files
+        return FileFacts(digest, error=f"cannot decode: {type(exc).__name__}: {exc}")
+    return FileFacts(digest, width, height)

@@ -1,0 +1,218 @@
+"""The dataset lint report: what is in the data, what is wrong with it, and what to do.
+
+Errors block training (and an upload); warnings never do. Every finding carries an action.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from models.data.discover import Listing
+    from models.data.inspect import FileFacts
+
+MAX_ITEMS = 20  # listed per finding; the count says how many there are in all
+IMBALANCE_WARNING = 10.0
+SMALL_SIDE = 32
+EXTREME_ASPECT = 5.0
+
+
+@dataclass
+class Finding:
+    code: str
+    severity: str  # "error" | "warning" | "info"
+    message: str
+    action: str
+    count: int = 0
+    items: list = field(default_factory=list)
+
+
+@dataclass
+class LintReport:
+    layout: str
+    classes: list[str]
+    splits: dict[str, dict[str, int]]  # split -> class -> usable images
+    imbalance_ratio: float | None
+    ignored: dict[str, int]  # reason -> files
+    findings: list[Finding] = field(default_factory=list)
+
+    @property
+    def errors(self) -> list[Finding]:
+        return [f for f in self.findings if f.severity == "error"]
+
+    @property
+    def warnings(self) -> list[Finding]:
+        return [f for f in self.findings if f.severity == "warning"]
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+    @property
+    def num_images(self) -> int:
+        return sum(sum(counts.values()) for counts in self.splits.values())
+
+    def to_dict(self) -> dict:
+        by = defaultdict(list)
+        for finding in self.findings:
+            by[finding.severity].append(asdict(finding))
+        return {"ok": self.ok, "layout": self.layout, "classes": self.classes,
+                "num_classes": len(self.classes), "num_images": self.num_images,
+                "splits": {s: {"images": sum(c.values()), "per_class": c}
+                           for s, c in self.splits.items()},
+                "imbalance_ratio": self.imbalance_ratio, "ignored": self.ignored,
+                "errors": by["error"], "warnings": by["warning"], "info": by["info"]}
+
+
+def _add(findings: list[Finding], code: str, severity: str, message: str, action: str,
+         items: list | None = None) -> None:
+    items = items or []
+    findings.append(Finding(code, severity, message, action, len(items), items[:MAX_ITEMS]))
+
+
+def build_report(listing: Listing, facts: list[FileFacts], classes: list[str], *,
+                 min_per_class: int, checked: bool) -> LintReport:
+    findings: list[Finding] = []
+    pairs = list(zip(listing.candidates, facts, strict=True))
+    usable = [(c, f) for c, f in pairs if f.error is None]
+    counts = {split: {cls: 0 for cls in (classes if split == "train" else
+                                         [n for n in names if n in classes])}
+              for split, names in listing.declared.items()}
+    for cand, _ in usable:
+        if cand.cls in counts.get(cand.split, {}):
+            counts[cand.split][cand.cls] += 1
+
+    for code, message, items in listing.problems:
+        blocking = code in ("manifest_invalid", "val_without_train")
+        action = {"manifest_invalid": "Write labels.csv with a header line 'path,label' "
+                                      "(optionally ',split') and one row per image.",
+                  "val_without_train": "Put the training images under train/<class>/.",
+                  }.get(code, "Fix or remove these rows; the files they name were not used.")
+        _add(findings, code, "error" if blocking else "warning", message, action, items)
+
+    _structure_errors(findings, listing, facts, classes, counts, min_per_class, checked)
+    corrupt = [{"path": c.rel, "reason": f.error} for c, f in pairs if f.error is not None]
+    if corrupt:
+        _add(findings, "corrupt_files", "warning",
+             f"{len(corrupt)} file(s) could not be used and were skipped",
+             "Re-export or remove them; each entry gives the reason.", corrupt)
+    _duplicates(findings, usable)
+    _names(findings, listing, classes)
+    _sizes(findings, usable)
+
+    train = counts.get("train", {})
+    nonzero = [n for n in train.values() if n]
+    ratio = round(max(nonzero) / min(nonzero), 2) if nonzero else None
+    if ratio is not None and ratio >= IMBALANCE_WARNING:
+        smallest = sorted(train, key=train.get)[:5]
+        _add(findings, "imbalance", "warning",
+             f"classes are imbalanced: the largest has {ratio:g}× the images of the smallest",
+             "Collect more images of the small classes (listed), or expect them to be "
+             "predicted less often.", [{"class": c, "images": train[c]} for c in smallest])
+    for split in ("val", "test"):
+        if split not in counts:
+            continue
+        missing = [c for c in classes if counts[split].get(c, 0) == 0]
+        if missing:
+            _add(findings, f"{split}_missing_classes", "warning",
+                 f"{split}/ has no images of {len(missing)} class(es)",
+                 f"Add {split} images of these classes; their {split} metrics are missing.",
+                 missing)
+    ignored = dict(Counter(reason for _, reason in listing.ignored))
+    if listing.ignored:
+        summary = ", ".join(f"{n} {reason}" for reason, n in ignored.items())
+        _add(findings, "ignored_files", "info",
+             f"{len(listing.ignored)} file(s) ignored ({summary})",
+             "Nothing to do unless some of them are images that should be used: give them "
+             "an image extension and put them in a class folder.",
+             [{"path": p, "reason": r} for p, r in listing.ignored])
+    return LintReport(listing.layout, classes, counts, ratio, ignored, findings)
+
+
+def _structure_errors(findings: list[Finding], listing: Listing, facts: list[FileFacts],
+                      classes: list[str], counts: dict[str, dict[str, int]],
+                      min_per_class: int, checked: bool) -> None:
+    if len(classes) < 2:
+        _add(findings, "too_few_classes", "error",
+             f"need at least 2 classes, found {len(classes)}"
+             f"{' (' + ', '.join(classes) + ')' if classes else ''}",
+             "Put each class's images in its own folder: DATA/<class>/<images> or "
+             "DATA/train/<class>/..., or list them in labels.csv.")
+    if listing.candidates and checked and all(f.error is not None for f in facts):
+        _add(findings, "nothing_decodable", "error", "none of the images could be decoded",
+             "Check that the files are real images (JPEG, PNG, BMP, GIF, WebP, TIFF).")
+    few = [{"class": c, "images": n} for c, n in counts.get("train", {}).items()
+           if n < min_per_class]
+    if few and len(classes) >= 2:
+        _add(findings, "too_few_images", "error",
+             f"{len(few)} class(es) have fewer than {min_per_class} usable training images",
+             f"Add images so each class has at least {min_per_class}, or remove the class "
+             "folder.", few)
+    unknown = sorted({f"{c.split}/{c.cls}" for c in listing.candidates
+                      if c.split != "train" and c.cls not in classes})
+    if unknown:
+        _add(findings, "classes_missing_from_train", "warning",
+             f"{len(unknown)} class(es) appear in val/test but not in train; their images "
+             "are not used", "Add training images of these classes, or remove them from "
+             "val/test.", unknown)
+
+
+def _duplicates(findings: list[Finding], usable: list) -> None:
+    by_hash = defaultdict(list)
+    for cand, fact in usable:
+        if fact.sha256:
+            by_hash[fact.sha256].append(cand)
+    groups = [g for g in by_hash.values() if len(g) > 1]
+    same_split = [[c.rel for c in g] for g in groups
+                  if len({c.split for c in g}) == 1 and len({c.cls for c in g}) == 1]
+    leaks = [[c.rel for c in g] for g in groups
+             if "train" in {c.split for c in g} and len({c.split for c in g}) > 1]
+    conflicts = [[f"{c.rel} ({c.cls})" for c in g] for g in groups if len({c.cls for c in g}) > 1]
+    if same_split:
+        _add(findings, "duplicates", "warning",
+             f"{sum(len(g) - 1 for g in same_split)} exact duplicate file(s) in "
+             f"{len(same_split)} group(s)",
+             "Keep one copy of each: duplicates over-weight those images.", same_split)
+    if leaks:
+        _add(findings, "leakage", "warning",
+             f"{len(leaks)} image(s) are in train and also in val/test",
+             "Remove them from one side, or validation scores will be too optimistic.", leaks)
+    if conflicts:
+        _add(findings, "conflicting_labels", "warning",
+             f"{len(conflicts)} identical image(s) carry different labels",
+             "Decide on one label for each and remove the other copies.", conflicts)
+
+
+def _names(findings: list[Finding], listing: Listing, classes: list[str]) -> None:
+    names = set(classes)
+    for declared in listing.declared.values():
+        names.update(declared)
+    groups = defaultdict(set)
+    for name in names:
+        groups[name.strip().casefold()].add(name)
+    similar = [sorted(g) for g in groups.values() if len(g) > 1]
+    if similar:
+        _add(findings, "similar_class_names", "warning",
+             f"{len(similar)} group(s) of class names differ only by case or spaces, and "
+             "are treated as different classes",
+             "Merge each group into one folder (or one label) if they mean the same thing.",
+             similar)
+
+
+def _sizes(findings: list[Finding], usable: list) -> None:
+    small = [{"path": c.rel, "size": [f.width, f.height]} for c, f in usable
+             if f.width and min(f.width, f.height) < SMALL_SIDE]
+    stretched = [{"path": c.rel, "size": [f.width, f.height]} for c, f in usable
+                 if f.width and max(f.width, f.height) / min(f.width, f.height) > EXTREME_ASPECT]
+    if small:
+        _add(findings, "small_images", "warning",
+             f"{len(small)} image(s) are smaller than {SMALL_SIDE} px on a side",
+             "They are upscaled for training and carry little detail; use larger originals "
+             "if you have them.", small)
+    if stretched:
+        _add(findings, "extreme_aspect_ratio", "warning",
+             f"{len(stretched)} image(s) are more than {EXTREME_ASPECT:g}× wider than tall or "
+             "the reverse", "The centre crop drops most of them; crop them to the subject.",
+             stretched)
