@@ -37,6 +37,7 @@ bench: $(STAMP)
 	$(PY) bench/train_throughput.py
 	$(PY) bench/transfer_accuracy.py
 	$(PY) bench/service_overhead.py
+	$(PY) bench/upload_memory.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -58,6 +58,7 @@ def bundle_config(result: FitResult) -> dict:
         "best_metrics": result.best_metrics,
         "stopped_early": result.stopped_early,
         "epochs_run": len(result.history),
+        "dataset_hash": result.dataset_hash,
         "num_train": result.num_train,
         "num_val": result.num_val,
         "skipped": [{"path": p, "reason": r} for p, r in result.skipped],

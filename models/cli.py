@@ -5,9 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shutil
 import sys
-from collections.abc import Callable
+import tempfile
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from models.errors import FineTuneError
@@ -53,8 +57,9 @@ def build_parser(*extra_commands: CommandAdder) -> argparse.ArgumentParser:
 
 
 def add_engine_commands(sub: argparse._SubParsersAction) -> None:
-    train = sub.add_parser("train", help="fine-tune a backbone on an image folder")
-    train.add_argument("data", help="DATA/<class>/<images> or DATA/train|val/<class>/...")
+    train = sub.add_parser("train", help="fine-tune a backbone on an image folder or archive")
+    train.add_argument("data", help="folder or zip/tar/tar.gz: DATA/<class>/<images>, "
+                       "DATA/train|val|test/<class>/..., or labels.csv with the images")
     train.add_argument("--spec", help="fine-tuning spec (JSON file); defaults for missing fields")
     train.add_argument("--out", required=True, help="folder for the tuned model (must not exist)")
     train.add_argument("--checkpoint-dir", help="per-epoch checkpoints (default: OUT.partial)")
@@ -69,6 +74,13 @@ def add_engine_commands(sub: argparse._SubParsersAction) -> None:
     predict.add_argument("--top-k", type=int, default=5)
     predict.add_argument("--json", action="store_true", help="print JSON")
     predict.set_defaults(run=_predict)
+
+    lint = sub.add_parser("lint", help="check a dataset folder or archive; exit 2 on errors")
+    lint.add_argument("data")
+    lint.add_argument("--min-per-class", type=int, default=2,
+                      help="fewest training images a class may have (default 2)")
+    lint.add_argument("--json", action="store_true", help="print the whole report as JSON")
+    lint.set_defaults(run=_lint)
 
     backbones = sub.add_parser("backbones", help="list backbones with offline pretrained weights")
     backbones.add_argument("--json", action="store_true", help="print JSON")
@@ -114,17 +126,18 @@ def _train(args: argparse.Namespace) -> int:
             bar = None
         print(_format_row(row, spec.epochs), flush=True)
 
-    try:
-        result = fit(args.data, spec, checkpoint_dir=ckpt_dir, resume=args.resume,
-                     callbacks=Callbacks(on_epoch_end=on_epoch, on_batch_end=on_batch),
-                     device=args.device)
-    except BaseException:
-        if bar is not None:
-            bar.close()
-        if ckpt_dir.exists():
-            print(f"checkpoints kept in {ckpt_dir} (continue with --resume {ckpt_dir})",
-                  file=sys.stderr)
-        raise
+    with dataset_folder(args.data, near=out) as data:
+        try:
+            result = fit(data, spec, checkpoint_dir=ckpt_dir, resume=args.resume,
+                         callbacks=Callbacks(on_epoch_end=on_epoch, on_batch_end=on_batch),
+                         device=args.device)
+        except BaseException:
+            if bar is not None:
+                bar.close()
+            if ckpt_dir.exists():
+                print(f"checkpoints kept in {ckpt_dir} (continue with --resume {ckpt_dir})",
+                      file=sys.stderr)
+            raise
     for path, reason in result.skipped:
         print(f"skipped {path}: {reason}", file=sys.stderr)
     save_bundle(result, out)
@@ -135,6 +148,49 @@ def _train(args: argparse.Namespace) -> int:
           f"val_loss={_fmt(best.get('val_loss'))}"
           f"{' (stopped early)' if result.stopped_early else ''}; model written to {out}")
     return 0
+
+
+@contextmanager
+def dataset_folder(data: str, near: Path) -> Iterator[Path]:
+    """DATA itself when it is a folder; an archive is unpacked (safely) next to ``near`` and
+    removed afterwards."""
+    path = Path(data)
+    if path.is_dir() or not path.exists():
+        yield path
+        return
+    from models.data.archives import ArchiveLimits, unpack
+
+    limits = ArchiveLimits(
+        max_bytes=int(float(os.environ.get("FTUNE_MAX_EXTRACTED_MB", 20480)) * 2**20),
+        max_files=int(os.environ.get("FTUNE_MAX_ARCHIVE_FILES", 500_000)))
+    near.parent.mkdir(parents=True, exist_ok=True)
+    folder = near.parent / f".{near.name}.data-{uuid.uuid4().hex[:8]}"
+    try:
+        unpack(path, folder, limits)
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _lint(args: argparse.Namespace) -> int:
+    from models.data.discover import inspect_dataset
+
+    with (tempfile.TemporaryDirectory(prefix="ftune-lint-") as scratch,
+          dataset_folder(args.data, near=Path(scratch) / "data") as data):
+        report = inspect_dataset(data, min_per_class=args.min_per_class).report
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+        return 0 if report.ok else 2
+    print(f"{report.layout}: {len(report.classes)} classes, {report.num_images} images "
+          f"({', '.join(f'{s} {sum(c.values())}' for s, c in report.splits.items())}); "
+          f"imbalance {report.imbalance_ratio}")
+    for finding in report.findings:
+        print(f"{finding.severity:7} {finding.code}: {finding.message}\n        → {finding.action}")
+        for item in finding.items[:5]:
+            print(f"          {item}")
+        if finding.count > 5:
+            print(f"          … {finding.count - 5} more (--json lists up to 20)")
+    return 0 if report.ok else 2
 
 
 def _fmt(value: float | None) -> str:

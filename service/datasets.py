@@ -6,24 +6,23 @@ import logging
 import os
 import re
 import shutil
-from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from models.data.archives import ArchiveLimits, unpack
-from models.data.discover import ImageFolderIndex, scan_image_folder
-from models.errors import DatasetError
+from models.data.discover import inspect_dataset
+from models.data.lint import LintReport
 from service.db.tables import Dataset, Job, JobStatus
-from service.errors import Conflict, InvalidInput, NotFound
+from service.errors import Conflict, DatasetRejected, InvalidInput, NotFound
 from service.ids import is_id, new_id
 from service.storage import Storage
 
 log = logging.getLogger(__name__)
 
 MAX_NAME = 200
-IMBALANCE_WARNING = 10.0  # largest class / smallest class
 
 
 def clean_name(name: str | None, filename: str | None) -> str:
@@ -38,56 +37,60 @@ def clean_name(name: str | None, filename: str | None) -> str:
     return stem or "dataset"
 
 
-def _counts(index: ImageFolderIndex) -> dict[str, dict[str, int]]:
-    counts = {"train": dict(Counter(index.classes[s.label] for s in index.train))}
-    if index.val is not None:
-        val = Counter(index.classes[s.label] for s in index.val)
-        counts["val"] = {c: val.get(c, 0) for c in index.classes}
-    return counts
-
-
-def _warnings(index: ImageFolderIndex, counts: dict[str, dict[str, int]]) -> list[str]:
-    warnings = []
-    if index.skipped:
-        examples = "; ".join(f"{path}: {reason}" for path, reason in index.skipped[:5])
-        warnings.append(f"{len(index.skipped)} file(s) skipped (not images or not decodable), "
-                        f"e.g. {examples}. Remove or fix them if they should be used.")
-    train = counts["train"]
-    largest, smallest = max(train.values()), min(train.values())
-    if smallest and largest / smallest >= IMBALANCE_WARNING:
-        warnings.append(f"classes are imbalanced: {largest} vs {smallest} training images "
-                        f"({largest / smallest:.0f}:1); collect more of the small classes.")
-    if "val" in counts:
-        empty = [c for c, n in counts["val"].items() if n == 0]
-        if empty:
-            warnings.append(f"val/ has no images of {empty}; their validation metrics will be "
-                            "missing.")
-    return warnings
-
-
 def _folder_size(folder: Path) -> int:
     return sum(entry.stat().st_size for entry in folder.rglob("*") if entry.is_file())
 
 
+@dataclass(frozen=True)
+class DatasetChecks:
+    limits: ArchiveLimits
+    min_per_class: int
+    max_pixels: int
+
+
+def _find_same_content(session: Session, content_hash: str | None) -> Dataset | None:
+    if content_hash is None:
+        return None
+    return session.scalar(select(Dataset).where(Dataset.content_hash == content_hash)
+                          .order_by(Dataset.created_at).limit(1))
+
+
+def _summary(report: LintReport) -> str:
+    problems = "; ".join(f"{e.message}. {e.action}" for e in report.errors)
+    return f"the dataset cannot be used: {problems}"
+
+
 def ingest_archive(session: Session, storage: Storage, *, archive: Path, filename: str | None,
-                   name: str | None, limits: ArchiveLimits) -> Dataset:
-    """Unpack, scan and record a dataset. A rejected archive leaves nothing behind."""
+                   name: str | None, checks: DatasetChecks,
+                   dedupe: bool = True) -> tuple[Dataset, bool]:
+    """Unpack, check and record a dataset; returns it and whether it is new.
+
+    With ``dedupe``, content already stored returns the existing dataset. A rejected archive
+    leaves nothing behind; an existing dataset is never touched.
+    """
     dataset_name = clean_name(name, filename)
     dataset_id = new_id()
     staging = storage.datasets / f".{dataset_id}.staging"
     try:
-        unpack(archive, staging, limits)
-        try:
-            index = scan_image_folder(staging)
-        except DatasetError as exc:
-            raise InvalidInput(str(exc).replace(str(staging), "the archive")) from exc
-        counts = _counts(index)
+        unpack(archive, staging, checks.limits)
+        inspection = inspect_dataset(staging, min_per_class=checks.min_per_class,
+                                     max_pixels=checks.max_pixels)
+        report, index = inspection.report, inspection.index
+        if not report.ok:
+            raise DatasetRejected(_summary(report), report.to_dict())
+        existing = _find_same_content(session, index.content_hash) if dedupe else None
+        if existing is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+            return existing, False
         dataset = Dataset(
-            id=dataset_id, name=dataset_name, classes=index.classes, class_counts=counts,
-            num_images=len(index.train) + len(index.val or []),
-            splits={"train": len(index.train),
-                    "val": None if index.val is None else len(index.val)},
-            warnings=_warnings(index, counts), size_bytes=_folder_size(staging))
+            id=dataset_id, name=dataset_name, classes=index.classes,
+            class_counts=report.splits, num_images=report.num_images,
+            # val null: no val split, one is held out at training time (spec.val_fraction).
+            splits={"val": None, **{split: sum(counts.values())
+                                    for split, counts in report.splits.items()}},
+            warnings=[f"{w.message}. {w.action}" for w in report.warnings],
+            size_bytes=_folder_size(staging), content_hash=index.content_hash,
+            report=report.to_dict())
         os.rename(staging, storage.dataset_dir(dataset_id))
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -98,7 +101,7 @@ def ingest_archive(session: Session, storage: Storage, *, archive: Path, filenam
     except BaseException:
         shutil.rmtree(storage.dataset_dir(dataset_id), ignore_errors=True)
         raise
-    return dataset
+    return dataset, True
 
 
 def get_dataset(session: Session, dataset_id: str) -> Dataset:
@@ -138,5 +141,5 @@ def dataset_view(dataset: Dataset) -> dict:
         "id": dataset.id, "name": dataset.name, "created_at": dataset.created_at,
         "classes": dataset.classes, "num_images": dataset.num_images, "splits": dataset.splits,
         "class_counts": dataset.class_counts, "warnings": dataset.warnings,
-        "size_bytes": dataset.size_bytes,
+        "size_bytes": dataset.size_bytes, "content_hash": dataset.content_hash,
     }

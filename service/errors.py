@@ -48,6 +48,14 @@ class Unavailable(ServiceError):
     status_code = 503
 
 
+class DatasetRejected(InvalidInput):
+    """A dataset with blocking problems; the response carries the whole lint report."""
+
+    def __init__(self, detail: str, report: dict) -> None:
+        super().__init__(detail)
+        self.report = report
+
+
 def _json(status: int, detail: object) -> JSONResponse:
     return JSONResponse({"detail": detail}, status_code=status)
 
@@ -61,6 +69,8 @@ def _is_outage(exc: DBAPIError) -> bool:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ServiceError)
     async def _service(_: Request, exc: ServiceError) -> JSONResponse:
+        if isinstance(exc, DatasetRejected):
+            return JSONResponse({"detail": exc.detail, "report": exc.report}, status_code=422)
         return _json(exc.status_code, exc.detail)
 
     @app.exception_handler(SpecError)

@@ -21,6 +21,13 @@ class DatasetOut(BaseModel):
     class_counts: dict[str, dict[str, int]]
     warnings: list[str]
     size_bytes: int
+    content_hash: str | None = Field(description="same images with the same labels, same hash")
+
+
+class DatasetUploadOut(DatasetOut):
+    report: dict[str, Any] | None = Field(description="the lint report (also at .../report)")
+    deduplicated: bool = Field(description="true: this content was already uploaded, and the "
+                               "existing dataset is returned (200)")
 
 
 class JobIn(BaseModel):
@@ -60,6 +67,7 @@ class ModelOut(BaseModel):
     id: str
     job_id: str
     dataset_id: str
+    dataset_hash: str | None = Field(description="content hash of the dataset trained on")
     backbone: str
     classes: list[str]
     metrics: dict[str, Any]

@@ -24,6 +24,10 @@ class Settings(BaseSettings):
     max_upload_mb: float = Field(2048, gt=0, description="Largest dataset upload accepted.")
     max_extracted_mb: float = Field(20480, gt=0, description="Largest unpacked dataset.")
     max_archive_files: int = Field(500_000, ge=1, description="Most entries in one archive.")
+    min_images_per_class: int = Field(2, ge=1, description="Fewest training images a class "
+                                      "may have; fewer blocks the upload.")
+    max_image_pixels: int = Field(89_478_485, ge=1, description="Larger images are refused "
+                                  "before decoding (decompression bombs).")
     max_predict_images: int = Field(64, ge=1, description="Most images in one predict request.")
     max_predict_image_mb: float = Field(20, gt=0, description="Largest image accepted by predict.")
     predictor_cache_size: int = Field(4, ge=1, description="Tuned models kept loaded by the API.")

@@ -39,6 +39,7 @@ def list_models(session: Session, *, limit: int = 100) -> list[TunedModel]:
 
 def model_view(model: TunedModel) -> dict:
     return {"id": model.id, "job_id": model.job_id, "dataset_id": model.dataset_id,
+            "dataset_hash": model.dataset_hash,
             "backbone": model.backbone, "classes": model.classes, "metrics": model.metrics,
             "spec": model.spec, "created_at": model.created_at}
 

@@ -150,7 +150,8 @@ class JobRunner:
                 "val_accuracy": result.best_metrics.get("val_accuracy"),
                 "val_loss": result.best_metrics.get("val_loss")}
         record = TunedModel(
-            id=model_id, job_id=job_id, dataset_id=dataset_id, backbone=result.backbone,
+            id=model_id, job_id=job_id, dataset_id=dataset_id, dataset_hash=result.dataset_hash,
+            backbone=result.backbone,
             classes=result.classes, spec=spec.model_dump(mode="json"),
             metrics={"best_epoch": result.best_epoch, "best": result.best_metrics,
                      "stopped_early": result.stopped_early, "epochs_run": len(result.history),

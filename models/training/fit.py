@@ -75,6 +75,7 @@ class FitResult:
     num_train: int
     num_val: int
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    dataset_hash: str | None = None  # content hash of the data trained on
     seconds: float = 0.0
 
 
@@ -181,6 +182,7 @@ def fit(
                                                     "val_loss", "val_accuracy")},
         stopped_early=stopped_early, device=str(torch_device), precision=precision.name,
         num_train=len(train_samples), num_val=len(val_samples), skipped=index.skipped,
+        dataset_hash=index.content_hash,
         seconds=time.perf_counter() - started,
     )
 

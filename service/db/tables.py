@@ -58,6 +58,9 @@ class Dataset(Base):
     splits: Mapped[dict[str, Any]]  # {"train": n, "val": n | None}
     warnings: Mapped[list[Any]]
     size_bytes: Mapped[int] = mapped_column(default=0)
+    # Same images with the same labels give the same hash, whatever the archive's order.
+    content_hash: Mapped[str | None] = mapped_column(String(64), index=True)
+    report: Mapped[dict[str, Any] | None]  # the lint report
 
 
 class Job(Base):
@@ -103,6 +106,7 @@ class TunedModel(Base):
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"), unique=True)
     dataset_id: Mapped[str] = mapped_column(String(32), index=True)
+    dataset_hash: Mapped[str | None] = mapped_column(String(64))
     backbone: Mapped[str] = mapped_column(String(200))
     classes: Mapped[list[Any]]
     metrics: Mapped[dict[str, Any]]  # best epoch, its metrics, stopped_early, epochs run

@@ -2,12 +2,15 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi.encoders import jsonable_encoder
+from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from models.data.archives import ArchiveLimits
 from service.context import AppContext, get_context
 from service.datasets import (
+    DatasetChecks,
     dataset_view,
     delete_dataset,
     discard_dataset_files,
@@ -17,7 +20,7 @@ from service.datasets import (
 )
 from service.errors import InvalidInput
 from service.ingest.multipart import receive_multipart
-from service.schemas import DatasetOut
+from service.schemas import DatasetOut, DatasetUploadOut
 
 router = APIRouter(tags=["datasets"])
 Ctx = Annotated[AppContext, Depends(get_context)]
@@ -32,10 +35,18 @@ _UPLOAD_FORM = {"requestBody": {"required": True, "content": {"multipart/form-da
     }}}}}}
 
 
-@router.post("/datasets", status_code=201, response_model=DatasetOut,
-             openapi_extra=_UPLOAD_FORM)
-async def upload_dataset(request: Request, ctx: Ctx) -> dict:
-    """Upload an image-folder archive; it is streamed to disk, unpacked safely and checked."""
+@router.post("/datasets", status_code=201, response_model=DatasetUploadOut,
+             openapi_extra=_UPLOAD_FORM,
+             responses={200: {"description": "the same content was already uploaded"},
+                        413: {"description": "over FTUNE_MAX_UPLOAD_MB"},
+                        422: {"description": "not a usable dataset; the body has the report"}})
+async def upload_dataset(request: Request, ctx: Ctx,
+                         dedupe: Annotated[bool, Query()] = True) -> JSONResponse:
+    """Upload an archive (zip, tar, tar.gz) of an image-folder or labels.csv dataset.
+
+    Streamed to disk, unpacked safely, checked; the response carries the lint report.
+    Content uploaded before returns the existing dataset with 200 (``?dedupe=false``: a new
+    one)."""
     settings = ctx.settings
     form = await receive_multipart(request, dest=ctx.storage.uploads, file_fields={"file"},
                                    max_bytes=int(settings.max_upload_mb * 2**20))
@@ -43,15 +54,20 @@ async def upload_dataset(request: Request, ctx: Ctx) -> dict:
         files = form.files_named("file")
         if not files:
             raise InvalidInput("file: missing; send the archive as the multipart field 'file'")
-        limits = ArchiveLimits(max_bytes=int(settings.max_extracted_mb * 2**20),
-                               max_files=settings.max_archive_files)
+        checks = DatasetChecks(
+            limits=ArchiveLimits(max_bytes=int(settings.max_extracted_mb * 2**20),
+                                 max_files=settings.max_archive_files),
+            min_per_class=settings.min_images_per_class, max_pixels=settings.max_image_pixels)
 
-        def ingest() -> dict:
+        def ingest() -> JSONResponse:
             with ctx.db.session() as session:
-                dataset = ingest_archive(session, ctx.storage, archive=files[0].path,
-                                         filename=files[0].filename, name=form.fields.get("name"),
-                                         limits=limits)
-                return dataset_view(dataset)
+                dataset, created = ingest_archive(
+                    session, ctx.storage, archive=files[0].path, filename=files[0].filename,
+                    name=form.fields.get("name"), checks=checks, dedupe=dedupe)
+                body = {**dataset_view(dataset), "report": dataset.report,
+                        "deduplicated": not created}
+            return JSONResponse(jsonable_encoder(DatasetUploadOut.model_validate(body)),
+                                status_code=201 if created else 200)
 
         return await run_in_threadpool(ingest)
     finally:
@@ -68,6 +84,13 @@ def list_all(ctx: Ctx) -> list[dict]:
 def get_one(dataset_id: str, ctx: Ctx) -> dict:
     with ctx.db.session() as session:
         return dataset_view(get_dataset(session, dataset_id))
+
+
+@router.get("/datasets/{dataset_id}/report")
+def report(dataset_id: str, ctx: Ctx) -> dict:
+    """The lint report made at upload: counts, problems found, and what to do about them."""
+    with ctx.db.session() as session:
+        return get_dataset(session, dataset_id).report or {}
 
 
 @router.delete("/datasets/{dataset_id}", status_code=204)

@@ -140,3 +140,34 @@ def test_console_script_is_installed():
                          text=True).stdout
     names = {row["name"] for row in json.loads(out)}
     assert "tf_efficientnet_lite2" in names
+
+
+def test_cli_trains_from_an_archive_and_cleans_up(tiny_folder, tmp_path, capsys):
+    from tests.archives import tar_folder
+
+    archive = tmp_path / "data.tgz"
+    archive.write_bytes(tar_folder(tiny_folder, prefix="export/"))
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"epochs": 1, "image_size": 32}))
+    out = tmp_path / "runs" / "m"
+    assert main(["train", str(archive), "--spec", str(spec), "--out", str(out),
+                 "--no-progress"]) == 0
+    assert Predictor.load(out).classes == ["animal0", "animal1", "animal2"]
+    config = json.loads((out / "config.json").read_text())
+    assert len(config["dataset_hash"]) == 64
+    # The unpacked copy is gone: only the model is left.
+    assert sorted(p.name for p in out.parent.iterdir()) == ["m"]
+    bad = tmp_path / "bad.zip"
+    bad.write_bytes(b"PK\x03\x04 truncated")
+    assert main(["train", str(bad), "--out", str(tmp_path / "x")]) == 2
+    assert "damaged" in capsys.readouterr().err
+    assert not any(p.name.startswith(".x") for p in tmp_path.iterdir())
+
+
+def test_cli_lint_reports_and_sets_the_exit_code(tiny_folder, tmp_path, capsys):
+    assert main(["lint", str(tiny_folder)]) == 0
+    text = capsys.readouterr().out
+    assert "class_folders: 3 classes, 36 images" in text and "small_images" in text
+    assert main(["lint", str(tiny_folder), "--json", "--min-per-class", "13"]) == 2
+    report = json.loads(capsys.readouterr().out)
+    assert report["errors"][0]["code"] == "too_few_images" and report["errors"][0]["count"] == 3

@@ -78,6 +78,7 @@ def test_fine_tune_through_the_service(client, animal_folder, animal_heldout, tm
     model = client.get(f"/v1/models/{job['model_id']}").json()
     assert model["job_id"] == job["id"] and model["classes"] == dataset["classes"]
     assert model["backbone"] == "tf_efficientnet_lite0"
+    assert model["dataset_hash"] == dataset["content_hash"] and len(dataset["content_hash"]) == 64
     assert model["metrics"]["best_epoch"] == job["best"]["epoch"]
     assert model["id"] in {m["id"] for m in client.get("/v1/models").json()}
 
