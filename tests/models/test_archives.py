@@ -147,3 +147,17 @@ def test_corrupt_compressed_zip_data_is_422(tmp_path):
     with pytest.raises(ArchiveError, match="damaged"):
         unpack(_write(tmp_path, bytes(data)), tmp_path / "k", ROOMY)
     assert not (tmp_path / "k").exists()
+
+
+def test_tar_gz_bomb_is_stopped_while_reading_the_stream(tmp_path):
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w") as archive:
+        info = tarfile.TarInfo("cats/zeros.png")
+        info.size = 80 << 20
+        archive.addfile(info, io.BytesIO(b"\0" * info.size))
+    payload = gzip.compress(raw.getvalue(), compresslevel=9)
+    assert len(payload) < 200_000
+    dest = tmp_path / "out"
+    with pytest.raises(ArchiveError, match="decompression bomb"):
+        unpack(_write(tmp_path, payload), dest, ArchiveLimits(1 << 40, max_files=10))
+    assert not dest.exists()

@@ -96,6 +96,7 @@ def test_custom_name_is_validated(client, tiny_folder):
     (b"this is plainly not an archive" * 20, "not a zip, tar or tar.gz"),
     (b"\x1f\x8b\x08\x00garbage-after-gzip-magic", "damaged"),
     (zip_members({"a/b.txt": b"x"})[:40], "damaged"),
+    (b"PK\x05\x06" + b"\0" * 18, "no files"),  # a valid, empty zip
 ])
 def test_unreadable_uploads_are_422_and_leave_nothing(client, service_home, payload, needle):
     before = {p.name for p in (service_home / "datasets").iterdir()}
