@@ -108,6 +108,9 @@ class FineTuneSpec(_Strict):
     grad_clip_norm: float | None = Field(None, gt=0.0)
     augment: Literal["none", "light", "strong"] = "none"
     mixed_precision: Literal["auto", "off", "bf16", "fp16"] = "auto"
+    oom_retry: bool = Field(
+        True, description="The service retries a run that runs out of memory once, with half "
+        "the batch size (the job's events say so).")
 
     @model_validator(mode="after")
     def _warmup_fits(self) -> FineTuneSpec:

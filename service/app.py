@@ -2,16 +2,32 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import tempfile
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from starlette.concurrency import run_in_threadpool
 
 from service.context import AppContext
 from service.errors import install_error_handlers
+from service.reconciler import reconcile
 from service.routes import backbones, datasets, health, jobs, tuned_models
 from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+async def _reconcile_forever(ctx: AppContext) -> None:
+    """Repair lost and abandoned jobs now and every FTUNE_RECONCILE_INTERVAL_S."""
+    while True:
+        try:
+            await run_in_threadpool(reconcile, ctx.db, ctx.celery, ctx.redis, ctx.settings)
+        except Exception as exc:  # Redis or the DB down: try again next round
+            log.warning("reconciler skipped a round: %s", exc)
+        await asyncio.sleep(ctx.settings.reconcile_interval_s)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -22,7 +38,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        repairing = asyncio.create_task(_reconcile_forever(ctx))
         yield
+        repairing.cancel()
         ctx.db.dispose()
 
     app = FastAPI(title="ftune", version="0.1.0", lifespan=lifespan,

@@ -3,15 +3,17 @@ racing on the same job (cancel vs start) always agree on the outcome."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from models.spec import FineTuneSpec, SpecError, parse_spec
-from service.db.tables import Dataset, EpochMetrics, Job, JobStatus, utcnow
+from service.db.tables import Dataset, EpochMetrics, IdempotencyKey, Job, JobStatus, utcnow
 from service.errors import Conflict, InvalidInput, NotFound
+from service.events import add_event, status_event
 from service.ids import is_id
 
 
@@ -33,14 +35,16 @@ def validate_job_spec(payload: Any) -> FineTuneSpec:
     return spec
 
 
-def create_job(session: Session, *, dataset_id: str, spec_payload: Any) -> Job:
+def create_job(session: Session, *, dataset_id: str, spec_payload: Any, priority: int = 5,
+               max_runtime_s: int | None = None) -> Job:
     spec = validate_job_spec(spec_payload)
     if not is_id(dataset_id) or session.get(Dataset, dataset_id) is None:
         raise NotFound(f"dataset {dataset_id} not found")
     job = Job(dataset_id=dataset_id, spec=spec.model_dump(mode="json"), epochs=spec.epochs,
-              status=JobStatus.QUEUED)
+              status=JobStatus.QUEUED, priority=priority, max_runtime_s=max_runtime_s)
     session.add(job)
     session.flush()
+    status_event(session, job.id, JobStatus.QUEUED, priority=priority)
     return job
 
 
@@ -83,12 +87,48 @@ def cancel_job(session: Session, *, job_id: str) -> Job:
         session.refresh(job)
         if flagged_running or job.status in JobStatus.TERMINAL:
             break
+    if cancelled_queued:
+        status_event(session, job_id, JobStatus.CANCELLED, error="cancelled before it started")
+    elif flagged_running:
+        add_event(session, job_id, "note", message="cancel requested; stopping at the next batch")
     if job.status in (JobStatus.SUCCEEDED, JobStatus.FAILED):
         raise Conflict(f"job {job_id} already {job.status}; nothing to cancel")
     return job
 
 
-def job_view(job: Job, metrics: list[dict]) -> dict:
+def body_digest(body: dict) -> str:
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":"))
+                          .encode()).hexdigest()
+
+
+def replay_idempotent(session: Session, *, key: str, digest: str) -> Job | None:
+    """The job an earlier request with this key made; 409 if that request's body differed."""
+    if not key or len(key) > 200:
+        raise InvalidInput("Idempotency-Key must be 1 to 200 characters")
+    seen = session.get(IdempotencyKey, key)
+    if seen is None:
+        return None
+    if seen.body_sha256 != digest:
+        raise Conflict("Idempotency-Key was already used with a different request body")
+    return get_job(session, seen.job_id)
+
+
+def remember_idempotent(session: Session, *, key: str, digest: str, job_id: str) -> None:
+    session.add(IdempotencyKey(key=key, body_sha256=digest, job_id=job_id))
+
+
+def queue_position(session: Session, job: Job) -> int | None:
+    """1 for the next job a free worker takes; None unless queued."""
+    if job.status != JobStatus.QUEUED:
+        return None
+    ahead = session.scalar(select(func.count()).select_from(Job).where(
+        Job.status == JobStatus.QUEUED,
+        or_(Job.priority > job.priority,
+            and_(Job.priority == job.priority, Job.created_at < job.created_at))))
+    return int(ahead or 0) + 1
+
+
+def job_view(job: Job, metrics: list[dict], position: int | None = None) -> dict:
     return {
         "id": job.id,
         "dataset_id": job.dataset_id,
@@ -106,4 +146,7 @@ def job_view(job: Job, metrics: list[dict]) -> dict:
         "model_id": job.model_id,
         "cancel_requested": job.cancel_requested,
         "attempts": job.attempts,
+        "priority": job.priority,
+        "max_runtime_s": job.max_runtime_s,
+        "queue_position": position,
     }

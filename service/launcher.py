@@ -90,6 +90,10 @@ class Supervisor:
         log.info("started %s (pid %d)", name, process.pid)
         return child
 
+    def replace(self, child: Child, command: list[str], env: dict[str, str]) -> Child:
+        self.children.remove(child)
+        return self.start(child.name, command, env)
+
     def exited(self) -> Child | None:
         return next((c for c in self.children if c.process.poll() is not None), None)
 
@@ -175,9 +179,17 @@ def up(settings: Settings, *, workers: int = 1, host: str | None = None,
             "children": {c.name: c.process.pid for c in sup.children}}, indent=2))
         print(f"ftune is up: {url} (API docs at {url}/docs); data in {home}; Ctrl-C stops it",
               flush=True)
+        restarts: list[float] = []
         while True:
             dead = sup.exited()
-            if dead is not None:
+            if dead is not None and dead.name.startswith("worker") and len(
+                    [t for t in restarts if t > time.monotonic() - 60]) < 5:
+                # A worker killed (OOM, kill -9) is replaced; its job resumes from checkpoint.
+                print(f"{dead.name} exited with code {dead.process.returncode}; restarting it",
+                      file=sys.stderr, flush=True)
+                restarts.append(time.monotonic())
+                sup.replace(dead, [sys.executable, "-m", "service.cli", "worker"], env)
+            elif dead is not None:
                 raise LaunchError(f"{dead.name} exited unexpectedly with code "
                                   f"{dead.process.returncode}; stopping everything")
             time.sleep(0.5)

@@ -36,6 +36,10 @@ class JobIn(BaseModel):
     dataset_id: str
     spec: dict[str, Any] = Field(default_factory=dict,
                                  description="the engine's fine-tuning spec (see README)")
+    priority: int = Field(5, ge=0, le=9, description="9 runs first; equal priorities run in "
+                          "the order submitted")
+    max_runtime_s: int | None = Field(None, ge=1, description="fail the job if it runs longer "
+                                      "(the service's FTUNE_MAX_RUNTIME_S also applies)")
 
 
 class Progress(BaseModel):
@@ -61,6 +65,9 @@ class JobOut(BaseModel):
     model_id: str | None
     cancel_requested: bool
     attempts: int
+    priority: int
+    max_runtime_s: int | None
+    queue_position: int | None = Field(description="1: next to run; null unless queued")
 
 
 class ModelOut(BaseModel):

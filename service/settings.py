@@ -34,6 +34,14 @@ class Settings(BaseSettings):
     visibility_timeout_s: int = Field(
         7 * 24 * 3600, ge=60,
         description="Redis redelivers an unacknowledged job after this long; longer than any job.")
+    max_runtime_s: float = Field(7 * 24 * 3600, gt=0, description="Longest a job may run; "
+                                 "a job's own max_runtime_s may be lower.")
+    max_attempts: int = Field(3, ge=1, description="Runs of one job (worker deaths and "
+                              "transient errors) before it fails.")
+    retry_backoff_s: float = Field(5.0, ge=0, description="First wait before a transient "
+                                   "error is retried; doubles each time.")
+    reconcile_interval_s: float = Field(10.0, gt=0, description="How often the reconciler "
+                                        "looks for lost and abandoned jobs.")
     cancel_poll_s: float = Field(0.5, gt=0, description="How often a running job checks cancel.")
     worker_heartbeat_s: float = Field(5.0, gt=0, description="Worker and running-job heartbeat.")
     job_stale_s: float = Field(

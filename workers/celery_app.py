@@ -24,7 +24,10 @@ def make_celery(settings: Settings) -> Celery:
         worker_prefetch_multiplier=1,
         # Redis redelivers unacknowledged messages after this; it must outlast any job.
         broker_transport_options={"visibility_timeout": settings.visibility_timeout_s,
-                                  "socket_connect_timeout": 3},
+                                  "socket_connect_timeout": 3,
+                                  # Ten priority lists, served most urgent first, each FIFO.
+                                  "priority_steps": list(range(10)), "sep": ":",
+                                  "queue_order_strategy": "priority"},
         broker_connection_retry_on_startup=True,
         worker_cancel_long_running_tasks_on_connection_loss=False,
         worker_hijack_root_logger=False,

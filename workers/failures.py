@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import errno
+import gc
+
 import torch
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
 from models.errors import (
     DatasetError,
@@ -14,10 +18,43 @@ from models.errors import (
 )
 from models.spec import SpecError
 
+_TRANSIENT_ERRNOS = {errno.EIO, errno.EAGAIN, errno.ETIMEDOUT, errno.EBUSY, errno.ESTALE,
+                     errno.ECONNRESET, errno.ECONNREFUSED, errno.EINTR}
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and ("out of memory" in text
+                                              or "can't allocate memory" in text)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Infrastructure hiccups worth retrying; everything else fails at once."""
+    if isinstance(exc, (OperationalError, InterfaceError)):
+        return True
+    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+        return True
+    return isinstance(exc, OSError) and exc.errno in _TRANSIENT_ERRNOS
+
+
+def halved_batch_spec(spec: dict) -> dict | None:
+    """The spec with half the batch size, when it allows an out-of-memory retry; else None."""
+    if not spec.get("oom_retry", True) or spec["batch_size"] <= 1:
+        return None
+    # Once: the smaller run does not retry again.
+    return {**spec, "batch_size": spec["batch_size"] // 2, "oom_retry": False}
+
+
+def release_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
 
 def describe_failure(exc: BaseException) -> str:
-    if isinstance(exc, torch.OutOfMemoryError) or (
-            isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()):
+    if is_out_of_memory(exc) and not isinstance(exc, MemoryError):
         return ("out of GPU memory: lower batch_size or image_size, or freeze more layers "
                 "(freeze.strategy head_only or last_n_blocks)")
     if isinstance(exc, MemoryError):

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from sqlalchemy import and_, or_, update
+from sqlalchemy import and_, delete, or_, update
 from sqlalchemy.orm import Session
 
 from service.db.tables import EpochMetrics, Job, JobStatus, TunedModel, utcnow
+from service.events import add_event, status_event
 
 
 def claim(session: Session, job_id: str, worker: str, stale_after_s: float) -> Job | None:
@@ -35,7 +36,10 @@ def claim(session: Session, job_id: str, worker: str, stale_after_s: float) -> J
                 attempts=Job.attempts + 1, heartbeat_at=now, step=0, steps=0)).rowcount
     session.flush()
     session.refresh(job)
-    return job if claimed else None
+    if not claimed:
+        return None
+    status_event(session, job_id, JobStatus.RUNNING, attempt=job.attempts, worker=worker)
+    return job
 
 
 def beat(session: Session, job_id: str) -> None:
@@ -48,12 +52,17 @@ def record_epoch(session: Session, job_id: str, row: dict) -> None:
     session.merge(EpochMetrics(job_id=job_id, epoch=int(row["epoch"]), row=row))
     session.execute(update(Job).where(Job.id == job_id)
                     .values(epoch=int(row["epoch"]), step=0, heartbeat_at=utcnow()))
+    add_event(session, job_id, "epoch", **row)
 
 
-def record_progress(session: Session, job_id: str, step: int, steps: int) -> bool:
+def record_progress(session: Session, job_id: str, epoch: int, step: int, steps: int,
+                    loss: float, *, event: bool) -> bool:
     """Write batch progress; return whether a cancel was requested meanwhile."""
     session.execute(update(Job).where(Job.id == job_id)
                     .values(step=step, steps=steps, heartbeat_at=utcnow()))
+    if event:
+        add_event(session, job_id, "progress", epoch=epoch, step=step, steps=steps,
+                  loss=round(loss, 6))
     return bool(session.get(Job, job_id, populate_existing=True).cancel_requested)
 
 
@@ -72,15 +81,30 @@ def succeed(session: Session, job_id: str, model: TunedModel, best: dict,
                                    error=None, step=0)).rowcount
     if done:
         session.add(model)
+        status_event(session, job_id, JobStatus.SUCCEEDED, model_id=model.id)
     return bool(done)
 
 
 def finish(session: Session, job_id: str, status: str, *, error: str | None) -> None:
-    session.execute(update(Job).where(Job.id == job_id, Job.status.in_(JobStatus.ACTIVE))
-                    .values(status=status, finished_at=utcnow(), error=error))
+    ended = session.execute(update(Job).where(Job.id == job_id,
+                                              Job.status.in_(JobStatus.ACTIVE))
+                            .values(status=status, finished_at=utcnow(), error=error)).rowcount
+    if ended:
+        status_event(session, job_id, status, error=error)
 
 
-def requeue(session: Session, job_id: str) -> None:
-    """Back to queued (the worker is shutting down); the message goes back to the broker."""
-    session.execute(update(Job).where(Job.id == job_id, Job.status == JobStatus.RUNNING)
-                    .values(status=JobStatus.QUEUED, worker=None, step=0, steps=0))
+def requeue(session: Session, job_id: str, reason: str) -> bool:
+    """Back to queued, to resume from its checkpoint on the next worker."""
+    done = session.execute(update(Job).where(Job.id == job_id, Job.status == JobStatus.RUNNING)
+                           .values(status=JobStatus.QUEUED, worker=None, step=0,
+                                   steps=0)).rowcount
+    if done:
+        status_event(session, job_id, JobStatus.QUEUED, reason=reason)
+    return bool(done)
+
+
+def replace_spec(session: Session, job_id: str, spec: dict, message: str) -> None:
+    """The spec the job now runs with (e.g. a smaller batch after running out of memory)."""
+    session.execute(update(Job).where(Job.id == job_id).values(spec=spec, epoch=0, step=0))
+    session.execute(delete(EpochMetrics).where(EpochMetrics.job_id == job_id))
+    add_event(session, job_id, "note", message=message)

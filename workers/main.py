@@ -5,8 +5,11 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 import uuid
 
+import redis
+from celery import Celery
 from celery.signals import worker_ready
 
 from service.db.session import Database
@@ -17,6 +20,20 @@ from workers.heartbeat import Heartbeat
 log = logging.getLogger(__name__)
 
 
+def _reconcile_once(settings: Settings, app: Celery) -> None:
+    """At start-up, repair what the last crash left (also done periodically by the API)."""
+    from service.reconciler import reconcile
+
+    db = Database(settings.resolved_database_url)
+    try:
+        reconcile(db, app, redis.Redis.from_url(settings.broker_url, socket_connect_timeout=3),
+                  settings)
+    except Exception as exc:
+        log.warning("start-up reconcile skipped: %s", exc)
+    finally:
+        db.dispose()
+
+
 def run_worker(settings: Settings, *, device: str | None = None, name: str | None = None,
                loglevel: str = "INFO") -> None:
     if device:
@@ -25,8 +42,12 @@ def run_worker(settings: Settings, *, device: str | None = None, name: str | Non
     app = make_celery(settings)
     node = name or f"ftune-{uuid.uuid4().hex[:6]}@{socket.gethostname()}"
     heartbeat = Heartbeat(settings.broker_url, node, settings.worker_heartbeat_s)
-    # Counted as live only once Celery consumes from the queue, not while it starts up.
-    worker_ready.connect(lambda **_: heartbeat.start(), weak=False)
+    def on_ready(**_: object) -> None:
+        # Counted as live only once Celery consumes from the queue, not while it starts up.
+        heartbeat.start()
+        threading.Thread(target=_reconcile_once, args=(settings, app), daemon=True).start()
+
+    worker_ready.connect(on_ready, weak=False)
     try:
         # threads pool, concurrency 1: the job runs in a thread of this process, never in a
         # forked child, so CUDA initialised here stays valid; the main thread keeps talking

@@ -12,17 +12,19 @@ from models.errors import DatasetError, TrainingCancelled
 from models.spec import parse_spec
 from models.training.checkpoint import CHECKPOINT_NAME
 from service.db.session import Database
-from service.db.tables import JobStatus, TunedModel
+from service.db.tables import JobStatus, TunedModel, utcnow
 from service.ids import new_id
 from service.storage import Storage
 from workers import job_state
-from workers.failures import describe_failure
+from workers.failures import (
+    describe_failure,
+    halved_batch_spec,
+    is_out_of_memory,
+    is_transient,
+    release_memory,
+)
 
 log = logging.getLogger(__name__)
-
-class WorkerShuttingDown(Exception):
-    """The run stopped because the worker is stopping; the job goes back to the queue."""
-
 
 @dataclass
 class ProgressReporter:
@@ -32,8 +34,12 @@ class ProgressReporter:
     job_id: str
     poll_s: float
     shutdown: threading.Event
+    event_s: float = 2.0
+    deadline: float | None = None  # time.monotonic() after which the run is over its limit
     _last_write: float = 0.0
+    _last_event: float = 0.0
     _cancelled: bool = False
+    over_time: bool = False
 
     def on_epoch_end(self, row: dict) -> None:
         with self.db.session() as session:
@@ -44,10 +50,17 @@ class ProgressReporter:
         if now - self._last_write < self.poll_s and step < steps:
             return
         self._last_write = now
+        event = now - self._last_event >= self.event_s or step == steps
+        if event:
+            self._last_event = now
         with self.db.session() as session:
-            self._cancelled = job_state.record_progress(session, self.job_id, step, steps)
+            self._cancelled = job_state.record_progress(session, self.job_id, epoch, step,
+                                                        steps, loss, event=event)
 
     def should_stop(self) -> bool:
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            self.over_time = True
+            return True
         if self.shutdown.is_set() or self._cancelled:
             return True
         if time.monotonic() - self._last_write >= self.poll_s:
@@ -84,13 +97,34 @@ class JobHeartbeat:
                 log.warning("job %s heartbeat failed: %s", self.job_id, exc)
 
 
+class WorkerShuttingDown(Exception):
+    """The run stopped because the worker is stopping; the job goes back to the queue."""
+
+
+class RetryLater(Exception):
+    """A transient failure (database or storage hiccup): the job is queued again."""
+
+    def __init__(self, countdown_s: float) -> None:
+        super().__init__(f"retry in {countdown_s:.0f} s")
+        self.countdown_s = countdown_s
+
+
+@dataclass(frozen=True)
+class RunLimits:
+    max_runtime_s: float  # the service-wide cap; a job's own max_runtime_s may be lower
+    max_attempts: int
+    retry_backoff_s: float
+
+
 class JobRunner:
     def __init__(self, db: Database, storage: Storage, *, worker_name: str,
                  cancel_poll_s: float, heartbeat_s: float = 5.0, stale_after_s: float = 120.0,
+                 limits: RunLimits | None = None,
                  shutdown: threading.Event | None = None) -> None:
         self.db, self.storage, self.worker_name = db, storage, worker_name
         self.cancel_poll_s, self.heartbeat_s = cancel_poll_s, heartbeat_s
         self.stale_after_s = stale_after_s
+        self.limits = limits or RunLimits(7 * 24 * 3600, 3, 5.0)
         self.shutdown = shutdown or threading.Event()
 
     def run(self, job_id: str) -> str:
@@ -100,15 +134,23 @@ class JobRunner:
         if job is None:
             log.info("job %s skipped: missing, finished, cancelled or running elsewhere", job_id)
             return "skipped"
+        limit = min(self.limits.max_runtime_s, job.max_runtime_s or float("inf"))
+        used = (utcnow() - (job.started_at or utcnow())).total_seconds()
+        reporter = ProgressReporter(self.db, job_id, self.cancel_poll_s, self.shutdown,
+                                    deadline=time.monotonic() + limit - used)
         try:
             with JobHeartbeat(self.db, job_id, self.heartbeat_s):
-                return self._train(job_id, job.spec, job.dataset_id)
+                return self._train_with_oom_retry(job_id, job.spec, job.dataset_id, reporter)
         except TrainingCancelled:
+            if reporter.over_time:
+                return self._fail(job_id, f"exceeded its maximum run time of {limit:.0f} s "
+                                  "(max_runtime_s, FTUNE_MAX_RUNTIME_S); the last checkpoint "
+                                  "was discarded")
             if self.shutdown.is_set():
                 with self.db.session() as session:
                     handed_back = not job_state.cancel_requested(session, job_id)
                     if handed_back:
-                        job_state.requeue(session, job_id)
+                        job_state.requeue(session, job_id, "the worker stopped")
                 if handed_back:  # raised after the commit, not inside the transaction
                     log.info("job %s handed back: the worker is stopping", job_id)
                     raise WorkerShuttingDown(job_id) from None
@@ -119,14 +161,47 @@ class JobRunner:
             log.info("job %s cancelled", job_id)
             return JobStatus.CANCELLED
         except Exception as exc:
-            message = describe_failure(exc)
-            log.exception("job %s failed: %s", job_id, message)
-            with self.db.session() as session:
-                job_state.finish(session, job_id, JobStatus.FAILED, error=message)
-            self.storage.remove_job_files(job_id)
+            if is_transient(exc) and job.attempts < self.limits.max_attempts:
+                countdown = self.limits.retry_backoff_s * 2 ** (job.attempts - 1)
+                log.warning("job %s hit a transient error (%s); retrying in %.0f s", job_id,
+                            exc, countdown)
+                with self.db.session() as session:
+                    job_state.requeue(session, job_id, f"transient error, retrying in "
+                                      f"{countdown:.0f} s: {describe_failure(exc)}")
+                raise RetryLater(countdown) from exc
+            self._fail(job_id, describe_failure(exc), exc)
             raise
 
-    def _train(self, job_id: str, spec_json: dict, dataset_id: str) -> str:
+    def _fail(self, job_id: str, message: str, exc: BaseException | None = None) -> str:
+        if exc is not None:
+            log.error("job %s failed: %s", job_id, message, exc_info=exc)
+        with self.db.session() as session:
+            job_state.finish(session, job_id, JobStatus.FAILED, error=message)
+        self.storage.remove_job_files(job_id)
+        return JobStatus.FAILED
+
+    def _train_with_oom_retry(self, job_id: str, spec_json: dict, dataset_id: str,
+                              reporter: ProgressReporter) -> str:
+        try:
+            return self._train(job_id, spec_json, dataset_id, reporter)
+        except Exception as exc:
+            smaller = halved_batch_spec(spec_json) if is_out_of_memory(exc) else None
+            if smaller is None:
+                raise
+            release_memory()
+            old, new = spec_json["batch_size"], smaller["batch_size"]
+            log.warning("job %s ran out of memory at batch_size %d; retrying with %d", job_id,
+                        old, new)
+            # Checkpoints hold optimizer and schedule state for the old batch size.
+            self.storage.remove_job_files(job_id)
+            with self.db.session() as session:
+                job_state.replace_spec(session, job_id, smaller,
+                                       f"out of memory at batch_size {old}; retrying once "
+                                       f"with batch_size {new}")
+            return self._train(job_id, smaller, dataset_id, reporter)
+
+    def _train(self, job_id: str, spec_json: dict, dataset_id: str,
+               reporter: ProgressReporter) -> str:
         from models.bundle import save_bundle
         from models.training.fit import Callbacks, fit
 
@@ -138,7 +213,6 @@ class JobRunner:
         resume = checkpoints if (checkpoints / CHECKPOINT_NAME).is_file() else None
         if resume is not None:
             log.info("job %s resumes from its last checkpoint", job_id)
-        reporter = ProgressReporter(self.db, job_id, self.cancel_poll_s, self.shutdown)
         result = fit(data_dir, spec, checkpoint_dir=checkpoints, resume=resume,
                      callbacks=Callbacks(on_epoch_end=reporter.on_epoch_end,
                                          on_batch_end=reporter.on_batch_end,

@@ -7,7 +7,7 @@ import socket
 import threading
 from functools import cache
 
-from celery import shared_task
+from celery import Task, shared_task
 from celery.exceptions import Reject
 from celery.signals import worker_shutting_down
 
@@ -15,7 +15,7 @@ from service.db.session import Database
 from service.settings import Settings
 from service.storage import Storage
 from workers.celery_app import FINETUNE_TASK
-from workers.runner import JobRunner, WorkerShuttingDown
+from workers.runner import JobRunner, RetryLater, RunLimits, WorkerShuttingDown
 
 log = logging.getLogger(__name__)
 
@@ -38,12 +38,18 @@ def runner() -> JobRunner:
                      worker_name=f"{socket.gethostname()}:{threading.get_native_id()}",
                      cancel_poll_s=settings.cancel_poll_s,
                      heartbeat_s=settings.worker_heartbeat_s,
-                     stale_after_s=settings.job_stale_s, shutdown=SHUTDOWN)
+                     stale_after_s=settings.job_stale_s,
+                     limits=RunLimits(settings.max_runtime_s, settings.max_attempts,
+                                      settings.retry_backoff_s), shutdown=SHUTDOWN)
 
 
-@shared_task(name=FINETUNE_TASK, acks_late=True, reject_on_worker_lost=True)
-def finetune(job_id: str) -> str:
+@shared_task(name=FINETUNE_TASK, bind=True, acks_late=True, reject_on_worker_lost=True,
+             max_retries=None)
+def finetune(self: Task, job_id: str) -> str:
     try:
         return runner().run(job_id)
     except WorkerShuttingDown:
         raise Reject("worker shutting down", requeue=True) from None
+    except RetryLater as later:
+        # A new message after the backoff; the job row (queued) says why.
+        raise self.retry(countdown=later.countdown_s) from None

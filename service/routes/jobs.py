@@ -1,61 +1,147 @@
 from __future__ import annotations
 
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Query
-from fastapi.responses import JSONResponse
+from fastapi import APIRouter, Depends, Header, Query, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.responses import JSONResponse, StreamingResponse
+from sqlalchemy.exc import IntegrityError
+from starlette.concurrency import run_in_threadpool
 
 from service.context import AppContext, get_context
 from service.db.tables import JobStatus, utcnow
-from service.errors import Unavailable
-from service.jobs import cancel_job, create_job, epoch_rows, get_job, job_view, list_jobs
+from service.errors import InvalidInput, Unavailable
+from service.events import events_after, status_event
+from service.jobs import (
+    body_digest,
+    cancel_job,
+    create_job,
+    epoch_rows,
+    get_job,
+    job_view,
+    list_jobs,
+    queue_position,
+    remember_idempotent,
+    replay_idempotent,
+)
 from service.queue import enqueue_finetune
 from service.schemas import JobIn, JobOut, JobStatusName
 
 router = APIRouter(tags=["jobs"])
 Ctx = Annotated[AppContext, Depends(get_context)]
+SSE_POLL_S = 0.5
+SSE_KEEPALIVE_S = 15.0
+
+
+def _view(ctx: AppContext, job_id: str) -> dict:
+    with ctx.db.session() as session:
+        job = get_job(session, job_id)
+        return job_view(job, epoch_rows(session, job_id), queue_position(session, job))
 
 
 @router.post("/jobs", status_code=202, response_model=JobOut)
-def submit(body: JobIn, ctx: Ctx) -> dict:
-    """Queue a fine-tuning job; 422 names a bad spec field, 404 an unknown dataset."""
-    with ctx.db.session() as session:
-        job = create_job(session, dataset_id=body.dataset_id, spec_payload=body.spec)
+def submit(body: JobIn, ctx: Ctx,
+           idempotency_key: Annotated[str | None, Header()] = None) -> dict | JSONResponse:
+    """Queue a fine-tuning job; 422 names a bad spec field, 404 an unknown dataset.
+
+    With an ``Idempotency-Key`` header, repeating the request returns the same job; the same
+    key with another body is a 409."""
+    digest = body_digest(body.model_dump(mode="json"))
+    try:
+        with ctx.db.session() as session:
+            if idempotency_key is not None:
+                earlier = replay_idempotent(session, key=idempotency_key, digest=digest)
+                if earlier is not None:
+                    return _view(ctx, earlier.id)
+            job = create_job(session, dataset_id=body.dataset_id, spec_payload=body.spec,
+                             priority=body.priority, max_runtime_s=body.max_runtime_s)
+            if idempotency_key is not None:
+                remember_idempotent(session, key=idempotency_key, digest=digest, job_id=job.id)
+    except IntegrityError:
+        # The same key in a concurrent request won the race; its job is the answer.
+        with ctx.db.session() as session:
+            earlier = replay_idempotent(session, key=idempotency_key or "", digest=digest)
+        if earlier is None:
+            raise
+        return _view(ctx, earlier.id)
     # Enqueued only after the row is committed, so a worker always finds the job.
     try:
-        enqueue_finetune(ctx.celery, job.id)
+        enqueue_finetune(ctx.celery, job.id, job.priority)
     except Unavailable:
         with ctx.db.session() as session:
             failed = get_job(session, job.id)
             failed.status, failed.finished_at = JobStatus.FAILED, utcnow()
             failed.error = "could not be queued: the job queue (Redis) is unreachable; submit again"
+            status_event(session, job.id, JobStatus.FAILED, error=failed.error)
         raise
-    with ctx.db.session() as session:
-        return job_view(get_job(session, job.id), [])
+    return _view(ctx, job.id)
 
 
 @router.get("/jobs", response_model=list[JobOut])
 def list_all(ctx: Ctx, status: Annotated[JobStatusName | None, Query()] = None,
              limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> list[dict]:
     with ctx.db.session() as session:
-        return [job_view(job, epoch_rows(session, job.id))
+        return [job_view(job, epoch_rows(session, job.id), queue_position(session, job))
                 for job in list_jobs(session, status=status, limit=limit)]
 
 
 @router.get("/jobs/{job_id}", response_model=JobOut)
 def get_one(job_id: str, ctx: Ctx) -> dict:
-    """Status, progress and every finished epoch's metrics (they appear while it runs)."""
-    with ctx.db.session() as session:
-        job = get_job(session, job_id)
-        return job_view(job, epoch_rows(session, job_id))
+    """Status, progress, queue position and every finished epoch's metrics (while it runs)."""
+    return _view(ctx, job_id)
 
 
 @router.post("/jobs/{job_id}/cancel", response_model=JobOut)
 def cancel(job_id: str, ctx: Ctx) -> JSONResponse | dict:
     """A queued job never starts; a running one stops at the next batch boundary (202)."""
     with ctx.db.session() as session:
-        job = cancel_job(session, job_id=job_id)
-        view = job_view(job, epoch_rows(session, job_id))
+        cancel_job(session, job_id=job_id)
+    view = _view(ctx, job_id)
     if view["status"] == JobStatus.RUNNING:
-        return JSONResponse(JobOut.model_validate(view).model_dump(mode="json"), status_code=202)
+        return JSONResponse(jsonable_encoder(JobOut.model_validate(view)), status_code=202)
     return view
+
+
+@router.get("/jobs/{job_id}/events", response_class=StreamingResponse,
+            responses={200: {"content": {"text/event-stream": {}}}})
+async def events(job_id: str, request: Request, ctx: Ctx,
+                 last_event_id: Annotated[str | None, Header()] = None) -> StreamingResponse:
+    """Server-Sent Events: ``status``, ``epoch`` (each epoch's metrics), ``progress`` (batches,
+    every few seconds) and ``note``. Ends when the job ends; reconnect with ``Last-Event-ID``
+    to continue where the stream stopped."""
+    try:
+        after = int(last_event_id or request.query_params.get("last_event_id") or 0)
+    except ValueError as exc:
+        raise InvalidInput("Last-Event-ID must be an event id (an integer)") from exc
+
+    def poll(after_id: int) -> tuple[str, list]:
+        with ctx.db.session() as session:
+            status = get_job(session, job_id).status  # read first: its events are then in
+            return status, [(e.id, e.kind, {**e.data, "at": e.created_at.isoformat()})
+                            for e in events_after(session, job_id, after_id)]
+
+    await run_in_threadpool(poll, after)  # 404 before the stream starts
+
+    async def stream() -> AsyncIterator[str]:
+        last, quiet_since = after, time.monotonic()
+        yield "retry: 2000\n\n"
+        while True:
+            status, rows = await run_in_threadpool(poll, last)
+            for event_id, kind, data in rows:
+                yield f"id: {event_id}\nevent: {kind}\ndata: {json.dumps(data, default=str)}\n\n"
+                last, quiet_since = event_id, time.monotonic()
+            if status in JobStatus.TERMINAL and not rows:
+                return
+            if await request.is_disconnected():
+                return
+            if time.monotonic() - quiet_since > SSE_KEEPALIVE_S:
+                yield ": keep-alive\n\n"
+                quiet_since = time.monotonic()
+            await asyncio.sleep(SSE_POLL_S)
+
+    return StreamingResponse(stream(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
