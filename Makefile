@@ -38,6 +38,7 @@ bench: $(STAMP)
 	$(PY) bench/transfer_accuracy.py
 	$(PY) bench/service_overhead.py
 	$(PY) bench/upload_memory.py
+	$(PY) bench/lifecycle.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

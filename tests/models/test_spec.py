@@ -30,6 +30,7 @@ def test_top_level_shape_is_exactly_the_documented_one():
         "backbone", "pretrained", "weights_path", "image_size", "epochs", "batch_size", "seed",
         "val_fraction", "freeze", "head", "optimizer", "schedule", "early_stopping",
         "label_smoothing", "grad_clip_norm", "augment", "mixed_precision",
+        "oom_retry",  # issue 5: the service's out-of-memory retry, on by default
     }
 
 

@@ -75,3 +75,45 @@ def test_epoch_rows_are_written_once_per_epoch(db):
     with db.session() as session:
         assert [r["epoch"] for r in epoch_rows(session, job_id)] == [1, 2]
         assert session.get(Job, job_id).epoch == 2
+
+
+def test_reconciler_requeues_abandoned_jobs_and_gives_up_after_max_attempts(db, redis_url,
+                                                                            tmp_path):
+    import redis as redis_lib
+
+    from service.reconciler import broker_job_ids, reconcile
+    from service.settings import Settings
+    from workers.celery_app import make_celery
+
+    client = redis_lib.Redis.from_url(redis_url)
+    settings = Settings(home=tmp_path, redis_url=redis_url, job_stale_s=5, max_attempts=2)
+    old = utcnow() - timedelta(seconds=60)
+    retry_id = _job(db, status=JobStatus.RUNNING, attempts=1, heartbeat_at=old)
+    give_up_id = _job(db, status=JobStatus.RUNNING, attempts=2, heartbeat_at=old)
+    fresh_id = _job(db, status=JobStatus.RUNNING, attempts=1, heartbeat_at=utcnow())
+    celery = make_celery(settings)
+    try:
+        repairs = reconcile(db, celery, client, settings)
+        assert repairs.requeued == [retry_id] and repairs.failed == [give_up_id]
+        with db.session() as session:
+            assert session.get(Job, retry_id).status == "queued"
+            assert session.get(Job, fresh_id).status == "running"
+            failed = session.get(Job, give_up_id)
+            assert failed.status == "failed" and "stopped responding 2 time(s)" in failed.error
+        assert retry_id in broker_job_ids(client)  # enqueued again, to resume
+    finally:
+        for key in client.scan_iter(match="training*"):
+            client.delete(key)
+
+
+def test_out_of_memory_retry_halves_the_batch_once():
+    from workers.failures import halved_batch_spec, is_out_of_memory
+
+    spec = {"batch_size": 32, "oom_retry": True}
+    smaller = halved_batch_spec(spec)
+    assert smaller == {"batch_size": 16, "oom_retry": False}
+    assert halved_batch_spec(smaller) is None  # only once
+    assert halved_batch_spec({"batch_size": 32, "oom_retry": False}) is None
+    assert halved_batch_spec({"batch_size": 1}) is None
+    assert is_out_of_memory(RuntimeError("DefaultCPUAllocator: can't allocate memory"))
+    assert not is_out_of_memory(RuntimeError("shape mismatch"))

@@ -1,0 +1,153 @@
+"""Jobs under fire: 40 small jobs submitted as fast as possible to 2 workers while one worker
+is killed (SIGKILL) and restarted twice. Prints submitted / succeeded / failed / lost /
+duplicates (targets: lost = 0, duplicates = 0) and the API's p50/p99 latency for
+GET /v1/jobs/{id} measured during the run."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import redis
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from service.launcher import find_redis_server, free_port  # noqa: E402
+from tests.archives import zip_folder  # noqa: E402
+from tests.realdata import animal_mnist_arrays, balanced_indices, write_image_folder  # noqa: E402
+
+SPEC = {"image_size": 32, "epochs": 1, "batch_size": 12}
+TERMINAL = {"succeeded", "failed", "cancelled"}
+
+
+def wait(check, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if check():
+                return
+        except Exception:  # not up yet
+            pass
+        time.sleep(0.2)
+    raise SystemExit(f"timed out waiting for {what}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--jobs", type=int, default=40)
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="ftune-lifecycle-"))
+    images, labels = animal_mnist_arrays()
+    idx = balanced_indices(labels, 12, classes=3)
+    folder = write_image_folder(work / "data", images[idx], labels[idx])
+    redis_port, api_port = free_port(), free_port()
+    env = {**os.environ, "FTUNE_HOME": str(work / "home"),
+           "REDIS_URL": f"redis://127.0.0.1:{redis_port}/0", "FTUNE_WORKER_HEARTBEAT_S": "0.5",
+           "FTUNE_JOB_STALE_S": "3", "FTUNE_RECONCILE_INTERVAL_S": "1",
+           "PYTHONUNBUFFERED": "1"}
+    env.pop("DATABASE_URL", None)
+    log = open(work / "stack.log", "wb")  # noqa: SIM115 - open for the whole run
+    procs: list[subprocess.Popen] = []
+
+    def spawn(*cmd: str) -> subprocess.Popen:
+        process = subprocess.Popen(list(cmd), env=env, cwd=ROOT, stdout=log,
+                                   stderr=subprocess.STDOUT)
+        procs.append(process)
+        return process
+
+    def worker(name: str) -> subprocess.Popen:
+        process = spawn(sys.executable, "-m", "service.cli", "worker", "--name", f"{name}@bench")
+        wait(lambda: redis.Redis(port=redis_port).exists(f"ftune:worker:{name}@bench"), 60,
+             name)
+        return process
+
+    spawn(find_redis_server(), "--port", str(redis_port), "--save", "", "--appendonly", "no")
+    wait(redis.Redis(port=redis_port).ping, 20, "Redis")
+    spawn(sys.executable, "-m", "service.cli", "api", "--port", str(api_port))
+    url = f"http://127.0.0.1:{api_port}"
+    wait(lambda: httpx.get(f"{url}/healthz").status_code == 200, 60, "the API")
+    victim, steady = worker("victim-0"), worker("steady")
+    http = httpx.Client(base_url=url, timeout=60)
+    dataset = http.post("/v1/datasets", files={"file": ("t.zip", zip_folder(folder))}).json()
+
+    job_ids: list[str] = []
+    latencies: list[float] = []
+    stop = threading.Event()
+
+    def poll() -> None:
+        with httpx.Client(base_url=url, timeout=60) as poller:
+            while not stop.is_set():
+                if job_ids:
+                    started = time.perf_counter()
+                    poller.get(f"/v1/jobs/{random.choice(job_ids)}")
+                    latencies.append((time.perf_counter() - started) * 1000)
+                time.sleep(0.02)
+
+    poller = threading.Thread(target=poll, daemon=True)
+    poller.start()
+    begun = time.perf_counter()
+    for _ in range(args.jobs):
+        response = http.post("/v1/jobs", json={"dataset_id": dataset["id"], "spec": SPEC})
+        job_ids.append(response.json()["id"])
+    submit_s = time.perf_counter() - begun
+
+    for round_ in range(2):  # kill the busy worker mid-job, then bring a new one up
+        wait(lambda: http.get("/v1/jobs", params={"status": "running"}).json(), 60, "a job")
+        time.sleep(1.0)
+        victim.send_signal(signal.SIGKILL)
+        victim.wait()
+        time.sleep(2.0)
+        victim = worker(f"victim-{round_ + 1}")
+
+    deadline = time.monotonic() + 900
+    while time.monotonic() < deadline:
+        statuses = [http.get(f"/v1/jobs/{j}").json()["status"] for j in job_ids]
+        if all(s in TERMINAL for s in statuses):
+            break
+        time.sleep(1)
+    elapsed = time.perf_counter() - begun
+    stop.set()
+    poller.join()
+    jobs = [http.get(f"/v1/jobs/{j}").json() for j in job_ids]
+    models = http.get("/v1/models", params={"limit": 1000}).json()
+    per_job = {j["id"]: 0 for j in jobs}
+    for model in models:
+        per_job[model["job_id"]] = per_job.get(model["job_id"], 0) + 1
+    succeeded = sum(j["status"] == "succeeded" for j in jobs)
+    failed = sum(j["status"] == "failed" for j in jobs)
+    lost = sum(j["status"] not in TERMINAL for j in jobs)
+    duplicates = sum(n > 1 for n in per_job.values())
+    resumed = sum(j["attempts"] > 1 for j in jobs)
+    for process in reversed(procs):
+        process.send_signal(signal.SIGTERM)
+    for process in procs:
+        try:
+            process.wait(60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+    del steady
+    latencies.sort()
+    p99 = latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))]
+    print(f"lifecycle submitted={len(jobs)} succeeded={succeeded} failed={failed} lost={lost} "
+          f"duplicates={duplicates} redelivered={resumed} worker_kills=2 workers=2 "
+          f"submit_s={submit_s:.2f} total_s={elapsed:.1f}")
+    print(f"get_job_latency p50_ms={statistics.median(latencies):.1f} p99_ms={p99:.1f} "
+          f"samples={len(latencies)}")
+    if failed:
+        print("failures:", {j["id"][:8]: j["error"] for j in jobs if j["status"] == "failed"})
+
+
+if __name__ == "__main__":
+    main()
