@@ -196,12 +196,19 @@ def test_a_worker_killed_mid_epoch_is_replaced_and_the_job_resumes(stack, datase
         stack.start_worker("rescuer")
         try:
             done = wait_for_job(http, job["id"], timeout_s=300)
+            # The same job again, never interrupted, for comparison.
+            twin = wait_for_job(http, _submit(http, dataset_id, SLOW)["id"], timeout_s=300)
         finally:
             stack.stop_workers()
         assert done["status"] == "succeeded", done["error"]
         assert [row["epoch"] for row in done["metrics"]] == list(range(1, 9))  # each once
         assert done["metrics"][: len(before)] == before  # resumed, not restarted
         assert done["attempts"] == 2
+        # As good as an uninterrupted run: the same losses epoch by epoch.
+        for resumed, straight in zip(done["metrics"], twin["metrics"], strict=True):
+            assert resumed["val_loss"] == pytest.approx(straight["val_loss"], rel=1e-4)
+            assert resumed["train_loss"] == pytest.approx(straight["train_loss"], rel=1e-4)
+        assert done["best"] == twin["best"]
         events = _events(http, job["id"])
         requeued = [e for e in events if e["event"] == "status" and e["data"]["status"] == "queued"
                     and "heartbeats" in e["data"].get("reason", "")]
