@@ -85,8 +85,10 @@ def test_reconciler_requeues_abandoned_jobs_and_gives_up_after_max_attempts(db, 
     from service.settings import Settings
     from workers.celery_app import make_celery
 
-    client = redis_lib.Redis.from_url(redis_url)
-    settings = Settings(home=tmp_path, redis_url=redis_url, job_stale_s=5, max_attempts=2)
+    # A database of its own on the shared Redis: no running worker consumes what is enqueued.
+    isolated = redis_url.rsplit("/", 1)[0] + "/7"
+    client = redis_lib.Redis.from_url(isolated)
+    settings = Settings(home=tmp_path, redis_url=isolated, job_stale_s=5, max_attempts=2)
     old = utcnow() - timedelta(seconds=60)
     retry_id = _job(db, status=JobStatus.RUNNING, attempts=1, heartbeat_at=old)
     give_up_id = _job(db, status=JobStatus.RUNNING, attempts=2, heartbeat_at=old)
