@@ -24,7 +24,8 @@ from models.training.fit import FitResult
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.json"
-BUNDLE_FILES = (WEIGHTS_FILE, CONFIG_FILE, METRICS_FILE)
+EVALUATION_FILE = "evaluation.json"
+BUNDLE_FILES = (WEIGHTS_FILE, CONFIG_FILE, METRICS_FILE)  # what Predictor.load reads
 FORMAT_VERSION = 1
 
 
@@ -81,6 +82,7 @@ def save_bundle(result: FitResult, out_dir: str | Path) -> Path:
         _write_json(tmp / CONFIG_FILE, bundle_config(result))
         _write_json(tmp / METRICS_FILE, {"history": result.history,
                                          "best_epoch": result.best_epoch})
+        _write_json(tmp / EVALUATION_FILE, result.evaluation)
         ensure_output_free(out)
         os.rename(tmp, out)
     except BaseException:

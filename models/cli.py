@@ -82,6 +82,12 @@ def add_engine_commands(sub: argparse._SubParsersAction) -> None:
     lint.add_argument("--json", action="store_true", help="print the whole report as JSON")
     lint.set_defaults(run=_lint)
 
+    export = sub.add_parser("export", help="export a tuned model as ONNX or TorchScript")
+    export.add_argument("model", help="folder written by `ftune train`")
+    export.add_argument("--format", required=True, choices=["onnx", "torchscript"])
+    export.add_argument("--out", required=True, help="file to write")
+    export.set_defaults(run=_export)
+
     backbones = sub.add_parser("backbones", help="list backbones with offline pretrained weights")
     backbones.add_argument("--json", action="store_true", help="print JSON")
     backbones.set_defaults(run=_backbones)
@@ -170,6 +176,15 @@ def dataset_folder(data: str, near: Path) -> Iterator[Path]:
         yield folder
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def _export(args: argparse.Namespace) -> int:
+    from models.export import export_model
+
+    path = export_model(args.model, args.out, args.format)
+    print(f"{args.format} model written to {path} (input: uint8 [N, 3, S, S] RGB; output: "
+          "class probabilities; see models/export.py)")
+    return 0
 
 
 def _lint(args: argparse.Namespace) -> int:

@@ -21,8 +21,10 @@ from service.storage import Storage
 if TYPE_CHECKING:
     from models.predictor import Predictor
 
-# What models.Predictor.load reads; kept literal so the API never imports torch to list it.
+# What models.Predictor.load reads, plus the evaluation; literal so the API never imports
+# torch to list them.
 BUNDLE_FILES = ("model.safetensors", "config.json", "metrics.json")
+EXTRA_FILES = ("evaluation.json",)
 
 
 def get_model(session: Session, model_id: str) -> TunedModel:
@@ -59,8 +61,9 @@ def model_zip(storage: Storage, model_id: str) -> Path:
     try:
         # Weights are already dense floats: storing them uncompressed is as small and faster.
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as archive:
-            for name in BUNDLE_FILES:
-                archive.write(source / name, arcname=name)
+            for name in BUNDLE_FILES + EXTRA_FILES:
+                if (source / name).is_file():
+                    archive.write(source / name, arcname=name)
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)

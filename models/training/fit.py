@@ -22,6 +22,7 @@ from models.data.source import ImageSource
 from models.data.split import stratified_split
 from models.data.transforms import augment, normalize, stored_size
 from models.errors import DatasetError
+from models.evaluation import evaluate_splits
 from models.network import FineTuneModel, build_head
 from models.preprocessing import Preprocessing
 from models.spec import FineTuneSpec, parse_spec
@@ -76,6 +77,7 @@ class FitResult:
     num_val: int
     skipped: list[tuple[str, str]] = field(default_factory=list)
     dataset_hash: str | None = None  # content hash of the data trained on
+    evaluation: dict = field(default_factory=dict)  # split -> models.evaluation.summarize()
     seconds: float = 0.0
 
 
@@ -172,6 +174,9 @@ def fit(
     if run.best_state is not None:
         model.load_state_dict(run.best_state)
     model.eval()
+    evaluation = evaluate_splits(model, {"val": val_samples, "test": index.test or []},
+                                 index.classes, prep, torch_device, precision, index.root,
+                                 val_source=val_source)
     best_epoch = stopper.best_epoch or len(history)
     best_row = history[best_epoch - 1] if history else {}
     return FitResult(
@@ -182,7 +187,7 @@ def fit(
                                                     "val_loss", "val_accuracy")},
         stopped_early=stopped_early, device=str(torch_device), precision=precision.name,
         num_train=len(train_samples), num_val=len(val_samples), skipped=index.skipped,
-        dataset_hash=index.content_hash,
+        dataset_hash=index.content_hash, evaluation=evaluation,
         seconds=time.perf_counter() - started,
     )
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from models.bundle import BUNDLE_FILES, save_bundle
+from models.bundle import BUNDLE_FILES, EVALUATION_FILE, save_bundle
 from models.cli import main
 from models.errors import OutputExistsError
 from models.predictor import Predictor
@@ -25,7 +25,7 @@ def trained(animal_folder, tmp_path_factory):
 
 def test_bundle_holds_exactly_the_model_files(trained):
     result, out = trained
-    assert sorted(p.name for p in out.iterdir()) == sorted(BUNDLE_FILES)
+    assert sorted(p.name for p in out.iterdir()) == sorted((*BUNDLE_FILES, EVALUATION_FILE))
     config = json.loads((out / "config.json").read_text())
     assert config["backbone"] == "tf_efficientnet_lite0"
     assert config["classes"] == result.classes
@@ -76,7 +76,7 @@ def test_cli_train_predict_and_backbones(tiny_folder, tmp_path, capsys):
                  "--no-progress"]) == 0
     printed = capsys.readouterr().out
     assert "epoch 1/2" in printed and "epoch 2/2" in printed and "model written to" in printed
-    assert sorted(p.name for p in out.iterdir()) == sorted(BUNDLE_FILES)
+    assert sorted(p.name for p in out.iterdir()) == sorted((*BUNDLE_FILES, EVALUATION_FILE))
     assert not (tmp_path / "model.partial").exists()
 
     image = next((tiny_folder / "animal0").iterdir())

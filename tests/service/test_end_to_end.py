@@ -86,7 +86,8 @@ def test_fine_tune_through_the_service(client, animal_folder, animal_heldout, tm
     assert download.status_code == 200
     assert download.headers["content-type"] == "application/zip"
     with zipfile.ZipFile(io.BytesIO(download.content)) as archive:
-        assert sorted(archive.namelist()) == ["config.json", "metrics.json", "model.safetensors"]
+        assert sorted(archive.namelist()) == ["config.json", "evaluation.json", "metrics.json",
+                                              "model.safetensors"]
         archive.extractall(tmp_path / "model")
     predictor = Predictor.load(tmp_path / "model")
     images, labels = animal_heldout

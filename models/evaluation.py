@@ -1,0 +1,127 @@
+"""Evaluate a tuned model on a labelled split: the numbers a reviewer needs to trust it.
+
+Accuracy, top-k accuracy, per-class precision/recall/F1 and support, the full confusion
+matrix (every class), expected calibration error, the most confused class pairs and the
+highest-loss examples by file name.
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from models.data.discover import Sample
+from models.data.source import ImageSource
+from models.data.transforms import normalize
+from models.preprocessing import Preprocessing
+from models.training.runtime import Precision
+
+ECE_BINS = 15
+CONFUSED_PAIRS = 10
+WORST_EXAMPLES = 20
+
+
+@torch.no_grad()
+def predict_probabilities(model: nn.Module, source: ImageSource, prep: Preprocessing,
+                          device: torch.device, precision: Precision,
+                          batch_size: int = 64) -> torch.Tensor:
+    model.eval()
+    chunks = []
+    for images, _, _ in source.batches(torch.arange(len(source)), batch_size):
+        batch = normalize(images.to(device).float(), prep)
+        with precision.autocast():
+            chunks.append(torch.softmax(model(batch).float(), dim=1).cpu())
+    return torch.cat(chunks) if chunks else torch.empty(0, 0)
+
+
+def _ratio(numerator: float, denominator: float) -> float | None:
+    return None if denominator == 0 else numerator / denominator
+
+
+def summarize(probs: torch.Tensor, labels: torch.Tensor, classes: list[str],
+              names: list[str]) -> dict:
+    """Every metric of the evaluation from predicted probabilities and true labels."""
+    n, c = len(labels), len(classes)
+    if n == 0:
+        return {"num_images": 0}
+    predicted = probs.argmax(dim=1)
+    confidence = probs.max(dim=1).values
+    correct = predicted == labels
+    k = min(5, c)
+    in_top_k = (probs.topk(k, dim=1).indices == labels[:, None]).any(dim=1)
+    confusion = torch.bincount(labels * c + predicted, minlength=c * c).reshape(c, c)
+    per_class = []
+    for i, name in enumerate(classes):
+        tp = int(confusion[i, i])
+        support, predicted_as = int(confusion[i].sum()), int(confusion[:, i].sum())
+        precision, recall = _ratio(tp, predicted_as), _ratio(tp, support)
+        f1 = (None if precision is None or recall is None or precision + recall == 0
+              else 2 * precision * recall / (precision + recall))
+        per_class.append({"class": name, "precision": precision, "recall": recall, "f1": f1,
+                          "support": support})
+    f1s = [row["f1"] for row in per_class if row["support"] and row["f1"] is not None]
+    edges = torch.linspace(0, 1, ECE_BINS + 1)
+    ece = 0.0
+    for lo, hi in itertools.pairwise(edges):
+        in_bin = (confidence > lo) & (confidence <= hi)
+        if in_bin.any():
+            gap = (correct[in_bin].float().mean() - confidence[in_bin].mean()).abs()
+            ece += float(gap) * int(in_bin.sum()) / n
+    off_diagonal = confusion.clone()
+    off_diagonal.fill_diagonal_(0)
+    pairs = []
+    for flat in off_diagonal.flatten().argsort(descending=True)[:CONFUSED_PAIRS].tolist():
+        count = int(off_diagonal.flatten()[flat])
+        if count == 0:
+            break
+        pairs.append({"true": classes[flat // c], "predicted": classes[flat % c],
+                      "count": count})
+    losses = -torch.log(probs[torch.arange(n), labels].clamp_min(1e-12))
+    worst = []
+    for i in losses.argsort(descending=True)[:WORST_EXAMPLES].tolist():
+        worst.append({"path": names[i], "true": classes[int(labels[i])],
+                      "predicted": classes[int(predicted[i])],
+                      "confidence": round(float(confidence[i]), 6),
+                      "loss": round(float(losses[i]), 6)})
+    return {
+        "num_images": n,
+        "accuracy": float(correct.float().mean()),
+        "top_k": k,
+        "top_k_accuracy": float(in_top_k.float().mean()),
+        "loss": float(losses.mean()),
+        "macro_f1": sum(f1s) / len(f1s) if f1s else None,
+        "expected_calibration_error": ece,
+        "per_class": per_class,
+        "confusion_matrix": {"labels": classes, "rows_true_columns_predicted":
+                             confusion.tolist()},
+        "most_confused": pairs,
+        "highest_loss": worst,
+    }
+
+
+def evaluate_splits(model: nn.Module, splits: dict[str, list[Sample]], classes: list[str],
+                    prep: Preprocessing, device: torch.device, precision: Precision,
+                    root: Path, val_source: ImageSource | None = None) -> dict:
+    """``{split: summary}`` for each non-empty split (val, and test when the data has one)."""
+    results = {}
+    for split, samples in splits.items():
+        if not samples:
+            continue
+        source = (val_source if split == "val" and val_source is not None
+                  else ImageSource([s.path for s in samples], [s.label for s in samples], prep,
+                                   prep.input_size))
+        probs = predict_probabilities(model, source, prep, device, precision)
+        labels = torch.tensor([s.label for s in samples])
+        names = [_relative(s.path, root) for s in samples]
+        results[split] = summarize(probs, labels, classes, names)
+    return results
+
+
+def _relative(path: Path, root: Path) -> str:
+    try:
+        return path.relative_to(root).as_posix()
+    except ValueError:
+        return path.name

@@ -1,0 +1,81 @@
+"""Export a tuned model as TorchScript or ONNX with its preprocessing inside.
+
+Input: ``images``, uint8, shape ``[N, 3, S, S]`` (RGB, channels first), S the model's
+``input_size`` from config.json. Output: ``probabilities``, float32 ``[N, num_classes]``, in
+the order of config.json's ``classes``. Normalisation is inside the exported graph; resizing
+is not. Resize as ``Predictor`` does (shorter side to ``resize_size``, centre crop S × S)::
+
+    import json, numpy as np, onnxruntime as ort
+    from PIL import Image
+    prep = json.load(open("config.json"))["preprocessing"]
+    S = prep["input_size"]
+    short = int(math.floor(S / prep["crop_pct"]))           # Preprocessing.resize_size
+    image = Image.open("photo.jpg").convert("RGB")
+    scale = short / min(image.size)
+    image = image.resize((round(image.width * scale), round(image.height * scale)),
+                         Image.BICUBIC)                     # prep["interpolation"]
+    left, top = (image.width - S) // 2, (image.height - S) // 2
+    batch = np.asarray(image.crop((left, top, left + S, top + S))).transpose(2, 0, 1)[None]
+    probabilities = ort.InferenceSession("model.onnx").run(None, {"images": batch})[0]
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from models.predictor import Predictor
+from models.preprocessing import Preprocessing
+
+FORMATS = ("torchscript", "onnx")
+SUFFIXES = {"torchscript": ".pt", "onnx": ".onnx"}
+ONNX_OPSET = 17
+
+
+class ExportedClassifier(nn.Module):
+    """uint8 RGB images in, class probabilities out; the same arithmetic as ``Predictor``."""
+
+    def __init__(self, model: nn.Module, prep: Preprocessing) -> None:
+        super().__init__()
+        self.model = model
+        mean = torch.tensor(prep.mean).view(1, 3, 1, 1)
+        std = torch.tensor(prep.std).view(1, 3, 1, 1)
+        self.register_buffer("shift", -mean / std)
+        self.register_buffer("scale", 1.0 / (255.0 * std))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        normalised = torch.addcmul(self.shift, images.float(), self.scale)
+        return torch.softmax(self.model(normalised).float(), dim=1)
+
+
+def export_model(model_dir: str | Path, out: str | Path, fmt: str) -> Path:
+    """Write ``out`` atomically (temporary file, then rename); returns its path."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    predictor = Predictor.load(model_dir, device="cpu")
+    wrapper = ExportedClassifier(predictor.model, predictor.preprocessing).eval()
+    size = predictor.preprocessing.input_size
+    example = torch.zeros(2, 3, size, size, dtype=torch.uint8)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}")
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tracer and exporter chatter about constants
+            if fmt == "torchscript":
+                torch.jit.save(torch.jit.trace(wrapper, example), str(tmp))
+            else:
+                torch.onnx.export(wrapper, (example,), str(tmp), input_names=["images"],
+                                  output_names=["probabilities"],
+                                  dynamic_axes={"images": {0: "batch"},
+                                                "probabilities": {0: "batch"}},
+                                  opset_version=ONNX_OPSET, dynamo=False)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out

@@ -1,0 +1,59 @@
+"""Exports with parity: ONNX (onnxruntime) and TorchScript give Predictor's probabilities."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from PIL import Image
+
+from models.bundle import save_bundle
+from models.cli import main
+from models.data.transforms import resize_center_crop
+from models.export import export_model
+from models.predictor import Predictor
+from models.training.fit import fit
+
+
+@pytest.fixture(scope="module")
+def tuned(animal_folder, tmp_path_factory):
+    result = fit(animal_folder, {"image_size": 48, "epochs": 2, "batch_size": 32,
+                                 "optimizer": {"name": "adam", "lr": 0.003}})
+    return save_bundle(result, tmp_path_factory.mktemp("export") / "model")
+
+
+def _batch(predictor: Predictor, images: np.ndarray) -> tuple[list[Image.Image], np.ndarray]:
+    pil = [Image.fromarray(a).convert("RGB") for a in images]
+    size = predictor.preprocessing.input_size
+    batch = torch.stack([resize_center_crop(im, predictor.preprocessing, size) for im in pil])
+    return pil, batch.numpy()
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_exports_match_the_pytorch_model(tuned, animal_heldout, tmp_path, fmt):
+    predictor = Predictor.load(tuned, device="cpu")
+    images, _ = animal_heldout
+    pil, batch = _batch(predictor, images[:40])
+    expected = predictor.predict_proba(pil).numpy()
+    path = export_model(tuned, tmp_path / f"model.{fmt}", fmt)
+    if fmt == "onnx":
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        assert [i.name for i in session.get_inputs()] == ["images"]
+        got = session.run(None, {"images": batch})[0]
+    else:
+        with torch.no_grad():
+            got = torch.jit.load(str(path))(torch.from_numpy(batch)).numpy()
+    assert got.shape == expected.shape == (40, 10)
+    assert np.abs(got - expected).max() <= 1e-4
+    assert (got.argmax(1) == expected.argmax(1)).all()
+    top1 = [p[0]["label"] for p in predictor.predict(pil, top_k=1)]
+    assert [predictor.classes[i] for i in got.argmax(1)] == top1
+
+
+def test_cli_export_and_bad_format(tuned, tmp_path, capsys):
+    out = tmp_path / "m.onnx"
+    assert main(["export", str(tuned), "--format", "onnx", "--out", str(out)]) == 0
+    assert out.stat().st_size > 1000 and not list(tmp_path.glob(".*"))
+    with pytest.raises(ValueError, match="unknown export format"):
+        export_model(tuned, tmp_path / "x", "tflite")
