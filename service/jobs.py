@@ -36,12 +36,13 @@ def validate_job_spec(payload: Any) -> FineTuneSpec:
 
 
 def create_job(session: Session, *, dataset_id: str, spec_payload: Any, priority: int = 5,
-               max_runtime_s: int | None = None) -> Job:
+               max_runtime_s: int | None = None, model_name: str | None = None) -> Job:
     spec = validate_job_spec(spec_payload)
     if not is_id(dataset_id) or session.get(Dataset, dataset_id) is None:
         raise NotFound(f"dataset {dataset_id} not found")
     job = Job(dataset_id=dataset_id, spec=spec.model_dump(mode="json"), epochs=spec.epochs,
-              status=JobStatus.QUEUED, priority=priority, max_runtime_s=max_runtime_s)
+              status=JobStatus.QUEUED, priority=priority, max_runtime_s=max_runtime_s,
+              model_name=model_name)
     session.add(job)
     session.flush()
     status_event(session, job.id, JobStatus.QUEUED, priority=priority)

@@ -40,6 +40,10 @@ class JobIn(BaseModel):
                           "the order submitted")
     max_runtime_s: int | None = Field(None, ge=1, description="fail the job if it runs longer "
                                       "(the service's FTUNE_MAX_RUNTIME_S also applies)")
+    model_name: str | None = Field(None, min_length=1, max_length=200,
+                                   pattern=r"^[^:/\x00-\x1f]+$",
+                                   description="name of the tuned model (default: the "
+                                   "dataset's); versions count up per name")
 
 
 class Progress(BaseModel):
@@ -72,6 +76,9 @@ class JobOut(BaseModel):
 
 class ModelOut(BaseModel):
     id: str
+    name: str
+    version: int
+    aliases: list[str]
     job_id: str
     dataset_id: str
     dataset_hash: str | None = Field(description="content hash of the dataset trained on")
@@ -89,3 +96,15 @@ class Prediction(BaseModel):
 
 class PredictOut(BaseModel):
     predictions: list[list[Prediction]] = Field(description="one list per image, in order")
+
+
+class AliasIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(description="model id, name:version or name:alias")
+
+
+class AliasOut(BaseModel):
+    name: str
+    alias: str
+    model_id: str

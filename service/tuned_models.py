@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import threading
 import uuid
 import zipfile
@@ -13,8 +14,8 @@ from typing import TYPE_CHECKING
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from service.db.tables import TunedModel
-from service.errors import NotFound
+from service.db.tables import ModelAlias, TunedModel
+from service.errors import InvalidInput, NotFound
 from service.ids import is_id
 from service.storage import Storage
 
@@ -25,13 +26,45 @@ if TYPE_CHECKING:
 # torch to list them.
 BUNDLE_FILES = ("model.safetensors", "config.json", "metrics.json")
 EXTRA_FILES = ("evaluation.json",)
+ALIAS = re.compile(r"^[A-Za-z0-9_.\-]{1,100}$")
 
 
-def get_model(session: Session, model_id: str) -> TunedModel:
-    model = session.get(TunedModel, model_id) if is_id(model_id) else None
+def get_model(session: Session, ref: str) -> TunedModel:
+    """A model by id, ``name:version`` or ``name:alias``."""
+    model = None
+    if is_id(ref):
+        model = session.get(TunedModel, ref)
+    elif ":" in ref:
+        name, tag = ref.rsplit(":", 1)
+        if tag.isdigit():
+            model = session.scalar(select(TunedModel).where(TunedModel.name == name,
+                                                            TunedModel.version == int(tag)))
+        else:
+            alias = session.get(ModelAlias, (name, tag))
+            model = session.get(TunedModel, alias.model_id) if alias else None
     if model is None:
-        raise NotFound(f"model {model_id} not found")
+        raise NotFound(f"model {ref} not found (use an id, name:version or name:alias)")
     return model
+
+
+def set_alias(session: Session, *, alias: str, ref: str) -> ModelAlias:
+    if not ALIAS.match(alias) or alias.isdigit():
+        raise InvalidInput("alias must be 1 to 100 letters, digits, '-', '_' or '.', and not "
+                           "only digits (those are versions)")
+    model = get_model(session, ref)
+    row = session.get(ModelAlias, (model.name, alias))
+    if row is None:
+        row = ModelAlias(name=model.name, alias=alias, model_id=model.id)
+        session.add(row)
+    else:
+        row.model_id = model.id
+    session.flush()
+    return row
+
+
+def aliases_of(session: Session, model: TunedModel) -> list[str]:
+    return sorted(session.scalars(select(ModelAlias.alias).where(
+        ModelAlias.name == model.name, ModelAlias.model_id == model.id)))
 
 
 def list_models(session: Session, *, limit: int = 100) -> list[TunedModel]:
@@ -39,11 +72,25 @@ def list_models(session: Session, *, limit: int = 100) -> list[TunedModel]:
                                 .limit(limit)))
 
 
-def model_view(model: TunedModel) -> dict:
-    return {"id": model.id, "job_id": model.job_id, "dataset_id": model.dataset_id,
+def model_view(model: TunedModel, aliases: list[str] | None = None) -> dict:
+    return {"id": model.id, "name": model.name, "version": model.version,
+            "aliases": aliases or [], "job_id": model.job_id, "dataset_id": model.dataset_id,
             "dataset_hash": model.dataset_hash,
             "backbone": model.backbone, "classes": model.classes, "metrics": model.metrics,
             "spec": model.spec, "created_at": model.created_at}
+
+
+def model_export(storage: Storage, model_id: str, fmt: str) -> Path:
+    """The model as ONNX or TorchScript, built once and kept (models never change)."""
+    from models.export import SUFFIXES, export_model
+
+    target = storage.exports / f"{model_id}{SUFFIXES[fmt]}"
+    if not target.exists():
+        source = storage.model_dir(model_id)
+        if not (source / "model.safetensors").is_file():
+            raise NotFound(f"model {model_id} has no files on this server")
+        export_model(source, target, fmt)
+    return target
 
 
 def model_zip(storage: Storage, model_id: str) -> Path:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from sqlalchemy import and_, delete, or_, update
+from sqlalchemy import and_, delete, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from service.db.tables import EpochMetrics, Job, JobStatus, TunedModel, utcnow
@@ -80,6 +80,8 @@ def succeed(session: Session, job_id: str, model: TunedModel, best: dict,
                                    model_id=model.id, best=best, stopped_early=stopped_early,
                                    error=None, step=0)).rowcount
     if done:
+        model.version = 1 + (session.scalar(select(func.max(TunedModel.version))
+                                            .where(TunedModel.name == model.name)) or 0)
         session.add(model)
         status_event(session, job_id, JobStatus.SUCCEEDED, model_id=model.id)
     return bool(done)

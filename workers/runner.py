@@ -8,11 +8,13 @@ import threading
 import time
 from dataclasses import dataclass
 
+from sqlalchemy.exc import IntegrityError
+
 from models.errors import DatasetError, TrainingCancelled
 from models.spec import parse_spec
 from models.training.checkpoint import CHECKPOINT_NAME
 from service.db.session import Database
-from service.db.tables import JobStatus, TunedModel, utcnow
+from service.db.tables import Dataset, Job, JobStatus, TunedModel, utcnow
 from service.ids import new_id
 from service.storage import Storage
 from workers import job_state
@@ -200,6 +202,26 @@ class JobRunner:
                                        f"with batch_size {new}")
             return self._train(job_id, smaller, dataset_id, reporter)
 
+    def _model_name(self, job_id: str, dataset_id: str) -> str:
+        with self.db.session() as session:
+            job, dataset = session.get(Job, job_id), session.get(Dataset, dataset_id)
+            return (job.model_name if job and job.model_name else
+                    dataset.name if dataset else f"dataset-{dataset_id[:8]}")
+
+    def _record_success(self, job_id: str, record: TunedModel, best: dict,
+                        stopped_early: bool) -> bool:
+        for attempt in range(5):
+            try:
+                with self.db.session() as session:
+                    return job_state.succeed(session, job_id, record, best, stopped_early)
+            except IntegrityError:
+                # Another model of the same name took this version number; take the next.
+                if attempt == 4:
+                    raise
+                record = TunedModel(**{c.key: getattr(record, c.key)
+                                       for c in TunedModel.__table__.columns})
+        return False
+
     def _train(self, job_id: str, spec_json: dict, dataset_id: str,
                reporter: ProgressReporter) -> str:
         from models.bundle import save_bundle
@@ -224,7 +246,8 @@ class JobRunner:
                 "val_accuracy": result.best_metrics.get("val_accuracy"),
                 "val_loss": result.best_metrics.get("val_loss")}
         record = TunedModel(
-            id=model_id, job_id=job_id, dataset_id=dataset_id, dataset_hash=result.dataset_hash,
+            id=model_id, job_id=job_id, name=self._model_name(job_id, dataset_id),
+            dataset_id=dataset_id, dataset_hash=result.dataset_hash,
             backbone=result.backbone,
             classes=result.classes, spec=spec.model_dump(mode="json"),
             metrics={"best_epoch": result.best_epoch, "best": result.best_metrics,
@@ -233,8 +256,7 @@ class JobRunner:
                      "device": result.device, "precision": result.precision,
                      "train_seconds": round(result.seconds, 3)})
         try:
-            with self.db.session() as session:
-                recorded = job_state.succeed(session, job_id, record, best, result.stopped_early)
+            recorded = self._record_success(job_id, record, best, result.stopped_early)
         except BaseException:
             shutil.rmtree(model_dir, ignore_errors=True)
             raise

@@ -5,7 +5,17 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any, ClassVar
 
-from sqlalchemy import JSON, Boolean, DateTime, ForeignKey, Integer, String, Text, TypeDecorator
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from service.ids import new_id
@@ -88,6 +98,7 @@ class Job(Base):
     heartbeat_at: Mapped[datetime | None]
     priority: Mapped[int] = mapped_column(default=5)  # 0 (lowest) to 9 (highest)
     max_runtime_s: Mapped[int | None]
+    model_name: Mapped[str | None] = mapped_column(String(200))  # default: the dataset's name
 
 
 class JobEvent(Base):
@@ -127,8 +138,11 @@ class EpochMetrics(Base):
 
 class TunedModel(Base):
     __tablename__ = "models"
+    __table_args__ = (UniqueConstraint("name", "version"),)
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    name: Mapped[str] = mapped_column(String(200), default="model", index=True)
+    version: Mapped[int] = mapped_column(default=1)
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"), unique=True)
     dataset_id: Mapped[str] = mapped_column(String(32), index=True)
     dataset_hash: Mapped[str | None] = mapped_column(String(64))
@@ -137,3 +151,14 @@ class TunedModel(Base):
     metrics: Mapped[dict[str, Any]]  # best epoch, its metrics, stopped_early, epochs run
     spec: Mapped[dict[str, Any]]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ModelAlias(Base):
+    """``name:alias`` (e.g. ``flowers:production``) points at one version of that model."""
+
+    __tablename__ = "model_aliases"
+
+    name: Mapped[str] = mapped_column(String(200), primary_key=True)
+    alias: Mapped[str] = mapped_column(String(100), primary_key=True)
+    model_id: Mapped[str] = mapped_column(ForeignKey("models.id"))
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)

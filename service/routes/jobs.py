@@ -6,7 +6,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Header, Query, Request
+from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.encoders import jsonable_encoder
 from fastapi.responses import JSONResponse, StreamingResponse
 from sqlalchemy.exc import IntegrityError
@@ -58,7 +58,8 @@ def submit(body: JobIn, ctx: Ctx,
                 if earlier is not None:
                     return _view(ctx, earlier.id)
             job = create_job(session, dataset_id=body.dataset_id, spec_payload=body.spec,
-                             priority=body.priority, max_runtime_s=body.max_runtime_s)
+                             priority=body.priority, max_runtime_s=body.max_runtime_s,
+                             model_name=body.model_name)
             if idempotency_key is not None:
                 remember_idempotent(session, key=idempotency_key, digest=digest, job_id=job.id)
     except IntegrityError:
@@ -104,6 +105,19 @@ def cancel(job_id: str, ctx: Ctx) -> JSONResponse | dict:
     if view["status"] == JobStatus.RUNNING:
         return JSONResponse(jsonable_encoder(JobOut.model_validate(view)), status_code=202)
     return view
+
+
+@router.get("/jobs/{job_id}/curves.png", response_class=Response,
+            responses={200: {"content": {"image/png": {}}}})
+def curves(job_id: str, ctx: Ctx) -> Response:
+    """Loss and accuracy against epoch, train and val; available while the job runs."""
+    from service.plots import curves_png
+
+    with ctx.db.session() as session:
+        get_job(session, job_id)
+        rows = epoch_rows(session, job_id)
+    return Response(curves_png(rows, f"job {job_id[:8]}"), media_type="image/png",
+                    headers={"Cache-Control": "no-cache"})
 
 
 @router.get("/jobs/{job_id}/events", response_class=StreamingResponse,

@@ -1,20 +1,33 @@
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
-from fastapi import APIRouter, Depends, Query, Request
-from fastapi.responses import FileResponse
+from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi.encoders import jsonable_encoder
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
 from starlette.concurrency import run_in_threadpool
 
+from service.cards import build_card, card_markdown, read_json
 from service.context import AppContext, get_context
-from service.errors import InvalidInput
+from service.db.tables import Dataset, Job
+from service.errors import InvalidInput, NotFound
 from service.ingest.multipart import receive_multipart
+from service.jobs import epoch_rows
 from service.predictions import decode_images, parse_top_k, predict_images
-from service.schemas import ModelOut, PredictOut
-from service.tuned_models import get_model, list_models, model_view, model_zip
+from service.schemas import AliasIn, AliasOut, ModelOut, PredictOut
+from service.tuned_models import (
+    aliases_of,
+    get_model,
+    list_models,
+    model_export,
+    model_view,
+    model_zip,
+    set_alias,
+)
 
 router = APIRouter(tags=["models"])
 Ctx = Annotated[AppContext, Depends(get_context)]
+REF = "a model id, name:version or name:alias"
 
 _PREDICT_FORM = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
     "type": "object", "required": ["files"],
@@ -24,39 +37,100 @@ _PREDICT_FORM = {"requestBody": {"required": True, "content": {"multipart/form-d
     }}}}}}
 
 
+def _resolve(ctx: AppContext, ref: str) -> str:
+    with ctx.db.session() as session:
+        return get_model(session, ref).id
+
+
 @router.get("/models", response_model=list[ModelOut])
 def list_all(ctx: Ctx, limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> list[dict]:
     with ctx.db.session() as session:
-        return [model_view(m) for m in list_models(session, limit=limit)]
+        return [model_view(m, aliases_of(session, m)) for m in list_models(session, limit=limit)]
 
 
-@router.get("/models/{model_id}", response_model=ModelOut)
-def get_one(model_id: str, ctx: Ctx) -> dict:
+@router.put("/models/aliases/{alias}", response_model=AliasOut)
+def put_alias(alias: str, body: AliasIn, ctx: Ctx) -> dict:
+    """Point ``name:alias`` (e.g. ``flowers:production``) at a model of that name."""
     with ctx.db.session() as session:
-        return model_view(get_model(session, model_id))
+        row = set_alias(session, alias=alias, ref=body.model)
+        return {"name": row.name, "alias": row.alias, "model_id": row.model_id}
 
 
-@router.get("/models/{model_id}/download", response_class=FileResponse)
-def download(model_id: str, ctx: Ctx) -> FileResponse:
-    """A zip of exactly what ``models.Predictor.load`` reads."""
+@router.get("/models/{model_ref}", response_model=ModelOut, description=REF)
+def get_one(model_ref: str, ctx: Ctx) -> dict:
     with ctx.db.session() as session:
-        get_model(session, model_id)
-    path = model_zip(ctx.storage, model_id)
-    return FileResponse(path, media_type="application/zip", filename=f"model-{model_id}.zip")
+        model = get_model(session, model_ref)
+        return model_view(model, aliases_of(session, model))
 
 
-@router.post("/models/{model_id}/predict", response_model=PredictOut,
-             openapi_extra=_PREDICT_FORM)
-async def predict(model_id: str, request: Request, ctx: Ctx,
+@router.get("/models/{model_ref}/evaluation")
+def evaluation(model_ref: str, ctx: Ctx) -> dict:
+    """The best weights evaluated on val (and test): per-class metrics, the full confusion
+    matrix, calibration error, most confused pairs, highest-loss files."""
+    model_id = _resolve(ctx, model_ref)
+    found = read_json(ctx.storage.model_dir(model_id) / "evaluation.json")
+    if not found:
+        raise NotFound(f"model {model_id} has no evaluation (trained before evaluations)")
+    return found
+
+
+@router.get("/models/{model_ref}/card", response_class=PlainTextResponse, response_model=None,
+            responses={200: {"content": {"text/markdown": {}, "application/json": {}}}})
+def card(model_ref: str, ctx: Ctx,
+         format: Annotated[Literal["markdown", "json"], Query()] = "markdown"
+         ) -> Response:
+    """The model card, Markdown (default) or ``?format=json``."""
+    with ctx.db.session() as session:
+        model = get_model(session, model_ref)
+        folder = ctx.storage.model_dir(model.id)
+        content = build_card(model=model, job=session.get(Job, model.job_id),
+                             dataset=session.get(Dataset, model.dataset_id),
+                             config=read_json(folder / "config.json"),
+                             evaluation=read_json(folder / "evaluation.json"),
+                             history=epoch_rows(session, model.job_id))
+    if format == "json":
+        return JSONResponse(jsonable_encoder(content))
+    return Response(card_markdown(content), media_type="text/markdown; charset=utf-8")
+
+
+@router.get("/models/{model_ref}/confusion.png", response_class=Response,
+            responses={200: {"content": {"image/png": {}}}})
+def confusion(model_ref: str, ctx: Ctx,
+              split: Annotated[Literal["val", "test"], Query()] = "val") -> Response:
+    from service.plots import confusion_png
+
+    model_id = _resolve(ctx, model_ref)
+    result = read_json(ctx.storage.model_dir(model_id) / "evaluation.json").get(split)
+    if not result or "confusion_matrix" not in result:
+        raise NotFound(f"model {model_id} has no {split} evaluation")
+    matrix = result["confusion_matrix"]
+    return Response(confusion_png(matrix["rows_true_columns_predicted"], matrix["labels"],
+                                  f"model {model_id[:8]} — {split}"), media_type="image/png")
+
+
+@router.get("/models/{model_ref}/download", response_class=FileResponse, description=REF)
+def download(model_ref: str, ctx: Ctx,
+             format: Annotated[Literal["safetensors", "torchscript", "onnx"], Query()] =
+             "safetensors") -> FileResponse:
+    """``safetensors`` (default): a zip of what ``models.Predictor.load`` reads, plus the
+    evaluation. ``onnx`` / ``torchscript``: uint8 RGB ``[N, 3, S, S]`` in, probabilities out,
+    normalisation included (see models/export.py for resizing)."""
+    model_id = _resolve(ctx, model_ref)
+    if format == "safetensors":
+        path = model_zip(ctx.storage, model_id)
+        return FileResponse(path, media_type="application/zip", filename=f"model-{model_id}.zip")
+    path = model_export(ctx.storage, model_id, format)
+    return FileResponse(path, media_type="application/octet-stream",
+                        filename=f"model-{model_id}{path.suffix}")
+
+
+@router.post("/models/{model_ref}/predict", response_model=PredictOut,
+             openapi_extra=_PREDICT_FORM, description=REF)
+async def predict(model_ref: str, request: Request, ctx: Ctx,
                   top_k: Annotated[int | None, Query(ge=1, le=1000)] = None) -> dict:
     """Classify one or more images: one list of ``{label, score}`` per image, in order."""
     settings = ctx.settings
-
-    def lookup() -> None:
-        with ctx.db.session() as session:
-            get_model(session, model_id)
-
-    await run_in_threadpool(lookup)
+    model_id = await run_in_threadpool(_resolve, ctx, model_ref)
     form = await receive_multipart(
         request, dest=ctx.storage.uploads, file_fields={"files", "file"},
         max_bytes=int(settings.max_predict_images * settings.max_predict_image_mb * 2**20),

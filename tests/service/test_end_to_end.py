@@ -6,6 +6,7 @@ import io
 import zipfile
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from models.predictor import Predictor
@@ -35,8 +36,11 @@ def test_openapi_documents_every_route(client):
     paths = client.get("/openapi.json").json()["paths"]
     for path in ("/healthz", "/v1/backbones", "/v1/datasets", "/v1/datasets/{dataset_id}",
                  "/v1/jobs", "/v1/jobs/{job_id}", "/v1/jobs/{job_id}/cancel", "/v1/models",
-                 "/v1/models/{model_id}", "/v1/models/{model_id}/download",
-                 "/v1/models/{model_id}/predict"):
+                 "/v1/jobs/{job_id}/events", "/v1/jobs/{job_id}/curves.png",
+                 "/v1/datasets/{dataset_id}/report", "/v1/models/aliases/{alias}",
+                 "/v1/models/{model_ref}", "/v1/models/{model_ref}/download",
+                 "/v1/models/{model_ref}/predict", "/v1/models/{model_ref}/evaluation",
+                 "/v1/models/{model_ref}/card", "/v1/models/{model_ref}/confusion.png"):
         assert path in paths, path
     upload = paths["/v1/datasets"]["post"]["requestBody"]["content"]
     assert "file" in upload["multipart/form-data"]["schema"]["properties"]
@@ -113,5 +117,60 @@ def test_fine_tune_through_the_service(client, animal_folder, animal_heldout, tm
     again = client.post(f"/v1/models/{model['id']}/predict", files=files[:1]).json()
     assert again["predictions"][0][0]["label"] == remote[0]
     assert client.get("/healthz").json()["loaded_models"] == loaded >= 1
+    _check_model_extras(client, model, job, dataset, [images[i] for i in chosen], remote)
     # Nothing is left in the upload area once requests finish.
     assert not any((service_home / "uploads").iterdir())
+
+
+def _check_model_extras(client, model, job, dataset, images, remote_top1):
+    """Evaluation, card, pictures, exports with parity, versions and aliases (issue 6)."""
+    import onnxruntime as ort
+    import torch
+
+    from models.data.transforms import resize_center_crop
+    from models.preprocessing import Preprocessing
+
+    evaluation = client.get(f"/v1/models/{model['id']}/evaluation").json()
+    val = evaluation["val"]
+    assert val["num_images"] == 80 and len(val["confusion_matrix"]["labels"]) == 10
+    assert val["accuracy"] == pytest.approx(job["best"]["val_accuracy"], abs=1e-6)
+    card = client.get(f"/v1/models/{model['id']}/card?format=json").json()
+    assert card["dataset"]["content_hash"] == dataset["content_hash"]
+    assert card["backbone"]["pretrained_weights_from"].startswith("package")
+    assert card["seed"] == 1 and len(card["training_curve"]) == 2
+    assert {"torch", "timm"} <= set(card["environment"]["versions"])
+    markdown = client.get(f"/v1/models/{model['id']}/card")
+    assert markdown.headers["content-type"].startswith("text/markdown")
+    assert "# Model card: animals v" in markdown.text and "| animal0 |" in markdown.text
+    for url in (f"/v1/jobs/{job['id']}/curves.png", f"/v1/models/{model['id']}/confusion.png"):
+        picture = client.get(url)
+        assert picture.headers["content-type"] == "image/png"
+        assert picture.content.startswith(b"\x89PNG")
+
+    # Name, version and alias references.
+    assert model["name"] == "animals" and model["version"] >= 1
+    by_version = client.get(f"/v1/models/animals:{model['version']}").json()
+    assert by_version["id"] == model["id"]
+    alias = client.put("/v1/models/aliases/production", json={"model": model["id"]})
+    assert alias.status_code == 200 and alias.json()["name"] == "animals"
+    assert client.get("/v1/models/animals:production").json()["aliases"] == ["production"]
+    assert client.get("/v1/models/animals:staging").status_code == 404
+    assert client.put("/v1/models/aliases/12", json={"model": model["id"]}).status_code == 422
+
+    # ONNX and TorchScript downloads agree with /predict (through the alias).
+    prep = Preprocessing.from_dict(client.get(
+        "/v1/models/animals:production/card?format=json").json()["backbone"]["preprocessing"])
+    batch = torch.stack([resize_center_crop(Image.fromarray(a).convert("RGB"), prep,
+                                            prep.input_size) for a in images]).numpy()
+    onnx_file = client.get("/v1/models/animals:production/download?format=onnx")
+    assert onnx_file.status_code == 200
+    session = ort.InferenceSession(onnx_file.content, providers=["CPUExecutionProvider"])
+    onnx_probs = session.run(None, {"images": batch})[0]
+    labels = model["classes"]
+    assert [labels[i] for i in onnx_probs.argmax(1)] == remote_top1
+    script = client.get(f"/v1/models/{model['id']}/download?format=torchscript")
+    scripted = torch.jit.load(io.BytesIO(script.content))
+    with torch.no_grad():
+        script_probs = scripted(torch.from_numpy(batch)).numpy()
+    assert np.abs(script_probs - onnx_probs).max() <= 1e-4
+    assert client.get(f"/v1/models/{model['id']}/download?format=tflite").status_code == 422

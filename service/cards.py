@@ -1,0 +1,115 @@
+"""The model card: what a reviewer needs to trust and reproduce a tuned model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from service.db.tables import Dataset, Job, TunedModel
+
+CURVE_KEYS = ("epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr",
+              "seconds")
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def build_card(*, model: TunedModel, job: Job | None, dataset: Dataset | None, config: dict,
+               evaluation: dict, history: list[dict]) -> dict:
+    val = evaluation.get("val", {})
+    summary = {split: {k: result.get(k) for k in ("num_images", "accuracy", "top_k",
+                                                  "top_k_accuracy", "macro_f1", "loss",
+                                                  "expected_calibration_error")}
+               | {"most_confused": result.get("most_confused", [])[:5]}
+               for split, result in evaluation.items()}
+    return {
+        "model": {"id": model.id, "name": model.name, "version": model.version,
+                  "created_at": model.created_at.isoformat(), "classes": model.classes},
+        "backbone": {"name": config.get("backbone"), "architecture": config.get("architecture"),
+                     "pretrained_weights_from": config.get("weights_source"),
+                     "preprocessing": config.get("preprocessing")},
+        "spec": config.get("spec", model.spec),
+        "seed": config.get("spec", model.spec).get("seed"),
+        "dataset": {"id": model.dataset_id, "name": dataset.name if dataset else None,
+                    "content_hash": model.dataset_hash,
+                    "class_counts": dataset.class_counts if dataset else None,
+                    "num_train": config.get("num_train"), "num_val": config.get("num_val"),
+                    "skipped_files": len(config.get("skipped", []))},
+        "metrics": {"best_epoch": config.get("best_epoch"),
+                    "best": config.get("best_metrics"),
+                    "stopped_early": config.get("stopped_early"),
+                    "epochs_run": config.get("epochs_run")},
+        "evaluation": summary,
+        "per_class": val.get("per_class", []),
+        "training_curve": [{k: row.get(k) for k in CURVE_KEYS} for row in history],
+        "environment": {"versions": config.get("versions"), "device": config.get("device"),
+                        "precision": config.get("precision")},
+        "timings": {"train_seconds": config.get("train_seconds"),
+                    "job_created_at": job.created_at.isoformat() if job else None,
+                    "job_started_at": job.started_at.isoformat() if job and job.started_at
+                    else None,
+                    "job_finished_at": job.finished_at.isoformat() if job and job.finished_at
+                    else None},
+    }
+
+
+def _fmt(value: object) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return str(value)
+
+
+def card_markdown(card: dict) -> str:
+    model, backbone, dataset = card["model"], card["backbone"], card["dataset"]
+    lines = [
+        f"# Model card: {model['name']} v{model['version']}",
+        "",
+        f"- **Model id**: `{model['id']}` (created {model['created_at']})",
+        f"- **Backbone**: {backbone['name']} (timm `{backbone['architecture']}`), ImageNet "
+        f"weights from {backbone['pretrained_weights_from'] or 'none (random init)'}",
+        f"- **Dataset**: {dataset['name'] or dataset['id']}, content hash "
+        f"`{dataset['content_hash']}`; {dataset['num_train']} training and "
+        f"{dataset['num_val']} validation images; {dataset['skipped_files']} files skipped",
+        f"- **Classes** ({len(model['classes'])}): {', '.join(model['classes'])}",
+        f"- **Seed**: {card['seed']}",
+        "",
+        "## Results",
+        "",
+        f"Best epoch {card['metrics']['best_epoch']} of {card['metrics']['epochs_run']}"
+        f"{' (stopped early)' if card['metrics']['stopped_early'] else ''}.",
+        "",
+        "| split | images | accuracy | top-k accuracy | macro F1 | loss | ECE |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for split, result in card["evaluation"].items():
+        lines.append(f"| {split} | {result['num_images']} | {_fmt(result['accuracy'])} | "
+                     f"{_fmt(result['top_k_accuracy'])} (k={result['top_k']}) | "
+                     f"{_fmt(result['macro_f1'])} | {_fmt(result['loss'])} | "
+                     f"{_fmt(result['expected_calibration_error'])} |")
+    confused = card["evaluation"].get("val", {}).get("most_confused", [])
+    if confused:
+        lines += ["", "Most confused (val): " + "; ".join(
+            f"{p['true']} → {p['predicted']} ×{p['count']}" for p in confused)]
+    lines += ["", "## Per class (val)", "", "| class | precision | recall | F1 | support |",
+              "|---|---|---|---|---|"]
+    lines += [f"| {row['class']} | {_fmt(row['precision'])} | {_fmt(row['recall'])} | "
+              f"{_fmt(row['f1'])} | {row['support']} |" for row in card["per_class"]]
+    lines += ["", "## Training curve", "", "| epoch | train loss | train acc | val loss | "
+              "val acc | lr | seconds |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['epoch']} | {_fmt(r['train_loss'])} | {_fmt(r['train_accuracy'])} | "
+              f"{_fmt(r['val_loss'])} | {_fmt(r['val_accuracy'])} | {_fmt(r['lr'])} | "
+              f"{_fmt(r['seconds'])} |" for r in card["training_curve"]]
+    env = card["environment"]
+    lines += ["", "## Reproduce", "", "Spec (resolved):", "", "```json",
+              json.dumps(card["spec"], indent=2), "```", "",
+              f"Environment: device {env['device']}, precision {env['precision']}; "
+              + ", ".join(f"{k} {v}" for k, v in (env["versions"] or {}).items()),
+              f"Timings: trained in {_fmt(card['timings']['train_seconds'])} s; job "
+              f"{card['timings']['job_started_at']} → {card['timings']['job_finished_at']}.", ""]
+    return "\n".join(lines)
