@@ -41,15 +41,34 @@ class Predictor:
         model.load_state_dict(state)
         return cls(model, list(config["classes"]), prep, resolve_device(device), config)
 
-    def preprocess(self, images: Sequence[ImageInput]) -> torch.Tensor:
+    def to_uint8(self, images: Sequence[ImageInput]) -> torch.Tensor:
+        """Decode, resize and centre-crop: uint8 ``[N, 3, S, S]`` on the CPU."""
         size = self.preprocessing.input_size
-        batch = torch.stack([resize_center_crop(_as_image(im), self.preprocessing, size)
-                             for im in images])
-        return normalize(batch.to(self.device), self.preprocessing)
+        return torch.stack([resize_center_crop(_as_image(im), self.preprocessing, size)
+                            for im in images])
+
+    def preprocess(self, images: Sequence[ImageInput]) -> torch.Tensor:
+        return normalize(self.to_uint8(images).to(self.device), self.preprocessing)
 
     @torch.no_grad()
+    def probabilities(self, batch: torch.Tensor) -> torch.Tensor:
+        """Class probabilities for a uint8 batch from ``to_uint8``."""
+        normalised = normalize(batch.to(self.device), self.preprocessing)
+        return torch.softmax(self.model(normalised).float(), dim=1).cpu()
+
     def predict_proba(self, images: Sequence[ImageInput]) -> torch.Tensor:
-        return torch.softmax(self.model(self.preprocess(images)).float(), dim=1).cpu()
+        return self.probabilities(self.to_uint8(images))
+
+    def top_k(self, probs: torch.Tensor, top_k: int) -> list[list[dict]]:
+        k = max(1, min(top_k, len(self.classes)))
+        scores, indices = probs.topk(k, dim=1)
+        return [[{"label": self.classes[i], "score": float(s)}
+                 for s, i in zip(row_s.tolist(), row_i.tolist(), strict=True)]
+                for row_s, row_i in zip(scores, indices, strict=True)]
+
+    def memory_bytes(self) -> int:
+        return sum(t.numel() * t.element_size()
+                   for t in [*self.model.parameters(), *self.model.buffers()])
 
     def predict(self, images: Sequence[ImageInput] | ImageInput,
                 top_k: int = 5) -> list[list[dict]]:
@@ -58,12 +77,7 @@ class Predictor:
             images = [images]  # type: ignore[list-item]
         if not images:
             return []
-        probs = self.predict_proba(images)
-        k = max(1, min(top_k, len(self.classes)))
-        scores, indices = probs.topk(k, dim=1)
-        return [[{"label": self.classes[i], "score": float(s)}
-                 for s, i in zip(row_s.tolist(), row_i.tolist(), strict=True)]
-                for row_s, row_i in zip(scores, indices, strict=True)]
+        return self.top_k(self.predict_proba(images), top_k)
 
 
 def _as_image(image: ImageInput) -> Image.Image:

@@ -30,17 +30,20 @@ async def _reconcile_forever(ctx: AppContext) -> None:
         await asyncio.sleep(ctx.settings.reconcile_interval_s)
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, *, serve_only: bool = False) -> FastAPI:
+    """The full API, or with ``serve_only`` the predict-side routes alone (``ftune serve``):
+    no job queue, no Redis, scaled apart from the training API."""
     settings = settings or Settings()
-    ctx = AppContext.build(settings)
+    ctx = AppContext.build(settings, serve_only=serve_only)
     # Anything a library spools to a temp file stays inside the data directory.
     tempfile.tempdir = str(ctx.storage.tmp)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        repairing = asyncio.create_task(_reconcile_forever(ctx))
+        repairing = None if serve_only else asyncio.create_task(_reconcile_forever(ctx))
         yield
-        repairing.cancel()
+        if repairing is not None:
+            repairing.cancel()
         ctx.db.dispose()
 
     app = FastAPI(title="ftune", version="0.1.0", lifespan=lifespan,
@@ -48,6 +51,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.ctx = ctx
     install_error_handlers(app)
     app.include_router(health.router)
-    for module in (backbones, datasets, jobs, tuned_models):
+    for module in ((tuned_models,) if serve_only else (backbones, datasets, jobs, tuned_models)):
         app.include_router(module.router, prefix="/v1")
     return app

@@ -25,6 +25,12 @@ def add_service_commands(sub: argparse._SubParsersAction) -> None:
     api.add_argument("--home")
     api.set_defaults(run=_api)
 
+    serve = sub.add_parser("serve", help="run a predict-only server (no Redis, no training)")
+    serve.add_argument("--port", type=int)
+    serve.add_argument("--host")
+    serve.add_argument("--home")
+    serve.set_defaults(run=_serve)
+
     worker = sub.add_parser("worker", help="run one training worker (needs REDIS_URL)")
     worker.add_argument("--device", help="cpu, cuda, cuda:1 (default: automatic)")
     worker.add_argument("--name", help="Celery node name (default: random@host)")
@@ -52,6 +58,18 @@ def _api(args: argparse.Namespace) -> int:
     settings = _settings(args)
     settings.broker_url  # noqa: B018 - fail now with a clear message, not on the first job
     uvicorn.run(create_app(settings), host=args.host or settings.api_host,
+                port=settings.api_port if args.port is None else args.port,
+                log_level="info" if args.verbose else "warning")
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from service.app import create_app
+
+    settings = _settings(args)
+    uvicorn.run(create_app(settings, serve_only=True), host=args.host or settings.api_host,
                 port=settings.api_port if args.port is None else args.port,
                 log_level="info" if args.verbose else "warning")
     return 0

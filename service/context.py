@@ -26,9 +26,10 @@ class AppContext:
     db: Database
     storage: Storage
     predictors: PredictorCache
+    serve_only: bool = False  # `ftune serve`: predictions only, no Redis
 
     @classmethod
-    def build(cls, settings: Settings) -> AppContext:
+    def build(cls, settings: Settings, *, serve_only: bool = False) -> AppContext:
         storage = Storage(settings.resolved_home)
         storage.prepare()
         storage.sweep_stale()
@@ -38,7 +39,10 @@ class AppContext:
         except SQLAlchemyError as exc:
             # Start anyway: /healthz reports the database down (503) until it answers.
             log.warning("database unavailable at start-up: %s", exc)
-        return cls(settings, db, storage, PredictorCache(storage, settings.predictor_cache_size))
+        return cls(settings, db, storage, PredictorCache(
+            storage, int(settings.predictor_cache_mb * 2**20),
+            max_batch=settings.predict_max_batch, max_wait_ms=settings.predict_max_wait_ms),
+            serve_only)
 
     @cached_property
     def celery(self) -> Celery:

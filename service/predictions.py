@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from PIL import Image, UnidentifiedImageError
 
 from models.data.images import open_rgb
 from service.errors import InvalidInput
 from service.ingest.multipart import ReceivedFile
-
-if TYPE_CHECKING:
-    from models.predictor import Predictor
 
 MAX_TOP_K = 1000
 
@@ -41,7 +36,3 @@ def decode_images(files: list[ReceivedFile]) -> list[Image.Image]:
             raise InvalidInput(f"{received.filename}: not a decodable image "
                                f"({type(exc).__name__}: {exc})") from exc
     return images
-
-
-def predict_images(predictor: Predictor, images: list[Image.Image], top_k: int) -> list[list[dict]]:
-    return predictor.predict(images, top_k=top_k)

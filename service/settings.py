@@ -30,7 +30,12 @@ class Settings(BaseSettings):
                                   "before decoding (decompression bombs).")
     max_predict_images: int = Field(64, ge=1, description="Most images in one predict request.")
     max_predict_image_mb: float = Field(20, gt=0, description="Largest image accepted by predict.")
-    predictor_cache_size: int = Field(4, ge=1, description="Tuned models kept loaded by the API.")
+    predictor_cache_mb: float = Field(2048, gt=0, description="Memory for tuned models kept "
+                                      "loaded by each API process (least recently used "
+                                      "evicted).")
+    predict_max_batch: int = Field(32, ge=1, description="Most images in one batched forward.")
+    predict_max_wait_ms: float = Field(5.0, ge=0, description="Longest a predict request "
+                                       "waits for others to batch with.")
     visibility_timeout_s: int = Field(
         7 * 24 * 3600, ge=60,
         description="Redis redelivers an unacknowledged job after this long; longer than any job.")

@@ -9,18 +9,15 @@ import uuid
 import zipfile
 from collections import OrderedDict
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from service.batching import DynamicBatcher
 from service.db.tables import ModelAlias, TunedModel
 from service.errors import InvalidInput, NotFound
 from service.ids import is_id
 from service.storage import Storage
-
-if TYPE_CHECKING:
-    from models.predictor import Predictor
 
 # What models.Predictor.load reads, plus the evaluation; literal so the API never imports
 # torch to list them.
@@ -118,18 +115,22 @@ def model_zip(storage: Storage, model_id: str) -> Path:
 
 
 class PredictorCache:
-    """Loaded models kept in the API process, least recently used evicted first.
+    """Loaded models (each with its batcher) kept in the API process, bounded by memory:
+    least recently used evicted first. A per-model lock makes concurrent first requests load
+    the model once."""
 
-    A per-model lock makes concurrent first requests load the model once.
-    """
-
-    def __init__(self, storage: Storage, max_models: int) -> None:
-        self.storage, self.max_models = storage, max_models
-        self._loaded: OrderedDict[str, Predictor] = OrderedDict()
+    def __init__(self, storage: Storage, max_bytes: int, *, max_batch: int = 32,
+                 max_wait_ms: float = 5.0) -> None:
+        self.storage, self.max_bytes = storage, max_bytes
+        self.max_batch, self.max_wait_ms = max_batch, max_wait_ms
+        self._loaded: OrderedDict[str, DynamicBatcher] = OrderedDict()
+        self._sizes: dict[str, int] = {}
         self._lock = threading.Lock()
         self._loading: dict[str, threading.Lock] = {}
+        self.loads = 0
+        self._evicted_batches = self._evicted_images = 0
 
-    def get(self, model_id: str) -> Predictor:
+    def get(self, model_id: str) -> DynamicBatcher:
         with self._lock:
             if model_id in self._loaded:
                 self._loaded.move_to_end(model_id)
@@ -146,12 +147,37 @@ class PredictorCache:
                 raise NotFound(f"model {model_id} has no files on this server; was the data "
                                "directory moved?")
             predictor = Predictor.load(folder)
+            batcher = DynamicBatcher(predictor, max_batch=self.max_batch,
+                                     max_wait_ms=self.max_wait_ms)
             with self._lock:
-                self._loaded[model_id] = predictor
-                while len(self._loaded) > self.max_models:
-                    self._loaded.popitem(last=False)
+                self.loads += 1
+                self._loaded[model_id] = batcher
+                self._sizes[model_id] = predictor.memory_bytes()
+                # Keep at least the newest model, even when it alone is over the budget.
+                while sum(self._sizes.values()) > self.max_bytes and len(self._loaded) > 1:
+                    evicted, old = self._loaded.popitem(last=False)
+                    self._sizes.pop(evicted, None)
+                    self._evicted_batches += old.batches
+                    self._evicted_images += old.images
+                    old.close()
                 self._loading.pop(model_id, None)
-            return predictor
+            return batcher
+
+    def peek(self, model_id: str) -> DynamicBatcher | None:
+        with self._lock:
+            return self._loaded.get(model_id)
+
+    @property
+    def batches(self) -> int:
+        return self._evicted_batches + sum(b.batches for b in list(self._loaded.values()))
+
+    @property
+    def images(self) -> int:
+        return self._evicted_images + sum(b.images for b in list(self._loaded.values()))
+
+    @property
+    def bytes(self) -> int:
+        return sum(self._sizes.values())
 
     def __len__(self) -> int:
         return len(self._loaded)

@@ -18,16 +18,21 @@ router = APIRouter(tags=["health"])
 def healthz(ctx: Annotated[AppContext, Depends(get_context)]) -> JSONResponse:
     """200 when the database and Redis answer; 503 naming what is down otherwise."""
     body: dict = {"status": "ok", "database": "ok", "redis": "ok", "workers": None,
-                  "loaded_models": len(ctx.predictors)}
+                  "loaded_models": len(ctx.predictors), "model_loads": ctx.predictors.loads,
+                  "predict_batches": ctx.predictors.batches,
+                  "predict_images": ctx.predictors.images}
     try:
         ping(ctx.db.engine)
     except SQLAlchemyError as exc:
         body["database"] = f"down: {type(exc).__name__}"
-    try:
-        ctx.redis.ping()
-        body["workers"] = live_worker_count(ctx.redis)
-    except (redis.RedisError, RuntimeError) as exc:
-        body["redis"] = f"down: {exc}"
-    healthy = body["database"] == "ok" and body["redis"] == "ok"
+    if ctx.serve_only:
+        body["redis"] = "not used (ftune serve)"
+    else:
+        try:
+            ctx.redis.ping()
+            body["workers"] = live_worker_count(ctx.redis)
+        except (redis.RedisError, RuntimeError) as exc:
+            body["redis"] = f"down: {exc}"
+    healthy = body["database"] == "ok" and (ctx.serve_only or body["redis"] == "ok")
     body["status"] = "ok" if healthy else "unavailable"
     return JSONResponse(body, status_code=200 if healthy else 503)

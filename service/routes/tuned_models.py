@@ -13,7 +13,7 @@ from service.db.tables import Dataset, Job
 from service.errors import InvalidInput, NotFound
 from service.ingest.multipart import receive_multipart
 from service.jobs import epoch_rows
-from service.predictions import decode_images, parse_top_k, predict_images
+from service.predictions import decode_images, parse_top_k
 from service.schemas import AliasIn, AliasOut, ModelOut, PredictOut
 from service.tuned_models import (
     aliases_of,
@@ -131,20 +131,22 @@ async def predict(model_ref: str, request: Request, ctx: Ctx,
     """Classify one or more images: one list of ``{label, score}`` per image, in order."""
     settings = ctx.settings
     model_id = await run_in_threadpool(_resolve, ctx, model_ref)
-    form = await receive_multipart(
-        request, dest=ctx.storage.uploads, file_fields={"files", "file"},
-        max_bytes=int(settings.max_predict_images * settings.max_predict_image_mb * 2**20),
-        max_files=settings.max_predict_images)
-    try:
-        files = form.files  # both field names, in the order sent
-        if not files:
-            raise InvalidInput("files: send one or more images as the multipart field 'files'")
-        k = top_k if top_k is not None else parse_top_k(form.fields.get("top_k"))
-
-        def run() -> list[list[dict]]:
-            images = decode_images(files)
-            return predict_images(ctx.predictors.get(model_id), images, k)
-
-        return {"predictions": await run_in_threadpool(run)}
-    finally:
-        form.cleanup()
+    batcher = await run_in_threadpool(ctx.predictors.get, model_id)  # loaded once, then cached
+    with batcher.arriving():  # peers arriving: the batcher may wait briefly to batch with them
+        form = await receive_multipart(
+            request, dest=ctx.storage.uploads, file_fields={"files", "file"},
+            max_bytes=int(settings.max_predict_images * settings.max_predict_image_mb * 2**20),
+            max_files=settings.max_predict_images)
+        try:
+            files = form.files  # both field names, in the order sent
+            if not files:
+                raise InvalidInput("files: send one or more images as the multipart field "
+                                   "'files'")
+            k = top_k if top_k is not None else parse_top_k(form.fields.get("top_k"))
+            # Decoding and resizing happen on a worker thread, never on the event loop.
+            batch = await run_in_threadpool(
+                lambda: batcher.predictor.to_uint8(decode_images(files)))
+        finally:
+            form.cleanup()
+    probs = await batcher.probabilities(batch)
+    return {"predictions": batcher.predictor.top_k(probs, k)}

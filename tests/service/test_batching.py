@@ -1,0 +1,79 @@
+"""Dynamic batching and the memory-bounded model cache, with a real tuned model."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+import torch
+
+from models.bundle import save_bundle
+from models.training.fit import fit
+from service.batching import DynamicBatcher
+from service.storage import Storage
+from service.tuned_models import PredictorCache
+
+
+@pytest.fixture(scope="module")
+def model_home(tiny_folder, tmp_path_factory):
+    storage = Storage(tmp_path_factory.mktemp("home"))
+    storage.prepare()
+    ids = ["a" * 32, "b" * 32]
+    for model_id in ids:
+        save_bundle(fit(tiny_folder, {"image_size": 32, "epochs": 1}), storage.model_dir(model_id))
+    return storage, ids
+
+
+def test_concurrent_requests_share_one_forward_with_the_same_answers(model_home):
+    storage, ids = model_home
+    batcher = PredictorCache(storage, 1 << 30).get(ids[0])
+    batches = [torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8) for n in (1, 3, 2, 1)]
+    expected = [batcher.predictor.probabilities(b) for b in batches]
+
+    async def together() -> list[torch.Tensor]:
+        return await asyncio.gather(*(batcher.probabilities(b) for b in batches))
+
+    results = asyncio.run(together())
+    assert batcher.batches == 1 and batcher.images == 7  # one forward for four requests
+    for got, want in zip(results, expected, strict=True):
+        assert torch.allclose(got, want, atol=1e-5)
+    batcher.close()
+
+
+def test_a_lone_request_does_not_wait_for_the_batch_window(model_home):
+    storage, ids = model_home
+    predictor = PredictorCache(storage, 1 << 30).get(ids[0]).predictor
+    batcher = DynamicBatcher(predictor, max_batch=32, max_wait_ms=2000)
+    image = torch.randint(0, 256, (1, 3, 32, 32), dtype=torch.uint8)
+
+    async def alone() -> float:
+        started = time.perf_counter()
+        await batcher.probabilities(image)
+        return time.perf_counter() - started
+
+    assert asyncio.run(alone()) < 1.0  # far below the 2 s window
+    batcher.close()
+
+
+def test_cache_is_bounded_by_memory_and_loads_once(model_home):
+    storage, ids = model_home
+    probe = PredictorCache(storage, 1 << 30)
+    one_model = probe.get(ids[0]).predictor.memory_bytes()
+    cache = PredictorCache(storage, int(one_model * 1.5))  # room for one model only
+    first = cache.get(ids[0])
+    assert cache.get(ids[0]) is first and cache.loads == 1
+    cache.get(ids[1])
+    assert len(cache) == 1 and cache.peek(ids[0]) is None and cache.bytes == one_model
+    cache.get(ids[0])
+    assert cache.loads == 3
+
+
+def test_concurrent_first_requests_load_the_model_once(model_home):
+    from concurrent.futures import ThreadPoolExecutor
+
+    storage, ids = model_home
+    cache = PredictorCache(storage, 1 << 30)
+    with ThreadPoolExecutor(6) as pool:
+        batchers = list(pool.map(lambda _: cache.get(ids[1]), range(6)))
+    assert cache.loads == 1 and all(b is batchers[0] for b in batchers)

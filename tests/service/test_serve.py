@@ -1,0 +1,52 @@
+"""`ftune serve`: a predict-only server on the same database and data directory."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+
+import httpx
+from PIL import Image
+
+from models.bundle import save_bundle
+from models.training.fit import fit
+from service.db.session import Database
+from service.db.tables import TunedModel
+from service.launcher import free_port
+from service.storage import Storage
+from tests.service.conftest import stop_process, wait_until
+
+
+def test_serve_answers_predictions_without_redis(tiny_folder, tmp_path):
+    home = tmp_path / "home"
+    storage = Storage(home)
+    storage.prepare()
+    result = fit(tiny_folder, {"image_size": 32, "epochs": 1})
+    model_id = "c" * 32
+    save_bundle(result, storage.model_dir(model_id))
+    db = Database(f"sqlite:///{home / 'ftune.db'}")
+    with db.session() as session:
+        session.add(TunedModel(id=model_id, job_id="d" * 32, dataset_id="e" * 32, name="tiny",
+                               version=1, backbone=result.backbone, classes=result.classes,
+                               metrics={}, spec=result.spec.model_dump(mode="json")))
+    db.dispose()
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "DATABASE_URL")}
+    server = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--home", str(home),
+                               "--port", str(port)], env=env)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_until(lambda: httpx.get(f"{url}/healthz").status_code == 200, 60, "ftune serve")
+        assert httpx.get(f"{url}/healthz").json()["redis"] == "not used (ftune serve)"
+        assert [m["id"] for m in httpx.get(f"{url}/v1/models").json()] == [model_id]
+        image = io.BytesIO()
+        Image.open(next((tiny_folder / "animal1").iterdir())).save(image, "PNG")
+        response = httpx.post(f"{url}/v1/models/tiny:1/predict",
+                              files={"files": ("a.png", image.getvalue())}, timeout=60)
+        assert response.status_code == 200
+        assert {p["label"] for p in response.json()["predictions"][0]} == set(result.classes)
+        assert httpx.get(f"{url}/v1/jobs").status_code == 404  # no training side here
+    finally:
+        stop_process(server)
