@@ -13,7 +13,7 @@ from PIL import Image
 from models.bundle import save_bundle
 from models.training.fit import fit
 from service.db.session import Database
-from service.db.tables import TunedModel
+from service.db.tables import Job, TunedModel
 from service.launcher import free_port
 from service.storage import Storage
 from tests.service.conftest import stop_process, wait_until
@@ -28,6 +28,9 @@ def test_serve_answers_predictions_without_redis(tiny_folder, tmp_path):
     save_bundle(result, storage.model_dir(model_id))
     db = Database(f"sqlite:///{home / 'ftune.db'}")
     with db.session() as session:
+        session.add(Job(id="d" * 32, dataset_id="e" * 32, spec={}, epochs=1,
+                        status="succeeded"))
+        session.flush()
         session.add(TunedModel(id=model_id, job_id="d" * 32, dataset_id="e" * 32, name="tiny",
                                version=1, backbone=result.backbone, classes=result.classes,
                                metrics={}, spec=result.spec.model_dump(mode="json")))
