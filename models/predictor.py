@@ -13,7 +13,7 @@ from PIL import Image
 from models.backbones import create_backbone
 from models.bundle import load_bundle
 from models.data.images import open_rgb, to_rgb
-from models.data.transforms import normalize, resize_center_crop
+from models.data.transforms import normalize, resize_center_crop, resize_center_crop_image
 from models.network import FineTuneModel, build_head
 from models.preprocessing import Preprocessing
 from models.spec import FineTuneSpec
@@ -46,6 +46,17 @@ class Predictor:
         size = self.preprocessing.input_size
         return torch.stack([resize_center_crop(_as_image(im), self.preprocessing, size)
                             for im in images])
+
+    def to_arrays(self, images: Sequence[ImageInput]) -> np.ndarray:
+        """Like ``to_uint8`` without touching torch: uint8 ``[N, S, S, 3]`` (HWC) numpy.
+
+        For servers that decode on other threads than the one running the model."""
+        size = self.preprocessing.input_size
+        return np.stack([np.asarray(resize_center_crop_image(_as_image(im), self.preprocessing,
+                                                             size)) for im in images])
+
+    def probabilities_from_arrays(self, arrays: np.ndarray) -> torch.Tensor:
+        return self.probabilities(torch.from_numpy(arrays).permute(0, 3, 1, 2))
 
     def preprocess(self, images: Sequence[ImageInput]) -> torch.Tensor:
         return normalize(self.to_uint8(images).to(self.device), self.preprocessing)

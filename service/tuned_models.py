@@ -13,7 +13,7 @@ from pathlib import Path
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from service.batching import DynamicBatcher
+from service.batching import TORCH_THREAD, DynamicBatcher
 from service.db.tables import ModelAlias, TunedModel
 from service.errors import InvalidInput, NotFound
 from service.ids import is_id
@@ -86,7 +86,7 @@ def model_export(storage: Storage, model_id: str, fmt: str) -> Path:
         source = storage.model_dir(model_id)
         if not (source / "model.safetensors").is_file():
             raise NotFound(f"model {model_id} has no files on this server")
-        export_model(source, target, fmt)
+        TORCH_THREAD.submit(export_model, source, target, fmt).result()
     return target
 
 
@@ -146,7 +146,7 @@ class PredictorCache:
             if not (folder / "model.safetensors").is_file():
                 raise NotFound(f"model {model_id} has no files on this server; was the data "
                                "directory moved?")
-            predictor = Predictor.load(folder)
+            predictor = TORCH_THREAD.submit(Predictor.load, folder).result()
             batcher = DynamicBatcher(predictor, max_batch=self.max_batch,
                                      max_wait_ms=self.max_wait_ms)
             with self._lock:

@@ -24,12 +24,16 @@ def stored_size(prep: Preprocessing, augment: str) -> int:
     return prep.resize_size if augment != "none" else prep.input_size
 
 
-def resize_center_crop(image: Image.Image, prep: Preprocessing, size: int) -> torch.Tensor:
-    """Short side to ``prep.resize_size``, center crop ``size``; uint8 CHW tensor."""
+def resize_center_crop_image(image: Image.Image, prep: Preprocessing, size: int) -> Image.Image:
+    """Short side to ``prep.resize_size``, center crop ``size``; still a PIL image."""
     interpolation = _INTERPOLATION.get(prep.interpolation, InterpolationMode.BICUBIC)
     image = F.resize(image, [prep.resize_size], interpolation=interpolation, antialias=True)
-    image = F.center_crop(image, [size, size])
-    return F.pil_to_tensor(image)
+    return F.center_crop(image, [size, size])
+
+
+def resize_center_crop(image: Image.Image, prep: Preprocessing, size: int) -> torch.Tensor:
+    """Short side to ``prep.resize_size``, center crop ``size``; uint8 CHW tensor."""
+    return F.pil_to_tensor(resize_center_crop_image(image, prep, size))
 
 
 def normalize(batch: torch.Tensor, prep: Preprocessing) -> torch.Tensor:

@@ -145,7 +145,7 @@ async def predict(model_ref: str, request: Request, ctx: Ctx,
             k = top_k if top_k is not None else parse_top_k(form.fields.get("top_k"))
             # Decoding and resizing happen on a worker thread, never on the event loop.
             batch = await run_in_threadpool(
-                lambda: batcher.predictor.to_uint8(decode_images(files)))
+                lambda: batcher.predictor.to_arrays(decode_images(files)))
         finally:
             form.cleanup()
     probs = await batcher.probabilities(batch)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -28,8 +29,9 @@ def model_home(tiny_folder, tmp_path_factory):
 def test_concurrent_requests_share_one_forward_with_the_same_answers(model_home):
     storage, ids = model_home
     batcher = PredictorCache(storage, 1 << 30).get(ids[0])
-    batches = [torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8) for n in (1, 3, 2, 1)]
-    expected = [batcher.predictor.probabilities(b) for b in batches]
+    rng = np.random.default_rng(0)
+    batches = [rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8) for n in (1, 3, 2, 1)]
+    expected = [batcher.predictor.probabilities_from_arrays(b) for b in batches]
 
     async def together() -> list[torch.Tensor]:
         return await asyncio.gather(*(batcher.probabilities(b) for b in batches))
@@ -45,7 +47,7 @@ def test_a_lone_request_does_not_wait_for_the_batch_window(model_home):
     storage, ids = model_home
     predictor = PredictorCache(storage, 1 << 30).get(ids[0]).predictor
     batcher = DynamicBatcher(predictor, max_batch=32, max_wait_ms=2000)
-    image = torch.randint(0, 256, (1, 3, 32, 32), dtype=torch.uint8)
+    image = np.zeros((1, 32, 32, 3), dtype=np.uint8)
 
     async def alone() -> float:
         started = time.perf_counter()

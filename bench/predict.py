@@ -1,0 +1,157 @@
+"""Prediction speed through HTTP against the bare model, side by side in one run.
+
+- Single image: p50/p99 latency of POST /predict (one PNG, sequential) against the bare
+  forward of the same uint8 tensor in this process; prints the overhead (target p50 ≤ 5 ms).
+- Throughput: 16 concurrent clients each sending one-image requests, against the bare batched
+  forward at batch 16; prints ``ratio=`` (target ≥ 0.8). The server is `ftune serve`, with
+  dynamic batching, on the same 2 cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from models.bundle import save_bundle  # noqa: E402
+from models.predictor import Predictor  # noqa: E402
+from models.training.fit import fit  # noqa: E402
+from service.db.session import Database  # noqa: E402
+from service.db.tables import Job, TunedModel  # noqa: E402
+from service.launcher import free_port  # noqa: E402
+from service.storage import Storage  # noqa: E402
+from tests.realdata import animal_mnist_arrays, balanced_indices, write_image_folder  # noqa: E402
+
+MODEL_ID = "f" * 32
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * q))]
+
+
+def prepare(work: Path, image_size: int | None) -> tuple[Path, Predictor, bytes]:
+    images, labels = animal_mnist_arrays()
+    idx = balanced_indices(labels, 12, classes=3)
+    folder = write_image_folder(work / "data", images[idx], labels[idx])
+    result = fit(folder, {"image_size": image_size, "epochs": 1})
+    storage = Storage(work / "home")
+    storage.prepare()
+    save_bundle(result, storage.model_dir(MODEL_ID))
+    db = Database(f"sqlite:///{storage.home / 'ftune.db'}")
+    with db.session() as session:
+        session.add(Job(id=MODEL_ID, dataset_id=MODEL_ID, spec={}, epochs=1,
+                        status="succeeded"))
+        session.flush()
+        session.add(TunedModel(id=MODEL_ID, job_id=MODEL_ID, dataset_id=MODEL_ID, name="bench",
+                               backbone=result.backbone, classes=result.classes, metrics={},
+                               spec=result.spec.model_dump(mode="json")))
+    db.dispose()
+    png = io.BytesIO()
+    Image.open(next((folder / "animal0").iterdir())).convert("RGB").resize((256, 256)).save(
+        png, "PNG")
+    return storage.home, Predictor.load(storage.model_dir(MODEL_ID), device="cpu"), png.getvalue()
+
+
+def timed(fn, repeats: int) -> list[float]:
+    samples = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - started) * 1000)
+    return samples
+
+
+async def http_throughput(url: str, png: bytes, clients: int, seconds: float) -> float:
+    done = 0
+    deadline = time.perf_counter() + seconds
+
+    async def client(http: httpx.AsyncClient) -> None:
+        nonlocal done
+        while time.perf_counter() < deadline:
+            response = await http.post(f"{url}/v1/models/{MODEL_ID}/predict",
+                                       files={"files": ("a.png", png)})
+            response.raise_for_status()
+            done += 1
+
+    limits = httpx.Limits(max_connections=clients)
+    async with httpx.AsyncClient(timeout=120, limits=limits) as http:
+        started = time.perf_counter()
+        await asyncio.gather(*(client(http) for _ in range(clients)))
+        return done / (time.perf_counter() - started)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--image-size", type=int, default=None, help="default: backbone's")
+    parser.add_argument("--repeats", type=int, default=60)
+    parser.add_argument("--seconds", type=float, default=15)
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="ftune-predict-bench-"))
+    home, predictor, png = prepare(work, args.image_size)
+    tensor = predictor.to_uint8([png])  # what the server computes from the same PNG
+    batch16 = tensor.repeat(16, 1, 1, 1)
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "DATABASE_URL")}
+    server = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--home", str(home),
+                               "--port", str(port)], env=env, cwd=ROOT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{url}/healthz").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise SystemExit("ftune serve did not start")
+            time.sleep(0.2)
+        http = httpx.Client(base_url=url, timeout=60)
+
+        def one_http() -> None:
+            http.post(f"/v1/models/{MODEL_ID}/predict",
+                      files={"files": ("a.png", png)}).raise_for_status()
+
+        with torch.inference_mode():
+            for _ in range(5):  # warm up both sides (model load, allocator, caches)
+                one_http()
+                predictor.probabilities(tensor)
+            bare = timed(lambda: predictor.probabilities(tensor), args.repeats)
+            over_http = timed(one_http, args.repeats)
+            bare_batch = timed(lambda: predictor.probabilities(batch16), max(5, args.repeats // 4))
+        bare_img_s = 16 / (statistics.median(bare_batch) / 1000)
+        http_img_s = asyncio.run(http_throughput(url, png, 16, args.seconds))
+        stats = httpx.get(f"{url}/healthz").json()
+    finally:
+        server.terminate()
+        server.wait(30)
+    p50_b, p99_b = statistics.median(bare), percentile(bare, 0.99)
+    p50_h, p99_h = statistics.median(over_http), percentile(over_http, 0.99)
+    size = predictor.preprocessing.input_size
+    print(f"predict_latency http_p50_ms={p50_h:.2f} http_p99_ms={p99_h:.2f} "
+          f"bare_p50_ms={p50_b:.2f} bare_p99_ms={p99_b:.2f} overhead_p50_ms={p50_h - p50_b:.2f} "
+          f"overhead_p99_ms={p99_h - p99_b:.2f} target_overhead_p50_ms=5 image_size={size} "
+          f"n={args.repeats}")
+    print(f"predict_throughput http_img_s={http_img_s:.1f} bare_batch16_img_s={bare_img_s:.1f} "
+          f"ratio={http_img_s / bare_img_s:.3f} target_ratio=0.8 clients=16 "
+          f"server_batches={stats['predict_batches']} server_images={stats['predict_images']}")
+
+
+if __name__ == "__main__":
+    main()
