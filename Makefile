@@ -39,6 +39,7 @@ bench: $(STAMP)
 	$(PY) bench/service_overhead.py
 	$(PY) bench/upload_memory.py
 	$(PY) bench/lifecycle.py
+	$(PY) bench/predict.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
