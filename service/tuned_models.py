@@ -164,7 +164,10 @@ class PredictorCache:
             return batcher
 
     def peek(self, model_id: str) -> DynamicBatcher | None:
+        """The loaded model, if it is (marked as just used); never loads."""
         with self._lock:
+            if model_id in self._loaded:
+                self._loaded.move_to_end(model_id)
             return self._loaded.get(model_id)
 
     @property

@@ -11,6 +11,7 @@ from service.cards import build_card, card_markdown, read_json
 from service.context import AppContext, get_context
 from service.db.tables import Dataset, Job
 from service.errors import InvalidInput, NotFound
+from service.ids import is_id
 from service.ingest.multipart import receive_multipart
 from service.jobs import epoch_rows
 from service.predictions import decode_images, parse_top_k
@@ -130,8 +131,11 @@ async def predict(model_ref: str, request: Request, ctx: Ctx,
                   top_k: Annotated[int | None, Query(ge=1, le=1000)] = None) -> dict:
     """Classify one or more images: one list of ``{label, score}`` per image, in order."""
     settings = ctx.settings
-    model_id = await run_in_threadpool(_resolve, ctx, model_ref)
-    batcher = await run_in_threadpool(ctx.predictors.get, model_id)  # loaded once, then cached
+    # A model already loaded under its id needs no lookup (models never change); anything
+    # else is resolved (aliases move) and loaded once, then cached.
+    batcher = ctx.predictors.peek(model_ref) if is_id(model_ref) else None
+    if batcher is None:
+        batcher = await run_in_threadpool(lambda: ctx.predictors.get(_resolve(ctx, model_ref)))
     with batcher.arriving():  # peers arriving: the batcher may wait briefly to batch with them
         form = await receive_multipart(
             request, dest=ctx.storage.uploads, file_fields={"files", "file"},
