@@ -26,8 +26,10 @@ from models.errors import ArchiveError
 CHUNK = 1 << 20
 MAX_HEADER_BYTES = 1 << 20  # a tar long-name or pax header larger than this is hostile
 _DRIVE = re.compile(r"^[A-Za-z]:")
-_ZIP_ERRORS = (zipfile.BadZipFile, zlib.error, lzma.LZMAError, EOFError, NotImplementedError,
-               UnicodeDecodeError, ValueError)
+_ZIP_ERRORS = (zipfile.BadZipFile, zlib.error, lzma.LZMAError, EOFError, UnicodeDecodeError,
+               ValueError)
+# What zipfile can decompress; Deflate64 (Windows Explorer, large files) is not among them.
+_ZIP_METHODS = {zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA}
 
 
 @dataclass(frozen=True)
@@ -179,12 +181,13 @@ def _unpack_zip(path: Path, writer: _Writer) -> None:
             if info.is_dir():
                 writer.folder(rel, info.filename)
                 continue
+            if info.compress_type not in _ZIP_METHODS:
+                raise ArchiveError(f"archive entry {info.filename!r} uses compression method "
+                                   f"{info.compress_type}, which we cannot read; zip it again "
+                                   "with Deflate")
             try:
                 with archive.open(info) as source:
                     writer.file(rel, source, info.filename)
-            except NotImplementedError as exc:
-                raise ArchiveError(f"archive entry {info.filename!r} uses a compression method "
-                                   f"we cannot read ({exc}); zip it again with Deflate") from exc
             except _ZIP_ERRORS as exc:
                 raise ArchiveError(f"the zip archive is damaged at {info.filename!r}: {exc}"
                                    ) from exc

@@ -161,3 +161,16 @@ def test_tar_gz_bomb_is_stopped_while_reading_the_stream(tmp_path):
     with pytest.raises(ArchiveError, match="decompression bomb"):
         unpack(_write(tmp_path, payload), dest, ArchiveLimits(1 << 40, max_files=10))
     assert not dest.exists()
+
+
+def test_an_unreadable_zip_compression_method_is_named(tmp_path):
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("c/a.png", b"x" * 100)
+    data = bytearray(buffer.getvalue())
+    # Mark the entry as Deflate64 (method 9) in both the local and the central header.
+    data[8:10] = (9).to_bytes(2, "little")
+    central = data.rfind(b"PK\x01\x02")
+    data[central + 10:central + 12] = (9).to_bytes(2, "little")
+    with pytest.raises(ArchiveError, match="compression method 9"):
+        unpack(_write(tmp_path, bytes(data)), tmp_path / "z", ROOMY)
