@@ -58,8 +58,12 @@ def summarize(probs: torch.Tensor, labels: torch.Tensor, classes: list[str],
         tp = int(confusion[i, i])
         support, predicted_as = int(confusion[i].sum()), int(confusion[:, i].sum())
         precision, recall = _ratio(tp, predicted_as), _ratio(tp, support)
-        f1 = (None if precision is None or recall is None or precision + recall == 0
-              else 2 * precision * recall / (precision + recall))
+        if support == 0:
+            f1 = None  # not in this split: left out of the macro average
+        elif tp == 0:
+            f1 = 0.0  # present but never found (precision may be undefined): it counts
+        else:
+            f1 = 2 * precision * recall / (precision + recall)
         per_class.append({"class": name, "precision": precision, "recall": recall, "f1": f1,
                           "support": support})
     f1s = [row["f1"] for row in per_class if row["support"] and row["f1"] is not None]

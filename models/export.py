@@ -5,18 +5,24 @@ Input: ``images``, uint8, shape ``[N, 3, S, S]`` (RGB, channels first), S the mo
 the order of config.json's ``classes``. Normalisation is inside the exported graph; resizing
 is not. Resize as ``Predictor`` does (shorter side to ``resize_size``, centre crop S × S)::
 
-    import json, numpy as np, onnxruntime as ort
+    import json, math
+    import numpy as np, onnxruntime as ort
     from PIL import Image
     prep = json.load(open("config.json"))["preprocessing"]
     S = prep["input_size"]
-    short = int(math.floor(S / prep["crop_pct"]))           # Preprocessing.resize_size
+    short = math.floor(S / prep["crop_pct"])                 # Preprocessing.resize_size
     image = Image.open("photo.jpg").convert("RGB")
-    scale = short / min(image.size)
-    image = image.resize((round(image.width * scale), round(image.height * scale)),
-                         Image.BICUBIC)                     # prep["interpolation"]
-    left, top = (image.width - S) // 2, (image.height - S) // 2
+    w, h = image.size                                        # as torchvision's resize does:
+    size = (short, int(short * h / w)) if w <= h else (int(short * w / h), short)
+    filters = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}
+    image = image.resize(size, filters[prep["interpolation"]])
+    left = int(round((image.width - S) / 2.0))               # torchvision's center_crop
+    top = int(round((image.height - S) / 2.0))
     batch = np.asarray(image.crop((left, top, left + S, top + S))).transpose(2, 0, 1)[None]
     probabilities = ort.InferenceSession("model.onnx").run(None, {"images": batch})[0]
+
+For exact parity with ``/predict``, use ``models.Predictor.to_uint8`` where torchvision is
+available.
 """
 
 from __future__ import annotations

@@ -24,7 +24,8 @@ async def _reconcile_forever(ctx: AppContext) -> None:
     """Repair lost and abandoned jobs now and every FTUNE_RECONCILE_INTERVAL_S."""
     while True:
         try:
-            await run_in_threadpool(reconcile, ctx.db, ctx.celery, ctx.redis, ctx.settings)
+            await run_in_threadpool(reconcile, ctx.db, ctx.celery, ctx.redis, ctx.settings,
+                                    ctx.storage)
         except Exception as exc:  # Redis or the DB down: try again next round
             log.warning("reconciler skipped a round: %s", exc)
         await asyncio.sleep(ctx.settings.reconcile_interval_s)

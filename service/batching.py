@@ -37,8 +37,9 @@ class _Item:
 class DynamicBatcher:
     def __init__(self, predictor: Predictor, *, max_batch: int, max_wait_ms: float) -> None:
         self.predictor, self.max_batch, self.max_wait = predictor, max_batch, max_wait_ms / 1000
-        self._queue: asyncio.Queue[_Item] | None = None
+        self._queue: asyncio.Queue[_Item | None] | None = None
         self._task: asyncio.Task | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.incoming = 0  # requests for this model not yet submitted
         self.batches = 0  # forwards run, for the statistics
         self.images = 0
@@ -53,31 +54,38 @@ class DynamicBatcher:
             self.incoming -= 1
 
     async def probabilities(self, batch: np.ndarray) -> torch.Tensor:
-        if self._queue is None:
-            self._queue = asyncio.Queue()
-            self._task = asyncio.get_running_loop().create_task(self._run())
-        future = asyncio.get_running_loop().create_future()
-        await self._queue.put(_Item(batch, future))
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop or self._task is None or self._task.done():
+            # First use, another event loop, or a loop that stopped after close(): start one.
+            self._loop, self._queue = loop, asyncio.Queue()
+            self._task = loop.create_task(self._run(self._queue))
+        assert self._queue is not None
+        future = loop.create_future()
+        self._queue.put_nowait(_Item(batch, future))
         return await future
 
-    async def _run(self) -> None:
-        assert self._queue is not None
+    async def _run(self, queue: asyncio.Queue[_Item | None]) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            items = [await self._queue.get()]
-            size = len(items[0].batch)
+            first = await queue.get()
+            if first is None:  # closed: requests queued before this were served
+                return
+            items = [first]
+            size = len(first.batch)
             deadline = loop.time() + self.max_wait
             while size < self.max_batch:
-                if not self._queue.empty():
-                    item = self._queue.get_nowait()
+                if not queue.empty():
+                    item = queue.get_nowait()
                 elif self.incoming > 0 and loop.time() < deadline:
                     try:
-                        item = await asyncio.wait_for(self._queue.get(),
-                                                      deadline - loop.time())
+                        item = await asyncio.wait_for(queue.get(), deadline - loop.time())
                     except TimeoutError:
                         break
                 else:
                     break
+                if item is None:  # closed while gathering: serve these, then stop
+                    await self._forward(items)
+                    return
                 items.append(item)
                 size += len(item.batch)
             await self._forward(items)
@@ -87,10 +95,13 @@ class DynamicBatcher:
         try:
             probs = await asyncio.get_running_loop().run_in_executor(
                 TORCH_THREAD, self.predictor.probabilities_from_arrays, batch)
-        except Exception as exc:  # every waiting request gets the error, none hangs
+        except BaseException as exc:  # every waiting request gets the error, none hangs
             for item in items:
                 if not item.future.done():
-                    item.future.set_exception(exc)
+                    item.future.set_exception(exc if isinstance(exc, Exception)
+                                              else RuntimeError("prediction interrupted"))
+            if not isinstance(exc, Exception):
+                raise
             return
         self.batches += 1
         self.images += len(batch)
@@ -101,5 +112,7 @@ class DynamicBatcher:
             start += len(item.batch)
 
     def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+        """Stop after serving what is queued; safe from any thread (eviction runs on one)."""
+        loop, queue = self._loop, self._queue
+        if loop is not None and queue is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(queue.put_nowait, None)

@@ -118,6 +118,12 @@ def remember_idempotent(session: Session, *, key: str, digest: str, job_id: str)
     session.add(IdempotencyKey(key=key, body_sha256=digest, job_id=job_id))
 
 
+def forget_idempotent(session: Session, *, key: str) -> None:
+    seen = session.get(IdempotencyKey, key)
+    if seen is not None:
+        session.delete(seen)
+
+
 def queue_position(session: Session, job: Job) -> int | None:
     """1 for the next job a free worker takes; None unless queued."""
     if job.status != JobStatus.QUEUED:

@@ -24,6 +24,7 @@ from service.db.tables import Job, JobStatus, utcnow
 from service.events import add_event
 from service.queue import enqueue_finetune
 from service.settings import Settings
+from service.storage import Storage
 from workers import job_state
 from workers.celery_app import TRAINING_QUEUE
 
@@ -56,7 +57,8 @@ def _message_id(raw: bytes | str) -> str:
         return ""
 
 
-def reconcile(db: Database, celery: Celery, client: redis.Redis, settings: Settings) -> Repairs:
+def reconcile(db: Database, celery: Celery, client: redis.Redis, settings: Settings,
+              storage: Storage | None = None) -> Repairs:
     repairs = Repairs()
     now = utcnow()
     stale_before = now - timedelta(seconds=settings.job_stale_s)
@@ -70,6 +72,8 @@ def reconcile(db: Database, celery: Celery, client: redis.Redis, settings: Setti
                     f"its worker stopped responding {job.attempts} time(s) (killed, out of "
                     "memory or lost); giving up. Try a smaller batch_size or image_size."))
                 repairs.failed.append(job.id)
+                if storage is not None:
+                    storage.remove_job_files(job.id)
             elif job_state.requeue(session, job.id, "its worker stopped sending heartbeats"):
                 repairs.requeued.append(job.id)
         grace = now - timedelta(seconds=max(5.0, settings.reconcile_interval_s))

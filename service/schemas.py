@@ -38,7 +38,8 @@ class JobIn(BaseModel):
                                  description="the engine's fine-tuning spec (see README)")
     priority: int = Field(5, ge=0, le=9, description="9 runs first; equal priorities run in "
                           "the order submitted")
-    max_runtime_s: int | None = Field(None, ge=1, description="fail the job if it runs longer "
+    max_runtime_s: int | None = Field(None, ge=1, le=10**8,
+                                      description="fail the job if it runs longer "
                                       "(the service's FTUNE_MAX_RUNTIME_S also applies)")
     model_name: str | None = Field(None, min_length=1, max_length=200,
                                    pattern=r"^[^:/\x00-\x1f]+$",

@@ -11,6 +11,7 @@ from collections import OrderedDict
 from pathlib import Path
 
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from service.batching import TORCH_THREAD, DynamicBatcher
@@ -33,7 +34,9 @@ def get_model(session: Session, ref: str) -> TunedModel:
         model = session.get(TunedModel, ref)
     elif ":" in ref:
         name, tag = ref.rsplit(":", 1)
-        if tag.isdigit():
+        if tag.isascii() and tag.isdigit():
+            if len(tag) > 9:
+                raise NotFound(f"model {ref} not found (no such version)")
             model = session.scalar(select(TunedModel).where(TunedModel.name == name,
                                                             TunedModel.version == int(tag)))
         else:
@@ -45,16 +48,20 @@ def get_model(session: Session, ref: str) -> TunedModel:
 
 
 def set_alias(session: Session, *, alias: str, ref: str) -> ModelAlias:
-    if not ALIAS.match(alias) or alias.isdigit():
+    if not ALIAS.match(alias) or alias.isdigit():  # ASCII only, so isdigit means a version
         raise InvalidInput("alias must be 1 to 100 letters, digits, '-', '_' or '.', and not "
                            "only digits (those are versions)")
     model = get_model(session, ref)
     row = session.get(ModelAlias, (model.name, alias))
     if row is None:
-        row = ModelAlias(name=model.name, alias=alias, model_id=model.id)
-        session.add(row)
-    else:
-        row.model_id = model.id
+        try:
+            with session.begin_nested():  # a concurrent PUT may create it first
+                row = ModelAlias(name=model.name, alias=alias, model_id=model.id)
+                session.add(row)
+            return row
+        except IntegrityError:
+            row = session.get(ModelAlias, (model.name, alias), populate_existing=True)
+    row.model_id = model.id
     session.flush()
     return row
 

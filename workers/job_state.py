@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from sqlalchemy import and_, delete, func, or_, select, update
+from sqlalchemy import ColumnElement, and_, delete, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from service.db.tables import EpochMetrics, Job, JobStatus, TunedModel, utcnow
@@ -42,28 +42,39 @@ def claim(session: Session, job_id: str, worker: str, stale_after_s: float) -> J
     return job
 
 
-def beat(session: Session, job_id: str) -> None:
-    session.execute(update(Job).where(Job.id == job_id, Job.status == JobStatus.RUNNING)
-                    .values(heartbeat_at=utcnow()))
+def _ours(job_id: str, worker: str) -> ColumnElement[bool]:
+    """The job is still running on this worker (not taken over after a pause, say)."""
+    return and_(Job.id == job_id, Job.status == JobStatus.RUNNING, Job.worker == worker)
 
 
-def record_epoch(session: Session, job_id: str, row: dict) -> None:
+def beat(session: Session, job_id: str, worker: str) -> bool:
+    """Refresh the heartbeat; False when the job is no longer this worker's."""
+    return bool(session.execute(update(Job).where(_ours(job_id, worker))
+                                .values(heartbeat_at=utcnow())).rowcount)
+
+
+def record_epoch(session: Session, job_id: str, worker: str, row: dict) -> bool:
+    """Write the epoch's metrics; False (nothing written) when the job is no longer ours."""
+    if not session.execute(update(Job).where(_ours(job_id, worker)).values(
+            epoch=int(row["epoch"]), step=0, heartbeat_at=utcnow())).rowcount:
+        return False
     # merge: a resumed run may finish an epoch the dead attempt had already reported.
     session.merge(EpochMetrics(job_id=job_id, epoch=int(row["epoch"]), row=row))
-    session.execute(update(Job).where(Job.id == job_id)
-                    .values(epoch=int(row["epoch"]), step=0, heartbeat_at=utcnow()))
     add_event(session, job_id, "epoch", **row)
+    return True
 
 
-def record_progress(session: Session, job_id: str, epoch: int, step: int, steps: int,
-                    loss: float, *, event: bool) -> bool:
-    """Write batch progress; return whether a cancel was requested meanwhile."""
-    session.execute(update(Job).where(Job.id == job_id)
-                    .values(step=step, steps=steps, heartbeat_at=utcnow()))
+def record_progress(session: Session, job_id: str, worker: str, epoch: int, step: int,
+                    steps: int, loss: float, *, event: bool) -> str:
+    """Write batch progress: "ok", "cancel" (requested meanwhile) or "lost" (not ours)."""
+    if not session.execute(update(Job).where(_ours(job_id, worker)).values(
+            step=step, steps=steps, heartbeat_at=utcnow())).rowcount:
+        return "lost"
     if event:
         add_event(session, job_id, "progress", epoch=epoch, step=step, steps=steps,
                   loss=round(loss, 6))
-    return bool(session.get(Job, job_id, populate_existing=True).cancel_requested)
+    job = session.get(Job, job_id, populate_existing=True)
+    return "cancel" if job is not None and job.cancel_requested else "ok"
 
 
 def cancel_requested(session: Session, job_id: str) -> bool:
@@ -71,11 +82,11 @@ def cancel_requested(session: Session, job_id: str) -> bool:
     return job is None or job.cancel_requested
 
 
-def succeed(session: Session, job_id: str, model: TunedModel, best: dict,
+def succeed(session: Session, job_id: str, worker: str, model: TunedModel, best: dict,
             stopped_early: bool) -> bool:
     """Record the model and end the job; False (and nothing written) if it is no longer ours
-    to finish, e.g. cancelled in the last moment."""
-    done = session.execute(update(Job).where(Job.id == job_id, Job.status == JobStatus.RUNNING)
+    to finish, e.g. taken over by another worker."""
+    done = session.execute(update(Job).where(_ours(job_id, worker))
                            .values(status=JobStatus.SUCCEEDED, finished_at=utcnow(),
                                    model_id=model.id, best=best, stopped_early=stopped_early,
                                    error=None, step=0)).rowcount
@@ -87,17 +98,22 @@ def succeed(session: Session, job_id: str, model: TunedModel, best: dict,
     return bool(done)
 
 
-def finish(session: Session, job_id: str, status: str, *, error: str | None) -> None:
-    ended = session.execute(update(Job).where(Job.id == job_id,
-                                              Job.status.in_(JobStatus.ACTIVE))
+def finish(session: Session, job_id: str, status: str, *, error: str | None,
+           worker: str | None = None) -> None:
+    """End an active job; with ``worker``, only while that worker still owns it."""
+    condition = (_ours(job_id, worker) if worker is not None
+                 else and_(Job.id == job_id, Job.status.in_(JobStatus.ACTIVE)))
+    ended = session.execute(update(Job).where(condition)
                             .values(status=status, finished_at=utcnow(), error=error)).rowcount
     if ended:
         status_event(session, job_id, status, error=error)
 
 
-def requeue(session: Session, job_id: str, reason: str) -> bool:
+def requeue(session: Session, job_id: str, reason: str, worker: str | None = None) -> bool:
     """Back to queued, to resume from its checkpoint on the next worker."""
-    done = session.execute(update(Job).where(Job.id == job_id, Job.status == JobStatus.RUNNING)
+    condition = (_ours(job_id, worker) if worker is not None
+                 else and_(Job.id == job_id, Job.status == JobStatus.RUNNING))
+    done = session.execute(update(Job).where(condition)
                            .values(status=JobStatus.QUEUED, worker=None, step=0,
                                    steps=0)).rowcount
     if done:

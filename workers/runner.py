@@ -34,6 +34,7 @@ class ProgressReporter:
 
     db: Database
     job_id: str
+    worker: str
     poll_s: float
     shutdown: threading.Event
     event_s: float = 2.0
@@ -42,10 +43,12 @@ class ProgressReporter:
     _last_event: float = 0.0
     _cancelled: bool = False
     over_time: bool = False
+    lost: bool = False  # another worker owns the job now (we were paused and taken over)
 
     def on_epoch_end(self, row: dict) -> None:
         with self.db.session() as session:
-            job_state.record_epoch(session, self.job_id, row)
+            if not job_state.record_epoch(session, self.job_id, self.worker, row):
+                self.lost = True
 
     def on_batch_end(self, epoch: int, step: int, steps: int, loss: float) -> None:
         now = time.monotonic()
@@ -56,14 +59,16 @@ class ProgressReporter:
         if event:
             self._last_event = now
         with self.db.session() as session:
-            self._cancelled = job_state.record_progress(session, self.job_id, epoch, step,
-                                                        steps, loss, event=event)
+            state = job_state.record_progress(session, self.job_id, self.worker, epoch, step,
+                                              steps, loss, event=event)
+        self._cancelled = state == "cancel"
+        self.lost = self.lost or state == "lost"
 
     def should_stop(self) -> bool:
         if self.deadline is not None and time.monotonic() > self.deadline:
             self.over_time = True
             return True
-        if self.shutdown.is_set() or self._cancelled:
+        if self.shutdown.is_set() or self._cancelled or self.lost:
             return True
         if time.monotonic() - self._last_write >= self.poll_s:
             # No batch finished for a while (a slow first batch): look for a cancel directly.
@@ -77,8 +82,9 @@ class JobHeartbeat:
     """Keeps the job's heartbeat fresh while it runs, including long stretches without batch
     callbacks (feature caching, evaluation), so it is never mistaken for abandoned."""
 
-    def __init__(self, db: Database, job_id: str, interval_s: float) -> None:
-        self.db, self.job_id, self.interval_s = db, job_id, interval_s
+    def __init__(self, db: Database, reporter: ProgressReporter, interval_s: float) -> None:
+        self.db, self.reporter, self.interval_s = db, reporter, interval_s
+        job_id = reporter.job_id
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"job-{job_id[:8]}", daemon=True)
 
@@ -94,9 +100,10 @@ class JobHeartbeat:
         while not self._stop.wait(self.interval_s):
             try:
                 with self.db.session() as session:
-                    job_state.beat(session, self.job_id)
+                    if not job_state.beat(session, self.reporter.job_id, self.reporter.worker):
+                        self.reporter.lost = True  # training stops at the next batch
             except Exception as exc:  # a missed beat is not fatal; the next one may succeed
-                log.warning("job %s heartbeat failed: %s", self.job_id, exc)
+                log.warning("job %s heartbeat failed: %s", self.reporter.job_id, exc)
 
 
 class WorkerShuttingDown(Exception):
@@ -135,15 +142,22 @@ class JobRunner:
             job = job_state.claim(session, job_id, self.worker_name, self.stale_after_s)
         if job is None:
             log.info("job %s skipped: missing, finished, cancelled or running elsewhere", job_id)
+            with self.db.session() as session:
+                if job_state.cancel_requested(session, job_id):  # cancelled while it was away
+                    self.storage.remove_job_files(job_id)
             return "skipped"
         limit = min(self.limits.max_runtime_s, job.max_runtime_s or float("inf"))
         used = (utcnow() - (job.started_at or utcnow())).total_seconds()
-        reporter = ProgressReporter(self.db, job_id, self.cancel_poll_s, self.shutdown,
-                                    deadline=time.monotonic() + limit - used)
+        reporter = ProgressReporter(self.db, job_id, self.worker_name, self.cancel_poll_s,
+                                    self.shutdown, deadline=time.monotonic() + limit - used)
         try:
-            with JobHeartbeat(self.db, job_id, self.heartbeat_s):
+            with JobHeartbeat(self.db, reporter, self.heartbeat_s):
                 return self._train_with_oom_retry(job_id, job.spec, job.dataset_id, reporter)
         except TrainingCancelled:
+            if reporter.lost:
+                # Another worker took the job over; its run, files and result stand.
+                log.warning("job %s was taken over by another worker; stopping", job_id)
+                return "superseded"
             if reporter.over_time:
                 return self._fail(job_id, f"exceeded its maximum run time of {limit:.0f} s "
                                   "(max_runtime_s, FTUNE_MAX_RUNTIME_S); the last checkpoint "
@@ -152,13 +166,14 @@ class JobRunner:
                 with self.db.session() as session:
                     handed_back = not job_state.cancel_requested(session, job_id)
                     if handed_back:
-                        job_state.requeue(session, job_id, "the worker stopped")
+                        job_state.requeue(session, job_id, "the worker stopped",
+                                          self.worker_name)
                 if handed_back:  # raised after the commit, not inside the transaction
                     log.info("job %s handed back: the worker is stopping", job_id)
                     raise WorkerShuttingDown(job_id) from None
             with self.db.session() as session:
                 job_state.finish(session, job_id, JobStatus.CANCELLED,
-                                 error="cancelled while running")
+                                 error="cancelled while running", worker=self.worker_name)
             self.storage.remove_job_files(job_id)
             log.info("job %s cancelled", job_id)
             return JobStatus.CANCELLED
@@ -168,7 +183,8 @@ class JobRunner:
                 log.warning("job %s hit a transient error (%s); retrying in %.0f s", job_id,
                             exc, countdown)
                 with self.db.session() as session:
-                    job_state.requeue(session, job_id, f"transient error, retrying in "
+                    job_state.requeue(session, job_id, worker=self.worker_name,
+                                      reason=f"transient error, retrying in "
                                       f"{countdown:.0f} s: {describe_failure(exc)}")
                 raise RetryLater(countdown) from exc
             self._fail(job_id, describe_failure(exc), exc)
@@ -178,29 +194,33 @@ class JobRunner:
         if exc is not None:
             log.error("job %s failed: %s", job_id, message, exc_info=exc)
         with self.db.session() as session:
-            job_state.finish(session, job_id, JobStatus.FAILED, error=message)
+            job_state.finish(session, job_id, JobStatus.FAILED, error=message,
+                             worker=self.worker_name)
         self.storage.remove_job_files(job_id)
         return JobStatus.FAILED
 
     def _train_with_oom_retry(self, job_id: str, spec_json: dict, dataset_id: str,
                               reporter: ProgressReporter) -> str:
+        smaller = None
         try:
             return self._train(job_id, spec_json, dataset_id, reporter)
         except Exception as exc:
             smaller = halved_batch_spec(spec_json) if is_out_of_memory(exc) else None
             if smaller is None:
                 raise
-            release_memory()
-            old, new = spec_json["batch_size"], smaller["batch_size"]
-            log.warning("job %s ran out of memory at batch_size %d; retrying with %d", job_id,
-                        old, new)
-            # Checkpoints hold optimizer and schedule state for the old batch size.
-            self.storage.remove_job_files(job_id)
-            with self.db.session() as session:
-                job_state.replace_spec(session, job_id, smaller,
-                                       f"out of memory at batch_size {old}; retrying once "
-                                       f"with batch_size {new}")
-            return self._train(job_id, smaller, dataset_id, reporter)
+        # Retried outside the except block: the exception's traceback holds the failed run's
+        # model, optimizer and batches, which must be freed first.
+        release_memory()
+        old, new = spec_json["batch_size"], smaller["batch_size"]
+        log.warning("job %s ran out of memory at batch_size %d; retrying with %d", job_id,
+                    old, new)
+        # Checkpoints hold optimizer and schedule state for the old batch size.
+        self.storage.remove_job_files(job_id)
+        with self.db.session() as session:
+            job_state.replace_spec(session, job_id, smaller,
+                                   f"out of memory at batch_size {old}; retrying once "
+                                   f"with batch_size {new}")
+        return self._train(job_id, smaller, dataset_id, reporter)
 
     def _model_name(self, job_id: str, dataset_id: str) -> str:
         with self.db.session() as session:
@@ -213,7 +233,8 @@ class JobRunner:
         for attempt in range(5):
             try:
                 with self.db.session() as session:
-                    return job_state.succeed(session, job_id, record, best, stopped_early)
+                    return job_state.succeed(session, job_id, self.worker_name, record, best,
+                                             stopped_early)
             except IntegrityError:
                 # Another model of the same name took this version number; take the next.
                 if attempt == 4:

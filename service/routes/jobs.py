@@ -21,6 +21,7 @@ from service.jobs import (
     cancel_job,
     create_job,
     epoch_rows,
+    forget_idempotent,
     get_job,
     job_view,
     list_jobs,
@@ -63,9 +64,11 @@ def submit(body: JobIn, ctx: Ctx,
             if idempotency_key is not None:
                 remember_idempotent(session, key=idempotency_key, digest=digest, job_id=job.id)
     except IntegrityError:
+        if idempotency_key is None:
+            raise
         # The same key in a concurrent request won the race; its job is the answer.
         with ctx.db.session() as session:
-            earlier = replay_idempotent(session, key=idempotency_key or "", digest=digest)
+            earlier = replay_idempotent(session, key=idempotency_key, digest=digest)
         if earlier is None:
             raise
         return _view(ctx, earlier.id)
@@ -78,6 +81,8 @@ def submit(body: JobIn, ctx: Ctx,
             failed.status, failed.finished_at = JobStatus.FAILED, utcnow()
             failed.error = "could not be queued: the job queue (Redis) is unreachable; submit again"
             status_event(session, job.id, JobStatus.FAILED, error=failed.error)
+            if idempotency_key is not None:  # submitting again with the key must try again
+                forget_idempotent(session, key=idempotency_key)
         raise
     return _view(ctx, job.id)
 
@@ -127,10 +132,10 @@ async def events(job_id: str, request: Request, ctx: Ctx,
     """Server-Sent Events: ``status``, ``epoch`` (each epoch's metrics), ``progress`` (batches,
     every few seconds) and ``note``. Ends when the job ends; reconnect with ``Last-Event-ID``
     to continue where the stream stopped."""
-    try:
-        after = int(last_event_id or request.query_params.get("last_event_id") or 0)
-    except ValueError as exc:
-        raise InvalidInput("Last-Event-ID must be an event id (an integer)") from exc
+    raw = (last_event_id or request.query_params.get("last_event_id") or "0").strip()
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 18):
+        raise InvalidInput("Last-Event-ID must be an event id (a non-negative integer)")
+    after = int(raw)
 
     def poll(after_id: int) -> tuple[str, list]:
         with ctx.db.session() as session:

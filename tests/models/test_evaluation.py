@@ -57,3 +57,10 @@ def test_trained_bundle_carries_an_evaluation_matching_training(animal_folder, t
     assert val["highest_loss"][0]["path"].startswith("animal")
     out = save_bundle(result, tmp_path / "m")
     assert json.loads((out / "evaluation.json").read_text())["val"]["accuracy"] == val["accuracy"]
+
+
+def test_a_class_never_predicted_counts_as_zero_f1():
+    probs = torch.tensor([[0.9, 0.1]] * 4)
+    result = summarize(probs, torch.tensor([0, 0, 1, 1]), ["a", "b"], ["0", "1", "2", "3"])
+    assert result["per_class"][1]["precision"] is None and result["per_class"][1]["f1"] == 0.0
+    assert result["macro_f1"] == pytest.approx((2 / 3 + 0) / 2)

@@ -79,3 +79,21 @@ def test_concurrent_first_requests_load_the_model_once(model_home):
     with ThreadPoolExecutor(6) as pool:
         batchers = list(pool.map(lambda _: cache.get(ids[1]), range(6)))
     assert cache.loads == 1 and all(b is batchers[0] for b in batchers)
+
+
+def test_a_closed_batcher_serves_what_is_queued_and_restarts_on_demand(model_home):
+    storage, ids = model_home
+    batcher = PredictorCache(storage, 1 << 30).get(ids[0])
+    image = np.zeros((1, 32, 32, 3), dtype=np.uint8)
+
+    async def scenario() -> None:
+        first = await batcher.probabilities(image)
+        pending = asyncio.ensure_future(batcher.probabilities(image))
+        await asyncio.sleep(0)
+        batcher.close()  # as an eviction would, from any thread
+        assert torch.equal(await pending, first)
+        assert torch.equal(await batcher.probabilities(image), first)  # started again
+
+    asyncio.run(scenario())
+    # A second event loop (another TestClient, say) gets a batcher loop of its own.
+    assert asyncio.run(batcher.probabilities(image)).shape == (1, 3)

@@ -57,19 +57,19 @@ def test_cancel_wins_over_a_later_claim_and_a_cancelled_job_never_succeeds(db):
     with db.session() as session:
         model = TunedModel(id="m" * 32, job_id=job_id, dataset_id="d" * 32, backbone="x",
                            classes=[], metrics={}, spec={})
-        assert job_state.succeed(session, job_id, model, {}, False) is False
+        assert job_state.succeed(session, job_id, "w1", model, {}, False) is False
     with db.session() as session:
         assert session.get(Job, job_id).status == "cancelled"
         assert session.get(TunedModel, "m" * 32) is None
 
 
 def test_epoch_rows_are_written_once_per_epoch(db):
-    job_id = _job(db, status=JobStatus.RUNNING)
+    job_id = _job(db, status=JobStatus.RUNNING, worker="w1")
     with db.session() as session:
-        job_state.record_epoch(session, job_id, {"epoch": 1, "train_loss": 2.0})
+        assert job_state.record_epoch(session, job_id, "w1", {"epoch": 1, "train_loss": 2.0})
     with db.session() as session:  # a resumed attempt reports epoch 1 again
-        job_state.record_epoch(session, job_id, {"epoch": 1, "train_loss": 1.5})
-        job_state.record_epoch(session, job_id, {"epoch": 2, "train_loss": 1.0})
+        job_state.record_epoch(session, job_id, "w1", {"epoch": 1, "train_loss": 1.5})
+        job_state.record_epoch(session, job_id, "w1", {"epoch": 2, "train_loss": 1.0})
     from service.jobs import epoch_rows
 
     with db.session() as session:
@@ -134,3 +134,20 @@ def test_transient_errors_are_told_apart_from_deterministic_ones():
     assert not is_transient(OSError(errno.ENOSPC, "No space left on device"))
     assert not is_transient(DatasetError("class folder(s) with no usable images"))
     assert not is_transient(WeightsNotFoundError("no pretrained weights"))
+
+
+def test_a_worker_that_lost_its_job_can_no_longer_write_to_it(db):
+    job_id = _job(db)
+    with db.session() as session:
+        job_state.claim(session, job_id, "paused", stale_after_s=60)
+    with db.session() as session:  # taken over while "paused" was frozen
+        session.get(Job, job_id).heartbeat_at = utcnow() - timedelta(seconds=600)
+    with db.session() as session:
+        assert job_state.claim(session, job_id, "rescuer", stale_after_s=60) is not None
+    with db.session() as session:
+        assert not job_state.beat(session, job_id, "paused")
+        assert job_state.record_progress(session, job_id, "paused", 1, 1, 2, 0.5,
+                                         event=True) == "lost"
+        assert not job_state.record_epoch(session, job_id, "paused", {"epoch": 1})
+        assert job_state.record_progress(session, job_id, "rescuer", 1, 1, 2, 0.5,
+                                         event=False) == "ok"
