@@ -9,10 +9,15 @@
 
 from __future__ import annotations
 
+import os
+
+# Both processes share 2 cores: OpenMP threads that spin after a forward would steal the CPU
+# the other process's forward needs, and the interleaved samples would measure that instead.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import argparse
 import asyncio
 import io
-import os
 import statistics
 import subprocess
 import sys

@@ -64,3 +64,21 @@ def test_a_class_never_predicted_counts_as_zero_f1():
     result = summarize(probs, torch.tensor([0, 0, 1, 1]), ["a", "b"], ["0", "1", "2", "3"])
     assert result["per_class"][1]["precision"] is None and result["per_class"][1]["f1"] == 0.0
     assert result["macro_f1"] == pytest.approx((2 / 3 + 0) / 2)
+
+
+def test_a_test_split_is_evaluated_too(tiny_folder, tmp_path):
+    import shutil
+
+    from models.training.fit import fit
+
+    for path in sorted(tiny_folder.rglob("*.png")):
+        split = ("test" if int(path.stem) % 4 == 0 else
+                 "val" if int(path.stem) % 4 == 1 else "train")
+        target = tmp_path / "data" / split / path.parent.name / path.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, target)
+    result = fit(tmp_path / "data", {"image_size": 32, "epochs": 1})
+    assert set(result.evaluation) == {"val", "test"}
+    test = result.evaluation["test"]
+    assert test["num_images"] == 9 and sum(row["support"] for row in test["per_class"]) == 9
+    assert all(item["path"].startswith("test/") for item in test["highest_loss"])
