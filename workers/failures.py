@@ -54,10 +54,10 @@ def release_memory() -> None:
 
 
 def describe_failure(exc: BaseException) -> str:
-    if is_out_of_memory(exc) and not isinstance(exc, MemoryError):
+    if isinstance(exc, torch.OutOfMemoryError) or "CUDA out of memory" in str(exc):
         return ("out of GPU memory: lower batch_size or image_size, or freeze more layers "
                 "(freeze.strategy head_only or last_n_blocks)")
-    if isinstance(exc, MemoryError):
+    if is_out_of_memory(exc):  # MemoryError, or torch's CPU allocator giving up
         return ("out of memory on the worker: lower batch_size or image_size, or set "
                 "FTUNE_DECODE_CACHE_MB lower so images stream from disk")
     if isinstance(exc, UnknownBackboneError):

@@ -151,3 +151,15 @@ def test_a_worker_that_lost_its_job_can_no_longer_write_to_it(db):
         assert not job_state.record_epoch(session, job_id, "paused", {"epoch": 1})
         assert job_state.record_progress(session, job_id, "rescuer", 1, 1, 2, 0.5,
                                          event=False) == "ok"
+
+
+def test_failure_messages_say_what_to_change():
+    from models.errors import UnknownBackboneError
+    from workers.failures import describe_failure
+
+    cpu = describe_failure(RuntimeError("DefaultCPUAllocator: can't allocate memory: 9 GB"))
+    assert cpu.startswith("out of memory on the worker") and "batch_size" in cpu
+    gpu = describe_failure(RuntimeError("CUDA out of memory. Tried to allocate 2 GiB"))
+    assert gpu.startswith("out of GPU memory")
+    assert describe_failure(UnknownBackboneError("no_such_net")).startswith("unknown backbone")
+    assert "report it" in describe_failure(ZeroDivisionError("boom"))
