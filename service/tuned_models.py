@@ -84,15 +84,23 @@ def model_view(model: TunedModel, aliases: list[str] | None = None) -> dict:
             "spec": model.spec, "created_at": model.created_at}
 
 
+def bundle_folder(storage: Storage, model_id: str) -> Path:
+    """The model's bundle folder; 404 when its files are not on this server."""
+    folder = storage.model_dir(model_id)
+    missing = [name for name in BUNDLE_FILES if not (folder / name).is_file()]
+    if missing:
+        raise NotFound(f"model {model_id} has no files on this server (missing "
+                       f"{', '.join(missing)}); was the data directory moved?")
+    return folder
+
+
 def model_export(storage: Storage, model_id: str, fmt: str) -> Path:
     """The model as ONNX or TorchScript, built once and kept (models never change)."""
     from models.export import SUFFIXES, export_model
 
     target = storage.exports / f"{model_id}{SUFFIXES[fmt]}"
     if not target.exists():
-        source = storage.model_dir(model_id)
-        if not (source / "model.safetensors").is_file():
-            raise NotFound(f"model {model_id} has no files on this server")
+        source = bundle_folder(storage, model_id)
         TORCH_THREAD.submit(export_model, source, target, fmt).result()
     return target
 
@@ -102,11 +110,7 @@ def model_zip(storage: Storage, model_id: str) -> Path:
     target = storage.model_zip(model_id)
     if target.exists():
         return target
-    source = storage.model_dir(model_id)
-    missing = [name for name in BUNDLE_FILES if not (source / name).is_file()]
-    if missing:
-        raise NotFound(f"model {model_id} has no files on this server (missing "
-                       f"{', '.join(missing)}); was the data directory moved?")
+    source = bundle_folder(storage, model_id)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}")
     try:
@@ -149,10 +153,7 @@ class PredictorCache:
                     return self._loaded[model_id]
             from models.predictor import Predictor  # torch loads on the first predict only
 
-            folder = self.storage.model_dir(model_id)
-            if not (folder / "model.safetensors").is_file():
-                raise NotFound(f"model {model_id} has no files on this server; was the data "
-                               "directory moved?")
+            folder = bundle_folder(self.storage, model_id)
             predictor = TORCH_THREAD.submit(Predictor.load, folder).result()
             batcher = DynamicBatcher(predictor, max_batch=self.max_batch,
                                      max_wait_ms=self.max_wait_ms)
