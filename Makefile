@@ -27,11 +27,11 @@ up: $(STAMP)
 	$(VENV)/bin/ftune up
 
 test: $(STAMP)
-	$(PY) -m ruff check models workers service tests bench
+	$(PY) -m ruff check ftune models workers service tests bench
 	$(PY) -m pytest -q
 
 lint: $(STAMP)
-	$(PY) -m ruff check models workers service tests bench
+	$(PY) -m ruff check ftune models workers service tests bench
 
 bench: $(STAMP)
 	$(PY) bench/train_throughput.py

@@ -6,41 +6,23 @@ GET /v1/jobs/{id} measured during the run."""
 from __future__ import annotations
 
 import argparse
-import os
 import random
-import signal
 import statistics
-import subprocess
-import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
 import httpx
-import redis
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from service.launcher import find_redis_server, free_port  # noqa: E402
-from tests.archives import zip_folder  # noqa: E402
-from tests.realdata import animal_mnist_arrays, balanced_indices, write_image_folder  # noqa: E402
+from ftune.processes import Stack, wait_until
+from ftune.testing.archives import zip_folder
+from ftune.testing.realdata import animal_mnist_arrays, balanced_indices, write_image_folder
 
 SPEC = {"image_size": 32, "epochs": 1, "batch_size": 12}
 TERMINAL = {"succeeded", "failed", "cancelled"}
-
-
-def wait(check, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            if check():
-                return
-        except Exception:  # not up yet
-            pass
-        time.sleep(0.2)
-    raise SystemExit(f"timed out waiting for {what}")
+ENV = {"FTUNE_WORKER_HEARTBEAT_S": "0.5", "FTUNE_JOB_STALE_S": "3",
+       "FTUNE_RECONCILE_INTERVAL_S": "1"}
 
 
 def main() -> None:
@@ -52,33 +34,15 @@ def main() -> None:
     images, labels = animal_mnist_arrays()
     idx = balanced_indices(labels, 12, classes=3)
     folder = write_image_folder(work / "data", images[idx], labels[idx])
-    redis_port, api_port = free_port(), free_port()
-    env = {**os.environ, "FTUNE_HOME": str(work / "home"),
-           "REDIS_URL": f"redis://127.0.0.1:{redis_port}/0", "FTUNE_WORKER_HEARTBEAT_S": "0.5",
-           "FTUNE_JOB_STALE_S": "3", "FTUNE_RECONCILE_INTERVAL_S": "1",
-           "PYTHONUNBUFFERED": "1"}
-    env.pop("DATABASE_URL", None)
-    log = open(work / "stack.log", "wb")  # noqa: SIM115 - open for the whole run
-    procs: list[subprocess.Popen] = []
+    with Stack(work / "home", env=ENV, log_dir=work / "logs") as stack:
+        stack.start_redis()
+        url = stack.start_api()
+        run(stack, url, folder, args.jobs)
 
-    def spawn(*cmd: str) -> subprocess.Popen:
-        process = subprocess.Popen(list(cmd), env=env, cwd=ROOT, stdout=log,
-                                   stderr=subprocess.STDOUT)
-        procs.append(process)
-        return process
 
-    def worker(name: str) -> subprocess.Popen:
-        process = spawn(sys.executable, "-m", "service.cli", "worker", "--name", f"{name}@bench")
-        wait(lambda: redis.Redis(port=redis_port).exists(f"ftune:worker:{name}@bench"), 60,
-             name)
-        return process
-
-    spawn(find_redis_server(), "--port", str(redis_port), "--save", "", "--appendonly", "no")
-    wait(redis.Redis(port=redis_port).ping, 20, "Redis")
-    spawn(sys.executable, "-m", "service.cli", "api", "--port", str(api_port))
-    url = f"http://127.0.0.1:{api_port}"
-    wait(lambda: httpx.get(f"{url}/healthz").status_code == 200, 60, "the API")
-    victim, steady = worker("victim-0"), worker("steady")
+def run(stack: Stack, url: str, folder: Path, n_jobs: int) -> None:
+    victim = stack.start_worker("victim-0@bench")
+    stack.start_worker("steady@bench")
     http = httpx.Client(base_url=url, timeout=60)
     dataset = http.post("/v1/datasets", files={"file": ("t.zip", zip_folder(folder))}).json()
 
@@ -98,18 +62,18 @@ def main() -> None:
     poller = threading.Thread(target=poll, daemon=True)
     poller.start()
     begun = time.perf_counter()
-    for _ in range(args.jobs):
+    for _ in range(n_jobs):
         response = http.post("/v1/jobs", json={"dataset_id": dataset["id"], "spec": SPEC})
         job_ids.append(response.json()["id"])
     submit_s = time.perf_counter() - begun
 
     for round_ in range(2):  # kill the busy worker mid-job, then bring a new one up
-        wait(lambda: http.get("/v1/jobs", params={"status": "running"}).json(), 60, "a job")
+        wait_until(lambda: http.get("/v1/jobs", params={"status": "running"}).json(), 60,
+                   "a job")
         time.sleep(1.0)
-        victim.send_signal(signal.SIGKILL)
-        victim.wait()
+        stack.kill(victim)
         time.sleep(2.0)
-        victim = worker(f"victim-{round_ + 1}")
+        victim = stack.start_worker(f"victim-{round_ + 1}@bench")
 
     deadline = time.monotonic() + 900
     while time.monotonic() < deadline:
@@ -130,14 +94,6 @@ def main() -> None:
     lost = sum(j["status"] not in TERMINAL for j in jobs)
     duplicates = sum(n > 1 for n in per_job.values())
     resumed = sum(j["attempts"] > 1 for j in jobs)
-    for process in reversed(procs):
-        process.send_signal(signal.SIGTERM)
-    for process in procs:
-        try:
-            process.wait(60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-    del steady
     latencies.sort()
     p99 = latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))]
     print(f"lifecycle submitted={len(jobs)} succeeded={succeeded} failed={failed} lost={lost} "

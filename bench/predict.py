@@ -20,7 +20,6 @@ import asyncio
 import io
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -29,17 +28,14 @@ import httpx
 import torch
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from models.bundle import save_bundle  # noqa: E402
-from models.predictor import Predictor  # noqa: E402
-from models.training.fit import fit  # noqa: E402
-from service.db.session import Database  # noqa: E402
-from service.db.tables import Job, TunedModel  # noqa: E402
-from service.launcher import free_port  # noqa: E402
-from service.storage import Storage  # noqa: E402
-from tests.realdata import animal_mnist_arrays, balanced_indices, write_image_folder  # noqa: E402
+from ftune.models.bundle import save_bundle
+from ftune.models.predictor import Predictor
+from ftune.models.training.fit import fit
+from ftune.processes import free_port, ftune_command
+from ftune.service.db.session import Database
+from ftune.service.db.tables import Job, TunedModel
+from ftune.service.storage import Storage
+from ftune.testing.realdata import animal_mnist_arrays, balanced_indices, write_image_folder
 
 MODEL_ID = "f" * 32
 
@@ -113,8 +109,8 @@ def main() -> None:
     batch16 = tensor.repeat(16, 1, 1, 1)
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "DATABASE_URL")}
-    server = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--home", str(home),
-                               "--port", str(port)], env=env, cwd=ROOT)
+    server = subprocess.Popen([*ftune_command(), "serve", "--home", str(home),
+                               "--port", str(port)], env=env)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60

@@ -13,7 +13,6 @@ import os
 import signal
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from datetime import datetime
@@ -21,12 +20,9 @@ from pathlib import Path
 
 import httpx
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from service.launcher import free_port  # noqa: E402
-from tests.archives import tar_folder  # noqa: E402
-from tests.realdata import animal_mnist_arrays, balanced_indices, write_image_folder  # noqa: E402
+from ftune.processes import free_port, ftune_command
+from ftune.testing.archives import tar_folder
+from ftune.testing.realdata import animal_mnist_arrays, balanced_indices, write_image_folder
 
 SPEC = {"backbone": "tf_efficientnet_lite0", "image_size": 96, "epochs": 6, "batch_size": 32,
         "freeze": {"strategy": "last_n_blocks", "n_blocks": 1},
@@ -38,8 +34,8 @@ def start_service(home: Path, port: int) -> tuple[subprocess.Popen, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "DATABASE_URL")}
     log = open(home.parent / "service.log", "wb")  # noqa: SIM115 - lives as long as the service
     process = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "up", "--home", str(home), "--port", str(port)],
-        env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
+        [*ftune_command(), "up", "--home", str(home), "--port", str(port)],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -82,9 +78,9 @@ def run_service(client: httpx.Client, archive: bytes) -> tuple[float, float]:
 
 def run_direct(folder: Path, spec_file: Path, out: Path) -> tuple[float, float]:
     started = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "service.cli", "train", str(folder), "--spec",
+    subprocess.run([*ftune_command(), "train", str(folder), "--spec",
                     str(spec_file), "--out", str(out), "--no-progress"], check=True,
-                   cwd=ROOT, stdout=subprocess.DEVNULL)
+                   stdout=subprocess.DEVNULL)
     elapsed = time.perf_counter() - started
     fit_s = json.loads((out / "config.json").read_text())["train_seconds"]
     print(f"  direct run: fit_s={fit_s:.2f} wall_s={elapsed:.2f}", flush=True)

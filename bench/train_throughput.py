@@ -25,24 +25,19 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+import torch
+from torch import nn
 
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
-
-from models.backbones import create_backbone  # noqa: E402
-from models.data.transforms import normalize  # noqa: E402
-from models.network import FineTuneModel, build_head  # noqa: E402
-from models.spec import FineTuneSpec  # noqa: E402
-from models.training.fit import fit  # noqa: E402
-from tests.realdata import animal_mnist_arrays, balanced_indices, write_image_folder  # noqa: E402
+from ftune.models.backbones import create_backbone
+from ftune.models.data.transforms import normalize
+from ftune.models.network import FineTuneModel, build_head
+from ftune.models.spec import FineTuneSpec
+from ftune.models.training.fit import fit
+from ftune.testing.realdata import animal_mnist_arrays, balanced_indices, write_image_folder
 
 BACKBONE = "tf_efficientnet_lite0"
 

@@ -28,23 +28,18 @@ Result lines (``key=value``)::
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from models.bundle import save_bundle  # noqa: E402
-from models.predictor import Predictor  # noqa: E402
-from models.spec import FineTuneSpec  # noqa: E402
-from models.training.fit import FitResult, fit  # noqa: E402
-from tests.realdata import (  # noqa: E402
+from ftune.models.bundle import save_bundle
+from ftune.models.predictor import Predictor
+from ftune.models.spec import FineTuneSpec
+from ftune.models.training.fit import FitResult, fit
+from ftune.testing.realdata import (
     ANIMAL_CLASSES,
     animal_mnist_arrays,
     balanced_indices,

@@ -9,7 +9,6 @@ import io
 import os
 import shutil
 import subprocess
-import sys
 import tarfile
 import tempfile
 import threading
@@ -20,10 +19,7 @@ import httpx
 import numpy as np
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from service.launcher import free_port  # noqa: E402
+from ftune.processes import free_port, ftune_command
 
 MB = 2**20
 
@@ -68,8 +64,8 @@ def main() -> None:
         env = {**os.environ, "FTUNE_HOME": str(work / "home"), "FTUNE_MAX_UPLOAD_MB": "8192",
                # The upload path never touches the broker; nothing listens on this port.
                "REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"}
-        api = subprocess.Popen([sys.executable, "-m", "service.cli", "api", "--port", str(port)],
-                               env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
+        api = subprocess.Popen([*ftune_command(), "api", "--port", str(port)],
+                               env=env, stdout=subprocess.DEVNULL,
                                stderr=subprocess.STDOUT)
         try:
             url = f"http://127.0.0.1:{port}"

@@ -1,28 +1,34 @@
 """The fine-tuning engine: pure ML, usable as a library and from the ``ftune`` CLI.
 
-Heavy modules (torch, timm) load on first use, so ``models.spec`` stays cheap to import.
+Heavy modules (torch, timm) load on first use, so ``ftune.models.spec`` stays cheap to import.
+Importing this package makes the model hub offline unless ``FTUNE_ALLOW_DOWNLOADS`` is set; it
+must happen before timm loads, and every engine module is imported through this package.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from ftune.models.offline import prefer_offline
+
+prefer_offline()
+
 if TYPE_CHECKING:
-    from models.backbones import create_backbone, list_backbones
-    from models.bundle import save_bundle
-    from models.predictor import Predictor
-    from models.spec import FineTuneSpec
-    from models.training.fit import Callbacks, FitResult, fit
+    from ftune.models.backbones import create_backbone, list_backbones
+    from ftune.models.bundle import save_bundle
+    from ftune.models.predictor import Predictor
+    from ftune.models.spec import FineTuneSpec
+    from ftune.models.training.fit import Callbacks, FitResult, fit
 
 _EXPORTS = {
-    "FineTuneSpec": "models.spec",
-    "fit": "models.training.fit",
-    "Callbacks": "models.training.fit",
-    "FitResult": "models.training.fit",
-    "save_bundle": "models.bundle",
-    "Predictor": "models.predictor",
-    "create_backbone": "models.backbones",
-    "list_backbones": "models.backbones",
+    "FineTuneSpec": "ftune.models.spec",
+    "fit": "ftune.models.training.fit",
+    "Callbacks": "ftune.models.training.fit",
+    "FitResult": "ftune.models.training.fit",
+    "save_bundle": "ftune.models.bundle",
+    "Predictor": "ftune.models.predictor",
+    "create_backbone": "ftune.models.backbones",
+    "list_backbones": "ftune.models.backbones",
 }
 
 __all__ = [  # noqa: RUF022 - grouped by module, like _EXPORTS
@@ -36,4 +42,4 @@ def __getattr__(name: str) -> Any:
         import importlib
 
         return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'models' has no attribute {name!r}")
+    raise AttributeError(f"module 'ftune.models' has no attribute {name!r}")

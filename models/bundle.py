@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from models.errors import OutputExistsError
-from models.training.fit import FitResult
+from ftune.models.errors import OutputExistsError
+from ftune.models.training.fit import FitResult
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"

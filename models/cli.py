@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import shutil
 import sys
 import tempfile
@@ -14,8 +13,9 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from models.errors import FineTuneError
-from models.spec import SpecError, parse_spec
+from ftune.models.errors import FineTuneError
+from ftune.models.settings import engine_settings
+from ftune.models.spec import SpecError, parse_spec
 
 log = logging.getLogger("ftune")
 
@@ -37,6 +37,7 @@ def run(parser: argparse.ArgumentParser, argv: list[str] | None = None,
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
+        engine_settings()  # a bad FTUNE_* value fails here, naming the variable
         return int(args.run(args) or 0)
     except handled as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -103,43 +104,51 @@ def _load_spec(path: str | None):  # -> FineTuneSpec
     return parse_spec(text)
 
 
-def _train(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
+class _TrainingOutput:
+    """A progress bar per epoch on stderr and one line per finished epoch on stdout."""
 
-    from models.bundle import ensure_output_free, save_bundle
-    from models.training.fit import Callbacks, fit
+    def __init__(self, epochs: int, *, progress: bool) -> None:
+        self.epochs, self.progress = epochs, progress
+        self.bar = None
+
+    def on_batch(self, epoch: int, step: int, steps: int, loss: float) -> None:
+        if not self.progress:
+            return
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=steps, desc=f"epoch {epoch}/{self.epochs}", leave=False,
+                            file=sys.stderr)
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{loss:.4f}")
+
+    def on_epoch(self, row: dict) -> None:
+        self.close()
+        print(_format_row(row, self.epochs), flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def _train(args: argparse.Namespace) -> int:
+    from ftune.models.bundle import ensure_output_free, save_bundle
+    from ftune.models.training.fit import Callbacks, fit
 
     spec = _load_spec(args.spec)  # fail fast on bad input: before any output exists
     out = ensure_output_free(args.out)
     ckpt_dir = Path(args.checkpoint_dir) if args.checkpoint_dir else out.with_name(
         out.name + ".partial")
-    bar: tqdm | None = None
-
-    def on_batch(epoch: int, step: int, steps: int, loss: float) -> None:
-        nonlocal bar
-        if args.no_progress:
-            return
-        if bar is None:
-            bar = tqdm(total=steps, desc=f"epoch {epoch}/{spec.epochs}", leave=False,
-                       file=sys.stderr)
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss:.4f}")
-
-    def on_epoch(row: dict) -> None:
-        nonlocal bar
-        if bar is not None:
-            bar.close()
-            bar = None
-        print(_format_row(row, spec.epochs), flush=True)
-
+    output = _TrainingOutput(spec.epochs, progress=not args.no_progress)
     with dataset_folder(args.data, near=out) as data:
         try:
             result = fit(data, spec, checkpoint_dir=ckpt_dir, resume=args.resume,
-                         callbacks=Callbacks(on_epoch_end=on_epoch, on_batch_end=on_batch),
+                         callbacks=Callbacks(on_epoch_end=output.on_epoch,
+                                             on_batch_end=output.on_batch),
                          device=args.device)
         except BaseException:
-            if bar is not None:
-                bar.close()
+            output.close()
             if ckpt_dir.exists():
                 print(f"checkpoints kept in {ckpt_dir} (continue with --resume {ckpt_dir})",
                       file=sys.stderr)
@@ -164,11 +173,11 @@ def dataset_folder(data: str, near: Path) -> Iterator[Path]:
     if path.is_dir() or not path.exists():
         yield path
         return
-    from models.data.archives import ArchiveLimits, unpack
+    from ftune.models.data.archives import ArchiveLimits, unpack
 
-    limits = ArchiveLimits(
-        max_bytes=int(float(os.environ.get("FTUNE_MAX_EXTRACTED_MB", 20480)) * 2**20),
-        max_files=int(os.environ.get("FTUNE_MAX_ARCHIVE_FILES", 500_000)))
+    settings = engine_settings()
+    limits = ArchiveLimits(max_bytes=int(settings.max_extracted_mb * 2**20),
+                           max_files=settings.max_archive_files)
     near.parent.mkdir(parents=True, exist_ok=True)
     folder = near.parent / f".{near.name}.data-{uuid.uuid4().hex[:8]}"
     try:
@@ -179,7 +188,7 @@ def dataset_folder(data: str, near: Path) -> Iterator[Path]:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from models.export import export_model
+    from ftune.models.export import export_model
 
     path = export_model(args.model, args.out, args.format)
     print(f"{args.format} model written to {path} (input: uint8 [N, 3, S, S] RGB; output: "
@@ -188,7 +197,7 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _lint(args: argparse.Namespace) -> int:
-    from models.data.discover import inspect_dataset
+    from ftune.models.data.discover import inspect_dataset
 
     with (tempfile.TemporaryDirectory(prefix="ftune-lint-") as scratch,
           dataset_folder(args.data, near=Path(scratch) / "data") as data):
@@ -221,7 +230,7 @@ def _format_row(row: dict, epochs: int) -> str:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from models.predictor import Predictor
+    from ftune.models.predictor import Predictor
 
     predictor = Predictor.load(args.model)
     results = predictor.predict([Path(p) for p in args.images], top_k=args.top_k)
@@ -236,7 +245,7 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _backbones(args: argparse.Namespace) -> int:
-    from models.backbones import list_backbones
+    from ftune.models.backbones import list_backbones
 
     infos = list_backbones()
     if args.json:

@@ -13,11 +13,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from models.data.discover import Sample
-from models.data.source import ImageSource
-from models.data.transforms import normalize
-from models.preprocessing import Preprocessing
-from models.training.runtime import Precision
+from ftune.models.data.discover import Sample
+from ftune.models.data.source import ImageSource
+from ftune.models.data.transforms import normalize
+from ftune.models.preprocessing import Preprocessing
+from ftune.models.training.runtime import Precision
 
 ECE_BINS = 15
 CONFUSED_PAIRS = 10
@@ -53,7 +53,27 @@ def summarize(probs: torch.Tensor, labels: torch.Tensor, classes: list[str],
     k = min(5, c)
     in_top_k = (probs.topk(k, dim=1).indices == labels[:, None]).any(dim=1)
     confusion = torch.bincount(labels * c + predicted, minlength=c * c).reshape(c, c)
-    per_class = []
+    per_class = _per_class(confusion, classes)
+    f1s = [row["f1"] for row in per_class if row["support"] and row["f1"] is not None]
+    losses = -torch.log(probs[torch.arange(n), labels].clamp_min(1e-12))
+    return {
+        "num_images": n,
+        "accuracy": float(correct.float().mean()),
+        "top_k": k,
+        "top_k_accuracy": float(in_top_k.float().mean()),
+        "loss": float(losses.mean()),
+        "macro_f1": sum(f1s) / len(f1s) if f1s else None,
+        "expected_calibration_error": _expected_calibration_error(confidence, correct),
+        "per_class": per_class,
+        "confusion_matrix": {"labels": classes, "rows_true_columns_predicted":
+                             confusion.tolist()},
+        "most_confused": _most_confused(confusion, classes),
+        "highest_loss": _highest_loss(losses, labels, predicted, confidence, classes, names),
+    }
+
+
+def _per_class(confusion: torch.Tensor, classes: list[str]) -> list[dict]:
+    rows = []
     for i, name in enumerate(classes):
         tp = int(confusion[i, i])
         support, predicted_as = int(confusion[i].sum()), int(confusion[:, i].sum())
@@ -64,9 +84,14 @@ def summarize(probs: torch.Tensor, labels: torch.Tensor, classes: list[str],
             f1 = 0.0  # present but never found (precision may be undefined): it counts
         else:
             f1 = 2 * precision * recall / (precision + recall)
-        per_class.append({"class": name, "precision": precision, "recall": recall, "f1": f1,
-                          "support": support})
-    f1s = [row["f1"] for row in per_class if row["support"] and row["f1"] is not None]
+        rows.append({"class": name, "precision": precision, "recall": recall, "f1": f1,
+                     "support": support})
+    return rows
+
+
+def _expected_calibration_error(confidence: torch.Tensor, correct: torch.Tensor) -> float:
+    """Mean gap between confidence and accuracy over equal-width confidence bins."""
+    n = len(confidence)
     edges = torch.linspace(0, 1, ECE_BINS + 1)
     ece = 0.0
     for lo, hi in itertools.pairwise(edges):
@@ -74,36 +99,30 @@ def summarize(probs: torch.Tensor, labels: torch.Tensor, classes: list[str],
         if in_bin.any():
             gap = (correct[in_bin].float().mean() - confidence[in_bin].mean()).abs()
             ece += float(gap) * int(in_bin.sum()) / n
+    return ece
+
+
+def _most_confused(confusion: torch.Tensor, classes: list[str]) -> list[dict]:
+    c = len(classes)
     off_diagonal = confusion.clone()
     off_diagonal.fill_diagonal_(0)
+    flat_counts = off_diagonal.flatten()
     pairs = []
-    for flat in off_diagonal.flatten().argsort(descending=True)[:CONFUSED_PAIRS].tolist():
-        count = int(off_diagonal.flatten()[flat])
+    for flat in flat_counts.argsort(descending=True)[:CONFUSED_PAIRS].tolist():
+        count = int(flat_counts[flat])
         if count == 0:
             break
         pairs.append({"true": classes[flat // c], "predicted": classes[flat % c],
                       "count": count})
-    losses = -torch.log(probs[torch.arange(n), labels].clamp_min(1e-12))
-    worst = []
-    for i in losses.argsort(descending=True)[:WORST_EXAMPLES].tolist():
-        worst.append({"path": names[i], "true": classes[int(labels[i])],
-                      "predicted": classes[int(predicted[i])],
-                      "confidence": round(float(confidence[i]), 6),
-                      "loss": round(float(losses[i]), 6)})
-    return {
-        "num_images": n,
-        "accuracy": float(correct.float().mean()),
-        "top_k": k,
-        "top_k_accuracy": float(in_top_k.float().mean()),
-        "loss": float(losses.mean()),
-        "macro_f1": sum(f1s) / len(f1s) if f1s else None,
-        "expected_calibration_error": ece,
-        "per_class": per_class,
-        "confusion_matrix": {"labels": classes, "rows_true_columns_predicted":
-                             confusion.tolist()},
-        "most_confused": pairs,
-        "highest_loss": worst,
-    }
+    return pairs
+
+
+def _highest_loss(losses: torch.Tensor, labels: torch.Tensor, predicted: torch.Tensor,
+                  confidence: torch.Tensor, classes: list[str], names: list[str]) -> list[dict]:
+    return [{"path": names[i], "true": classes[int(labels[i])],
+             "predicted": classes[int(predicted[i])],
+             "confidence": round(float(confidence[i]), 6), "loss": round(float(losses[i]), 6)}
+            for i in losses.argsort(descending=True)[:WORST_EXAMPLES].tolist()]
 
 
 def evaluate_splits(model: nn.Module, splits: dict[str, list[Sample]], classes: list[str],

@@ -35,8 +35,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from models.predictor import Predictor
-from models.preprocessing import Preprocessing
+from ftune.models.predictor import Predictor
+from ftune.models.preprocessing import Preprocessing
 
 FORMATS = ("torchscript", "onnx")
 SUFFIXES = {"torchscript": ".pt", "onnx": ".onnx"}

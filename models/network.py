@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from models.spec import HeadSpec
+from ftune.models.spec import HeadSpec
 
 _ACTIVATIONS: dict[str, type[nn.Module]] = {
     "relu": nn.ReLU,

@@ -10,14 +10,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from models.backbones import create_backbone
-from models.bundle import load_bundle
-from models.data.images import open_rgb, to_rgb
-from models.data.transforms import normalize, resize_center_crop, resize_center_crop_image
-from models.network import FineTuneModel, build_head
-from models.preprocessing import Preprocessing
-from models.spec import FineTuneSpec
-from models.training.runtime import resolve_device
+from ftune.models.backbones import create_backbone
+from ftune.models.bundle import load_bundle
+from ftune.models.data.images import open_rgb, to_rgb
+from ftune.models.data.transforms import normalize, resize_center_crop, resize_center_crop_image
+from ftune.models.network import FineTuneModel, build_head
+from ftune.models.preprocessing import Preprocessing
+from ftune.models.spec import FineTuneSpec
+from ftune.models.training.runtime import resolve_device
 
 ImageInput = Image.Image | str | Path | bytes | np.ndarray
 

@@ -11,11 +11,11 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
-from service.context import AppContext
-from service.errors import install_error_handlers
-from service.reconciler import reconcile
-from service.routes import backbones, datasets, health, jobs, tuned_models
-from service.settings import Settings
+from ftune.service.context import AppContext
+from ftune.service.errors import install_error_handlers
+from ftune.service.lifecycle.reconciler import reconcile
+from ftune.service.routes import backbones, datasets, health, jobs, tuned_models
+from ftune.service.settings import Settings
 
 log = logging.getLogger(__name__)
 

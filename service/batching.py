@@ -16,10 +16,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
-if TYPE_CHECKING:
-    from models.predictor import Predictor
+if TYPE_CHECKING:  # torch loads with the first model, never with the API itself
+    import torch
+
+    from ftune.models.predictor import Predictor
 
 # All model work of the process (loading and forwards) runs on this one thread. Each thread
 # that runs torch's parallel CPU kernels gets an OpenMP team of its own, and two teams on the

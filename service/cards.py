@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from service.db.tables import Dataset, Job, TunedModel
+from ftune.service.db.tables import Dataset, Job, TunedModel
 
 CURVE_KEYS = ("epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr",
               "seconds")

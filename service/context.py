@@ -8,14 +8,13 @@ from functools import cached_property
 
 import redis
 from celery import Celery
-from fastapi import Request
 from sqlalchemy.exc import SQLAlchemyError
 
-from service.db.session import Database
-from service.settings import Settings
-from service.storage import Storage
-from service.tuned_models import PredictorCache
-from workers.celery_app import make_celery
+from ftune.service.db.session import Database
+from ftune.service.queue import make_celery
+from ftune.service.settings import Settings
+from ftune.service.storage import Storage
+from ftune.service.tuned_models import PredictorCache
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +51,3 @@ class AppContext:
     def redis(self) -> redis.Redis:
         return redis.Redis.from_url(self.settings.broker_url, socket_connect_timeout=2,
                                     socket_timeout=2)
-
-
-def get_context(request: Request) -> AppContext:
-    return request.app.state.ctx

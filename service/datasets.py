@@ -12,13 +12,15 @@ from pathlib import Path
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from models.data.archives import ArchiveLimits, unpack
-from models.data.discover import inspect_dataset
-from models.data.lint import LintReport
-from service.db.tables import Dataset, Job, JobStatus
-from service.errors import Conflict, DatasetRejected, InvalidInput, NotFound
-from service.ids import is_id, new_id
-from service.storage import Storage
+from ftune.models.data.archives import ArchiveLimits, unpack
+from ftune.models.data.discover import inspect_dataset
+from ftune.models.data.lint import LintReport
+from ftune.models.settings import EngineSettings
+from ftune.service.db.tables import Dataset, Job
+from ftune.service.errors import Conflict, DatasetRejected, InvalidInput, NotFound
+from ftune.service.ids import is_id, new_id
+from ftune.service.job_status import ACTIVE
+from ftune.service.storage import Storage
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +48,13 @@ class DatasetChecks:
     limits: ArchiveLimits
     min_per_class: int
     max_pixels: int
+
+    @classmethod
+    def from_settings(cls, engine: EngineSettings) -> DatasetChecks:
+        return cls(limits=ArchiveLimits(max_bytes=int(engine.max_extracted_mb * 2**20),
+                                        max_files=engine.max_archive_files),
+                   min_per_class=engine.min_images_per_class,
+                   max_pixels=engine.max_image_pixels)
 
 
 def _find_same_content(session: Session, content_hash: str | None) -> Dataset | None:
@@ -119,7 +128,7 @@ def delete_dataset(session: Session, *, dataset_id: str) -> None:
     """Delete the row; call ``discard_dataset_files`` once the transaction has committed."""
     dataset = get_dataset(session, dataset_id)
     active = session.scalar(select(func.count()).select_from(Job).where(
-        Job.dataset_id == dataset_id, Job.status.in_(JobStatus.ACTIVE)))
+        Job.dataset_id == dataset_id, Job.status.in_(ACTIVE)))
     if active:
         raise Conflict(f"dataset {dataset_id} is used by {active} queued or running job(s); "
                        "cancel them or wait for them to finish")

@@ -10,8 +10,8 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DBAPIError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from models.errors import FineTuneError
-from models.spec import SpecError
+from ftune.models.errors import FineTuneError
+from ftune.models.spec import SpecError
 
 log = logging.getLogger(__name__)
 

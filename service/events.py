@@ -5,7 +5,7 @@ from __future__ import annotations
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from service.db.tables import JobEvent, utcnow
+from ftune.service.db.tables import JobEvent, utcnow
 
 
 def add_event(session: Session, job_id: str, kind: str, **data: object) -> None:

@@ -7,14 +7,20 @@ import hashlib
 import json
 from typing import Any
 
+from celery import Celery
 from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from models.spec import FineTuneSpec, SpecError, parse_spec
-from service.db.tables import Dataset, EpochMetrics, IdempotencyKey, Job, JobStatus, utcnow
-from service.errors import Conflict, InvalidInput, NotFound
-from service.events import add_event, status_event
-from service.ids import is_id
+from ftune.models.spec import FineTuneSpec, SpecError, parse_spec
+from ftune.service.db.session import Database
+from ftune.service.db.tables import Dataset, EpochMetrics, IdempotencyKey, Job, utcnow
+from ftune.service.errors import Conflict, InvalidInput, NotFound, Unavailable
+from ftune.service.events import add_event, status_event
+from ftune.service.ids import is_id
+from ftune.service.job_status import TERMINAL, JobStatus
+from ftune.service.queue import enqueue_finetune
+from ftune.service.schemas import JobIn
 
 
 def validate_job_spec(payload: Any) -> FineTuneSpec:
@@ -59,8 +65,8 @@ def get_job(session: Session, job_id: str) -> Job:
 def list_jobs(session: Session, *, status: str | None = None, limit: int = 100) -> list[Job]:
     query = select(Job).order_by(Job.created_at.desc()).limit(limit)
     if status is not None:
-        if status not in JobStatus.ALL:
-            raise InvalidInput(f"status must be one of {', '.join(JobStatus.ALL)}")
+        if status not in tuple(JobStatus):
+            raise InvalidInput(f"status must be one of {', '.join(tuple(JobStatus))}")
         query = query.where(Job.status == status)
     return list(session.scalars(query))
 
@@ -86,7 +92,7 @@ def cancel_job(session: Session, *, job_id: str) -> Job:
             .values(cancel_requested=True)).rowcount
         session.flush()
         session.refresh(job)
-        if flagged_running or job.status in JobStatus.TERMINAL:
+        if flagged_running or job.status in TERMINAL:
             break
     if cancelled_queued:
         status_event(session, job_id, JobStatus.CANCELLED, error="cancelled before it started")
@@ -157,3 +163,51 @@ def job_view(job: Job, metrics: list[dict], position: int | None = None) -> dict
         "max_runtime_s": job.max_runtime_s,
         "queue_position": position,
     }
+
+
+def submit_job(db: Database, celery: Celery, *, request: JobIn,
+               idempotency_key: str | None) -> str:
+    """Record a job and hand it to the workers; returns its id (an earlier job's, when the
+    idempotency key was seen with the same request).
+
+    The row is committed before the id is enqueued, so a worker always finds the job. When the
+    queue is unreachable the job is marked failed (never left queued) and Unavailable raised.
+    """
+    digest = body_digest(request.model_dump(mode="json"))
+    try:
+        with db.session() as session:
+            if idempotency_key is not None:
+                earlier = replay_idempotent(session, key=idempotency_key, digest=digest)
+                if earlier is not None:
+                    return earlier.id
+            job = create_job(session, dataset_id=request.dataset_id, spec_payload=request.spec,
+                             priority=request.priority, max_runtime_s=request.max_runtime_s,
+                             model_name=request.model_name)
+            if idempotency_key is not None:
+                remember_idempotent(session, key=idempotency_key, digest=digest, job_id=job.id)
+    except IntegrityError:
+        if idempotency_key is None:
+            raise
+        # The same key in a concurrent request won the race; its job is the answer.
+        with db.session() as session:
+            earlier = replay_idempotent(session, key=idempotency_key, digest=digest)
+        if earlier is None:
+            raise
+        return earlier.id
+    _enqueue_or_fail(db, celery, job.id, job.priority, idempotency_key)
+    return job.id
+
+
+def _enqueue_or_fail(db: Database, celery: Celery, job_id: str, priority: int,
+                     idempotency_key: str | None) -> None:
+    try:
+        enqueue_finetune(celery, job_id, priority)
+    except Unavailable:
+        with db.session() as session:
+            failed = get_job(session, job_id)
+            failed.status, failed.finished_at = JobStatus.FAILED, utcnow()
+            failed.error = "could not be queued: the job queue (Redis) is unreachable; submit again"
+            status_event(session, job_id, JobStatus.FAILED, error=failed.error)
+            if idempotency_key is not None:  # submitting again with the key must try again
+                forget_idempotent(session, key=idempotency_key)
+        raise

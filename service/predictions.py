@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from PIL import Image, UnidentifiedImageError
 
-from models.data.images import open_rgb
-from service.errors import InvalidInput
-from service.ingest.multipart import ReceivedFile
+from ftune.models.data.images import open_rgb
+from ftune.service.errors import InvalidInput
+from ftune.service.ingest.multipart import ReceivedFile
 
 MAX_TOP_K = 1000
 

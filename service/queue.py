@@ -1,18 +1,57 @@
-"""Hand job ids to the workers through Celery (after the job row has committed)."""
+"""The queue contract, owned by the producer: queue and task names, the Celery app, enqueueing.
+
+Celery carries only job ids; the job's state lives in the database. Workers build their app
+with ``make_celery`` too and register the task under ``FINETUNE_TASK``.
+"""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 from celery import Celery
 
-from service.errors import Unavailable
-from workers.celery_app import FINETUNE_TASK, TRAINING_QUEUE
+from ftune.service.errors import Unavailable
+from ftune.service.settings import Settings
 
 log = logging.getLogger(__name__)
 
+TRAINING_QUEUE = "training"
+FINETUNE_TASK = "ftune.finetune"
+
 _PUBLISH_RETRY = {"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5,
                   "interval_max": 1.0}
+
+
+def make_celery(settings: Settings, *, include: Sequence[str] = ()) -> Celery:
+    """The Celery app: one ``training`` queue, late acks, one job at a time per worker.
+
+    ``include`` names task modules to import; only the worker passes one.
+    """
+    app = Celery("ftune", broker=settings.broker_url, include=list(include))
+    app.conf.update(
+        task_default_queue=TRAINING_QUEUE,
+        task_routes={FINETUNE_TASK: {"queue": TRAINING_QUEUE}},
+        # The DB holds job state; Celery only carries ids, so results are not stored.
+        task_ignore_result=True,
+        result_backend=None,
+        # A job is acknowledged only when it ends, and a worker that dies mid-job gives it back.
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        # Redis redelivers unacknowledged messages after this; it must outlast any job.
+        broker_transport_options={"visibility_timeout": settings.visibility_timeout_s,
+                                  "socket_connect_timeout": 3,
+                                  # Ten priority lists, served most urgent first, each FIFO.
+                                  "priority_steps": list(range(10)), "sep": ":",
+                                  "queue_order_strategy": "priority"},
+        broker_connection_retry_on_startup=True,
+        worker_cancel_long_running_tasks_on_connection_loss=False,
+        worker_hijack_root_logger=False,
+        task_serializer="json",
+        accept_content=["json"],
+    )
+    return app
 
 
 def broker_priority(priority: int) -> int:
@@ -21,6 +60,7 @@ def broker_priority(priority: int) -> int:
 
 
 def enqueue_finetune(celery: Celery, job_id: str, priority: int = 5) -> None:
+    """Hand a job id to the workers; call only after the job row has committed."""
     try:
         # The task id is the job id, so the reconciler can tell which jobs the broker holds.
         celery.send_task(FINETUNE_TASK, args=[job_id], task_id=job_id, queue=TRAINING_QUEUE,

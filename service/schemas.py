@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-JobStatusName = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+from ftune.service.job_status import JobStatus
 
 
 class DatasetOut(BaseModel):
@@ -57,7 +57,7 @@ class Progress(BaseModel):
 class JobOut(BaseModel):
     id: str
     dataset_id: str
-    status: JobStatusName
+    status: JobStatus
     spec: dict[str, Any]
     created_at: datetime
     started_at: datetime | None

@@ -1,4 +1,9 @@
-"""One settings object for the API, the workers and ``ftune up``, read from the environment."""
+"""One settings object for the API, the workers and ``ftune up``, read from the environment.
+
+It composes the engine's own settings (``ftune.models.settings``: device, weights, decoding and
+dataset limits); processes read it once at start-up with ``load`` (a bad value names its
+variable) and hand the engine part to the engine with ``ftune.models.settings.configure``.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +13,14 @@ from pathlib import Path
 from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from ftune.models.settings import EngineSettings, engine_settings, load_settings
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="FTUNE_", extra="ignore")
+
+    engine: EngineSettings = Field(default_factory=engine_settings,
+                                   description="The engine's settings (FTUNE_DEVICE, ...).")
 
     home: Path = Field(Path("var"), description="Data directory: database, datasets, models.")
     database_url: str | None = Field(
@@ -22,12 +32,6 @@ class Settings(BaseSettings):
     api_host: str = "127.0.0.1"
     api_port: int = Field(8000, ge=0, le=65535)
     max_upload_mb: float = Field(2048, gt=0, description="Largest dataset upload accepted.")
-    max_extracted_mb: float = Field(20480, gt=0, description="Largest unpacked dataset.")
-    max_archive_files: int = Field(500_000, ge=1, description="Most entries in one archive.")
-    min_images_per_class: int = Field(2, ge=1, description="Fewest training images a class "
-                                      "may have; fewer blocks the upload.")
-    max_image_pixels: int = Field(89_478_485, ge=1, description="Larger images are refused "
-                                  "before decoding (decompression bombs).")
     max_predict_images: int = Field(64, ge=1, description="Most images in one predict request.")
     max_predict_image_mb: float = Field(20, gt=0, description="Largest image accepted by predict.")
     predictor_cache_mb: float = Field(2048, gt=0, description="Memory for tuned models kept "
@@ -66,3 +70,9 @@ class Settings(BaseSettings):
         if not self.redis_url:
             raise RuntimeError("REDIS_URL is not set (`ftune up` starts a private Redis for you)")
         return self.redis_url
+
+
+def load(**values: object) -> Settings:
+    """Settings from the environment and ``values``; a bad value raises ``SettingsError``
+    naming its variable."""
+    return load_settings(Settings, **values)

@@ -6,7 +6,7 @@ import shutil
 import time
 from pathlib import Path
 
-from service.ids import is_id
+from ftune.service.ids import is_id
 
 
 def _checked(object_id: str) -> str:

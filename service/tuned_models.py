@@ -14,11 +14,11 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from service.batching import TORCH_THREAD, DynamicBatcher
-from service.db.tables import ModelAlias, TunedModel
-from service.errors import InvalidInput, NotFound
-from service.ids import is_id
-from service.storage import Storage
+from ftune.service.batching import TORCH_THREAD, DynamicBatcher
+from ftune.service.db.tables import ModelAlias, TunedModel
+from ftune.service.errors import InvalidInput, NotFound
+from ftune.service.ids import is_id
+from ftune.service.storage import Storage
 
 # What models.Predictor.load reads, plus the evaluation; literal so the API never imports
 # torch to list them.
@@ -96,7 +96,7 @@ def bundle_folder(storage: Storage, model_id: str) -> Path:
 
 def model_export(storage: Storage, model_id: str, fmt: str) -> Path:
     """The model as ONNX or TorchScript, built once and kept (models never change)."""
-    from models.export import SUFFIXES, export_model
+    from ftune.models.export import SUFFIXES, export_model
 
     target = storage.exports / f"{model_id}{SUFFIXES[fmt]}"
     if not target.exists():
@@ -151,7 +151,7 @@ class PredictorCache:
             with self._lock:
                 if model_id in self._loaded:
                     return self._loaded[model_id]
-            from models.predictor import Predictor  # torch loads on the first predict only
+            from ftune.models.predictor import Predictor  # torch loads on the first predict only
 
             folder = bundle_folder(self.storage, model_id)
             predictor = TORCH_THREAD.submit(Predictor.load, folder).result()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,22 @@ import pytest
 # Tests never touch the network and run on the CPU the way CI does.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.pop("FTUNE_WEIGHTS_DIR", None)
+
+
+@pytest.fixture
+def engine_config() -> Iterator[Callable[..., object]]:
+    """Give a test engine settings of its own: ``engine_config(weights_dir=...)``."""
+    from ftune.models import settings as engine
+
+    previous = engine.engine_settings()
+
+    def use(**values: object) -> object:
+        configured = engine.load_settings(engine.EngineSettings, **values)
+        engine.configure(configured)
+        return configured
+
+    yield use
+    engine.configure(previous)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -21,7 +38,7 @@ def _torch_threads() -> None:
 
 @pytest.fixture(scope="session")
 def animal_arrays():
-    from tests.realdata import animal_mnist_arrays
+    from ftune.testing.realdata import animal_mnist_arrays
 
     return animal_mnist_arrays()
 
@@ -29,7 +46,7 @@ def animal_arrays():
 @pytest.fixture(scope="session")
 def animal_folder(tmp_path_factory, animal_arrays) -> Path:
     """40 real silhouettes per class, 10 classes: DATA/<class>/<images>."""
-    from tests.realdata import balanced_indices, write_image_folder
+    from ftune.testing.realdata import balanced_indices, write_image_folder
 
     images, labels = animal_arrays
     idx = balanced_indices(labels, 40)
@@ -39,7 +56,7 @@ def animal_folder(tmp_path_factory, animal_arrays) -> Path:
 @pytest.fixture(scope="session")
 def animal_heldout(animal_arrays):
     """Images held out of ``animal_folder`` (never used for training), 10 per class."""
-    from tests.realdata import ANIMAL_CLASSES, balanced_indices
+    from ftune.testing.realdata import ANIMAL_CLASSES, balanced_indices
 
     images, labels = animal_arrays
     idx = balanced_indices(labels, 10, offset=40)
@@ -49,7 +66,7 @@ def animal_heldout(animal_arrays):
 @pytest.fixture(scope="session")
 def tiny_folder(tmp_path_factory, animal_arrays) -> Path:
     """3 classes × 12 images, for tests that only need the loop to run."""
-    from tests.realdata import balanced_indices, write_image_folder
+    from ftune.testing.realdata import balanced_indices, write_image_folder
 
     images, labels = animal_arrays
     idx = balanced_indices(labels, 12, classes=3)

@@ -8,15 +8,14 @@ import gc
 import torch
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
-from models.errors import (
+from ftune.models.errors import (
     DatasetError,
     FineTuneError,
-    NonFiniteLossError,
     UnknownBackboneError,
     WeightsMismatchError,
     WeightsNotFoundError,
 )
-from models.spec import SpecError
+from ftune.models.spec import SpecError
 
 _TRANSIENT_ERRNOS = {errno.EIO, errno.EAGAIN, errno.ETIMEDOUT, errno.EBUSY, errno.ESTALE,
                      errno.ECONNRESET, errno.ECONNREFUSED, errno.EINTR}
@@ -66,11 +65,7 @@ def describe_failure(exc: BaseException) -> str:
         return f"pretrained weights problem: {exc}"
     if isinstance(exc, DatasetError):
         return f"dataset problem: {exc}"
-    if isinstance(exc, NonFiniteLossError):
-        return str(exc)
-    if isinstance(exc, SpecError):
-        return str(exc)
-    if isinstance(exc, FineTuneError):
+    if isinstance(exc, (FineTuneError, SpecError)):  # their messages say what to change
         return str(exc)
     if isinstance(exc, OSError):
         return f"storage error on the worker: {exc.strerror or exc}; try the job again"

@@ -1,5 +1,5 @@
-"""Each worker process keeps a short-lived Redis key alive, so the API can count live workers
-even while a worker is busy training (a blocked worker cannot answer Celery's ping)."""
+"""The worker process's heartbeat: a thread that keeps this worker's Redis key alive, so the
+API counts it as live even while a job trains (see ``service.lifecycle.liveness``)."""
 
 from __future__ import annotations
 
@@ -9,19 +9,15 @@ import threading
 
 import redis
 
+from ftune.service.lifecycle.liveness import worker_key, worker_key_ttl_s
+
 log = logging.getLogger(__name__)
-
-KEY_PREFIX = "ftune:worker:"
-
-
-def live_worker_count(client: redis.Redis) -> int:
-    return sum(1 for _ in client.scan_iter(match=KEY_PREFIX + "*", count=100))
 
 
 class Heartbeat:
     def __init__(self, redis_url: str, name: str, interval_s: float) -> None:
         self.client = redis.Redis.from_url(redis_url, socket_connect_timeout=3, socket_timeout=3)
-        self.key, self.interval = KEY_PREFIX + name, interval_s
+        self.key, self.interval = worker_key(name), interval_s
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="ftune-heartbeat", daemon=True)
 
@@ -29,7 +25,7 @@ class Heartbeat:
         self._thread.start()
 
     def _run(self) -> None:
-        ttl = max(2, int(self.interval * 3))
+        ttl = worker_key_ttl_s(self.interval)
         while not self._stop.is_set():
             try:
                 self.client.set(self.key, "1", ex=ttl)

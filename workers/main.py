@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import socket
 import threading
 import uuid
@@ -12,18 +11,18 @@ import redis
 from celery import Celery
 from celery.signals import worker_ready
 
-from service.db.session import Database
-from service.settings import Settings
-from workers.celery_app import TRAINING_QUEUE, make_celery
-from workers.heartbeat import Heartbeat
+from ftune.service.db.session import Database
+from ftune.service.lifecycle.reconciler import reconcile
+from ftune.service.queue import TRAINING_QUEUE, make_celery
+from ftune.service.settings import Settings
+from ftune.workers import tasks
+from ftune.workers.heartbeat import Heartbeat
 
 log = logging.getLogger(__name__)
 
 
 def _reconcile_once(settings: Settings, app: Celery) -> None:
     """At start-up, repair what the last crash left (also done periodically by the API)."""
-    from service.reconciler import reconcile
-
     db = Database(settings.resolved_database_url)
     try:
         reconcile(db, app, redis.Redis.from_url(settings.broker_url, socket_connect_timeout=3),
@@ -34,14 +33,15 @@ def _reconcile_once(settings: Settings, app: Celery) -> None:
         db.dispose()
 
 
-def run_worker(settings: Settings, *, device: str | None = None, name: str | None = None,
-               loglevel: str = "INFO") -> None:
-    if device:
-        os.environ["FTUNE_DEVICE"] = device  # the engine's automatic device choice honours it
+def run_worker(settings: Settings, *, name: str | None = None, loglevel: str = "INFO") -> None:
+    """Consume the training queue until stopped; the engine's device comes from
+    ``settings.engine`` (``--device`` or ``FTUNE_DEVICE``)."""
     Database(settings.resolved_database_url).dispose()  # create tables before the first job
-    app = make_celery(settings)
+    tasks.use_settings(settings)
+    app = make_celery(settings, include=[tasks.__name__])
     node = name or f"ftune-{uuid.uuid4().hex[:6]}@{socket.gethostname()}"
     heartbeat = Heartbeat(settings.broker_url, node, settings.worker_heartbeat_s)
+
     def on_ready(**_: object) -> None:
         # Counted as live only once Celery consumes from the queue, not while it starts up.
         heartbeat.start()

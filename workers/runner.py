@@ -7,104 +7,34 @@ import shutil
 import threading
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from sqlalchemy.exc import IntegrityError
 
-from models.errors import DatasetError, TrainingCancelled
-from models.spec import parse_spec
-from models.training.checkpoint import CHECKPOINT_NAME
-from service.db.session import Database
-from service.db.tables import Dataset, Job, JobStatus, TunedModel, utcnow
-from service.ids import new_id
-from service.storage import Storage
-from workers import job_state
-from workers.failures import (
+from ftune.models.errors import DatasetError, TrainingCancelled
+from ftune.models.spec import parse_spec
+from ftune.models.training.checkpoint import CHECKPOINT_NAME
+from ftune.service.db.session import Database
+from ftune.service.db.tables import Dataset, Job, TunedModel, utcnow
+from ftune.service.ids import new_id
+from ftune.service.job_status import JobStatus
+from ftune.service.lifecycle import transitions
+from ftune.service.storage import Storage
+from ftune.workers.failures import (
     describe_failure,
     halved_batch_spec,
     is_out_of_memory,
     is_transient,
     release_memory,
 )
+from ftune.workers.progress import JobHeartbeat, ProgressReporter
+
+if TYPE_CHECKING:
+    from ftune.models.training.fit import FitResult
 
 log = logging.getLogger(__name__)
 
-@dataclass
-class ProgressReporter:
-    """Engine callbacks that write progress to the DB and poll it for a cancel request."""
-
-    db: Database
-    job_id: str
-    worker: str
-    poll_s: float
-    shutdown: threading.Event
-    event_s: float = 2.0
-    deadline: float | None = None  # time.monotonic() after which the run is over its limit
-    _last_write: float = 0.0
-    _last_event: float = 0.0
-    _cancelled: bool = False
-    over_time: bool = False
-    lost: bool = False  # another worker owns the job now (we were paused and taken over)
-
-    def on_epoch_end(self, row: dict) -> None:
-        with self.db.session() as session:
-            if not job_state.record_epoch(session, self.job_id, self.worker, row):
-                self.lost = True
-
-    def on_batch_end(self, epoch: int, step: int, steps: int, loss: float) -> None:
-        now = time.monotonic()
-        if now - self._last_write < self.poll_s and step < steps:
-            return
-        self._last_write = now
-        event = now - self._last_event >= self.event_s or step == steps
-        if event:
-            self._last_event = now
-        with self.db.session() as session:
-            state = job_state.record_progress(session, self.job_id, self.worker, epoch, step,
-                                              steps, loss, event=event)
-        self._cancelled = state == "cancel"
-        self.lost = self.lost or state == "lost"
-
-    def should_stop(self) -> bool:
-        if self.deadline is not None and time.monotonic() > self.deadline:
-            self.over_time = True
-            return True
-        if self.shutdown.is_set() or self._cancelled or self.lost:
-            return True
-        if time.monotonic() - self._last_write >= self.poll_s:
-            # No batch finished for a while (a slow first batch): look for a cancel directly.
-            self._last_write = time.monotonic()
-            with self.db.session() as session:
-                self._cancelled = job_state.cancel_requested(session, self.job_id)
-        return self._cancelled
-
-
-class JobHeartbeat:
-    """Keeps the job's heartbeat fresh while it runs, including long stretches without batch
-    callbacks (feature caching, evaluation), so it is never mistaken for abandoned."""
-
-    def __init__(self, db: Database, reporter: ProgressReporter, interval_s: float) -> None:
-        self.db, self.reporter, self.interval_s = db, reporter, interval_s
-        job_id = reporter.job_id
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"job-{job_id[:8]}", daemon=True)
-
-    def __enter__(self) -> JobHeartbeat:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            try:
-                with self.db.session() as session:
-                    if not job_state.beat(session, self.reporter.job_id, self.reporter.worker):
-                        self.reporter.lost = True  # training stops at the next batch
-            except Exception as exc:  # a missed beat is not fatal; the next one may succeed
-                log.warning("job %s heartbeat failed: %s", self.reporter.job_id, exc)
-
+VERSION_RACE_RETRIES = 4
 
 class WorkerShuttingDown(Exception):
     """The run stopped because the worker is stopping; the job goes back to the queue."""
@@ -138,13 +68,8 @@ class JobRunner:
 
     def run(self, job_id: str) -> str:
         """Run the job to its end and return its final status (or "skipped")."""
-        with self.db.session() as session:
-            job = job_state.claim(session, job_id, self.worker_name, self.stale_after_s)
+        job = self._claim(job_id)
         if job is None:
-            log.info("job %s skipped: missing, finished, cancelled or running elsewhere", job_id)
-            with self.db.session() as session:
-                if job_state.cancel_requested(session, job_id):  # cancelled while it was away
-                    self.storage.remove_job_files(job_id)
             return "skipped"
         limit = min(self.limits.max_runtime_s, job.max_runtime_s or float("inf"))
         used = (utcnow() - (job.started_at or utcnow())).total_seconds()
@@ -154,47 +79,64 @@ class JobRunner:
             with JobHeartbeat(self.db, reporter, self.heartbeat_s):
                 return self._train_with_oom_retry(job_id, job.spec, job.dataset_id, reporter)
         except TrainingCancelled:
-            if reporter.lost:
-                # Another worker took the job over; its run, files and result stand.
-                log.warning("job %s was taken over by another worker; stopping", job_id)
-                return "superseded"
-            if reporter.over_time:
-                return self._fail(job_id, f"exceeded its maximum run time of {limit:.0f} s "
-                                  "(max_runtime_s, FTUNE_MAX_RUNTIME_S); the last checkpoint "
-                                  "was discarded")
-            if self.shutdown.is_set():
-                with self.db.session() as session:
-                    handed_back = not job_state.cancel_requested(session, job_id)
-                    if handed_back:
-                        job_state.requeue(session, job_id, "the worker stopped",
-                                          self.worker_name)
-                if handed_back:  # raised after the commit, not inside the transaction
-                    log.info("job %s handed back: the worker is stopping", job_id)
-                    raise WorkerShuttingDown(job_id) from None
-            with self.db.session() as session:
-                job_state.finish(session, job_id, JobStatus.CANCELLED,
-                                 error="cancelled while running", worker=self.worker_name)
-            self.storage.remove_job_files(job_id)
-            log.info("job %s cancelled", job_id)
-            return JobStatus.CANCELLED
+            return self._stopped(job_id, reporter, limit)
         except Exception as exc:
-            if is_transient(exc) and job.attempts < self.limits.max_attempts:
-                countdown = self.limits.retry_backoff_s * 2 ** (job.attempts - 1)
-                log.warning("job %s hit a transient error (%s); retrying in %.0f s", job_id,
-                            exc, countdown)
-                with self.db.session() as session:
-                    job_state.requeue(session, job_id, worker=self.worker_name,
-                                      reason=f"transient error, retrying in "
-                                      f"{countdown:.0f} s: {describe_failure(exc)}")
-                raise RetryLater(countdown) from exc
-            self._fail(job_id, describe_failure(exc), exc)
+            self._failed(job, exc)
             raise
+
+    def _claim(self, job_id: str) -> Job | None:
+        with self.db.session() as session:
+            job = transitions.claim(session, job_id, self.worker_name, self.stale_after_s)
+        if job is None:
+            log.info("job %s skipped: missing, finished, cancelled or running elsewhere", job_id)
+            with self.db.session() as session:
+                if transitions.cancel_requested(session, job_id):  # cancelled while it was away
+                    self.storage.remove_job_files(job_id)
+        return job
+
+    def _stopped(self, job_id: str, reporter: ProgressReporter, limit: float) -> str:
+        """The run stopped at a batch boundary: taken over, over time, shutdown or cancel."""
+        if reporter.lost:
+            # Another worker took the job over; its run, files and result stand.
+            log.warning("job %s was taken over by another worker; stopping", job_id)
+            return "superseded"
+        if reporter.over_time:
+            return self._fail(job_id, f"exceeded its maximum run time of {limit:.0f} s "
+                              "(max_runtime_s, FTUNE_MAX_RUNTIME_S); the last checkpoint "
+                              "was discarded")
+        if self.shutdown.is_set():
+            with self.db.session() as session:
+                handed_back = not transitions.cancel_requested(session, job_id)
+                if handed_back:
+                    transitions.requeue(session, job_id, "the worker stopped", self.worker_name)
+            if handed_back:  # raised after the commit, not inside the transaction
+                log.info("job %s handed back: the worker is stopping", job_id)
+                raise WorkerShuttingDown(job_id) from None
+        with self.db.session() as session:
+            transitions.finish(session, job_id, JobStatus.CANCELLED,
+                               error="cancelled while running", worker=self.worker_name)
+        self.storage.remove_job_files(job_id)
+        log.info("job %s cancelled", job_id)
+        return JobStatus.CANCELLED
+
+    def _failed(self, job: Job, exc: Exception) -> None:
+        """A transient error queues the job again (raising RetryLater); any other fails it."""
+        if is_transient(exc) and job.attempts < self.limits.max_attempts:
+            countdown = self.limits.retry_backoff_s * 2 ** (job.attempts - 1)
+            log.warning("job %s hit a transient error (%s); retrying in %.0f s", job.id, exc,
+                        countdown)
+            with self.db.session() as session:
+                transitions.requeue(session, job.id, worker=self.worker_name,
+                                    reason=f"transient error, retrying in {countdown:.0f} s: "
+                                    f"{describe_failure(exc)}")
+            raise RetryLater(countdown) from exc
+        self._fail(job.id, describe_failure(exc), exc)
 
     def _fail(self, job_id: str, message: str, exc: BaseException | None = None) -> str:
         if exc is not None:
             log.error("job %s failed: %s", job_id, message, exc_info=exc)
         with self.db.session() as session:
-            job_state.finish(session, job_id, JobStatus.FAILED, error=message,
+            transitions.finish(session, job_id, JobStatus.FAILED, error=message,
                              worker=self.worker_name)
         self.storage.remove_job_files(job_id)
         return JobStatus.FAILED
@@ -217,7 +159,7 @@ class JobRunner:
         # Checkpoints hold optimizer and schedule state for the old batch size.
         self.storage.remove_job_files(job_id)
         with self.db.session() as session:
-            job_state.replace_spec(session, job_id, smaller,
+            transitions.replace_spec(session, job_id, smaller,
                                    f"out of memory at batch_size {old}; retrying once "
                                    f"with batch_size {new}")
         return self._train(job_id, smaller, dataset_id, reporter)
@@ -230,23 +172,27 @@ class JobRunner:
 
     def _record_success(self, job_id: str, record: TunedModel, best: dict,
                         stopped_early: bool) -> bool:
-        for attempt in range(5):
+        for _ in range(VERSION_RACE_RETRIES):
             try:
                 with self.db.session() as session:
-                    return job_state.succeed(session, job_id, self.worker_name, record, best,
-                                             stopped_early)
+                    return transitions.succeed(session, job_id, self.worker_name, record, best,
+                                               stopped_early)
             except IntegrityError:
                 # Another model of the same name took this version number; take the next.
-                if attempt == 4:
-                    raise
                 record = TunedModel(**{c.key: getattr(record, c.key)
                                        for c in TunedModel.__table__.columns})
-        return False
+        with self.db.session() as session:  # the last try: an IntegrityError now propagates
+            return transitions.succeed(session, job_id, self.worker_name, record, best,
+                                       stopped_early)
 
     def _train(self, job_id: str, spec_json: dict, dataset_id: str,
                reporter: ProgressReporter) -> str:
-        from models.bundle import save_bundle
-        from models.training.fit import Callbacks, fit
+        result = self._fit(job_id, spec_json, dataset_id, reporter)
+        return self._store_model(job_id, dataset_id, result)
+
+    def _fit(self, job_id: str, spec_json: dict, dataset_id: str,
+             reporter: ProgressReporter) -> FitResult:
+        from ftune.models.training.fit import Callbacks, fit
 
         spec = parse_spec(spec_json)  # stored JSON is validated again: it may predate a change
         data_dir = self.storage.dataset_dir(dataset_id)
@@ -256,10 +202,15 @@ class JobRunner:
         resume = checkpoints if (checkpoints / CHECKPOINT_NAME).is_file() else None
         if resume is not None:
             log.info("job %s resumes from its last checkpoint", job_id)
-        result = fit(data_dir, spec, checkpoint_dir=checkpoints, resume=resume,
-                     callbacks=Callbacks(on_epoch_end=reporter.on_epoch_end,
-                                         on_batch_end=reporter.on_batch_end,
-                                         should_stop=reporter.should_stop))
+        return fit(data_dir, spec, checkpoint_dir=checkpoints, resume=resume,
+                   callbacks=Callbacks(on_epoch_end=reporter.on_epoch_end,
+                                       on_batch_end=reporter.on_batch_end,
+                                       should_stop=reporter.should_stop))
+
+    def _store_model(self, job_id: str, dataset_id: str, result: FitResult) -> str:
+        """Write the bundle, then record the model; the bundle goes if recording fails."""
+        from ftune.models.bundle import save_bundle
+
         model_id = new_id()
         model_dir = self.storage.model_dir(model_id)
         save_bundle(result, model_dir)
@@ -268,14 +219,9 @@ class JobRunner:
                 "val_loss": result.best_metrics.get("val_loss")}
         record = TunedModel(
             id=model_id, job_id=job_id, name=self._model_name(job_id, dataset_id),
-            dataset_id=dataset_id, dataset_hash=result.dataset_hash,
-            backbone=result.backbone,
-            classes=result.classes, spec=spec.model_dump(mode="json"),
-            metrics={"best_epoch": result.best_epoch, "best": result.best_metrics,
-                     "stopped_early": result.stopped_early, "epochs_run": len(result.history),
-                     "num_train": result.num_train, "num_val": result.num_val,
-                     "device": result.device, "precision": result.precision,
-                     "train_seconds": round(result.seconds, 3)})
+            dataset_id=dataset_id, dataset_hash=result.dataset_hash, backbone=result.backbone,
+            classes=result.classes, spec=result.spec.model_dump(mode="json"),
+            metrics=_model_metrics(result))
         try:
             recorded = self._record_success(job_id, record, best, result.stopped_early)
         except BaseException:
@@ -289,3 +235,11 @@ class JobRunner:
         self.storage.remove_job_files(job_id)
         log.info("job %s succeeded: model %s", job_id, model_id)
         return JobStatus.SUCCEEDED
+
+
+def _model_metrics(result: FitResult) -> dict:
+    return {"best_epoch": result.best_epoch, "best": result.best_metrics,
+            "stopped_early": result.stopped_early, "epochs_run": len(result.history),
+            "num_train": result.num_train, "num_val": result.num_val,
+            "device": result.device, "precision": result.precision,
+            "train_seconds": round(result.seconds, 3)}

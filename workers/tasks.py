@@ -5,17 +5,16 @@ from __future__ import annotations
 import logging
 import socket
 import threading
-from functools import cache
 
 from celery import Task, shared_task
 from celery.exceptions import Reject
 from celery.signals import worker_shutting_down
 
-from service.db.session import Database
-from service.settings import Settings
-from service.storage import Storage
-from workers.celery_app import FINETUNE_TASK
-from workers.runner import JobRunner, RetryLater, RunLimits, WorkerShuttingDown
+from ftune.service.db.session import Database
+from ftune.service.queue import FINETUNE_TASK
+from ftune.service.settings import Settings
+from ftune.service.storage import Storage
+from ftune.workers.runner import JobRunner, RetryLater, RunLimits, WorkerShuttingDown
 
 log = logging.getLogger(__name__)
 
@@ -23,15 +22,15 @@ log = logging.getLogger(__name__)
 # goes back to the queue, to resume from its checkpoint on the next worker.
 SHUTDOWN = threading.Event()
 
+_runner: JobRunner | None = None
+
 
 @worker_shutting_down.connect
 def _on_shutdown(**_: object) -> None:
     SHUTDOWN.set()
 
 
-@cache
-def runner() -> JobRunner:
-    settings = Settings()
+def build_runner(settings: Settings) -> JobRunner:
     storage = Storage(settings.resolved_home)
     storage.prepare()
     return JobRunner(Database(settings.resolved_database_url), storage,
@@ -41,6 +40,19 @@ def runner() -> JobRunner:
                      stale_after_s=settings.job_stale_s,
                      limits=RunLimits(settings.max_runtime_s, settings.max_attempts,
                                       settings.retry_backoff_s), shutdown=SHUTDOWN)
+
+
+def use_settings(settings: Settings) -> None:
+    """Run jobs with these settings (the worker process's, read once at start-up)."""
+    global _runner
+    _runner = build_runner(settings)
+
+
+def runner() -> JobRunner:
+    if _runner is None:  # a worker started without `ftune worker`: read the environment
+        use_settings(Settings())
+    assert _runner is not None
+    return _runner
 
 
 @shared_task(name=FINETUNE_TASK, bind=True, acks_late=True, reject_on_worker_lost=True,

@@ -1,6 +1,6 @@
 """Backbone registry over timm with offline pretrained weights."""
 
-from models.backbones.registry import (
+from ftune.models.backbones.registry import (
     Backbone,
     BackboneInfo,
     architecture_of,

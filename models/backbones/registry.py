@@ -9,11 +9,11 @@ import timm
 import torch
 from torch import nn
 
-from models.backbones import weights as weights_mod
-from models.backbones.catalog import PACKAGED_BACKBONES
-from models.backbones.convert import detect_format, to_timm
-from models.errors import UnknownBackboneError, WeightsMismatchError, WeightsNotFoundError
-from models.preprocessing import Preprocessing
+from ftune.models.backbones import weights as weights_mod
+from ftune.models.backbones.catalog import PACKAGED_BACKBONES
+from ftune.models.backbones.convert import detect_format, to_timm
+from ftune.models.errors import UnknownBackboneError, WeightsMismatchError, WeightsNotFoundError
+from ftune.models.preprocessing import Preprocessing
 
 
 @dataclass(frozen=True)

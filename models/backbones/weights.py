@@ -1,33 +1,27 @@
 """Find pretrained weights for a backbone without touching the network by default.
 
-Resolution order: an explicit file (``weights_path``) → ``$FTUNE_WEIGHTS_DIR`` → weights shipped
+Resolution order: an explicit file (``weights_path``) → ``FTUNE_WEIGHTS_DIR`` → weights shipped
 inside an installed package → timm's hub cache (and the hub itself only when the user opted in
-with ``FTUNE_ALLOW_DOWNLOADS=1``).
+with ``FTUNE_ALLOW_DOWNLOADS=1``; see ``ftune.models.offline``).
 """
 
 from __future__ import annotations
 
 import importlib.util
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
-from models.backbones.catalog import PACKAGED_BACKBONES, PackagedBackbone
+from ftune.models.backbones.catalog import PACKAGED_BACKBONES, PackagedBackbone
+from ftune.models.settings import engine_settings
 
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 
 
 def downloads_allowed() -> bool:
-    return os.environ.get("FTUNE_ALLOW_DOWNLOADS", "").lower() in {"1", "true", "yes"}
-
-
-if not downloads_allowed():
-    # Offline is the default: timm then reads only its local hub cache. Must be set before
-    # huggingface_hub is imported (it reads the variable once).
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    return engine_settings().allow_downloads
 
 
 @dataclass(frozen=True)
@@ -46,11 +40,11 @@ def packaged_weights_file(entry: PackagedBackbone) -> Path | None:
 
 
 def weights_dir_candidates(name: str, architecture: str) -> list[Path]:
-    root = os.environ.get("FTUNE_WEIGHTS_DIR")
-    if not root:
+    root = engine_settings().weights_dir
+    if root is None:
         return []
     names = dict.fromkeys((name, architecture))
-    return [Path(root) / f"{n}{suffix}" for n in names for suffix in WEIGHT_SUFFIXES]
+    return [root / f"{n}{suffix}" for n in names for suffix in WEIGHT_SUFFIXES]
 
 
 def find_weights_file(
@@ -68,9 +62,9 @@ def find_weights_file(
     for candidate in candidates:
         if candidate.is_file():
             return WeightsFile(candidate, f"FTUNE_WEIGHTS_DIR file {candidate}"), looked
-    if os.environ.get("FTUNE_WEIGHTS_DIR"):
-        looked.append(f"FTUNE_WEIGHTS_DIR={os.environ['FTUNE_WEIGHTS_DIR']} "
-                      f"({name}.* / {architecture}.*)")
+    weights_dir = engine_settings().weights_dir
+    if weights_dir is not None:
+        looked.append(f"FTUNE_WEIGHTS_DIR={weights_dir} ({name}.* / {architecture}.*)")
     else:
         looked.append("FTUNE_WEIGHTS_DIR (not set)")
     entry = PACKAGED_BACKBONES.get(name)

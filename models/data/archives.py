@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import IO
 
-from models.errors import ArchiveError
+from ftune.models.errors import ArchiveError
 
 CHUNK = 1 << 20
 MAX_HEADER_BYTES = 1 << 20  # a tar long-name or pax header larger than this is hostile

@@ -7,10 +7,12 @@ from typing import IO
 
 from PIL import Image, ImageOps
 
+from ftune.models.settings import DEFAULT_MAX_IMAGE_PIXELS
+
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 
 # Refuse decompression bombs before decoding (PIL checks this limit on open).
-Image.MAX_IMAGE_PIXELS = 89_478_485
+Image.MAX_IMAGE_PIXELS = DEFAULT_MAX_IMAGE_PIXELS
 
 
 def is_image_name(path: Path) -> bool:
@@ -38,17 +40,3 @@ def open_rgb(source: str | Path | IO[bytes]) -> Image.Image:
     with Image.open(source) as image:
         image.seek(0)  # first frame of GIF/TIFF stacks
         return to_rgb(image)
-
-
-def check_decodable(path: Path) -> str | None:
-    """None when ``path`` decodes fully as an image, else the reason it does not."""
-    try:
-        with Image.open(path) as image:
-            if image.format == "JPEG":
-                image.draft("RGB", (64, 64))  # decode at reduced scale: still reads every byte
-            image.load()
-        return None
-    except Image.DecompressionBombError as exc:
-        return f"too many pixels ({exc})"
-    except Exception as exc:
-        return f"cannot decode: {type(exc).__name__}: {exc}"

@@ -7,17 +7,12 @@ decompression bomb costs nothing.
 from __future__ import annotations
 
 import hashlib
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image
 
-DEFAULT_MAX_PIXELS = 89_478_485  # PIL's own default: about 9459 × 9459
-
-
-def max_image_pixels() -> int:
-    return int(os.environ.get("FTUNE_MAX_IMAGE_PIXELS", DEFAULT_MAX_PIXELS))
+from ftune.models.settings import engine_settings
 
 
 @dataclass(frozen=True)
@@ -37,7 +32,7 @@ def file_sha256(path: Path) -> str:
 
 
 def inspect_image(path: Path, max_pixels: int | None = None) -> FileFacts:
-    limit = max_pixels or max_image_pixels()
+    limit = max_pixels or engine_settings().max_image_pixels
     try:
         digest = file_sha256(path)
     except OSError as exc:

@@ -10,8 +10,8 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from models.data.discover import Listing
-    from models.data.inspect import FileFacts
+    from ftune.models.data.inspect import FileFacts
+    from ftune.models.data.layout import Listing
 
 MAX_ITEMS = 20  # listed per finding; the count says how many there are in all
 IMBALANCE_WARNING = 10.0
@@ -77,40 +77,68 @@ def build_report(listing: Listing, facts: list[FileFacts], classes: list[str], *
     findings: list[Finding] = []
     pairs = list(zip(listing.candidates, facts, strict=True))
     usable = [(c, f) for c, f in pairs if f.error is None]
+    counts = _count_usable(listing, usable, classes)
+    _layout_problems(findings, listing)
+    _structure_errors(findings, listing, facts, classes, counts, min_per_class, checked)
+    _corrupt(findings, pairs)
+    _duplicates(findings, usable)
+    _names(findings, listing, classes)
+    _sizes(findings, usable)
+    ratio = _imbalance(findings, counts.get("train", {}))
+    _missing_from_splits(findings, counts, classes)
+    ignored = _ignored(findings, listing)
+    return LintReport(listing.layout, classes, counts, ratio, ignored, findings)
+
+
+def _count_usable(listing: Listing, usable: list, classes: list[str]) -> dict[str, dict[str, int]]:
+    """Usable images per split and class; classes unknown to train are not counted."""
     counts = {split: {cls: 0 for cls in (classes if split == "train" else
                                          [n for n in names if n in classes])}
               for split, names in listing.declared.items()}
     for cand, _ in usable:
         if cand.cls in counts.get(cand.split, {}):
             counts[cand.split][cand.cls] += 1
+    return counts
 
+
+_PROBLEM_ACTIONS = {
+    "manifest_invalid": "Write labels.csv with a header line 'path,label' (optionally "
+                        "',split') and one row per image.",
+    "val_without_train": "Put the training images under train/<class>/.",
+}
+
+
+def _layout_problems(findings: list[Finding], listing: Listing) -> None:
     for code, message, items in listing.problems:
-        blocking = code in ("manifest_invalid", "val_without_train")
-        action = {"manifest_invalid": "Write labels.csv with a header line 'path,label' "
-                                      "(optionally ',split') and one row per image.",
-                  "val_without_train": "Put the training images under train/<class>/.",
-                  }.get(code, "Fix or remove these rows; the files they name were not used.")
+        blocking = code in _PROBLEM_ACTIONS
+        action = _PROBLEM_ACTIONS.get(
+            code, "Fix or remove these rows; the files they name were not used.")
         _add(findings, code, "error" if blocking else "warning", message, action, items)
 
-    _structure_errors(findings, listing, facts, classes, counts, min_per_class, checked)
+
+def _corrupt(findings: list[Finding], pairs: list) -> None:
     corrupt = [{"path": c.rel, "reason": f.error} for c, f in pairs if f.error is not None]
     if corrupt:
         _add(findings, "corrupt_files", "warning",
              f"{len(corrupt)} file(s) could not be used and were skipped",
              "Re-export or remove them; each entry gives the reason.", corrupt)
-    _duplicates(findings, usable)
-    _names(findings, listing, classes)
-    _sizes(findings, usable)
 
-    train = counts.get("train", {})
+
+def _imbalance(findings: list[Finding], train: dict[str, int]) -> float | None:
+    """The largest class over the smallest (ignoring empty ones); a warning from 10:1."""
     nonzero = [n for n in train.values() if n]
     ratio = round(max(nonzero) / min(nonzero), 2) if nonzero else None
     if ratio is not None and ratio >= IMBALANCE_WARNING:
-        smallest = sorted(train, key=train.get)[:5]
+        smallest = sorted(train, key=train.__getitem__)[:5]
         _add(findings, "imbalance", "warning",
              f"classes are imbalanced: the largest has {ratio:g}× the images of the smallest",
              "Collect more images of the small classes (listed), or expect them to be "
              "predicted less often.", [{"class": c, "images": train[c]} for c in smallest])
+    return ratio
+
+
+def _missing_from_splits(findings: list[Finding], counts: dict[str, dict[str, int]],
+                         classes: list[str]) -> None:
     for split in ("val", "test"):
         if split not in counts:
             continue
@@ -120,6 +148,9 @@ def build_report(listing: Listing, facts: list[FileFacts], classes: list[str], *
                  f"{split}/ has no images of {len(missing)} class(es)",
                  f"Add {split} images of these classes; their {split} metrics are missing.",
                  missing)
+
+
+def _ignored(findings: list[Finding], listing: Listing) -> dict[str, int]:
     ignored = dict(Counter(reason for _, reason in listing.ignored))
     if listing.ignored:
         summary = ", ".join(f"{n} {reason}" for reason, n in ignored.items())
@@ -128,7 +159,7 @@ def build_report(listing: Listing, facts: list[FileFacts], classes: list[str], *
              "Nothing to do unless some of them are images that should be used: give them "
              "an image extension and put them in a class folder.",
              [{"path": p, "reason": r} for p, r in listing.ignored])
-    return LintReport(listing.layout, classes, counts, ratio, ignored, findings)
+    return ignored
 
 
 def _structure_errors(findings: list[Finding], listing: Listing, facts: list[FileFacts],

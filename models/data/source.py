@@ -15,15 +15,12 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from models.data.images import open_rgb
-from models.data.transforms import resize_center_crop
-from models.preprocessing import Preprocessing
+from ftune.models.data.images import open_rgb
+from ftune.models.data.transforms import resize_center_crop
+from ftune.models.preprocessing import Preprocessing
+from ftune.models.settings import engine_settings
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # images uint8, labels, sample indices
-
-
-def decode_cache_budget_bytes() -> int:
-    return int(os.environ.get("FTUNE_DECODE_CACHE_MB", "4096")) * 2**20
 
 
 class _DecodeDataset(Dataset):
@@ -52,7 +49,7 @@ class ImageSource:
         self.labels = torch.tensor(list(labels), dtype=torch.long)
         self.prep, self.size = prep, size
         self._dataset = _DecodeDataset(self.paths, prep, size)
-        budget = decode_cache_budget_bytes() if budget_bytes is None else budget_bytes
+        budget = engine_settings().decode_cache_bytes if budget_bytes is None else budget_bytes
         self.in_memory = len(self.paths) * 3 * size * size <= budget
         self._workers = num_workers if num_workers is not None else min(4, os.cpu_count() or 1)
         self._images: torch.Tensor | None = None

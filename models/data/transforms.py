@@ -10,7 +10,7 @@ from torchvision.ops import roi_align
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
-from models.preprocessing import Preprocessing
+from ftune.models.preprocessing import Preprocessing
 
 _INTERPOLATION = {
     "bicubic": InterpolationMode.BICUBIC,

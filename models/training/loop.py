@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from models.errors import NonFiniteLossError, TrainingCancelled
-from models.training.runtime import Precision
+from ftune.models.errors import NonFiniteLossError, TrainingCancelled
+from ftune.models.training.runtime import Precision
 
 BatchHook = Callable[[int, int, float], None]  # (step in epoch, steps in epoch, loss)
 
@@ -30,6 +30,58 @@ class EpochStats:
 
 def _norm(grads: list[torch.Tensor]) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+
+
+class _EpochTotals:
+    """Running sums for an epoch's metrics; kept on the device (no sync per step)."""
+
+    def __init__(self) -> None:
+        self.loss = torch.zeros((), dtype=torch.float64)
+        self.correct: torch.Tensor | int = 0
+        self.seen = self.steps = 0
+        self.stage_norms: dict[str, torch.Tensor] = {}
+        self.overall_norm: torch.Tensor | float = 0.0
+
+    def add_grad_norms(self, grad_groups: dict[str, list[nn.Parameter]]) -> None:
+        """Gradient norm of each group (head, stages) and of all of them, this step."""
+        step_norms = []
+        for name, params in grad_groups.items():
+            grads = [p.grad for p in params if p.grad is not None]
+            if grads:
+                norm = _norm(grads).detach()
+                self.stage_norms[name] = self.stage_norms.get(name, 0) + norm
+                step_norms.append(norm)
+        if step_norms:
+            self.overall_norm = self.overall_norm + torch.linalg.vector_norm(
+                torch.stack(step_norms))
+
+    def add_batch(self, logits: torch.Tensor, targets: torch.Tensor, loss: float) -> None:
+        batch = targets.shape[0]
+        self.loss += loss * batch
+        self.correct += (logits.argmax(1) == targets).sum()
+        self.seen += batch
+        self.steps += 1
+
+    def stats(self) -> EpochStats:
+        return EpochStats(
+            loss=float(self.loss) / max(self.seen, 1),
+            accuracy=int(self.correct) / max(self.seen, 1),
+            steps=self.steps,
+            grad_norm=float(self.overall_norm) / self.steps if self.stage_norms else None,
+            stage_grad_norms={name: float(total) / self.steps
+                              for name, total in self.stage_norms.items()},
+        )
+
+
+def _checked_loss(loss: torch.Tensor, step: int, optimizer: torch.optim.Optimizer) -> float:
+    value = loss.item()
+    if not math.isfinite(value):
+        raise NonFiniteLossError(
+            f"loss became {value} at step {step} of the epoch; lower optimizer.lr "
+            f"(the head's lr is now {optimizer.param_groups[0]['lr']:.3g}), set "
+            f"grad_clip_norm, or check the data"
+        )
+    return value
 
 
 def train_one_epoch(
@@ -48,58 +100,30 @@ def train_one_epoch(
     on_batch: BatchHook | None = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> EpochStats:
-    total_loss = torch.zeros((), dtype=torch.float64)
-    correct = seen = steps = 0
-    norm_sum: dict[str, torch.Tensor] = {}
-    overall_sum: torch.Tensor | float = 0.0
+    totals = _EpochTotals()
     all_params = [p for params in grad_groups.values() for p in params]
     for inputs, targets in batches:
         if should_stop is not None and should_stop():
             raise TrainingCancelled("training cancelled")
-        factor = lr_at_step(first_step + steps)
+        factor = lr_at_step(first_step + totals.steps)
         for group in optimizer.param_groups:
             group["lr"] = group["base_lr"] * factor
         with precision.autocast():
             logits = module(inputs)
             loss = loss_fn(logits.float(), targets)
-        loss_value = loss.item()
-        if not math.isfinite(loss_value):
-            raise NonFiniteLossError(
-                f"loss became {loss_value} at step {steps + 1} of the epoch; lower optimizer.lr "
-                f"(the head's lr is now {optimizer.param_groups[0]['lr']:.3g}), set "
-                f"grad_clip_norm, or check the data"
-            )
+        loss_value = _checked_loss(loss, totals.steps + 1, optimizer)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
-        step_norms = []
-        for name, params in grad_groups.items():
-            grads = [p.grad for p in params if p.grad is not None]
-            if grads:
-                norm = _norm(grads).detach()
-                norm_sum[name] = norm_sum.get(name, 0) + norm
-                step_norms.append(norm)
-        if step_norms:
-            overall_sum = overall_sum + torch.linalg.vector_norm(torch.stack(step_norms))
+        totals.add_grad_norms(grad_groups)
         if grad_clip_norm is not None:
             torch.nn.utils.clip_grad_norm_(all_params, grad_clip_norm)
         scaler.step(optimizer)
         scaler.update()
-        batch = targets.shape[0]
-        total_loss += loss_value * batch
-        correct += (logits.argmax(1) == targets).sum()  # stays on device: no sync per step
-        seen += batch
-        steps += 1
+        totals.add_batch(logits, targets, loss_value)
         if on_batch is not None:
-            on_batch(steps, steps_in_epoch, loss_value)
-    stage_norms = {name: float(total) / steps for name, total in norm_sum.items()}
-    return EpochStats(
-        loss=float(total_loss) / max(seen, 1),
-        accuracy=int(correct) / max(seen, 1),
-        steps=steps,
-        grad_norm=float(overall_sum) / steps if norm_sum else None,
-        stage_grad_norms=stage_norms,
-    )
+            on_batch(totals.steps, steps_in_epoch, loss_value)
+    return totals.stats()
 
 
 @torch.no_grad()

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import contextlib
-import os
 from dataclasses import dataclass
 
 import torch
 
+from ftune.models.settings import engine_settings
+
 
 def resolve_device(requested: str | None = None) -> torch.device:
-    """CUDA when present, else CPU; ``FTUNE_DEVICE`` or ``requested`` override."""
-    name = requested or os.environ.get("FTUNE_DEVICE")
+    """CUDA when present, else CPU; ``requested`` or ``FTUNE_DEVICE`` override."""
+    name = requested or engine_settings().device
     if name:
         return torch.device(name)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")

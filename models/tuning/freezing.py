@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from models.network import FineTuneModel
-from models.spec import FreezeSpec
+from ftune.models.network import FineTuneModel
+from ftune.models.spec import FreezeSpec
 
 
 def trainable_stage_count(freeze: FreezeSpec, epoch: int, num_stages: int) -> int:

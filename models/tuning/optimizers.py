@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from models.spec import OptimizerSpec
+from ftune.models.spec import OptimizerSpec
 
 
 def create_optimizer(groups: list[dict], spec: OptimizerSpec) -> torch.optim.Optimizer:

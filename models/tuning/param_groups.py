@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from models.spec import OptimizerSpec
+from ftune.models.spec import OptimizerSpec
 
 HEAD = -1  # unit id of the head; backbone stages are 0..S-1 from input to output
 

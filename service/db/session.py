@@ -11,7 +11,7 @@ from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.db.tables import Base
+from ftune.service.db.tables import Base
 
 
 def normalize_url(url: str) -> str:

@@ -18,7 +18,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from service.ids import new_id
+from ftune.service.ids import new_id
+from ftune.service.job_status import JobStatus
 
 
 def utcnow() -> datetime:
@@ -43,17 +44,6 @@ class UTCDateTime(TypeDecorator):
 class Base(DeclarativeBase):
     type_annotation_map: ClassVar[dict] = {
         datetime: UTCDateTime, dict[str, Any]: JSON, list[Any]: JSON}
-
-
-class JobStatus:
-    QUEUED = "queued"
-    RUNNING = "running"
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-    ALL = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED)
-    ACTIVE = (QUEUED, RUNNING)
-    TERMINAL = (SUCCEEDED, FAILED, CANCELLED)
 
 
 class Dataset(Base):

@@ -15,7 +15,7 @@ from typing import IO
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import ClientDisconnect, Request
 
-from service.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
+from ftune.service.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
 
 MAX_FIELD_BYTES = 64 * 1024
 MAX_FIELDS = 32

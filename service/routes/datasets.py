@@ -2,14 +2,12 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi import APIRouter, Query, Request, Response
 from fastapi.encoders import jsonable_encoder
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from models.data.archives import ArchiveLimits
-from service.context import AppContext, get_context
-from service.datasets import (
+from ftune.service.datasets import (
     DatasetChecks,
     dataset_view,
     delete_dataset,
@@ -18,12 +16,12 @@ from service.datasets import (
     ingest_archive,
     list_datasets,
 )
-from service.errors import InvalidInput
-from service.ingest.multipart import receive_multipart
-from service.schemas import DatasetOut, DatasetUploadOut
+from ftune.service.deps import Ctx
+from ftune.service.errors import InvalidInput
+from ftune.service.ingest.multipart import receive_multipart
+from ftune.service.schemas import DatasetOut, DatasetUploadOut
 
 router = APIRouter(tags=["datasets"])
-Ctx = Annotated[AppContext, Depends(get_context)]
 
 _UPLOAD_FORM = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
     "type": "object", "required": ["file"],
@@ -54,10 +52,7 @@ async def upload_dataset(request: Request, ctx: Ctx,
         files = form.files_named("file")
         if not files:
             raise InvalidInput("file: missing; send the archive as the multipart field 'file'")
-        checks = DatasetChecks(
-            limits=ArchiveLimits(max_bytes=int(settings.max_extracted_mb * 2**20),
-                                 max_files=settings.max_archive_files),
-            min_per_class=settings.min_images_per_class, max_pixels=settings.max_image_pixels)
+        checks = DatasetChecks.from_settings(settings.engine)
 
         def ingest() -> JSONResponse:
             with ctx.db.session() as session:

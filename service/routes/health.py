@@ -1,21 +1,19 @@
 from __future__ import annotations
 
-from typing import Annotated
-
 import redis
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import SQLAlchemyError
 
-from service.context import AppContext, get_context
-from service.db.session import ping
-from workers.heartbeat import live_worker_count
+from ftune.service.db.session import ping
+from ftune.service.deps import Ctx
+from ftune.service.lifecycle.liveness import live_worker_count
 
 router = APIRouter(tags=["health"])
 
 
 @router.get("/healthz")
-def healthz(ctx: Annotated[AppContext, Depends(get_context)]) -> JSONResponse:
+def healthz(ctx: Ctx) -> JSONResponse:
     """200 when the database and Redis answer; 503 naming what is down otherwise."""
     body: dict = {"status": "ok", "database": "ok", "redis": "ok", "workers": None,
                   "loaded_models": len(ctx.predictors), "model_loads": ctx.predictors.loads,

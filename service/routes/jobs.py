@@ -6,34 +6,28 @@ import time
 from collections.abc import AsyncIterator
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Header, Query, Request, Response
+from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.encoders import jsonable_encoder
 from fastapi.responses import JSONResponse, StreamingResponse
-from sqlalchemy.exc import IntegrityError
 from starlette.concurrency import run_in_threadpool
 
-from service.context import AppContext, get_context
-from service.db.tables import JobStatus, utcnow
-from service.errors import InvalidInput, Unavailable
-from service.events import events_after, status_event
-from service.jobs import (
-    body_digest,
+from ftune.service.context import AppContext
+from ftune.service.deps import Ctx
+from ftune.service.errors import InvalidInput
+from ftune.service.events import events_after
+from ftune.service.job_status import TERMINAL, JobStatus
+from ftune.service.jobs import (
     cancel_job,
-    create_job,
     epoch_rows,
-    forget_idempotent,
     get_job,
     job_view,
     list_jobs,
     queue_position,
-    remember_idempotent,
-    replay_idempotent,
+    submit_job,
 )
-from service.queue import enqueue_finetune
-from service.schemas import JobIn, JobOut, JobStatusName
+from ftune.service.schemas import JobIn, JobOut
 
 router = APIRouter(tags=["jobs"])
-Ctx = Annotated[AppContext, Depends(get_context)]
 SSE_POLL_S = 0.5
 SSE_KEEPALIVE_S = 15.0
 
@@ -46,49 +40,17 @@ def _view(ctx: AppContext, job_id: str) -> dict:
 
 @router.post("/jobs", status_code=202, response_model=JobOut)
 def submit(body: JobIn, ctx: Ctx,
-           idempotency_key: Annotated[str | None, Header()] = None) -> dict | JSONResponse:
+           idempotency_key: Annotated[str | None, Header()] = None) -> dict:
     """Queue a fine-tuning job; 422 names a bad spec field, 404 an unknown dataset.
 
     With an ``Idempotency-Key`` header, repeating the request returns the same job; the same
     key with another body is a 409."""
-    digest = body_digest(body.model_dump(mode="json"))
-    try:
-        with ctx.db.session() as session:
-            if idempotency_key is not None:
-                earlier = replay_idempotent(session, key=idempotency_key, digest=digest)
-                if earlier is not None:
-                    return _view(ctx, earlier.id)
-            job = create_job(session, dataset_id=body.dataset_id, spec_payload=body.spec,
-                             priority=body.priority, max_runtime_s=body.max_runtime_s,
-                             model_name=body.model_name)
-            if idempotency_key is not None:
-                remember_idempotent(session, key=idempotency_key, digest=digest, job_id=job.id)
-    except IntegrityError:
-        if idempotency_key is None:
-            raise
-        # The same key in a concurrent request won the race; its job is the answer.
-        with ctx.db.session() as session:
-            earlier = replay_idempotent(session, key=idempotency_key, digest=digest)
-        if earlier is None:
-            raise
-        return _view(ctx, earlier.id)
-    # Enqueued only after the row is committed, so a worker always finds the job.
-    try:
-        enqueue_finetune(ctx.celery, job.id, job.priority)
-    except Unavailable:
-        with ctx.db.session() as session:
-            failed = get_job(session, job.id)
-            failed.status, failed.finished_at = JobStatus.FAILED, utcnow()
-            failed.error = "could not be queued: the job queue (Redis) is unreachable; submit again"
-            status_event(session, job.id, JobStatus.FAILED, error=failed.error)
-            if idempotency_key is not None:  # submitting again with the key must try again
-                forget_idempotent(session, key=idempotency_key)
-        raise
-    return _view(ctx, job.id)
+    job_id = submit_job(ctx.db, ctx.celery, request=body, idempotency_key=idempotency_key)
+    return _view(ctx, job_id)
 
 
 @router.get("/jobs", response_model=list[JobOut])
-def list_all(ctx: Ctx, status: Annotated[JobStatusName | None, Query()] = None,
+def list_all(ctx: Ctx, status: Annotated[JobStatus | None, Query()] = None,
              limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> list[dict]:
     with ctx.db.session() as session:
         return [job_view(job, epoch_rows(session, job.id), queue_position(session, job))
@@ -116,7 +78,7 @@ def cancel(job_id: str, ctx: Ctx) -> JSONResponse | dict:
             responses={200: {"content": {"image/png": {}}}})
 def curves(job_id: str, ctx: Ctx) -> Response:
     """Loss and accuracy against epoch, train and val; available while the job runs."""
-    from service.plots import curves_png
+    from ftune.service.plots import curves_png
 
     with ctx.db.session() as session:
         get_job(session, job_id)
@@ -153,7 +115,7 @@ async def events(job_id: str, request: Request, ctx: Ctx,
             for event_id, kind, data in rows:
                 yield f"id: {event_id}\nevent: {kind}\ndata: {json.dumps(data, default=str)}\n\n"
                 last, quiet_since = event_id, time.monotonic()
-            if status in JobStatus.TERMINAL and not rows:
+            if status in TERMINAL and not rows:
                 return
             if await request.is_disconnected():
                 return

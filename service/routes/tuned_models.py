@@ -2,21 +2,22 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi import APIRouter, Query, Request, Response
 from fastapi.encoders import jsonable_encoder
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
 from starlette.concurrency import run_in_threadpool
 
-from service.cards import build_card, card_markdown, read_json
-from service.context import AppContext, get_context
-from service.db.tables import Dataset, Job
-from service.errors import InvalidInput, NotFound
-from service.ids import is_id
-from service.ingest.multipart import receive_multipart
-from service.jobs import epoch_rows
-from service.predictions import decode_images, parse_top_k
-from service.schemas import AliasIn, AliasOut, ModelOut, PredictOut
-from service.tuned_models import (
+from ftune.service.cards import build_card, card_markdown, read_json
+from ftune.service.context import AppContext
+from ftune.service.db.tables import Dataset, Job
+from ftune.service.deps import Ctx
+from ftune.service.errors import InvalidInput, NotFound
+from ftune.service.ids import is_id
+from ftune.service.ingest.multipart import receive_multipart
+from ftune.service.jobs import epoch_rows
+from ftune.service.predictions import decode_images, parse_top_k
+from ftune.service.schemas import AliasIn, AliasOut, ModelOut, PredictOut
+from ftune.service.tuned_models import (
     aliases_of,
     get_model,
     list_models,
@@ -27,7 +28,6 @@ from service.tuned_models import (
 )
 
 router = APIRouter(tags=["models"])
-Ctx = Annotated[AppContext, Depends(get_context)]
 REF = "a model id, name:version or name:alias"
 
 _PREDICT_FORM = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
@@ -98,7 +98,7 @@ def card(model_ref: str, ctx: Ctx,
             responses={200: {"content": {"image/png": {}}}})
 def confusion(model_ref: str, ctx: Ctx,
               split: Annotated[Literal["val", "test"], Query()] = "val") -> Response:
-    from service.plots import confusion_png
+    from ftune.service.plots import confusion_png
 
     model_id = _resolve(ctx, model_ref)
     result = read_json(ctx.storage.model_dir(model_id) / "evaluation.json").get(split)

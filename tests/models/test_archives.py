@@ -9,9 +9,9 @@ import zipfile
 
 import pytest
 
-from models.data.archives import ArchiveLimits, detect_kind, safe_member_path, unpack
-from models.errors import ArchiveError
-from tests.archives import tar_folder, tar_with, zip_members
+from ftune.models.data.archives import ArchiveLimits, detect_kind, safe_member_path, unpack
+from ftune.models.errors import ArchiveError
+from ftune.testing.archives import tar_folder, tar_with, zip_members
 
 ROOMY = ArchiveLimits(max_bytes=10 << 20, max_files=1000)
 

@@ -6,11 +6,11 @@ from PIL import Image
 from skimage import data as skdata
 from timm.data import ImageNetInfo
 
-from models.backbones import create_backbone, describe_backbone, list_backbones
-from models.backbones.catalog import PACKAGED_BACKBONES
-from models.backbones.weights import packaged_weights_file
-from models.data.transforms import normalize, resize_center_crop
-from models.errors import UnknownBackboneError, WeightsMismatchError, WeightsNotFoundError
+from ftune.models.backbones import create_backbone, describe_backbone, list_backbones
+from ftune.models.backbones.catalog import PACKAGED_BACKBONES
+from ftune.models.backbones.weights import packaged_weights_file
+from ftune.models.data.transforms import normalize, resize_center_crop
+from ftune.models.errors import UnknownBackboneError, WeightsMismatchError, WeightsNotFoundError
 
 ESPRESSO = 967
 CATS = set(range(281, 286))  # tabby, tiger cat, Persian, Siamese, Egyptian cat
@@ -105,8 +105,8 @@ def test_any_timm_model_works_without_pretrained_weights():
     assert len(backbone.stages) >= 3
 
 
-def test_missing_weights_say_where_they_looked(tmp_path, monkeypatch):
-    monkeypatch.setenv("FTUNE_WEIGHTS_DIR", str(tmp_path))
+def test_missing_weights_say_where_they_looked(tmp_path, engine_config):
+    engine_config(weights_dir=tmp_path)
     with pytest.raises(WeightsNotFoundError) as err:
         create_backbone("resnet10t", pretrained=True)
     message = str(err.value)
@@ -115,7 +115,7 @@ def test_missing_weights_say_where_they_looked(tmp_path, monkeypatch):
         create_backbone("resnet10t", pretrained=True, weights_path=str(tmp_path / "x.pth"))
 
 
-def test_weights_from_a_file_and_from_the_weights_dir(tmp_path, monkeypatch):
+def test_weights_from_a_file_and_from_the_weights_dir(tmp_path, engine_config):
     from safetensors.torch import save_file
 
     source = create_backbone("resnet10t", pretrained=False).model
@@ -126,7 +126,7 @@ def test_weights_from_a_file_and_from_the_weights_dir(tmp_path, monkeypatch):
         expected = source.eval()(x)
         loaded = create_backbone("resnet10t", weights_path=str(tmp_path / "resnet10t.safetensors"))
         assert torch.equal(loaded.model.eval()(x), expected)
-        monkeypatch.setenv("FTUNE_WEIGHTS_DIR", str(tmp_path))
+        engine_config(weights_dir=tmp_path)
         from_dir = create_backbone("resnet10t", pretrained=True)
         assert "FTUNE_WEIGHTS_DIR" in from_dir.weights_source
         assert torch.equal(from_dir.model.eval()(x), expected)

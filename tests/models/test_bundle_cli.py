@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from models.bundle import BUNDLE_FILES, EVALUATION_FILE, save_bundle
-from models.cli import main
-from models.errors import OutputExistsError
-from models.predictor import Predictor
-from models.training.fit import fit
+from ftune.models.bundle import BUNDLE_FILES, EVALUATION_FILE, save_bundle
+from ftune.models.cli import main
+from ftune.models.errors import OutputExistsError
+from ftune.models.predictor import Predictor
+from ftune.models.training.fit import fit
 
 SPEC = {"image_size": 64, "epochs": 3, "batch_size": 16,
         "optimizer": {"name": "adam", "lr": 0.003}}
@@ -143,7 +143,7 @@ def test_console_script_is_installed():
 
 
 def test_cli_trains_from_an_archive_and_cleans_up(tiny_folder, tmp_path, capsys):
-    from tests.archives import tar_folder
+    from ftune.testing.archives import tar_folder
 
     archive = tmp_path / "data.tgz"
     archive.write_bytes(tar_folder(tiny_folder, prefix="export/"))

@@ -2,10 +2,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from models.data.discover import inspect_dataset, scan_image_folder
-from models.data.images import open_rgb
-from models.data.split import stratified_split
-from models.errors import DatasetError
+from ftune.models.data.discover import inspect_dataset, scan_image_folder
+from ftune.models.data.images import open_rgb
+from ftune.models.data.split import stratified_split
+from ftune.models.errors import DatasetError
 
 
 def _image(path, mode="RGB", size=(12, 10)):
@@ -138,8 +138,8 @@ def test_stratified_split_is_seeded_and_keeps_every_class():
 def test_streamed_batches_equal_in_memory_batches(tiny_folder):
     import torch
 
-    from models.data.source import ImageSource
-    from models.preprocessing import Preprocessing
+    from ftune.models.data.source import ImageSource
+    from ftune.models.preprocessing import Preprocessing
 
     index = scan_image_folder(tiny_folder)
     paths, labels = [s.path for s in index.train], [s.label for s in index.train]

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from models.evaluation import summarize
+from ftune.models.evaluation import summarize
 
 
 def test_summary_numbers_by_hand():
@@ -43,8 +43,8 @@ def test_summary_numbers_by_hand():
 
 
 def test_trained_bundle_carries_an_evaluation_matching_training(animal_folder, tmp_path):
-    from models.bundle import save_bundle
-    from models.training.fit import fit
+    from ftune.models.bundle import save_bundle
+    from ftune.models.training.fit import fit
 
     result = fit(animal_folder, {"image_size": 48, "epochs": 2, "batch_size": 32,
                                  "optimizer": {"name": "adam", "lr": 0.003}})
@@ -69,7 +69,7 @@ def test_a_class_never_predicted_counts_as_zero_f1():
 def test_a_test_split_is_evaluated_too(tiny_folder, tmp_path):
     import shutil
 
-    from models.training.fit import fit
+    from ftune.models.training.fit import fit
 
     for path in sorted(tiny_folder.rglob("*.png")):
         split = ("test" if int(path.stem) % 4 == 0 else

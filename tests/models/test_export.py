@@ -8,12 +8,12 @@ import pytest
 import torch
 from PIL import Image
 
-from models.bundle import save_bundle
-from models.cli import main
-from models.data.transforms import resize_center_crop
-from models.export import export_model
-from models.predictor import Predictor
-from models.training.fit import fit
+from ftune.models.bundle import save_bundle
+from ftune.models.cli import main
+from ftune.models.data.transforms import resize_center_crop
+from ftune.models.export import export_model
+from ftune.models.predictor import Predictor
+from ftune.models.training.fit import fit
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from models.data.discover import inspect_dataset, scan_image_folder
-from models.errors import DatasetError
+from ftune.models.data.discover import inspect_dataset, scan_image_folder
+from ftune.models.errors import DatasetError
 
 
 def _image(path, seed: int = 0, size=(40, 40), fmt: str | None = None):
@@ -107,14 +107,14 @@ def test_imbalance_ratio_and_warning(tmp_path):
     assert report.ok  # warnings never block
 
 
-def test_pixel_limit_is_checked_before_decoding(tmp_path, monkeypatch):
+def test_pixel_limit_is_checked_before_decoding(tmp_path, engine_config):
     _image(tmp_path / "a" / "0.png", seed=1)
     _image(tmp_path / "a" / "1.png", seed=2)
     (tmp_path / "b").mkdir()
     Image.new("1", (12000, 12000)).save(tmp_path / "b" / "huge.png")  # tiny file, 144 Mpx
     _image(tmp_path / "b" / "1.png", seed=3)
     _image(tmp_path / "b" / "2.png", seed=4)
-    monkeypatch.setenv("FTUNE_MAX_IMAGE_PIXELS", str(10_000_000))
+    engine_config(max_image_pixels=10_000_000)
     index = scan_image_folder(tmp_path)
     reason = dict(index.skipped)["b/huge.png"]
     assert "too many pixels (12000×12000 > 10000000)" in reason

@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from models.spec import FineTuneSpec, SpecError, parse_spec
+from ftune.models.spec import FineTuneSpec, SpecError, parse_spec
 
 
 def test_empty_spec_is_complete_with_documented_defaults():

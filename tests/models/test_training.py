@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from models.errors import NonFiniteLossError, TrainingCancelled
-from models.training.checkpoint import load_checkpoint
-from models.training.fit import Callbacks, fit
+from ftune.models.errors import NonFiniteLossError, TrainingCancelled
+from ftune.models.training.checkpoint import load_checkpoint
+from ftune.models.training.fit import Callbacks, fit
 
 FAST = {"image_size": 64, "batch_size": 16, "optimizer": {"name": "adam", "lr": 0.003}}
 
@@ -35,7 +35,7 @@ def test_frozen_weights_and_batchnorm_stats_are_untouched(tiny_folder):
     def run(batchnorm):
         spec = _spec(epochs=1, freeze={"strategy": "last_n_blocks", "n_blocks": 1,
                                        "batchnorm": batchnorm})
-        from models.backbones import create_backbone
+        from ftune.models.backbones import create_backbone
 
         before = create_backbone("tf_efficientnet_lite0").model.state_dict()
         after = fit(tiny_folder, spec).model.backbone.state_dict()
@@ -123,8 +123,8 @@ def test_early_stopping_restores_the_best_weights(tiny_folder, tmp_path):
 
 
 def test_non_finite_loss_stops_with_a_clear_error():
-    from models.training.loop import train_one_epoch
-    from models.training.runtime import Precision
+    from ftune.models.training.loop import train_one_epoch
+    from ftune.models.training.runtime import Precision
 
     layer = torch.nn.Linear(4, 3)
     with torch.no_grad():

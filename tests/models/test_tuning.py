@@ -6,13 +6,13 @@ import pytest
 import torch
 from torch import nn
 
-from models.backbones import create_backbone
-from models.network import FineTuneModel, build_head
-from models.spec import FreezeSpec, HeadSpec, OptimizerSpec, parse_spec
-from models.tuning.freezing import apply_freezing, set_train_mode, trainable_stage_count
-from models.tuning.optimizers import create_optimizer
-from models.tuning.param_groups import HEAD, join_order, lr_scale, unit_param_groups
-from models.tuning.schedules import lr_multiplier
+from ftune.models.backbones import create_backbone
+from ftune.models.network import FineTuneModel, build_head
+from ftune.models.spec import FreezeSpec, HeadSpec, OptimizerSpec, parse_spec
+from ftune.models.tuning.freezing import apply_freezing, set_train_mode, trainable_stage_count
+from ftune.models.tuning.optimizers import create_optimizer
+from ftune.models.tuning.param_groups import HEAD, join_order, lr_scale, unit_param_groups
+from ftune.models.tuning.schedules import lr_multiplier
 
 
 @pytest.fixture(scope="module")

@@ -1,67 +1,23 @@
 """A real stack for the service tests: a private Redis, one Celery worker process and the API
-process, sharing a fresh data directory. Started once per session."""
+process, sharing a fresh data directory. Started once per session through the same harness
+as `ftune up` (ftune.processes)."""
 
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-import redis
 
-from service.launcher import find_redis_server, free_port
-from tests.archives import zip_folder
+from ftune.processes import Stack, wait_until
+from ftune.testing.archives import zip_folder
 
 MAX_UPLOAD_MB = 8  # small, so the 413 test needs only a few MB
-
-
-def wait_until(check: Callable[[], object], timeout_s: float, what: str,
-               interval_s: float = 0.2) -> object:
-    deadline = time.monotonic() + timeout_s
-    last_error: Exception | None = None
-    while time.monotonic() < deadline:
-        try:
-            value = check()
-            if value:
-                return value
-        except Exception as exc:  # the thing we wait for may not answer yet
-            last_error = exc
-        time.sleep(interval_s)
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}"
-                         f"{f' (last error: {last_error})' if last_error else ''}")
-
-
-def stop_process(process: subprocess.Popen, timeout_s: float = 30) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
-@pytest.fixture(scope="session")
-def redis_url(tmp_path_factory) -> Iterator[str]:
-    """REDIS_URL when given, else a private redis-server on a free port."""
-    if os.environ.get("REDIS_URL"):
-        yield os.environ["REDIS_URL"]
-        return
-    port = free_port()
-    folder = tmp_path_factory.mktemp("redis")
-    process = subprocess.Popen(
-        [find_redis_server(), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-         "--appendonly", "no", "--dir", str(folder)], stdout=subprocess.DEVNULL)
-    client = redis.Redis(port=port)
-    wait_until(client.ping, 20, "the private Redis")
-    yield f"redis://127.0.0.1:{port}/0"
-    stop_process(process)
+WORKER = "test-worker@localhost"
+FAST_LIFECYCLE = {"FTUNE_CANCEL_POLL_S": "0.2", "FTUNE_WORKER_HEARTBEAT_S": "1",
+                  "HF_HUB_OFFLINE": "1"}
 
 
 @pytest.fixture(scope="session")
@@ -70,48 +26,31 @@ def service_home(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def service_env(redis_url, service_home) -> dict[str, str]:
-    env = {**os.environ, "REDIS_URL": redis_url, "FTUNE_HOME": str(service_home),
-           "FTUNE_CANCEL_POLL_S": "0.2", "FTUNE_WORKER_HEARTBEAT_S": "1",
-           "FTUNE_MAX_UPLOAD_MB": str(MAX_UPLOAD_MB), "PYTHONUNBUFFERED": "1",
-           "HF_HUB_OFFLINE": "1"}
-    env.pop("DATABASE_URL", None)
-    return env
-
-
-def _start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
-    with open(log, "ab") as out:
-        return subprocess.Popen([sys.executable, "-m", "service.cli", *args], env=env,
-                                stdout=out, stderr=subprocess.STDOUT)
+def stack(service_home) -> Iterator[Stack]:
+    """Redis (REDIS_URL when given, else private), the API and one worker, as processes."""
+    env = {**FAST_LIFECYCLE, "FTUNE_MAX_UPLOAD_MB": str(MAX_UPLOAD_MB)}
+    with Stack(service_home, env=env, redis_url=os.environ.get("REDIS_URL"),
+               log_dir=service_home) as running:
+        if not running.redis_url:
+            running.start_redis()
+        yield running
 
 
 @pytest.fixture(scope="session")
-def worker(service_env, service_home, redis_url) -> Iterator[subprocess.Popen]:
+def redis_url(stack) -> str:
+    return stack.redis_url
+
+
+@pytest.fixture(scope="session")
+def worker(stack):
     """One real Celery worker process."""
-    log = service_home / "worker.log"
-    process = _start(["worker", "--name", "test-worker@localhost"], service_env, log)
-    client = redis.Redis.from_url(redis_url)
-    try:
-        wait_until(lambda: client.exists("ftune:worker:test-worker@localhost"), 60,
-                   f"the worker to start (log: {log})")
-        yield process
-    finally:
-        stop_process(process)
+    return stack.start_worker(WORKER)
 
 
 @pytest.fixture(scope="session")
-def api_url(service_env, service_home) -> Iterator[str]:
+def api_url(stack) -> str:
     """The API as its own process, exactly as `ftune api` runs it."""
-    port = free_port()
-    log = service_home / "api.log"
-    process = _start(["api", "--port", str(port)], service_env, log)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until(lambda: httpx.get(f"{url}/healthz", timeout=2).status_code == 200, 60,
-                   f"the API to start (log: {log})")
-        yield url
-    finally:
-        stop_process(process)
+    return stack.start_api()
 
 
 @pytest.fixture(scope="session")

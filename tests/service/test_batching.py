@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from models.bundle import save_bundle
-from models.training.fit import fit
-from service.batching import DynamicBatcher
-from service.storage import Storage
-from service.tuned_models import PredictorCache
+from ftune.models.bundle import save_bundle
+from ftune.models.training.fit import fit
+from ftune.service.batching import DynamicBatcher
+from ftune.service.storage import Storage
+from ftune.service.tuned_models import PredictorCache
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from PIL import Image
 
-from tests.archives import tar_folder, tar_with, zip_folder, zip_members
+from ftune.testing.archives import tar_folder, tar_with, zip_folder, zip_members
 from tests.service.conftest import MAX_UPLOAD_MB
 
 

@@ -7,16 +7,16 @@ import os
 import signal
 import sqlite3
 import subprocess
-import sys
 from pathlib import Path
 
 import httpx
 import yaml
 
-from service.cli import add_service_commands
-from service.launcher import free_port
-from service.settings import Settings
-from tests.archives import zip_folder
+from ftune.cli import add_service_commands
+from ftune.models.settings import EngineSettings
+from ftune.processes import free_port, ftune_command
+from ftune.service.settings import Settings
+from ftune.testing.archives import zip_folder
 from tests.service.conftest import wait_for_job, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -36,7 +36,7 @@ def test_ftune_up_runs_everything_and_ctrl_c_stops_it(tmp_path):
     home, port = tmp_path / "home", free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "DATABASE_URL")}
     process = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "up", "--port", str(port), "--home", str(home),
+        [*ftune_command("up"), "--port", str(port), "--home", str(home),
          "--workers", "1"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         start_new_session=True)
     try:
@@ -65,7 +65,7 @@ def _start_up(home: Path, port: int) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "DATABASE_URL")}
     env["FTUNE_CANCEL_POLL_S"] = "0.2"
     process = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "up", "--port", str(port), "--home", str(home)],
+        [*ftune_command("up"), "--port", str(port), "--home", str(home)],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     wait_until(lambda: httpx.get(f"http://127.0.0.1:{port}/healthz").json()["workers"] == 1,
                120, "ftune up to be ready")
@@ -131,7 +131,8 @@ def test_compose_file_matches_the_code():
         parser.parse_args(command)  # exits (fails the test) on an unknown command or option
         env = services[name]["environment"]
         known = {"DATABASE_URL", "REDIS_URL"} | {
-            f"FTUNE_{field.upper()}" for field in Settings.model_fields}
+            f"FTUNE_{field.upper()}" for field in (*Settings.model_fields,
+                                                   *EngineSettings.model_fields)}
         assert set(env) <= known, set(env) - known
         assert {"DATABASE_URL", "REDIS_URL", "FTUNE_HOME"} <= set(env)
         assert env["FTUNE_HOME"] in {v.split(":")[1] for v in services[name]["volumes"]}

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from models.predictor import Predictor
-from tests.archives import tar_folder
+from ftune.models.predictor import Predictor
+from ftune.testing.archives import tar_folder
 from tests.service.conftest import wait_for_job
 
 E2E_SPEC = {
@@ -127,8 +127,8 @@ def _check_model_extras(client, model, job, dataset, images, remote_top1):
     import onnxruntime as ort
     import torch
 
-    from models.data.transforms import resize_center_crop
-    from models.preprocessing import Preprocessing
+    from ftune.models.data.transforms import resize_center_crop
+    from ftune.models.preprocessing import Preprocessing
 
     evaluation = client.get(f"/v1/models/{model['id']}/evaluation").json()
     val = evaluation["val"]

@@ -4,100 +4,56 @@ the API. A stack of its own, so these tests can break it without touching the ot
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import httpx
 import pytest
 import redis
 
-from service.launcher import find_redis_server, free_port
-from tests.archives import zip_folder
-from tests.service.conftest import stop_process, wait_for_job, wait_until
+from ftune.processes import Child, Stack, wait_until
+from ftune.testing.archives import zip_folder
+from tests.service.conftest import wait_for_job
 
 QUICK = {"image_size": 32, "epochs": 1, "batch_size": 12}
 # Long enough to be caught mid-run: every layer trains, a few seconds an epoch.
 SLOW = {"image_size": 64, "epochs": 8, "batch_size": 6, "seed": 5,
         "freeze": {"strategy": "none"}, "early_stopping": {"patience": 100}}
+ENV = {"FTUNE_CANCEL_POLL_S": "0.2", "FTUNE_WORKER_HEARTBEAT_S": "0.5",
+       "FTUNE_JOB_STALE_S": "3", "FTUNE_RECONCILE_INTERVAL_S": "1",
+       "FTUNE_RETRY_BACKOFF_S": "0.5", "HF_HUB_OFFLINE": "1"}
 
 
-@dataclass
-class Stack:
-    home: Path
-    env: dict[str, str]
-    redis_port: int
-    redis_dir: Path
-    redis_process: subprocess.Popen | None = None
-    api_process: subprocess.Popen | None = None
-    api_url: str = ""
-    workers: list[subprocess.Popen] = field(default_factory=list)
-
-    def start_redis(self) -> None:
-        self.redis_process = subprocess.Popen(
-            [find_redis_server(), "--port", str(self.redis_port), "--bind", "127.0.0.1",
-             "--save", "", "--appendonly", "no", "--dir", str(self.redis_dir)],
-            stdout=subprocess.DEVNULL)
-        wait_until(redis.Redis(port=self.redis_port).ping, 20, "Redis")
-
-    def kill_redis(self) -> None:
-        assert self.redis_process is not None
-        self.redis_process.kill()
-        self.redis_process.wait()
-
-    def start_api(self) -> None:
-        port = free_port()
-        self.api_process = self._spawn(["api", "--port", str(port)], "api.log")
-        self.api_url = f"http://127.0.0.1:{port}"
-        wait_until(lambda: httpx.get(f"{self.api_url}/healthz").status_code == 200, 60, "API")
-
-    def start_worker(self, name: str) -> subprocess.Popen:
-        worker = self._spawn(["worker", "--name", f"{name}@test"], f"{name}.log")
-        self.workers.append(worker)
-        client = redis.Redis(port=self.redis_port)
-        wait_until(lambda: client.exists(f"ftune:worker:{name}@test"), 60, f"worker {name}")
-        return worker
-
-    def stop_workers(self) -> None:
-        for worker in self.workers:
-            stop_process(worker, 60)
-        self.workers.clear()
+class Lifecycle(Stack):
+    """The harness's stack, with the moves these tests make on it."""
 
     def client(self) -> httpx.Client:
         return httpx.Client(base_url=self.api_url, timeout=60)
 
-    def _spawn(self, args: list[str], log: str) -> subprocess.Popen:
-        with open(self.home / log, "ab") as out:
-            return subprocess.Popen([sys.executable, "-m", "service.cli", *args], env=self.env,
-                                    stdout=out, stderr=subprocess.STDOUT)
+    def worker(self, name: str) -> Child:
+        return self.start_worker(f"{name}@test")
+
+    def stop_workers(self) -> None:
+        self.stop("worker", 60)
+
+    def restart_redis_empty(self) -> None:
+        port = self.redis_port
+        self.kill(self.named("redis")[0])
+        self.start_redis(port)  # no append-only file: the messages are gone
+
+    def restart_api(self) -> None:
+        self.stop("api")
+        time.sleep(1)
+        self.start_api()
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory) -> Iterator[Stack]:
+def stack(tmp_path_factory) -> Iterator[Lifecycle]:
     home = tmp_path_factory.mktemp("lifecycle")
-    port = free_port()
-    env = {**os.environ, "FTUNE_HOME": str(home), "REDIS_URL": f"redis://127.0.0.1:{port}/0",
-           "FTUNE_CANCEL_POLL_S": "0.2", "FTUNE_WORKER_HEARTBEAT_S": "0.5",
-           "FTUNE_JOB_STALE_S": "3", "FTUNE_RECONCILE_INTERVAL_S": "1",
-           "FTUNE_RETRY_BACKOFF_S": "0.5", "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
-    env.pop("DATABASE_URL", None)
-    (home / "redis").mkdir()
-    lifecycle = Stack(home, env, port, home / "redis")
-    lifecycle.start_redis()
-    lifecycle.start_api()
-    try:
+    with Lifecycle(home, env=ENV, log_dir=home) as lifecycle:
+        lifecycle.start_redis()
+        lifecycle.start_api()
         yield lifecycle
-    finally:
-        lifecycle.stop_workers()
-        if lifecycle.api_process is not None:
-            stop_process(lifecycle.api_process)
-        if lifecycle.redis_process is not None:
-            stop_process(lifecycle.redis_process)
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +107,7 @@ def test_priority_order_and_queue_position(stack, dataset_id):
         jobs = [_submit(http, dataset_id, QUICK, priority=p) for p in (5, 5, 9, 0)]
         positions = [http.get(f"/v1/jobs/{j['id']}").json()["queue_position"] for j in jobs]
         assert positions == [2, 3, 1, 4]
-        stack.start_worker("prio")
+        stack.worker("prio")
         try:
             done = [wait_for_job(http, j["id"], timeout_s=120) for j in jobs]
         finally:
@@ -166,7 +122,7 @@ def test_sse_streams_the_whole_job_and_resumes_from_last_event_id(stack, dataset
     spec = {"image_size": 48, "epochs": 3, "batch_size": 4, "freeze": {"strategy": "none"}}
     with stack.client() as http:
         job = _submit(http, dataset_id, spec)
-        stack.start_worker("sse")
+        stack.worker("sse")
         try:
             events = _events(http, job["id"])
         finally:
@@ -186,14 +142,12 @@ def test_sse_streams_the_whole_job_and_resumes_from_last_event_id(stack, dataset
 def test_a_worker_killed_mid_epoch_is_replaced_and_the_job_resumes(stack, dataset_id):
     with stack.client() as http:
         job = _submit(http, dataset_id, SLOW)
-        victim = stack.start_worker("victim")
+        victim = stack.worker("victim")
         wait_until(lambda: len(http.get(f"/v1/jobs/{job['id']}").json()["metrics"]) >= 2, 180,
                    "two finished epochs")
         before = http.get(f"/v1/jobs/{job['id']}").json()["metrics"]
-        victim.send_signal(signal.SIGKILL)  # no chance to hand the job back
-        victim.wait()
-        stack.workers.remove(victim)
-        stack.start_worker("rescuer")
+        stack.kill(victim)  # SIGKILL: no chance to hand the job back
+        stack.worker("rescuer")
         try:
             done = wait_for_job(http, job["id"], timeout_s=300)
             # The same job again, never interrupted, for comparison.
@@ -218,10 +172,9 @@ def test_a_worker_killed_mid_epoch_is_replaced_and_the_job_resumes(stack, datase
 def test_redis_restarted_empty_jobs_are_enqueued_again(stack, dataset_id):
     with stack.client() as http:
         jobs = [_submit(http, dataset_id, QUICK) for _ in range(2)]  # no worker: they wait
-        stack.kill_redis()
-        stack.start_redis()  # empty: the messages are gone
+        stack.restart_redis_empty()
         assert redis.Redis(port=stack.redis_port).dbsize() == 0
-        stack.start_worker("after-redis")
+        stack.worker("after-redis")
         try:
             done = [wait_for_job(http, j["id"], timeout_s=120) for j in jobs]
         finally:
@@ -234,8 +187,8 @@ def test_redis_restarted_empty_jobs_are_enqueued_again(stack, dataset_id):
 def test_two_workers_run_every_job_exactly_once(stack, dataset_id):
     with stack.client() as http:
         jobs = [_submit(http, dataset_id, QUICK) for _ in range(6)]
-        stack.start_worker("pair-a")
-        stack.start_worker("pair-b")
+        stack.worker("pair-a")
+        stack.worker("pair-b")
         try:
             done = [wait_for_job(http, j["id"], timeout_s=180) for j in jobs]
         finally:
@@ -250,7 +203,7 @@ def test_two_workers_run_every_job_exactly_once(stack, dataset_id):
 def test_a_job_over_its_run_time_fails_clearly(stack, dataset_id):
     with stack.client() as http:
         job = _submit(http, dataset_id, SLOW, max_runtime_s=2)
-        stack.start_worker("timer")
+        stack.worker("timer")
         try:
             done = wait_for_job(http, job["id"], timeout_s=120)
         finally:
@@ -262,14 +215,12 @@ def test_a_job_over_its_run_time_fails_clearly(stack, dataset_id):
 def test_jobs_carry_on_while_the_api_restarts(stack, dataset_id):
     with stack.client() as http:
         job = _submit(http, dataset_id, {**SLOW, "epochs": 3})
-    stack.start_worker("steady")
+    stack.worker("steady")
     try:
         with stack.client() as http:
             wait_until(lambda: http.get(f"/v1/jobs/{job['id']}").json()["status"] == "running",
                        120, "the job to start")
-        stop_process(stack.api_process)
-        time.sleep(1)
-        stack.start_api()
+        stack.restart_api()
         with stack.client() as http:
             done = wait_for_job(http, job["id"], timeout_s=300)
     finally:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 from fastapi.testclient import TestClient
 
-from service.app import create_app
-from service.launcher import free_port
-from service.settings import Settings
-from tests.archives import zip_folder
+from ftune.processes import free_port
+from ftune.service.app import create_app
+from ftune.service.settings import Settings
+from ftune.testing.archives import zip_folder
 
 
 @pytest.fixture

@@ -5,18 +5,16 @@ from __future__ import annotations
 import io
 import os
 import subprocess
-import sys
 
 import httpx
 from PIL import Image
 
-from models.bundle import save_bundle
-from models.training.fit import fit
-from service.db.session import Database
-from service.db.tables import Job, TunedModel
-from service.launcher import free_port
-from service.storage import Storage
-from tests.service.conftest import stop_process, wait_until
+from ftune.models.bundle import save_bundle
+from ftune.models.training.fit import fit
+from ftune.processes import free_port, ftune_command, stop_process, wait_until
+from ftune.service.db.session import Database
+from ftune.service.db.tables import Job, TunedModel
+from ftune.service.storage import Storage
 
 
 def test_serve_answers_predictions_without_redis(tiny_folder, tmp_path):
@@ -37,8 +35,8 @@ def test_serve_answers_predictions_without_redis(tiny_folder, tmp_path):
     db.dispose()
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "DATABASE_URL")}
-    server = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--home", str(home),
-                               "--port", str(port)], env=env)
+    server = subprocess.Popen(ftune_command("serve", "--home", str(home), "--port", str(port)),
+                              env=env)
     try:
         url = f"http://127.0.0.1:{port}"
         wait_until(lambda: httpx.get(f"{url}/healthz").status_code == 200, 60, "ftune serve")

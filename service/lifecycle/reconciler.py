@@ -4,7 +4,7 @@ the broker from the DB, never the other way round.
 - A running job whose heartbeat stopped (its worker died) is queued again, to resume from its
   last checkpoint; after ``max_attempts`` runs it fails with a clear message.
 - A queued job whose message is gone from Redis (Redis restarted empty) is enqueued again.
-Duplicate messages are harmless: a worker claims a job only once (see workers.job_state).
+Duplicate messages are harmless: a worker claims a job only once (see ``transitions.claim``).
 Runs at API and worker start-up and then periodically in every API process.
 """
 
@@ -19,14 +19,14 @@ import redis
 from celery import Celery
 from sqlalchemy import or_, select
 
-from service.db.session import Database
-from service.db.tables import Job, JobStatus, utcnow
-from service.events import add_event
-from service.queue import enqueue_finetune
-from service.settings import Settings
-from service.storage import Storage
-from workers import job_state
-from workers.celery_app import TRAINING_QUEUE
+from ftune.service.db.session import Database
+from ftune.service.db.tables import Job, utcnow
+from ftune.service.events import add_event
+from ftune.service.job_status import JobStatus
+from ftune.service.lifecycle import transitions
+from ftune.service.queue import TRAINING_QUEUE, enqueue_finetune
+from ftune.service.settings import Settings
+from ftune.service.storage import Storage
 
 log = logging.getLogger(__name__)
 
@@ -68,13 +68,13 @@ def reconcile(db: Database, celery: Celery, client: redis.Redis, settings: Setti
             or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < stale_before))).all()
         for job in abandoned:
             if job.attempts >= settings.max_attempts:
-                job_state.finish(session, job.id, JobStatus.FAILED, error=(
+                transitions.finish(session, job.id, JobStatus.FAILED, error=(
                     f"its worker stopped responding {job.attempts} time(s) (killed, out of "
                     "memory or lost); giving up. Try a smaller batch_size or image_size."))
                 repairs.failed.append(job.id)
                 if storage is not None:
                     storage.remove_job_files(job.id)
-            elif job_state.requeue(session, job.id, "its worker stopped sending heartbeats"):
+            elif transitions.requeue(session, job.id, "its worker stopped sending heartbeats"):
                 repairs.requeued.append(job.id)
         grace = now - timedelta(seconds=max(5.0, settings.reconcile_interval_s))
         waiting = list(session.execute(select(Job.id, Job.priority).where(

@@ -1,4 +1,9 @@
-"""The worker's side of the job lifecycle: every transition is a DB write with a timestamp."""
+"""Every state change of a job, as a conditional DB write with a timestamp and an event.
+
+Shared by the workers (claim, heartbeat, progress, succeed, requeue, finish) and the reconciler
+(requeue, finish). A write that carries a worker's name happens only while that worker still
+owns the job, so a worker that was paused and replaced can no longer change it.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +12,9 @@ from datetime import timedelta
 from sqlalchemy import ColumnElement, and_, delete, func, or_, select, update
 from sqlalchemy.orm import Session
 
-from service.db.tables import EpochMetrics, Job, JobStatus, TunedModel, utcnow
-from service.events import add_event, status_event
+from ftune.service.db.tables import EpochMetrics, Job, TunedModel, utcnow
+from ftune.service.events import add_event, status_event
+from ftune.service.job_status import ACTIVE, TERMINAL, JobStatus
 
 
 def claim(session: Session, job_id: str, worker: str, stale_after_s: float) -> Job | None:
@@ -20,7 +26,7 @@ def claim(session: Session, job_id: str, worker: str, stale_after_s: float) -> J
     with a fresh heartbeat is left alone, so a duplicate delivery never trains it twice.
     """
     job = session.get(Job, job_id)
-    if job is None or job.status in JobStatus.TERMINAL:
+    if job is None or job.status in TERMINAL:
         return None
     if job.cancel_requested:
         finish(session, job_id, JobStatus.CANCELLED, error="cancelled")
@@ -102,7 +108,7 @@ def finish(session: Session, job_id: str, status: str, *, error: str | None,
            worker: str | None = None) -> None:
     """End an active job; with ``worker``, only while that worker still owns it."""
     condition = (_ours(job_id, worker) if worker is not None
-                 else and_(Job.id == job_id, Job.status.in_(JobStatus.ACTIVE)))
+                 else and_(Job.id == job_id, Job.status.in_(ACTIVE)))
     ended = session.execute(update(Job).where(condition)
                             .values(status=status, finished_at=utcnow(), error=error)).rowcount
     if ended:

@@ -6,10 +6,11 @@ from datetime import timedelta
 
 import pytest
 
-from service.db.session import Database
-from service.db.tables import Dataset, Job, JobStatus, TunedModel, utcnow
-from service.jobs import cancel_job
-from workers import job_state
+from ftune.service.db.session import Database
+from ftune.service.db.tables import Dataset, Job, TunedModel, utcnow
+from ftune.service.job_status import JobStatus
+from ftune.service.jobs import cancel_job
+from ftune.service.lifecycle import transitions
 
 
 @pytest.fixture
@@ -33,10 +34,10 @@ def _job(db, **values) -> str:
 def test_a_queued_job_is_claimed_once(db):
     job_id = _job(db)
     with db.session() as session:
-        assert job_state.claim(session, job_id, "w1", stale_after_s=60).status == "running"
+        assert transitions.claim(session, job_id, "w1", stale_after_s=60).status == "running"
     with db.session() as session:
         # A duplicate delivery while the first worker is alive must not run it again.
-        assert job_state.claim(session, job_id, "w2", stale_after_s=60) is None
+        assert transitions.claim(session, job_id, "w2", stale_after_s=60) is None
         assert session.get(Job, job_id).worker == "w1"
 
 
@@ -44,7 +45,7 @@ def test_an_abandoned_running_job_is_taken_over(db):
     job_id = _job(db, status=JobStatus.RUNNING, attempts=1,
                   heartbeat_at=utcnow() - timedelta(seconds=600))
     with db.session() as session:
-        job = job_state.claim(session, job_id, "w2", stale_after_s=60)
+        job = transitions.claim(session, job_id, "w2", stale_after_s=60)
         assert job is not None and job.attempts == 2 and job.worker == "w2"
 
 
@@ -53,11 +54,11 @@ def test_cancel_wins_over_a_later_claim_and_a_cancelled_job_never_succeeds(db):
     with db.session() as session:
         assert cancel_job(session, job_id=job_id).status == "cancelled"
     with db.session() as session:
-        assert job_state.claim(session, job_id, "w1", stale_after_s=60) is None
+        assert transitions.claim(session, job_id, "w1", stale_after_s=60) is None
     with db.session() as session:
         model = TunedModel(id="m" * 32, job_id=job_id, dataset_id="d" * 32, backbone="x",
                            classes=[], metrics={}, spec={})
-        assert job_state.succeed(session, job_id, "w1", model, {}, False) is False
+        assert transitions.succeed(session, job_id, "w1", model, {}, False) is False
     with db.session() as session:
         assert session.get(Job, job_id).status == "cancelled"
         assert session.get(TunedModel, "m" * 32) is None
@@ -66,11 +67,11 @@ def test_cancel_wins_over_a_later_claim_and_a_cancelled_job_never_succeeds(db):
 def test_epoch_rows_are_written_once_per_epoch(db):
     job_id = _job(db, status=JobStatus.RUNNING, worker="w1")
     with db.session() as session:
-        assert job_state.record_epoch(session, job_id, "w1", {"epoch": 1, "train_loss": 2.0})
+        assert transitions.record_epoch(session, job_id, "w1", {"epoch": 1, "train_loss": 2.0})
     with db.session() as session:  # a resumed attempt reports epoch 1 again
-        job_state.record_epoch(session, job_id, "w1", {"epoch": 1, "train_loss": 1.5})
-        job_state.record_epoch(session, job_id, "w1", {"epoch": 2, "train_loss": 1.0})
-    from service.jobs import epoch_rows
+        transitions.record_epoch(session, job_id, "w1", {"epoch": 1, "train_loss": 1.5})
+        transitions.record_epoch(session, job_id, "w1", {"epoch": 2, "train_loss": 1.0})
+    from ftune.service.jobs import epoch_rows
 
     with db.session() as session:
         assert [r["epoch"] for r in epoch_rows(session, job_id)] == [1, 2]
@@ -81,9 +82,9 @@ def test_reconciler_requeues_abandoned_jobs_and_gives_up_after_max_attempts(db, 
                                                                             tmp_path):
     import redis as redis_lib
 
-    from service.reconciler import broker_job_ids, reconcile
-    from service.settings import Settings
-    from workers.celery_app import make_celery
+    from ftune.service.lifecycle.reconciler import broker_job_ids, reconcile
+    from ftune.service.queue import make_celery
+    from ftune.service.settings import Settings
 
     # A database of its own on the shared Redis: no running worker consumes what is enqueued.
     isolated = redis_url.rsplit("/", 1)[0] + "/7"
@@ -109,7 +110,7 @@ def test_reconciler_requeues_abandoned_jobs_and_gives_up_after_max_attempts(db, 
 
 
 def test_out_of_memory_retry_halves_the_batch_once():
-    from workers.failures import halved_batch_spec, is_out_of_memory
+    from ftune.workers.failures import halved_batch_spec, is_out_of_memory
 
     spec = {"batch_size": 32, "oom_retry": True}
     smaller = halved_batch_spec(spec)
@@ -126,8 +127,8 @@ def test_transient_errors_are_told_apart_from_deterministic_ones():
 
     from sqlalchemy.exc import OperationalError
 
-    from models.errors import DatasetError, WeightsNotFoundError
-    from workers.failures import is_transient
+    from ftune.models.errors import DatasetError, WeightsNotFoundError
+    from ftune.workers.failures import is_transient
 
     assert is_transient(OperationalError("UPDATE jobs", {}, Exception("database is locked")))
     assert is_transient(OSError(errno.EIO, "I/O error"))
@@ -139,23 +140,23 @@ def test_transient_errors_are_told_apart_from_deterministic_ones():
 def test_a_worker_that_lost_its_job_can_no_longer_write_to_it(db):
     job_id = _job(db)
     with db.session() as session:
-        job_state.claim(session, job_id, "paused", stale_after_s=60)
+        transitions.claim(session, job_id, "paused", stale_after_s=60)
     with db.session() as session:  # taken over while "paused" was frozen
         session.get(Job, job_id).heartbeat_at = utcnow() - timedelta(seconds=600)
     with db.session() as session:
-        assert job_state.claim(session, job_id, "rescuer", stale_after_s=60) is not None
+        assert transitions.claim(session, job_id, "rescuer", stale_after_s=60) is not None
     with db.session() as session:
-        assert not job_state.beat(session, job_id, "paused")
-        assert job_state.record_progress(session, job_id, "paused", 1, 1, 2, 0.5,
+        assert not transitions.beat(session, job_id, "paused")
+        assert transitions.record_progress(session, job_id, "paused", 1, 1, 2, 0.5,
                                          event=True) == "lost"
-        assert not job_state.record_epoch(session, job_id, "paused", {"epoch": 1})
-        assert job_state.record_progress(session, job_id, "rescuer", 1, 1, 2, 0.5,
+        assert not transitions.record_epoch(session, job_id, "paused", {"epoch": 1})
+        assert transitions.record_progress(session, job_id, "rescuer", 1, 1, 2, 0.5,
                                          event=False) == "ok"
 
 
 def test_failure_messages_say_what_to_change():
-    from models.errors import UnknownBackboneError
-    from workers.failures import describe_failure
+    from ftune.models.errors import UnknownBackboneError
+    from ftune.workers.failures import describe_failure
 
     cpu = describe_failure(RuntimeError("DefaultCPUAllocator: can't allocate memory: 9 GB"))
     assert cpu.startswith("out of memory on the worker") and "batch_size" in cpu

@@ -1,0 +1,7 @@
+"""``python -m ftune``: the ``ftune`` command."""
+
+import sys
+
+from ftune.cli import main
+
+sys.exit(main())

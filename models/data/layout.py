@@ -1,0 +1,198 @@
+"""Which layout a dataset folder uses, and which files are candidate images, before any image
+is opened.
+
+Layouts, looked for in this order, directly under DATA or under one top folder:
+- ``labels.csv`` (header with ``path,label`` and optionally ``split``; paths relative to the
+  folder holding the CSV) next to the images;
+- ``train/<class>/...`` with optional ``val/<class>/...`` and ``test/<class>/...``;
+- ``<class>/<images>``.
+Hidden files and folders (dot-files, ``__MACOSX``, ``Thumbs.db``, ``desktop.ini``) and files
+that are not images are ignored, with the reason.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+from ftune.models.data.images import is_image_name
+
+SPLIT_DIRS = {"train": ("train", "training"), "val": ("val", "valid", "validation"),
+              "test": ("test", "testing")}
+MANIFEST = "labels.csv"
+HIDDEN_NAMES = frozenset({"__MACOSX", "Thumbs.db", "desktop.ini", "Desktop.ini"})
+
+
+@dataclass(frozen=True)
+class Candidate:
+    rel: str  # path relative to the dataset folder, for messages
+    path: Path
+    split: str
+    cls: str
+
+
+@dataclass
+class Listing:
+    """What the layout says, before any file is opened."""
+
+    base: Path
+    layout: str  # "class_folders" | "split_folders" | "csv_manifest"
+    candidates: list[Candidate] = field(default_factory=list)
+    declared: dict[str, list[str]] = field(default_factory=dict)  # split -> class names
+    ignored: list[tuple[str, str]] = field(default_factory=list)  # (rel path, reason)
+    problems: list[tuple[str, str, list]] = field(default_factory=list)  # code, message, items
+
+
+def is_hidden(name: str) -> bool:
+    return name.startswith(".") or name in HIDDEN_NAMES
+
+
+def split_of(name: str) -> str | None:
+    lowered = name.lower()
+    return next((split for split, names in SPLIT_DIRS.items() if lowered in names), None)
+
+
+def visible_dirs(path: Path) -> list[Path]:
+    return sorted(p for p in path.iterdir() if p.is_dir() and not is_hidden(p.name))
+
+
+def list_dataset(root: Path) -> Listing:
+    base = dataset_base(root)
+    files = walk_files(base)
+    if (base / MANIFEST).is_file():
+        return _manifest_listing(base, files)
+    top = {split_of(d.name) for d in visible_dirs(base)}
+    if top & set(SPLIT_DIRS):
+        listing = _folder_listing(base, files, "split_folders")
+        if "train" not in listing.declared:
+            listing.problems.append(("val_without_train", "found val/ or test/ but no train/ "
+                                     "folder next to it", []))
+        return listing
+    return _folder_listing(base, files, "class_folders")
+
+
+def dataset_base(root: Path) -> Path:
+    """Archives often wrap everything in one folder; look through it."""
+    while not (root / MANIFEST).is_file():
+        dirs = visible_dirs(root)
+        has_files = any(p.is_file() and not is_hidden(p.name) and is_image_name(p)
+                        for p in root.iterdir())
+        if len(dirs) == 1 and not has_files and split_of(dirs[0].name) is None:
+            root = dirs[0]
+        else:
+            return root
+    return root
+
+
+def walk_files(base: Path) -> list[PurePosixPath]:
+    """Every regular file below ``base`` as a relative path, links never followed."""
+    found = []
+    for folder, dirs, files in os.walk(base, followlinks=False):
+        dirs.sort()
+        rel_folder = PurePosixPath(Path(folder).relative_to(base).as_posix())
+        for name in sorted(files):
+            if (Path(folder) / name).is_file() and not (Path(folder) / name).is_symlink():
+                found.append(rel_folder / name)
+    return found
+
+
+def _folder_listing(base: Path, files: list[PurePosixPath], layout: str) -> Listing:
+    listing = Listing(base, layout)
+    if layout == "split_folders":
+        for split_dir in visible_dirs(base):
+            split = split_of(split_dir.name)
+            if split is not None:
+                listing.declared[split] = [d.name for d in visible_dirs(split_dir)]
+    else:
+        listing.declared["train"] = [d.name for d in visible_dirs(base)]
+    for rel in files:
+        candidate, reason = _folder_candidate(base, rel, layout)
+        if candidate is not None:
+            listing.candidates.append(candidate)
+        else:
+            listing.ignored.append((str(rel), reason))
+    return listing
+
+
+def _folder_candidate(base: Path, rel: PurePosixPath,
+                      layout: str) -> tuple[Candidate | None, str]:
+    """The file as a candidate image, or None and the reason it is ignored."""
+    if any(is_hidden(part) for part in rel.parts):
+        return None, "hidden"
+    parts = rel.parts
+    split: str | None = "train"
+    if layout == "split_folders":
+        split = split_of(parts[0]) if len(parts) > 1 else None
+        if split is None:
+            return None, "outside train/, val/ and test/"
+        parts = parts[1:]
+    if len(parts) < 2:
+        return None, "not inside a class folder"
+    if not is_image_name(Path(parts[-1])):
+        return None, "not an image"
+    return Candidate(str(rel), base / rel, split, parts[0]), ""
+
+
+def _manifest_listing(base: Path, files: list[PurePosixPath]) -> Listing:
+    listing = Listing(base, "csv_manifest")
+    rows = _read_manifest(base, listing)
+    if rows is None:
+        return listing
+    bad_rows: list[dict] = []
+    for number, raw in enumerate(rows, start=2):
+        row = {(k or "").strip().lower(): (v or "").strip() for k, v in raw.items()}
+        candidate, reason = _manifest_candidate(base, row)
+        if candidate is None:
+            bad_rows.append({"row": f"{MANIFEST} line {number}", "reason": reason})
+        else:
+            listing.candidates.append(candidate)
+    if bad_rows:
+        listing.problems.append(("manifest_rows", f"{len(bad_rows)} row(s) of {MANIFEST} "
+                                 "were skipped", bad_rows))
+    for split in SPLIT_DIRS:
+        names = sorted({c.cls for c in listing.candidates if c.split == split})
+        if names:
+            listing.declared[split] = names
+    listed = {MANIFEST} | {c.rel for c in listing.candidates}
+    for rel in files:
+        if str(rel) not in listed:
+            hidden = any(is_hidden(part) for part in rel.parts)
+            listing.ignored.append((str(rel), "hidden" if hidden else f"not listed in {MANIFEST}"))
+    return listing
+
+
+def _read_manifest(base: Path, listing: Listing) -> list[dict] | None:
+    """The CSV's rows; None (and a problem on the listing) when it cannot be used."""
+    try:
+        with open(base / MANIFEST, newline="", encoding="utf-8-sig") as f:
+            rows = list(csv.DictReader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        listing.problems.append(("manifest_invalid", f"{MANIFEST} cannot be read: {exc}", []))
+        return None
+    header = [h.strip().lower() for h in (rows[0].keys() if rows else []) if h]
+    if not {"path", "label"} <= set(header):
+        listing.problems.append(("manifest_invalid", f"{MANIFEST} needs a header row with "
+                                 f"'path' and 'label' columns (found: {header or 'nothing'})",
+                                 []))
+        return None
+    return rows
+
+
+def _manifest_candidate(base: Path, row: dict[str, str]) -> tuple[Candidate | None, str]:
+    """The row as a candidate image, or None and why the row is skipped."""
+    name, label = row.get("path", ""), row.get("label", "")
+    split = split_of(row["split"]) if row.get("split") else "train"
+    rel = PurePosixPath(name.replace("\\", "/"))
+    if not name or not label:
+        return None, "empty path or label"
+    if rel.is_absolute() or ".." in rel.parts or ":" in rel.parts[0]:
+        return None, f"path {name!r} points outside the dataset"
+    if split is None:
+        return None, f"split {row.get('split')!r} is not train, val or test"
+    if not (base / rel).is_file():
+        return None, f"{name} does not exist"
+    if not is_image_name(Path(name)):
+        return None, f"{name} is not an image"
+    return Candidate(str(rel), base / rel, split, label), ""

@@ -1,0 +1,99 @@
+"""The engine's configuration: one object, read from ``FTUNE_*`` variables and validated once.
+
+A bad value fails when the settings are first read (at the start of a command or a process),
+with a message naming the variable, never deep inside a run. Library users may pass their own
+object to ``configure``. The service's settings compose this object.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TypeVar
+
+from pydantic import Field, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from ftune.models.errors import FineTuneError
+
+# PIL's own default: about 9459 × 9459. Larger images are refused from their header.
+DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
+ENV_PREFIX = "FTUNE_"
+
+
+class SettingsError(FineTuneError):
+    """A configuration variable with a bad value; the message names it."""
+
+
+class EngineSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
+
+    device: str | None = Field(
+        None, pattern=r"^(cpu|cuda(:\d+)?|mps)$",
+        description="cpu, cuda or cuda:N; unset: CUDA when present, else the CPU.")
+    weights_dir: Path | None = Field(
+        None, description="A folder of <backbone>.safetensors/.pth files, looked at after an "
+        "explicit weights_path and before weights shipped in packages.")
+    allow_downloads: bool = Field(
+        False, description="Let timm download weights from the hub (offline by default).")
+    decode_cache_mb: float = Field(
+        4096, ge=0, description="Splits whose decoded images fit are decoded once into memory; "
+        "larger ones stream from disk every epoch.")
+    max_image_pixels: int = Field(
+        DEFAULT_MAX_IMAGE_PIXELS, ge=1,
+        description="Larger images are refused from their header, before decoding.")
+    max_extracted_mb: float = Field(20480, gt=0, description="Largest unpacked archive.")
+    max_archive_files: int = Field(500_000, ge=1, description="Most entries in one archive.")
+    min_images_per_class: int = Field(
+        2, ge=1, description="Fewest training images a class may have; fewer is an error.")
+
+    @property
+    def decode_cache_bytes(self) -> int:
+        return int(self.decode_cache_mb * 2**20)
+
+
+S = TypeVar("S", bound=BaseSettings)
+
+
+def load_settings(cls: type[S], **values: object) -> S:
+    """``cls(**values)`` with validation errors naming the environment variables."""
+    try:
+        return cls(**values)
+    except ValidationError as exc:
+        raise SettingsError(describe_settings_error(cls, exc)) from None
+
+
+def describe_settings_error(cls: type[BaseSettings], exc: ValidationError) -> str:
+    prefix = cls.model_config.get("env_prefix", "")
+    parts = []
+    for error in exc.errors():
+        name = str(error["loc"][0]) if error["loc"] else "?"
+        field = cls.model_fields.get(name)
+        alias = getattr(field, "validation_alias", None) if field else None
+        choices = getattr(alias, "choices", None)
+        variable = (" or ".join(str(c) for c in choices) if choices
+                    else f"{prefix}{name}".upper())
+        value = error.get("input")
+        shown = f" (got {value!r})" if isinstance(value, (str, int, float)) else ""
+        parts.append(f"{variable}: {error['msg']}{shown}")
+    return "invalid configuration: " + "; ".join(parts)
+
+
+_current: EngineSettings | None = None
+
+
+def engine_settings() -> EngineSettings:
+    """The engine's settings, read from the environment on first use."""
+    global _current
+    if _current is None:
+        _current = load_settings(EngineSettings)
+    return _current
+
+
+def configure(settings: EngineSettings) -> None:
+    """Use ``settings`` from now on instead of what the environment says."""
+    global _current
+    _current = settings
+
+
+__all__ = ["DEFAULT_MAX_IMAGE_PIXELS", "EngineSettings",
+           "SettingsError", "configure", "engine_settings", "load_settings"]

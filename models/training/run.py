@@ -1,0 +1,204 @@
+"""The mutable state of one training run and one epoch of it: freezing level, optimizer,
+schedule step and the frozen-feature caches."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ftune.models.data.source import ImageSource
+from ftune.models.data.transforms import augment, normalize
+from ftune.models.network import FineTuneModel
+from ftune.models.preprocessing import Preprocessing
+from ftune.models.spec import FineTuneSpec
+from ftune.models.training.loop import BatchHook, EpochStats, evaluate, train_one_epoch
+from ftune.models.training.runtime import Precision
+from ftune.models.tuning.freezing import (
+    apply_freezing,
+    backbone_is_frozen,
+    set_train_mode,
+    trainable_stage_count,
+)
+from ftune.models.tuning.optimizers import create_optimizer
+from ftune.models.tuning.param_groups import HEAD, join_order, unit_param_groups
+from ftune.models.tuning.schedules import lr_multiplier
+
+Batches = Iterator[tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class Callbacks:
+    on_epoch_end: Callable[[dict], None] | None = None  # gets the epoch's metrics row
+    on_batch_end: Callable[[int, int, int, float], None] | None = None  # epoch, step, steps, loss
+    should_stop: Callable[[], bool] | None = None  # checked at every batch boundary
+
+
+class TrainingRun:
+    """Everything that changes while a run trains, and how one epoch of it goes."""
+
+    def __init__(self, model: FineTuneModel, spec: FineTuneSpec, stages: list[list[str]],
+                 prep: Preprocessing, precision: Precision, train_source: ImageSource,
+                 val_source: ImageSource, cache_features: bool) -> None:
+        self.model, self.spec, self.stages, self.prep = model, spec, stages, prep
+        self.precision, self.device = precision, precision.device
+        self.train_source, self.val_source = train_source, val_source
+        self.cache_features = cache_features
+        self.loss_fn = nn.CrossEntropyLoss(label_smoothing=spec.label_smoothing)
+        self.scaler = torch.amp.GradScaler(self.device.type,
+                                           enabled=precision.needs_grad_scaler)
+        self.best_state: dict | None = None
+        self.step = 0
+        n = len(train_source)
+        # A final batch of one sample breaks BatchNorm in train mode: drop it.
+        self.samples_per_epoch = n - 1 if n % spec.batch_size == 1 and n > 1 else n
+        self.steps_per_epoch = math.ceil(self.samples_per_epoch / spec.batch_size)
+        self.total_steps = self.steps_per_epoch * spec.epochs
+        self.warmup_steps = round(spec.schedule.warmup_epochs * self.steps_per_epoch)
+        self._features: dict[str, torch.Tensor] = {}
+        self.n_trainable = trainable_stage_count(spec.freeze, 0, len(stages))
+        apply_freezing(model, stages, self.n_trainable)
+        groups = [g for unit in join_order(len(stages), self.n_trainable)
+                  for g in unit_param_groups(model, stages, unit, spec.optimizer)]
+        self.optimizer = create_optimizer(groups, spec.optimizer)
+
+    def set_trainable(self, n_trainable: int) -> None:
+        """Unfreeze more stages; their parameters join the optimizer as new groups, so the
+        state (momentum, Adam moments) of the groups already training is kept."""
+        if n_trainable == self.n_trainable:
+            return
+        if n_trainable < self.n_trainable:
+            raise ValueError("stages are never re-frozen during a run")
+        num = len(self.stages)
+        joined = join_order(num, n_trainable)[len(join_order(num, self.n_trainable)):]
+        for unit in joined:
+            for group in unit_param_groups(self.model, self.stages, unit, self.spec.optimizer):
+                self.optimizer.add_param_group(group)
+        self.n_trainable = n_trainable
+        apply_freezing(self.model, self.stages, n_trainable)
+
+    def grad_groups(self) -> dict[str, list[nn.Parameter]]:
+        by_name = dict(self.model.backbone.named_parameters())
+        groups = {"head": list(self.model.head.parameters())}
+        for unit in join_order(len(self.stages), self.n_trainable):
+            if unit != HEAD:
+                groups[f"stage{unit}"] = [by_name[n] for n in self.stages[unit]]
+        return groups
+
+    def remember_best(self) -> dict:
+        self.best_state = {k: v.detach().to("cpu", copy=True)
+                           for k, v in self.model.state_dict().items()}
+        return self.best_state
+
+    def epoch(self, epoch: int, callbacks: Callbacks) -> dict:
+        """Train one epoch (0-based) and validate; returns the epoch's metrics row."""
+        started = time.perf_counter()
+        self.set_trainable(trainable_stage_count(self.spec.freeze, epoch, len(self.stages)))
+        set_train_mode(self.model, self.n_trainable, self.spec.freeze.batchnorm)
+        frozen = self.cache_features and backbone_is_frozen(self.n_trainable,
+                                                             self.spec.freeze.batchnorm)
+        use_train_cache = frozen and self.spec.augment == "none"
+        stats = self._train(epoch, callbacks, use_train_cache)
+        self.step += stats.steps
+        val_loss, val_accuracy = self._validate(frozen)
+        return {
+            "epoch": epoch + 1,
+            "train_loss": stats.loss,
+            "train_accuracy": stats.accuracy,
+            "val_loss": val_loss,
+            "val_accuracy": val_accuracy,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "seconds": time.perf_counter() - started,
+            "grad_norm": stats.grad_norm,
+            "stage_grad_norms": stats.stage_grad_norms,
+            "trainable_stages": self.n_trainable,
+            "trainable_params": sum(p.numel() for p in self.model.parameters()
+                                    if p.requires_grad),
+            "feature_cache": use_train_cache,
+        }
+
+    def _train(self, epoch: int, callbacks: Callbacks, use_train_cache: bool) -> EpochStats:
+        order = self._order(epoch)
+        if use_train_cache:
+            module: nn.Module = self.model.head
+            batches = self._feature_batches("train", order)
+        else:
+            module, batches = self.model, self._image_batches(order, training=True)
+        return train_one_epoch(
+            module, batches, self.optimizer, loss_fn=self.loss_fn, precision=self.precision,
+            scaler=self.scaler, first_step=self.step,
+            lr_at_step=lambda s: lr_multiplier(self.spec.schedule.name, s, self.total_steps,
+                                               self.warmup_steps),
+            grad_groups=self.grad_groups(), grad_clip_norm=self.spec.grad_clip_norm,
+            steps_in_epoch=self.steps_per_epoch, on_batch=_epoch_hook(epoch, callbacks),
+            should_stop=callbacks.should_stop,
+        )
+
+    def _validate(self, frozen: bool) -> tuple[float | None, float | None]:
+        if not len(self.val_source):
+            return None, None
+        self.model.eval()
+        order = torch.arange(len(self.val_source))
+        if frozen:
+            return evaluate(self.model.head, self._feature_batches("val", order),
+                            loss_fn=self.loss_fn, precision=self.precision)
+        return evaluate(self.model, self._image_batches(order, training=False, split="val"),
+                        loss_fn=self.loss_fn, precision=self.precision)
+
+    def _order(self, epoch: int) -> torch.Tensor:
+        # A generator of its own per epoch: the order depends only on (seed, epoch), so a resumed
+        # run and a feature-cached run see exactly the batches an uninterrupted run sees.
+        generator = torch.Generator().manual_seed(self.spec.seed * 1_000_003 + epoch)
+        return torch.randperm(len(self.train_source), generator=generator)[:self.samples_per_epoch]
+
+    def _image_batches(self, order: torch.Tensor, *, training: bool,
+                       split: str = "train") -> Batches:
+        source = self.train_source if split == "train" else self.val_source
+        cuda = self.device.type == "cuda"
+        for images, labels, _ in source.batches(order, self.spec.batch_size, pin=cuda):
+            images = images.to(self.device, non_blocking=True)
+            labels = labels.to(self.device, non_blocking=True)
+            batch = images.float()
+            if training and self.spec.augment != "none":
+                batch = augment(batch, self.prep.input_size, self.spec.augment)
+            batch = normalize(batch, self.prep)
+            if cuda:
+                batch = batch.contiguous(memory_format=torch.channels_last)
+            yield batch, labels
+
+    def _feature_batches(self, split: str, order: torch.Tensor) -> Batches:
+        features, labels = self._cached_features(split)
+        order = order.to(self.device)
+        for start in range(0, len(order), self.spec.batch_size):
+            idx = order[start:start + self.spec.batch_size]
+            yield features[idx], labels[idx]
+
+    @torch.no_grad()
+    def _cached_features(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        if split not in self._features:
+            source = self.train_source if split == "train" else self.val_source
+            self.model.backbone.eval()
+            chunks = []
+            for batch, _ in self._image_batches(torch.arange(len(source)), training=False,
+                                                split=split):
+                with self.precision.autocast():
+                    chunks.append(self.model.backbone(batch).float())
+            self._features[split] = torch.cat(chunks)
+            self._features[split + "_labels"] = source.labels.to(self.device)
+        return self._features[split], self._features[split + "_labels"]
+
+
+def _epoch_hook(epoch: int, callbacks: Callbacks) -> BatchHook | None:
+    """The per-batch callback with the epoch number (1-based) filled in."""
+    hook = callbacks.on_batch_end
+    if hook is None:
+        return None
+
+    def on_batch(step: int, steps: int, loss: float) -> None:
+        hook(epoch + 1, step, steps, loss)
+
+    return on_batch
