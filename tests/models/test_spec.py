@@ -71,7 +71,7 @@ def test_invalid_json_is_a_spec_error():
 
 
 def test_spec_module_does_not_import_torch():
-    code = ("import sys, models.spec; models.spec.parse_spec({}); "
+    code = ("import sys, ftune.models.spec as spec; spec.parse_spec({}); "
             "print(json.dumps(sorted(m for m in ('torch', 'timm') if m in sys.modules)))")
     out = subprocess.run([sys.executable, "-c", "import json; " + code], check=True,
                          capture_output=True, text=True).stdout

@@ -16,8 +16,7 @@ from ftune.testing.archives import zip_folder
 
 MAX_UPLOAD_MB = 8  # small, so the 413 test needs only a few MB
 WORKER = "test-worker@localhost"
-FAST_LIFECYCLE = {"FTUNE_CANCEL_POLL_S": "0.2", "FTUNE_WORKER_HEARTBEAT_S": "1",
-                  "HF_HUB_OFFLINE": "1"}
+FAST_LIFECYCLE = {"FTUNE_CANCEL_POLL_S": "0.2", "FTUNE_WORKER_HEARTBEAT_S": "1"}
 
 
 @pytest.fixture(scope="session")

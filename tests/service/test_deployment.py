@@ -144,3 +144,12 @@ def test_compose_file_matches_the_code():
     assert devices[0]["driver"] == "nvidia" and "gpu" in devices[0]["capabilities"]
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert 'ENTRYPOINT ["ftune"]' in dockerfile and "FTUNE_HOME=/data" in dockerfile
+
+
+def test_every_setting_is_documented_in_the_readme():
+    readme = (ROOT / "README.md").read_text()
+    variables = {f"FTUNE_{name.upper()}" for name in (*Settings.model_fields,
+                                                      *EngineSettings.model_fields)
+                 if name not in ("engine", "database_url", "redis_url")}
+    missing = sorted(v for v in variables if f"`{v}`" not in readme and f"`{v}," not in readme)
+    assert not missing, f"settings missing from the README's configuration table: {missing}"

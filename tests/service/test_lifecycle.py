@@ -21,7 +21,7 @@ SLOW = {"image_size": 64, "epochs": 8, "batch_size": 6, "seed": 5,
         "freeze": {"strategy": "none"}, "early_stopping": {"patience": 100}}
 ENV = {"FTUNE_CANCEL_POLL_S": "0.2", "FTUNE_WORKER_HEARTBEAT_S": "0.5",
        "FTUNE_JOB_STALE_S": "3", "FTUNE_RECONCILE_INTERVAL_S": "1",
-       "FTUNE_RETRY_BACKOFF_S": "0.5", "HF_HUB_OFFLINE": "1"}
+       "FTUNE_RETRY_BACKOFF_S": "0.5"}
 
 
 class Lifecycle(Stack):

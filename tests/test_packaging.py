@@ -1,0 +1,85 @@
+"""Installed, everything lives under one namespace: ``ftune.models``, ``ftune.service``,
+``ftune.workers``; nothing named ``models``, ``service`` or ``workers`` lands in site-packages,
+where it would clash with a user's own modules."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import site
+import subprocess
+import sys
+import sysconfig
+import venv
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+@pytest.fixture(scope="module")
+def fresh_install(tmp_path_factory) -> tuple[Path, Path]:
+    """The project built as a wheel and installed into a new venv outside the repository.
+
+    Its dependencies come from the test environment's site-packages through a .pth file, so
+    nothing is downloaded; the editable install there is not activated (.pth files in a path
+    added by a .pth file are not processed)."""
+    work = tmp_path_factory.mktemp("fresh-install")
+    source = work / "src"  # a copy, so building writes nothing into the repository
+    for name in ("pyproject.toml", "README.md"):
+        source.mkdir(exist_ok=True)
+        shutil.copy(ROOT / name, source / name)
+    for folder in ("ftune", "models", "service", "workers"):
+        shutil.copytree(ROOT / folder, source / folder,
+                        ignore=shutil.ignore_patterns("__pycache__"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+                    "-q", "-w", str(work / "dist"), str(source)], check=True, cwd=work)
+    wheel = next((work / "dist").glob("ftune-*.whl"))
+    env_dir = work / "venv"
+    venv.create(env_dir, with_pip=False)
+    python = env_dir / "bin" / "python"
+    target = Path(subprocess.check_output(
+        [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        text=True).strip())
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "-q",
+                    "--target", str(target), str(wheel)], check=True, cwd=work)
+    deps = [p for p in {*site.getsitepackages(), sysconfig.get_paths()["purelib"]}
+            if Path(p).is_dir()]
+    (target / "zz_test_dependencies.pth").write_text("\n".join(deps) + "\n")
+    return python, target
+
+
+def _run(python: Path, code: str, cwd: Path) -> dict:
+    out = subprocess.run([python, "-c", code], check=True, capture_output=True, text=True,
+                         cwd=cwd).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def test_the_wheel_installs_only_the_ftune_namespace(fresh_install):
+    _, site_packages = fresh_install
+    top_level = {p.name for p in site_packages.iterdir()
+                 if not p.name.endswith((".dist-info", ".pth", "__pycache__"))
+                 and p.name != "bin"}  # the `ftune` console script
+    assert top_level == {"ftune"}, top_level
+    assert (site_packages / "ftune" / "models" / "spec.py").is_file()
+    assert (site_packages / "ftune" / "service" / "app.py").is_file()
+    assert (site_packages / "ftune" / "workers" / "tasks.py").is_file()
+
+
+def test_the_installed_namespace_imports_outside_the_repository(fresh_install, tmp_path):
+    python, site_packages = fresh_install
+    result = _run(python, (
+        "import importlib.util, json, sys\n"
+        "import ftune.models.spec\n"
+        "spec_loaded = sorted(m for m in sys.modules if m.startswith('ftune.'))\n"
+        "import ftune.models, ftune.service.settings\n"
+        "print(json.dumps({'file': ftune.models.__file__, 'spec_loaded': spec_loaded,\n"
+        "  'bare': [n for n in ('models', 'service', 'workers') if importlib.util.find_spec(n)],\n"
+        "  'heavy': [m for m in ('torch', 'timm', 'fastapi') if m in sys.modules]}))\n"),
+        cwd=tmp_path)
+    assert result["file"].startswith(str(site_packages))
+    assert result["bare"] == []  # no top-level `models` etc. was installed
+    # The spec alone pulls in neither the service nor the workers nor torch.
+    assert not [m for m in result["spec_loaded"] if m.startswith(("ftune.service",
+                                                                   "ftune.workers"))]
+    assert result["heavy"] == []
