@@ -1,7 +1,8 @@
 """The tuned-model bundle on disk: model.safetensors, config.json, metrics.json.
 
 Written into a hidden temporary folder and renamed into place, so a failed or interrupted
-write never leaves a folder that looks like a model.
+write never leaves a folder that looks like a model. Importing this module loads no torch (the
+API lists bundle files with it); reading and writing weights does.
 """
 
 from __future__ import annotations
@@ -14,12 +15,14 @@ import uuid
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
-
-import torch
-from safetensors.torch import load_file, save_file
+from typing import TYPE_CHECKING
 
 from ftune.models.errors import OutputExistsError
-from ftune.models.training.fit import FitResult
+
+if TYPE_CHECKING:
+    import torch
+
+    from ftune.models.training.fit import FitResult
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -72,6 +75,8 @@ def bundle_config(result: FitResult) -> dict:
 
 
 def save_bundle(result: FitResult, out_dir: str | Path) -> Path:
+    from safetensors.torch import save_file
+
     out = ensure_output_free(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
@@ -92,6 +97,8 @@ def save_bundle(result: FitResult, out_dir: str | Path) -> Path:
 
 
 def load_bundle(directory: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    from safetensors.torch import load_file
+
     directory = Path(directory)
     missing = [name for name in (WEIGHTS_FILE, CONFIG_FILE) if not (directory / name).is_file()]
     if missing:

@@ -15,6 +15,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from ftune.models.settings import EngineSettings, engine_settings, load_settings
 
+WEEK_S = 7 * 24 * 3600
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="FTUNE_", extra="ignore")
@@ -41,9 +43,9 @@ class Settings(BaseSettings):
     predict_max_wait_ms: float = Field(5.0, ge=0, description="Longest a predict request "
                                        "waits for others to batch with.")
     visibility_timeout_s: int = Field(
-        7 * 24 * 3600, ge=60,
+        WEEK_S, ge=60,
         description="Redis redelivers an unacknowledged job after this long; longer than any job.")
-    max_runtime_s: float = Field(7 * 24 * 3600, gt=0, description="Longest a job may run; "
+    max_runtime_s: float = Field(WEEK_S, gt=0, description="Longest a job may run; "
                                  "a job's own max_runtime_s may be lower.")
     max_attempts: int = Field(3, ge=1, description="Runs of one job (worker deaths and "
                               "transient errors) before it fails.")

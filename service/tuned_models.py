@@ -14,16 +14,14 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from ftune.models.bundle import BUNDLE_FILES, EVALUATION_FILE
 from ftune.service.batching import TORCH_THREAD, DynamicBatcher
 from ftune.service.db.tables import ModelAlias, TunedModel
 from ftune.service.errors import InvalidInput, NotFound
 from ftune.service.ids import is_id
 from ftune.service.storage import Storage
 
-# What models.Predictor.load reads, plus the evaluation; literal so the API never imports
-# torch to list them.
-BUNDLE_FILES = ("model.safetensors", "config.json", "metrics.json")
-EXTRA_FILES = ("evaluation.json",)
+EXTRA_FILES = (EVALUATION_FILE,)  # in the download beside what Predictor.load reads
 ALIAS = re.compile(r"^[A-Za-z0-9_.\-]{1,100}$")
 
 

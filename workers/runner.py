@@ -57,13 +57,13 @@ class RunLimits:
 
 class JobRunner:
     def __init__(self, db: Database, storage: Storage, *, worker_name: str,
-                 cancel_poll_s: float, heartbeat_s: float = 5.0, stale_after_s: float = 120.0,
-                 limits: RunLimits | None = None,
+                 cancel_poll_s: float, heartbeat_s: float, stale_after_s: float,
+                 limits: RunLimits,
                  shutdown: threading.Event | None = None) -> None:
         self.db, self.storage, self.worker_name = db, storage, worker_name
         self.cancel_poll_s, self.heartbeat_s = cancel_poll_s, heartbeat_s
         self.stale_after_s = stale_after_s
-        self.limits = limits or RunLimits(7 * 24 * 3600, 3, 5.0)
+        self.limits = limits
         self.shutdown = shutdown or threading.Event()
 
     def run(self, job_id: str) -> str:

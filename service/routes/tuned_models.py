@@ -7,6 +7,7 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
 from starlette.concurrency import run_in_threadpool
 
+from ftune.models.bundle import CONFIG_FILE, EVALUATION_FILE
 from ftune.service.cards import build_card, card_markdown, read_json
 from ftune.service.context import AppContext
 from ftune.service.db.tables import Dataset, Job
@@ -69,7 +70,7 @@ def evaluation(model_ref: str, ctx: Ctx) -> dict:
     """The best weights evaluated on val (and test): per-class metrics, the full confusion
     matrix, calibration error, most confused pairs, highest-loss files."""
     model_id = _resolve(ctx, model_ref)
-    found = read_json(ctx.storage.model_dir(model_id) / "evaluation.json")
+    found = read_json(ctx.storage.model_dir(model_id) / EVALUATION_FILE)
     if not found:
         raise NotFound(f"model {model_id} has no evaluation (trained before evaluations)")
     return found
@@ -86,8 +87,8 @@ def card(model_ref: str, ctx: Ctx,
         folder = ctx.storage.model_dir(model.id)
         content = build_card(model=model, job=session.get(Job, model.job_id),
                              dataset=session.get(Dataset, model.dataset_id),
-                             config=read_json(folder / "config.json"),
-                             evaluation=read_json(folder / "evaluation.json"),
+                             config=read_json(folder / CONFIG_FILE),
+                             evaluation=read_json(folder / EVALUATION_FILE),
                              history=epoch_rows(session, model.job_id))
     if format == "json":
         return JSONResponse(jsonable_encoder(content))
@@ -101,7 +102,7 @@ def confusion(model_ref: str, ctx: Ctx,
     from ftune.service.plots import confusion_png
 
     model_id = _resolve(ctx, model_ref)
-    result = read_json(ctx.storage.model_dir(model_id) / "evaluation.json").get(split)
+    result = read_json(ctx.storage.model_dir(model_id) / EVALUATION_FILE).get(split)
     if not result or "confusion_matrix" not in result:
         raise NotFound(f"model {model_id} has no {split} evaluation")
     matrix = result["confusion_matrix"]
