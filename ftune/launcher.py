@@ -16,7 +16,8 @@ import time
 from typing import NoReturn
 
 from ftune.processes import LaunchError, Stack, port_is_free
-from ftune.service.db.session import Database
+from ftune.service.db import migrate
+from ftune.service.db.session import make_engine
 from ftune.service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,7 @@ def up(settings: Settings, *, workers: int = 1, host: str | None = None,
     if not port_is_free(host, port):
         raise LaunchError(f"{host}:{port} is already in use; pass --port or stop what uses it")
     stack = _stack(settings)
-    Database(settings.resolved_database_url).dispose()  # tables exist before any child starts
+    _upgrade_database(settings)  # the schema is current before any child starts
     previous = {s: signal.signal(s, _raise_stop) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         _start(stack, workers=workers, host=host, port=port)
@@ -59,6 +60,14 @@ def up(settings: Settings, *, workers: int = 1, host: str | None = None,
         (stack.home / STATE_FILE).unlink(missing_ok=True)
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+def _upgrade_database(settings: Settings) -> None:
+    engine = make_engine(settings.resolved_database_url)
+    try:
+        migrate.upgrade(engine)
+    finally:
+        engine.dispose()
 
 
 def _stack(settings: Settings) -> Stack:

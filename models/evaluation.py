@@ -8,6 +8,7 @@ highest-loss examples by file name.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -17,6 +18,7 @@ from ftune.models.data.discover import Sample
 from ftune.models.data.source import ImageSource
 from ftune.models.data.transforms import normalize
 from ftune.models.preprocessing import Preprocessing
+from ftune.models.training.loop import stop_if_asked
 from ftune.models.training.runtime import Precision
 
 ECE_BINS = 15
@@ -26,11 +28,12 @@ WORST_EXAMPLES = 20
 
 @torch.no_grad()
 def predict_probabilities(model: nn.Module, source: ImageSource, prep: Preprocessing,
-                          device: torch.device, precision: Precision,
-                          batch_size: int = 64) -> torch.Tensor:
+                          device: torch.device, precision: Precision, batch_size: int = 64,
+                          should_stop: Callable[[], bool] | None = None) -> torch.Tensor:
     model.eval()
     chunks = []
     for images, _, _ in source.batches(torch.arange(len(source)), batch_size):
+        stop_if_asked(should_stop)
         batch = normalize(images.to(device).float(), prep)
         with precision.autocast():
             chunks.append(torch.softmax(model(batch).float(), dim=1).cpu())
@@ -127,7 +130,8 @@ def _highest_loss(losses: torch.Tensor, labels: torch.Tensor, predicted: torch.T
 
 def evaluate_splits(model: nn.Module, splits: dict[str, list[Sample]], classes: list[str],
                     prep: Preprocessing, device: torch.device, precision: Precision,
-                    root: Path, val_source: ImageSource | None = None) -> dict:
+                    root: Path, val_source: ImageSource | None = None,
+                    should_stop: Callable[[], bool] | None = None) -> dict:
     """``{split: summary}`` for each non-empty split (val, and test when the data has one)."""
     results = {}
     for split, samples in splits.items():
@@ -136,7 +140,8 @@ def evaluate_splits(model: nn.Module, splits: dict[str, list[Sample]], classes: 
         source = (val_source if split == "val" and val_source is not None
                   else ImageSource([s.path for s in samples], [s.label for s in samples], prep,
                                    prep.input_size))
-        probs = predict_probabilities(model, source, prep, device, precision)
+        probs = predict_probabilities(model, source, prep, device, precision,
+                                      should_stop=should_stop)
         labels = torch.tensor([s.label for s in samples])
         names = [_relative(s.path, root) for s in samples]
         results[split] = summarize(probs, labels, classes, names)

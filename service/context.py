@@ -10,6 +10,7 @@ import redis
 from celery import Celery
 from sqlalchemy.exc import SQLAlchemyError
 
+from ftune.service.db import migrate
 from ftune.service.db.session import Database
 from ftune.service.queue import make_celery
 from ftune.service.settings import Settings
@@ -32,9 +33,11 @@ class AppContext:
         storage = Storage(settings.resolved_home)
         storage.prepare()
         storage.sweep_stale()
-        db = Database(settings.resolved_database_url, create=False)
+        # The API upgrades the schema (under a lock); `ftune serve` only checks it is current.
+        db = Database(settings.resolved_database_url,
+                      prepare=migrate.require_current if serve_only else migrate.upgrade)
         try:
-            db.ensure_tables()
+            db.prepare()
         except SQLAlchemyError as exc:
             # Start anyway: /healthz reports the database down (503) until it answers.
             log.warning("database unavailable at start-up: %s", exc)

@@ -12,6 +12,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ftune.models.errors import FineTuneError
 from ftune.models.spec import SpecError
+from ftune.service.db.migrate import SchemaError
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +93,11 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         return _json(exc.status_code, exc.detail)
+
+    @app.exception_handler(SchemaError)
+    async def _schema(_: Request, exc: SchemaError) -> JSONResponse:
+        log.error("database schema: %s", exc)
+        return _json(503, f"the database schema does not match this server: {exc}")
 
     @app.exception_handler(DBAPIError)
     async def _database(request: Request, exc: DBAPIError) -> JSONResponse:

@@ -71,3 +71,41 @@ def tiny_folder(tmp_path_factory, animal_arrays) -> Path:
     images, labels = animal_arrays
     idx = balanced_indices(labels, 12, classes=3)
     return write_image_folder(tmp_path_factory.mktemp("tiny") / "data", images[idx], labels[idx])
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[str]:
+    """FTUNE_TEST_PG_URL when given, else a private PostgreSQL cluster for the session."""
+    from ftune.testing.postgres import PrivateCluster
+
+    if os.environ.get("FTUNE_TEST_PG_URL"):
+        yield os.environ["FTUNE_TEST_PG_URL"]
+        return
+    with PrivateCluster() as cluster:
+        yield cluster.url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request, tmp_path) -> Iterator[str]:
+    """An empty database, once on SQLite and once on PostgreSQL."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'ftune.db'}"
+        return
+    from ftune.testing.postgres import fresh_database
+
+    with fresh_database(request.getfixturevalue("postgres_server")) as url:
+        yield url
+
+
+# Fixtures that start servers or ftune processes: a test using one is marked `processes`,
+# so `make test-fast` (-m "not processes") runs only what needs no process of its own.
+_PROCESS_FIXTURES = frozenset({"stack", "client", "api_url", "worker", "redis_url",
+                               "tiny_dataset", "postgres_server", "pg_client"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if (_PROCESS_FIXTURES & set(getattr(item, "fixturenames", ()))
+                or params.get("database_url") == "postgresql"):
+            item.add_marker(pytest.mark.processes)

@@ -5,15 +5,21 @@ where it would clash with a user's own modules."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import site
 import subprocess
 import sys
 import sysconfig
+import tomllib
 import venv
+from importlib import metadata
 from pathlib import Path
 
 import pytest
+from packaging.requirements import Requirement
+from packaging.version import Version
+
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -55,6 +61,7 @@ def _run(python: Path, code: str, cwd: Path) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
+@pytest.mark.processes
 def test_the_wheel_installs_only_the_ftune_namespace(fresh_install):
     _, site_packages = fresh_install
     top_level = {p.name for p in site_packages.iterdir()
@@ -64,8 +71,12 @@ def test_the_wheel_installs_only_the_ftune_namespace(fresh_install):
     assert (site_packages / "ftune" / "models" / "spec.py").is_file()
     assert (site_packages / "ftune" / "service" / "app.py").is_file()
     assert (site_packages / "ftune" / "workers" / "tasks.py").is_file()
+    migrations = site_packages / "ftune" / "service" / "db" / "migrations"
+    assert (migrations / "env.py").is_file() and (migrations / "script.py.mako").is_file()
+    assert (migrations / "versions" / "0001_baseline.py").is_file()
 
 
+@pytest.mark.processes
 def test_the_installed_namespace_imports_outside_the_repository(fresh_install, tmp_path):
     python, site_packages = fresh_install
     result = _run(python, (
@@ -83,3 +94,36 @@ def test_the_installed_namespace_imports_outside_the_repository(fresh_install, t
     assert not [m for m in result["spec_loaded"] if m.startswith(("ftune.service",
                                                                    "ftune.workers"))]
     assert result["heavy"] == []
+
+
+def _pins(lock: Path) -> dict[str, str]:
+    return dict(re.findall(r"^([A-Za-z0-9_.-]+)==([^\s\\]+)", lock.read_text(), re.M))
+
+
+def test_the_environment_is_installed_from_the_locks():
+    pins = {**_pins(ROOT / "requirements-dev.lock"), **_pins(ROOT / "requirements-nodeps.lock")}
+    assert {"torch", "fastapi", "alembic", "pytest"} <= set(pins)
+    wrong = {name: (version, metadata.version(name)) for name, version in pins.items()
+             if metadata.version(name) != version}
+    assert not wrong, f"installed versions differ from the lock (run `make install`): {wrong}"
+
+
+def test_the_runtime_lock_agrees_with_the_dev_lock_and_every_pin_is_hashed():
+    runtime, dev = _pins(ROOT / "requirements.lock"), _pins(ROOT / "requirements-dev.lock")
+    assert all(dev.get(name) == version for name, version in runtime.items())
+    for lock in ("requirements.lock", "requirements-dev.lock", "requirements-nodeps.lock"):
+        text = (ROOT / lock).read_text()
+        assert "Linux x86_64" in text  # says which platform it is for
+        blocks = re.split(r"^(?=[A-Za-z0-9_.-]+==)", text, flags=re.M)[1:]
+        assert blocks and all("--hash=sha256:" in block for block in blocks), lock
+
+
+@pytest.mark.parametrize(("package", "floor"), [
+    ("starlette", "0.49.1"), ("python-multipart", "0.0.27"), ("h11", "0.16"),
+    ("pillow", "12.3.0")])
+def test_dependencies_with_known_security_fixes_have_floors(package, floor):
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    requirement = next(Requirement(d) for d in declared if Requirement(d).name == package)
+    lowest = [Version(s.version) for s in requirement.specifier if s.operator in (">=", "==")]
+    assert lowest and min(lowest) >= Version(floor), requirement
+    assert requirement.specifier.contains(_pins(ROOT / "requirements.lock")[package])

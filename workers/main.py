@@ -11,6 +11,7 @@ import redis
 from celery import Celery
 from celery.signals import worker_ready
 
+from ftune.service.db import migrate
 from ftune.service.db.session import Database
 from ftune.service.lifecycle.reconciler import reconcile
 from ftune.service.queue import TRAINING_QUEUE, make_celery
@@ -33,10 +34,20 @@ def _reconcile_once(settings: Settings, app: Celery) -> None:
         db.dispose()
 
 
+def _require_current_schema(settings: Settings) -> None:
+    """A worker never runs against a schema its release does not know (SchemaError says
+    to run `ftune db upgrade`)."""
+    db = Database(settings.resolved_database_url)
+    try:
+        migrate.require_current(db.engine)
+    finally:
+        db.dispose()
+
+
 def run_worker(settings: Settings, *, name: str | None = None, loglevel: str = "INFO") -> None:
     """Consume the training queue until stopped; the engine's device comes from
     ``settings.engine`` (``--device`` or ``FTUNE_DEVICE``)."""
-    Database(settings.resolved_database_url).dispose()  # create tables before the first job
+    _require_current_schema(settings)
     tasks.use_settings(settings)
     app = make_celery(settings, include=[tasks.__name__])
     node = name or f"ftune-{uuid.uuid4().hex[:6]}@{socket.gethostname()}"

@@ -101,14 +101,16 @@ def fit(
     if resume is not None:
         _resume(run, progress, index, resume)
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir else None
-    stopped_early = _train_epochs(run, progress, callbacks or Callbacks(), ckpt_dir,
-                                  index.classes)
+    callbacks = callbacks or Callbacks()
+    run.should_stop = callbacks.should_stop
+    stopped_early = _train_epochs(run, progress, callbacks, ckpt_dir, index.classes)
     if run.best_state is not None:
         run.model.load_state_dict(run.best_state)
     run.model.eval()
     evaluation = evaluate_splits(run.model, {"val": val_samples, "test": index.test or []},
                                  index.classes, run.prep, run.device, run.precision,
-                                 index.root, val_source=run.val_source)
+                                 index.root, val_source=run.val_source,
+                                 should_stop=callbacks.should_stop)
     return _result(run, backbone, index, progress, stopped_early=stopped_early,
                    evaluation=evaluation, num_train=len(train_samples),
                    num_val=len(val_samples), seconds=time.perf_counter() - started)

@@ -28,6 +28,12 @@ class EpochStats:
     stage_grad_norms: dict[str, float] = field(default_factory=dict)
 
 
+def stop_if_asked(should_stop: Callable[[], bool] | None) -> None:
+    """Raise TrainingCancelled when the caller asks to stop (checked at batch boundaries)."""
+    if should_stop is not None and should_stop():
+        raise TrainingCancelled("training cancelled")
+
+
 def _norm(grads: list[torch.Tensor]) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
 
@@ -103,8 +109,7 @@ def train_one_epoch(
     totals = _EpochTotals()
     all_params = [p for params in grad_groups.values() for p in params]
     for inputs, targets in batches:
-        if should_stop is not None and should_stop():
-            raise TrainingCancelled("training cancelled")
+        stop_if_asked(should_stop)
         factor = lr_at_step(first_step + totals.steps)
         for group in optimizer.param_groups:
             group["lr"] = group["base_lr"] * factor

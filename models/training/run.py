@@ -16,7 +16,13 @@ from ftune.models.data.transforms import augment, normalize
 from ftune.models.network import FineTuneModel
 from ftune.models.preprocessing import Preprocessing
 from ftune.models.spec import FineTuneSpec
-from ftune.models.training.loop import BatchHook, EpochStats, evaluate, train_one_epoch
+from ftune.models.training.loop import (
+    BatchHook,
+    EpochStats,
+    evaluate,
+    stop_if_asked,
+    train_one_epoch,
+)
 from ftune.models.training.runtime import Precision
 from ftune.models.tuning.freezing import (
     apply_freezing,
@@ -48,6 +54,8 @@ class TrainingRun:
         self.precision, self.device = precision, precision.device
         self.train_source, self.val_source = train_source, val_source
         self.cache_features = cache_features
+        # Also checked while features are cached, which can take long before the first step.
+        self.should_stop: Callable[[], bool] | None = None
         self.loss_fn = nn.CrossEntropyLoss(label_smoothing=spec.label_smoothing)
         self.scaler = torch.amp.GradScaler(self.device.type,
                                            enabled=precision.needs_grad_scaler)
@@ -185,6 +193,7 @@ class TrainingRun:
             chunks = []
             for batch, _ in self._image_batches(torch.arange(len(source)), training=False,
                                                 split=split):
+                stop_if_asked(self.should_stop)
                 with self.precision.autocast():
                     chunks.append(self.model.backbone(batch).float())
             self._features[split] = torch.cat(chunks)

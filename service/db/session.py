@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -10,8 +10,6 @@ from typing import Any
 from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
-
-from ftune.service.db.tables import Base
 
 
 def normalize_url(url: str) -> str:
@@ -46,36 +44,32 @@ def make_engine(url: str) -> Engine:
     return engine
 
 
-def create_tables(engine: Engine) -> None:
-    Base.metadata.create_all(engine)
-
-
 def ping(engine: Engine) -> None:
     with engine.connect() as conn:
         conn.execute(text("SELECT 1"))
 
 
 class Database:
-    """The engine plus a session factory; one per process."""
+    """The engine plus a session factory; one per process.
 
-    def __init__(self, url: str, *, create: bool = True) -> None:
+    ``prepare`` runs once, before the first session: the API upgrades the schema there, so a
+    database that was down at start-up is upgraded when it first answers."""
+
+    def __init__(self, url: str, *, prepare: Callable[[Engine], object] | None = None) -> None:
         self.url = url
         self.engine = make_engine(url)
-        self.tables_ready = False
-        if create:
-            self.ensure_tables()
+        self._prepare = prepare
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
 
-    def ensure_tables(self) -> None:
-        if not self.tables_ready:
-            create_tables(self.engine)
-            self.tables_ready = True
+    def prepare(self) -> None:
+        if self._prepare is not None:
+            self._prepare(self.engine)
+            self._prepare = None
 
     @contextmanager
     def session(self) -> Iterator[Session]:
         """A session that commits on success and rolls back on error."""
-        # A database that was down at start-up gets its tables on first use.
-        self.ensure_tables()
+        self.prepare()
         with self.sessions() as session:
             try:
                 yield session

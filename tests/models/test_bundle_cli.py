@@ -129,6 +129,7 @@ def test_predict_on_a_folder_that_is_not_a_model(tmp_path, capsys):
     assert "not a tuned model" in capsys.readouterr().err
 
 
+@pytest.mark.processes
 def test_console_script_is_installed():
     import shutil
     import subprocess

@@ -38,6 +38,7 @@ def test_good_values_are_typed(monkeypatch, tmp_path):
     assert settings.weights_dir == tmp_path and settings.device == "cuda:1"
 
 
+@pytest.mark.processes
 def test_a_command_fails_at_start_naming_the_variable():
     # Before: FTUNE_DECODE_CACHE_MB=4g crashed deep inside a run.
     result = subprocess.run(ftune_command("backbones"), capture_output=True, text=True,
@@ -46,6 +47,7 @@ def test_a_command_fails_at_start_naming_the_variable():
     assert "FTUNE_DECODE_CACHE_MB" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.processes
 def test_service_settings_name_their_variables_too():
     result = subprocess.run(ftune_command("api", "--port", "1"), capture_output=True,
                             text=True, env=_clean_env(FTUNE_MAX_ATTEMPTS="three",
@@ -63,13 +65,16 @@ def _hub_offline(code_before: str = "", **env: str) -> str:
                           text=True, env=_clean_env(**env), timeout=120).stdout.strip()
 
 
+@pytest.mark.processes
 def test_the_hub_is_offline_by_default_in_a_fresh_process():
     assert _hub_offline() == "True"
 
 
+@pytest.mark.processes
 def test_offline_even_when_the_hub_was_imported_first():
     assert _hub_offline("import huggingface_hub, timm\n") == "True"
 
 
+@pytest.mark.processes
 def test_downloads_are_an_explicit_opt_in():
     assert _hub_offline(FTUNE_ALLOW_DOWNLOADS="1") == "False"

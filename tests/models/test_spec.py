@@ -70,6 +70,7 @@ def test_invalid_json_is_a_spec_error():
         parse_spec("{not json")
 
 
+@pytest.mark.processes
 def test_spec_module_does_not_import_torch():
     code = ("import sys, ftune.models.spec as spec; spec.parse_spec({}); "
             "print(json.dumps(sorted(m for m in ('torch', 'timm') if m in sys.modules)))")

@@ -167,3 +167,28 @@ def test_full_fine_tune_with_every_option(tiny_folder):
     assert len(result.history) == 2 and not result.history[0]["feature_cache"]
     assert len(result.history[0]["stage_grad_norms"]) > 5
     assert all(row["train_loss"] == row["train_loss"] for row in result.history)  # finite
+
+
+def test_cancel_is_seen_while_features_are_cached(tiny_folder):
+    # Caching frozen features (a forward over every image) comes before the first step; a
+    # stop asked for then must not wait for it to finish.
+    calls, steps = [], []
+
+    def should_stop() -> bool:
+        calls.append(1)
+        return len(calls) >= 2  # the second check, one cached batch in
+
+    with pytest.raises(TrainingCancelled):
+        fit(tiny_folder, {"image_size": 32, "epochs": 1, "batch_size": 4},
+            callbacks=Callbacks(should_stop=should_stop,
+                                on_batch_end=lambda *args: steps.append(args)))
+    assert steps == []  # stopped inside the caching, before any training step
+
+
+def test_cancel_is_seen_during_the_final_evaluation(tiny_folder):
+    finished = []
+    with pytest.raises(TrainingCancelled):
+        fit(tiny_folder, {"image_size": 32, "epochs": 1, "batch_size": 4},
+            callbacks=Callbacks(on_epoch_end=finished.append,
+                                should_stop=lambda: bool(finished)))
+    assert len(finished) == 1  # training was done: the stop came in the evaluation

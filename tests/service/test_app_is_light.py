@@ -6,6 +6,10 @@ import json
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = pytest.mark.processes
+
 
 def test_creating_the_app_imports_neither_torch_nor_the_workers(tmp_path):
     code = ("import json, sys\n"

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import sqlite3
 import subprocess
 from pathlib import Path
 
 import httpx
+import pytest
 import yaml
 
 from ftune.cli import add_service_commands
@@ -32,6 +34,7 @@ def _alive(pid: int) -> bool:
     return not (stat.exists() and stat.read_text().split(") ")[1].startswith("Z"))
 
 
+@pytest.mark.processes
 def test_ftune_up_runs_everything_and_ctrl_c_stops_it(tmp_path):
     home, port = tmp_path / "home", free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "DATABASE_URL")}
@@ -79,6 +82,7 @@ def _stop_up(process: subprocess.Popen) -> str:
     return output.decode()
 
 
+@pytest.mark.processes
 def test_stopping_ftune_up_hands_a_running_job_back_to_resume_later(tmp_path, tiny_folder):
     home = tmp_path / "home"
     port = free_port()
@@ -142,8 +146,24 @@ def test_compose_file_matches_the_code():
         ":")[0], "API and worker must share the data volume"
     devices = services["worker"]["deploy"]["resources"]["reservations"]["devices"]
     assert devices[0]["driver"] == "nvidia" and "gpu" in devices[0]["capabilities"]
+    assert services["worker"]["environment"]["FTUNE_DEVICE"] == "cuda"
+    assert services["worker"]["stop_grace_period"] == "2m"
+    assert services["worker"]["depends_on"]["api"] == {"condition": "service_healthy"}
+    assert "healthcheck" in services["api"]
+
+
+def test_dockerfile_installs_from_the_locks_as_a_non_root_user():
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert 'ENTRYPOINT ["ftune"]' in dockerfile and "FTUNE_HOME=/data" in dockerfile
+    base = re.search(r"^FROM (\S+)", dockerfile, re.M).group(1)
+    assert re.fullmatch(r"python:3\.11\.\d+-slim-\w+", base), base  # an exact release tag
+    lines = dockerfile.splitlines()
+    locks = next(i for i, line in enumerate(lines) if "--require-hashes -r requirements.lock"
+                 in line)
+    code = next(i for i, line in enumerate(lines) if line.startswith("COPY models"))
+    assert locks < code, "dependencies must install in a layer before the code is copied"
+    user = [line.split()[1] for line in lines if line.startswith("USER ")]
+    assert user and user[-1] not in ("root", "0")
 
 
 def test_every_setting_is_documented_in_the_readme():

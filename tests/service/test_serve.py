@@ -7,14 +7,18 @@ import os
 import subprocess
 
 import httpx
+import pytest
 from PIL import Image
 
 from ftune.models.bundle import save_bundle
 from ftune.models.training.fit import fit
 from ftune.processes import free_port, ftune_command, stop_process, wait_until
+from ftune.service.db import migrate
 from ftune.service.db.session import Database
 from ftune.service.db.tables import Job, TunedModel
 from ftune.service.storage import Storage
+
+pytestmark = pytest.mark.processes
 
 
 def test_serve_answers_predictions_without_redis(tiny_folder, tmp_path):
@@ -24,7 +28,7 @@ def test_serve_answers_predictions_without_redis(tiny_folder, tmp_path):
     result = fit(tiny_folder, {"image_size": 32, "epochs": 1})
     model_id = "c" * 32
     save_bundle(result, storage.model_dir(model_id))
-    db = Database(f"sqlite:///{home / 'ftune.db'}")
+    db = Database(f"sqlite:///{home / 'ftune.db'}", prepare=migrate.upgrade)
     with db.session() as session:
         session.add(Job(id="d" * 32, dataset_id="e" * 32, spec={}, epochs=1,
                         status="succeeded"))

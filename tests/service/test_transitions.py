@@ -1,4 +1,5 @@
-"""The worker's DB transitions on a real SQLite database: claims never double-run a job."""
+"""The job state machine on real databases, SQLite and PostgreSQL: claims never double-run a
+job, and a worker that lost its job can no longer change it."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from datetime import timedelta
 
 import pytest
 
+from ftune.service.db import migrate
 from ftune.service.db.session import Database
 from ftune.service.db.tables import Dataset, Job, TunedModel, utcnow
 from ftune.service.job_status import JobStatus
@@ -14,8 +16,8 @@ from ftune.service.lifecycle import transitions
 
 
 @pytest.fixture
-def db(tmp_path):
-    database = Database(f"sqlite:///{tmp_path / 'jobs.db'}")
+def db(database_url):
+    database = Database(database_url, prepare=migrate.upgrade)
     with database.session() as session:
         session.add(Dataset(id="d" * 32, name="d", classes=["a", "b"], class_counts={},
                             num_images=2, splits={}, warnings=[]))
