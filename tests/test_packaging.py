@@ -20,7 +20,6 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.version import Version
 
-
 ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
