@@ -10,19 +10,23 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
 import signal
 import sys
 import time
 from typing import NoReturn
 
 from ftune.processes import LaunchError, Stack, port_is_free
+from ftune.service.auth.keys import create_key, operator_keys
+from ftune.service.auth.principal import Role
 from ftune.service.db import migrate
-from ftune.service.db.session import make_engine
+from ftune.service.db.session import Database, make_engine
 from ftune.service.settings import Settings
 
 log = logging.getLogger(__name__)
 
 STATE_FILE = "ftune-up.json"
+OPERATOR_KEY_FILE = "operator.key"
 WORKER_RESTARTS_PER_MINUTE = 5
 
 
@@ -42,12 +46,13 @@ def up(settings: Settings, *, workers: int = 1, host: str | None = None,
         raise LaunchError(f"{host}:{port} is already in use; pass --port or stop what uses it")
     stack = _stack(settings)
     _upgrade_database(settings)  # the schema is current before any child starts
+    key_note = ensure_operator_key(settings)
     previous = {s: signal.signal(s, _raise_stop) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         _start(stack, workers=workers, host=host, port=port)
         _write_state(stack)
         print(f"ftune is up: {stack.api_url} (API docs at {stack.api_url}/docs); data in "
-              f"{stack.home}; Ctrl-C stops it", flush=True)
+              f"{stack.home}; Ctrl-C stops it\n{key_note}", flush=True)
         _supervise(stack)
     except _Stop as stop:
         print(f"{stop}: stopping workers, API and Redis", file=sys.stderr, flush=True)
@@ -70,6 +75,33 @@ def _upgrade_database(settings: Settings) -> None:
         engine.dispose()
 
 
+def ensure_operator_key(settings: Settings) -> str:
+    """On first start, make an operator key, print it once and keep it in
+    HOME/operator.key (mode 0600); later starts say where it is."""
+    path = settings.resolved_home / OPERATOR_KEY_FILE
+    if settings.auth == "off":
+        return "API keys are off (FTUNE_AUTH=off): requests need no key"
+    db = Database(settings.resolved_database_url)
+    try:
+        with db.session() as session:
+            if operator_keys(session):
+                where = f"in {path}" if path.is_file() else "with whoever made it"
+                return (f"operator key: {where} (send it as `Authorization: Bearer …`; make "
+                        "more with `ftune keys create`)")
+            _, plaintext = create_key(session, role=Role.OPERATOR, tenant_id=None,
+                                      name="first operator (ftune up)")
+    finally:
+        db.dispose()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(plaintext + "\n")
+    os.chmod(path, 0o600)
+    return (f"operator key (shown once, also saved in {path}, readable only by you):\n"
+            f"  {plaintext}\n  use it as `Authorization: Bearer {plaintext[:8]}…`; make team "
+            "keys with POST /v1/keys or `ftune keys create`")
+
+
 def _stack(settings: Settings) -> Stack:
     env = {}
     if settings.database_url:
@@ -79,17 +111,21 @@ def _stack(settings: Settings) -> Stack:
 
 def _start(stack: Stack, *, workers: int, host: str, port: int) -> None:
     if not stack.redis_url:
-        # Append-only, so queued messages survive a restart of `ftune up`.
-        stack.start_redis(persistent=True)
+        # Append-only, so queued messages survive a restart of `ftune up`; a fresh random
+        # password each start, which only the children learn.
+        stack.start_redis(persistent=True, password=secrets.token_urlsafe(24))
     for _ in range(workers):
         stack.start_worker(wait=False)
     stack.start_api(host, port)
 
 
 def _write_state(stack: Stack) -> None:
-    (stack.home / STATE_FILE).write_text(json.dumps({
-        "url": stack.api_url, "redis_url": stack.redis_url, "pid": os.getpid(),
-        "children": {c.name: c.pid for c in stack.children}}, indent=2))
+    """Where everything runs, for tools and tests; it holds the Redis password, so 0600."""
+    path = stack.home / STATE_FILE
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        json.dump({"url": stack.api_url, "redis_url": stack.redis_url, "pid": os.getpid(),
+                   "children": {c.name: c.pid for c in stack.children}}, out, indent=2)
 
 
 def _supervise(stack: Stack) -> NoReturn:

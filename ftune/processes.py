@@ -173,21 +173,28 @@ class Stack:
         return child
 
     def start_redis(self, port: int | None = None, *, persistent: bool = False,
-                    args: tuple[str, ...] = ()) -> str:
+                    password: str | None = None, args: tuple[str, ...] = ()) -> str:
         """A private redis-server on ``port`` (a free one by default); returns its URL.
 
         ``persistent`` keeps an append-only file under HOME/redis, so queued messages survive
-        a restart of the stack."""
+        a restart of the stack. ``password``: clients must authenticate (it goes into the
+        URL the children get, never onto a command line)."""
         port = port or free_port()
         folder = self.home / "redis"
         folder.mkdir(exist_ok=True)
-        self.spawn("redis", [find_redis_server(), "--port", str(port), "--bind", "127.0.0.1",
-                             "--dir", str(folder), "--save", "",
-                             "--appendonly", "yes" if persistent else "no",
-                             "--loglevel", "warning", *args])
-        client = redis.Redis(port=port, socket_connect_timeout=1)
+        config = [f"port {port}", "bind 127.0.0.1", f'dir "{folder}"', 'save ""',
+                  f"appendonly {'yes' if persistent else 'no'}", "loglevel warning"]
+        if password:
+            config.append(f"requirepass {password}")
+        config_file = folder / "redis.conf"
+        fd = os.open(config_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write("\n".join(config) + "\n")
+        self.spawn("redis", [find_redis_server(), str(config_file), *args])
+        client = redis.Redis(port=port, password=password, socket_connect_timeout=1)
         self.wait(client.ping, 20, "Redis")
-        self.redis_url = self.env["REDIS_URL"] = f"redis://127.0.0.1:{port}/0"
+        auth = f":{password}@" if password else ""
+        self.redis_url = self.env["REDIS_URL"] = f"redis://{auth}127.0.0.1:{port}/0"
         return self.redis_url
 
     def start_api(self, host: str = "127.0.0.1", port: int | None = None, *,

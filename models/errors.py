@@ -28,6 +28,10 @@ class ArchiveError(DatasetError):
     """An archive that cannot be unpacked safely (damaged, hostile or over a limit)."""
 
 
+class ArchiveTooLarge(ArchiveError):
+    """An archive that unpacks to more bytes than allowed."""
+
+
 class NonFiniteLossError(FineTuneError):
     pass
 

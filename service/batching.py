@@ -36,8 +36,10 @@ class _Item:
 
 
 class DynamicBatcher:
-    def __init__(self, predictor: Predictor, *, max_batch: int, max_wait_ms: float) -> None:
+    def __init__(self, predictor: Predictor, *, max_batch: int, max_wait_ms: float,
+                 tenant_id: str = "") -> None:
         self.predictor, self.max_batch, self.max_wait = predictor, max_batch, max_wait_ms / 1000
+        self.tenant_id = tenant_id  # whose model this is: checked before every prediction
         self._queue: asyncio.Queue[_Item | None] | None = None
         self._task: asyncio.Task | None = None
         self._loop: asyncio.AbstractEventLoop | None = None

@@ -10,9 +10,12 @@ import redis
 from celery import Celery
 from sqlalchemy.exc import SQLAlchemyError
 
+from ftune.service.auth.cache import KeyCache
 from ftune.service.db import migrate
 from ftune.service.db.session import Database
+from ftune.service.lifecycle.dispatcher import dispatch
 from ftune.service.queue import make_celery
+from ftune.service.ratelimit import RateLimiter
 from ftune.service.settings import Settings
 from ftune.service.storage import Storage
 from ftune.service.tuned_models import PredictorCache
@@ -54,3 +57,15 @@ class AppContext:
     def redis(self) -> redis.Redis:
         return redis.Redis.from_url(self.settings.broker_url, socket_connect_timeout=2,
                                     socket_timeout=2)
+
+    @cached_property
+    def keys(self) -> KeyCache:
+        return KeyCache(self.db, ttl_s=self.settings.key_cache_s)
+
+    @cached_property
+    def limiter(self) -> RateLimiter:
+        return RateLimiter(self.settings, in_memory=self.serve_only)
+
+    def dispatch(self) -> list[str]:
+        """Admit waiting jobs to free workers now (see lifecycle.dispatcher)."""
+        return dispatch(self.db, self.celery, self.redis, self.settings)

@@ -6,7 +6,7 @@ import logging
 import os
 import re
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from sqlalchemy import func, select
@@ -15,9 +15,17 @@ from sqlalchemy.orm import Session
 from ftune.models.data.archives import ArchiveLimits, unpack
 from ftune.models.data.discover import inspect_dataset
 from ftune.models.data.lint import LintReport
+from ftune.models.errors import ArchiveTooLarge
 from ftune.models.settings import EngineSettings
+from ftune.service.auth.principal import Principal
 from ftune.service.db.tables import Dataset, Job
-from ftune.service.errors import Conflict, DatasetRejected, InvalidInput, NotFound
+from ftune.service.errors import (
+    Conflict,
+    DatasetRejected,
+    InvalidInput,
+    NotFound,
+    TooManyRequests,
+)
 from ftune.service.ids import is_id, new_id
 from ftune.service.job_status import ACTIVE
 from ftune.service.storage import Storage
@@ -57,10 +65,13 @@ class DatasetChecks:
                    max_pixels=engine.max_image_pixels)
 
 
-def _find_same_content(session: Session, content_hash: str | None) -> Dataset | None:
+def _find_same_content(session: Session, tenant_id: str,
+                       content_hash: str | None) -> Dataset | None:
+    """The tenant's own copy of this content: another tenant's is never revealed."""
     if content_hash is None:
         return None
-    return session.scalar(select(Dataset).where(Dataset.content_hash == content_hash)
+    return session.scalar(select(Dataset).where(Dataset.tenant_id == tenant_id,
+                                                Dataset.content_hash == content_hash)
                           .order_by(Dataset.created_at).limit(1))
 
 
@@ -69,30 +80,32 @@ def _summary(report: LintReport) -> str:
     return f"the dataset cannot be used: {problems}"
 
 
-def ingest_archive(session: Session, storage: Storage, *, archive: Path, filename: str | None,
-                   name: str | None, checks: DatasetChecks,
-                   dedupe: bool = True) -> tuple[Dataset, bool]:
+def ingest_archive(session: Session, storage: Storage, *, tenant_id: str, archive: Path,
+                   filename: str | None, name: str | None, checks: DatasetChecks,
+                   allowance: int | None = None, dedupe: bool = True) -> tuple[Dataset, bool]:
     """Unpack, check and record a dataset; returns it and whether it is new.
 
-    With ``dedupe``, content already stored returns the existing dataset. A rejected archive
-    leaves nothing behind; an existing dataset is never touched.
+    ``allowance``: bytes the tenant's stored-bytes quota still allows. With ``dedupe``, the
+    tenant's own copy of the same content is returned. A rejected archive leaves nothing
+    behind; an existing dataset is never touched.
     """
     dataset_name = clean_name(name, filename)
     dataset_id = new_id()
     staging = storage.datasets / f".{dataset_id}.staging"
     try:
-        unpack(archive, staging, checks.limits)
+        _unpack_within(archive, staging, checks.limits, allowance)
         inspection = inspect_dataset(staging, min_per_class=checks.min_per_class,
                                      max_pixels=checks.max_pixels)
         report, index = inspection.report, inspection.index
         if not report.ok:
             raise DatasetRejected(_summary(report), report.to_dict())
-        existing = _find_same_content(session, index.content_hash) if dedupe else None
+        existing = (_find_same_content(session, tenant_id, index.content_hash) if dedupe
+                    else None)
         if existing is not None:
             shutil.rmtree(staging, ignore_errors=True)
             return existing, False
         dataset = Dataset(
-            id=dataset_id, name=dataset_name, classes=index.classes,
+            id=dataset_id, tenant_id=tenant_id, name=dataset_name, classes=index.classes,
             class_counts=report.splits, num_images=report.num_images,
             # val null: no val split, one is held out at training time (spec.val_fraction).
             splits={"val": None, **{split: sum(counts.values())
@@ -113,20 +126,38 @@ def ingest_archive(session: Session, storage: Storage, *, archive: Path, filenam
     return dataset, True
 
 
-def get_dataset(session: Session, dataset_id: str) -> Dataset:
+def _unpack_within(archive: Path, staging: Path, limits: ArchiveLimits,
+                   allowance: int | None) -> None:
+    """Unpack under the engine's limits and, when smaller, what the tenant's quota allows."""
+    if allowance is None or allowance >= limits.max_bytes:
+        unpack(archive, staging, limits)
+        return
+    try:
+        unpack(archive, staging, replace(limits, max_bytes=allowance))
+    except ArchiveTooLarge as exc:
+        raise TooManyRequests(f"quota stored_gb exceeded: the archive unpacks to more than the "
+                              f"{allowance} bytes left in the tenant's storage quota; free "
+                              "some or ask an operator to raise it") from exc
+
+
+def get_dataset(session: Session, principal: Principal, dataset_id: str) -> Dataset:
+    """The dataset, if it exists and the principal may see it; another tenant's is a 404."""
     dataset = session.get(Dataset, dataset_id) if is_id(dataset_id) else None
-    if dataset is None:
+    if dataset is None or not principal.can_see(dataset.tenant_id):
         raise NotFound(f"dataset {dataset_id} not found")
     return dataset
 
 
-def list_datasets(session: Session) -> list[Dataset]:
-    return list(session.scalars(select(Dataset).order_by(Dataset.created_at.desc())))
+def list_datasets(session: Session, principal: Principal) -> list[Dataset]:
+    query = select(Dataset).order_by(Dataset.created_at.desc())
+    if not principal.is_operator:
+        query = query.where(Dataset.tenant_id == principal.tenant_id)
+    return list(session.scalars(query))
 
 
-def delete_dataset(session: Session, *, dataset_id: str) -> None:
+def delete_dataset(session: Session, principal: Principal, *, dataset_id: str) -> None:
     """Delete the row; call ``discard_dataset_files`` once the transaction has committed."""
-    dataset = get_dataset(session, dataset_id)
+    dataset = get_dataset(session, principal, dataset_id)
     active = session.scalar(select(func.count()).select_from(Job).where(
         Job.dataset_id == dataset_id, Job.status.in_(ACTIVE)))
     if active:
@@ -136,18 +167,10 @@ def delete_dataset(session: Session, *, dataset_id: str) -> None:
     session.flush()
 
 
-def discard_dataset_files(storage: Storage, dataset_id: str) -> None:
-    # Rename first so the delete is atomic from a reader's view, then remove the files.
-    folder = storage.dataset_dir(dataset_id)
-    if folder.exists():
-        trash = storage.tmp / f"deleted-{dataset_id}"
-        os.rename(folder, trash)
-        shutil.rmtree(trash, ignore_errors=True)
-
-
 def dataset_view(dataset: Dataset) -> dict:
     return {
-        "id": dataset.id, "name": dataset.name, "created_at": dataset.created_at,
+        "id": dataset.id, "tenant_id": dataset.tenant_id, "name": dataset.name,
+        "created_at": dataset.created_at,
         "classes": dataset.classes, "num_images": dataset.num_images, "splits": dataset.splits,
         "class_counts": dataset.class_counts, "warnings": dataset.warnings,
         "size_bytes": dataset.size_bytes, "content_hash": dataset.content_hash,

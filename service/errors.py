@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -19,10 +20,27 @@ log = logging.getLogger(__name__)
 
 class ServiceError(Exception):
     status_code = 400
+    headers: dict[str, str] | None = None
 
     def __init__(self, detail: str) -> None:
         super().__init__(detail)
         self.detail = detail
+
+
+class Unauthorized(ServiceError):
+    """No key, or one that is unknown, revoked or expired."""
+
+    status_code = 401
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.headers = {"WWW-Authenticate": "Bearer"}
+
+
+class Forbidden(ServiceError):
+    """A valid key whose role may not do this."""
+
+    status_code = 403
 
 
 class NotFound(ServiceError):
@@ -49,6 +67,17 @@ class Unavailable(ServiceError):
     status_code = 503
 
 
+class TooManyRequests(ServiceError):
+    """A quota or a rate limit; ``retry_after_s`` when waiting helps."""
+
+    status_code = 429
+
+    def __init__(self, detail: str, retry_after_s: float | None = None) -> None:
+        super().__init__(detail)
+        if retry_after_s is not None:
+            self.headers = {"Retry-After": str(max(1, math.ceil(retry_after_s)))}
+
+
 class DatasetRejected(InvalidInput):
     """A dataset with blocking problems; the response carries the whole lint report."""
 
@@ -57,8 +86,8 @@ class DatasetRejected(InvalidInput):
         self.report = report
 
 
-def _json(status: int, detail: object) -> JSONResponse:
-    return JSONResponse({"detail": detail}, status_code=status)
+def _json(status: int, detail: object, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"detail": detail}, status_code=status, headers=headers)
 
 
 def _is_outage(exc: DBAPIError) -> bool:
@@ -72,7 +101,7 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _service(_: Request, exc: ServiceError) -> JSONResponse:
         if isinstance(exc, DatasetRejected):
             return JSONResponse({"detail": exc.detail, "report": exc.report}, status_code=422)
-        return _json(exc.status_code, exc.detail)
+        return _json(exc.status_code, exc.detail, exc.headers)
 
     @app.exception_handler(SpecError)
     async def _spec(_: Request, exc: SpecError) -> JSONResponse:
@@ -92,7 +121,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return _json(exc.status_code, exc.detail)
+        return _json(exc.status_code, exc.detail, getattr(exc, "headers", None))
 
     @app.exception_handler(SchemaError)
     async def _schema(_: Request, exc: SchemaError) -> JSONResponse:

@@ -1,4 +1,9 @@
-"""A job's states: ``queued → running → succeeded | failed | cancelled``."""
+"""A job's states: ``queued → admitted → running → succeeded | failed | cancelled``.
+
+``queued`` jobs wait in the database; the dispatcher admits them to the broker when a worker
+is free and the tenant's turn has come (fair share, quotas, retry times); a worker then takes
+an ``admitted`` job and it is ``running``.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +12,13 @@ from enum import StrEnum
 
 class JobStatus(StrEnum):
     QUEUED = "queued"
+    ADMITTED = "admitted"
     RUNNING = "running"
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     CANCELLED = "cancelled"
 
 
-ACTIVE = (JobStatus.QUEUED, JobStatus.RUNNING)
+WAITING = (JobStatus.QUEUED, JobStatus.ADMITTED)
+ACTIVE = (JobStatus.QUEUED, JobStatus.ADMITTED, JobStatus.RUNNING)
 TERMINAL = (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)

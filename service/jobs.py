@@ -1,26 +1,43 @@
 """Job service functions. Status changes are conditional UPDATEs, so the API and a worker
-racing on the same job (cancel vs start) always agree on the outcome."""
+racing on the same job (cancel vs start) always agree on the outcome. Every function acts for
+a principal: another tenant's job is a 404."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from typing import Any
 
-from celery import Celery
-from sqlalchemy import and_, func, or_, select, update
+import redis
+from sqlalchemy import and_, delete, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from ftune.models.spec import FineTuneSpec, SpecError, parse_spec
+from ftune.service.auth.principal import Principal, Role
+from ftune.service.datasets import get_dataset
 from ftune.service.db.session import Database
-from ftune.service.db.tables import Dataset, EpochMetrics, IdempotencyKey, Job, utcnow
+from ftune.service.db.tables import (
+    EpochMetrics,
+    IdempotencyKey,
+    Job,
+    JobEvent,
+    JobRun,
+    Tenant,
+    TunedModel,
+    utcnow,
+)
 from ftune.service.errors import Conflict, InvalidInput, NotFound, Unavailable
 from ftune.service.events import add_event, status_event
 from ftune.service.ids import is_id
-from ftune.service.job_status import TERMINAL, JobStatus
-from ftune.service.queue import enqueue_finetune
+from ftune.service.job_status import ACTIVE, TERMINAL, WAITING, JobStatus
+from ftune.service.quotas import check_job, limits_of, usage_of
 from ftune.service.schemas import JobIn
+from ftune.service.settings import Settings
+
+# Above this, a job jumps its tenant's queue: only admins may ask for it.
+MEMBER_MAX_PRIORITY = 5
 
 
 def validate_job_spec(payload: Any) -> FineTuneSpec:
@@ -41,29 +58,37 @@ def validate_job_spec(payload: Any) -> FineTuneSpec:
     return spec
 
 
-def create_job(session: Session, *, dataset_id: str, spec_payload: Any, priority: int = 5,
-               max_runtime_s: int | None = None, model_name: str | None = None) -> Job:
-    spec = validate_job_spec(spec_payload)
-    if not is_id(dataset_id) or session.get(Dataset, dataset_id) is None:
-        raise NotFound(f"dataset {dataset_id} not found")
-    job = Job(dataset_id=dataset_id, spec=spec.model_dump(mode="json"), epochs=spec.epochs,
-              status=JobStatus.QUEUED, priority=priority, max_runtime_s=max_runtime_s,
-              model_name=model_name)
+def create_job(session: Session, principal: Principal, settings: Settings, *, request: JobIn
+               ) -> Job:
+    """A queued job in the dataset's tenant, within that tenant's quotas (429 otherwise)."""
+    spec = validate_job_spec(request.spec)
+    if request.priority > MEMBER_MAX_PRIORITY:
+        principal.require(Role.ADMIN, f"priority above {MEMBER_MAX_PRIORITY}")
+    dataset = get_dataset(session, principal, request.dataset_id)
+    tenant_id = dataset.tenant_id
+    check_job(usage_of(session, tenant_id), limits_of(session.get(Tenant, tenant_id), settings),
+              epochs=spec.epochs, images=dataset.num_images)
+    job = Job(tenant_id=tenant_id, dataset_id=dataset.id, spec=spec.model_dump(mode="json"),
+              epochs=spec.epochs, status=JobStatus.QUEUED, priority=request.priority,
+              max_runtime_s=request.max_runtime_s, model_name=request.model_name)
     session.add(job)
     session.flush()
-    status_event(session, job.id, JobStatus.QUEUED, priority=priority)
+    status_event(session, job.id, JobStatus.QUEUED, priority=request.priority)
     return job
 
 
-def get_job(session: Session, job_id: str) -> Job:
+def get_job(session: Session, principal: Principal, job_id: str) -> Job:
     job = session.get(Job, job_id) if is_id(job_id) else None
-    if job is None:
+    if job is None or not principal.can_see(job.tenant_id):
         raise NotFound(f"job {job_id} not found")
     return job
 
 
-def list_jobs(session: Session, *, status: str | None = None, limit: int = 100) -> list[Job]:
+def list_jobs(session: Session, principal: Principal, *, status: str | None = None,
+              limit: int = 100) -> list[Job]:
     query = select(Job).order_by(Job.created_at.desc()).limit(limit)
+    if not principal.is_operator:
+        query = query.where(Job.tenant_id == principal.tenant_id)
     if status is not None:
         if status not in tuple(JobStatus):
             raise InvalidInput(f"status must be one of {', '.join(tuple(JobStatus))}")
@@ -77,24 +102,24 @@ def epoch_rows(session: Session, job_id: str) -> list[dict]:
     return [row.row for row in rows]
 
 
-def cancel_job(session: Session, *, job_id: str) -> Job:
-    """Queued: cancelled now and never starts. Running: stops at the next batch boundary."""
-    job = get_job(session, job_id)
-    # Two conditional updates; a job moving between queued and running in between (a worker
+def cancel_job(session: Session, principal: Principal, *, job_id: str) -> Job:
+    """Waiting: cancelled now and never starts. Running: stops at the next batch boundary."""
+    job = get_job(session, principal, job_id)
+    # Two conditional updates; a job moving between waiting and running in between (a worker
     # claiming it, or handing it back) matches neither, so try again.
     for _ in range(5):
-        cancelled_queued = session.execute(
-            update(Job).where(Job.id == job_id, Job.status == JobStatus.QUEUED)
+        cancelled_waiting = session.execute(
+            update(Job).where(Job.id == job_id, Job.status.in_(WAITING))
             .values(status=JobStatus.CANCELLED, cancel_requested=True, finished_at=utcnow(),
                     error="cancelled before it started")).rowcount
-        flagged_running = cancelled_queued or session.execute(
+        flagged_running = cancelled_waiting or session.execute(
             update(Job).where(Job.id == job_id, Job.status == JobStatus.RUNNING)
             .values(cancel_requested=True)).rowcount
         session.flush()
         session.refresh(job)
         if flagged_running or job.status in TERMINAL:
             break
-    if cancelled_queued:
+    if cancelled_waiting:
         status_event(session, job_id, JobStatus.CANCELLED, error="cancelled before it started")
     elif flagged_running:
         add_event(session, job_id, "note", message="cancel requested; stopping at the next batch")
@@ -103,47 +128,75 @@ def cancel_job(session: Session, *, job_id: str) -> Job:
     return job
 
 
+def delete_job(session: Session, principal: Principal, *, job_id: str) -> None:
+    """A finished job, its metrics and events; call ``Storage.remove_job_files`` after the
+    commit. Its model (if any) is a separate object and goes first."""
+    job = get_job(session, principal, job_id)
+    if job.status in ACTIVE:
+        raise Conflict(f"job {job_id} is {job.status}; cancel it first")
+    model = session.scalar(select(TunedModel.id).where(TunedModel.job_id == job_id))
+    if model is not None:
+        raise Conflict(f"job {job_id} made model {model}; delete the model first "
+                       f"(DELETE /v1/models/{model})")
+    for table in (EpochMetrics, JobEvent, JobRun):
+        session.execute(delete(table).where(table.job_id == job_id))
+    session.execute(delete(IdempotencyKey).where(IdempotencyKey.job_id == job_id))
+    session.delete(job)
+    session.flush()
+
+
 def body_digest(body: dict) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":"))
                           .encode()).hexdigest()
 
 
-def replay_idempotent(session: Session, *, key: str, digest: str) -> Job | None:
-    """The job an earlier request with this key made; 409 if that request's body differed."""
+def replay_idempotent(session: Session, principal: Principal, *, key: str,
+                      digest: str) -> Job | None:
+    """The job an earlier request with this key made; 409 if that request's body differed.
+    Keys are per tenant."""
     if not key or len(key) > 200:
         raise InvalidInput("Idempotency-Key must be 1 to 200 characters")
-    seen = session.get(IdempotencyKey, key)
+    seen = session.get(IdempotencyKey, (principal.home_tenant, key))
     if seen is None:
         return None
     if seen.body_sha256 != digest:
         raise Conflict("Idempotency-Key was already used with a different request body")
-    return get_job(session, seen.job_id)
+    return get_job(session, principal, seen.job_id)
 
 
-def remember_idempotent(session: Session, *, key: str, digest: str, job_id: str) -> None:
-    session.add(IdempotencyKey(key=key, body_sha256=digest, job_id=job_id))
+def remember_idempotent(session: Session, principal: Principal, *, key: str, digest: str,
+                        job_id: str) -> None:
+    session.add(IdempotencyKey(tenant_id=principal.home_tenant, key=key, body_sha256=digest,
+                               job_id=job_id))
 
 
-def forget_idempotent(session: Session, *, key: str) -> None:
-    seen = session.get(IdempotencyKey, key)
+def forget_idempotent(session: Session, principal: Principal, *, key: str) -> None:
+    seen = session.get(IdempotencyKey, (principal.home_tenant, key))
     if seen is not None:
         session.delete(seen)
 
 
 def queue_position(session: Session, job: Job) -> int | None:
-    """1 for the next job a free worker takes; None unless queued."""
-    if job.status != JobStatus.QUEUED:
+    """The job's place among its tenant's waiting jobs (1: next); None unless waiting.
+    Admitted jobs come first, then queued ones by priority and age."""
+    if job.status not in WAITING:
         return None
-    ahead = session.scalar(select(func.count()).select_from(Job).where(
-        Job.status == JobStatus.QUEUED,
-        or_(Job.priority > job.priority,
-            and_(Job.priority == job.priority, Job.created_at < job.created_at))))
+    mine = and_(Job.tenant_id == job.tenant_id, Job.id != job.id)
+    if job.status == JobStatus.ADMITTED:
+        ahead = session.scalar(select(func.count()).select_from(Job).where(
+            mine, Job.status == JobStatus.ADMITTED, Job.admitted_at < job.admitted_at))
+        return int(ahead or 0) + 1
+    before_it = or_(Job.priority > job.priority,
+                    and_(Job.priority == job.priority, Job.created_at < job.created_at))
+    ahead = session.scalar(select(func.count()).select_from(Job).where(mine, or_(
+        Job.status == JobStatus.ADMITTED, and_(Job.status == JobStatus.QUEUED, before_it))))
     return int(ahead or 0) + 1
 
 
 def job_view(job: Job, metrics: list[dict], position: int | None = None) -> dict:
     return {
         "id": job.id,
+        "tenant_id": job.tenant_id,
         "dataset_id": job.dataset_id,
         "status": job.status,
         "spec": job.spec,
@@ -162,52 +215,56 @@ def job_view(job: Job, metrics: list[dict], position: int | None = None) -> dict
         "priority": job.priority,
         "max_runtime_s": job.max_runtime_s,
         "queue_position": position,
+        "hold_reason": job.hold_reason,
+        "retry_at": job.retry_at,
     }
 
 
-def submit_job(db: Database, celery: Celery, *, request: JobIn,
-               idempotency_key: str | None) -> str:
-    """Record a job and hand it to the workers; returns its id (an earlier job's, when the
-    idempotency key was seen with the same request).
+def submit_job(db: Database, principal: Principal, settings: Settings, *, request: JobIn,
+               idempotency_key: str | None, dispatch: Callable[[], object]) -> str:
+    """Record a queued job and ask the dispatcher to start what it can; returns the job's id
+    (an earlier job's, when the idempotency key was seen with the same request).
 
-    The row is committed before the id is enqueued, so a worker always finds the job. When the
-    queue is unreachable the job is marked failed (never left queued) and Unavailable raised.
+    When the queue is unreachable the job is marked failed (never left waiting without a way
+    to start) and Unavailable raised: submitting again is safe.
     """
     digest = body_digest(request.model_dump(mode="json"))
     try:
         with db.session() as session:
             if idempotency_key is not None:
-                earlier = replay_idempotent(session, key=idempotency_key, digest=digest)
+                earlier = replay_idempotent(session, principal, key=idempotency_key,
+                                            digest=digest)
                 if earlier is not None:
                     return earlier.id
-            job = create_job(session, dataset_id=request.dataset_id, spec_payload=request.spec,
-                             priority=request.priority, max_runtime_s=request.max_runtime_s,
-                             model_name=request.model_name)
+            job = create_job(session, principal, settings, request=request)
             if idempotency_key is not None:
-                remember_idempotent(session, key=idempotency_key, digest=digest, job_id=job.id)
+                remember_idempotent(session, principal, key=idempotency_key, digest=digest,
+                                    job_id=job.id)
     except IntegrityError:
         if idempotency_key is None:
             raise
         # The same key in a concurrent request won the race; its job is the answer.
         with db.session() as session:
-            earlier = replay_idempotent(session, key=idempotency_key, digest=digest)
+            earlier = replay_idempotent(session, principal, key=idempotency_key, digest=digest)
         if earlier is None:
             raise
         return earlier.id
-    _enqueue_or_fail(db, celery, job.id, job.priority, idempotency_key)
+    _dispatch_or_fail(db, principal, job.id, idempotency_key, dispatch)
     return job.id
 
 
-def _enqueue_or_fail(db: Database, celery: Celery, job_id: str, priority: int,
-                     idempotency_key: str | None) -> None:
+def _dispatch_or_fail(db: Database, principal: Principal, job_id: str,
+                      idempotency_key: str | None, dispatch: Callable[[], object]) -> None:
     try:
-        enqueue_finetune(celery, job_id, priority)
-    except Unavailable:
+        dispatch()
+    except (redis.RedisError, Unavailable) as exc:  # the lock or the broker unreachable
         with db.session() as session:
-            failed = get_job(session, job_id)
-            failed.status, failed.finished_at = JobStatus.FAILED, utcnow()
-            failed.error = "could not be queued: the job queue (Redis) is unreachable; submit again"
-            status_event(session, job_id, JobStatus.FAILED, error=failed.error)
+            failed = session.get(Job, job_id)
+            if failed is not None and failed.status in WAITING:
+                failed.status, failed.finished_at = JobStatus.FAILED, utcnow()
+                failed.error = ("could not be queued: the job queue (Redis) is unreachable; "
+                                "submit again")
+                status_event(session, job_id, JobStatus.FAILED, error=failed.error)
             if idempotency_key is not None:  # submitting again with the key must try again
-                forget_idempotent(session, key=idempotency_key)
-        raise
+                forget_idempotent(session, principal, key=idempotency_key)
+        raise Unavailable(f"the job queue (Redis) is unreachable: {exc}") from exc

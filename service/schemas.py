@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ftune.service.auth.tenants import QuotaOverrides
 from ftune.service.job_status import JobStatus
 
 
 class DatasetOut(BaseModel):
     id: str
+    tenant_id: str
     name: str
     created_at: datetime
     classes: list[str]
@@ -56,6 +58,7 @@ class Progress(BaseModel):
 
 class JobOut(BaseModel):
     id: str
+    tenant_id: str
     dataset_id: str
     status: JobStatus
     spec: dict[str, Any]
@@ -72,11 +75,17 @@ class JobOut(BaseModel):
     attempts: int
     priority: int
     max_runtime_s: int | None
-    queue_position: int | None = Field(description="1: next to run; null unless queued")
+    queue_position: int | None = Field(description="place among the tenant's waiting jobs "
+                                       "(1: next); null unless waiting")
+    hold_reason: str | None = Field(None, description="why a waiting job is held back (a "
+                                    "run-time quota); null when it only waits for a worker")
+    retry_at: datetime | None = Field(None, description="a job back from a transient "
+                                      "error waits until then")
 
 
 class ModelOut(BaseModel):
     id: str
+    tenant_id: str
     name: str
     version: int
     aliases: list[str]
@@ -88,6 +97,8 @@ class ModelOut(BaseModel):
     metrics: dict[str, Any]
     spec: dict[str, Any]
     created_at: datetime
+    size_bytes: int = Field(description="the bundle on disk")
+    exports_bytes: int = Field(description="downloads built so far (zip, ONNX, TorchScript)")
 
 
 class Prediction(BaseModel):
@@ -109,3 +120,61 @@ class AliasOut(BaseModel):
     name: str
     alias: str
     model_id: str
+
+
+class KeyIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=100, description="what the key is for")
+    role: Literal["member", "admin", "operator"] = Field(
+        "member", description="member: upload, train, predict, download; admin: also keys, "
+        "aliases, deletions and the audit log; operator (operators only): everything")
+    tenant: str | None = Field(None, max_length=100, description="operators only: the "
+                               "tenant (id or name) the key belongs to")
+    expires_at: datetime | None = Field(None, description="after this the key stops working")
+
+
+class KeyOut(BaseModel):
+    id: str
+    name: str
+    role: str
+    tenant_id: str | None
+    prefix: str = Field(description="the key's first characters, to tell keys apart")
+    created_at: datetime
+    last_used_at: datetime | None = Field(description="updated about once a minute")
+    expires_at: datetime | None
+    revoked_at: datetime | None
+
+
+class NewKeyOut(KeyOut):
+    key: str = Field(description="the key itself: shown this once, stored only as a hash")
+
+
+class TenantIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=100, description="a-z, 0-9, '-', '_', '.'")
+    quotas: QuotaOverrides | None = None
+
+
+class TenantOut(BaseModel):
+    id: str
+    name: str
+    created_at: datetime
+    quotas: dict[str, Any] = Field(description="the tenant's own limits; others are defaults")
+
+
+class UsageOut(BaseModel):
+    tenant_id: str
+    usage: dict[str, float]
+    limits: dict[str, float]
+
+
+class AuditOut(BaseModel):
+    id: int
+    tenant_id: str | None
+    key_id: str | None
+    action: str
+    object_id: str | None
+    status_code: int
+    created_at: datetime

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from functools import cached_property
 from pathlib import Path
+from typing import Literal
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from ftune.models.settings import EngineSettings, engine_settings, load_settings
@@ -58,6 +59,45 @@ class Settings(BaseSettings):
     job_stale_s: float = Field(
         120.0, gt=0, description="A running job without a heartbeat for this long is "
         "abandoned; a redelivery may then take it over (resuming from its checkpoint).")
+    dispatch_interval_s: float = Field(1.0, gt=0, description="How often each API process "
+                                       "admits waiting jobs to free workers (also done when a "
+                                       "job is submitted and when a worker finishes one).")
+
+    # Sharing: keys, hosts, limits.
+    auth: Literal["on", "off"] = Field(
+        "on", description="off: no keys, every request acts as an operator in the default "
+        "tenant; allowed only when the API listens on a loopback address.")
+    allowed_hosts: str = Field(
+        "localhost,127.0.0.1,::1", description="Host headers the API answers (comma-separated; "
+        "`*` for any): defeats DNS rebinding. Add the name clients use behind a proxy.")
+    key_cache_s: float = Field(1.0, gt=0, le=1.0, description="How long an API process trusts "
+                               "a key it looked up; a revoked key stops working within this.")
+    rate_uploads: str = Field("30/minute", description="Dataset uploads per key.")
+    rate_jobs: str = Field("120/minute", description="Job submissions per key.")
+    rate_predictions: str = Field("1200/minute", description="Predict requests per key.")
+
+    # Default quotas of every tenant; operators override them per tenant.
+    quota_stored_gb: float = Field(200, gt=0, description="Datasets, models and exports.")
+    quota_datasets: int = Field(200, ge=0, description="Datasets a tenant may hold.")
+    quota_active_jobs: int = Field(100, ge=0, description="Queued plus running jobs.")
+    quota_running_jobs: int = Field(8, ge=0, description="Jobs running at once.")
+    quota_epoch_images: int = Field(50_000_000, ge=1, description="Epochs × images of one job.")
+    quota_compute_hours: float = Field(192, ge=0, description="Worker hours per rolling 24 h.")
+
+    @field_validator("rate_uploads", "rate_jobs", "rate_predictions")
+    @classmethod
+    def _rate(cls, value: str) -> str:
+        from limits import parse
+
+        try:
+            parse(value)
+        except ValueError as exc:
+            raise ValueError(f"not a rate like '30/minute': {exc}") from exc
+        return value
+
+    @property
+    def host_patterns(self) -> list[str]:
+        return [h.strip() for h in self.allowed_hosts.split(",") if h.strip()]
 
     @cached_property
     def resolved_home(self) -> Path:

@@ -8,6 +8,8 @@ from pathlib import Path
 
 from ftune.service.ids import is_id
 
+EXPORT_SUFFIXES = (".zip", ".onnx", ".pt")  # the bundle zip and ftune.models.export's formats
+
 
 def _checked(object_id: str) -> str:
     # Ids come from our own database, but a path must never be built from anything else.
@@ -82,6 +84,27 @@ class Storage:
 
     def model_zip(self, model_id: str) -> Path:
         return self.exports / f"{_checked(model_id)}.zip"
+
+    def export_files(self, model_id: str) -> list[Path]:
+        """The model's downloads that exist: zip, ONNX, TorchScript."""
+        stem = _checked(model_id)
+        return [p for p in (self.exports / f"{stem}{s}" for s in EXPORT_SUFFIXES) if p.is_file()]
+
+    def remove_dataset_files(self, dataset_id: str) -> None:
+        # Renamed first so the delete is atomic from a reader's view, then removed.
+        folder = self.dataset_dir(dataset_id)
+        if folder.exists():
+            trash = self.tmp / f"deleted-{dataset_id}"
+            folder.rename(trash)
+            shutil.rmtree(trash, ignore_errors=True)
+
+    def remove_model_files(self, model_id: str) -> None:
+        for path in self.export_files(model_id):
+            path.unlink(missing_ok=True)
+        shutil.rmtree(self.model_dir(model_id), ignore_errors=True)
+
+    def folder_bytes(self, folder: Path) -> int:
+        return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
     def remove_job_files(self, job_id: str) -> None:
         shutil.rmtree(self.job_dir(job_id), ignore_errors=True)

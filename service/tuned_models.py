@@ -2,32 +2,40 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import threading
+import time
 import uuid
 import zipfile
 from collections import OrderedDict
 from pathlib import Path
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from ftune.models.bundle import BUNDLE_FILES, EVALUATION_FILE
+from ftune.service.auth.principal import Principal
 from ftune.service.batching import TORCH_THREAD, DynamicBatcher
-from ftune.service.db.tables import ModelAlias, TunedModel
-from ftune.service.errors import InvalidInput, NotFound
+from ftune.service.db.session import Database
+from ftune.service.db.tables import ModelAlias, Tenant, TunedModel
+from ftune.service.errors import Conflict, InvalidInput, NotFound, TooManyRequests
 from ftune.service.ids import is_id
-from ftune.service.storage import Storage
+from ftune.service.quotas import limits_of, usage_of
+from ftune.service.settings import Settings
+from ftune.service.storage import EXPORT_SUFFIXES, Storage
 
 EXTRA_FILES = (EVALUATION_FILE,)  # in the download beside what Predictor.load reads
-ALIAS = re.compile(r"^[A-Za-z0-9_.\-]{1,100}$")
+ALIAS = re.compile(r"[A-Za-z0-9_.\-]{1,100}")
 
 
-def get_model(session: Session, ref: str) -> TunedModel:
-    """A model by id, ``name:version`` or ``name:alias``."""
+def get_model(session: Session, principal: Principal, ref: str) -> TunedModel:
+    """A model by id, ``name:version`` or ``name:alias``; names resolve within the caller's
+    tenant, and another tenant's model is a 404."""
     model = None
+    tenant = principal.home_tenant
     if is_id(ref):
         model = session.get(TunedModel, ref)
     elif ":" in ref:
@@ -35,30 +43,33 @@ def get_model(session: Session, ref: str) -> TunedModel:
         if tag.isascii() and tag.isdigit():
             if len(tag) > 9:
                 raise NotFound(f"model {ref} not found (no such version)")
-            model = session.scalar(select(TunedModel).where(TunedModel.name == name,
-                                                            TunedModel.version == int(tag)))
+            model = session.scalar(select(TunedModel).where(
+                TunedModel.tenant_id == tenant, TunedModel.name == name,
+                TunedModel.version == int(tag)))
         else:
-            alias = session.get(ModelAlias, (name, tag))
+            alias = session.get(ModelAlias, (tenant, name, tag))
             model = session.get(TunedModel, alias.model_id) if alias else None
-    if model is None:
+    if model is None or not principal.can_see(model.tenant_id):
         raise NotFound(f"model {ref} not found (use an id, name:version or name:alias)")
     return model
 
 
-def set_alias(session: Session, *, alias: str, ref: str) -> ModelAlias:
-    if not ALIAS.match(alias) or alias.isdigit():  # ASCII only, so isdigit means a version
+def set_alias(session: Session, principal: Principal, *, alias: str, ref: str) -> ModelAlias:
+    if not ALIAS.fullmatch(alias) or alias.isdigit():  # ASCII only: isdigit means a version
         raise InvalidInput("alias must be 1 to 100 letters, digits, '-', '_' or '.', and not "
                            "only digits (those are versions)")
-    model = get_model(session, ref)
-    row = session.get(ModelAlias, (model.name, alias))
+    model = get_model(session, principal, ref)
+    key = (model.tenant_id, model.name, alias)
+    row = session.get(ModelAlias, key)
     if row is None:
         try:
             with session.begin_nested():  # a concurrent PUT may create it first
-                row = ModelAlias(name=model.name, alias=alias, model_id=model.id)
+                row = ModelAlias(tenant_id=model.tenant_id, name=model.name, alias=alias,
+                                 model_id=model.id)
                 session.add(row)
             return row
         except IntegrityError:
-            row = session.get(ModelAlias, (model.name, alias), populate_existing=True)
+            row = session.get(ModelAlias, key, populate_existing=True)
     row.model_id = model.id
     session.flush()
     return row
@@ -66,20 +77,61 @@ def set_alias(session: Session, *, alias: str, ref: str) -> ModelAlias:
 
 def aliases_of(session: Session, model: TunedModel) -> list[str]:
     return sorted(session.scalars(select(ModelAlias.alias).where(
-        ModelAlias.name == model.name, ModelAlias.model_id == model.id)))
+        ModelAlias.tenant_id == model.tenant_id, ModelAlias.name == model.name,
+        ModelAlias.model_id == model.id)))
 
 
-def list_models(session: Session, *, limit: int = 100) -> list[TunedModel]:
-    return list(session.scalars(select(TunedModel).order_by(TunedModel.created_at.desc())
-                                .limit(limit)))
+def list_models(session: Session, principal: Principal, *, limit: int = 100
+                ) -> list[TunedModel]:
+    query = select(TunedModel).order_by(TunedModel.created_at.desc()).limit(limit)
+    if not principal.is_operator:
+        query = query.where(TunedModel.tenant_id == principal.tenant_id)
+    return list(session.scalars(query))
 
 
 def model_view(model: TunedModel, aliases: list[str] | None = None) -> dict:
-    return {"id": model.id, "name": model.name, "version": model.version,
-            "aliases": aliases or [], "job_id": model.job_id, "dataset_id": model.dataset_id,
-            "dataset_hash": model.dataset_hash,
+    return {"id": model.id, "tenant_id": model.tenant_id, "name": model.name,
+            "version": model.version, "aliases": aliases or [], "job_id": model.job_id,
+            "dataset_id": model.dataset_id, "dataset_hash": model.dataset_hash,
             "backbone": model.backbone, "classes": model.classes, "metrics": model.metrics,
-            "spec": model.spec, "created_at": model.created_at}
+            "spec": model.spec, "created_at": model.created_at,
+            "size_bytes": model.size_bytes, "exports_bytes": model.exports_bytes}
+
+
+def delete_models(session: Session, principal: Principal, *, ref: str, all_versions: bool,
+                  force: bool) -> list[str]:
+    """Delete one version (or every version of its name); returns the ids, whose files the
+    caller removes after the commit. Refused while an alias points at one, unless forced
+    (the aliases go too)."""
+    model = get_model(session, principal, ref)
+    models = [model] if not all_versions else list(session.scalars(select(TunedModel).where(
+        TunedModel.tenant_id == model.tenant_id, TunedModel.name == model.name)))
+    ids = [m.id for m in models]
+    aliases = list(session.scalars(select(ModelAlias).where(
+        ModelAlias.tenant_id == model.tenant_id, ModelAlias.model_id.in_(ids))))
+    if aliases and not force:
+        names = ", ".join(f"{a.name}:{a.alias}" for a in aliases)
+        raise Conflict(f"{names} points at this model; move the alias, or delete with "
+                       "?force=true (the alias goes too)")
+    for row in aliases:
+        session.delete(row)
+    session.flush()
+    for row in models:
+        session.delete(row)
+    session.flush()
+    return ids
+
+
+def delete_exports(session: Session, storage: Storage, principal: Principal, *,
+                   ref: str) -> int:
+    """Remove the model's zip, ONNX and TorchScript files; returns the bytes freed."""
+    model = get_model(session, principal, ref)
+    freed = 0
+    for path in storage.export_files(model.id):
+        freed += path.stat().st_size
+        path.unlink(missing_ok=True)
+    model.exports_bytes = 0
+    return freed
 
 
 def bundle_folder(storage: Storage, model_id: str) -> Path:
@@ -94,9 +146,9 @@ def bundle_folder(storage: Storage, model_id: str) -> Path:
 
 def model_export(storage: Storage, model_id: str, fmt: str) -> Path:
     """The model as ONNX or TorchScript, built once and kept (models never change)."""
-    from ftune.models.export import SUFFIXES, export_model
+    from ftune.models.export import export_model
 
-    target = storage.exports / f"{model_id}{SUFFIXES[fmt]}"
+    target = download_path(storage, model_id, fmt)
     if not target.exists():
         source = bundle_folder(storage, model_id)
         TORCH_THREAD.submit(export_model, source, target, fmt).result()
@@ -123,10 +175,39 @@ def model_zip(storage: Storage, model_id: str) -> Path:
     return target
 
 
+def build_download(db: Database, storage: Storage, settings: Settings, *, model: TunedModel,
+                   fmt: str) -> Path:
+    """The model's download in ``fmt``, built the first time (models never change) if the
+    tenant's storage quota allows; its size then counts against that quota."""
+    target = download_path(storage, model.id, fmt)
+    if target.exists():
+        return target
+    with db.session() as session:
+        usage = usage_of(session, model.tenant_id)
+        limits = limits_of(session.get(Tenant, model.tenant_id), settings)
+    if usage.stored_bytes >= limits.stored_bytes:
+        raise TooManyRequests(f"quota stored_gb exceeded: building this download needs space "
+                              f"and the tenant holds {usage.stored_bytes} of "
+                              f"{limits.stored_bytes} bytes; delete exports or models first")
+    path = model_zip(storage, model.id) if fmt == "safetensors" else model_export(
+        storage, model.id, fmt)
+    with db.session() as session:
+        session.execute(update(TunedModel).where(TunedModel.id == model.id).values(
+            exports_bytes=sum(p.stat().st_size for p in storage.export_files(model.id))))
+    return path
+
+
+def download_path(storage: Storage, model_id: str, fmt: str) -> Path:
+    suffix = {"safetensors": ".zip", "onnx": ".onnx", "torchscript": ".pt"}[fmt]
+    assert suffix in EXPORT_SUFFIXES
+    return storage.exports / f"{model_id}{suffix}"
+
+
 class PredictorCache:
     """Loaded models (each with its batcher) kept in the API process, bounded by memory:
     least recently used evicted first. A per-model lock makes concurrent first requests load
-    the model once."""
+    the model once. Each carries its tenant, and a lookup by id is trusted only for a second:
+    after that the model is looked up again (it may have been deleted)."""
 
     def __init__(self, storage: Storage, max_bytes: int, *, max_batch: int = 32,
                  max_wait_ms: float = 5.0) -> None:
@@ -136,11 +217,14 @@ class PredictorCache:
         self._sizes: dict[str, int] = {}
         self._lock = threading.Lock()
         self._loading: dict[str, threading.Lock] = {}
+        self._checked: dict[str, float] = {}  # model id -> time.monotonic() of its last lookup
         self.loads = 0
         self._evicted_batches = self._evicted_images = 0
 
-    def get(self, model_id: str) -> DynamicBatcher:
+    def get(self, model_id: str, tenant_id: str) -> DynamicBatcher:
+        """The model's batcher, loading it if needed; call after looking the model up."""
         with self._lock:
+            self._checked[model_id] = time.monotonic()
             if model_id in self._loaded:
                 self._loaded.move_to_end(model_id)
                 return self._loaded[model_id]
@@ -154,7 +238,7 @@ class PredictorCache:
             folder = bundle_folder(self.storage, model_id)
             predictor = TORCH_THREAD.submit(Predictor.load, folder).result()
             batcher = DynamicBatcher(predictor, max_batch=self.max_batch,
-                                     max_wait_ms=self.max_wait_ms)
+                                     max_wait_ms=self.max_wait_ms, tenant_id=tenant_id)
             with self._lock:
                 self.loads += 1
                 self._loaded[model_id] = batcher
@@ -163,18 +247,21 @@ class PredictorCache:
                 while sum(self._sizes.values()) > self.max_bytes and len(self._loaded) > 1:
                     evicted, old = self._loaded.popitem(last=False)
                     self._sizes.pop(evicted, None)
+                    self._checked.pop(evicted, None)
                     self._evicted_batches += old.batches
                     self._evicted_images += old.images
                     old.close()
                 self._loading.pop(model_id, None)
             return batcher
 
-    def peek(self, model_id: str) -> DynamicBatcher | None:
-        """The loaded model, if it is (marked as just used); never loads."""
+    def peek(self, model_id: str, max_age_s: float = 1.0) -> DynamicBatcher | None:
+        """The loaded model if it was looked up less than ``max_age_s`` ago; never loads."""
         with self._lock:
-            if model_id in self._loaded:
-                self._loaded.move_to_end(model_id)
-            return self._loaded.get(model_id)
+            fresh = time.monotonic() - self._checked.get(model_id, -math.inf) < max_age_s
+            if not fresh or model_id not in self._loaded:
+                return None
+            self._loaded.move_to_end(model_id)
+            return self._loaded[model_id]
 
     @property
     def batches(self) -> int:

@@ -22,16 +22,18 @@ class Heartbeat:
         self._thread = threading.Thread(target=self._run, name="ftune-heartbeat", daemon=True)
 
     def start(self) -> None:
+        self._beat()  # live from now on, before anything counts the workers
         self._thread.start()
 
+    def _beat(self) -> None:
+        try:
+            self.client.set(self.key, "1", ex=worker_key_ttl_s(self.interval))
+        except redis.RedisError as exc:
+            log.warning("heartbeat to Redis failed: %s", exc)
+
     def _run(self) -> None:
-        ttl = worker_key_ttl_s(self.interval)
-        while not self._stop.is_set():
-            try:
-                self.client.set(self.key, "1", ex=ttl)
-            except redis.RedisError as exc:
-                log.warning("heartbeat to Redis failed: %s", exc)
-            self._stop.wait(self.interval)
+        while not self._stop.wait(self.interval):
+            self._beat()
 
     def stop(self) -> None:
         self._stop.set()

@@ -13,6 +13,7 @@ from celery.signals import worker_ready
 
 from ftune.service.db import migrate
 from ftune.service.db.session import Database
+from ftune.service.lifecycle.dispatcher import dispatch
 from ftune.service.lifecycle.reconciler import reconcile
 from ftune.service.queue import TRAINING_QUEUE, make_celery
 from ftune.service.settings import Settings
@@ -22,16 +23,28 @@ from ftune.workers.heartbeat import Heartbeat
 log = logging.getLogger(__name__)
 
 
-def _reconcile_once(settings: Settings, app: Celery) -> None:
-    """At start-up, repair what the last crash left (also done periodically by the API)."""
-    db = Database(settings.resolved_database_url)
-    try:
-        reconcile(db, app, redis.Redis.from_url(settings.broker_url, socket_connect_timeout=3),
-                  settings)
-    except Exception as exc:
-        log.warning("start-up reconcile skipped: %s", exc)
-    finally:
-        db.dispose()
+class _Upkeep:
+    """What a worker does besides training: repair what the last crash left (at start-up) and
+    dispatch the next job whenever one ends here (the API also does both periodically)."""
+
+    def __init__(self, settings: Settings, app: Celery) -> None:
+        self.settings, self.app = settings, app
+        self.db = Database(settings.resolved_database_url)
+        self.redis = redis.Redis.from_url(settings.broker_url, socket_connect_timeout=3,
+                                          socket_timeout=3)
+
+    def at_start(self) -> None:
+        try:
+            reconcile(self.db, self.app, self.redis, self.settings)
+        except Exception as exc:
+            log.warning("start-up reconcile skipped: %s", exc)
+        self.dispatch()
+
+    def dispatch(self) -> None:
+        try:
+            dispatch(self.db, self.app, self.redis, self.settings)
+        except Exception as exc:  # the API's periodic dispatch catches up
+            log.warning("dispatch after a job skipped: %s", exc)
 
 
 def _require_current_schema(settings: Settings) -> None:
@@ -48,15 +61,16 @@ def run_worker(settings: Settings, *, name: str | None = None, loglevel: str = "
     """Consume the training queue until stopped; the engine's device comes from
     ``settings.engine`` (``--device`` or ``FTUNE_DEVICE``)."""
     _require_current_schema(settings)
-    tasks.use_settings(settings)
     app = make_celery(settings, include=[tasks.__name__])
+    upkeep = _Upkeep(settings, app)
+    tasks.use_settings(settings, after_job=upkeep.dispatch)
     node = name or f"ftune-{uuid.uuid4().hex[:6]}@{socket.gethostname()}"
     heartbeat = Heartbeat(settings.broker_url, node, settings.worker_heartbeat_s)
 
     def on_ready(**_: object) -> None:
         # Counted as live only once Celery consumes from the queue, not while it starts up.
         heartbeat.start()
-        threading.Thread(target=_reconcile_once, args=(settings, app), daemon=True).start()
+        threading.Thread(target=upkeep.at_start, daemon=True).start()
 
     worker_ready.connect(on_ready, weak=False)
     try:

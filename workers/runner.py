@@ -7,6 +7,7 @@ import shutil
 import threading
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import TYPE_CHECKING
 
 from sqlalchemy.exc import IntegrityError
@@ -40,14 +41,6 @@ class WorkerShuttingDown(Exception):
     """The run stopped because the worker is stopping; the job goes back to the queue."""
 
 
-class RetryLater(Exception):
-    """A transient failure (database or storage hiccup): the job is queued again."""
-
-    def __init__(self, countdown_s: float) -> None:
-        super().__init__(f"retry in {countdown_s:.0f} s")
-        self.countdown_s = countdown_s
-
-
 @dataclass(frozen=True)
 class RunLimits:
     max_runtime_s: float  # the service-wide cap; a job's own max_runtime_s may be lower
@@ -72,7 +65,8 @@ class JobRunner:
         if job is None:
             return "skipped"
         limit = min(self.limits.max_runtime_s, job.max_runtime_s or float("inf"))
-        used = (utcnow() - (job.started_at or utcnow())).total_seconds()
+        with self.db.session() as session:  # time spent queued does not count
+            used = transitions.run_seconds(session, job_id)
         reporter = ProgressReporter(self.db, job_id, self.worker_name, self.cancel_poll_s,
                                     self.shutdown, deadline=time.monotonic() + limit - used)
         try:
@@ -81,8 +75,10 @@ class JobRunner:
         except TrainingCancelled:
             return self._stopped(job_id, reporter, limit)
         except Exception as exc:
-            self._failed(job, exc)
-            raise
+            if self._retry_later(job, exc):
+                return JobStatus.QUEUED
+            self._fail(job_id, describe_failure(exc), exc)
+            raise  # marked failed; the task fails too (never swallowed)
 
     def _claim(self, job_id: str) -> Job | None:
         with self.db.session() as session:
@@ -119,18 +115,20 @@ class JobRunner:
         log.info("job %s cancelled", job_id)
         return JobStatus.CANCELLED
 
-    def _failed(self, job: Job, exc: Exception) -> None:
-        """A transient error queues the job again (raising RetryLater); any other fails it."""
-        if is_transient(exc) and job.attempts < self.limits.max_attempts:
-            countdown = self.limits.retry_backoff_s * 2 ** (job.attempts - 1)
-            log.warning("job %s hit a transient error (%s); retrying in %.0f s", job.id, exc,
-                        countdown)
-            with self.db.session() as session:
-                transitions.requeue(session, job.id, worker=self.worker_name,
-                                    reason=f"transient error, retrying in {countdown:.0f} s: "
-                                    f"{describe_failure(exc)}")
-            raise RetryLater(countdown) from exc
-        self._fail(job.id, describe_failure(exc), exc)
+    def _retry_later(self, job: Job, exc: Exception) -> bool:
+        """A transient error queues the job again, to be admitted no earlier than after a
+        backoff (the dispatcher honours ``retry_at``); True when it did."""
+        if not is_transient(exc) or job.attempts >= self.limits.max_attempts:
+            return False
+        countdown = self.limits.retry_backoff_s * 2 ** (job.attempts - 1)
+        log.warning("job %s hit a transient error (%s); retrying in %.0f s", job.id, exc,
+                    countdown)
+        with self.db.session() as session:
+            transitions.requeue(session, job.id, worker=self.worker_name,
+                                retry_at=utcnow() + timedelta(seconds=countdown),
+                                reason=f"transient error, retrying in {countdown:.0f} s: "
+                                f"{describe_failure(exc)}")
+        return True
 
     def _fail(self, job_id: str, message: str, exc: BaseException | None = None) -> str:
         if exc is not None:
@@ -164,11 +162,13 @@ class JobRunner:
                                    f"with batch_size {new}")
         return self._train(job_id, smaller, dataset_id, reporter)
 
-    def _model_name(self, job_id: str, dataset_id: str) -> str:
+    def _owner_and_name(self, job_id: str, dataset_id: str) -> tuple[str, str]:
+        """The job's tenant, and the model's name: the job's model_name, else the dataset's."""
         with self.db.session() as session:
             job, dataset = session.get(Job, job_id), session.get(Dataset, dataset_id)
-            return (job.model_name if job and job.model_name else
-                    dataset.name if dataset else f"dataset-{dataset_id[:8]}")
+            assert job is not None, "the job was claimed, so it exists"
+            return job.tenant_id, (job.model_name if job.model_name else
+                                   dataset.name if dataset else f"dataset-{dataset_id[:8]}")
 
     def _record_success(self, job_id: str, record: TunedModel, best: dict,
                         stopped_early: bool) -> bool:
@@ -217,11 +217,12 @@ class JobRunner:
         best = {"epoch": result.best_epoch,
                 "val_accuracy": result.best_metrics.get("val_accuracy"),
                 "val_loss": result.best_metrics.get("val_loss")}
+        tenant_id, name = self._owner_and_name(job_id, dataset_id)
         record = TunedModel(
-            id=model_id, job_id=job_id, name=self._model_name(job_id, dataset_id),
-            dataset_id=dataset_id, dataset_hash=result.dataset_hash, backbone=result.backbone,
-            classes=result.classes, spec=result.spec.model_dump(mode="json"),
-            metrics=_model_metrics(result))
+            id=model_id, tenant_id=tenant_id, job_id=job_id, name=name, dataset_id=dataset_id,
+            size_bytes=self.storage.folder_bytes(model_dir), dataset_hash=result.dataset_hash,
+            backbone=result.backbone, classes=result.classes,
+            spec=result.spec.model_dump(mode="json"), metrics=_model_metrics(result))
         try:
             recorded = self._record_success(job_id, record, best, result.stopped_early)
         except BaseException:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import socket
 import threading
+from collections.abc import Callable
 
 from celery import Task, shared_task
 from celery.exceptions import Reject
@@ -14,7 +15,7 @@ from ftune.service.db.session import Database
 from ftune.service.queue import FINETUNE_TASK
 from ftune.service.settings import Settings
 from ftune.service.storage import Storage
-from ftune.workers.runner import JobRunner, RetryLater, RunLimits, WorkerShuttingDown
+from ftune.workers.runner import JobRunner, RunLimits, WorkerShuttingDown
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +24,7 @@ log = logging.getLogger(__name__)
 SHUTDOWN = threading.Event()
 
 _runner: JobRunner | None = None
+_after_job: Callable[[], None] | None = None  # the worker dispatches the next job
 
 
 @worker_shutting_down.connect
@@ -42,10 +44,12 @@ def build_runner(settings: Settings) -> JobRunner:
                                       settings.retry_backoff_s), shutdown=SHUTDOWN)
 
 
-def use_settings(settings: Settings) -> None:
-    """Run jobs with these settings (the worker process's, read once at start-up)."""
-    global _runner
+def use_settings(settings: Settings, *, after_job: Callable[[], None] | None = None) -> None:
+    """Run jobs with these settings (the worker process's, read once at start-up);
+    ``after_job`` runs whenever a job ends here."""
+    global _runner, _after_job
     _runner = build_runner(settings)
+    _after_job = after_job
 
 
 def runner() -> JobRunner:
@@ -61,7 +65,9 @@ def finetune(self: Task, job_id: str) -> str:
     try:
         return runner().run(job_id)
     except WorkerShuttingDown:
-        raise Reject("worker shutting down", requeue=True) from None
-    except RetryLater as later:
-        # A new message after the backoff; the job row (queued) says why.
-        raise self.retry(countdown=later.countdown_s) from None
+        # The job is queued again in the database; the dispatcher admits it (with a new
+        # message) when a worker is free, so this message is dropped.
+        raise Reject("worker shutting down", requeue=False) from None
+    finally:
+        if _after_job is not None and not SHUTDOWN.is_set():
+            _after_job()

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import IO
 
-from ftune.models.errors import ArchiveError
+from ftune.models.errors import ArchiveError, ArchiveTooLarge
 
 CHUNK = 1 << 20
 MAX_HEADER_BYTES = 1 << 20  # a tar long-name or pax header larger than this is hostile
@@ -129,8 +129,8 @@ class _Writer:
 
 def check_expansion(total: int, packed: int, limits: ArchiveLimits, where: str) -> None:
     if total > limits.max_bytes:
-        raise ArchiveError(f"archive unpacks to more than {limits.max_bytes} bytes "
-                           f"({where}; FTUNE_MAX_EXTRACTED_MB)")
+        raise ArchiveTooLarge(f"archive unpacks to more than {limits.max_bytes} bytes "
+                              f"({where}; FTUNE_MAX_EXTRACTED_MB)")
     if total > limits.ratio_grace_bytes and total / packed > limits.max_ratio:
         raise ArchiveError(f"archive expands more than {limits.max_ratio:.0f}× its size "
                            f"({where}): refused as a decompression bomb")

@@ -60,7 +60,8 @@ def current_revision(engine: Engine) -> str | None:
 def upgrade(engine: Engine, target: str = "head") -> tuple[str | None, str | None]:
     """Upgrade to ``target`` under a lock (two processes starting together don't race);
     returns the revisions before and after."""
-    with engine.connect() as connection, migration_lock(engine, connection):
+    with (engine.connect() as connection, migration_lock(engine, connection),
+          _sqlite_foreign_keys_off(connection)):
         before = MigrationContext.configure(connection).get_current_revision()
         if before is None and inspect(connection).has_table(_BASELINE_MARKER):
             log.warning("database made before migrations: marking it as revision %s", BASELINE)
@@ -77,7 +78,8 @@ def upgrade(engine: Engine, target: str = "head") -> tuple[str | None, str | Non
 
 def downgrade(engine: Engine, target: str) -> tuple[str | None, str | None]:
     """Go back to ``target`` (e.g. the previous release's revision) under the same lock."""
-    with engine.connect() as connection, migration_lock(engine, connection):
+    with (engine.connect() as connection, migration_lock(engine, connection),
+          _sqlite_foreign_keys_off(connection)):
         before = MigrationContext.configure(connection).get_current_revision()
         command.downgrade(_config(connection), target)
         connection.commit()
@@ -99,6 +101,22 @@ def require_current(engine: Engine) -> None:
                           f"downgrade the database with it to {head}")
     raise SchemaError(f"the database is at revision {current} but this release needs {head}; "
                       "run `ftune db upgrade`")
+
+
+@contextlib.contextmanager
+def _sqlite_foreign_keys_off(connection: Connection) -> Iterator[None]:
+    """SQLite changes a table by copying it; foreign keys are checked once, at the end."""
+    if connection.dialect.name != "sqlite":
+        yield
+        return
+    connection.exec_driver_sql("PRAGMA foreign_keys=OFF")
+    try:
+        yield
+        broken = connection.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
+        if broken:
+            raise SchemaError(f"the migration left rows with broken references: {broken[:5]}")
+    finally:
+        connection.exec_driver_sql("PRAGMA foreign_keys=ON")
 
 
 @contextlib.contextmanager

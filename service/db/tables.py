@@ -7,6 +7,7 @@ from typing import Any, ClassVar
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     DateTime,
     ForeignKey,
@@ -46,10 +47,65 @@ class Base(DeclarativeBase):
         datetime: UTCDateTime, dict[str, Any]: JSON, list[Any]: JSON}
 
 
+# Objects made before tenancy belong to this tenant (migration 0002), as do those of a
+# single-user `ftune up` with FTUNE_AUTH=off.
+DEFAULT_TENANT_ID = "0" * 32
+DEFAULT_TENANT_NAME = "default"
+
+
+def tenant_column() -> Mapped[str]:
+    return mapped_column(String(32), index=True)
+
+
+class Tenant(Base):
+    """A team sharing the service: every dataset, job and model belongs to one."""
+
+    __tablename__ = "tenants"
+    __table_args__ = (UniqueConstraint("name", name="uq_tenants_name"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    name: Mapped[str] = mapped_column(String(100))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    quotas: Mapped[dict[str, Any]] = mapped_column(default=dict)  # overrides of the defaults
+
+
+class ApiKey(Base):
+    """A bearer key, stored only as its SHA-256; operators' keys have no tenant."""
+
+    __tablename__ = "api_keys"
+    __table_args__ = (UniqueConstraint("key_hash", name="uq_api_keys_key_hash"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    tenant_id: Mapped[str | None] = mapped_column(String(32), index=True)
+    name: Mapped[str] = mapped_column(String(100))
+    role: Mapped[str] = mapped_column(String(16))  # operator | admin | member
+    key_hash: Mapped[str] = mapped_column(String(64))
+    prefix: Mapped[str] = mapped_column(String(16))  # its first characters, to tell keys apart
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_used_at: Mapped[datetime | None]
+    expires_at: Mapped[datetime | None]
+    revoked_at: Mapped[datetime | None]
+
+
+class AuditEntry(Base):
+    """Who did what: one row per state-changing request."""
+
+    __tablename__ = "audit_log"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    tenant_id: Mapped[str | None] = mapped_column(String(32), index=True)
+    key_id: Mapped[str | None] = mapped_column(String(32))
+    action: Mapped[str] = mapped_column(String(120))  # "POST /v1/jobs"
+    object_id: Mapped[str | None] = mapped_column(String(200))
+    status_code: Mapped[int]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+
+
 class Dataset(Base):
     __tablename__ = "datasets"
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    tenant_id: Mapped[str] = tenant_column()
     name: Mapped[str] = mapped_column(String(200))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     classes: Mapped[list[Any]]
@@ -57,7 +113,7 @@ class Dataset(Base):
     num_images: Mapped[int]
     splits: Mapped[dict[str, Any]]  # {"train": n, "val": n | None}
     warnings: Mapped[list[Any]]
-    size_bytes: Mapped[int] = mapped_column(default=0)
+    size_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
     # Same images with the same labels give the same hash, whatever the archive's order.
     content_hash: Mapped[str | None] = mapped_column(String(64), index=True)
     report: Mapped[dict[str, Any] | None]  # the lint report
@@ -67,6 +123,7 @@ class Job(Base):
     __tablename__ = "jobs"
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    tenant_id: Mapped[str] = tenant_column()
     # Not a foreign key: a job's record outlives its dataset, which may be deleted later.
     dataset_id: Mapped[str] = mapped_column(String(32), index=True)
     status: Mapped[str] = mapped_column(String(16), default=JobStatus.QUEUED, index=True)
@@ -89,6 +146,22 @@ class Job(Base):
     priority: Mapped[int] = mapped_column(default=5)  # 0 (lowest) to 9 (highest)
     max_runtime_s: Mapped[int | None]
     model_name: Mapped[str | None] = mapped_column(String(200))  # default: the dataset's name
+    admitted_at: Mapped[datetime | None]  # handed to the broker by the dispatcher
+    retry_at: Mapped[datetime | None]  # a transient failure: not admitted again before this
+    hold_reason: Mapped[str | None] = mapped_column(Text)  # why a queued job is held back
+
+
+class JobRun(Base):
+    """One stretch of a job running on a worker: compute-seconds quotas count these."""
+
+    __tablename__ = "job_runs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(String(32), index=True)
+    tenant_id: Mapped[str] = tenant_column()
+    worker: Mapped[str] = mapped_column(String(200))
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    ended_at: Mapped[datetime | None] = mapped_column(index=True)
 
 
 class JobEvent(Base):
@@ -108,6 +181,7 @@ class IdempotencyKey(Base):
 
     __tablename__ = "idempotency_keys"
 
+    tenant_id: Mapped[str] = mapped_column(String(32), primary_key=True)
     key: Mapped[str] = mapped_column(String(200), primary_key=True)
     body_sha256: Mapped[str] = mapped_column(String(64))
     job_id: Mapped[str] = mapped_column(String(32))
@@ -128,9 +202,11 @@ class EpochMetrics(Base):
 
 class TunedModel(Base):
     __tablename__ = "models"
-    __table_args__ = (UniqueConstraint("name", "version"),)
+    __table_args__ = (UniqueConstraint("tenant_id", "name", "version",
+                                       name="uq_models_tenant_name_version"),)
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    tenant_id: Mapped[str] = tenant_column()
     name: Mapped[str] = mapped_column(String(200), default="model", index=True)
     version: Mapped[int] = mapped_column(default=1)
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"), unique=True)
@@ -141,13 +217,17 @@ class TunedModel(Base):
     metrics: Mapped[dict[str, Any]]  # best epoch, its metrics, stopped_early, epochs run
     spec: Mapped[dict[str, Any]]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    size_bytes: Mapped[int] = mapped_column(BigInteger, default=0)  # the bundle on disk
+    exports_bytes: Mapped[int] = mapped_column(BigInteger, default=0)  # zip, ONNX, TorchScript
 
 
 class ModelAlias(Base):
-    """``name:alias`` (e.g. ``flowers:production``) points at one version of that model."""
+    """``name:alias`` (e.g. ``flowers:production``) points at one version of that model,
+    within one tenant."""
 
     __tablename__ = "model_aliases"
 
+    tenant_id: Mapped[str] = mapped_column(String(32), primary_key=True)
     name: Mapped[str] = mapped_column(String(200), primary_key=True)
     alias: Mapped[str] = mapped_column(String(100), primary_key=True)
     model_id: Mapped[str] = mapped_column(ForeignKey("models.id"))

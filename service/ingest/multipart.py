@@ -8,6 +8,7 @@ directory, and an oversized upload is refused as soon as it is seen.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -15,7 +16,12 @@ from typing import IO
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import ClientDisconnect, Request
 
-from ftune.service.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
+from ftune.service.errors import (
+    InvalidInput,
+    PayloadTooLarge,
+    ServiceError,
+    UnsupportedMediaType,
+)
 
 MAX_FIELD_BYTES = 64 * 1024
 MAX_FIELDS = 32
@@ -128,17 +134,26 @@ class _FormBuilder:
             self._handle = None
 
 
+def upload_too_large(max_bytes: int) -> ServiceError:
+    return PayloadTooLarge(f"upload exceeds the limit of {max_bytes} bytes "
+                           "(FTUNE_MAX_UPLOAD_MB)")
+
+
 async def receive_multipart(request: Request, *, dest: Path, file_fields: set[str],
-                            max_bytes: int, max_files: int = 1) -> ReceivedForm:
-    """Parse the request body; files go to ``dest``. On any error nothing is left behind."""
+                            max_bytes: int, max_files: int = 1,
+                            over_limit: Callable[[int], ServiceError] = upload_too_large
+                            ) -> ReceivedForm:
+    """Parse the request body; files go to ``dest``. On any error nothing is left behind.
+
+    A body over ``max_bytes`` is refused from its Content-Length, or as soon as the streamed
+    bytes pass it, with ``over_limit(max_bytes)``."""
     content_type, params = parse_options_header(request.headers.get("content-type", ""))
     if content_type != b"multipart/form-data" or b"boundary" not in params:
         raise UnsupportedMediaType("send the upload as multipart/form-data "
                                    f"(got {content_type.decode('latin-1') or 'no content type'})")
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > max_bytes:
-        raise PayloadTooLarge(f"upload of {int(declared)} bytes exceeds the limit of "
-                              f"{max_bytes} bytes (FTUNE_MAX_UPLOAD_MB)")
+        raise over_limit(max_bytes)
     dest.mkdir(parents=True, exist_ok=True)
     builder = _FormBuilder(dest, file_fields, max_files)
     parser = MultipartParser(params[b"boundary"], builder.callbacks())
@@ -147,8 +162,7 @@ async def receive_multipart(request: Request, *, dest: Path, file_fields: set[st
         async for chunk in request.stream():
             received += len(chunk)
             if received > max_bytes:
-                raise PayloadTooLarge(f"upload exceeds the limit of {max_bytes} bytes "
-                                      "(FTUNE_MAX_UPLOAD_MB)")
+                raise over_limit(max_bytes)
             parser.write(chunk)
         parser.finalize()
         if builder.part_open:
@@ -160,7 +174,7 @@ async def receive_multipart(request: Request, *, dest: Path, file_fields: set[st
     except BaseException as exc:
         builder.close()
         builder.form.cleanup()
-        if isinstance(exc, (InvalidInput, PayloadTooLarge)):
+        if isinstance(exc, ServiceError):
             raise
         if isinstance(exc, Exception) and type(exc).__module__.startswith("python_multipart"):
             raise InvalidInput(f"malformed multipart body: {exc}") from exc

@@ -1,11 +1,15 @@
 """The reconciler: no job stays lost or stuck. The DB is the source of truth, so it repairs
 the broker from the DB, never the other way round.
 
-- A running job whose heartbeat stopped (its worker died) is queued again, to resume from its
-  last checkpoint; after ``max_attempts`` runs it fails with a clear message.
-- A queued job whose message is gone from Redis (Redis restarted empty) is enqueued again.
-Duplicate messages are harmless: a worker claims a job only once (see ``transitions.claim``).
-Runs at API and worker start-up and then periodically in every API process.
+- A running job whose heartbeat stopped (its worker died) is queued again, for the dispatcher
+  to admit it and a worker to resume it from its last checkpoint; after ``max_attempts`` runs it
+  fails with a clear message.
+- An admitted job whose message is gone from Redis (Redis restarted empty) is enqueued again.
+- An admitted job no worker started within ``job_stale_s`` goes back to the dispatcher.
+Queued jobs are the dispatcher's: the reconciler never enqueues them, so it cannot undo the
+dispatcher's fair share or quotas. Duplicate messages are harmless: a worker claims a job only
+once (see ``transitions.claim``). Runs at API and worker start-up and periodically in every API
+process.
 """
 
 from __future__ import annotations
@@ -13,15 +17,16 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import redis
 from celery import Celery
-from sqlalchemy import or_, select
+from sqlalchemy import or_, select, update
+from sqlalchemy.orm import Session
 
 from ftune.service.db.session import Database
 from ftune.service.db.tables import Job, utcnow
-from ftune.service.events import add_event
+from ftune.service.events import add_event, status_event
 from ftune.service.job_status import JobStatus
 from ftune.service.lifecycle import transitions
 from ftune.service.queue import TRAINING_QUEUE, enqueue_finetune
@@ -63,35 +68,61 @@ def reconcile(db: Database, celery: Celery, client: redis.Redis, settings: Setti
     now = utcnow()
     stale_before = now - timedelta(seconds=settings.job_stale_s)
     with db.session() as session:
-        abandoned = session.scalars(select(Job).where(
-            Job.status == JobStatus.RUNNING,
-            or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < stale_before))).all()
-        for job in abandoned:
-            if job.attempts >= settings.max_attempts:
-                transitions.finish(session, job.id, JobStatus.FAILED, error=(
-                    f"its worker stopped responding {job.attempts} time(s) (killed, out of "
-                    "memory or lost); giving up. Try a smaller batch_size or image_size."))
-                repairs.failed.append(job.id)
-                if storage is not None:
-                    storage.remove_job_files(job.id)
-            elif transitions.requeue(session, job.id, "its worker stopped sending heartbeats"):
-                repairs.requeued.append(job.id)
+        _abandoned(session, repairs, stale_before, settings.max_attempts, storage)
+        _unclaimed(session, repairs, stale_before)
         grace = now - timedelta(seconds=max(5.0, settings.reconcile_interval_s))
-        waiting = list(session.execute(select(Job.id, Job.priority).where(
-            Job.status == JobStatus.QUEUED, Job.created_at < grace)))
+        admitted = list(session.execute(select(Job.id, Job.priority).where(
+            Job.status == JobStatus.ADMITTED, Job.admitted_at < grace)))
+    # Admitted jobs whose message is gone (Redis restarted empty) are enqueued again. Queued
+    # jobs have no message by design: the dispatcher admits them.
     in_broker = broker_job_ids(client)
-    priorities = dict(waiting)
-    lost = [job_id for job_id, _ in waiting if job_id not in in_broker
-            and job_id not in repairs.requeued]
-    for job_id in repairs.requeued + lost:
-        enqueue_finetune(celery, job_id, priorities.get(job_id, 5))
+    lost = [(job_id, priority) for job_id, priority in admitted if job_id not in in_broker]
+    for job_id, priority in lost:
+        enqueue_finetune(celery, job_id, priority)
     if lost:
         with db.session() as session:
-            for job_id in lost:
+            for job_id, _ in lost:
                 add_event(session, job_id, "note",
                           message="enqueued again: its message was missing from the broker")
-        repairs.reenqueued = lost
+        repairs.reenqueued = [job_id for job_id, _ in lost]
     if repairs.requeued or repairs.failed or repairs.reenqueued:
         log.warning("reconciler: requeued %s, failed %s, re-enqueued %s", repairs.requeued,
                     repairs.failed, repairs.reenqueued)
     return repairs
+
+
+def _abandoned(session: Session, repairs: Repairs, stale_before: datetime, max_attempts: int,
+               storage: Storage | None) -> None:
+    """Running jobs whose worker stopped sending heartbeats: queued again to resume, or
+    failed after too many runs. Their run ended at their last heartbeat."""
+    abandoned = session.scalars(select(Job).where(
+        Job.status == JobStatus.RUNNING,
+        or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < stale_before))).all()
+    for job in abandoned:
+        if job.attempts >= max_attempts:
+            transitions.finish(session, job.id, JobStatus.FAILED, ran_until=job.heartbeat_at,
+                               error=(f"its worker stopped responding {job.attempts} time(s) "
+                                      "(killed, out of memory or lost); giving up. Try a "
+                                      "smaller batch_size or image_size."))
+            repairs.failed.append(job.id)
+            if storage is not None:
+                storage.remove_job_files(job.id)
+        elif transitions.requeue(session, job.id, "its worker stopped sending heartbeats",
+                                 ran_until=job.heartbeat_at):
+            repairs.requeued.append(job.id)
+
+
+def _unclaimed(session: Session, repairs: Repairs, stale_before: datetime) -> None:
+    """Admitted long ago and never claimed: its message sits with a worker that died before
+    starting it (Redis would redeliver it only after the visibility timeout). The dispatcher
+    admits it again."""
+    stuck = session.scalars(select(Job.id).where(Job.status == JobStatus.ADMITTED,
+                                                 Job.admitted_at < stale_before)).all()
+    for job_id in stuck:
+        done = session.execute(update(Job).where(Job.id == job_id,
+                                                  Job.status == JobStatus.ADMITTED)
+                               .values(status=JobStatus.QUEUED, admitted_at=None)).rowcount
+        if done:
+            status_event(session, job_id, JobStatus.QUEUED,
+                         reason="no worker started it in time; it will be admitted again")
+            repairs.requeued.append(job_id)

@@ -7,12 +7,12 @@ owns the job, so a worker that was paused and replaced can no longer change it.
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from sqlalchemy import ColumnElement, and_, delete, func, or_, select, update
 from sqlalchemy.orm import Session
 
-from ftune.service.db.tables import EpochMetrics, Job, TunedModel, utcnow
+from ftune.service.db.tables import EpochMetrics, Job, JobRun, TunedModel, utcnow
 from ftune.service.events import add_event, status_event
 from ftune.service.job_status import ACTIVE, TERMINAL, JobStatus
 
@@ -21,9 +21,11 @@ def claim(session: Session, job_id: str, worker: str, stale_after_s: float) -> J
     """Mark the job running and return it; None when it must not run (gone, ended, cancelled,
     or running on another worker).
 
-    A ``running`` job whose heartbeat stopped more than ``stale_after_s`` ago is claimed again:
-    that is a redelivery after its worker died, and it resumes from its last checkpoint. One
-    with a fresh heartbeat is left alone, so a duplicate delivery never trains it twice.
+    Only an ``admitted`` job is claimed: a message for a job the dispatcher has not admitted
+    (a stale duplicate) is ignored. A ``running`` job whose heartbeat stopped more than
+    ``stale_after_s`` ago is claimed again: that is a redelivery after its worker died, and it
+    resumes from its last checkpoint. One with a fresh heartbeat is left alone, so a duplicate
+    delivery never trains it twice.
     """
     job = session.get(Job, job_id)
     if job is None or job.status in TERMINAL:
@@ -35,17 +37,34 @@ def claim(session: Session, job_id: str, worker: str, stale_after_s: float) -> J
     abandoned = and_(Job.status == JobStatus.RUNNING,
                      or_(Job.heartbeat_at.is_(None),
                          Job.heartbeat_at < now - timedelta(seconds=stale_after_s)))
+    previous_heartbeat = job.heartbeat_at
     claimed = session.execute(
         update(Job).where(Job.id == job_id, Job.cancel_requested.is_(False),
-                          or_(Job.status == JobStatus.QUEUED, abandoned))
+                          or_(Job.status == JobStatus.ADMITTED, abandoned))
         .values(status=JobStatus.RUNNING, started_at=job.started_at or now, worker=worker,
-                attempts=Job.attempts + 1, heartbeat_at=now, step=0, steps=0)).rowcount
+                attempts=Job.attempts + 1, heartbeat_at=now, step=0, steps=0,
+                hold_reason=None)).rowcount
     session.flush()
     session.refresh(job)
     if not claimed:
         return None
+    end_run(session, job_id, previous_heartbeat or now)  # a dead worker's run, if any
+    session.add(JobRun(job_id=job_id, tenant_id=job.tenant_id, worker=worker, started_at=now))
     status_event(session, job_id, JobStatus.RUNNING, attempt=job.attempts, worker=worker)
     return job
+
+
+def end_run(session: Session, job_id: str, at: datetime | None = None) -> None:
+    """Close the job's open run (compute quotas count it until then)."""
+    session.execute(update(JobRun).where(JobRun.job_id == job_id, JobRun.ended_at.is_(None))
+                    .values(ended_at=at or utcnow()))
+
+
+def run_seconds(session: Session, job_id: str) -> float:
+    """How long the job has run on workers so far (closed runs only)."""
+    rows = session.execute(select(JobRun.started_at, JobRun.ended_at).where(
+        JobRun.job_id == job_id, JobRun.ended_at.is_not(None)))
+    return sum((ended - started).total_seconds() for started, ended in rows)
 
 
 def _ours(job_id: str, worker: str) -> ColumnElement[bool]:
@@ -97,33 +116,40 @@ def succeed(session: Session, job_id: str, worker: str, model: TunedModel, best:
                                    model_id=model.id, best=best, stopped_early=stopped_early,
                                    error=None, step=0)).rowcount
     if done:
-        model.version = 1 + (session.scalar(select(func.max(TunedModel.version))
-                                            .where(TunedModel.name == model.name)) or 0)
+        model.version = 1 + (session.scalar(select(func.max(TunedModel.version)).where(
+            TunedModel.tenant_id == model.tenant_id, TunedModel.name == model.name)) or 0)
         session.add(model)
+        end_run(session, job_id)
         status_event(session, job_id, JobStatus.SUCCEEDED, model_id=model.id)
     return bool(done)
 
 
 def finish(session: Session, job_id: str, status: str, *, error: str | None,
-           worker: str | None = None) -> None:
-    """End an active job; with ``worker``, only while that worker still owns it."""
+           worker: str | None = None, ran_until: datetime | None = None) -> None:
+    """End an active job; with ``worker``, only while that worker still owns it.
+    ``ran_until``: when a dead worker's run really ended (its last heartbeat)."""
     condition = (_ours(job_id, worker) if worker is not None
                  else and_(Job.id == job_id, Job.status.in_(ACTIVE)))
     ended = session.execute(update(Job).where(condition)
                             .values(status=status, finished_at=utcnow(), error=error)).rowcount
     if ended:
+        end_run(session, job_id, ran_until)
         status_event(session, job_id, status, error=error)
 
 
-def requeue(session: Session, job_id: str, reason: str, worker: str | None = None) -> bool:
-    """Back to queued, to resume from its checkpoint on the next worker."""
+def requeue(session: Session, job_id: str, reason: str, worker: str | None = None, *,
+            retry_at: datetime | None = None, ran_until: datetime | None = None) -> bool:
+    """Back to queued, to resume from its checkpoint; the dispatcher admits it again, not
+    before ``retry_at``."""
     condition = (_ours(job_id, worker) if worker is not None
                  else and_(Job.id == job_id, Job.status == JobStatus.RUNNING))
     done = session.execute(update(Job).where(condition)
-                           .values(status=JobStatus.QUEUED, worker=None, step=0,
-                                   steps=0)).rowcount
+                           .values(status=JobStatus.QUEUED, worker=None, step=0, steps=0,
+                                   admitted_at=None, retry_at=retry_at)).rowcount
     if done:
-        status_event(session, job_id, JobStatus.QUEUED, reason=reason)
+        end_run(session, job_id, ran_until)
+        status_event(session, job_id, JobStatus.QUEUED, reason=reason,
+                     **({"retry_at": retry_at.isoformat()} if retry_at else {}))
     return bool(done)
 
 

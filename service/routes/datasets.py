@@ -2,23 +2,25 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.encoders import jsonable_encoder
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
+from ftune.service.context import AppContext
 from ftune.service.datasets import (
     DatasetChecks,
     dataset_view,
     delete_dataset,
-    discard_dataset_files,
     get_dataset,
     ingest_archive,
     list_datasets,
 )
-from ftune.service.deps import Ctx
-from ftune.service.errors import InvalidInput
-from ftune.service.ingest.multipart import receive_multipart
+from ftune.service.db.tables import Tenant
+from ftune.service.deps import Admin, Ctx, Member, rate_limited
+from ftune.service.errors import InvalidInput, ServiceError, TooManyRequests
+from ftune.service.ingest.multipart import receive_multipart, upload_too_large
+from ftune.service.quotas import limits_of, upload_allowance, usage_of
 from ftune.service.schemas import DatasetOut, DatasetUploadOut
 
 router = APIRouter(tags=["datasets"])
@@ -34,20 +36,27 @@ _UPLOAD_FORM = {"requestBody": {"required": True, "content": {"multipart/form-da
 
 
 @router.post("/datasets", status_code=201, response_model=DatasetUploadOut,
-             openapi_extra=_UPLOAD_FORM,
+             openapi_extra=_UPLOAD_FORM, dependencies=[Depends(rate_limited("uploads"))],
              responses={200: {"description": "the same content was already uploaded"},
                         413: {"description": "over FTUNE_MAX_UPLOAD_MB"},
-                        422: {"description": "not a usable dataset; the body has the report"}})
-async def upload_dataset(request: Request, ctx: Ctx,
+                        422: {"description": "not a usable dataset; the body has the report"},
+                        429: {"description": "over a quota or the upload rate limit"}})
+async def upload_dataset(request: Request, ctx: Ctx, who: Member,
                          dedupe: Annotated[bool, Query()] = True) -> JSONResponse:
     """Upload an archive (zip, tar, tar.gz) of an image-folder or labels.csv dataset.
 
     Streamed to disk, unpacked safely, checked; the response carries the lint report.
-    Content uploaded before returns the existing dataset with 200 (``?dedupe=false``: a new
-    one)."""
+    Content this tenant uploaded before returns the existing dataset with 200
+    (``?dedupe=false``: a new one). The tenant's quotas (datasets, stored bytes) are checked
+    before and while the upload streams."""
     settings = ctx.settings
-    form = await receive_multipart(request, dest=ctx.storage.uploads, file_fields={"file"},
-                                   max_bytes=int(settings.max_upload_mb * 2**20))
+    tenant_id = who.home_tenant
+    allowance = await run_in_threadpool(_upload_allowance, ctx, tenant_id)
+    max_upload = int(settings.max_upload_mb * 2**20)
+    form = await receive_multipart(
+        request, dest=ctx.storage.uploads, file_fields={"file"},
+        max_bytes=min(max_upload, allowance),
+        over_limit=upload_too_large if allowance >= max_upload else _over_storage_quota)
     try:
         files = form.files_named("file")
         if not files:
@@ -57,10 +66,12 @@ async def upload_dataset(request: Request, ctx: Ctx,
         def ingest() -> JSONResponse:
             with ctx.db.session() as session:
                 dataset, created = ingest_archive(
-                    session, ctx.storage, archive=files[0].path, filename=files[0].filename,
-                    name=form.fields.get("name"), checks=checks, dedupe=dedupe)
+                    session, ctx.storage, tenant_id=tenant_id, archive=files[0].path,
+                    filename=files[0].filename, name=form.fields.get("name"), checks=checks,
+                    allowance=allowance, dedupe=dedupe)
                 body = {**dataset_view(dataset), "report": dataset.report,
                         "deduplicated": not created}
+            request.state.audit_object = dataset.id
             return JSONResponse(jsonable_encoder(DatasetUploadOut.model_validate(body)),
                                 status_code=201 if created else 200)
 
@@ -69,29 +80,41 @@ async def upload_dataset(request: Request, ctx: Ctx,
         form.cleanup()
 
 
-@router.get("/datasets", response_model=list[DatasetOut])
-def list_all(ctx: Ctx) -> list[dict]:
+def _upload_allowance(ctx: AppContext, tenant_id: str) -> int:
     with ctx.db.session() as session:
-        return [dataset_view(d) for d in list_datasets(session)]
+        return upload_allowance(usage_of(session, tenant_id),
+                                limits_of(session.get(Tenant, tenant_id), ctx.settings))
+
+
+def _over_storage_quota(max_bytes: int) -> ServiceError:
+    return TooManyRequests(f"quota stored_gb exceeded: the upload is larger than the "
+                           f"{max_bytes} bytes left in the tenant's storage quota; free some "
+                           "or ask an operator to raise it")
+
+
+@router.get("/datasets", response_model=list[DatasetOut])
+def list_all(ctx: Ctx, who: Member) -> list[dict]:
+    with ctx.db.session() as session:
+        return [dataset_view(d) for d in list_datasets(session, who)]
 
 
 @router.get("/datasets/{dataset_id}", response_model=DatasetOut)
-def get_one(dataset_id: str, ctx: Ctx) -> dict:
+def get_one(dataset_id: str, ctx: Ctx, who: Member) -> dict:
     with ctx.db.session() as session:
-        return dataset_view(get_dataset(session, dataset_id))
+        return dataset_view(get_dataset(session, who, dataset_id))
 
 
 @router.get("/datasets/{dataset_id}/report")
-def report(dataset_id: str, ctx: Ctx) -> dict:
+def report(dataset_id: str, ctx: Ctx, who: Member) -> dict:
     """The lint report made at upload: counts, problems found, and what to do about them."""
     with ctx.db.session() as session:
-        return get_dataset(session, dataset_id).report or {}
+        return get_dataset(session, who, dataset_id).report or {}
 
 
 @router.delete("/datasets/{dataset_id}", status_code=204)
-def delete_one(dataset_id: str, ctx: Ctx) -> Response:
-    """409 while a queued or running job uses the dataset."""
+def delete_one(dataset_id: str, ctx: Ctx, who: Admin) -> Response:
+    """Admins only; 409 while a queued or running job uses the dataset."""
     with ctx.db.session() as session:
-        delete_dataset(session, dataset_id=dataset_id)
-    discard_dataset_files(ctx.storage, dataset_id)
+        delete_dataset(session, who, dataset_id=dataset_id)
+    ctx.storage.remove_dataset_files(dataset_id)
     return Response(status_code=204)

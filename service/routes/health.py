@@ -14,8 +14,12 @@ router = APIRouter(tags=["health"])
 
 @router.get("/healthz")
 def healthz(ctx: Ctx) -> JSONResponse:
-    """200 when the database and Redis answer; 503 naming what is down otherwise."""
+    """200 when the database and Redis answer; 503 naming what is down otherwise. Also says
+    whether API keys are required (``auth``) and where rate limits are kept."""
     body: dict = {"status": "ok", "database": "ok", "redis": "ok", "workers": None,
+                  "auth": ("on: every /v1 route needs an API key" if ctx.settings.auth == "on"
+                           else "off: no API keys (allowed on a loopback address only)"),
+                  "rate_limits": ctx.limiter.where,
                   "loaded_models": len(ctx.predictors), "model_loads": ctx.predictors.loads,
                   "predict_batches": ctx.predictors.batches,
                   "predict_images": ctx.predictors.images}

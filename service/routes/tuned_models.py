@@ -2,16 +2,18 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.encoders import jsonable_encoder
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
 from starlette.concurrency import run_in_threadpool
 
 from ftune.models.bundle import CONFIG_FILE, EVALUATION_FILE
+from ftune.service.auth.principal import Principal
+from ftune.service.batching import DynamicBatcher
 from ftune.service.cards import build_card, card_markdown, read_json
 from ftune.service.context import AppContext
-from ftune.service.db.tables import Dataset, Job
-from ftune.service.deps import Ctx
+from ftune.service.db.tables import Dataset, Job, TunedModel
+from ftune.service.deps import Admin, Ctx, Member, rate_limited
 from ftune.service.errors import InvalidInput, NotFound
 from ftune.service.ids import is_id
 from ftune.service.ingest.multipart import receive_multipart
@@ -20,11 +22,12 @@ from ftune.service.predictions import decode_images, parse_top_k
 from ftune.service.schemas import AliasIn, AliasOut, ModelOut, PredictOut
 from ftune.service.tuned_models import (
     aliases_of,
+    build_download,
+    delete_exports,
+    delete_models,
     get_model,
     list_models,
-    model_export,
     model_view,
-    model_zip,
     set_alias,
 )
 
@@ -39,37 +42,64 @@ _PREDICT_FORM = {"requestBody": {"required": True, "content": {"multipart/form-d
     }}}}}}
 
 
-def _resolve(ctx: AppContext, ref: str) -> str:
+def _resolve(ctx: AppContext, who: Principal, ref: str) -> TunedModel:
     with ctx.db.session() as session:
-        return get_model(session, ref).id
+        return get_model(session, who, ref)
 
 
 @router.get("/models", response_model=list[ModelOut])
-def list_all(ctx: Ctx, limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> list[dict]:
+def list_all(ctx: Ctx, who: Member,
+             limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> list[dict]:
     with ctx.db.session() as session:
-        return [model_view(m, aliases_of(session, m)) for m in list_models(session, limit=limit)]
+        return [model_view(m, aliases_of(session, m))
+                for m in list_models(session, who, limit=limit)]
 
 
 @router.put("/models/aliases/{alias}", response_model=AliasOut)
-def put_alias(alias: str, body: AliasIn, ctx: Ctx) -> dict:
-    """Point ``name:alias`` (e.g. ``flowers:production``) at a model of that name."""
+def put_alias(alias: str, body: AliasIn, request: Request, ctx: Ctx, who: Admin) -> dict:
+    """Admins only: point ``name:alias`` (e.g. ``flowers:production``) at a model of that
+    name, within the tenant."""
     with ctx.db.session() as session:
-        row = set_alias(session, alias=alias, ref=body.model)
+        row = set_alias(session, who, alias=alias, ref=body.model)
+        request.state.audit_object = row.model_id
         return {"name": row.name, "alias": row.alias, "model_id": row.model_id}
 
 
 @router.get("/models/{model_ref}", response_model=ModelOut, description=REF)
-def get_one(model_ref: str, ctx: Ctx) -> dict:
+def get_one(model_ref: str, ctx: Ctx, who: Member) -> dict:
     with ctx.db.session() as session:
-        model = get_model(session, model_ref)
+        model = get_model(session, who, model_ref)
         return model_view(model, aliases_of(session, model))
 
 
+@router.delete("/models/{model_ref}", status_code=204, description=REF)
+def delete_one(model_ref: str, ctx: Ctx, who: Admin,
+               all_versions: Annotated[bool, Query()] = False,
+               force: Annotated[bool, Query()] = False) -> Response:
+    """Admins only: delete this version (``all_versions``: every version of its name) with
+    its files and downloads. 409 while an alias points at it, unless ``force`` (the alias goes
+    too)."""
+    with ctx.db.session() as session:
+        ids = delete_models(session, who, ref=model_ref, all_versions=all_versions, force=force)
+    for model_id in ids:
+        ctx.storage.remove_model_files(model_id)
+    return Response(status_code=204)
+
+
+@router.delete("/models/{model_ref}/exports", status_code=204, description=REF)
+def delete_model_exports(model_ref: str, ctx: Ctx, who: Admin) -> Response:
+    """Admins only: remove the model's built downloads (zip, ONNX, TorchScript) to free quota;
+    they are built again when next downloaded."""
+    with ctx.db.session() as session:
+        delete_exports(session, ctx.storage, who, ref=model_ref)
+    return Response(status_code=204)
+
+
 @router.get("/models/{model_ref}/evaluation")
-def evaluation(model_ref: str, ctx: Ctx) -> dict:
+def evaluation(model_ref: str, ctx: Ctx, who: Member) -> dict:
     """The best weights evaluated on val (and test): per-class metrics, the full confusion
     matrix, calibration error, most confused pairs, highest-loss files."""
-    model_id = _resolve(ctx, model_ref)
+    model_id = _resolve(ctx, who, model_ref).id
     found = read_json(ctx.storage.model_dir(model_id) / EVALUATION_FILE)
     if not found:
         raise NotFound(f"model {model_id} has no evaluation (trained before evaluations)")
@@ -78,12 +108,12 @@ def evaluation(model_ref: str, ctx: Ctx) -> dict:
 
 @router.get("/models/{model_ref}/card", response_class=PlainTextResponse, response_model=None,
             responses={200: {"content": {"text/markdown": {}, "application/json": {}}}})
-def card(model_ref: str, ctx: Ctx,
+def card(model_ref: str, ctx: Ctx, who: Member,
          format: Annotated[Literal["markdown", "json"], Query()] = "markdown"
          ) -> Response:
     """The model card, Markdown (default) or ``?format=json``."""
     with ctx.db.session() as session:
-        model = get_model(session, model_ref)
+        model = get_model(session, who, model_ref)
         folder = ctx.storage.model_dir(model.id)
         content = build_card(model=model, job=session.get(Job, model.job_id),
                              dataset=session.get(Dataset, model.dataset_id),
@@ -97,11 +127,11 @@ def card(model_ref: str, ctx: Ctx,
 
 @router.get("/models/{model_ref}/confusion.png", response_class=Response,
             responses={200: {"content": {"image/png": {}}}})
-def confusion(model_ref: str, ctx: Ctx,
+def confusion(model_ref: str, ctx: Ctx, who: Member,
               split: Annotated[Literal["val", "test"], Query()] = "val") -> Response:
     from ftune.service.plots import confusion_png
 
-    model_id = _resolve(ctx, model_ref)
+    model_id = _resolve(ctx, who, model_ref).id
     result = read_json(ctx.storage.model_dir(model_id) / EVALUATION_FILE).get(split)
     if not result or "confusion_matrix" not in result:
         raise NotFound(f"model {model_id} has no {split} evaluation")
@@ -110,33 +140,33 @@ def confusion(model_ref: str, ctx: Ctx,
                                   f"model {model_id[:8]} — {split}"), media_type="image/png")
 
 
-@router.get("/models/{model_ref}/download", response_class=FileResponse, description=REF)
-def download(model_ref: str, ctx: Ctx,
+@router.get("/models/{model_ref}/download", response_class=FileResponse, description=REF,
+            responses={429: {"description": "building it would exceed the storage quota"}})
+def download(model_ref: str, ctx: Ctx, who: Member,
              format: Annotated[Literal["safetensors", "torchscript", "onnx"], Query()] =
              "safetensors") -> FileResponse:
-    """``safetensors`` (default): a zip of what ``models.Predictor.load`` reads, plus the
+    """``safetensors`` (default): a zip of what ``ftune.models.Predictor.load`` reads, plus the
     evaluation. ``onnx`` / ``torchscript``: uint8 RGB ``[N, 3, S, S]`` in, probabilities out,
-    normalisation included (see models/export.py for resizing)."""
-    model_id = _resolve(ctx, model_ref)
-    if format == "safetensors":
-        path = model_zip(ctx.storage, model_id)
-        return FileResponse(path, media_type="application/zip", filename=f"model-{model_id}.zip")
-    path = model_export(ctx.storage, model_id, format)
-    return FileResponse(path, media_type="application/octet-stream",
-                        filename=f"model-{model_id}{path.suffix}")
+    normalisation included (see ftune/models/export.py for resizing). Built once, then kept
+    (they count against the tenant's storage until deleted)."""
+    model = _resolve(ctx, who, model_ref)
+    path = build_download(ctx.db, ctx.storage, ctx.settings, model=model, fmt=format)
+    media = "application/zip" if format == "safetensors" else "application/octet-stream"
+    return FileResponse(path, media_type=media, filename=f"model-{model.id}{path.suffix}")
 
 
 @router.post("/models/{model_ref}/predict", response_model=PredictOut,
-             openapi_extra=_PREDICT_FORM, description=REF)
-async def predict(model_ref: str, request: Request, ctx: Ctx,
+             openapi_extra=_PREDICT_FORM, description=REF,
+             dependencies=[Depends(rate_limited("predictions"))])
+async def predict(model_ref: str, request: Request, ctx: Ctx, who: Member,
                   top_k: Annotated[int | None, Query(ge=1, le=1000)] = None) -> dict:
     """Classify one or more images: one list of ``{label, score}`` per image, in order."""
     settings = ctx.settings
-    # A model already loaded under its id needs no lookup (models never change); anything
-    # else is resolved (aliases move) and loaded once, then cached.
+    # A model loaded under its id a moment ago needs no lookup; anything else is resolved
+    # (aliases move, models get deleted) and loaded once, then cached.
     batcher = ctx.predictors.peek(model_ref) if is_id(model_ref) else None
-    if batcher is None:
-        batcher = await run_in_threadpool(lambda: ctx.predictors.get(_resolve(ctx, model_ref)))
+    if batcher is None or not who.can_see(batcher.tenant_id):
+        batcher = await run_in_threadpool(lambda: _load(ctx, who, model_ref))
     with batcher.arriving():  # peers arriving: the batcher may wait briefly to batch with them
         form = await receive_multipart(
             request, dest=ctx.storage.uploads, file_fields={"files", "file"},
@@ -155,3 +185,8 @@ async def predict(model_ref: str, request: Request, ctx: Ctx,
             form.cleanup()
     probs = await batcher.probabilities(batch)
     return {"predictions": batcher.predictor.top_k(probs, k)}
+
+
+def _load(ctx: AppContext, who: Principal, ref: str) -> DynamicBatcher:
+    model = _resolve(ctx, who, ref)
+    return ctx.predictors.get(model.id, model.tenant_id)

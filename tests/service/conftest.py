@@ -12,11 +12,17 @@ import httpx
 import pytest
 
 from ftune.processes import Stack, wait_until
+from ftune.service.auth.principal import Role
+from ftune.testing.access import Key, make_key
 from ftune.testing.archives import zip_folder
 
 MAX_UPLOAD_MB = 8  # small, so the 413 test needs only a few MB
 WORKER = "test-worker@localhost"
-FAST_LIFECYCLE = {"FTUNE_CANCEL_POLL_S": "0.2", "FTUNE_WORKER_HEARTBEAT_S": "1"}
+FAST_LIFECYCLE = {"FTUNE_CANCEL_POLL_S": "0.2", "FTUNE_WORKER_HEARTBEAT_S": "1",
+                  # The suite uploads and submits far faster than any person; rate limits
+                  # have tests of their own.
+                  "FTUNE_RATE_UPLOADS": "100000/minute", "FTUNE_RATE_JOBS": "100000/minute",
+                  "FTUNE_RATE_PREDICTIONS": "100000/minute"}
 
 
 @pytest.fixture(scope="session")
@@ -31,7 +37,7 @@ def stack(service_home) -> Iterator[Stack]:
     with Stack(service_home, env=env, redis_url=os.environ.get("REDIS_URL"),
                log_dir=service_home) as running:
         if not running.redis_url:
-            running.start_redis()
+            running.start_redis(password="test-redis-password")
         yield running
 
 
@@ -53,8 +59,43 @@ def api_url(stack) -> str:
 
 
 @pytest.fixture(scope="session")
-def client(api_url, worker) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=api_url, timeout=120) as http:
+def database_of_stack(service_home) -> str:
+    return f"sqlite:///{service_home / 'ftune.db'}"
+
+
+@pytest.fixture(scope="session")
+def access(api_url, database_of_stack) -> dict[str, Key]:
+    """Keys of two tenants (team-a, team-b: an admin and a member each) and an operator."""
+    keys = {"operator": make_key(database_of_stack, role=Role.OPERATOR)}
+    for team in ("a", "b"):
+        for role in (Role.ADMIN, Role.MEMBER):
+            keys[f"{team}-{role}"] = make_key(database_of_stack, role=role, tenant=f"team-{team}")
+    return keys
+
+
+@pytest.fixture(scope="session")
+def client(api_url, worker, access) -> Iterator[httpx.Client]:
+    """An admin of tenant team-a: what most service tests act as."""
+    with access["a-admin"].client(api_url, timeout=120) as http:
+        yield http
+
+
+@pytest.fixture(scope="session")
+def client_b(api_url, access) -> Iterator[httpx.Client]:
+    """An admin of the other tenant, team-b."""
+    with access["b-admin"].client(api_url, timeout=120) as http:
+        yield http
+
+
+@pytest.fixture(scope="session")
+def member_client(api_url, access) -> Iterator[httpx.Client]:
+    with access["a-member"].client(api_url, timeout=120) as http:
+        yield http
+
+
+@pytest.fixture(scope="session")
+def operator_client(api_url, access) -> Iterator[httpx.Client]:
+    with access["operator"].client(api_url, timeout=120) as http:
         yield http
 
 

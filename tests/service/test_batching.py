@@ -28,7 +28,7 @@ def model_home(tiny_folder, tmp_path_factory):
 
 def test_concurrent_requests_share_one_forward_with_the_same_answers(model_home):
     storage, ids = model_home
-    batcher = PredictorCache(storage, 1 << 30).get(ids[0])
+    batcher = PredictorCache(storage, 1 << 30).get(ids[0], "t" * 32)
     rng = np.random.default_rng(0)
     batches = [rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8) for n in (1, 3, 2, 1)]
     expected = [batcher.predictor.probabilities_from_arrays(b) for b in batches]
@@ -45,7 +45,7 @@ def test_concurrent_requests_share_one_forward_with_the_same_answers(model_home)
 
 def test_a_lone_request_does_not_wait_for_the_batch_window(model_home):
     storage, ids = model_home
-    predictor = PredictorCache(storage, 1 << 30).get(ids[0]).predictor
+    predictor = PredictorCache(storage, 1 << 30).get(ids[0], "t" * 32).predictor
     batcher = DynamicBatcher(predictor, max_batch=32, max_wait_ms=2000)
     image = np.zeros((1, 32, 32, 3), dtype=np.uint8)
 
@@ -61,13 +61,13 @@ def test_a_lone_request_does_not_wait_for_the_batch_window(model_home):
 def test_cache_is_bounded_by_memory_and_loads_once(model_home):
     storage, ids = model_home
     probe = PredictorCache(storage, 1 << 30)
-    one_model = probe.get(ids[0]).predictor.memory_bytes()
+    one_model = probe.get(ids[0], "t" * 32).predictor.memory_bytes()
     cache = PredictorCache(storage, int(one_model * 1.5))  # room for one model only
-    first = cache.get(ids[0])
-    assert cache.get(ids[0]) is first and cache.loads == 1
-    cache.get(ids[1])
+    first = cache.get(ids[0], "t" * 32)
+    assert cache.get(ids[0], "t" * 32) is first and cache.loads == 1
+    cache.get(ids[1], "t" * 32)
     assert len(cache) == 1 and cache.peek(ids[0]) is None and cache.bytes == one_model
-    cache.get(ids[0])
+    cache.get(ids[0], "t" * 32)
     assert cache.loads == 3
 
 
@@ -77,13 +77,13 @@ def test_concurrent_first_requests_load_the_model_once(model_home):
     storage, ids = model_home
     cache = PredictorCache(storage, 1 << 30)
     with ThreadPoolExecutor(6) as pool:
-        batchers = list(pool.map(lambda _: cache.get(ids[1]), range(6)))
+        batchers = list(pool.map(lambda _: cache.get(ids[1], "t" * 32), range(6)))
     assert cache.loads == 1 and all(b is batchers[0] for b in batchers)
 
 
 def test_a_closed_batcher_serves_what_is_queued_and_restarts_on_demand(model_home):
     storage, ids = model_home
-    batcher = PredictorCache(storage, 1 << 30).get(ids[0])
+    batcher = PredictorCache(storage, 1 << 30).get(ids[0], "t" * 32)
     image = np.zeros((1, 32, 32, 3), dtype=np.uint8)
 
     async def scenario() -> None:

@@ -47,11 +47,20 @@ def test_ftune_up_runs_everything_and_ctrl_c_stops_it(tmp_path):
         wait_until(state_file.exists, 90, "ftune up to write its state file")
         state = json.loads(state_file.read_text())
         assert set(state["children"]) == {"redis", "worker-1", "api"}
-        assert state["redis_url"].startswith("redis://127.0.0.1:")
+        assert state["redis_url"].startswith("redis://:")  # a password, then the host
+        assert "@127.0.0.1:" in state["redis_url"]
+        assert state_file.stat().st_mode & 0o777 == 0o600  # it holds that password
+        key_file = home / "operator.key"
+        assert key_file.stat().st_mode & 0o777 == 0o600
+        key = key_file.read_text().strip()
+        assert key.startswith("ftk_") and len(key) >= 40
         health = wait_until(lambda: (h := httpx.get(f"http://127.0.0.1:{port}/healthz").json())
                             ["workers"] == 1 and h, 60, "the worker to report in")
-        assert health["status"] == "ok"
+        assert health["status"] == "ok" and health["auth"].startswith("on")
         assert (home / "ftune.db").is_file()  # SQLite in the data directory by default
+        url = f"http://127.0.0.1:{port}/v1/jobs"
+        assert httpx.get(url).status_code == 401
+        assert httpx.get(url, headers={"Authorization": f"Bearer {key}"}).status_code == 200
 
         process.send_signal(signal.SIGINT)
         output, _ = process.communicate(timeout=90)
@@ -60,6 +69,7 @@ def test_ftune_up_runs_everything_and_ctrl_c_stops_it(tmp_path):
             process.kill()
     assert process.returncode == 0, output.decode()
     assert b"ftune is up" in output
+    assert key.encode() in output and str(key_file).encode() in output  # printed once
     assert not [name for name, pid in state["children"].items() if _alive(pid)]
     assert not state_file.exists()
 
@@ -75,6 +85,12 @@ def _start_up(home: Path, port: int) -> subprocess.Popen:
     return process
 
 
+def _operator(home: Path, port: int) -> httpx.Client:
+    key = (home / "operator.key").read_text().strip()
+    return httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60,
+                        headers={"Authorization": f"Bearer {key}"})
+
+
 def _stop_up(process: subprocess.Popen) -> str:
     process.send_signal(signal.SIGINT)
     output, _ = process.communicate(timeout=120)
@@ -88,7 +104,7 @@ def test_stopping_ftune_up_hands_a_running_job_back_to_resume_later(tmp_path, ti
     port = free_port()
     process = _start_up(home, port)
     try:
-        http = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60)
+        http = _operator(home, port)
         dataset = http.post("/v1/datasets",
                             files={"file": ("t.zip", zip_folder(tiny_folder))}).json()
         spec = {"image_size": 64, "epochs": 12, "batch_size": 12, "seed": 3,
@@ -107,9 +123,9 @@ def test_stopping_ftune_up_hands_a_running_job_back_to_resume_later(tmp_path, ti
     assert (home / "jobs" / job["id"] / "checkpoints" / "checkpoint.pt").is_file()
 
     port = free_port()
-    process = _start_up(home, port)  # same data dir: Redis kept the message on disk
+    process = _start_up(home, port)  # same data dir: the job waits in the database
     try:
-        http = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60)
+        http = _operator(home, port)
         done = wait_for_job(http, job["id"], timeout_s=300)
     finally:
         output = _stop_up(process)
@@ -119,6 +135,7 @@ def test_stopping_ftune_up_hands_a_running_job_back_to_resume_later(tmp_path, ti
     # Resumed, not restarted: epochs reported before the stop were not run again.
     assert done["metrics"][: len(before)] == before
     assert "resumes from its last checkpoint" in output
+    assert "operator key: in" in output  # a later start says where the key is
 
 
 def test_compose_file_matches_the_code():

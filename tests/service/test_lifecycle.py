@@ -4,6 +4,7 @@ the API. A stack of its own, so these tests can break it without touching the ot
 from __future__ import annotations
 
 import json
+import signal
 import time
 from collections.abc import Iterator
 
@@ -12,6 +13,8 @@ import pytest
 import redis
 
 from ftune.processes import Child, Stack, wait_until
+from ftune.service.auth.principal import Role
+from ftune.testing.access import Key, make_key
 from ftune.testing.archives import zip_folder
 from tests.service.conftest import wait_for_job
 
@@ -21,14 +24,19 @@ SLOW = {"image_size": 64, "epochs": 8, "batch_size": 6, "seed": 5,
         "freeze": {"strategy": "none"}, "early_stopping": {"patience": 100}}
 ENV = {"FTUNE_CANCEL_POLL_S": "0.2", "FTUNE_WORKER_HEARTBEAT_S": "0.5",
        "FTUNE_JOB_STALE_S": "3", "FTUNE_RECONCILE_INTERVAL_S": "1",
-       "FTUNE_RETRY_BACKOFF_S": "0.5"}
+       "FTUNE_RETRY_BACKOFF_S": "0.5", "FTUNE_DISPATCH_INTERVAL_S": "0.5",
+       "FTUNE_RATE_JOBS": "100000/minute", "FTUNE_RATE_UPLOADS": "100000/minute"}
+REDIS_PASSWORD = "lifecycle-password"
 
 
 class Lifecycle(Stack):
     """The harness's stack, with the moves these tests make on it."""
 
+    key: Key | None = None
+
     def client(self) -> httpx.Client:
-        return httpx.Client(base_url=self.api_url, timeout=60)
+        assert self.key is not None and self.api_url is not None
+        return self.key.client(self.api_url, timeout=60)
 
     def worker(self, name: str) -> Child:
         return self.start_worker(f"{name}@test")
@@ -39,7 +47,7 @@ class Lifecycle(Stack):
     def restart_redis_empty(self) -> None:
         port = self.redis_port
         self.kill(self.named("redis")[0])
-        self.start_redis(port)  # no append-only file: the messages are gone
+        self.start_redis(port, password=REDIS_PASSWORD)  # no append-only file: messages gone
 
     def restart_api(self) -> None:
         self.stop("api")
@@ -51,8 +59,9 @@ class Lifecycle(Stack):
 def stack(tmp_path_factory) -> Iterator[Lifecycle]:
     home = tmp_path_factory.mktemp("lifecycle")
     with Lifecycle(home, env=ENV, log_dir=home) as lifecycle:
-        lifecycle.start_redis()
+        lifecycle.start_redis(password=REDIS_PASSWORD)
         lifecycle.start_api()
+        lifecycle.key = make_key(f"sqlite:///{home / 'ftune.db'}", role=Role.ADMIN)
         yield lifecycle
 
 
@@ -169,19 +178,30 @@ def test_a_worker_killed_mid_epoch_is_replaced_and_the_job_resumes(stack, datase
         assert len(requeued) == 1
 
 
-def test_redis_restarted_empty_jobs_are_enqueued_again(stack, dataset_id):
+def test_redis_restarted_empty_loses_no_job(stack, dataset_id):
     with stack.client() as http:
-        jobs = [_submit(http, dataset_id, QUICK) for _ in range(2)]  # no worker: they wait
+        # An admitted job has a message in Redis: a worker is free (but frozen) when it is
+        # submitted, so the dispatcher hands it to the broker at once.
+        frozen = stack.worker("frozen")
+        frozen.process.send_signal(signal.SIGSTOP)
+        admitted = _submit(http, dataset_id, QUICK)
+        assert http.get(f"/v1/jobs/{admitted['id']}").json()["status"] == "admitted"
+        # Queued jobs wait in the database, not in Redis: nothing of theirs can be lost.
+        waiting = [_submit(http, dataset_id, QUICK) for _ in range(2)]  # the worker is taken
+        assert {http.get(f"/v1/jobs/{j['id']}").json()["status"] for j in waiting} == {"queued"}
         stack.restart_redis_empty()
-        assert redis.Redis(port=stack.redis_port).dbsize() == 0
+        assert redis.Redis.from_url(stack.redis_url).dbsize() == 0
+        stack.kill(frozen)
         stack.worker("after-redis")
         try:
-            done = [wait_for_job(http, j["id"], timeout_s=120) for j in jobs]
+            done = [wait_for_job(http, j["id"], timeout_s=120) for j in [admitted, *waiting]]
         finally:
             stack.stop_workers()
-        assert [j["status"] for j in done] == ["succeeded", "succeeded"]
-        notes = [e for e in _events(http, jobs[0]["id"]) if e["event"] == "note"]
-        assert any("missing from the broker" in e["data"]["message"] for e in notes)
+        assert [j["status"] for j in done] == ["succeeded"] * 3
+        recovered = [e["data"] for e in _events(http, admitted["id"])
+                     if e["event"] in ("note", "status")]
+        assert any("missing from the broker" in d.get("message", "")
+                   or "no worker started it" in d.get("reason", "") for d in recovered)
 
 
 def test_two_workers_run_every_job_exactly_once(stack, dataset_id):

@@ -16,7 +16,7 @@ from sqlalchemy import MetaData, insert, select, text
 from ftune.processes import ftune_command
 from ftune.service.db import migrate
 from ftune.service.db.session import make_engine
-from ftune.service.db.tables import Base
+from ftune.service.db.tables import DEFAULT_TENANT_ID, DEFAULT_TENANT_NAME, Base
 
 pytestmark = pytest.mark.processes
 
@@ -94,6 +94,13 @@ def test_a_database_full_of_rows_upgrades_with_every_row_intact(engine):
     assert (before, after) == (migrate.BASELINE, migrate.head_revision())
     _assert_rows_intact(engine)
     migrate.require_current(engine)
+    with engine.connect() as connection:  # what existed before tenancy is the default tenant's
+        for table in ("datasets", "jobs", "models", "model_aliases", "idempotency_keys"):
+            owners = connection.execute(text(f"SELECT DISTINCT tenant_id FROM {table}")).all()
+            assert owners == [(DEFAULT_TENANT_ID,)], table
+        names = connection.execute(text("SELECT name FROM tenants WHERE id = :id"),
+                                   {"id": DEFAULT_TENANT_ID}).all()
+        assert names == [(DEFAULT_TENANT_NAME,)]
 
 
 def test_a_database_made_before_migrations_is_stamped_then_upgraded(engine):

@@ -14,8 +14,9 @@ from ftune.testing.archives import zip_folder
 @pytest.fixture
 def redis_down_client(tmp_path):
     # A port nothing listens on: connections are refused at once.
-    settings = Settings(home=tmp_path / "home", redis_url=f"redis://127.0.0.1:{free_port()}/0")
-    with TestClient(create_app(settings)) as http:
+    settings = Settings(home=tmp_path / "home", redis_url=f"redis://127.0.0.1:{free_port()}/0",
+                        auth="off")
+    with TestClient(create_app(settings), base_url="http://127.0.0.1") as http:
         yield http
 
 
@@ -43,8 +44,9 @@ def test_submit_with_redis_down_is_503_and_the_job_is_not_left_queued(redis_down
 def test_database_down_is_503_not_500(tmp_path):
     # PostgreSQL on a port nothing listens on: the API starts and says what is down.
     settings = Settings(home=tmp_path / "home", redis_url=f"redis://127.0.0.1:{free_port()}/0",
-                        database_url=f"postgresql://nobody@127.0.0.1:{free_port()}/nothing")
-    with TestClient(create_app(settings)) as http:
+                        database_url=f"postgresql://nobody@127.0.0.1:{free_port()}/nothing",
+                        auth="off")
+    with TestClient(create_app(settings), base_url="http://127.0.0.1") as http:
         health = http.get("/healthz")
         assert health.status_code == 503 and health.json()["database"].startswith("down")
         response = http.get("/v1/jobs")

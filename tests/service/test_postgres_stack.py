@@ -11,6 +11,8 @@ import pytest
 from PIL import Image
 
 from ftune.processes import Stack, wait_until
+from ftune.service.auth.principal import Role
+from ftune.testing.access import make_key
 from ftune.testing.archives import zip_folder
 from ftune.testing.postgres import fresh_database
 from tests.service.conftest import FAST_LIFECYCLE, wait_for_job
@@ -30,7 +32,8 @@ def pg_client(postgres_server, redis_url, tmp_path_factory) -> Iterator[httpx.Cl
             log_dir=home) as stack:
         stack.start_api()
         stack.start_worker("pg-worker@test")
-        with httpx.Client(base_url=stack.api_url, timeout=60) as http:
+        key = make_key(url, role=Role.ADMIN)
+        with key.client(stack.api_url, timeout=60) as http:
             assert http.get("/healthz").json()["database"] == "ok"
             yield http
 

@@ -7,9 +7,10 @@ from datetime import timedelta
 
 import pytest
 
+from ftune.service.auth.principal import LOCAL_USER
 from ftune.service.db import migrate
 from ftune.service.db.session import Database
-from ftune.service.db.tables import Dataset, Job, TunedModel, utcnow
+from ftune.service.db.tables import DEFAULT_TENANT_ID, Dataset, Job, JobRun, TunedModel, utcnow
 from ftune.service.job_status import JobStatus
 from ftune.service.jobs import cancel_job
 from ftune.service.lifecycle import transitions
@@ -19,21 +20,28 @@ from ftune.service.lifecycle import transitions
 def db(database_url):
     database = Database(database_url, prepare=migrate.upgrade)
     with database.session() as session:
-        session.add(Dataset(id="d" * 32, name="d", classes=["a", "b"], class_counts={},
-                            num_images=2, splits={}, warnings=[]))
+        session.add(Dataset(id="d" * 32, tenant_id=DEFAULT_TENANT_ID, name="d",
+                            classes=["a", "b"], class_counts={}, num_images=2, splits={},
+                            warnings=[]))
     yield database
     database.dispose()
 
 
 def _job(db, **values) -> str:
+    """A job as the dispatcher leaves it (admitted), unless ``values`` say otherwise."""
+    values = {"status": JobStatus.ADMITTED, **values}
     with db.session() as session:
-        job = Job(dataset_id="d" * 32, spec={}, epochs=1, **values)
+        job = Job(tenant_id=DEFAULT_TENANT_ID, dataset_id="d" * 32, spec={}, epochs=1,
+                  **values)
         session.add(job)
         session.flush()
         return job.id
 
 
-def test_a_queued_job_is_claimed_once(db):
+def test_an_admitted_job_is_claimed_once_and_a_queued_one_not_at_all(db):
+    with db.session() as session:  # not admitted by the dispatcher: a stale message
+        assert transitions.claim(session, _job(db, status=JobStatus.QUEUED), "w1",
+                                 stale_after_s=60) is None
     job_id = _job(db)
     with db.session() as session:
         assert transitions.claim(session, job_id, "w1", stale_after_s=60).status == "running"
@@ -54,12 +62,12 @@ def test_an_abandoned_running_job_is_taken_over(db):
 def test_cancel_wins_over_a_later_claim_and_a_cancelled_job_never_succeeds(db):
     job_id = _job(db)
     with db.session() as session:
-        assert cancel_job(session, job_id=job_id).status == "cancelled"
+        assert cancel_job(session, LOCAL_USER, job_id=job_id).status == "cancelled"
     with db.session() as session:
         assert transitions.claim(session, job_id, "w1", stale_after_s=60) is None
     with db.session() as session:
-        model = TunedModel(id="m" * 32, job_id=job_id, dataset_id="d" * 32, backbone="x",
-                           classes=[], metrics={}, spec={})
+        model = TunedModel(id="m" * 32, tenant_id=DEFAULT_TENANT_ID, job_id=job_id,
+                           dataset_id="d" * 32, backbone="x", classes=[], metrics={}, spec={})
         assert transitions.succeed(session, job_id, "w1", model, {}, False) is False
     with db.session() as session:
         assert session.get(Job, job_id).status == "cancelled"
@@ -91,21 +99,27 @@ def test_reconciler_requeues_abandoned_jobs_and_gives_up_after_max_attempts(db, 
     # A database of its own on the shared Redis: no running worker consumes what is enqueued.
     isolated = redis_url.rsplit("/", 1)[0] + "/7"
     client = redis_lib.Redis.from_url(isolated)
-    settings = Settings(home=tmp_path, redis_url=isolated, job_stale_s=5, max_attempts=2)
+    settings = Settings(home=tmp_path, redis_url=isolated, job_stale_s=30, max_attempts=2,
+                        reconcile_interval_s=10)
     old = utcnow() - timedelta(seconds=60)
     retry_id = _job(db, status=JobStatus.RUNNING, attempts=1, heartbeat_at=old)
     give_up_id = _job(db, status=JobStatus.RUNNING, attempts=2, heartbeat_at=old)
     fresh_id = _job(db, status=JobStatus.RUNNING, attempts=1, heartbeat_at=utcnow())
+    # Admitted 15 s ago (past the reconciler's grace, before job_stale_s), but its message is
+    # gone from Redis.
+    lost_id = _job(db, admitted_at=utcnow() - timedelta(seconds=15))
     celery = make_celery(settings)
     try:
         repairs = reconcile(db, celery, client, settings)
         assert repairs.requeued == [retry_id] and repairs.failed == [give_up_id]
         with db.session() as session:
+            # Back to the dispatcher, which decides when it runs again; not enqueued here.
             assert session.get(Job, retry_id).status == "queued"
             assert session.get(Job, fresh_id).status == "running"
             failed = session.get(Job, give_up_id)
             assert failed.status == "failed" and "stopped responding 2 time(s)" in failed.error
-        assert retry_id in broker_job_ids(client)  # enqueued again, to resume
+        assert repairs.reenqueued == [lost_id]
+        assert broker_job_ids(client) == {lost_id}
     finally:
         for key in client.scan_iter(match="training*"):
             client.delete(key)
@@ -138,3 +152,35 @@ def test_failure_messages_say_what_to_change():
     assert gpu.startswith("out of GPU memory")
     assert describe_failure(UnknownBackboneError("no_such_net")).startswith("unknown backbone")
     assert "report it" in describe_failure(ZeroDivisionError("boom"))
+
+
+def test_runs_are_recorded_for_compute_quotas_and_run_time(db):
+    job_id = _job(db)
+    with db.session() as session:
+        transitions.claim(session, job_id, "w1", stale_after_s=60)
+    with db.session() as session:
+        runs = session.query(JobRun).filter_by(job_id=job_id).all()
+        assert len(runs) == 1 and runs[0].ended_at is None and runs[0].worker == "w1"
+        runs[0].started_at = utcnow() - timedelta(seconds=30)  # as if it ran half a minute
+    with db.session() as session:
+        transitions.requeue(session, job_id, "test", "w1")
+    with db.session() as session:
+        assert 29 < transitions.run_seconds(session, job_id) < 60
+        assert session.get(Job, job_id).status == "queued"
+
+
+def test_an_admitted_job_no_worker_started_goes_back_to_the_dispatcher(db, redis_url, tmp_path):
+    import redis as redis_lib
+
+    from ftune.service.lifecycle.reconciler import reconcile
+    from ftune.service.queue import make_celery
+    from ftune.service.settings import Settings
+
+    isolated = redis_url.rsplit("/", 1)[0] + "/7"
+    settings = Settings(home=tmp_path, redis_url=isolated, job_stale_s=30)
+    stuck = _job(db, admitted_at=utcnow() - timedelta(seconds=60))
+    repairs = reconcile(db, make_celery(settings), redis_lib.Redis.from_url(isolated), settings)
+    assert repairs.requeued == [stuck]
+    with db.session() as session:
+        job = session.get(Job, stuck)
+        assert job.status == "queued" and job.admitted_at is None

@@ -1,0 +1,97 @@
+"""The audit log: who did what. Every state-changing request that a key made is one row:
+tenant, key, action (method and route), object id, status code and time.
+
+An ASGI middleware, so it sees the final status of every route, streaming ones included, and
+the route that matched. Handlers that create an object name it in ``request.state.audit_object``;
+otherwise the object is the id in the path. Requests without a valid key are not recorded
+(that would let anyone fill the table); the log has them.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from ftune.service.auth.principal import Principal
+from ftune.service.db.session import Database
+from ftune.service.db.tables import AuditEntry
+
+log = logging.getLogger(__name__)
+
+STATE_CHANGING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+# POSTs that change nothing.
+READ_ONLY_SUFFIXES = ("/predict",)
+PATH_IDS = ("dataset_id", "job_id", "model_ref", "key_id", "tenant_ref", "alias")
+
+
+class AuditMiddleware:
+    def __init__(self, app: ASGIApp, db: Database) -> None:
+        self.app, self.db = app, db
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (scope["type"] != "http" or scope["method"] not in STATE_CHANGING
+                or not scope["path"].startswith("/v1/")
+                or scope["path"].endswith(READ_ONLY_SUFFIXES)):
+            await self.app(scope, receive, send)
+            return
+        status = {"code": 500}
+
+        async def record_status(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, record_status)
+        finally:
+            entry = _entry(scope, status["code"])
+            if entry is not None:
+                await run_in_threadpool(self._write, entry)
+
+    def _write(self, entry: AuditEntry) -> None:
+        try:
+            with self.db.session() as session:
+                session.add(entry)
+        except Exception as exc:  # the request is done; losing an audit row must be loud
+            log.error("could not write the audit log (%s %s): %s", entry.action,
+                      entry.object_id, exc)
+
+
+def _entry(scope: Scope, status_code: int) -> AuditEntry | None:
+    state: dict[str, Any] = scope.get("state") or {}
+    who: Principal | None = state.get("principal")
+    if who is None:
+        return None
+    route_path = getattr(scope.get("route"), "path", None)
+    # Routes are mounted under /v1; the matched route knows its path within the router.
+    template = (f"/v1{route_path}" if route_path and not route_path.startswith("/v1")
+                else route_path or scope["path"])
+    params = scope.get("path_params") or {}
+    object_id = state.get("audit_object") or next(
+        (str(params[name]) for name in PATH_IDS if name in params), None)
+    return AuditEntry(tenant_id=who.tenant_id, key_id=who.key_id,
+                      action=f"{scope['method']} {template}"[:120],
+                      object_id=object_id[:200] if object_id else None, status_code=status_code)
+
+
+def audit_log(session: Session, principal: Principal, *, tenant_id: str | None = None,
+              before_id: int | None = None, limit: int = 100) -> list[AuditEntry]:
+    query = select(AuditEntry).order_by(AuditEntry.id.desc()).limit(limit)
+    if not principal.is_operator:
+        query = query.where(AuditEntry.tenant_id == principal.tenant_id)
+    elif tenant_id is not None:
+        query = query.where(AuditEntry.tenant_id == tenant_id)
+    if before_id is not None:
+        query = query.where(AuditEntry.id < before_id)
+    return list(session.scalars(query))
+
+
+def audit_view(entry: AuditEntry) -> dict:
+    return {"id": entry.id, "tenant_id": entry.tenant_id, "key_id": entry.key_id,
+            "action": entry.action, "object_id": entry.object_id,
+            "status_code": entry.status_code, "created_at": entry.created_at}

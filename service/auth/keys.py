@@ -1,0 +1,86 @@
+"""API keys: made here, shown once, stored as a SHA-256."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from datetime import datetime
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from ftune.service.auth.principal import Principal, Role
+from ftune.service.db.tables import ApiKey, Tenant, utcnow
+from ftune.service.errors import InvalidInput, NotFound
+from ftune.service.ids import is_id
+
+KEY_PREFIX = "ftk_"
+_KEY_BYTES = 32  # 256 bits
+SHOWN_PREFIX = 12  # "ftk_" and 8 characters: enough to tell keys apart, useless to guess
+MAX_NAME = 100
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def looks_like_key(token: str) -> bool:
+    return token.startswith(KEY_PREFIX) and 20 <= len(token) <= 200 and token.isascii()
+
+
+def create_key(session: Session, *, role: Role, tenant_id: str | None, name: str,
+               expires_at: datetime | None = None) -> tuple[ApiKey, str]:
+    """A new key and its plaintext (the only time it exists outside the caller)."""
+    name = name.strip()
+    if not name or len(name) > MAX_NAME or any(ord(c) < 32 for c in name):
+        raise InvalidInput(f"name: 1 to {MAX_NAME} printable characters")
+    if role is Role.OPERATOR:
+        tenant_id = None
+    elif tenant_id is None or session.get(Tenant, tenant_id) is None:
+        raise NotFound(f"tenant {tenant_id} not found")
+    if expires_at is not None and expires_at <= utcnow():
+        raise InvalidInput("expires_at: must be in the future")
+    plaintext = KEY_PREFIX + secrets.token_urlsafe(_KEY_BYTES)
+    key = ApiKey(tenant_id=tenant_id, name=name, role=str(role), key_hash=hash_key(plaintext),
+                 prefix=plaintext[:SHOWN_PREFIX], expires_at=expires_at)
+    session.add(key)
+    session.flush()
+    return key, plaintext
+
+
+def list_keys(session: Session, principal: Principal, tenant_id: str | None = None,
+              *, include_revoked: bool = False) -> list[ApiKey]:
+    query = select(ApiKey).order_by(ApiKey.created_at.desc())
+    if not principal.is_operator:
+        query = query.where(ApiKey.tenant_id == principal.tenant_id)
+    elif tenant_id is not None:
+        query = query.where(ApiKey.tenant_id == tenant_id)
+    if not include_revoked:
+        query = query.where(ApiKey.revoked_at.is_(None))
+    return list(session.scalars(query))
+
+
+def get_key(session: Session, principal: Principal, key_id: str) -> ApiKey:
+    key = session.get(ApiKey, key_id) if is_id(key_id) else None
+    if key is None or not (principal.is_operator or key.tenant_id == principal.tenant_id):
+        raise NotFound(f"key {key_id} not found")
+    return key
+
+
+def revoke_key(session: Session, principal: Principal, key_id: str) -> ApiKey:
+    key = get_key(session, principal, key_id)
+    if key.revoked_at is None:
+        key.revoked_at = utcnow()
+    return key
+
+
+def operator_keys(session: Session) -> list[ApiKey]:
+    return list(session.scalars(select(ApiKey).where(ApiKey.role == str(Role.OPERATOR),
+                                                     ApiKey.revoked_at.is_(None))))
+
+
+def key_view(key: ApiKey) -> dict:
+    return {"id": key.id, "name": key.name, "role": key.role, "tenant_id": key.tenant_id,
+            "prefix": key.prefix, "created_at": key.created_at,
+            "last_used_at": key.last_used_at, "expires_at": key.expires_at,
+            "revoked_at": key.revoked_at}

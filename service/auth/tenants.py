@@ -1,0 +1,75 @@
+"""Tenants and their quotas: operators create and remove them and set limits."""
+
+from __future__ import annotations
+
+import re
+
+from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from ftune.service.auth.principal import Principal
+from ftune.service.db.tables import Tenant
+from ftune.service.errors import Conflict, InvalidInput, NotFound
+from ftune.service.ids import is_id
+
+TENANT_NAME = re.compile(r"[a-z0-9][a-z0-9_.\-]{0,99}")
+
+
+class QuotaOverrides(BaseModel):
+    """A tenant's own limits; a missing one takes the service default (FTUNE_QUOTA_*)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    stored_gb: float | None = Field(None, ge=0, description="Datasets, models and exports.")
+    datasets: int | None = Field(None, ge=0, description="Datasets held.")
+    active_jobs: int | None = Field(None, ge=0, description="Queued plus running jobs.")
+    running_jobs: int | None = Field(None, ge=0, description="Jobs running at once.")
+    epoch_images: int | None = Field(None, ge=1, description="Epochs × images of one job.")
+    compute_hours: float | None = Field(None, ge=0, description="Worker hours per rolling 24 h.")
+
+
+def create_tenant(session: Session, *, name: str,
+                  quotas: QuotaOverrides | None = None) -> Tenant:
+    if not TENANT_NAME.fullmatch(name):
+        raise InvalidInput("name: 1 to 100 of a-z, 0-9, '-', '_' or '.', starting with a "
+                           "letter or digit")
+    if session.scalar(select(Tenant).where(Tenant.name == name)) is not None:
+        raise Conflict(f"a tenant named {name!r} already exists")
+    tenant = Tenant(name=name, quotas=(quotas or QuotaOverrides()).model_dump(
+        exclude_none=True))
+    session.add(tenant)
+    session.flush()
+    return tenant
+
+
+def get_tenant(session: Session, ref: str) -> Tenant:
+    """A tenant by id or by name."""
+    tenant = session.get(Tenant, ref) if is_id(ref) else session.scalar(
+        select(Tenant).where(Tenant.name == ref))
+    if tenant is None:
+        raise NotFound(f"tenant {ref} not found")
+    return tenant
+
+
+def visible_tenant(session: Session, principal: Principal, ref: str) -> Tenant:
+    tenant = get_tenant(session, ref)
+    if not principal.can_see(tenant.id):
+        raise NotFound(f"tenant {ref} not found")
+    return tenant
+
+
+def list_tenants(session: Session) -> list[Tenant]:
+    return list(session.scalars(select(Tenant).order_by(Tenant.created_at)))
+
+
+def set_quotas(session: Session, tenant: Tenant, overrides: QuotaOverrides) -> Tenant:
+    """Replace the tenant's overrides (a null value goes back to the default)."""
+    tenant.quotas = overrides.model_dump(exclude_none=True)
+    session.flush()
+    return tenant
+
+
+def tenant_view(tenant: Tenant) -> dict:
+    return {"id": tenant.id, "name": tenant.name, "created_at": tenant.created_at,
+            "quotas": tenant.quotas}

@@ -1,0 +1,146 @@
+"""The dispatcher: the one place that decides which queued job starts next.
+
+Jobs wait in the database as ``queued``. When a worker is free, the dispatcher admits jobs to
+the broker (``admitted``), at most as many as there are free workers, so the broker never holds
+a backlog that would bypass these rules:
+
+- **Fair share across tenants**: the next job is the oldest waiting job of the tenant with the
+  fewest jobs on workers; ties go to the tenant that used the least compute in the last 24 h.
+- **Within a tenant**: priority (9 first), then first come, first served.
+- **Run-time quotas**: a tenant at its running-jobs limit or over its compute hours waits; its
+  jobs show why (``hold_reason``, and a note event when the reason changes).
+- **Retry times**: a job back from a transient failure waits until its ``retry_at``.
+
+Why admit from the database instead of enqueueing everything and letting Celery order it: the
+broker only knows priorities, not tenants or quotas, and whatever sits in it is out of reach.
+Keeping the backlog in the database makes every rule a query, survives a Redis restart, and
+lets later features (sweep parallelism) hold jobs back in the same place.
+
+It runs in the API (after a submission, and every ``FTUNE_DISPATCH_INTERVAL_S``) and in each
+worker when it finishes a job, under a Redis lock so two processes never admit at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections import deque
+from dataclasses import dataclass, field
+
+import redis
+from celery import Celery
+from sqlalchemy import func, or_, select, update
+from sqlalchemy.orm import Session
+
+from ftune.service.db.session import Database
+from ftune.service.db.tables import Job, Tenant, utcnow
+from ftune.service.events import add_event
+from ftune.service.job_status import JobStatus
+from ftune.service.lifecycle.liveness import live_worker_count
+from ftune.service.queue import enqueue_finetune
+from ftune.service.quotas import RUNNING, Limits, compute_seconds, limits_of
+from ftune.service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+LOCK_KEY = "ftune:dispatcher"
+
+
+@dataclass
+class _Tenant:
+    id: str
+    limits: Limits
+    running: int = 0
+    compute_s: float = 0.0
+    waiting: deque = field(default_factory=deque)  # (job id, priority, created_at), in order
+
+    def hold(self) -> str | None:
+        """Why this tenant's jobs may not start now (a run-time quota), or None."""
+        if self.running >= self.limits.running_jobs:
+            return (f"quota running_jobs: {self.running} of {self.limits.running_jobs} jobs "
+                    "running; starts when one of them ends")
+        if self.compute_s >= self.limits.compute_s:
+            return (f"quota compute_hours: {self.compute_s / 3600:.2f} of "
+                    f"{self.limits.compute_s / 3600:.2f} worker hours used in the last 24 h; "
+                    "starts as that window moves on")
+        return None
+
+
+def dispatch(db: Database, celery: Celery, client: redis.Redis, settings: Settings) -> list[str]:
+    """Admit waiting jobs to free workers; returns the ids admitted (in order)."""
+    lock = client.lock(LOCK_KEY, timeout=30, blocking_timeout=10)
+    if not lock.acquire():
+        return []  # another process is dispatching right now
+    try:
+        free = live_worker_count(client)
+        with db.session() as session:
+            admitted = admit(session, settings, free_workers=free)
+        for job_id, priority in admitted:
+            enqueue_finetune(celery, job_id, priority)  # after the commit: workers find it
+    finally:
+        with contextlib.suppress(redis.exceptions.LockError):  # expired: someone else's now
+            lock.release()
+    if admitted:
+        log.info("dispatcher admitted %s", [job_id for job_id, _ in admitted])
+    return [job_id for job_id, _ in admitted]
+
+
+def admit(session: Session, settings: Settings, *, free_workers: int) -> list[tuple[str, int]]:
+    """Choose and mark the jobs to start; records why others are held back."""
+    tenants = _waiting_by_tenant(session, settings)
+    _record_holds(session, tenants)
+    busy = session.scalar(select(func.count()).select_from(Job).where(Job.status.in_(RUNNING)))
+    chosen: list[tuple[str, int]] = []
+    for _ in range(max(0, free_workers - int(busy or 0))):
+        eligible = [t for t in tenants.values() if t.waiting and t.hold() is None]
+        if not eligible:
+            break
+        tenant = min(eligible, key=lambda t: (t.running, t.compute_s, t.waiting[0][2]))
+        job_id, priority, _ = tenant.waiting.popleft()
+        taken = session.execute(update(Job).where(Job.id == job_id,
+                                                  Job.status == JobStatus.QUEUED)
+                                .values(status=JobStatus.ADMITTED, admitted_at=utcnow(),
+                                        hold_reason=None)).rowcount
+        if taken:
+            tenant.running += 1
+            chosen.append((job_id, priority))
+    return chosen
+
+
+def _waiting_by_tenant(session: Session, settings: Settings) -> dict[str, _Tenant]:
+    now = utcnow()
+    rows = session.execute(
+        select(Job.id, Job.tenant_id, Job.priority, Job.created_at).where(
+            Job.status == JobStatus.QUEUED, Job.cancel_requested.is_(False),
+            or_(Job.retry_at.is_(None), Job.retry_at <= now))
+        .order_by(Job.priority.desc(), Job.created_at, Job.id)).all()
+    ids = sorted({tenant_id for _, tenant_id, _, _ in rows})
+    if not ids:
+        return {}
+    quotas = {t.id: t for t in session.scalars(select(Tenant).where(Tenant.id.in_(ids)))}
+    tenants = {i: _Tenant(i, limits_of(quotas.get(i), settings)) for i in ids}
+    for tenant_id, count in session.execute(
+            select(Job.tenant_id, func.count()).where(Job.tenant_id.in_(ids),
+                                                      Job.status.in_(RUNNING))
+            .group_by(Job.tenant_id)):
+        tenants[tenant_id].running = int(count)
+    for tenant_id, seconds in compute_seconds(session, ids, now).items():
+        tenants[tenant_id].compute_s = seconds
+    for job_id, tenant_id, priority, created_at in rows:
+        tenants[tenant_id].waiting.append((job_id, priority, created_at))
+    return tenants
+
+
+def _record_holds(session: Session, tenants: dict[str, _Tenant]) -> None:
+    """Show on each waiting job why it waits; a note event when the reason changes."""
+    for tenant in tenants.values():
+        reason = tenant.hold()
+        ids = [job_id for job_id, _, _ in tenant.waiting]
+        changed = session.scalars(select(Job.id).where(
+            Job.id.in_(ids), Job.hold_reason.is_distinct_from(reason))).all()
+        if not changed:
+            continue
+        session.execute(update(Job).where(Job.id.in_(changed)).values(hold_reason=reason))
+        for job_id in changed:
+            add_event(session, job_id, "note",
+                      message=f"held back: {reason}" if reason else "no longer held back")
