@@ -44,6 +44,9 @@ def _add_server_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int)
     parser.add_argument("--host")
     parser.add_argument("--home")
+    parser.add_argument("--forwarded-allow-ips", metavar="IPS",
+                        help="behind a TLS-terminating proxy: the proxy addresses whose "
+                        "X-Forwarded-* headers are trusted (default: 127.0.0.1)")
 
 
 def _up(args: argparse.Namespace) -> int:
@@ -71,7 +74,8 @@ def _run_server(args: argparse.Namespace, *, serve_only: bool) -> int:
     settings = process_settings(home=args.home, api_host=args.host)
     if not serve_only:
         settings.broker_url  # noqa: B018 - fail now with a clear message, not on the first job
-    uvicorn.run(create_app(settings, serve_only=serve_only),
+    uvicorn.run(create_app(settings, serve_only=serve_only), proxy_headers=True,
+                forwarded_allow_ips=args.forwarded_allow_ips,
                 host=settings.api_host,
                 port=settings.api_port if args.port is None else args.port,
                 log_level="info" if args.verbose else "warning")

@@ -155,15 +155,15 @@ class Stack:
             self.env["REDIS_URL"] = self.redis_url
 
     # -- starting -------------------------------------------------------------------------
-    def spawn(self, name: str, command: list[str]) -> Child:
+    def spawn(self, name: str, command: list[str], env: dict[str, str] | None = None) -> Child:
         output: IO[bytes] | None = None
         if self.log_dir is not None:
             self.log_dir.mkdir(parents=True, exist_ok=True)
             output = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - closed below
         try:
             process = subprocess.Popen(
-                command, env=self.env, stdout=output, stderr=subprocess.STDOUT if output else None,
-                start_new_session=True,
+                command, env={**self.env, **(env or {})}, stdout=output,
+                stderr=subprocess.STDOUT if output else None, start_new_session=True,
                 preexec_fn=_die_with_parent if sys.platform == "linux" else None)
         finally:
             if output is not None:
@@ -198,9 +198,10 @@ class Stack:
         return self.redis_url
 
     def start_api(self, host: str = "127.0.0.1", port: int | None = None, *,
-                  wait: bool = True) -> str:
+                  wait: bool = True, env: dict[str, str] | None = None) -> str:
+        """An API process; ``env`` adds to the stack's environment for this one only."""
         port = port or free_port(host)
-        self.spawn("api", ftune_command("api", "--host", host, "--port", str(port)))
+        self.spawn("api", ftune_command("api", "--host", host, "--port", str(port)), env)
         self.api_url = f"http://{host}:{port}"
         if wait:
             self.wait_for_api()

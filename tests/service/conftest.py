@@ -103,7 +103,7 @@ def operator_client(api_url, access) -> Iterator[httpx.Client]:
 def tiny_dataset(client, tiny_folder) -> dict:
     """3 classes × 12 real images, uploaded once."""
     response = client.post("/v1/datasets", files={"file": ("tiny.zip", zip_folder(tiny_folder))},
-                           data={"name": "tiny"})
+                           data={"name": "tiny"}, params={"dedupe": "false"})
     assert response.status_code == 201, response.text
     return response.json()
 

@@ -157,8 +157,10 @@ def test_compose_file_matches_the_code():
         assert set(env) <= known, set(env) - known
         assert {"DATABASE_URL", "REDIS_URL", "FTUNE_HOME"} <= set(env)
         assert env["FTUNE_HOME"] in {v.split(":")[1] for v in services[name]["volumes"]}
-        assert env["REDIS_URL"].startswith("redis://redis:")
-        assert "@postgres:" in env["DATABASE_URL"]
+        # Passwords only from the untracked .env file, never written here.
+        assert env["REDIS_URL"] == "redis://:${REDIS_PASSWORD}@redis:6379/0"
+        assert env["DATABASE_URL"] == ("postgresql://ftune:${POSTGRES_PASSWORD}@postgres:5432/"
+                                       "ftune")
     assert services["api"]["volumes"][0].split(":")[0] == services["worker"]["volumes"][0].split(
         ":")[0], "API and worker must share the data volume"
     devices = services["worker"]["deploy"]["resources"]["reservations"]["devices"]
@@ -167,6 +169,12 @@ def test_compose_file_matches_the_code():
     assert services["worker"]["stop_grace_period"] == "2m"
     assert services["worker"]["depends_on"]["api"] == {"condition": "service_healthy"}
     assert "healthcheck" in services["api"]
+    assert "${REDIS_PASSWORD:?" in " ".join(services["redis"]["command"])
+    assert services["postgres"]["environment"]["POSTGRES_PASSWORD"].startswith(
+        "${POSTGRES_PASSWORD:?")
+    example = (ROOT / ".env.example").read_text()
+    assert "POSTGRES_PASSWORD=" in example and "REDIS_PASSWORD=" in example
+    assert ".env" in (ROOT / ".gitignore").read_text().split()
 
 
 def test_dockerfile_installs_from_the_locks_as_a_non_root_user():
