@@ -13,16 +13,16 @@ import threading
 import time
 from pathlib import Path
 
-import httpx
-
 from ftune.processes import Stack, wait_until
+from ftune.service.auth.principal import Role
+from ftune.testing.access import Key, make_key
 from ftune.testing.archives import zip_folder
 from ftune.testing.realdata import animal_mnist_arrays, balanced_indices, write_image_folder
 
 SPEC = {"image_size": 32, "epochs": 1, "batch_size": 12}
 TERMINAL = {"succeeded", "failed", "cancelled"}
 ENV = {"FTUNE_WORKER_HEARTBEAT_S": "0.5", "FTUNE_JOB_STALE_S": "3",
-       "FTUNE_RECONCILE_INTERVAL_S": "1"}
+       "FTUNE_RECONCILE_INTERVAL_S": "1", "FTUNE_RATE_JOBS": "100000/minute"}
 
 
 def main() -> None:
@@ -35,15 +35,16 @@ def main() -> None:
     idx = balanced_indices(labels, 12, classes=3)
     folder = write_image_folder(work / "data", images[idx], labels[idx])
     with Stack(work / "home", env=ENV, log_dir=work / "logs") as stack:
-        stack.start_redis()
+        stack.start_redis(password="bench")
         url = stack.start_api()
-        run(stack, url, folder, args.jobs)
+        key = make_key(f"sqlite:///{stack.home / 'ftune.db'}", role=Role.ADMIN)
+        run(stack, url, key, folder, args.jobs)
 
 
-def run(stack: Stack, url: str, folder: Path, n_jobs: int) -> None:
+def run(stack: Stack, url: str, key: Key, folder: Path, n_jobs: int) -> None:
     victim = stack.start_worker("victim-0@bench")
     stack.start_worker("steady@bench")
-    http = httpx.Client(base_url=url, timeout=60)
+    http = key.client(url, timeout=60)
     dataset = http.post("/v1/datasets", files={"file": ("t.zip", zip_folder(folder))}).json()
 
     job_ids: list[str] = []
@@ -51,7 +52,7 @@ def run(stack: Stack, url: str, folder: Path, n_jobs: int) -> None:
     stop = threading.Event()
 
     def poll() -> None:
-        with httpx.Client(base_url=url, timeout=60) as poller:
+        with key.client(url, timeout=60) as poller:
             while not stop.is_set():
                 if job_ids:
                     started = time.perf_counter()

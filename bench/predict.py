@@ -32,10 +32,12 @@ from ftune.models.bundle import save_bundle
 from ftune.models.predictor import Predictor
 from ftune.models.training.fit import fit
 from ftune.processes import free_port, ftune_command
+from ftune.service.auth.principal import Role
 from ftune.service.db import migrate
 from ftune.service.db.session import Database
-from ftune.service.db.tables import Job, TunedModel
+from ftune.service.db.tables import DEFAULT_TENANT_ID, Job, TunedModel
 from ftune.service.storage import Storage
+from ftune.testing.access import make_key
 from ftune.testing.realdata import animal_mnist_arrays, balanced_indices, write_image_folder
 
 MODEL_ID = "f" * 32
@@ -56,11 +58,12 @@ def prepare(work: Path, image_size: int | None) -> tuple[Path, Predictor, bytes]
     save_bundle(result, storage.model_dir(MODEL_ID))
     db = Database(f"sqlite:///{storage.home / 'ftune.db'}", prepare=migrate.upgrade)
     with db.session() as session:
-        session.add(Job(id=MODEL_ID, dataset_id=MODEL_ID, spec={}, epochs=1,
-                        status="succeeded"))
+        session.add(Job(id=MODEL_ID, tenant_id=DEFAULT_TENANT_ID, dataset_id=MODEL_ID, spec={},
+                        epochs=1, status="succeeded"))
         session.flush()
-        session.add(TunedModel(id=MODEL_ID, job_id=MODEL_ID, dataset_id=MODEL_ID, name="bench",
-                               backbone=result.backbone, classes=result.classes, metrics={},
+        session.add(TunedModel(id=MODEL_ID, tenant_id=DEFAULT_TENANT_ID, job_id=MODEL_ID,
+                               dataset_id=MODEL_ID, name="bench", backbone=result.backbone,
+                               classes=result.classes, metrics={},
                                spec=result.spec.model_dump(mode="json")))
     db.dispose()
     png = io.BytesIO()
@@ -78,7 +81,8 @@ def timed(fn, repeats: int) -> list[float]:
     return samples
 
 
-async def http_throughput(url: str, png: bytes, clients: int, seconds: float) -> float:
+async def http_throughput(url: str, headers: dict[str, str], png: bytes, clients: int,
+                          seconds: float) -> float:
     done = 0
     deadline = time.perf_counter() + seconds
 
@@ -91,7 +95,7 @@ async def http_throughput(url: str, png: bytes, clients: int, seconds: float) ->
             done += 1
 
     limits = httpx.Limits(max_connections=clients)
-    async with httpx.AsyncClient(timeout=120, limits=limits) as http:
+    async with httpx.AsyncClient(timeout=120, limits=limits, headers=headers) as http:
         started = time.perf_counter()
         await asyncio.gather(*(client(http) for _ in range(clients)))
         return done / (time.perf_counter() - started)
@@ -110,6 +114,8 @@ def main() -> None:
     batch16 = tensor.repeat(16, 1, 1, 1)
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "DATABASE_URL")}
+    env["FTUNE_RATE_PREDICTIONS"] = "10000000/minute"  # measure the path, not the limit
+    key = make_key(f"sqlite:///{home / 'ftune.db'}", role=Role.MEMBER)
     server = subprocess.Popen([*ftune_command(), "serve", "--home", str(home),
                                "--port", str(port)], env=env)
     url = f"http://127.0.0.1:{port}"
@@ -124,7 +130,7 @@ def main() -> None:
             if time.monotonic() > deadline:
                 raise SystemExit("ftune serve did not start")
             time.sleep(0.2)
-        http = httpx.Client(base_url=url, timeout=60)
+        http = key.client(url, timeout=60)
 
         def one_http() -> None:
             http.post(f"/v1/models/{MODEL_ID}/predict",
@@ -141,7 +147,7 @@ def main() -> None:
                 over_http += timed(one_http, 1)
             bare_batch = timed(lambda: predictor.probabilities(batch16), max(5, args.repeats // 4))
         bare_img_s = 16 / (statistics.median(bare_batch) / 1000)
-        http_img_s = asyncio.run(http_throughput(url, png, 16, args.seconds))
+        http_img_s = asyncio.run(http_throughput(url, key.headers, png, 16, args.seconds))
         stats = httpx.get(f"{url}/healthz").json()
     finally:
         server.terminate()

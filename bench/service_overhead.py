@@ -30,7 +30,7 @@ SPEC = {"backbone": "tf_efficientnet_lite0", "image_size": 96, "epochs": 6, "bat
 QUICK = {"image_size": 32, "epochs": 1, "batch_size": 8}
 
 
-def start_service(home: Path, port: int) -> tuple[subprocess.Popen, str]:
+def start_service(home: Path, port: int) -> tuple[subprocess.Popen, str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "DATABASE_URL")}
     log = open(home.parent / "service.log", "wb")  # noqa: SIM115 - lives as long as the service
     process = subprocess.Popen(
@@ -41,7 +41,7 @@ def start_service(home: Path, port: int) -> tuple[subprocess.Popen, str]:
     while time.monotonic() < deadline:
         try:
             if httpx.get(f"{url}/healthz", timeout=2).json().get("workers") == 1:
-                return process, url
+                return process, url, (home / "operator.key").read_text().strip()
         except (httpx.HTTPError, ValueError):
             pass
         time.sleep(0.2)
@@ -113,10 +113,11 @@ def main() -> None:
     spec_file = work / "spec.json"
     spec_file.write_text(json.dumps(SPEC))
 
-    process, url = start_service(work / "home", free_port())
+    process, url, key = start_service(work / "home", free_port())
     service_s, direct_s, service_fit, direct_fit = [], [], [], []
     try:
-        with httpx.Client(base_url=url, timeout=120) as client:
+        with httpx.Client(base_url=url, timeout=120,
+                          headers={"Authorization": f"Bearer {key}"}) as client:
             for i in range(args.repeats):
                 # Alternate which goes first, so drifting machine load hits both alike.
                 runs = [("service", lambda: run_service(client, archive)),

@@ -20,6 +20,8 @@ import numpy as np
 from PIL import Image
 
 from ftune.processes import free_port, ftune_command
+from ftune.service.auth.principal import Role
+from ftune.testing.access import make_key
 
 MB = 2**20
 
@@ -72,12 +74,13 @@ def main() -> None:
             deadline = time.monotonic() + 60
             while True:
                 try:
-                    httpx.get(f"{url}/v1/datasets", timeout=2)
+                    httpx.get(f"{url}/healthz", timeout=2)
                     break
                 except httpx.HTTPError:
                     if time.monotonic() > deadline:
                         raise SystemExit("the API did not start") from None
                     time.sleep(0.2)
+            key = make_key(f"sqlite:///{work / 'home' / 'ftune.db'}", role=Role.ADMIN)
             before = rss_kb(api.pid, "VmRSS")
             Path(f"/proc/{api.pid}/clear_refs").write_text("5")  # reset the peak (VmHWM)
             samples: list[int] = []
@@ -93,7 +96,7 @@ def main() -> None:
             started = time.perf_counter()
             with open(archive, "rb") as f:
                 response = httpx.post(f"{url}/v1/datasets", files={"file": ("big.tar", f)},
-                                      timeout=3600)
+                                      timeout=3600, headers=key.headers)
             elapsed = time.perf_counter() - started
             stop.set()
             sampler.join()

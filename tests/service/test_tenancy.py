@@ -267,3 +267,12 @@ def test_rate_limits_hold_across_two_api_processes(redis_url, tmp_path, tiny_fol
         assert 1 <= int(limited.headers["retry-after"]) <= 60
         other_key = make_key(f"sqlite:///{stack.home / 'ftune.db'}", role=Role.ADMIN)
         assert other_key.client(second).post("/v1/jobs", json=body).status_code == 202
+
+
+def test_the_openapi_document_declares_the_key(client):
+    document = client.get("/openapi.json").json()
+    assert document["components"]["securitySchemes"]["APIKey"]["scheme"] == "bearer"
+    for path, operations in document["paths"].items():
+        if path.startswith("/v1/"):
+            for method, operation in operations.items():
+                assert {"APIKey": []} in operation.get("security", []), (method, path)
