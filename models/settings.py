@@ -45,6 +45,13 @@ class EngineSettings(BaseSettings):
     max_archive_files: int = Field(500_000, ge=1, description="Most entries in one archive.")
     min_images_per_class: int = Field(
         2, ge=1, description="Fewest training images a class may have; fewer is an error.")
+    max_classes: int = Field(10_000, ge=2, description="Most classes a dataset may have.")
+    # Untrusted archives are unpacked and checked in a child process with these limits, so a
+    # hostile one costs that child, never the API.
+    unpack_memory_mb: int = Field(2048, ge=256, description="Memory of the unpacking child.")
+    unpack_cpu_s: int = Field(900, ge=10, description="CPU seconds of the unpacking child.")
+    unpack_timeout_s: float = Field(1800, gt=0, description="Wall-clock limit of unpacking "
+                                    "and checking one upload.")
 
     @property
     def decode_cache_bytes(self) -> int:
