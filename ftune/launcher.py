@@ -16,7 +16,7 @@ import sys
 import time
 from typing import NoReturn
 
-from ftune.processes import LaunchError, Stack, port_is_free
+from ftune.processes import Child, LaunchError, Stack, port_is_free
 from ftune.service.auth.keys import create_key, operator_keys
 from ftune.service.auth.principal import Role
 from ftune.service.db import migrate
@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 STATE_FILE = "ftune-up.json"
 OPERATOR_KEY_FILE = "operator.key"
-WORKER_RESTARTS_PER_MINUTE = 5
+MAX_RESTART_DELAY_S = 60  # between restarts of a worker that keeps dying
 
 
 class _Stop(BaseException):
@@ -129,17 +129,25 @@ def _write_state(stack: Stack) -> None:
 
 
 def _supervise(stack: Stack) -> NoReturn:
-    """Restart workers that die (a few a minute at most); any other death stops everything."""
-    restarts: list[float] = []
+    """Restart workers that die, waiting longer after each recent death (a job that keeps
+    killing its worker is failed by the reconciler after FTUNE_MAX_ATTEMPTS runs); the API and
+    Redis stay up meanwhile. Any other death stops everything."""
+    deaths: list[float] = []
+    pending: list[tuple[float, Child]] = []  # (when, dead worker) waiting for its restart
     while True:
-        dead = stack.exited()
-        if dead is not None:
-            recent = [t for t in restarts if t > time.monotonic() - 60]
-            if not dead.name.startswith("worker") or len(recent) >= WORKER_RESTARTS_PER_MINUTE:
+        waiting = {id(child) for _, child in pending}
+        for dead in [c for c in stack.children if not c.alive() and id(c) not in waiting]:
+            if not dead.name.startswith("worker"):
                 raise LaunchError(f"{dead.name} exited unexpectedly with code "
                                   f"{dead.process.returncode}; stopping everything")
-            print(f"{dead.name} exited with code {dead.process.returncode}; restarting it",
-                  file=sys.stderr, flush=True)
-            restarts.append(time.monotonic())
-            stack.restart(dead)
+            now = time.monotonic()
+            deaths = [t for t in deaths if t > now - 600] + [now]
+            delay = min(MAX_RESTART_DELAY_S, len(deaths) - 1)  # a second more each time
+            print(f"{dead.name} exited with code {dead.process.returncode}; restarting it"
+                  f"{f' in {delay} s' if delay else ''}", file=sys.stderr, flush=True)
+            pending.append((now + delay, dead))
+        for due in [p for p in pending if p[0] <= time.monotonic()]:
+            pending.remove(due)
+            stack.restart(due[1])
+            _write_state(stack)  # the new pid
         time.sleep(0.5)

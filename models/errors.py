@@ -42,3 +42,7 @@ class OutputExistsError(FineTuneError):
 
 class TrainingCancelled(FineTuneError):
     pass
+
+
+class ResourceError(FineTuneError):
+    """A run that cannot fit the device it would run on; the message has the numbers."""

@@ -25,6 +25,10 @@ __all__ = [
 ]
 
 
+# A hidden layer of 4096 after a 1280-wide backbone is 5M parameters: plenty for a head.
+MAX_HIDDEN_WIDTH = 4096
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=True)
 
@@ -47,8 +51,9 @@ class FreezeSpec(_Strict):
 
 class HeadSpec(_Strict):
     dropout: float = Field(0.2, ge=0.0, lt=1.0, description="Dropout before each linear layer.")
-    hidden: list[Annotated[int, Field(ge=1, le=65536)]] = Field(
-        default_factory=list, max_length=8, description="Widths of hidden layers in the head."
+    hidden: list[Annotated[int, Field(ge=1, le=MAX_HIDDEN_WIDTH)]] = Field(
+        default_factory=list, max_length=8, description="Widths of hidden layers in the head "
+        f"(at most {MAX_HIDDEN_WIDTH} each)."
     )
     activation: Literal["relu", "leaky_relu", "elu", "selu", "gelu"] = "relu"
     batchnorm: bool = Field(False, description="BatchNorm1d after each hidden linear layer.")

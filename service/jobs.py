@@ -14,11 +14,14 @@ from sqlalchemy import and_, delete, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from ftune.models import memory
 from ftune.models.spec import FineTuneSpec, SpecError, parse_spec
 from ftune.service.auth.principal import Principal, Role
+from ftune.service.backbones import check_backbone
 from ftune.service.datasets import get_dataset
 from ftune.service.db.session import Database
 from ftune.service.db.tables import (
+    Dataset,
     EpochMetrics,
     IdempotencyKey,
     Job,
@@ -62,12 +65,14 @@ def create_job(session: Session, principal: Principal, settings: Settings, *, re
                ) -> Job:
     """A queued job in the dataset's tenant, within that tenant's quotas (429 otherwise)."""
     spec = validate_job_spec(request.spec)
+    check_backbone(spec, settings)
     if request.priority > MEMBER_MAX_PRIORITY:
         principal.require(Role.ADMIN, f"priority above {MEMBER_MAX_PRIORITY}")
     dataset = get_dataset(session, principal, request.dataset_id)
     tenant_id = dataset.tenant_id
     check_job(usage_of(session, tenant_id), limits_of(session.get(Tenant, tenant_id), settings),
               epochs=spec.epochs, images=dataset.num_images)
+    _check_fits_a_worker(spec, dataset, settings)
     job = Job(tenant_id=tenant_id, dataset_id=dataset.id, spec=spec.model_dump(mode="json"),
               epochs=spec.epochs, status=JobStatus.QUEUED, priority=request.priority,
               max_runtime_s=request.max_runtime_s, model_name=request.model_name)
@@ -75,6 +80,20 @@ def create_job(session: Session, principal: Principal, settings: Settings, *, re
     session.flush()
     status_event(session, job.id, JobStatus.QUEUED, priority=request.priority)
     return job
+
+
+def _check_fits_a_worker(spec: FineTuneSpec, dataset: Dataset, settings: Settings) -> None:
+    """With FTUNE_WORKER_MEMORY_GB set, refuse at submit what no worker could run."""
+    if settings.worker_memory_gb is None:
+        return
+    needed = memory.estimate(spec, num_classes=len(dataset.classes),
+                             num_images=dataset.num_images,
+                             decode_cache_bytes=settings.engine.decode_cache_bytes)
+    capacity = settings.worker_memory_gb * 2**30
+    if needed is not None and needed.total_bytes > capacity:
+        raise InvalidInput(f"spec: this job needs {needed.describe()}, more than the workers' "
+                           f"{settings.worker_memory_gb:g} GB; lower batch_size or image_size, "
+                           "or freeze more of the backbone")
 
 
 def get_job(session: Session, principal: Principal, job_id: str) -> Job:

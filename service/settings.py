@@ -76,6 +76,17 @@ class Settings(BaseSettings):
     rate_jobs: str = Field("120/minute", description="Job submissions per key.")
     rate_predictions: str = Field("1200/minute", description="Predict requests per key.")
 
+    # What a job may ask for (checked at submit, without torch).
+    backbone_max_params_m: float = Field(30, gt=0, description="Largest measured timm "
+                                         "architecture (million parameters) a job may train "
+                                         "from scratch.")
+    backbones_with_weights: str = Field("", description="Backbones whose weights are in the "
+                                        "workers' FTUNE_WEIGHTS_DIR (comma-separated): jobs "
+                                        "may use them with pretrained: true.")
+    worker_memory_gb: float | None = Field(None, gt=0, description="Memory of the smallest "
+                                           "worker device; set it to refuse specs that cannot "
+                                           "fit at submit (workers always check).")
+
     # Default quotas of every tenant; operators override them per tenant.
     quota_stored_gb: float = Field(200, gt=0, description="Datasets, models and exports.")
     quota_datasets: int = Field(200, ge=0, description="Datasets a tenant may hold.")
@@ -94,6 +105,10 @@ class Settings(BaseSettings):
         except ValueError as exc:
             raise ValueError(f"not a rate like '30/minute': {exc}") from exc
         return value
+
+    @property
+    def extra_weighted_backbones(self) -> list[str]:
+        return [b.strip() for b in self.backbones_with_weights.split(",") if b.strip()]
 
     @property
     def host_patterns(self) -> list[str]:

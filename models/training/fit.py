@@ -13,15 +13,18 @@ from pathlib import Path
 
 import torch
 
+from ftune.models import memory
 from ftune.models.backbones import Backbone, create_backbone
+from ftune.models.backbones.catalog import PACKAGED_BACKBONES
 from ftune.models.data.discover import ImageFolderIndex, Sample, scan_image_folder
 from ftune.models.data.source import ImageSource
 from ftune.models.data.split import stratified_split
 from ftune.models.data.transforms import stored_size
-from ftune.models.errors import DatasetError
+from ftune.models.errors import DatasetError, ResourceError
 from ftune.models.evaluation import evaluate_splits
 from ftune.models.network import FineTuneModel, build_head
 from ftune.models.preprocessing import Preprocessing
+from ftune.models.settings import engine_settings
 from ftune.models.spec import FineTuneSpec, parse_spec
 from ftune.models.training.checkpoint import (
     checkpoint_folder,
@@ -34,9 +37,17 @@ from ftune.models.training.checkpoint import (
 )
 from ftune.models.training.early_stopping import EarlyStopping
 from ftune.models.training.run import Callbacks, TrainingRun
-from ftune.models.training.runtime import configure_backends, resolve_device, resolve_precision
+from ftune.models.training.runtime import (
+    configure_backends,
+    device_memory_bytes,
+    resolve_device,
+    resolve_precision,
+)
 
 log = logging.getLogger(__name__)
+
+# The estimate is rough; leave the device some room besides the run.
+MEMORY_HEADROOM = 0.9
 
 __all__ = ["Callbacks", "FitResult", "fit"]
 
@@ -135,6 +146,8 @@ def _build_run(index: ImageFolderIndex, spec: FineTuneSpec, train_samples: list[
                cache_features: bool) -> tuple[Backbone, TrainingRun]:
     """Backbone, head and data sources on the chosen device, ready for the first epoch."""
     torch_device = resolve_device(device)
+    check_memory(spec, torch_device, num_classes=len(index.classes),
+                 num_images=len(train_samples) + len(val_samples))
     precision = resolve_precision(spec.mixed_precision, torch_device)
     configure_backends(torch_device)
     torch.manual_seed(spec.seed)
@@ -153,6 +166,26 @@ def _build_run(index: ImageFolderIndex, spec: FineTuneSpec, train_samples: list[
                              prep, prep.input_size)
     return backbone, TrainingRun(model, spec, backbone.stages, prep, precision, train_source,
                                  val_source, cache_features)
+
+
+def check_memory(spec: FineTuneSpec, device: torch.device, *, num_classes: int,
+                 num_images: int) -> None:
+    """Refuse, with the numbers, a run that would not fit the device's memory."""
+    capacity = device_memory_bytes(device)
+    needed = memory.estimate(spec, num_classes=num_classes, num_images=num_images,
+                             image_size=spec.image_size or _default_size(spec.backbone),
+                             decode_cache_bytes=engine_settings().decode_cache_bytes)
+    if capacity is None or needed is None or needed.total_bytes <= capacity * MEMORY_HEADROOM:
+        return
+    raise ResourceError(
+        f"this run needs {needed.describe()} but the {device.type} has "
+        f"{capacity / 2**30:.1f} GB; lower batch_size or image_size, or freeze more of the "
+        "backbone (freeze.strategy head_only or last_n_blocks)")
+
+
+def _default_size(backbone: str) -> int | None:
+    entry = PACKAGED_BACKBONES.get(backbone)
+    return entry.input_size if entry else None
 
 
 def _resume(run: TrainingRun, progress: _Progress, index: ImageFolderIndex,

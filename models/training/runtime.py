@@ -57,3 +57,19 @@ def configure_backends(device: torch.device) -> None:
         torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick kernels
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+
+
+def device_memory_bytes(device: torch.device) -> int | None:
+    """Memory a run may use on ``device``: a GPU's total, or the CPU's available memory."""
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None

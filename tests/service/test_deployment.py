@@ -198,3 +198,23 @@ def test_every_setting_is_documented_in_the_readme():
                  if name not in ("engine", "database_url", "redis_url")}
     missing = sorted(v for v in variables if f"`{v}`" not in readme and f"`{v}," not in readme)
     assert not missing, f"settings missing from the README's configuration table: {missing}"
+
+
+@pytest.mark.processes
+def test_a_worker_that_keeps_dying_never_takes_ftune_up_down(tmp_path):
+    home, port = tmp_path / "home", free_port()
+    process = _start_up(home, port)
+    try:
+        state_file = home / "ftune-up.json"
+        for _ in range(6):  # more than the old limit of 5 deaths a minute
+            pid = json.loads(state_file.read_text())["children"]["worker-1"]
+            os.kill(pid, signal.SIGKILL)
+            wait_until(lambda pid=pid: json.loads(state_file.read_text())["children"]
+                       ["worker-1"] != pid, 30, "the worker to be restarted")
+        assert process.poll() is None  # the launcher is still up
+        assert httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200
+        wait_until(lambda: httpx.get(f"http://127.0.0.1:{port}/healthz").json()["workers"] == 1,
+                   60, "the restarted worker to report in")
+    finally:
+        output = _stop_up(process)
+    assert output.count("worker-1 exited with code -9; restarting it") == 6
