@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from ftune.models.data.images import open_rgb
+from ftune.models.data.images import READABLE, ImageRefused, decode_for
 from ftune.service.errors import InvalidInput
 from ftune.service.ingest.multipart import ReceivedFile
+
+if TYPE_CHECKING:
+    from ftune.models.predictor import Predictor
 
 MAX_TOP_K = 1000
 
@@ -23,16 +29,24 @@ def parse_top_k(raw: str | int | None) -> int:
     return value
 
 
-def decode_images(files: list[ReceivedFile]) -> list[Image.Image]:
-    images = []
+def decode_batch(files: list[ReceivedFile], predictor: Predictor,
+                 max_pixels: int) -> np.ndarray:
+    """uint8 ``[N, S, S, 3]`` arrays for the model, decoded and resized one image at a time
+    (never every full-size image at once); a bad file is a 422 naming it (the client's name
+    for it, never where the server keeps it)."""
+    arrays = []
     for received in files:
         if received.size == 0:
             raise InvalidInput(f"{received.filename}: the file is empty")
         try:
-            images.append(open_rgb(received.path))
-        except Image.DecompressionBombError as exc:
-            raise InvalidInput(f"{received.filename}: too many pixels ({exc})") from exc
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-            raise InvalidInput(f"{received.filename}: not a decodable image "
-                               f"({type(exc).__name__}: {exc})") from exc
-    return images
+            image = decode_for(received.path, predictor.preprocessing.resize_size, max_pixels)
+        except ImageRefused as exc:
+            raise InvalidInput(f"{received.filename}: {exc}") from None
+        except UnidentifiedImageError:
+            raise InvalidInput(f"{received.filename}: not a {READABLE} image") from None
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+            raise InvalidInput(f"{received.filename}: the image is damaged and cannot be "
+                               f"decoded ({type(exc).__name__})") from None
+        arrays.append(predictor.to_arrays([image])[0])
+        image.close()
+    return np.stack(arrays)

@@ -99,7 +99,7 @@ def database_url(request, tmp_path) -> Iterator[str]:
 
 # Fixtures that start servers or ftune processes: a test using one is marked `processes`,
 # so `make test-fast` (-m "not processes") runs only what needs no process of its own.
-_PROCESS_FIXTURES = frozenset({"stack", "client", "api_url", "worker", "redis_url",
+_PROCESS_FIXTURES = frozenset({"stack", "client", "api_url", "worker", "redis_url", "tiny_model",
                                "tiny_dataset", "postgres_server", "pg_client", "client_b",
                                "member_client", "operator_client", "access"})
 

@@ -10,8 +10,9 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image
+from PIL import UnidentifiedImageError
 
+from ftune.models.data.images import READABLE, ImageRefused, open_checked
 from ftune.models.settings import engine_settings
 
 
@@ -38,16 +39,15 @@ def inspect_image(path: Path, max_pixels: int | None = None) -> FileFacts:
     except OSError as exc:
         return FileFacts(None, error=f"cannot read: {exc.strerror or exc}")
     try:
-        with Image.open(path) as image:
+        with open_checked(path, limit) as image:
             width, height = image.size
-            if width * height > limit:
-                return FileFacts(digest, width, height,
-                                 f"too many pixels ({width}×{height} > {limit}); downscale it")
             if image.format == "JPEG":
                 image.draft("RGB", (64, 64))  # decode at reduced scale: still reads every byte
             image.load()
-    except Image.DecompressionBombError as exc:
-        return FileFacts(digest, error=f"too many pixels ({exc})")
+    except ImageRefused as exc:
+        return FileFacts(digest, error=str(exc))
+    except UnidentifiedImageError:
+        return FileFacts(digest, error=f"cannot decode: not a {READABLE} file")
     except Exception as exc:  # PIL raises many types for damaged files
         return FileFacts(digest, error=f"cannot decode: {type(exc).__name__}: {exc}")
     return FileFacts(digest, width, height)

@@ -51,8 +51,10 @@ class ReceivedForm:
 class _FormBuilder:
     """Callbacks for python-multipart's push parser; writes file parts as they arrive."""
 
-    def __init__(self, dest: Path, file_fields: set[str], max_files: int) -> None:
+    def __init__(self, dest: Path, file_fields: set[str], max_files: int,
+                 max_file_bytes: int | None = None, file_limit_name: str = "") -> None:
         self.dest, self.file_fields, self.max_files = dest, file_fields, max_files
+        self.max_file_bytes, self.file_limit_name = max_file_bytes, file_limit_name
         self.form = ReceivedForm()
         self._header_field = b""
         self._header_value = b""
@@ -110,8 +112,12 @@ class _FormBuilder:
 
     def _part_data(self, data: bytes, start: int, end: int) -> None:
         if self._handle is not None and self._file is not None:
-            self._handle.write(data[start:end])
             self._file.size += end - start
+            if self.max_file_bytes is not None and self._file.size > self.max_file_bytes:
+                raise PayloadTooLarge(f"{self._file.filename}: larger than the limit of "
+                                      f"{self.max_file_bytes} bytes per file "
+                                      f"({self.file_limit_name})")
+            self._handle.write(data[start:end])
             return
         self._value += data[start:end]
         if len(self._value) > MAX_FIELD_BYTES:
@@ -141,7 +147,8 @@ def upload_too_large(max_bytes: int) -> ServiceError:
 
 async def receive_multipart(request: Request, *, dest: Path, file_fields: set[str],
                             max_bytes: int, max_files: int = 1,
-                            over_limit: Callable[[int], ServiceError] = upload_too_large
+                            over_limit: Callable[[int], ServiceError] = upload_too_large,
+                            max_file_bytes: int | None = None, file_limit_name: str = ""
                             ) -> ReceivedForm:
     """Parse the request body; files go to ``dest``. On any error nothing is left behind.
 
@@ -155,7 +162,7 @@ async def receive_multipart(request: Request, *, dest: Path, file_fields: set[st
     if declared and declared.isdigit() and int(declared) > max_bytes:
         raise over_limit(max_bytes)
     dest.mkdir(parents=True, exist_ok=True)
-    builder = _FormBuilder(dest, file_fields, max_files)
+    builder = _FormBuilder(dest, file_fields, max_files, max_file_bytes, file_limit_name)
     parser = MultipartParser(params[b"boundary"], builder.callbacks())
     received = 0
     try:

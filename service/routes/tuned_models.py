@@ -18,7 +18,7 @@ from ftune.service.errors import InvalidInput, NotFound
 from ftune.service.ids import is_id
 from ftune.service.ingest.multipart import receive_multipart
 from ftune.service.jobs import epoch_rows
-from ftune.service.predictions import decode_images, parse_top_k
+from ftune.service.predictions import decode_batch, parse_top_k
 from ftune.service.schemas import AliasIn, AliasOut, ModelOut, PredictOut
 from ftune.service.tuned_models import (
     aliases_of,
@@ -168,10 +168,12 @@ async def predict(model_ref: str, request: Request, ctx: Ctx, who: Member,
     if batcher is None or not who.can_see(batcher.tenant_id):
         batcher = await run_in_threadpool(lambda: _load(ctx, who, model_ref))
     with batcher.arriving():  # peers arriving: the batcher may wait briefly to batch with them
+        per_image = int(settings.max_predict_image_mb * 2**20)
         form = await receive_multipart(
             request, dest=ctx.storage.uploads, file_fields={"files", "file"},
-            max_bytes=int(settings.max_predict_images * settings.max_predict_image_mb * 2**20),
-            max_files=settings.max_predict_images)
+            max_bytes=settings.max_predict_images * per_image,
+            max_files=settings.max_predict_images, max_file_bytes=per_image,
+            file_limit_name="FTUNE_MAX_PREDICT_IMAGE_MB")
         try:
             files = form.files  # both field names, in the order sent
             if not files:
@@ -179,8 +181,8 @@ async def predict(model_ref: str, request: Request, ctx: Ctx, who: Member,
                                    "'files'")
             k = top_k if top_k is not None else parse_top_k(form.fields.get("top_k"))
             # Decoding and resizing happen on a worker thread, never on the event loop.
-            batch = await run_in_threadpool(
-                lambda: batcher.predictor.to_arrays(decode_images(files)))
+            batch = await run_in_threadpool(decode_batch, files, batcher.predictor,
+                                            settings.engine.max_image_pixels)
         finally:
             form.cleanup()
     probs = await batcher.probabilities(batch)

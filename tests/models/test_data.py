@@ -153,3 +153,25 @@ def test_streamed_batches_equal_in_memory_batches(tiny_folder):
         assert images_a.dtype == torch.uint8 and images_a.shape[1:] == (3, 32, 32)
         assert torch.equal(images_a, images_b)
         assert torch.equal(labels_a, labels_b) and torch.equal(idx_a, idx_b)
+
+
+def test_images_are_checked_before_decoding_and_only_documented_formats_open(tmp_path):
+    from ftune.models.data.images import ImageRefused, decode_for, open_checked, open_rgb
+
+    bomb = tmp_path / "bomb.png"
+    Image.new("1", (10_000, 10_000)).save(bomb)  # 100 Mpx: PIL itself would only warn
+    assert bomb.stat().st_size < 100_000
+    with pytest.raises(ImageRefused, match="too many pixels"):
+        open_checked(bomb)
+    with pytest.raises(ImageRefused, match=r"too many pixels \(10000×10000 > 1000\)"):
+        open_rgb(bomb, max_pixels=1000)
+    pcx = tmp_path / "photo.pcx"
+    Image.new("RGB", (20, 20)).save(pcx)  # PIL reads PCX; we do not claim to
+    with pytest.raises(Exception, match="cannot identify image file"):
+        open_checked(pcx)
+
+    photo = tmp_path / "photo.jpg"
+    Image.new("RGB", (3200, 2400), (30, 90, 200)).save(photo, quality=90)
+    reduced = decode_for(photo, short_side=128)
+    assert 256 <= min(reduced.size) < 2400 and reduced.mode == "RGB"  # a reduced DCT scale
+    assert decode_for(photo, short_side=2000).size == (3200, 2400)  # no reduction possible

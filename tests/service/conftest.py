@@ -115,3 +115,13 @@ def wait_for_job(client: httpx.Client, job_id: str, timeout_s: float = 300,
         return job if job["status"] in statuses else None
 
     return wait_until(done, timeout_s, f"job {job_id} to reach {statuses}", interval_s=0.3)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(client, tiny_dataset) -> dict:
+    """A model trained on ``tiny_dataset`` (32 px, one epoch), once."""
+    job = client.post("/v1/jobs", json={"dataset_id": tiny_dataset["id"], "spec": {
+        "image_size": 32, "epochs": 1, "batch_size": 12}}).json()
+    done = wait_for_job(client, job["id"], timeout_s=180)
+    assert done["status"] == "succeeded", done["error"]
+    return client.get(f"/v1/models/{done['model_id']}").json()
