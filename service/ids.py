@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 import uuid
 
-_ID = re.compile(r"^[0-9a-f]{32}$")
+_ID = re.compile(r"[0-9a-f]{32}")
 
 
 def new_id() -> str:
@@ -14,4 +14,4 @@ def new_id() -> str:
 
 
 def is_id(value: str) -> bool:
-    return bool(_ID.match(value))
+    return _ID.fullmatch(value) is not None  # match would let "…\n" through

@@ -1,5 +1,6 @@
 """Pictures of a run, drawn with matplotlib off-screen: training curves and the confusion
-matrix, readable from 2 to 100 classes."""
+matrix, readable from 2 to 100 classes. Every string a user chose (class names, titles) is
+drawn literally: mathtext would parse "$...$" and fail on unknown commands or deep nesting."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import io
 # Figure, not pyplot: no global state, so concurrent requests can draw in threads (this is
 # matplotlib's recipe for web servers).
 from matplotlib.figure import Figure
+
+LITERAL = {"parse_math": False}
 
 
 def _png(figure: Figure) -> bytes:
@@ -33,7 +36,7 @@ def curves_png(rows: list[dict], title: str) -> bytes:
         if ax.lines:
             ax.legend()
     acc_ax.set_ylim(0, 1)
-    figure.suptitle(title if rows else f"{title} (no finished epoch yet)")
+    figure.suptitle(title if rows else f"{title} (no finished epoch yet)", **LITERAL)
     return _png(figure)
 
 
@@ -48,8 +51,8 @@ def confusion_png(matrix: list[list[int]], classes: list[str], title: str) -> by
                                                                         strict=True)]
     image = ax.imshow(shares, cmap="Blues", vmin=0, vmax=1)
     font = max(6.0, min(10.0, 300 / max(n, 1)))
-    ax.set_xticks(range(n), classes, rotation=90, fontsize=font)
-    ax.set_yticks(range(n), classes, fontsize=font)
+    ax.set_xticks(range(n), classes, rotation=90, fontsize=font, **LITERAL)
+    ax.set_yticks(range(n), classes, fontsize=font, **LITERAL)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     if n <= 20:
@@ -59,5 +62,5 @@ def confusion_png(matrix: list[list[int]], classes: list[str], title: str) -> by
                     ax.text(j, i, str(value), ha="center", va="center", fontsize=font,
                             color="white" if shares[i][j] > 0.5 else "black")
     figure.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
-    ax.set_title(title)
+    ax.set_title(title, **LITERAL)
     return _png(figure)

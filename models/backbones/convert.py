@@ -20,7 +20,7 @@ _LITE_DEPTHWISE_SEPARABLE = {"_depthwise_conv": "conv_dw", "_bn1": "bn1",
                              "_project_conv": "conv_pw", "_bn2": "bn2"}
 _LITE_INVERTED_RESIDUAL = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw",
                            "_bn1": "bn2", "_project_conv": "conv_pwl", "_bn2": "bn3"}
-_BLOCK_KEY = re.compile(r"^_blocks\.(\d+)\.(\w+)\.(.+)$")
+_BLOCK_KEY = re.compile(r"_blocks\.(\d+)\.(\w+)\.(.+)")
 
 
 def detect_format(state_dict: StateDict) -> str:
@@ -47,7 +47,7 @@ def _from_efficientnet_lite(state_dict: StateDict, model: nn.Module) -> StateDic
                    for i, block in enumerate(stage)]
     out: StateDict = {}
     for key, value in state_dict.items():
-        match = _BLOCK_KEY.match(key)
+        match = _BLOCK_KEY.fullmatch(key)
         if match is None:
             module, _, rest = key.partition(".")
             out[f"{_LITE_TOP[module]}.{rest}"] = value
