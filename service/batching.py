@@ -22,11 +22,31 @@ if TYPE_CHECKING:  # torch loads with the first model, never with the API itself
 
     from ftune.models.predictor import Predictor
 
-# All model work of the process (loading and forwards) runs on this one thread. Each thread
-# that runs torch's parallel CPU kernels gets an OpenMP team of its own, and two teams on the
-# same cores slow each other down (measured: a forward 1.7× slower when the model was loaded
-# on another thread).
-TORCH_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="torch")
+
+
+def _keep_thread_count() -> None:
+    import torch
+
+    torch.set_num_threads(torch.get_num_threads())  # pinned here, before LOAD_THREAD lowers it
+
+
+def _one_thread() -> None:
+    import torch
+
+    TORCH_THREAD.submit(int).result()  # the torch thread exists first and keeps its count
+    torch.set_num_threads(1)
+
+
+# Forwards run on this one thread. Each thread that runs torch's parallel CPU kernels gets an
+# OpenMP team of its own, and two full teams on the same cores slow each other down for good
+# (measured: forwards 2× slower once a model had been loaded on another thread).
+TORCH_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="torch",
+                                  initializer=_keep_thread_count)
+# Models load here, off the forward thread (a load would stall every model's predictions),
+# with one OpenMP thread: then no second team competes with the forwards (measured: forwards
+# as fast as with loading on the torch thread).
+LOAD_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="torch-load",
+                                 initializer=_one_thread)
 
 
 @dataclass

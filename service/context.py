@@ -13,6 +13,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from ftune.service.auth.cache import KeyCache
 from ftune.service.db import migrate
 from ftune.service.db.session import Database
+from ftune.service.exports import ExportSlots
 from ftune.service.lifecycle.dispatcher import dispatch
 from ftune.service.queue import make_celery
 from ftune.service.ratelimit import RateLimiter
@@ -57,6 +58,10 @@ class AppContext:
     def redis(self) -> redis.Redis:
         return redis.Redis.from_url(self.settings.broker_url, socket_connect_timeout=2,
                                     socket_timeout=2)
+
+    @cached_property
+    def exports(self) -> ExportSlots:
+        return ExportSlots(self.settings.exports_at_once)
 
     @cached_property
     def keys(self) -> KeyCache:

@@ -9,6 +9,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ftune.models.errors import FineTuneError
@@ -16,6 +17,8 @@ from ftune.models.spec import SpecError
 from ftune.service.db.migrate import SchemaError
 
 log = logging.getLogger(__name__)
+
+DB_RETRY_AFTER_S = 2
 
 
 class ServiceError(Exception):
@@ -63,19 +66,33 @@ class InvalidInput(ServiceError):
     status_code = 422
 
 
-class Unavailable(ServiceError):
-    status_code = 503
+def retry_after(seconds: float) -> dict[str, str]:
+    return {"Retry-After": str(max(1, math.ceil(seconds)))}
 
 
-class TooManyRequests(ServiceError):
-    """A quota or a rate limit; ``retry_after_s`` when waiting helps."""
-
-    status_code = 429
+class _Retryable(ServiceError):
+    """An error that waiting may cure; ``retry_after_s`` says how long when we know."""
 
     def __init__(self, detail: str, retry_after_s: float | None = None) -> None:
         super().__init__(detail)
         if retry_after_s is not None:
-            self.headers = {"Retry-After": str(max(1, math.ceil(retry_after_s)))}
+            self.headers = retry_after(retry_after_s)
+
+
+class Unavailable(_Retryable):
+    status_code = 503
+
+
+class TooManyRequests(_Retryable):
+    """A quota or a rate limit."""
+
+    status_code = 429
+
+
+class InsufficientStorage(_Retryable):
+    """The data directory's disk is (nearly) full: refused before it fills up."""
+
+    status_code = 507
 
 
 class DatasetRejected(InvalidInput):
@@ -132,9 +149,17 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _database(request: Request, exc: DBAPIError) -> JSONResponse:
         if exc.connection_invalidated or _is_outage(exc):
             log.warning("database unavailable on %s: %s", request.url.path, exc.orig)
-            return _json(503, "the database is unavailable; try again shortly")
+            return _json(503, "the database is unavailable; try again shortly",
+                         retry_after(DB_RETRY_AFTER_S))
         log.exception("database error on %s %s", request.method, request.url.path)
         return _json(500, "internal database error; see the API log")
+
+    @app.exception_handler(PoolTimeout)
+    async def _pool(request: Request, exc: PoolTimeout) -> JSONResponse:
+        # Every database connection is busy: the API is overloaded, not broken.
+        log.warning("database pool exhausted on %s %s", request.method, request.url.path)
+        return _json(503, "the server is busy (no database connection free); try again "
+                     "shortly", retry_after(DB_RETRY_AFTER_S))
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -286,4 +286,5 @@ def _dispatch_or_fail(db: Database, principal: Principal, job_id: str,
                 status_event(session, job_id, JobStatus.FAILED, error=failed.error)
             if idempotency_key is not None:  # submitting again with the key must try again
                 forget_idempotent(session, principal, key=idempotency_key)
-        raise Unavailable(f"the job queue (Redis) is unreachable: {exc}") from exc
+        raise Unavailable(f"the job queue (Redis) is unreachable: {exc}",
+                          retry_after_s=5) from exc

@@ -68,4 +68,5 @@ def enqueue_finetune(celery: Celery, job_id: str, priority: int = 5) -> None:
                          retry_policy=_PUBLISH_RETRY)
     except Exception as exc:  # kombu raises several connection error types
         log.warning("could not enqueue job %s: %s", job_id, exc)
-        raise Unavailable(f"the job queue (Redis) is unreachable: {exc}") from exc
+        raise Unavailable(f"the job queue (Redis) is unreachable: {exc}",
+                          retry_after_s=5) from exc

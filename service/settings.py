@@ -87,6 +87,25 @@ class Settings(BaseSettings):
                                            "worker device; set it to refuse specs that cannot "
                                            "fit at submit (workers always check).")
 
+    # What one client may hold of the API process (connections, threads, disk).
+    limit_concurrency: int = Field(1000, ge=1, description="Connections and requests the API "
+                                   "serves at once; more get 503 at once.")
+    keep_alive_s: float = Field(5, gt=0, description="Idle keep-alive connections close after "
+                                "this long.")
+    upload_idle_timeout_s: float = Field(30, gt=0, description="An upload that sends nothing "
+                                         "for this long is dropped and its partial file "
+                                         "removed.")
+    max_streams: int = Field(500, ge=1, description="Event streams open at once on one API "
+                             "process.")
+    max_streams_per_key: int = Field(20, ge=1, description="Event streams one key may hold "
+                                     "open on one API process.")
+    min_free_disk_mb: float = Field(2048, ge=0, description="Uploads are refused (507) when "
+                                    "the data directory's disk has less free than this.")
+    export_timeout_s: float = Field(900, gt=0, description="Longest an ONNX or TorchScript "
+                                    "export may take (it runs in a child process).")
+    exports_at_once: int = Field(1, ge=1, description="ONNX or TorchScript exports built at "
+                                 "once by one API process; more get 503 with Retry-After.")
+
     # Default quotas of every tenant; operators override them per tenant.
     quota_stored_gb: float = Field(200, gt=0, description="Datasets, models and exports.")
     quota_datasets: int = Field(200, ge=0, description="Datasets a tenant may hold.")

@@ -18,10 +18,11 @@ from sqlalchemy.orm import Session
 
 from ftune.models.bundle import BUNDLE_FILES, EVALUATION_FILE
 from ftune.service.auth.principal import Principal
-from ftune.service.batching import TORCH_THREAD, DynamicBatcher
+from ftune.service.batching import LOAD_THREAD, DynamicBatcher
 from ftune.service.db.session import Database
 from ftune.service.db.tables import ModelAlias, Tenant, TunedModel
 from ftune.service.errors import Conflict, InvalidInput, NotFound, TooManyRequests
+from ftune.service.exports import ExportSlots
 from ftune.service.ids import is_id
 from ftune.service.quotas import limits_of, usage_of
 from ftune.service.settings import Settings
@@ -144,14 +145,12 @@ def bundle_folder(storage: Storage, model_id: str) -> Path:
     return folder
 
 
-def model_export(storage: Storage, model_id: str, fmt: str) -> Path:
-    """The model as ONNX or TorchScript, built once and kept (models never change)."""
-    from ftune.models.export import export_model
-
+def model_export(storage: Storage, slots: ExportSlots, model_id: str, fmt: str, *,
+                 timeout_s: float) -> Path:
+    """The model as ONNX or TorchScript, built once (in a child process) and kept."""
     target = download_path(storage, model_id, fmt)
     if not target.exists():
-        source = bundle_folder(storage, model_id)
-        TORCH_THREAD.submit(export_model, source, target, fmt).result()
+        slots.run(bundle_folder(storage, model_id), target, fmt, timeout_s=timeout_s)
     return target
 
 
@@ -176,7 +175,7 @@ def model_zip(storage: Storage, model_id: str) -> Path:
 
 
 def build_download(db: Database, storage: Storage, settings: Settings, *, model: TunedModel,
-                   fmt: str) -> Path:
+                   fmt: str, slots: ExportSlots) -> Path:
     """The model's download in ``fmt``, built the first time (models never change) if the
     tenant's storage quota allows; its size then counts against that quota."""
     target = download_path(storage, model.id, fmt)
@@ -190,7 +189,7 @@ def build_download(db: Database, storage: Storage, settings: Settings, *, model:
                               f"and the tenant holds {usage.stored_bytes} of "
                               f"{limits.stored_bytes} bytes; delete exports or models first")
     path = model_zip(storage, model.id) if fmt == "safetensors" else model_export(
-        storage, model.id, fmt)
+        storage, slots, model.id, fmt, timeout_s=settings.export_timeout_s)
     with db.session() as session:
         session.execute(update(TunedModel).where(TunedModel.id == model.id).values(
             exports_bytes=sum(p.stat().st_size for p in storage.export_files(model.id))))
@@ -236,7 +235,7 @@ class PredictorCache:
             from ftune.models.predictor import Predictor  # torch loads on the first predict only
 
             folder = bundle_folder(self.storage, model_id)
-            predictor = TORCH_THREAD.submit(Predictor.load, folder).result()
+            predictor = LOAD_THREAD.submit(Predictor.load, folder).result()
             batcher = DynamicBatcher(predictor, max_batch=self.max_batch,
                                      max_wait_ms=self.max_wait_ms, tenant_id=tenant_id)
             with self._lock:

@@ -150,7 +150,8 @@ def download(model_ref: str, ctx: Ctx, who: Member,
     normalisation included (see ftune/models/export.py for resizing). Built once, then kept
     (they count against the tenant's storage until deleted)."""
     model = _resolve(ctx, who, model_ref)
-    path = build_download(ctx.db, ctx.storage, ctx.settings, model=model, fmt=format)
+    path = build_download(ctx.db, ctx.storage, ctx.settings, model=model, fmt=format,
+                          slots=ctx.exports)
     media = "application/zip" if format == "safetensors" else "application/octet-stream"
     return FileResponse(path, media_type=media, filename=f"model-{model.id}{path.suffix}")
 
