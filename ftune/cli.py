@@ -67,18 +67,16 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _run_server(args: argparse.Namespace, *, serve_only: bool) -> int:
-    import uvicorn
-
     from ftune.service.app import create_app
+    from ftune.service.server import serve
 
     settings = process_settings(home=args.home, api_host=args.host)
     if not serve_only:
         settings.broker_url  # noqa: B018 - fail now with a clear message, not on the first job
-    uvicorn.run(create_app(settings, serve_only=serve_only), proxy_headers=True,
-                forwarded_allow_ips=args.forwarded_allow_ips,
-                host=settings.api_host,
-                port=settings.api_port if args.port is None else args.port,
-                log_level="info" if args.verbose else "warning")
+    serve(create_app(settings, serve_only=serve_only), settings,
+          port=settings.api_port if args.port is None else args.port,
+          forwarded_allow_ips=args.forwarded_allow_ips,
+          log_level="info" if args.verbose else "warning")
     return 0
 
 

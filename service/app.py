@@ -16,6 +16,7 @@ from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from ftune.models.settings import SettingsError
 from ftune.service.audit import AuditMiddleware
+from ftune.service.body_limits import BodyLimitsMiddleware
 from ftune.service.context import AppContext
 from ftune.service.deps import principal
 from ftune.service.errors import install_error_handlers
@@ -89,9 +90,10 @@ def create_app(settings: Settings | None = None, *, serve_only: bool = False) ->
                   "button).")
     app.state.ctx = ctx
     install_error_handlers(app)
-    # Outermost last: the host check first, then same-origin, then the audit log.
+    # Outermost last: the host check first, then body limits, same-origin, the audit log.
     app.add_middleware(AuditMiddleware, db=ctx.db)
     app.add_middleware(SameOriginMiddleware, allowed_hosts=settings.host_patterns)
+    app.add_middleware(BodyLimitsMiddleware, idle_timeout_s=settings.upload_idle_timeout_s)
     app.add_middleware(TrustedHostMiddleware, allowed_hosts=settings.host_patterns)
     app.include_router(health.router)
     for module in ((tuned_models,) if serve_only else TRAINING_ROUTES):

@@ -92,6 +92,9 @@ class Settings(BaseSettings):
                                    "serves at once; more get 503 at once.")
     keep_alive_s: float = Field(5, gt=0, description="Idle keep-alive connections close after "
                                 "this long.")
+    header_timeout_s: float = Field(10, gt=0, description="A connection whose request headers "
+                                    "are not complete this long after it opened (or after "
+                                    "its last response) is closed.")
     upload_idle_timeout_s: float = Field(30, gt=0, description="An upload that sends nothing "
                                          "for this long is dropped and its partial file "
                                          "removed.")

@@ -2,13 +2,17 @@
 
 Starlette's ``request.form()`` spools files to the system temp folder; we parse the stream
 ourselves so that the body is never held in memory whole, nothing is written outside the data
-directory, and an oversized upload is refused as soon as it is seen.
+directory, and an oversized upload is refused as soon as it is seen. Parsing and writing run
+on a small pool of I/O threads, a megabyte at a time, never on the event loop (a slow disk
+would stall every request). How long a client may pause is bounded by ``body_limits``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -25,6 +29,9 @@ from ftune.service.errors import (
 
 MAX_FIELD_BYTES = 64 * 1024
 MAX_FIELDS = 32
+PARSE_BATCH_BYTES = 1 << 20  # handed to an I/O thread at once: few hops, little memory
+# Uploads parse and write here; more uploads than threads take turns a megabyte at a time.
+UPLOAD_IO = ThreadPoolExecutor(max_workers=8, thread_name_prefix="upload-io")
 
 
 @dataclass
@@ -164,23 +171,26 @@ async def receive_multipart(request: Request, *, dest: Path, file_fields: set[st
     dest.mkdir(parents=True, exist_ok=True)
     builder = _FormBuilder(dest, file_fields, max_files, max_file_bytes, file_limit_name)
     parser = MultipartParser(params[b"boundary"], builder.callbacks())
-    received = 0
+    received, pending = 0, bytearray()
+    work: Future | None = None  # the I/O thread's current batch
     try:
         async for chunk in request.stream():
             received += len(chunk)
             if received > max_bytes:
                 raise over_limit(max_bytes)
-            parser.write(chunk)
-        parser.finalize()
+            pending += chunk
+            if len(pending) >= PARSE_BATCH_BYTES:
+                work = UPLOAD_IO.submit(parser.write, bytes(pending))
+                await asyncio.wrap_future(work)
+                pending.clear()
+        work = UPLOAD_IO.submit(_finish, parser, bytes(pending))
+        await asyncio.wrap_future(work)
         if builder.part_open:
             raise InvalidInput("incomplete multipart body: the final boundary is missing")
-    except ClientDisconnect as exc:
-        builder.close()
-        builder.form.cleanup()
-        raise InvalidInput("the client disconnected before the upload finished") from exc
     except BaseException as exc:
-        builder.close()
-        builder.form.cleanup()
+        _discard_after(work, builder)
+        if isinstance(exc, ClientDisconnect):
+            raise InvalidInput("the client disconnected before the upload finished") from exc
         if isinstance(exc, ServiceError):
             raise
         if isinstance(exc, Exception) and type(exc).__module__.startswith("python_multipart"):
@@ -188,3 +198,21 @@ async def receive_multipart(request: Request, *, dest: Path, file_fields: set[st
         raise
     builder.close()
     return builder.form
+
+
+def _discard_after(work: Future | None, builder: _FormBuilder) -> None:
+    """Remove what was written, once the I/O thread is done with its batch: a cancelled
+    request must not leave a file that the thread creates after the cleanup."""
+    def discard(_: object = None) -> None:
+        builder.close()
+        builder.form.cleanup()
+
+    if work is None or work.done():
+        discard()
+    else:
+        work.add_done_callback(discard)
+
+
+def _finish(parser: MultipartParser, rest: bytes) -> None:
+    parser.write(rest)
+    parser.finalize()

@@ -22,7 +22,9 @@ FAST_LIFECYCLE = {"FTUNE_CANCEL_POLL_S": "0.2", "FTUNE_WORKER_HEARTBEAT_S": "1",
                   # The suite uploads and submits far faster than any person; rate limits
                   # have tests of their own.
                   "FTUNE_RATE_UPLOADS": "100000/minute", "FTUNE_RATE_JOBS": "100000/minute",
-                  "FTUNE_RATE_PREDICTIONS": "100000/minute"}
+                  "FTUNE_RATE_PREDICTIONS": "100000/minute",
+                  # Short, so the slow-client tests wait seconds, not minutes.
+                  "FTUNE_HEADER_TIMEOUT_S": "3", "FTUNE_UPLOAD_IDLE_TIMEOUT_S": "3"}
 
 
 @pytest.fixture(scope="session")

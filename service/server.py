@@ -1,0 +1,69 @@
+"""Run the API under uvicorn with limits on what each connection may hold.
+
+Uvicorn times out idle keep-alive connections but not a client that opens a connection and
+sends its headers a byte at a time (slowloris): ``HeaderTimeoutProtocol`` closes a connection
+whose request headers are not complete ``FTUNE_HEADER_TIMEOUT_S`` after it opened or after
+its previous response. Bodies are bounded by ``body_limits``; connections and requests at
+once by ``FTUNE_LIMIT_CONCURRENCY`` (uvicorn answers 503 beyond it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+
+import h11
+import uvicorn
+from fastapi import FastAPI
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from ftune.service.settings import Settings
+
+
+class HeaderTimeoutProtocol(H11Protocol):
+    header_timeout_s = 10.0  # set by ``serve`` for the process
+    _header_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm_header_timer()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self._header_timer is not None and self.conn.their_state is not h11.IDLE:
+            self._disarm_header_timer()  # the request line and headers are in
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing():
+            self._arm_header_timer()  # for the next request on this connection
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm_header_timer()
+        super().connection_lost(exc)
+
+    def _arm_header_timer(self) -> None:
+        self._disarm_header_timer()
+        self._header_timer = self.loop.call_later(self.header_timeout_s, self._headers_late)
+
+    def _disarm_header_timer(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def _headers_late(self) -> None:
+        self._header_timer = None
+        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+            self.transport.close()
+
+
+def serve(app: FastAPI, settings: Settings, *, port: int, forwarded_allow_ips: str | None,
+          log_level: str) -> None:
+    HeaderTimeoutProtocol.header_timeout_s = settings.header_timeout_s
+    config = uvicorn.Config(
+        app, host=settings.api_host, port=port, http=HeaderTimeoutProtocol,
+        proxy_headers=True, forwarded_allow_ips=forwarded_allow_ips,
+        limit_concurrency=settings.limit_concurrency,
+        timeout_keep_alive=max(1, math.ceil(settings.keep_alive_s)),
+        log_level=log_level)
+    uvicorn.Server(config).run()
