@@ -5,16 +5,14 @@ from __future__ import annotations
 import logging
 import os
 import re
-import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from ftune.models.data.archives import ArchiveLimits, unpack
-from ftune.models.data.discover import inspect_dataset
-from ftune.models.data.lint import LintReport
+from ftune.models.data.archives import ArchiveLimits, remove_tree
+from ftune.models.data.sandbox import SandboxResult, unpack_and_inspect
 from ftune.models.errors import ArchiveTooLarge
 from ftune.models.settings import EngineSettings
 from ftune.service.auth.principal import Principal
@@ -47,22 +45,26 @@ def clean_name(name: str | None, filename: str | None) -> str:
     return stem or "dataset"
 
 
-def _folder_size(folder: Path) -> int:
-    return sum(entry.stat().st_size for entry in folder.rglob("*") if entry.is_file())
-
-
 @dataclass(frozen=True)
 class DatasetChecks:
+    """What an upload is checked against, and the limits of the child that checks it."""
+
     limits: ArchiveLimits
     min_per_class: int
     max_pixels: int
+    max_classes: int
+    memory_mb: int
+    cpu_s: int
+    timeout_s: float
 
     @classmethod
     def from_settings(cls, engine: EngineSettings) -> DatasetChecks:
         return cls(limits=ArchiveLimits(max_bytes=int(engine.max_extracted_mb * 2**20),
                                         max_files=engine.max_archive_files),
                    min_per_class=engine.min_images_per_class,
-                   max_pixels=engine.max_image_pixels)
+                   max_pixels=engine.max_image_pixels, max_classes=engine.max_classes,
+                   memory_mb=engine.unpack_memory_mb, cpu_s=engine.unpack_cpu_s,
+                   timeout_s=engine.unpack_timeout_s)
 
 
 def _find_same_content(session: Session, tenant_id: str,
@@ -75,8 +77,8 @@ def _find_same_content(session: Session, tenant_id: str,
                           .order_by(Dataset.created_at).limit(1))
 
 
-def _summary(report: LintReport) -> str:
-    problems = "; ".join(f"{e.message}. {e.action}" for e in report.errors)
+def _summary(errors: list[dict]) -> str:
+    problems = "; ".join(f"{e['message']}. {e['action']}" for e in errors)
     return f"the dataset cannot be used: {problems}"
 
 
@@ -93,48 +95,55 @@ def ingest_archive(session: Session, storage: Storage, *, tenant_id: str, archiv
     dataset_id = new_id()
     staging = storage.datasets / f".{dataset_id}.staging"
     try:
-        _unpack_within(archive, staging, checks.limits, allowance)
-        inspection = inspect_dataset(staging, min_per_class=checks.min_per_class,
-                                     max_pixels=checks.max_pixels)
-        report, index = inspection.report, inspection.index
-        if not report.ok:
-            raise DatasetRejected(_summary(report), report.to_dict())
-        existing = (_find_same_content(session, tenant_id, index.content_hash) if dedupe
+        # Unpacked and checked in a child process with its own limits (models.data.sandbox).
+        found = _unpack_within(archive, staging, checks, allowance)
+        if not found.ok:
+            raise DatasetRejected(_summary(found.errors), found.report)
+        existing = (_find_same_content(session, tenant_id, found.content_hash) if dedupe
                     else None)
         if existing is not None:
-            shutil.rmtree(staging, ignore_errors=True)
+            remove_tree(staging)
             return existing, False
-        dataset = Dataset(
-            id=dataset_id, tenant_id=tenant_id, name=dataset_name, classes=index.classes,
-            class_counts=report.splits, num_images=report.num_images,
-            # val null: no val split, one is held out at training time (spec.val_fraction).
-            splits={"val": None, **{split: sum(counts.values())
-                                    for split, counts in report.splits.items()}},
-            warnings=[f"{w.message}. {w.action}" for w in report.warnings],
-            size_bytes=_folder_size(staging), content_hash=index.content_hash,
-            report=report.to_dict())
+        dataset = _new_dataset(dataset_id, tenant_id, dataset_name, found)
         os.rename(staging, storage.dataset_dir(dataset_id))
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        remove_tree(staging)
         raise
     try:
         session.add(dataset)
         session.commit()  # here, so a failed commit also removes the files
     except BaseException:
-        shutil.rmtree(storage.dataset_dir(dataset_id), ignore_errors=True)
+        remove_tree(storage.dataset_dir(dataset_id))
         raise
     return dataset, True
 
 
-def _unpack_within(archive: Path, staging: Path, limits: ArchiveLimits,
-                   allowance: int | None) -> None:
-    """Unpack under the engine's limits and, when smaller, what the tenant's quota allows."""
-    if allowance is None or allowance >= limits.max_bytes:
-        unpack(archive, staging, limits)
-        return
+def _new_dataset(dataset_id: str, tenant_id: str, name: str, found: SandboxResult) -> Dataset:
+    return Dataset(
+        id=dataset_id, tenant_id=tenant_id, name=name, classes=found.classes,
+        class_counts=found.class_counts, num_images=found.num_images,
+        # val null: no val split, one is held out at training time (spec.val_fraction).
+        splits={"val": None, **found.splits},
+        warnings=[f"{w['message']}. {w['action']}" for w in found.warnings],
+        size_bytes=found.size_bytes, content_hash=found.content_hash, report=found.report)
+
+
+def _unpack_within(archive: Path, staging: Path, checks: DatasetChecks,
+                   allowance: int | None) -> SandboxResult:
+    """Unpack and check under the engine's limits and, when smaller, what the tenant's quota
+    allows."""
+    limits = checks.limits
+    quota_bound = allowance is not None and allowance < limits.max_bytes
+    if quota_bound:
+        limits = replace(limits, max_bytes=allowance)
     try:
-        unpack(archive, staging, replace(limits, max_bytes=allowance))
+        return unpack_and_inspect(
+            archive, staging, limits=limits, min_per_class=checks.min_per_class,
+            max_pixels=checks.max_pixels, max_classes=checks.max_classes,
+            memory_mb=checks.memory_mb, cpu_s=checks.cpu_s, timeout_s=checks.timeout_s)
     except ArchiveTooLarge as exc:
+        if not quota_bound:
+            raise
         raise TooManyRequests(f"quota stored_gb exceeded: the archive unpacks to more than the "
                               f"{allowance} bytes left in the tenant's storage quota; free "
                               "some or ask an operator to raise it") from exc

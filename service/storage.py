@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-import shutil
+import logging
 import time
+import uuid
 from pathlib import Path
 
+from ftune.models.data.archives import remove_tree
 from ftune.service.ids import is_id
+
+log = logging.getLogger(__name__)
 
 EXPORT_SUFFIXES = (".zip", ".onnx", ".pt")  # the bundle zip and ftune.models.export's formats
 
@@ -52,20 +56,22 @@ class Storage:
             folder.mkdir(parents=True, exist_ok=True)
 
     def sweep_stale(self, max_age_s: float = 24 * 3600) -> int:
-        """Remove what a crashed process left: upload parts and unpacking folders.
+        """Remove what a crashed process left: upload parts and unpacking folders; how many.
 
-        Only old ones: another API process sharing this directory may be mid-upload.
+        Only old ones: another API process sharing this directory may be mid-upload. Never
+        raises (the API calls it at start-up): what cannot be removed is logged and left.
         """
         cutoff = time.time() - max_age_s
-        stale = [p for p in self.uploads.glob("*.part") if p.stat().st_mtime < cutoff]
-        stale += [p for p in self.datasets.glob(".*.staging") if p.stat().st_mtime < cutoff]
-        stale += [p for p in self.tmp.glob("deleted-*") if p.stat().st_mtime < cutoff]
-        for path in stale:
-            if path.is_dir():
-                shutil.rmtree(path, ignore_errors=True)
-            else:
-                path.unlink(missing_ok=True)
-        return len(stale)
+        removed = 0
+        for folder, pattern in ((self.uploads, "*.part"), (self.datasets, ".*.staging"),
+                                (self.tmp, "deleted-*")):
+            try:
+                stale = [p for p in folder.glob(pattern) if _older_than(p, cutoff)]
+            except OSError as exc:
+                log.warning("cannot look for leftovers in %s: %s", folder, exc)
+                continue
+            removed += sum(_remove_leftover(path) for path in stale)
+        return removed
 
     def dataset_dir(self, dataset_id: str) -> Path:
         """The unpacked images of a dataset (what the engine reads)."""
@@ -94,17 +100,33 @@ class Storage:
         # Renamed first so the delete is atomic from a reader's view, then removed.
         folder = self.dataset_dir(dataset_id)
         if folder.exists():
-            trash = self.tmp / f"deleted-{dataset_id}"
+            # A unique name: an earlier trash folder of this id may not have gone away.
+            trash = self.tmp / f"deleted-{dataset_id}-{uuid.uuid4().hex[:8]}"
             folder.rename(trash)
-            shutil.rmtree(trash, ignore_errors=True)
+            remove_tree(trash)
 
     def remove_model_files(self, model_id: str) -> None:
         for path in self.export_files(model_id):
             path.unlink(missing_ok=True)
-        shutil.rmtree(self.model_dir(model_id), ignore_errors=True)
+        remove_tree(self.model_dir(model_id))
 
     def folder_bytes(self, folder: Path) -> int:
         return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
     def remove_job_files(self, job_id: str) -> None:
-        shutil.rmtree(self.job_dir(job_id), ignore_errors=True)
+        remove_tree(self.job_dir(job_id))
+
+
+def _remove_leftover(path: Path) -> bool:
+    try:
+        return remove_tree(path)  # logs what it cannot remove
+    except Exception:  # start-up must go on whatever a leftover holds
+        log.exception("could not remove the leftover %s", path)
+        return False
+
+
+def _older_than(path: Path, cutoff: float) -> bool:
+    try:
+        return path.lstat().st_mtime < cutoff
+    except OSError:  # gone meanwhile (another process swept it)
+        return False

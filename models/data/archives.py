@@ -1,30 +1,47 @@
 """Recognise and unpack zip and tar archives without trusting anything inside them.
 
-Used by the service for uploads and by ``ftune train ARCHIVE``. Kinds come from magic bytes,
-not file names. Every member name is checked (no absolute paths,
-drive letters or ``..``); only regular files and folders are accepted (links and devices are
-refused); sizes, counts and the compression ratio are enforced while bytes are written, not
-taken from headers.
+Used by the service for uploads (inside the resource-limited child of ``sandbox``) and by
+``ftune train ARCHIVE``. Kinds come from magic bytes, not file names. Every member name is
+checked (no absolute paths, drive letters or ``..``, at most ``MAX_DEPTH`` levels and
+``MAX_PATH_BYTES`` bytes, so nothing below recurses per level); only regular files and folders
+are accepted (links, devices and sparse files are refused); sizes, counts and the compression
+ratio are enforced while bytes are written, not taken from headers. What the standard library
+would read whole or parse in more than linear time is bounded before it gets there: a zip's
+central directory is counted first, tar metadata headers are capped in size and in number,
+pax records are checked in linear time (CVE-2024-6232 makes Python 3.11.7's own parser
+quadratic).
 """
 
 from __future__ import annotations
 
 import gzip
+import logging
 import lzma
+import os
 import re
-import shutil
 import stat
+import struct
 import tarfile
 import zipfile
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import IO
 
 from ftune.models.errors import ArchiveError, ArchiveTooLarge
 
+log = logging.getLogger(__name__)
+
 CHUNK = 1 << 20
-MAX_HEADER_BYTES = 1 << 20  # a tar long-name or pax header larger than this is hostile
+MAX_HEADER_BYTES = 64 << 10  # a tar long-name or pax header larger than this is hostile
+MAX_GLOBAL_HEADER_BYTES = 8 << 10  # all global pax headers together: tarfile keeps them all
+MAX_CHAINED_HEADERS = 8  # metadata headers in a row: tarfile recurses once for each
+MAX_DIGIT_RUN = 64  # longer runs of digits in a pax header make its parser quadratic
+MAX_DEPTH = 32  # folder levels of a member; deeper paths make pathlib and os.walk recurse
+MAX_NAME_BYTES = 255  # one path component, as on common file systems
+MAX_PATH_BYTES = 1024
+_SHOWN_CHARS = 120  # of a hostile name in a message
 _DRIVE = re.compile(r"^[A-Za-z]:")
 _ZIP_ERRORS = (zipfile.BadZipFile, zlib.error, lzma.LZMAError, EOFError, UnicodeDecodeError,
                ValueError)
@@ -63,21 +80,42 @@ def detect_kind(path: Path) -> str:
 
 
 def safe_member_path(name: str) -> PurePosixPath | None:
-    """The member's relative path, None for the archive root; refuses anything escaping it."""
+    """The member's relative path, None for the archive root; refuses anything escaping it,
+    and paths too deep or too long to store (or to walk without recursion errors)."""
     try:
         name.encode("utf-8")
     except UnicodeEncodeError as exc:
-        raise ArchiveError(f"archive entry {name.encode('utf-8', 'replace')!r} has a name that "
-                           "is not valid UTF-8; rename it") from exc
+        raise ArchiveError(f"archive entry {name.encode('utf-8', 'replace')[:_SHOWN_CHARS]!r} "
+                           "has a name that is not valid UTF-8; rename it") from exc
     cleaned = name.replace("\\", "/")
     if cleaned.startswith("/") or _DRIVE.match(cleaned):
-        raise ArchiveError(f"archive entry {name!r} has an absolute path")
+        raise ArchiveError(f"archive entry {_shown(name)} has an absolute path")
     parts = [p for p in cleaned.split("/") if p not in ("", ".")]
     if ".." in parts:
-        raise ArchiveError(f"archive entry {name!r} points outside the archive (..)")
+        raise ArchiveError(f"archive entry {_shown(name)} points outside the archive (..)")
     if any("\x00" in p for p in parts):
-        raise ArchiveError(f"archive entry {name!r} has a NUL byte in its name")
+        raise ArchiveError(f"archive entry {_shown(name)} has a NUL byte in its name")
+    _check_path_size(name, parts)
     return PurePosixPath(*parts) if parts else None
+
+
+def _check_path_size(name: str, parts: list[str]) -> None:
+    if len(parts) > MAX_DEPTH:
+        raise ArchiveError(f"archive entry {_shown(name)} is nested {len(parts)} levels deep; "
+                           f"at most {MAX_DEPTH} are allowed")
+    if any(len(p.encode()) > MAX_NAME_BYTES for p in parts):
+        raise ArchiveError(f"archive entry {_shown(name)} has a file or folder name longer "
+                           f"than {MAX_NAME_BYTES} bytes")
+    if len("/".join(parts).encode()) > MAX_PATH_BYTES:
+        raise ArchiveError(f"archive entry {_shown(name)} has a path longer than "
+                           f"{MAX_PATH_BYTES} bytes")
+
+
+def _shown(name: str) -> str:
+    """The name for a message: hostile ones can be megabytes long."""
+    if len(name) <= _SHOWN_CHARS:
+        return repr(name)
+    return f"{name[:_SHOWN_CHARS]!r}… ({len(name)} characters)"
 
 
 class _Writer:
@@ -91,16 +129,16 @@ class _Writer:
         self.result.members += 1
         if self.result.members > self.limits.max_files:
             raise ArchiveError(f"archive has more than {self.limits.max_files} entries "
-                               f"(at {name!r}; FTUNE_MAX_ARCHIVE_FILES)")
+                               f"(at {_shown(name)}; FTUNE_MAX_ARCHIVE_FILES)")
 
     def folder(self, rel: PurePosixPath, name: str) -> None:
         try:
             (self.dest / rel).mkdir(parents=True, exist_ok=True)
         except (FileExistsError, NotADirectoryError) as exc:
-            raise ArchiveError(f"archive entry {name!r} clashes with a file of the same name"
+            raise ArchiveError(f"archive entry {_shown(name)} clashes with a file of the same name"
                                ) from exc
         except OSError as exc:
-            raise ArchiveError(f"archive entry {name!r} cannot be stored: {exc.strerror}"
+            raise ArchiveError(f"archive entry {_shown(name)} cannot be stored: {exc.strerror}"
                                ) from exc
 
     def file(self, rel: PurePosixPath, source: IO[bytes], name: str) -> None:
@@ -110,12 +148,12 @@ class _Writer:
         try:
             out = open(target, "xb")  # noqa: SIM115 - closed below
         except FileExistsError as exc:
-            raise ArchiveError(f"archive entry {name!r} appears twice") from exc
+            raise ArchiveError(f"archive entry {_shown(name)} appears twice") from exc
         except (IsADirectoryError, NotADirectoryError) as exc:
-            raise ArchiveError(f"archive entry {name!r} clashes with a folder of the same name"
-                               ) from exc
+            raise ArchiveError(f"archive entry {_shown(name)} clashes with a folder of the "
+                               "same name") from exc
         except OSError as exc:
-            raise ArchiveError(f"archive entry {name!r} cannot be stored: {exc.strerror}"
+            raise ArchiveError(f"archive entry {_shown(name)} cannot be stored: {exc.strerror}"
                                ) from exc
         with out:
             while chunk := source.read(CHUNK):
@@ -124,7 +162,7 @@ class _Writer:
                 out.write(chunk)
 
     def _check_size(self, name: str) -> None:
-        check_expansion(self.result.bytes, self.packed, self.limits, f"at {name!r}")
+        check_expansion(self.result.bytes, self.packed, self.limits, f"at {_shown(name)}")
 
 
 def check_expansion(total: int, packed: int, limits: ArchiveLimits, where: str) -> None:
@@ -149,20 +187,173 @@ class _CountingReader:
         return data
 
 
+@dataclass
+class _HeaderState:
+    """What one tar stream's metadata headers have cost so far."""
+
+    chained: int = 0  # metadata headers read in a row, before a real member
+    global_bytes: int = 0
+
+
+def _header_state(archive: tarfile.TarFile) -> _HeaderState:
+    state = getattr(archive, "_ftune_headers", None)
+    if state is None:
+        state = _HeaderState()
+        archive._ftune_headers = state  # type: ignore[attr-defined]
+    return state
+
+
 class _BoundedTarInfo(tarfile.TarInfo):
-    """Refuses huge long-name and pax headers, which tarfile would read whole into memory."""
+    """Bounds what tarfile does with metadata headers before any member is seen.
+
+    tarfile reads a long-name or pax header whole, recurses once per header in a chain,
+    keeps every global pax header for the rest of the stream, and (Python 3.11.7) parses pax
+    records in quadratic time; each of these is capped here, before tarfile gets to it.
+    """
 
     def _proc_member(self, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:  # type: ignore[override]
-        if self.type in _HEADER_TYPES and self.size > MAX_HEADER_BYTES:
-            raise ArchiveError(f"archive has a {self.size}-byte metadata header; refused")
-        return super()._proc_member(tarfile_)
+        if self.type == tarfile.GNUTYPE_SPARSE:
+            raise ArchiveError(f"archive entry {_shown(self.name)} is a sparse file; "
+                               "pack it again without --sparse")
+        if self.type not in _HEADER_TYPES:
+            return super()._proc_member(tarfile_)
+        state = _header_state(tarfile_)
+        _check_header(self, state)
+        state.chained += 1
+        try:
+            return super()._proc_member(tarfile_)
+        finally:
+            state.chained -= 1
+
+    def _proc_pax(self, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
+        # Read the records here, check them in linear time, then let tarfile parse the same
+        # bytes (it reads them first thing) from a stream that replays them.
+        stream = tarfile_.fileobj
+        records = stream.read(self._block(self.size))
+        check_pax_records(records)
+        tarfile_.fileobj = _Replay(stream, records)  # type: ignore[assignment]
+        try:
+            return super()._proc_pax(tarfile_)
+        finally:
+            tarfile_.fileobj = stream
 
 
 _HEADER_TYPES = (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE,
                  tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE)
 
 
+def _check_header(header: tarfile.TarInfo, state: _HeaderState) -> None:
+    if header.size > MAX_HEADER_BYTES:
+        raise ArchiveError(f"archive has a {header.size}-byte metadata header (at most "
+                           f"{MAX_HEADER_BYTES}); refused")
+    if state.chained >= MAX_CHAINED_HEADERS:
+        raise ArchiveError(f"archive has more than {MAX_CHAINED_HEADERS} metadata headers in "
+                           f"a row (at byte {header.offset}); refused")
+    if header.type == tarfile.XGLTYPE:
+        state.global_bytes += header.size
+        if state.global_bytes > MAX_GLOBAL_HEADER_BYTES:
+            raise ArchiveError(f"archive has more than {MAX_GLOBAL_HEADER_BYTES} bytes of "
+                               "global pax headers; refused")
+
+
+class _Replay:
+    """A tar stream with the block just read from it put back in front."""
+
+    def __init__(self, stream: IO[bytes], pending: bytes) -> None:
+        self.stream, self.pending = stream, pending
+
+    def read(self, size: int | None = None) -> bytes:
+        if self.pending is not None:
+            data, self.pending = self.pending, None
+            return data
+        return self.stream.read(size)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.stream, name)
+
+
+_PAX_LENGTH = re.compile(rb"([0-9]{1,20}) ")
+_DIGIT_RUN = re.compile(rb"[0-9]{%d}" % (MAX_DIGIT_RUN + 1))
+
+
+def check_pax_records(buf: bytes) -> None:
+    """Refuse a pax header that tarfile could not parse in linear time.
+
+    Records (``"<length> <keyword>=<value>\\n"``) must follow each other exactly, then only
+    NUL padding; no run of digits may be longer than ``MAX_DIGIT_RUN``. GNU sparse keywords
+    are refused: their map is read from the stream without a bound.
+    """
+    if _DIGIT_RUN.search(buf):
+        raise ArchiveError(f"archive has a pax header with more than {MAX_DIGIT_RUN} digits "
+                           "in a row; refused")
+    pos = 0
+    while match := _PAX_LENGTH.match(buf, pos):
+        length = int(match.group(1))
+        record = buf[pos:pos + length]
+        keyword = record[match.end() - pos:].partition(b"=")[0]
+        if (length <= match.end() - pos or len(record) != length or not record.endswith(b"\n")
+                or b"=" not in record or not keyword or b"\n" in keyword):
+            raise ArchiveError(f"archive has a malformed pax header record at byte {pos}")
+        if keyword.startswith(b"GNU.sparse."):
+            raise ArchiveError("archive holds a sparse file; pack it again without --sparse")
+        pos += length
+    if buf[pos:].strip(b"\0"):
+        raise ArchiveError(f"archive has a malformed pax header record at byte {pos}")
+
+
+_CENTRAL = struct.Struct("<4s24xHHH12x")  # a central directory header: the name, extra and
+# comment lengths that follow it
+
+
+def check_zip_directory(path: Path, max_files: int) -> None:
+    """Refuse a zip whose central directory lists more than ``max_files`` entries, before
+    zipfile reads it whole and builds an object for each entry (a 2 GiB directory of
+    minimal entries would take over 12 GB). The declared count is checked first, then the
+    entries are counted, since zipfile ignores the count. The end record is found by zipfile's
+    own function, so this reads exactly the directory zipfile will."""
+    with open(path, "rb") as f:
+        size = f.seek(0, os.SEEK_END)
+        try:
+            end = zipfile._EndRecData(f)
+        except (OSError, struct.error, zipfile.BadZipFile):
+            return  # zipfile.ZipFile says what is wrong
+        if not end:
+            return
+        declared, directory = end[zipfile._ECD_ENTRIES_TOTAL], end[zipfile._ECD_SIZE]
+        if declared > max_files:
+            raise ArchiveError(f"archive has more than {max_files} entries ({declared} "
+                               "declared; FTUNE_MAX_ARCHIVE_FILES)")
+        if directory > size:
+            raise ArchiveError("the zip archive is damaged or truncated: its central "
+                               "directory is larger than the file")
+        start = end[zipfile._ECD_LOCATION] - directory
+        if end[zipfile._ECD_SIGNATURE] == zipfile.stringEndArchive64:
+            start -= zipfile.sizeEndCentDir64 + zipfile.sizeEndCentDir64Locator
+        if start >= 0:
+            _count_directory(f, start, directory, max_files)
+
+
+def _count_directory(f: IO[bytes], start: int, size: int, max_files: int) -> None:
+    """Walk the headers as zipfile will, reading 46 bytes of each and skipping the rest."""
+    f.seek(start)
+    seen = total = 0
+    while total < size:
+        head = f.read(_CENTRAL.size)
+        if len(head) < _CENTRAL.size:
+            return
+        signature, *lengths = _CENTRAL.unpack(head)
+        if signature != zipfile.stringCentralDir:
+            return  # damaged: zipfile.ZipFile says so
+        seen += 1
+        if seen > max_files:
+            raise ArchiveError(f"archive has more than {max_files} entries (counted in its "
+                               "central directory; FTUNE_MAX_ARCHIVE_FILES)")
+        total += _CENTRAL.size + sum(lengths)
+        f.seek(sum(lengths), os.SEEK_CUR)
+
+
 def _unpack_zip(path: Path, writer: _Writer) -> None:
+    check_zip_directory(path, writer.limits.max_files)
     try:
         archive = zipfile.ZipFile(path)
     except _ZIP_ERRORS as exc:
@@ -173,23 +364,23 @@ def _unpack_zip(path: Path, writer: _Writer) -> None:
             rel = safe_member_path(info.filename)
             mode = info.external_attr >> 16
             if stat.S_ISLNK(mode):
-                raise ArchiveError(f"archive entry {info.filename!r} is a symbolic link")
+                raise ArchiveError(f"archive entry {_shown(info.filename)} is a symbolic link")
             if info.flag_bits & 0x1:
-                raise ArchiveError(f"archive entry {info.filename!r} is encrypted")
+                raise ArchiveError(f"archive entry {_shown(info.filename)} is encrypted")
             if rel is None:
                 continue
             if info.is_dir():
                 writer.folder(rel, info.filename)
                 continue
             if info.compress_type not in _ZIP_METHODS:
-                raise ArchiveError(f"archive entry {info.filename!r} uses compression method "
+                raise ArchiveError(f"archive entry {_shown(info.filename)} uses compression method "
                                    f"{info.compress_type}, which we cannot read; zip it again "
                                    "with Deflate")
             try:
                 with archive.open(info) as source:
                     writer.file(rel, source, info.filename)
             except _ZIP_ERRORS as exc:
-                raise ArchiveError(f"the zip archive is damaged at {info.filename!r}: {exc}"
+                raise ArchiveError(f"the zip archive is damaged at {_shown(info.filename)}: {exc}"
                                    ) from exc
 
 
@@ -214,10 +405,10 @@ def _tar_member(archive: tarfile.TarFile, member: tarfile.TarInfo, writer: _Writ
     writer.count_member(member.name)
     rel = safe_member_path(member.name)
     if member.issym() or member.islnk():
-        raise ArchiveError(f"archive entry {member.name!r} is a "
+        raise ArchiveError(f"archive entry {_shown(member.name)} is a "
                            f"{'symbolic' if member.issym() else 'hard'} link")
     if member.isdev() or member.isfifo():
-        raise ArchiveError(f"archive entry {member.name!r} is a device or pipe")
+        raise ArchiveError(f"archive entry {_shown(member.name)} is a device or pipe")
     if rel is None:
         return
     if member.isdir():
@@ -230,19 +421,123 @@ def _tar_member(archive: tarfile.TarFile, member: tarfile.TarInfo, writer: _Writ
 
 
 def unpack(path: Path, dest: Path, limits: ArchiveLimits) -> Unpacked:
-    """Unpack ``path`` into the new folder ``dest``; on any error ``dest`` is removed."""
+    """Unpack ``path`` into the new folder ``dest``; on any error ``dest`` is removed.
+
+    Running out of stack or memory on a hostile archive is refused like any other hostile
+    archive (an ``ArchiveError``, a 4xx for an upload), never an internal error.
+    """
     kind = detect_kind(path)
     dest.mkdir(parents=True)
     writer = _Writer(dest, limits, path.stat().st_size, kind)
     try:
-        if kind == "zip":
-            _unpack_zip(path, writer)
-        else:
-            _unpack_tar(path, writer, compressed=kind == "tar.gz")
+        _unpack_into(path, writer)
+    except (RecursionError, MemoryError) as exc:
+        remove_tree(dest)
+        raise ArchiveError("the archive is nested too deeply to unpack; refused"
+                           if isinstance(exc, RecursionError) else
+                           "unpacking the archive ran out of memory; refused") from exc
     except BaseException:
-        shutil.rmtree(dest, ignore_errors=True)
+        remove_tree(dest)
         raise
-    if writer.result.files == 0:
-        shutil.rmtree(dest, ignore_errors=True)
-        raise ArchiveError("the archive holds no files")
     return writer.result
+
+
+def _unpack_into(path: Path, writer: _Writer) -> None:
+    if writer.result.kind == "zip":
+        _unpack_zip(path, writer)
+    else:
+        _unpack_tar(path, writer, compressed=writer.result.kind == "tar.gz")
+    if writer.result.files == 0:
+        raise ArchiveError("the archive holds no files")
+
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def remove_tree(path: Path) -> bool:
+    """Delete ``path`` and everything below it, links never followed; True when it is gone.
+
+    Never raises: what cannot be removed is logged. Unlike ``shutil.rmtree`` and ``os.walk``
+    (recursive in Python 3.11: a tree deeper than the recursion limit raises
+    ``RecursionError`` whatever ``ignore_errors`` says), this walks with an explicit stack,
+    and every call is relative to one open folder, so no depth or path length stops it.
+    """
+    try:
+        if not stat.S_ISDIR(os.lstat(path).st_mode):
+            os.unlink(path)
+            return True
+        remover = _Remover(path)
+        try:
+            remover.empty()
+        finally:
+            os.close(remover.fd)
+        os.rmdir(path)
+    except FileNotFoundError:
+        return True
+    except OSError as exc:
+        log.warning("could not remove %s: %s", path, exc)
+        return False
+    return True
+
+
+class _Remover:
+    """Empties one folder tree, depth first, holding a single folder open at a time."""
+
+    def __init__(self, root: Path) -> None:
+        self.fd = os.open(root, _DIR_FLAGS)
+        self.failed = 0
+
+    def empty(self) -> None:
+        # Each frame: a folder's name in its parent, and its subfolders still to remove.
+        stack: list[tuple[str, list[str]]] = [("", self._clear())]
+        while stack:
+            name, pending = stack[-1]
+            if not pending:
+                stack.pop()
+                if stack:
+                    self._leave(name)
+                continue
+            child = pending.pop()
+            if self._enter(child):
+                stack.append((child, self._clear()))
+        if self.failed:
+            raise OSError(f"{self.failed} entries could not be removed")
+
+    def _clear(self) -> list[str]:
+        """Unlink the open folder's files; the names of its subfolders."""
+        folders = []
+        try:
+            with os.scandir(self.fd) as entries:
+                for entry in entries:
+                    if entry.is_dir(follow_symlinks=False):
+                        folders.append(entry.name)
+                    else:
+                        self._attempt(os.unlink, entry.name)
+        except OSError:
+            self.failed += 1
+        return folders
+
+    def _enter(self, name: str) -> bool:
+        try:
+            child = os.open(name, _DIR_FLAGS, dir_fd=self.fd)
+        except OSError as exc:
+            self.failed += not isinstance(exc, FileNotFoundError)
+            return False
+        os.close(self.fd)
+        self.fd = child
+        return True
+
+    def _leave(self, name: str) -> None:
+        """Back to the parent folder, and remove the (now empty) one just left."""
+        parent = os.open("..", _DIR_FLAGS, dir_fd=self.fd)
+        os.close(self.fd)
+        self.fd = parent
+        self._attempt(os.rmdir, name)
+
+    def _attempt(self, remove: Callable[..., None], name: str) -> None:
+        try:
+            remove(name, dir_fd=self.fd)
+        except FileNotFoundError:
+            pass
+        except OSError:
+            self.failed += 1

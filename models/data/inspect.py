@@ -48,6 +48,8 @@ def inspect_image(path: Path, max_pixels: int | None = None) -> FileFacts:
         return FileFacts(digest, error=str(exc))
     except UnidentifiedImageError:
         return FileFacts(digest, error=f"cannot decode: not a {READABLE} file")
+    except MemoryError:
+        raise  # the checker's memory limit, not a damaged file: the upload is refused
     except Exception as exc:  # PIL raises many types for damaged files
         return FileFacts(digest, error=f"cannot decode: {type(exc).__name__}: {exc}")
     return FileFacts(digest, width, height)

@@ -14,15 +14,20 @@ from __future__ import annotations
 
 import csv
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+from typing import IO, NamedTuple
 
 from ftune.models.data.images import is_image_name
+from ftune.models.settings import engine_settings
 
 SPLIT_DIRS = {"train": ("train", "training"), "val": ("val", "valid", "validation"),
               "test": ("test", "testing")}
 MANIFEST = "labels.csv"
 HIDDEN_NAMES = frozenset({"__MACOSX", "Thumbs.db", "desktop.ini", "Desktop.ini"})
+MAX_EXAMPLES = 20  # bad manifest rows kept as examples (lint.MAX_ITEMS); all are counted
+MAX_LINE_CHARS = 1 << 20  # of one labels.csv line
 
 
 @dataclass(frozen=True)
@@ -31,6 +36,15 @@ class Candidate:
     path: Path
     split: str
     cls: str
+
+
+class Problem(NamedTuple):
+    """Something wrong with the layout: ``count`` of them, ``items`` the first few."""
+
+    code: str
+    message: str
+    items: list
+    count: int | None = None  # None: len(items)
 
 
 @dataclass
@@ -42,7 +56,7 @@ class Listing:
     candidates: list[Candidate] = field(default_factory=list)
     declared: dict[str, list[str]] = field(default_factory=dict)  # split -> class names
     ignored: list[tuple[str, str]] = field(default_factory=list)  # (rel path, reason)
-    problems: list[tuple[str, str, list]] = field(default_factory=list)  # code, message, items
+    problems: list[Problem] = field(default_factory=list)
 
 
 def is_hidden(name: str) -> bool:
@@ -67,8 +81,8 @@ def list_dataset(root: Path) -> Listing:
     if top & set(SPLIT_DIRS):
         listing = _folder_listing(base, files, "split_folders")
         if "train" not in listing.declared:
-            listing.problems.append(("val_without_train", "found val/ or test/ but no train/ "
-                                     "folder next to it", []))
+            listing.problems.append(Problem("val_without_train", "found val/ or test/ but no "
+                                            "train/ folder next to it", []))
         return listing
     return _folder_listing(base, files, "class_folders")
 
@@ -140,21 +154,23 @@ def _manifest_listing(base: Path, files: list[PurePosixPath]) -> Listing:
     rows = _read_manifest(base, listing)
     if rows is None:
         return listing
-    bad_rows: list[dict] = []
-    for number, raw in enumerate(rows, start=2):
-        row = {(k or "").strip().lower(): (v or "").strip() for k, v in raw.items()}
+    bad_rows = Sampled()
+    for number, raw in rows:
+        row = {(k or "").strip().lower(): (v or "").strip() for k, v in raw.items()
+               if isinstance(v, str) or v is None}
         candidate, reason = _manifest_candidate(base, row)
         if candidate is None:
-            bad_rows.append({"row": f"{MANIFEST} line {number}", "reason": reason})
+            bad_rows.add({"row": f"{MANIFEST} line {number}", "reason": reason})
         else:
             listing.candidates.append(candidate)
-    if bad_rows:
-        listing.problems.append(("manifest_rows", f"{len(bad_rows)} row(s) of {MANIFEST} "
-                                 "were skipped", bad_rows))
-    for split in SPLIT_DIRS:
-        names = sorted({c.cls for c in listing.candidates if c.split == split})
-        if names:
-            listing.declared[split] = names
+    if listing.problems:  # the CSV could not be read to the end: nothing in it is used
+        listing.candidates.clear()
+        return listing
+    if bad_rows.total:
+        listing.problems.append(Problem("manifest_rows", f"{bad_rows.total} row(s) of "
+                                        f"{MANIFEST} were skipped", bad_rows.items,
+                                        bad_rows.total))
+    _declare_manifest_classes(listing)
     listed = {MANIFEST} | {c.rel for c in listing.candidates}
     for rel in files:
         if str(rel) not in listed:
@@ -163,21 +179,82 @@ def _manifest_listing(base: Path, files: list[PurePosixPath]) -> Listing:
     return listing
 
 
-def _read_manifest(base: Path, listing: Listing) -> list[dict] | None:
-    """The CSV's rows; None (and a problem on the listing) when it cannot be used."""
+def _declare_manifest_classes(listing: Listing) -> None:
+    for split in SPLIT_DIRS:
+        names = sorted({c.cls for c in listing.candidates if c.split == split})
+        if names:
+            listing.declared[split] = names
+
+
+class Sampled:
+    """The first ``MAX_EXAMPLES`` of many items and the count of all of them: a manifest with
+    millions of bad rows holds only a few in memory."""
+
+    def __init__(self) -> None:
+        self.items: list = []
+        self.total = 0
+
+    def add(self, item: object) -> None:
+        self.total += 1
+        if len(self.items) < MAX_EXAMPLES:
+            self.items.append(item)
+
+
+def _read_manifest(base: Path, listing: Listing) -> Iterator[tuple[int, dict]] | None:
+    """The CSV's rows with their line numbers, read as they are used; None (and a problem on
+    the listing) when the header is unusable. A row past the limit, or a read error midway,
+    ends the rows with a problem on the listing."""
     try:
-        with open(base / MANIFEST, newline="", encoding="utf-8-sig") as f:
-            rows = list(csv.DictReader(f))
+        f = open(base / MANIFEST, newline="", encoding="utf-8-sig")  # noqa: SIM115 - below
+    except OSError as exc:
+        listing.problems.append(Problem("manifest_invalid",
+                                        f"{MANIFEST} cannot be read: {exc}", []))
+        return None
+    try:
+        reader = csv.DictReader(_bounded_lines(f))
+        header = [h.strip().lower() for h in (reader.fieldnames or []) if h]
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        listing.problems.append(("manifest_invalid", f"{MANIFEST} cannot be read: {exc}", []))
+        f.close()
+        listing.problems.append(Problem("manifest_invalid",
+                                        f"{MANIFEST} cannot be read: {exc}", []))
         return None
-    header = [h.strip().lower() for h in (rows[0].keys() if rows else []) if h]
     if not {"path", "label"} <= set(header):
-        listing.problems.append(("manifest_invalid", f"{MANIFEST} needs a header row with "
-                                 f"'path' and 'label' columns (found: {header or 'nothing'})",
-                                 []))
+        f.close()
+        listing.problems.append(Problem(
+            "manifest_invalid", f"{MANIFEST} needs a header row with 'path' and 'label' "
+            f"columns (found: {header or 'nothing'})", []))
         return None
-    return rows
+    return _manifest_rows(f, reader, listing)
+
+
+def _bounded_lines(f: IO[str]) -> Iterator[str]:
+    """The file's lines, refusing one too long to hold (the csv module reads whole lines)."""
+    while line := f.readline(MAX_LINE_CHARS):
+        if len(line) == MAX_LINE_CHARS and not line.endswith("\n"):
+            raise csv.Error(f"a line is longer than {MAX_LINE_CHARS} characters")
+        yield line
+
+
+def _manifest_rows(f: IO[str], reader: csv.DictReader, listing: Listing
+                   ) -> Iterator[tuple[int, dict]]:
+    limit = max_manifest_rows()
+    with f:
+        try:
+            for number, row in enumerate(reader, start=2):
+                if number - 1 > limit:
+                    listing.problems.append(Problem(
+                        "manifest_invalid", f"{MANIFEST} has more than {limit} rows "
+                        "(FTUNE_MAX_ARCHIVE_FILES)", []))
+                    return
+                yield number, row
+        except (OSError, UnicodeDecodeError, csv.Error) as exc:
+            listing.problems.append(Problem("manifest_invalid",
+                                            f"{MANIFEST} cannot be read: {exc}", []))
+
+
+def max_manifest_rows() -> int:
+    """No more rows than an archive may hold entries: each row names a file."""
+    return engine_settings().max_archive_files
 
 
 def _manifest_candidate(base: Path, row: dict[str, str]) -> tuple[Candidate | None, str]:
@@ -187,12 +264,22 @@ def _manifest_candidate(base: Path, row: dict[str, str]) -> tuple[Candidate | No
     rel = PurePosixPath(name.replace("\\", "/"))
     if not name or not label:
         return None, "empty path or label"
+    if not rel.parts:
+        return None, f"path {name!r} does not name a file"
     if rel.is_absolute() or ".." in rel.parts or ":" in rel.parts[0]:
         return None, f"path {name!r} points outside the dataset"
     if split is None:
         return None, f"split {row.get('split')!r} is not train, val or test"
-    if not (base / rel).is_file():
+    if not _is_file(base / rel):
         return None, f"{name} does not exist"
     if not is_image_name(Path(name)):
         return None, f"{name} is not an image"
     return Candidate(str(rel), base / rel, split, label), ""
+
+
+def _is_file(path: Path) -> bool:
+    """A regular file; False for names the file system refuses (too long, say)."""
+    try:
+        return path.is_file()
+    except (OSError, ValueError):
+        return False

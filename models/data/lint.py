@@ -67,9 +67,10 @@ class LintReport:
 
 
 def _add(findings: list[Finding], code: str, severity: str, message: str, action: str,
-         items: list | None = None) -> None:
+         items: list | None = None, count: int | None = None) -> None:
     items = items or []
-    findings.append(Finding(code, severity, message, action, len(items), items[:MAX_ITEMS]))
+    findings.append(Finding(code, severity, message, action,
+                            len(items) if count is None else count, items[:MAX_ITEMS]))
 
 
 def build_report(listing: Listing, facts: list[FileFacts], classes: list[str], *,
@@ -109,11 +110,11 @@ _PROBLEM_ACTIONS = {
 
 
 def _layout_problems(findings: list[Finding], listing: Listing) -> None:
-    for code, message, items in listing.problems:
+    for code, message, items, count in listing.problems:
         blocking = code in _PROBLEM_ACTIONS
         action = _PROBLEM_ACTIONS.get(
             code, "Fix or remove these rows; the files they name were not used.")
-        _add(findings, code, "error" if blocking else "warning", message, action, items)
+        _add(findings, code, "error" if blocking else "warning", message, action, items, count)
 
 
 def _corrupt(findings: list[Finding], pairs: list) -> None:

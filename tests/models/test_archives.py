@@ -3,14 +3,32 @@
 from __future__ import annotations
 
 import gzip
+import inspect
 import io
+import os
+import re
+import struct
+import sys
 import tarfile
+import time
 import zipfile
+from pathlib import Path
 
 import pytest
+from PIL import Image
 
-from ftune.models.data.archives import ArchiveLimits, detect_kind, safe_member_path, unpack
-from ftune.models.errors import ArchiveError
+from ftune.models.data.archives import (
+    ArchiveLimits,
+    detect_kind,
+    remove_tree,
+    safe_member_path,
+    unpack,
+)
+from ftune.models.data.discover import inspect_dataset
+from ftune.models.data.layout import list_dataset
+from ftune.models.data.sandbox import unpack_and_inspect
+from ftune.models.errors import ArchiveError, ArchiveTooLarge
+from ftune.service.storage import Storage
 from ftune.testing.archives import tar_folder, tar_with, zip_members
 
 ROOMY = ArchiveLimits(max_bytes=10 << 20, max_files=1000)
@@ -174,3 +192,367 @@ def test_an_unreadable_zip_compression_method_is_named(tmp_path):
     data[central + 10:central + 12] = (9).to_bytes(2, "little")
     with pytest.raises(ArchiveError, match="compression method 9"):
         unpack(_write(tmp_path, bytes(data)), tmp_path / "z", ROOMY)
+
+
+# Hostile archives from the security review. Each builder makes real archive bytes; the
+# service tests (tests/service/test_hostile_archives.py) send the same ones over HTTP.
+
+def deep_zip(levels: int = 1500) -> bytes:
+    """One file ``levels`` folders deep: pathlib's mkdir(parents=True) recursed once a level."""
+    return zip_members({"/".join(["d"] * levels) + "/0.png": b"x"})
+
+
+def deep_tar_folders(levels: int = 1400) -> bytes:
+    """``levels`` nested folder entries, each one level deeper than the last."""
+    entries = []
+    for level in range(1, levels + 1):
+        folder = tarfile.TarInfo("/".join(["d"] * level))
+        folder.type = tarfile.DIRTYPE
+        entries.append(folder)
+    return tar_with(entries)
+
+
+def pax_record(key: str, value: str) -> bytes:
+    """One pax record, ``"<length> <key>=<value>\\n"`` (the length counts itself)."""
+    body = f" {key}={value}\n".encode()
+    length = len(body) + 1
+    while len(str(length)) + len(body) != length:
+        length += 1
+    return str(length).encode() + body
+
+
+def raw_tar_entry(name: str, kind: bytes, payload: bytes = b"", size: int | None = None) -> bytes:
+    """A ustar header and its payload, padded, exactly as given (tarfile would clean it)."""
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    info.size = len(payload) if size is None else size
+    return info.tobuf(format=tarfile.USTAR_FORMAT) + payload + b"\0" * (-len(payload) % 512)
+
+
+def chained_headers_tar(count: int, kind: bytes = tarfile.XHDTYPE) -> bytes:
+    """``count`` pax (or GNU long-name) headers in a row before one real member; tarfile
+    recursed once for each."""
+    payload = (pax_record("path", "cats/a.png") if kind in (tarfile.XHDTYPE, tarfile.XGLTYPE)
+               else b"cats/a.png\0")
+    head = b"".join(raw_tar_entry("././@Header", kind, payload) for _ in range(count))
+    return head + raw_tar_entry("cats/a.png", tarfile.REGTYPE, b"x") + b"\0" * 1024
+
+
+def pax_digits_tar(size: int) -> bytes:
+    """A pax header of ``size`` digits: Python 3.11.7 takes quadratic time on it."""
+    return raw_tar_entry("././@PaxHeader", tarfile.XHDTYPE, b"1" * size) + b"\0" * 1024
+
+
+def zip_declaring(entries: int) -> bytes:
+    """A valid one-file zip whose zip64 end record declares ``entries`` entries."""
+    data = zip_members({"cats/a.png": b"x"})
+    end = data.rindex(b"PK\x05\x06")
+    directory_size, directory_offset = struct.unpack("<LL", data[end + 12:end + 20])
+    zip64_end = struct.pack("<4sQ2H2L4Q", b"PK\x06\x06", 44, 45, 45, 0, 0, entries, entries,
+                            directory_size, directory_offset)
+    locator = struct.pack("<4sLQL", b"PK\x06\x07", 0, end, 1)
+    eocd = struct.pack("<4s4H2LH", b"PK\x05\x06", 0, 0, 0xFFFF, 0xFFFF, directory_size,
+                       0xFFFFFFFF, 0)
+    return data[:end] + zip64_end + locator + eocd
+
+
+@pytest.mark.parametrize(("archive", "needle"), [
+    (lambda: deep_zip(), "1501 levels deep"),
+    (lambda: deep_tar_folders(), "33 levels deep"),
+    (lambda: zip_members({"c/" + "n" * 256 + ".png": b"x"}), "longer than 255 bytes"),
+    (lambda: zip_members({"/".join(["n" * 200] * 6) + ".png": b"x"}), "longer than 1024"),
+], ids=["deep-zip", "deep-tar-folders", "long-name", "long-path"])
+def test_deep_or_long_paths_are_refused_naming_the_entry(tmp_path, archive, needle):
+    dest = tmp_path / "out"
+    with pytest.raises(ArchiveError, match=needle) as refused:
+        unpack(_write(tmp_path, archive()), dest, ROOMY)
+    assert "archive entry 'd/d/" in str(refused.value) or "'c/nnn" in str(refused.value) \
+        or "'nnn" in str(refused.value)
+    assert len(str(refused.value)) < 400, "a hostile name is shortened in the message"
+    assert not dest.exists()
+
+
+def test_paths_up_to_the_limits_unpack(tmp_path):
+    members = {"/".join(["d"] * 31) + "/0.png": b"x", "c/" + "n" * 255: b"y"}
+    result = unpack(_write(tmp_path, zip_members(members)), tmp_path / "out", ROOMY)
+    assert result.files == 2
+
+
+@pytest.mark.parametrize("kind", [tarfile.XHDTYPE, tarfile.GNUTYPE_LONGNAME, tarfile.XGLTYPE])
+def test_chained_metadata_headers_are_refused(tmp_path, kind):
+    with pytest.raises(ArchiveError, match="more than 8 metadata headers in a row"):
+        unpack(_write(tmp_path, chained_headers_tar(400, kind)), tmp_path / "out", ROOMY)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_few_headers_in_a_row_still_unpack(tmp_path):
+    result = unpack(_write(tmp_path, chained_headers_tar(8)), tmp_path / "out", ROOMY)
+    assert result.files == 1 and (tmp_path / "out" / "cats" / "a.png").read_bytes() == b"x"
+
+
+def test_ordinary_pax_gnu_and_global_headers_unpack(tmp_path):
+    long_name = "cats/" + "é" * 60 + "/" + "x" * 120 + ".png"
+    for fmt, extra in ((tarfile.PAX_FORMAT, {"comment": "a" * 40}), (tarfile.GNU_FORMAT, {})):
+        buffer = io.BytesIO()
+        with tarfile.open(fileobj=buffer, mode="w", format=fmt, pax_headers=extra) as archive:
+            info = tarfile.TarInfo(long_name)
+            info.size, info.mtime = 1, 1_700_000_000.123456
+            archive.addfile(info, io.BytesIO(b"x"))
+        dest = tmp_path / f"out-{fmt}"
+        assert unpack(_write(tmp_path, buffer.getvalue()), dest, ROOMY).files == 1
+        assert (dest / long_name).read_bytes() == b"x"
+
+
+@pytest.mark.parametrize(("payload", "needle"), [
+    (pax_digits_tar(1 << 20), "metadata header"),  # over the size cap: never read
+    (pax_digits_tar(60_000), "digits in a row"),  # under it: checked in linear time
+    (raw_tar_entry("././@PaxHeader", tarfile.XHDTYPE, b"2 " * 30_000 + b"=\n")
+     + b"\0" * 1024, "malformed pax header"),  # quadratic without long digit runs
+], ids=["1MiB-digits", "60k-digits", "short-records"])
+def test_pathological_pax_headers_are_refused_fast(tmp_path, payload, needle):
+    started = time.monotonic()
+    with pytest.raises(ArchiveError, match=needle):
+        unpack(_write(tmp_path, payload), tmp_path / "out", ROOMY)
+    assert time.monotonic() - started < 2
+    assert not (tmp_path / "out").exists()
+
+
+def test_global_pax_headers_are_capped_in_total(tmp_path):
+    parts = []
+    for i in range(20):  # 20 global headers of 1 KiB, each before its own member
+        parts.append(raw_tar_entry("././@GlobalHead", tarfile.XGLTYPE,
+                                   pax_record(f"key{i}", "v" * 1000)))
+        parts.append(raw_tar_entry(f"cats/{i}.png", tarfile.REGTYPE, b"x"))
+    with pytest.raises(ArchiveError, match="global pax headers"):
+        unpack(_write(tmp_path, b"".join(parts) + b"\0" * 1024), tmp_path / "out", ROOMY)
+
+
+def test_sparse_files_are_refused(tmp_path):
+    payload = raw_tar_entry("cats/a.png", tarfile.GNUTYPE_SPARSE, b"", size=0) + b"\0" * 1024
+    with pytest.raises(ArchiveError, match="sparse"):
+        unpack(_write(tmp_path, payload), tmp_path / "out", ROOMY)
+    sparse_pax = (raw_tar_entry("././@PaxHeader", tarfile.XHDTYPE,
+                                pax_record("GNU.sparse.major", "1")
+                                + pax_record("GNU.sparse.minor", "0"))
+                  + raw_tar_entry("cats/a.png", tarfile.REGTYPE, b"1\n") + b"\0" * 1024)
+    with pytest.raises(ArchiveError, match="sparse"):
+        unpack(_write(tmp_path, sparse_pax), tmp_path / "out2", ROOMY)
+
+
+def test_zip_entry_count_is_checked_before_the_directory_is_parsed(tmp_path):
+    limits = ArchiveLimits(1 << 20, max_files=1000)
+    with pytest.raises(ArchiveError, match=r"more than 1000 entries \(10000000000000 declared"):
+        unpack(_write(tmp_path, zip_declaring(10**13)), tmp_path / "a", limits)
+    assert unpack(_write(tmp_path, zip_declaring(1)), tmp_path / "b", limits).files == 1
+    # zipfile ignores the declared count: a directory with more entries than declared is
+    # counted, 46 bytes an entry, before zipfile builds an object for each.
+    data = bytearray(zip_members({f"c/{i}": b"" for i in range(3000)}))
+    end = data.rindex(b"PK\x05\x06")
+    data[end + 8:end + 12] = struct.pack("<HH", 1, 1)
+    with pytest.raises(ArchiveError, match="counted in its central directory"):
+        unpack(_write(tmp_path, bytes(data)), tmp_path / "c", limits)
+    # A directory larger than the file would make zipfile allocate all of it.
+    data = bytearray(zip_members({"c/a.png": b"x"}))
+    end = data.rindex(b"PK\x05\x06")
+    data[end + 12:end + 16] = struct.pack("<L", 0xFFFFFFF0)
+    with pytest.raises(ArchiveError, match="damaged or truncated"):
+        unpack(_write(tmp_path, bytes(data)), tmp_path / "d", limits)
+
+
+def test_running_out_of_stack_is_an_archive_error(tmp_path):
+    # Shallow paths need little stack; with the limit just above this test's own depth the
+    # unpacking recursion runs out of it, as a hostile archive once made it.
+    payload = zip_members({"/".join(["d"] * 30) + "/0.png": b"x"})
+    path = _write(tmp_path, payload)
+    (tmp_path / "parent").mkdir()
+    previous = sys.getrecursionlimit()
+    sys.setrecursionlimit(len(inspect.stack(0)) + 20)
+    try:
+        with pytest.raises(ArchiveError, match="nested too deeply"):
+            unpack(path, tmp_path / "parent" / "out", ROOMY)
+    finally:
+        sys.setrecursionlimit(previous)
+    assert not (tmp_path / "parent" / "out").exists()
+
+
+def make_deep_tree(root: Path, levels: int) -> None:
+    """``levels`` nested folders (a file in each), built relative to open folders: the full
+    path is longer than PATH_MAX."""
+    root.mkdir()
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for _ in range(levels):
+            os.close(os.open("f", os.O_CREAT | os.O_WRONLY, dir_fd=fd))
+            os.mkdir("dd", dir_fd=fd)
+            child = os.open("dd", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = child
+    finally:
+        os.close(fd)
+
+
+def test_remove_tree_handles_any_depth_and_never_follows_links(tmp_path):
+    make_deep_tree(tmp_path / "deep", 2000)
+    outside = tmp_path / "keep"
+    outside.mkdir()
+    (outside / "precious").write_text("x")
+    (tmp_path / "deep" / "link").symlink_to(outside)
+    assert remove_tree(tmp_path / "deep") is True
+    assert not (tmp_path / "deep").exists()
+    assert (outside / "precious").exists()
+    assert remove_tree(tmp_path / "missing") is True
+    (tmp_path / "file").write_text("x")
+    assert remove_tree(tmp_path / "file") and not (tmp_path / "file").exists()
+
+
+def _age(path: Path, days: float = 2) -> None:
+    old = time.time() - days * 86400
+    os.utime(path, (old, old), follow_symlinks=False)
+
+
+def test_sweep_stale_removes_deep_leftovers_and_never_raises(tmp_path):
+    storage = Storage(tmp_path / "home")
+    storage.prepare()
+    deep = storage.datasets / ".0123456789abcdef0123456789abcdef.staging"
+    make_deep_tree(deep, 2000)
+    trash = storage.tmp / "deleted-0123456789abcdef0123456789abcdef"
+    make_deep_tree(trash, 50)
+    part = storage.uploads / "x.part"
+    part.write_bytes(b"x")
+    fresh = storage.datasets / ".fedcba9876543210fedcba9876543210.staging"
+    fresh.mkdir()
+    for path in (deep, trash, part):
+        _age(path)
+    assert storage.sweep_stale() == 3
+    assert not deep.exists() and not trash.exists() and not part.exists()
+    assert fresh.exists(), "a recent folder may belong to an upload in progress"
+
+
+def test_sweep_stale_logs_what_it_cannot_remove(tmp_path, caplog, monkeypatch):
+    storage = Storage(tmp_path / "home")
+    storage.prepare()
+    stuck = storage.datasets / ".0123456789abcdef0123456789abcdef.staging"
+    (stuck / "locked").mkdir(parents=True)
+    (stuck / "locked" / "0.png").write_bytes(b"x")
+    other = storage.uploads / "y.part"
+    other.write_bytes(b"x")
+    _age(stuck)
+    _age(other)
+    real_unlink = os.unlink
+
+    def refusing_unlink(name, *args, **kwargs):  # what a read-only folder does (root ignores
+        if str(name).endswith("0.png"):         # permissions, so it is injected here)
+            raise PermissionError(13, "Permission denied", str(name))
+        return real_unlink(name, *args, **kwargs)
+
+    monkeypatch.setattr(os, "unlink", refusing_unlink)
+    assert storage.sweep_stale() == 1
+    assert "could not remove" in caplog.text and not other.exists()
+    assert (stuck / "locked" / "0.png").exists()
+
+
+# labels.csv is read as a stream: bounded memory whatever its size.
+
+def _png(path: Path, shade: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (40, 40), (shade, 255 - shade, 0)).save(path)
+
+
+def test_a_manifest_row_naming_the_folder_itself_is_skipped(tmp_path):
+    for i in range(4):
+        _png(tmp_path / f"{i}.png", 40 * i)
+    (tmp_path / "labels.csv").write_text(
+        "path,label\n.,cat\n./,cat\n0.png,cat\n1.png,cat\n2.png,dog\n3.png,dog,extra\n")
+    report = inspect_dataset(tmp_path).report.to_dict()
+    rows = next(w for w in report["warnings"] if w["code"] == "manifest_rows")
+    assert rows["count"] == 2 and "does not name a file" in rows["items"][0]["reason"]
+    assert report["splits"]["train"]["per_class"] == {"cat": 2, "dog": 2}
+
+
+def test_many_bad_manifest_rows_are_counted_but_few_are_kept(tmp_path):
+    _png(tmp_path / "0.png", 0)
+    lines = ["path,label"] + [f"missing/{i}.png,c{i % 3}" for i in range(100_000)]
+    (tmp_path / "labels.csv").write_text("\n".join(lines) + "\n")
+    listing = list_dataset(tmp_path)
+    code, message, items, count = listing.problems[0]
+    assert code == "manifest_rows" and message.startswith("100000 row(s)")
+    assert count == 100_000 and len(items) == 20, "only examples are held in memory"
+    rows = next(w for w in inspect_dataset(tmp_path).report.to_dict()["warnings"]
+                if w["code"] == "manifest_rows")
+    assert rows["count"] == 100_000 and len(rows["items"]) == 20
+    assert rows["items"][0] == {"row": "labels.csv line 2",
+                                "reason": "missing/0.png does not exist"}
+
+
+def test_manifest_rows_and_lines_are_capped(tmp_path, engine_config):
+    engine_config(max_archive_files=50)
+    (tmp_path / "labels.csv").write_text("path,label\n" + "a.png,cat\n" * 51)
+    report = inspect_dataset(tmp_path).report.to_dict()
+    assert report["errors"][0]["code"] == "manifest_invalid"
+    assert "more than 50 rows" in report["errors"][0]["message"]
+    (tmp_path / "labels.csv").write_text("path,label\n" + "a" * (2 << 20) + ",cat\n")
+    report = inspect_dataset(tmp_path).report.to_dict()
+    assert "longer than" in report["errors"][0]["message"]
+
+
+# The child process that unpacks and checks uploads (models.data.sandbox).
+
+SANDBOX = {"limits": ROOMY, "min_per_class": 2, "max_pixels": 10**8, "max_classes": 100,
+           "memory_mb": 2048, "cpu_s": 120, "timeout_s": 120}
+
+
+@pytest.mark.processes
+def test_the_sandbox_reports_what_an_in_process_check_finds(tmp_path, tiny_folder):
+    path = _write(tmp_path, tar_folder(tiny_folder))
+    result = unpack_and_inspect(path, tmp_path / "out", **SANDBOX)
+    inspection = inspect_dataset(tmp_path / "out")
+    assert result.ok and result.report == inspection.report.to_dict()
+    assert result.content_hash == inspection.index.content_hash
+    assert result.classes == ["animal0", "animal1", "animal2"] and result.num_images == 36
+    assert result.splits == {"train": 36} and result.files == 36
+    assert result.class_counts == {"train": {"animal0": 12, "animal1": 12, "animal2": 12}}
+    assert result.size_bytes == sum(p.stat().st_size for p in tiny_folder.rglob("*.png"))
+
+
+@pytest.mark.processes
+def test_the_sandbox_passes_refusals_on_and_leaves_nothing(tmp_path):
+    with pytest.raises(ArchiveError, match="levels deep"):
+        unpack_and_inspect(_write(tmp_path, deep_zip()), tmp_path / "a", **SANDBOX)
+    small = {**SANDBOX, "limits": ArchiveLimits(max_bytes=10, max_files=100)}
+    with pytest.raises(ArchiveTooLarge, match="more than 10 bytes"):
+        unpack_and_inspect(_write(tmp_path, zip_members({"c/a.png": b"x" * 100})),
+                           tmp_path / "b", **small)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+@pytest.mark.processes
+def test_too_many_classes_is_a_lint_error(tmp_path, tiny_folder):
+    path = _write(tmp_path, tar_folder(tiny_folder))
+    result = unpack_and_inspect(path, tmp_path / "out", **{**SANDBOX, "max_classes": 2})
+    assert not result.ok
+    error = result.errors[0]
+    assert error["code"] == "too_many_classes" and error["count"] == 3
+    assert "at most 2" in error["message"] and "FTUNE_MAX_CLASSES" in error["action"]
+
+
+def _pixel_heavy_zip(copies: int) -> bytes:
+    """Real PNGs of 81 megapixels (under the pixel limit), 80 kB each: cheap to send,
+    about 0.2 s of CPU each to decode."""
+    buffer = io.BytesIO()
+    Image.new("L", (9000, 9000)).save(buffer, "PNG")
+    return zip_members({f"c{i % 2}/{i}.png": buffer.getvalue() for i in range(copies)})
+
+
+@pytest.mark.processes
+@pytest.mark.parametrize(("limit", "needle"), [
+    ({"timeout_s": 0.5}, "longer than 0.5 s (FTUNE_UNPACK_TIMEOUT_S)"),
+    ({"cpu_s": 1}, "more than 1 s of CPU time (FTUNE_UNPACK_CPU_S)"),
+    ({"memory_mb": 24}, "more than 24 MB of memory (FTUNE_UNPACK_MEMORY_MB)"),
+])
+def test_a_child_over_its_limits_is_stopped_and_named(tmp_path, limit, needle):
+    path = _write(tmp_path, _pixel_heavy_zip(40))
+    started = time.monotonic()
+    with pytest.raises(ArchiveError, match=re.escape(needle)):
+        unpack_and_inspect(path, tmp_path / "out", **{**SANDBOX, **limit})
+    assert time.monotonic() - started < 30
+    assert not (tmp_path / "out").exists()
