@@ -78,10 +78,11 @@ def create_app(settings: Settings | None = None, *, serve_only: bool = False) ->
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        upkeep = None if serve_only else asyncio.create_task(_maintain_forever(ctx))
+        tasks = [] if serve_only else [asyncio.create_task(_maintain_forever(ctx)),
+                                       asyncio.create_task(ctx.streams.run())]
         yield
-        if upkeep is not None:
-            upkeep.cancel()
+        for task in tasks:
+            task.cancel()
         ctx.db.dispose()
 
     app = FastAPI(title="ftune", version="0.1.0", lifespan=lifespan,

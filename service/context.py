@@ -19,6 +19,7 @@ from ftune.service.queue import make_celery
 from ftune.service.ratelimit import RateLimiter
 from ftune.service.settings import Settings
 from ftune.service.storage import Storage
+from ftune.service.streams import StreamHub
 from ftune.service.tuned_models import PredictorCache
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,11 @@ class AppContext:
     @cached_property
     def exports(self) -> ExportSlots:
         return ExportSlots(self.settings.exports_at_once)
+
+    @cached_property
+    def streams(self) -> StreamHub:
+        return StreamHub(self.db, max_streams=self.settings.max_streams,
+                         max_per_key=self.settings.max_streams_per_key)
 
     @cached_property
     def keys(self) -> KeyCache:

@@ -1,8 +1,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import math
 import time
+import weakref
 from collections.abc import AsyncIterator
 from typing import Annotated
 
@@ -28,9 +31,9 @@ from ftune.service.jobs import (
     submit_job,
 )
 from ftune.service.schemas import JobIn, JobOut
+from ftune.service.streams import RECHECK_S, SAFETY_READ_S
 
 router = APIRouter(tags=["jobs"])
-SSE_POLL_S = 0.5
 SSE_KEEPALIVE_S = 15.0
 
 
@@ -126,30 +129,43 @@ async def events(job_id: str, request: Request, ctx: Ctx, who: Member,
                             for e in events_after(session, job_id, after_id)]
 
     await run_in_threadpool(poll, after)  # 404 before the stream starts
+    release = ctx.streams.admit(who.key_id or "local")  # 429/503 before the stream starts
 
     async def stream() -> AsyncIterator[str]:
-        last, quiet_since = after, time.monotonic()
-        yield "retry: 2000\n\n"
-        while True:
-            try:
-                await authenticate(ctx, token)  # a revoked key ends the stream
-            except Unauthorized as exc:
-                yield f"event: error\ndata: {json.dumps({'detail': exc.detail})}\n\n"
-                return
-            status, rows = await run_in_threadpool(poll, last)
-            for event_id, kind, data in rows:
-                yield f"id: {event_id}\nevent: {kind}\ndata: {json.dumps(data, default=str)}\n\n"
-                last, quiet_since = event_id, time.monotonic()
-            if status in TERMINAL and not rows:
-                return
-            if await request.is_disconnected():
-                return
-            if time.monotonic() - quiet_since > SSE_KEEPALIVE_S:
-                yield ": keep-alive\n\n"
-                quiet_since = time.monotonic()
-            await asyncio.sleep(SSE_POLL_S)
+        last, quiet_since, read_at = after, time.monotonic(), -math.inf
+        try:
+            yield "retry: 2000\n\n"
+            with ctx.streams.watching(job_id) as woken:
+                while True:
+                    try:
+                        await authenticate(ctx, token)  # a revoked key ends the stream
+                    except Unauthorized as exc:
+                        yield f"event: error\ndata: {json.dumps({'detail': exc.detail})}\n\n"
+                        return
+                    if woken.is_set() or time.monotonic() - read_at > SAFETY_READ_S:
+                        woken.clear()
+                        read_at = time.monotonic()
+                        status, rows = await run_in_threadpool(poll, last)
+                        for event_id, kind, data in rows:
+                            yield (f"id: {event_id}\nevent: {kind}\n"
+                                   f"data: {json.dumps(data, default=str)}\n\n")
+                            last, quiet_since = event_id, time.monotonic()
+                        if status in TERMINAL and not rows:
+                            return
+                    if await request.is_disconnected():
+                        return
+                    if time.monotonic() - quiet_since > SSE_KEEPALIVE_S:
+                        yield ": keep-alive\n\n"
+                        quiet_since = time.monotonic()
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(RECHECK_S):
+                            await woken.wait()
+        finally:
+            release()
 
-    return StreamingResponse(stream(), media_type="text/event-stream",
+    body = stream()
+    weakref.finalize(body, release)  # also when the stream is dropped before its first read
+    return StreamingResponse(body, media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
