@@ -6,6 +6,7 @@ import logging
 import os
 import re
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 
 from sqlalchemy import func, select
@@ -17,11 +18,13 @@ from ftune.models.errors import ArchiveTooLarge
 from ftune.models.settings import EngineSettings
 from ftune.service.auth.principal import Principal
 from ftune.service.db.tables import Dataset, Job
+from ftune.service.disk import over_disk_allowance
 from ftune.service.errors import (
     Conflict,
     DatasetRejected,
     InvalidInput,
     NotFound,
+    ServiceError,
     TooManyRequests,
 )
 from ftune.service.ids import is_id, new_id
@@ -84,10 +87,12 @@ def _summary(errors: list[dict]) -> str:
 
 def ingest_archive(session: Session, storage: Storage, *, tenant_id: str, archive: Path,
                    filename: str | None, name: str | None, checks: DatasetChecks,
-                   allowance: int | None = None, dedupe: bool = True) -> tuple[Dataset, bool]:
+                   allowance: int | None = None, disk_allowance: int | None = None,
+                   dedupe: bool = True) -> tuple[Dataset, bool]:
     """Unpack, check and record a dataset; returns it and whether it is new.
 
-    ``allowance``: bytes the tenant's stored-bytes quota still allows. With ``dedupe``, the
+    ``allowance``: bytes the tenant's stored-bytes quota still allows; ``disk_allowance``:
+    bytes the data disk holds above its reserve (see ``disk``). With ``dedupe``, the
     tenant's own copy of the same content is returned. A rejected archive leaves nothing
     behind; an existing dataset is never touched.
     """
@@ -96,7 +101,7 @@ def ingest_archive(session: Session, storage: Storage, *, tenant_id: str, archiv
     staging = storage.datasets / f".{dataset_id}.staging"
     try:
         # Unpacked and checked in a child process with its own limits (models.data.sandbox).
-        found = _unpack_within(archive, staging, checks, allowance)
+        found = _unpack_within(archive, staging, checks, allowance, disk_allowance)
         if not found.ok:
             raise DatasetRejected(_summary(found.errors), found.report)
         existing = (_find_same_content(session, tenant_id, found.content_hash) if dedupe
@@ -128,25 +133,34 @@ def _new_dataset(dataset_id: str, tenant_id: str, name: str, found: SandboxResul
         size_bytes=found.size_bytes, content_hash=found.content_hash, report=found.report)
 
 
-def _unpack_within(archive: Path, staging: Path, checks: DatasetChecks,
-                   allowance: int | None) -> SandboxResult:
-    """Unpack and check under the engine's limits and, when smaller, what the tenant's quota
-    allows."""
-    limits = checks.limits
-    quota_bound = allowance is not None and allowance < limits.max_bytes
-    if quota_bound:
-        limits = replace(limits, max_bytes=allowance)
+def _unpack_within(archive: Path, staging: Path, checks: DatasetChecks, allowance: int | None,
+                   disk_allowance: int | None) -> SandboxResult:
+    """Unpack and check under the engine's limits or, when smaller, what the tenant's quota
+    or the disk allows; the tightest bound refuses, with its own reason."""
+    refusals = {checks.limits.max_bytes: None}
+    if allowance is not None:
+        refusals.setdefault(allowance, _over_quota)
+    if disk_allowance is not None:
+        refusals.setdefault(disk_allowance, partial(over_disk_allowance,
+                                                    "unpacking the upload"))
+    max_bytes = min(refusals)
     try:
         return unpack_and_inspect(
-            archive, staging, limits=limits, min_per_class=checks.min_per_class,
-            max_pixels=checks.max_pixels, max_classes=checks.max_classes,
-            memory_mb=checks.memory_mb, cpu_s=checks.cpu_s, timeout_s=checks.timeout_s)
+            archive, staging, limits=replace(checks.limits, max_bytes=max_bytes),
+            min_per_class=checks.min_per_class, max_pixels=checks.max_pixels,
+            max_classes=checks.max_classes, memory_mb=checks.memory_mb, cpu_s=checks.cpu_s,
+            timeout_s=checks.timeout_s)
     except ArchiveTooLarge as exc:
-        if not quota_bound:
+        refusal = refusals[max_bytes]
+        if refusal is None:
             raise
-        raise TooManyRequests(f"quota stored_gb exceeded: the archive unpacks to more than the "
-                              f"{allowance} bytes left in the tenant's storage quota; free "
-                              "some or ask an operator to raise it") from exc
+        raise refusal(max_bytes) from exc
+
+
+def _over_quota(allowance: int) -> ServiceError:
+    return TooManyRequests(f"quota stored_gb exceeded: the archive unpacks to more than the "
+                           f"{allowance} bytes left in the tenant's storage quota; free some or "
+                           "ask an operator to raise it")
 
 
 def get_dataset(session: Session, principal: Principal, dataset_id: str) -> Dataset:

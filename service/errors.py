@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
 
@@ -160,6 +161,15 @@ def install_error_handlers(app: FastAPI) -> None:
         log.warning("database pool exhausted on %s %s", request.method, request.url.path)
         return _json(503, "the server is busy (no database connection free); try again "
                      "shortly", retry_after(DB_RETRY_AFTER_S))
+
+    @app.exception_handler(OSError)
+    async def _os(request: Request, exc: OSError) -> JSONResponse:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):  # the reserve was not enough
+            log.error("disk full on %s %s: %s", request.method, request.url.path, exc)
+            return _json(507, "the server's data disk is full; ask an operator to free space",
+                         retry_after(300))
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return _json(500, f"internal error ({type(exc).__name__}); see the API log")
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

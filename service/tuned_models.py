@@ -21,6 +21,7 @@ from ftune.service.auth.principal import Principal
 from ftune.service.batching import LOAD_THREAD, DynamicBatcher
 from ftune.service.db.session import Database
 from ftune.service.db.tables import ModelAlias, Tenant, TunedModel
+from ftune.service.disk import disk_allowance
 from ftune.service.errors import Conflict, InvalidInput, NotFound, TooManyRequests
 from ftune.service.exports import ExportSlots
 from ftune.service.ids import is_id
@@ -184,6 +185,7 @@ def build_download(db: Database, storage: Storage, settings: Settings, *, model:
     with db.session() as session:
         usage = usage_of(session, model.tenant_id)
         limits = limits_of(session.get(Tenant, model.tenant_id), settings)
+    disk_allowance(storage, settings, f"building the {fmt} download")
     if usage.stored_bytes >= limits.stored_bytes:
         raise TooManyRequests(f"quota stored_gb exceeded: building this download needs space "
                               f"and the tenant holds {usage.stored_bytes} of "

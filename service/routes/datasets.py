@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from functools import partial
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query, Request, Response
@@ -18,6 +19,7 @@ from ftune.service.datasets import (
 )
 from ftune.service.db.tables import Tenant
 from ftune.service.deps import Admin, Ctx, Member, rate_limited
+from ftune.service.disk import disk_allowance, over_disk_allowance
 from ftune.service.errors import InvalidInput, ServiceError, TooManyRequests
 from ftune.service.ingest.multipart import receive_multipart, upload_too_large
 from ftune.service.quotas import limits_of, upload_allowance, usage_of
@@ -40,7 +42,8 @@ _UPLOAD_FORM = {"requestBody": {"required": True, "content": {"multipart/form-da
              responses={200: {"description": "the same content was already uploaded"},
                         413: {"description": "over FTUNE_MAX_UPLOAD_MB"},
                         422: {"description": "not a usable dataset; the body has the report"},
-                        429: {"description": "over a quota or the upload rate limit"}})
+                        429: {"description": "over a quota or the upload rate limit"},
+                        507: {"description": "the server's disk is down to its reserve"}})
 async def upload_dataset(request: Request, ctx: Ctx, who: Member,
                          dedupe: Annotated[bool, Query()] = True) -> JSONResponse:
     """Upload an archive (zip, tar, tar.gz) of an image-folder or labels.csv dataset.
@@ -52,11 +55,14 @@ async def upload_dataset(request: Request, ctx: Ctx, who: Member,
     settings = ctx.settings
     tenant_id = who.home_tenant
     allowance = await run_in_threadpool(_upload_allowance, ctx, tenant_id)
-    max_upload = int(settings.max_upload_mb * 2**20)
-    form = await receive_multipart(
-        request, dest=ctx.storage.uploads, file_fields={"file"},
-        max_bytes=min(max_upload, allowance),
-        over_limit=upload_too_large if allowance >= max_upload else _over_storage_quota)
+    disk = disk_allowance(ctx.storage, settings, "the upload")
+    # The tightest of the three bounds refuses the upload, with its own status and reason.
+    max_bytes, over_limit = min(
+        (int(settings.max_upload_mb * 2**20), upload_too_large),
+        (allowance, _over_storage_quota),
+        (disk, partial(over_disk_allowance, "the upload")), key=lambda bound: bound[0])
+    form = await receive_multipart(request, dest=ctx.storage.uploads, file_fields={"file"},
+                                   max_bytes=max_bytes, over_limit=over_limit)
     try:
         files = form.files_named("file")
         if not files:
@@ -64,11 +70,13 @@ async def upload_dataset(request: Request, ctx: Ctx, who: Member,
         checks = DatasetChecks.from_settings(settings.engine)
 
         def ingest() -> JSONResponse:
+            # Checked again: the disk may have filled while the upload streamed.
+            disk = disk_allowance(ctx.storage, settings, "unpacking the upload")
             with ctx.db.session() as session:
                 dataset, created = ingest_archive(
                     session, ctx.storage, tenant_id=tenant_id, archive=files[0].path,
                     filename=files[0].filename, name=form.fields.get("name"), checks=checks,
-                    allowance=allowance, dedupe=dedupe)
+                    allowance=allowance, disk_allowance=disk, dedupe=dedupe)
                 body = {**dataset_view(dataset), "report": dataset.report,
                         "deduplicated": not created}
             request.state.audit_object = dataset.id

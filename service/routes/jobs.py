@@ -17,6 +17,7 @@ from starlette.concurrency import run_in_threadpool
 from ftune.service.auth.principal import Principal
 from ftune.service.context import AppContext
 from ftune.service.deps import Admin, Ctx, Member, authenticate, rate_limited
+from ftune.service.disk import disk_allowance
 from ftune.service.errors import InvalidInput, Unauthorized
 from ftune.service.events import events_after
 from ftune.service.job_status import TERMINAL, JobStatus
@@ -53,7 +54,9 @@ def submit(body: JobIn, request: Request, ctx: Ctx, who: Member,
     quota. Priorities above 5 need an admin key.
 
     With an ``Idempotency-Key`` header, repeating the request returns the same job; the same
-    key with another body is a 409."""
+    key with another body is a 409. 507 when the data disk is down to its reserve (a job
+    writes checkpoints and a model)."""
+    disk_allowance(ctx.storage, ctx.settings, "a new job")
     job_id = submit_job(ctx.db, who, ctx.settings, request=body,
                         idempotency_key=idempotency_key, dispatch=ctx.dispatch)
     request.state.audit_object = job_id

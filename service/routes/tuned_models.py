@@ -14,6 +14,7 @@ from ftune.service.cards import build_card, card_markdown, read_json
 from ftune.service.context import AppContext
 from ftune.service.db.tables import Dataset, Job, TunedModel
 from ftune.service.deps import Admin, Ctx, Member, rate_limited
+from ftune.service.disk import disk_allowance
 from ftune.service.errors import InvalidInput, NotFound
 from ftune.service.ids import is_id
 from ftune.service.ingest.multipart import receive_multipart
@@ -170,9 +171,10 @@ async def predict(model_ref: str, request: Request, ctx: Ctx, who: Member,
         batcher = await run_in_threadpool(lambda: _load(ctx, who, model_ref))
     with batcher.arriving():  # peers arriving: the batcher may wait briefly to batch with them
         per_image = int(settings.max_predict_image_mb * 2**20)
+        disk = disk_allowance(ctx.storage, settings, "the prediction upload")
         form = await receive_multipart(
             request, dest=ctx.storage.uploads, file_fields={"files", "file"},
-            max_bytes=settings.max_predict_images * per_image,
+            max_bytes=min(settings.max_predict_images * per_image, disk),
             max_files=settings.max_predict_images, max_file_bytes=per_image,
             file_limit_name="FTUNE_MAX_PREDICT_IMAGE_MB")
         try:
