@@ -69,7 +69,7 @@ def run(stack: Stack, url: str, key: Key, folder: Path, n_jobs: int) -> None:
     submit_s = time.perf_counter() - begun
 
     for round_ in range(2):  # kill the busy worker mid-job, then bring a new one up
-        wait_until(lambda: http.get("/v1/jobs", params={"status": "running"}).json(), 60,
+        wait_until(lambda: http.get("/v1/jobs", params={"status": "running"}).json()["items"], 60,
                    "a job")
         time.sleep(1.0)
         stack.kill(victim)
@@ -86,7 +86,7 @@ def run(stack: Stack, url: str, key: Key, folder: Path, n_jobs: int) -> None:
     stop.set()
     poller.join()
     jobs = [http.get(f"/v1/jobs/{j}").json() for j in job_ids]
-    models = http.get("/v1/models", params={"limit": 1000}).json()
+    models = http.get("/v1/models", params={"limit": 1000}).json()["items"]
     per_job = {j["id"]: 0 for j in jobs}
     for model in models:
         per_job[model["job_id"]] = per_job.get(model["job_id"], 0) + 1

@@ -14,6 +14,8 @@ from sqlalchemy.exc import OperationalError
 from ftune.config import process_settings
 from ftune.processes import LaunchError
 
+PAGE = 500  # rows read at a time by the listing commands
+
 
 def add_admin_commands(sub: argparse._SubParsersAction) -> None:
     _add_db_commands(sub)
@@ -153,10 +155,13 @@ def _keys_list(args: argparse.Namespace) -> int:
     from ftune.service.auth.keys import list_keys
     from ftune.service.auth.principal import LOCAL_USER
     from ftune.service.auth.tenants import get_tenant
+    from ftune.service.pages import every_row
 
     with _session(args) as session:
         tenant_id = get_tenant(session, args.tenant).id if args.tenant else None
-        for key in list_keys(session, LOCAL_USER, tenant_id, include_revoked=args.all):
+        for key in every_row(lambda cursor: list_keys(session, LOCAL_USER, tenant_id,
+                                                      include_revoked=args.all,
+                                                      limit=PAGE, cursor=cursor)):
             state = "revoked" if key.revoked_at else "active"
             print(f"{key.id}  {key.prefix}…  {key.role:8} tenant={key.tenant_id or '-'}  "
                   f"{state}  {key.name}")
@@ -185,8 +190,10 @@ def _tenants_create(args: argparse.Namespace) -> int:
 
 def _tenants_list(args: argparse.Namespace) -> int:
     from ftune.service.auth.tenants import list_tenants
+    from ftune.service.pages import every_row
 
     with _session(args) as session:
-        for tenant in list_tenants(session):
+        for tenant in every_row(lambda cursor: list_tenants(session, limit=PAGE,
+                                                            cursor=cursor)):
             print(f"{tenant.id}  {tenant.name}  quotas={tenant.quotas or 'defaults'}")
     return 0

@@ -20,6 +20,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from ftune.service.auth.principal import Principal
 from ftune.service.db.session import Database
 from ftune.service.db.tables import AuditEntry
+from ftune.service.pages import DEFAULT_LIMIT, Keyset, read_page
 
 log = logging.getLogger(__name__)
 
@@ -79,16 +80,19 @@ def _entry(scope: Scope, status_code: int) -> AuditEntry | None:
                       object_id=object_id[:200] if object_id else None, status_code=status_code)
 
 
+AUDIT_ORDER = Keyset(AuditEntry.id, AuditEntry.id)
+
+
 def audit_log(session: Session, principal: Principal, *, tenant_id: str | None = None,
-              before_id: int | None = None, limit: int = 100) -> list[AuditEntry]:
-    query = select(AuditEntry).order_by(AuditEntry.id.desc()).limit(limit)
+              limit: int = DEFAULT_LIMIT, cursor: str | None = None
+              ) -> tuple[list[AuditEntry], str | None]:
+    """Newest first, a page at a time."""
+    query = select(AuditEntry)
     if not principal.is_operator:
         query = query.where(AuditEntry.tenant_id == principal.tenant_id)
     elif tenant_id is not None:
         query = query.where(AuditEntry.tenant_id == tenant_id)
-    if before_id is not None:
-        query = query.where(AuditEntry.id < before_id)
-    return list(session.scalars(query))
+    return read_page(session, query, AUDIT_ORDER, limit=limit, cursor=cursor)
 
 
 def audit_view(entry: AuditEntry) -> dict:

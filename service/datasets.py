@@ -29,6 +29,7 @@ from ftune.service.errors import (
 )
 from ftune.service.ids import is_id, new_id
 from ftune.service.job_status import ACTIVE
+from ftune.service.pages import DEFAULT_LIMIT, Keyset, read_page
 from ftune.service.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -171,11 +172,14 @@ def get_dataset(session: Session, principal: Principal, dataset_id: str) -> Data
     return dataset
 
 
-def list_datasets(session: Session, principal: Principal) -> list[Dataset]:
-    query = select(Dataset).order_by(Dataset.created_at.desc())
+def list_datasets(session: Session, principal: Principal, *, limit: int = DEFAULT_LIMIT,
+                  cursor: str | None = None) -> tuple[list[Dataset], str | None]:
+    """Newest first, a page at a time."""
+    query = select(Dataset)
     if not principal.is_operator:
         query = query.where(Dataset.tenant_id == principal.tenant_id)
-    return list(session.scalars(query))
+    return read_page(session, query, Keyset(Dataset.created_at, Dataset.id), limit=limit,
+                     cursor=cursor)
 
 
 def delete_dataset(session: Session, principal: Principal, *, dataset_id: str) -> None:

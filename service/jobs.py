@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 import redis
-from sqlalchemy import and_, delete, func, or_, select, update
+from sqlalchemy import delete, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -35,6 +35,7 @@ from ftune.service.errors import Conflict, InvalidInput, NotFound, Unavailable
 from ftune.service.events import add_event, status_event
 from ftune.service.ids import is_id
 from ftune.service.job_status import ACTIVE, TERMINAL, WAITING, JobStatus
+from ftune.service.pages import DEFAULT_LIMIT, Keyset, read_page
 from ftune.service.quotas import check_job, limits_of, usage_of
 from ftune.service.schemas import JobIn
 from ftune.service.settings import Settings
@@ -104,15 +105,21 @@ def get_job(session: Session, principal: Principal, job_id: str) -> Job:
 
 
 def list_jobs(session: Session, principal: Principal, *, status: str | None = None,
-              limit: int = 100) -> list[Job]:
-    query = select(Job).order_by(Job.created_at.desc()).limit(limit)
+              limit: int = DEFAULT_LIMIT, cursor: str | None = None
+              ) -> tuple[list[dict], str | None]:
+    """Newest first, a page at a time, without per-epoch metrics (GET one job for those):
+    two queries whatever the limit."""
+    query = select(Job)
     if not principal.is_operator:
         query = query.where(Job.tenant_id == principal.tenant_id)
     if status is not None:
         if status not in tuple(JobStatus):
             raise InvalidInput(f"status must be one of {', '.join(tuple(JobStatus))}")
         query = query.where(Job.status == status)
-    return list(session.scalars(query))
+    jobs, next_cursor = read_page(session, query, Keyset(Job.created_at, Job.id), limit=limit,
+                                  cursor=cursor)
+    positions = queue_positions(session, [job for job in jobs if job.status in WAITING])
+    return [job_summary(job, positions.get(job.id)) for job in jobs], next_cursor
 
 
 def epoch_rows(session: Session, job_id: str) -> list[dict]:
@@ -196,23 +203,39 @@ def forget_idempotent(session: Session, principal: Principal, *, key: str) -> No
 
 
 def queue_position(session: Session, job: Job) -> int | None:
-    """The job's place among its tenant's waiting jobs (1: next); None unless waiting.
-    Admitted jobs come first, then queued ones by priority and age."""
-    if job.status not in WAITING:
-        return None
-    mine = and_(Job.tenant_id == job.tenant_id, Job.id != job.id)
-    if job.status == JobStatus.ADMITTED:
-        ahead = session.scalar(select(func.count()).select_from(Job).where(
-            mine, Job.status == JobStatus.ADMITTED, Job.admitted_at < job.admitted_at))
-        return int(ahead or 0) + 1
-    before_it = or_(Job.priority > job.priority,
-                    and_(Job.priority == job.priority, Job.created_at < job.created_at))
-    ahead = session.scalar(select(func.count()).select_from(Job).where(mine, or_(
-        Job.status == JobStatus.ADMITTED, and_(Job.status == JobStatus.QUEUED, before_it))))
-    return int(ahead or 0) + 1
+    """The job's place among its tenant's waiting jobs (1: next); None unless waiting."""
+    return queue_positions(session, [job]).get(job.id)
+
+
+def queue_positions(session: Session, jobs: list[Job]) -> dict[str, int]:
+    """Each waiting job's place among its tenant's waiting jobs (1: next), in one query:
+    admitted jobs come first (in the order they were admitted), then queued ones by priority
+    and age. A tenant's waiting jobs are bounded by its active-jobs quota."""
+    tenants = {job.tenant_id for job in jobs if job.status in WAITING}
+    if not tenants:
+        return {}
+    rows = session.execute(select(Job.id, Job.tenant_id, Job.status, Job.priority,
+                                  Job.created_at, Job.admitted_at)
+                           .where(Job.tenant_id.in_(tenants), Job.status.in_(WAITING))).all()
+    positions: dict[str, int] = {}
+    for tenant in tenants:
+        waiting = sorted((row for row in rows if row.tenant_id == tenant), key=_waiting_order)
+        positions.update((row.id, place) for place, row in enumerate(waiting, start=1))
+    return positions
+
+
+def _waiting_order(row: Any) -> tuple:
+    if row.status == JobStatus.ADMITTED:
+        return (0, row.admitted_at or row.created_at, row.id)
+    return (1, -row.priority, row.created_at, row.id)
 
 
 def job_view(job: Job, metrics: list[dict], position: int | None = None) -> dict:
+    return {**job_summary(job, position), "metrics": metrics}
+
+
+def job_summary(job: Job, position: int | None = None) -> dict:
+    """What a list shows of a job: everything but the per-epoch metrics."""
     return {
         "id": job.id,
         "tenant_id": job.tenant_id,
@@ -224,7 +247,6 @@ def job_view(job: Job, metrics: list[dict], position: int | None = None) -> dict
         "finished_at": job.finished_at,
         "progress": {"epoch": job.epoch, "epochs": job.epochs, "step": job.step,
                      "steps": job.steps},
-        "metrics": metrics,
         "best": job.best,
         "stopped_early": job.stopped_early,
         "error": job.error,

@@ -56,7 +56,9 @@ class Progress(BaseModel):
     steps: int
 
 
-class JobOut(BaseModel):
+class JobSummary(BaseModel):
+    """A job as lists show it: everything but the per-epoch metrics."""
+
     id: str
     tenant_id: str
     dataset_id: str
@@ -66,7 +68,6 @@ class JobOut(BaseModel):
     started_at: datetime | None
     finished_at: datetime | None
     progress: Progress
-    metrics: list[dict[str, Any]] = Field(description="one row per finished epoch")
     best: dict[str, Any] | None
     stopped_early: bool | None
     error: str | None
@@ -81,6 +82,10 @@ class JobOut(BaseModel):
                                     "run-time quota); null when it only waits for a worker")
     retry_at: datetime | None = Field(None, description="a job back from a transient "
                                       "error waits until then")
+
+
+class JobOut(JobSummary):
+    metrics: list[dict[str, Any]] = Field(description="one row per finished epoch")
 
 
 class ModelOut(BaseModel):

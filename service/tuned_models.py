@@ -25,6 +25,7 @@ from ftune.service.disk import disk_allowance
 from ftune.service.errors import Conflict, InvalidInput, NotFound, TooManyRequests
 from ftune.service.exports import ExportSlots
 from ftune.service.ids import is_id
+from ftune.service.pages import DEFAULT_LIMIT, Keyset, read_page
 from ftune.service.quotas import limits_of, usage_of
 from ftune.service.settings import Settings
 from ftune.service.storage import EXPORT_SUFFIXES, Storage
@@ -83,12 +84,21 @@ def aliases_of(session: Session, model: TunedModel) -> list[str]:
         ModelAlias.model_id == model.id)))
 
 
-def list_models(session: Session, principal: Principal, *, limit: int = 100
-                ) -> list[TunedModel]:
-    query = select(TunedModel).order_by(TunedModel.created_at.desc()).limit(limit)
+def list_models(session: Session, principal: Principal, *, limit: int = DEFAULT_LIMIT,
+                cursor: str | None = None) -> tuple[list[dict], str | None]:
+    """Newest first, a page at a time, with their aliases: two queries whatever the limit."""
+    query = select(TunedModel)
     if not principal.is_operator:
         query = query.where(TunedModel.tenant_id == principal.tenant_id)
-    return list(session.scalars(query))
+    models, next_cursor = read_page(session, query, Keyset(TunedModel.created_at,
+                                                           TunedModel.id),
+                                    limit=limit, cursor=cursor)
+    aliases: dict[str, list[str]] = {m.id: [] for m in models}
+    for model_id, alias in session.execute(
+            select(ModelAlias.model_id, ModelAlias.alias)
+            .where(ModelAlias.model_id.in_(list(aliases))).order_by(ModelAlias.alias)):
+        aliases[model_id].append(alias)
+    return [model_view(m, aliases[m.id]) for m in models], next_cursor
 
 
 def model_view(model: TunedModel, aliases: list[str] | None = None) -> dict:

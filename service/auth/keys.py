@@ -13,6 +13,7 @@ from ftune.service.auth.principal import Principal, Role
 from ftune.service.db.tables import ApiKey, Tenant, utcnow
 from ftune.service.errors import InvalidInput, NotFound
 from ftune.service.ids import is_id
+from ftune.service.pages import DEFAULT_LIMIT, Keyset, read_page
 
 KEY_PREFIX = "ftk_"
 _KEY_BYTES = 32  # 256 bits
@@ -49,15 +50,18 @@ def create_key(session: Session, *, role: Role, tenant_id: str | None, name: str
 
 
 def list_keys(session: Session, principal: Principal, tenant_id: str | None = None,
-              *, include_revoked: bool = False) -> list[ApiKey]:
-    query = select(ApiKey).order_by(ApiKey.created_at.desc())
+              *, include_revoked: bool = False, limit: int = DEFAULT_LIMIT,
+              cursor: str | None = None) -> tuple[list[ApiKey], str | None]:
+    """Newest first, a page at a time."""
+    query = select(ApiKey)
     if not principal.is_operator:
         query = query.where(ApiKey.tenant_id == principal.tenant_id)
     elif tenant_id is not None:
         query = query.where(ApiKey.tenant_id == tenant_id)
     if not include_revoked:
         query = query.where(ApiKey.revoked_at.is_(None))
-    return list(session.scalars(query))
+    return read_page(session, query, Keyset(ApiKey.created_at, ApiKey.id), limit=limit,
+                     cursor=cursor)
 
 
 def get_key(session: Session, principal: Principal, key_id: str) -> ApiKey:

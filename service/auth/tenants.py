@@ -12,6 +12,7 @@ from ftune.service.auth.principal import Principal
 from ftune.service.db.tables import Tenant
 from ftune.service.errors import Conflict, InvalidInput, NotFound
 from ftune.service.ids import is_id
+from ftune.service.pages import DEFAULT_LIMIT, Keyset, read_page
 
 TENANT_NAME = re.compile(r"[a-z0-9][a-z0-9_.\-]{0,99}")
 
@@ -59,8 +60,12 @@ def visible_tenant(session: Session, principal: Principal, ref: str) -> Tenant:
     return tenant
 
 
-def list_tenants(session: Session) -> list[Tenant]:
-    return list(session.scalars(select(Tenant).order_by(Tenant.created_at)))
+def list_tenants(session: Session, *, limit: int = DEFAULT_LIMIT, cursor: str | None = None
+                 ) -> tuple[list[Tenant], str | None]:
+    """Oldest first, a page at a time."""
+    return read_page(session, select(Tenant),
+                     Keyset(Tenant.created_at, Tenant.id, descending=False), limit=limit,
+                     cursor=cursor)
 
 
 def set_quotas(session: Session, tenant: Tenant, overrides: QuotaOverrides) -> Tenant:

@@ -22,6 +22,7 @@ from ftune.service.deps import Admin, Ctx, Member, rate_limited
 from ftune.service.disk import disk_allowance, over_disk_allowance
 from ftune.service.errors import InvalidInput, ServiceError, TooManyRequests
 from ftune.service.ingest.multipart import receive_multipart, upload_too_large
+from ftune.service.pages import DEFAULT_LIMIT, Cursor, Limit, Page
 from ftune.service.quotas import limits_of, upload_allowance, usage_of
 from ftune.service.schemas import DatasetOut, DatasetUploadOut
 
@@ -100,10 +101,13 @@ def _over_storage_quota(max_bytes: int) -> ServiceError:
                            "or ask an operator to raise it")
 
 
-@router.get("/datasets", response_model=list[DatasetOut])
-def list_all(ctx: Ctx, who: Member) -> list[dict]:
+@router.get("/datasets", response_model=Page[DatasetOut])
+def list_all(ctx: Ctx, who: Member, limit: Limit = DEFAULT_LIMIT,
+             cursor: Cursor = None) -> dict:
+    """Newest first."""
     with ctx.db.session() as session:
-        return [dataset_view(d) for d in list_datasets(session, who)]
+        datasets, next_cursor = list_datasets(session, who, limit=limit, cursor=cursor)
+        return {"items": [dataset_view(d) for d in datasets], "next_cursor": next_cursor}
 
 
 @router.get("/datasets/{dataset_id}", response_model=DatasetOut)

@@ -31,7 +31,8 @@ from ftune.service.jobs import (
     queue_position,
     submit_job,
 )
-from ftune.service.schemas import JobIn, JobOut
+from ftune.service.pages import DEFAULT_LIMIT, Cursor, Limit, Page
+from ftune.service.schemas import JobIn, JobOut, JobSummary
 from ftune.service.streams import RECHECK_S, SAFETY_READ_S
 
 router = APIRouter(tags=["jobs"])
@@ -63,12 +64,13 @@ def submit(body: JobIn, request: Request, ctx: Ctx, who: Member,
     return _view(ctx, who, job_id)
 
 
-@router.get("/jobs", response_model=list[JobOut])
+@router.get("/jobs", response_model=Page[JobSummary])
 def list_all(ctx: Ctx, who: Member, status: Annotated[JobStatus | None, Query()] = None,
-             limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> list[dict]:
+             limit: Limit = DEFAULT_LIMIT, cursor: Cursor = None) -> dict:
+    """Newest first; per-epoch metrics are in each job's own GET."""
     with ctx.db.session() as session:
-        return [job_view(job, epoch_rows(session, job.id), queue_position(session, job))
-                for job in list_jobs(session, who, status=status, limit=limit)]
+        items, next_cursor = list_jobs(session, who, status=status, limit=limit, cursor=cursor)
+        return {"items": items, "next_cursor": next_cursor}
 
 
 @router.get("/jobs/{job_id}", response_model=JobOut)

@@ -12,6 +12,7 @@ from ftune.service.auth.keys import create_key, key_view, list_keys, revoke_key
 from ftune.service.auth.principal import Principal, Role
 from ftune.service.auth.tenants import visible_tenant
 from ftune.service.deps import Admin, Ctx
+from ftune.service.pages import DEFAULT_LIMIT, Cursor, Limit, Page
 from ftune.service.schemas import KeyIn, KeyOut, NewKeyOut
 
 router = APIRouter(tags=["keys"])
@@ -39,14 +40,17 @@ def _target_tenant(session, who: Principal, tenant: str | None) -> str | None:
     return visible_tenant(session, who, tenant).id
 
 
-@router.get("/keys", response_model=list[KeyOut])
+@router.get("/keys", response_model=Page[KeyOut])
 def list_all(ctx: Ctx, who: Admin, tenant: Annotated[str | None, Query()] = None,
-             include_revoked: Annotated[bool, Query()] = False) -> list[dict]:
-    """The tenant's keys (never the keys themselves); operators see every tenant's."""
+             include_revoked: Annotated[bool, Query()] = False,
+             limit: Limit = DEFAULT_LIMIT, cursor: Cursor = None) -> dict:
+    """The tenant's keys, newest first (never the keys themselves); operators see every
+    tenant's."""
     with ctx.db.session() as session:
         tenant_id = visible_tenant(session, who, tenant).id if tenant else None
-        return [key_view(k) for k in list_keys(session, who, tenant_id,
-                                               include_revoked=include_revoked)]
+        keys, next_cursor = list_keys(session, who, tenant_id, include_revoked=include_revoked,
+                                      limit=limit, cursor=cursor)
+        return {"items": [key_view(k) for k in keys], "next_cursor": next_cursor}
 
 
 @router.delete("/keys/{key_id}", status_code=204)

@@ -15,6 +15,7 @@ from ftune.service.auth.tenants import (
     visible_tenant,
 )
 from ftune.service.deps import Ctx, Member, Operator
+from ftune.service.pages import DEFAULT_LIMIT, Cursor, Limit, Page
 from ftune.service.quotas import limits_of, usage_of, usage_view
 from ftune.service.removal import remove_tenant
 from ftune.service.schemas import TenantIn, TenantOut, UsageOut
@@ -31,10 +32,13 @@ def create(body: TenantIn, request: Request, ctx: Ctx, who: Operator) -> dict:
         return tenant_view(tenant)
 
 
-@router.get("/tenants", response_model=list[TenantOut])
-def list_all(ctx: Ctx, who: Operator) -> list[dict]:
+@router.get("/tenants", response_model=Page[TenantOut])
+def list_all(ctx: Ctx, who: Operator, limit: Limit = DEFAULT_LIMIT,
+             cursor: Cursor = None) -> dict:
+    """Oldest first."""
     with ctx.db.session() as session:
-        return [tenant_view(t) for t in list_tenants(session)]
+        tenants, next_cursor = list_tenants(session, limit=limit, cursor=cursor)
+        return {"items": [tenant_view(t) for t in tenants], "next_cursor": next_cursor}
 
 
 @router.get("/tenants/{tenant_ref}", response_model=TenantOut)

@@ -19,6 +19,7 @@ from ftune.service.errors import InvalidInput, NotFound
 from ftune.service.ids import is_id
 from ftune.service.ingest.multipart import receive_multipart
 from ftune.service.jobs import epoch_rows
+from ftune.service.pages import DEFAULT_LIMIT, Cursor, Limit, Page
 from ftune.service.predictions import decode_batch, parse_top_k
 from ftune.service.schemas import AliasIn, AliasOut, ModelOut, PredictOut
 from ftune.service.tuned_models import (
@@ -48,12 +49,13 @@ def _resolve(ctx: AppContext, who: Principal, ref: str) -> TunedModel:
         return get_model(session, who, ref)
 
 
-@router.get("/models", response_model=list[ModelOut])
-def list_all(ctx: Ctx, who: Member,
-             limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> list[dict]:
+@router.get("/models", response_model=Page[ModelOut])
+def list_all(ctx: Ctx, who: Member, limit: Limit = DEFAULT_LIMIT,
+             cursor: Cursor = None) -> dict:
+    """Newest first."""
     with ctx.db.session() as session:
-        return [model_view(m, aliases_of(session, m))
-                for m in list_models(session, who, limit=limit)]
+        items, next_cursor = list_models(session, who, limit=limit, cursor=cursor)
+        return {"items": items, "next_cursor": next_cursor}
 
 
 @router.put("/models/aliases/{alias}", response_model=AliasOut)

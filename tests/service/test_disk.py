@@ -63,4 +63,4 @@ def test_an_archive_unpacking_past_the_reserve_is_refused(tmp_path):
         assert response.status_code == 507, response.text
         assert response.json()["detail"].startswith("unpacking the upload refused")
         assert _leftovers(tmp_path) == []
-        assert http.get("/v1/datasets").json() == []
+        assert http.get("/v1/datasets").json() == {"items": [], "next_cursor": None}

@@ -48,7 +48,7 @@ def test_openapi_documents_every_route(client):
 
 
 def test_backbones_lists_the_offline_registry(client):
-    names = {b["name"]: b for b in client.get("/v1/backbones").json()}
+    names = {b["name"]: b for b in client.get("/v1/backbones").json()["items"]}
     assert names["tf_efficientnet_lite0"]["pretrained_offline"] is True
     assert names["tf_efficientnet_lite0"]["input_size"] == 224
 
@@ -63,7 +63,7 @@ def test_fine_tune_through_the_service(client, animal_folder, animal_heldout, tm
     assert dataset["num_images"] == 400 and len(dataset["classes"]) == 10
     assert dataset["splits"] == {"train": 400, "val": None}
     assert client.get(f"/v1/datasets/{dataset['id']}").json()["classes"] == dataset["classes"]
-    assert dataset["id"] in {d["id"] for d in client.get("/v1/datasets").json()}
+    assert dataset["id"] in {d["id"] for d in client.get("/v1/datasets").json()["items"]}
 
     submitted = client.post("/v1/jobs", json={"dataset_id": dataset["id"], "spec": E2E_SPEC})
     assert submitted.status_code == 202, submitted.text
@@ -77,14 +77,14 @@ def test_fine_tune_through_the_service(client, animal_folder, animal_heldout, tm
     assert job["progress"]["epoch"] == 2 and job["progress"]["epochs"] == 2
     assert job["best"]["epoch"] in (1, 2) and job["best"]["val_accuracy"] > 0.3
     assert job["spec"]["optimizer"]["name"] == "adam" and job["spec"]["epochs"] == 2
-    assert job["id"] in {j["id"] for j in client.get("/v1/jobs?status=succeeded").json()}
+    assert job["id"] in {j["id"] for j in client.get("/v1/jobs?status=succeeded").json()["items"]}
 
     model = client.get(f"/v1/models/{job['model_id']}").json()
     assert model["job_id"] == job["id"] and model["classes"] == dataset["classes"]
     assert model["backbone"] == "tf_efficientnet_lite0"
     assert model["dataset_hash"] == dataset["content_hash"] and len(dataset["content_hash"]) == 64
     assert model["metrics"]["best_epoch"] == job["best"]["epoch"]
-    assert model["id"] in {m["id"] for m in client.get("/v1/models").json()}
+    assert model["id"] in {m["id"] for m in client.get("/v1/models").json()["items"]}
 
     download = client.get(f"/v1/models/{model['id']}/download")
     assert download.status_code == 200

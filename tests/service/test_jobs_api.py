@@ -107,7 +107,8 @@ def test_cancel_queued_and_running_jobs(client, tiny_dataset, service_home):
     assert never["attempts"] == 0 and never["metrics"] == []
     response = client.post(f"/v1/jobs/{after['id']}/cancel")
     assert response.status_code == 409 and "succeeded" in response.json()["detail"]
-    cancelled = {j["id"] for j in client.get("/v1/jobs", params={"status": "cancelled"}).json()}
+    listed = client.get("/v1/jobs", params={"status": "cancelled"}).json()["items"]
+    cancelled = {j["id"] for j in listed}
     assert {running["id"], waiting["id"]} <= cancelled
 
     # Predict: bad images are named; top_k is checked; no files is an error.

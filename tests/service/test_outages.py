@@ -34,7 +34,7 @@ def test_submit_with_redis_down_is_503_and_the_job_is_not_left_queued(redis_down
                                      files={"file": ("t.zip", zip_folder(tiny_folder))}).json()
     response = redis_down_client.post("/v1/jobs", json={"dataset_id": dataset["id"]})
     assert response.status_code == 503 and "Redis" in response.json()["detail"]
-    jobs = redis_down_client.get("/v1/jobs").json()
+    jobs = redis_down_client.get("/v1/jobs").json()["items"]
     assert len(jobs) == 1 and jobs[0]["status"] == "failed"
     assert "submit again" in jobs[0]["error"]
     # The dataset is untouched and can be deleted: no job holds it.

@@ -48,14 +48,14 @@ def test_dataset_and_storage_quotas_are_429_and_store_nothing(operator_client, t
     over = _upload(team, tiny_folder)
     assert over.status_code == 429
     assert "quota datasets exceeded: 1 datasets of 1" in over.json()["detail"]
-    assert len(team.get("/v1/datasets").json()) == 1
+    assert len(team.get("/v1/datasets").json()["items"]) == 1
     assert sorted(p.name for p in (service_home / "datasets").iterdir()) == before
 
     used = team.get("/v1/usage").json()["usage"]["stored_bytes"]
     _quotas(operator_client, team, datasets=5, stored_gb=(used + 1000) / 2**30)
     over = _upload(team, tiny_folder)  # about 12 kB: over what is left
     assert over.status_code == 429 and "quota stored_gb exceeded" in over.json()["detail"]
-    assert len(team.get("/v1/datasets").json()) == 1
+    assert len(team.get("/v1/datasets").json()["items"]) == 1
     assert sorted(p.name for p in (service_home / "datasets").iterdir()) == before
 
 
@@ -64,14 +64,14 @@ def test_job_quotas_are_429_and_store_nothing(operator_client, team, tiny_folder
     _quotas(operator_client, team, epoch_images=30)  # 36 images × 1 epoch is over
     over = team.post("/v1/jobs", json={"dataset_id": dataset["id"], "spec": QUICK})
     assert over.status_code == 429 and "quota epoch_images exceeded" in over.json()["detail"]
-    assert team.get("/v1/jobs").json() == []
+    assert team.get("/v1/jobs").json()["items"] == []
 
     _quotas(operator_client, team, active_jobs=1)
     first = team.post("/v1/jobs", json={"dataset_id": dataset["id"], "spec": SLOW})
     assert first.status_code == 202
     over = team.post("/v1/jobs", json={"dataset_id": dataset["id"], "spec": QUICK})
     assert over.status_code == 429 and "quota active_jobs exceeded: 1" in over.json()["detail"]
-    assert len(team.get("/v1/jobs").json()) == 1
+    assert len(team.get("/v1/jobs").json()["items"]) == 1
     team.post(f"/v1/jobs/{first.json()['id']}/cancel")
     wait_for_job(team, first.json()["id"], timeout_s=120)
 

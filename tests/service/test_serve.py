@@ -53,7 +53,7 @@ def test_serve_answers_predictions_without_redis(tiny_folder, tmp_path):
         assert health["redis"] == "not used (ftune serve)"
         assert "memory" in health["rate_limits"]  # no Redis: limits kept in this process
         http = member.client(url, timeout=60)
-        assert [m["id"] for m in http.get("/v1/models").json()] == [model_id]
+        assert [m["id"] for m in http.get("/v1/models").json()["items"]] == [model_id]
         assert httpx.get(f"{url}/v1/models").status_code == 401  # keys are needed here too
         image = io.BytesIO()
         Image.open(next((tiny_folder / "animal1").iterdir())).save(image, "PNG")

@@ -42,7 +42,7 @@ def test_a_head_wider_than_4096_is_refused(client, tiny_dataset):
 
 
 def test_the_backbone_catalog_says_what_each_offers(client):
-    rows = {row["name"]: row for row in client.get("/v1/backbones").json()}
+    rows = {row["name"]: row for row in client.get("/v1/backbones").json()["items"]}
     assert rows["tf_efficientnet_lite0"]["pretrained_offline"] is True
     assert rows["tf_efficientnet_lite0"]["input_size"] == 224
     assert rows["resnet18"]["pretrained_offline"] is False
@@ -58,7 +58,7 @@ def test_listing_backbones_does_not_load_torch(tmp_path):
             f"app = create_app(Settings(home={str(tmp_path)!r}, auth='off',"
             " redis_url='redis://127.0.0.1:1/0'))\n"
             "with TestClient(app, base_url='http://127.0.0.1') as http:\n"
-            "    rows = http.get('/v1/backbones').json()\n"
+            "    rows = http.get('/v1/backbones').json()['items']\n"
             "print(json.dumps([len(rows), 'torch' in sys.modules, 'timm' in sys.modules]))")
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
                          text=True, timeout=120).stdout

@@ -155,7 +155,7 @@ def test_keys_are_made_by_admins_shown_once_and_roles_cannot_be_raised(client, m
     made = client.post("/v1/keys", json={"name": "ci", "role": "member"})
     assert made.status_code == 201 and made.json()["key"].startswith("ftk_")
     assert len(made.json()["key"]) >= 4 + 43  # 256 bits, base64
-    listed = client.get("/v1/keys").json()
+    listed = client.get("/v1/keys").json()["items"]
     assert made.json()["id"] in {k["id"] for k in listed}
     assert all("key" not in k for k in listed)  # never again
     assert client.post("/v1/keys", json={"name": "x", "role": "operator"}).status_code == 403
@@ -212,8 +212,8 @@ def test_revoking_a_key_takes_effect_at_once_even_on_an_open_event_stream(
 
 def test_the_audit_log_records_state_changes_per_tenant(client, client_b, member_client,
                                                         operator_client, b_objects):
-    mine = client.get("/v1/audit", params={"limit": 1000}).json()
-    theirs = client_b.get("/v1/audit", params={"limit": 1000}).json()
+    mine = client.get("/v1/audit", params={"limit": 1000}).json()["items"]
+    theirs = client_b.get("/v1/audit", params={"limit": 1000}).json()["items"]
     assert {e["tenant_id"] for e in mine} == {mine[0]["tenant_id"]}  # one tenant only
     assert not {e["id"] for e in mine} & {e["id"] for e in theirs}
     actions = {(e["action"], e["object_id"]) for e in theirs}
@@ -222,7 +222,7 @@ def test_the_audit_log_records_state_changes_per_tenant(client, client_b, member
     assert ("POST /v1/datasets", b_objects["dataset_id"]) in actions
     assert all(e["key_id"] for e in theirs)
     assert member_client.get("/v1/audit").status_code == 403
-    everyone = operator_client.get("/v1/audit", params={"limit": 1000}).json()
+    everyone = operator_client.get("/v1/audit", params={"limit": 1000}).json()["items"]
     assert {e["id"] for e in theirs} <= {e["id"] for e in everyone}
 
 
