@@ -28,17 +28,12 @@ import httpx
 import torch
 from PIL import Image
 
-from ftune.models.bundle import save_bundle
 from ftune.models.predictor import Predictor
-from ftune.models.training.fit import fit
 from ftune.processes import free_port, ftune_command
 from ftune.service.auth.principal import Role
-from ftune.service.db import migrate
-from ftune.service.db.session import Database
-from ftune.service.db.tables import DEFAULT_TENANT_ID, Job, TunedModel
 from ftune.service.storage import Storage
 from ftune.testing.access import make_key
-from ftune.testing.realdata import animal_mnist_arrays, balanced_indices, write_image_folder
+from ftune.testing.models import register_tiny_model
 
 MODEL_ID = "f" * 32
 
@@ -49,27 +44,12 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def prepare(work: Path, image_size: int | None) -> tuple[Path, Predictor, bytes]:
-    images, labels = animal_mnist_arrays()
-    idx = balanced_indices(labels, 12, classes=3)
-    folder = write_image_folder(work / "data", images[idx], labels[idx])
-    result = fit(folder, {"image_size": image_size, "epochs": 1})
-    storage = Storage(work / "home")
-    storage.prepare()
-    save_bundle(result, storage.model_dir(MODEL_ID))
-    db = Database(f"sqlite:///{storage.home / 'ftune.db'}", prepare=migrate.upgrade)
-    with db.session() as session:
-        session.add(Job(id=MODEL_ID, tenant_id=DEFAULT_TENANT_ID, dataset_id=MODEL_ID, spec={},
-                        epochs=1, status="succeeded"))
-        session.flush()
-        session.add(TunedModel(id=MODEL_ID, tenant_id=DEFAULT_TENANT_ID, job_id=MODEL_ID,
-                               dataset_id=MODEL_ID, name="bench", backbone=result.backbone,
-                               classes=result.classes, metrics={},
-                               spec=result.spec.model_dump(mode="json")))
-    db.dispose()
+    home = work / "home"
+    folder = register_tiny_model(work, home, MODEL_ID, image_size)
     png = io.BytesIO()
     Image.open(next((folder / "animal0").iterdir())).convert("RGB").resize((256, 256)).save(
         png, "PNG")
-    return storage.home, Predictor.load(storage.model_dir(MODEL_ID), device="cpu"), png.getvalue()
+    return home, Predictor.load(Storage(home).model_dir(MODEL_ID), device="cpu"), png.getvalue()
 
 
 def timed(fn, repeats: int) -> list[float]:

@@ -1,6 +1,12 @@
-"""Memory and speed of a large dataset upload: the API process's peak RSS growth while it
-receives, unpacks and checks a generated archive of at least 1 GB (target under 100 MB), and
-the end-to-end throughput in MB/s (request start → 201 with the lint report)."""
+"""The API process's memory under large and hostile uploads, on a fresh `ftune api` each.
+
+- dataset: peak RSS growth while it receives, unpacks and checks a generated archive of at
+  least 1 GB (target under 100 MB), and the end-to-end throughput in MB/s (request start →
+  201 with the lint report).
+- predict-bomb: requests of 64 pixel bombs each (12000×12000 PNGs of 17 kB that would decode
+  to about 430 MB each) to /predict of a loaded model; peak RSS growth over the model's
+  steady state (target under 300 MB), and that every request is refused with 422.
+"""
 
 from __future__ import annotations
 
@@ -53,68 +59,134 @@ def rss_kb(pid: int, field: str) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--case", choices=["dataset", "predict-bomb", "all"], default="all")
     parser.add_argument("--size-mb", type=int, default=1100)
     parser.add_argument("--side", type=int, default=1024, help="image side in pixels")
+    parser.add_argument("--bomb-requests", type=int, default=5)
     args = parser.parse_args()
+    if args.case in ("dataset", "all"):
+        dataset_case(args.size_mb, args.side)
+    if args.case in ("predict-bomb", "all"):
+        predict_bomb_case(args.bomb_requests)
 
+
+class Api:
+    """A fresh `ftune api` on its own data directory (the broker is never reached here)."""
+
+    def __init__(self, home: Path) -> None:
+        self.home, port = home, free_port()
+        env = {**os.environ, "FTUNE_HOME": str(home), "FTUNE_MAX_UPLOAD_MB": "8192",
+               "REDIS_URL": f"redis://127.0.0.1:{free_port()}/0",
+               "FTUNE_RATE_PREDICTIONS": "100000/minute"}
+        self.process = subprocess.Popen([*ftune_command(), "api", "--port", str(port)],
+                                        env=env, stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.STDOUT)
+        self.url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                httpx.get(f"{self.url}/healthz", timeout=2)
+                break
+            except httpx.HTTPError:
+                if time.monotonic() > deadline:
+                    raise SystemExit("the API did not start") from None
+                time.sleep(0.2)
+        self.headers = make_key(f"sqlite:///{home / 'ftune.db'}", role=Role.ADMIN).headers
+
+    def rss_kb(self) -> int:
+        return rss_kb(self.process.pid, "VmRSS")
+
+    def reset_peak(self) -> None:
+        Path(f"/proc/{self.process.pid}/clear_refs").write_text("5")  # resets VmHWM
+
+    def peak_kb(self) -> int:
+        return rss_kb(self.process.pid, "VmHWM")
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(30)
+
+
+def dataset_case(size_mb: int, side: int) -> None:
     work = Path(tempfile.mkdtemp(prefix="ftune-upload-bench-"))
     try:
         archive = work / "big.tar"
-        images = write_archive(archive, args.size_mb * MB, args.side, classes=5)
-        size_mb = archive.stat().st_size / MB
-        port = free_port()
-        env = {**os.environ, "FTUNE_HOME": str(work / "home"), "FTUNE_MAX_UPLOAD_MB": "8192",
-               # The upload path never touches the broker; nothing listens on this port.
-               "REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"}
-        api = subprocess.Popen([*ftune_command(), "api", "--port", str(port)],
-                               env=env, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.STDOUT)
+        images = write_archive(archive, size_mb * MB, side, classes=5)
+        archive_mb = archive.stat().st_size / MB
+        api = Api(work / "home")
         try:
-            url = f"http://127.0.0.1:{port}"
-            deadline = time.monotonic() + 60
-            while True:
-                try:
-                    httpx.get(f"{url}/healthz", timeout=2)
-                    break
-                except httpx.HTTPError:
-                    if time.monotonic() > deadline:
-                        raise SystemExit("the API did not start") from None
-                    time.sleep(0.2)
-            key = make_key(f"sqlite:///{work / 'home' / 'ftune.db'}", role=Role.ADMIN)
-            before = rss_kb(api.pid, "VmRSS")
-            Path(f"/proc/{api.pid}/clear_refs").write_text("5")  # reset the peak (VmHWM)
+            before = api.rss_kb()
+            api.reset_peak()
             samples: list[int] = []
             stop = threading.Event()
 
             def sample() -> None:
                 while not stop.is_set():
-                    samples.append(rss_kb(api.pid, "VmRSS"))
+                    samples.append(api.rss_kb())
                     time.sleep(0.05)
 
             sampler = threading.Thread(target=sample, daemon=True)
             sampler.start()
             started = time.perf_counter()
             with open(archive, "rb") as f:
-                response = httpx.post(f"{url}/v1/datasets", files={"file": ("big.tar", f)},
-                                      timeout=3600, headers=key.headers)
+                response = httpx.post(f"{api.url}/v1/datasets", files={"file": ("big.tar", f)},
+                                      timeout=3600, headers=api.headers)
             elapsed = time.perf_counter() - started
             stop.set()
             sampler.join()
-            peak = rss_kb(api.pid, "VmHWM")
+            peak = api.peak_kb()
         finally:
-            api.terminate()
-            api.wait(30)
+            api.stop()
         if response.status_code != 201:
             raise SystemExit(f"upload failed: {response.status_code} {response.text[:500]}")
         body = response.json()
         assert body["num_images"] == images, (body["num_images"], images)
         growth = (peak - before) / 1024
-        print(f"upload_memory archive_mb={size_mb:.0f} images={images} "
-              f"image={args.side}x{args.side} upload_s={elapsed:.1f} "
-              f"throughput_mb_s={size_mb / elapsed:.1f} rss_before_mb={before / 1024:.0f} "
+        print(f"upload_memory archive_mb={archive_mb:.0f} images={images} "
+              f"image={side}x{side} upload_s={elapsed:.1f} "
+              f"throughput_mb_s={archive_mb / elapsed:.1f} rss_before_mb={before / 1024:.0f} "
               f"peak_rss_growth_mb={growth:.1f} sampled_peak_growth_mb="
               f"{(max(samples) - before) / 1024:.1f} target_growth_mb=100 "
               f"report_ok={body['report']['ok']}")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def predict_bomb_case(requests: int, per_request: int = 64) -> None:
+    from ftune.testing.models import register_tiny_model
+
+    work = Path(tempfile.mkdtemp(prefix="ftune-bomb-bench-"))
+    try:
+        model_id = "b" * 32
+        register_tiny_model(work, work / "home", model_id, image_size=64)
+        bomb = io.BytesIO()
+        Image.new("1", (12_000, 12_000)).save(bomb, "PNG")
+        ok = io.BytesIO()
+        Image.new("RGB", (64, 64), (10, 120, 30)).save(ok, "PNG")
+        api = Api(work / "home")
+        try:
+            predict = f"{api.url}/v1/models/{model_id}/predict"
+            warm = httpx.post(predict, files={"files": ("ok.png", ok.getvalue())},
+                              headers=api.headers, timeout=120)
+            assert warm.status_code == 200, warm.text  # torch and the model are loaded now
+            before = api.rss_kb()
+            api.reset_peak()
+            statuses = []
+            started = time.perf_counter()
+            for _ in range(requests):
+                files = [("files", (f"bomb{i}.png", bomb.getvalue()))
+                         for i in range(per_request)]
+                statuses.append(httpx.post(predict, files=files, headers=api.headers,
+                                           timeout=300).status_code)
+            elapsed = time.perf_counter() - started
+            peak = api.peak_kb()
+        finally:
+            api.stop()
+        print(f"upload_memory case=predict-bomb requests={requests} images_per_request="
+              f"{per_request} bomb_kb={len(bomb.getvalue()) / 1024:.0f} "
+              f"decoded_mb_each={12_000 * 12_000 * 3 / MB:.0f} statuses={sorted(set(statuses))} "
+              f"seconds_per_request={elapsed / requests:.2f} rss_before_mb={before / 1024:.0f} "
+              f"peak_rss_growth_mb={(peak - before) / 1024:.1f} target_growth_mb=300")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -115,6 +115,13 @@ def _is_outage(exc: DBAPIError) -> bool:
 
 
 def install_error_handlers(app: FastAPI) -> None:
+    _install_request_errors(app)
+    _install_server_errors(app)
+
+
+def _install_request_errors(app: FastAPI) -> None:
+    """What the client got wrong (4xx)."""
+
     @app.exception_handler(ServiceError)
     async def _service(_: Request, exc: ServiceError) -> JSONResponse:
         if isinstance(exc, DatasetRejected):
@@ -140,6 +147,10 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         return _json(exc.status_code, exc.detail, getattr(exc, "headers", None))
+
+
+def _install_server_errors(app: FastAPI) -> None:
+    """What went wrong on our side: outages and overload are 503/507, the rest 500."""
 
     @app.exception_handler(SchemaError)
     async def _schema(_: Request, exc: SchemaError) -> JSONResponse:

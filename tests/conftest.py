@@ -32,6 +32,17 @@ def engine_config() -> Iterator[Callable[..., object]]:
     engine.configure(previous)
 
 
+@pytest.fixture(autouse=True)
+def _restore_tempdir() -> Iterator[None]:
+    """An app made in-process points tempfile at its data directory (as the API process
+    should); later tests must not inherit that."""
+    import tempfile
+
+    before = tempfile.tempdir
+    yield
+    tempfile.tempdir = before
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _torch_threads() -> None:
     import torch

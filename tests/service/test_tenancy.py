@@ -131,9 +131,10 @@ def test_an_admin_on_operator_routes_is_403(client, route):
 def test_lists_show_the_callers_tenant_only_and_operators_everything(
         client, client_b, operator_client, b_objects):
     for path in ("/v1/datasets", "/v1/jobs", "/v1/models"):
-        a_ids = {item["id"] for item in client.get(path).json()}
-        b_ids = {item["id"] for item in client_b.get(path).json()}
-        everything = {item["id"] for item in operator_client.get(path).json()}
+        a_ids = {item["id"] for item in client.get(path).json()["items"]}
+        b_ids = {item["id"] for item in client_b.get(path).json()["items"]}
+        everything = {item["id"] for item in operator_client.get(path, params={"limit": 1000})
+                      .json()["items"]}
         assert not a_ids & b_ids and b_ids and b_ids <= everything, path
     # Names and aliases resolve within the caller's tenant.
     assert client.get(f"/v1/models/{b_objects['model_name']}:prod").status_code == 404
