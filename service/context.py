@@ -39,7 +39,7 @@ class AppContext:
         storage.prepare()
         storage.sweep_stale()
         # The API upgrades the schema (under a lock); `ftune serve` only checks it is current.
-        db = Database(settings.resolved_database_url,
+        db = Database(settings.resolved_database_url, pool_timeout_s=settings.db_pool_timeout_s,
                       prepare=migrate.require_current if serve_only else migrate.upgrade)
         try:
             db.prepare()

@@ -104,6 +104,8 @@ class Settings(BaseSettings):
                                      "open on one API process.")
     min_free_disk_mb: float = Field(2048, ge=0, description="Uploads are refused (507) when "
                                     "the data directory's disk has less free than this.")
+    db_pool_timeout_s: float = Field(10, gt=0, description="How long a request waits for a "
+                                     "free database connection; then 503 with Retry-After.")
     export_timeout_s: float = Field(900, gt=0, description="Longest an ONNX or TorchScript "
                                     "export may take (it runs in a child process).")
     exports_at_once: int = Field(1, ge=1, description="ONNX or TorchScript exports built at "

@@ -20,16 +20,22 @@ def normalize_url(url: str) -> str:
     return url
 
 
-def make_engine(url: str) -> Engine:
+DEFAULT_POOL_TIMEOUT_S = 10.0
+
+
+def make_engine(url: str, pool_timeout_s: float = DEFAULT_POOL_TIMEOUT_S) -> Engine:
+    """``pool_timeout_s``: how long a request waits for a pooled connection before giving up
+    (the API answers 503 with Retry-After then, see ``errors``)."""
     url = normalize_url(url)
     parsed = make_url(url)
     if parsed.get_backend_name() != "sqlite":
-        return create_engine(url, pool_pre_ping=True,
+        return create_engine(url, pool_pre_ping=True, pool_timeout=pool_timeout_s,
                              connect_args={"connect_timeout": 5}
                              if parsed.get_backend_name() == "postgresql" else {})
     if parsed.database and parsed.database != ":memory:":
         Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-    engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+    engine = create_engine(url, pool_timeout=pool_timeout_s,
+                           connect_args={"check_same_thread": False, "timeout": 30})
 
     @event.listens_for(engine, "connect")
     def _pragmas(dbapi_conn: Any, _record: Any) -> None:
@@ -55,9 +61,10 @@ class Database:
     ``prepare`` runs once, before the first session: the API upgrades the schema there, so a
     database that was down at start-up is upgraded when it first answers."""
 
-    def __init__(self, url: str, *, prepare: Callable[[Engine], object] | None = None) -> None:
+    def __init__(self, url: str, *, prepare: Callable[[Engine], object] | None = None,
+                 pool_timeout_s: float = DEFAULT_POOL_TIMEOUT_S) -> None:
         self.url = url
-        self.engine = make_engine(url)
+        self.engine = make_engine(url, pool_timeout_s)
         self._prepare = prepare
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
 
