@@ -48,7 +48,7 @@ test-fast: $(STAMP)
 # every operation, valid and invalid requests, stateful sequences; no answer may be a 5xx.
 FUZZ_EXAMPLES ?= 300
 fuzz: $(STAMP)
-	FTUNE_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) FTUNE_FUZZ_SEED=$${FTUNE_FUZZ_SEED:-$$RANDOM} \
+	FTUNE_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) FTUNE_FUZZ_SEED=$${FTUNE_FUZZ_SEED:-random} \
 	FTUNE_FUZZ_PHASES=examples,coverage,fuzzing,stateful \
 	  $(PY) -m pytest -q -s tests/service/test_fuzz.py
 
