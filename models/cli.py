@@ -207,7 +207,7 @@ def _lint(args: argparse.Namespace) -> int:
         return 0 if report.ok else 2
     print(f"{report.layout}: {len(report.classes)} classes, {report.num_images} images "
           f"({', '.join(f'{s} {sum(c.values())}' for s, c in report.splits.items())}); "
-          f"imbalance {report.imbalance_ratio}")
+          + (f"; imbalance {report.imbalance_ratio:g}×" if report.imbalance_ratio else ""))
     for finding in report.findings:
         print(f"{finding.severity:7} {finding.code}: {finding.message}\n        → {finding.action}")
         for item in finding.items[:5]:

@@ -88,16 +88,21 @@ def list_dataset(root: Path) -> Listing:
 
 
 def dataset_base(root: Path) -> Path:
-    """Archives often wrap everything in one folder; look through it."""
+    """Archives often wrap everything in one folder; look through it. A lone folder holding
+    images and no folders is a class (a dataset of one class), not a wrapper."""
     while not (root / MANIFEST).is_file():
         dirs = visible_dirs(root)
-        has_files = any(p.is_file() and not is_hidden(p.name) and is_image_name(p)
-                        for p in root.iterdir())
-        if len(dirs) == 1 and not has_files and split_of(dirs[0].name) is None:
+        if (len(dirs) == 1 and not _holds_images(root) and split_of(dirs[0].name) is None
+                and not (_holds_images(dirs[0]) and not visible_dirs(dirs[0]))):
             root = dirs[0]
         else:
             return root
     return root
+
+
+def _holds_images(folder: Path) -> bool:
+    return any(p.is_file() and not is_hidden(p.name) and is_image_name(p)
+               for p in folder.iterdir())
 
 
 def walk_files(base: Path) -> list[PurePosixPath]:

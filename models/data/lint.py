@@ -166,10 +166,15 @@ def _ignored(findings: list[Finding], listing: Listing) -> dict[str, int]:
 def _structure_errors(findings: list[Finding], listing: Listing, facts: list[FileFacts],
                       classes: list[str], counts: dict[str, dict[str, int]],
                       min_per_class: int, checked: bool) -> None:
-    if len(classes) < 2:
+    if len(classes) == 1:
         _add(findings, "too_few_classes", "error",
-             f"need at least 2 classes, found {len(classes)}"
-             f"{' (' + ', '.join(classes) + ')' if classes else ''}",
+             f"found one class ({classes[0]}); a classifier needs at least 2 classes",
+             "Add at least one more class: a folder of its images next to "
+             f"{classes[0]}/ (DATA/<class>/<images>), or rows with another label in "
+             "labels.csv.")
+    elif not classes:
+        _add(findings, "too_few_classes", "error",
+             "found no classes; a classifier needs at least 2 classes",
              "Put each class's images in its own folder: DATA/<class>/<images> or "
              "DATA/train/<class>/..., or list them in labels.csv.")
     if listing.candidates and checked and all(f.error is not None for f in facts):

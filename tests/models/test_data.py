@@ -82,8 +82,9 @@ def test_fewer_than_two_classes(tmp_path, classes):
     tmp_path.joinpath("x.txt").write_text("nothing")
     for cls in classes:
         _image(tmp_path / cls / "0.png")
-    with pytest.raises(DatasetError, match="at least 2 classes"):
+    with pytest.raises(DatasetError, match="at least 2 classes") as refused:
         scan_image_folder(tmp_path)
+    assert ("found one class (only)" if classes else "found no classes") in str(refused.value)
 
 
 def test_class_left_empty_by_unreadable_images(tmp_path):

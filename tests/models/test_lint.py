@@ -131,3 +131,22 @@ def test_content_hash_ignores_order_and_names_but_not_labels(tmp_path):
     assert first and scan_image_folder(tmp_path / "two").content_hash == first
     shutil.move(tmp_path / "two" / "top" / "a" / "renamed-0.png", tmp_path / "two" / "top" / "b")
     assert scan_image_folder(tmp_path / "two").content_hash != first
+
+
+def test_a_lone_folder_of_images_is_one_class_not_a_wrapper(tmp_path, capsys):
+    from ftune.models.cli import main
+
+    for i in range(3):
+        _image(tmp_path / "data" / "cats" / f"{i}.png", seed=i)
+    report = inspect_dataset(tmp_path / "data").report
+    assert report.classes == ["cats"]
+    too_few = _codes(report)["too_few_classes"]
+    assert too_few["message"].startswith("found one class (cats)")
+    assert "at least one more class" in too_few["action"]
+    # Under a wrapper folder it is the same class.
+    for i in range(3):
+        _image(tmp_path / "wrapped" / "top" / "cats" / f"{i}.png", seed=i)
+    assert inspect_dataset(tmp_path / "wrapped").report.classes == ["cats"]
+    assert main(["lint", str(tmp_path / "data")]) == 2
+    out = capsys.readouterr().out
+    assert "None" not in out and "found one class (cats)" in out

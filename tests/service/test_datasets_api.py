@@ -118,7 +118,9 @@ def test_dataset_problems_are_422_with_the_whole_report(client, tiny_folder, ser
     one_class = {f"only/{p.name}": p.read_bytes()
                  for p in sorted((tiny_folder / "animal0").iterdir())}
     response = _upload(client, zip_members(one_class))
-    assert response.status_code == 422 and "at least 2 classes" in response.json()["detail"]
+    assert response.status_code == 422
+    # The lone folder of images is the class, not a wrapper around loose files.
+    assert "found one class (only)" in response.json()["detail"]
     report = response.json()["report"]
     assert not report["ok"] and report["errors"][0]["code"] == "too_few_classes"
     assert report["errors"][0]["action"]
@@ -225,6 +227,23 @@ def test_request_shape_errors(client):
     assert response.status_code == 422 and "file: missing" in response.json()["detail"]
     assert client.get("/v1/datasets/0123456789abcdef0123456789abcdef").status_code == 404
     assert client.get("/v1/datasets/../../etc").status_code == 404
+
+
+def test_images_sent_one_by_one_get_told_to_send_one_archive(client, tiny_folder, service_home):
+    images = sorted((tiny_folder / "animal0").iterdir())[:3]
+    response = client.post("/v1/datasets",
+                           files=[("file", (p.name, p.read_bytes())) for p in images])
+    assert response.status_code == 422
+    detail = response.json()["detail"]
+    assert "one archive" in detail and "zip -r" in detail and "-F file=@" in detail
+    assert response.json()["errors"][0]["loc"] == ["file"]
+    assert _leftovers(service_home) == []
+
+
+def test_the_archive_may_come_as_files_too(client, tiny_folder, tiny_dataset):
+    # `files` is /predict's field name; uploads accept it as well as `file`.
+    response = client.post("/v1/datasets", files={"files": ("t.zip", zip_folder(tiny_folder))})
+    assert response.status_code in (200, 201) and response.json()["id"]
 
 
 def test_a_broken_multipart_body_is_422(client):
