@@ -5,6 +5,8 @@ from __future__ import annotations
 import errno
 import logging
 import math
+import re
+from collections.abc import Sequence
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -18,6 +20,8 @@ from ftune.models.spec import SpecError
 from ftune.service.db.migrate import SchemaError
 
 log = logging.getLogger(__name__)
+
+_FIELD_PREFIX = re.compile(r"([A-Za-z_][\w]*(?:\.[\w]+)*): ")
 
 DB_RETRY_AFTER_S = 2
 
@@ -64,7 +68,18 @@ class UnsupportedMediaType(ServiceError):
 
 
 class InvalidInput(ServiceError):
+    """422. ``errors`` (for programs): where and what; the field is read from a leading
+    ``field.path: `` in the message unless ``loc`` is given."""
+
     status_code = 422
+
+    def __init__(self, detail: str, *, loc: Sequence[str | int] | None = None,
+                 kind: str = "invalid") -> None:
+        super().__init__(detail)
+        if loc is None:
+            named = _FIELD_PREFIX.match(detail)
+            loc = named.group(1).split(".") if named else []
+        self.errors = [{"loc": list(loc), "msg": detail, "type": kind}]
 
 
 def retry_after(seconds: float) -> dict[str, str]:
@@ -102,6 +117,38 @@ class DatasetRejected(InvalidInput):
     def __init__(self, detail: str, report: dict) -> None:
         super().__init__(detail)
         self.report = report
+        self.errors = [{"loc": ["file"], "msg": f"{e['message']}. {e['action']}",
+                        "type": e["code"]} for e in report.get("errors", [])] or self.errors
+
+
+def _invalid(exc: InvalidInput) -> JSONResponse:
+    return JSONResponse({"detail": exc.detail, "errors": exc.errors}, status_code=422)
+
+
+def validation_error(err: dict, body: object) -> dict:
+    """One of FastAPI's validation errors for people and programs: the field's path (without
+    where it was: body, query, path), a plain message, the type; never the input echoed."""
+    loc = list(err.get("loc", ()))
+    if loc and loc[0] in _PLACES:
+        loc = loc[1:]
+    if err.get("type") == "json_invalid" and isinstance(body, (str, bytes)):
+        return {"loc": [], "msg": _json_problem(err, body), "type": "json_invalid"}
+    msg = str(err.get("msg", "invalid"))
+    for prefix in ("Value error, ", "Assertion failed, "):
+        msg = msg.removeprefix(prefix)
+    return {"loc": loc, "msg": msg, "type": str(err.get("type", "invalid"))}
+
+
+_PLACES = frozenset({"body", "query", "path", "header", "cookie"})
+
+
+def _json_problem(err: dict, body: str | bytes) -> str:
+    text = body.decode("utf-8", "replace") if isinstance(body, bytes) else body
+    position = next((p for p in err.get("loc", ()) if isinstance(p, int)), 0)
+    line = text.count("\n", 0, position) + 1
+    column = position - (text.rfind("\n", 0, position) + 1) + 1
+    reason = (err.get("ctx") or {}).get("error", "JSON decode error")
+    return f"the body is not valid JSON: {reason} at line {line}, column {column}"
 
 
 def _json(status: int, detail: object, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -124,25 +171,27 @@ def _install_request_errors(app: FastAPI) -> None:
 
     @app.exception_handler(ServiceError)
     async def _service(_: Request, exc: ServiceError) -> JSONResponse:
+        body: dict = {"detail": exc.detail}
+        if isinstance(exc, InvalidInput):
+            body["errors"] = exc.errors
         if isinstance(exc, DatasetRejected):
-            return JSONResponse({"detail": exc.detail, "report": exc.report}, status_code=422)
-        return _json(exc.status_code, exc.detail, exc.headers)
+            body["report"] = exc.report
+        return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(SpecError)
     async def _spec(_: Request, exc: SpecError) -> JSONResponse:
-        return _json(422, str(exc))
+        return _invalid(InvalidInput(str(exc), kind="invalid_spec"))
 
     @app.exception_handler(FineTuneError)
     async def _engine(_: Request, exc: FineTuneError) -> JSONResponse:
-        return _json(422, str(exc))
+        return _invalid(InvalidInput(str(exc), loc=[], kind=type(exc).__name__))
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
-        parts = []
-        for err in exc.errors():
-            where = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "request"
-            parts.append(f"{where}: {err.get('msg')}")
-        return _json(422, "; ".join(parts))
+        errors = [validation_error(err, exc.body) for err in exc.errors()]
+        detail = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'request'}: {e['msg']}"
+                           if e["type"] != "json_invalid" else e["msg"] for e in errors)
+        return JSONResponse({"detail": detail, "errors": errors}, status_code=422)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:

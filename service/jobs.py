@@ -44,20 +44,24 @@ from ftune.service.settings import Settings
 MEMBER_MAX_PRIORITY = 5
 
 
-def validate_job_spec(payload: Any) -> FineTuneSpec:
-    if not isinstance(payload, dict):
+def validate_job_spec(payload: FineTuneSpec | dict) -> FineTuneSpec:
+    """The spec, checked for what HTTP clients may not ask for."""
+    if isinstance(payload, FineTuneSpec):
+        spec = payload
+    elif isinstance(payload, dict):
+        try:
+            spec = parse_spec(payload)
+        except SpecError as exc:
+            raise InvalidInput(str(exc), loc=["spec"], kind="invalid_spec") from exc
+    else:
         raise InvalidInput("spec: must be a JSON object (the engine's fine-tuning spec)")
     try:
-        json.dumps(payload, allow_nan=False)
+        json.dumps(spec.model_dump(), allow_nan=False)
     except ValueError as exc:
-        raise InvalidInput("invalid spec: numbers must be finite (no NaN or Infinity)") from exc
-    try:
-        spec = parse_spec(payload)
-    except SpecError as exc:
-        raise InvalidInput(str(exc)) from exc
+        raise InvalidInput("spec: numbers must be finite (no NaN or Infinity)") from exc
     if spec.weights_path is not None:
         # A server path chosen by a client would let it read any file the worker can.
-        raise InvalidInput("invalid spec: weights_path: not accepted over HTTP; put weights in "
+        raise InvalidInput("spec.weights_path: not accepted over HTTP; put weights in "
                            "FTUNE_WEIGHTS_DIR on the workers instead")
     return spec
 
@@ -234,6 +238,14 @@ def job_view(job: Job, metrics: list[dict], position: int | None = None) -> dict
     return {**job_summary(job, position), "metrics": metrics}
 
 
+def progress_of(job: Job) -> dict:
+    """The epoch being trained (1-based, as the job's events number it) and the batch within
+    it; between epochs, and once the job has ended, the last epoch finished."""
+    mid_epoch = job.step > 0  # recording an epoch sets step back to 0
+    return {"epoch": job.epoch + 1 if mid_epoch else job.epoch, "epochs": job.epochs,
+            "epochs_done": job.epoch, "step": job.step, "steps": job.steps}
+
+
 def job_summary(job: Job, position: int | None = None) -> dict:
     """What a list shows of a job: everything but the per-epoch metrics."""
     return {
@@ -245,8 +257,7 @@ def job_summary(job: Job, position: int | None = None) -> dict:
         "created_at": job.created_at,
         "started_at": job.started_at,
         "finished_at": job.finished_at,
-        "progress": {"epoch": job.epoch, "epochs": job.epochs, "step": job.step,
-                     "steps": job.steps},
+        "progress": progress_of(job),
         "best": job.best,
         "stopped_early": job.stopped_early,
         "error": job.error,

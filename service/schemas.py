@@ -5,9 +5,11 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from ftune.models.spec import FineTuneSpec
 from ftune.service.auth.tenants import QuotaOverrides
+from ftune.service.ids import is_id
 from ftune.service.job_status import JobStatus
 
 
@@ -35,9 +37,10 @@ class DatasetUploadOut(DatasetOut):
 class JobIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    dataset_id: str
-    spec: dict[str, Any] = Field(default_factory=dict,
-                                 description="the engine's fine-tuning spec (see README)")
+    dataset_id: str = Field(description="the id POST /v1/datasets returned")
+    spec: FineTuneSpec = Field(default_factory=FineTuneSpec,
+                               description="the engine's fine-tuning spec; every field is "
+                               "optional (see README, \"The spec\")")
     priority: int = Field(5, ge=0, le=9, description="9 runs first; equal priorities run in "
                           "the order submitted")
     max_runtime_s: int | None = Field(None, ge=1, le=10**8,
@@ -46,13 +49,25 @@ class JobIn(BaseModel):
     model_name: str | None = Field(None, min_length=1, max_length=200,
                                    pattern=r"^[^:/\x00-\x1f]+$",
                                    description="name of the tuned model (default: the "
-                                   "dataset's); versions count up per name")
+                                   "dataset's); versions count up per name, and "
+                                   "name:version or name:alias then refers to it")
+
+    @field_validator("dataset_id")
+    @classmethod
+    def _dataset_id(cls, value: str) -> str:
+        if not is_id(value):
+            raise ValueError(f"{value!r} is not a dataset id (32 hex characters, from POST "
+                             "/v1/datasets)" if value else "required: the id POST /v1/datasets "
+                             "returned")
+        return value
 
 
 class Progress(BaseModel):
-    epoch: int = Field(description="epochs finished")
+    epoch: int = Field(description="the epoch being trained (1-based, as in the job's "
+                       "events); between epochs and once the job ended, the last one finished")
     epochs: int
-    step: int = Field(description="batch within the running epoch")
+    epochs_done: int = Field(description="epochs finished (one metrics row each)")
+    step: int = Field(description="batch within the epoch being trained; 0 between epochs")
     steps: int
 
 

@@ -62,6 +62,7 @@ class _FormBuilder:
                  max_file_bytes: int | None = None, file_limit_name: str = "") -> None:
         self.dest, self.file_fields, self.max_files = dest, file_fields, max_files
         self.max_file_bytes, self.file_limit_name = max_file_bytes, file_limit_name
+        self.too_many_files: str | None = None
         self.form = ReceivedForm()
         self._header_field = b""
         self._header_value = b""
@@ -109,7 +110,9 @@ class _FormBuilder:
             raise InvalidInput(f"unexpected file field {self._name!r}; "
                                f"expected {', '.join(sorted(self.file_fields))}")
         if len(self.form.files) >= self.max_files:
-            raise InvalidInput(f"too many files: at most {self.max_files} per request")
+            raise InvalidInput(self.too_many_files or
+                               f"{self._name}: too many files, at most {self.max_files} per "
+                               "request")
         # The client's file name is kept for messages only; the stored name is ours.
         filename = options[b"filename"].decode("utf-8", "replace")
         path = self.dest / f"{uuid.uuid4().hex}.part"
@@ -153,7 +156,7 @@ def upload_too_large(max_bytes: int) -> ServiceError:
 
 
 async def receive_multipart(request: Request, *, dest: Path, file_fields: set[str],
-                            max_bytes: int, max_files: int = 1,
+                            max_bytes: int, max_files: int = 1, too_many_files: str | None = None,
                             over_limit: Callable[[int], ServiceError] = upload_too_large,
                             max_file_bytes: int | None = None, file_limit_name: str = ""
                             ) -> ReceivedForm:
@@ -170,6 +173,7 @@ async def receive_multipart(request: Request, *, dest: Path, file_fields: set[st
         raise over_limit(max_bytes)
     dest.mkdir(parents=True, exist_ok=True)
     builder = _FormBuilder(dest, file_fields, max_files, max_file_bytes, file_limit_name)
+    builder.too_many_files = too_many_files
     parser = MultipartParser(params[b"boundary"], builder.callbacks())
     received, pending = 0, bytearray()
     work: Future | None = None  # the I/O thread's current batch

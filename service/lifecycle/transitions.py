@@ -134,6 +134,12 @@ def finish(session: Session, job_id: str, status: str, *, error: str | None,
                             .values(status=status, finished_at=utcnow(), error=error)).rowcount
     if ended:
         end_run(session, job_id, ran_until)
+        job = session.get(Job, job_id, populate_existing=True)
+        if job is not None and job.step > 0:
+            # Stopped mid-epoch: the last progress event may be older (they are throttled);
+            # this one makes the events end where the job view does.
+            add_event(session, job_id, "progress", epoch=job.epoch + 1, step=job.step,
+                      steps=job.steps)
         status_event(session, job_id, status, error=error)
 
 

@@ -27,6 +27,12 @@ from ftune.service.quotas import limits_of, upload_allowance, usage_of
 from ftune.service.schemas import DatasetOut, DatasetUploadOut
 
 router = APIRouter(tags=["datasets"])
+# The archive's field: `file`, or `files` as /predict names its images.
+UPLOAD_FIELDS = {"file", "files"}
+ONE_ARCHIVE = ("file: send the dataset as one archive, a zip, tar or tar.gz of its folder, "
+               "not its images one by one; for example `zip -r flowers.zip flowers/` then "
+               "`curl -H \"$AUTH\" -F file=@flowers.zip -F name=flowers "
+               ".../v1/datasets`")
 
 _UPLOAD_FORM = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
     "type": "object", "required": ["file"],
@@ -62,10 +68,11 @@ async def upload_dataset(request: Request, ctx: Ctx, who: Member,
         (int(settings.max_upload_mb * 2**20), upload_too_large),
         (allowance, _over_storage_quota),
         (disk, partial(over_disk_allowance, "the upload")), key=lambda bound: bound[0])
-    form = await receive_multipart(request, dest=ctx.storage.uploads, file_fields={"file"},
-                                   max_bytes=max_bytes, over_limit=over_limit)
+    form = await receive_multipart(request, dest=ctx.storage.uploads,
+                                   file_fields=UPLOAD_FIELDS, max_bytes=max_bytes,
+                                   over_limit=over_limit, too_many_files=ONE_ARCHIVE)
     try:
-        files = form.files_named("file")
+        files = form.files
         if not files:
             raise InvalidInput("file: missing; send the archive as the multipart field 'file'")
         checks = DatasetChecks.from_settings(settings.engine)

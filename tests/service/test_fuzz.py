@@ -36,7 +36,9 @@ if SEED == "random":
 # Generous limits: the fuzzer sends far more requests than any client; the limits have tests.
 ENV = {"FTUNE_RATE_UPLOADS": "1000000/minute", "FTUNE_RATE_JOBS": "1000000/minute",
        "FTUNE_RATE_PREDICTIONS": "1000000/minute", "FTUNE_MAX_UPLOAD_MB": "4",
-       "FTUNE_CANCEL_POLL_S": "0.2"}
+       "FTUNE_CANCEL_POLL_S": "0.2",
+       # Generated specs are valid now: keep the jobs they start few and short (429 beyond).
+       "FTUNE_QUOTA_ACTIVE_JOBS": "3", "FTUNE_QUOTA_EPOCH_IMAGES": "400"}
 
 
 @pytest.fixture(scope="module")

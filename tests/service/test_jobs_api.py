@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import io
+import json
 
 import pytest
 from PIL import Image
 
-from tests.service.conftest import wait_for_job, wait_until
+from tests.service.conftest import WORKER, wait_for_job, wait_until
 
 UNKNOWN = "0123456789abcdef0123456789abcdef"
 QUICK = {"image_size": 32, "epochs": 1, "batch_size": 8, "freeze": {"strategy": "head_only"}}
@@ -24,6 +25,10 @@ def test_invalid_spec_is_422_naming_the_field(client, tiny_dataset, spec, field)
     response = client.post("/v1/jobs", json={"dataset_id": tiny_dataset["id"], "spec": spec})
     assert response.status_code == 422
     assert field in response.json()["detail"]
+    # For programs: where (the field's path), what, and the kind of error.
+    errors = response.json()["errors"]
+    assert ["spec", *field.split(".")] in [e["loc"] for e in errors], errors
+    assert all(set(e) == {"loc", "msg", "type"} and e["msg"] for e in errors)
 
 
 def test_job_request_errors(client, tiny_dataset):
@@ -33,9 +38,16 @@ def test_job_request_errors(client, tiny_dataset):
     assert response.status_code == 422 and "dataset_id" in response.json()["detail"]
     response = client.post("/v1/jobs", json={"dataset_id": tiny_dataset["id"], "spec": [1]})
     assert response.status_code == 422 and "spec" in response.json()["detail"]
-    response = client.post("/v1/jobs", content=b"{not json",
+    response = client.post("/v1/jobs", content=b'{"dataset_id": "x",\n  "spec": {not json',
                            headers={"content-type": "application/json"})
     assert response.status_code == 422
+    assert response.json()["detail"].startswith("the body is not valid JSON: ")
+    assert response.json()["detail"].endswith("at line 2, column 12")
+    for empty in ("", "   ", "../etc"):
+        response = client.post("/v1/jobs", json={"dataset_id": empty, "spec": {}})
+        assert response.status_code == 422, empty
+        assert response.json()["errors"][0]["loc"] == ["dataset_id"]
+        assert response.json()["detail"].startswith("dataset_id: ")
     assert client.get(f"/v1/jobs/{UNKNOWN}").status_code == 404
     assert client.post(f"/v1/jobs/{UNKNOWN}/cancel").status_code == 404
     response = client.get("/v1/jobs?status=sleeping")
@@ -49,7 +61,7 @@ def test_model_request_errors(client):
     assert response.status_code == 404
 
 
-def test_a_failing_job_says_why(client, tiny_dataset):
+def test_a_failing_job_says_why(client, tiny_dataset, service_home):
     # Passes the submit checks (no worker memory is configured), but no machine holds it:
     # the worker's own estimate refuses it before building anything.
     spec = {**QUICK, "image_size": 1024, "batch_size": 4096, "freeze": {"strategy": "none"}}
@@ -58,6 +70,12 @@ def test_a_failing_job_says_why(client, tiny_dataset):
     assert job["status"] == "failed"
     assert "this run needs" in job["error"] and "lower batch_size" in job["error"]
     assert "Traceback" not in job["error"] and job["model_id"] is None
+    # The worker's log has one line for it, not a traceback: it is the user's to fix.
+    log = (service_home / f"worker-{WORKER}.log").read_text()
+    mine = [line for line in log.splitlines() if job["id"] in line]
+    assert any("failed: this run needs" in line for line in mine), mine
+    assert "raised unexpected" not in log.split(job["id"], 1)[1][:2000]
+    assert "Traceback" not in log.split(job["id"], 1)[1][:2000]
 
 
 def _png_bytes() -> bytes:
@@ -94,6 +112,12 @@ def test_cancel_queued_and_running_jobs(client, tiny_dataset, service_home):
     job = wait_for_job(client, running["id"], timeout_s=60)
     assert job["status"] == "cancelled" and job["finished_at"]
     assert len(job["metrics"]) < 300 and job["model_id"] is None
+    # Progress and the event stream agree on the epoch it stopped in.
+    epochs_in_events = [json.loads(line[5:]).get("epoch")
+                        for line in client.get(f"/v1/jobs/{running['id']}/events").text.splitlines()
+                        if line.startswith("data:")]
+    assert job["progress"]["epoch"] == max(e for e in epochs_in_events if e is not None)
+    assert job["progress"]["epochs_done"] == len(job["metrics"])
     assert not (service_home / "jobs" / running["id"]).exists()  # partial files removed
     # Cancel is idempotent; a finished job cannot be cancelled.
     assert client.post(f"/v1/jobs/{running['id']}/cancel").json()["status"] == "cancelled"
