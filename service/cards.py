@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from ftune.service.db.tables import Dataset, Job, TunedModel
@@ -18,6 +19,15 @@ def read_json(path: Path) -> dict:
         return {}
 
 
+_ABSOLUTE_PATH = re.compile(r"/\S*/")
+
+
+def public_source(source: str | None) -> str | None:
+    """Where the weights came from, without server folders (models made before sources
+    were recorded by file name only carry full paths)."""
+    return None if source is None else _ABSOLUTE_PATH.sub("", source)
+
+
 def build_card(*, model: TunedModel, job: Job | None, dataset: Dataset | None, config: dict,
                evaluation: dict, history: list[dict]) -> dict:
     val = evaluation.get("val", {})
@@ -30,7 +40,7 @@ def build_card(*, model: TunedModel, job: Job | None, dataset: Dataset | None, c
         "model": {"id": model.id, "name": model.name, "version": model.version,
                   "created_at": model.created_at.isoformat(), "classes": model.classes},
         "backbone": {"name": config.get("backbone"), "architecture": config.get("architecture"),
-                     "pretrained_weights_from": config.get("weights_source"),
+                     "pretrained_weights_from": public_source(config.get("weights_source")),
                      "preprocessing": config.get("preprocessing")},
         "spec": config.get("spec", model.spec),
         "seed": config.get("spec", model.spec).get("seed"),

@@ -55,16 +55,17 @@ def find_weights_file(
     if weights_path:
         path = Path(weights_path).expanduser()
         if path.is_file():
-            return WeightsFile(path, f"file {path}"), looked
+            return WeightsFile(path, f"file {path.name}"), looked
         looked.append(f"weights_path {path} (no such file)")
         return None, looked  # an explicit path that is missing is an error, not a fallback
     candidates = weights_dir_candidates(name, architecture)
     for candidate in candidates:
         if candidate.is_file():
-            return WeightsFile(candidate, f"FTUNE_WEIGHTS_DIR file {candidate}"), looked
-    weights_dir = engine_settings().weights_dir
-    if weights_dir is not None:
-        looked.append(f"FTUNE_WEIGHTS_DIR={weights_dir} ({name}.* / {architecture}.*)")
+            # Names only: the source goes into model cards and messages users see, and
+            # the server's folders are none of their business.
+            return WeightsFile(candidate, f"FTUNE_WEIGHTS_DIR file {candidate.name}"), looked
+    if engine_settings().weights_dir is not None:
+        looked.append(f"FTUNE_WEIGHTS_DIR ({name}.* / {architecture}.*)")
     else:
         looked.append("FTUNE_WEIGHTS_DIR (not set)")
     entry = PACKAGED_BACKBONES.get(name)

@@ -110,7 +110,8 @@ def test_missing_weights_say_where_they_looked(tmp_path, engine_config):
     with pytest.raises(WeightsNotFoundError) as err:
         create_backbone("resnet10t", pretrained=True)
     message = str(err.value)
-    assert str(tmp_path) in message and "timm hub cache" in message
+    assert "FTUNE_WEIGHTS_DIR (resnet10t" in message and "timm hub cache" in message
+    assert str(tmp_path) not in message  # the message may reach users of a shared server
     with pytest.raises(WeightsNotFoundError, match="no such file"):
         create_backbone("resnet10t", pretrained=True, weights_path=str(tmp_path / "x.pth"))
 
@@ -129,6 +130,8 @@ def test_weights_from_a_file_and_from_the_weights_dir(tmp_path, engine_config):
         engine_config(weights_dir=tmp_path)
         from_dir = create_backbone("resnet10t", pretrained=True)
         assert "FTUNE_WEIGHTS_DIR" in from_dir.weights_source
+        assert str(tmp_path) not in from_dir.weights_source  # a file name, never a server path
+        assert str(tmp_path) not in loaded.weights_source
         assert torch.equal(from_dir.model.eval()(x), expected)
 
 
