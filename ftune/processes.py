@@ -177,13 +177,16 @@ class Stack:
         """A private redis-server on ``port`` (a free one by default); returns its URL.
 
         ``persistent`` keeps an append-only file under HOME/redis, so queued messages survive
-        a restart of the stack. ``password``: clients must authenticate (it goes into the
-        URL the children get, never onto a command line)."""
+        a restart of the stack. Its log is HOME/redis/redis.log. ``password``: clients must
+        authenticate (it goes into the URL the children get, never onto a command line)."""
         port = port or free_port()
         folder = self.home / "redis"
         folder.mkdir(exist_ok=True)
+        # Its log goes to a file: at start-up Redis warns about the kernel's memory overcommit
+        # setting, which matters only for forked saves, and would alarm `ftune up` users.
         config = [f"port {port}", "bind 127.0.0.1", f'dir "{folder}"', 'save ""',
-                  f"appendonly {'yes' if persistent else 'no'}", "loglevel warning"]
+                  f"appendonly {'yes' if persistent else 'no'}", "loglevel warning",
+                  f'logfile "{folder / "redis.log"}"']
         if password:
             config.append(f"requirepass {password}")
         config_file = folder / "redis.conf"

@@ -22,11 +22,13 @@ is not. Resize as ``Predictor`` does (shorter side to ``resize_size``, centre cr
     probabilities = ort.InferenceSession("model.onnx").run(None, {"images": batch})[0]
 
 For exact parity with ``/predict``, use ``models.Predictor.to_uint8`` where torchvision is
-available.
+available. Each file carries this description (``description``): ONNX ``metadata_props`` and
+the TorchScript extra file ``ftune.json``; the README shows the recipe reading it.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import uuid
 import warnings
@@ -39,6 +41,7 @@ from ftune.models.predictor import Predictor
 from ftune.models.preprocessing import Preprocessing
 
 FORMATS = ("torchscript", "onnx")
+EXTRA_FILE = "ftune.json"  # in a TorchScript file: the description below
 SUFFIXES = {"torchscript": ".pt", "onnx": ".onnx"}
 ONNX_OPSET = 17
 
@@ -59,6 +62,35 @@ class ExportedClassifier(nn.Module):
         return torch.softmax(self.model(normalised).float(), dim=1)
 
 
+def description(predictor: Predictor) -> dict[str, str]:
+    """What an exported file needs to be used alone: its classes and how to feed it. Every
+    value is a string (ONNX metadata holds strings); lists and numbers are JSON."""
+    prep = predictor.preprocessing
+    return {
+        "classes": json.dumps(predictor.classes),
+        "input": "uint8 RGB [N, 3, S, S], S = input_size; normalisation is inside the model",
+        "output": "float32 class probabilities [N, len(classes)], in the order of classes",
+        "input_size": str(prep.input_size),
+        "resize": (f"shorter side to {prep.resize_size} px ({prep.interpolation}), then a "
+                   f"centre crop of {prep.input_size} x {prep.input_size}"),
+        "resize_size": str(prep.resize_size),
+        "interpolation": prep.interpolation,
+        "mean": json.dumps(list(prep.mean)),
+        "std": json.dumps(list(prep.std)),
+        "backbone": str(predictor.config.get("backbone", "")),
+        "producer": "ftune",
+    }
+
+
+def _describe_onnx(path: Path, described: dict[str, str]) -> None:
+    import onnx
+
+    model = onnx.load(str(path))
+    for key, value in described.items():
+        model.metadata_props.append(onnx.StringStringEntryProto(key=key, value=value))
+    onnx.save(model, str(path))
+
+
 def export_model(model_dir: str | Path, out: str | Path, fmt: str) -> Path:
     """Write ``out`` atomically (temporary file, then rename); returns its path."""
     if fmt not in FORMATS:
@@ -71,16 +103,19 @@ def export_model(model_dir: str | Path, out: str | Path, fmt: str) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}")
     try:
+        described = description(predictor)
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # tracer and exporter chatter about constants
             if fmt == "torchscript":
-                torch.jit.save(torch.jit.trace(wrapper, example), str(tmp))
+                torch.jit.save(torch.jit.trace(wrapper, example), str(tmp),
+                               _extra_files={EXTRA_FILE: json.dumps(described, indent=2)})
             else:
                 torch.onnx.export(wrapper, (example,), str(tmp), input_names=["images"],
                                   output_names=["probabilities"],
                                   dynamic_axes={"images": {0: "batch"},
                                                 "probabilities": {0: "batch"}},
                                   opset_version=ONNX_OPSET, dynamo=False)
+                _describe_onnx(tmp, described)
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)

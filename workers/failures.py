@@ -52,6 +52,11 @@ def release_memory() -> None:
         torch.cuda.empty_cache()
 
 
+def is_users_to_fix(exc: BaseException) -> bool:
+    """A failure the job's owner can fix (data, spec, weights, size), not a bug of ours."""
+    return isinstance(exc, (FineTuneError, SpecError)) or is_out_of_memory(exc)
+
+
 def describe_failure(exc: BaseException) -> str:
     if isinstance(exc, torch.OutOfMemoryError) or "CUDA out of memory" in str(exc):
         return ("out of GPU memory: lower batch_size or image_size, or freeze more layers "

@@ -26,6 +26,7 @@ from ftune.workers.failures import (
     halved_batch_spec,
     is_out_of_memory,
     is_transient,
+    is_users_to_fix,
     release_memory,
 )
 from ftune.workers.progress import JobHeartbeat, ProgressReporter
@@ -77,8 +78,11 @@ class JobRunner:
         except Exception as exc:
             if self._retry_later(job, exc):
                 return JobStatus.QUEUED
-            self._fail(job_id, describe_failure(exc), exc)
-            raise  # marked failed; the task fails too (never swallowed)
+            if is_users_to_fix(exc):  # bad data, spec, weights, memory: one line, no traceback
+                log.warning("job %s failed: %s", job_id, describe_failure(exc))
+                return self._fail(job_id, describe_failure(exc))
+            self._fail(job_id, describe_failure(exc))
+            raise  # a bug: marked failed, and the task fails with its traceback (logged once)
 
     def _claim(self, job_id: str) -> Job | None:
         with self.db.session() as session:
@@ -130,9 +134,7 @@ class JobRunner:
                                 f"{describe_failure(exc)}")
         return True
 
-    def _fail(self, job_id: str, message: str, exc: BaseException | None = None) -> str:
-        if exc is not None:
-            log.error("job %s failed: %s", job_id, message, exc_info=exc)
+    def _fail(self, job_id: str, message: str) -> str:
         with self.db.session() as session:
             transitions.finish(session, job_id, JobStatus.FAILED, error=message,
                              worker=self.worker_name)

@@ -57,3 +57,28 @@ def test_cli_export_and_bad_format(tuned, tmp_path, capsys):
     assert out.stat().st_size > 1000 and not list(tmp_path.glob(".*"))
     with pytest.raises(ValueError, match="unknown export format"):
         export_model(tuned, tmp_path / "x", "tflite")
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_an_exported_file_describes_itself(tuned, tmp_path, fmt):
+    import json
+
+    from ftune.models.export import EXTRA_FILE
+
+    predictor = Predictor.load(tuned, device="cpu")
+    path = export_model(tuned, tmp_path / f"model.{fmt}", fmt)
+    if fmt == "onnx":
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        meta = session.get_modelmeta().custom_metadata_map
+    else:
+        extra = {EXTRA_FILE: ""}
+        torch.jit.load(str(path), _extra_files=extra)
+        meta = json.loads(extra[EXTRA_FILE])
+    prep = predictor.preprocessing
+    assert json.loads(meta["classes"]) == predictor.classes
+    assert int(meta["input_size"]) == prep.input_size == 48
+    assert int(meta["resize_size"]) == prep.resize_size
+    assert json.loads(meta["mean"]) == pytest.approx(list(prep.mean))
+    assert json.loads(meta["std"]) == pytest.approx(list(prep.std))
+    assert meta["interpolation"] == prep.interpolation
+    assert f"shorter side to {prep.resize_size} px" in meta["resize"]

@@ -218,3 +218,12 @@ def test_a_worker_that_keeps_dying_never_takes_ftune_up_down(tmp_path):
     finally:
         output = _stop_up(process)
     assert output.count("worker-1 exited with code -9; restarting it") == 6
+
+
+def test_make_up_says_how_to_run_the_ftune_command():
+    planned = subprocess.run(["make", "-n", "up", "shell"], cwd=ROOT, capture_output=True,
+                             text=True, check=True).stdout
+    assert ".venv/bin/ftune" in planned and "make shell" in planned
+    assert "--init-file .venv/bin/activate" in planned  # make shell: ftune on PATH
+    readme = (ROOT / "README.md").read_text()
+    assert ".venv/bin/ftune predict" in readme and "make shell" in readme
