@@ -1,5 +1,6 @@
 """Server-side administration, run where the database is reachable (operators):
-``ftune db`` (schema), ``ftune keys`` and ``ftune tenants``."""
+``ftune db`` (schema), ``ftune keys``, ``ftune tenants`` and ``ftune cache`` (what is kept
+derived from datasets, such as decoded images)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ def add_admin_commands(sub: argparse._SubParsersAction) -> None:
     _add_db_commands(sub)
     _add_key_commands(sub)
     _add_tenant_commands(sub)
+    _add_cache_commands(sub)
 
 
 def _command(group: argparse._SubParsersAction, name: str, run: object,
@@ -68,6 +70,41 @@ def _add_tenant_commands(sub: argparse._SubParsersAction) -> None:
     create = _command(group, "create", _tenants_create, "a new tenant")
     create.add_argument("name")
     _command(group, "list", _tenants_list, "every tenant")
+
+
+def _add_cache_commands(sub: argparse._SubParsersAction) -> None:
+    group = sub.add_parser("cache", help="decoded images kept for later jobs (HOME/cache or "
+                           "FTUNE_CACHE_DIR)").add_subparsers(required=True, metavar="ACTION")
+    _command(group, "list", _cache_list, "entries, least recently used first, and the bytes "
+             "each tenant's jobs made")
+    clean = _command(group, "clean", _cache_clean, "remove entries (they are rebuilt when "
+                     "needed): all of them, or one tenant's")
+    clean.add_argument("--tenant", help="only the entries this tenant id's jobs made")
+
+
+def _store(args: argparse.Namespace):  # -> DerivedStore
+    from ftune.models.derived.store import DerivedStore
+
+    settings = process_settings(home=args.home)
+    root = settings.engine.cache_dir or settings.resolved_home / "cache"
+    return DerivedStore(root, settings.engine.cache_bytes)
+
+
+def _cache_list(args: argparse.Namespace) -> int:
+    store = _store(args)
+    for entry in store.entries():
+        print(f"{entry.kind}/{entry.key}  {entry.bytes / 2**20:.1f} MB  owner={entry.owner}")
+    usage = store.usage_by_owner()
+    total = sum(usage.values())
+    print(f"total {total / 2**20:.1f} MB of {store.max_bytes / 2**20:.0f} MB in {store.root}"
+          + "".join(f"; {owner}: {n / 2**20:.1f} MB" for owner, n in usage.items()))
+    return 0
+
+
+def _cache_clean(args: argparse.Namespace) -> int:
+    removed, freed = _store(args).clean(owner=args.tenant)
+    print(f"removed {removed} entries, {freed / 2**20:.1f} MB")
+    return 0
 
 
 @contextlib.contextmanager

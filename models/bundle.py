@@ -69,6 +69,9 @@ def bundle_config(result: FitResult) -> dict:
         "device": result.device,
         "precision": result.precision,
         "train_seconds": round(result.seconds, 3),
+        "resolved": result.resolved,
+        "lr_range_test": result.lr_curve,
+        "diagnosis": result.diagnosis,
         "versions": package_versions(),
         "created_at": datetime.now(UTC).isoformat(),
     }

@@ -107,9 +107,23 @@ def _load_spec(path: str | None):  # -> FineTuneSpec
 class _TrainingOutput:
     """A progress bar per epoch on stderr and one line per finished epoch on stdout."""
 
-    def __init__(self, epochs: int, *, progress: bool) -> None:
+    def __init__(self, epochs: int | str, *, progress: bool) -> None:
         self.epochs, self.progress = epochs, progress
         self.bar = None
+        self.shown: dict = {}  # auto choices already printed
+
+    def on_stage(self, stage: str, epochs: int) -> None:
+        self.close()
+        if epochs:
+            self.epochs = epochs
+        print(f"stage {stage}" + (f" (up to epoch {epochs})" if epochs else ""), flush=True)
+
+    def on_resolved(self, resolved: dict) -> None:
+        for field, choice in resolved.items():
+            if self.shown.get(field) != choice:
+                self.close()
+                print(f"auto {field} = {choice['value']}: {choice['why']}", flush=True)
+        self.shown = dict(resolved)
 
     def on_batch(self, epoch: int, step: int, steps: int, loss: float) -> None:
         if not self.progress:
@@ -144,8 +158,11 @@ def _train(args: argparse.Namespace) -> int:
     with dataset_folder(args.data, near=out) as data:
         try:
             result = fit(data, spec, checkpoint_dir=ckpt_dir, resume=args.resume,
+                         derived=_derived_store(),
                          callbacks=Callbacks(on_epoch_end=output.on_epoch,
-                                             on_batch_end=output.on_batch),
+                                             on_batch_end=output.on_batch,
+                                             on_stage=output.on_stage,
+                                             on_resolved=output.on_resolved),
                          device=args.device)
         except BaseException:
             output.close()
@@ -162,7 +179,20 @@ def _train(args: argparse.Namespace) -> int:
     print(f"best epoch {result.best_epoch}: val_accuracy={_fmt(best.get('val_accuracy'))} "
           f"val_loss={_fmt(best.get('val_loss'))}"
           f"{' (stopped early)' if result.stopped_early else ''}; model written to {out}")
+    for finding in result.diagnosis:
+        print(f"diagnosis {finding['code']}: {finding['message']} {finding['evidence']}. "
+              f"Try: {finding['action']}")
     return 0
+
+
+def _derived_store():  # -> DerivedStore | None
+    """Decoded images are kept between runs only where FTUNE_CACHE_DIR says."""
+    settings = engine_settings()
+    if settings.cache_dir is None:
+        return None
+    from ftune.models.derived.store import DerivedStore
+
+    return DerivedStore(settings.cache_dir, settings.cache_bytes)
 
 
 @contextmanager
@@ -221,8 +251,9 @@ def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4f}"
 
 
-def _format_row(row: dict, epochs: int) -> str:
-    return (f"epoch {row['epoch']}/{epochs}  train_loss={_fmt(row['train_loss'])} "
+def _format_row(row: dict, epochs: int | str) -> str:
+    stage = f"[{row['stage']}] " if row.get("stage") else ""
+    return (f"{stage}epoch {row['epoch']}/{epochs}  train_loss={_fmt(row['train_loss'])} "
             f"train_acc={_fmt(row['train_accuracy'])}  val_loss={_fmt(row['val_loss'])} "
             f"val_acc={_fmt(row['val_accuracy'])}  lr={row['lr']:.3g}  "
             f"grad_norm={_fmt(row['grad_norm'])}  {row['seconds']:.1f}s"

@@ -17,6 +17,7 @@ from torch import nn
 from ftune.models.data.discover import Sample
 from ftune.models.data.source import ImageSource
 from ftune.models.data.transforms import normalize
+from ftune.models.derived.decoded import DecodedImages
 from ftune.models.preprocessing import Preprocessing
 from ftune.models.training.loop import stop_if_asked
 from ftune.models.training.runtime import Precision
@@ -131,17 +132,27 @@ def _highest_loss(losses: torch.Tensor, labels: torch.Tensor, predicted: torch.T
 def evaluate_splits(model: nn.Module, splits: dict[str, list[Sample]], classes: list[str],
                     prep: Preprocessing, device: torch.device, precision: Precision,
                     root: Path, val_source: ImageSource | None = None,
-                    should_stop: Callable[[], bool] | None = None) -> dict:
-    """``{split: summary}`` for each non-empty split (val, and test when the data has one)."""
+                    should_stop: Callable[[], bool] | None = None,
+                    val_features: torch.Tensor | None = None,
+                    decoded: DecodedImages | None = None) -> dict:
+    """``{split: summary}`` for each non-empty split (val, and test when the data has one).
+
+    ``val_features``: the frozen backbone's features of the val images, when the model's
+    backbone is that frozen one; then only the head runs on them."""
     results = {}
     for split, samples in splits.items():
         if not samples:
             continue
-        source = (val_source if split == "val" and val_source is not None
-                  else ImageSource([s.path for s in samples], [s.label for s in samples], prep,
-                                   prep.input_size))
-        probs = predict_probabilities(model, source, prep, device, precision,
-                                      should_stop=should_stop)
+        if split == "val" and val_features is not None:
+            model.eval()
+            with torch.no_grad(), precision.autocast():
+                probs = torch.softmax(model.head(val_features).float(), dim=1).cpu()
+        else:
+            source = (val_source if split == "val" and val_source is not None
+                      else ImageSource([s.path for s in samples], [s.label for s in samples],
+                                       prep, prep.input_size, decoded=decoded, root=root))
+            probs = predict_probabilities(model, source, prep, device, precision,
+                                          should_stop=should_stop)
         labels = torch.tensor([s.label for s in samples])
         names = [_relative(s.path, root) for s in samples]
         results[split] = summarize(probs, labels, classes, names)

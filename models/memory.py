@@ -49,7 +49,7 @@ def estimate(spec: FineTuneSpec, *, num_classes: int, num_images: int,
     if sizes is None:
         return None
     params, features, act_224, largest_224 = sizes
-    side = image_size or spec.image_size or DEFAULT_SIZE
+    side = image_size or (spec.image_size if isinstance(spec.image_size, int) else DEFAULT_SIZE)
     pixels = (side / DEFAULT_SIZE) ** 2
     trains_backbone = spec.freeze.strategy != "head_only" or spec.augment != "none"
     trainable = params if spec.freeze.strategy != "head_only" else 0

@@ -35,17 +35,25 @@ def build_head(in_features: int, num_classes: int, spec: HeadSpec) -> nn.Sequent
     return head
 
 
+# The classifier's weights start this small, so its first logits are near zero and the first
+# loss is about ln(C), the loss of guessing, rather than twice that.
+OUTPUT_INIT_STD = 0.01
+
+
 def init_head(head: nn.Module, spec: HeadSpec) -> None:
-    """He (Kaiming) or Glorot (Xavier) weights and zero biases for every linear layer."""
+    """He (Kaiming) or Glorot (Xavier) weights for hidden layers, small ones for the output
+    layer, and zero biases."""
     gain_name = "leaky_relu" if spec.activation == "leaky_relu" else "relu"
-    for module in head.modules():
-        if isinstance(module, nn.Linear):
-            if spec.init == "he":
-                nn.init.kaiming_normal_(module.weight, nonlinearity=gain_name)
-            else:
-                nn.init.xavier_uniform_(module.weight)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
+    linears = [m for m in head.modules() if isinstance(m, nn.Linear)]
+    for module in linears:
+        if module is linears[-1]:
+            nn.init.normal_(module.weight, std=OUTPUT_INIT_STD)
+        elif spec.init == "he":
+            nn.init.kaiming_normal_(module.weight, nonlinearity=gain_name)
+        else:
+            nn.init.xavier_uniform_(module.weight)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
 
 
 class FineTuneModel(nn.Module):

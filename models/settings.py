@@ -38,6 +38,13 @@ class EngineSettings(BaseSettings):
     decode_cache_mb: float = Field(
         4096, ge=0, description="Splits whose decoded images fit are decoded once into memory; "
         "larger ones stream from disk every epoch.")
+    cache_dir: Path | None = Field(
+        None, description="Where decoded images (and later other things derived from a "
+        "dataset) are kept for later runs on the same data. The service uses "
+        "FTUNE_HOME/cache when unset; `ftune train` keeps nothing then.")
+    cache_mb: float = Field(
+        20480, ge=0, description="Size cap of the cache; the least recently used entries go "
+        "beyond it.")
     max_image_pixels: int = Field(
         DEFAULT_MAX_IMAGE_PIXELS, ge=1,
         description="Larger images are refused from their header, before decoding.")
@@ -52,6 +59,10 @@ class EngineSettings(BaseSettings):
     unpack_cpu_s: int = Field(900, ge=10, description="CPU seconds of the unpacking child.")
     unpack_timeout_s: float = Field(1800, gt=0, description="Wall-clock limit of unpacking "
                                     "and checking one upload.")
+
+    @property
+    def cache_bytes(self) -> int:
+        return int(self.cache_mb * 2**20)
 
     @property
     def decode_cache_bytes(self) -> int:

@@ -12,6 +12,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from ftune.models.auto_fields import AutoFloat, AutoInt
+
 __all__ = [
     "EarlyStoppingSpec",
     "FineTuneSpec",
@@ -34,9 +36,12 @@ class _Strict(BaseModel):
 
 
 class FreezeSpec(_Strict):
-    strategy: Literal["head_only", "last_n_blocks", "gradual", "none"] = Field(
-        "head_only",
-        description="head_only: only the new head trains; last_n_blocks: the last n backbone "
+    strategy: Literal["auto", "head_only", "last_n_blocks", "gradual", "none"] = Field(
+        "auto",
+        description="auto: two stages, the head alone on cached features until validation "
+        "stops improving, then the top stages with it (how many follows from the dataset "
+        "size and the preset; `epochs` bounds this second stage); "
+        "head_only: only the new head trains; last_n_blocks: the last n backbone "
         "stages and the head; gradual: start head-only and unfreeze one more stage from the top "
         "every `unfreeze_every` epochs; none: everything trains.",
     )
@@ -61,29 +66,35 @@ class HeadSpec(_Strict):
 
 
 class OptimizerSpec(_Strict):
-    name: Literal["sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adam", "adamw"] = "sgd"
-    lr: float = Field(0.001, gt=0.0, le=10.0)
+    name: Literal["auto", "sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adam",
+                  "adamw"] = Field("auto", description="auto: Adam.")
+    lr: AutoFloat(above=0.0, at_most=10.0) = Field(  # type: ignore[valid-type]
+        "auto", description="auto: a learning-rate range test on the cached features picks "
+        "the head's rate; stages that train get a third of it, at most 1e-3.")
     momentum: float = Field(0.9, ge=0.0, lt=1.0, description="Used by momentum/nesterov/rmsprop.")
     weight_decay: float = Field(
         0.0, ge=0.0, le=1.0, description="L2 penalty; never applied to biases or norm parameters."
     )
-    layer_decay: float | None = Field(
-        None,
-        gt=0.0,
-        le=1.0,
+    layer_decay: AutoFloat(above=0.0, at_most=1.0, nullable=True) = Field(  # type: ignore[valid-type]
+        "auto",
         description="Discriminative LR: the last backbone stage gets lr*f, the one before "
-        "lr*f^2, and so on; the head keeps lr.",
+        "lr*f^2, and so on; the head keeps lr. auto: 0.7 when backbone stages train.",
     )
 
 
 class ScheduleSpec(_Strict):
-    name: Literal["constant", "cosine", "step", "onecycle"] = "constant"
+    name: Literal["auto", "constant", "cosine", "step", "onecycle"] = Field(
+        "auto", description="auto: constant while only the head trains, cosine with half an "
+        "epoch of warmup (unless warmup_epochs is set) when backbone stages train.")
     warmup_epochs: float = Field(0, ge=0.0, description="Linear warmup from zero, in epochs.")
 
 
 class EarlyStoppingSpec(_Strict):
     monitor: Literal["val_loss", "val_accuracy"] = "val_loss"
-    patience: int = Field(3, ge=1, description="Epochs without improvement before stopping.")
+    patience: AutoInt(at_least=1) = Field(  # type: ignore[valid-type]
+        "auto", description="Epochs without improvement before stopping. auto: 3, or the "
+        "preset's for each stage of freeze.strategy auto (head 4, fine-tuning 2 with "
+        "balanced).")
     min_delta: float = Field(0.0, ge=0.0, description="Smallest change that counts as better.")
 
 
@@ -95,10 +106,22 @@ class FineTuneSpec(_Strict):
     weights_path: str | None = Field(
         None, description="Local weights file for the backbone; overrides every other source."
     )
-    image_size: int | None = Field(
-        None, ge=16, le=1024, description="Square input size; null means the backbone's own."
-    )
-    epochs: int = Field(10, ge=1, le=10_000)
+    preset: Literal["fast", "balanced", "best"] = Field(
+        "balanced",
+        description="What the auto fields aim for. fast: the head alone, on cached features; "
+        "balanced: the head, then the top backbone stages; best: more stages, more epochs, "
+        "stronger augmentation. Each has a time budget (see time_budget_s).")
+    time_budget_s: float | None = Field(
+        None, gt=0.0, le=7 * 86400,
+        description="Plan the run to end within this many seconds; it ends with the best "
+        "weights so far. Default: the preset's budget (fast 300, balanced 1800, best 7200), "
+        "never more than the job's run-time limit.")
+    image_size: AutoInt(at_least=16, at_most=1024, nullable=True) = Field(  # type: ignore[valid-type]
+        "auto", description="Square input size. auto: from the images' median short side "
+        "and the backbone's own size; null: the backbone's own.")
+    epochs: AutoInt(at_least=1, at_most=10_000) = Field(  # type: ignore[valid-type]
+        "auto", description="auto: early stopping decides, within the time budget. With "
+        "freeze.strategy auto, this bounds the second (fine-tuning) stage.")
     batch_size: int = Field(32, ge=1, le=4096)
     seed: int = Field(0, ge=0, le=2**32 - 1)
     val_fraction: float = Field(
@@ -111,7 +134,12 @@ class FineTuneSpec(_Strict):
     early_stopping: EarlyStoppingSpec = Field(default_factory=EarlyStoppingSpec)
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
     grad_clip_norm: float | None = Field(None, gt=0.0)
-    augment: Literal["none", "light", "strong"] = "none"
+    augment: Literal["auto", "none", "light", "strong"] = Field(
+        "auto", description="auto: none while the backbone is frozen (features are cached), "
+        "light when stages train (strong with preset best).")
+    class_weights: Literal["auto", "balanced", "none"] = Field(
+        "auto", description="balanced weighs each class's loss by n/(C*n_c). auto: balanced "
+        "when the largest class has 3 times the images of the smallest, or more.")
     mixed_precision: Literal["auto", "off", "bf16", "fp16"] = "auto"
     oom_retry: bool = Field(
         True, description="The service retries a run that runs out of memory once, with half "
@@ -119,7 +147,7 @@ class FineTuneSpec(_Strict):
 
     @model_validator(mode="after")
     def _warmup_fits(self) -> FineTuneSpec:
-        if self.schedule.warmup_epochs > self.epochs:
+        if self.epochs != "auto" and self.schedule.warmup_epochs > self.epochs:
             raise ValueError(
                 f"schedule.warmup_epochs ({self.schedule.warmup_epochs}) exceeds epochs "
                 f"({self.epochs})"
@@ -147,5 +175,5 @@ def format_validation_error(exc: ValidationError) -> str:
     parts = []
     for err in exc.errors():
         field = ".".join(str(p) for p in err["loc"]) or "spec"
-        parts.append(f"{field}: {err['msg']}")
+        parts.append(f"{field}: {err['msg'].removeprefix('Value error, ')}")
     return "invalid spec: " + "; ".join(parts)

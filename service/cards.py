@@ -43,6 +43,9 @@ def build_card(*, model: TunedModel, job: Job | None, dataset: Dataset | None, c
                      "pretrained_weights_from": public_source(config.get("weights_source")),
                      "preprocessing": config.get("preprocessing")},
         "spec": config.get("spec", model.spec),
+        "resolved": config.get("resolved") or (job.resolved if job else None) or {},
+        "diagnosis": config.get("diagnosis", job.diagnosis if job else None),
+        "lr_range_test": config.get("lr_range_test", []),
         "seed": config.get("spec", model.spec).get("seed"),
         "dataset": {"id": model.dataset_id, "name": dataset.name if dataset else None,
                     "content_hash": model.dataset_hash,
@@ -73,6 +76,21 @@ def _fmt(value: object) -> str:
     if isinstance(value, float):
         return f"{value:.4f}"
     return str(value)
+
+
+def _recipe_lines(card: dict) -> list[str]:
+    lines = ["", "## Choices made for you", ""]
+    resolved = card.get("resolved") or {}
+    lines += ([f"- **{field}** = `{choice['value']}`: {choice['why']}"
+               for field, choice in resolved.items()] or ["Every field was set in the spec."])
+    lines += ["", "## Diagnosis", ""]
+    diagnosis = card.get("diagnosis")
+    if diagnosis is None:
+        lines.append("Not diagnosed (a model from an earlier release).")
+    else:
+        lines += ([f"- **{f['message']}** {f['evidence']}. Try: {f['action']}"
+                   for f in diagnosis] or ["Nothing found: the run looks healthy."])
+    return lines
 
 
 def card_markdown(card: dict) -> str:
@@ -106,6 +124,7 @@ def card_markdown(card: dict) -> str:
     if confused:
         lines += ["", "Most confused (val): " + "; ".join(
             f"{p['true']} → {p['predicted']} ×{p['count']}" for p in confused)]
+    lines += _recipe_lines(card)
     lines += ["", "## Per class (val)", "", "| class | precision | recall | F1 | support |",
               "|---|---|---|---|---|"]
     lines += [f"| {row['class']} | {_fmt(row['precision'])} | {_fmt(row['recall'])} | "

@@ -15,6 +15,8 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from ftune.models import memory
+from ftune.models.recipe.resolve import apply_static, image_passes, planned_epochs, resolve_static
+from ftune.models.recipe.stats import DatasetStats, stats_from_report
 from ftune.models.spec import FineTuneSpec, SpecError, parse_spec
 from ftune.service.auth.principal import Principal, Role
 from ftune.service.backbones import check_backbone
@@ -75,16 +77,27 @@ def create_job(session: Session, principal: Principal, settings: Settings, *, re
         principal.require(Role.ADMIN, f"priority above {MEMBER_MAX_PRIORITY}")
     dataset = get_dataset(session, principal, request.dataset_id)
     tenant_id = dataset.tenant_id
+    resolved = resolve_static(spec, _dataset_stats(dataset, spec))
     check_job(usage_of(session, tenant_id), limits_of(session.get(Tenant, tenant_id), settings),
-              epochs=spec.epochs, images=dataset.num_images)
-    _check_fits_a_worker(spec, dataset, settings)
+              epochs=image_passes(spec, resolved), images=dataset.num_images)
+    _check_fits_a_worker(apply_static(spec, resolved), dataset, settings)
     job = Job(tenant_id=tenant_id, dataset_id=dataset.id, spec=spec.model_dump(mode="json"),
-              epochs=spec.epochs, status=JobStatus.QUEUED, priority=request.priority,
-              max_runtime_s=request.max_runtime_s, model_name=request.model_name)
+              epochs=planned_epochs(spec, resolved), status=JobStatus.QUEUED,
+              priority=request.priority, max_runtime_s=request.max_runtime_s,
+              model_name=request.model_name, resolved=resolved)
     session.add(job)
     session.flush()
     status_event(session, job.id, JobStatus.QUEUED, priority=request.priority)
     return job
+
+
+def _dataset_stats(dataset: Dataset, spec: FineTuneSpec) -> DatasetStats:
+    """What the auto rules need, from the upload's lint report. Without a val split, the
+    engine holds ``val_fraction`` of each class out of training."""
+    counts = (dataset.class_counts or {}).get("train") or {}
+    if (dataset.splits or {}).get("val") is None:
+        counts = {c: max(1, round(n * (1 - spec.val_fraction))) for c, n in counts.items()}
+    return stats_from_report(dataset.report, counts)
 
 
 def _check_fits_a_worker(spec: FineTuneSpec, dataset: Dataset, settings: Settings) -> None:
@@ -242,8 +255,9 @@ def progress_of(job: Job) -> dict:
     """The epoch being trained (1-based, as the job's events number it) and the batch within
     it; between epochs, and once the job has ended, the last epoch finished."""
     mid_epoch = job.step > 0  # recording an epoch sets step back to 0
-    return {"epoch": job.epoch + 1 if mid_epoch else job.epoch, "epochs": job.epochs,
-            "epochs_done": job.epoch, "step": job.step, "steps": job.steps}
+    return {"stage": job.stage, "epoch": job.epoch + 1 if mid_epoch else job.epoch,
+            "epochs": job.epochs, "epochs_done": job.epoch, "step": job.step,
+            "steps": job.steps}
 
 
 def job_summary(job: Job, position: int | None = None) -> dict:
@@ -269,6 +283,8 @@ def job_summary(job: Job, position: int | None = None) -> dict:
         "queue_position": position,
         "hold_reason": job.hold_reason,
         "retry_at": job.retry_at,
+        "resolved": job.resolved or {},
+        "diagnosis": job.diagnosis,
     }
 
 

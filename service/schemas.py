@@ -63,6 +63,9 @@ class JobIn(BaseModel):
 
 
 class Progress(BaseModel):
+    stage: str | None = Field(None, description="features (decoding, feature extraction, the "
+                              "learning-rate test), head, finetune, train (an explicit "
+                              "freeze strategy) or evaluate; null before the run starts")
     epoch: int = Field(description="the epoch being trained (1-based, as in the job's "
                        "events); between epochs and once the job ended, the last one finished")
     epochs: int
@@ -97,6 +100,13 @@ class JobSummary(BaseModel):
                                     "run-time quota); null when it only waits for a worker")
     retry_at: datetime | None = Field(None, description="a job back from a transient "
                                       "error waits until then")
+    resolved: dict[str, Any] = Field(default_factory=dict, description="each auto field's "
+                                     "value and why it was chosen: {field: {value, why}}; "
+                                     "what the dataset decides is there at submit, learning "
+                                     "rates and epochs once the worker has measured them")
+    diagnosis: list[dict[str, Any]] | None = Field(None, description="once finished: findings "
+                                                   "about the run, each {code, message, "
+                                                   "evidence, action}; [] for a healthy run")
 
 
 class JobOut(JobSummary):

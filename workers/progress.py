@@ -37,6 +37,16 @@ class ProgressReporter:
             if not transitions.record_epoch(session, self.job_id, self.worker, row):
                 self.lost = True
 
+    def on_stage(self, stage: str, epochs: int) -> None:
+        with self.db.session() as session:
+            if not transitions.record_stage(session, self.job_id, self.worker, stage, epochs):
+                self.lost = True
+
+    def on_resolved(self, resolved: dict) -> None:
+        with self.db.session() as session:
+            if not transitions.record_resolved(session, self.job_id, self.worker, resolved):
+                self.lost = True
+
     def on_batch_end(self, epoch: int, step: int, steps: int, loss: float) -> None:
         now = time.monotonic()
         if now - self._last_write < self.poll_s and step < steps:

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy.exc import IntegrityError
 
+from ftune.models.derived.store import DerivedStore
 from ftune.models.errors import DatasetError, TrainingCancelled
 from ftune.models.spec import parse_spec
 from ftune.models.training.checkpoint import CHECKPOINT_NAME
@@ -38,6 +39,13 @@ log = logging.getLogger(__name__)
 
 VERSION_RACE_RETRIES = 4
 
+@dataclass(frozen=True)
+class _RunInputs:
+    resolved: dict  # the auto choices made at submit
+    seconds_left: float  # of the job's run-time limit
+    tenant_id: str  # whose cache entries this job makes
+
+
 class WorkerShuttingDown(Exception):
     """The run stopped because the worker is stopping; the job goes back to the queue."""
 
@@ -53,12 +61,14 @@ class JobRunner:
     def __init__(self, db: Database, storage: Storage, *, worker_name: str,
                  cancel_poll_s: float, heartbeat_s: float, stale_after_s: float,
                  limits: RunLimits,
-                 shutdown: threading.Event | None = None) -> None:
+                 shutdown: threading.Event | None = None,
+                 derived: DerivedStore | None = None) -> None:
         self.db, self.storage, self.worker_name = db, storage, worker_name
         self.cancel_poll_s, self.heartbeat_s = cancel_poll_s, heartbeat_s
         self.stale_after_s = stale_after_s
         self.limits = limits
         self.shutdown = shutdown or threading.Event()
+        self.derived = derived  # decoded images shared by the jobs on the same data
 
     def run(self, job_id: str) -> str:
         """Run the job to its end and return its final status (or "skipped")."""
@@ -72,7 +82,7 @@ class JobRunner:
                                     self.shutdown, deadline=time.monotonic() + limit - used)
         try:
             with JobHeartbeat(self.db, reporter, self.heartbeat_s):
-                return self._train_with_oom_retry(job_id, job.spec, job.dataset_id, reporter)
+                return self._train_with_oom_retry(job, reporter, limit - used)
         except TrainingCancelled:
             return self._stopped(job_id, reporter, limit)
         except Exception as exc:
@@ -141,11 +151,13 @@ class JobRunner:
         self.storage.remove_job_files(job_id)
         return JobStatus.FAILED
 
-    def _train_with_oom_retry(self, job_id: str, spec_json: dict, dataset_id: str,
-                              reporter: ProgressReporter) -> str:
+    def _train_with_oom_retry(self, job: Job, reporter: ProgressReporter,
+                              seconds_left: float) -> str:
+        job_id, spec_json, dataset_id = job.id, job.spec, job.dataset_id
+        run = _RunInputs(job.resolved or {}, seconds_left, job.tenant_id)
         smaller = None
         try:
-            return self._train(job_id, spec_json, dataset_id, reporter)
+            return self._train(job_id, spec_json, dataset_id, reporter, run)
         except Exception as exc:
             smaller = halved_batch_spec(spec_json) if is_out_of_memory(exc) else None
             if smaller is None:
@@ -162,7 +174,7 @@ class JobRunner:
             transitions.replace_spec(session, job_id, smaller,
                                    f"out of memory at batch_size {old}; retrying once "
                                    f"with batch_size {new}")
-        return self._train(job_id, smaller, dataset_id, reporter)
+        return self._train(job_id, smaller, dataset_id, reporter, run)
 
     def _owner_and_name(self, job_id: str, dataset_id: str) -> tuple[str, str]:
         """The job's tenant, and the model's name: the job's model_name, else the dataset's."""
@@ -173,27 +185,27 @@ class JobRunner:
                                    dataset.name if dataset else f"dataset-{dataset_id[:8]}")
 
     def _record_success(self, job_id: str, record: TunedModel, best: dict,
-                        stopped_early: bool) -> bool:
+                        result: FitResult) -> bool:
         for _ in range(VERSION_RACE_RETRIES):
             try:
                 with self.db.session() as session:
                     return transitions.succeed(session, job_id, self.worker_name, record, best,
-                                               stopped_early)
+                                               result.stopped_early, result.diagnosis)
             except IntegrityError:
                 # Another model of the same name took this version number; take the next.
                 record = TunedModel(**{c.key: getattr(record, c.key)
                                        for c in TunedModel.__table__.columns})
         with self.db.session() as session:  # the last try: an IntegrityError now propagates
             return transitions.succeed(session, job_id, self.worker_name, record, best,
-                                       stopped_early)
+                                       result.stopped_early, result.diagnosis)
 
     def _train(self, job_id: str, spec_json: dict, dataset_id: str,
-               reporter: ProgressReporter) -> str:
-        result = self._fit(job_id, spec_json, dataset_id, reporter)
+               reporter: ProgressReporter, run: _RunInputs) -> str:
+        result = self._fit(job_id, spec_json, dataset_id, reporter, run)
         return self._store_model(job_id, dataset_id, result)
 
     def _fit(self, job_id: str, spec_json: dict, dataset_id: str,
-             reporter: ProgressReporter) -> FitResult:
+             reporter: ProgressReporter, run: _RunInputs) -> FitResult:
         from ftune.models.training.fit import Callbacks, fit
 
         spec = parse_spec(spec_json)  # stored JSON is validated again: it may predate a change
@@ -207,7 +219,11 @@ class JobRunner:
         return fit(data_dir, spec, checkpoint_dir=checkpoints, resume=resume,
                    callbacks=Callbacks(on_epoch_end=reporter.on_epoch_end,
                                        on_batch_end=reporter.on_batch_end,
-                                       should_stop=reporter.should_stop))
+                                       should_stop=reporter.should_stop,
+                                       on_stage=reporter.on_stage,
+                                       on_resolved=reporter.on_resolved),
+                   resolved=run.resolved, time_limit_s=run.seconds_left,
+                   derived=self.derived, owner=run.tenant_id)
 
     def _store_model(self, job_id: str, dataset_id: str, result: FitResult) -> str:
         """Write the bundle, then record the model; the bundle goes if recording fails."""
@@ -226,7 +242,7 @@ class JobRunner:
             backbone=result.backbone, classes=result.classes,
             spec=result.spec.model_dump(mode="json"), metrics=_model_metrics(result))
         try:
-            recorded = self._record_success(job_id, record, best, result.stopped_early)
+            recorded = self._record_success(job_id, record, best, result)
         except BaseException:
             shutil.rmtree(model_dir, ignore_errors=True)
             raise

@@ -11,6 +11,7 @@ from celery import Task, shared_task
 from celery.exceptions import Reject
 from celery.signals import worker_shutting_down
 
+from ftune.models.derived.store import DerivedStore
 from ftune.service.db.session import Database
 from ftune.service.queue import FINETUNE_TASK
 from ftune.service.settings import Settings
@@ -41,7 +42,9 @@ def build_runner(settings: Settings) -> JobRunner:
                      heartbeat_s=settings.worker_heartbeat_s,
                      stale_after_s=settings.job_stale_s,
                      limits=RunLimits(settings.max_runtime_s, settings.max_attempts,
-                                      settings.retry_backoff_s), shutdown=SHUTDOWN)
+                                      settings.retry_backoff_s), shutdown=SHUTDOWN,
+                     derived=DerivedStore(settings.engine.cache_dir or storage.cache,
+                                          settings.engine.cache_bytes))
 
 
 def use_settings(settings: Settings, *, after_job: Callable[[], None] | None = None) -> None:

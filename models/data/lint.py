@@ -9,6 +9,8 @@ from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
+from ftune.models.recipe.stats import size_summary
+
 if TYPE_CHECKING:
     from ftune.models.data.inspect import FileFacts
     from ftune.models.data.layout import Listing
@@ -37,6 +39,7 @@ class LintReport:
     imbalance_ratio: float | None
     ignored: dict[str, int]  # reason -> files
     findings: list[Finding] = field(default_factory=list)
+    image_sizes: dict | None = None  # median short side etc. (models.recipe.stats)
 
     @property
     def errors(self) -> list[Finding]:
@@ -63,6 +66,7 @@ class LintReport:
                 "splits": {s: {"images": sum(c.values()), "per_class": c}
                            for s, c in self.splits.items()},
                 "imbalance_ratio": self.imbalance_ratio, "ignored": self.ignored,
+                "image_sizes": self.image_sizes,
                 "errors": by["error"], "warnings": by["warning"], "info": by["info"]}
 
 
@@ -88,7 +92,8 @@ def build_report(listing: Listing, facts: list[FileFacts], classes: list[str], *
     ratio = _imbalance(findings, counts.get("train", {}))
     _missing_from_splits(findings, counts, classes)
     ignored = _ignored(findings, listing)
-    return LintReport(listing.layout, classes, counts, ratio, ignored, findings)
+    sizes = size_summary([(f.width, f.height) for _, f in usable if f.width and f.height])
+    return LintReport(listing.layout, classes, counts, ratio, ignored, findings, sizes)
 
 
 def _count_usable(listing: Listing, usable: list, classes: list[str]) -> dict[str, dict[str, int]]:

@@ -11,13 +11,17 @@ import os
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ftune.models.data.images import open_rgb
+from ftune.models.data.images import decode_for
 from ftune.models.data.transforms import resize_center_crop
 from ftune.models.preprocessing import Preprocessing
+
+if TYPE_CHECKING:
+    from ftune.models.derived.decoded import DecodedImages
 from ftune.models.settings import engine_settings
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # images uint8, labels, sample indices
@@ -31,7 +35,9 @@ class _DecodeDataset(Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        return resize_center_crop(open_rgb(self.paths[index]), self.prep, self.size), index
+        # A JPEG decodes at a reduced scale, no smaller than twice the resize target.
+        image = decode_for(self.paths[index], self.prep.resize_size)
+        return resize_center_crop(image, self.prep, self.size), index
 
 
 class ImageSource:
@@ -44,7 +50,11 @@ class ImageSource:
         *,
         budget_bytes: int | None = None,
         num_workers: int | None = None,
+        decoded: DecodedImages | None = None,
+        root: Path | None = None,
     ) -> None:
+        """``decoded``: the dataset's images already decoded at ``size`` (rows found by path
+        under ``root``); then nothing is decoded here."""
         self.paths = list(paths)
         self.labels = torch.tensor(list(labels), dtype=torch.long)
         self.prep, self.size = prep, size
@@ -53,6 +63,13 @@ class ImageSource:
         self.in_memory = len(self.paths) * 3 * size * size <= budget
         self._workers = num_workers if num_workers is not None else min(4, os.cpu_count() or 1)
         self._images: torch.Tensor | None = None
+        rows = (decoded.rows(self.paths, root) if decoded is not None and root is not None
+                and decoded.array.shape[-1] == size else None)
+        self._stored, self._stored_rows = (decoded, rows) if rows is not None else (None, None)
+
+    @property
+    def predecoded(self) -> bool:
+        return self._stored is not None
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -73,6 +90,11 @@ class ImageSource:
         self, order: torch.Tensor, batch_size: int, *, pin: bool = False
     ) -> Iterator[Batch]:
         """Yield (images, labels, indices) in ``order``, ``batch_size`` at a time."""
+        if self._stored is not None and self._stored_rows is not None:
+            for start in range(0, len(order), batch_size):
+                idx = order[start:start + batch_size]
+                yield self._stored.take(self._stored_rows[idx]), self.labels[idx], idx
+            return
         if self.in_memory:
             images = self._decoded()
             for start in range(0, len(order), batch_size):

@@ -7,6 +7,7 @@ No Celery, DB or HTTP here: progress leaves through callbacks, cancellation come
 from __future__ import annotations
 
 import logging
+import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,24 +18,23 @@ from ftune.models import memory
 from ftune.models.backbones import Backbone, create_backbone
 from ftune.models.backbones.catalog import PACKAGED_BACKBONES
 from ftune.models.data.discover import ImageFolderIndex, Sample, scan_image_folder
+from ftune.models.data.images import open_checked
 from ftune.models.data.source import ImageSource
 from ftune.models.data.split import stratified_split
 from ftune.models.data.transforms import stored_size
+from ftune.models.derived.decoded import DecodedImages, decoded_images
+from ftune.models.derived.store import DerivedStore
+from ftune.models.diagnosis import diagnose
 from ftune.models.errors import DatasetError, ResourceError
 from ftune.models.evaluation import evaluate_splits
 from ftune.models.network import FineTuneModel, build_head
 from ftune.models.preprocessing import Preprocessing
+from ftune.models.recipe.resolve import apply_static, resolve_static
+from ftune.models.recipe.stats import DatasetStats
 from ftune.models.settings import engine_settings
 from ftune.models.spec import FineTuneSpec, parse_spec
-from ftune.models.training.checkpoint import (
-    checkpoint_folder,
-    load_best_weights,
-    load_checkpoint,
-    restore_rng_state,
-    rng_state,
-    save_best_weights,
-    save_checkpoint,
-)
+from ftune.models.training.budget import Budget
+from ftune.models.training.checkpoint import load_checkpoint
 from ftune.models.training.early_stopping import EarlyStopping
 from ftune.models.training.run import Callbacks, TrainingRun
 from ftune.models.training.runtime import (
@@ -43,6 +43,7 @@ from ftune.models.training.runtime import (
     resolve_device,
     resolve_precision,
 )
+from ftune.models.training.stages import Progress, RunSetup, StageRunner, plan_with_lr
 
 log = logging.getLogger(__name__)
 
@@ -73,16 +74,9 @@ class FitResult:
     dataset_hash: str | None = None  # content hash of the data trained on
     evaluation: dict = field(default_factory=dict)  # split -> models.evaluation.summarize()
     seconds: float = 0.0
-
-
-@dataclass
-class _Progress:
-    """Where the epoch loop stands; restored from a checkpoint when resuming."""
-
-    stopper: EarlyStopping
-    monitor: str
-    history: list[dict] = field(default_factory=list)
-    first_epoch: int = 0
+    resolved: dict = field(default_factory=dict)  # auto field -> {"value", "why"}
+    lr_curve: list[dict] = field(default_factory=list)  # the range test's [{"lr", "loss"}]
+    diagnosis: list[dict] = field(default_factory=list)  # models.diagnosis findings
 
 
 def fit(
@@ -94,37 +88,119 @@ def fit(
     callbacks: Callbacks | None = None,
     device: str | None = None,
     cache_features: bool = True,
+    resolved: dict | None = None,
+    time_limit_s: float | None = None,
+    derived: DerivedStore | None = None,
+    owner: str | None = None,
 ) -> FitResult:
     """Fine-tune on an image-folder dataset and return the model with its best weights.
 
     ``cache_features``: when no backbone parameter trains and augmentation is off, compute the
     backbone's features once and train the head on them (same result, far faster).
+    ``resolved``: auto choices already made (by the API at submit); the rest are made here.
+    ``time_limit_s``: the job's run-time limit; the time budget stays within it.
+    ``derived``: where decoded images are kept for later jobs on the same data (accounted
+    to ``owner``); without it, images are decoded in memory for this run only.
     """
     started = time.perf_counter()
     spec = spec if isinstance(spec, FineTuneSpec) else parse_spec(spec)
     index = data if isinstance(data, ImageFolderIndex) else scan_image_folder(data)
     train_samples, val_samples = _split(index, spec)
-    backbone, run = _build_run(index, spec, train_samples, val_samples, device=device,
-                               cache_features=cache_features)
-    monitor = _monitored_key(spec, has_val=bool(val_samples))
-    progress = _Progress(EarlyStopping(monitor, spec.early_stopping.patience,
-                                       spec.early_stopping.min_delta), monitor)
-    if resume is not None:
-        _resume(run, progress, index, resume)
-    ckpt_dir = Path(checkpoint_dir) if checkpoint_dir else None
     callbacks = callbacks or Callbacks()
-    run.should_stop = callbacks.should_stop
-    stopped_early = _train_epochs(run, progress, callbacks, ckpt_dir, index.classes)
-    if run.best_state is not None:
-        run.model.load_state_dict(run.best_state)
-    run.model.eval()
-    evaluation = evaluate_splits(run.model, {"val": val_samples, "test": index.test or []},
-                                 index.classes, run.prep, run.device, run.precision,
-                                 index.root, val_source=run.val_source,
-                                 should_stop=callbacks.should_stop)
-    return _result(run, backbone, index, progress, stopped_early=stopped_early,
-                   evaluation=evaluation, num_train=len(train_samples),
-                   num_val=len(val_samples), seconds=time.perf_counter() - started)
+    state = _checkpoint_state(resume, index.classes)
+    choices = state["resolved"] if state and "resolved" in state else \
+        static_choices(spec, train_samples, index.classes, resolved)
+    spec = apply_static(spec, choices)
+    _announce(callbacks, "features", None, choices)
+    setup = _build_setup(index, spec, train_samples, val_samples, device=device,
+                         derived=derived, owner=owner)
+    setup.should_stop = callbacks.should_stop
+    budget = Budget.start(spec, choices, time_limit_s, started)
+    plans, lr_curve, features = plan_with_lr(setup, spec, choices, cache_features,
+                                             resumed=state is not None)
+    _announce(callbacks, None, None, choices)
+    monitor = _monitored_key(spec, has_val=bool(val_samples))
+    progress = Progress(EarlyStopping(monitor, plans[0].spec.early_stopping.patience,
+                                       spec.early_stopping.min_delta), monitor)
+    stages = StageRunner(setup, plans, progress, callbacks, choices, budget,
+                         Path(checkpoint_dir) if checkpoint_dir else None, cache_features,
+                         index.classes)
+    final_run, stopped_early = stages.run_all(features, state)
+    evaluation = _evaluate(setup, stages, index, val_samples, callbacks)
+    result = _result(final_run, setup.backbone, index, progress, stopped_early=stopped_early,
+                     evaluation=evaluation, num_train=len(train_samples),
+                     num_val=len(val_samples), seconds=time.perf_counter() - started)
+    # The spec as asked, with the statistics' choices filled in: given back to fit, the same
+    # data and seed make the same remaining choices (learning rates, epochs) again.
+    result.spec, result.resolved, result.lr_curve = spec, choices, lr_curve
+    result.diagnosis = diagnose(result.history, num_classes=len(index.classes),
+                                evaluation=evaluation, class_weights=spec.class_weights,
+                                stopped_early=stopped_early, best_epoch=result.best_epoch,
+                                class_counts=_class_counts(train_samples, index.classes))
+    return result
+
+
+def _evaluate(setup: RunSetup, stages: StageRunner, index: ImageFolderIndex,
+              val_samples: list[Sample], callbacks: Callbacks) -> dict:
+    """The best weights, evaluated on val (and test when the data has one)."""
+    model = setup.model
+    if stages.best_state is not None:
+        model.load_state_dict(stages.best_state)
+    model.eval()
+    _announce(callbacks, "evaluate", len(stages.progress.history), None)
+    return evaluate_splits(model, {"val": val_samples, "test": index.test or []},
+                           index.classes, setup.prep, setup.precision.device, setup.precision,
+                           index.root, val_source=setup.val_source,
+                           should_stop=callbacks.should_stop,
+                           val_features=stages.best_val_features(), decoded=setup.decoded)
+
+
+def _checkpoint_state(resume: str | Path | None, classes: list[str]) -> dict | None:
+    if resume is None:
+        return None
+    state = load_checkpoint(resume)
+    if state.get("classes") != classes:
+        raise DatasetError(f"checkpoint classes {state.get('classes')} differ from the "
+                           f"dataset's {classes}")
+    log.info("resuming from %s at epoch %d", resume, state["epoch"])
+    return state
+
+
+def _announce(callbacks: Callbacks, stage: str | None, epochs: int | None,
+              choices: dict | None) -> None:
+    if stage is not None and callbacks.on_stage is not None:
+        callbacks.on_stage(stage, epochs or 0)
+    if choices is not None and callbacks.on_resolved is not None:
+        callbacks.on_resolved(dict(choices))
+
+
+def _class_counts(samples: list[Sample], classes: list[str]) -> dict[str, int]:
+    counts = dict.fromkeys(classes, 0)
+    for sample in samples:
+        counts[classes[sample.label]] += 1
+    return counts
+
+
+def static_choices(spec: FineTuneSpec, train_samples: list[Sample], classes: list[str],
+                   prior: dict | None) -> dict:
+    """The auto choices the data's statistics decide; ``prior`` ones (the API's) are kept."""
+    prior = dict(prior or {})
+    needs_sizes = spec.image_size == "auto" and "image_size" not in prior
+    stats = DatasetStats(_class_counts(train_samples, classes),
+                         median_short_side(train_samples) if needs_sizes else None)
+    return resolve_static(spec, stats) | prior
+
+
+def median_short_side(samples: list[Sample]) -> int | None:
+    """Median of the images' shorter sides, from their headers (nothing is decoded)."""
+    sides = []
+    for sample in samples:
+        try:
+            with open_checked(sample.path) as image:
+                sides.append(min(image.size))
+        except Exception:  # an unreadable file is reported when it is decoded, not here
+            continue
+    return int(statistics.median_low(sides)) if sides else None
 
 
 def _split(index: ImageFolderIndex, spec: FineTuneSpec) -> tuple[list[Sample], list[Sample]]:
@@ -141,18 +217,34 @@ def _monitored_key(spec: FineTuneSpec, *, has_val: bool) -> str:
     return monitor if has_val else monitor.replace("val_", "train_")
 
 
-def _build_run(index: ImageFolderIndex, spec: FineTuneSpec, train_samples: list[Sample],
-               val_samples: list[Sample], *, device: str | None,
-               cache_features: bool) -> tuple[Backbone, TrainingRun]:
-    """Backbone, head and data sources on the chosen device, ready for the first epoch."""
+def _decoded(index: ImageFolderIndex, prep: Preprocessing, derived: DerivedStore | None,
+             owner: str | None) -> DecodedImages | None:
+    """Every image of the dataset decoded at the input size, from the store (decoding them
+    into it the first time)."""
+    if derived is None or index.content_hash is None:
+        return None
+    samples = [*index.train, *(index.val or []), *(index.test or [])]
+    started = time.perf_counter()
+    decoded, made = decoded_images(derived, index.content_hash, [s.path for s in samples],
+                                   index.root, prep, prep.input_size, owner)
+    log.info("%s %d images at %d px in %.1f s", "decoded" if made else "reused the decoded",
+             len(samples), prep.input_size, time.perf_counter() - started)
+    return decoded
+
+
+def _build_setup(index: ImageFolderIndex, spec: FineTuneSpec, train_samples: list[Sample],
+                 val_samples: list[Sample], *, device: str | None,
+                 derived: DerivedStore | None = None, owner: str | None = None) -> RunSetup:
+    """Backbone, head and data sources on the chosen device, ready for the first stage."""
     torch_device = resolve_device(device)
     check_memory(spec, torch_device, num_classes=len(index.classes),
                  num_images=len(train_samples) + len(val_samples))
     precision = resolve_precision(spec.mixed_precision, torch_device)
     configure_backends(torch_device)
     torch.manual_seed(spec.seed)
+    size = spec.image_size if isinstance(spec.image_size, int) else None
     backbone = create_backbone(spec.backbone, pretrained=spec.pretrained,
-                               weights_path=spec.weights_path, image_size=spec.image_size)
+                               weights_path=spec.weights_path, image_size=size)
     torch.manual_seed(spec.seed)  # the head's init must not depend on how the backbone was built
     model = FineTuneModel(backbone.model,
                           build_head(backbone.num_features, len(index.classes), spec.head))
@@ -160,12 +252,26 @@ def _build_run(index: ImageFolderIndex, spec: FineTuneSpec, train_samples: list[
     if torch_device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     prep = backbone.preprocessing
+    decoded = _decoded(index, prep, derived, owner)
+    # With augment auto, augmentation crops from the stored input-size image (later stages).
+    augment = spec.augment if spec.augment != "auto" else "none"
     train_source = ImageSource([s.path for s in train_samples], [s.label for s in train_samples],
-                               prep, stored_size(prep, spec.augment))
+                               prep, stored_size(prep, augment), decoded=decoded,
+                               root=index.root)
     val_source = ImageSource([s.path for s in val_samples], [s.label for s in val_samples],
-                             prep, prep.input_size)
-    return backbone, TrainingRun(model, spec, backbone.stages, prep, precision, train_source,
-                                 val_source, cache_features)
+                             prep, prep.input_size, decoded=decoded, root=index.root)
+    return RunSetup(backbone, model, prep, precision, train_source, val_source,
+                    _class_weights(spec, train_source.labels, len(index.classes)),
+                    decoded=decoded)
+
+
+def _class_weights(spec: FineTuneSpec, labels: torch.Tensor,
+                   num_classes: int) -> torch.Tensor | None:
+    """n / (C * n_c) per class: every class weighs the same in the loss."""
+    if spec.class_weights != "balanced" or not len(labels):
+        return None
+    counts = torch.bincount(labels, minlength=num_classes).clamp(min=1).float()
+    return len(labels) / (num_classes * counts)
 
 
 def check_memory(spec: FineTuneSpec, device: torch.device, *, num_classes: int,
@@ -173,7 +279,8 @@ def check_memory(spec: FineTuneSpec, device: torch.device, *, num_classes: int,
     """Refuse, with the numbers, a run that would not fit the device's memory."""
     capacity = device_memory_bytes(device)
     needed = memory.estimate(spec, num_classes=num_classes, num_images=num_images,
-                             image_size=spec.image_size or _default_size(spec.backbone),
+                             image_size=spec.image_size if isinstance(spec.image_size, int)
+                             else _default_size(spec.backbone),
                              decode_cache_bytes=engine_settings().decode_cache_bytes)
     if capacity is None or needed is None or needed.total_bytes <= capacity * MEMORY_HEADROOM:
         return
@@ -188,60 +295,7 @@ def _default_size(backbone: str) -> int | None:
     return entry.input_size if entry else None
 
 
-def _resume(run: TrainingRun, progress: _Progress, index: ImageFolderIndex,
-            resume: str | Path) -> None:
-    state = load_checkpoint(resume)
-    if state["classes"] != index.classes:
-        raise DatasetError(f"checkpoint classes {state['classes']} differ from the "
-                           f"dataset's {index.classes}")
-    run.model.load_state_dict(state["model"])
-    run.set_trainable(state["n_trainable"])
-    run.optimizer.load_state_dict(state["optimizer"])
-    run.scaler.load_state_dict(state["scaler"])
-    run.step = state["step"]
-    progress.first_epoch, progress.history = state["epoch"], state["history"]
-    progress.stopper.load_state_dict(state["early_stopping"])
-    run.best_state = load_best_weights(checkpoint_folder(resume))
-    restore_rng_state(state["rng"])
-    log.info("resumed from %s at epoch %d", resume, progress.first_epoch)
-
-
-def _train_epochs(run: TrainingRun, progress: _Progress, callbacks: Callbacks,
-                  ckpt_dir: Path | None, classes: list[str]) -> bool:
-    """Run the remaining epochs; True when early stopping ended the run before the last."""
-    epochs, stopper = run.spec.epochs, progress.stopper
-    if stopper.should_stop and progress.first_epoch < epochs:
-        return True  # a resumed run that had already stopped early
-    for epoch in range(progress.first_epoch, epochs):
-        row = run.epoch(epoch, callbacks)
-        if stopper.update(row[progress.monitor], epoch + 1):
-            best = run.remember_best()
-            if ckpt_dir is not None:
-                save_best_weights(ckpt_dir, best)
-        progress.history.append(row)
-        if ckpt_dir is not None:
-            _save_checkpoint(run, progress, ckpt_dir, classes, epoch + 1)
-        if callbacks.on_epoch_end is not None:
-            callbacks.on_epoch_end(row)
-        if stopper.should_stop and epoch + 1 < epochs:
-            log.info("early stopping after epoch %d (best epoch %s)", epoch + 1,
-                     stopper.best_epoch)
-            return True
-    return False
-
-
-def _save_checkpoint(run: TrainingRun, progress: _Progress, ckpt_dir: Path,
-                     classes: list[str], epochs_done: int) -> None:
-    save_checkpoint(ckpt_dir, {
-        "epoch": epochs_done, "step": run.step, "n_trainable": run.n_trainable,
-        "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
-        "scaler": run.scaler.state_dict(), "early_stopping": progress.stopper.state_dict(),
-        "history": progress.history, "spec": run.spec.model_dump(mode="json"),
-        "classes": classes, "preprocessing": run.prep.to_dict(), "rng": rng_state(),
-    })
-
-
-def _result(run: TrainingRun, backbone: Backbone, index: ImageFolderIndex, progress: _Progress,
+def _result(run: TrainingRun, backbone: Backbone, index: ImageFolderIndex, progress: Progress,
             *, stopped_early: bool, evaluation: dict, num_train: int, num_val: int,
             seconds: float) -> FitResult:
     history = progress.history

@@ -42,6 +42,8 @@ class Callbacks:
     on_epoch_end: Callable[[dict], None] | None = None  # gets the epoch's metrics row
     on_batch_end: Callable[[int, int, int, float], None] | None = None  # epoch, step, steps, loss
     should_stop: Callable[[], bool] | None = None  # checked at every batch boundary
+    on_stage: Callable[[str, int], None] | None = None  # stage name, epochs planned in all
+    on_resolved: Callable[[dict], None] | None = None  # the auto choices made so far
 
 
 class TrainingRun:
@@ -49,14 +51,17 @@ class TrainingRun:
 
     def __init__(self, model: FineTuneModel, spec: FineTuneSpec, stages: list[list[str]],
                  prep: Preprocessing, precision: Precision, train_source: ImageSource,
-                 val_source: ImageSource, cache_features: bool) -> None:
+                 val_source: ImageSource, cache_features: bool, *, stage: str = "train",
+                 epoch_offset: int = 0, class_weights: torch.Tensor | None = None) -> None:
         self.model, self.spec, self.stages, self.prep = model, spec, stages, prep
+        self.stage, self.epoch_offset = stage, epoch_offset  # rows number epochs across stages
         self.precision, self.device = precision, precision.device
         self.train_source, self.val_source = train_source, val_source
         self.cache_features = cache_features
         # Also checked while features are cached, which can take long before the first step.
         self.should_stop: Callable[[], bool] | None = None
-        self.loss_fn = nn.CrossEntropyLoss(label_smoothing=spec.label_smoothing)
+        weight = class_weights.to(self.device) if class_weights is not None else None
+        self.loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=spec.label_smoothing)
         self.scaler = torch.amp.GradScaler(self.device.type,
                                            enabled=precision.needs_grad_scaler)
         self.best_state: dict | None = None
@@ -114,7 +119,8 @@ class TrainingRun:
         self.step += stats.steps
         val_loss, val_accuracy = self._validate(frozen)
         return {
-            "epoch": epoch + 1,
+            "epoch": self.epoch_offset + epoch + 1,
+            "stage": self.stage,
             "train_loss": stats.loss,
             "train_accuracy": stats.accuracy,
             "val_loss": val_loss,
@@ -142,7 +148,8 @@ class TrainingRun:
             lr_at_step=lambda s: lr_multiplier(self.spec.schedule.name, s, self.total_steps,
                                                self.warmup_steps),
             grad_groups=self.grad_groups(), grad_clip_norm=self.spec.grad_clip_norm,
-            steps_in_epoch=self.steps_per_epoch, on_batch=_epoch_hook(epoch, callbacks),
+            steps_in_epoch=self.steps_per_epoch,
+            on_batch=_epoch_hook(self.epoch_offset + epoch, callbacks),
             should_stop=callbacks.should_stop,
         )
 
@@ -184,6 +191,21 @@ class TrainingRun:
         for start in range(0, len(order), self.spec.batch_size):
             idx = order[start:start + self.spec.batch_size]
             yield features[idx], labels[idx]
+
+    def adopt_features(self, other: TrainingRun) -> None:
+        """Reuse another run's cached features (same frozen backbone, same sources)."""
+        self._features = other._features
+
+    @property
+    def backbone_frozen(self) -> bool:
+        return backbone_is_frozen(self.n_trainable, self.spec.freeze.batchnorm)
+
+    def has_cached(self, split: str) -> bool:
+        return split in self._features
+
+    def cached_features(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The frozen backbone's features of a split (computed once), and its labels."""
+        return self._cached_features(split)
 
     @torch.no_grad()
     def _cached_features(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:

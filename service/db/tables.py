@@ -149,6 +149,9 @@ class Job(Base):
     admitted_at: Mapped[datetime | None]  # handed to the broker by the dispatcher
     retry_at: Mapped[datetime | None]  # a transient failure: not admitted again before this
     hold_reason: Mapped[str | None] = mapped_column(Text)  # why a queued job is held back
+    stage: Mapped[str | None] = mapped_column(String(16))  # features | head | finetune | ...
+    resolved: Mapped[dict[str, Any] | None]  # auto field -> {"value", "why"}
+    diagnosis: Mapped[list[Any] | None]  # findings, once the job has finished
 
 
 class JobRun(Base):

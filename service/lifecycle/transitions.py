@@ -12,7 +12,8 @@ from datetime import datetime, timedelta
 from sqlalchemy import ColumnElement, and_, delete, func, or_, select, update
 from sqlalchemy.orm import Session
 
-from ftune.service.db.tables import EpochMetrics, Job, JobRun, TunedModel, utcnow
+from ftune.models.diagnosis import diagnose
+from ftune.service.db.tables import Dataset, EpochMetrics, Job, JobRun, TunedModel, utcnow
 from ftune.service.events import add_event, status_event
 from ftune.service.job_status import ACTIVE, TERMINAL, JobStatus
 
@@ -102,19 +103,43 @@ def record_progress(session: Session, job_id: str, worker: str, epoch: int, step
     return "cancel" if job is not None and job.cancel_requested else "ok"
 
 
+def record_stage(session: Session, job_id: str, worker: str, stage: str, epochs: int) -> bool:
+    """The stage the run entered, and the epochs it may now run in all (0: unchanged)."""
+    values: dict = {"stage": stage, "heartbeat_at": utcnow()}
+    if epochs > 0:
+        values["epochs"] = epochs
+    if not session.execute(update(Job).where(_ours(job_id, worker)).values(**values)).rowcount:
+        return False
+    add_event(session, job_id, "stage", stage=stage, **({"epochs": epochs} if epochs else {}))
+    return True
+
+
+def record_resolved(session: Session, job_id: str, worker: str, resolved: dict) -> bool:
+    """The auto choices made so far; an event names the ones that are new or changed."""
+    job = session.get(Job, job_id, populate_existing=True)
+    if job is None or job.worker != worker or job.status != JobStatus.RUNNING:
+        return False
+    before = job.resolved or {}
+    changed = {k: v for k, v in resolved.items() if before.get(k) != v}
+    if changed:
+        job.resolved = dict(resolved)
+        add_event(session, job_id, "resolved", **changed)
+    return True
+
+
 def cancel_requested(session: Session, job_id: str) -> bool:
     job = session.get(Job, job_id, populate_existing=True)
     return job is None or job.cancel_requested
 
 
 def succeed(session: Session, job_id: str, worker: str, model: TunedModel, best: dict,
-            stopped_early: bool) -> bool:
+            stopped_early: bool, diagnosis: list | None = None) -> bool:
     """Record the model and end the job; False (and nothing written) if it is no longer ours
     to finish, e.g. taken over by another worker."""
     done = session.execute(update(Job).where(_ours(job_id, worker))
                            .values(status=JobStatus.SUCCEEDED, finished_at=utcnow(),
                                    model_id=model.id, best=best, stopped_early=stopped_early,
-                                   error=None, step=0)).rowcount
+                                   error=None, step=0, diagnosis=diagnosis or [])).rowcount
     if done:
         model.version = 1 + (session.scalar(select(func.max(TunedModel.version)).where(
             TunedModel.tenant_id == model.tenant_id, TunedModel.name == model.name)) or 0)
@@ -135,12 +160,23 @@ def finish(session: Session, job_id: str, status: str, *, error: str | None,
     if ended:
         end_run(session, job_id, ran_until)
         job = session.get(Job, job_id, populate_existing=True)
+        if job is not None:
+            job.diagnosis = diagnose_stored(session, job, error)
         if job is not None and job.step > 0:
             # Stopped mid-epoch: the last progress event may be older (they are throttled);
             # this one makes the events end where the job view does.
             add_event(session, job_id, "progress", epoch=job.epoch + 1, step=job.step,
                       steps=job.steps)
         status_event(session, job_id, status, error=error)
+
+
+def diagnose_stored(session: Session, job: Job, error: str | None) -> list:
+    """The diagnosis of a job that ended without a model, from its stored metrics rows."""
+    rows = [m.row for m in session.scalars(select(EpochMetrics).where(
+        EpochMetrics.job_id == job.id).order_by(EpochMetrics.epoch))]
+    dataset = session.get(Dataset, job.dataset_id)
+    classes = len(dataset.classes) if dataset is not None else 0
+    return diagnose(rows, num_classes=classes, error=error)
 
 
 def requeue(session: Session, job_id: str, reason: str, worker: str | None = None, *,

@@ -12,7 +12,7 @@ from ftune.models.errors import OutputExistsError
 from ftune.models.predictor import Predictor
 from ftune.models.training.fit import fit
 
-SPEC = {"image_size": 64, "epochs": 3, "batch_size": 16,
+SPEC = {"image_size": 64, "epochs": 3, "batch_size": 16, "preset": "fast",
         "optimizer": {"name": "adam", "lr": 0.003}}
 
 
@@ -32,7 +32,8 @@ def test_bundle_holds_exactly_the_model_files(trained):
     assert config["preprocessing"] == {"input_size": 64, "mean": [0.5, 0.5, 0.5],
                                        "std": [0.5, 0.5, 0.5], "interpolation": "bicubic",
                                        "crop_pct": 0.875}
-    assert config["spec"]["epochs"] == 3 and config["spec"]["freeze"]["strategy"] == "head_only"
+    assert config["spec"]["epochs"] == 3 and config["spec"]["preset"] == "fast"
+    assert config["resolved"]["freeze.strategy"]["value"] == "head_only"
     assert config["best_epoch"] == result.best_epoch
     assert config["best_metrics"]["val_accuracy"] == result.best_metrics["val_accuracy"]
     assert {"torch", "torchvision", "timm", "python"} <= set(config["versions"])
@@ -75,7 +76,11 @@ def test_cli_train_predict_and_backbones(tiny_folder, tmp_path, capsys):
     assert main(["train", str(tiny_folder), "--spec", str(spec), "--out", str(out),
                  "--no-progress"]) == 0
     printed = capsys.readouterr().out
-    assert "epoch 1/2" in printed and "epoch 2/2" in printed and "model written to" in printed
+    # The default recipe: its choices with their reasons, its stages, then the epochs.
+    assert "auto optimizer.lr = " in printed and "range test" in printed
+    assert "auto image_size" not in printed  # set in the spec
+    assert "stage features" in printed and "stage head" in printed
+    assert "[head] epoch 1/" in printed and "model written to" in printed
     assert sorted(p.name for p in out.iterdir()) == sorted((*BUNDLE_FILES, EVALUATION_FILE))
     assert not (tmp_path / "model.partial").exists()
 

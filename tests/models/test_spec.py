@@ -10,19 +10,21 @@ from ftune.models.spec import FineTuneSpec, SpecError, parse_spec
 def test_empty_spec_is_complete_with_documented_defaults():
     spec = parse_spec({})
     assert spec.backbone == "tf_efficientnet_lite0"
-    assert spec.pretrained is True and spec.weights_path is None and spec.image_size is None
-    assert (spec.epochs, spec.batch_size, spec.seed, spec.val_fraction) == (10, 32, 0, 0.2)
-    assert spec.freeze.model_dump() == {"strategy": "head_only", "n_blocks": 1,
+    assert spec.pretrained is True and spec.weights_path is None
+    # The default recipe: what the data and the preset decide is "auto" (models.recipe).
+    assert (spec.preset, spec.time_budget_s, spec.image_size) == ("balanced", None, "auto")
+    assert (spec.epochs, spec.batch_size, spec.seed, spec.val_fraction) == ("auto", 32, 0, 0.2)
+    assert spec.freeze.model_dump() == {"strategy": "auto", "n_blocks": 1,
                                         "unfreeze_every": 1, "batchnorm": "frozen"}
     assert spec.head.model_dump() == {"dropout": 0.2, "hidden": [], "activation": "relu",
                                       "batchnorm": False, "init": "he"}
-    assert spec.optimizer.model_dump() == {"name": "sgd", "lr": 0.001, "momentum": 0.9,
-                                           "weight_decay": 0.0, "layer_decay": None}
-    assert spec.schedule.model_dump() == {"name": "constant", "warmup_epochs": 0}
-    assert spec.early_stopping.model_dump() == {"monitor": "val_loss", "patience": 3,
+    assert spec.optimizer.model_dump() == {"name": "auto", "lr": "auto", "momentum": 0.9,
+                                           "weight_decay": 0.0, "layer_decay": "auto"}
+    assert spec.schedule.model_dump() == {"name": "auto", "warmup_epochs": 0}
+    assert spec.early_stopping.model_dump() == {"monitor": "val_loss", "patience": "auto",
                                                 "min_delta": 0.0}
     assert (spec.label_smoothing, spec.grad_clip_norm) == (0.0, None)
-    assert (spec.augment, spec.mixed_precision) == ("none", "auto")
+    assert (spec.augment, spec.class_weights, spec.mixed_precision) == ("auto", "auto", "auto")
 
 
 def test_top_level_shape_is_exactly_the_documented_one():
@@ -31,6 +33,7 @@ def test_top_level_shape_is_exactly_the_documented_one():
         "val_fraction", "freeze", "head", "optimizer", "schedule", "early_stopping",
         "label_smoothing", "grad_clip_norm", "augment", "mixed_precision",
         "oom_retry",  # issue 5: the service's out-of-memory retry, on by default
+        "preset", "time_budget_s", "class_weights",  # issue 15: the default recipe
     }
 
 

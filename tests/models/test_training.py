@@ -7,7 +7,8 @@ from ftune.models.errors import NonFiniteLossError, TrainingCancelled
 from ftune.models.training.checkpoint import load_checkpoint
 from ftune.models.training.fit import Callbacks, fit
 
-FAST = {"image_size": 64, "batch_size": 16, "optimizer": {"name": "adam", "lr": 0.003}}
+FAST = {"image_size": 64, "batch_size": 16, "optimizer": {"name": "adam", "lr": 0.003},
+        "freeze": {"strategy": "head_only"}}
 
 
 def _spec(**overrides):

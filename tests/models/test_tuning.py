@@ -68,7 +68,7 @@ def test_frozen_batchnorm_stays_in_eval_mode(lite0):
 
 def test_no_weight_decay_on_biases_and_norms(lite0):
     model, stages = lite0
-    spec = OptimizerSpec(weight_decay=0.05)
+    spec = OptimizerSpec(lr=0.001, weight_decay=0.05, layer_decay=None)
     groups = [g for u in join_order(len(stages), len(stages))
               for g in unit_param_groups(model, stages, u, spec)]
     ids = [id(p) for g in groups for p in g["params"]]
@@ -91,7 +91,8 @@ def test_layer_decay_gives_discriminative_learning_rates(lite0):
     assert lrs["head"] == 0.1
     assert lrs[f"stage{num - 1}"] == pytest.approx(0.05)
     assert lrs["stage0"] == pytest.approx(0.1 * 0.5 ** num)
-    flat = {g["name"]: g["lr"] for g in unit_param_groups(model, stages, 0, OptimizerSpec(lr=0.1))}
+    flat_spec = OptimizerSpec(lr=0.1, layer_decay=None)
+    flat = {g["name"]: g["lr"] for g in unit_param_groups(model, stages, 0, flat_spec)}
     assert flat["stage0"] == 0.1
 
 
@@ -124,7 +125,7 @@ def test_all_seven_optimizers(name, cls, extra):
 
 def test_groups_joining_keep_existing_optimizer_state():
     first, second = nn.Linear(2, 2), nn.Linear(2, 2)
-    spec = OptimizerSpec(name="adam")
+    spec = OptimizerSpec(name="adam", lr=0.001, layer_decay=None)
     optimizer = create_optimizer([{"params": list(first.parameters()), "lr": 0.1,
                                    "base_lr": 0.1, "weight_decay": 0}], spec)
     first(torch.ones(1, 2)).sum().backward()

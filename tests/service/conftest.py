@@ -123,7 +123,7 @@ def wait_for_job(client: httpx.Client, job_id: str, timeout_s: float = 300,
 def tiny_model(client, tiny_dataset) -> dict:
     """A model trained on ``tiny_dataset`` (32 px, one epoch), once."""
     job = client.post("/v1/jobs", json={"dataset_id": tiny_dataset["id"], "spec": {
-        "image_size": 32, "epochs": 1, "batch_size": 12}}).json()
+        "image_size": 32, "epochs": 1, "batch_size": 12, "preset": "fast"}}).json()
     done = wait_for_job(client, job["id"], timeout_s=180)
     assert done["status"] == "succeeded", done["error"]
     return client.get(f"/v1/models/{done['model_id']}").json()

@@ -59,7 +59,7 @@ def _seed(http: httpx.Client, tiny_folder: Path) -> dict[str, str]:
     dataset = http.post("/v1/datasets", files={"file": ("t.zip", zip_folder(tiny_folder))},
                         data={"name": "fuzzed"}).json()
     job = http.post("/v1/jobs", json={"dataset_id": dataset["id"], "spec": {
-        "image_size": 32, "epochs": 1, "batch_size": 12}}).json()
+        "image_size": 32, "epochs": 1, "batch_size": 12, "preset": "fast"}}).json()
     done = wait_for_job(http, job["id"], timeout_s=240)
     assert done["status"] == "succeeded", done["error"]
     assert http.put("/v1/models/aliases/prod", json={"model": done["model_id"]}).is_success

@@ -18,7 +18,7 @@ from ftune.testing.access import Key, make_key
 from ftune.testing.archives import zip_folder
 from tests.service.conftest import wait_for_job
 
-QUICK = {"image_size": 32, "epochs": 1, "batch_size": 12}
+QUICK = {"image_size": 32, "epochs": 1, "batch_size": 12, "preset": "fast"}
 # Long enough to be caught mid-run: every layer trains, a few seconds an epoch.
 SLOW = {"image_size": 64, "epochs": 8, "batch_size": 6, "seed": 5,
         "freeze": {"strategy": "none"}, "early_stopping": {"patience": 100}}

@@ -17,7 +17,7 @@ from ftune.testing.archives import zip_folder
 from ftune.testing.postgres import fresh_database
 from tests.service.conftest import FAST_LIFECYCLE, wait_for_job
 
-QUICK = {"image_size": 32, "epochs": 2, "batch_size": 12, "seed": 2}
+QUICK = {"image_size": 32, "epochs": 2, "batch_size": 12, "seed": 2, "preset": "fast"}
 SLOW = {"image_size": 64, "epochs": 20, "batch_size": 6, "freeze": {"strategy": "none"},
         "early_stopping": {"patience": 100}}
 

@@ -12,7 +12,7 @@ import pytest
 from ftune.testing.archives import zip_folder
 from tests.service.conftest import wait_for_job, wait_until
 
-QUICK = {"image_size": 32, "epochs": 1, "batch_size": 12}
+QUICK = {"image_size": 32, "epochs": 1, "batch_size": 12, "preset": "fast"}
 SLOW = {"image_size": 64, "epochs": 50, "batch_size": 6, "freeze": {"strategy": "none"},
         "early_stopping": {"patience": 100}}
 

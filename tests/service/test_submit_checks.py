@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-QUICK = {"image_size": 32, "epochs": 1, "batch_size": 12}
+QUICK = {"image_size": 32, "epochs": 1, "batch_size": 12, "preset": "fast"}
 
 
 def _submit(client, dataset_id: str, spec: dict):

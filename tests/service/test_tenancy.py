@@ -21,7 +21,7 @@ from ftune.testing.access import make_key
 from ftune.testing.archives import zip_folder
 from tests.service.conftest import FAST_LIFECYCLE, wait_for_job
 
-QUICK = {"image_size": 32, "epochs": 1, "batch_size": 12}
+QUICK = {"image_size": 32, "epochs": 1, "batch_size": 12, "preset": "fast"}
 SLOW = {"image_size": 64, "epochs": 50, "batch_size": 6, "freeze": {"strategy": "none"},
         "early_stopping": {"patience": 100}}
 

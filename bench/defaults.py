@@ -1,0 +1,188 @@
+"""The default recipe against what users write by hand, on two packaged datasets.
+
+Usage: ``.venv/bin/python bench/defaults.py [--datasets animal-mnist digits]``
+
+For each dataset (training images in ``train/``, held-out ones in ``test/``), side by side in
+one run on this machine:
+
+* ``empty_spec``: ``POST /v1/jobs`` with ``{}`` through the service (``ftune up``, one
+  worker), from the upload until the job has succeeded; accuracy on the held-out images
+  from the model's evaluation.
+* ``fast``: the same with ``{"preset": "fast"}``.
+* ``probe``: hand-written frozen-feature probe. Decode, resize, lite0 features at the size
+  the recipe picks, then scikit-learn's logistic regression (standardised features, L2).
+* ``full_finetune``: hand-written full fine-tune, ``fit`` with every stage training, Adam
+  1e-3, 3 epochs, no augmentation, all training images.
+
+Datasets: animal-mnist (28 px silhouettes, 3,000 training and 1,000 held-out images) and
+scikit-learn's digits (8 px digits upscaled to 32 px, 1,300 and 497).
+
+``--sizes 64 96 128 224`` measures only the probe at each size: the image_size rule
+(``models/recipe/rules.py``) is chosen from that.
+
+Targets: ``empty_spec`` at least the better reference's accuracy in no more than the full
+fine-tune's wall time; ``fast`` within 1.5x the probe's wall time at its accuracy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import torch
+from PIL import Image
+from service_overhead import start_service, wait_status
+
+from ftune.models.backbones import create_backbone
+from ftune.models.data.discover import scan_image_folder
+from ftune.models.data.source import ImageSource
+from ftune.models.data.transforms import normalize
+from ftune.models.training.fit import fit
+from ftune.processes import free_port
+from ftune.testing.archives import tar_folder
+from ftune.testing.realdata import animal_mnist_arrays, balanced_indices, write_image_folder
+
+BACKBONE = "tf_efficientnet_lite0"
+FULL_FINETUNE = {"backbone": BACKBONE, "image_size": 96, "epochs": 3, "batch_size": 32,
+                 "freeze": {"strategy": "none"}, "augment": "none", "val_fraction": 0.0,
+                 "optimizer": {"name": "adam", "lr": 1e-3, "layer_decay": None},
+                 "schedule": {"name": "constant"}, "class_weights": "none"}
+
+
+def animal_mnist(root: Path) -> Path:
+    images, labels = animal_mnist_arrays()
+    for split, per_class, offset in (("train", 300, 0), ("test", 100, 300)):
+        idx = balanced_indices(labels, per_class, offset=offset)
+        write_image_folder(root / split, images[idx], labels[idx])
+    return root
+
+
+def digits(root: Path) -> Path:
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    images = (data.images * (255 / 16)).astype(np.uint8)
+    for i, (image, label) in enumerate(zip(images, data.target, strict=True)):
+        rank = int(np.sum(data.target[:i] == label))
+        split = "train" if rank < 130 else "test"
+        folder = root / split / f"digit{label}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).resize((32, 32), Image.BICUBIC).save(folder / f"{i:05d}.png")
+    return root
+
+
+DATASETS = {"animal-mnist": animal_mnist, "digits": digits}
+
+
+def probe(root: Path, image_size: int) -> tuple[float, float]:
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    started = time.perf_counter()
+    index = scan_image_folder(root)
+    backbone = create_backbone(BACKBONE, pretrained=True, image_size=image_size)
+    model = backbone.model.eval()
+
+    def features(samples: list) -> tuple[np.ndarray, np.ndarray]:
+        source = ImageSource([s.path for s in samples], [s.label for s in samples],
+                             backbone.preprocessing, image_size)
+        chunks = []
+        with torch.no_grad():
+            for images, _, _ in source.batches(torch.arange(len(source)), 64):
+                chunks.append(model(normalize(images.float(), backbone.preprocessing)))
+        return torch.cat(chunks).numpy(), source.labels.numpy()
+
+    train_x, train_y = features(index.train)
+    test_x, test_y = features(index.test or [])
+    classifier = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=2000))
+    classifier.fit(train_x, train_y)
+    accuracy = float((classifier.predict(test_x) == test_y).mean())
+    return accuracy, time.perf_counter() - started
+
+
+def full_finetune(root: Path) -> tuple[float, float]:
+    started = time.perf_counter()
+    result = fit(root, FULL_FINETUNE)
+    return result.evaluation["test"]["accuracy"], time.perf_counter() - started
+
+
+def through_service(client: httpx.Client, archive: bytes, spec: dict) -> tuple[float, float, dict]:
+    started = time.perf_counter()
+    dataset = client.post("/v1/datasets", files={"file": ("data.tar.gz", archive)}).json()
+    job = client.post("/v1/jobs", json={"dataset_id": dataset["id"], "spec": spec}).json()
+    job = wait_status(client, job["id"], {"succeeded", "failed", "cancelled"}, 0.2)
+    elapsed = time.perf_counter() - started
+    if job["status"] != "succeeded":
+        raise SystemExit(f"job ended {job['status']}: {job['error']}")
+    evaluation = client.get(f"/v1/models/{job['model_id']}/evaluation").json()
+    return evaluation["test"]["accuracy"], elapsed, job
+
+
+def show(name: str, method: str, accuracy: float, wall: float, extra: str = "") -> None:
+    print(f"defaults dataset={name} method={method} accuracy={accuracy:.4f} "
+          f"wall_s={wall:.1f}{' ' + extra if extra else ''}", flush=True)
+
+
+def run_dataset(name: str, root: Path, client: httpx.Client) -> None:
+    archive = tar_folder(root)
+    results: dict[str, tuple[float, float]] = {}
+    acc, wall, job = through_service(client, archive, {"preset": "fast"})
+    results["fast"] = acc, wall
+    size = job["resolved"]["image_size"]["value"]
+    show(name, "fast", acc, wall, f"image_size={size} epochs={len(job['metrics'])}")
+    results["probe"] = probe(root, size)
+    show(name, "probe", *results["probe"], f"image_size={size}")
+    acc, wall, job = through_service(client, archive, {})
+    results["empty_spec"] = acc, wall
+    stages = [row["stage"] for row in job["metrics"]]
+    show(name, "empty_spec", acc, wall,
+         f"head_epochs={stages.count('head')} finetune_epochs={stages.count('finetune')} "
+         f"lr={job['resolved']['optimizer.lr']['value']} "
+         f"diagnosis={[f['code'] for f in job['diagnosis']]}")
+    results["full_finetune"] = full_finetune(root)
+    show(name, "full_finetune", *results["full_finetune"], "image_size=96 epochs=3")
+    best_reference = max(results["probe"][0], results["full_finetune"][0])
+    empty, fast, probe_r, full = (results[k] for k in ("empty_spec", "fast", "probe",
+                                                       "full_finetune"))
+    print(f"defaults dataset={name} targets empty_spec_accuracy={empty[0]:.4f} "
+          f"best_reference={best_reference:.4f} (met: {empty[0] >= best_reference}) "
+          f"empty_spec_vs_full_finetune_time={empty[1] / full[1]:.2f} (<= 1: "
+          f"{empty[1] <= full[1]}) fast_vs_probe_time={fast[1] / probe_r[1]:.2f} (<= 1.5: "
+          f"{fast[1] <= 1.5 * probe_r[1]}) fast_accuracy={fast[0]:.4f} "
+          f"probe_accuracy={probe_r[0]:.4f} (met: {fast[0] >= probe_r[0]})", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--datasets", nargs="+", choices=sorted(DATASETS),
+                        default=["animal-mnist", "digits"])
+    parser.add_argument("--sizes", nargs="+", type=int, help="only measure the probe at "
+                        "these image sizes (what the image_size rule is chosen from)")
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="ftune-defaults-"))
+    if args.sizes:
+        for name in args.datasets:
+            root = DATASETS[name](work / name)
+            for size in args.sizes:
+                accuracy, wall = probe(root, size)
+                show(name, f"probe_{size}px", accuracy, wall)
+        return
+    process, url, key = start_service(work / "home", free_port())
+    try:
+        with httpx.Client(base_url=url, timeout=300,
+                          headers={"Authorization": f"Bearer {key}"}) as client:
+            for name in args.datasets:
+                run_dataset(name, DATASETS[name](work / name), client)
+    finally:
+        process.send_signal(signal.SIGINT)
+        process.wait(120)
+
+
+if __name__ == "__main__":
+    main()

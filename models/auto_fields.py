@@ -1,0 +1,73 @@
+"""Spec fields that take a number or "auto", with one clear error when they get neither.
+
+A plain ``float | Literal["auto"]`` union reports one error per member ("should be greater
+than 0"; "should be 'auto'"), at locations that name the member types. These types check
+the value themselves and describe themselves in the JSON schema as either form.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Annotated, Any, Literal
+
+from pydantic import PlainValidator, WithJsonSchema
+
+AUTO = "auto"
+
+
+def _bounds(above: float | None, at_least: float | None, at_most: float | None) -> str:
+    parts = [f"> {above:g}" if above is not None else "",
+             f">= {at_least:g}" if at_least is not None else "",
+             f"<= {at_most:g}" if at_most is not None else ""]
+    return " and ".join(p for p in parts if p)
+
+
+def _checker(kind: type, above: float | None, at_least: float | None, at_most: float | None,
+             nullable: bool) -> Any:
+    noun = "a whole number" if kind is int else "a number"
+    bounds = _bounds(above, at_least, at_most)
+    expected = f'"auto"{", null" if nullable else ""} or {noun}{" " + bounds if bounds else ""}'
+
+    def check(value: object) -> object:
+        if value == AUTO or (value is None and nullable):
+            return value
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"must be {expected}")
+        if not math.isfinite(value) or (kind is int and value != int(value)):
+            raise ValueError(f"must be {expected}")
+        if ((above is not None and value <= above) or (at_least is not None and value < at_least)
+                or (at_most is not None and value > at_most)):
+            raise ValueError(f"must be {expected}; got {value:g}")
+        return kind(value)
+
+    return check
+
+
+def _schema(kind: type, above: float | None, at_least: float | None, at_most: float | None,
+            nullable: bool) -> dict:
+    number: dict = {"type": "integer" if kind is int else "number"}
+    for key, bound in (("exclusiveMinimum", above), ("minimum", at_least),
+                       ("maximum", at_most)):
+        if bound is not None:
+            number[key] = bound
+    options = [number, {"type": "string", "enum": [AUTO]}]
+    if nullable:
+        options.append({"type": "null"})
+    return {"anyOf": options}
+
+
+def _auto(kind: type, above: float | None = None, at_least: float | None = None,
+          at_most: float | None = None, nullable: bool = False) -> Any:
+    base = kind | Literal["auto"] | (None if nullable else kind)  # type: ignore[operator]
+    return Annotated[base, PlainValidator(_checker(kind, above, at_least, at_most, nullable)),
+                     WithJsonSchema(_schema(kind, above, at_least, at_most, nullable))]
+
+
+def AutoFloat(*, above: float | None = None, at_least: float | None = None,
+              at_most: float | None = None, nullable: bool = False) -> Any:
+    return _auto(float, above, at_least, at_most, nullable)
+
+
+def AutoInt(*, at_least: int | None = None, at_most: int | None = None,
+            nullable: bool = False) -> Any:
+    return _auto(int, None, at_least, at_most, nullable)

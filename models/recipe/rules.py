@@ -1,0 +1,127 @@
+"""The auto rules, one function each: a value and the reason, in words a user can check.
+
+Pure functions of the dataset's statistics and the preset, so the same data and seed always
+give the same choices, and the API can make them at submit without torch.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+from ftune.models.recipe.presets import Preset
+
+# Balanced class weights from this largest-to-smallest class ratio on.
+IMBALANCE_FOR_WEIGHTS = 3.0
+# Upscaling beyond 3x the source adds no detail (measured: bench/defaults.py --sizes).
+UPSCALE = 3
+MIN_AUTO_SIZE = 96
+SIZE_STEP = 32
+# Fine-tuning epochs: about 20,000 images seen in all on a mid-sized set, more passes on less.
+FINETUNE_IMAGES = 20_000
+MIN_FINETUNE_EPOCHS, MAX_FINETUNE_EPOCHS = 2, 12
+# Room left for evaluation and saving when a budget comes from the job's run-time limit.
+LIMIT_SHARE = 0.8
+HEAD_LR = (1e-4, 1e-1)  # the range test's pick is kept within this
+MAX_FINETUNE_LR = 1e-3
+LAYER_DECAY = 0.7
+
+
+class Choice(NamedTuple):
+    value: Any
+    why: str
+
+    def to_dict(self) -> dict:
+        return {"value": self.value, "why": self.why}
+
+
+def image_size(median_short_side: int | None, backbone_size: int) -> Choice:
+    """The backbone's own size for photos; small images are upscaled 3x at most (min 96)."""
+    if median_short_side is None:
+        return Choice(backbone_size, f"the backbone's pretrained size ({backbone_size} px); "
+                      "the images' sizes are unknown")
+    wanted = SIZE_STEP * math.ceil(UPSCALE * median_short_side / SIZE_STEP)
+    size = min(backbone_size, max(MIN_AUTO_SIZE, wanted))
+    if size == backbone_size:
+        return Choice(size, f"median image short side {median_short_side} px: the "
+                      f"backbone's pretrained size ({backbone_size} px)")
+    saving = (backbone_size / size) ** 2
+    return Choice(size, f"median image short side {median_short_side} px: upscaled at most "
+                  f"{UPSCALE}x (at least {MIN_AUTO_SIZE} px) instead of the backbone's "
+                  f"{backbone_size} px, {saving:.1f}x less compute for no lost detail")
+
+
+def class_weights(imbalance_ratio: float | None) -> Choice:
+    if imbalance_ratio is not None and imbalance_ratio >= IMBALANCE_FOR_WEIGHTS:
+        return Choice("balanced", f"largest class has {imbalance_ratio:.1f}x the images of the "
+                      f"smallest (>= {IMBALANCE_FOR_WEIGHTS:g}): each class weighs the same "
+                      "in the loss")
+    shown = "one class size" if imbalance_ratio is None else f"ratio {imbalance_ratio:.1f}"
+    return Choice("none", f"classes are balanced enough ({shown} < "
+                  f"{IMBALANCE_FOR_WEIGHTS:g}:1)")
+
+
+def optimizer_name() -> Choice:
+    return Choice("adam", "Adam: adapts each weight's step, so one learning rate suits the "
+                  "head and the backbone")
+
+
+def stages_to_train(num_train: int, preset: Preset, num_stages: int | None = None) -> Choice:
+    """How many top backbone stages the second stage trains: more data supports more."""
+    if not preset.finetune:
+        return Choice(0, f"preset {preset.name}: the head alone, on cached features")
+    base = 1 if num_train < 500 else 2 if num_train < 5000 else 3
+    n = base + preset.extra_stages
+    if num_stages is not None:
+        n = min(n, num_stages)
+    return Choice(n, f"{num_train} training images, preset {preset.name}: the top {n} "
+                  "stage(s) train in the second stage; fewer overfit small data")
+
+
+def finetune_epochs(num_train: int, preset: Preset) -> Choice:
+    passes = math.sqrt(FINETUNE_IMAGES / max(1, num_train)) * preset.epoch_scale
+    n = min(MAX_FINETUNE_EPOCHS, max(MIN_FINETUNE_EPOCHS, round(passes)))
+    return Choice(n, f"at most {n} fine-tuning epochs for {num_train} training images "
+                  f"(preset {preset.name}); early stopping and the time budget may end it sooner")
+
+
+def head_epochs(preset: Preset) -> Choice:
+    return Choice(preset.head_max_epochs, f"head epochs on cached features cost milliseconds: "
+                  f"up to {preset.head_max_epochs}, until val loss stops improving for "
+                  f"{preset.head_patience}")
+
+
+def time_budget(preset: Preset, time_budget_s: float | None,
+                limit_s: float | None) -> Choice:
+    budget, source = ((time_budget_s, "the spec's time_budget_s") if time_budget_s is not None
+                      else (preset.budget_s, f"preset {preset.name}'s budget"))
+    if limit_s is not None and budget > LIMIT_SHARE * limit_s:
+        return Choice(round(LIMIT_SHARE * limit_s, 1),
+                      f"{source} ({budget:g} s) capped at {LIMIT_SHARE:.0%} of the job's "
+                      f"run-time limit ({limit_s:g} s)")
+    return Choice(budget, source)
+
+
+def augment(preset: Preset, backbone_trains: bool) -> Choice:
+    if not backbone_trains:
+        return Choice("none", "the backbone is frozen: features are computed once and cached")
+    return Choice(preset.augment, f"backbone stages train: {preset.augment} augmentation "
+                  f"(preset {preset.name}) against overfitting")
+
+
+def head_lr(suggested: float, how: str) -> Choice:
+    low, high = HEAD_LR
+    lr = min(high, max(low, suggested))
+    return Choice(float(f"{lr:.3g}"), how + ("" if lr == suggested else
+                                             f", kept within [{low:g}, {high:g}]"))
+
+
+def finetune_lr(head: float) -> Choice:
+    lr = min(MAX_FINETUNE_LR, head / 3)
+    return Choice(float(f"{lr:.3g}"), f"a third of the head's rate ({head:.3g}), at most "
+                  f"{MAX_FINETUNE_LR:g}: pretrained features are adjusted, not overwritten")
+
+
+def layer_decay() -> Choice:
+    return Choice(LAYER_DECAY, f"each stage further down learns at {LAYER_DECAY}x the rate of "
+                  "the one above: early features are the most general")

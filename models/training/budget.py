@@ -1,0 +1,39 @@
+"""The time budget a run plans within: from the spec, else the preset, capped by the job's
+run-time limit. Runs end with their best weights when it is spent, never with a failure."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from ftune.models.recipe import rules
+from ftune.models.recipe.presets import PRESETS
+from ftune.models.spec import FineTuneSpec
+
+# Kept back for evaluating and saving the model once training ends.
+RESERVE_SHARE = 0.1
+
+
+@dataclass
+class Budget:
+    seconds: float | None  # None: no budget (explicit epochs and no time_budget_s)
+    started: float  # time.perf_counter() when the run started
+
+    @classmethod
+    def start(cls, spec: FineTuneSpec, choices: dict, limit_s: float | None,
+              started: float) -> Budget:
+        """The budget applies to auto epochs, and always when time_budget_s is given."""
+        if spec.time_budget_s is None and "epochs" not in choices:
+            return cls(None, started)
+        choice = rules.time_budget(PRESETS[spec.preset], spec.time_budget_s, limit_s)
+        choices["time_budget_s"] = choice.to_dict()
+        return cls(float(choice.value), started)
+
+    def left(self) -> float:
+        if self.seconds is None:
+            return float("inf")
+        spent = time.perf_counter() - self.started
+        return self.seconds * (1 - RESERVE_SHARE) - spent
+
+    def fits(self, seconds: float) -> bool:
+        return seconds <= self.left()

@@ -1,0 +1,277 @@
+"""Training in stages: the learning-rate range test, then each planned stage in turn (the
+head on cached features, then fine-tuning), sharing one model, one early-stopping record and
+one history, within the time budget, with a checkpoint after every epoch."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ftune.models.backbones import Backbone
+from ftune.models.data.source import ImageSource
+from ftune.models.derived.decoded import DecodedImages
+from ftune.models.network import FineTuneModel
+from ftune.models.preprocessing import Preprocessing
+from ftune.models.recipe import rules
+from ftune.models.recipe.plan import StagePlan, plan_stages, with_epochs, with_lr
+from ftune.models.spec import FineTuneSpec
+from ftune.models.training.budget import Budget
+from ftune.models.training.checkpoint import (
+    checkpoint_folder,
+    load_best_weights,
+    restore_rng_state,
+    rng_state,
+    save_best_weights,
+    save_checkpoint,
+)
+from ftune.models.training.early_stopping import EarlyStopping
+from ftune.models.training.loop import train_one_epoch
+from ftune.models.training.lr_finder import lr_range_test
+from ftune.models.training.run import Callbacks, TrainingRun
+from ftune.models.training.runtime import Precision
+from ftune.models.tuning.freezing import set_train_mode
+from ftune.models.tuning.schedules import lr_multiplier
+
+log = logging.getLogger(__name__)
+
+@dataclass
+class Progress:
+    """Where the epoch loop stands; restored from a checkpoint when resuming."""
+
+    stopper: EarlyStopping
+    monitor: str
+    history: list[dict] = field(default_factory=list)
+    first_epoch: int = 0  # within the stage being resumed
+    stage_index: int = 0
+
+
+PROBE_STEPS = 2  # timed training steps (after one untimed) to plan the fine-tuning epochs
+
+
+@dataclass
+class RunSetup:
+    """What every stage shares: the backbone, the model being tuned and the decoded data."""
+
+    backbone: Backbone
+    model: FineTuneModel
+    prep: Preprocessing
+    precision: Precision
+    train_source: ImageSource
+    val_source: ImageSource
+    class_weights: torch.Tensor | None
+    should_stop: Callable[[], bool] | None = None  # also checked while features are cached
+    decoded: DecodedImages | None = None  # the dataset's images, decoded once for all jobs
+
+    def run(self, plan: StagePlan, *, cache_features: bool, epoch_offset: int = 0,
+            model: FineTuneModel | None = None) -> TrainingRun:
+        run = TrainingRun(model or self.model, plan.spec, self.backbone.stages, self.prep,
+                          self.precision, self.train_source, self.val_source, cache_features,
+                          stage=plan.name, epoch_offset=epoch_offset,
+                          class_weights=self.class_weights)
+        run.should_stop = self.should_stop
+        return run
+
+
+def plan_with_lr(setup: RunSetup, spec: FineTuneSpec, choices: dict, cache_features: bool,
+                 resumed: bool) -> tuple[list[StagePlan], list[dict], TrainingRun | None]:
+    """The stages with their learning rates: from the range test when the lr is auto (or
+    from ``choices`` when resuming). Returns the plans, the test's curve, and the run whose
+    feature cache the first stage can reuse."""
+    plans = plan_stages(spec, choices, len(setup.backbone.stages))
+    if spec.optimizer.lr != "auto":
+        return plans, [], None
+    if resumed:
+        return _rates(plans, choices, choices["optimizer.lr"]["value"]), [], None
+    probe = setup.run(with_lr(plans[0], 1e-3), cache_features=cache_features)
+    features, labels = probe.cached_features("train")
+    test = lr_range_test(setup.model.head, features, labels, loss_fn=probe.loss_fn,
+                         batch_size=spec.batch_size, seed=spec.seed)
+    head = rules.head_lr(test.suggested_lr, test.why())
+    choices["optimizer.lr"] = head.to_dict()
+    return _rates(plans, choices, head.value), test.curve, probe
+
+
+def _rates(plans: list[StagePlan], choices: dict, head_lr: float) -> list[StagePlan]:
+    rated = []
+    for plan in plans:
+        if not plan.trains_backbone:
+            rated.append(with_lr(plan, head_lr))
+            continue
+        choice = rules.finetune_lr(head_lr)
+        choices["finetune.lr" if plan.name == "finetune" else "optimizer.lr"] = {
+            "value": choice.value, "why": choice.why}
+        rated.append(with_lr(plan, choice.value))
+    return rated
+
+
+class StageRunner:
+    def __init__(self, setup: RunSetup, plans: list[StagePlan], progress: Progress,
+                 callbacks: Callbacks, choices: dict, budget: Budget, ckpt_dir: Path | None,
+                 cache_features: bool, classes: list[str]) -> None:
+        self.setup, self.plans, self.progress = setup, plans, progress
+        self.classes = classes
+        self.callbacks, self.choices, self.budget = callbacks, choices, budget
+        self.ckpt_dir, self.cache_features = ckpt_dir, cache_features
+        self.best_state: dict | None = None
+        self.best_run: TrainingRun | None = None  # the run whose epoch was the best so far
+        self.stage_offset = 0  # history rows before the current stage
+        self.out_of_time = False
+
+    def run_all(self, features_from: TrainingRun | None, state: dict | None
+                ) -> tuple[TrainingRun, bool]:
+        """Train every stage; returns the last stage's run and whether it stopped early."""
+        first = state.get("stage_index", 0) if state else 0
+        run, stopped_early = None, False
+        for index, plan in enumerate(self.plans):
+            if index < first:
+                continue
+            resuming = state is not None and index == first
+            if plan.name == "finetune":
+                plan = self._fit_to_budget(plan, resuming)
+                if plan is None:
+                    break
+            if resuming:
+                self.stage_offset = state.get("stage_offset", 0)
+            run = self.setup.run(plan, cache_features=self.cache_features,
+                                 epoch_offset=self.stage_offset)
+            if features_from is not None and run.backbone_frozen:
+                run.adopt_features(features_from)
+            self._begin(run, index, state if resuming else None)
+            stopped_early = self._train_epochs(run, index)
+            features_from, self.stage_offset = run, len(self.progress.history)
+            if self.out_of_time:
+                break
+            if self.best_state is not None:  # the next stage starts from the best so far
+                self.setup.model.load_state_dict(self.best_state)
+        assert run is not None, "a plan has at least one stage"
+        return run, stopped_early
+
+    def _begin(self, run: TrainingRun, index: int, state: dict | None) -> None:
+        progress, spec = self.progress, run.spec
+        if state is not None and "model" in state:
+            self._resume(run, state)
+        else:
+            progress.first_epoch, progress.stage_index = 0, index
+            progress.stopper.patience = spec.early_stopping.patience
+            progress.stopper.bad_epochs = 0
+        if self.callbacks.on_stage is not None:
+            self.callbacks.on_stage(run.stage, self.stage_offset + spec.epochs)
+
+    def _resume(self, run: TrainingRun, state: dict) -> None:
+        progress = self.progress
+        run.model.load_state_dict(state["model"])
+        run.set_trainable(state["n_trainable"])
+        run.optimizer.load_state_dict(state["optimizer"])
+        run.scaler.load_state_dict(state["scaler"])
+        run.step = state["step"]
+        progress.first_epoch, progress.history = state["stage_epoch"], state["history"]
+        progress.stage_index = state["stage_index"]
+        progress.stopper.load_state_dict(state["early_stopping"])
+        progress.stopper.patience = run.spec.early_stopping.patience
+        folder = checkpoint_folder(self.ckpt_dir) if self.ckpt_dir else None
+        self.best_state = load_best_weights(folder) if folder else None
+        run.best_state = self.best_state
+        restore_rng_state(state["rng"])
+        log.info("resumed at epoch %d of stage %s", len(progress.history), run.stage)
+
+    def _train_epochs(self, run: TrainingRun, index: int) -> bool:
+        """The stage's remaining epochs; True when early stopping or the budget ended it."""
+        progress, stopper, epochs = self.progress, self.progress.stopper, run.spec.epochs
+        if stopper.should_stop and progress.first_epoch < epochs:
+            return True  # a resumed stage that had already stopped early
+        for epoch in range(progress.first_epoch, epochs):
+            row = run.epoch(epoch, self.callbacks)
+            if stopper.update(row[progress.monitor], row["epoch"]):
+                self.best_state, self.best_run = run.remember_best(), run
+                if self.ckpt_dir is not None:
+                    save_best_weights(self.ckpt_dir, self.best_state)
+            progress.history.append(row)
+            progress.first_epoch = epoch + 1
+            if self.ckpt_dir is not None:
+                self._save_checkpoint(run, index)
+            if self.callbacks.on_epoch_end is not None:
+                self.callbacks.on_epoch_end(row)
+            if epoch + 1 < epochs and stopper.should_stop:
+                log.info("early stopping after epoch %d (best epoch %s)", row["epoch"],
+                         stopper.best_epoch)
+                return True
+            if epoch + 1 < epochs and not self.budget.fits(row["seconds"]):
+                self._out_of_time(row)
+                return True
+        return False
+
+    def best_val_features(self) -> torch.Tensor | None:
+        """Cached val features, when the best weights have the backbone they came from."""
+        run = self.best_run
+        if run is None or not run.backbone_frozen or not run.has_cached("val"):
+            return None
+        return run.cached_features("val")[0]
+
+    def _out_of_time(self, row: dict) -> None:
+        self.out_of_time = True
+        self.choices["time_budget_s"]["why"] += (
+            f"; it ended training after epoch {row['epoch']}, since another epoch "
+            f"(~{row['seconds']:.0f} s) would not fit")
+        log.info("time budget spent after epoch %d", row["epoch"])
+
+    def _fit_to_budget(self, plan: StagePlan, resuming: bool) -> StagePlan | None:
+        """The fine-tuning stage with as many epochs as the budget holds (None: not one)."""
+        if "finetune.epochs" in self.choices:  # planned before a restart
+            epochs = self.choices["finetune.epochs"]["value"]
+            return with_epochs(plan, epochs) if epochs else None
+        if self.budget.seconds is None or resuming:
+            return plan
+        seconds = self._epoch_seconds(plan)
+        fit = int(self.budget.left() // seconds)
+        epochs = min(plan.spec.epochs, fit)
+        why = (f"{seconds:.1f} s per epoch (timed on the first batches), "
+               f"{max(0.0, self.budget.left()):.0f} s of the time budget left")
+        if epochs < plan.spec.epochs:
+            self.choices["finetune.epochs"] = {"value": epochs, "why": why + (
+                f": {epochs} of the {plan.spec.epochs} planned fit" if epochs else
+                ": no fine-tuning epoch fits, the head alone is kept")}
+        if self.callbacks.on_resolved is not None:
+            self.callbacks.on_resolved(dict(self.choices))
+        return with_epochs(plan, epochs) if epochs else None
+
+    def _epoch_seconds(self, plan: StagePlan) -> float:
+        """One epoch of ``plan``, estimated by timing a few steps on a copy of the model."""
+        probe = self.setup.run(plan, cache_features=False,
+                               model=copy.deepcopy(self.setup.model))
+        set_train_mode(probe.model, probe.n_trainable, plan.spec.freeze.batchnorm)
+        times = []
+        batch = plan.spec.batch_size
+        order = probe._order(0)[:(PROBE_STEPS + 1) * batch]
+        for step in range(PROBE_STEPS + 1):
+            started = time.perf_counter()
+            train_one_epoch(probe.model, probe._image_batches(order[step * batch:
+                                                                    (step + 1) * batch],
+                                                              training=True),
+                            probe.optimizer, loss_fn=probe.loss_fn,
+                            precision=probe.precision, scaler=probe.scaler, first_step=0,
+                            lr_at_step=lambda s: lr_multiplier("constant", s, 1),
+                            grad_groups=probe.grad_groups())
+            times.append(time.perf_counter() - started)
+        step_s = statistics.median(times[1:])
+        val_steps = -(-len(self.setup.val_source) // batch)
+        return probe.steps_per_epoch * step_s + val_steps * step_s / 3
+
+    def _save_checkpoint(self, run: TrainingRun, index: int) -> None:
+        assert self.ckpt_dir is not None
+        progress = self.progress
+        save_checkpoint(self.ckpt_dir, {
+            "epoch": len(progress.history), "stage_epoch": progress.first_epoch,
+            "stage_index": index, "stage_offset": self.stage_offset, "step": run.step,
+            "n_trainable": run.n_trainable, "model": run.model.state_dict(),
+            "optimizer": run.optimizer.state_dict(), "scaler": run.scaler.state_dict(),
+            "early_stopping": progress.stopper.state_dict(), "history": progress.history,
+            "spec": run.spec.model_dump(mode="json"), "resolved": self.choices,
+            "classes": self.classes, "preprocessing": run.prep.to_dict(), "rng": rng_state(),
+        })

@@ -1,0 +1,120 @@
+"""The default recipe: ``{}`` beats the old default, auto choices are deterministic, class
+weights help a 10:1 imbalance, the time budget ends runs with their best weights, and a
+two-stage run resumes from its checkpoint."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ftune.models.errors import TrainingCancelled
+from ftune.models.network import build_head
+from ftune.models.spec import HeadSpec
+from ftune.models.training.fit import Callbacks, fit
+from ftune.testing.realdata import balanced_indices, write_image_folder
+
+# What ``{}`` meant before the default recipe: plain SGD, head only, 10 epochs, 224 px.
+OLD_DEFAULT = {"image_size": None, "epochs": 10, "freeze": {"strategy": "head_only"},
+               "optimizer": {"name": "sgd", "lr": 0.001, "layer_decay": None},
+               "schedule": {"name": "constant"}, "augment": "none", "class_weights": "none",
+               "early_stopping": {"patience": 3}}
+
+
+def _heldout_accuracy(result, heldout) -> float:
+    from ftune.models.predictor import Predictor
+
+    predictor = Predictor(result.model, result.classes, result.preprocessing,
+                          torch.device("cpu"))
+    images, labels = heldout  # labels are class names
+    predicted = predictor.predict(list(images), top_k=1)
+    return float(np.mean([p[0]["label"] == y for p, y in zip(predicted, labels, strict=True)]))
+
+
+def test_empty_spec_clearly_beats_the_old_default(animal_folder, animal_heldout):
+    new = fit(animal_folder, {})
+    old = fit(animal_folder, OLD_DEFAULT)
+    new_acc, old_acc = (_heldout_accuracy(r, animal_heldout) for r in (new, old))
+    assert new_acc >= old_acc + 0.05, (new_acc, old_acc)
+    assert new.resolved["image_size"]["value"] == 96  # 28 px silhouettes
+    assert {row["stage"] for row in new.history} == {"head", "finetune"}
+    assert new.lr_curve and new.resolved["optimizer.lr"]["why"].startswith("learning-rate")
+
+
+def test_auto_choices_are_deterministic_given_data_and_seed(tiny_folder):
+    spec = {"preset": "fast", "image_size": 32}
+    first, second = fit(tiny_folder, spec), fit(tiny_folder, spec)
+    assert first.resolved == second.resolved and first.lr_curve == second.lr_curve
+    assert [r["val_loss"] for r in first.history] == [r["val_loss"] for r in second.history]
+    assert set(first.resolved) >= {"optimizer.lr", "optimizer.name", "epochs", "class_weights"}
+
+
+def test_the_output_layer_starts_small_so_the_first_loss_is_about_ln_c():
+    torch.manual_seed(0)
+    head = build_head(1280, 10, HeadSpec(hidden=[256]))
+    features = torch.relu(torch.randn(512, 1280) * 3)
+    with torch.no_grad():
+        loss = torch.nn.functional.cross_entropy(head.eval()(features),
+                                                 torch.randint(10, (512,)))
+    assert abs(loss.item() - math.log(10)) < 0.15
+    hidden = head[1]  # Dropout, Linear(1280, 256): He init stays for hidden layers
+    assert float(hidden.weight.std()) == pytest.approx(math.sqrt(2 / 1280), rel=0.1)
+
+
+def _imbalanced_folder(root: Path, arrays) -> Path:
+    """Classes 0-2 with 120 training images each, class 3 with 12 (10:1); balanced val and
+    test splits of 30 each."""
+    images, labels = arrays
+    for split, per_class, offset in (("train", 120, 0), ("val", 30, 120), ("test", 30, 150)):
+        idx = balanced_indices(labels, per_class, offset=offset, classes=4)
+        if split == "train":
+            idx = np.concatenate([idx[labels[idx] != 3], idx[labels[idx] == 3][:12]])
+        write_image_folder(root / split, images[idx], labels[idx])
+    return root
+
+
+def test_balanced_class_weights_for_a_10_to_1_imbalance_raise_macro_f1(tmp_path,
+                                                                        animal_arrays):
+    data = _imbalanced_folder(tmp_path / "data", animal_arrays)
+    spec = {"preset": "fast", "image_size": 64}
+    weighted = fit(data, spec)
+    unweighted = fit(data, {**spec, "class_weights": "none"})
+    assert weighted.resolved["class_weights"]["value"] == "balanced"
+    assert "10.0x" in weighted.resolved["class_weights"]["why"]
+    f1 = [r.evaluation["test"]["macro_f1"] for r in (weighted, unweighted)]
+    assert f1[0] > f1[1], f1
+
+
+def test_a_time_budget_ends_the_run_with_its_best_weights(tiny_folder):
+    result = fit(tiny_folder, {"image_size": 32, "time_budget_s": 0.5})
+    budget = result.resolved["time_budget_s"]
+    assert budget["value"] == 0.5 and budget["why"].startswith("the spec's time_budget_s")
+    # Spent by the time the head's first epoch ends: no more epochs, no fine-tuning stage.
+    assert "ended training after epoch 1" in budget["why"]
+    assert [row["stage"] for row in result.history] == ["head"]
+    assert result.best_metrics["val_loss"] is not None and result.evaluation["val"]
+
+
+def test_a_two_stage_run_resumes_in_its_second_stage(tiny_folder, tmp_path):
+    spec = {"image_size": 32, "batch_size": 8, "epochs": 3}
+    whole = fit(tiny_folder, spec)
+    stages_seen: list[str] = []
+
+    def stop_in_finetune() -> bool:
+        return stages_seen.count("finetune") > 0 and len(finished) >= len(head_rows) + 1
+
+    head_rows = [r for r in whole.history if r["stage"] == "head"]
+    finished: list[dict] = []
+    with pytest.raises(TrainingCancelled):
+        fit(tiny_folder, spec, checkpoint_dir=tmp_path,
+            callbacks=Callbacks(on_epoch_end=finished.append, should_stop=stop_in_finetune,
+                                on_stage=lambda stage, _: stages_seen.append(stage)))
+    resumed = fit(tiny_folder, spec, checkpoint_dir=tmp_path, resume=tmp_path)
+    assert [r["epoch"] for r in resumed.history] == list(range(1, len(whole.history) + 1))
+    assert [r["stage"] for r in resumed.history] == [r["stage"] for r in whole.history]
+    assert resumed.resolved == whole.resolved
+    for a, b in zip(resumed.history, whole.history, strict=True):
+        assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-4, abs=1e-5)

@@ -1,0 +1,103 @@
+"""The store of things derived from datasets, and decoded images kept in it."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from ftune.models.backbones import create_backbone
+from ftune.models.data.discover import scan_image_folder
+from ftune.models.data.source import ImageSource
+from ftune.models.derived.decoded import KIND, decoded_images
+from ftune.models.derived.store import DerivedStore
+from ftune.models.training.fit import fit
+
+
+def _writer(size: int, calls: list | None = None):
+    def make(folder) -> None:
+        if calls is not None:
+            calls.append(1)
+            time.sleep(0.2)  # long enough for a second builder to arrive meanwhile
+        (folder / "blob").write_bytes(b"x" * size)
+    return make
+
+
+def test_an_entry_is_built_once_and_then_found(tmp_path):
+    store = DerivedStore(tmp_path, max_bytes=10_000)
+    folder, made = store.build("decoded", "k1", _writer(100), owner="t1")
+    assert made and (folder / "blob").read_bytes() == b"x" * 100
+    again, made_again = store.build("decoded", "k1", _writer(100), owner="t1")
+    assert again == folder and not made_again
+    assert store.lookup("decoded", "k2") is None
+    assert not list((tmp_path / ".tmp").iterdir())  # nothing half-built left
+
+
+def test_concurrent_builders_of_one_key_build_it_once(tmp_path):
+    store = DerivedStore(tmp_path, max_bytes=10_000)
+    calls: list[int] = []
+    threads = [threading.Thread(target=store.build, args=("decoded", "k", _writer(10, calls)))
+               for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(calls) == 1 and len(store.entries()) == 1
+
+
+def test_least_recently_used_entries_go_beyond_the_cap_and_owners_are_accounted(tmp_path):
+    store = DerivedStore(tmp_path, max_bytes=2500)
+    store.build("decoded", "a", _writer(1000), owner="t1")
+    time.sleep(0.02)
+    store.build("decoded", "b", _writer(1000), owner="t2")
+    time.sleep(0.02)
+    assert store.lookup("decoded", "a") is not None  # a used since: b is now the oldest
+    time.sleep(0.02)
+    store.build("decoded", "c", _writer(1000), owner="t1")
+    assert sorted(e.key for e in store.entries()) == ["a", "c"]
+    assert store.usage_by_owner() == {"t1": 2000}
+    assert store.clean(owner="t2") == (0, 0)
+    assert store.clean(owner="t1") == (2, 2000)
+    assert store.entries() == []
+
+
+@pytest.mark.parametrize("name", ["../x", ".hidden", "a/b", "", "UPPER"])
+def test_names_cannot_leave_the_store(tmp_path, name):
+    with pytest.raises(ValueError):
+        DerivedStore(tmp_path, 100).build("decoded", name, _writer(1))
+
+
+def test_decoded_images_match_decoding_in_memory(tmp_path, tiny_folder):
+    index = scan_image_folder(tiny_folder)
+    prep = create_backbone("tf_efficientnet_lite0", pretrained=False, image_size=32).preprocessing
+    paths = [s.path for s in index.train]
+    decoded, made = decoded_images(DerivedStore(tmp_path, 10**9), index.content_hash, paths,
+                                   index.root, prep, 32)
+    assert made
+    labels = [s.label for s in index.train]
+    stored = ImageSource(paths, labels, prep, 32, decoded=decoded, root=index.root)
+    fresh = ImageSource(paths, labels, prep, 32)
+    assert stored.predecoded and not fresh.predecoded
+    order = torch.randperm(len(paths))
+    for (a, la, _), (b, lb, _) in zip(stored.batches(order, 8), fresh.batches(order, 8),
+                                      strict=True):
+        assert torch.equal(a, b) and torch.equal(la, lb)
+
+
+def test_a_second_job_on_the_same_data_decodes_nothing(tmp_path, tiny_folder, caplog):
+    store = DerivedStore(tmp_path / "cache", 10**9)
+    spec = {"preset": "fast", "image_size": 32, "epochs": 2}
+    with caplog.at_level("INFO", logger="ftune.models.training.fit"):
+        first = fit(tiny_folder, spec, derived=store, owner="t1")
+        second = fit(tiny_folder, spec, derived=store, owner="t2")
+    messages = [r.getMessage() for r in caplog.records if "images at 32 px" in r.getMessage()]
+    assert messages[0].startswith("decoded 36 images") and \
+        messages[1].startswith("reused the decoded 36 images")
+    assert [e.kind for e in store.entries()] == [KIND]
+    assert store.usage_by_owner().keys() == {"t1"}
+    assert [r["val_loss"] for r in first.history] == [r["val_loss"] for r in second.history]
+    plain = fit(tiny_folder, spec)
+    assert [r["val_loss"] for r in plain.history] == pytest.approx(
+        [r["val_loss"] for r in first.history], rel=1e-5)

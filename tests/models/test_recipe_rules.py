@@ -1,0 +1,155 @@
+"""Each auto rule on its own, and resolve_static as a whole: same statistics, same choices."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from ftune.models.recipe import rules
+from ftune.models.recipe.plan import plan_stages
+from ftune.models.recipe.presets import PRESETS
+from ftune.models.recipe.resolve import (
+    apply_static,
+    image_passes,
+    planned_epochs,
+    resolve_static,
+)
+from ftune.models.recipe.stats import DatasetStats, size_summary, stats_from_report
+from ftune.models.spec import FineTuneSpec, parse_spec
+
+BALANCED = PRESETS["balanced"]
+
+
+@pytest.mark.parametrize(("short_side", "expected"), [
+    (8, 96), (28, 96), (40, 128), (50, 160), (75, 224), (500, 224), (3000, 224), (None, 224)])
+def test_image_size_upscales_small_images_at_most_3x_and_keeps_photos_at_backbone_size(
+        short_side, expected):
+    choice = rules.image_size(short_side, 224)
+    assert choice.value == expected
+    assert (str(short_side) in choice.why) if short_side else "unknown" in choice.why
+
+
+def test_image_size_never_exceeds_the_backbone_size():
+    assert rules.image_size(100, 160).value == 160
+
+
+@pytest.mark.parametrize(("ratio", "expected"), [
+    (None, "none"), (1.0, "none"), (2.9, "none"), (3.0, "balanced"), (10.0, "balanced")])
+def test_class_weights_are_balanced_from_3_to_1(ratio, expected):
+    assert rules.class_weights(ratio).value == expected
+
+
+def test_optimizer_is_adam():
+    assert rules.optimizer_name().value == "adam"
+
+
+@pytest.mark.parametrize(("images", "preset", "expected"), [
+    (200, "balanced", 1), (2700, "balanced", 2), (20_000, "balanced", 3),
+    (2700, "best", 3), (2700, "fast", 0)])
+def test_more_data_trains_more_stages(images, preset, expected):
+    assert rules.stages_to_train(images, PRESETS[preset]).value == expected
+
+
+def test_stages_are_capped_by_the_backbone():
+    assert rules.stages_to_train(50_000, PRESETS["best"], num_stages=2).value == 2
+
+
+@pytest.mark.parametrize(("images", "expected"), [(100, 12), (200, 10), (2700, 3),
+                                                   (100_000, 2)])
+def test_finetune_epochs_fall_with_dataset_size(images, expected):
+    assert rules.finetune_epochs(images, BALANCED).value == expected
+
+
+def test_best_preset_trains_longer():
+    assert rules.finetune_epochs(2700, PRESETS["best"]).value > \
+        rules.finetune_epochs(2700, BALANCED).value
+
+
+def test_time_budget_comes_from_spec_else_preset_and_is_capped_by_the_run_time_limit():
+    assert rules.time_budget(BALANCED, None, None).value == BALANCED.budget_s
+    assert rules.time_budget(BALANCED, 60, None).value == 60
+    capped = rules.time_budget(BALANCED, None, 1000)
+    assert capped.value == 800 and "run-time limit" in capped.why
+
+
+def test_head_lr_is_kept_in_range_and_finetune_lr_is_a_third_at_most_1e_3():
+    assert rules.head_lr(5.0, "test").value == rules.HEAD_LR[1]
+    assert rules.head_lr(1e-7, "test").value == rules.HEAD_LR[0]
+    assert rules.head_lr(3e-3, "test").value == 3e-3
+    assert rules.finetune_lr(3e-3).value == 1e-3
+    assert math.isclose(rules.finetune_lr(1.5e-3).value, 5e-4)
+
+
+def test_size_summary_reads_the_median_short_side():
+    summary = size_summary([(28, 28), (640, 480), (30, 40), (1000, 20)])
+    assert summary["median_short_side"] == 28
+    assert summary["min_short_side"] == 20 and summary["max_short_side"] == 480
+    assert size_summary([]) is None
+
+
+def _stats(counts: dict[str, int], side: int | None = 28) -> DatasetStats:
+    return DatasetStats(counts, side)
+
+
+def test_empty_spec_resolves_every_static_field_with_a_reason():
+    resolved = resolve_static(FineTuneSpec(), _stats({"a": 100, "b": 120}))
+    assert set(resolved) == {"image_size", "class_weights", "optimizer.name", "epochs",
+                             "freeze.strategy", "freeze.n_blocks"}
+    assert all(choice["why"] for choice in resolved.values())
+    assert resolved["freeze.strategy"]["value"] == "two_stage"
+    spec = apply_static(FineTuneSpec(), resolved)
+    assert spec.image_size == 96 and spec.optimizer.name == "adam"
+    assert spec.class_weights == "none" and spec.freeze.strategy == "auto"
+
+
+def test_explicit_values_win():
+    spec = parse_spec({"image_size": 64, "optimizer": {"name": "sgd", "lr": 0.01},
+                       "freeze": {"strategy": "head_only"}, "epochs": 4,
+                       "class_weights": "none"})
+    resolved = resolve_static(spec, _stats({"a": 100, "b": 10}))
+    assert resolved == {}
+    assert apply_static(spec, resolved) == spec
+    (plan,) = plan_stages(spec, resolved, num_stages=7)
+    assert plan.spec.freeze.strategy == "head_only" and plan.spec.epochs == 4
+    assert plan.spec.optimizer.lr == 0.01 and plan.spec.optimizer.name == "sgd"
+
+
+def test_the_same_statistics_give_the_same_choices():
+    stats = _stats({"a": 300, "b": 30}, side=50)
+    assert resolve_static(FineTuneSpec(), stats) == resolve_static(FineTuneSpec(), stats)
+
+
+def test_two_stage_plan_has_a_cached_head_stage_then_a_finetune_stage():
+    spec = FineTuneSpec()
+    resolved = resolve_static(spec, _stats({"a": 1000, "b": 1000}))
+    head, finetune = plan_stages(apply_static(spec, resolved), resolved, num_stages=9)
+    assert head.spec.freeze.strategy == "head_only" and head.spec.augment == "none"
+    assert finetune.spec.freeze.strategy == "last_n_blocks"
+    assert finetune.spec.freeze.n_blocks == 2 and finetune.spec.augment == "light"
+    assert finetune.spec.schedule.name == "cosine" and finetune.spec.schedule.warmup_epochs > 0
+    assert finetune.spec.optimizer.layer_decay == rules.LAYER_DECAY
+    assert finetune.spec.freeze.batchnorm == "frozen"
+
+
+def test_fast_preset_is_head_only_on_cached_features():
+    spec = FineTuneSpec(preset="fast")
+    resolved = resolve_static(spec, _stats({"a": 1000, "b": 1000}))
+    (head,) = plan_stages(apply_static(spec, resolved), resolved, num_stages=9)
+    assert head.spec.freeze.strategy == "head_only" and head.spec.augment == "none"
+    assert image_passes(spec, resolved) == 1
+    assert planned_epochs(spec, resolved) == PRESETS["fast"].head_max_epochs
+
+
+def test_quota_counts_image_passes_not_cached_head_epochs():
+    spec = FineTuneSpec()
+    resolved = resolve_static(spec, _stats({"a": 1350, "b": 1350}))
+    finetune = resolved["epochs"]["value"]
+    assert image_passes(spec, resolved) == finetune + 1
+    assert planned_epochs(spec, resolved) == finetune + BALANCED.head_max_epochs
+
+
+def test_stats_from_an_old_report_have_no_sizes():
+    stats = stats_from_report({"ok": True}, {"a": 3, "b": 9})
+    assert stats.median_short_side is None and stats.imbalance_ratio == 3.0
+    assert resolve_static(FineTuneSpec(), stats)["image_size"]["value"] == 224
