@@ -8,7 +8,8 @@ one run on this machine:
 * ``empty_spec``: ``POST /v1/jobs`` with ``{}`` through the service (``ftune up``, one
   worker), from the upload until the job has succeeded; accuracy on the held-out images
   from the model's evaluation.
-* ``fast``: the same with ``{"preset": "fast"}``.
+* ``fast``: the same with ``{"preset": "fast"}``; and ``fast_in_process``, ``fit`` with it in
+  this process, timed stage by stage (setup, features, head, evaluate, bundle).
 * ``probe``: hand-written frozen-feature probe. Decode, resize, lite0 features at the size
   the recipe picks, then scikit-learn's logistic regression (standardised features, L2).
 * ``full_finetune``: hand-written full fine-tune, ``fit`` with every stage training, Adam
@@ -27,6 +28,7 @@ fine-tune's wall time; ``fast`` within 1.5x the probe's wall time at its accurac
 from __future__ import annotations
 
 import argparse
+import itertools
 import signal
 import tempfile
 import time
@@ -106,6 +108,21 @@ def probe(root: Path, image_size: int) -> tuple[float, float]:
     return accuracy, time.perf_counter() - started
 
 
+def fast_profile(root: Path) -> tuple[float, float, str]:
+    """``fit`` with preset fast in this process, timed stage by stage, plus the bundle."""
+    from ftune.models.bundle import save_bundle
+    from ftune.models.training.fit import Callbacks
+
+    marks: list[tuple[str, float]] = [("setup", time.perf_counter())]
+    result = fit(root, {"preset": "fast"}, callbacks=Callbacks(
+        on_stage=lambda stage, _: marks.append((stage, time.perf_counter()))))
+    marks.append(("bundle", time.perf_counter()))
+    save_bundle(result, Path(tempfile.mkdtemp()) / "model")
+    marks.append(("end", time.perf_counter()))
+    parts = " ".join(f"{name}_s={b - a:.1f}" for (name, a), (_, b) in itertools.pairwise(marks))
+    return result.evaluation["test"]["accuracy"], marks[-1][1] - marks[0][1], parts
+
+
 def full_finetune(root: Path) -> tuple[float, float]:
     started = time.perf_counter()
     result = fit(root, FULL_FINETUNE)
@@ -138,6 +155,9 @@ def run_dataset(name: str, root: Path, client: httpx.Client) -> None:
     show(name, "fast", acc, wall, f"image_size={size} epochs={len(job['metrics'])}")
     results["probe"] = probe(root, size)
     show(name, "probe", *results["probe"], f"image_size={size}")
+    acc, wall, parts = fast_profile(root)
+    show(name, "fast_in_process", acc, wall, f"{parts} (ratio to probe "
+         f"{wall / results['probe'][1]:.2f})")
     acc, wall, job = through_service(client, archive, {})
     results["empty_spec"] = acc, wall
     stages = [row["stage"] for row in job["metrics"]]

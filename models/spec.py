@@ -70,7 +70,8 @@ class OptimizerSpec(_Strict):
                   "adamw"] = Field("auto", description="auto: Adam.")
     lr: AutoFloat(above=0.0, at_most=10.0) = Field(  # type: ignore[valid-type]
         "auto", description="auto: a learning-rate range test on the cached features picks "
-        "the head's rate; stages that train get a third of it, at most 1e-3.")
+        "the head's rate; stages that train get the same rate, at most 1e-3 (lower stages "
+        "less, by layer_decay).")
     momentum: float = Field(0.9, ge=0.0, lt=1.0, description="Used by momentum/nesterov/rmsprop.")
     weight_decay: float = Field(
         0.0, ge=0.0, le=1.0, description="L2 penalty; never applied to biases or norm parameters."
@@ -93,7 +94,7 @@ class EarlyStoppingSpec(_Strict):
     monitor: Literal["val_loss", "val_accuracy"] = "val_loss"
     patience: AutoInt(at_least=1) = Field(  # type: ignore[valid-type]
         "auto", description="Epochs without improvement before stopping. auto: 3, or the "
-        "preset's for each stage of freeze.strategy auto (head 4, fine-tuning 2 with "
+        "preset's for each stage of freeze.strategy auto (head 4, fine-tuning 3 with "
         "balanced).")
     min_delta: float = Field(0.0, ge=0.0, description="Smallest change that counts as better.")
 
@@ -134,9 +135,12 @@ class FineTuneSpec(_Strict):
     early_stopping: EarlyStoppingSpec = Field(default_factory=EarlyStoppingSpec)
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
     grad_clip_norm: float | None = Field(None, gt=0.0)
-    augment: Literal["auto", "none", "light", "strong"] = Field(
-        "auto", description="auto: none while the backbone is frozen (features are cached), "
-        "light when stages train (strong with preset best).")
+    augment: Literal["auto", "none", "crop", "light", "strong"] = Field(
+        "auto", description="crop: random resized crops (75-100% of the area); light: wider "
+        "crops and horizontal flips (for classes a mirror image does not change); strong: "
+        "also colour jitter. auto: none while the backbone is frozen (features are cached), "
+        "light when stages train (strong with preset best); use crop or none for classes a "
+        "mirror image changes.")
     class_weights: Literal["auto", "balanced", "none"] = Field(
         "auto", description="balanced weighs each class's loss by n/(C*n_c). auto: balanced "
         "when the largest class has 3 times the images of the smallest, or more.")

@@ -44,17 +44,20 @@ def normalize(batch: torch.Tensor, prep: Preprocessing) -> torch.Tensor:
     return torch.addcmul(-mean / std, batch.float(), scale)
 
 
-# (min area fraction, colour jitter) for each augmentation level.
-_LEVELS = {"light": (0.6, 0.0), "strong": (0.25, 0.4)}
+# (min area fraction, colour jitter, horizontal flips) for each augmentation level. Flips
+# assume a mirrored image is the same class, which digits and text are not: "crop" has none.
+_LEVELS = {"crop": (0.75, 0.0, False), "light": (0.6, 0.0, True),
+           "strong": (0.25, 0.4, True)}
 
 
 def augment(batch: torch.Tensor, out_size: int, level: str) -> torch.Tensor:
-    """Random resized crop + horizontal flip (+ colour jitter for "strong") on a float batch.
+    """Random resized crop (+ horizontal flip for "light" and "strong", + colour jitter for
+    "strong") on a float batch.
 
     Works on the whole batch at once with roi_align, on whatever device the batch lives on.
     Draws from torch's global RNG so a resumed run repeats the same augmentations.
     """
-    min_area, jitter = _LEVELS[level]
+    min_area, jitter, flips = _LEVELS[level]
     n, _, h, w = batch.shape
     area = torch.empty(n).uniform_(min_area, 1.0) * h * w
     log_ratio = torch.empty(n).uniform_(math.log(3 / 4), math.log(4 / 3))
@@ -63,7 +66,7 @@ def augment(batch: torch.Tensor, out_size: int, level: str) -> torch.Tensor:
     crop_h = torch.sqrt(area / ratio).clamp(max=h)
     x0 = torch.rand(n) * (w - crop_w)
     y0 = torch.rand(n) * (h - crop_h)
-    flip = torch.rand(n) < 0.5
+    flip = (torch.rand(n) < 0.5) & torch.tensor(flips)  # drawn anyway: same RNG stream
     # roi_align needs x0 <= x1, so flipping happens after the crop.
     boxes = torch.stack([torch.arange(n, dtype=torch.float), x0, y0, x0 + crop_w, y0 + crop_h], 1)
     out = roi_align(batch, boxes.to(batch.device, batch.dtype), output_size=out_size,

@@ -37,7 +37,7 @@ def resolve_static(spec: FineTuneSpec, stats: DatasetStats) -> Resolved:
     choices: dict[str, rules.Choice] = {}
     if spec.image_size == "auto":
         choices["image_size"] = rules.image_size(stats.median_short_side,
-                                                 backbone_size(spec.backbone))
+                                                 backbone_size(spec.backbone), spec.preset)
     if spec.class_weights == "auto":
         choices["class_weights"] = rules.class_weights(stats.imbalance_ratio)
     if spec.optimizer.name == "auto":

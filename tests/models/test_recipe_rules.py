@@ -34,6 +34,11 @@ def test_image_size_never_exceeds_the_backbone_size():
     assert rules.image_size(100, 160).value == 160
 
 
+@pytest.mark.parametrize(("short_side", "expected"), [(8, 128), (28, 128), (40, 160), (75, 224)])
+def test_preset_best_upscales_at_most_4x(short_side, expected):
+    assert rules.image_size(short_side, 224, "best").value == expected
+
+
 @pytest.mark.parametrize(("ratio", "expected"), [
     (None, "none"), (1.0, "none"), (2.9, "none"), (3.0, "balanced"), (10.0, "balanced")])
 def test_class_weights_are_balanced_from_3_to_1(ratio, expected):
@@ -78,7 +83,7 @@ def test_head_lr_is_kept_in_range_and_finetune_lr_is_a_third_at_most_1e_3():
     assert rules.head_lr(1e-7, "test").value == rules.HEAD_LR[0]
     assert rules.head_lr(3e-3, "test").value == 3e-3
     assert rules.finetune_lr(3e-3).value == 1e-3
-    assert math.isclose(rules.finetune_lr(1.5e-3).value, 5e-4)
+    assert math.isclose(rules.finetune_lr(5e-4).value, 5e-4)
 
 
 def test_size_summary_reads_the_median_short_side():
@@ -153,3 +158,30 @@ def test_stats_from_an_old_report_have_no_sizes():
     stats = stats_from_report({"ok": True}, {"a": 3, "b": 9})
     assert stats.median_short_side is None and stats.imbalance_ratio == 3.0
     assert resolve_static(FineTuneSpec(), stats)["image_size"]["value"] == 224
+
+
+def test_the_range_test_suggests_where_the_loss_falls_fastest():
+    from ftune.models.training.lr_finder import steepest
+
+    # Flat, then falling fastest around 1e-3, bottoming out at 3e-2, then exploding.
+    rates = [10 ** (-6 + 6 * i / 199) for i in range(200)]
+    losses = [2.3 - 2.0 / (1 + math.exp(-3 * (math.log10(r) + 3))) for r in rates]
+    lowest = rates[min(range(200), key=lambda i: losses[i] if rates[i] < 0.03 else 9)]
+    suggested = steepest(list(zip(rates, losses, strict=True)), lowest)
+    assert 5e-4 < suggested < 2e-3
+    assert steepest([(1e-3, 1.0), (2e-3, 0.9)], 2e-3) == pytest.approx(2e-4)
+
+
+def test_crop_augmentation_never_mirrors():
+    import torch
+
+    from ftune.models.data.transforms import augment
+
+    torch.manual_seed(0)
+    batch = torch.zeros(64, 3, 32, 32)
+    batch[:, :, :, :8] = 255.0  # a bar on the left edge
+    for level, mirrored_expected in (("crop", False), ("light", True)):
+        out = augment(batch, 32, level)
+        right_heavy = out[:, :, :, 16:].mean(dim=(1, 2, 3)) > out[:, :, :, :16].mean(
+            dim=(1, 2, 3))
+        assert bool(right_heavy.any()) is mirrored_expected, level
