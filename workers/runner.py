@@ -6,7 +6,7 @@ import logging
 import shutil
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import TYPE_CHECKING
 
@@ -14,6 +14,7 @@ from sqlalchemy.exc import IntegrityError
 
 from ftune.models.derived.store import DerivedStore
 from ftune.models.errors import DatasetError, TrainingCancelled
+from ftune.models.recipe.resolve import STATIC_FIELDS
 from ftune.models.spec import parse_spec
 from ftune.models.training.checkpoint import CHECKPOINT_NAME
 from ftune.service.db.session import Database
@@ -154,7 +155,9 @@ class JobRunner:
     def _train_with_oom_retry(self, job: Job, reporter: ProgressReporter,
                               seconds_left: float) -> str:
         job_id, spec_json, dataset_id = job.id, job.spec, job.dataset_id
-        run = _RunInputs(job.resolved or {}, seconds_left, job.tenant_id)
+        # Only the submit-time choices: what a run measures is measured again on each attempt.
+        static = {k: v for k, v in (job.resolved or {}).items() if k in STATIC_FIELDS}
+        run = _RunInputs(static, seconds_left, job.tenant_id)
         smaller = None
         try:
             return self._train(job_id, spec_json, dataset_id, reporter, run)
@@ -174,6 +177,8 @@ class JobRunner:
             transitions.replace_spec(session, job_id, smaller,
                                    f"out of memory at batch_size {old}; retrying once "
                                    f"with batch_size {new}")
+        if reporter.deadline is not None:  # the retry has what is left of the run time
+            run = replace(run, seconds_left=reporter.deadline - time.monotonic())
         return self._train(job_id, smaller, dataset_id, reporter, run)
 
     def _owner_and_name(self, job_id: str, dataset_id: str) -> tuple[str, str]:

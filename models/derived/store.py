@@ -99,6 +99,8 @@ class DerivedStore:
     def entries(self) -> list[Entry]:
         found = []
         for meta_path in self.root.glob(f"*/*/{META}"):
+            if meta_path.parent.parent.name.startswith("."):
+                continue  # a build not yet renamed into place, or an entry being removed
             try:
                 meta = json.loads(meta_path.read_text())
                 used = meta_path.stat().st_mtime

@@ -15,8 +15,10 @@ from ftune.models.recipe.stats import DatasetStats
 from ftune.models.spec import FineTuneSpec
 
 DEFAULT_BACKBONE_SIZE = 224
-# Fields resolve_static decides, as (dotted name, how to read it from a spec).
-STATIC_FIELDS = ("image_size", "class_weights", "optimizer.name", "epochs", "freeze.strategy")
+# The choices resolve_static makes: only these are passed from the API to the worker (what
+# the worker measures, such as learning rates, is measured again on each attempt).
+STATIC_FIELDS = ("image_size", "class_weights", "optimizer.name", "epochs", "freeze.strategy",
+                 "freeze.n_blocks")
 
 Resolved = dict[str, dict]  # field -> {"value": ..., "why": "..."}
 
@@ -65,6 +67,9 @@ def apply_static(spec: FineTuneSpec, resolved: Resolved) -> FineTuneSpec:
     for name in ("image_size", "class_weights", "epochs"):
         if data[name] == "auto" and name in resolved:
             data[name] = resolved[name]["value"]
+    if spec.epochs == "auto" and "epochs" in resolved:  # a warmup longer than the run shrinks
+        data["schedule"]["warmup_epochs"] = min(data["schedule"]["warmup_epochs"],
+                                                data["epochs"])
     if data["optimizer"]["name"] == "auto" and "optimizer.name" in resolved:
         data["optimizer"]["name"] = resolved["optimizer.name"]["value"]
     return FineTuneSpec.model_validate(data)

@@ -225,11 +225,11 @@ class StageRunner:
         """The fine-tuning stage with as many epochs as the budget holds (None: not one)."""
         if "finetune.epochs" in self.choices:  # planned before a restart
             epochs = self.choices["finetune.epochs"]["value"]
-            return with_epochs(plan, epochs) if epochs else None
+            return with_epochs(plan, epochs) if epochs > 0 else None
         if self.budget.seconds is None or resuming:
             return plan
         seconds = self._epoch_seconds(plan)
-        fit = int(self.budget.left() // seconds)
+        fit = max(0, int(self.budget.left() // seconds))  # the budget may be spent already
         epochs = min(plan.spec.epochs, fit)
         why = (f"{seconds:.1f} s per epoch (timed on the first batches), "
                f"{max(0.0, self.budget.left()):.0f} s of the time budget left")

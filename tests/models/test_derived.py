@@ -101,3 +101,13 @@ def test_a_second_job_on_the_same_data_decodes_nothing(tmp_path, tiny_folder, ca
     plain = fit(tiny_folder, spec)
     assert [r["val_loss"] for r in plain.history] == pytest.approx(
         [r["val_loss"] for r in first.history], rel=1e-5)
+
+
+def test_builds_in_progress_and_entries_being_removed_are_not_entries(tmp_path):
+    store = DerivedStore(tmp_path, max_bytes=10_000)
+    store.build("decoded", "real", _writer(10), owner="t1")
+    for hidden in (".tmp/abc", ".tmp/gone-def"):
+        folder = tmp_path / hidden
+        folder.mkdir(parents=True)
+        (folder / "meta.json").write_text('{"kind": "decoded", "key": "x", "bytes": 5}')
+    assert [e.key for e in store.entries()] == ["real"]

@@ -185,3 +185,11 @@ def test_crop_augmentation_never_mirrors():
         right_heavy = out[:, :, :, 16:].mean(dim=(1, 2, 3)) > out[:, :, :, :16].mean(
             dim=(1, 2, 3))
         assert bool(right_heavy.any()) is mirrored_expected, level
+
+
+def test_a_warmup_longer_than_the_auto_epochs_shrinks_to_fit():
+    spec = parse_spec({"schedule": {"warmup_epochs": 3}})
+    resolved = resolve_static(spec, _stats({"a": 15_000, "b": 15_000}))
+    assert resolved["epochs"]["value"] == 2
+    filled = apply_static(spec, resolved)
+    assert filled.epochs == 2 and filled.schedule.warmup_epochs == 2
