@@ -89,11 +89,12 @@ def test_balanced_class_weights_for_a_10_to_1_imbalance_raise_macro_f1(tmp_path,
 
 
 def test_a_time_budget_ends_the_run_with_its_best_weights(tiny_folder):
-    result = fit(tiny_folder, {"image_size": 32, "time_budget_s": 0.5})
+    # 10 ms: spent before the first epoch ends on any machine (decoding alone takes longer).
+    result = fit(tiny_folder, {"image_size": 32, "time_budget_s": 0.01})
     budget = result.resolved["time_budget_s"]
-    assert budget["value"] == 0.5 and budget["why"].startswith("the spec's time_budget_s")
+    assert budget["value"] == 0.01 and budget["why"].startswith("the spec's time_budget_s")
     # Spent by the time the head's first epoch ends: no more epochs, no fine-tuning stage.
-    assert "ended training after epoch 1" in budget["why"]
+    assert "it ended training after epoch 1," in budget["why"]
     assert [row["stage"] for row in result.history] == ["head"]
     assert result.best_metrics["val_loss"] is not None and result.evaluation["val"]
 
