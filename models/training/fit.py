@@ -16,7 +16,6 @@ import torch
 
 from ftune.models import memory
 from ftune.models.backbones import Backbone, create_backbone
-from ftune.models.backbones.catalog import PACKAGED_BACKBONES
 from ftune.models.data.discover import ImageFolderIndex, Sample, scan_image_folder
 from ftune.models.data.images import open_checked
 from ftune.models.data.source import ImageSource
@@ -29,7 +28,7 @@ from ftune.models.errors import DatasetError, ResourceError
 from ftune.models.evaluation import evaluate_splits
 from ftune.models.network import FineTuneModel, build_head
 from ftune.models.preprocessing import Preprocessing
-from ftune.models.recipe.resolve import apply_static, resolve_static
+from ftune.models.recipe.resolve import apply_static, backbone_size, resolve_static
 from ftune.models.recipe.stats import DatasetStats
 from ftune.models.settings import engine_settings
 from ftune.models.spec import FineTuneSpec, parse_spec
@@ -280,7 +279,7 @@ def check_memory(spec: FineTuneSpec, device: torch.device, *, num_classes: int,
     capacity = device_memory_bytes(device)
     needed = memory.estimate(spec, num_classes=num_classes, num_images=num_images,
                              image_size=spec.image_size if isinstance(spec.image_size, int)
-                             else _default_size(spec.backbone),
+                             else backbone_size(spec.backbone),
                              decode_cache_bytes=engine_settings().decode_cache_bytes)
     if capacity is None or needed is None or needed.total_bytes <= capacity * MEMORY_HEADROOM:
         return
@@ -288,11 +287,6 @@ def check_memory(spec: FineTuneSpec, device: torch.device, *, num_classes: int,
         f"this run needs {needed.describe()} but the {device.type} has "
         f"{capacity / 2**30:.1f} GB; lower batch_size or image_size, or freeze more of the "
         "backbone (freeze.strategy head_only or last_n_blocks)")
-
-
-def _default_size(backbone: str) -> int | None:
-    entry = PACKAGED_BACKBONES.get(backbone)
-    return entry.input_size if entry else None
 
 
 def _result(run: TrainingRun, backbone: Backbone, index: ImageFolderIndex, progress: Progress,

@@ -4,6 +4,7 @@ schedule step and the frozen-feature caches."""
 from __future__ import annotations
 
 import math
+import statistics
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -191,6 +192,22 @@ class TrainingRun:
         for start in range(0, len(order), self.spec.batch_size):
             idx = order[start:start + self.spec.batch_size]
             yield features[idx], labels[idx]
+
+    def seconds_per_step(self, steps: int) -> float:
+        """Median time of ``steps`` training steps (after one untimed): for planning epochs.
+        The steps change this run's weights, so it is called on a throwaway copy."""
+        set_train_mode(self.model, self.n_trainable, self.spec.freeze.batchnorm)
+        batch, order = self.spec.batch_size, self._order(0)[:(steps + 1) * self.spec.batch_size]
+        times = []
+        for step in range(steps + 1):
+            started = time.perf_counter()
+            train_one_epoch(self.model, self._image_batches(order[step * batch:(step + 1) * batch],
+                                                            training=True),
+                            self.optimizer, loss_fn=self.loss_fn, precision=self.precision,
+                            scaler=self.scaler, first_step=0, lr_at_step=lambda _: 1.0,
+                            grad_groups=self.grad_groups())
+            times.append(time.perf_counter() - started)
+        return statistics.median(times[1:])
 
     def adopt_features(self, other: TrainingRun) -> None:
         """Reuse another run's cached features (same frozen backbone, same sources)."""

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import statistics
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,12 +30,9 @@ from ftune.models.training.checkpoint import (
     save_checkpoint,
 )
 from ftune.models.training.early_stopping import EarlyStopping
-from ftune.models.training.loop import train_one_epoch
 from ftune.models.training.lr_finder import lr_range_test
 from ftune.models.training.run import Callbacks, TrainingRun
 from ftune.models.training.runtime import Precision
-from ftune.models.tuning.freezing import set_train_mode
-from ftune.models.tuning.schedules import lr_multiplier
 
 log = logging.getLogger(__name__)
 
@@ -245,21 +240,8 @@ class StageRunner:
         """One epoch of ``plan``, estimated by timing a few steps on a copy of the model."""
         probe = self.setup.run(plan, cache_features=False,
                                model=copy.deepcopy(self.setup.model))
-        set_train_mode(probe.model, probe.n_trainable, plan.spec.freeze.batchnorm)
-        times = []
+        step_s = probe.seconds_per_step(PROBE_STEPS)
         batch = plan.spec.batch_size
-        order = probe._order(0)[:(PROBE_STEPS + 1) * batch]
-        for step in range(PROBE_STEPS + 1):
-            started = time.perf_counter()
-            train_one_epoch(probe.model, probe._image_batches(order[step * batch:
-                                                                    (step + 1) * batch],
-                                                              training=True),
-                            probe.optimizer, loss_fn=probe.loss_fn,
-                            precision=probe.precision, scaler=probe.scaler, first_step=0,
-                            lr_at_step=lambda s: lr_multiplier("constant", s, 1),
-                            grad_groups=probe.grad_groups())
-            times.append(time.perf_counter() - started)
-        step_s = statistics.median(times[1:])
         val_steps = -(-len(self.setup.val_source) // batch)
         return probe.steps_per_epoch * step_s + val_steps * step_s / 3
 
