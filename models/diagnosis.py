@@ -13,6 +13,9 @@ from dataclasses import asdict, dataclass
 # Thresholds, each a judgement call documented by its finding's evidence.
 DIVERGING_RISE = 1.5  # final train loss above first by this factor
 UNSTABLE_JUMP = 2.0  # an epoch's train loss above the previous one by this factor
+# An epoch's mean train loss this many times the loss of guessing (ln C): the output layer
+# starts small, so the loss begins near ln C; steps too large throw it far above.
+ABOVE_CHANCE = 3.0
 NO_PROGRESS_SHARE = 0.9  # of the loss of guessing (ln C) still left after training
 OVERFIT_GAP = 0.15  # train accuracy minus val accuracy
 OVERFIT_VAL_RISE = 1.2  # final val loss above the best by this factor
@@ -34,7 +37,7 @@ def _finite(values: list) -> list[float]:
     return [float(v) for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
 
 
-def _diverging(history: list[dict], error: str | None) -> Finding | None:
+def _diverging(history: list[dict], error: str | None, num_classes: int) -> Finding | None:
     if error and ("loss became" in error or "non-finite" in error):
         return Finding("diverging", "The loss diverged to infinity or NaN.", error,
                        "Lower optimizer.lr (or use lr auto), or set grad_clip_norm.")
@@ -47,6 +50,12 @@ def _diverging(history: list[dict], error: str | None) -> Finding | None:
     if len(finite) >= 2 and finite[-1] > DIVERGING_RISE * finite[0]:
         return Finding("diverging", "The training loss rose instead of falling.",
                        f"train_loss went from {finite[0]:.3g} to {finite[-1]:.3g}",
+                       "Lower optimizer.lr (a tenth), or use lr auto.")
+    chance = math.log(num_classes) if num_classes >= 2 else None
+    if chance and finite and max(finite) > ABOVE_CHANCE * chance:
+        return Finding("diverging", "The training loss went far above the loss of guessing.",
+                       f"train_loss reached {max(finite):.3g}, {max(finite) / chance:.1f}x "
+                       f"the {chance:.3g} of guessing among {num_classes} classes",
                        "Lower optimizer.lr (a tenth), or use lr auto.")
     # Within a stage only: a new stage (more layers, augmentation) starts from a higher loss.
     jumps = [(b["epoch"], b["train_loss"] / a["train_loss"])
@@ -159,7 +168,7 @@ def diagnose(history: list[dict], *, num_classes: int, evaluation: dict | None =
              stopped_early: bool = False, best_epoch: int | None = None,
              error: str | None = None) -> list[dict]:
     """Findings as dicts (code, message, evidence, action); a healthy run has none."""
-    diverging = _diverging(history, error)
+    diverging = _diverging(history, error, num_classes)
     found = [diverging, None if diverging else _no_progress(history, num_classes),
              _overfitting(history), *_gradients(history),
              _early_stop_at_first(history, stopped_early, best_epoch),

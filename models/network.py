@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from ftune.models.recipe.rules import HEAD_DROPOUT
 from ftune.models.spec import HeadSpec
 
 _ACTIVATIONS: dict[str, type[nn.Module]] = {
@@ -19,16 +20,17 @@ def build_head(in_features: int, num_classes: int, spec: HeadSpec) -> nn.Sequent
     """[Dropout → Linear → (BatchNorm1d) → activation]* → Dropout → Linear."""
     layers: list[nn.Module] = []
     width = in_features
+    dropout = HEAD_DROPOUT if spec.dropout == "auto" else spec.dropout  # unresolved: the usual
     for hidden in spec.hidden:
-        if spec.dropout > 0:
-            layers.append(nn.Dropout(spec.dropout))
+        if dropout > 0:
+            layers.append(nn.Dropout(dropout))
         layers.append(nn.Linear(width, hidden, bias=not spec.batchnorm))
         if spec.batchnorm:
             layers.append(nn.BatchNorm1d(hidden))
         layers.append(_ACTIVATIONS[spec.activation]())
         width = hidden
-    if spec.dropout > 0:
-        layers.append(nn.Dropout(spec.dropout))
+    if dropout > 0:
+        layers.append(nn.Dropout(dropout))
     layers.append(nn.Linear(width, num_classes))
     head = nn.Sequential(*layers)
     init_head(head, spec)

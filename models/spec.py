@@ -55,7 +55,10 @@ class FreezeSpec(_Strict):
 
 
 class HeadSpec(_Strict):
-    dropout: float = Field(0.2, ge=0.0, lt=1.0, description="Dropout before each linear layer.")
+    dropout: AutoFloat(at_least=0.0, at_most=0.99) = Field(  # type: ignore[valid-type]
+        "auto", description="Dropout before each linear layer. auto: 0 when the head alone "
+        "trains, on cached features (early stopping regularises a head on fixed features, "
+        "and dropout slows it down); 0.2 when backbone stages train.")
     hidden: list[Annotated[int, Field(ge=1, le=MAX_HIDDEN_WIDTH)]] = Field(
         default_factory=list, max_length=8, description="Widths of hidden layers in the head "
         f"(at most {MAX_HIDDEN_WIDTH} each)."
@@ -144,6 +147,11 @@ class FineTuneSpec(_Strict):
     class_weights: Literal["auto", "balanced", "none"] = Field(
         "auto", description="balanced weighs each class's loss by n/(C*n_c). auto: balanced "
         "when the largest class has 3 times the images of the smallest, or more.")
+    refit: Literal["auto"] | bool = Field(
+        "auto", description="When the head alone trains on cached features and val is carved "
+        "from the training images: train the head again on train+val for the epochs early "
+        "stopping chose, so the model learns from every labelled image (val metrics are from "
+        "before). auto: on in that case; true asks for it and needs that case.")
     mixed_precision: Literal["auto", "off", "bf16", "fp16"] = "auto"
     oom_retry: bool = Field(
         True, description="The service retries a run that runs out of memory once, with half "
@@ -156,6 +164,16 @@ class FineTuneSpec(_Strict):
                 f"schedule.warmup_epochs ({self.schedule.warmup_epochs}) exceeds epochs "
                 f"({self.epochs})"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _refit_needs_cached_head(self) -> FineTuneSpec:
+        head_alone = self.freeze.strategy == "head_only" or (
+            self.freeze.strategy == "auto" and self.preset == "fast")
+        if self.refit is True and not (head_alone and self.augment in ("auto", "none")):
+            raise ValueError(
+                "refit: true needs the head trained alone on cached features "
+                "(freeze.strategy head_only, or auto with preset fast; augment none)")
         return self
 
 

@@ -18,7 +18,7 @@ DEFAULT_BACKBONE_SIZE = 224
 # The choices resolve_static makes: only these are passed from the API to the worker (what
 # the worker measures, such as learning rates, is measured again on each attempt).
 STATIC_FIELDS = ("image_size", "class_weights", "optimizer.name", "epochs", "freeze.strategy",
-                 "freeze.n_blocks")
+                 "freeze.n_blocks", "head.dropout")
 
 Resolved = dict[str, dict]  # field -> {"value": ..., "why": "..."}
 
@@ -53,9 +53,11 @@ def resolve_static(spec: FineTuneSpec, stats: DatasetStats) -> Resolved:
                          "features"))
         if preset.finetune:
             choices["freeze.n_blocks"] = rules.stages_to_train(stats.num_train, preset)
+    trains_backbone = two_stage(spec) or spec.freeze.strategy in ("last_n_blocks", "gradual",
+                                                                  "none")
+    if spec.head.dropout == "auto":
+        choices["head.dropout"] = rules.head_dropout(head_alone=not trains_backbone)
     if spec.epochs == "auto":
-        trains_backbone = two_stage(spec) or spec.freeze.strategy in ("last_n_blocks",
-                                                                      "gradual", "none")
         choices["epochs"] = (rules.finetune_epochs(stats.num_train, preset) if trains_backbone
                              else rules.head_epochs(preset))
     return {name: choice.to_dict() for name, choice in choices.items()}
@@ -70,6 +72,8 @@ def apply_static(spec: FineTuneSpec, resolved: Resolved) -> FineTuneSpec:
     if spec.epochs == "auto" and "epochs" in resolved:  # a warmup longer than the run shrinks
         data["schedule"]["warmup_epochs"] = min(data["schedule"]["warmup_epochs"],
                                                 data["epochs"])
+    if data["head"]["dropout"] == "auto" and "head.dropout" in resolved:
+        data["head"]["dropout"] = resolved["head.dropout"]["value"]
     if data["optimizer"]["name"] == "auto" and "optimizer.name" in resolved:
         data["optimizer"]["name"] = resolved["optimizer.name"]["value"]
     return FineTuneSpec.model_validate(data)

@@ -30,6 +30,7 @@ LIMIT_SHARE = 0.8
 HEAD_LR = (1e-4, 1e-1)  # the range test's pick is kept within this
 MAX_FINETUNE_LR = 1e-3
 LAYER_DECAY = 0.7
+HEAD_DROPOUT = 0.2  # while backbone stages train; none for a head alone on cached features
 
 
 class Choice(NamedTuple):
@@ -135,3 +136,27 @@ def finetune_lr(head: float) -> Choice:
 def layer_decay() -> Choice:
     return Choice(LAYER_DECAY, f"each stage further down learns at {LAYER_DECAY}x the rate of "
                   "the one above: early features are the most general")
+
+
+def refit(asked: bool | str, *, head_alone_cached: bool, val_carved: bool) -> bool:
+    """Whether the head is trained again on train+val once its epochs are chosen: asked, or
+    auto when only the head trains, on cached features, and val came out of the training
+    images (an explicit val split is the user's to keep held out)."""
+    if asked is False or not head_alone_cached:
+        return False
+    return asked is True or val_carved
+
+
+def refit_choice(images: int, epochs: int) -> Choice:
+    return Choice(True, f"the head trained alone on cached features, so it was trained "
+                  f"again on train+val ({images} images) for the {epochs} epoch(s) early "
+                  "stopping chose; val metrics are from the model before this refit")
+
+
+def head_dropout(head_alone: bool) -> Choice:
+    if head_alone:
+        return Choice(0.0, "the head trains alone on cached features: early stopping "
+                      "regularises it, dropout would only slow it down (measured with "
+                      "bench/defaults.py: it cost the fast preset accuracy)")
+    return Choice(HEAD_DROPOUT, "backbone stages train: dropout before the classifier "
+                  "against overfitting")

@@ -28,6 +28,7 @@ from ftune.models.errors import DatasetError, ResourceError
 from ftune.models.evaluation import evaluate_splits
 from ftune.models.network import FineTuneModel, build_head
 from ftune.models.preprocessing import Preprocessing
+from ftune.models.recipe import rules
 from ftune.models.recipe.resolve import apply_static, backbone_size, resolve_static
 from ftune.models.recipe.stats import DatasetStats
 from ftune.models.settings import engine_settings
@@ -35,6 +36,7 @@ from ftune.models.spec import FineTuneSpec, parse_spec
 from ftune.models.training.budget import Budget
 from ftune.models.training.checkpoint import load_checkpoint
 from ftune.models.training.early_stopping import EarlyStopping
+from ftune.models.training.refit import refit_head
 from ftune.models.training.run import Callbacks, TrainingRun
 from ftune.models.training.runtime import (
     configure_backends,
@@ -125,7 +127,11 @@ def fit(
                          Path(checkpoint_dir) if checkpoint_dir else None, cache_features,
                          index.classes)
     final_run, stopped_early = stages.run_all(features, state)
-    evaluation = _evaluate(setup, stages, index, val_samples, callbacks)
+    refits = rules.refit(spec.refit, val_carved=index.val is None, head_alone_cached=(
+        cache_features and len(plans) == 1 and not plans[0].trains_backbone
+        and plans[0].spec.augment == "none" and bool(val_samples)))
+    evaluation = _evaluate(setup, stages, index, val_samples, callbacks,
+                           choices if refits else None)
     result = _result(final_run, setup.backbone, index, progress, stopped_early=stopped_early,
                      evaluation=evaluation, num_train=len(train_samples),
                      num_val=len(val_samples), seconds=time.perf_counter() - started)
@@ -140,18 +146,30 @@ def fit(
 
 
 def _evaluate(setup: RunSetup, stages: StageRunner, index: ImageFolderIndex,
-              val_samples: list[Sample], callbacks: Callbacks) -> dict:
-    """The best weights, evaluated on val (and test when the data has one)."""
+              val_samples: list[Sample], callbacks: Callbacks, refit_into: dict | None) -> dict:
+    """The best weights, evaluated on val; then, with ``refit_into`` (the choices, where the
+    refit is recorded), the head trained again on train+val; then evaluated on test."""
     model = setup.model
     if stages.best_state is not None:
         model.load_state_dict(stages.best_state)
     model.eval()
-    _announce(callbacks, "evaluate", len(stages.progress.history), None)
-    return evaluate_splits(model, {"val": val_samples, "test": index.test or []},
-                           index.classes, setup.prep, setup.precision.device, setup.precision,
-                           index.root, val_source=setup.val_source,
-                           should_stop=callbacks.should_stop,
-                           val_features=stages.best_val_features(), decoded=setup.decoded)
+    history = len(stages.progress.history)
+    _announce(callbacks, "evaluate", history, None)
+
+    def evaluate_on(splits: dict[str, list[Sample]], val_features: torch.Tensor | None) -> dict:
+        return evaluate_splits(model, splits, index.classes, setup.prep,
+                               setup.precision.device, setup.precision, index.root,
+                               val_source=setup.val_source, should_stop=callbacks.should_stop,
+                               val_features=val_features, decoded=setup.decoded)
+
+    evaluation = evaluate_on({"val": val_samples}, stages.best_val_features())
+    if refit_into is not None and stages.best_run is not None:
+        _announce(callbacks, "refit", history, None)
+        epochs = stages.progress.stopper.best_epoch or history
+        images = refit_head(stages.best_run, epochs)
+        refit_into["refit"] = rules.refit_choice(images, epochs).to_dict()
+        _announce(callbacks, "evaluate", history, refit_into)
+    return evaluation | evaluate_on({"test": index.test or []}, None)
 
 
 def _checkpoint_state(resume: str | Path | None, classes: list[str]) -> dict | None:

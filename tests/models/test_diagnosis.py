@@ -66,6 +66,16 @@ def test_a_non_finite_loss_error_is_a_divergence():
     assert _codes(findings) == {"diverging"}
 
 
+def test_a_loss_far_above_guessing_is_a_divergence_not_a_lack_of_progress():
+    # lr 5 on 3 classes: the loss ends lower than it began, but far above ln 3 = 1.1.
+    thrashing = [_row(1, 9.25), _row(2, 4.69), _row(3, 5.6), _row(4, 2.45)]
+    findings = diagnose(thrashing, num_classes=3)
+    assert _codes(findings) == {"diverging"}
+    assert "8.4x the 1.1 of guessing" in findings[0]["evidence"]
+    stuck = [_row(1, 1.12), _row(2, 1.1)]  # lr far too low: at the loss of guessing
+    assert _codes(diagnose(stuck, num_classes=3)) == {"no_progress"}
+
+
 def test_unstable_loss_is_judged_within_a_stage_only():
     # A fine-tuning stage starts higher than the head stage ended: not instability.
     staged = [_row(1, 1.0, stage="head"), _row(2, 0.1, stage="head"),

@@ -100,7 +100,7 @@ def _stats(counts: dict[str, int], side: int | None = 28) -> DatasetStats:
 def test_empty_spec_resolves_every_static_field_with_a_reason():
     resolved = resolve_static(FineTuneSpec(), _stats({"a": 100, "b": 120}))
     assert set(resolved) == {"image_size", "class_weights", "optimizer.name", "epochs",
-                             "freeze.strategy", "freeze.n_blocks"}
+                             "freeze.strategy", "freeze.n_blocks", "head.dropout"}
     assert all(choice["why"] for choice in resolved.values())
     assert resolved["freeze.strategy"]["value"] == "two_stage"
     spec = apply_static(FineTuneSpec(), resolved)
@@ -111,7 +111,7 @@ def test_empty_spec_resolves_every_static_field_with_a_reason():
 def test_explicit_values_win():
     spec = parse_spec({"image_size": 64, "optimizer": {"name": "sgd", "lr": 0.01},
                        "freeze": {"strategy": "head_only"}, "epochs": 4,
-                       "class_weights": "none"})
+                       "class_weights": "none", "head": {"dropout": 0.1}})
     resolved = resolve_static(spec, _stats({"a": 100, "b": 10}))
     assert resolved == {}
     assert apply_static(spec, resolved) == spec
@@ -193,3 +193,32 @@ def test_a_warmup_longer_than_the_auto_epochs_shrinks_to_fit():
     assert resolved["epochs"]["value"] == 2
     filled = apply_static(spec, resolved)
     assert filled.epochs == 2 and filled.schedule.warmup_epochs == 2
+
+
+@pytest.mark.parametrize(("spec", "dropout"), [
+    ({}, rules.HEAD_DROPOUT), ({"preset": "fast"}, 0.0),
+    ({"freeze": {"strategy": "head_only"}}, 0.0),
+    ({"freeze": {"strategy": "none"}}, rules.HEAD_DROPOUT),
+    ({"preset": "fast", "head": {"dropout": 0.5}}, 0.5)])
+def test_head_dropout_is_off_only_when_the_head_trains_alone(spec, dropout):
+    parsed = parse_spec(spec)
+    resolved = resolve_static(parsed, _stats({"a": 100, "b": 120}))
+    assert apply_static(parsed, resolved).head.dropout == dropout
+    assert ("head.dropout" in resolved) == ("dropout" not in spec.get("head", {}))
+
+
+@pytest.mark.parametrize(("asked", "head_alone_cached", "val_carved", "expected"), [
+    ("auto", True, True, True), ("auto", True, False, False), ("auto", False, True, False),
+    (True, True, False, True), (False, True, True, False), (True, False, True, False)])
+def test_refit_only_a_cached_head_and_by_default_only_on_a_carved_val_split(
+        asked, head_alone_cached, val_carved, expected):
+    assert rules.refit(asked, head_alone_cached=head_alone_cached,
+                       val_carved=val_carved) is expected
+
+
+@pytest.mark.parametrize("spec", [{"refit": True},
+                                  {"refit": True, "preset": "fast", "augment": "light"},
+                                  {"refit": True, "freeze": {"strategy": "none"}}])
+def test_refit_true_without_a_cached_head_is_refused_naming_the_field(spec):
+    with pytest.raises(ValueError, match="refit: true needs the head trained alone"):
+        parse_spec(spec)

@@ -16,7 +16,7 @@ def test_empty_spec_is_complete_with_documented_defaults():
     assert (spec.epochs, spec.batch_size, spec.seed, spec.val_fraction) == ("auto", 32, 0, 0.2)
     assert spec.freeze.model_dump() == {"strategy": "auto", "n_blocks": 1,
                                         "unfreeze_every": 1, "batchnorm": "frozen"}
-    assert spec.head.model_dump() == {"dropout": 0.2, "hidden": [], "activation": "relu",
+    assert spec.head.model_dump() == {"dropout": "auto", "hidden": [], "activation": "relu",
                                       "batchnorm": False, "init": "he"}
     assert spec.optimizer.model_dump() == {"name": "auto", "lr": "auto", "momentum": 0.9,
                                            "weight_decay": 0.0, "layer_decay": "auto"}
@@ -33,7 +33,7 @@ def test_top_level_shape_is_exactly_the_documented_one():
         "val_fraction", "freeze", "head", "optimizer", "schedule", "early_stopping",
         "label_smoothing", "grad_clip_norm", "augment", "mixed_precision",
         "oom_retry",  # issue 5: the service's out-of-memory retry, on by default
-        "preset", "time_budget_s", "class_weights",  # issue 15: the default recipe
+        "preset", "time_budget_s", "class_weights", "refit",  # issue 15: the default recipe
     }
 
 

@@ -108,7 +108,8 @@ def test_feature_cache_gives_the_same_results(animal_folder):
 
 def test_early_stopping_restores_the_best_weights(tiny_folder, tmp_path):
     # A learning rate far too high makes val loss bounce, so patience runs out early.
-    spec = _spec(epochs=12, optimizer={"name": "sgd", "lr": 3.0},
+    # No refit: the returned model is then the best epoch's, not one trained again on train+val.
+    spec = _spec(epochs=12, optimizer={"name": "sgd", "lr": 3.0}, refit=False,
                  early_stopping={"monitor": "val_loss", "patience": 2})
     result = fit(tiny_folder, spec, checkpoint_dir=tmp_path)
     losses = [row["val_loss"] for row in result.history]

@@ -36,7 +36,9 @@ def test_choices_stages_and_diagnosis_are_in_the_job_view_events_and_card(client
     assert {row["stage"] for row in job["metrics"]} == {"head"}
     events = _events(client, job["id"])
     stages = [data["stage"] for kind, data in events if kind == "stage"]
-    assert stages == ["features", "head", "evaluate"]
+    # Val is scored, the head refit on train+val (a carved split), then test is scored.
+    assert stages == ["features", "head", "evaluate", "refit", "evaluate"]
+    assert job["resolved"]["refit"]["value"] is True
     resolved_events = [data for kind, data in events if kind == "resolved"]
     assert any("optimizer.lr" in data for data in resolved_events)
     card = client.get(f"/v1/models/{job['model_id']}/card").text
