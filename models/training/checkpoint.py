@@ -66,3 +66,24 @@ def restore_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+HEAD_PREFIX = "head."
+
+
+def weights_to_save(state: dict, backbone_as_built: bool) -> dict:
+    """What a checkpoint keeps of a model's ``state``: only the head's weights while the
+    backbone is still the one the run was built with (it is built the same way on resume),
+    so an epoch of the head alone writes kilobytes, not the whole network."""
+    if not backbone_as_built:
+        return state
+    return {k: v for k, v in state.items() if k.startswith(HEAD_PREFIX)}
+
+
+def complete_weights(model: torch.nn.Module, saved: dict) -> dict:
+    """A full state dict from ``saved``: a head-only save is completed with the model's own
+    (freshly built) backbone weights."""
+    current = model.state_dict()
+    if saved.keys() >= current.keys():
+        return saved
+    return {k: v.detach().to("cpu", copy=True) for k, v in current.items()} | saved

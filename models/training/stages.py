@@ -23,11 +23,13 @@ from ftune.models.spec import FineTuneSpec
 from ftune.models.training.budget import Budget
 from ftune.models.training.checkpoint import (
     checkpoint_folder,
+    complete_weights,
     load_best_weights,
     restore_rng_state,
     rng_state,
     save_best_weights,
     save_checkpoint,
+    weights_to_save,
 )
 from ftune.models.training.early_stopping import EarlyStopping
 from ftune.models.training.lr_finder import lr_range_test
@@ -118,6 +120,8 @@ class StageRunner:
         self.best_run: TrainingRun | None = None  # the run whose epoch was the best so far
         self.stage_offset = 0  # history rows before the current stage
         self.out_of_time = False
+        # No epoch has changed the backbone yet: checkpoints need only the head's weights.
+        self.backbone_as_built = True
 
     def run_all(self, features_from: TrainingRun | None, state: dict | None
                 ) -> tuple[TrainingRun, bool]:
@@ -161,7 +165,14 @@ class StageRunner:
 
     def _resume(self, run: TrainingRun, state: dict) -> None:
         progress = self.progress
-        run.model.load_state_dict(state["model"])
+        # The best weights first, while the model still has the backbone as built: a
+        # head-only save of them is completed with it.
+        folder = checkpoint_folder(self.ckpt_dir) if self.ckpt_dir else None
+        best = load_best_weights(folder) if folder else None
+        self.best_state = complete_weights(run.model, best) if best is not None else None
+        run.best_state = self.best_state
+        self.backbone_as_built = state.get("backbone_as_built", False)
+        run.model.load_state_dict(complete_weights(run.model, state["model"]))
         run.set_trainable(state["n_trainable"])
         run.optimizer.load_state_dict(state["optimizer"])
         run.scaler.load_state_dict(state["scaler"])
@@ -170,9 +181,6 @@ class StageRunner:
         progress.stage_index = state["stage_index"]
         progress.stopper.load_state_dict(state["early_stopping"])
         progress.stopper.patience = run.spec.early_stopping.patience
-        folder = checkpoint_folder(self.ckpt_dir) if self.ckpt_dir else None
-        self.best_state = load_best_weights(folder) if folder else None
-        run.best_state = self.best_state
         restore_rng_state(state["rng"])
         log.info("resumed at epoch %d of stage %s", len(progress.history), run.stage)
 
@@ -183,10 +191,12 @@ class StageRunner:
             return True  # a resumed stage that had already stopped early
         for epoch in range(progress.first_epoch, epochs):
             row = run.epoch(epoch, self.callbacks)
+            self.backbone_as_built &= run.backbone_frozen
             if stopper.update(row[progress.monitor], row["epoch"]):
                 self.best_state, self.best_run = run.remember_best(), run
                 if self.ckpt_dir is not None:
-                    save_best_weights(self.ckpt_dir, self.best_state)
+                    save_best_weights(self.ckpt_dir, weights_to_save(self.best_state,
+                                                                     self.backbone_as_built))
             progress.history.append(row)
             progress.first_epoch = epoch + 1
             if self.ckpt_dir is not None:
@@ -251,7 +261,8 @@ class StageRunner:
         save_checkpoint(self.ckpt_dir, {
             "epoch": len(progress.history), "stage_epoch": progress.first_epoch,
             "stage_index": index, "stage_offset": self.stage_offset, "step": run.step,
-            "n_trainable": run.n_trainable, "model": run.model.state_dict(),
+            "n_trainable": run.n_trainable, "backbone_as_built": self.backbone_as_built,
+            "model": weights_to_save(run.model.state_dict(), self.backbone_as_built),
             "optimizer": run.optimizer.state_dict(), "scaler": run.scaler.state_dict(),
             "early_stopping": progress.stopper.state_dict(), "history": progress.history,
             "spec": run.spec.model_dump(mode="json"), "resolved": self.choices,

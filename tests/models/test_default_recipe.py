@@ -14,6 +14,7 @@ import torch
 from ftune.models.errors import TrainingCancelled
 from ftune.models.network import build_head
 from ftune.models.spec import HeadSpec
+from ftune.models.training.checkpoint import load_checkpoint
 from ftune.models.training.fit import Callbacks, fit
 from ftune.testing.realdata import balanced_indices, write_image_folder
 
@@ -147,3 +148,36 @@ def test_a_two_stage_run_resumes_in_its_second_stage(tiny_folder, tmp_path):
     assert resumed.resolved == whole.resolved
     for a, b in zip(resumed.history, whole.history, strict=True):
         assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-4, abs=1e-5)
+    # The best weights (perhaps the head stage's, saved head-only) come back whole.
+    for (name, a), b in zip(whole.model.state_dict().items(),
+                            resumed.model.state_dict().values(), strict=True):
+        assert torch.allclose(a.float(), b.float(), atol=1e-5), name
+
+
+def test_head_stage_checkpoints_hold_only_the_head_and_resume_exactly(tiny_folder, tmp_path):
+    """While the backbone is as built, an epoch writes the head's weights, not the network's;
+    a run stopped in its head stage resumes to the uninterrupted run's result."""
+    spec = {"image_size": 32, "batch_size": 8, "epochs": 2}
+    whole = fit(tiny_folder, spec)
+
+    def stop_in_head(row: dict) -> None:
+        if row["epoch"] == 2:
+            raise TrainingCancelled("stopped")
+
+    with pytest.raises(TrainingCancelled):
+        fit(tiny_folder, spec, checkpoint_dir=tmp_path,
+            callbacks=Callbacks(on_epoch_end=stop_in_head))
+    saved = load_checkpoint(tmp_path)
+    assert saved["backbone_as_built"] and saved["stage_index"] == 0
+    assert saved["model"] and all(k.startswith("head.") for k in saved["model"])
+    assert (tmp_path / "checkpoint.pt").stat().st_size < 200_000  # the network is ~14 MB
+    resumed = fit(tiny_folder, spec, checkpoint_dir=tmp_path, resume=tmp_path)
+    assert [r["stage"] for r in resumed.history] == [r["stage"] for r in whole.history]
+    for a, b in zip(resumed.history, whole.history, strict=True):
+        assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-4, abs=1e-5)
+    for (name, a), b in zip(whole.model.state_dict().items(),
+                            resumed.model.state_dict().values(), strict=True):
+        assert torch.allclose(a.float(), b.float(), atol=1e-5), name
+    final = load_checkpoint(tmp_path)  # fine-tuning changed the backbone: all of it is kept
+    assert not final["backbone_as_built"]
+    assert final["model"].keys() == whole.model.state_dict().keys()
