@@ -1,7 +1,9 @@
-"""The ``ftune`` command: the engine's commands (train, predict, lint, export, backbones) and the
-service's processes (up, api, serve, worker).
+"""The ``ftune`` command: the engine's commands (train, predict, lint, export, backbones), the
+service's processes (up, api, serve, worker) and ``remote`` (the API from the command line).
 
 This module and the launcher are the only ones that know both the service and the workers.
+Everything is imported when its command runs: ``ftune remote`` works from the light install
+(the client and httpx only), and the rest says so there instead of failing on an import.
 """
 
 from __future__ import annotations
@@ -10,10 +12,9 @@ import argparse
 import logging
 import sys
 
-from ftune.admin import add_admin_commands
-from ftune.config import process_settings
-from ftune.models.cli import HANDLED_ERRORS, build_parser, run
-from ftune.processes import LaunchError
+LIGHT_INSTALL = ("ftune: this install has the API client only (`pip install ftune`), so only "
+                 "`ftune remote ...` works here; for the engine and the service, install "
+                 "`pip install 'ftune[server]'` (missing: {missing})")
 
 
 def add_service_commands(sub: argparse._SubParsersAction) -> None:
@@ -49,7 +50,14 @@ def _add_server_options(parser: argparse.ArgumentParser) -> None:
                         "X-Forwarded-* headers are trusted (default: 127.0.0.1)")
 
 
+def add_remote_command(sub: argparse._SubParsersAction) -> None:
+    # Listed for --help only: main() hands `ftune remote ...` to the client before parsing.
+    sub.add_parser("remote", help="the API from the command line: login, datasets, jobs, "
+                   "models (ftune remote --help)", add_help=False)
+
+
 def _up(args: argparse.Namespace) -> int:
+    from ftune.config import process_settings
     from ftune.launcher import up
 
     if args.workers < 0:
@@ -67,6 +75,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _run_server(args: argparse.Namespace, *, serve_only: bool) -> int:
+    from ftune.config import process_settings
     from ftune.service.app import create_app
     from ftune.service.server import serve
 
@@ -81,6 +90,7 @@ def _run_server(args: argparse.Namespace, *, serve_only: bool) -> int:
 
 
 def _worker(args: argparse.Namespace) -> int:
+    from ftune.config import process_settings
     from ftune.workers.main import run_worker
 
     settings = process_settings(home=args.home, device=args.device)
@@ -91,10 +101,23 @@ def _worker(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ftune.service.db.migrate import SchemaError
-    from ftune.service.errors import ServiceError
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["remote"]:
+        from ftune.client.cli import main as remote_main
 
-    return run(build_parser(add_service_commands, add_admin_commands), argv,
+        return remote_main(argv[1:])
+    try:
+        from ftune.admin import add_admin_commands
+        from ftune.models.cli import HANDLED_ERRORS, build_parser, run
+        from ftune.processes import LaunchError
+        from ftune.service.db.migrate import SchemaError
+        from ftune.service.errors import ServiceError
+    except ModuleNotFoundError as exc:
+        if exc.name and not exc.name.startswith("ftune"):
+            print(LIGHT_INSTALL.format(missing=exc.name), file=sys.stderr)
+            return 2
+        raise
+    return run(build_parser(add_service_commands, add_admin_commands, add_remote_command), argv,
                handled=(*HANDLED_ERRORS, LaunchError, SchemaError, ServiceError))
 
 

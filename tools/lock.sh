@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Refresh the locks of exact versions with hashes (`make lock`). They are made on, and for,
 # Linux x86_64 with CPython 3.11, where PyPI's torch wheel is the CUDA build.
-#   requirements.lock         what the service needs (the Dockerfile installs it)
+#   requirements.lock         what the service needs, ftune[server] (the Dockerfile installs it)
 #   requirements-dev.lock     that plus the test tools (make up, make test)
 #   requirements-nodeps.lock  two packages installed without their dependencies: their
 #                             metadata pins torch 1.6 and tensorflow; we need only the files
@@ -17,9 +17,10 @@ compile() {
 stamp() { sed -i "1a $platform" "$1"; }
 
 "$py" -m pip install --quiet pip-tools==7.6.2
-compile --upgrade --extra test --output-file requirements-dev.lock pyproject.toml
+compile --upgrade --extra server --extra test --output-file requirements-dev.lock pyproject.toml
 stamp requirements-dev.lock
-compile --constraint requirements-dev.lock --output-file requirements.lock pyproject.toml
+compile --constraint requirements-dev.lock --extra server --output-file requirements.lock \
+  pyproject.toml
 stamp requirements.lock
 
 work=$(mktemp -d)

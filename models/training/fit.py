@@ -29,6 +29,7 @@ from ftune.models.evaluation import evaluate_splits
 from ftune.models.network import FineTuneModel, build_head
 from ftune.models.preprocessing import Preprocessing
 from ftune.models.recipe import rules
+from ftune.models.recipe.plan import StagePlan
 from ftune.models.recipe.resolve import apply_static, backbone_size, resolve_static
 from ftune.models.recipe.stats import DatasetStats
 from ftune.models.settings import engine_settings
@@ -127,11 +128,8 @@ def fit(
                          Path(checkpoint_dir) if checkpoint_dir else None, cache_features,
                          index.classes)
     final_run, stopped_early = stages.run_all(features, state)
-    refits = rules.refit(spec.refit, val_carved=index.val is None, head_alone_cached=(
-        cache_features and len(plans) == 1 and not plans[0].trains_backbone
-        and plans[0].spec.augment == "none" and bool(val_samples)))
-    evaluation = _evaluate(setup, stages, index, val_samples, callbacks,
-                           choices if refits else None)
+    refits = _refits(spec, plans, index, bool(val_samples), cache_features)
+    evaluation = _evaluate(setup, stages, index, val_samples, callbacks, refits and choices)
     result = _result(final_run, setup.backbone, index, progress, stopped_early=stopped_early,
                      evaluation=evaluation, num_train=len(train_samples),
                      num_val=len(val_samples), seconds=time.perf_counter() - started)
@@ -145,8 +143,17 @@ def fit(
     return result
 
 
+def _refits(spec: FineTuneSpec, plans: list[StagePlan], index: ImageFolderIndex,
+            has_val: bool, cache_features: bool) -> bool:
+    """Whether the head is trained again on train+val once its epochs are chosen."""
+    return rules.refit(spec.refit, val_carved=index.val is None, head_alone_cached=(
+        cache_features and has_val and len(plans) == 1 and not plans[0].trains_backbone
+        and plans[0].spec.augment == "none"))
+
+
 def _evaluate(setup: RunSetup, stages: StageRunner, index: ImageFolderIndex,
-              val_samples: list[Sample], callbacks: Callbacks, refit_into: dict | None) -> dict:
+              val_samples: list[Sample], callbacks: Callbacks,
+              refit_into: dict | bool) -> dict:
     """The best weights, evaluated on val; then, with ``refit_into`` (the choices, where the
     refit is recorded), the head trained again on train+val; then evaluated on test."""
     model = setup.model
@@ -163,7 +170,7 @@ def _evaluate(setup: RunSetup, stages: StageRunner, index: ImageFolderIndex,
                                val_features=val_features, decoded=setup.decoded)
 
     evaluation = evaluate_on({"val": val_samples}, stages.best_val_features())
-    if refit_into is not None and stages.best_run is not None:
+    if isinstance(refit_into, dict) and stages.best_run is not None:
         _announce(callbacks, "refit", history, None)
         epochs = stages.progress.stopper.best_epoch or history
         images = refit_head(stages.best_run, epochs)
