@@ -22,6 +22,7 @@ from ftune.service.deps import principal
 from ftune.service.errors import install_error_handlers
 from ftune.service.lifecycle.reconciler import reconcile
 from ftune.service.origin import SameOriginMiddleware
+from ftune.service.request_timing import RequestTimingMiddleware
 from ftune.service.routes import (
     audit,
     backbones,
@@ -29,6 +30,7 @@ from ftune.service.routes import (
     health,
     jobs,
     keys,
+    metrics,
     tenants,
     tuned_models,
 )
@@ -92,11 +94,13 @@ def create_app(settings: Settings | None = None, *, serve_only: bool = False) ->
     app.state.ctx = ctx
     install_error_handlers(app)
     # Outermost last: the host check first, then body limits, same-origin, the audit log.
+    app.add_middleware(RequestTimingMiddleware, histogram=ctx.metrics.request_seconds)
     app.add_middleware(AuditMiddleware, db=ctx.db)
     app.add_middleware(SameOriginMiddleware, allowed_hosts=settings.host_patterns)
     app.add_middleware(BodyLimitsMiddleware, idle_timeout_s=settings.upload_idle_timeout_s)
     app.add_middleware(TrustedHostMiddleware, allowed_hosts=settings.host_patterns)
     app.include_router(health.router)
+    app.include_router(metrics.router, dependencies=[Depends(principal)])
     for module in ((tuned_models,) if serve_only else TRAINING_ROUTES):
         # Every /v1 route authenticates, whether or not it reads the principal itself.
         app.include_router(module.router, prefix="/v1", dependencies=[Depends(principal)])

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -57,8 +57,9 @@ class _Item:
 
 class DynamicBatcher:
     def __init__(self, predictor: Predictor, *, max_batch: int, max_wait_ms: float,
-                 tenant_id: str = "") -> None:
+                 tenant_id: str = "", on_batch: Callable[[int], None] | None = None) -> None:
         self.predictor, self.max_batch, self.max_wait = predictor, max_batch, max_wait_ms / 1000
+        self.on_batch = on_batch  # gets each forward's image count (the metrics' histogram)
         self.tenant_id = tenant_id  # whose model this is: checked before every prediction
         self._queue: asyncio.Queue[_Item | None] | None = None
         self._task: asyncio.Task | None = None
@@ -128,6 +129,8 @@ class DynamicBatcher:
             return
         self.batches += 1
         self.images += len(batch)
+        if self.on_batch is not None:
+            self.on_batch(len(batch))
         start = 0
         for item in items:
             if not item.future.done():

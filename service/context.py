@@ -15,6 +15,7 @@ from ftune.service.db import migrate
 from ftune.service.db.session import Database
 from ftune.service.exports import ExportSlots
 from ftune.service.lifecycle.dispatcher import dispatch
+from ftune.service.metrics import ServiceMetrics
 from ftune.service.queue import make_celery
 from ftune.service.ratelimit import RateLimiter
 from ftune.service.settings import Settings
@@ -59,6 +60,13 @@ class AppContext:
     def redis(self) -> redis.Redis:
         return redis.Redis.from_url(self.settings.broker_url, socket_connect_timeout=2,
                                     socket_timeout=2)
+
+    @cached_property
+    def metrics(self) -> ServiceMetrics:
+        metrics = ServiceMetrics()
+        metrics.watch(self.db, None if self.serve_only else self.redis, self.predictors)
+        self.predictors.on_batch = metrics.batch_images.observe
+        return metrics
 
     @cached_property
     def exports(self) -> ExportSlots:

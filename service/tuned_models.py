@@ -10,6 +10,7 @@ import time
 import uuid
 import zipfile
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 
 from sqlalchemy import select, update
@@ -229,7 +230,9 @@ class PredictorCache:
         self._lock = threading.Lock()
         self._loading: dict[str, threading.Lock] = {}
         self._checked: dict[str, float] = {}  # model id -> time.monotonic() of its last lookup
-        self.loads = 0
+        self.loads = 0  # misses: a request had to load its model
+        self.hits = 0  # requests that found their model loaded
+        self.on_batch: Callable[[int], None] | None = None  # given to each model's batcher
         self._evicted_batches = self._evicted_images = 0
 
     def get(self, model_id: str, tenant_id: str) -> DynamicBatcher:
@@ -237,19 +240,22 @@ class PredictorCache:
         with self._lock:
             self._checked[model_id] = time.monotonic()
             if model_id in self._loaded:
+                self.hits += 1
                 self._loaded.move_to_end(model_id)
                 return self._loaded[model_id]
             loading = self._loading.setdefault(model_id, threading.Lock())
         with loading:
             with self._lock:
-                if model_id in self._loaded:
+                if model_id in self._loaded:  # loaded by a concurrent first request
+                    self.hits += 1
                     return self._loaded[model_id]
             from ftune.models.predictor import Predictor  # torch loads on the first predict only
 
             folder = bundle_folder(self.storage, model_id)
             predictor = LOAD_THREAD.submit(Predictor.load, folder).result()
             batcher = DynamicBatcher(predictor, max_batch=self.max_batch,
-                                     max_wait_ms=self.max_wait_ms, tenant_id=tenant_id)
+                                     max_wait_ms=self.max_wait_ms, tenant_id=tenant_id,
+                                     on_batch=self.on_batch)
             with self._lock:
                 self.loads += 1
                 self._loaded[model_id] = batcher
@@ -271,6 +277,7 @@ class PredictorCache:
             fresh = time.monotonic() - self._checked.get(model_id, -math.inf) < max_age_s
             if not fresh or model_id not in self._loaded:
                 return None
+            self.hits += 1
             self._loaded.move_to_end(model_id)
             return self._loaded[model_id]
 

@@ -4,8 +4,11 @@ API counts it as live even while a job trains (see ``service.lifecycle.liveness`
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
+import sys
 import threading
+import time
 
 import redis
 
@@ -27,7 +30,8 @@ class Heartbeat:
 
     def _beat(self) -> None:
         try:
-            self.client.set(self.key, "1", ex=worker_key_ttl_s(self.interval))
+            self.client.set(self.key, json.dumps(beat_payload()),
+                            ex=worker_key_ttl_s(self.interval))
         except redis.RedisError as exc:
             log.warning("heartbeat to Redis failed: %s", exc)
 
@@ -39,3 +43,14 @@ class Heartbeat:
         self._stop.set()
         with contextlib.suppress(redis.RedisError):
             self.client.delete(self.key)
+
+
+def beat_payload() -> dict:
+    """What a beat tells the API's /metrics: when it was sent and, on a GPU, the memory the
+    training holds (torch is only asked once a job has loaded it)."""
+    payload: dict = {"at": time.time()}
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        payload["gpu_allocated_bytes"] = int(torch.cuda.memory_allocated())
+        payload["gpu_reserved_bytes"] = int(torch.cuda.memory_reserved())
+    return payload
