@@ -148,10 +148,11 @@ class FineTuneSpec(_Strict):
         "auto", description="balanced weighs each class's loss by n/(C*n_c). auto: balanced "
         "when the largest class has 3 times the images of the smallest, or more.")
     refit: Literal["auto"] | bool = Field(
-        "auto", description="When the head alone trains on cached features and val is carved "
-        "from the training images: train the head again on train+val for the epochs early "
-        "stopping chose, so the model learns from every labelled image (val metrics are from "
-        "before). auto: on in that case; true asks for it and needs that case.")
+        "auto", description="When the best weights are a head trained alone on cached "
+        "features and val is carved from the training images: train the head again on "
+        "train+val for the epochs early stopping chose, so the model learns from every "
+        "labelled image (val metrics are from before). auto: on in that case; true also "
+        "refits on an explicit val split, and needs a head-alone spec.")
     mixed_precision: Literal["auto", "off", "bf16", "fp16"] = "auto"
     oom_retry: bool = Field(
         True, description="The service retries a run that runs out of memory once, with half "

@@ -17,23 +17,31 @@ RESERVE_SHARE = 0.1
 @dataclass
 class Budget:
     seconds: float | None  # None: no budget (explicit epochs and no time_budget_s)
-    started: float  # time.perf_counter() when the run started
+    started: float  # time.perf_counter() when this attempt started
+    spent_before: float = 0.0  # by earlier attempts of the run (from its checkpoint)
 
     @classmethod
     def start(cls, spec: FineTuneSpec, choices: dict, limit_s: float | None,
-              started: float) -> Budget:
-        """The budget applies to auto epochs, and always when time_budget_s is given."""
+              started: float, spent_before: float = 0.0) -> Budget:
+        """The budget applies to auto epochs, and always when time_budget_s is given. A
+        resumed run counts what its earlier attempts spent, unless the budget is the job's
+        remaining run time (which already leaves them out)."""
         if spec.time_budget_s is None and "epochs" not in choices:
             return cls(None, started)
-        choice = rules.time_budget(PRESETS[spec.preset], spec.time_budget_s, limit_s)
+        preset = PRESETS[spec.preset]
+        choice = rules.time_budget(preset, spec.time_budget_s, limit_s)
+        uncapped = rules.time_budget(preset, spec.time_budget_s, None).value
         choices["time_budget_s"] = choice.to_dict()
-        return cls(float(choice.value), started)
+        return cls(float(choice.value), started,
+                   spent_before if choice.value == uncapped else 0.0)
+
+    def spent(self) -> float:
+        return self.spent_before + time.perf_counter() - self.started
 
     def left(self) -> float:
         if self.seconds is None:
             return float("inf")
-        spent = time.perf_counter() - self.started
-        return self.seconds * (1 - RESERVE_SHARE) - spent
+        return self.seconds * (1 - RESERVE_SHARE) - self.spent()
 
     def fits(self, seconds: float) -> bool:
         return seconds <= self.left()

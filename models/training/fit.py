@@ -29,7 +29,6 @@ from ftune.models.evaluation import evaluate_splits
 from ftune.models.network import FineTuneModel, build_head
 from ftune.models.preprocessing import Preprocessing
 from ftune.models.recipe import rules
-from ftune.models.recipe.plan import StagePlan
 from ftune.models.recipe.resolve import apply_static, backbone_size, resolve_static
 from ftune.models.recipe.stats import DatasetStats
 from ftune.models.settings import engine_settings
@@ -117,7 +116,8 @@ def fit(
     setup = _build_setup(index, spec, train_samples, val_samples, device=device,
                          derived=derived, owner=owner)
     setup.should_stop = callbacks.should_stop
-    budget = Budget.start(spec, choices, time_limit_s, started)
+    budget = Budget.start(spec, choices, time_limit_s, started,
+                          spent_before=state.get("budget_spent_s", 0.0) if state else 0.0)
     plans, lr_curve, features = plan_with_lr(setup, spec, choices, cache_features,
                                              resumed=state is not None)
     _announce(callbacks, None, None, choices)
@@ -128,7 +128,7 @@ def fit(
                          Path(checkpoint_dir) if checkpoint_dir else None, cache_features,
                          index.classes)
     final_run, stopped_early = stages.run_all(features, state)
-    refits = _refits(spec, plans, index, bool(val_samples), cache_features)
+    refits = _refits(spec, stages, index, bool(val_samples), cache_features)
     evaluation = _evaluate(setup, stages, index, val_samples, callbacks, refits and choices)
     result = _result(final_run, setup.backbone, index, progress, stopped_early=stopped_early,
                      evaluation=evaluation, num_train=len(train_samples),
@@ -143,12 +143,17 @@ def fit(
     return result
 
 
-def _refits(spec: FineTuneSpec, plans: list[StagePlan], index: ImageFolderIndex,
+def _refits(spec: FineTuneSpec, stages: StageRunner, index: ImageFolderIndex,
             has_val: bool, cache_features: bool) -> bool:
-    """Whether the head is trained again on train+val once its epochs are chosen."""
-    return rules.refit(spec.refit, val_carved=index.val is None, head_alone_cached=(
-        cache_features and has_val and len(plans) == 1 and not plans[0].trains_backbone
-        and plans[0].spec.augment == "none"))
+    """Whether the head is trained again on train+val once its epochs are chosen: when the
+    best weights are a head trained alone on cached features (preset fast, or a fine-tuning
+    stage that never beat the head)."""
+    best = stages.best_run
+    head_alone_cached = (cache_features and has_val and best is not None
+                         and best.backbone_frozen and best.spec.augment == "none"
+                         and best.has_cached("train") and best.has_cached("val"))
+    return rules.refit(spec.refit, val_carved=index.val is None,
+                       head_alone_cached=head_alone_cached)
 
 
 def _evaluate(setup: RunSetup, stages: StageRunner, index: ImageFolderIndex,
@@ -172,8 +177,9 @@ def _evaluate(setup: RunSetup, stages: StageRunner, index: ImageFolderIndex,
     evaluation = evaluate_on({"val": val_samples}, stages.best_val_features())
     if isinstance(refit_into, dict) and stages.best_run is not None:
         _announce(callbacks, "refit", history, None)
-        epochs = stages.progress.stopper.best_epoch or history
-        images = refit_head(stages.best_run, epochs)
+        best = stages.best_run
+        epochs = (stages.progress.stopper.best_epoch or history) - best.epoch_offset
+        images = refit_head(best, epochs)
         refit_into["refit"] = rules.refit_choice(images, epochs).to_dict()
         _announce(callbacks, "evaluate", history, refit_into)
     return evaluation | evaluate_on({"test": index.test or []}, None)

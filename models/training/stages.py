@@ -267,4 +267,5 @@ class StageRunner:
             "early_stopping": progress.stopper.state_dict(), "history": progress.history,
             "spec": run.spec.model_dump(mode="json"), "resolved": self.choices,
             "classes": self.classes, "preprocessing": run.prep.to_dict(), "rng": rng_state(),
+            "budget_spent_s": self.budget.spent(),
         })

@@ -5,6 +5,7 @@ two-stage run resumes from its checkpoint."""
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,8 @@ import torch
 
 from ftune.models.errors import TrainingCancelled
 from ftune.models.network import build_head
-from ftune.models.spec import HeadSpec
+from ftune.models.spec import HeadSpec, parse_spec
+from ftune.models.training.budget import Budget
 from ftune.models.training.checkpoint import load_checkpoint
 from ftune.models.training.fit import Callbacks, fit
 from ftune.testing.realdata import balanced_indices, write_image_folder
@@ -126,6 +128,19 @@ def test_a_time_budget_ends_the_run_with_its_best_weights(tiny_folder):
     assert "it ended training after epoch 1," in budget["why"]
     assert [row["stage"] for row in result.history] == ["head"]
     assert result.best_metrics["val_loss"] is not None and result.evaluation["val"]
+    # The best weights are a head on cached features: refit on train+val like preset fast.
+    assert "for the 1 epoch(s)" in result.resolved["refit"]["why"]
+
+
+def test_a_resumed_run_counts_what_earlier_attempts_spent_against_the_budget():
+    spec = parse_spec({"time_budget_s": 100})
+    now = time.perf_counter()
+    fresh = Budget.start(spec, {}, None, now)
+    resumed = Budget.start(spec, {}, None, now, spent_before=60)
+    assert fresh.left() - resumed.left() == pytest.approx(60, abs=0.5)
+    # Capped by the job's remaining run time (80% of 50 s): earlier attempts are already out.
+    capped = Budget.start(spec, {}, 50, now, spent_before=60)
+    assert capped.seconds == 40 and capped.spent_before == 0
 
 
 def test_a_two_stage_run_resumes_in_its_second_stage(tiny_folder, tmp_path):
@@ -169,6 +184,7 @@ def test_head_stage_checkpoints_hold_only_the_head_and_resume_exactly(tiny_folde
             callbacks=Callbacks(on_epoch_end=stop_in_head))
     saved = load_checkpoint(tmp_path)
     assert saved["backbone_as_built"] and saved["stage_index"] == 0
+    assert saved["budget_spent_s"] > 0  # a resumed run counts it against the time budget
     assert saved["model"] and all(k.startswith("head.") for k in saved["model"])
     assert (tmp_path / "checkpoint.pt").stat().st_size < 200_000  # the network is ~14 MB
     resumed = fit(tiny_folder, spec, checkpoint_dir=tmp_path, resume=tmp_path)

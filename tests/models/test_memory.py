@@ -40,6 +40,19 @@ def test_the_estimate_grows_with_what_costs_memory():
                            num_images=10) is None
 
 
+def test_the_head_alone_on_cached_features_is_estimated_as_such():
+    """preset fast (and head_only with augment auto) train no backbone weight: no gradients
+    or activations for it, only the cached features."""
+    sized = {"image_size": 224, "batch_size": 256}
+    fast = memory.estimate(FineTuneSpec(preset="fast", **sized), num_classes=10,
+                           num_images=1000)
+    two_stage = memory.estimate(FineTuneSpec(**sized), num_classes=10, num_images=1000)
+    head_only = memory.estimate(FineTuneSpec(freeze={"strategy": "head_only"}, **sized),
+                                num_classes=10, num_images=1000)
+    assert fast.total_bytes == head_only.total_bytes < two_stage.total_bytes / 2
+    assert fast.parts["cached features"] > 0 and two_stage.parts["cached features"] == 0
+
+
 def test_a_run_that_cannot_fit_is_refused_before_anything_is_built(tiny_folder):
     huge = {"freeze": {"strategy": "none"}, "image_size": 1024, "batch_size": 4096,
             "epochs": 1}
