@@ -11,6 +11,10 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ftune.service.settings import Settings
 
 LIGHT_INSTALL = ("ftune: this install has the API client only (`pip install ftune`), so only "
                  "`ftune remote ...` works here; for the engine and the service, install "
@@ -63,6 +67,7 @@ def _up(args: argparse.Namespace) -> int:
     if args.workers < 0:
         raise ValueError("--workers must be 0 or more")
     settings = process_settings(home=args.home, api_host=args.host)
+    _log_format(settings)
     return up(settings, workers=args.workers, host=args.host, port=args.port)
 
 
@@ -80,6 +85,7 @@ def _run_server(args: argparse.Namespace, *, serve_only: bool) -> int:
     from ftune.service.server import serve
 
     settings = process_settings(home=args.home, api_host=args.host)
+    _log_format(settings)
     if not serve_only:
         settings.broker_url  # noqa: B018 - fail now with a clear message, not on the first job
     serve(create_app(settings, serve_only=serve_only), settings,
@@ -89,11 +95,18 @@ def _run_server(args: argparse.Namespace, *, serve_only: bool) -> int:
     return 0
 
 
+def _log_format(settings: Settings) -> None:
+    from ftune.service.logs import use_log_format
+
+    use_log_format(settings.log_format)
+
+
 def _worker(args: argparse.Namespace) -> int:
     from ftune.config import process_settings
     from ftune.workers.main import run_worker
 
     settings = process_settings(home=args.home, device=args.device)
+    _log_format(settings)
     settings.broker_url  # noqa: B018
     logging.getLogger().setLevel(logging.INFO)
     run_worker(settings, name=args.name)

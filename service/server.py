@@ -10,6 +10,7 @@ once by ``FTUNE_LIMIT_CONCURRENCY`` (uvicorn answers 503 beyond it).
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 
 import h11
@@ -17,6 +18,7 @@ import uvicorn
 from fastapi import FastAPI
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from ftune.service.logs import use_log_format
 from ftune.service.settings import Settings
 
 
@@ -66,4 +68,7 @@ def serve(app: FastAPI, settings: Settings, *, port: int, forwarded_allow_ips: s
         limit_concurrency=settings.limit_concurrency,
         timeout_keep_alive=max(1, math.ceil(settings.keep_alive_s)),
         log_level=log_level)
+    # uvicorn set up its own loggers just now: give them (and the root) the chosen format.
+    for name in ("", "uvicorn", "uvicorn.error", "uvicorn.access"):
+        use_log_format(settings.log_format, logging.getLogger(name))
     uvicorn.Server(config).run()

@@ -33,6 +33,9 @@ class Settings(BaseSettings):
         None, validation_alias=AliasChoices("REDIS_URL", "FTUNE_REDIS_URL"),
         description="Celery broker; `ftune up` starts a private Redis when unset.")
     api_host: str = "127.0.0.1"
+    log_format: Literal["text", "json"] = Field(
+        "text", description="json: one JSON object per log line (ts, level, logger, message, "
+        "job_id, tenant), for log collectors.")
     api_port: int = Field(8000, ge=0, le=65535)
     max_upload_mb: float = Field(2048, gt=0, description="Largest dataset upload accepted.")
     max_predict_images: int = Field(64, ge=1, description="Most images in one predict request.")

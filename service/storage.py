@@ -87,8 +87,13 @@ class Storage:
         return self.models / _checked(model_id)
 
     def job_dir(self, job_id: str) -> Path:
-        """A job's working files: per-epoch checkpoints while it runs."""
+        """A job's files: per-epoch checkpoints while it runs, and its log lines."""
         return self.jobs / _checked(job_id)
+
+    def job_log(self, job_id: str) -> Path:
+        """The job's worker log lines (JSON), for GET /v1/jobs/{id}/logs; kept until the job
+        is deleted."""
+        return self.job_dir(job_id) / "log.jsonl"
 
     def checkpoint_dir(self, job_id: str) -> Path:
         return self.job_dir(job_id) / "checkpoints"
@@ -119,7 +124,12 @@ class Storage:
         return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
     def remove_job_files(self, job_id: str) -> None:
+        """Everything of a deleted job, its log included."""
         remove_tree(self.job_dir(job_id))
+
+    def remove_checkpoints(self, job_id: str) -> None:
+        """A finished job's checkpoints (its log stays)."""
+        remove_tree(self.checkpoint_dir(job_id))
 
 
 def _remove_leftover(path: Path) -> bool:

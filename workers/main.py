@@ -9,12 +9,13 @@ import uuid
 
 import redis
 from celery import Celery
-from celery.signals import worker_ready
+from celery.signals import after_setup_logger, after_setup_task_logger, worker_ready
 
 from ftune.service.db import migrate
 from ftune.service.db.session import Database
 from ftune.service.lifecycle.dispatcher import dispatch
 from ftune.service.lifecycle.reconciler import reconcile
+from ftune.service.logs import use_log_format
 from ftune.service.queue import TRAINING_QUEUE, make_celery
 from ftune.service.settings import Settings
 from ftune.workers import tasks
@@ -72,7 +73,12 @@ def run_worker(settings: Settings, *, name: str | None = None, loglevel: str = "
         heartbeat.start()
         threading.Thread(target=upkeep.at_start, daemon=True).start()
 
+    def on_logging(logger: logging.Logger, **_: object) -> None:
+        use_log_format(settings.log_format, logger)  # Celery has just set up its handlers
+
     worker_ready.connect(on_ready, weak=False)
+    after_setup_logger.connect(on_logging, weak=False)
+    after_setup_task_logger.connect(on_logging, weak=False)
     try:
         # threads pool, concurrency 1: the job runs in a thread of this process, never in a
         # forked child, so CUDA initialised here stays valid; the main thread keeps talking

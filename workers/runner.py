@@ -22,6 +22,7 @@ from ftune.service.db.tables import Dataset, Job, TunedModel, utcnow
 from ftune.service.ids import new_id
 from ftune.service.job_status import JobStatus
 from ftune.service.lifecycle import transitions
+from ftune.service.logs import job_logging
 from ftune.service.storage import Storage
 from ftune.workers.failures import (
     describe_failure,
@@ -76,6 +77,20 @@ class JobRunner:
         job = self._claim(job_id)
         if job is None:
             return "skipped"
+        # Every line logged while it runs carries its id and tenant, and is kept for its logs.
+        with job_logging(self.storage.job_log(job_id), job_id, job.tenant_id):
+            log.info("job %s attempt %d started on %s", job_id, job.attempts,
+                     self.worker_name)
+            try:
+                status = self._run_claimed(job)
+            except BaseException as exc:  # handed back on shutdown, or a bug (marked failed)
+                log.info("job %s left this worker: %s", job_id, type(exc).__name__)
+                raise
+            log.info("job %s ended: %s", job_id, status)
+            return status
+
+    def _run_claimed(self, job: Job) -> str:
+        job_id = job.id
         limit = min(self.limits.max_runtime_s, job.max_runtime_s or float("inf"))
         with self.db.session() as session:  # time spent queued does not count
             used = transitions.run_seconds(session, job_id)
@@ -102,7 +117,7 @@ class JobRunner:
             log.info("job %s skipped: missing, finished, cancelled or running elsewhere", job_id)
             with self.db.session() as session:
                 if transitions.cancel_requested(session, job_id):  # cancelled while it was away
-                    self.storage.remove_job_files(job_id)
+                    self.storage.remove_checkpoints(job_id)
         return job
 
     def _stopped(self, job_id: str, reporter: ProgressReporter, limit: float) -> str:
@@ -126,7 +141,7 @@ class JobRunner:
         with self.db.session() as session:
             transitions.finish(session, job_id, JobStatus.CANCELLED,
                                error="cancelled while running", worker=self.worker_name)
-        self.storage.remove_job_files(job_id)
+        self.storage.remove_checkpoints(job_id)
         log.info("job %s cancelled", job_id)
         return JobStatus.CANCELLED
 
@@ -149,7 +164,7 @@ class JobRunner:
         with self.db.session() as session:
             transitions.finish(session, job_id, JobStatus.FAILED, error=message,
                              worker=self.worker_name)
-        self.storage.remove_job_files(job_id)
+        self.storage.remove_checkpoints(job_id)
         return JobStatus.FAILED
 
     def _train_with_oom_retry(self, job: Job, reporter: ProgressReporter,
@@ -172,7 +187,7 @@ class JobRunner:
         log.warning("job %s ran out of memory at batch_size %d; retrying with %d", job_id,
                     old, new)
         # Checkpoints hold optimizer and schedule state for the old batch size.
-        self.storage.remove_job_files(job_id)
+        self.storage.remove_checkpoints(job_id)
         with self.db.session() as session:
             transitions.replace_spec(session, job_id, smaller,
                                    f"out of memory at batch_size {old}; retrying once "
@@ -256,7 +271,7 @@ class JobRunner:
             shutil.rmtree(model_dir, ignore_errors=True)
             log.warning("job %s is no longer ours to finish; model discarded", job_id)
             return "superseded"
-        self.storage.remove_job_files(job_id)
+        self.storage.remove_checkpoints(job_id)
         log.info("job %s succeeded: model %s", job_id, model_id)
         return JobStatus.SUCCEEDED
 

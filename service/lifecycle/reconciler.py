@@ -106,7 +106,7 @@ def _abandoned(session: Session, repairs: Repairs, stale_before: datetime, max_a
                                       "smaller batch_size or image_size."))
             repairs.failed.append(job.id)
             if storage is not None:
-                storage.remove_job_files(job.id)
+                storage.remove_checkpoints(job.id)
         elif transitions.requeue(session, job.id, "its worker stopped sending heartbeats",
                                  ran_until=job.heartbeat_at):
             repairs.requeued.append(job.id)

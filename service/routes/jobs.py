@@ -31,6 +31,7 @@ from ftune.service.jobs import (
     queue_position,
     submit_job,
 )
+from ftune.service.logs import MAX_TAIL, read_job_log
 from ftune.service.pages import DEFAULT_LIMIT, Cursor, Limit, Page
 from ftune.service.schemas import JobIn, JobOut, JobSummary
 from ftune.service.streams import RECHECK_S, SAFETY_READ_S
@@ -99,6 +100,18 @@ def delete_one(job_id: str, ctx: Ctx, who: Admin) -> Response:
         delete_job(session, who, job_id=job_id)
     ctx.storage.remove_job_files(job_id)
     return Response(status_code=204)
+
+
+@router.get("/jobs/{job_id}/logs")
+def logs(job_id: str, ctx: Ctx, who: Admin,
+         tail: Annotated[int, Query(ge=1, le=MAX_TAIL)] = 1000) -> dict:
+    """Admins only: the last ``tail`` lines the job's workers logged while running it (every
+    attempt), as ``{"lines": [{"ts", "level", "logger", "message", "job_id", "tenant"}]}``;
+    server paths are redacted."""
+    with ctx.db.session() as session:
+        get_job(session, who, job_id)
+    lines = read_job_log(ctx.storage.job_log(job_id), ctx.storage.home, tail)
+    return {"lines": lines}
 
 
 @router.get("/jobs/{job_id}/curves.png", response_class=Response,

@@ -24,6 +24,7 @@ class Up:
     home: Path
     admin_key: str  # an admin of tenant "tools"
     member_key: str
+    log: Path  # what ftune up and its processes printed (JSON log lines: FTUNE_LOG_FORMAT)
 
 
 @pytest.fixture(scope="session")
@@ -32,7 +33,9 @@ def up(tmp_path_factory) -> Iterator[Up]:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "DATABASE_URL")}
     env["FTUNE_CANCEL_POLL_S"] = "0.2"
-    log = (home.parent / "up.log").open("wb")
+    env["FTUNE_LOG_FORMAT"] = "json"
+    log_path = home.parent / "up.log"
+    log = log_path.open("wb")
     process = subprocess.Popen([*ftune_command("up"), "--port", str(port), "--home", str(home)],
                                env=env, stdout=log, stderr=subprocess.STDOUT,
                                start_new_session=True)
@@ -43,7 +46,7 @@ def up(tmp_path_factory) -> Iterator[Up]:
         database = f"sqlite:///{home / 'ftune.db'}"
         admin = make_key(database, role=Role.ADMIN, tenant="tools")
         member = make_key(database, role=Role.MEMBER, tenant="tools")
-        yield Up(url, home, admin.key, member.key)
+        yield Up(url, home, admin.key, member.key, log_path)
     finally:
         process.send_signal(signal.SIGINT)
         try:
