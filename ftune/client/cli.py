@@ -241,8 +241,9 @@ def main(argv: list[str] | None = None, prog: str = "ftune remote") -> int:
             return args.handler(client, args)
     except ApiError as exc:
         print(f"error: {exc.detail} (HTTP {exc.status})", file=sys.stderr)
-        for item in exc.errors:
-            print(f"  {item.get('field', '')}: {item.get('message', item)}", file=sys.stderr)
+        for item in exc.errors:  # 422: each bad field's path and what is wrong with it
+            where = ".".join(str(part) for part in item.get("loc", [])) or "request"
+            print(f"  {where}: {item.get('msg', item)}", file=sys.stderr)
         return 1
     except (FtuneError, OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

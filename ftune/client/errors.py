@@ -11,7 +11,7 @@ class FtuneError(Exception):
 
 class ApiError(FtuneError):
     """The API answered with an error; ``detail`` is its explanation, ``errors`` the
-    structured list a 422 carries (``[{"field": ..., "message": ...}]``)."""
+    structured list a 422 carries (``[{"loc": ["spec", "epochs"], "msg": ..., "type": ...}]``)."""
 
     def __init__(self, status: int, detail: str, errors: list[dict[str, Any]] | None = None,
                  *, method: str = "", path: str = "") -> None:

@@ -77,7 +77,8 @@ def test_503_and_429_are_retried_after_retry_after_with_the_same_idempotency_key
 def test_each_post_gets_its_own_key_and_errors_carry_the_detail(scripted):
     url, seen = scripted([_json(202, JOB), _json(202, JOB),
                           _json(422, {"detail": "invalid spec", "errors": [
-                              {"field": "spec.epochs", "message": "must be >= 1"}]})])
+                              {"loc": ["spec", "epochs"], "msg": "must be >= 1",
+                               "type": "value_error"}]})])
     with Client(url, "k", retries=0) as client:
         client.jobs.create("d1")
         client.jobs.create("d1")
@@ -85,7 +86,7 @@ def test_each_post_gets_its_own_key_and_errors_carry_the_detail(scripted):
             client.jobs.create("d1", epochs=0)
     assert seen[0]["headers"]["Idempotency-Key"] != seen[1]["headers"]["Idempotency-Key"]
     assert error.value.status == 422 and error.value.detail == "invalid spec"
-    assert error.value.errors[0]["field"] == "spec.epochs"
+    assert error.value.errors[0]["loc"] == ["spec", "epochs"]
     assert "POST /jobs: 422 invalid spec" in str(error.value)
 
 

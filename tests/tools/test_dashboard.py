@@ -1,0 +1,189 @@
+"""The dashboard in real Chromium (Debian's, driven by Playwright) against ``ftune up`` with a
+real worker: sign in, upload by drop, read the report, start a job with defaults and watch it
+live to the end, open the model, see the confusion matrix, predict on a dropped image; and a
+wrong key, a spec error next to its field, cancelling. Screenshots of each page are saved in
+test-artifacts/dashboard/."""
+
+from __future__ import annotations
+
+import base64
+import shutil
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from ftune.testing.archives import zip_folder
+from ftune.testing.realdata import animal_mnist_arrays, balanced_indices, write_image_folder
+
+pytestmark = pytest.mark.processes
+ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "dashboard"
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    executable = shutil.which("chromium")
+    assert executable, ("Debian's chromium is needed: make test installs it "
+                        "(apt-get install chromium)")
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=executable)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser, up):
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.goto(up.url + "/")
+    yield page
+    context.close()
+    assert not errors, errors  # no script error on any page
+
+
+def wait_for_js(page, expression: str, timeout_s: float = 30) -> None:
+    """Poll an expression from here (the page's CSP forbids the eval that
+    page.wait_for_function uses, and rightly so)."""
+    deadline = time.monotonic() + timeout_s
+    while not page.evaluate(expression):
+        assert time.monotonic() < deadline, f"still false after {timeout_s} s: {expression}"
+        time.sleep(0.1)
+
+
+def sign_in(page, key: str) -> None:
+    page.fill("#key", key)
+    page.click("#sign-in-form button[type=submit]")
+
+
+def drop_files(page, selector: str, files: list[tuple[str, bytes, str]]) -> None:
+    """A real drop event with files in its DataTransfer, as dragging from the desktop does."""
+    transfer = page.evaluate_handle("""(files) => {
+        const dt = new DataTransfer();
+        for (const [name, b64, type] of files) {
+            const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+            dt.items.add(new File([bytes], name, { type }));
+        }
+        return dt;
+    }""", [[name, base64.b64encode(data).decode(), kind] for name, data, kind in files])
+    page.dispatch_event(selector, "drop", {"dataTransfer": transfer})
+
+
+@pytest.fixture(scope="module")
+def animal_zip(tmp_path_factory) -> bytes:
+    images, labels = animal_mnist_arrays()
+    idx = balanced_indices(labels, 16, classes=4)
+    root = write_image_folder(tmp_path_factory.mktemp("dash") / "animals", images[idx], labels[idx])
+    return zip_folder(root)
+
+
+def test_a_wrong_key_is_refused_in_plain_words(page):
+    sign_in(page, "ftk_not-a-real-key")
+    page.wait_for_selector("#alert:not([hidden])")
+    assert "not accepted" in page.inner_text("#alert")
+    assert page.is_visible("#sign-in") and not page.is_visible("#nav")
+    assert page.evaluate("sessionStorage.length") == 0
+
+
+def test_the_whole_path_upload_train_watch_model_predict(page, up, animal_zip):
+    sign_in(page, up.admin_key)
+    page.wait_for_selector("#nav:not([hidden])")
+    assert "ftk_" not in page.url  # the key never goes in a URL
+    page.goto(up.url + "/#/datasets")
+    page.wait_for_selector(".drop")
+    page.screenshot(path=ARTIFACTS / "datasets.png", full_page=True)
+    drop_files(page, ".drop", [("animals.zip", animal_zip, "application/zip")])
+    page.wait_for_selector("#report", timeout=60_000)
+    assert "Ready to train: 64 images, 4 classes" in page.inner_text("#report")
+    assert page.locator("#report svg.chart rect.bar").count() == 4  # counts per class
+    page.screenshot(path=ARTIFACTS / "report.png", full_page=True)
+
+    page.goto(up.url + "/#/new-job")
+    page.wait_for_selector("#spec-fields .field")
+    page.screenshot(path=ARTIFACTS / "new-job.png", full_page=True)
+    page.evaluate("window.__loadedOnce = true")  # gone if the page reloads
+    page.click("#start-job")  # defaults: every field auto
+    page.wait_for_selector("#job-status")
+    seen: list[str] = []
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        status, progress = page.inner_text("#job-status"), page.inner_text("#job-progress-text")
+        if not seen or seen[-1] != f"{status} | {progress}":
+            seen.append(f"{status} | {progress}")
+        if status in ("succeeded", "failed", "cancelled"):
+            break
+        time.sleep(0.2)
+    assert page.inner_text("#job-status") == "succeeded", seen
+    assert len(seen) >= 3, seen  # it changed live, more than once
+    assert page.evaluate("window.__loadedOnce") is True  # without reloading
+    page.wait_for_selector("#curves svg polyline")
+    assert page.locator("#events li").count() > 3
+    assert "learning-rate range test" in page.inner_text("#resolved")
+    assert "healthy" in page.inner_text("#diagnosis") or page.locator("#diagnosis li").count()
+    page.screenshot(path=ARTIFACTS / "job.png", full_page=True)
+    page.screenshot(path=ARTIFACTS / "job-top.png")  # what the README shows
+
+    page.click("#open-model")
+    wait_for_js(page, "document.querySelector('#confusion')?.naturalWidth > 0")
+    assert "tf_efficientnet_lite0" in page.inner_text(".model-card")  # the default backbone
+    page.screenshot(path=ARTIFACTS / "model.png", full_page=True)
+    model_id = page.url.rsplit("/", 1)[-1]
+    image = next(iter(sorted(_images(animal_zip))))
+    drop_files(page, ".drop", [("one.png", image, "image/png")])
+    page.wait_for_selector("#predict-results .prediction")
+    shown = page.inner_text("#predict-results .prediction li .label >> nth=0")
+    page.screenshot(path=ARTIFACTS / "model-top.png")  # what the README shows
+    with httpx.Client(base_url=up.url, headers={"Authorization": f"Bearer {up.admin_key}"}) as api:
+        top = api.post(f"/v1/models/{model_id}/predict", files=[("files", ("one.png", image))],
+                       params={"top_k": 3}).json()["predictions"][0]
+    assert shown == top[0]["label"]
+
+    page.set_viewport_size({"width": 390, "height": 844})  # a phone
+    page.goto(up.url + "/#/jobs")
+    page.wait_for_selector("#jobs-body tr")
+    assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth + 1")
+    page.screenshot(path=ARTIFACTS / "jobs-phone.png", full_page=True)
+
+
+def _images(archive: bytes) -> list[bytes]:
+    import io
+    import zipfile
+
+    with zipfile.ZipFile(io.BytesIO(archive)) as zipped:
+        return [zipped.read(n) for n in zipped.namelist() if n.endswith(".png")][:1]
+
+
+def test_a_spec_error_is_shown_next_to_its_field(page, up, animal_zip):
+    with httpx.Client(base_url=up.url, headers={"Authorization": f"Bearer {up.admin_key}"}) as api:
+        api.post("/v1/datasets", files={"file": ("animals.zip", animal_zip)})
+    sign_in(page, up.admin_key)
+    page.wait_for_selector("#nav:not([hidden])")
+    page.goto(up.url + "/#/new-job")
+    page.wait_for_selector('[data-path="epochs"] input')
+    page.fill('[data-path="epochs"] input', "0")
+    page.click("#start-job")
+    page.wait_for_selector('[data-path="epochs"] .field-error:not(:empty)')
+    assert page.get_attribute('[data-path="epochs"] input', "aria-invalid") == "true"
+    assert "1" in page.inner_text('[data-path="epochs"] .field-error')
+    assert page.inner_text("#job-error") == "Some fields need fixing (see below)."
+    page.screenshot(path=ARTIFACTS / "spec-error.png", full_page=True)
+
+
+def test_cancelling_a_running_job(page, up, animal_zip):
+    with httpx.Client(base_url=up.url, headers={"Authorization": f"Bearer {up.admin_key}"}) as api:
+        dataset = api.post("/v1/datasets", files={"file": ("animals.zip", animal_zip)}).json()
+        job = api.post("/v1/jobs", json={"dataset_id": dataset["id"], "spec": {
+            "image_size": 64, "epochs": 50, "freeze": {"strategy": "none"}}}).json()
+    sign_in(page, up.admin_key)
+    page.wait_for_selector("#nav:not([hidden])")
+    page.goto(f"{up.url}/#/jobs/{job['id']}")
+    page.wait_for_selector("#cancel-job")
+    page.on("dialog", lambda dialog: dialog.accept())
+    page.click("#cancel-job")
+    wait_for_js(page, "document.querySelector('#job-status')?.textContent === 'cancelled'", 60)
+    assert page.is_hidden("#cancel-job")
