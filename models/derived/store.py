@@ -36,6 +36,12 @@ class Entry:
     path: Path
 
 
+# Entries used in the last minute are not evicted: a lookup returns the folder before its
+# files are opened, and another process's eviction must not take it away in between (the
+# store may stay over its cap that long).
+MIN_IDLE_S = 60.0
+
+
 def _check_name(name: str) -> str:
     if not name or name.startswith(".") or not set(name) <= _SAFE:
         raise ValueError(f"bad derived-store name {name!r}")
@@ -47,8 +53,10 @@ def _folder_bytes(folder: Path) -> int:
 
 
 class DerivedStore:
-    def __init__(self, root: Path, max_bytes: int) -> None:
+    def __init__(self, root: Path, max_bytes: int, *, min_idle_s: float = MIN_IDLE_S) -> None:
         self.root, self.max_bytes = Path(root), max_bytes
+        # An entry looked up this recently is being opened by someone: eviction leaves it.
+        self.min_idle_s = min_idle_s
 
     def _path(self, kind: str, key: str) -> Path:
         return self.root / _check_name(kind) / _check_name(key)
@@ -121,10 +129,11 @@ class DerivedStore:
         entries = self.entries()
         total = sum(e.bytes for e in entries)
         freed = 0
+        recent = time.time() - self.min_idle_s
         for entry in entries:
             if total - freed <= self.max_bytes:
                 break
-            if entry.path != keep:
+            if entry.path != keep and entry.last_used < recent:
                 freed += self._remove(entry)
         return freed
 

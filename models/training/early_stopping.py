@@ -23,6 +23,12 @@ class EarlyStopping:
         self.bad_epochs += 1
         return False
 
+    def restart(self) -> None:
+        """Forget the best so far: the next value is the new best (a new stage whose metric
+        is not comparable with the last one's)."""
+        self.best = -math.inf if self.mode == "max" else math.inf
+        self.best_epoch, self.bad_epochs = None, 0
+
     @property
     def should_stop(self) -> bool:
         return self.bad_epochs >= self.patience

@@ -116,8 +116,7 @@ def fit(
     setup = _build_setup(index, spec, train_samples, val_samples, device=device,
                          derived=derived, owner=owner)
     setup.should_stop = callbacks.should_stop
-    budget = Budget.start(spec, choices, time_limit_s, started,
-                          spent_before=state.get("budget_spent_s", 0.0) if state else 0.0)
+    budget = Budget.start(spec, choices, time_limit_s, started, _spent_before(state))
     plans, lr_curve, features = plan_with_lr(setup, spec, choices, cache_features,
                                              resumed=state is not None)
     _announce(callbacks, None, None, choices)
@@ -141,6 +140,11 @@ def fit(
                                 stopped_early=stopped_early, best_epoch=result.best_epoch,
                                 class_counts=_class_counts(train_samples, index.classes))
     return result
+
+
+def _spent_before(state: dict | None) -> float:
+    """Seconds of the time budget earlier attempts spent (from the checkpoint)."""
+    return float(state.get("budget_spent_s", 0.0)) if state else 0.0
 
 
 def _refits(spec: FineTuneSpec, stages: StageRunner, index: ImageFolderIndex,

@@ -74,6 +74,7 @@ class TrainingRun:
         self.total_steps = self.steps_per_epoch * spec.epochs
         self.warmup_steps = round(spec.schedule.warmup_epochs * self.steps_per_epoch)
         self._features: dict[str, torch.Tensor] = {}
+        self.caching_s = 0.0  # spent computing cached features (once, not every epoch)
         self.n_trainable = trainable_stage_count(spec.freeze, 0, len(stages))
         apply_freezing(model, stages, self.n_trainable)
         groups = [g for unit in join_order(len(stages), self.n_trainable)
@@ -227,6 +228,7 @@ class TrainingRun:
     @torch.no_grad()
     def _cached_features(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
         if split not in self._features:
+            started = time.perf_counter()
             source = self.train_source if split == "train" else self.val_source
             self.model.backbone.eval()
             chunks = []
@@ -237,6 +239,7 @@ class TrainingRun:
                     chunks.append(self.model.backbone(batch).float())
             self._features[split] = torch.cat(chunks)
             self._features[split + "_labels"] = source.labels.to(self.device)
+            self.caching_s += time.perf_counter() - started
         return self._features[split], self._features[split + "_labels"]
 
 

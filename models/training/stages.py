@@ -160,6 +160,10 @@ class StageRunner:
             progress.first_epoch, progress.stage_index = 0, index
             progress.stopper.patience = spec.early_stopping.patience
             progress.stopper.bad_epochs = 0
+            if index > 0 and progress.monitor.startswith("train_"):
+                # Without a val split the training loss is watched, and a stage that trains
+                # more layers on augmented images starts higher: judge it on its own.
+                progress.stopper.restart()
         if self.callbacks.on_stage is not None:
             self.callbacks.on_stage(run.stage, self.stage_offset + spec.epochs)
 
@@ -190,7 +194,10 @@ class StageRunner:
         if stopper.should_stop and progress.first_epoch < epochs:
             return True  # a resumed stage that had already stopped early
         for epoch in range(progress.first_epoch, epochs):
+            caching_before = run.caching_s
             row = run.epoch(epoch, self.callbacks)
+            # What the next epoch will cost: features cached during this one are not again.
+            next_epoch_s = row["seconds"] - (run.caching_s - caching_before)
             self.backbone_as_built &= run.backbone_frozen
             if stopper.update(row[progress.monitor], row["epoch"]):
                 self.best_state, self.best_run = run.remember_best(), run
@@ -207,8 +214,8 @@ class StageRunner:
                 log.info("early stopping after epoch %d (best epoch %s)", row["epoch"],
                          stopper.best_epoch)
                 return True
-            if epoch + 1 < epochs and not self.budget.fits(row["seconds"]):
-                self._out_of_time(row)
+            if epoch + 1 < epochs and not self.budget.fits(next_epoch_s):
+                self._out_of_time(row, next_epoch_s)
                 return True
         return False
 
@@ -219,11 +226,11 @@ class StageRunner:
             return None
         return run.cached_features("val")[0]
 
-    def _out_of_time(self, row: dict) -> None:
+    def _out_of_time(self, row: dict, next_epoch_s: float) -> None:
         self.out_of_time = True
         self.choices["time_budget_s"]["why"] += (
             f"; it ended training after epoch {row['epoch']}, since another epoch "
-            f"(~{row['seconds']:.0f} s) would not fit")
+            f"(~{next_epoch_s:.0f} s) would not fit")
         log.info("time budget spent after epoch %d", row["epoch"])
 
     def _fit_to_budget(self, plan: StagePlan, resuming: bool) -> StagePlan | None:

@@ -143,6 +143,16 @@ def test_a_resumed_run_counts_what_earlier_attempts_spent_against_the_budget():
     assert capped.seconds == 40 and capped.spent_before == 0
 
 
+def test_without_a_val_split_the_fine_tuning_stage_is_judged_on_its_own(tiny_folder):
+    """Training loss is watched then; augmented fine-tuning starts above the head's last
+    value, which must not make the head's weights the result."""
+    result = fit(tiny_folder, {"image_size": 32, "batch_size": 8, "epochs": 2,
+                               "val_fraction": 0})
+    stages = [row["stage"] for row in result.history]
+    assert stages.count("finetune") == 2 and result.num_val == 0
+    assert result.history[result.best_epoch - 1]["stage"] == "finetune"
+
+
 def test_a_two_stage_run_resumes_in_its_second_stage(tiny_folder, tmp_path):
     spec = {"image_size": 32, "batch_size": 8, "epochs": 3}
     whole = fit(tiny_folder, spec)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -48,7 +49,7 @@ def test_concurrent_builders_of_one_key_build_it_once(tmp_path):
 
 
 def test_least_recently_used_entries_go_beyond_the_cap_and_owners_are_accounted(tmp_path):
-    store = DerivedStore(tmp_path, max_bytes=2500)
+    store = DerivedStore(tmp_path, max_bytes=2500, min_idle_s=0)
     store.build("decoded", "a", _writer(1000), owner="t1")
     time.sleep(0.02)
     store.build("decoded", "b", _writer(1000), owner="t2")
@@ -61,6 +62,18 @@ def test_least_recently_used_entries_go_beyond_the_cap_and_owners_are_accounted(
     assert store.clean(owner="t2") == (0, 0)
     assert store.clean(owner="t1") == (2, 2000)
     assert store.entries() == []
+
+
+def test_an_entry_just_looked_up_is_not_evicted_under_its_reader(tmp_path):
+    """Another job may have looked it up and not opened its files yet."""
+    store = DerivedStore(tmp_path, max_bytes=1500)  # the default minute of grace
+    store.build("decoded", "a", _writer(1000))
+    store.build("decoded", "b", _writer(1000))  # over the cap, but a was used just now
+    assert sorted(e.key for e in store.entries()) == ["a", "b"]
+    old = time.time() - 120
+    os.utime(store.lookup("decoded", "a") / "meta.json", (old, old))  # idle for 2 minutes
+    store.evict()
+    assert [e.key for e in store.entries()] == ["b"]
 
 
 @pytest.mark.parametrize("name", ["../x", ".hidden", "a/b", "", "UPPER"])
