@@ -78,34 +78,17 @@ lock: | $(PY)
 # installed with apt when missing and we are root, else a clear message. FTUNE_TEST_PG_URL
 # (an existing server) makes them unnecessary.
 postgres-binaries:
-	@if [ -n "$$FTUNE_TEST_PG_URL" ] || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
-	  true; \
-	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	  echo "installing PostgreSQL's server binaries (apt-get install postgresql)"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-	    --no-install-recommends postgresql >/dev/null; \
-	else \
-	  echo "make test needs PostgreSQL's server binaries (initdb, pg_ctl): install Debian's" \
-	       "postgresql package (sudo apt-get install postgresql), or set FTUNE_TEST_PG_URL to" \
-	       "a server whose user may create databases" >&2; \
-	  exit 1; \
-	fi
+	@tools/need-apt-package.sh \
+	  '[ -n "$$FTUNE_TEST_PG_URL" ] || ls /usr/lib/postgresql/*/bin/initdb' postgresql \
+	  "PostgreSQL's server binaries (initdb, pg_ctl)" \
+	  "set FTUNE_TEST_PG_URL to a server whose user may create databases"
 
 # Debian's chromium for the dashboard's browser tests (Playwright drives it; `playwright
 # install` would download a browser, which our machines cannot): installed with apt when
 # missing and we are root, else a clear message. Never skipped silently.
 chromium:
-	@if command -v chromium >/dev/null; then \
-	  true; \
-	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	  echo "installing Debian's chromium for the browser tests (apt-get install chromium)"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-	    --no-install-recommends chromium >/dev/null; \
-	else \
-	  echo "make test needs Debian's chromium for the dashboard's browser tests: install it" \
-	       "(sudo apt-get install chromium)" >&2; \
-	  exit 1; \
-	fi
+	@tools/need-apt-package.sh 'command -v chromium' chromium \
+	  "Debian's chromium for the dashboard's browser tests"
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -6,19 +6,18 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import site
 import subprocess
-import sys
 import sysconfig
 import tomllib
-import venv
 from importlib import metadata
 from pathlib import Path
 
 import pytest
 from packaging.requirements import Requirement
 from packaging.version import Version
+
+from ftune.testing.wheel import install_fresh
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,25 +28,7 @@ def fresh_install(tmp_path_factory) -> tuple[Path, Path]:
     Its dependencies come from the test environment's site-packages through a .pth file, so
     nothing is downloaded; the editable install there is not activated (.pth files in a path
     added by a .pth file are not processed)."""
-    work = tmp_path_factory.mktemp("fresh-install")
-    source = work / "src"  # a copy, so building writes nothing into the repository
-    for name in ("pyproject.toml", "README.md"):
-        source.mkdir(exist_ok=True)
-        shutil.copy(ROOT / name, source / name)
-    for folder in ("ftune", "models", "service", "workers"):
-        shutil.copytree(ROOT / folder, source / folder,
-                        ignore=shutil.ignore_patterns("__pycache__"))
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
-                    "-q", "-w", str(work / "dist"), str(source)], check=True, cwd=work)
-    wheel = next((work / "dist").glob("ftune-*.whl"))
-    env_dir = work / "venv"
-    venv.create(env_dir, with_pip=False)
-    python = env_dir / "bin" / "python"
-    target = Path(subprocess.check_output(
-        [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-        text=True).strip())
-    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "-q",
-                    "--target", str(target), str(wheel)], check=True, cwd=work)
+    python, target, _ = install_fresh(tmp_path_factory.mktemp("fresh-install"))
     deps = [p for p in {*site.getsitepackages(), sysconfig.get_paths()["purelib"]}
             if Path(p).is_dir()]
     (target / "zz_test_dependencies.pth").write_text("\n".join(deps) + "\n")

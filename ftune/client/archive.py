@@ -37,7 +37,20 @@ def folder_files(folder: Path) -> list[Path]:
     return sorted(files)
 
 
-class FolderZip:
+class _Counted:
+    """Counts the bytes ``read`` has handed out and reports the total to ``on_read``."""
+
+    on_read: Callable[[int], None] | None
+    sent: int
+
+    def _counted(self, data: bytes) -> bytes:
+        self.sent += len(data)
+        if self.on_read is not None:
+            self.on_read(self.sent)
+        return data
+
+
+class FolderZip(_Counted):
     """A file-like object whose ``read`` returns the next bytes of a zip of ``folder``
     (its name the top folder inside the archive). ``on_read(total_read)`` reports progress;
     ``size_hint`` is the files' total size, a close estimate of the archive's."""
@@ -74,16 +87,13 @@ class FolderZip:
                 self._done = True
         data = bytes(self._sink.buffer[:want])
         del self._sink.buffer[:want]
-        self.sent += len(data)
-        if self.on_read is not None:
-            self.on_read(self.sent)
-        return data
+        return self._counted(data)
 
     def close(self) -> None:
         self._chunks.close()
 
 
-class ProgressFile:
+class ProgressFile(_Counted):
     """A file opened for reading that reports how much has been read."""
 
     def __init__(self, path: Path, on_read: Callable[[int], None] | None = None) -> None:
@@ -92,11 +102,7 @@ class ProgressFile:
         self.on_read, self.sent = on_read, 0
 
     def read(self, size: int = -1) -> bytes:
-        data = self.file.read(size)
-        self.sent += len(data)
-        if self.on_read is not None:
-            self.on_read(self.sent)
-        return data
+        return self._counted(self.file.read(size))
 
     def close(self) -> None:
         self.file.close()

@@ -29,6 +29,7 @@ from ftune.models.evaluation import evaluate_splits
 from ftune.models.network import FineTuneModel, build_head
 from ftune.models.preprocessing import Preprocessing
 from ftune.models.recipe import rules
+from ftune.models.recipe.plan import StagePlan
 from ftune.models.recipe.resolve import apply_static, backbone_size, resolve_static
 from ftune.models.recipe.stats import DatasetStats
 from ftune.models.settings import engine_settings
@@ -127,7 +128,7 @@ def fit(
                          Path(checkpoint_dir) if checkpoint_dir else None, cache_features,
                          index.classes)
     final_run, stopped_early = stages.run_all(features, state)
-    refits = _refits(spec, stages, index, bool(val_samples), cache_features)
+    refits = _refits(spec, setup, stages, plans[0], index, bool(val_samples), cache_features)
     evaluation = _evaluate(setup, stages, index, val_samples, callbacks, refits and choices)
     result = _result(final_run, setup.backbone, index, progress, stopped_early=stopped_early,
                      evaluation=evaluation, num_train=len(train_samples),
@@ -142,20 +143,32 @@ def fit(
     return result
 
 
+def _rebuilt_head_run(setup: RunSetup, stages: StageRunner, first: StagePlan,
+                      cache_features: bool) -> TrainingRun | None:
+    """After a resume, the best weights may come from the head stage of an earlier attempt:
+    a run of that stage (its features cached again when needed) stands in for it."""
+    history, best = stages.progress.history, stages.progress.stopper.best_epoch
+    if not best or best > len(history) or first.trains_backbone or \
+            history[best - 1].get("stage") != first.name:
+        return None
+    return setup.run(first, cache_features=cache_features)
+
+
 def _spent_before(state: dict | None) -> float:
     """Seconds of the time budget earlier attempts spent (from the checkpoint)."""
     return float(state.get("budget_spent_s", 0.0)) if state else 0.0
 
 
-def _refits(spec: FineTuneSpec, stages: StageRunner, index: ImageFolderIndex,
-            has_val: bool, cache_features: bool) -> bool:
+def _refits(spec: FineTuneSpec, setup: RunSetup, stages: StageRunner, first: StagePlan,
+            index: ImageFolderIndex, has_val: bool, cache_features: bool) -> bool:
     """Whether the head is trained again on train+val once its epochs are chosen: when the
     best weights are a head trained alone on cached features (preset fast, or a fine-tuning
     stage that never beat the head)."""
+    if stages.best_run is None:  # resumed after the best epoch: its run is gone
+        stages.best_run = _rebuilt_head_run(setup, stages, first, cache_features)
     best = stages.best_run
     head_alone_cached = (cache_features and has_val and best is not None
-                         and best.backbone_frozen and best.spec.augment == "none"
-                         and best.has_cached("train") and best.has_cached("val"))
+                         and best.backbone_frozen and best.spec.augment == "none")
     return rules.refit(spec.refit, val_carved=index.val is None,
                        head_alone_cached=head_alone_cached)
 

@@ -118,7 +118,9 @@ def test_cancel_queued_and_running_jobs(client, tiny_dataset, service_home):
                         if line.startswith("data:")]
     assert job["progress"]["epoch"] == max(e for e in epochs_in_events if e is not None)
     assert job["progress"]["epochs_done"] == len(job["metrics"])
-    assert not (service_home / "jobs" / running["id"]).exists()  # partial files removed
+    job_files = service_home / "jobs" / running["id"]
+    assert not (job_files / "checkpoints").exists()  # partial files removed
+    assert [p.name for p in job_files.iterdir()] == ["log.jsonl"]  # its log stays
     # Cancel is idempotent; a finished job cannot be cancelled.
     assert client.post(f"/v1/jobs/{running['id']}/cancel").json()["status"] == "cancelled"
 

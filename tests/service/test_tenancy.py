@@ -38,7 +38,7 @@ MEMBER = {
 }
 ADMIN = {
     "DELETE /v1/datasets/{dataset_id}", "DELETE /v1/jobs/{job_id}",
-    "PUT /v1/models/aliases/{alias}", "DELETE /v1/models/{model_ref}",
+    "GET /v1/jobs/{job_id}/logs", "PUT /v1/models/aliases/{alias}", "DELETE /v1/models/{model_ref}",
     "DELETE /v1/models/{model_ref}/exports", "GET /v1/keys", "POST /v1/keys",
     "DELETE /v1/keys/{key_id}", "GET /v1/audit",
 }

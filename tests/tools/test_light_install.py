@@ -8,14 +8,14 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
-import venv
 import zipfile
 from importlib import metadata
 from pathlib import Path
 
 import pytest
 from packaging.requirements import Requirement
+
+from ftune.testing.wheel import install_fresh
 
 pytestmark = pytest.mark.processes
 ROOT = Path(__file__).resolve().parents[2]
@@ -48,25 +48,7 @@ def _copy_distribution(name: str, target: Path) -> None:
 
 @pytest.fixture(scope="module")
 def light(tmp_path_factory) -> tuple[Path, Path, Path]:
-    work = tmp_path_factory.mktemp("light")
-    source = work / "src"
-    source.mkdir()
-    for name in ("pyproject.toml", "README.md"):
-        shutil.copy(ROOT / name, source / name)
-    for folder in ("ftune", "models", "service", "workers"):
-        shutil.copytree(ROOT / folder, source / folder,
-                        ignore=shutil.ignore_patterns("__pycache__"))
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
-                    "-q", "-w", str(work / "dist"), str(source)], check=True, cwd=work)
-    wheel = next((work / "dist").glob("ftune-*.whl"))
-    env_dir = work / "venv"
-    venv.create(env_dir, with_pip=False)
-    python = env_dir / "bin" / "python"
-    site = Path(subprocess.check_output(
-        [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-        text=True).strip())
-    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "-q",
-                    "--target", str(site), str(wheel)], check=True, cwd=work)
+    python, site, wheel = install_fresh(tmp_path_factory.mktemp("light"))
     for name in _closure("httpx"):
         _copy_distribution(name, site)
     return python, site, wheel
