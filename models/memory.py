@@ -53,10 +53,8 @@ def estimate(spec: FineTuneSpec, *, num_classes: int, num_images: int,
     pixels = (side / DEFAULT_SIZE) ** 2
     # The head alone (head_only, or auto with preset fast) trains on cached features unless
     # augmentation is asked for; auto augmentation is none then.
-    head_alone = spec.freeze.strategy == "head_only" or (
-        spec.freeze.strategy == "auto" and spec.preset == "fast")
-    trains_backbone = not head_alone or spec.augment not in ("none", "auto")
-    trainable = 0 if head_alone else params
+    trains_backbone = not spec.head_alone or spec.augment not in ("none", "auto")
+    trainable = 0 if spec.head_alone else params
     head = _head_params(spec, features, num_classes)
     states = 1 + OPTIMIZER_STATES.get(spec.optimizer.name, 2)  # gradient + moments
     parts = {

@@ -167,11 +167,16 @@ class FineTuneSpec(_Strict):
             )
         return self
 
+    @property
+    def head_alone(self) -> bool:
+        """Only the head trains: freeze.strategy head_only, or auto with preset fast (the one
+        preset without a fine-tuning stage; tests hold this against the presets)."""
+        return self.freeze.strategy == "head_only" or (
+            self.freeze.strategy == "auto" and self.preset == "fast")
+
     @model_validator(mode="after")
     def _refit_needs_cached_head(self) -> FineTuneSpec:
-        head_alone = self.freeze.strategy == "head_only" or (
-            self.freeze.strategy == "auto" and self.preset == "fast")
-        if self.refit is True and not (head_alone and self.augment in ("auto", "none")):
+        if self.refit is True and not (self.head_alone and self.augment in ("auto", "none")):
             raise ValueError(
                 "refit: true needs the head trained alone on cached features "
                 "(freeze.strategy head_only, or auto with preset fast; augment none)")

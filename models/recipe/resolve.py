@@ -53,8 +53,7 @@ def resolve_static(spec: FineTuneSpec, stats: DatasetStats) -> Resolved:
                          "features"))
         if preset.finetune:
             choices["freeze.n_blocks"] = rules.stages_to_train(stats.num_train, preset)
-    trains_backbone = two_stage(spec) or spec.freeze.strategy in ("last_n_blocks", "gradual",
-                                                                  "none")
+    trains_backbone = not spec.head_alone
     if spec.head.dropout == "auto":
         choices["head.dropout"] = rules.head_dropout(head_alone=not trains_backbone)
     if spec.epochs == "auto":

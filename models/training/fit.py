@@ -129,7 +129,7 @@ def fit(
                          index.classes)
     final_run, stopped_early = stages.run_all(features, state)
     refits = _refits(spec, setup, stages, plans[0], index, bool(val_samples), cache_features)
-    evaluation = _evaluate(setup, stages, index, val_samples, callbacks, refits and choices)
+    evaluation = _evaluate(setup, stages, index, val_samples, callbacks, choices, refits)
     result = _result(final_run, setup.backbone, index, progress, stopped_early=stopped_early,
                      evaluation=evaluation, num_train=len(train_samples),
                      num_val=len(val_samples), seconds=time.perf_counter() - started)
@@ -174,10 +174,10 @@ def _refits(spec: FineTuneSpec, setup: RunSetup, stages: StageRunner, first: Sta
 
 
 def _evaluate(setup: RunSetup, stages: StageRunner, index: ImageFolderIndex,
-              val_samples: list[Sample], callbacks: Callbacks,
-              refit_into: dict | bool) -> dict:
-    """The best weights, evaluated on val; then, with ``refit_into`` (the choices, where the
-    refit is recorded), the head trained again on train+val; then evaluated on test."""
+              val_samples: list[Sample], callbacks: Callbacks, choices: dict,
+              refit: bool) -> dict:
+    """The best weights, evaluated on val; then, with ``refit``, the head trained again on
+    train+val (recorded in ``choices``); then evaluated on test."""
     model = setup.model
     if stages.best_state is not None:
         model.load_state_dict(stages.best_state)
@@ -192,13 +192,13 @@ def _evaluate(setup: RunSetup, stages: StageRunner, index: ImageFolderIndex,
                                val_features=val_features, decoded=setup.decoded)
 
     evaluation = evaluate_on({"val": val_samples}, stages.best_val_features())
-    if isinstance(refit_into, dict) and stages.best_run is not None:
+    if refit and stages.best_run is not None:
         _announce(callbacks, "refit", history, None)
         best = stages.best_run
         epochs = (stages.progress.stopper.best_epoch or history) - best.epoch_offset
         images = refit_head(best, epochs)
-        refit_into["refit"] = rules.refit_choice(images, epochs).to_dict()
-        _announce(callbacks, "evaluate", history, refit_into)
+        choices["refit"] = rules.refit_choice(images, epochs).to_dict()
+        _announce(callbacks, "evaluate", history, choices)
     return evaluation | evaluate_on({"test": index.test or []}, None)
 
 

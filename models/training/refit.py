@@ -13,7 +13,7 @@ import torch
 
 from ftune.models.network import init_head
 from ftune.models.training.loop import train_one_epoch
-from ftune.models.training.run import TrainingRun
+from ftune.models.training.run import TrainingRun, epoch_order, samples_per_epoch
 from ftune.models.tuning.optimizers import create_optimizer
 from ftune.models.tuning.param_groups import HEAD, unit_param_groups
 from ftune.models.tuning.schedules import lr_multiplier
@@ -30,15 +30,13 @@ def refit_head(run: TrainingRun, epochs: int) -> int:
     init_head(head, spec.head)
     optimizer = create_optimizer(unit_param_groups(run.model, run.stages, HEAD, spec.optimizer),
                                  spec.optimizer)
-    # A final batch of one sample breaks BatchNorm in train mode: drop it.
-    n = len(labels) - 1 if len(labels) % spec.batch_size == 1 else len(labels)
+    n = samples_per_epoch(len(labels), spec.batch_size)
     steps_per_epoch = -(-n // spec.batch_size)
     total_steps = steps_per_epoch * epochs
     head.train()
     step = 0
     for epoch in range(epochs):
-        generator = torch.Generator().manual_seed(spec.seed * 1_000_003 + epoch)
-        order = torch.randperm(len(labels), generator=generator)[:n].to(features.device)
+        order = epoch_order(spec.seed, epoch, len(labels), n).to(features.device)
         batches = ((features[idx], labels[idx]) for idx in order.split(spec.batch_size))
         stats = train_one_epoch(
             head, batches, optimizer, loss_fn=run.loss_fn, precision=run.precision,

@@ -67,9 +67,7 @@ class TrainingRun:
                                            enabled=precision.needs_grad_scaler)
         self.best_state: dict | None = None
         self.step = 0
-        n = len(train_source)
-        # A final batch of one sample breaks BatchNorm in train mode: drop it.
-        self.samples_per_epoch = n - 1 if n % spec.batch_size == 1 and n > 1 else n
+        self.samples_per_epoch = samples_per_epoch(len(train_source), spec.batch_size)
         self.steps_per_epoch = math.ceil(self.samples_per_epoch / spec.batch_size)
         self.total_steps = self.steps_per_epoch * spec.epochs
         self.warmup_steps = round(spec.schedule.warmup_epochs * self.steps_per_epoch)
@@ -167,10 +165,7 @@ class TrainingRun:
                         loss_fn=self.loss_fn, precision=self.precision)
 
     def _order(self, epoch: int) -> torch.Tensor:
-        # A generator of its own per epoch: the order depends only on (seed, epoch), so a resumed
-        # run and a feature-cached run see exactly the batches an uninterrupted run sees.
-        generator = torch.Generator().manual_seed(self.spec.seed * 1_000_003 + epoch)
-        return torch.randperm(len(self.train_source), generator=generator)[:self.samples_per_epoch]
+        return epoch_order(self.spec.seed, epoch, len(self.train_source), self.samples_per_epoch)
 
     def _image_batches(self, order: torch.Tensor, *, training: bool,
                        split: str = "train") -> Batches:
@@ -241,6 +236,19 @@ class TrainingRun:
             self._features[split + "_labels"] = source.labels.to(self.device)
             self.caching_s += time.perf_counter() - started
         return self._features[split], self._features[split + "_labels"]
+
+
+def samples_per_epoch(n: int, batch_size: int) -> int:
+    """A final batch of one sample breaks BatchNorm in train mode: drop it."""
+    return n - 1 if n % batch_size == 1 and n > 1 else n
+
+
+def epoch_order(seed: int, epoch: int, n: int, keep: int) -> torch.Tensor:
+    """The first ``keep`` of a shuffle of ``n`` samples. A generator of its own per epoch: the
+    order depends only on (seed, epoch), so a resumed run and a feature-cached run see exactly
+    the batches an uninterrupted run sees."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=generator)[:keep]
 
 
 def _epoch_hook(epoch: int, callbacks: Callbacks) -> BatchHook | None:

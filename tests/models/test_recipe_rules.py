@@ -222,3 +222,11 @@ def test_refit_only_a_cached_head_and_by_default_only_on_a_carved_val_split(
 def test_refit_true_without_a_cached_head_is_refused_naming_the_field(spec):
     with pytest.raises(ValueError, match="refit: true needs the head trained alone"):
         parse_spec(spec)
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_the_spec_knows_which_presets_train_the_head_alone(preset):
+    # FineTuneSpec.head_alone cannot import the presets (they import the spec): held here.
+    assert parse_spec({"preset": preset}).head_alone is not PRESETS[preset].finetune
+    assert parse_spec({"preset": preset, "freeze": {"strategy": "head_only"}}).head_alone
+    assert not parse_spec({"preset": preset, "freeze": {"strategy": "none"}}).head_alone
