@@ -32,6 +32,7 @@ from ftune.service.routes import (
     jobs,
     keys,
     metrics,
+    sweeps,
     tenants,
     tuned_models,
 )
@@ -39,7 +40,7 @@ from ftune.service.settings import Settings
 
 log = logging.getLogger(__name__)
 
-TRAINING_ROUTES = (backbones, datasets, jobs, tuned_models, keys, tenants, audit)
+TRAINING_ROUTES = (backbones, datasets, jobs, sweeps, tuned_models, keys, tenants, audit)
 
 
 async def _maintain_forever(ctx: AppContext) -> None:

@@ -17,7 +17,7 @@ from ftune.models.data.sandbox import SandboxResult, unpack_and_inspect
 from ftune.models.errors import ArchiveTooLarge
 from ftune.models.settings import EngineSettings
 from ftune.service.auth.principal import Principal
-from ftune.service.db.tables import Dataset, Job
+from ftune.service.db.tables import Dataset, Job, Sweep
 from ftune.service.disk import over_disk_allowance
 from ftune.service.errors import (
     Conflict,
@@ -190,6 +190,11 @@ def delete_dataset(session: Session, principal: Principal, *, dataset_id: str) -
     if active:
         raise Conflict(f"dataset {dataset_id} is used by {active} queued or running job(s); "
                        "cancel them or wait for them to finish")
+    sweeps = session.scalar(select(func.count()).select_from(Sweep).where(
+        Sweep.dataset_id == dataset_id, Sweep.status == "running"))
+    if sweeps:
+        raise Conflict(f"dataset {dataset_id} is used by {sweeps} running sweep(s); cancel "
+                       "them or wait for them to finish")
     session.delete(dataset)
     session.flush()
 

@@ -1,8 +1,9 @@
-"""A job's states: ``queued → admitted → running → succeeded | failed | cancelled``.
+"""A job's states: ``queued → admitted → running → succeeded | failed | cancelled | pruned``.
 
 ``queued`` jobs wait in the database; the dispatcher admits them to the broker when a worker
 is free and the tenant's turn has come (fair share, quotas, retry times); a worker then takes
-an ``admitted`` job and it is ``running``.
+an ``admitted`` job and it is ``running``. ``pruned`` ends a sweep's trial that its pruner
+stopped at an epoch boundary: its best epoch's metrics are kept, no model is made.
 """
 
 from __future__ import annotations
@@ -17,8 +18,10 @@ class JobStatus(StrEnum):
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     CANCELLED = "cancelled"
+    PRUNED = "pruned"
 
 
 WAITING = (JobStatus.QUEUED, JobStatus.ADMITTED)
 ACTIVE = (JobStatus.QUEUED, JobStatus.ADMITTED, JobStatus.RUNNING)
-TERMINAL = (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
+TERMINAL = (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED,
+            JobStatus.PRUNED)

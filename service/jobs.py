@@ -72,26 +72,35 @@ def create_job(session: Session, principal: Principal, settings: Settings, *, re
                ) -> Job:
     """A queued job in the dataset's tenant, within that tenant's quotas (429 otherwise)."""
     spec = validate_job_spec(request.spec)
-    check_backbone(spec, settings)
     if request.priority > MEMBER_MAX_PRIORITY:
         principal.require(Role.ADMIN, f"priority above {MEMBER_MAX_PRIORITY}")
     dataset = get_dataset(session, principal, request.dataset_id)
+    return new_job(session, settings, dataset, spec, priority=request.priority,
+                   max_runtime_s=request.max_runtime_s, model_name=request.model_name)
+
+
+def new_job(session: Session, settings: Settings, dataset: Dataset, spec: FineTuneSpec, *,
+            priority: int, max_runtime_s: int | None = None, model_name: str | None = None,
+            sweep_id: str | None = None) -> Job:
+    """A queued job on ``dataset`` for its tenant: the submit-time choices made, quotas and
+    worker memory checked (429 or 422 otherwise). Shared by submissions and sweep trials."""
+    check_backbone(spec, settings)
     tenant_id = dataset.tenant_id
-    resolved = resolve_static(spec, _dataset_stats(dataset, spec))
+    resolved = resolve_static(spec, dataset_stats(dataset, spec))
     check_job(usage_of(session, tenant_id), limits_of(session.get(Tenant, tenant_id), settings),
               epochs=image_passes(spec, resolved), images=dataset.num_images)
     _check_fits_a_worker(apply_static(spec, resolved), dataset, settings)
     job = Job(tenant_id=tenant_id, dataset_id=dataset.id, spec=spec.model_dump(mode="json"),
               epochs=planned_epochs(spec, resolved), status=JobStatus.QUEUED,
-              priority=request.priority, max_runtime_s=request.max_runtime_s,
-              model_name=request.model_name, resolved=resolved)
+              priority=priority, max_runtime_s=max_runtime_s, model_name=model_name,
+              resolved=resolved, sweep_id=sweep_id)
     session.add(job)
     session.flush()
-    status_event(session, job.id, JobStatus.QUEUED, priority=request.priority)
+    status_event(session, job.id, JobStatus.QUEUED, priority=priority)
     return job
 
 
-def _dataset_stats(dataset: Dataset, spec: FineTuneSpec) -> DatasetStats:
+def dataset_stats(dataset: Dataset, spec: FineTuneSpec) -> DatasetStats:
     """What the auto rules need, from the upload's lint report. Without a val split, the
     engine holds ``val_fraction`` of each class out of training."""
     counts = (dataset.class_counts or {}).get("train") or {}
@@ -148,6 +157,15 @@ def epoch_rows(session: Session, job_id: str) -> list[dict]:
 def cancel_job(session: Session, principal: Principal, *, job_id: str) -> Job:
     """Waiting: cancelled now and never starts. Running: stops at the next batch boundary."""
     job = get_job(session, principal, job_id)
+    request_cancel(session, job)
+    if job.status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.PRUNED):
+        raise Conflict(f"job {job_id} already {job.status}; nothing to cancel")
+    return job
+
+
+def request_cancel(session: Session, job: Job) -> None:
+    """Cancel a waiting job now, or ask a running one to stop; nothing for a finished one."""
+    job_id = job.id
     # Two conditional updates; a job moving between waiting and running in between (a worker
     # claiming it, or handing it back) matches neither, so try again.
     for _ in range(5):
@@ -166,9 +184,6 @@ def cancel_job(session: Session, principal: Principal, *, job_id: str) -> Job:
         status_event(session, job_id, JobStatus.CANCELLED, error="cancelled before it started")
     elif flagged_running:
         add_event(session, job_id, "note", message="cancel requested; stopping at the next batch")
-    if job.status in (JobStatus.SUCCEEDED, JobStatus.FAILED):
-        raise Conflict(f"job {job_id} already {job.status}; nothing to cancel")
-    return job
 
 
 def delete_job(session: Session, principal: Principal, *, job_id: str) -> None:
@@ -285,6 +300,7 @@ def job_summary(job: Job, position: int | None = None) -> dict:
         "retry_at": job.retry_at,
         "resolved": job.resolved or {},
         "diagnosis": job.diagnosis,
+        "sweep_id": job.sweep_id,
     }
 
 

@@ -13,7 +13,7 @@ from matplotlib.figure import Figure
 LITERAL = {"parse_math": False}
 
 
-def _png(figure: Figure) -> bytes:
+def figure_png(figure: Figure) -> bytes:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
     return buffer.getvalue()
@@ -37,7 +37,7 @@ def curves_png(rows: list[dict], title: str) -> bytes:
             ax.legend()
     acc_ax.set_ylim(0, 1)
     figure.suptitle(title if rows else f"{title} (no finished epoch yet)", **LITERAL)
-    return _png(figure)
+    return figure_png(figure)
 
 
 def confusion_png(matrix: list[list[int]], classes: list[str], title: str) -> bytes:
@@ -63,4 +63,4 @@ def confusion_png(matrix: list[list[int]], classes: list[str], title: str) -> by
                             color="white" if shares[i][j] > 0.5 else "black")
     figure.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
     ax.set_title(title, **LITERAL)
-    return _png(figure)
+    return figure_png(figure)

@@ -107,6 +107,7 @@ class JobSummary(BaseModel):
     diagnosis: list[dict[str, Any]] | None = Field(None, description="once finished: findings "
                                                    "about the run, each {code, message, "
                                                    "evidence, action}; [] for a healthy run")
+    sweep_id: str | None = Field(None, description="the sweep this job is a trial of")
 
 
 class JobOut(JobSummary):
@@ -208,3 +209,85 @@ class AuditOut(BaseModel):
     object_id: str | None
     status_code: int
     created_at: datetime
+
+
+class SweepIn(BaseModel):
+    """A hyperparameter sweep: trials are jobs whose specs are ``base`` with parameters
+    sampled from ``space`` (spec path -> distribution)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dataset_id: str = Field(description="the id POST /v1/datasets returned")
+    base: dict[str, Any] = Field(default_factory=dict, description="the spec every trial "
+                                 "starts from; auto fields allowed")
+    space: dict[str, Any] = Field(description="spec path -> one of {\"log_uniform\": [low, "
+                                  "high]}, {\"uniform\": [low, high]}, {\"int\": [low, high]}, "
+                                  "{\"choice\": [values]}", examples=[{
+                                      "optimizer.lr": {"log_uniform": [1e-4, 1e-2]},
+                                      "freeze.strategy": {"choice": ["head_only",
+                                                                     "last_n_blocks"]},
+                                      "head.dropout": {"uniform": [0, 0.5]}}])
+    objective: Literal["val_accuracy", "val_loss"] = Field(
+        "val_accuracy", description="val_accuracy is maximised, val_loss minimised")
+    n_trials: int = Field(10, ge=1, le=200)
+    parallelism: int = Field(2, ge=1, le=32, description="trials running at once at most")
+    pruner: Literal["median", "asha", "none"] = Field(
+        "median", description="median: stop a trial whose best objective so far is worse than "
+        "the median of finished trials at the same epoch; asha: successive halving (a third "
+        "of the trials go on at epochs 1, 3, 9...); none")
+    sampler: Literal["tpe", "random", "grid"] = Field(
+        "tpe", description="grid: every combination, in a seeded order (choice and int "
+        "parameters only; n_trials is capped at the grid's size)")
+    max_total_s: float | None = Field(None, gt=0, le=30 * 86400, description="after this "
+                                      "many seconds, running trials are cancelled and no more "
+                                      "start")
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="the sampler's seed")
+    priority: int = Field(5, ge=0, le=9, description="of every trial's job")
+    model_name: str | None = Field(None, min_length=1, max_length=200,
+                                   pattern=r"^[^:/\x00-\x1f]+$",
+                                   description="name of the trials' models (default: "
+                                   "sweep-<first 8 characters of the sweep id>)")
+
+    @field_validator("dataset_id")
+    @classmethod
+    def _dataset_id(cls, value: str) -> str:
+        if not is_id(value):
+            raise ValueError(f"{value!r} is not a dataset id (32 hex characters, from POST "
+                             "/v1/datasets)")
+        return value
+
+
+class SweepTrialOut(BaseModel):
+    number: int
+    job_id: str
+    params: dict[str, Any]
+    status: JobStatus
+    value: float | None = Field(description="the objective at the trial's best epoch")
+    epoch: int = Field(description="epochs finished")
+    epochs: int = Field(description="epochs the trial may run")
+    pruned: bool
+    model_id: str | None
+
+
+class SweepOut(BaseModel):
+    id: str
+    tenant_id: str
+    dataset_id: str
+    status: Literal["running", "succeeded", "failed", "cancelled"]
+    reason: str | None = Field(description="why it ended, or what it waits for")
+    base: dict[str, Any]
+    space: dict[str, Any]
+    objective: str
+    direction: Literal["maximize", "minimize"]
+    n_trials: int
+    parallelism: int
+    pruner: str
+    sampler: str
+    max_total_s: float | None
+    seed: int
+    created_at: datetime
+    finished_at: datetime | None
+    trials: list[SweepTrialOut]
+    best_trial: SweepTrialOut | None = Field(description="the best finished trial so far")
+    epochs_run: int = Field(description="epochs the trials have run")
+    epochs_asked: int = Field(description="epochs the trials would have run unpruned")

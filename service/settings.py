@@ -121,6 +121,8 @@ class Settings(BaseSettings):
     quota_running_jobs: int = Field(8, ge=0, description="Jobs running at once.")
     quota_epoch_images: int = Field(50_000_000, ge=1, description="Epochs × images of one job.")
     quota_compute_hours: float = Field(192, ge=0, description="Worker hours per rolling 24 h.")
+    max_running_sweeps: int = Field(10, ge=0, description="Sweeps a tenant may run at once "
+                                    "(their trials also count as jobs against the quotas).")
 
     @field_validator("rate_uploads", "rate_jobs", "rate_predictions")
     @classmethod

@@ -31,11 +31,26 @@ class ProgressReporter:
     _cancelled: bool = False
     over_time: bool = False
     lost: bool = False  # another worker owns the job now (we were paused and taken over)
+    trial: bool = False  # the job is a sweep's trial: its pruner is asked after each epoch
+    pruned: bool = False  # the pruner said stop
 
     def on_epoch_end(self, row: dict) -> None:
         with self.db.session() as session:
             if not transitions.record_epoch(session, self.job_id, self.worker, row):
                 self.lost = True
+        if self.trial and not self.lost:
+            self._ask_pruner(int(row["epoch"]))
+
+    def _ask_pruner(self, epoch: int) -> None:
+        from ftune.service.sweeps.pruning import prune_verdict
+
+        try:
+            with self.db.session() as session:
+                self.pruned = prune_verdict(session, self.job_id)
+        except Exception as exc:  # no verdict is not a reason to stop training
+            log.warning("job %s: the sweep's pruner could not be asked: %s", self.job_id, exc)
+        if self.pruned:
+            log.info("job %s pruned by its sweep's pruner after epoch %d", self.job_id, epoch)
 
     def on_stage(self, stage: str, epochs: int) -> None:
         with self.db.session() as session:
@@ -65,7 +80,7 @@ class ProgressReporter:
         if self.deadline is not None and time.monotonic() > self.deadline:
             self.over_time = True
             return True
-        if self.shutdown.is_set() or self._cancelled or self.lost:
+        if self.shutdown.is_set() or self._cancelled or self.lost or self.pruned:
             return True
         if time.monotonic() - self._last_write >= self.poll_s:
             # No batch finished for a while (a slow first batch): look for a cancel directly.

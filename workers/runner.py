@@ -18,7 +18,7 @@ from ftune.models.recipe.resolve import STATIC_FIELDS
 from ftune.models.spec import parse_spec
 from ftune.models.training.checkpoint import CHECKPOINT_NAME
 from ftune.service.db.session import Database
-from ftune.service.db.tables import Dataset, Job, TunedModel, utcnow
+from ftune.service.db.tables import Dataset, Job, Sweep, TunedModel, utcnow
 from ftune.service.ids import new_id
 from ftune.service.job_status import JobStatus
 from ftune.service.lifecycle import transitions
@@ -95,7 +95,8 @@ class JobRunner:
         with self.db.session() as session:  # time spent queued does not count
             used = transitions.run_seconds(session, job_id)
         reporter = ProgressReporter(self.db, job_id, self.worker_name, self.cancel_poll_s,
-                                    self.shutdown, deadline=time.monotonic() + limit - used)
+                                    self.shutdown, deadline=time.monotonic() + limit - used,
+                                    trial=job.sweep_id is not None)
         try:
             with JobHeartbeat(self.db, reporter, self.heartbeat_s):
                 return self._train_with_oom_retry(job, reporter, limit - used)
@@ -126,6 +127,8 @@ class JobRunner:
             # Another worker took the job over; its run, files and result stand.
             log.warning("job %s was taken over by another worker; stopping", job_id)
             return "superseded"
+        if reporter.pruned and not self.shutdown.is_set():
+            return self._pruned(job_id)
         if reporter.over_time:
             return self._fail(job_id, f"exceeded its maximum run time of {limit:.0f} s "
                               "(max_runtime_s, FTUNE_MAX_RUNTIME_S); the last checkpoint "
@@ -144,6 +147,16 @@ class JobRunner:
         self.storage.remove_checkpoints(job_id)
         log.info("job %s cancelled", job_id)
         return JobStatus.CANCELLED
+
+    def _pruned(self, job_id: str) -> str:
+        with self.db.session() as session:
+            job = session.get(Job, job_id)
+            sweep = session.get(Sweep, job.sweep_id) if job and job.sweep_id else None
+            objective = sweep.objective if sweep is not None else "val_loss"
+            transitions.prune(session, job_id, self.worker_name, objective)
+        self.storage.remove_checkpoints(job_id)
+        log.info("job %s pruned", job_id)
+        return JobStatus.PRUNED
 
     def _retry_later(self, job: Job, exc: Exception) -> bool:
         """A transient error queues the job again, to be admitted no earlier than after a

@@ -12,7 +12,7 @@ import httpx
 
 from ftune.client.transport import RETRY_ERRORS, Transport
 
-TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
+TERMINAL = frozenset({"succeeded", "failed", "cancelled", "pruned"})
 
 
 @dataclass(frozen=True)

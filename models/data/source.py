@@ -71,6 +71,12 @@ class ImageSource:
     def predecoded(self) -> bool:
         return self._stored is not None
 
+    @property
+    def stored_rows(self) -> torch.Tensor | None:
+        """This split's rows in the dataset's decoded images (and in features derived from
+        them), when it reads from them."""
+        return self._stored_rows
+
     def __len__(self) -> int:
         return len(self.paths)
 

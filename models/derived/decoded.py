@@ -44,6 +44,7 @@ class DecodedImages:
     """The memory-mapped array, and which row holds which image (by path under the root)."""
 
     def __init__(self, folder: Path) -> None:
+        self.key = folder.name  # the store's key: what later entries derived from it extend
         self.array = np.load(folder / ARRAY, mmap_mode="r")
         self._rows = {name: row for row, name in enumerate(json.loads(
             (folder / NAMES).read_text()))}

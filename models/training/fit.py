@@ -116,7 +116,7 @@ def fit(
     _announce(callbacks, "features", None, choices)
     setup = _build_setup(index, spec, train_samples, val_samples, device=device,
                          derived=derived, owner=owner)
-    setup.should_stop = callbacks.should_stop
+    setup.connect(callbacks, choices)
     budget = Budget.start(spec, choices, time_limit_s, started, _spent_before(state))
     plans, lr_curve, features = plan_with_lr(setup, spec, choices, cache_features,
                                              resumed=state is not None)
@@ -309,7 +309,7 @@ def _build_setup(index: ImageFolderIndex, spec: FineTuneSpec, train_samples: lis
                              prep, prep.input_size, decoded=decoded, root=index.root)
     return RunSetup(backbone, model, prep, precision, train_source, val_source,
                     _class_weights(spec, train_source.labels, len(index.classes)),
-                    decoded=decoded)
+                    decoded=decoded, derived=derived, owner=owner)
 
 
 def _class_weights(spec: FineTuneSpec, labels: torch.Tensor,

@@ -14,6 +14,7 @@ from torch import nn
 
 from ftune.models.data.source import ImageSource
 from ftune.models.data.transforms import augment, normalize
+from ftune.models.derived.features import SharedFeatures
 from ftune.models.network import FineTuneModel
 from ftune.models.preprocessing import Preprocessing
 from ftune.models.spec import FineTuneSpec
@@ -72,6 +73,8 @@ class TrainingRun:
         self.total_steps = self.steps_per_epoch * spec.epochs
         self.warmup_steps = round(spec.schedule.warmup_epochs * self.steps_per_epoch)
         self._features: dict[str, torch.Tensor] = {}
+        # Features of the whole dataset kept for other jobs too (when the setup has them).
+        self.shared_features: Callable[[], SharedFeatures | None] | None = None
         self.caching_s = 0.0  # spent computing cached features (once, not every epoch)
         self.n_trainable = trainable_stage_count(spec.freeze, 0, len(stages))
         apply_freezing(model, stages, self.n_trainable)
@@ -225,6 +228,12 @@ class TrainingRun:
         if split not in self._features:
             started = time.perf_counter()
             source = self.train_source if split == "train" else self.val_source
+            shared = self.shared_features() if self.shared_features is not None else None
+            if shared is not None and source.stored_rows is not None:
+                self._features[split] = shared.take(source.stored_rows).to(self.device)
+                self._features[split + "_labels"] = source.labels.to(self.device)
+                self.caching_s += time.perf_counter() - started
+                return self._features[split], self._features[split + "_labels"]
             self.model.backbone.eval()
             chunks = []
             for batch, _ in self._image_batches(torch.arange(len(source)), training=False,

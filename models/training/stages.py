@@ -14,7 +14,10 @@ import torch
 
 from ftune.models.backbones import Backbone
 from ftune.models.data.source import ImageSource
+from ftune.models.data.transforms import normalize
 from ftune.models.derived.decoded import DecodedImages
+from ftune.models.derived.features import SharedFeatures, backbone_identity, shared_features
+from ftune.models.derived.store import DerivedStore
 from ftune.models.network import FineTuneModel
 from ftune.models.preprocessing import Preprocessing
 from ftune.models.recipe import rules
@@ -32,6 +35,7 @@ from ftune.models.training.checkpoint import (
     weights_to_save,
 )
 from ftune.models.training.early_stopping import EarlyStopping
+from ftune.models.training.loop import stop_if_asked
 from ftune.models.training.lr_finder import lr_range_test
 from ftune.models.training.run import Callbacks, TrainingRun
 from ftune.models.training.runtime import Precision
@@ -65,6 +69,23 @@ class RunSetup:
     class_weights: torch.Tensor | None
     should_stop: Callable[[], bool] | None = None  # also checked while features are cached
     decoded: DecodedImages | None = None  # the dataset's images, decoded once for all jobs
+    derived: DerivedStore | None = None  # where features shared with other jobs are kept
+    owner: str | None = None  # whose store entries this run makes
+    # Set once an epoch has trained backbone weights: features are no longer the shared ones.
+    backbone_changed: bool = False
+    on_choice: Callable[[str, dict], None] | None = None  # a choice made while training
+    _shared: SharedFeatures | None = None
+
+    def connect(self, callbacks: Callbacks, choices: dict) -> None:
+        """Stop when the caller asks; report choices made while training as they are made."""
+        self.should_stop = callbacks.should_stop
+
+        def on_choice(name: str, choice: dict) -> None:
+            choices[name] = choice
+            if callbacks.on_resolved is not None:
+                callbacks.on_resolved(dict(choices))
+
+        self.on_choice = on_choice
 
     def run(self, plan: StagePlan, *, cache_features: bool, epoch_offset: int = 0,
             model: FineTuneModel | None = None) -> TrainingRun:
@@ -73,7 +94,40 @@ class RunSetup:
                           stage=plan.name, epoch_offset=epoch_offset,
                           class_weights=self.class_weights)
         run.should_stop = self.should_stop
+        run.shared_features = self.shared_features
         return run
+
+    def shared_features(self) -> SharedFeatures | None:
+        """The frozen backbone's features of every image, shared with other jobs on the
+        same images, backbone and precision (computed into the store by the first)."""
+        if self._shared is not None or self.backbone_changed:
+            return None if self.backbone_changed else self._shared
+        identity = backbone_identity(self.backbone.name, self.backbone.weights_source)
+        if self.derived is None or self.decoded is None or identity is None:
+            return None
+        backbone, device, prep = self.model.backbone, self.precision.device, self.prep
+        backbone.eval()
+
+        @torch.no_grad()
+        def extract(images: torch.Tensor) -> torch.Tensor:
+            batch = normalize(images.to(device).float(), prep)
+            if device.type == "cuda":
+                batch = batch.contiguous(memory_format=torch.channels_last)
+            with self.precision.autocast():
+                return backbone(batch)
+
+        self._shared, made = shared_features(
+            self.derived, self.decoded, backbone=identity, precision=self.precision.name,
+            extract=extract, should_stop=lambda: stop_if_asked(self.should_stop),
+            owner=self.owner)
+        if self.on_choice is not None:
+            self.on_choice("feature_cache", {
+                "value": "computed" if made else "reused",
+                "why": ("frozen features of every image computed once, kept for later jobs "
+                        "with the same images, size, backbone and precision") if made else
+                       ("frozen features reused from an earlier job with the same images, "
+                        "size, backbone and precision")})
+        return self._shared
 
 
 def plan_with_lr(setup: RunSetup, spec: FineTuneSpec, choices: dict, cache_features: bool,
@@ -176,6 +230,7 @@ class StageRunner:
         self.best_state = complete_weights(run.model, best) if best is not None else None
         run.best_state = self.best_state
         self.backbone_as_built = state.get("backbone_as_built", False)
+        self.setup.backbone_changed = not self.backbone_as_built
         run.model.load_state_dict(complete_weights(run.model, state["model"]))
         run.set_trainable(state["n_trainable"])
         run.optimizer.load_state_dict(state["optimizer"])
@@ -199,6 +254,7 @@ class StageRunner:
             # What the next epoch will cost: features cached during this one are not again.
             next_epoch_s = row["seconds"] - (run.caching_s - caching_before)
             self.backbone_as_built &= run.backbone_frozen
+            self.setup.backbone_changed = not self.backbone_as_built
             if stopper.update(row[progress.monitor], row["epoch"]):
                 self.best_state, self.best_run = run.remember_best(), run
                 if self.ckpt_dir is not None:

@@ -152,6 +152,7 @@ class Job(Base):
     stage: Mapped[str | None] = mapped_column(String(16))  # features | head | finetune | ...
     resolved: Mapped[dict[str, Any] | None]  # auto field -> {"value", "why"}
     diagnosis: Mapped[list[Any] | None]  # findings, once the job has finished
+    sweep_id: Mapped[str | None] = mapped_column(String(32), index=True)  # a sweep's trial
 
 
 class JobRun(Base):
@@ -235,3 +236,48 @@ class ModelAlias(Base):
     alias: Mapped[str] = mapped_column(String(100), primary_key=True)
     model_id: Mapped[str] = mapped_column(ForeignKey("models.id"))
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class Sweep(Base):
+    """A hyperparameter search: its trials are ordinary jobs (``SweepTrial`` links them).
+    The study is rebuilt from these rows whenever the sampler or pruner is asked, so nothing
+    about it lives in a process."""
+
+    __tablename__ = "sweeps"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    tenant_id: Mapped[str] = tenant_column()
+    dataset_id: Mapped[str] = mapped_column(String(32), index=True)
+    status: Mapped[str] = mapped_column(String(16), default="running", index=True)
+    base: Mapped[dict[str, Any]]  # the spec every trial starts from
+    space: Mapped[dict[str, Any]]  # spec path -> distribution
+    objective: Mapped[str] = mapped_column(String(32))  # val_accuracy | val_loss
+    n_trials: Mapped[int]
+    parallelism: Mapped[int]
+    pruner: Mapped[str] = mapped_column(String(16))
+    sampler: Mapped[str] = mapped_column(String(16))
+    max_total_s: Mapped[float | None]
+    seed: Mapped[int] = mapped_column(BigInteger, default=0)
+    priority: Mapped[int] = mapped_column(default=5)
+    model_name: Mapped[str | None] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    finished_at: Mapped[datetime | None]
+    cancel_requested: Mapped[bool] = mapped_column(default=False)
+    reason: Mapped[str | None] = mapped_column(Text)  # why it ended, or why it waits
+
+
+class SweepTrial(Base):
+    """One trial of a sweep: the parameters the sampler chose and the job that trains them.
+    Its state and metrics are the job's; ``system_attrs`` keeps what the pruner records
+    about it (successive halving's rungs)."""
+
+    __tablename__ = "sweep_trials"
+    __table_args__ = (UniqueConstraint("job_id", name="uq_sweep_trials_job_id"),)
+
+    sweep_id: Mapped[str] = mapped_column(ForeignKey("sweeps.id", ondelete="CASCADE"),
+                                          primary_key=True)
+    number: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[str] = mapped_column(String(32))
+    params: Mapped[dict[str, Any]]
+    system_attrs: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -14,7 +14,8 @@ a backlog that would bypass these rules:
 Why admit from the database instead of enqueueing everything and letting Celery order it: the
 broker only knows priorities, not tenants or quotas, and whatever sits in it is out of reach.
 Keeping the backlog in the database makes every rule a query, survives a Redis restart, and
-lets later features (sweep parallelism) hold jobs back in the same place.
+lets sweeps add their trials as queued jobs in the same place (``_advance_sweeps``, first in
+each round).
 
 It runs in the API (after a submission, and every ``FTUNE_DISPATCH_INTERVAL_S``) and in each
 worker when it finishes a job, under a Redis lock so two processes never admit at once.
@@ -40,6 +41,7 @@ from ftune.service.lifecycle.liveness import live_worker_count
 from ftune.service.queue import enqueue_finetune
 from ftune.service.quotas import RUNNING, Limits, compute_seconds, limits_of
 from ftune.service.settings import Settings
+from ftune.service.sweeps.controller import advance_sweeps
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +74,7 @@ def dispatch(db: Database, celery: Celery, client: redis.Redis, settings: Settin
     if not lock.acquire():
         return []  # another process is dispatching right now
     try:
+        _advance_sweeps(db, settings)
         free = live_worker_count(client)
         with db.session() as session:
             admitted = admit(session, settings, free_workers=free)
@@ -83,6 +86,16 @@ def dispatch(db: Database, celery: Celery, client: redis.Redis, settings: Settin
     if admitted:
         log.info("dispatcher admitted %s", [job_id for job_id, _ in admitted])
     return [job_id for job_id, _ in admitted]
+
+
+def _advance_sweeps(db: Database, settings: Settings) -> None:
+    """Sweeps start their next trials (queued jobs, admitted below like any other). Under the
+    dispatcher's lock: one process at a time asks the samplers and writes trials."""
+    try:
+        with db.session() as session:
+            advance_sweeps(session, settings)
+    except Exception:  # a sweep's trouble must not stop every other job from starting
+        log.exception("advancing sweeps failed; jobs are still dispatched")
 
 
 def admit(session: Session, settings: Settings, *, free_workers: int) -> list[tuple[str, int]]:

@@ -149,6 +149,24 @@ def succeed(session: Session, job_id: str, worker: str, model: TunedModel, best:
     return bool(done)
 
 
+def prune(session: Session, job_id: str, worker: str, objective: str) -> bool:
+    """End a sweep's trial that its pruner stopped: ``pruned``, with its best epoch's
+    metrics (by the sweep's objective) as ``best``; no model. False when not ours."""
+    rows = [m.row for m in session.scalars(select(EpochMetrics).where(
+        EpochMetrics.job_id == job_id).order_by(EpochMetrics.epoch))]
+    scored = [r for r in rows if r.get(objective) is not None]
+    sign = -1 if objective == "val_loss" else 1
+    top = max(scored, key=lambda r: sign * r[objective]) if scored else {}
+    best = {k: top.get(k) for k in ("epoch", "val_accuracy", "val_loss")} if top else None
+    done = session.execute(update(Job).where(_ours(job_id, worker)).values(
+        status=JobStatus.PRUNED, finished_at=utcnow(), best=best, error=None,
+        step=0)).rowcount
+    if done:
+        end_run(session, job_id)
+        status_event(session, job_id, JobStatus.PRUNED, epoch=len(rows))
+    return bool(done)
+
+
 def finish(session: Session, job_id: str, status: str, *, error: str | None,
            worker: str | None = None, ran_until: datetime | None = None) -> None:
     """End an active job; with ``worker``, only while that worker still owns it.

@@ -1,25 +1,15 @@
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import json
-import math
-import time
-import weakref
-from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.encoders import jsonable_encoder
 from fastapi.responses import JSONResponse, StreamingResponse
-from starlette.concurrency import run_in_threadpool
 
 from ftune.service.auth.principal import Principal
 from ftune.service.context import AppContext
-from ftune.service.deps import Admin, Ctx, Member, authenticate, rate_limited
+from ftune.service.deps import Admin, Ctx, Member, rate_limited
 from ftune.service.disk import disk_allowance
-from ftune.service.errors import InvalidInput, Unauthorized
-from ftune.service.events import events_after
 from ftune.service.job_status import TERMINAL, JobStatus
 from ftune.service.jobs import (
     cancel_job,
@@ -34,10 +24,9 @@ from ftune.service.jobs import (
 from ftune.service.logs import MAX_TAIL, read_job_log
 from ftune.service.pages import DEFAULT_LIMIT, Cursor, Limit, Page
 from ftune.service.schemas import JobIn, JobOut, JobSummary
-from ftune.service.streams import RECHECK_S, SAFETY_READ_S
+from ftune.service.sse import event_rows, event_stream
 
 router = APIRouter(tags=["jobs"])
-SSE_KEEPALIVE_S = 15.0
 
 
 def _view(ctx: AppContext, who: Principal, job_id: str) -> dict:
@@ -134,59 +123,10 @@ async def events(job_id: str, request: Request, ctx: Ctx, who: Member,
     """Server-Sent Events: ``status``, ``epoch`` (each epoch's metrics), ``progress`` (batches,
     every few seconds) and ``note``. Ends when the job ends, or when the key stops working
     (revoked, expired); reconnect with ``Last-Event-ID`` to continue where it stopped."""
-    raw = (last_event_id or request.query_params.get("last_event_id") or "0").strip()
-    if not (raw.isascii() and raw.isdigit() and len(raw) <= 18):
-        raise InvalidInput("Last-Event-ID must be an event id (a non-negative integer)")
-    after = int(raw)
-    token = _bearer_token(request)
 
-    def poll(after_id: int) -> tuple[str, list]:
+    def poll(after_id: int) -> tuple[bool, list]:
         with ctx.db.session() as session:
             status = get_job(session, who, job_id).status  # read first: its events are then in
-            return status, [(e.id, e.kind, {**e.data, "at": e.created_at.isoformat()})
-                            for e in events_after(session, job_id, after_id)]
+            return status in TERMINAL, event_rows(session, job_id, after_id)
 
-    await run_in_threadpool(poll, after)  # 404 before the stream starts
-    release = ctx.streams.admit(who.key_id or "local")  # 429/503 before the stream starts
-
-    async def stream() -> AsyncIterator[str]:
-        last, quiet_since, read_at = after, time.monotonic(), -math.inf
-        try:
-            yield "retry: 2000\n\n"
-            with ctx.streams.watching(job_id) as woken:
-                while True:
-                    try:
-                        await authenticate(ctx, token)  # a revoked key ends the stream
-                    except Unauthorized as exc:
-                        yield f"event: error\ndata: {json.dumps({'detail': exc.detail})}\n\n"
-                        return
-                    if woken.is_set() or time.monotonic() - read_at > SAFETY_READ_S:
-                        woken.clear()
-                        read_at = time.monotonic()
-                        status, rows = await run_in_threadpool(poll, last)
-                        for event_id, kind, data in rows:
-                            yield (f"id: {event_id}\nevent: {kind}\n"
-                                   f"data: {json.dumps(data, default=str)}\n\n")
-                            last, quiet_since = event_id, time.monotonic()
-                        if status in TERMINAL and not rows:
-                            return
-                    if await request.is_disconnected():
-                        return
-                    if time.monotonic() - quiet_since > SSE_KEEPALIVE_S:
-                        yield ": keep-alive\n\n"
-                        quiet_since = time.monotonic()
-                    with contextlib.suppress(TimeoutError):
-                        async with asyncio.timeout(RECHECK_S):
-                            await woken.wait()
-        finally:
-            release()
-
-    body = stream()
-    weakref.finalize(body, release)  # also when the stream is dropped before its first read
-    return StreamingResponse(body, media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-
-
-def _bearer_token(request: Request) -> str | None:
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    return token.strip() if scheme.lower() == "bearer" else None
+    return await event_stream(request, ctx, who, job_id, poll, last_event_id)

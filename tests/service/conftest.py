@@ -111,7 +111,8 @@ def tiny_dataset(client, tiny_folder) -> dict:
 
 
 def wait_for_job(client: httpx.Client, job_id: str, timeout_s: float = 300,
-                 statuses: tuple[str, ...] = ("succeeded", "failed", "cancelled")) -> dict:
+                 statuses: tuple[str, ...] = ("succeeded", "failed", "cancelled", "pruned")
+                 ) -> dict:
     def done() -> dict | None:
         job = client.get(f"/v1/jobs/{job_id}").json()
         return job if job["status"] in statuses else None

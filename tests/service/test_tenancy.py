@@ -34,13 +34,15 @@ MEMBER = {
     "GET /v1/jobs/{job_id}/events", "GET /v1/models", "GET /v1/models/{model_ref}",
     "GET /v1/models/{model_ref}/evaluation", "GET /v1/models/{model_ref}/card",
     "GET /v1/models/{model_ref}/confusion.png", "GET /v1/models/{model_ref}/download",
-    "POST /v1/models/{model_ref}/predict", "GET /v1/usage",
+    "POST /v1/models/{model_ref}/predict", "GET /v1/usage", "GET /v1/sweeps", "POST /v1/sweeps",
+    "GET /v1/sweeps/{sweep_id}", "GET /v1/sweeps/{sweep_id}/events",
+    "GET /v1/sweeps/{sweep_id}/plot.png", "POST /v1/sweeps/{sweep_id}/cancel",
 }
 ADMIN = {
     "DELETE /v1/datasets/{dataset_id}", "DELETE /v1/jobs/{job_id}",
     "GET /v1/jobs/{job_id}/logs", "PUT /v1/models/aliases/{alias}", "DELETE /v1/models/{model_ref}",
     "DELETE /v1/models/{model_ref}/exports", "GET /v1/keys", "POST /v1/keys",
-    "DELETE /v1/keys/{key_id}", "GET /v1/audit",
+    "DELETE /v1/keys/{key_id}", "GET /v1/audit", "POST /v1/sweeps/{sweep_id}/promote",
 }
 OPERATOR = {
     "GET /v1/tenants", "POST /v1/tenants", "GET /v1/tenants/{tenant_ref}",
@@ -68,9 +70,13 @@ def b_objects(client_b, tiny_folder) -> dict[str, str]:
     assert client_b.put("/v1/models/aliases/prod",
                         json={"model": model["id"]}).status_code == 200
     key = client_b.post("/v1/keys", json={"name": "b's spare"}).json()
+    sweep = client_b.post("/v1/sweeps", json={"dataset_id": dataset.json()["id"], "base": QUICK,
+                                              "space": {"head.dropout": {"uniform": [0, 0.5]}},
+                                              "n_trials": 1})
+    assert sweep.status_code == 202, sweep.text
     return {"dataset_id": dataset.json()["id"], "job_id": done["id"], "model_ref": model["id"],
             "model_name": model["name"], "alias": "prod", "key_id": key["id"],
-            "tenant_ref": "team-b"}
+            "tenant_ref": "team-b", "sweep_id": sweep.json()["id"]}
 
 
 def _routes(http: httpx.Client) -> set[str]:

@@ -104,7 +104,7 @@ export function followEvents(jobId, onEvent) {
             if (!event) continue;
             lastId = event.id || lastId;
             onEvent(event);
-            if (event.kind === "status" && ["succeeded", "failed", "cancelled"]
+            if (event.kind === "status" && ["succeeded", "failed", "cancelled", "pruned"]
               .includes(event.data.status)) { stopped = true; controller.abort(); return; }
           }
         }

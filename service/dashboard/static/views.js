@@ -222,7 +222,7 @@ export async function jobPage(view, alert, id) {
     setText(progressLabel, progressText(job));
     const p = job.progress || {};
     progress.value = p.epochs ? Math.min(1, (p.epochs_done || 0) / p.epochs) : 0;
-    cancel.hidden = ["succeeded", "failed", "cancelled"].includes(job.status);
+    cancel.hidden = ["succeeded", "failed", "cancelled", "pruned"].includes(job.status);
     if (job.model_id && !modelLink.firstChild) modelLink.append(h("a", { href: `#/models/${job.model_id}`, id: "open-model" }, "Open the model"));
     if (job.error) modelLink.replaceChildren(h("span", { class: "error" }, job.error));
     if (job.metrics.length !== shownEpochs) { shownEpochs = job.metrics.length; drawMetrics(job.metrics); }
