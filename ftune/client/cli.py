@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ftune.client import sweep_commands
 from ftune.client.client import Client
 from ftune.client.config import save_login
 from ftune.client.errors import ApiError, FtuneError
@@ -229,6 +230,7 @@ def build_parser(prog: str = "ftune remote") -> argparse.ArgumentParser:
          ("images", {"nargs": "+"}), ("--top-k", {"type": int}))
     _add(sub, "alias", models_alias, "point name:ALIAS at a model", ("model", {}),
          ("alias", {}))
+    sweep_commands.add_commands(groups, _add)
     return parser
 
 

@@ -1,4 +1,4 @@
-"""``Client(url, api_key)``: datasets, jobs and models of one ftune API."""
+"""``Client(url, api_key)``: datasets, jobs, models and sweeps of one ftune API."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import os
 from ftune import __version__
 from ftune.client.config import load_login
 from ftune.client.errors import FtuneError
-from ftune.client.resources import Datasets, Jobs, Models
+from ftune.client.resources import Datasets, Jobs, Models, Sweeps
 from ftune.client.transport import Transport
 
 
@@ -34,6 +34,7 @@ class Client:
         self.datasets = Datasets(self._transport, progress)
         self.jobs = Jobs(self._transport)
         self.models = Models(self._transport)
+        self.sweeps = Sweeps(self._transport)
 
     def close(self) -> None:
         self._transport.close()

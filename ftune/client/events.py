@@ -45,13 +45,14 @@ def parse_events(lines: Iterator[str]) -> Iterator[Event | int]:
 
 
 def follow(transport: Transport, job_id: str, last_event_id: int = 0,
-           reconnects: int = 20) -> Iterator[Event]:
-    """Every event of the job after ``last_event_id``, until its final status. A dropped
-    connection is resumed where it stopped; ``reconnects`` bounds consecutive failures."""
+           reconnects: int = 20, *, collection: str = "jobs") -> Iterator[Event]:
+    """Every event of the job (or of the sweep, with ``collection="sweeps"``) after
+    ``last_event_id``, until its final status. A dropped connection is resumed where it
+    stopped; ``reconnects`` bounds consecutive failures."""
     retry_s, failures = 2.0, 0
     while True:
         try:
-            response = transport.stream("GET", f"/jobs/{job_id}/events", headers={
+            response = transport.stream("GET", f"/{collection}/{job_id}/events", headers={
                 "Accept": "text/event-stream", "Last-Event-ID": str(last_event_id)})
             try:
                 for item in parse_events(response.iter_lines()):
@@ -69,6 +70,6 @@ def follow(transport: Transport, job_id: str, last_event_id: int = 0,
             if failures > reconnects:
                 raise
         else:  # the server ended the stream: over if the job is, else it is resumed
-            if transport.request("GET", f"/jobs/{job_id}").json()["status"] in TERMINAL:
+            if transport.request("GET", f"/{collection}/{job_id}").json()["status"] in TERMINAL:
                 return
         time.sleep(retry_s)

@@ -1,4 +1,4 @@
-"""Datasets, jobs and models as the API returns them, with the calls that act on them.
+"""Datasets, jobs, models and sweeps as the API returns them, with the calls that act on them.
 
 Each object keeps the API's whole answer in ``raw``; the fields people use most are typed
 attributes."""
@@ -274,3 +274,82 @@ class Models:
     def list(self, *, limit: int | None = None) -> Iterator[Model]:
         for item in _pages(self._t, "/models", {"limit": limit}):
             yield Model.of(item, self._t)
+
+
+@dataclass
+class Sweep:
+    id: str
+    status: str
+    dataset_id: str
+    raw: dict[str, Any] = field(repr=False)
+    _transport: Transport = field(repr=False, compare=False, default=None)  # type: ignore[assignment]
+
+    @classmethod
+    def of(cls, data: dict, transport: Transport) -> Sweep:
+        return cls(data["id"], data["status"], data["dataset_id"], data, transport)
+
+    @property
+    def trials(self) -> list[dict]:
+        return self.raw.get("trials", [])
+
+    @property
+    def best_trial(self) -> dict | None:
+        return self.raw.get("best_trial")
+
+    @property
+    def done(self) -> bool:
+        return self.status != "running"
+
+    def refresh(self) -> Sweep:
+        fresh = Sweep.of(self._transport.request("GET", f"/sweeps/{self.id}").json(),
+                         self._transport)
+        self.__dict__.update(fresh.__dict__)
+        return self
+
+    def wait(self, *, timeout: float | None = None, poll_s: float = 2.0) -> Sweep:
+        """Poll until the sweep ends (succeeded, failed or cancelled)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self.refresh().done:
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"sweep {self.id} still running after {timeout} s")
+            time.sleep(poll_s)
+        return self
+
+    def stream(self, last_event_id: int = 0) -> Iterator[Event]:
+        """The sweep's events (status, trial, note) until it ends."""
+        return follow(self._transport, self.id, last_event_id, collection="sweeps")
+
+    def cancel(self) -> Sweep:
+        data = self._transport.request("POST", f"/sweeps/{self.id}/cancel").json()
+        self.__dict__.update(Sweep.of(data, self._transport).__dict__)
+        return self
+
+    def promote(self, alias: str = "best") -> dict:
+        """Point ``alias`` at the best trial's model; returns {"alias", "model_id", "trial"}."""
+        return self._transport.request("POST", f"/sweeps/{self.id}/promote",
+                                       json={"alias": alias}).json()
+
+    def plot(self, path: str | os.PathLike) -> Path:
+        target = Path(path)
+        target.write_bytes(self._transport.request("GET", f"/sweeps/{self.id}/plot.png")
+                           .content)
+        return target
+
+
+class Sweeps:
+    def __init__(self, transport: Transport) -> None:
+        self._t = transport
+
+    def create(self, dataset: Dataset | str, space: dict, base: dict | None = None,
+               **options: Any) -> Sweep:
+        """Start a sweep over ``space`` (spec path -> distribution) from ``base``; options:
+        objective, n_trials, parallelism, pruner, sampler, max_total_s, seed, model_name."""
+        dataset_id = dataset.id if isinstance(dataset, Dataset) else dataset
+        body = {"dataset_id": dataset_id, "space": space, "base": base or {}, **options}
+        return Sweep.of(self._t.request("POST", "/sweeps", json=body).json(), self._t)
+
+    def get(self, sweep_id: str) -> Sweep:
+        return Sweep.of(self._t.request("GET", f"/sweeps/{sweep_id}").json(), self._t)
+
+    def list(self) -> list[Sweep]:
+        return [Sweep.of(item, self._t) for item in self._t.request("GET", "/sweeps").json()]

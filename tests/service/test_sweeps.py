@@ -5,6 +5,7 @@ empty and the API restarted) loses no trial and runs none twice; a bad space is 
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from collections.abc import Iterator
@@ -226,7 +227,7 @@ def _check_survivors(stack: Sweeps, http: httpx.Client, sweep_id: str) -> None:
     for trial, job in zip(trials, jobs, strict=True):
         assert [row["epoch"] for row in job["metrics"]] == [1, 2, 3, 4]  # each epoch once
         runs = sorted(_runs(stack, [trial["job_id"]]), key=lambda r: r.started_at)
-        for earlier, later in zip(runs, runs[1:], strict=False):
+        for earlier, later in itertools.pairwise(runs):
             assert earlier.ended_at is not None and earlier.ended_at <= later.started_at
 
 

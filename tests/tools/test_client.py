@@ -104,3 +104,20 @@ def test_a_missing_path_is_refused_before_anything_is_sent(client, tmp_path):
     with pytest.raises(ValueError, match="no files to upload"):
         client.datasets.upload(empty)
 
+
+
+def test_a_sweep_runs_streams_and_promotes_through_the_client(client, dataset):
+    sweep = client.sweeps.create(dataset, {"head.dropout": {"uniform": [0.0, 0.5]}},
+                                 {**FAST, "epochs": 2}, n_trials=2, parallelism=1,
+                                 pruner="none", model_name="client-sweep")
+    kinds = [(event.kind, event.data.get("status")) for event in sweep.stream()]
+    assert kinds[-1] == ("status", "succeeded")
+    assert sum(kind == "trial" and status == "succeeded" for kind, status in kinds) == 2
+    sweep.refresh()
+    assert sweep.done and len(sweep.trials) == 2 and sweep.best_trial is not None
+    promoted = sweep.promote("top")
+    assert promoted["alias"] == "client-sweep:top"
+    assert client.models.get("client-sweep:top").id == sweep.best_trial["model_id"]
+    with pytest.raises(ApiError) as bad:
+        client.sweeps.create(dataset, {"optimizer.nope": {"uniform": [0, 1]}})
+    assert bad.value.status == 422 and bad.value.errors[0]["loc"][-1] == "optimizer.nope"

@@ -187,3 +187,30 @@ def test_cancelling_a_running_job(page, up, animal_zip):
     page.click("#cancel-job")
     wait_for_js(page, "document.querySelector('#job-status')?.textContent === 'cancelled'", 60)
     assert page.is_hidden("#cancel-job")
+
+
+def test_a_sweep_started_from_the_form_runs_live_and_promotes_its_best(page, up, animal_zip):
+    with httpx.Client(base_url=up.url, headers={"Authorization": f"Bearer {up.admin_key}"}) as api:
+        api.post("/v1/datasets", files={"file": ("animals.zip", animal_zip)}).raise_for_status()
+    sign_in(page, up.admin_key)
+    page.wait_for_selector("#nav:not([hidden])")
+    page.goto(up.url + "/#/sweeps")
+    page.wait_for_selector("#sweep-form")
+    page.fill("#sweep-space", '{"optimizer.nope": {"uniform": [0, 1]}}')
+    page.click("#sweep-form button[type=submit]")
+    page.wait_for_selector("#sweep-errors li")
+    assert "space.optimizer.nope" in page.inner_text("#sweep-errors")  # named before it runs
+    page.fill("#sweep-space", '{"head.dropout": {"uniform": [0, 0.5]}}')
+    page.fill("#sweep-base", '{"preset": "fast", "image_size": 32, "epochs": 2}')
+    page.fill("#sweep-trials", "2")
+    page.select_option("#sweep-pruner", "none")
+    page.click("#sweep-form button[type=submit]")
+    page.wait_for_selector("#sweep-status")
+    wait_for_js(page, "document.querySelector('#sweep-status')?.textContent === 'succeeded'", 120)
+    wait_for_js(page, "document.querySelectorAll('#trials-body tr').length === 2")
+    wait_for_js(page, "document.querySelector('#sweep-plot')?.naturalWidth > 0")
+    assert page.is_hidden("#cancel-sweep")
+    page.click("#promote-best")
+    page.wait_for_selector("#promoted:not(:empty)")
+    assert ":best now points at model" in page.inner_text("#promoted")
+    page.screenshot(path=ARTIFACTS / "sweep.png", full_page=True)

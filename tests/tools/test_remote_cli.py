@@ -103,3 +103,23 @@ def test_cancel_a_queued_or_running_job(up, env, tiny_folder):
     assert watched.returncode == 1 and "cancelled" in watched.stdout
     listed = remote("jobs", "list", "--status", "cancelled", env=env)
     assert job_id in listed.stdout
+
+
+def test_a_sweep_from_the_command_line(up, env, tiny_folder):
+    env = env | {"FTUNE_URL": up.url, "FTUNE_API_KEY": up.admin_key}
+    uploaded = remote("--json", "datasets", "upload", str(tiny_folder), env=env)
+    dataset_id = json.loads(uploaded.stdout)["id"]
+    base = {"preset": "fast", "image_size": 32, "epochs": 2}
+    space = {"optimizer.lr": {"log_uniform": [1e-3, 1e-1]}}
+    started = remote("sweeps", "start", dataset_id, "--space", json.dumps(space), "--base",
+                     json.dumps(base), "--trials", "2", "--parallelism", "1", "--pruner", "none",
+                     "--watch", env=env)
+    assert started.returncode == 0, started.stdout + started.stderr
+    sweep_id = started.stdout.split()[1].rstrip(":")
+    assert "trial 1: succeeded" in started.stdout and "sweep: succeeded" in started.stdout
+    shown = remote("sweeps", "show", sweep_id, env=env)
+    assert shown.returncode == 0 and "trial 0: succeeded" in shown.stdout
+    promoted = remote("sweeps", "promote", sweep_id, "--alias", "cli-best", env=env)
+    assert promoted.returncode == 0 and ":cli-best -> model " in promoted.stdout
+    bad = remote("sweeps", "start", dataset_id, "--space", '{"nope": {"int": [1, 2]}}', env=env)
+    assert bad.returncode == 1 and "  space.nope: " in bad.stderr

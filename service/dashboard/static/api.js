@@ -76,17 +76,17 @@ export function upload(file, name, onProgress) {
   });
 }
 
-// A job's events (server-sent events) read through fetch, so the key goes in a header: an
-// EventSource cannot send one, and a key in the URL would end up in logs and history.
-// Reconnects with Last-Event-ID until the job ends or stop() is called.
-export function followEvents(jobId, onEvent) {
+// A job's (or, with collection "sweeps", a sweep's) events (server-sent events) read through
+// fetch, so the key goes in a header: an EventSource cannot send one, and a key in the URL
+// would end up in logs and history. Reconnects with Last-Event-ID until it ends or stop().
+export function followEvents(jobId, onEvent, collection = "jobs") {
   const controller = new AbortController();
   let lastId = 0;
   let stopped = false;
   (async () => {
     while (!stopped) {
       try {
-        const response = await fetch(`/v1/jobs/${jobId}/events`, {
+        const response = await fetch(`/v1/${collection}/${jobId}/events`, {
           headers: headers({ Accept: "text/event-stream", "Last-Event-ID": String(lastId) }),
           signal: controller.signal,
         });

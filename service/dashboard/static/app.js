@@ -1,6 +1,7 @@
 // Sign in, the hash router and the error banner. Pages are in views.js.
 
 import { get, key } from "./api.js";
+import * as sweeps from "./sweeps.js";
 import * as views from "./views.js";
 
 const main = document.getElementById("main");
@@ -25,6 +26,8 @@ const ROUTES = [
   [/^#\/jobs$/, () => views.jobsPage(view)],
   [/^#\/models\/(\w+)$/, (m) => views.modelPage(view, alert, m[1])],
   [/^#\/models$/, () => views.modelsPage(view)],
+  [/^#\/sweeps\/(\w+)$/, (m) => sweeps.sweepPage(view, alert, m[1])],
+  [/^#\/sweeps$/, () => sweeps.sweepsPage(view, alert, go)],
 ];
 
 async function route() {
