@@ -29,6 +29,7 @@ from ftune.service.db.tables import (
     Job,
     JobEvent,
     JobRun,
+    Sweep,
     Tenant,
     TunedModel,
     utcnow,
@@ -192,6 +193,10 @@ def delete_job(session: Session, principal: Principal, *, job_id: str) -> None:
     job = get_job(session, principal, job_id)
     if job.status in ACTIVE:
         raise Conflict(f"job {job_id} is {job.status}; cancel it first")
+    if job.sweep_id is not None and session.scalar(select(Sweep.status).where(
+            Sweep.id == job.sweep_id)) == "running":
+        raise Conflict(f"job {job_id} is a trial of sweep {job.sweep_id}, which is running; "
+                       "its sampler still learns from it")
     model = session.scalar(select(TunedModel.id).where(TunedModel.job_id == job_id))
     if model is not None:
         raise Conflict(f"job {job_id} made model {model}; delete the model first "

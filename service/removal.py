@@ -17,6 +17,8 @@ from ftune.service.db.tables import (
     JobEvent,
     JobRun,
     ModelAlias,
+    Sweep,
+    SweepTrial,
     TunedModel,
 )
 from ftune.service.errors import Conflict
@@ -24,7 +26,7 @@ from ftune.service.storage import Storage
 
 
 def remove_tenant(db: Database, storage: Storage, principal: Principal, ref: str) -> None:
-    """Stop the tenant's jobs and delete its datasets, jobs, models, downloads and keys.
+    """Stop the tenant's jobs and delete its datasets, jobs, sweeps, models, downloads and keys.
     A job still running stops at its next batch (its job is gone)."""
     with db.session() as session:
         tenant = visible_tenant(session, principal, ref)
@@ -34,9 +36,13 @@ def remove_tenant(db: Database, storage: Storage, principal: Principal, ref: str
                                                                      tenant.id)))
                  for table in (Dataset, Job, TunedModel)}
         jobs = owned[Job]
+        sweeps = list(session.scalars(select(Sweep.id).where(Sweep.tenant_id == tenant.id)))
         session.execute(update(Job).where(Job.id.in_(jobs)).values(cancel_requested=True))
         for table in (EpochMetrics, JobEvent, JobRun):
             session.execute(delete(table).where(table.job_id.in_(jobs)))
+        session.execute(delete(JobEvent).where(JobEvent.job_id.in_(sweeps)))  # sweep events
+        session.execute(delete(SweepTrial).where(SweepTrial.sweep_id.in_(sweeps)))
+        session.execute(delete(Sweep).where(Sweep.id.in_(sweeps)))
         session.execute(delete(ModelAlias).where(ModelAlias.tenant_id == tenant.id))
         session.execute(delete(TunedModel).where(TunedModel.tenant_id == tenant.id))
         for table in (Job, Dataset, IdempotencyKey, ApiKey):

@@ -90,6 +90,7 @@ def _start_trial(session: Session, settings: Settings, sweep: Sweep,
                       priority=sweep.priority, model_name=name, sweep_id=sweep.id)
     except InvalidInput as exc:  # e.g. too big for the workers' memory: this trial fails
         job = _failed_job(session, sweep, spec_json, exc.detail)
+    # Numbers are contiguous: a running sweep's trial jobs cannot be deleted (delete_job).
     row = SweepTrial(sweep_id=sweep.id, number=len(trials), job_id=job.id, params=values,
                      system_attrs=attrs, created_at=utcnow())
     session.add(row)

@@ -31,7 +31,7 @@ def upgrade() -> None:
         sa.Column("parallelism", sa.Integer(), nullable=False),
         sa.Column("pruner", sa.String(16), nullable=False),
         sa.Column("sampler", sa.String(16), nullable=False),
-        sa.Column("max_total_s", sa.Float(), nullable=True),
+        sa.Column("max_total_s", sa.Double(), nullable=True),
         sa.Column("seed", sa.BigInteger(), nullable=False),
         sa.Column("priority", sa.Integer(), nullable=False),
         sa.Column("model_name", sa.String(200), nullable=True),
