@@ -69,6 +69,8 @@ bench: $(STAMP)
 	$(PY) bench/lifecycle.py
 	$(PY) bench/predict.py
 	$(PY) bench/load.py
+	$(PY) bench/defaults.py
+	$(PY) bench/sweep.py
 
 # Refresh the locks (newest versions the constraints in pyproject.toml allow).
 lock: | $(PY)

@@ -65,8 +65,12 @@ def _seed(http: httpx.Client, tiny_folder: Path) -> dict[str, str]:
     assert http.put("/v1/models/aliases/prod", json={"model": done["model_id"]}).is_success
     spare_key = http.post("/v1/keys", json={"name": "spare", "tenant": "default"}).json()
     http.post("/v1/tenants", json={"name": "spare-tenant"})
+    sweep = http.post("/v1/sweeps", json={"dataset_id": dataset["id"], "n_trials": 1, "base": {
+        "image_size": 32, "epochs": 1, "batch_size": 12, "preset": "fast"},
+        "space": {"head.dropout": {"uniform": [0, 0.5]}}}).json()
     return {"dataset_id": dataset["id"], "job_id": job["id"], "model_ref": done["model_id"],
-            "alias": "prod", "key_id": spare_key["id"], "tenant_ref": "spare-tenant"}
+            "alias": "prod", "key_id": spare_key["id"], "tenant_ref": "spare-tenant",
+            "sweep_id": sweep["id"]}
 
 
 def test_no_request_gets_a_server_error(fuzz_target, tmp_path):
