@@ -208,7 +208,9 @@ def test_a_sweep_started_from_the_form_runs_live_and_promotes_its_best(page, up,
     page.wait_for_selector("#sweep-status")
     wait_for_js(page, "document.querySelector('#sweep-status')?.textContent === 'succeeded'", 120)
     wait_for_js(page, "document.querySelectorAll('#trials-body tr').length === 2")
-    wait_for_js(page, "document.querySelector('#sweep-plot')?.naturalWidth > 0")
+    # Redrawn once the sweep ended: the picture shows both finished trials.
+    wait_for_js(page, "document.querySelector('#sweep-plot')?.dataset.status === 'succeeded'")
+    assert page.evaluate("document.querySelector('#sweep-plot').naturalWidth") > 0
     assert page.is_hidden("#cancel-sweep")
     page.click("#promote-best")
     page.wait_for_selector("#promoted:not(:empty)")

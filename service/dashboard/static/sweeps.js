@@ -85,8 +85,9 @@ export async function sweepPage(view, alert, id) {
     h("section", { class: "card" }, h("h2", {}, "Promote"), alias, " ", promote, " ", promoted));
 
   let plotUrl = null;
-  async function drawPlot() {
+  async function drawPlot(sweep) {
     const url = await blobUrl(`/sweeps/${id}/plot.png`);
+    plot.onload = () => { plot.dataset.status = sweep.status; };  // what the picture shows
     plot.src = url;
     if (plotUrl) URL.revokeObjectURL(plotUrl);
     plotUrl = url;
@@ -107,8 +108,7 @@ export async function sweepPage(view, alert, id) {
       h("td", {}, value(t.value)), h("td", {}, h("code", {}, JSON.stringify(t.params))))));
     return sweep;
   }
-  await refresh();
-  await drawPlot();
+  await drawPlot(await refresh());
   let pending = null;
   const stream = followEvents(id, (event) => {
     if (event.error) { alert(plainError(event.error)); return; }
