@@ -13,8 +13,9 @@ from ftune.models.backbones import create_backbone
 from ftune.models.data.discover import scan_image_folder
 from ftune.models.data.source import ImageSource
 from ftune.models.derived.decoded import KIND, decoded_images
+from ftune.models.derived.features import KIND as FEATURES_KIND
 from ftune.models.derived.store import DerivedStore
-from ftune.models.training.fit import fit
+from ftune.models.training.fit import Callbacks, fit
 
 
 def _writer(size: int, calls: list | None = None):
@@ -100,15 +101,20 @@ def test_decoded_images_match_decoding_in_memory(tmp_path, tiny_folder):
 
 
 def test_a_second_job_on_the_same_data_decodes_nothing(tmp_path, tiny_folder, caplog):
+    """Nor computes frozen features: both come from the store, and the result is the same."""
     store = DerivedStore(tmp_path / "cache", 10**9)
     spec = {"preset": "fast", "image_size": 32, "epochs": 2}
+    choices: list[dict] = [{}, {}]
     with caplog.at_level("INFO", logger="ftune.models.training.fit"):
-        first = fit(tiny_folder, spec, derived=store, owner="t1")
-        second = fit(tiny_folder, spec, derived=store, owner="t2")
+        first = fit(tiny_folder, spec, derived=store, owner="t1",
+                    callbacks=Callbacks(on_resolved=choices[0].update))
+        second = fit(tiny_folder, spec, derived=store, owner="t2",
+                     callbacks=Callbacks(on_resolved=choices[1].update))
     messages = [r.getMessage() for r in caplog.records if "images at 32 px" in r.getMessage()]
     assert messages[0].startswith("decoded 36 images") and \
         messages[1].startswith("reused the decoded 36 images")
-    assert [e.kind for e in store.entries()] == [KIND]
+    assert sorted(e.kind for e in store.entries()) == [KIND, FEATURES_KIND]
+    assert [c["feature_cache"]["value"] for c in choices] == ["computed", "reused"]
     assert store.usage_by_owner().keys() == {"t1"}
     assert [r["val_loss"] for r in first.history] == [r["val_loss"] for r in second.history]
     plain = fit(tiny_folder, spec)

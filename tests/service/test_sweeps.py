@@ -55,15 +55,18 @@ def stack(tmp_path_factory) -> Iterator[Sweeps]:
         yield sweeps
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def http(stack) -> Iterator[httpx.Client]:
+    """A client of the API as it runs now (a test restarts it on another port)."""
     with stack.client() as client:
         yield client
 
 
 @pytest.fixture(scope="module")
-def dataset_id(http, tiny_folder) -> str:
-    response = http.post("/v1/datasets", files={"file": ("t.zip", zip_folder(tiny_folder))})
+def dataset_id(stack, tiny_folder) -> str:
+    with stack.client() as http:
+        response = http.post("/v1/datasets",
+                             files={"file": ("t.zip", zip_folder(tiny_folder))})
     assert response.status_code == 201, response.text
     return response.json()["id"]
 
