@@ -20,7 +20,7 @@ from ftune.models.data.transforms import normalize
 from ftune.models.derived.decoded import DecodedImages
 from ftune.models.preprocessing import Preprocessing
 from ftune.models.training.loop import stop_if_asked
-from ftune.models.training.runtime import Precision
+from ftune.models.training.runtime import Precision, feature_batch_size
 
 ECE_BINS = 15
 CONFUSED_PAIRS = 10
@@ -29,11 +29,12 @@ WORST_EXAMPLES = 20
 
 @torch.no_grad()
 def predict_probabilities(model: nn.Module, source: ImageSource, prep: Preprocessing,
-                          device: torch.device, precision: Precision, batch_size: int = 64,
+                          device: torch.device, precision: Precision, batch_size: int | None = None,
                           should_stop: Callable[[], bool] | None = None) -> torch.Tensor:
     model.eval()
     chunks = []
-    for images, _, _ in source.batches(torch.arange(len(source)), batch_size):
+    for images, _, _ in source.batches(torch.arange(len(source)),
+                                       batch_size or feature_batch_size(device)):
         stop_if_asked(should_stop)
         batch = normalize(images.to(device).float(), prep)
         with precision.autocast():
@@ -133,20 +134,20 @@ def evaluate_splits(model: nn.Module, splits: dict[str, list[Sample]], classes: 
                     prep: Preprocessing, device: torch.device, precision: Precision,
                     root: Path, val_source: ImageSource | None = None,
                     should_stop: Callable[[], bool] | None = None,
-                    val_features: torch.Tensor | None = None,
+                    features: dict[str, torch.Tensor] | None = None,
                     decoded: DecodedImages | None = None) -> dict:
     """``{split: summary}`` for each non-empty split (val, and test when the data has one).
 
-    ``val_features``: the frozen backbone's features of the val images, when the model's
-    backbone is that frozen one; then only the head runs on them."""
+    ``features``: a split's images through the frozen backbone, in the split's order, when
+    the model's backbone is that frozen one; then only the head runs on them."""
     results = {}
     for split, samples in splits.items():
         if not samples:
             continue
-        if split == "val" and val_features is not None:
+        if features is not None and features.get(split) is not None:
             model.eval()
             with torch.no_grad(), precision.autocast():
-                probs = torch.softmax(model.head(val_features).float(), dim=1).cpu()
+                probs = torch.softmax(model.head(features[split]).float(), dim=1).cpu()
         else:
             source = (val_source if split == "val" and val_source is not None
                       else ImageSource([s.path for s in samples], [s.label for s in samples],

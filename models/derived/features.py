@@ -23,7 +23,6 @@ from ftune.models.derived.store import DerivedStore
 
 KIND = "features"
 ARRAY = "features.npy"
-CHUNK = 64  # images per forward pass while the entry is built
 
 
 def backbone_identity(name: str, weights_source: str | None) -> str | None:
@@ -54,18 +53,19 @@ class SharedFeatures:
 
 def shared_features(store: DerivedStore, decoded: DecodedImages, *, backbone: str,
                     precision: str, extract: Callable[[torch.Tensor], torch.Tensor],
-                    should_stop: Callable[[], None] | None = None, owner: str | None = None
-                    ) -> tuple[SharedFeatures, bool]:
+                    batch_size: int, should_stop: Callable[[], None] | None = None,
+                    owner: str | None = None) -> tuple[SharedFeatures, bool]:
     """The features of every decoded image, from the store or computed now with ``extract``
-    (uint8 image batch -> float features); True when computed now."""
+    (uint8 image batch -> float features, ``batch_size`` at a time); True when computed
+    now."""
 
     def write(folder: Path) -> None:
         n = len(decoded.array)
         out = None
-        for start in range(0, n, CHUNK):
+        for start in range(0, n, batch_size):
             if should_stop is not None:
                 should_stop()
-            rows = torch.arange(start, min(n, start + CHUNK))
+            rows = torch.arange(start, min(n, start + batch_size))
             chunk = extract(decoded.take(rows)).float().cpu().numpy()
             if out is None:
                 out = np.lib.format.open_memmap(folder / ARRAY, mode="w+", dtype=np.float32,

@@ -185,11 +185,12 @@ def _evaluate(setup: RunSetup, stages: StageRunner, index: ImageFolderIndex,
     history = len(stages.progress.history)
     _announce(callbacks, "evaluate", history, None)
 
-    def evaluate_on(splits: dict[str, list[Sample]], val_features: torch.Tensor | None) -> dict:
+    def evaluate_on(splits: dict[str, list[Sample]], features: torch.Tensor | None) -> dict:
+        split = next(iter(splits))
         return evaluate_splits(model, splits, index.classes, setup.prep,
                                setup.precision.device, setup.precision, index.root,
                                val_source=setup.val_source, should_stop=callbacks.should_stop,
-                               val_features=val_features, decoded=setup.decoded)
+                               features={split: features}, decoded=setup.decoded)
 
     evaluation = evaluate_on({"val": val_samples}, stages.best_val_features())
     if refit and stages.best_run is not None:
@@ -199,7 +200,8 @@ def _evaluate(setup: RunSetup, stages: StageRunner, index: ImageFolderIndex,
         images = refit_head(best, epochs)
         choices["refit"] = rules.refit_choice(images, epochs).to_dict()
         _announce(callbacks, "evaluate", history, choices)
-    return evaluation | evaluate_on({"test": index.test or []}, None)
+    test = index.test or []
+    return evaluation | evaluate_on({"test": test}, stages.shared_features_of(test, index.root))
 
 
 def _checkpoint_state(resume: str | Path | None, classes: list[str]) -> dict | None:

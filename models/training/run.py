@@ -25,7 +25,7 @@ from ftune.models.training.loop import (
     stop_if_asked,
     train_one_epoch,
 )
-from ftune.models.training.runtime import Precision
+from ftune.models.training.runtime import Precision, feature_batch_size
 from ftune.models.tuning.freezing import (
     apply_freezing,
     backbone_is_frozen,
@@ -176,11 +176,12 @@ class TrainingRun:
     def _order(self, epoch: int) -> torch.Tensor:
         return epoch_order(self.spec.seed, epoch, len(self.train_source), self.samples_per_epoch)
 
-    def _image_batches(self, order: torch.Tensor, *, training: bool,
-                       split: str = "train") -> Batches:
+    def _image_batches(self, order: torch.Tensor, *, training: bool, split: str = "train",
+                       batch_size: int | None = None) -> Batches:
         source = self.train_source if split == "train" else self.val_source
         cuda = self.device.type == "cuda"
-        for images, labels, _ in source.batches(order, self.spec.batch_size, pin=cuda):
+        for images, labels, _ in source.batches(order, batch_size or self.spec.batch_size,
+                                                pin=cuda):
             images = images.to(self.device, non_blocking=True)
             labels = labels.to(self.device, non_blocking=True)
             batch = images.float()
@@ -245,7 +246,8 @@ class TrainingRun:
             self.model.backbone.eval()
             chunks = []
             for batch, _ in self._image_batches(torch.arange(len(source)), training=False,
-                                                split=split):
+                                                split=split,
+                                                batch_size=feature_batch_size(self.device)):
                 stop_if_asked(self.should_stop)
                 with self.precision.autocast():
                     chunks.append(self.model.backbone(batch).float())

@@ -73,3 +73,10 @@ def device_memory_bytes(device: torch.device) -> int | None:
     except OSError:
         return None
     return None
+
+
+def feature_batch_size(device: torch.device) -> int:
+    """Images per forward pass when only features are computed (no gradients). On CPUs small
+    batches stay in cache: lite0 at 96 px costs 3.2 ms an image at 16, 4.0 at 32 and 6.1 at
+    128 (measured on this project's 2-core machines); GPUs want large ones."""
+    return 128 if device.type == "cuda" else 16

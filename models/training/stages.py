@@ -38,7 +38,7 @@ from ftune.models.training.early_stopping import EarlyStopping
 from ftune.models.training.loop import stop_if_asked
 from ftune.models.training.lr_finder import lr_range_test
 from ftune.models.training.run import Callbacks, TrainingRun
-from ftune.models.training.runtime import Precision
+from ftune.models.training.runtime import Precision, feature_batch_size
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +97,11 @@ class RunSetup:
         run.shared_features = self.shared_features
         return run
 
+    @property
+    def computed_shared(self) -> SharedFeatures | None:
+        """The shared features, if this run has opened them (the backbone as built)."""
+        return self._shared
+
     def shared_features(self) -> SharedFeatures | None:
         """The frozen backbone's features of every image, shared with other jobs on the
         same images, backbone and precision (computed into the store by the first)."""
@@ -118,7 +123,8 @@ class RunSetup:
 
         self._shared, made = shared_features(
             self.derived, self.decoded, backbone=identity, precision=self.precision.name,
-            extract=extract, should_stop=lambda: stop_if_asked(self.should_stop),
+            extract=extract, batch_size=feature_batch_size(device),
+            should_stop=lambda: stop_if_asked(self.should_stop),
             owner=self.owner)
         if self.on_choice is not None:
             self.on_choice("feature_cache", {
@@ -274,6 +280,16 @@ class StageRunner:
                 self._out_of_time(row, next_epoch_s)
                 return True
         return False
+
+    def shared_features_of(self, samples: list, root: Path) -> torch.Tensor | None:
+        """Those images' features from the shared store, when the best weights have the
+        backbone as built and the store already holds them (computed with the rest)."""
+        run, shared, decoded = self.best_run, self.setup.computed_shared, self.setup.decoded
+        if not samples or run is None or not run.backbone_frozen or shared is None \
+                or decoded is None:
+            return None
+        rows = decoded.rows([s.path for s in samples], root)
+        return None if rows is None else shared.take(rows).to(self.setup.precision.device)
 
     def best_val_features(self) -> torch.Tensor | None:
         """Cached val features, when the best weights have the backbone they came from."""
