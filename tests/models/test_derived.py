@@ -130,3 +130,23 @@ def test_builds_in_progress_and_entries_being_removed_are_not_entries(tmp_path):
         folder.mkdir(parents=True)
         (folder / "meta.json").write_text('{"kind": "decoded", "key": "x", "bytes": 5}')
     assert [e.key for e in store.entries()] == ["real"]
+
+
+def test_test_images_are_scored_from_the_shared_features_exactly_as_from_the_images(
+        tmp_path, animal_arrays):
+    """A head trained alone is evaluated on test from the features the job already computed
+    for every image: the same evaluation as running the backbone on the test images."""
+    from ftune.testing.realdata import balanced_indices, write_image_folder
+
+    images, labels = animal_arrays
+    root = tmp_path / "data"
+    for split, offset in (("train", 0), ("test", 12)):
+        idx = balanced_indices(labels, 12 if split == "train" else 6, classes=3, offset=offset)
+        write_image_folder(root / split, images[idx], labels[idx])
+    spec = {"preset": "fast", "image_size": 32, "epochs": 3}
+    from_images = fit(root, spec).evaluation["test"]
+    store = DerivedStore(tmp_path / "cache", 10**9)
+    from_features = fit(root, spec, derived=store).evaluation["test"]
+    assert from_features["accuracy"] == from_images["accuracy"]
+    assert from_features["confusion_matrix"] == from_images["confusion_matrix"]
+    assert from_features["loss"] == pytest.approx(from_images["loss"], rel=1e-5)
