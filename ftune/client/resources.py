@@ -351,5 +351,6 @@ class Sweeps:
     def get(self, sweep_id: str) -> Sweep:
         return Sweep.of(self._t.request("GET", f"/sweeps/{sweep_id}").json(), self._t)
 
-    def list(self) -> list[Sweep]:
-        return [Sweep.of(item, self._t) for item in self._t.request("GET", "/sweeps").json()]
+    def list(self, *, limit: int | None = None) -> Iterator[Sweep]:
+        for item in _pages(self._t, "/sweeps", {"limit": limit}):
+            yield Sweep.of(item, self._t)

@@ -11,11 +11,14 @@ import redis
 from fastapi import APIRouter, Depends, Header, Request, Response
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
+from sqlalchemy.exc import IntegrityError
 
 from ftune.service.auth.principal import Principal
 from ftune.service.context import AppContext
 from ftune.service.deps import Admin, Ctx, Member, rate_limited
 from ftune.service.errors import Unavailable
+from ftune.service.jobs import body_digest
+from ftune.service.pages import DEFAULT_LIMIT, Cursor, Limit, Page
 from ftune.service.schemas import SweepIn, SweepOut
 from ftune.service.sse import event_rows, event_stream
 from ftune.service.sweeps.sweeps import (
@@ -24,6 +27,8 @@ from ftune.service.sweeps.sweeps import (
     get_sweep,
     list_sweeps,
     promote_sweep,
+    remember_sweep,
+    replay_sweep,
     sweep_view,
 )
 from ftune.service.sweeps.trials import load_trials
@@ -46,12 +51,28 @@ def _view(ctx: AppContext, who: Principal, sweep_id: str) -> dict:
 @router.post("/sweeps", status_code=202, response_model=SweepOut,
              dependencies=[Depends(rate_limited("jobs"))],
              responses={429: {"description": "over a quota or the running-sweeps limit"}})
-def submit(body: SweepIn, request: Request, ctx: Ctx, who: Member) -> dict:
+def submit(body: SweepIn, request: Request, ctx: Ctx, who: Member,
+           idempotency_key: Annotated[str | None, Header()] = None) -> dict:
     """Start a sweep: trials are jobs with ``base`` plus parameters sampled from ``space``,
     at most ``parallelism`` at once. 422 names a bad space path or distribution (every
-    sampled spec must validate), 404 an unknown dataset."""
-    with ctx.db.session() as session:
-        sweep_id = create_sweep(session, who, ctx.settings, body).id
+    sampled spec must validate), 404 an unknown dataset. With an ``Idempotency-Key``
+    header, repeating the request returns the same sweep (another body: 409)."""
+    digest = body_digest(body.model_dump(mode="json"))
+    try:
+        with ctx.db.session() as session:
+            earlier = (replay_sweep(session, who, idempotency_key, digest)
+                       if idempotency_key is not None else None)
+            sweep_id = (earlier or create_sweep(session, who, ctx.settings, body)).id
+            if idempotency_key is not None and earlier is None:
+                remember_sweep(session, who, idempotency_key, digest, sweep_id)
+    except IntegrityError:
+        if idempotency_key is None:
+            raise
+        with ctx.db.session() as session:  # a concurrent request with the key won the race
+            earlier = replay_sweep(session, who, idempotency_key, digest)
+            if earlier is None:
+                raise
+            sweep_id = earlier.id
     request.state.audit_object = sweep_id
     try:
         ctx.dispatch()  # its first trials start now, not at the next periodic round
@@ -61,11 +82,13 @@ def submit(body: SweepIn, request: Request, ctx: Ctx, who: Member) -> dict:
     return _view(ctx, who, sweep_id)
 
 
-@router.get("/sweeps", response_model=list[SweepOut])
-def list_all(ctx: Ctx, who: Member) -> list[dict]:
-    """The 50 newest sweeps."""
+@router.get("/sweeps", response_model=Page[SweepOut])
+def list_all(ctx: Ctx, who: Member, limit: Limit = DEFAULT_LIMIT, cursor: Cursor = None
+             ) -> dict:
+    """Newest first, each with its trials."""
     with ctx.db.session() as session:
-        return list_sweeps(session, who)
+        items, next_cursor = list_sweeps(session, who, limit=limit, cursor=cursor)
+        return {"items": items, "next_cursor": next_cursor}
 
 
 @router.get("/sweeps/{sweep_id}", response_model=SweepOut)

@@ -11,11 +11,12 @@ from ftune.models.spec import FineTuneSpec
 from ftune.service.auth.principal import Principal, Role
 from ftune.service.backbones import check_backbone
 from ftune.service.datasets import get_dataset
-from ftune.service.db.tables import Dataset, Sweep, Tenant, utcnow
+from ftune.service.db.tables import Dataset, IdempotencyKey, Sweep, Tenant, utcnow
 from ftune.service.errors import Conflict, InvalidInput, NotFound, TooManyRequests
 from ftune.service.events import add_event
 from ftune.service.ids import is_id
 from ftune.service.jobs import MEMBER_MAX_PRIORITY, dataset_stats, request_cancel, validate_job_spec
+from ftune.service.pages import DEFAULT_LIMIT, Keyset, read_page
 from ftune.service.quotas import check_job, limits_of, usage_of
 from ftune.service.schemas import SweepIn
 from ftune.service.settings import Settings
@@ -90,12 +91,40 @@ def get_sweep(session: Session, principal: Principal, sweep_id: str) -> Sweep:
     return sweep
 
 
-def list_sweeps(session: Session, principal: Principal, limit: int = 50) -> list[dict]:
-    query = select(Sweep).order_by(Sweep.created_at.desc()).limit(limit)
+def list_sweeps(session: Session, principal: Principal, *, limit: int = DEFAULT_LIMIT,
+                cursor: str | None = None) -> tuple[list[dict], str | None]:
+    """Newest first, a page at a time."""
+    query = select(Sweep)
     if not principal.is_operator:
         query = query.where(Sweep.tenant_id == principal.tenant_id)
+    sweeps, next_cursor = read_page(session, query, Keyset(Sweep.created_at, Sweep.id),
+                                    limit=limit, cursor=cursor)
     return [sweep_view(sweep, load_trials(session, sweep, with_metrics=False))
-            for sweep in session.scalars(query)]
+            for sweep in sweeps], next_cursor
+
+
+# Idempotency keys of sweeps share the jobs' table, under this prefix (a key used for a job
+# and one used for a sweep never meet); its job_id column then holds the sweep's id.
+KEY_PREFIX = "sweep:"
+
+
+def replay_sweep(session: Session, principal: Principal, key: str, digest: str
+                 ) -> Sweep | None:
+    """The sweep an earlier request with this key started; 409 if its body differed."""
+    if not key or len(key) > 200 - len(KEY_PREFIX):
+        raise InvalidInput(f"Idempotency-Key must be 1 to {200 - len(KEY_PREFIX)} characters")
+    seen = session.get(IdempotencyKey, (principal.home_tenant, KEY_PREFIX + key))
+    if seen is None:
+        return None
+    if seen.body_sha256 != digest:
+        raise Conflict("Idempotency-Key was already used with a different request body")
+    return get_sweep(session, principal, seen.job_id)
+
+
+def remember_sweep(session: Session, principal: Principal, key: str, digest: str,
+                   sweep_id: str) -> None:
+    session.add(IdempotencyKey(tenant_id=principal.home_tenant, key=KEY_PREFIX + key,
+                               body_sha256=digest, job_id=sweep_id))
 
 
 def trial_view(trial: Trial, objective: str) -> dict:

@@ -252,6 +252,21 @@ def test_a_bad_space_is_a_422_naming_the_path(http, dataset_id, space, path):
     assert any(error["loc"][-1] == path for error in body["errors"])
 
 
+def test_an_idempotency_key_returns_the_same_sweep_and_lists_page(http, dataset_id):
+    body = {"dataset_id": dataset_id, "base": HEAD, "n_trials": 1, "pruner": "none",
+            "space": {"head.dropout": {"uniform": [0, 0.5]}}}
+    first = http.post("/v1/sweeps", json=body, headers={"Idempotency-Key": "s-1"})
+    again = http.post("/v1/sweeps", json=body, headers={"Idempotency-Key": "s-1"})
+    assert first.status_code == again.status_code == 202
+    assert first.json()["id"] == again.json()["id"]
+    other = http.post("/v1/sweeps", json={**body, "n_trials": 2},
+                      headers={"Idempotency-Key": "s-1"})
+    assert other.status_code == 409 and "different request body" in other.json()["detail"]
+    page = http.get("/v1/sweeps", params={"limit": 1}).json()
+    assert [s["id"] for s in page["items"]] == [first.json()["id"]] and page["next_cursor"]
+    _wait(http, first.json()["id"])
+
+
 def test_a_grid_needs_discrete_parameters_and_a_sweep_needs_validation_images(http,
                                                                                   dataset_id):
     grid = http.post("/v1/sweeps", json={"dataset_id": dataset_id, "sampler": "grid",

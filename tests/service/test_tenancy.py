@@ -136,7 +136,7 @@ def test_an_admin_on_operator_routes_is_403(client, route):
 
 def test_lists_show_the_callers_tenant_only_and_operators_everything(
         client, client_b, operator_client, b_objects):
-    for path in ("/v1/datasets", "/v1/jobs", "/v1/models"):
+    for path in ("/v1/datasets", "/v1/jobs", "/v1/models", "/v1/sweeps"):
         a_ids = {item["id"] for item in client.get(path).json()["items"]}
         b_ids = {item["id"] for item in client_b.get(path).json()["items"]}
         everything = {item["id"] for item in operator_client.get(path, params={"limit": 1000})

@@ -22,7 +22,8 @@ function parseJson(text, name) {
 }
 
 export async function sweepsPage(view, alert, go) {
-  const [sweeps, datasets] = await Promise.all([get("/sweeps"), get("/datasets", { limit: 100 })]);
+  const [sweeps, datasets] = await Promise.all([get("/sweeps", { limit: 50 }).then((page) => page.items),
+    get("/datasets", { limit: 100 })]);
   const dataset = h("select", { id: "sweep-dataset", name: "dataset_id" },
     datasets.items.map((d) => h("option", { value: d.id }, `${d.name} (${d.num_images} images)`)));
   const space = h("textarea", { id: "sweep-space", rows: "6" }, JSON.stringify(EXAMPLE_SPACE, null, 2));
