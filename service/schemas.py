@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from ftune.models.spec import FineTuneSpec
 from ftune.service.auth.tenants import QuotaOverrides
@@ -34,10 +34,21 @@ class DatasetUploadOut(DatasetOut):
                                "existing dataset is returned (200)")
 
 
+def _dataset_id(value: str) -> str:
+    if not is_id(value):
+        raise ValueError(f"{value!r} is not a dataset id (32 hex characters, from POST "
+                         "/v1/datasets)" if value else "required: the id POST /v1/datasets "
+                         "returned")
+    return value
+
+
+DatasetId = Annotated[str, AfterValidator(_dataset_id)]
+
+
 class JobIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    dataset_id: str = Field(description="the id POST /v1/datasets returned")
+    dataset_id: DatasetId = Field(description="the id POST /v1/datasets returned")
     spec: FineTuneSpec = Field(default_factory=FineTuneSpec,
                                description="the engine's fine-tuning spec; every field is "
                                "optional (see README, \"The spec\")")
@@ -52,14 +63,6 @@ class JobIn(BaseModel):
                                    "dataset's); versions count up per name, and "
                                    "name:version or name:alias then refers to it")
 
-    @field_validator("dataset_id")
-    @classmethod
-    def _dataset_id(cls, value: str) -> str:
-        if not is_id(value):
-            raise ValueError(f"{value!r} is not a dataset id (32 hex characters, from POST "
-                             "/v1/datasets)" if value else "required: the id POST /v1/datasets "
-                             "returned")
-        return value
 
 
 class Progress(BaseModel):
@@ -217,7 +220,7 @@ class SweepIn(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    dataset_id: str = Field(description="the id POST /v1/datasets returned")
+    dataset_id: DatasetId = Field(description="the id POST /v1/datasets returned")
     base: dict[str, Any] = Field(default_factory=dict, description="the spec every trial "
                                  "starts from; auto fields allowed")
     space: dict[str, Any] = Field(description="spec path -> one of {\"log_uniform\": [low, "
@@ -247,14 +250,6 @@ class SweepIn(BaseModel):
                                    pattern=r"^[^:/\x00-\x1f]+$",
                                    description="name of the trials' models (default: "
                                    "sweep-<first 8 characters of the sweep id>)")
-
-    @field_validator("dataset_id")
-    @classmethod
-    def _dataset_id(cls, value: str) -> str:
-        if not is_id(value):
-            raise ValueError(f"{value!r} is not a dataset id (32 hex characters, from POST "
-                             "/v1/datasets)")
-        return value
 
 
 class SweepTrialOut(BaseModel):

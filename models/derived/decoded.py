@@ -81,12 +81,6 @@ def decoded_images(store: DerivedStore, content_hash: str, paths: list[Path], ro
                    ) -> tuple[DecodedImages, bool]:
     """The dataset's decoded images from the store, decoding them first when absent; True
     when they were decoded now."""
-    for attempt in range(2):
-        folder, made = store.build(KIND, decoded_key(content_hash, prep, size),
-                                   lambda tmp: _write(tmp, paths, root, prep, size), owner)
-        try:
-            return DecodedImages(folder), made
-        except FileNotFoundError:  # removed by `ftune cache clean` since the lookup: again
-            if attempt:
-                raise
-    raise AssertionError("unreachable")
+    return store.build_and_open(KIND, decoded_key(content_hash, prep, size),
+                                lambda tmp: _write(tmp, paths, root, prep, size),
+                                DecodedImages, owner)

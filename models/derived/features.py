@@ -74,12 +74,5 @@ def shared_features(store: DerivedStore, decoded: DecodedImages, *, backbone: st
         if out is not None:
             out.flush()
 
-    key = features_key(decoded.key, backbone, precision)
-    for attempt in range(2):
-        folder, made = store.build(KIND, key, write, owner)
-        try:
-            return SharedFeatures(folder), made
-        except FileNotFoundError:  # removed by `ftune cache clean` since the lookup: again
-            if attempt:
-                raise
-    raise AssertionError("unreachable")
+    return store.build_and_open(KIND, features_key(decoded.key, backbone, precision), write,
+                                SharedFeatures, owner)

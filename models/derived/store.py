@@ -21,7 +21,9 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
+T = TypeVar("T")
 META = "meta.json"
 _SAFE = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-_.")
 
@@ -103,6 +105,21 @@ class DerivedStore:
                 shutil.rmtree(tmp, ignore_errors=True)
         self.evict(keep=final)
         return final, True
+
+    def build_and_open(self, kind: str, key: str, make: Callable[[Path], None],
+                       open_entry: Callable[[Path], T], owner: str | None = None
+                       ) -> tuple[T, bool]:
+        """``open_entry`` of the entry (made by ``make`` unless it exists), and whether it
+        was made now. Built again once if it vanished between the lookup and the opening
+        (``ftune cache clean``, or eviction by another process)."""
+        for attempt in range(2):
+            folder, made = self.build(kind, key, make, owner)
+            try:
+                return open_entry(folder), made
+            except FileNotFoundError:
+                if attempt:
+                    raise
+        raise AssertionError("unreachable")
 
     def entries(self) -> list[Entry]:
         found = []

@@ -3,7 +3,6 @@ the API. A stack of its own, so these tests can break it without touching the ot
 
 from __future__ import annotations
 
-import json
 import signal
 import time
 from collections.abc import Iterator
@@ -16,6 +15,7 @@ from ftune.processes import Child, Stack, wait_until
 from ftune.service.auth.principal import Role
 from ftune.testing.access import Key, make_key
 from ftune.testing.archives import zip_folder
+from ftune.testing.sse import read_events
 from tests.service.conftest import wait_for_job
 
 QUICK = {"image_size": 32, "epochs": 1, "batch_size": 12, "preset": "fast"}
@@ -80,22 +80,7 @@ def _submit(http: httpx.Client, dataset_id: str, spec: dict, **extra) -> dict:
 
 
 def _events(http: httpx.Client, job_id: str, last_event_id: int | None = None) -> list[dict]:
-    """Read the SSE stream to its end, as any SSE client would."""
-    headers = {"Last-Event-ID": str(last_event_id)} if last_event_id is not None else {}
-    events, current = [], {}
-    with http.stream("GET", f"/v1/jobs/{job_id}/events", headers=headers,
-                     timeout=httpx.Timeout(120, read=60)) as response:
-        assert response.status_code == 200
-        assert response.headers["content-type"].startswith("text/event-stream")
-        for line in response.iter_lines():
-            if not line:
-                if "data" in current:
-                    events.append(current)
-                current = {}
-            elif line.startswith(("id:", "event:", "data:")):
-                key, _, value = line.partition(":")
-                current[key] = json.loads(value) if key == "data" else value.strip()
-    return events
+    return read_events(http, f"/v1/jobs/{job_id}/events", last_event_id)
 
 
 def test_idempotency_key_returns_the_same_job(stack, dataset_id):

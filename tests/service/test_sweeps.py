@@ -6,7 +6,6 @@ empty and the API restarted) loses no trial and runs none twice; a bad space is 
 from __future__ import annotations
 
 import itertools
-import json
 import time
 from collections.abc import Iterator
 from datetime import datetime
@@ -20,6 +19,7 @@ from ftune.service.auth.principal import Role
 from ftune.service.db.tables import JobRun
 from ftune.testing.access import Key, make_key
 from ftune.testing.archives import zip_folder
+from ftune.testing.sse import read_events
 
 ENV = {"FTUNE_CANCEL_POLL_S": "0.2", "FTUNE_WORKER_HEARTBEAT_S": "0.5",
        "FTUNE_JOB_STALE_S": "3", "FTUNE_RECONCILE_INTERVAL_S": "1",
@@ -104,22 +104,6 @@ def _most_at_once(runs: list) -> int:
     return most
 
 
-def _sweep_events(http: httpx.Client, sweep_id: str) -> list[dict]:
-    events, current = [], {}
-    with http.stream("GET", f"/v1/sweeps/{sweep_id}/events",
-                     timeout=httpx.Timeout(60, read=30)) as response:
-        assert response.status_code == 200
-        for line in response.iter_lines():
-            if not line:
-                if "data" in current:
-                    events.append(current)
-                current = {}
-            elif line.startswith(("id:", "event:", "data:")):
-                key, _, value = line.partition(":")
-                current[key] = json.loads(value) if key == "data" else value.strip()
-    return events
-
-
 def test_a_sweep_runs_its_trials_two_at_a_time_and_reports_the_best(stack, http, dataset_id):
     space = {"optimizer.lr": {"log_uniform": [1e-3, 1e-1]},
              "head.dropout": {"uniform": [0.0, 0.5]}, "seed": {"int": [0, 100]}}
@@ -157,7 +141,7 @@ def test_a_sweep_runs_its_trials_two_at_a_time_and_reports_the_best(stack, http,
 
     plot = http.get(f"/v1/sweeps/{sweep['id']}/plot.png")
     assert plot.status_code == 200 and plot.content.startswith(b"\x89PNG")
-    events = _sweep_events(http, sweep["id"])
+    events = read_events(http, f"/v1/sweeps/{sweep['id']}/events")
     started = {e["data"]["number"] for e in events
                if e["event"] == "trial" and e["data"]["status"] == "queued"}
     assert started == set(range(6))
