@@ -30,17 +30,18 @@ SPEC = {"backbone": "tf_efficientnet_lite0", "image_size": 96, "epochs": 6, "bat
 QUICK = {"image_size": 32, "epochs": 1, "batch_size": 8}
 
 
-def start_service(home: Path, port: int) -> tuple[subprocess.Popen, str, str]:
+def start_service(home: Path, port: int, workers: int = 1
+                  ) -> tuple[subprocess.Popen, str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "DATABASE_URL")}
     log = open(home.parent / "service.log", "wb")  # noqa: SIM115 - lives as long as the service
     process = subprocess.Popen(
-        [*ftune_command(), "up", "--home", str(home), "--port", str(port)],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        [*ftune_command(), "up", "--home", str(home), "--port", str(port), "--workers",
+         str(workers)], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 60 + 60 * workers
     while time.monotonic() < deadline:
         try:
-            if httpx.get(f"{url}/healthz", timeout=2).json().get("workers") == 1:
+            if httpx.get(f"{url}/healthz", timeout=2).json().get("workers") == workers:
                 return process, url, (home / "operator.key").read_text().strip()
         except (httpx.HTTPError, ValueError):
             pass

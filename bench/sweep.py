@@ -33,9 +33,9 @@ import time
 from pathlib import Path
 
 import httpx
-from service_overhead import wait_status
+from service_overhead import start_service, wait_status
 
-from ftune.processes import free_port, ftune_command
+from ftune.processes import free_port
 from ftune.testing.archives import tar_folder
 from ftune.testing.realdata import animal_mnist_arrays, balanced_indices, write_image_folder
 
@@ -55,28 +55,6 @@ def dataset(root: Path, per_class: int) -> Path:
         idx = balanced_indices(labels, count, offset=offset)
         write_image_folder(root / split, images[idx], labels[idx])
     return root
-
-
-def start_service(home: Path, workers: int) -> tuple:
-    import os
-    import subprocess
-
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "DATABASE_URL")}
-    log = open(home.parent / "service.log", "wb")  # noqa: SIM115 - lives as long as the service
-    process = subprocess.Popen([*ftune_command(), "up", "--home", str(home), "--port",
-                                str(port), "--workers", str(workers)], env=env, stdout=log,
-                               stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/healthz", timeout=2).json().get("workers") == workers:
-                return process, url, (home / "operator.key").read_text().strip()
-        except (httpx.HTTPError, ValueError):
-            pass
-        time.sleep(0.3)
-    raise SystemExit("the service did not start; see service.log")
 
 
 def test_accuracy(client: httpx.Client, model_id: str) -> float:
@@ -132,7 +110,7 @@ def main() -> None:
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="ftune-sweep-"))
     root = dataset(work / "animal-mnist", args.train_per_class)
-    process, url, key = start_service(work / "home", workers=2)
+    process, url, key = start_service(work / "home", free_port(), workers=2)
     try:
         with httpx.Client(base_url=url, timeout=300,
                           headers={"Authorization": f"Bearer {key}"}) as client:

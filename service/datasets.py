@@ -28,7 +28,7 @@ from ftune.service.errors import (
     TooManyRequests,
 )
 from ftune.service.ids import is_id, new_id
-from ftune.service.job_status import ACTIVE
+from ftune.service.job_status import ACTIVE, SweepStatus
 from ftune.service.pages import DEFAULT_LIMIT, Keyset, read_page
 from ftune.service.storage import Storage
 
@@ -191,7 +191,7 @@ def delete_dataset(session: Session, principal: Principal, *, dataset_id: str) -
         raise Conflict(f"dataset {dataset_id} is used by {active} queued or running job(s); "
                        "cancel them or wait for them to finish")
     sweeps = session.scalar(select(func.count()).select_from(Sweep).where(
-        Sweep.dataset_id == dataset_id, Sweep.status == "running"))
+        Sweep.dataset_id == dataset_id, Sweep.status == SweepStatus.RUNNING))
     if sweeps:
         raise Conflict(f"dataset {dataset_id} is used by {sweeps} running sweep(s); cancel "
                        "them or wait for them to finish")

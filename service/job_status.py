@@ -21,6 +21,16 @@ class JobStatus(StrEnum):
     PRUNED = "pruned"
 
 
+class SweepStatus(StrEnum):
+    """A sweep is ``running`` until its trials are done (``succeeded``: one made a model;
+    ``failed``: none did), or it is ``cancelled``."""
+
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
 WAITING = (JobStatus.QUEUED, JobStatus.ADMITTED)
 ACTIVE = (JobStatus.QUEUED, JobStatus.ADMITTED, JobStatus.RUNNING)
 TERMINAL = (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED,

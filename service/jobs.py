@@ -37,7 +37,7 @@ from ftune.service.db.tables import (
 from ftune.service.errors import Conflict, InvalidInput, NotFound, Unavailable
 from ftune.service.events import add_event, status_event
 from ftune.service.ids import is_id
-from ftune.service.job_status import ACTIVE, TERMINAL, WAITING, JobStatus
+from ftune.service.job_status import ACTIVE, TERMINAL, WAITING, JobStatus, SweepStatus
 from ftune.service.pages import DEFAULT_LIMIT, Keyset, read_page
 from ftune.service.quotas import check_job, limits_of, usage_of
 from ftune.service.schemas import JobIn
@@ -194,7 +194,7 @@ def delete_job(session: Session, principal: Principal, *, job_id: str) -> None:
     if job.status in ACTIVE:
         raise Conflict(f"job {job_id} is {job.status}; cancel it first")
     if job.sweep_id is not None and session.scalar(select(Sweep.status).where(
-            Sweep.id == job.sweep_id)) == "running":
+            Sweep.id == job.sweep_id)) == SweepStatus.RUNNING:
         raise Conflict(f"job {job_id} is a trial of sweep {job.sweep_id}, which is running; "
                        "its sampler still learns from it")
     model = session.scalar(select(TunedModel.id).where(TunedModel.job_id == job_id))

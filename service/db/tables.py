@@ -20,7 +20,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from ftune.service.ids import new_id
-from ftune.service.job_status import JobStatus
+from ftune.service.job_status import JobStatus, SweepStatus
 
 
 def utcnow() -> datetime:
@@ -248,7 +248,7 @@ class Sweep(Base):
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
     tenant_id: Mapped[str] = tenant_column()
     dataset_id: Mapped[str] = mapped_column(String(32), index=True)
-    status: Mapped[str] = mapped_column(String(16), default="running", index=True)
+    status: Mapped[str] = mapped_column(String(16), default=SweepStatus.RUNNING, index=True)
     base: Mapped[dict[str, Any]]  # the spec every trial starts from
     space: Mapped[dict[str, Any]]  # spec path -> distribution
     objective: Mapped[str] = mapped_column(String(32))  # val_accuracy | val_loss

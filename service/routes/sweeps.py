@@ -17,6 +17,7 @@ from ftune.service.auth.principal import Principal
 from ftune.service.context import AppContext
 from ftune.service.deps import Admin, Ctx, Member, rate_limited
 from ftune.service.errors import Unavailable
+from ftune.service.job_status import SweepStatus
 from ftune.service.jobs import body_digest
 from ftune.service.pages import DEFAULT_LIMIT, Cursor, Limit, Page
 from ftune.service.schemas import SweepIn, SweepOut
@@ -107,7 +108,7 @@ async def events(sweep_id: str, request: Request, ctx: Ctx, who: Member,
 
     def poll(after_id: int) -> tuple[bool, list]:
         with ctx.db.session() as session:
-            ended = get_sweep(session, who, sweep_id).status != "running"
+            ended = get_sweep(session, who, sweep_id).status != SweepStatus.RUNNING
             return ended, event_rows(session, sweep_id, after_id)
 
     return await event_stream(request, ctx, who, sweep_id, poll, last_event_id)

@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 from ftune.service.db.tables import Dataset, Job, Sweep, SweepTrial, utcnow
 from ftune.service.errors import InvalidInput, TooManyRequests
 from ftune.service.events import add_event, status_event
-from ftune.service.job_status import ACTIVE, JobStatus
+from ftune.service.job_status import ACTIVE, JobStatus, SweepStatus
 from ftune.service.jobs import new_job, request_cancel, validate_job_spec
 from ftune.service.settings import Settings
 from ftune.service.sweeps.space import apply_params, parse_space
@@ -26,10 +26,6 @@ from ftune.service.sweeps.study import build_study, grid_size, next_params
 from ftune.service.sweeps.trials import Trial, load_trials, records
 
 log = logging.getLogger(__name__)
-
-
-class SweepStatus:
-    RUNNING, SUCCEEDED, FAILED, CANCELLED = "running", "succeeded", "failed", "cancelled"
 
 
 def advance_sweeps(session: Session, settings: Settings) -> None:

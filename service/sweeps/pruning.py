@@ -11,6 +11,7 @@ from __future__ import annotations
 from sqlalchemy.orm import Session
 
 from ftune.service.db.tables import Job, Sweep
+from ftune.service.job_status import SweepStatus
 from ftune.service.sweeps.space import parse_space
 from ftune.service.sweeps.study import build_study, should_prune
 from ftune.service.sweeps.trials import load_trials, records
@@ -20,7 +21,7 @@ def prune_verdict(session: Session, job_id: str) -> bool:
     """True when the trial this job runs should stop now, as pruned."""
     job = session.get(Job, job_id)
     sweep = session.get(Sweep, job.sweep_id) if job is not None and job.sweep_id else None
-    if sweep is None or sweep.pruner == "none" or sweep.status != "running":
+    if sweep is None or sweep.pruner == "none" or sweep.status != SweepStatus.RUNNING:
         return False
     trials = load_trials(session, sweep)
     mine = next((t for t in trials if t.job.id == job_id), None)

@@ -15,12 +15,13 @@ from ftune.service.db.tables import Dataset, IdempotencyKey, Sweep, Tenant, utcn
 from ftune.service.errors import Conflict, InvalidInput, NotFound, TooManyRequests
 from ftune.service.events import add_event
 from ftune.service.ids import is_id
+from ftune.service.job_status import SweepStatus
 from ftune.service.jobs import MEMBER_MAX_PRIORITY, dataset_stats, request_cancel, validate_job_spec
 from ftune.service.pages import DEFAULT_LIMIT, Keyset, read_page
 from ftune.service.quotas import check_job, limits_of, usage_of
 from ftune.service.schemas import SweepIn
 from ftune.service.settings import Settings
-from ftune.service.sweeps.controller import SweepStatus, best_trial, planned_trials
+from ftune.service.sweeps.controller import best_trial, planned_trials
 from ftune.service.sweeps.space import check_space, parse_space
 from ftune.service.sweeps.study import DIRECTIONS, grid_size
 from ftune.service.sweeps.trials import Trial, load_trials
