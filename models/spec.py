@@ -142,8 +142,8 @@ class FineTuneSpec(_Strict):
         "auto", description="crop: random resized crops (75-100% of the area); light: wider "
         "crops and horizontal flips (for classes a mirror image does not change); strong: "
         "also colour jitter. auto: none while the backbone is frozen (features are cached), "
-        "light when stages train (strong with preset best); use crop or none for classes a "
-        "mirror image changes.")
+        "crop when stages train (strong with preset best); choose light for flips when a "
+        "mirror image is the same class.")
     class_weights: Literal["auto", "balanced", "none"] = Field(
         "auto", description="balanced weighs each class's loss by n/(C*n_c). auto: balanced "
         "when the largest class has 3 times the images of the smallest, or more.")

@@ -36,6 +36,16 @@ def resize_center_crop(image: Image.Image, prep: Preprocessing, size: int) -> to
     return F.pil_to_tensor(resize_center_crop_image(image, prep, size))
 
 
+def center_crop_batch(batch: torch.Tensor, size: int) -> torch.Tensor:
+    """The central ``size`` square of a batch stored larger (for augmentation): what
+    evaluation and cached features see, as the validation images are stored."""
+    h, w = batch.shape[-2:]
+    if h == size and w == size:
+        return batch
+    top, left = round((h - size) / 2), round((w - size) / 2)  # as torchvision's center_crop
+    return batch[..., top:top + size, left:left + size]
+
+
 def normalize(batch: torch.Tensor, prep: Preprocessing) -> torch.Tensor:
     """uint8 (or 0..255 float) → normalised float, in one fused multiply-add."""
     mean = torch.tensor(prep.mean, device=batch.device).view(1, 3, 1, 1)

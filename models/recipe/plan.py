@@ -74,7 +74,12 @@ def _training_stage(name: str, spec: FineTuneSpec, preset: Preset, *, strategy: 
         choice = rules.layer_decay()
         changes["optimizer__layer_decay"] = choice.value
         resolved["optimizer.layer_decay"] = choice.to_dict()
-    changes["early_stopping__patience"] = _patience(spec, preset.finetune_patience)
+    patience = _patience(spec, preset.finetune_patience)
+    if name == "finetune" and spec.early_stopping.patience == "auto":
+        # Its cosine schedule's last epochs, at the lowest rates, are usually its best, and
+        # its first ones are often below the head's best: it runs to the end of its plan.
+        patience = max(patience, epochs)
+    changes["early_stopping__patience"] = patience
     return StagePlan(name, _with(spec, epochs=epochs, **changes))
 
 

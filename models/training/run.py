@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ftune.models.data.source import ImageSource
-from ftune.models.data.transforms import augment, normalize
+from ftune.models.data.transforms import augment, center_crop_batch, normalize
 from ftune.models.derived.features import SharedFeatures
 from ftune.models.network import FineTuneModel
 from ftune.models.preprocessing import Preprocessing
@@ -187,6 +187,8 @@ class TrainingRun:
             batch = images.float()
             if training and self.spec.augment != "none":
                 batch = augment(batch, self.prep.input_size, self.spec.augment)
+            elif not training:  # features and validation see the centre, as val is stored
+                batch = center_crop_batch(batch, self.prep.input_size)
             batch = normalize(batch, self.prep)
             if cuda:
                 batch = batch.contiguous(memory_format=torch.channels_last)

@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from ftune.models.data.discover import inspect_dataset, scan_image_folder
@@ -176,3 +177,19 @@ def test_images_are_checked_before_decoding_and_only_documented_formats_open(tmp
     reduced = decode_for(photo, short_side=128)
     assert 256 <= min(reduced.size) < 2400 and reduced.mode == "RGB"  # a reduced DCT scale
     assert decode_for(photo, short_side=2000).size == (3200, 2400)  # no reduction possible
+
+
+def test_the_centre_of_an_image_stored_for_augmentation_is_the_image_stored_for_eval(tmp_path):
+    # Stored larger (to crop from), an image's centre is what evaluation and cached
+    # features see: exactly the image stored at the input size.
+    from ftune.models.data.transforms import center_crop_batch, resize_center_crop
+    from ftune.models.preprocessing import Preprocessing
+
+    prep = Preprocessing(input_size=96, mean=(0.5,) * 3, std=(0.5,) * 3,
+                         interpolation="bicubic", crop_pct=0.875)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 40, 3), np.uint8))
+    stored = resize_center_crop(image, prep, prep.resize_size)[None]
+    assert stored.shape[-1] == 109
+    expected = resize_center_crop(image, prep, prep.input_size)[None]
+    assert torch.equal(center_crop_batch(stored, prep.input_size), expected)
+    assert center_crop_batch(expected, 96) is expected

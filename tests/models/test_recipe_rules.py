@@ -131,7 +131,9 @@ def test_two_stage_plan_has_a_cached_head_stage_then_a_finetune_stage():
     head, finetune = plan_stages(apply_static(spec, resolved), resolved, num_stages=9)
     assert head.spec.freeze.strategy == "head_only" and head.spec.augment == "none"
     assert finetune.spec.freeze.strategy == "last_n_blocks"
-    assert finetune.spec.freeze.n_blocks == 2 and finetune.spec.augment == "light"
+    assert finetune.spec.freeze.n_blocks == 2 and finetune.spec.augment == "crop"
+    # The fine-tuning stage runs its cosine schedule to the end (its last epochs are best).
+    assert finetune.spec.early_stopping.patience >= int(apply_static(spec, resolved).epochs)
     assert finetune.spec.schedule.name == "cosine" and finetune.spec.schedule.warmup_epochs > 0
     assert finetune.spec.optimizer.layer_decay == rules.LAYER_DECAY
     assert finetune.spec.freeze.batchnorm == "frozen"
