@@ -20,6 +20,8 @@ __all__ = [
     "FreezeSpec",
     "HeadSpec",
     "OptimizerSpec",
+    "PretrainSpec",
+    "PseudoLabelSpec",
     "ScheduleSpec",
     "SpecError",
     "ValidationError",
@@ -102,6 +104,36 @@ class EarlyStoppingSpec(_Strict):
     min_delta: float = Field(0.0, ge=0.0, description="Smallest change that counts as better.")
 
 
+class PretrainSpec(_Strict):
+    method: Literal["none", "autoencoder", "contrastive"] = Field(
+        "none", description="Adapt the backbone to the user's own images before fine-tuning, "
+        "on the unlabelled images and the training images without their labels (never val "
+        "or test). autoencoder: a small decoder reconstructs each image from the backbone's "
+        "features of a masked, noisy copy (denoising, masked reconstruction); contrastive: "
+        "SimSiam, two augmented views of an image pulled together, no negatives and no large "
+        "batches. Needs unlabelled images (the dataset's unlabeled/ folder, or "
+        "unlabeled_dataset_id).")
+    epochs: int = Field(5, ge=1, le=1000, description="Passes over the pretraining images.")
+    lr: float = Field(1e-3, gt=0.0, le=1.0, description="Adam's rate for the adapting stages "
+                      "and the objective's own layers.")
+    image_size: AutoInt(at_least=16, at_most=1024) = Field(  # type: ignore[valid-type]
+        "auto", description="auto: the fine-tuning image size.")
+    stages: AutoInt(at_least=1, at_most=64) = Field(  # type: ignore[valid-type]
+        "auto", description="Top backbone stages whose weights adapt (auto: 2); BatchNorm "
+        "statistics adapt in every stage.")
+    batch_size: int = Field(64, ge=2, le=4096)
+
+
+class PseudoLabelSpec(_Strict):
+    rounds: int = Field(0, ge=0, le=5, description="Self-training rounds after fine-tuning: "
+                        "label the unlabelled images with the model, keep the confident ones "
+                        "(balanced per class), train again. 0: off.")
+    threshold: float = Field(0.9, gt=0.0, lt=1.0, description="Smallest predicted "
+                             "probability an image's pseudo-label needs.")
+    max_per_class: int | None = Field(None, ge=1, description="At most this many "
+                                      "pseudo-labelled images per class and round.")
+
+
 class FineTuneSpec(_Strict):
     backbone: str = Field(
         "tf_efficientnet_lite0", min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_.\-]+$"
@@ -153,6 +185,8 @@ class FineTuneSpec(_Strict):
         "train+val for the epochs early stopping chose, so the model learns from every "
         "labelled image (val metrics are from before). auto: on in that case; true also "
         "refits on an explicit val split, and needs a head-alone spec.")
+    pretrain: PretrainSpec = Field(default_factory=PretrainSpec)
+    pseudo_labels: PseudoLabelSpec = Field(default_factory=PseudoLabelSpec)
     mixed_precision: Literal["auto", "off", "bf16", "fp16"] = "auto"
     oom_retry: bool = Field(
         True, description="The service retries a run that runs out of memory once, with half "
@@ -173,6 +207,11 @@ class FineTuneSpec(_Strict):
         preset without a fine-tuning stage; tests hold this against the presets)."""
         return self.freeze.strategy == "head_only" or (
             self.freeze.strategy == "auto" and self.preset == "fast")
+
+    @property
+    def uses_unlabeled(self) -> bool:
+        """Whether the spec needs unlabelled images."""
+        return self.pretrain.method != "none" or self.pseudo_labels.rounds > 0
 
     @model_validator(mode="after")
     def _refit_needs_cached_head(self) -> FineTuneSpec:

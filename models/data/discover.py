@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ftune.models.data.inspect import FileFacts, inspect_image
-from ftune.models.data.layout import SPLIT_DIRS, Candidate, list_dataset
+from ftune.models.data.layout import SPLIT_DIRS, UNLABELED, Candidate, list_dataset
 from ftune.models.data.lint import LintReport, build_report
 from ftune.models.errors import DatasetError
 from ftune.models.settings import engine_settings
@@ -22,7 +22,8 @@ from ftune.models.settings import engine_settings
 @dataclass(frozen=True)
 class Sample:
     path: Path
-    label: int
+    label: int  # -1: unlabelled
+    sha256: str | None = field(default=None, compare=False)  # of the file's bytes
 
 
 @dataclass
@@ -35,6 +36,10 @@ class ImageFolderIndex:
     test: list[Sample] | None = None
     layout: str = "class_folders"
     content_hash: str | None = None
+    # Images without a label (unlabeled/, or a dataset of kind "unlabeled"), copies of
+    # labelled images left out; and their own content hash.
+    unlabeled: list[Sample] = field(default_factory=list)
+    unlabeled_hash: str | None = None
 
 
 @dataclass
@@ -59,11 +64,12 @@ def content_hash(entries: list[tuple[str, str, str]]) -> str:
 
 def inspect_dataset(data: str | Path, *, check_images: bool = True,
                     min_per_class: int | None = None,
-                    max_pixels: int | None = None) -> Inspection:
+                    max_pixels: int | None = None, kind: str = "labeled") -> Inspection:
+    """``kind="unlabeled"``: a dataset of unlabelled images only (no classes)."""
     root = Path(data)
     if not root.is_dir():
         raise DatasetError(f"dataset folder {root} does not exist or is not a folder")
-    listing = list_dataset(root)
+    listing = list_dataset(root, kind)
     facts = (_check_files(listing.candidates, max_pixels) if check_images
              else [FileFacts(None)] * len(listing.candidates))
     classes = sorted(set(listing.declared.get("train", [])))
@@ -74,6 +80,10 @@ def inspect_dataset(data: str | Path, *, check_images: bool = True,
         test=splits.get("test"), layout=listing.layout,
         skipped=[(c.rel, f.error) for c, f in pairs if f.error is not None],
         content_hash=_hash_usable(pairs, classes) if check_images else None)
+    index.unlabeled = unlabeled_samples(pairs)
+    if check_images and index.unlabeled:
+        index.unlabeled_hash = content_hash([(UNLABELED, "", s.sha256 or "")
+                                             for s in index.unlabeled])
     minimum = min_per_class or engine_settings().min_images_per_class
     report = build_report(listing, facts, classes, min_per_class=minimum, checked=check_images)
     return Inspection(index, report)
@@ -83,9 +93,27 @@ def _split_samples(pairs: list[tuple[Candidate, FileFacts]], classes: list[str],
                    declared: dict[str, list[str]]) -> dict[str, list[Sample]]:
     """Usable images of each declared split, labelled by their class's index."""
     label_of = {name: i for i, name in enumerate(classes)}
-    return {split: [Sample(c.path, label_of[c.cls]) for c, f in pairs
+    return {split: [Sample(c.path, label_of[c.cls], f.sha256) for c, f in pairs
                     if c.split == split and f.error is None and c.cls in label_of]
             for split in SPLIT_DIRS if split in declared}
+
+
+def unlabeled_samples(pairs: list[tuple[Candidate, FileFacts]]) -> list[Sample]:
+    """Usable unlabelled images, once each, without copies of labelled ones: a copy of a
+    training image adds nothing, and one of a val or test image would let pretraining see
+    held-out images."""
+    labelled = {f.sha256 for c, f in pairs if c.split != UNLABELED and f.sha256}
+    seen: set[str] = set()
+    samples = []
+    for cand, fact in pairs:
+        if cand.split != UNLABELED or fact.error is not None:
+            continue
+        if fact.sha256 in labelled or (fact.sha256 and fact.sha256 in seen):
+            continue
+        if fact.sha256:
+            seen.add(fact.sha256)
+        samples.append(Sample(cand.path, -1, fact.sha256))
+    return samples
 
 
 def _hash_usable(pairs: list[tuple[Candidate, FileFacts]], classes: list[str]) -> str:
@@ -95,9 +123,11 @@ def _hash_usable(pairs: list[tuple[Candidate, FileFacts]], classes: list[str]) -
 
 
 def scan_image_folder(data: str | Path, *, check_images: bool = True,
-                      min_per_class: int | None = None) -> ImageFolderIndex:
+                      min_per_class: int | None = None,
+                      kind: str = "labeled") -> ImageFolderIndex:
     """The dataset ready for training; DatasetError naming every blocking problem."""
-    inspection = inspect_dataset(data, check_images=check_images, min_per_class=min_per_class)
+    inspection = inspect_dataset(data, check_images=check_images, min_per_class=min_per_class,
+                                 kind=kind)
     errors = inspection.report.errors
     if errors:
         raise DatasetError("; ".join(f"{e.message}. {e.action}" for e in errors))

@@ -6,6 +6,9 @@ Layouts, looked for in this order, directly under DATA or under one top folder:
   folder holding the CSV) next to the images;
 - ``train/<class>/...`` with optional ``val/<class>/...`` and ``test/<class>/...``;
 - ``<class>/<images>``.
+Images without a label go in an ``unlabeled/`` folder beside the class folders (or beside
+``train/``), at any depth; ``unlabeled`` is therefore no class name. A dataset of unlabelled
+images alone (``kind="unlabeled"``) may hold its images in any folders.
 Hidden files and folders (dot-files, ``__MACOSX``, ``Thumbs.db``, ``desktop.ini``) and files
 that are not images are ignored, with the reason.
 """
@@ -28,6 +31,8 @@ MANIFEST = "labels.csv"
 HIDDEN_NAMES = frozenset({"__MACOSX", "Thumbs.db", "desktop.ini", "Desktop.ini"})
 MAX_EXAMPLES = 20  # bad manifest rows kept as examples (lint.MAX_ITEMS); all are counted
 MAX_LINE_CHARS = 1 << 20  # of one labels.csv line
+UNLABELED = "unlabeled"  # the split of images without a label (their class is "")
+UNLABELED_NAMES = frozenset({"unlabeled", "unlabelled"})
 
 
 @dataclass(frozen=True)
@@ -52,7 +57,7 @@ class Listing:
     """What the layout says, before any file is opened."""
 
     base: Path
-    layout: str  # "class_folders" | "split_folders" | "csv_manifest"
+    layout: str  # "class_folders" | "split_folders" | "csv_manifest" | "unlabeled"
     candidates: list[Candidate] = field(default_factory=list)
     declared: dict[str, list[str]] = field(default_factory=dict)  # split -> class names
     ignored: list[tuple[str, str]] = field(default_factory=list)  # (rel path, reason)
@@ -61,6 +66,10 @@ class Listing:
 
 def is_hidden(name: str) -> bool:
     return name.startswith(".") or name in HIDDEN_NAMES
+
+
+def is_unlabeled_dir(name: str) -> bool:
+    return name.lower() in UNLABELED_NAMES
 
 
 def split_of(name: str) -> str | None:
@@ -72,19 +81,47 @@ def visible_dirs(path: Path) -> list[Path]:
     return sorted(p for p in path.iterdir() if p.is_dir() and not is_hidden(p.name))
 
 
-def list_dataset(root: Path) -> Listing:
+def list_dataset(root: Path, kind: str = "labeled") -> Listing:
+    """What the folder holds. ``kind="unlabeled"``: every image is an unlabelled one."""
+    if kind == UNLABELED:
+        return _unlabeled_listing(root, walk_files(root))
     base = dataset_base(root)
     files = walk_files(base)
     if (base / MANIFEST).is_file():
-        return _manifest_listing(base, files)
+        listing = _manifest_listing(base, files)
+        _reserved_names(listing)
+        return listing
     top = {split_of(d.name) for d in visible_dirs(base)}
     if top & set(SPLIT_DIRS):
         listing = _folder_listing(base, files, "split_folders")
         if "train" not in listing.declared:
             listing.problems.append(Problem("val_without_train", "found val/ or test/ but no "
                                             "train/ folder next to it", []))
+        _reserved_names(listing)
         return listing
     return _folder_listing(base, files, "class_folders")
+
+
+def _unlabeled_listing(base: Path, files: list[PurePosixPath]) -> Listing:
+    listing = Listing(base, UNLABELED)
+    for rel in files:
+        if any(is_hidden(part) for part in rel.parts):
+            listing.ignored.append((str(rel), "hidden"))
+        elif not is_image_name(Path(rel.name)):
+            listing.ignored.append((str(rel), "not an image"))
+        else:
+            listing.candidates.append(Candidate(str(rel), base / rel, UNLABELED, ""))
+    return listing
+
+
+def _reserved_names(listing: Listing) -> None:
+    """A class called "unlabeled" (under train/, or a label in labels.csv) is ambiguous."""
+    used = sorted({name for names in listing.declared.values() for name in names
+                   if is_unlabeled_dir(name)})
+    if used:
+        listing.problems.append(Problem(
+            "reserved_name", f"'{used[0]}' is a reserved name (the folder of unlabelled "
+            "images) and cannot be a class", [f"class {name}" for name in used]))
 
 
 def dataset_base(root: Path) -> Path:
@@ -93,6 +130,7 @@ def dataset_base(root: Path) -> Path:
     while not (root / MANIFEST).is_file():
         dirs = visible_dirs(root)
         if (len(dirs) == 1 and not _holds_images(root) and split_of(dirs[0].name) is None
+                and not is_unlabeled_dir(dirs[0].name)
                 and not (_holds_images(dirs[0]) and not visible_dirs(dirs[0]))):
             root = dirs[0]
         else:
@@ -125,7 +163,8 @@ def _folder_listing(base: Path, files: list[PurePosixPath], layout: str) -> List
             if split is not None:
                 listing.declared[split] = [d.name for d in visible_dirs(split_dir)]
     else:
-        listing.declared["train"] = [d.name for d in visible_dirs(base)]
+        listing.declared["train"] = [d.name for d in visible_dirs(base)
+                                     if not is_unlabeled_dir(d.name)]
     for rel in files:
         candidate, reason = _folder_candidate(base, rel, layout)
         if candidate is not None:
@@ -141,6 +180,10 @@ def _folder_candidate(base: Path, rel: PurePosixPath,
     if any(is_hidden(part) for part in rel.parts):
         return None, "hidden"
     parts = rel.parts
+    if len(parts) > 1 and is_unlabeled_dir(parts[0]):  # beside the classes, or beside train/
+        if not is_image_name(Path(parts[-1])):
+            return None, "not an image"
+        return Candidate(str(rel), base / rel, UNLABELED, ""), ""
     split: str | None = "train"
     if layout == "split_folders":
         split = split_of(parts[0]) if len(parts) > 1 else None

@@ -9,6 +9,7 @@ from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
+from ftune.models.data.layout import UNLABELED
 from ftune.models.recipe.stats import size_summary
 
 if TYPE_CHECKING:
@@ -40,6 +41,7 @@ class LintReport:
     ignored: dict[str, int]  # reason -> files
     findings: list[Finding] = field(default_factory=list)
     image_sizes: dict | None = None  # median short side etc. (models.recipe.stats)
+    unlabeled: int = 0  # usable unlabelled images, copies of labelled ones not counted
 
     @property
     def errors(self) -> list[Finding]:
@@ -66,7 +68,7 @@ class LintReport:
                 "splits": {s: {"images": sum(c.values()), "per_class": c}
                            for s, c in self.splits.items()},
                 "imbalance_ratio": self.imbalance_ratio, "ignored": self.ignored,
-                "image_sizes": self.image_sizes,
+                "image_sizes": self.image_sizes, "unlabeled": {"images": self.unlabeled},
                 "errors": by["error"], "warnings": by["warning"], "info": by["info"]}
 
 
@@ -82,18 +84,50 @@ def build_report(listing: Listing, facts: list[FileFacts], classes: list[str], *
     findings: list[Finding] = []
     pairs = list(zip(listing.candidates, facts, strict=True))
     usable = [(c, f) for c, f in pairs if f.error is None]
+    labelled = [(c, f) for c, f in usable if c.split != UNLABELED]
     counts = _count_usable(listing, usable, classes)
     _layout_problems(findings, listing)
-    _structure_errors(findings, listing, facts, classes, counts, min_per_class, checked)
+    if listing.layout == UNLABELED:
+        if not usable and checked:
+            _add(findings, "no_images", "error", "found no usable image",
+                 "Put the unlabelled images in the archive, in any folders.")
+    else:
+        _structure_errors(findings, listing, facts, classes, counts, min_per_class, checked)
     _corrupt(findings, pairs)
-    _duplicates(findings, usable)
+    _duplicates(findings, labelled)
+    unlabeled = _unlabeled(findings, usable)
     _names(findings, listing, classes)
     _sizes(findings, usable)
     ratio = _imbalance(findings, counts.get("train", {}))
     _missing_from_splits(findings, counts, classes)
     ignored = _ignored(findings, listing)
     sizes = size_summary([(f.width, f.height) for _, f in usable if f.width and f.height])
-    return LintReport(listing.layout, classes, counts, ratio, ignored, findings, sizes)
+    return LintReport(listing.layout, classes, counts, ratio, ignored, findings, sizes,
+                      unlabeled)
+
+
+def _unlabeled(findings: list[Finding], usable: list) -> int:
+    """Unlabelled images that count: copies of labelled ones (or of each other) do not."""
+    labelled = {f.sha256: c.rel for c, f in usable if c.split != UNLABELED and f.sha256}
+    copies, seen, count = [], set(), 0
+    for cand, fact in usable:
+        if cand.split != UNLABELED:
+            continue
+        if fact.sha256 in labelled:
+            copies.append([cand.rel, labelled[fact.sha256]])
+        elif not fact.sha256 or fact.sha256 not in seen:
+            count += 1
+            seen.add(fact.sha256)
+    if copies:
+        _add(findings, "unlabeled_copies", "warning",
+             f"{len(copies)} unlabelled image(s) are copies of labelled ones and are not used",
+             "Remove them from unlabeled/: a copy of a training image adds nothing, and one "
+             "of a val or test image would let pretraining see held-out images.", copies)
+    if count:
+        _add(findings, "unlabeled_images", "info", f"{count} unlabelled image(s)",
+             "They can be used by pretraining (spec.pretrain) and pseudo-labels "
+             "(spec.pseudo_labels).")
+    return count
 
 
 def _count_usable(listing: Listing, usable: list, classes: list[str]) -> dict[str, dict[str, int]]:
@@ -111,6 +145,8 @@ _PROBLEM_ACTIONS = {
     "manifest_invalid": "Write labels.csv with a header line 'path,label' (optionally "
                         "',split') and one row per image.",
     "val_without_train": "Put the training images under train/<class>/.",
+    "reserved_name": "Rename that class (folder or label); unlabelled images go in an "
+                     "unlabeled/ folder beside the class folders or beside train/.",
 }
 
 

@@ -35,7 +35,7 @@ from ftune.models.recipe.stats import DatasetStats
 from ftune.models.settings import engine_settings
 from ftune.models.spec import FineTuneSpec, parse_spec
 from ftune.models.training.budget import Budget
-from ftune.models.training.checkpoint import load_checkpoint
+from ftune.models.training.checkpoint import checkpoint_folder, load_checkpoint
 from ftune.models.training.early_stopping import EarlyStopping
 from ftune.models.training.refit import refit_head
 from ftune.models.training.run import Callbacks, TrainingRun
@@ -46,6 +46,7 @@ from ftune.models.training.runtime import (
     resolve_precision,
 )
 from ftune.models.training.stages import Progress, RunSetup, StageRunner, plan_with_lr
+from ftune.models.training.unlabeled import pretrain_stage, pseudo_label_rounds, unlabeled_of
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +80,7 @@ class FitResult:
     resolved: dict = field(default_factory=dict)  # auto field -> {"value", "why"}
     lr_curve: list[dict] = field(default_factory=list)  # the range test's [{"lr", "loss"}]
     diagnosis: list[dict] = field(default_factory=list)  # models.diagnosis findings
+    pretrain_history: list[dict] = field(default_factory=list)  # pretraining epochs' rows
 
 
 def fit(
@@ -94,6 +96,7 @@ def fit(
     time_limit_s: float | None = None,
     derived: DerivedStore | None = None,
     owner: str | None = None,
+    unlabeled: str | Path | ImageFolderIndex | None = None,
 ) -> FitResult:
     """Fine-tune on an image-folder dataset and return the model with its best weights.
 
@@ -103,6 +106,8 @@ def fit(
     ``time_limit_s``: the job's run-time limit; the time budget stays within it.
     ``derived``: where decoded images are kept for later jobs on the same data (accounted
     to ``owner``); without it, images are decoded in memory for this run only.
+    ``unlabeled``: a dataset of unlabelled images (kind unlabeled), used with the data's own
+    unlabeled/ images by ``spec.pretrain`` and ``spec.pseudo_labels``.
     """
     started = time.perf_counter()
     spec = spec if isinstance(spec, FineTuneSpec) else parse_spec(spec)
@@ -117,6 +122,11 @@ def fit(
     setup = _build_setup(index, spec, train_samples, val_samples, device=device,
                          derived=derived, owner=owner)
     setup.connect(callbacks, choices)
+    unlabeled_samples = unlabeled_of(index, _unlabeled_index(unlabeled)) \
+        if spec.uses_unlabeled else []
+    pretrain_history = pretrain_stage(setup, spec, train_samples, unlabeled_samples,
+                                      callbacks=callbacks, choices=choices,
+                                      checkpoint_dir=_folder(checkpoint_dir, resume))
     budget = Budget.start(spec, choices, time_limit_s, started, _spent_before(state))
     plans, lr_curve, features = plan_with_lr(setup, spec, choices, cache_features,
                                              resumed=state is not None)
@@ -128,6 +138,9 @@ def fit(
                          Path(checkpoint_dir) if checkpoint_dir else None, cache_features,
                          index.classes)
     final_run, stopped_early = stages.run_all(features, state)
+    if spec.pseudo_labels.rounds and unlabeled_samples and not stages.out_of_time:
+        pseudo_label_rounds(setup, stages, spec, train_samples, unlabeled_samples,
+                            index.classes, callbacks, choices)
     refits = _refits(spec, setup, stages, plans[0], index, bool(val_samples), cache_features)
     evaluation = _evaluate(setup, stages, index, val_samples, callbacks, choices, refits)
     result = _result(final_run, setup.backbone, index, progress, stopped_early=stopped_early,
@@ -136,6 +149,7 @@ def fit(
     # The spec as asked, with the statistics' choices filled in: given back to fit, the same
     # data and seed make the same remaining choices (learning rates, epochs) again.
     result.spec, result.resolved, result.lr_curve = spec, choices, lr_curve
+    result.pretrain_history = pretrain_history
     result.diagnosis = diagnose(result.history, num_classes=len(index.classes),
                                 evaluation=evaluation, class_weights=spec.class_weights,
                                 stopped_early=stopped_early, best_epoch=result.best_epoch,
@@ -152,6 +166,20 @@ def _rebuilt_head_run(setup: RunSetup, stages: StageRunner, first: StagePlan,
             history[best - 1].get("stage") != first.name:
         return None
     return setup.run(first, cache_features=cache_features)
+
+
+def _unlabeled_index(data: str | Path | ImageFolderIndex | None) -> ImageFolderIndex | None:
+    if data is None or isinstance(data, ImageFolderIndex):
+        return data
+    return scan_image_folder(data, kind="unlabeled")
+
+
+def _folder(checkpoint_dir: str | Path | None, resume: str | Path | None) -> Path | None:
+    """Where this run's checkpoints go (pretraining's too): the folder asked for, else the
+    one resumed from."""
+    if checkpoint_dir is not None:
+        return Path(checkpoint_dir)
+    return checkpoint_folder(resume) if resume is not None else None
 
 
 def _spent_before(state: dict | None) -> float:

@@ -51,6 +51,7 @@ class Callbacks:
     should_stop: Callable[[], bool] | None = None  # checked at every batch boundary
     on_stage: Callable[[str, int], None] | None = None  # stage name, epochs planned in all
     on_resolved: Callable[[dict], None] | None = None  # the auto choices made so far
+    on_pretrain_epoch: Callable[[dict], None] | None = None  # a pretraining epoch's row
 
 
 class TrainingRun:

@@ -74,6 +74,8 @@ class RunSetup:
     # Set once an epoch has trained backbone weights: features are no longer the shared ones.
     backbone_changed: bool = False
     on_choice: Callable[[str, dict], None] | None = None  # a choice made while training
+    # Set when pretraining adapted the backbone: its features are shared under this key.
+    adapted_key: str | None = None
     _shared: SharedFeatures | None = None
 
     def connect(self, callbacks: Callbacks, choices: dict) -> None:
@@ -108,6 +110,9 @@ class RunSetup:
         if self._shared is not None or self.backbone_changed:
             return None if self.backbone_changed else self._shared
         identity = backbone_identity(self.backbone.name, self.backbone.weights_source)
+        if self.adapted_key is not None:  # "unshared": adapted where nothing can be shared
+            identity = (None if self.adapted_key == "unshared"
+                        else f"{identity or self.backbone.name}|adapted:{self.adapted_key}")
         if self.derived is None or self.decoded is None or identity is None:
             return None
         backbone, device, prep = self.model.backbone, self.precision.device, self.prep

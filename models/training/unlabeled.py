@@ -1,0 +1,158 @@
+"""What ``fit`` does with unlabelled images: adapt the backbone on them before fine-tuning
+(``spec.pretrain``), and label them with the model to train again (``spec.pseudo_labels``).
+
+Validation and test images never take part: unlabelled copies of any labelled image are
+left out, pretraining sees only the training split, and pseudo-labelled images only ever
+join the training source.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from ftune.models.data.discover import ImageFolderIndex, Sample
+from ftune.models.data.source import ImageSource
+from ftune.models.data.transforms import normalize
+from ftune.models.pretrain.stage import (
+    adapt_backbone,
+    new_run,
+    pretrain_size,
+    pretraining_images,
+)
+from ftune.models.spec import FineTuneSpec
+from ftune.models.training.loop import stop_if_asked
+from ftune.models.training.run import Callbacks
+from ftune.models.training.runtime import feature_batch_size
+from ftune.models.training.stages import RunSetup, StageRunner
+
+log = logging.getLogger(__name__)
+
+
+def unlabeled_of(index: ImageFolderIndex, extra: ImageFolderIndex | None) -> list[Sample]:
+    """The dataset's own unlabelled images and those of ``extra`` (a dataset of kind
+    unlabeled), without copies of the labelled images or of each other."""
+    labelled = {s.sha256 for s in [*index.train, *(index.val or []), *(index.test or [])]
+                if s.sha256}
+    seen: set[str] = set()
+    found = []
+    for sample in [*index.unlabeled, *(extra.unlabeled if extra else [])]:
+        if sample.sha256 in labelled or (sample.sha256 and sample.sha256 in seen):
+            continue
+        if sample.sha256:
+            seen.add(sample.sha256)
+        found.append(sample)
+    return found
+
+
+def pretrain_stage(setup: RunSetup, spec: FineTuneSpec, train: list[Sample],
+                   unlabeled: list[Sample], *, callbacks: Callbacks, choices: dict,
+                   checkpoint_dir: Path | None) -> list[dict]:
+    """Adapt the backbone (or reuse an adaptation); its epochs' rows. Records the choice."""
+    if spec.pretrain.method == "none":
+        return []
+    size = pretrain_size(spec, setup.prep.input_size)
+    run = new_run(spec, setup.backbone, setup.precision, should_stop=callbacks.should_stop,
+                  on_epoch=callbacks.on_pretrain_epoch, checkpoint_dir=checkpoint_dir)
+
+    def on_start() -> None:
+        if callbacks.on_stage is not None:
+            callbacks.on_stage("pretrain", spec.pretrain.epochs)
+
+    images = pretraining_images(train, unlabeled)
+    adapted = adapt_backbone(run, images, size=size, store=setup.derived, owner=setup.owner,
+                             on_start=on_start)
+    setup.adapted_key = adapted.key or "unshared"
+    losses = [round(row["pretrain_loss"], 4) for row in adapted.history]
+    how = (f"reused the backbone adapted by an earlier job (adapted:{adapted.key})"
+           if adapted.reused else f"adapted for {len(adapted.history)} epoch(s)")
+    choices["pretrain"] = {
+        "value": spec.pretrain.method, "key": adapted.key, "reused": adapted.reused,
+        "images": len(images), "unlabeled_images": len(unlabeled), "size": size,
+        "stages": run.adapting_stages, "loss": losses,
+        "why": f"{how} on {len(unlabeled)} unlabelled and {len(train)} training images "
+               f"(labels unused) at {size} px, the top {run.adapting_stages} stage(s) "
+               "learning and BatchNorm statistics adapting in all"}
+    if callbacks.on_resolved is not None:
+        callbacks.on_resolved(dict(choices))
+    return adapted.history
+
+
+@torch.no_grad()
+def predict_probabilities(setup: RunSetup, samples: list[Sample], num_classes: int,
+                          callbacks: Callbacks) -> torch.Tensor:
+    model, device, prep = setup.model, setup.precision.device, setup.prep
+    model.eval()
+    source = ImageSource([s.path for s in samples], [0] * len(samples), prep, prep.input_size)
+    chunks = []
+    for images, _, _ in source.batches(torch.arange(len(source)), feature_batch_size(device)):
+        stop_if_asked(callbacks.should_stop)
+        with setup.precision.autocast():
+            logits = model(normalize(images.to(device).float(), prep))
+        chunks.append(torch.softmax(logits.float(), dim=1).cpu())
+    return torch.cat(chunks) if chunks else torch.empty(0, num_classes)
+
+
+def select_confident(probabilities: torch.Tensor, threshold: float,
+                     max_per_class: int | None) -> tuple[list[int], list[int], list[int]]:
+    """(indices, labels, count per class): the images predicted with at least ``threshold``,
+    the same number for every class that has any (the most confident first), so that
+    pseudo-labels do not tilt the classes."""
+    confidence, predicted = probabilities.max(dim=1)
+    num_classes = probabilities.shape[1]
+    by_class = []
+    for cls in range(num_classes):
+        idx = torch.nonzero((predicted == cls) & (confidence >= threshold)).flatten()
+        by_class.append(idx[torch.argsort(confidence[idx], descending=True)].tolist())
+    present = [len(found) for found in by_class if found]
+    take = min(present) if present else 0
+    if max_per_class is not None:
+        take = min(take, max_per_class)
+    indices = [i for found in by_class for i in found[:take]]
+    labels = [int(predicted[i]) for i in indices]
+    counts = [min(take, len(found)) for found in by_class]
+    return indices, labels, counts
+
+
+def pseudo_label_rounds(setup: RunSetup, stages: StageRunner, spec: FineTuneSpec,
+                        train: list[Sample], unlabeled: list[Sample], classes: list[str],
+                        callbacks: Callbacks, choices: dict) -> None:
+    """Label, keep the confident, train again from the best weights; the best on val (which
+    pseudo-labels never enter) across all rounds is kept. Rounds are not checkpointed: a
+    resumed job repeats them."""
+    config = spec.pseudo_labels
+    rounds: list[dict] = []
+    for number in range(1, config.rounds + 1):
+        if stages.best_state is not None:
+            setup.model.load_state_dict(stages.best_state)
+        if callbacks.on_stage is not None:
+            callbacks.on_stage("pseudo_labels", len(stages.progress.history))
+        probabilities = predict_probabilities(setup, unlabeled, len(classes), callbacks)
+        indices, labels, counts = select_confident(probabilities, config.threshold,
+                                                   config.max_per_class)
+        rounds.append({"round": number, "images": len(indices),
+                       "per_class": dict(zip(classes, counts, strict=True)),
+                       "first_epoch": len(stages.progress.history) + 1})
+        choices["pseudo_labels"] = {"value": rounds, "why": (
+            f"unlabelled images predicted with probability >= {config.threshold:g}, the same "
+            f"number per class, added to the {len(train)} training images for another pass "
+            "of the stages; never to validation")}
+        if callbacks.on_resolved is not None:
+            callbacks.on_resolved(dict(choices))
+        if not indices:
+            break
+        chosen = [unlabeled[i] for i in indices]
+        setup.train_source = ImageSource(
+            [s.path for s in train] + [s.path for s in chosen],
+            [s.label for s in train] + labels, setup.prep, setup.train_source.size)
+        again = StageRunner(setup, stages.plans, stages.progress, callbacks, choices,
+                            stages.budget, None, stages.cache_features, classes)
+        again.best_state, again.best_run = stages.best_state, stages.best_run
+        again.backbone_as_built = stages.backbone_as_built
+        again.stage_offset = len(stages.progress.history)  # epochs number on from there
+        again.run_all(None, None)
+        stages.best_state, stages.best_run = again.best_state, again.best_run
+        if again.out_of_time:
+            break
