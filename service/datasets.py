@@ -49,6 +49,18 @@ def clean_name(name: str | None, filename: str | None) -> str:
     return stem or "dataset"
 
 
+KINDS = ("labeled", "unlabeled")
+
+
+def dataset_kind(value: str | None) -> str:
+    """The upload's ``kind`` form field: labelled (the default) or unlabelled images."""
+    if value is None or value == "":
+        return "labeled"
+    if value not in KINDS:
+        raise InvalidInput(f"kind: must be labeled or unlabeled, not {value[:40]!r}")
+    return value
+
+
 @dataclass(frozen=True)
 class DatasetChecks:
     """What an upload is checked against, and the limits of the child that checks it."""
@@ -71,13 +83,14 @@ class DatasetChecks:
                    timeout_s=engine.unpack_timeout_s)
 
 
-def _find_same_content(session: Session, tenant_id: str,
-                       content_hash: str | None) -> Dataset | None:
+def _find_same_content(session: Session, tenant_id: str, content_hash: str | None,
+                       kind: str) -> Dataset | None:
     """The tenant's own copy of this content: another tenant's is never revealed."""
     if content_hash is None:
         return None
     return session.scalar(select(Dataset).where(Dataset.tenant_id == tenant_id,
-                                                Dataset.content_hash == content_hash)
+                                                Dataset.content_hash == content_hash,
+                                                Dataset.kind == kind)
                           .order_by(Dataset.created_at).limit(1))
 
 
@@ -89,7 +102,7 @@ def _summary(errors: list[dict]) -> str:
 def ingest_archive(session: Session, storage: Storage, *, tenant_id: str, archive: Path,
                    filename: str | None, name: str | None, checks: DatasetChecks,
                    allowance: int | None = None, disk_allowance: int | None = None,
-                   dedupe: bool = True) -> tuple[Dataset, bool]:
+                   dedupe: bool = True, kind: str = "labeled") -> tuple[Dataset, bool]:
     """Unpack, check and record a dataset; returns it and whether it is new.
 
     ``allowance``: bytes the tenant's stored-bytes quota still allows; ``disk_allowance``:
@@ -102,15 +115,16 @@ def ingest_archive(session: Session, storage: Storage, *, tenant_id: str, archiv
     staging = storage.datasets / f".{dataset_id}.staging"
     try:
         # Unpacked and checked in a child process with its own limits (models.data.sandbox).
-        found = _unpack_within(archive, staging, checks, allowance, disk_allowance)
+        found = _unpack_within(archive, staging, checks, allowance, disk_allowance, kind)
         if not found.ok:
             raise DatasetRejected(_summary(found.errors), found.report)
-        existing = (_find_same_content(session, tenant_id, found.content_hash) if dedupe
+        existing = (_find_same_content(session, tenant_id, found.content_hash, kind) if dedupe
                     else None)
         if existing is not None:
             remove_tree(staging)
             return existing, False
         dataset = _new_dataset(dataset_id, tenant_id, dataset_name, found)
+        dataset.kind = kind
         os.rename(staging, storage.dataset_dir(dataset_id))
     except BaseException:
         remove_tree(staging)
@@ -135,7 +149,7 @@ def _new_dataset(dataset_id: str, tenant_id: str, name: str, found: SandboxResul
 
 
 def _unpack_within(archive: Path, staging: Path, checks: DatasetChecks, allowance: int | None,
-                   disk_allowance: int | None) -> SandboxResult:
+                   disk_allowance: int | None, kind: str = "labeled") -> SandboxResult:
     """Unpack and check under the engine's limits or, when smaller, what the tenant's quota
     or the disk allows; the tightest bound refuses, with its own reason."""
     refusals = {checks.limits.max_bytes: None}
@@ -150,7 +164,7 @@ def _unpack_within(archive: Path, staging: Path, checks: DatasetChecks, allowanc
             archive, staging, limits=replace(checks.limits, max_bytes=max_bytes),
             min_per_class=checks.min_per_class, max_pixels=checks.max_pixels,
             max_classes=checks.max_classes, memory_mb=checks.memory_mb, cpu_s=checks.cpu_s,
-            timeout_s=checks.timeout_s)
+            timeout_s=checks.timeout_s, kind=kind)
     except ArchiveTooLarge as exc:
         refusal = refusals[max_bytes]
         if refusal is None:
@@ -186,7 +200,8 @@ def delete_dataset(session: Session, principal: Principal, *, dataset_id: str) -
     """Delete the row; call ``discard_dataset_files`` once the transaction has committed."""
     dataset = get_dataset(session, principal, dataset_id)
     active = session.scalar(select(func.count()).select_from(Job).where(
-        Job.dataset_id == dataset_id, Job.status.in_(ACTIVE)))
+        (Job.dataset_id == dataset_id) | (Job.unlabeled_dataset_id == dataset_id),
+        Job.status.in_(ACTIVE)))
     if active:
         raise Conflict(f"dataset {dataset_id} is used by {active} queued or running job(s); "
                        "cancel them or wait for them to finish")
@@ -206,4 +221,5 @@ def dataset_view(dataset: Dataset) -> dict:
         "classes": dataset.classes, "num_images": dataset.num_images, "splits": dataset.splits,
         "class_counts": dataset.class_counts, "warnings": dataset.warnings,
         "size_bytes": dataset.size_bytes, "content_hash": dataset.content_hash,
+        "kind": dataset.kind or "labeled",
     }

@@ -76,13 +76,44 @@ def create_job(session: Session, principal: Principal, settings: Settings, *, re
     if request.priority > MEMBER_MAX_PRIORITY:
         principal.require(Role.ADMIN, f"priority above {MEMBER_MAX_PRIORITY}")
     dataset = get_dataset(session, principal, request.dataset_id)
+    unlabeled = unlabeled_dataset(session, principal, dataset, spec,
+                                  request.unlabeled_dataset_id)
     return new_job(session, settings, dataset, spec, priority=request.priority,
-                   max_runtime_s=request.max_runtime_s, model_name=request.model_name)
+                   max_runtime_s=request.max_runtime_s, model_name=request.model_name,
+                   unlabeled_dataset_id=unlabeled.id if unlabeled is not None else None)
+
+
+def unlabeled_dataset(session: Session, principal: Principal, dataset: Dataset,
+                      spec: FineTuneSpec, unlabeled_id: str | None) -> Dataset | None:
+    """The unlabelled dataset a job names, checked; 422 naming the field when the spec
+    needs unlabelled images and neither dataset has any."""
+    if dataset.kind == "unlabeled":
+        raise InvalidInput(f"dataset_id: dataset {dataset.id} holds unlabelled images only; "
+                           "train on a labelled dataset and name this one as "
+                           "unlabeled_dataset_id")
+    other = None
+    if unlabeled_id is not None:
+        other = get_dataset(session, principal, unlabeled_id)
+        if other.kind != "unlabeled" or other.tenant_id != dataset.tenant_id:
+            raise InvalidInput(f"unlabeled_dataset_id: dataset {other.id} is not a dataset "
+                               "of unlabelled images of this tenant; upload them with the "
+                               "form field kind=unlabeled")
+        if not spec.uses_unlabeled:
+            raise InvalidInput("unlabeled_dataset_id: unused, since the spec sets neither "
+                               "pretrain.method nor pseudo_labels.rounds")
+    if spec.uses_unlabeled and other is None and not (dataset.splits or {}).get("unlabeled"):
+        field = ("spec.pretrain.method" if spec.pretrain.method != "none"
+                 else "spec.pseudo_labels.rounds")
+        raise InvalidInput(f"{field}: needs unlabelled images, and dataset {dataset.id} has "
+                           "none; add an unlabeled/ folder beside its class folders (or "
+                           "beside train/), or upload them with kind=unlabeled and name that "
+                           "dataset as unlabeled_dataset_id")
+    return other
 
 
 def new_job(session: Session, settings: Settings, dataset: Dataset, spec: FineTuneSpec, *,
             priority: int, max_runtime_s: int | None = None, model_name: str | None = None,
-            sweep_id: str | None = None) -> Job:
+            sweep_id: str | None = None, unlabeled_dataset_id: str | None = None) -> Job:
     """A queued job on ``dataset`` for its tenant: the submit-time choices made, quotas and
     worker memory checked (429 or 422 otherwise). Shared by submissions and sweep trials."""
     check_backbone(spec, settings)
@@ -94,7 +125,7 @@ def new_job(session: Session, settings: Settings, dataset: Dataset, spec: FineTu
     job = Job(tenant_id=tenant_id, dataset_id=dataset.id, spec=spec.model_dump(mode="json"),
               epochs=planned_epochs(spec, resolved), status=JobStatus.QUEUED,
               priority=priority, max_runtime_s=max_runtime_s, model_name=model_name,
-              resolved=resolved, sweep_id=sweep_id)
+              resolved=resolved, sweep_id=sweep_id, unlabeled_dataset_id=unlabeled_dataset_id)
     session.add(job)
     session.flush()
     status_event(session, job.id, JobStatus.QUEUED, priority=priority)
@@ -286,6 +317,7 @@ def job_summary(job: Job, position: int | None = None) -> dict:
         "id": job.id,
         "tenant_id": job.tenant_id,
         "dataset_id": job.dataset_id,
+        "unlabeled_dataset_id": job.unlabeled_dataset_id,
         "status": job.status,
         "spec": job.spec,
         "created_at": job.created_at,

@@ -26,6 +26,9 @@ class DatasetOut(BaseModel):
     warnings: list[str]
     size_bytes: int
     content_hash: str | None = Field(description="same images with the same labels, same hash")
+    kind: str = Field("labeled", description="labeled, or unlabeled: images without labels "
+                      "only (splits.unlabeled counts them; a labelled dataset's unlabeled/ "
+                      "folder is counted there too)")
 
 
 class DatasetUploadOut(DatasetOut):
@@ -54,6 +57,9 @@ class JobIn(BaseModel):
                                "optional (see README, \"The spec\")")
     priority: int = Field(5, ge=0, le=9, description="9 runs first; equal priorities run in "
                           "the order submitted")
+    unlabeled_dataset_id: DatasetId | None = Field(
+        None, description="a dataset uploaded with kind=unlabeled whose images the spec's "
+        "pretrain and pseudo_labels use, with the dataset's own unlabeled/ images")
     max_runtime_s: int | None = Field(None, ge=1, le=10**8,
                                       description="fail the job if it runs longer "
                                       "(the service's FTUNE_MAX_RUNTIME_S also applies)")
@@ -83,6 +89,8 @@ class JobSummary(BaseModel):
     id: str
     tenant_id: str
     dataset_id: str
+    unlabeled_dataset_id: str | None = Field(None, description="the dataset of unlabelled "
+                                             "images the job also uses, if it names one")
     status: JobStatus
     spec: dict[str, Any]
     created_at: datetime

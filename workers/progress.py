@@ -57,6 +57,11 @@ class ProgressReporter:
             if not transitions.record_stage(session, self.job_id, self.worker, stage, epochs):
                 self.lost = True
 
+    def on_pretrain_epoch(self, row: dict) -> None:
+        with self.db.session() as session:
+            if not transitions.record_pretrain_epoch(session, self.job_id, self.worker, row):
+                self.lost = True
+
     def on_resolved(self, resolved: dict) -> None:
         with self.db.session() as session:
             if not transitions.record_resolved(session, self.job_id, self.worker, resolved):

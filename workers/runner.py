@@ -8,6 +8,7 @@ import threading
 import time
 from dataclasses import dataclass, replace
 from datetime import timedelta
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sqlalchemy.exc import IntegrityError
@@ -254,9 +255,23 @@ class JobRunner:
                                        on_batch_end=reporter.on_batch_end,
                                        should_stop=reporter.should_stop,
                                        on_stage=reporter.on_stage,
-                                       on_resolved=reporter.on_resolved),
+                                       on_resolved=reporter.on_resolved,
+                                       on_pretrain_epoch=reporter.on_pretrain_epoch),
                    resolved=run.resolved, time_limit_s=run.seconds_left,
-                   derived=self.derived, owner=run.tenant_id)
+                   derived=self.derived, owner=run.tenant_id,
+                   unlabeled=self._unlabeled_dir(job_id))
+
+    def _unlabeled_dir(self, job_id: str) -> Path | None:
+        """The folder of the unlabelled dataset the job names, if it names one."""
+        with self.db.session() as session:
+            job = session.get(Job, job_id)
+            other = job.unlabeled_dataset_id if job is not None else None
+        if other is None:
+            return None
+        folder = self.storage.dataset_dir(other)
+        if not folder.is_dir():
+            raise DatasetError(f"unlabelled dataset {other} no longer exists on the server")
+        return folder
 
     def _store_model(self, job_id: str, dataset_id: str, result: FitResult) -> str:
         """Write the bundle, then record the model; the bundle goes if recording fails."""

@@ -122,6 +122,15 @@ def _hash_usable(pairs: list[tuple[Candidate, FileFacts]], classes: list[str]) -
                          if f.error is None and c.cls in known])
 
 
+def dataset_hash(index: ImageFolderIndex) -> str | None:
+    """What identifies the whole upload: the labelled content and the unlabelled images."""
+    if index.unlabeled_hash is None:
+        return index.content_hash
+    if index.layout == UNLABELED:
+        return index.unlabeled_hash
+    return hashlib.sha256(f"{index.content_hash}+{index.unlabeled_hash}".encode()).hexdigest()
+
+
 def scan_image_folder(data: str | Path, *, check_images: bool = True,
                       min_per_class: int | None = None,
                       kind: str = "labeled") -> ImageFolderIndex:

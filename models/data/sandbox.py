@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ftune.models.data.archives import ArchiveLimits, Unpacked, remove_tree, unpack
-from ftune.models.data.discover import inspect_dataset
+from ftune.models.data.discover import dataset_hash, inspect_dataset
 from ftune.models.data.layout import Listing, list_dataset
 from ftune.models.data.lint import MAX_ITEMS, Finding, LintReport
 from ftune.models.errors import ArchiveError, ArchiveTooLarge, DatasetError
@@ -71,7 +71,7 @@ class SandboxResult:
 
 def unpack_and_inspect(archive: Path, dest: Path, *, limits: ArchiveLimits, min_per_class: int,
                        max_pixels: int, max_classes: int, memory_mb: int, cpu_s: int,
-                       timeout_s: float) -> SandboxResult:
+                       timeout_s: float, kind: str = "labeled") -> SandboxResult:
     """Unpack ``archive`` into the new folder ``dest`` and check the dataset, in a child.
 
     ``ArchiveTooLarge`` when it unpacks past ``limits.max_bytes``, ``ArchiveError`` for any
@@ -80,7 +80,7 @@ def unpack_and_inspect(archive: Path, dest: Path, *, limits: ArchiveLimits, min_
     request = {"archive": str(archive), "dest": str(dest), "limits": asdict(limits),
                "min_per_class": min_per_class, "max_pixels": max_pixels,
                "max_classes": max_classes, "memory_mb": memory_mb, "cpu_s": cpu_s,
-               "timeout_s": timeout_s}
+               "timeout_s": timeout_s, "kind": kind}
     try:
         done = subprocess.run([sys.executable, "-P", "-m", MODULE], check=False,
                               input=json.dumps(request).encode(), capture_output=True,
@@ -188,16 +188,19 @@ def _unpack_and_inspect(request: dict) -> SandboxResult:
                             min_images_per_class=request["min_per_class"]))
     unpacked = unpack(Path(request["archive"]), dest, limits)
     # Counted first: checking a dataset of very many classes costs more than it should.
-    listing = list_dataset(dest)
+    kind = request.get("kind", "labeled")
+    listing = list_dataset(dest, kind)
     if len(set(listing.declared.get("train", []))) > request["max_classes"]:
         return _too_many_classes(listing, request["max_classes"], unpacked)
     inspection = inspect_dataset(dest, min_per_class=request["min_per_class"],
-                                 max_pixels=request["max_pixels"])
+                                 max_pixels=request["max_pixels"], kind=kind)
     report, index = inspection.report, inspection.index
+    splits = {split: sum(counts.values()) for split, counts in report.splits.items()}
+    if report.unlabeled:
+        splits["unlabeled"] = report.unlabeled
     return SandboxResult(
-        report=report.to_dict(), content_hash=index.content_hash, classes=index.classes,
-        num_images=report.num_images,
-        splits={split: sum(counts.values()) for split, counts in report.splits.items()},
+        report=report.to_dict(), content_hash=dataset_hash(index), classes=index.classes,
+        num_images=report.num_images + report.unlabeled, splits=splits,
         class_counts=report.splits, size_bytes=unpacked.bytes, files=unpacked.files)
 
 

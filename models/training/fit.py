@@ -46,7 +46,12 @@ from ftune.models.training.runtime import (
     resolve_precision,
 )
 from ftune.models.training.stages import Progress, RunSetup, StageRunner, plan_with_lr
-from ftune.models.training.unlabeled import pretrain_stage, pseudo_label_rounds, unlabeled_of
+from ftune.models.training.unlabeled import (
+    pretrain_stage,
+    pseudo_label_rounds,
+    require_unlabeled,
+    unlabeled_of,
+)
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +129,7 @@ def fit(
     setup.connect(callbacks, choices)
     unlabeled_samples = unlabeled_of(index, _unlabeled_index(unlabeled)) \
         if spec.uses_unlabeled else []
+    require_unlabeled(spec, unlabeled_samples)
     pretrain_history = pretrain_stage(setup, spec, train_samples, unlabeled_samples,
                                       callbacks=callbacks, choices=choices,
                                       checkpoint_dir=_folder(checkpoint_dir, resume))

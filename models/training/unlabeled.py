@@ -16,6 +16,7 @@ import torch
 from ftune.models.data.discover import ImageFolderIndex, Sample
 from ftune.models.data.source import ImageSource
 from ftune.models.data.transforms import normalize
+from ftune.models.errors import DatasetError
 from ftune.models.pretrain.stage import (
     adapt_backbone,
     new_run,
@@ -47,6 +48,17 @@ def unlabeled_of(index: ImageFolderIndex, extra: ImageFolderIndex | None) -> lis
     return found
 
 
+def require_unlabeled(spec: FineTuneSpec, unlabeled: list[Sample]) -> None:
+    """A spec that needs unlabelled images fails at once, naming the field, without any."""
+    if unlabeled or not spec.uses_unlabeled:
+        return
+    field = "pretrain.method" if spec.pretrain.method != "none" else "pseudo_labels.rounds"
+    raise DatasetError(f"{field} needs unlabelled images, and there are none (copies of "
+                       "labelled images do not count): add an unlabeled/ folder beside the "
+                       "class folders or beside train/, or name a dataset of unlabelled "
+                       "images")
+
+
 def pretrain_stage(setup: RunSetup, spec: FineTuneSpec, train: list[Sample],
                    unlabeled: list[Sample], *, callbacks: Callbacks, choices: dict,
                    checkpoint_dir: Path | None) -> list[dict]:
@@ -59,7 +71,7 @@ def pretrain_stage(setup: RunSetup, spec: FineTuneSpec, train: list[Sample],
 
     def on_start() -> None:
         if callbacks.on_stage is not None:
-            callbacks.on_stage("pretrain", spec.pretrain.epochs)
+            callbacks.on_stage("pretrain", 0)  # 0: the fine-tuning epochs are unchanged
 
     images = pretraining_images(train, unlabeled)
     adapted = adapt_backbone(run, images, size=size, store=setup.derived, owner=setup.owner,
@@ -128,7 +140,7 @@ def pseudo_label_rounds(setup: RunSetup, stages: StageRunner, spec: FineTuneSpec
         if stages.best_state is not None:
             setup.model.load_state_dict(stages.best_state)
         if callbacks.on_stage is not None:
-            callbacks.on_stage("pseudo_labels", len(stages.progress.history))
+            callbacks.on_stage("pseudo_labels", 0)
         probabilities = predict_probabilities(setup, unlabeled, len(classes), callbacks)
         indices, labels, counts = select_confident(probabilities, config.threshold,
                                                    config.max_per_class)

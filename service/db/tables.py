@@ -117,6 +117,8 @@ class Dataset(Base):
     # Same images with the same labels give the same hash, whatever the archive's order.
     content_hash: Mapped[str | None] = mapped_column(String(64), index=True)
     report: Mapped[dict[str, Any] | None]  # the lint report
+    # "labeled", or "unlabeled": images without labels only, for pretraining and pseudo-labels.
+    kind: Mapped[str] = mapped_column(String(16), default="labeled", server_default="labeled")
 
 
 class Job(Base):
@@ -153,6 +155,8 @@ class Job(Base):
     resolved: Mapped[dict[str, Any] | None]  # auto field -> {"value", "why"}
     diagnosis: Mapped[list[Any] | None]  # findings, once the job has finished
     sweep_id: Mapped[str | None] = mapped_column(String(32), index=True)  # a sweep's trial
+    # A dataset of kind unlabeled whose images the job's pretraining or pseudo-labels use.
+    unlabeled_dataset_id: Mapped[str | None] = mapped_column(String(32), index=True)
 
 
 class JobRun(Base):

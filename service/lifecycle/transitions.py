@@ -114,6 +114,17 @@ def record_stage(session: Session, job_id: str, worker: str, stage: str, epochs:
     return True
 
 
+def record_pretrain_epoch(session: Session, job_id: str, worker: str, row: dict) -> bool:
+    """A pretraining epoch ended: an event with its loss (pretraining has no metrics rows,
+    whose epochs are the fine-tuning ones)."""
+    if not session.execute(update(Job).where(_ours(job_id, worker))
+                           .values(heartbeat_at=utcnow())).rowcount:
+        return False
+    add_event(session, job_id, "pretrain", epoch=int(row["epoch"]), method=row["method"],
+              loss=round(float(row["pretrain_loss"]), 6), seconds=round(row["seconds"], 2))
+    return True
+
+
 def record_resolved(session: Session, job_id: str, worker: str, resolved: dict) -> bool:
     """The auto choices made so far; an event names the ones that are new or changed."""
     job = session.get(Job, job_id, populate_existing=True)

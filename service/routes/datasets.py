@@ -11,6 +11,7 @@ from starlette.concurrency import run_in_threadpool
 from ftune.service.context import AppContext
 from ftune.service.datasets import (
     DatasetChecks,
+    dataset_kind,
     dataset_view,
     delete_dataset,
     get_dataset,
@@ -41,6 +42,9 @@ _UPLOAD_FORM = {"requestBody": {"required": True, "content": {"multipart/form-da
                  "description": "zip, tar or tar.gz of DATA/<class>/<images> or "
                                 "DATA/train|val/<class>/<images>"},
         "name": {"type": "string", "description": "default: the archive's file name"},
+        "kind": {"type": "string", "enum": ["labeled", "unlabeled"],
+                 "description": "unlabeled: images without labels, in any folders (for "
+                                "pretraining and pseudo-labels); default labeled"},
     }}}}}}
 
 
@@ -53,7 +57,8 @@ _UPLOAD_FORM = {"requestBody": {"required": True, "content": {"multipart/form-da
                         507: {"description": "the server's disk is down to its reserve"}})
 async def upload_dataset(request: Request, ctx: Ctx, who: Member,
                          dedupe: Annotated[bool, Query()] = True) -> JSONResponse:
-    """Upload an archive (zip, tar, tar.gz) of an image-folder or labels.csv dataset.
+    """Upload an archive (zip, tar, tar.gz) of an image-folder or labels.csv dataset, or
+    (form field ``kind=unlabeled``) of unlabelled images in any folders.
 
     Streamed to disk, unpacked safely, checked; the response carries the lint report.
     Content this tenant uploaded before returns the existing dataset with 200
@@ -76,6 +81,7 @@ async def upload_dataset(request: Request, ctx: Ctx, who: Member,
         if not files:
             raise InvalidInput("file: missing; send the archive as the multipart field 'file'")
         checks = DatasetChecks.from_settings(settings.engine)
+        kind = dataset_kind(form.fields.get("kind"))
 
         def ingest() -> JSONResponse:
             # Checked again: the disk may have filled while the upload streamed.
@@ -84,7 +90,7 @@ async def upload_dataset(request: Request, ctx: Ctx, who: Member,
                 dataset, created = ingest_archive(
                     session, ctx.storage, tenant_id=tenant_id, archive=files[0].path,
                     filename=files[0].filename, name=form.fields.get("name"), checks=checks,
-                    allowance=allowance, disk_allowance=disk, dedupe=dedupe)
+                    allowance=allowance, disk_allowance=disk, dedupe=dedupe, kind=kind)
                 body = {**dataset_view(dataset), "report": dataset.report,
                         "deduplicated": not created}
             request.state.audit_object = dataset.id
