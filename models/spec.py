@@ -98,9 +98,9 @@ class ScheduleSpec(_Strict):
 class EarlyStoppingSpec(_Strict):
     monitor: Literal["val_loss", "val_accuracy"] = "val_loss"
     patience: AutoInt(at_least=1) = Field(  # type: ignore[valid-type]
-        "auto", description="Epochs without improvement before stopping. auto: 3, or the "
-        "preset's for each stage of freeze.strategy auto (head 4, fine-tuning 3 with "
-        "balanced).")
+        "auto", description="Epochs without improvement before stopping. auto: 3; with "
+        "freeze.strategy auto, the preset's for the head (4 with balanced) and the planned "
+        "epochs for fine-tuning (its cosine schedule runs to the end).")
     min_delta: float = Field(0.0, ge=0.0, description="Smallest change that counts as better.")
 
 

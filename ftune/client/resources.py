@@ -53,10 +53,12 @@ class Datasets:
         self._t, self._progress = transport, progress
 
     def upload(self, path: str | os.PathLike, *, name: str | None = None,
-               dedupe: bool = True, progress: bool | None = None) -> Dataset:
+               dedupe: bool = True, progress: bool | None = None,
+               kind: str = "labeled") -> Dataset:
         """Upload an archive (zip, tar, tar.gz) or a folder, which is zipped as it streams.
         The same content uploaded again returns the existing dataset (unless ``dedupe``
-        is false), so a retried upload never makes a duplicate."""
+        is false), so a retried upload never makes a duplicate. ``kind="unlabeled"``:
+        images without labels, in any folders (for a job's ``unlabeled_dataset``)."""
         path = Path(path)
         if not path.exists():
             raise FtuneError(f"{path}: no such file or folder")
@@ -71,7 +73,7 @@ class Datasets:
             if bar is not None:
                 bar.total = body.size_hint
             part = {"file": (f"{path.name}.zip" if path.is_dir() else path.name, body)}
-            return part | ({"name": (None, name)} if name else {})
+            return part | ({"name": (None, name)} if name else {}) | {"kind": (None, kind)}
 
         try:
             response = self._t.request("POST", "/datasets", files=files,
@@ -176,12 +178,17 @@ class Jobs:
         self._t = transport
 
     def create(self, dataset: Dataset | str, spec: dict | None = None, *, priority: int = 5,
-               **fields: Any) -> Job:
+               unlabeled_dataset: Dataset | str | None = None, **fields: Any) -> Job:
         """Submit a fine-tuning job; ``spec`` and keyword ``fields`` (``epochs=3``,
-        ``optimizer__lr=1e-3``) together make the spec; unset fields are auto."""
+        ``optimizer__lr=1e-3``) together make the spec; unset fields are auto.
+        ``unlabeled_dataset``: one uploaded with ``kind="unlabeled"``, for the spec's
+        ``pretrain`` and ``pseudo_labels``."""
         dataset_id = dataset.id if isinstance(dataset, Dataset) else dataset
         body = {"dataset_id": dataset_id, "spec": _merge(spec or {}, fields),
                 "priority": priority}
+        if unlabeled_dataset is not None:
+            body["unlabeled_dataset_id"] = (unlabeled_dataset.id if isinstance(
+                unlabeled_dataset, Dataset) else unlabeled_dataset)
         return Job.of(self._t.request("POST", "/jobs", json=body).json(), self._t)
 
     def get(self, job_id: str) -> Job:

@@ -99,54 +99,41 @@ def fit(
     cache_features: bool = True,
     resolved: dict | None = None,
     time_limit_s: float | None = None,
-    derived: DerivedStore | None = None,
-    owner: str | None = None,
+    derived: DerivedStore | None = None, owner: str | None = None,
     unlabeled: str | Path | ImageFolderIndex | None = None,
 ) -> FitResult:
     """Fine-tune on an image-folder dataset and return the model with its best weights.
 
-    ``cache_features``: when no backbone parameter trains and augmentation is off, compute the
-    backbone's features once and train the head on them (same result, far faster).
-    ``resolved``: auto choices already made (by the API at submit); the rest are made here.
-    ``time_limit_s``: the job's run-time limit; the time budget stays within it.
-    ``derived``: where decoded images are kept for later jobs on the same data (accounted
-    to ``owner``); without it, images are decoded in memory for this run only.
-    ``unlabeled``: a dataset of unlabelled images (kind unlabeled), used with the data's own
-    unlabeled/ images by ``spec.pretrain`` and ``spec.pseudo_labels``.
+    ``cache_features``: train a frozen backbone's head on features computed once.
+    ``resolved``: auto choices the API made at submit. ``time_limit_s``: the job's run-time
+    limit. ``derived``: where decoded images, features and adapted backbones are kept for
+    later jobs (accounted to ``owner``). ``unlabeled``: a dataset of unlabelled images.
     """
     started = time.perf_counter()
     spec = spec if isinstance(spec, FineTuneSpec) else parse_spec(spec)
     index = data if isinstance(data, ImageFolderIndex) else scan_image_folder(data)
     train_samples, val_samples = _split(index, spec)
-    callbacks = callbacks or Callbacks()
-    state = _checkpoint_state(resume, index.classes)
-    choices = state["resolved"] if state and "resolved" in state else \
-        static_choices(spec, train_samples, index.classes, resolved)
+    callbacks, state = callbacks or Callbacks(), _checkpoint_state(resume, index.classes)
+    choices = state.get("resolved") if state else None
+    choices = choices or static_choices(spec, train_samples, index.classes, resolved)
     spec = apply_static(spec, choices)
     _announce(callbacks, "features", None, choices)
     setup = _build_setup(index, spec, train_samples, val_samples, device=device,
                          derived=derived, owner=owner)
     setup.connect(callbacks, choices)
-    unlabeled_samples = unlabeled_of(index, _unlabeled_index(unlabeled)) \
-        if spec.uses_unlabeled else []
-    require_unlabeled(spec, unlabeled_samples)
-    pretrain_history = pretrain_stage(setup, spec, train_samples, unlabeled_samples,
-                                      callbacks=callbacks, choices=choices,
-                                      checkpoint_dir=_folder(checkpoint_dir, resume))
+    pool, pretrained = _pretrain(setup, spec, index, train_samples, unlabeled, callbacks,
+                                 choices, _folder(checkpoint_dir, resume))
     budget = Budget.start(spec, choices, time_limit_s, started, _spent_before(state))
     plans, lr_curve, features = plan_with_lr(setup, spec, choices, cache_features,
                                              resumed=state is not None)
     _announce(callbacks, None, None, choices)
-    monitor = _monitored_key(spec, has_val=bool(val_samples))
-    progress = Progress(EarlyStopping(monitor, plans[0].spec.early_stopping.patience,
-                                       spec.early_stopping.min_delta), monitor)
+    progress = _progress(spec, plans[0], has_val=bool(val_samples))
     stages = StageRunner(setup, plans, progress, callbacks, choices, budget,
                          Path(checkpoint_dir) if checkpoint_dir else None, cache_features,
                          index.classes)
     final_run, stopped_early = stages.run_all(features, state)
-    if spec.pseudo_labels.rounds and unlabeled_samples and not stages.out_of_time:
-        pseudo_label_rounds(setup, stages, spec, train_samples, unlabeled_samples,
-                            index.classes, callbacks, choices)
+    pseudo_label_rounds(setup, stages, spec, train_samples, pool, index.classes, callbacks,
+                        choices)
     refits = _refits(spec, setup, stages, plans[0], index, bool(val_samples), cache_features)
     evaluation = _evaluate(setup, stages, index, val_samples, callbacks, choices, refits)
     result = _result(final_run, setup.backbone, index, progress, stopped_early=stopped_early,
@@ -154,8 +141,8 @@ def fit(
                      num_val=len(val_samples), seconds=time.perf_counter() - started)
     # The spec as asked, with the statistics' choices filled in: given back to fit, the same
     # data and seed make the same remaining choices (learning rates, epochs) again.
-    result.spec, result.resolved, result.lr_curve = spec, choices, lr_curve
-    result.pretrain_history = pretrain_history
+    result.spec, result.resolved, result.lr_curve, result.pretrain_history = \
+        spec, choices, lr_curve, pretrained
     result.diagnosis = diagnose(result.history, num_classes=len(index.classes),
                                 evaluation=evaluation, class_weights=spec.class_weights,
                                 stopped_early=stopped_early, best_epoch=result.best_epoch,
@@ -174,15 +161,32 @@ def _rebuilt_head_run(setup: RunSetup, stages: StageRunner, first: StagePlan,
     return setup.run(first, cache_features=cache_features)
 
 
-def _unlabeled_index(data: str | Path | ImageFolderIndex | None) -> ImageFolderIndex | None:
-    if data is None or isinstance(data, ImageFolderIndex):
-        return data
-    return scan_image_folder(data, kind="unlabeled")
+def _unlabeled_samples(spec: FineTuneSpec, index: ImageFolderIndex,
+                       extra: str | Path | ImageFolderIndex | None) -> list[Sample]:
+    """The unlabelled images the spec uses (none when it uses none); DatasetError when it
+    needs them and there are none."""
+    if not spec.uses_unlabeled:
+        return []
+    if extra is not None and not isinstance(extra, ImageFolderIndex):
+        extra = scan_image_folder(extra, kind="unlabeled")
+    samples = unlabeled_of(index, extra)
+    require_unlabeled(spec, samples)
+    return samples
+
+
+def _pretrain(setup: RunSetup, spec: FineTuneSpec, index: ImageFolderIndex,
+              train_samples: list[Sample], unlabeled: str | Path | ImageFolderIndex | None,
+              callbacks: Callbacks, choices: dict, checkpoints: Path | None
+              ) -> tuple[list[Sample], list[dict]]:
+    """The unlabelled images the spec uses, and the pretraining epochs' rows (checkpointed
+    beside the run's own checkpoints)."""
+    samples = _unlabeled_samples(spec, index, unlabeled)
+    return samples, pretrain_stage(setup, spec, train_samples, samples, callbacks=callbacks,
+                                   choices=choices, checkpoint_dir=checkpoints)
 
 
 def _folder(checkpoint_dir: str | Path | None, resume: str | Path | None) -> Path | None:
-    """Where this run's checkpoints go (pretraining's too): the folder asked for, else the
-    one resumed from."""
+    """Where this run's checkpoints go: the folder asked for, else the one resumed from."""
     if checkpoint_dir is not None:
         return Path(checkpoint_dir)
     return checkpoint_folder(resume) if resume is not None else None
@@ -292,6 +296,12 @@ def _split(index: ImageFolderIndex, spec: FineTuneSpec) -> tuple[list[Sample], l
     train_idx, val_idx = stratified_split([s.label for s in index.train], spec.val_fraction,
                                           spec.seed)
     return [index.train[i] for i in train_idx], [index.train[i] for i in val_idx]
+
+
+def _progress(spec: FineTuneSpec, first: StagePlan, *, has_val: bool) -> Progress:
+    monitor = _monitored_key(spec, has_val=has_val)
+    return Progress(EarlyStopping(monitor, first.spec.early_stopping.patience,
+                                  spec.early_stopping.min_delta), monitor)
 
 
 def _monitored_key(spec: FineTuneSpec, *, has_val: bool) -> str:

@@ -135,6 +135,8 @@ def pseudo_label_rounds(setup: RunSetup, stages: StageRunner, spec: FineTuneSpec
     pseudo-labels never enter) across all rounds is kept. Rounds are not checkpointed: a
     resumed job repeats them."""
     config = spec.pseudo_labels
+    if not config.rounds or not unlabeled or stages.out_of_time:
+        return
     rounds: list[dict] = []
     for number in range(1, config.rounds + 1):
         if stages.best_state is not None:
