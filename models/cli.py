@@ -66,6 +66,8 @@ def add_engine_commands(sub: argparse._SubParsersAction) -> None:
     train.add_argument("--checkpoint-dir", help="per-epoch checkpoints (default: OUT.partial)")
     train.add_argument("--resume", help="checkpoint file or folder to continue from")
     train.add_argument("--device", help="cpu, cuda, cuda:1 (default: automatic)")
+    train.add_argument("--unlabeled", metavar="FOLDER", help="unlabelled images (any folders) "
+                       "for the spec's pretrain and pseudo_labels, besides DATA's unlabeled/")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.set_defaults(run=_train)
 
@@ -146,6 +148,11 @@ class _TrainingOutput:
             self.bar = None
 
 
+def _print_pretrain_epoch(row: dict) -> None:
+    print(f"pretrain epoch {row['epoch']} ({row['method']}): loss {row['pretrain_loss']:.4f} "
+          f"in {row['seconds']:.1f} s", flush=True)
+
+
 def _train(args: argparse.Namespace) -> int:
     from ftune.models.bundle import ensure_output_free, save_bundle
     from ftune.models.training.fit import Callbacks, fit
@@ -162,8 +169,9 @@ def _train(args: argparse.Namespace) -> int:
                          callbacks=Callbacks(on_epoch_end=output.on_epoch,
                                              on_batch_end=output.on_batch,
                                              on_stage=output.on_stage,
-                                             on_resolved=output.on_resolved),
-                         device=args.device)
+                                             on_resolved=output.on_resolved,
+                                             on_pretrain_epoch=_print_pretrain_epoch),
+                         device=args.device, unlabeled=args.unlabeled)
         except BaseException:
             output.close()
             if ckpt_dir.exists():

@@ -163,14 +163,26 @@ def _imbalance(evaluation: dict | None, class_counts: dict[str, int] | None,
                    + f" (mean {mean:.2f})", action)
 
 
+def _unlabeled_unused(advice: dict | None, uses_unlabeled: bool) -> Finding | None:
+    """Few labelled images and many unlabelled ones the spec does not use."""
+    if advice is None or uses_unlabeled:
+        return None
+    return Finding("unlabeled_unused", "Few labelled images, and unlabelled ones left unused.",
+                   advice["why"], "Try spec.pseudo_labels (rounds 2) with the unlabelled "
+                   "images; label more images where you can, which helps most.")
+
+
 def diagnose(history: list[dict], *, num_classes: int, evaluation: dict | None = None,
              class_counts: dict[str, int] | None = None, class_weights: str | None = None,
              stopped_early: bool = False, best_epoch: int | None = None,
-             error: str | None = None) -> list[dict]:
-    """Findings as dicts (code, message, evidence, action); a healthy run has none."""
+             error: str | None = None, unlabeled_advice: dict | None = None,
+             uses_unlabeled: bool = False) -> list[dict]:
+    """Findings as dicts (code, message, evidence, action); a healthy run has none.
+    ``unlabeled_advice``: the recipe's advice on unlabelled images (resolved "unlabeled")."""
     diverging = _diverging(history, error, num_classes)
     found = [diverging, None if diverging else _no_progress(history, num_classes),
              _overfitting(history), *_gradients(history),
              _early_stop_at_first(history, stopped_early, best_epoch),
-             _imbalance(evaluation, class_counts, class_weights)]
+             _imbalance(evaluation, class_counts, class_weights),
+             _unlabeled_unused(unlabeled_advice, uses_unlabeled)]
     return [asdict(f) for f in found if f is not None]

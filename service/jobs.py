@@ -118,7 +118,9 @@ def new_job(session: Session, settings: Settings, dataset: Dataset, spec: FineTu
     worker memory checked (429 or 422 otherwise). Shared by submissions and sweep trials."""
     check_backbone(spec, settings)
     tenant_id = dataset.tenant_id
-    resolved = resolve_static(spec, dataset_stats(dataset, spec))
+    extra = session.get(Dataset, unlabeled_dataset_id) if unlabeled_dataset_id else None
+    extra_unlabeled = (extra.splits or {}).get("unlabeled") or 0 if extra else 0
+    resolved = resolve_static(spec, dataset_stats(dataset, spec, extra_unlabeled))
     check_job(usage_of(session, tenant_id), limits_of(session.get(Tenant, tenant_id), settings),
               epochs=image_passes(spec, resolved), images=dataset.num_images)
     _check_fits_a_worker(apply_static(spec, resolved), dataset, settings)
@@ -132,13 +134,16 @@ def new_job(session: Session, settings: Settings, dataset: Dataset, spec: FineTu
     return job
 
 
-def dataset_stats(dataset: Dataset, spec: FineTuneSpec) -> DatasetStats:
+def dataset_stats(dataset: Dataset, spec: FineTuneSpec, extra_unlabeled: int = 0
+                  ) -> DatasetStats:
     """What the auto rules need, from the upload's lint report. Without a val split, the
-    engine holds ``val_fraction`` of each class out of training."""
+    engine holds ``val_fraction`` of each class out of training. ``extra_unlabeled``: the
+    images of the unlabelled dataset the job names."""
     counts = (dataset.class_counts or {}).get("train") or {}
     if (dataset.splits or {}).get("val") is None:
         counts = {c: max(1, round(n * (1 - spec.val_fraction))) for c, n in counts.items()}
-    return stats_from_report(dataset.report, counts)
+    unlabeled = ((dataset.splits or {}).get("unlabeled") or 0) + extra_unlabeled
+    return stats_from_report(dataset.report, counts, unlabeled)
 
 
 def _check_fits_a_worker(spec: FineTuneSpec, dataset: Dataset, settings: Settings) -> None:

@@ -63,7 +63,7 @@ def _spec(args: argparse.Namespace) -> dict:
 
 def datasets_upload(client: Client, args: argparse.Namespace) -> int:
     dataset = client.datasets.upload(args.path, name=args.name, dedupe=not args.no_dedupe,
-                                     progress=not args.json)
+                                     progress=not args.json, kind=args.kind)
     if args.json:
         _print_json(dataset.raw)
         return 0
@@ -108,7 +108,8 @@ def datasets_report(client: Client, args: argparse.Namespace) -> int:
 
 
 def jobs_submit(client: Client, args: argparse.Namespace) -> int:
-    job = client.jobs.create(args.dataset, _spec(args), priority=args.priority)
+    job = client.jobs.create(args.dataset, _spec(args), priority=args.priority,
+                             unlabeled_dataset=args.unlabeled_dataset)
     if args.json and not args.watch:
         _print_json(job.raw)
         return 0
@@ -203,7 +204,9 @@ def build_parser(prog: str = "ftune remote") -> argparse.ArgumentParser:
     datasets = groups.add_parser("datasets", help="upload, list and check datasets")
     sub = datasets.add_subparsers(dest="command", required=True)
     _add(sub, "upload", datasets_upload, "upload an archive or a folder (zipped as it goes)",
-         ("path", {}), ("--name", {}), ("--no-dedupe", {"action": "store_true"}))
+         ("path", {}), ("--name", {}), ("--no-dedupe", {"action": "store_true"}),
+         ("--kind", {"choices": ["labeled", "unlabeled"], "default": "labeled",
+                     "help": "unlabeled: images without labels, in any folders"}))
     _add(sub, "list", datasets_list, "your datasets")
     _add(sub, "report", datasets_report, "a dataset's lint report", ("dataset", {}))
 
@@ -214,6 +217,8 @@ def build_parser(prog: str = "ftune remote") -> argparse.ArgumentParser:
          ("--set", {"action": "append", "metavar": "PATH=VALUE",
                     "help": "a spec field, e.g. --set preset=fast --set optimizer.lr=0.001"}),
          ("--priority", {"type": int, "default": 5}),
+         ("--unlabeled-dataset", {"metavar": "ID", "help": "a dataset uploaded with --kind "
+                                  "unlabeled, for the spec's pretrain and pseudo_labels"}),
          ("--watch", {"action": "store_true", "help": "follow it until it ends"}))
     _add(sub, "list", jobs_list, "your jobs", ("--status", {}))
     _add(sub, "watch", jobs_watch, "follow a job live; exit 0 when it succeeds", ("job", {}))

@@ -16,6 +16,7 @@ import torch
 from ftune.models.backbones import Backbone
 from ftune.models.data.source import ImageSource
 from ftune.models.data.transforms import normalize
+from ftune.models.preprocessing import Preprocessing
 from ftune.models.pretrain.objectives import build_objective
 from ftune.models.spec import PretrainSpec
 from ftune.models.training.checkpoint import atomic_torch_save, restore_rng_state, rng_state
@@ -82,6 +83,7 @@ class PretrainRun:
             self._save(objective, optimizer, history)
             if self.on_epoch is not None:
                 self.on_epoch(row)
+        recalibrate_batchnorm(model, images, self.spec.batch_size, prep, self.precision)
         for param in model.parameters():
             param.requires_grad_(True)
         model.eval()
@@ -126,3 +128,27 @@ class PretrainRun:
             return None
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         return self.checkpoint_dir / CHECKPOINT
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: torch.nn.Module, images: ImageSource, batch_size: int,
+                          prep: Preprocessing, precision: Precision) -> None:
+    """BatchNorm statistics of the clean images, averaged over one pass (AdaBN, Li et al.
+    2016): during pretraining they followed masked, noisy or colour-jittered inputs, which
+    fine-tuning and prediction never see."""
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not norms or not len(images):
+        return
+    momenta = [m.momentum for m in norms]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # a cumulative average over the pass
+    model.train()
+    device = precision.device
+    for raw, _, _ in images.batches(torch.arange(len(images)), batch_size):
+        if len(raw) < 2:
+            continue
+        with precision.autocast():
+            model(normalize(raw.to(device).float(), prep))
+    for norm, momentum in zip(norms, momenta, strict=True):
+        norm.momentum = momentum

@@ -18,7 +18,7 @@ DEFAULT_BACKBONE_SIZE = 224
 # The choices resolve_static makes: only these are passed from the API to the worker (what
 # the worker measures, such as learning rates, is measured again on each attempt).
 STATIC_FIELDS = ("image_size", "class_weights", "optimizer.name", "epochs", "freeze.strategy",
-                 "freeze.n_blocks", "head.dropout")
+                 "freeze.n_blocks", "head.dropout", "unlabeled")
 
 Resolved = dict[str, dict]  # field -> {"value": ..., "why": "..."}
 
@@ -59,6 +59,9 @@ def resolve_static(spec: FineTuneSpec, stats: DatasetStats) -> Resolved:
     if spec.epochs == "auto":
         choices["epochs"] = (rules.finetune_epochs(stats.num_train, preset) if trains_backbone
                              else rules.head_epochs(preset))
+    advice = rules.unlabeled_advice(stats, spec.uses_unlabeled)
+    if advice is not None:
+        choices["unlabeled"] = advice
     return {name: choice.to_dict() for name, choice in choices.items()}
 
 

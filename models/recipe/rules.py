@@ -10,6 +10,7 @@ import math
 from typing import Any, NamedTuple
 
 from ftune.models.recipe.presets import Preset
+from ftune.models.recipe.stats import DatasetStats
 
 # Balanced class weights from this largest-to-smallest class ratio on.
 IMBALANCE_FOR_WEIGHTS = 3.0
@@ -160,3 +161,23 @@ def head_dropout(head_alone: bool) -> Choice:
                       "bench/defaults.py: it cost the fast preset accuracy)")
     return Choice(HEAD_DROPOUT, "backbone stages train: dropout before the classifier "
                   "against overfitting")
+
+
+# Few labels: under this many training images in the smallest class; many unlabelled: at least
+# as many as the labelled training images.
+FEW_LABELS_PER_CLASS = 50
+# What bench/unlabeled.py measured (10 labelled images per class, 3,000 unlabelled), in words.
+UNLABELED_MEASURED = (
+    "bench/unlabeled.py, 10 labelled images per class: PSEUDO_RESULT; "
+    "pretraining (autoencoder, contrastive) PRETRAIN_RESULT")
+
+
+def unlabeled_advice(stats: DatasetStats, uses_unlabeled: bool) -> Choice | None:
+    """With few labels and many unlabelled images, which option is expected to help."""
+    counts = [n for n in stats.class_counts.values() if n > 0]
+    if not counts or min(counts) >= FEW_LABELS_PER_CLASS or \
+            stats.unlabeled < max(1, stats.num_train):
+        return None
+    used = "the spec uses them" if uses_unlabeled else "the spec uses none of them"
+    return Choice("pseudo_labels", f"{min(counts)} labelled images in the smallest class and "
+                  f"{stats.unlabeled} unlabelled ones ({used}): {UNLABELED_MEASURED}")

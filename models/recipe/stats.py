@@ -12,6 +12,7 @@ class DatasetStats:
     class_counts: dict[str, int]  # training images per class
     median_short_side: int | None  # px; None when unknown (a dataset from an older release)
     median_size: tuple[int, int] | None = None  # (width, height) of the median image
+    unlabeled: int = 0  # unlabelled images the job can use
 
     @property
     def num_train(self) -> int:
@@ -34,9 +35,10 @@ def size_summary(sizes: list[tuple[int, int]]) -> dict | None:
             "min_short_side": shorts[0], "max_short_side": shorts[-1]}
 
 
-def stats_from_report(report: dict | None, train_counts: dict[str, int]) -> DatasetStats:
+def stats_from_report(report: dict | None, train_counts: dict[str, int],
+                      unlabeled: int = 0) -> DatasetStats:
     sizes = (report or {}).get("image_sizes") or {}
     median = sizes.get("median_short_side")
     size = ((sizes["median_width"], sizes["median_height"])
             if "median_width" in sizes and "median_height" in sizes else None)
-    return DatasetStats(dict(train_counts), int(median) if median else None, size)
+    return DatasetStats(dict(train_counts), int(median) if median else None, size, unlabeled)

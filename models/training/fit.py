@@ -115,7 +115,8 @@ def fit(
     train_samples, val_samples = _split(index, spec)
     callbacks, state = callbacks or Callbacks(), _checkpoint_state(resume, index.classes)
     choices = state.get("resolved") if state else None
-    choices = choices or static_choices(spec, train_samples, index.classes, resolved)
+    choices = choices or static_choices(spec, train_samples, index.classes, resolved,
+                                        unlabeled=len(index.unlabeled))
     spec = apply_static(spec, choices)
     _announce(callbacks, "features", None, choices)
     setup = _build_setup(index, spec, train_samples, val_samples, device=device,
@@ -143,11 +144,18 @@ def fit(
     # data and seed make the same remaining choices (learning rates, epochs) again.
     result.spec, result.resolved, result.lr_curve, result.pretrain_history = \
         spec, choices, lr_curve, pretrained
-    result.diagnosis = diagnose(result.history, num_classes=len(index.classes),
-                                evaluation=evaluation, class_weights=spec.class_weights,
-                                stopped_early=stopped_early, best_epoch=result.best_epoch,
-                                class_counts=_class_counts(train_samples, index.classes))
+    result.diagnosis = _diagnose(result, train_samples)
     return result
+
+
+def _diagnose(result: FitResult, train_samples: list[Sample]) -> list[dict]:
+    spec = result.spec
+    return diagnose(result.history, num_classes=len(result.classes),
+                    evaluation=result.evaluation, class_weights=spec.class_weights,
+                    stopped_early=result.stopped_early, best_epoch=result.best_epoch,
+                    class_counts=_class_counts(train_samples, result.classes),
+                    unlabeled_advice=result.resolved.get("unlabeled"),
+                    uses_unlabeled=spec.uses_unlabeled)
 
 
 def _rebuilt_head_run(setup: RunSetup, stages: StageRunner, first: StagePlan,
@@ -269,12 +277,13 @@ def _class_counts(samples: list[Sample], classes: list[str]) -> dict[str, int]:
 
 
 def static_choices(spec: FineTuneSpec, train_samples: list[Sample], classes: list[str],
-                   prior: dict | None) -> dict:
+                   prior: dict | None, unlabeled: int = 0) -> dict:
     """The auto choices the data's statistics decide; ``prior`` ones (the API's) are kept."""
     prior = dict(prior or {})
     needs_sizes = spec.image_size == "auto" and "image_size" not in prior
     stats = DatasetStats(_class_counts(train_samples, classes),
-                         median_short_side(train_samples) if needs_sizes else None)
+                         median_short_side(train_samples) if needs_sizes else None,
+                         unlabeled=unlabeled)
     return resolve_static(spec, stats) | prior
 
 

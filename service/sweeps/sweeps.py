@@ -16,7 +16,13 @@ from ftune.service.errors import Conflict, InvalidInput, NotFound, TooManyReques
 from ftune.service.events import add_event
 from ftune.service.ids import is_id
 from ftune.service.job_status import SweepStatus
-from ftune.service.jobs import MEMBER_MAX_PRIORITY, dataset_stats, request_cancel, validate_job_spec
+from ftune.service.jobs import (
+    MEMBER_MAX_PRIORITY,
+    dataset_stats,
+    request_cancel,
+    unlabeled_dataset,
+    validate_job_spec,
+)
 from ftune.service.pages import DEFAULT_LIMIT, Keyset, read_page
 from ftune.service.quotas import check_job, limits_of, usage_of
 from ftune.service.schemas import SweepIn
@@ -41,8 +47,17 @@ def create_sweep(session: Session, principal: Principal, settings: Settings,
         raise InvalidInput("sampler: grid needs every parameter to be a choice or a short int "
                            "range; use tpe or random for continuous ones", loc=["sampler"])
     dataset = get_dataset(session, principal, request.dataset_id)
-    check_space(request.base, params,
-                lambda spec: check_backbone(validate_job_spec(spec), settings), request.seed)
+
+    def check_trial(spec: dict) -> None:  # what a trial's spec must pass besides validation
+        parsed = validate_job_spec(spec)
+        check_backbone(parsed, settings)
+        unlabeled_dataset(session, principal, dataset, parsed, None)
+
+    try:
+        check_trial(request.base)
+    except InvalidInput as exc:  # name the field as the sweep's body has it
+        raise InvalidInput("base." + exc.detail.removeprefix("spec.")) from exc
+    check_space(request.base, params, check_trial, request.seed)
     _check_has_validation(dataset, request, params)
     _check_room(session, settings, dataset, base)
     sweep = Sweep(tenant_id=dataset.tenant_id, dataset_id=dataset.id, status=SweepStatus.RUNNING,

@@ -161,3 +161,42 @@ def test_pseudo_labels_join_training_only(low_label):
     # Validation is the 12 val images alone; pseudo-labelled epochs follow the first ones.
     assert result.num_val == 12 and result.evaluation["val"]["num_images"] == 12
     assert len(result.history) >= rounds[1]["first_epoch"] > rounds[0]["first_epoch"] > 1
+
+
+def test_ftune_train_takes_a_folder_of_unlabelled_images(tiny_folder, animal_arrays, tmp_path,
+                                                         capsys):
+    import json
+
+    from ftune.models.cli import main
+
+    images, _ = animal_arrays
+    _save(tmp_path / "pool" / "x", images[3000:3030], "p")
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({**SPEC, "pretrain": {"method": "contrastive", "epochs": 1,
+                                                     "batch_size": 16}}))
+    out = tmp_path / "model"
+    assert main(["train", str(tiny_folder), "--spec", str(spec), "--out", str(out),
+                 "--unlabeled", str(tmp_path / "pool"), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "stage pretrain" in printed and "pretrain epoch 1 (contrastive): loss" in printed
+    assert "auto pretrain = contrastive" in printed and "30 unlabelled" in printed
+
+
+def test_few_labels_and_many_unlabelled_images_get_advice_and_a_finding():
+    from ftune.models.diagnosis import diagnose
+    from ftune.models.recipe.resolve import resolve_static
+    from ftune.models.recipe.stats import DatasetStats
+    from ftune.models.spec import FineTuneSpec
+
+    few = DatasetStats({"a": 8, "b": 9}, 28, unlabeled=500)
+    advice = resolve_static(FineTuneSpec(), few)["unlabeled"]
+    assert advice["value"] == "pseudo_labels" and "8 labelled images" in advice["why"]
+    assert "500 unlabelled" in advice["why"] and "bench/unlabeled.py" in advice["why"]
+    for stats in (DatasetStats({"a": 60, "b": 60}, 28, unlabeled=5000),  # labels enough
+                  DatasetStats({"a": 8, "b": 9}, 28, unlabeled=10)):  # few unlabelled
+        assert "unlabeled" not in resolve_static(FineTuneSpec(), stats)
+    history = [{"epoch": 1, "train_loss": 0.6, "val_loss": 0.6}]
+    found = diagnose(history, num_classes=2, unlabeled_advice=advice)
+    assert [f["code"] for f in found] == ["unlabeled_unused"]
+    assert "pseudo_labels" in found[0]["action"] and found[0]["evidence"] == advice["why"]
+    assert diagnose(history, num_classes=2, unlabeled_advice=advice, uses_unlabeled=True) == []

@@ -81,6 +81,24 @@ def test_a_spec_needing_unlabelled_images_without_any_is_a_422_naming_the_field(
             response.text
 
 
+def test_a_sweep_needing_unlabelled_images_without_any_is_a_422(client, tiny_dataset,
+                                                                 with_unlabeled):
+    body = {"dataset_id": tiny_dataset["id"], "n_trials": 2,
+            "space": {"head.dropout": {"uniform": [0.0, 0.5]}}}
+    response = client.post("/v1/sweeps", json={**body, "base": {"pretrain": {
+        "method": "contrastive"}}})
+    assert response.status_code == 422
+    assert response.json()["detail"].startswith("base.pretrain.method"), response.text
+    space = {"pretrain.method": {"choice": ["none", "autoencoder"]}}
+    response = client.post("/v1/sweeps", json={**body, "space": space})
+    assert response.status_code == 422 and "unlabelled" in response.json()["detail"]
+    assert response.json()["errors"][0]["loc"] == ["space", "pretrain.method"]
+    accepted = client.post("/v1/sweeps", json={**body, "dataset_id": with_unlabeled["id"],
+                                               "space": space})
+    assert accepted.status_code == 202, accepted.text
+    assert client.post(f"/v1/sweeps/{accepted.json()['id']}/cancel").status_code == 200
+
+
 def test_another_tenants_unlabelled_dataset_is_not_found(client_b, unlabeled_only, tiny_folder):
     own = client_b.post("/v1/datasets", files={"file": ("t.zip", zip_folder(tiny_folder))})
     response = client_b.post("/v1/jobs", json={
