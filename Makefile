@@ -71,6 +71,7 @@ bench: $(STAMP)
 	$(PY) bench/load.py
 	$(PY) bench/defaults.py
 	$(PY) bench/sweep.py
+	$(PY) bench/unlabeled.py
 
 # Refresh the locks (newest versions the constraints in pyproject.toml allow).
 lock: | $(PY)

@@ -119,8 +119,11 @@ class PretrainSpec(_Strict):
     image_size: AutoInt(at_least=16, at_most=1024) = Field(  # type: ignore[valid-type]
         "auto", description="auto: the fine-tuning image size.")
     stages: AutoInt(at_least=1, at_most=64) = Field(  # type: ignore[valid-type]
-        "auto", description="Top backbone stages whose weights adapt (auto: 2); BatchNorm "
-        "statistics adapt in every stage.")
+        "auto", description="Top backbone stages whose weights adapt (auto: 2).")
+    batchnorm: Literal["adapting", "all"] = Field(
+        "adapting", description="Whose BatchNorm statistics follow the new images: the "
+        "adapting stages' (the others keep ImageNet's, as frozen stages do in fine-tuning), "
+        "or every stage's (AdaBN).")
     batch_size: int = Field(64, ge=2, le=4096)
 
 

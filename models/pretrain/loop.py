@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from ftune.models.backbones import Backbone
 from ftune.models.data.source import ImageSource
@@ -60,7 +61,7 @@ class PretrainRun:
         keep = samples_per_epoch(len(images), self.spec.batch_size)
         for epoch in range(start, self.spec.epochs):
             started = time.perf_counter()
-            objective.train()  # BatchNorm statistics adapt in every stage, frozen or not
+            self._train_mode(objective)
             losses = []
             for raw, _, _ in images.batches(epoch_order(self.seed, epoch, len(images), keep),
                                             self.spec.batch_size):
@@ -83,11 +84,26 @@ class PretrainRun:
             self._save(objective, optimizer, history)
             if self.on_epoch is not None:
                 self.on_epoch(row)
-        recalibrate_batchnorm(model, images, self.spec.batch_size, prep, self.precision)
+        recalibrate_batchnorm(model, images, self.spec.batch_size, prep, self.precision,
+                              self._adapting_norms())
         for param in model.parameters():
             param.requires_grad_(True)
         model.eval()
         return history
+
+    def _adapting_norms(self) -> list[torch.nn.Module]:
+        """The BatchNorm layers whose statistics follow the new images."""
+        norms = [m for m in self.backbone.model.modules() if isinstance(m, _BatchNorm)]
+        if self.spec.batchnorm == "all":
+            return norms
+        return [m for m in norms if any(p.requires_grad for p in m.parameters(recurse=False))]
+
+    def _train_mode(self, objective: torch.nn.Module) -> None:
+        objective.train()
+        adapting = {id(m) for m in self._adapting_norms()}
+        for module in self.backbone.model.modules():
+            if isinstance(module, _BatchNorm) and id(module) not in adapting:
+                module.eval()
 
     def _trainable(self, objective: torch.nn.Module) -> list[torch.nn.Parameter]:
         stages = self.backbone.stages
@@ -132,18 +148,20 @@ class PretrainRun:
 
 @torch.no_grad()
 def recalibrate_batchnorm(model: torch.nn.Module, images: ImageSource, batch_size: int,
-                          prep: Preprocessing, precision: Precision) -> None:
-    """BatchNorm statistics of the clean images, averaged over one pass (AdaBN, Li et al.
-    2016): during pretraining they followed masked, noisy or colour-jittered inputs, which
-    fine-tuning and prediction never see."""
-    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+                          prep: Preprocessing, precision: Precision,
+                          norms: list[torch.nn.Module]) -> None:
+    """``norms``' statistics of the clean images, averaged over one pass (as AdaBN, Li et
+    al. 2016): during pretraining they followed masked, noisy or colour-jittered inputs,
+    which fine-tuning and prediction never see. The other layers keep theirs."""
     if not norms or not len(images):
         return
     momenta = [m.momentum for m in norms]
     for norm in norms:
         norm.reset_running_stats()
         norm.momentum = None  # a cumulative average over the pass
-    model.train()
+    model.eval()
+    for norm in norms:
+        norm.train()
     device = precision.device
     for raw, _, _ in images.batches(torch.arange(len(images)), batch_size):
         if len(raw) < 2:

@@ -30,7 +30,8 @@ from ftune.models.network import FineTuneModel, build_head
 from ftune.models.preprocessing import Preprocessing
 from ftune.models.recipe import rules
 from ftune.models.recipe.plan import StagePlan
-from ftune.models.recipe.resolve import apply_static, backbone_size, resolve_static
+from ftune.models.recipe.presets import PRESETS
+from ftune.models.recipe.resolve import apply_static, backbone_size, resolve_static, two_stage
 from ftune.models.recipe.stats import DatasetStats
 from ftune.models.settings import engine_settings
 from ftune.models.spec import FineTuneSpec, parse_spec
@@ -320,18 +321,28 @@ def _monitored_key(spec: FineTuneSpec, *, has_val: bool) -> str:
 
 
 def _decoded(index: ImageFolderIndex, prep: Preprocessing, derived: DerivedStore | None,
-             owner: str | None) -> DecodedImages | None:
-    """Every image of the dataset decoded at the input size, from the store (decoding them
-    into it the first time)."""
+             owner: str | None, size: int) -> DecodedImages | None:
+    """Every image of the dataset decoded at ``size``, from the store (decoding them into it
+    the first time). Every size holds the images in the same order: a row is the same image
+    in each, so features computed from one size's rows serve another's."""
     if derived is None or index.content_hash is None:
         return None
     samples = [*index.train, *(index.val or []), *(index.test or [])]
     started = time.perf_counter()
     decoded, made = decoded_images(derived, index.content_hash, [s.path for s in samples],
-                                   index.root, prep, prep.input_size, owner)
+                                   index.root, prep, size, owner)
     log.info("%s %d images at %d px in %.1f s", "decoded" if made else "reused the decoded",
-             len(samples), prep.input_size, time.perf_counter() - started)
+             len(samples), size, time.perf_counter() - started)
     return decoded
+
+
+def _stored_for(spec: FineTuneSpec) -> str:
+    """The augmentation the training images are stored for: the one asked for, else the one
+    a fine-tuning stage will use. Crops then come from the larger stored image, as with an
+    explicit augment, not from the centre crop (bench/defaults.py: digits gained from it)."""
+    if spec.augment != "auto":
+        return spec.augment
+    return PRESETS[spec.preset].augment if two_stage(spec) else "none"
 
 
 def _build_setup(index: ImageFolderIndex, spec: FineTuneSpec, train_samples: list[Sample],
@@ -354,12 +365,12 @@ def _build_setup(index: ImageFolderIndex, spec: FineTuneSpec, train_samples: lis
     if torch_device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     prep = backbone.preprocessing
-    decoded = _decoded(index, prep, derived, owner)
-    # With augment auto, augmentation crops from the stored input-size image (later stages).
-    augment = spec.augment if spec.augment != "auto" else "none"
+    decoded = _decoded(index, prep, derived, owner, prep.input_size)
+    train_size = stored_size(prep, _stored_for(spec))
+    train_decoded = decoded if train_size == prep.input_size else \
+        _decoded(index, prep, derived, owner, train_size)
     train_source = ImageSource([s.path for s in train_samples], [s.label for s in train_samples],
-                               prep, stored_size(prep, augment), decoded=decoded,
-                               root=index.root)
+                               prep, train_size, decoded=train_decoded, root=index.root)
     val_source = ImageSource([s.path for s in val_samples], [s.label for s in val_samples],
                              prep, prep.input_size, decoded=decoded, root=index.root)
     return RunSetup(backbone, model, prep, precision, train_source, val_source,

@@ -260,6 +260,7 @@ function describe(event) {
   if (event.kind === "stage") return d.stage;
   if (event.kind === "epoch") return `epoch ${d.epoch}: val loss ${num(d.val_loss)}, val accuracy ${pct(d.val_accuracy)}`;
   if (event.kind === "progress") return `epoch ${d.epoch} step ${d.step}/${d.steps}`;
+  if (event.kind === "pretrain") return `pretraining epoch ${d.epoch} (${d.method}): loss ${num(d.loss)}`;
   if (event.kind === "resolved") return Object.keys(d).filter((k) => k !== "at").join(", ");
   return d.message || JSON.stringify(d);
 }
