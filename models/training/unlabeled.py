@@ -86,7 +86,8 @@ def pretrain_stage(setup: RunSetup, spec: FineTuneSpec, train: list[Sample],
         "stages": run.adapting_stages, "loss": losses,
         "why": f"{how} on {len(unlabeled)} unlabelled and {len(train)} training images "
                f"(labels unused) at {size} px, the top {run.adapting_stages} stage(s) "
-               "learning and BatchNorm statistics adapting in all"
+               "learning, BatchNorm statistics adapting in "
+               + ("every stage" if spec.pretrain.batchnorm == "all" else "those")
                + (f"; kept for later jobs as adapted:{adapted.key}"
                   if adapted.key and not adapted.reused else "")}
     if callbacks.on_resolved is not None:
