@@ -34,7 +34,11 @@ def test_top_level_shape_is_exactly_the_documented_one():
         "label_smoothing", "grad_clip_norm", "augment", "mixed_precision",
         "oom_retry",  # issue 5: the service's out-of-memory retry, on by default
         "preset", "time_budget_s", "class_weights", "refit",  # issue 15: the default recipe
+        "pretrain", "pseudo_labels",  # issue 18: unlabelled images, both off by default
     }
+    spec = FineTuneSpec()
+    assert spec.pretrain.method == "none" and spec.pseudo_labels.rounds == 0
+    assert not spec.uses_unlabeled
 
 
 def test_round_trips_through_json():
