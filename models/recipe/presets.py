@@ -22,8 +22,8 @@ PRESETS: dict[str, Preset] = {
     "fast": Preset("fast", 300, False, 0, 0.0, "none", 40, 4, 0),
     # Fine-tuning follows a cosine schedule whose last epochs, at the lowest rates, are often
     # the best: patience covers the few planned epochs.
-    # Crops without flips: a mirrored digit or letter is another class (flips cost digits 1
-    # to 2 points in bench/defaults.py).
+    # Crops without flips: a mirrored digit or letter is another class (on digits, crops
+    # without flips gave {} 1 to 2 points more than light).
     "balanced": Preset("balanced", 1800, True, 0, 1.0, "crop", 40, 4, 3),
     "best": Preset("best", 7200, True, 1, 2.0, "strong", 60, 6, 4),
 }
