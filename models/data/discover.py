@@ -99,21 +99,25 @@ def _split_samples(pairs: list[tuple[Candidate, FileFacts]], classes: list[str],
 
 
 def unlabeled_samples(pairs: list[tuple[Candidate, FileFacts]]) -> list[Sample]:
-    """Usable unlabelled images, once each, without copies of labelled ones: a copy of a
+    """Usable unlabelled images, once each, without copies of labelled ones."""
+    labelled = {f.sha256 for c, f in pairs if c.split != UNLABELED and f.sha256}
+    return without_copies([Sample(c.path, -1, f.sha256) for c, f in pairs
+                           if c.split == UNLABELED and f.error is None], labelled)
+
+
+def without_copies(samples: list[Sample], labelled: set[str]) -> list[Sample]:
+    """``samples`` once each and without copies of labelled images (by content): a copy of a
     training image adds nothing, and one of a val or test image would let pretraining see
     held-out images."""
-    labelled = {f.sha256 for c, f in pairs if c.split != UNLABELED and f.sha256}
     seen: set[str] = set()
-    samples = []
-    for cand, fact in pairs:
-        if cand.split != UNLABELED or fact.error is not None:
+    kept = []
+    for sample in samples:
+        if sample.sha256 in labelled or (sample.sha256 and sample.sha256 in seen):
             continue
-        if fact.sha256 in labelled or (fact.sha256 and fact.sha256 in seen):
-            continue
-        if fact.sha256:
-            seen.add(fact.sha256)
-        samples.append(Sample(cand.path, -1, fact.sha256))
-    return samples
+        if sample.sha256:
+            seen.add(sample.sha256)
+        kept.append(sample)
+    return kept
 
 
 def _hash_usable(pairs: list[tuple[Candidate, FileFacts]], classes: list[str]) -> str:

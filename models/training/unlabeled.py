@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ftune.models.data.discover import ImageFolderIndex, Sample
+from ftune.models.data.discover import ImageFolderIndex, Sample, without_copies
 from ftune.models.data.source import ImageSource
 from ftune.models.data.transforms import normalize
 from ftune.models.errors import DatasetError
@@ -37,15 +37,7 @@ def unlabeled_of(index: ImageFolderIndex, extra: ImageFolderIndex | None) -> lis
     unlabeled), without copies of the labelled images or of each other."""
     labelled = {s.sha256 for s in [*index.train, *(index.val or []), *(index.test or [])]
                 if s.sha256}
-    seen: set[str] = set()
-    found = []
-    for sample in [*index.unlabeled, *(extra.unlabeled if extra else [])]:
-        if sample.sha256 in labelled or (sample.sha256 and sample.sha256 in seen):
-            continue
-        if sample.sha256:
-            seen.add(sample.sha256)
-        found.append(sample)
-    return found
+    return without_copies([*index.unlabeled, *(extra.unlabeled if extra else [])], labelled)
 
 
 def require_unlabeled(spec: FineTuneSpec, unlabeled: list[Sample]) -> None:
