@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ftune.models.data.copies import kept_indices
 from ftune.models.data.inspect import FileFacts, inspect_image
 from ftune.models.data.layout import SPLIT_DIRS, UNLABELED, Candidate, list_dataset
 from ftune.models.data.lint import LintReport, build_report
@@ -106,18 +107,8 @@ def unlabeled_samples(pairs: list[tuple[Candidate, FileFacts]]) -> list[Sample]:
 
 
 def without_copies(samples: list[Sample], labelled: set[str]) -> list[Sample]:
-    """``samples`` once each and without copies of labelled images (by content): a copy of a
-    training image adds nothing, and one of a val or test image would let pretraining see
-    held-out images."""
-    seen: set[str] = set()
-    kept = []
-    for sample in samples:
-        if sample.sha256 in labelled or (sample.sha256 and sample.sha256 in seen):
-            continue
-        if sample.sha256:
-            seen.add(sample.sha256)
-        kept.append(sample)
-    return kept
+    """``samples`` once each and without copies of labelled images (by content)."""
+    return [samples[i] for i in kept_indices([s.sha256 for s in samples], labelled)]
 
 
 def _hash_usable(pairs: list[tuple[Candidate, FileFacts]], classes: list[str]) -> str:

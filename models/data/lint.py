@@ -9,6 +9,7 @@ from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
+from ftune.models.data.copies import kept_indices
 from ftune.models.data.layout import UNLABELED
 from ftune.models.recipe.stats import size_summary
 
@@ -109,15 +110,9 @@ def build_report(listing: Listing, facts: list[FileFacts], classes: list[str], *
 def _unlabeled(findings: list[Finding], usable: list) -> int:
     """Unlabelled images that count: copies of labelled ones (or of each other) do not."""
     labelled = {f.sha256: c.rel for c, f in usable if c.split != UNLABELED and f.sha256}
-    copies, seen, count = [], set(), 0
-    for cand, fact in usable:
-        if cand.split != UNLABELED:
-            continue
-        if fact.sha256 in labelled:
-            copies.append([cand.rel, labelled[fact.sha256]])
-        elif not fact.sha256 or fact.sha256 not in seen:
-            count += 1
-            seen.add(fact.sha256)
+    unlabeled = [(c, f) for c, f in usable if c.split == UNLABELED]
+    copies = [[c.rel, labelled[f.sha256]] for c, f in unlabeled if f.sha256 in labelled]
+    count = len(kept_indices([f.sha256 for _, f in unlabeled], set(labelled)))
     if copies:
         _add(findings, "unlabeled_copies", "warning",
              f"{len(copies)} unlabelled image(s) are copies of labelled ones and are not used",

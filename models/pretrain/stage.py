@@ -18,7 +18,7 @@ from ftune.models.derived.features import backbone_identity
 from ftune.models.derived.store import DerivedStore
 from ftune.models.errors import DatasetError
 from ftune.models.pretrain.loop import PretrainRun
-from ftune.models.spec import FineTuneSpec
+from ftune.models.spec import FineTuneSpec, PretrainSpec
 from ftune.models.training.runtime import Precision
 
 KIND = "adapted"
@@ -39,15 +39,16 @@ def pretraining_images(train: list[Sample], unlabeled: list[Sample]) -> list[Sam
     return [Sample(s.path, -1, s.sha256) for s in [*unlabeled, *train]]
 
 
-def adapted_key(spec: FineTuneSpec, *, identity: str, images: list[Sample], size: int,
-                precision: str) -> str | None:
-    """Same pretraining spec, seed, backbone, size and images: the same adapted backbone."""
+def adapted_key(pretrain: PretrainSpec, *, seed: int, identity: str, images: list[Sample],
+                size: int, precision: str) -> str | None:
+    """Same pretraining spec, seed, backbone, size and images: the same adapted backbone
+    (the seed matters even for a pretrained backbone: it orders batches and masks)."""
     if any(s.sha256 is None for s in images):
         return None
     digest = hashlib.sha256()
     for sha in sorted(s.sha256 or "" for s in images):
         digest.update(sha.encode())
-    payload = [spec.pretrain.model_dump(mode="json"), spec.seed, identity, size, precision,
+    payload = [pretrain.model_dump(mode="json"), seed, identity, size, precision,
                digest.hexdigest()]
     return hashlib.sha256(json.dumps(payload).encode()).hexdigest()[:32]
 
@@ -62,7 +63,8 @@ def adapt_backbone(run: PretrainRun, images: list[Sample], *, size: int,
     backbone = run.backbone
     identity = (backbone_identity(backbone.name, backbone.weights_source)
                 or f"{backbone.name}|random")
-    key = adapted_key_for(run, images, size, identity)
+    key = adapted_key(run.spec, seed=run.seed, identity=identity, images=images, size=size,
+                      precision=run.precision.name)
     source = ImageSource([s.path for s in images], [0] * len(images),
                          backbone.preprocessing, size)
     if store is None or key is None:
@@ -87,14 +89,6 @@ def adapt_backbone(run: PretrainRun, images: list[Sample], *, size: int,
     history, made = store.build_and_open(KIND, key, make, open_entry, owner)
     backbone.model.eval()
     return Adapted(key, history, reused=not made)
-
-
-def adapted_key_for(run: PretrainRun, images: list[Sample], size: int,
-                    identity: str) -> str | None:
-    # A random backbone is seeded by the spec's seed, which the key holds.
-    spec = FineTuneSpec(pretrain=run.spec, seed=run.seed)
-    return adapted_key(spec, identity=identity, images=images, size=size,
-                       precision=run.precision.name)
 
 
 def pretrain_size(spec: FineTuneSpec, input_size: int) -> int:
