@@ -63,6 +63,7 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/train_throughput.py
+	$(PY) bench/layout.py
 	$(PY) bench/transfer_accuracy.py
 	$(PY) bench/service_overhead.py
 	$(PY) bench/upload_memory.py

@@ -17,7 +17,7 @@ from ftune.models.data.transforms import normalize, resize_center_crop, resize_c
 from ftune.models.network import FineTuneModel, build_head
 from ftune.models.preprocessing import Preprocessing
 from ftune.models.spec import FineTuneSpec
-from ftune.models.training.runtime import resolve_device
+from ftune.models.training.runtime import channels_last, resolve_device
 
 ImageInput = Image.Image | str | Path | bytes | np.ndarray
 
@@ -25,7 +25,7 @@ ImageInput = Image.Image | str | Path | bytes | np.ndarray
 class Predictor:
     def __init__(self, model: FineTuneModel, classes: list[str], preprocessing: Preprocessing,
                  device: torch.device, config: dict | None = None) -> None:
-        self.model = model.to(device).eval()
+        self.model = channels_last(model.to(device)).eval()
         self.classes, self.preprocessing, self.device = classes, preprocessing, device
         self.config = config or {}
 

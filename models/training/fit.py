@@ -41,6 +41,7 @@ from ftune.models.training.early_stopping import EarlyStopping
 from ftune.models.training.refit import refit_head
 from ftune.models.training.run import Callbacks, TrainingRun
 from ftune.models.training.runtime import (
+    channels_last,
     configure_backends,
     device_memory_bytes,
     resolve_device,
@@ -361,9 +362,7 @@ def _build_setup(index: ImageFolderIndex, spec: FineTuneSpec, train_samples: lis
     torch.manual_seed(spec.seed)  # the head's init must not depend on how the backbone was built
     model = FineTuneModel(backbone.model,
                           build_head(backbone.num_features, len(index.classes), spec.head))
-    model = model.to(torch_device)
-    if torch_device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+    model = channels_last(model.to(torch_device))
     prep = backbone.preprocessing
     decoded = _decoded(index, prep, derived, owner, prep.input_size)
     train_size = stored_size(prep, _stored_for(spec))

@@ -25,7 +25,7 @@ from ftune.models.training.loop import (
     stop_if_asked,
     train_one_epoch,
 )
-from ftune.models.training.runtime import Precision, feature_batch_size
+from ftune.models.training.runtime import Precision, as_channels_last, feature_batch_size
 from ftune.models.tuning.freezing import (
     apply_freezing,
     backbone_is_frozen,
@@ -190,10 +190,7 @@ class TrainingRun:
                 batch = augment(batch, self.prep.input_size, self.spec.augment)
             elif not training:  # features and validation see the centre, as val is stored
                 batch = center_crop_batch(batch, self.prep.input_size)
-            batch = normalize(batch, self.prep)
-            if cuda:
-                batch = batch.contiguous(memory_format=torch.channels_last)
-            yield batch, labels
+            yield as_channels_last(normalize(batch, self.prep)), labels
 
     def _feature_batches(self, split: str, order: torch.Tensor,
                          batch_size: int | None = None) -> Batches:

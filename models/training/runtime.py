@@ -37,6 +37,18 @@ class Precision:
         return torch.autocast(device_type=self.device.type, dtype=self.dtype)
 
 
+# Convolutions run faster with channels last, on CPUs (oneDNN) as on GPUs: bench/layout.py
+# measured lite0 training 1.7-2x, mobilenet_v2 1.4x, resnet18 1.2x; convnext about even.
+def channels_last(model: torch.nn.Module) -> torch.nn.Module:
+    """The model with its 4-D weights stored channels last."""
+    return model.to(memory_format=torch.channels_last)
+
+
+def as_channels_last(batch: torch.Tensor) -> torch.Tensor:
+    """An image batch (N, C, H, W) laid out like the model's weights; other shapes as given."""
+    return batch.contiguous(memory_format=torch.channels_last) if batch.dim() == 4 else batch
+
+
 def resolve_precision(mode: str, device: torch.device) -> Precision:
     """``auto`` uses bf16 (or fp16 on GPUs without bf16) on CUDA, and fp32 on CPU, where
     autocast is usually slower than float32 kernels."""

@@ -38,7 +38,7 @@ from ftune.models.training.early_stopping import EarlyStopping
 from ftune.models.training.loop import stop_if_asked
 from ftune.models.training.lr_finder import lr_range_test
 from ftune.models.training.run import Callbacks, TrainingRun
-from ftune.models.training.runtime import Precision, feature_batch_size
+from ftune.models.training.runtime import Precision, as_channels_last, feature_batch_size
 
 log = logging.getLogger(__name__)
 
@@ -120,9 +120,7 @@ class RunSetup:
 
         @torch.no_grad()
         def extract(images: torch.Tensor) -> torch.Tensor:
-            batch = normalize(images.to(device).float(), prep)
-            if device.type == "cuda":
-                batch = batch.contiguous(memory_format=torch.channels_last)
+            batch = as_channels_last(normalize(images.to(device).float(), prep))
             with self.precision.autocast():
                 return backbone(batch)
 
