@@ -50,9 +50,9 @@ def test_optimizer_is_adam():
 
 
 @pytest.mark.parametrize(("images", "preset", "expected"), [
-    (200, "balanced", 1), (2700, "balanced", 2), (20_000, "balanced", 3),
-    (2700, "best", 3), (2700, "fast", 0)])
-def test_more_data_trains_more_stages(images, preset, expected):
+    (200, "balanced", 1), (2700, "balanced", 3), (20_000, "balanced", 3),
+    (2700, "best", 4), (2700, "fast", 0)])
+def test_small_data_trains_fewer_stages(images, preset, expected):
     assert rules.stages_to_train(images, PRESETS[preset]).value == expected
 
 
@@ -131,7 +131,7 @@ def test_two_stage_plan_has_a_cached_head_stage_then_a_finetune_stage():
     head, finetune = plan_stages(apply_static(spec, resolved), resolved, num_stages=9)
     assert head.spec.freeze.strategy == "head_only" and head.spec.augment == "none"
     assert finetune.spec.freeze.strategy == "last_n_blocks"
-    assert finetune.spec.freeze.n_blocks == 2 and finetune.spec.augment == "crop"
+    assert finetune.spec.freeze.n_blocks == 3 and finetune.spec.augment == "crop"
     # The fine-tuning stage runs its cosine schedule to the end (its last epochs are best).
     assert finetune.spec.early_stopping.patience >= int(apply_static(spec, resolved).epochs)
     assert finetune.spec.schedule.name == "cosine" and finetune.spec.schedule.warmup_epochs > 0
