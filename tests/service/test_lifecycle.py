@@ -3,18 +3,23 @@ the API. A stack of its own, so these tests can break it without touching the ot
 
 from __future__ import annotations
 
+import json
+import shutil
 import signal
+import sqlite3
 import time
 from collections.abc import Iterator
 
 import httpx
 import pytest
 import redis
+from PIL import Image
 
 from ftune.processes import Child, Stack, wait_until
 from ftune.service.auth.principal import Role
 from ftune.testing.access import Key, make_key
 from ftune.testing.archives import zip_folder
+from ftune.testing.realdata import balanced_indices
 from ftune.testing.sse import read_events
 from tests.service.conftest import wait_for_job
 
@@ -26,6 +31,9 @@ ENV = {"FTUNE_CANCEL_POLL_S": "0.2", "FTUNE_WORKER_HEARTBEAT_S": "0.5",
        "FTUNE_JOB_STALE_S": "3", "FTUNE_RECONCILE_INTERVAL_S": "1",
        "FTUNE_RETRY_BACKOFF_S": "0.5", "FTUNE_DISPATCH_INTERVAL_S": "0.5",
        "FTUNE_RATE_JOBS": "100000/minute", "FTUNE_RATE_UPLOADS": "100000/minute"}
+# Contrastive pretraining on the tiny set's unlabelled images, long enough to be caught.
+PRETRAIN = {"preset": "fast", "image_size": 64, "epochs": 2, "batch_size": 12, "seed": 3,
+            "pretrain": {"method": "contrastive", "epochs": 6, "batch_size": 16}}
 REDIS_PASSWORD = "lifecycle-password"
 
 
@@ -71,6 +79,30 @@ def dataset_id(stack, tiny_folder) -> str:
         response = http.post("/v1/datasets", files={"file": ("t.zip", zip_folder(tiny_folder))})
     assert response.status_code == 201, response.text
     return response.json()["id"]
+
+
+@pytest.fixture(scope="module")
+def with_unlabeled_id(stack, tiny_folder, animal_arrays, tmp_path_factory) -> str:
+    """The tiny set with 60 unlabelled images beside its classes."""
+    root = tmp_path_factory.mktemp("lifecycle-unlabeled") / "data"
+    shutil.copytree(tiny_folder, root)
+    images, labels = animal_arrays
+    (root / "unlabeled").mkdir()
+    for i, image in enumerate(images[balanced_indices(labels, 20, offset=40, classes=3)]):
+        Image.fromarray(image).save(root / "unlabeled" / f"u{i:03d}.png")
+    with stack.client() as http:
+        response = http.post("/v1/datasets", files={"file": ("u.zip", zip_folder(root))})
+    assert response.status_code == 201, response.text
+    assert response.json()["splits"]["unlabeled"] == 60
+    return response.json()["id"]
+
+
+def _pretrain_epochs(home, job_id: str) -> list[int]:
+    """The pretraining epochs recorded so far, in order (read from the job's events)."""
+    with sqlite3.connect(home / "ftune.db") as db:
+        rows = db.execute("SELECT data FROM job_events WHERE job_id = ? AND kind = 'pretrain' "
+                          "ORDER BY id", (job_id,)).fetchall()
+    return [json.loads(data)["epoch"] for (data,) in rows]
 
 
 def _submit(http: httpx.Client, dataset_id: str, spec: dict, **extra) -> dict:
@@ -161,6 +193,27 @@ def test_a_worker_killed_mid_epoch_is_replaced_and_the_job_resumes(stack, datase
         requeued = [e for e in events if e["event"] == "status" and e["data"]["status"] == "queued"
                     and "heartbeats" in e["data"].get("reason", "")]
         assert len(requeued) == 1
+
+
+def test_pretraining_in_a_killed_worker_resumes_from_its_last_epoch(stack, with_unlabeled_id):
+    with stack.client() as http:
+        job = _submit(http, with_unlabeled_id, PRETRAIN)
+        victim = stack.worker("pretrain-victim")
+        wait_until(lambda: _pretrain_epochs(stack.home, job["id"]), 180, "a pretraining epoch")
+        stack.kill(victim)  # SIGKILL in the middle of pretraining
+        before = _pretrain_epochs(stack.home, job["id"])
+        stack.worker("pretrain-rescuer")
+        try:
+            done = wait_for_job(http, job["id"], timeout_s=300)
+        finally:
+            stack.stop_workers()
+    assert done["status"] == "succeeded", done["error"]
+    assert done["attempts"] == 2 and 1 <= len(before) < 6
+    # Each pretraining epoch ran once: the rescuer went on from the checkpoint.
+    assert _pretrain_epochs(stack.home, job["id"]) == [1, 2, 3, 4, 5, 6]
+    pretrain = done["resolved"]["pretrain"]
+    assert pretrain["value"] == "contrastive" and len(pretrain["loss"]) == 6
+    assert pretrain["unlabeled_images"] == 60 and pretrain["reused"] is False
 
 
 def test_redis_restarted_empty_loses_no_job(stack, dataset_id):
