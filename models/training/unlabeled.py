@@ -15,8 +15,8 @@ import torch
 
 from ftune.models.data.discover import ImageFolderIndex, Sample, without_copies
 from ftune.models.data.source import ImageSource
-from ftune.models.data.transforms import normalize
 from ftune.models.errors import DatasetError
+from ftune.models.evaluation import predict_probabilities
 from ftune.models.pretrain.stage import (
     adapt_backbone,
     new_run,
@@ -24,9 +24,7 @@ from ftune.models.pretrain.stage import (
     pretraining_images,
 )
 from ftune.models.spec import FineTuneSpec
-from ftune.models.training.loop import stop_if_asked
 from ftune.models.training.run import Callbacks
-from ftune.models.training.runtime import feature_batch_size
 from ftune.models.training.stages import RunSetup, StageRunner
 
 log = logging.getLogger(__name__)
@@ -87,19 +85,12 @@ def pretrain_stage(setup: RunSetup, spec: FineTuneSpec, train: list[Sample],
     return adapted.history
 
 
-@torch.no_grad()
-def predict_probabilities(setup: RunSetup, samples: list[Sample], num_classes: int,
-                          callbacks: Callbacks) -> torch.Tensor:
-    model, device, prep = setup.model, setup.precision.device, setup.prep
-    model.eval()
+def _probabilities(setup: RunSetup, samples: list[Sample], callbacks: Callbacks) -> torch.Tensor:
+    """The model's class probabilities for ``samples``, as evaluation computes them."""
+    prep = setup.prep
     source = ImageSource([s.path for s in samples], [0] * len(samples), prep, prep.input_size)
-    chunks = []
-    for images, _, _ in source.batches(torch.arange(len(source)), feature_batch_size(device)):
-        stop_if_asked(callbacks.should_stop)
-        with setup.precision.autocast():
-            logits = model(normalize(images.to(device).float(), prep))
-        chunks.append(torch.softmax(logits.float(), dim=1).cpu())
-    return torch.cat(chunks) if chunks else torch.empty(0, num_classes)
+    return predict_probabilities(setup.model, source, prep, setup.precision.device,
+                                 setup.precision, should_stop=callbacks.should_stop)
 
 
 def select_confident(probabilities: torch.Tensor, threshold: float,
@@ -138,7 +129,7 @@ def pseudo_label_rounds(setup: RunSetup, stages: StageRunner, spec: FineTuneSpec
             setup.model.load_state_dict(stages.best_state)
         if callbacks.on_stage is not None:
             callbacks.on_stage("pseudo_labels", 0)
-        probabilities = predict_probabilities(setup, unlabeled, len(classes), callbacks)
+        probabilities = _probabilities(setup, unlabeled, callbacks)
         indices, labels, counts = select_confident(probabilities, config.threshold,
                                                    config.max_per_class)
         rounds.append({"round": number, "images": len(indices),
