@@ -7,17 +7,19 @@ Two measurements, each printed as one ``key=value`` line:
 * ``full_finetune``: ``fit`` with every stage training (``freeze.strategy="none"``, no
   augmentation, ``val_fraction=0``) on an image folder of N real animal-mnist images, against a
   bare loop (same backbone and head, ``model.train()``, cross-entropy, Adam, same batch size,
-  resolution and torch threads) on a pre-made normalised float tensor of N images. Images/s come
-  from the epochs after the first: fit's first epoch also decodes the images, and the bare
-  loop's first epoch is dropped the same way (after an untimed warm-up step).
+  resolution and torch threads) on a pre-made normalised float tensor of N images, twice: with
+  the model and batches channels last, as fit lays them out (``ratio``, fit's own overhead),
+  and contiguous, as a loop written without thought for layout (``ratio_to_contiguous``).
+  Images/s come from the epochs after the first: fit's first epoch also decodes the images,
+  and the bare loops' first epoch is dropped the same way (after an untimed warm-up step).
 * ``head_only``: ``fit`` head-only (BatchNorm frozen, no augmentation) with the feature cache on
   against ``cache_features=False``; seconds per epoch after the first.
 
-``ratio`` is fit / bare images/s (target >= 0.9); ``speedup`` is recompute / cached epoch
-seconds (target >= 50). Each comparison runs ``--repeats`` alternating rounds; the plain keys
-pool all timed epochs, the ``*_best_*`` keys use the fastest one. The one-minute load average
-is printed too: another process using the CPUs (even one other torch process on a 2-core
-machine) slows epochs by up to 20x and makes the numbers meaningless.
+``ratio`` is fit / channels-last bare images/s (target >= 0.9); ``speedup`` is recompute /
+cached epoch seconds (target >= 50). Each comparison runs ``--repeats`` alternating rounds; the
+plain keys pool all timed epochs, the ``*_best_*`` keys use the fastest one. The one-minute
+load average is printed too: another process using the CPUs (even one other torch process on a
+2-core machine) slows epochs by up to 20x and makes the numbers meaningless.
 """
 
 from __future__ import annotations
@@ -102,9 +104,10 @@ def timed_epochs(seconds: list[float]) -> float:
     return sum(seconds[1:])
 
 
-def bare_loop(args: argparse.Namespace, n: int) -> tuple[float, list[float]]:
+def bare_loop(args: argparse.Namespace, n: int, *, channels_last: bool
+              ) -> tuple[float, list[float]]:
     """Images/s (epochs 2..E) and per-epoch seconds of a plain train loop over a pre-made
-    normalised tensor."""
+    normalised tensor, channels last (model and batches) or contiguous."""
     spec = base_spec(args)
     torch.manual_seed(0)
     backbone = create_backbone(BACKBONE, pretrained=True, num_classes=0,
@@ -112,7 +115,10 @@ def bare_loop(args: argparse.Namespace, n: int) -> tuple[float, list[float]]:
     model = FineTuneModel(backbone.model, build_head(backbone.num_features, 10, spec.head))
     prep = backbone.preprocessing
     images = normalize(torch.randint(0, 256, (n, 3, args.image_size, args.image_size),
-                                     dtype=torch.uint8), prep).contiguous()
+                                     dtype=torch.uint8), prep)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    images = images.contiguous(memory_format=layout)
+    model = model.to(memory_format=layout)
     labels = torch.randint(0, 10, (n,))
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     loss_fn = nn.CrossEntropyLoss()
@@ -133,7 +139,7 @@ def bare_loop(args: argparse.Namespace, n: int) -> tuple[float, list[float]]:
         started = time.perf_counter()
         for start in range(0, per_epoch, args.batch_size):
             idx = order[start:start + args.batch_size]
-            step(images[idx], labels[idx])
+            step(images[idx].contiguous(memory_format=layout), labels[idx])
         seconds.append(time.perf_counter() - started)
     return per_epoch * (args.epochs - 1) / timed_epochs(seconds), seconds
 
@@ -150,25 +156,33 @@ def full_finetune(args: argparse.Namespace, data: Path, n: int) -> None:
     spec = base_spec(args, freeze={"strategy": "none"})
     per_epoch = per_epoch_samples(n, args.batch_size)
     fit_timed: list[float] = []
-    bare_timed: list[float] = []
+    bare_timed: list[float] = []  # channels last, as fit
+    contiguous_timed: list[float] = []
     load_before = load()
     for round_ in range(args.repeats):
         result = fit(data, spec, device="cpu")
         assert result.num_val == 0 and result.num_train == n, (result.num_train, result.num_val)
         assert all(not row["feature_cache"] for row in result.history)
         fit_seconds = [row["seconds"] for row in result.history]
-        _, bare_seconds = bare_loop(args, n)
+        _, bare_seconds = bare_loop(args, n, channels_last=True)
+        _, contiguous_seconds = bare_loop(args, n, channels_last=False)
         fit_timed += fit_seconds[1:]
         bare_timed += bare_seconds[1:]
+        contiguous_timed += contiguous_seconds[1:]
         print(f"full_finetune_round round={round_ + 1} fit_epoch_s={fmt(fit_seconds)} "
-              f"bare_epoch_s={fmt(bare_seconds)} fit_total_s={result.seconds:.2f} "
+              f"bare_epoch_s={fmt(bare_seconds)} "
+              f"bare_contiguous_epoch_s={fmt(contiguous_seconds)} "
+              f"fit_total_s={result.seconds:.2f} "
               f"load1={load()}", flush=True)
     fit_img_s = per_epoch * len(fit_timed) / sum(fit_timed)
     bare_img_s = per_epoch * len(bare_timed) / sum(bare_timed)
+    contiguous_img_s = per_epoch * len(contiguous_timed) / sum(contiguous_timed)
     fit_best = per_epoch / min(fit_timed)
     bare_best = per_epoch / min(bare_timed)
     print(f"full_finetune fit_img_s={fit_img_s:.2f} bare_img_s={bare_img_s:.2f} "
-          f"ratio={fit_img_s / bare_img_s:.3f} fit_best_img_s={fit_best:.2f} "
+          f"ratio={fit_img_s / bare_img_s:.3f} bare_contiguous_img_s={contiguous_img_s:.2f} "
+          f"ratio_to_contiguous={fit_img_s / contiguous_img_s:.3f} "
+          f"fit_best_img_s={fit_best:.2f} "
           f"bare_best_img_s={bare_best:.2f} best_ratio={fit_best / bare_best:.3f} "
           f"images={n} epochs={args.epochs} repeats={args.repeats} "
           f"image_size={args.image_size} batch_size={args.batch_size} "
