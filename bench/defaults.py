@@ -189,10 +189,9 @@ def seeded_runs(name: str, archive: bytes, root: Path, client: httpx.Client, hom
 def run_dataset(name: str, root: Path, client: httpx.Client, home: Path,
                 seeds: int) -> None:
     archive = tar_folder(root)
-    acc, fast_wall, job = through_service(client, archive, {"preset": "fast"})
-    fast_acc = acc
+    fast_acc, fast_wall, job = through_service(client, archive, {"preset": "fast"})
     size = job["resolved"]["image_size"]["value"]
-    show(name, "fast", acc, fast_wall, f"image_size={size} epochs={len(job['metrics'])}")
+    show(name, "fast", fast_acc, fast_wall, f"image_size={size} epochs={len(job['metrics'])}")
     probe_acc, probe_wall = probe(root, size)
     show(name, "probe", probe_acc, probe_wall, f"image_size={size}")
     acc, wall, parts = fast_profile(root)
