@@ -38,9 +38,9 @@ class Precision:
 
 
 # Convolutions run faster with channels last, on CPUs (oneDNN) as on GPUs. bench/layout.py on
-# 2 CPU cores, 96 px, with AVX-512: training every stage 1.5-1.7x faster for the packaged
-# backbones (1.1x resnet18), the top 2 stages 1.3-1.6x, inference 1.2-1.3x; AVX2 only (lite0):
-# 1.29x, 1.03x, 1.05x.
+# 2 CPU cores, 96 px, one machine: training every stage 1.5-1.7x faster for the packaged
+# backbones (1.1x resnet18), the top 2 stages 1.3-1.6x, inference 1.2-1.3x; on another, AVX2
+# only, lite0 1.29x, 1.03x, 1.05x.
 def channels_last(model: torch.nn.Module) -> torch.nn.Module:
     """The model with its 4-D weights stored channels last."""
     return model.to(memory_format=torch.channels_last)
