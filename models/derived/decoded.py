@@ -26,10 +26,12 @@ KIND = "decoded"
 ARRAY, NAMES = "images.npy", "paths.json"
 
 
-def decoded_key(content_hash: str, prep: Preprocessing, size: int) -> str:
-    """Same images, same preprocessing, same size: the same key."""
+def decoded_key(content_hash: str, prep: Preprocessing, size: int, part: str = "all") -> str:
+    """Same images (the dataset's ``part``: all, or those trained on), same preprocessing,
+    same size: the same key."""
     recipe = json.dumps([prep.to_dict(), size], sort_keys=True)
-    return f"{content_hash[:32]}-{size}px-{hashlib.sha256(recipe.encode()).hexdigest()[:12]}"
+    digest = hashlib.sha256(recipe.encode()).hexdigest()[:12]
+    return f"{content_hash[:32]}-{size}px-{digest}" + ("" if part == "all" else f"-{part}")
 
 
 def decode_workers() -> int:
@@ -77,10 +79,10 @@ def _write(folder: Path, paths: list[Path], root: Path, prep: Preprocessing, siz
 
 
 def decoded_images(store: DerivedStore, content_hash: str, paths: list[Path], root: Path,
-                   prep: Preprocessing, size: int, owner: str | None = None
-                   ) -> tuple[DecodedImages, bool]:
-    """The dataset's decoded images from the store, decoding them first when absent; True
-    when they were decoded now."""
-    return store.build_and_open(KIND, decoded_key(content_hash, prep, size),
+                   prep: Preprocessing, size: int, owner: str | None = None,
+                   part: str = "all") -> tuple[DecodedImages, bool]:
+    """The decoded images at ``paths`` (the dataset's ``part``) from the store, decoding
+    them first when absent; True when they were decoded now."""
+    return store.build_and_open(KIND, decoded_key(content_hash, prep, size, part),
                                 lambda tmp: _write(tmp, paths, root, prep, size),
                                 DecodedImages, owner)

@@ -6,6 +6,11 @@ the decoded entry's key) and of the backbone as built (architecture and pretrain
 and the numeric precision it runs in. Nothing else a spec sets changes them: learning rates,
 heads, dropout, epochs, seeds and splits all differ freely between jobs that share an entry.
 A randomly initialised backbone has no shared identity, so its features are never shared.
+
+An entry holds a range of the decoded rows: the images a job trains and validates on (rows
+first in every decoded array) in one, the held-out test images in another. Training needs only
+the first; the second is computed when a head on the frozen backbone is evaluated on test, so a
+job whose best weights fine-tuned the backbone never computes features of its test images.
 """
 
 from __future__ import annotations
@@ -38,41 +43,48 @@ def backbone_identity(name: str, weights_source: str | None) -> str | None:
     return identity
 
 
-def features_key(decoded_key: str, backbone: str, precision: str) -> str:
+def features_key(decoded_key: str, backbone: str, precision: str, rows: range) -> str:
     digest = hashlib.sha256(json.dumps([backbone, precision]).encode()).hexdigest()[:12]
-    return f"{decoded_key}-{digest}"
+    return f"{decoded_key}-{digest}-rows{rows.start}to{rows.stop}"
 
 
 class SharedFeatures:
-    def __init__(self, folder: Path) -> None:
+    """One entry: the features of decoded rows ``rows.start`` to ``rows.stop``."""
+
+    def __init__(self, folder: Path, rows: range) -> None:
         self.array = np.load(folder / ARRAY, mmap_mode="r")
+        self.rows = rows
+
+    def covers(self, rows: torch.Tensor) -> bool:
+        return bool(len(rows)) and self.rows.start <= int(rows.min()) and \
+            int(rows.max()) < self.rows.stop
 
     def take(self, rows: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(np.take(self.array, rows.numpy(), axis=0))
+        """The features of decoded ``rows`` (all within this entry's range), in that order."""
+        return torch.from_numpy(np.take(self.array, rows.numpy() - self.rows.start, axis=0))
 
 
-def shared_features(store: DerivedStore, decoded: DecodedImages, *, backbone: str,
+def shared_features(store: DerivedStore, decoded: DecodedImages, rows: range, *, backbone: str,
                     precision: str, extract: Callable[[torch.Tensor], torch.Tensor],
                     batch_size: int, should_stop: Callable[[], None] | None = None,
                     owner: str | None = None) -> tuple[SharedFeatures, bool]:
-    """The features of every decoded image, from the store or computed now with ``extract``
-    (uint8 image batch -> float features, ``batch_size`` at a time); True when computed
-    now."""
+    """The features of the decoded images in ``rows``, from the store or computed now with
+    ``extract`` (uint8 image batch -> float features, ``batch_size`` at a time); True when
+    computed now."""
 
     def write(folder: Path) -> None:
-        n = len(decoded.array)
         out = None
-        for start in range(0, n, batch_size):
+        for start in range(rows.start, rows.stop, batch_size):
             if should_stop is not None:
                 should_stop()
-            rows = torch.arange(start, min(n, start + batch_size))
-            chunk = extract(decoded.take(rows)).float().cpu().numpy()
+            chunk = extract(decoded.take(torch.arange(start, min(rows.stop, start + batch_size))))
+            chunk = chunk.float().cpu().numpy()
             if out is None:
                 out = np.lib.format.open_memmap(folder / ARRAY, mode="w+", dtype=np.float32,
-                                                shape=(n, chunk.shape[1]))
-            out[start:start + len(chunk)] = chunk
+                                                shape=(len(rows), chunk.shape[1]))
+            out[start - rows.start:start - rows.start + len(chunk)] = chunk
         if out is not None:
             out.flush()
 
-    return store.build_and_open(KIND, features_key(decoded.key, backbone, precision), write,
-                                SharedFeatures, owner)
+    return store.build_and_open(KIND, features_key(decoded.key, backbone, precision, rows),
+                                write, lambda folder: SharedFeatures(folder, rows), owner)

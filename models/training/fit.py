@@ -322,16 +322,18 @@ def _monitored_key(spec: FineTuneSpec, *, has_val: bool) -> str:
 
 
 def _decoded(index: ImageFolderIndex, prep: Preprocessing, derived: DerivedStore | None,
-             owner: str | None, size: int) -> DecodedImages | None:
-    """Every image of the dataset decoded at ``size``, from the store (decoding them into it
-    the first time). Every size holds the images in the same order: a row is the same image
-    in each, so features computed from one size's rows serve another's."""
+             owner: str | None, size: int, *, with_test: bool = True) -> DecodedImages | None:
+    """The dataset's images decoded at ``size`` (without the test images unless
+    ``with_test``), from the store (decoding them into it the first time). Every size holds
+    the images in the same order, test images last: a row is the same image in each, so
+    features computed from one size's rows serve another's."""
     if derived is None or index.content_hash is None:
         return None
-    samples = [*index.train, *(index.val or []), *(index.test or [])]
+    samples = [*index.train, *(index.val or []), *((index.test or []) if with_test else [])]
     started = time.perf_counter()
     decoded, made = decoded_images(derived, index.content_hash, [s.path for s in samples],
-                                   index.root, prep, size, owner)
+                                   index.root, prep, size, owner,
+                                   part="all" if with_test else "fit")
     log.info("%s %d images at %d px in %.1f s", "decoded" if made else "reused the decoded",
              len(samples), size, time.perf_counter() - started)
     return decoded
@@ -366,15 +368,17 @@ def _build_setup(index: ImageFolderIndex, spec: FineTuneSpec, train_samples: lis
     prep = backbone.preprocessing
     decoded = _decoded(index, prep, derived, owner, prep.input_size)
     train_size = stored_size(prep, _stored_for(spec))
+    # Larger images for augmented crops are only ever trained on: no test images among them.
     train_decoded = decoded if train_size == prep.input_size else \
-        _decoded(index, prep, derived, owner, train_size)
+        _decoded(index, prep, derived, owner, train_size, with_test=False)
     train_source = ImageSource([s.path for s in train_samples], [s.label for s in train_samples],
                                prep, train_size, decoded=train_decoded, root=index.root)
     val_source = ImageSource([s.path for s in val_samples], [s.label for s in val_samples],
                              prep, prep.input_size, decoded=decoded, root=index.root)
     return RunSetup(backbone, model, prep, precision, train_source, val_source,
                     _class_weights(spec, train_source.labels, len(index.classes)),
-                    decoded=decoded, derived=derived, owner=owner)
+                    decoded=decoded, derived=derived, owner=owner,
+                    fit_rows=range(len(index.train) + len(index.val or [])))
 
 
 def _class_weights(spec: FineTuneSpec, labels: torch.Tensor,

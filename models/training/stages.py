@@ -76,7 +76,11 @@ class RunSetup:
     on_choice: Callable[[str, dict], None] | None = None  # a choice made while training
     # Set when pretraining adapted the backbone: its features are shared under this key.
     adapted_key: str | None = None
+    # The decoded rows of the images trained and validated on (test images come after them).
+    fit_rows: range = range(0)
     _shared: SharedFeatures | None = None
+    _shared_rest: SharedFeatures | None = None  # the test images' features, when asked for
+    _shared_made: bool = False  # whether the last entry opened was computed now
 
     def connect(self, callbacks: Callbacks, choices: dict) -> None:
         """Stop when the caller asks; report choices made while training as they are made."""
@@ -99,21 +103,45 @@ class RunSetup:
         run.shared_features = self.shared_features
         return run
 
-    @property
-    def computed_shared(self) -> SharedFeatures | None:
-        """The shared features, if this run has opened them (the backbone as built)."""
-        return self._shared
-
     def shared_features(self) -> SharedFeatures | None:
-        """The frozen backbone's features of every image, shared with other jobs on the
-        same images, backbone and precision (computed into the store by the first)."""
+        """The frozen backbone's features of the images trained and validated on, shared
+        with other jobs on the same images, backbone and precision (computed into the store
+        by the first)."""
         if self._shared is not None or self.backbone_changed:
             return None if self.backbone_changed else self._shared
+        self._shared = self._open(self.fit_rows)
+        if self._shared is not None and self.on_choice is not None:
+            made = self._shared_made
+            self.on_choice("feature_cache", {
+                "value": "computed" if made else "reused",
+                "why": ("frozen features of the training images computed once, kept for "
+                        "later jobs with the same images, size, backbone and precision")
+                if made else
+                ("frozen features reused from an earlier job with the same images, size, "
+                 "backbone and precision")})
+        return self._shared
+
+    def shared_features_of_rows(self, rows: torch.Tensor) -> torch.Tensor | None:
+        """Features of decoded ``rows`` from the store, for a model whose backbone is as
+        built (its best weights): the test images' entry is computed on first use. None
+        when this run does not share features or the rows span both entries."""
+        shared, decoded = self._shared, self.decoded
+        if shared is None or decoded is None or not len(rows):
+            return None
+        if shared.covers(rows):
+            return shared.take(rows)
+        if self._shared_rest is None and self.fit_rows.stop < len(decoded.array):
+            self._shared_rest = self._open(range(self.fit_rows.stop, len(decoded.array)))
+        rest = self._shared_rest
+        return rest.take(rows) if rest is not None and rest.covers(rows) else None
+
+    def _open(self, rows: range) -> SharedFeatures | None:
+        """The store's entry for ``rows`` of the backbone as it is now, computed if absent."""
         identity = backbone_identity(self.backbone.name, self.backbone.weights_source)
         if self.adapted_key is not None:  # "unshared": adapted where nothing can be shared
             identity = (None if self.adapted_key == "unshared"
                         else f"{identity or self.backbone.name}|adapted:{self.adapted_key}")
-        if self.derived is None or self.decoded is None or identity is None:
+        if self.derived is None or self.decoded is None or identity is None or not len(rows):
             return None
         backbone, device, prep = self.model.backbone, self.precision.device, self.prep
         backbone.eval()
@@ -124,19 +152,12 @@ class RunSetup:
             with self.precision.autocast():
                 return backbone(batch)
 
-        self._shared, made = shared_features(
-            self.derived, self.decoded, backbone=identity, precision=self.precision.name,
-            extract=extract, batch_size=feature_batch_size(device),
-            should_stop=lambda: stop_if_asked(self.should_stop),
-            owner=self.owner)
-        if self.on_choice is not None:
-            self.on_choice("feature_cache", {
-                "value": "computed" if made else "reused",
-                "why": ("frozen features of every image computed once, kept for later jobs "
-                        "with the same images, size, backbone and precision") if made else
-                       ("frozen features reused from an earlier job with the same images, "
-                        "size, backbone and precision")})
-        return self._shared
+        shared, self._shared_made = shared_features(
+            self.derived, self.decoded, rows, backbone=identity,
+            precision=self.precision.name, extract=extract,
+            batch_size=feature_batch_size(device),
+            should_stop=lambda: stop_if_asked(self.should_stop), owner=self.owner)
+        return shared
 
 
 def plan_with_lr(setup: RunSetup, spec: FineTuneSpec, choices: dict, cache_features: bool,
@@ -286,13 +307,14 @@ class StageRunner:
 
     def shared_features_of(self, samples: list, root: Path) -> torch.Tensor | None:
         """Those images' features from the shared store, when the best weights have the
-        backbone as built and the store already holds them (computed with the rest)."""
-        run, shared, decoded = self.best_run, self.setup.computed_shared, self.setup.decoded
-        if not samples or run is None or not run.backbone_frozen or shared is None \
-                or decoded is None:
+        backbone as built and this run shares features (test images' computed now if no
+        job has yet)."""
+        run, decoded = self.best_run, self.setup.decoded
+        if not samples or run is None or not run.backbone_frozen or decoded is None:
             return None
         rows = decoded.rows([s.path for s in samples], root)
-        return None if rows is None else shared.take(rows).to(self.setup.precision.device)
+        features = None if rows is None else self.setup.shared_features_of_rows(rows)
+        return None if features is None else features.to(self.setup.precision.device)
 
     def best_val_features(self) -> torch.Tensor | None:
         """Cached val features, when the best weights have the backbone they came from."""

@@ -14,6 +14,7 @@ from ftune.models.data.discover import scan_image_folder
 from ftune.models.data.source import ImageSource
 from ftune.models.derived.decoded import KIND, decoded_images
 from ftune.models.derived.features import KIND as FEATURES_KIND
+from ftune.models.derived.features import shared_features
 from ftune.models.derived.store import DerivedStore
 from ftune.models.training.fit import Callbacks, fit
 
@@ -100,6 +101,30 @@ def test_decoded_images_match_decoding_in_memory(tmp_path, tiny_folder):
         assert torch.equal(a, b) and torch.equal(la, lb)
 
 
+def test_features_of_a_range_of_rows_are_those_rows_of_the_whole(tmp_path, tiny_folder):
+    index = scan_image_folder(tiny_folder)
+    prep = create_backbone("tf_efficientnet_lite0", pretrained=False, image_size=32).preprocessing
+    store = DerivedStore(tmp_path, 10**9)
+    decoded, _ = decoded_images(store, index.content_hash, [s.path for s in index.train],
+                                index.root, prep, 32)
+    n = len(decoded.array)
+
+    def extract(images: torch.Tensor) -> torch.Tensor:  # any function of each image will do
+        return images.float().mean(dim=(2, 3))
+
+    def features(rows: range):
+        return shared_features(store, decoded, rows, backbone="b", precision="fp32",
+                               extract=extract, batch_size=5)
+
+    (whole, _), (tail, made) = features(range(n)), features(range(7, n))
+    assert made and len(tail.array) == n - 7
+    rows = torch.tensor([n - 1, 7, 12])
+    assert tail.covers(rows) and not tail.covers(torch.tensor([6, 7]))
+    assert torch.equal(tail.take(rows), whole.take(rows))
+    assert torch.equal(whole.take(rows), extract(decoded.take(rows)))
+    assert features(range(7, n))[1] is False  # an entry per range, found again
+
+
 def test_a_second_job_on_the_same_data_decodes_nothing(tmp_path, tiny_folder, caplog):
     """Nor computes frozen features: both come from the store, and the result is the same."""
     store = DerivedStore(tmp_path / "cache", 10**9)
@@ -147,6 +172,9 @@ def test_test_images_are_scored_from_the_shared_features_exactly_as_from_the_ima
     from_images = fit(root, spec).evaluation["test"]
     store = DerivedStore(tmp_path / "cache", 10**9)
     from_features = fit(root, spec, derived=store).evaluation["test"]
+    # Training computed the training images' features; evaluating the head, the test ones'.
+    assert sorted(e.key.rsplit("-", 1)[1] for e in store.entries()
+                  if e.kind == FEATURES_KIND) == ["rows0to36", "rows36to54"]
     assert from_features["accuracy"] == from_images["accuracy"]
     assert from_features["confusion_matrix"] == from_images["confusion_matrix"]
     assert from_features["loss"] == pytest.approx(from_images["loss"], rel=1e-5)
