@@ -17,6 +17,7 @@ from ftune.models.data.transforms import augment, center_crop_batch, normalize
 from ftune.models.derived.features import SharedFeatures
 from ftune.models.network import FineTuneModel
 from ftune.models.preprocessing import Preprocessing
+from ftune.models.settings import engine_settings
 from ftune.models.spec import FineTuneSpec
 from ftune.models.training.loop import (
     BatchHook,
@@ -25,13 +26,20 @@ from ftune.models.training.loop import (
     stop_if_asked,
     train_one_epoch,
 )
-from ftune.models.training.runtime import Precision, as_channels_last, feature_batch_size
+from ftune.models.training.prefix_cache import PrefixCache
+from ftune.models.training.runtime import (
+    Precision,
+    as_channels_last,
+    device_memory_bytes,
+    feature_batch_size,
+)
 from ftune.models.tuning.freezing import (
     apply_freezing,
     backbone_is_frozen,
     set_train_mode,
     trainable_stage_count,
 )
+from ftune.models.tuning.frozen_prefix import split_frozen
 from ftune.models.tuning.optimizers import create_optimizer
 from ftune.models.tuning.param_groups import HEAD, join_order, unit_param_groups
 from ftune.models.tuning.schedules import lr_multiplier
@@ -82,6 +90,8 @@ class TrainingRun:
         # Features of the whole dataset kept for other jobs too (when the setup has them).
         self.shared_features: Callable[[], SharedFeatures | None] | None = None
         self.caching_s = 0.0  # spent computing cached features (once, not every epoch)
+        # The frozen stages' outputs while only the top ones train, for this many trainable.
+        self._prefix: tuple[int, PrefixCache | None] | None = None
         self.n_trainable = trainable_stage_count(spec.freeze, 0, len(stages))
         apply_freezing(model, stages, self.n_trainable)
         groups = [g for unit in join_order(len(stages), self.n_trainable)
@@ -124,9 +134,10 @@ class TrainingRun:
         frozen = self.cache_features and backbone_is_frozen(self.n_trainable,
                                                              self.spec.freeze.batchnorm)
         use_train_cache = frozen and self.spec.augment == "none"
-        stats = self._train(epoch, callbacks, use_train_cache)
+        prefix = None if frozen else self._prefix_cache()
+        stats = self._train(epoch, callbacks, use_train_cache, prefix)
         self.step += stats.steps
-        val_loss, val_accuracy = self._validate(frozen)
+        val_loss, val_accuracy = self._validate(frozen, prefix)
         return {
             "epoch": self.epoch_offset + epoch + 1,
             "stage": self.stage,
@@ -142,13 +153,44 @@ class TrainingRun:
             "trainable_params": sum(p.numel() for p in self.model.parameters()
                                     if p.requires_grad),
             "feature_cache": use_train_cache,
+            "frozen_stage_cache": prefix is not None and self._prefix_ready(prefix, "train"),
         }
 
-    def _train(self, epoch: int, callbacks: Callbacks, use_train_cache: bool) -> EpochStats:
+    def _prefix_cache(self) -> PrefixCache | None:
+        """The frozen stages' output cache, when some stages train and the rest can run
+        once per image: BatchNorm frozen, a backbone that splits (and within the budget)."""
+        if not self.cache_features or self.spec.freeze.batchnorm != "frozen":
+            return None
+        if self._prefix is None or self._prefix[0] != self.n_trainable:
+            split = split_frozen(self.model, self.stages, self.n_trainable)
+            cache = None if split is None else PrefixCache(
+                split, self.precision, prefix_cache_budget(self.device))
+            self._prefix = (self.n_trainable, cache)
+        cache = self._prefix[1]
+        return None if cache is None or cache.too_large else cache
+
+    def _prefix_ready(self, prefix: PrefixCache, split: str) -> bool:
+        """Whether ``split``'s frozen-stage outputs are cached (computing them if not)."""
+        source = self.train_source if split == "train" else self.val_source
+        if split == "train" and self.spec.augment != "none":
+            return False  # augmented images are new every epoch
+        before = prefix.seconds
+        # Training images as the training steps see them (not augmented), val ones as stored.
+        ready = prefix.outputs(split, len(source), lambda: self._image_batches(
+            torch.arange(len(source)), training=split == "train", split=split,
+            batch_size=feature_batch_size(self.device)), self.should_stop) is not None
+        self.caching_s += prefix.seconds - before
+        return ready
+
+    def _train(self, epoch: int, callbacks: Callbacks, use_train_cache: bool,
+               prefix: PrefixCache | None) -> EpochStats:
         order = self._order(epoch)
         if use_train_cache:
             module: nn.Module = self.model.head
             batches = self._feature_batches("train", order)
+        elif prefix is not None and self._prefix_ready(prefix, "train"):
+            module = prefix.split.suffix
+            batches = prefix.batches("train", order, self.spec.batch_size)
         else:
             module, batches = self.model, self._image_batches(order, training=True)
         return train_one_epoch(
@@ -162,7 +204,8 @@ class TrainingRun:
             should_stop=callbacks.should_stop,
         )
 
-    def _validate(self, frozen: bool) -> tuple[float | None, float | None]:
+    def _validate(self, frozen: bool, prefix: PrefixCache | None
+                  ) -> tuple[float | None, float | None]:
         if not len(self.val_source):
             return None, None
         self.model.eval()
@@ -170,6 +213,10 @@ class TrainingRun:
         if frozen:  # the head alone, in eval mode: any batch size gives the same answer
             return evaluate(self.model.head,
                             self._feature_batches("val", order, FEATURE_EVAL_BATCH),
+                            loss_fn=self.loss_fn, precision=self.precision)
+        if prefix is not None and self._prefix_ready(prefix, "val"):
+            return evaluate(prefix.split.suffix,
+                            prefix.batches("val", order, self.spec.batch_size),
                             loss_fn=self.loss_fn, precision=self.precision)
         return evaluate(self.model, self._image_batches(order, training=False, split="val"),
                         loss_fn=self.loss_fn, precision=self.precision)
@@ -206,11 +253,16 @@ class TrainingRun:
         The steps change this run's weights, so it is called on a throwaway copy."""
         set_train_mode(self.model, self.n_trainable, self.spec.freeze.batchnorm)
         batch, order = self.spec.batch_size, self._order(0)[:(steps + 1) * self.spec.batch_size]
+        prefix = self._prefix_cache() if self.spec.augment == "none" else None
+        module = self.model if prefix is None else prefix.split.suffix
         times = []
         for step in range(steps + 1):
+            batches = self._image_batches(order[step * batch:(step + 1) * batch], training=True)
+            if prefix is not None:  # the frozen stages run once per image, not every epoch
+                with torch.no_grad(), self.precision.autocast():
+                    batches = iter([(prefix.split.prefix(x), y) for x, y in batches])
             started = time.perf_counter()
-            train_one_epoch(self.model, self._image_batches(order[step * batch:(step + 1) * batch],
-                                                            training=True),
+            train_one_epoch(module, batches,
                             self.optimizer, loss_fn=self.loss_fn, precision=self.precision,
                             scaler=self.scaler, first_step=0, lr_at_step=lambda _: 1.0,
                             grad_groups=self.grad_groups())
@@ -255,6 +307,19 @@ class TrainingRun:
             self._features[split + "_labels"] = source.labels.to(self.device)
             self.caching_s += time.perf_counter() - started
         return self._features[split], self._features[split + "_labels"]
+
+
+# Of the device's memory, at most this share holds the frozen stages' outputs; the rest is
+# the model's and the batches'.
+PREFIX_CACHE_SHARE = 0.1
+
+
+def prefix_cache_budget(device: torch.device) -> int:
+    """Bytes the frozen stages' outputs may take: within the decoded-image budget and a
+    tenth of the device's memory."""
+    capacity = device_memory_bytes(device)
+    budget = engine_settings().decode_cache_bytes
+    return budget if capacity is None else min(budget, int(PREFIX_CACHE_SHARE * capacity))
 
 
 def samples_per_epoch(n: int, batch_size: int) -> int:

@@ -352,7 +352,7 @@ class StageRunner:
 
     def _epoch_seconds(self, plan: StagePlan) -> float:
         """One epoch of ``plan``, estimated by timing a few steps on a copy of the model."""
-        probe = self.setup.run(plan, cache_features=False,
+        probe = self.setup.run(plan, cache_features=self.cache_features,
                                model=copy.deepcopy(self.setup.model))
         step_s = probe.seconds_per_step(PROBE_STEPS)
         batch = plan.spec.batch_size

@@ -106,6 +106,25 @@ def test_feature_cache_gives_the_same_results(animal_folder):
             assert a[key] == pytest.approx(b[key], rel=1e-3, abs=1e-4), key
 
 
+@pytest.mark.parametrize("backbone", ["tf_efficientnet_lite0", "mobilenet_v2"])
+def test_frozen_stages_run_once_per_image_with_the_same_results(tiny_folder, backbone):
+    """With the top stages training on images not augmented, the frozen stages' outputs are
+    computed once and reused: the same losses, accuracies and weights as running them every
+    step (gradual unfreezing: the cache follows the stages as they join)."""
+    spec = _spec(backbone=backbone, epochs=3, augment="none", val_fraction=0.25,
+                 freeze={"strategy": "gradual", "unfreeze_every": 1, "batchnorm": "frozen"})
+    cached = fit(tiny_folder, spec)
+    whole = fit(tiny_folder, spec, cache_features=False)
+    assert [r["frozen_stage_cache"] for r in cached.history] == [False, True, True]
+    assert not any(r["frozen_stage_cache"] for r in whole.history)
+    for a, b in zip(cached.history, whole.history, strict=True):
+        for key in ("train_loss", "val_loss", "val_accuracy", "grad_norm"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), (a["epoch"], key)
+    for (name, a), b in zip(cached.model.state_dict().items(),
+                            whole.model.state_dict().values(), strict=True):
+        assert torch.allclose(a.float(), b.float(), atol=1e-4), name
+
+
 def test_early_stopping_restores_the_best_weights(tiny_folder, tmp_path):
     # A learning rate far too high makes val loss bounce, so patience runs out early.
     # No refit: the returned model is then the best epoch's, not one trained again on train+val.

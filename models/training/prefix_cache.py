@@ -1,0 +1,57 @@
+"""What the frozen bottom stages of a backbone make of each image of a split, computed once
+per training stage and then reused every epoch, while the stages above them train
+(``models/tuning/frozen_prefix.py`` says when a backbone can be split so)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+
+import torch
+
+from ftune.models.training.loop import stop_if_asked
+from ftune.models.training.runtime import Precision, as_channels_last
+from ftune.models.tuning.frozen_prefix import FrozenSplit
+
+Batches = Iterator[tuple[torch.Tensor, torch.Tensor]]
+
+
+class PrefixCache:
+    """The frozen stages' outputs per split, kept on the device within ``budget_bytes``."""
+
+    def __init__(self, split: FrozenSplit, precision: Precision, budget_bytes: int) -> None:
+        self.split, self.precision, self.budget_bytes = split, precision, budget_bytes
+        self._outputs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.too_large = False  # set once a split's outputs would not fit the budget
+        self.seconds = 0.0  # spent computing outputs
+
+    @torch.no_grad()
+    def outputs(self, name: str, size: int, batches: Callable[[], Batches],
+                should_stop: Callable[[], bool] | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The outputs and labels of split ``name`` (``size`` images, in ``batches`` order,
+        centre-cropped, not augmented); None when they would not fit the budget."""
+        if name in self._outputs or self.too_large:
+            return self._outputs.get(name)
+        started = time.perf_counter()
+        chunks, labels = [], []
+        for images, targets in batches():
+            stop_if_asked(should_stop)
+            with self.precision.autocast():
+                out = self.split.prefix(images)
+            if not chunks and out[0].numel() * out.element_size() * size > self.budget_bytes:
+                self.too_large = True
+                return None
+            chunks.append(out)
+            labels.append(targets)
+        self._outputs[name] = (torch.cat(chunks), torch.cat(labels))
+        self.seconds += time.perf_counter() - started
+        return self._outputs[name]
+
+    def batches(self, name: str, order: torch.Tensor, batch_size: int) -> Batches:
+        """``order``'s rows of split ``name`` (computed already), ``batch_size`` at a time."""
+        outputs, labels = self._outputs[name]
+        order = order.to(outputs.device)
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            yield as_channels_last(outputs[idx]), labels[idx]
