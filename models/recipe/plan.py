@@ -62,7 +62,7 @@ def _training_stage(name: str, spec: FineTuneSpec, preset: Preset, *, strategy: 
     epochs = int(spec.epochs)
     changes: dict[str, object] = {"freeze__strategy": strategy, "freeze__n_blocks": n_blocks}
     if spec.augment == "auto":
-        choice = rules.augment(preset, backbone_trains=True)
+        choice = rules.augment(preset, backbone_trains=True, epochs=epochs)
         changes["augment"] = choice.value
         resolved["augment"] = choice.to_dict()
     if spec.schedule.name == "auto":

@@ -345,7 +345,10 @@ def _stored_for(spec: FineTuneSpec) -> str:
     explicit augment, not from the centre crop (bench/defaults.py: digits gained from it)."""
     if spec.augment != "auto":
         return spec.augment
-    return PRESETS[spec.preset].augment if two_stage(spec) else "none"
+    if not two_stage(spec):
+        return "none"
+    return rules.augment(PRESETS[spec.preset], backbone_trains=True,
+                         epochs=int(spec.epochs)).value
 
 
 def _build_setup(index: ImageFolderIndex, spec: FineTuneSpec, train_samples: list[Sample],

@@ -131,12 +131,27 @@ def test_two_stage_plan_has_a_cached_head_stage_then_a_finetune_stage():
     head, finetune = plan_stages(apply_static(spec, resolved), resolved, num_stages=9)
     assert head.spec.freeze.strategy == "head_only" and head.spec.augment == "none"
     assert finetune.spec.freeze.strategy == "last_n_blocks"
-    assert finetune.spec.freeze.n_blocks == 3 and finetune.spec.augment == "crop"
+    # Three passes over 2,000 images: no augmentation (the frozen stages then run once).
+    assert finetune.spec.freeze.n_blocks == 3 and finetune.spec.augment == "none"
     # The fine-tuning stage runs its cosine schedule to the end (its last epochs are best).
     assert finetune.spec.early_stopping.patience >= int(apply_static(spec, resolved).epochs)
     assert finetune.spec.schedule.name == "cosine" and finetune.spec.schedule.warmup_epochs > 0
     assert finetune.spec.optimizer.layer_decay == rules.LAYER_DECAY
     assert finetune.spec.freeze.batchnorm == "frozen"
+
+
+def test_augmentation_only_when_fine_tuning_sees_the_images_many_times():
+    few = rules.finetune_epochs(2000, PRESETS["balanced"]).value
+    many = rules.finetune_epochs(300, PRESETS["balanced"]).value
+    assert few < rules.AUGMENT_FROM_EPOCHS <= many
+    assert rules.augment(PRESETS["balanced"], True, few).value == "none"
+    assert rules.augment(PRESETS["balanced"], True, many).value == "crop"
+    assert rules.augment(PRESETS["best"], True, many).value == "strong"
+    assert rules.augment(PRESETS["balanced"], False, many).value == "none"
+    spec = FineTuneSpec()
+    resolved = resolve_static(spec, _stats({"a": 150, "b": 150}))
+    _, finetune = plan_stages(apply_static(spec, resolved), resolved, num_stages=9)
+    assert finetune.spec.augment == "crop" and resolved["augment"]["value"] == "crop"
 
 
 def test_fast_preset_is_head_only_on_cached_features():
