@@ -36,12 +36,6 @@ MAX_FINETUNE_LR = 1e-3
 # and 1); 0.85 gave 0.950 on digits. With so few stages training, lower rates only slow them.
 LAYER_DECAY = None
 HEAD_DROPOUT = 0.2  # while backbone stages train; none for a head alone on cached features
-# Augmentation pays when the same images are seen many times. Measured in process on
-# bench/defaults.py's data, crops against none: digits (4 epochs) 0.958/0.966 against the
-# same (seeds 0, 1), animal-mnist (3 epochs) 0.972/0.964 against 0.972/0.967; 300 animal-mnist
-# images (9 epochs) 0.897 against 0.892 (3 seeds). Without it, the frozen stages' outputs are
-# computed once (models/training/prefix_cache.py): a third of each step on lite0's top 3.
-AUGMENT_FROM_EPOCHS = 6
 
 
 class Choice(NamedTuple):
@@ -127,14 +121,15 @@ def time_budget(preset: Preset, time_budget_s: float | None,
 
 
 def augment(preset: Preset, backbone_trains: bool, epochs: int) -> Choice:
-    """The preset's augmentation while backbone stages train for many epochs; none for a few,
-    or for a frozen backbone."""
+    """The preset's augmentation while backbone stages train for enough epochs (presets.py);
+    none for fewer, or for a frozen backbone."""
     if not backbone_trains:
         return Choice("none", "the backbone is frozen: features are computed once and cached")
-    if epochs < AUGMENT_FROM_EPOCHS:
-        return Choice("none", f"{epochs} epoch(s) of fine-tuning: too few passes over the "
-                      "images for augmentation to pay, and without it the frozen stages "
-                      "run once per image instead of at every step")
+    if epochs < preset.augment_from_epochs:
+        return Choice("none", f"{epochs} epoch(s) of fine-tuning, fewer than "
+                      f"{preset.augment_from_epochs} (preset {preset.name}): too few passes "
+                      "over the images for augmentation to pay, and without it the frozen "
+                      "stages run once per image instead of at every step")
     return Choice(preset.augment, f"backbone stages train for {epochs} epochs: "
                   f"{preset.augment} augmentation (preset {preset.name}) against overfitting")
 

@@ -141,12 +141,13 @@ def test_two_stage_plan_has_a_cached_head_stage_then_a_finetune_stage():
 
 
 def test_augmentation_only_when_fine_tuning_sees_the_images_many_times():
-    few = rules.finetune_epochs(2000, PRESETS["balanced"]).value
-    many = rules.finetune_epochs(300, PRESETS["balanced"]).value
-    assert few < rules.AUGMENT_FROM_EPOCHS <= many
-    assert rules.augment(PRESETS["balanced"], True, few).value == "none"
-    assert rules.augment(PRESETS["balanced"], True, many).value == "crop"
-    assert rules.augment(PRESETS["best"], True, many).value == "strong"
+    balanced = PRESETS["balanced"]
+    few = rules.finetune_epochs(2000, balanced).value
+    many = rules.finetune_epochs(300, balanced).value
+    assert few < balanced.augment_from_epochs <= many
+    assert rules.augment(balanced, True, few).value == "none"
+    assert rules.augment(balanced, True, many).value == "crop"
+    assert rules.augment(PRESETS["best"], True, few).value == "strong"  # best always does
     assert rules.augment(PRESETS["balanced"], False, many).value == "none"
     spec = FineTuneSpec()
     resolved = resolve_static(spec, _stats({"a": 150, "b": 150}))
