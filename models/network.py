@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+
+import torch
 from torch import nn
 
 from ftune.models.recipe.rules import HEAD_DROPOUT
@@ -68,3 +71,16 @@ class FineTuneModel(nn.Module):
 
     def forward(self, x):  # type: ignore[no-untyped-def]
         return self.head(self.backbone(x))
+
+
+def reinit_head(head: nn.Module, spec: HeadSpec, seed: int) -> None:
+    """New weights for a head, initialised as ``build_head`` does, from ``seed`` (drawn on the
+    CPU: the same weights on any device) and without touching the global random state."""
+    fresh = copy.deepcopy(head).cpu()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for module in fresh.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.reset_parameters()
+        init_head(fresh, spec)
+    head.load_state_dict(fresh.state_dict())

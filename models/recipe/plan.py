@@ -9,7 +9,7 @@ explicit strategy is one stage, ``train``, whose remaining auto fields follow th
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ftune.models.recipe import rules
 from ftune.models.recipe.presets import PRESETS, Preset
@@ -25,6 +25,7 @@ DEFAULT_PATIENCE = 3  # an explicit freeze strategy with patience auto
 class StagePlan:
     name: str  # "head" | "finetune" | "train"
     spec: FineTuneSpec
+    fresh_head: bool = False  # starts from a new head, not the one the stage before trained
 
     @property
     def trains_backbone(self) -> bool:
@@ -91,9 +92,11 @@ def plan_stages(spec: FineTuneSpec, resolved: Resolved, num_stages: int) -> list
     if spec.freeze.strategy == "auto":
         n_blocks = min(int(resolved["freeze.n_blocks"]["value"]), num_stages)
         resolved["freeze.n_blocks"]["value"] = n_blocks
+        finetune = _training_stage("finetune", spec, preset, strategy="last_n_blocks",
+                                   n_blocks=n_blocks, resolved=resolved)
+        resolved["finetune.head"] = rules.finetune_head().to_dict()
         return [_head_stage(spec, preset, preset.head_max_epochs),
-                _training_stage("finetune", spec, preset, strategy="last_n_blocks",
-                                n_blocks=n_blocks, resolved=resolved)]
+                StagePlan(finetune.name, finetune.spec, fresh_head=True)]
     if spec.freeze.strategy == "head_only":
         plan = _head_stage(spec, preset, int(spec.epochs))
         if spec.augment not in ("auto", "none"):  # augmentation asked for: no feature cache
@@ -107,10 +110,9 @@ def plan_stages(spec: FineTuneSpec, resolved: Resolved, num_stages: int) -> list
 
 
 def with_lr(plan: StagePlan, lr: float) -> StagePlan:
-    return StagePlan(plan.name, _with(plan.spec, optimizer__lr=lr))
+    return replace(plan, spec=_with(plan.spec, optimizer__lr=lr))
 
 
 def with_epochs(plan: StagePlan, epochs: int) -> StagePlan:
     warmup = min(plan.spec.schedule.warmup_epochs, epochs)
-    return StagePlan(plan.name, _with(plan.spec, epochs=epochs,
-                                      schedule__warmup_epochs=warmup))
+    return replace(plan, spec=_with(plan.spec, epochs=epochs, schedule__warmup_epochs=warmup))

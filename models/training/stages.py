@@ -18,7 +18,7 @@ from ftune.models.data.transforms import normalize
 from ftune.models.derived.decoded import DecodedImages
 from ftune.models.derived.features import SharedFeatures, backbone_identity, shared_features
 from ftune.models.derived.store import DerivedStore
-from ftune.models.network import FineTuneModel
+from ftune.models.network import FineTuneModel, reinit_head
 from ftune.models.preprocessing import Preprocessing
 from ftune.models.recipe import rules
 from ftune.models.recipe.plan import StagePlan, plan_stages, with_epochs, with_lr
@@ -222,6 +222,8 @@ class StageRunner:
                     break
             if resuming:
                 self.stage_offset = state.get("stage_offset", 0)
+            elif plan.fresh_head:
+                reinit_head(self.setup.model.head, plan.spec.head, plan.spec.seed)
             run = self.setup.run(plan, cache_features=self.cache_features,
                                  epoch_offset=self.stage_offset)
             if features_from is not None and run.backbone_frozen:

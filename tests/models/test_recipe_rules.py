@@ -138,6 +138,9 @@ def test_two_stage_plan_has_a_cached_head_stage_then_a_finetune_stage():
     assert finetune.spec.schedule.name == "cosine" and finetune.spec.schedule.warmup_epochs > 0
     assert finetune.spec.optimizer.layer_decay == rules.LAYER_DECAY
     assert finetune.spec.freeze.batchnorm == "frozen"
+    # It starts from a new head, and says so.
+    assert finetune.fresh_head and not head.fresh_head
+    assert resolved["finetune.head"]["value"] == "new"
 
 
 def test_augmentation_only_when_fine_tuning_sees_the_images_many_times():
@@ -248,3 +251,28 @@ def test_the_spec_knows_which_presets_train_the_head_alone(preset):
     assert parse_spec({"preset": preset}).head_alone is not PRESETS[preset].finetune
     assert parse_spec({"preset": preset, "freeze": {"strategy": "head_only"}}).head_alone
     assert not parse_spec({"preset": preset, "freeze": {"strategy": "none"}}).head_alone
+
+
+def test_a_new_head_is_initialised_as_at_the_start_from_its_seed():
+    import torch
+
+    from ftune.models.network import OUTPUT_INIT_STD, build_head, reinit_head
+    from ftune.models.spec import HeadSpec
+
+    spec = HeadSpec(hidden=[16], batchnorm=True, dropout=0.2)
+    head = build_head(32, 5, spec)
+    with torch.no_grad():
+        for param in head.parameters():
+            param.add_(1.0)  # as if trained
+    state = torch.get_rng_state()
+    reinit_head(head, spec, seed=3)
+    assert torch.equal(torch.get_rng_state(), state)  # the run's random stream is untouched
+    first = {k: v.clone() for k, v in head.state_dict().items()}
+    reinit_head(head, spec, seed=3)
+    assert all(torch.equal(first[k], v) for k, v in head.state_dict().items())
+    output = [m for m in head.modules() if isinstance(m, torch.nn.Linear)][-1]
+    assert torch.all(output.bias == 0) and output.weight.std() < 3 * OUTPUT_INIT_STD
+    norm = next(m for m in head.modules() if isinstance(m, torch.nn.BatchNorm1d))
+    assert torch.all(norm.weight == 1) and torch.all(norm.bias == 0)
+    reinit_head(head, spec, seed=4)
+    assert not torch.equal(first["1.weight"], head.state_dict()["1.weight"])
