@@ -9,11 +9,24 @@ from collections.abc import Callable, Iterator
 
 import torch
 
+from ftune.models.settings import engine_settings
 from ftune.models.training.loop import stop_if_asked
-from ftune.models.training.runtime import Precision, as_channels_last
+from ftune.models.training.runtime import Precision, as_channels_last, device_memory_bytes
 from ftune.models.tuning.frozen_prefix import FrozenSplit
 
 Batches = Iterator[tuple[torch.Tensor, torch.Tensor]]
+
+# Of the device's memory, at most this share holds the frozen stages' outputs; the rest is
+# the model's and the batches'.
+PREFIX_CACHE_SHARE = 0.1
+
+
+def prefix_cache_budget(device: torch.device) -> int:
+    """Bytes the frozen stages' outputs may take: within the decoded-image budget and a
+    tenth of the device's memory."""
+    capacity = device_memory_bytes(device)
+    budget = engine_settings().decode_cache_bytes
+    return budget if capacity is None else min(budget, int(PREFIX_CACHE_SHARE * capacity))
 
 
 class PrefixCache:
@@ -22,7 +35,7 @@ class PrefixCache:
     def __init__(self, split: FrozenSplit, precision: Precision, budget_bytes: int) -> None:
         self.split, self.precision, self.budget_bytes = split, precision, budget_bytes
         self._outputs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.too_large = False  # set once a split's outputs would not fit the budget
+        self.too_large = False  # set once a split's outputs would not fit beside the rest
         self.seconds = 0.0  # spent computing outputs
 
     @torch.no_grad()
@@ -39,7 +52,8 @@ class PrefixCache:
             stop_if_asked(should_stop)
             with self.precision.autocast():
                 out = self.split.prefix(images)
-            if not chunks and out[0].numel() * out.element_size() * size > self.budget_bytes:
+            if not chunks and self.bytes() + out[0].numel() * out.element_size() * size > \
+                    self.budget_bytes:
                 self.too_large = True
                 return None
             chunks.append(out)
@@ -47,6 +61,10 @@ class PrefixCache:
         self._outputs[name] = (torch.cat(chunks), torch.cat(labels))
         self.seconds += time.perf_counter() - started
         return self._outputs[name]
+
+    def bytes(self) -> int:
+        """What the outputs kept so far take."""
+        return sum(out.numel() * out.element_size() for out, _ in self._outputs.values())
 
     def batches(self, name: str, order: torch.Tensor, batch_size: int) -> Batches:
         """``order``'s rows of split ``name`` (computed already), ``batch_size`` at a time."""

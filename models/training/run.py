@@ -17,7 +17,6 @@ from ftune.models.data.transforms import augment, center_crop_batch, normalize
 from ftune.models.derived.features import SharedFeatures
 from ftune.models.network import FineTuneModel
 from ftune.models.preprocessing import Preprocessing
-from ftune.models.settings import engine_settings
 from ftune.models.spec import FineTuneSpec
 from ftune.models.training.loop import (
     BatchHook,
@@ -26,13 +25,8 @@ from ftune.models.training.loop import (
     stop_if_asked,
     train_one_epoch,
 )
-from ftune.models.training.prefix_cache import PrefixCache
-from ftune.models.training.runtime import (
-    Precision,
-    as_channels_last,
-    device_memory_bytes,
-    feature_batch_size,
-)
+from ftune.models.training.prefix_cache import PrefixCache, prefix_cache_budget
+from ftune.models.training.runtime import Precision, as_channels_last, feature_batch_size
 from ftune.models.tuning.freezing import (
     apply_freezing,
     backbone_is_frozen,
@@ -135,7 +129,9 @@ class TrainingRun:
                                                              self.spec.freeze.batchnorm)
         use_train_cache = frozen and self.spec.augment == "none"
         prefix = None if frozen else self._prefix_cache()
-        stats = self._train(epoch, callbacks, use_train_cache, prefix)
+        train_on_prefix = prefix is not None and self._prefix_ready(prefix, "train")
+        stats = self._train(epoch, callbacks, use_train_cache,
+                            prefix if train_on_prefix else None)
         self.step += stats.steps
         val_loss, val_accuracy = self._validate(frozen, prefix)
         return {
@@ -153,7 +149,7 @@ class TrainingRun:
             "trainable_params": sum(p.numel() for p in self.model.parameters()
                                     if p.requires_grad),
             "feature_cache": use_train_cache,
-            "frozen_stage_cache": prefix is not None and self._prefix_ready(prefix, "train"),
+            "frozen_stage_cache": train_on_prefix,
         }
 
     def _prefix_cache(self) -> PrefixCache | None:
@@ -166,8 +162,7 @@ class TrainingRun:
             cache = None if split is None else PrefixCache(
                 split, self.precision, prefix_cache_budget(self.device))
             self._prefix = (self.n_trainable, cache)
-        cache = self._prefix[1]
-        return None if cache is None or cache.too_large else cache
+        return self._prefix[1]
 
     def _prefix_ready(self, prefix: PrefixCache, split: str) -> bool:
         """Whether ``split``'s frozen-stage outputs are cached (computing them if not)."""
@@ -184,11 +179,13 @@ class TrainingRun:
 
     def _train(self, epoch: int, callbacks: Callbacks, use_train_cache: bool,
                prefix: PrefixCache | None) -> EpochStats:
+        """One epoch on cached features (the head alone), on the frozen stages' cached
+        outputs (``prefix``), or on images."""
         order = self._order(epoch)
         if use_train_cache:
             module: nn.Module = self.model.head
             batches = self._feature_batches("train", order)
-        elif prefix is not None and self._prefix_ready(prefix, "train"):
+        elif prefix is not None:  # its training images' outputs are ready
             module = prefix.split.suffix
             batches = prefix.batches("train", order, self.spec.batch_size)
         else:
@@ -307,19 +304,6 @@ class TrainingRun:
             self._features[split + "_labels"] = source.labels.to(self.device)
             self.caching_s += time.perf_counter() - started
         return self._features[split], self._features[split + "_labels"]
-
-
-# Of the device's memory, at most this share holds the frozen stages' outputs; the rest is
-# the model's and the batches'.
-PREFIX_CACHE_SHARE = 0.1
-
-
-def prefix_cache_budget(device: torch.device) -> int:
-    """Bytes the frozen stages' outputs may take: within the decoded-image budget and a
-    tenth of the device's memory."""
-    capacity = device_memory_bytes(device)
-    budget = engine_settings().decode_cache_bytes
-    return budget if capacity is None else min(budget, int(PREFIX_CACHE_SHARE * capacity))
 
 
 def samples_per_epoch(n: int, batch_size: int) -> int:

@@ -80,7 +80,6 @@ class RunSetup:
     fit_rows: range = range(0)
     _shared: SharedFeatures | None = None
     _shared_rest: SharedFeatures | None = None  # the test images' features, when asked for
-    _shared_made: bool = False  # whether the last entry opened was computed now
 
     def connect(self, callbacks: Callbacks, choices: dict) -> None:
         """Stop when the caller asks; report choices made while training as they are made."""
@@ -109,9 +108,8 @@ class RunSetup:
         by the first)."""
         if self._shared is not None or self.backbone_changed:
             return None if self.backbone_changed else self._shared
-        self._shared = self._open(self.fit_rows)
+        self._shared, made = self._open(self.fit_rows)
         if self._shared is not None and self.on_choice is not None:
-            made = self._shared_made
             self.on_choice("feature_cache", {
                 "value": "computed" if made else "reused",
                 "why": ("frozen features of the training images computed once, kept for "
@@ -131,18 +129,19 @@ class RunSetup:
         if shared.covers(rows):
             return shared.take(rows)
         if self._shared_rest is None and self.fit_rows.stop < len(decoded.array):
-            self._shared_rest = self._open(range(self.fit_rows.stop, len(decoded.array)))
+            self._shared_rest, _ = self._open(range(self.fit_rows.stop, len(decoded.array)))
         rest = self._shared_rest
         return rest.take(rows) if rest is not None and rest.covers(rows) else None
 
-    def _open(self, rows: range) -> SharedFeatures | None:
-        """The store's entry for ``rows`` of the backbone as it is now, computed if absent."""
+    def _open(self, rows: range) -> tuple[SharedFeatures | None, bool]:
+        """The store's entry for ``rows`` of the backbone as it is now, computed if absent
+        (True when computed now); None when this run shares no features."""
         identity = backbone_identity(self.backbone.name, self.backbone.weights_source)
         if self.adapted_key is not None:  # "unshared": adapted where nothing can be shared
             identity = (None if self.adapted_key == "unshared"
                         else f"{identity or self.backbone.name}|adapted:{self.adapted_key}")
         if self.derived is None or self.decoded is None or identity is None or not len(rows):
-            return None
+            return None, False
         backbone, device, prep = self.model.backbone, self.precision.device, self.prep
         backbone.eval()
 
@@ -152,12 +151,11 @@ class RunSetup:
             with self.precision.autocast():
                 return backbone(batch)
 
-        shared, self._shared_made = shared_features(
+        return shared_features(
             self.derived, self.decoded, rows, backbone=identity,
             precision=self.precision.name, extract=extract,
             batch_size=feature_batch_size(device),
             should_stop=lambda: stop_if_asked(self.should_stop), owner=self.owner)
-        return shared
 
 
 def plan_with_lr(setup: RunSetup, spec: FineTuneSpec, choices: dict, cache_features: bool,

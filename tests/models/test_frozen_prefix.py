@@ -64,5 +64,9 @@ def test_outputs_beyond_the_budget_are_not_kept(lite0):
     order = torch.tensor([3, 0])
     (batch, batch_labels), = list(fits.batches("train", order, 2))
     assert torch.equal(batch, outputs[order]) and torch.equal(batch_labels, labels[order])
+    assert fits.bytes() == per_image * 4
+    # A second split must fit beside the first.
+    assert fits.outputs("val", 2, lambda: iter([(images[:2], labels[:2])])) is None
+    assert fits.too_large
     too_small = PrefixCache(split, precision, per_image * 4 - 1)
     assert too_small.outputs("train", 4, batches) is None and too_small.too_large
