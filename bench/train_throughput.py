@@ -1,4 +1,4 @@
-"""Training throughput of ``fit`` against a bare PyTorch loop, and the head-only feature cache.
+"""Training throughput of ``fit`` against a bare PyTorch loop, and what its caches save.
 
 Usage: ``.venv/bin/python bench/train_throughput.py [--images N] [--epochs E] ...``
 
@@ -14,10 +14,14 @@ Two measurements, each printed as one ``key=value`` line:
   and the bare loops' first epoch is dropped the same way (after an untimed warm-up step).
 * ``head_only``: ``fit`` head-only (BatchNorm frozen, no augmentation) with the feature cache on
   against ``cache_features=False``; seconds per epoch after the first.
+* ``top_stages``: ``fit`` training the top 3 stages (BatchNorm of the rest frozen, no
+  augmentation, N images) with the frozen stages' outputs cached against
+  ``cache_features=False``, which runs them at every step; seconds per epoch after the first.
 
 ``ratio`` is fit / channels-last bare images/s (target >= 0.9); ``speedup`` is recompute /
-cached epoch seconds (target >= 50). Each comparison runs ``--repeats`` alternating rounds; the
-plain keys pool all timed epochs, the ``*_best_*`` keys use the fastest one. The one-minute
+cached epoch seconds (head-only target >= 50; top stages: what the frozen-stage cache gains).
+Each comparison runs ``--repeats`` alternating rounds; the plain keys pool all timed epochs,
+the ``*_best_*`` keys use the fastest one. The one-minute
 load average is printed too: another process using the CPUs (even one other torch process on a
 2-core machine) slows epochs by up to 20x and makes the numbers meaningless.
 """
@@ -42,6 +46,7 @@ from ftune.models.training.fit import fit
 from ftune.testing.realdata import animal_mnist_arrays, balanced_indices, write_image_folder
 
 BACKBONE = "tf_efficientnet_lite0"
+TOP_STAGES = 3  # what the default recipe trains from 500 images
 
 
 def parse_args() -> argparse.Namespace:
@@ -60,9 +65,11 @@ def parse_args() -> argparse.Namespace:
                         "fastest timed epoch over all rounds gives the *_best_* keys")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch.set_num_threads (default: torch's current setting)")
-    parser.add_argument("--skip-full", action="store_true", help="only the head-only comparison")
+    parser.add_argument("--skip-full", action="store_true", help="no full fine-tune comparison")
     parser.add_argument("--skip-head", action="store_true",
-                        help="only the full fine-tune comparison")
+                        help="no head-only comparison")
+    parser.add_argument("--skip-top", action="store_true",
+                        help="no top-stages comparison")
     args = parser.parse_args()
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
@@ -191,7 +198,21 @@ def full_finetune(args: argparse.Namespace, data: Path, n: int) -> None:
 
 
 def head_only(args: argparse.Namespace, data: Path, n: int) -> None:
-    spec = base_spec(args, freeze={"strategy": "head_only", "batchnorm": "frozen"})
+    cache_comparison(args, data, n, "head_only", "feature_cache",
+                     {"strategy": "head_only", "batchnorm": "frozen"})
+
+
+def top_stages(args: argparse.Namespace, data: Path, n: int) -> None:
+    cache_comparison(args, data, n, "top_stages", "frozen_stage_cache",
+                     {"strategy": "last_n_blocks", "n_blocks": TOP_STAGES,
+                      "batchnorm": "frozen"})
+
+
+def cache_comparison(args: argparse.Namespace, data: Path, n: int, name: str, row_key: str,
+                     freeze: dict) -> None:
+    """``fit`` with ``freeze`` and its cache on (``row_key`` true in every epoch's row)
+    against ``cache_features=False``, alternating rounds; epochs 2..E timed."""
+    spec = base_spec(args, freeze=freeze)
     per_epoch = per_epoch_samples(n, args.batch_size)
     cached_timed: list[float] = []
     recompute_timed: list[float] = []
@@ -201,8 +222,8 @@ def head_only(args: argparse.Namespace, data: Path, n: int) -> None:
         cached = fit(data, spec, device="cpu", cache_features=True)
         recompute = fit(data, spec, device="cpu", cache_features=False)
         assert cached.num_train == n and cached.num_val == 0
-        assert all(row["feature_cache"] for row in cached.history)
-        assert not any(row["feature_cache"] for row in recompute.history)
+        assert all(row[row_key] for row in cached.history)
+        assert not any(row[row_key] for row in recompute.history)
         cached_s = [row["seconds"] for row in cached.history]
         recompute_s = [row["seconds"] for row in recompute.history]
         cached_timed += cached_s[1:]
@@ -210,12 +231,12 @@ def head_only(args: argparse.Namespace, data: Path, n: int) -> None:
         same = same and all(
             abs(a["train_loss"] - b["train_loss"]) <= 1e-4 * max(1.0, abs(b["train_loss"]))
             for a, b in zip(cached.history, recompute.history, strict=True))
-        print(f"head_only_round round={round_ + 1} cached_epoch_s={fmt(cached_s)} "
+        print(f"{name}_round round={round_ + 1} cached_epoch_s={fmt(cached_s)} "
               f"recompute_epoch_s={fmt(recompute_s)} load1={load()}", flush=True)
     cached_epoch = statistics.mean(cached_timed)
     recompute_epoch = statistics.mean(recompute_timed)
     cached_best, recompute_best = min(cached_timed), min(recompute_timed)
-    print(f"head_only cached_epoch_s={cached_epoch:.4f} recompute_epoch_s={recompute_epoch:.4f} "
+    print(f"{name} cached_epoch_s={cached_epoch:.4f} recompute_epoch_s={recompute_epoch:.4f} "
           f"speedup={recompute_epoch / cached_epoch:.1f} "
           f"cached_img_s={per_epoch / cached_epoch:.0f} "
           f"recompute_img_s={per_epoch / recompute_epoch:.1f} "
@@ -238,6 +259,8 @@ def main() -> None:
             full_finetune(args, image_folder(Path(tmp) / "full", args.images), args.images)
         if not args.skip_head:
             head_only(args, image_folder(Path(tmp) / "head", args.head_images), args.head_images)
+        if not args.skip_top:
+            top_stages(args, image_folder(Path(tmp) / "top", args.images), args.images)
     print(f"train_throughput total_s={time.perf_counter() - started:.1f}")
 
 
