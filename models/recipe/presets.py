@@ -29,8 +29,9 @@ PRESETS: dict[str, Preset] = {
     # bench/defaults.py's data, crops against none: digits (4 epochs) 0.958/0.966 against the
     # same (seeds 0, 1), animal-mnist (3 epochs) 0.972/0.964 against 0.972/0.967; 300
     # animal-mnist images (9 epochs) 0.897 against 0.892 (3 seeds). Without it the frozen
-    # stages' outputs are computed once (models/training/prefix_cache.py): a third of each
-    # step on lite0's top 3. Preset best, the longest, always augments.
+    # stages' outputs are computed once (models/training/prefix_cache.py): lite0's top 3
+    # train an epoch 1.6x as fast (bench/train_throughput.py). Preset best, the longest,
+    # always augments.
     "balanced": Preset("balanced", 1800, True, 0, 1.0, "crop", 6, 40, 4, 3),
     "best": Preset("best", 7200, True, 1, 2.0, "strong", 0, 60, 6, 4),
 }

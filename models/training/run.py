@@ -154,7 +154,8 @@ class TrainingRun:
 
     def _prefix_cache(self) -> PrefixCache | None:
         """The frozen stages' output cache, when some stages train and the rest can run
-        once per image: BatchNorm frozen, a backbone that splits (and within the budget)."""
+        once per image: BatchNorm frozen and a backbone that splits there. Whether a split's
+        outputs fit its budget is known once they are asked for (``_prefix_ready``)."""
         if not self.cache_features or self.spec.freeze.batchnorm != "frozen":
             return None
         if self._prefix is None or self._prefix[0] != self.n_trainable:
