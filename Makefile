@@ -40,14 +40,12 @@ shell: $(STAMP)
 	@bash --init-file $(VENV)/bin/activate -i
 
 # Everything, PostgreSQL included (a private cluster from Debian's server binaries).
-test: $(STAMP) postgres-binaries chromium
-	$(PY) -m ruff check $(RUFF_PATHS)
+test: lint postgres-binaries chromium
 	$(PY) -m pytest -q
 
 # Day-to-day: the tests that start no process of their own (no Redis, PostgreSQL, API or
 # workers); a minute or so.
-test-fast: $(STAMP)
-	$(PY) -m ruff check $(RUFF_PATHS)
+test-fast: lint
 	$(PY) -m pytest -q -m "not processes"
 
 # A long fuzzing run of the live API (make test runs a short one with a fixed seed):
@@ -58,8 +56,10 @@ fuzz: $(STAMP)
 	FTUNE_FUZZ_PHASES=examples,coverage,fuzzing,stateful \
 	  $(PY) -m pytest -q -s tests/service/test_fuzz.py
 
+# ruff, then mypy over ftune, models, service and workers (see tools/typecheck.sh).
 lint: $(STAMP)
 	$(PY) -m ruff check $(RUFF_PATHS)
+	tools/typecheck.sh
 
 bench: $(STAMP)
 	$(PY) bench/train_throughput.py
