@@ -4,7 +4,7 @@ chunk is held in memory. Images are already compressed, so entries are stored.""
 from __future__ import annotations
 
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator
 from pathlib import Path
 
 CHUNK = 1 << 20
@@ -27,6 +27,11 @@ class _Sink:
         return self.offset
 
     def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        # zipfile never closes a stream it was handed; this completes the writable-stream
+        # shape it asks for.
         pass
 
 
@@ -67,8 +72,8 @@ class FolderZip(_Counted):
         self._chunks = self._generate()
         self._done = False
 
-    def _generate(self) -> Iterator[None]:
-        with zipfile.ZipFile(self._sink, "w", zipfile.ZIP_STORED) as archive:  # type: ignore[arg-type]
+    def _generate(self) -> Generator[None, None, None]:
+        with zipfile.ZipFile(self._sink, "w", zipfile.ZIP_STORED) as archive:
             for path in self.files:
                 name = (Path(self.folder.name) / path.relative_to(self.folder)).as_posix()
                 with path.open("rb") as source, archive.open(name, "w") as dest:

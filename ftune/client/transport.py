@@ -32,7 +32,7 @@ class Transport:
         self.http.close()
 
     def request(self, method: str, path: str, *, json: Any = None,
-                params: dict | None = None, files: Callable[[], dict] | None = None,
+                params: dict | None = None, files: Callable[[], dict | list] | None = None,
                 headers: dict | None = None) -> httpx.Response:
         """Send, retrying 429/503 and lost connections; raise ApiError on any other error.
         ``files`` makes the multipart files afresh for each attempt (a stream is read once)."""

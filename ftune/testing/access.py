@@ -26,8 +26,9 @@ class Key:
     def headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.key}"}
 
-    def client(self, base_url: str, **kwargs: object) -> httpx.Client:
-        return httpx.Client(base_url=base_url, headers=self.headers, **kwargs)
+    def client(self, base_url: str, timeout: float = 5.0) -> httpx.Client:
+        """An HTTP client acting as this key; ``timeout`` defaults to httpx's own."""
+        return httpx.Client(base_url=base_url, headers=self.headers, timeout=timeout)
 
 
 def make_key(database_url: str, *, role: Role, tenant: str | None = DEFAULT_TENANT_NAME,

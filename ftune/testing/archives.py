@@ -6,6 +6,11 @@ import io
 import tarfile
 import zipfile
 from pathlib import Path
+from typing import Literal
+
+# The tar layouts the tests build: plain, gzip, bzip2 and xz (typeshed types tarfile.open by
+# these literal modes).
+TarMode = Literal["w", "w:gz", "w:bz2", "w:xz"]
 
 
 def zip_folder(folder: Path, prefix: str = "") -> bytes:
@@ -17,7 +22,7 @@ def zip_folder(folder: Path, prefix: str = "") -> bytes:
     return buffer.getvalue()
 
 
-def tar_folder(folder: Path, mode: str = "w:gz", prefix: str = "") -> bytes:
+def tar_folder(folder: Path, mode: TarMode = "w:gz", prefix: str = "") -> bytes:
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode=mode) as archive:
         for path in sorted(folder.rglob("*")):
@@ -35,7 +40,7 @@ def zip_members(members: dict[str, bytes]) -> bytes:
 
 
 def tar_with(entries: list[tarfile.TarInfo], data: dict[str, bytes] | None = None,
-             mode: str = "w") -> bytes:
+             mode: TarMode = "w") -> bytes:
     buffer = io.BytesIO()
     data = data or {}
     with tarfile.open(fileobj=buffer, mode=mode) as archive:

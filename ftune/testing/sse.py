@@ -11,7 +11,8 @@ def read_events(http: httpx.Client, path: str, last_event_id: int | None = None)
     """``[{"id", "event", "data"}, ...]`` from ``GET path`` until the server ends the stream;
     ``data`` parsed as JSON."""
     headers = {"Last-Event-ID": str(last_event_id)} if last_event_id is not None else {}
-    events, current = [], {}
+    events: list[dict] = []
+    current: dict[str, object] = {}
     with http.stream("GET", path, headers=headers,
                      timeout=httpx.Timeout(120, read=60)) as response:
         assert response.status_code == 200, response.read()
