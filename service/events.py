@@ -1,8 +1,16 @@
 """Job and sweep events: written in the same transaction as the change they describe. A
 sweep's events are rows of the same table under the sweep's id (ids never collide), so one
-poller wakes both kinds of event stream."""
+poller wakes both kinds of event stream.
+
+``EventKind`` is every kind an event row may have; ``JOB_EVENTS`` and ``SWEEP_EVENTS`` say
+which kinds each stream carries and what each means there. The OpenAPI text of the two
+``/events`` routes is generated from them (``describe_kinds``), so it cannot go stale.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Mapping
+from enum import StrEnum
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -10,13 +18,51 @@ from sqlalchemy.orm import Session
 from ftune.service.db.tables import Job, JobEvent, SweepTrial, utcnow
 
 
-def add_event(session: Session, subject_id: str, kind: str, /, **data: object) -> None:
+class EventKind(StrEnum):
+    """``job_events.kind``, and the SSE ``event:`` field clients switch on."""
+
+    STATUS = "status"
+    STAGE = "stage"
+    RESOLVED = "resolved"
+    PRETRAIN = "pretrain"
+    EPOCH = "epoch"
+    PROGRESS = "progress"
+    NOTE = "note"
+    TRIAL = "trial"
+
+
+# What each kind means on a job's stream, in the order a run usually emits them.
+JOB_EVENTS: Mapping[EventKind, str] = {
+    EventKind.STATUS: "every change of state, with its reason, error or model",
+    EventKind.STAGE: "the training stage entered, and the epochs it may now run",
+    EventKind.RESOLVED: "automatic choices made or changed, named with their values",
+    EventKind.PRETRAIN: "each pretraining epoch, with its loss",
+    EventKind.EPOCH: "each epoch's metrics",
+    EventKind.PROGRESS: "batch progress, about every 2 s while training",
+    EventKind.NOTE: "retries, cancel requests, holds and spec changes, in words",
+}
+
+# What each kind means on a sweep's stream (rows under the sweep's id).
+SWEEP_EVENTS: Mapping[EventKind, str] = {
+    EventKind.STATUS: "the sweep's state, and why it ended",
+    EventKind.TRIAL: "a trial queued, with its parameters, or changed state, with its best "
+                     "metrics",
+    EventKind.NOTE: "why the sweep waits to start trials (a quota), in words",
+}
+
+
+def describe_kinds(kinds: Mapping[EventKind, str]) -> str:
+    """The kinds as prose for API docs: ``status`` (what it means), ..."""
+    return ", ".join(f"``{kind}`` ({meaning})" for kind, meaning in kinds.items())
+
+
+def add_event(session: Session, subject_id: str, kind: EventKind, /, **data: object) -> None:
     """An event of a job, or of a sweep (``subject_id`` is either's id)."""
     session.add(JobEvent(job_id=subject_id, kind=kind, data=data, created_at=utcnow()))
 
 
 def status_event(session: Session, job_id: str, status: str, /, **data: object) -> None:
-    add_event(session, job_id, "status", status=status, **data)
+    add_event(session, job_id, EventKind.STATUS, status=status, **data)
     _trial_event(session, job_id, status)
 
 
@@ -31,7 +77,7 @@ def _trial_event(session: Session, job_id: str, status: str) -> None:
     if job is None or job.sweep_id is None:
         return
     number = session.scalar(select(SweepTrial.number).where(SweepTrial.job_id == job_id))
-    add_event(session, job.sweep_id, "trial", number=number, job_id=job_id, status=status,
+    add_event(session, job.sweep_id, EventKind.TRIAL, number=number, job_id=job_id, status=status,
               epoch=job.epoch, best=job.best)
 
 

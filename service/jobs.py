@@ -35,7 +35,7 @@ from ftune.service.db.tables import (
     utcnow,
 )
 from ftune.service.errors import Conflict, InvalidInput, NotFound, Unavailable
-from ftune.service.events import add_event, status_event
+from ftune.service.events import EventKind, add_event, status_event
 from ftune.service.ids import is_id
 from ftune.service.job_status import ACTIVE, TERMINAL, WAITING, JobStatus, SweepStatus
 from ftune.service.pages import DEFAULT_LIMIT, Keyset, read_page
@@ -220,7 +220,8 @@ def request_cancel(session: Session, job: Job) -> None:
     if cancelled_waiting:
         status_event(session, job_id, JobStatus.CANCELLED, error="cancelled before it started")
     elif flagged_running:
-        add_event(session, job_id, "note", message="cancel requested; stopping at the next batch")
+        add_event(session, job_id, EventKind.NOTE,
+                  message="cancel requested; stopping at the next batch")
 
 
 def delete_job(session: Session, principal: Principal, *, job_id: str) -> None:

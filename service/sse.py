@@ -1,5 +1,7 @@
 """Server-Sent Events for a job or a sweep: the rows of ``job_events`` under its id, from
-``Last-Event-ID`` on, until it ends or the caller's key stops working."""
+``Last-Event-ID`` on, until it ends or the caller's key stops working. Each row's kind is
+the ``event:`` field; the kinds each stream carries are ``JOB_EVENTS`` and ``SWEEP_EVENTS``
+in ``service/events.py``, and the routes' OpenAPI texts below are made from them."""
 
 from __future__ import annotations
 
@@ -20,10 +22,17 @@ from ftune.service.auth.principal import Principal
 from ftune.service.context import AppContext
 from ftune.service.deps import authenticate
 from ftune.service.errors import InvalidInput, Unauthorized
-from ftune.service.events import events_after
+from ftune.service.events import JOB_EVENTS, SWEEP_EVENTS, describe_kinds, events_after
 from ftune.service.streams import RECHECK_S, SAFETY_READ_S
 
 SSE_KEEPALIVE_S = 15.0
+
+# The OpenAPI descriptions of GET /v1/jobs/{id}/events and GET /v1/sweeps/{id}/events.
+_RECONNECT = "reconnect with ``Last-Event-ID`` to continue where it stopped."
+JOB_STREAM_DOC = (f"Server-Sent Events: {describe_kinds(JOB_EVENTS)}. Ends when the job ends, "
+                  f"or when the key stops working (revoked, expired); {_RECONNECT}")
+SWEEP_STREAM_DOC = (f"Server-Sent Events: {describe_kinds(SWEEP_EVENTS)}. Ends with the sweep, "
+                    f"or when the key stops working; {_RECONNECT}")
 
 # after_id -> (whether the subject has ended, its events after that id)
 Poll = Callable[[int], tuple[bool, list]]

@@ -2,8 +2,9 @@
 
 Each open stream used to poll the database twice a second through the thread pool, so
 enough streams took every pooled connection. Now one poller per process asks the database,
-a few times a second and in one cheap query, which jobs have new events, and wakes only the
-streams watching those jobs; a woken stream then reads its own events once. A stream also
+a few times a second and in one cheap query, which jobs (or sweeps: their events share the
+table) have new events of any kind (``EventKind``), and wakes only the streams watching
+those ids; a woken stream then reads its own events once. A stream also
 wakes every ``RECHECK_S`` to check its key (a revoked key ends it) and reads anyway every
 ``SAFETY_READ_S``, which catches events committed out of id order.
 

@@ -173,13 +173,15 @@ class JobRun(Base):
 
 
 class JobEvent(Base):
-    """What happened to a job, in order: the source of the live event stream (SSE)."""
+    """What happened to a job or a sweep (``job_id`` is either's id), in order: the source
+    of the live event streams (SSE). ``kind`` is an ``EventKind`` (``service/events.py``,
+    which also says what each kind means on each stream)."""
 
     __tablename__ = "job_events"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     job_id: Mapped[str] = mapped_column(String(32), index=True)
-    kind: Mapped[str] = mapped_column(String(16))  # status | epoch | progress | note
+    kind: Mapped[str] = mapped_column(String(16))  # an EventKind
     data: Mapped[dict[str, Any]]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 

@@ -35,7 +35,7 @@ from sqlalchemy.orm import Session
 
 from ftune.service.db.session import Database
 from ftune.service.db.tables import Job, Tenant, utcnow
-from ftune.service.events import add_event
+from ftune.service.events import EventKind, add_event
 from ftune.service.job_status import JobStatus
 from ftune.service.lifecycle.liveness import live_worker_count
 from ftune.service.queue import enqueue_finetune
@@ -155,5 +155,5 @@ def _record_holds(session: Session, tenants: dict[str, _Tenant]) -> None:
             continue
         session.execute(update(Job).where(Job.id.in_(changed)).values(hold_reason=reason))
         for job_id in changed:
-            add_event(session, job_id, "note",
+            add_event(session, job_id, EventKind.NOTE,
                       message=f"held back: {reason}" if reason else "no longer held back")

@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session
 
 from ftune.service.db.session import Database
 from ftune.service.db.tables import Job, utcnow
-from ftune.service.events import add_event, status_event
+from ftune.service.events import EventKind, add_event, status_event
 from ftune.service.job_status import JobStatus
 from ftune.service.lifecycle import transitions
 from ftune.service.queue import TRAINING_QUEUE, enqueue_finetune
@@ -82,7 +82,7 @@ def reconcile(db: Database, celery: Celery, client: redis.Redis, settings: Setti
     if lost:
         with db.session() as session:
             for job_id, _ in lost:
-                add_event(session, job_id, "note",
+                add_event(session, job_id, EventKind.NOTE,
                           message="enqueued again: its message was missing from the broker")
         repairs.reenqueued = [job_id for job_id, _ in lost]
     if repairs.requeued or repairs.failed or repairs.reenqueued:

@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 
 from ftune.models.diagnosis import diagnose
 from ftune.service.db.tables import Dataset, EpochMetrics, Job, JobRun, TunedModel, utcnow
-from ftune.service.events import add_event, status_event
+from ftune.service.events import EventKind, add_event, status_event
 from ftune.service.job_status import ACTIVE, TERMINAL, JobStatus
 
 
@@ -86,7 +86,7 @@ def record_epoch(session: Session, job_id: str, worker: str, row: dict) -> bool:
         return False
     # merge: a resumed run may finish an epoch the dead attempt had already reported.
     session.merge(EpochMetrics(job_id=job_id, epoch=int(row["epoch"]), row=row))
-    add_event(session, job_id, "epoch", **row)
+    add_event(session, job_id, EventKind.EPOCH, **row)
     return True
 
 
@@ -97,7 +97,7 @@ def record_progress(session: Session, job_id: str, worker: str, epoch: int, step
             step=step, steps=steps, heartbeat_at=utcnow())).rowcount:
         return "lost"
     if event:
-        add_event(session, job_id, "progress", epoch=epoch, step=step, steps=steps,
+        add_event(session, job_id, EventKind.PROGRESS, epoch=epoch, step=step, steps=steps,
                   loss=round(loss, 6))
     job = session.get(Job, job_id, populate_existing=True)
     return "cancel" if job is not None and job.cancel_requested else "ok"
@@ -110,7 +110,8 @@ def record_stage(session: Session, job_id: str, worker: str, stage: str, epochs:
         values["epochs"] = epochs
     if not session.execute(update(Job).where(_ours(job_id, worker)).values(**values)).rowcount:
         return False
-    add_event(session, job_id, "stage", stage=stage, **({"epochs": epochs} if epochs else {}))
+    add_event(session, job_id, EventKind.STAGE, stage=stage,
+              **({"epochs": epochs} if epochs else {}))
     return True
 
 
@@ -120,7 +121,7 @@ def record_pretrain_epoch(session: Session, job_id: str, worker: str, row: dict)
     if not session.execute(update(Job).where(_ours(job_id, worker))
                            .values(heartbeat_at=utcnow())).rowcount:
         return False
-    add_event(session, job_id, "pretrain", epoch=int(row["epoch"]), method=row["method"],
+    add_event(session, job_id, EventKind.PRETRAIN, epoch=int(row["epoch"]), method=row["method"],
               loss=round(float(row["pretrain_loss"]), 6), seconds=round(row["seconds"], 2))
     return True
 
@@ -134,7 +135,7 @@ def record_resolved(session: Session, job_id: str, worker: str, resolved: dict) 
     changed = {k: v for k, v in resolved.items() if before.get(k) != v}
     if changed:
         job.resolved = dict(resolved)
-        add_event(session, job_id, "resolved", **changed)
+        add_event(session, job_id, EventKind.RESOLVED, **changed)
     return True
 
 
@@ -194,7 +195,7 @@ def finish(session: Session, job_id: str, status: str, *, error: str | None,
         if job is not None and job.step > 0:
             # Stopped mid-epoch: the last progress event may be older (they are throttled);
             # this one makes the events end where the job view does.
-            add_event(session, job_id, "progress", epoch=job.epoch + 1, step=job.step,
+            add_event(session, job_id, EventKind.PROGRESS, epoch=job.epoch + 1, step=job.step,
                       steps=job.steps)
         status_event(session, job_id, status, error=error)
 
@@ -228,4 +229,4 @@ def replace_spec(session: Session, job_id: str, spec: dict, message: str) -> Non
     """The spec the job now runs with (e.g. a smaller batch after running out of memory)."""
     session.execute(update(Job).where(Job.id == job_id).values(spec=spec, epoch=0, step=0))
     session.execute(delete(EpochMetrics).where(EpochMetrics.job_id == job_id))
-    add_event(session, job_id, "note", message=message)
+    add_event(session, job_id, EventKind.NOTE, message=message)

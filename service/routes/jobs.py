@@ -24,7 +24,7 @@ from ftune.service.jobs import (
 from ftune.service.logs import MAX_TAIL, read_job_log
 from ftune.service.pages import DEFAULT_LIMIT, Cursor, Limit, Page
 from ftune.service.schemas import JobIn, JobOut, JobSummary
-from ftune.service.sse import event_rows, event_stream
+from ftune.service.sse import JOB_STREAM_DOC, event_rows, event_stream
 
 router = APIRouter(tags=["jobs"])
 
@@ -117,12 +117,10 @@ def curves(job_id: str, ctx: Ctx, who: Member) -> Response:
 
 
 @router.get("/jobs/{job_id}/events", response_class=StreamingResponse,
-            responses={200: {"content": {"text/event-stream": {}}}})
+            responses={200: {"content": {"text/event-stream": {}}}}, description=JOB_STREAM_DOC)
 async def events(job_id: str, request: Request, ctx: Ctx, who: Member,
                  last_event_id: Annotated[str | None, Header()] = None) -> StreamingResponse:
-    """Server-Sent Events: ``status``, ``epoch`` (each epoch's metrics), ``progress`` (batches,
-    every few seconds) and ``note``. Ends when the job ends, or when the key stops working
-    (revoked, expired); reconnect with ``Last-Event-ID`` to continue where it stopped."""
+    """The job's events as Server-Sent Events (described by ``JOB_STREAM_DOC``)."""
 
     def poll(after_id: int) -> tuple[bool, list]:
         with ctx.db.session() as session:

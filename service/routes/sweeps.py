@@ -21,7 +21,7 @@ from ftune.service.job_status import SweepStatus
 from ftune.service.jobs import body_digest
 from ftune.service.pages import DEFAULT_LIMIT, Cursor, Limit, Page
 from ftune.service.schemas import SweepIn, SweepOut
-from ftune.service.sse import event_rows, event_stream
+from ftune.service.sse import SWEEP_STREAM_DOC, event_rows, event_stream
 from ftune.service.sweeps.sweeps import (
     cancel_sweep,
     create_sweep,
@@ -100,11 +100,11 @@ def get_one(sweep_id: str, ctx: Ctx, who: Member) -> dict:
 
 
 @router.get("/sweeps/{sweep_id}/events", response_class=StreamingResponse,
-            responses={200: {"content": {"text/event-stream": {}}}})
+            responses={200: {"content": {"text/event-stream": {}}}},
+            description=SWEEP_STREAM_DOC)
 async def events(sweep_id: str, request: Request, ctx: Ctx, who: Member,
                  last_event_id: Annotated[str | None, Header()] = None) -> StreamingResponse:
-    """Server-Sent Events: ``status`` (the sweep's), ``trial`` (a trial started, with its
-    parameters, or changed state, with its best metrics) and ``note``. Ends with the sweep."""
+    """The sweep's events as Server-Sent Events (described by ``SWEEP_STREAM_DOC``)."""
 
     def poll(after_id: int) -> tuple[bool, list]:
         with ctx.db.session() as session:

@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 
 from ftune.service.db.tables import Dataset, Job, Sweep, SweepTrial, utcnow
 from ftune.service.errors import InvalidInput, TooManyRequests
-from ftune.service.events import add_event, status_event
+from ftune.service.events import EventKind, add_event, status_event
 from ftune.service.job_status import ACTIVE, JobStatus, SweepStatus
 from ftune.service.jobs import new_job, request_cancel, validate_job_spec
 from ftune.service.settings import Settings
@@ -91,7 +91,7 @@ def _start_trial(session: Session, settings: Settings, sweep: Sweep,
                      system_attrs=attrs, created_at=utcnow())
     session.add(row)
     session.flush()
-    add_event(session, sweep.id, "trial", number=row.number, job_id=job.id, params=values,
+    add_event(session, sweep.id, EventKind.TRIAL, number=row.number, job_id=job.id, params=values,
               status=job.status)
     if sweep.reason and sweep.reason.startswith("waiting"):
         sweep.reason = None
@@ -113,7 +113,7 @@ def _failed_job(session: Session, sweep: Sweep, spec_json: dict, error: str) -> 
 def _note_wait(session: Session, sweep: Sweep, reason: str) -> None:
     if sweep.reason != reason:
         sweep.reason = reason
-        add_event(session, sweep.id, "note", message=reason)
+        add_event(session, sweep.id, EventKind.NOTE, message=reason)
 
 
 def best_trial(trials: list[Trial], objective: str) -> Trial | None:
@@ -135,6 +135,6 @@ def end_sweep(session: Session, sweep: Sweep, trials: list[Trial], reason: str |
     sweep.reason = (f"{reason}; " if reason else "") + (f"trials: {summary}" if summary
                                                          else "no trials ran")
     sweep.finished_at = utcnow()
-    add_event(session, sweep.id, "status", status=sweep.status, reason=sweep.reason,
+    add_event(session, sweep.id, EventKind.STATUS, status=sweep.status, reason=sweep.reason,
               best_trial=best.row.number if best else None)
     log.info("sweep %s %s: %s", sweep.id, sweep.status, sweep.reason)

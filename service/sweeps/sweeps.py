@@ -13,7 +13,7 @@ from ftune.service.backbones import check_backbone
 from ftune.service.datasets import get_dataset
 from ftune.service.db.tables import Dataset, IdempotencyKey, Sweep, Tenant, utcnow
 from ftune.service.errors import Conflict, InvalidInput, NotFound, TooManyRequests
-from ftune.service.events import add_event
+from ftune.service.events import EventKind, add_event
 from ftune.service.ids import is_id
 from ftune.service.job_status import SweepStatus
 from ftune.service.jobs import (
@@ -68,7 +68,7 @@ def create_sweep(session: Session, principal: Principal, settings: Settings,
                   priority=request.priority, model_name=request.model_name)
     session.add(sweep)
     session.flush()
-    add_event(session, sweep.id, "status", status=sweep.status)
+    add_event(session, sweep.id, EventKind.STATUS, status=sweep.status)
     return sweep
 
 
@@ -178,7 +178,7 @@ def cancel_sweep(session: Session, principal: Principal, sweep_id: str) -> Sweep
         request_cancel(session, trial.job)
     sweep.status, sweep.cancel_requested = SweepStatus.CANCELLED, True
     sweep.reason, sweep.finished_at = "cancelled", utcnow()
-    add_event(session, sweep.id, "status", status=sweep.status, reason=sweep.reason)
+    add_event(session, sweep.id, EventKind.STATUS, status=sweep.status, reason=sweep.reason)
     return sweep
 
 
