@@ -3,8 +3,10 @@ tenant, key, action (method and route), object id, status code and time.
 
 An ASGI middleware, so it sees the final status of every route, streaming ones included, and
 the route that matched. Handlers that create an object name it in ``request.state.audit_object``;
-otherwise the object is the id in the path. Requests without a valid key are not recorded
-(that would let anyone fill the table); the log has them.
+otherwise the object is the route's last path parameter (``/v1/sweeps/{sweep_id}/cancel``: the
+sweep), whatever it is called, so a new route is audited with its object without a change
+here. Requests without a valid key are not recorded (that would let anyone fill the table);
+the log has them.
 """
 
 from __future__ import annotations
@@ -12,12 +14,12 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ftune.service.auth.principal import Principal
+from ftune.service.auth.tenancy import visible_rows
 from ftune.service.db.session import Database
 from ftune.service.db.tables import AuditEntry
 from ftune.service.pages import DEFAULT_LIMIT, Keyset, read_page
@@ -27,7 +29,6 @@ log = logging.getLogger(__name__)
 STATE_CHANGING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 # POSTs that change nothing.
 READ_ONLY_SUFFIXES = ("/predict",)
-PATH_IDS = ("dataset_id", "job_id", "model_ref", "key_id", "tenant_ref", "alias")
 
 
 class AuditMiddleware:
@@ -72,12 +73,16 @@ def _entry(scope: Scope, status_code: int) -> AuditEntry | None:
     # Routes are mounted under /v1; the matched route knows its path within the router.
     template = (f"/v1{route_path}" if route_path and not route_path.startswith("/v1")
                 else route_path or scope["path"])
-    params = scope.get("path_params") or {}
-    object_id = state.get("audit_object") or next(
-        (str(params[name]) for name in PATH_IDS if name in params), None)
+    object_id = state.get("audit_object") or _path_object(scope.get("path_params") or {})
     return AuditEntry(tenant_id=who.tenant_id, key_id=who.key_id,
                       action=f"{scope['method']} {template}"[:120],
                       object_id=object_id[:200] if object_id else None, status_code=status_code)
+
+
+def _path_object(params: dict[str, Any]) -> str | None:
+    """The object a request acted on, from the matched route's path parameters: the last one
+    (in path order), the innermost resource when routes nest."""
+    return str(list(params.values())[-1]) if params else None
 
 
 AUDIT_ORDER = Keyset(AuditEntry.id, AuditEntry.id)
@@ -87,12 +92,8 @@ def audit_log(session: Session, principal: Principal, *, tenant_id: str | None =
               limit: int = DEFAULT_LIMIT, cursor: str | None = None
               ) -> tuple[list[AuditEntry], str | None]:
     """Newest first, a page at a time."""
-    query = select(AuditEntry)
-    if not principal.is_operator:
-        query = query.where(AuditEntry.tenant_id == principal.tenant_id)
-    elif tenant_id is not None:
-        query = query.where(AuditEntry.tenant_id == tenant_id)
-    return read_page(session, query, AUDIT_ORDER, limit=limit, cursor=cursor)
+    return read_page(session, visible_rows(principal, AuditEntry, tenant_id=tenant_id),
+                     AUDIT_ORDER, limit=limit, cursor=cursor)
 
 
 def audit_view(entry: AuditEntry) -> dict:

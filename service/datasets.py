@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -17,17 +18,17 @@ from ftune.models.data.sandbox import SandboxResult, unpack_and_inspect
 from ftune.models.errors import ArchiveTooLarge
 from ftune.models.settings import EngineSettings
 from ftune.service.auth.principal import Principal
+from ftune.service.auth.tenancy import get_visible, visible_rows
 from ftune.service.db.tables import Dataset, Job, Sweep
 from ftune.service.disk import over_disk_allowance
 from ftune.service.errors import (
     Conflict,
     DatasetRejected,
     InvalidInput,
-    NotFound,
     ServiceError,
     TooManyRequests,
 )
-from ftune.service.ids import is_id, new_id
+from ftune.service.ids import new_id
 from ftune.service.job_status import ACTIVE, SweepStatus
 from ftune.service.pages import DEFAULT_LIMIT, Keyset, read_page
 from ftune.service.storage import Storage
@@ -152,7 +153,8 @@ def _unpack_within(archive: Path, staging: Path, checks: DatasetChecks, allowanc
                    disk_allowance: int | None, kind: str = "labeled") -> SandboxResult:
     """Unpack and check under the engine's limits or, when smaller, what the tenant's quota
     or the disk allows; the tightest bound refuses, with its own reason."""
-    refusals = {checks.limits.max_bytes: None}
+    # bound -> what refuses an archive over it (None: the engine's own ArchiveTooLarge)
+    refusals: dict[int, Callable[[int], ServiceError] | None] = {checks.limits.max_bytes: None}
     if allowance is not None:
         refusals.setdefault(allowance, _over_quota)
     if disk_allowance is not None:
@@ -180,20 +182,14 @@ def _over_quota(allowance: int) -> ServiceError:
 
 def get_dataset(session: Session, principal: Principal, dataset_id: str) -> Dataset:
     """The dataset, if it exists and the principal may see it; another tenant's is a 404."""
-    dataset = session.get(Dataset, dataset_id) if is_id(dataset_id) else None
-    if dataset is None or not principal.can_see(dataset.tenant_id):
-        raise NotFound(f"dataset {dataset_id} not found")
-    return dataset
+    return get_visible(session, principal, Dataset, dataset_id, noun="dataset")
 
 
 def list_datasets(session: Session, principal: Principal, *, limit: int = DEFAULT_LIMIT,
                   cursor: str | None = None) -> tuple[list[Dataset], str | None]:
     """Newest first, a page at a time."""
-    query = select(Dataset)
-    if not principal.is_operator:
-        query = query.where(Dataset.tenant_id == principal.tenant_id)
-    return read_page(session, query, Keyset(Dataset.created_at, Dataset.id), limit=limit,
-                     cursor=cursor)
+    return read_page(session, visible_rows(principal, Dataset),
+                     Keyset(Dataset.created_at, Dataset.id), limit=limit, cursor=cursor)
 
 
 def delete_dataset(session: Session, principal: Principal, *, dataset_id: str) -> None:

@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session
 
 from ftune.models.bundle import BUNDLE_FILES, EVALUATION_FILE
 from ftune.service.auth.principal import Principal
+from ftune.service.auth.tenancy import visible_or_404, visible_rows
 from ftune.service.batching import LOAD_THREAD, DynamicBatcher
 from ftune.service.db.session import Database
 from ftune.service.db.tables import ModelAlias, Tenant, TunedModel
@@ -53,9 +54,8 @@ def get_model(session: Session, principal: Principal, ref: str) -> TunedModel:
         else:
             alias = session.get(ModelAlias, (tenant, name, tag))
             model = session.get(TunedModel, alias.model_id) if alias else None
-    if model is None or not principal.can_see(model.tenant_id):
-        raise NotFound(f"model {ref} not found (use an id, name:version or name:alias)")
-    return model
+    return visible_or_404(principal, model, not_found=f"model {ref} not found (use an id, "
+                          "name:version or name:alias)")
 
 
 def set_alias(session: Session, principal: Principal, *, alias: str, ref: str) -> ModelAlias:
@@ -74,6 +74,8 @@ def set_alias(session: Session, principal: Principal, *, alias: str, ref: str) -
             return row
         except IntegrityError:
             row = session.get(ModelAlias, key, populate_existing=True)
+    if row is None:  # made by a concurrent PUT and deleted again (with its model) meanwhile
+        raise Conflict(f"alias {model.name}:{alias} changed while this request ran; try again")
     row.model_id = model.id
     session.flush()
     return row
@@ -88,11 +90,8 @@ def aliases_of(session: Session, model: TunedModel) -> list[str]:
 def list_models(session: Session, principal: Principal, *, limit: int = DEFAULT_LIMIT,
                 cursor: str | None = None) -> tuple[list[dict], str | None]:
     """Newest first, a page at a time, with their aliases: two queries whatever the limit."""
-    query = select(TunedModel)
-    if not principal.is_operator:
-        query = query.where(TunedModel.tenant_id == principal.tenant_id)
-    models, next_cursor = read_page(session, query, Keyset(TunedModel.created_at,
-                                                           TunedModel.id),
+    models, next_cursor = read_page(session, visible_rows(principal, TunedModel),
+                                    Keyset(TunedModel.created_at, TunedModel.id),
                                     limit=limit, cursor=cursor)
     aliases: dict[str, list[str]] = {m.id: [] for m in models}
     for model_id, alias in session.execute(
@@ -126,11 +125,11 @@ def delete_models(session: Session, principal: Principal, *, ref: str, all_versi
         names = ", ".join(f"{a.name}:{a.alias}" for a in aliases)
         raise Conflict(f"{names} points at this model; move the alias, or delete with "
                        "?force=true (the alias goes too)")
-    for row in aliases:
-        session.delete(row)
+    for alias in aliases:
+        session.delete(alias)
     session.flush()
-    for row in models:
-        session.delete(row)
+    for version in models:
+        session.delete(version)
     session.flush()
     return ids
 

@@ -10,9 +10,9 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from ftune.service.auth.principal import Principal, Role
+from ftune.service.auth.tenancy import get_visible, visible_rows
 from ftune.service.db.tables import ApiKey, Tenant, utcnow
 from ftune.service.errors import InvalidInput, NotFound
-from ftune.service.ids import is_id
 from ftune.service.pages import DEFAULT_LIMIT, Keyset, read_page
 
 KEY_PREFIX = "ftk_"
@@ -53,11 +53,7 @@ def list_keys(session: Session, principal: Principal, tenant_id: str | None = No
               *, include_revoked: bool = False, limit: int = DEFAULT_LIMIT,
               cursor: str | None = None) -> tuple[list[ApiKey], str | None]:
     """Newest first, a page at a time."""
-    query = select(ApiKey)
-    if not principal.is_operator:
-        query = query.where(ApiKey.tenant_id == principal.tenant_id)
-    elif tenant_id is not None:
-        query = query.where(ApiKey.tenant_id == tenant_id)
+    query = visible_rows(principal, ApiKey, tenant_id=tenant_id)
     if not include_revoked:
         query = query.where(ApiKey.revoked_at.is_(None))
     return read_page(session, query, Keyset(ApiKey.created_at, ApiKey.id), limit=limit,
@@ -65,10 +61,7 @@ def list_keys(session: Session, principal: Principal, tenant_id: str | None = No
 
 
 def get_key(session: Session, principal: Principal, key_id: str) -> ApiKey:
-    key = session.get(ApiKey, key_id) if is_id(key_id) else None
-    if key is None or not (principal.is_operator or key.tenant_id == principal.tenant_id):
-        raise NotFound(f"key {key_id} not found")
-    return key
+    return get_visible(session, principal, ApiKey, key_id, noun="key")
 
 
 def revoke_key(session: Session, principal: Principal, key_id: str) -> ApiKey:

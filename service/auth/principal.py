@@ -38,8 +38,9 @@ class Principal:
         """Where what this principal creates belongs: operators create in the default tenant."""
         return self.tenant_id or DEFAULT_TENANT_ID
 
-    def can_see(self, tenant_id: str) -> bool:
-        return self.is_operator or tenant_id == self.tenant_id
+    def can_see(self, tenant_id: str | None) -> bool:
+        """Whether this principal may see what ``tenant_id`` owns (see auth/tenancy.py)."""
+        return self.is_operator or (tenant_id is not None and tenant_id == self.tenant_id)
 
     def require(self, role: Role, what: str) -> None:
         if self.role.rank < role.rank:
