@@ -14,13 +14,12 @@ from dataclasses import dataclass
 
 from ftune.models.backbones.catalog import PACKAGED_BACKBONES
 from ftune.models.backbones.sizes import BACKBONE_SIZES
+from ftune.models.recipe import rules
 from ftune.models.spec import FineTuneSpec
+from ftune.models.tuning.optimizers import optimizer_info
 
 FLOAT = 4  # bytes: training keeps float32 master weights
 RUNTIME_BYTES = 600 * 2**20  # torch, CUDA context or CPU allocator, Python
-# Adam and AdamW keep two moments per parameter, momentum methods one.
-OPTIMIZER_STATES = {"sgd": 0, "momentum": 1, "nesterov": 1, "adagrad": 1, "rmsprop": 2,
-                    "adam": 2, "adamw": 2}
 DEFAULT_SIZE = 224
 
 
@@ -56,7 +55,7 @@ def estimate(spec: FineTuneSpec, *, num_classes: int, num_images: int,
     trains_backbone = not spec.head_alone or spec.augment not in ("none", "auto")
     trainable = 0 if spec.head_alone else params
     head = _head_params(spec, features, num_classes)
-    states = 1 + OPTIMIZER_STATES.get(spec.optimizer.name, 2)  # gradient + moments
+    states = 1 + optimizer_states(spec.optimizer.name)  # the gradient, then the moments
     parts = {
         "weights": (params + head) * FLOAT,
         "gradients and optimizer state": (trainable + head) * states * FLOAT,
@@ -69,6 +68,14 @@ def estimate(spec: FineTuneSpec, *, num_classes: int, num_images: int,
         "runtime": RUNTIME_BYTES,
     }
     return MemoryEstimate(sum(parts.values()), parts)
+
+
+def optimizer_states(name: str) -> int:
+    """Tensors the optimizer keeps per parameter; ``auto`` is what the recipe would choose.
+    An unknown name raises ValueError: a guess would make the estimate quietly wrong."""
+    if name == "auto":
+        name = rules.optimizer_name().value
+    return optimizer_info(name).state_tensors
 
 
 def _head_params(spec: FineTuneSpec, features: int, num_classes: int) -> int:

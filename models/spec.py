@@ -13,6 +13,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ftune.models.auto_fields import AutoFloat, AutoInt
+from ftune.models.tuning.optimizers import OptimizerName
 
 __all__ = [
     "EarlyStoppingSpec",
@@ -71,8 +72,8 @@ class HeadSpec(_Strict):
 
 
 class OptimizerSpec(_Strict):
-    name: Literal["auto", "sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adam",
-                  "adamw"] = Field("auto", description="auto: Adam.")
+    # The names come from the optimizer table (torch-free): one list for the spec and the factory.
+    name: Literal["auto", OptimizerName] = Field("auto", description="auto: Adam.")
     lr: AutoFloat(above=0.0, at_most=10.0) = Field(  # type: ignore[valid-type]
         "auto", description="auto: a learning-rate range test on the cached features picks "
         "the head's rate; stages that train get the same rate, at most 1e-3 (lower stages "
