@@ -16,7 +16,7 @@ import sys
 import time
 from typing import NoReturn
 
-from ftune.processes import Child, LaunchError, Stack, port_is_free
+from ftune.processes import OPERATOR_KEY_FILE, STATE_FILE, Child, LaunchError, Stack, port_is_free
 from ftune.service.auth.keys import create_key, operator_keys
 from ftune.service.auth.principal import Role
 from ftune.service.db import migrate
@@ -25,8 +25,6 @@ from ftune.service.settings import Settings
 
 log = logging.getLogger(__name__)
 
-STATE_FILE = "ftune-up.json"
-OPERATOR_KEY_FILE = "operator.key"
 MAX_RESTART_DELAY_S = 60  # between restarts of a worker that keeps dying
 
 

@@ -4,6 +4,9 @@
 and stop the processes the same way. Children run in their own sessions (a Ctrl-C reaches only
 the parent, which then stops them in order) and, on Linux, die with the parent if it is killed
 outright.
+
+Tests and benchmarks that need ``ftune up`` itself, as a user runs it, start it with
+``start_ftune_up``: one child process, waited for until healthy and stopped with a Ctrl-C.
 """
 
 from __future__ import annotations
@@ -20,13 +23,20 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, TypeVar
 from urllib.parse import urlsplit
 
 import httpx
 import redis
 
 from ftune.service.lifecycle.liveness import worker_key
+
+# What `ftune up` leaves in its data directory: where its children run (holds the Redis
+# password) and the operator key it made on its first start.
+STATE_FILE = "ftune-up.json"
+OPERATOR_KEY_FILE = "operator.key"
+
+T = TypeVar("T")
 
 
 class LaunchError(RuntimeError):
@@ -68,10 +78,10 @@ def ftune_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "ftune", *args]
 
 
-def wait_until(check: Callable[[], object], timeout_s: float, what: str, *,
-               interval_s: float = 0.2, abort: Callable[[], str | None] | None = None) -> object:
-    """Poll ``check`` until it returns something truthy; ``abort`` may name a reason to stop
-    waiting early (a child that died)."""
+def wait_until(check: Callable[[], T], timeout_s: float, what: str, *,
+               interval_s: float = 0.2, abort: Callable[[], str | None] | None = None) -> T:
+    """Poll ``check`` until it returns something truthy, and return that; ``abort`` may name
+    a reason to stop waiting early (a child that died)."""
     deadline = time.monotonic() + timeout_s
     last_error: Exception | None = None
     while time.monotonic() < deadline:
@@ -288,3 +298,109 @@ class Stack:
 
     def __exit__(self, *_: object) -> None:
         self.stop_all()
+
+
+# -- `ftune up` as one child process: for the tests and the benchmarks ---------------------
+@dataclass
+class FtuneUp:
+    """A running ``ftune up`` (made by ``start_ftune_up``): its URL, data directory, operator
+    key and output. As a context manager it stops on leaving."""
+
+    process: subprocess.Popen
+    home: Path
+    port: int
+    workers: int
+    log: Path  # stdout and stderr of ftune up and its children
+    log_offset: int = 0  # where this run's output starts in ``log`` (it appends)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def state_file(self) -> Path:
+        return self.home / STATE_FILE
+
+    @property
+    def key_file(self) -> Path:
+        return self.home / OPERATOR_KEY_FILE
+
+    def operator_key(self) -> str:
+        return self.key_file.read_text().strip()
+
+    def operator_client(self, timeout: float = 60) -> httpx.Client:
+        """An HTTP client acting as the operator (every tenant)."""
+        return httpx.Client(base_url=self.url, timeout=timeout,
+                            headers={"Authorization": f"Bearer {self.operator_key()}"})
+
+    def health(self) -> dict:
+        return httpx.get(f"{self.url}/healthz", timeout=2).json()
+
+    def wait_healthy(self, timeout_s: float | None = None) -> dict:
+        """Wait until the API answers and all workers have reported in; returns /healthz.
+        By default a minute, and a minute more per worker (each loads torch)."""
+        timeout_s = 60 + 60 * self.workers if timeout_s is None else timeout_s
+
+        def ready() -> dict:
+            health = self.health()
+            return health if health["workers"] == self.workers else {}  # {}: keep waiting
+
+        return wait_until(ready, timeout_s, "ftune up to be ready", abort=self._death_notice)
+
+    def _death_notice(self) -> str | None:
+        code = self.process.poll()
+        return None if code is None else f"ftune up exited with code {code} (log: {self.log})"
+
+    def output(self) -> str:
+        """What this run has printed so far."""
+        with self.log.open("rb") as log:
+            log.seek(self.log_offset)
+            return log.read().decode(errors="replace")
+
+    def stop(self, timeout_s: float = 120) -> int:
+        """Ctrl-C (ftune up then stops its workers, API and Redis in order); killed when it
+        has not exited within ``timeout_s``. Returns its exit code (0 after a clean stop)."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+        try:
+            return self.process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            # Its own session: the group is ftune up; its children die with it (PDEATHSIG).
+            os.killpg(self.process.pid, signal.SIGKILL)
+            return self.process.wait()
+
+    def __enter__(self) -> FtuneUp:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()
+
+
+def start_ftune_up(home: Path, *, port: int | None = None, workers: int = 1,
+                   env: dict[str, str] | None = None, log: Path | None = None,
+                   wait: bool = True) -> FtuneUp:
+    """``ftune up --home HOME --port PORT --workers N`` as a user runs it, its output appended
+    to ``log`` (HOME/../up.log by default). ``env`` adds to ours, less any database or broker
+    (it makes its own). With ``wait``, returns once healthy, else stops it and raises."""
+    home, port = Path(home), port or free_port()
+    log = log or home.parent / "up.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    inherited = {k: v for k, v in os.environ.items() if k not in _CONNECTION_VARIABLES}
+    command = ftune_command("up", "--home", str(home), "--port", str(port),
+                            "--workers", str(workers))
+    with log.open("ab") as output:  # the child holds its own descriptor
+        offset = output.tell()
+        # Its own session, as a terminal would start it: our Ctrl-C is not its Ctrl-C. Like
+        # the stack's children, it dies with us if we are killed outright.
+        process = subprocess.Popen(command, env={**inherited, **(env or {})}, stdout=output,
+                                   stderr=subprocess.STDOUT, start_new_session=True,
+                                   preexec_fn=_die_with_parent if sys.platform == "linux"
+                                   else None)
+    up = FtuneUp(process, home, port, workers, log, offset)
+    if wait:
+        try:
+            up.wait_healthy()
+        except BaseException:
+            up.stop()
+            raise
+    return up
