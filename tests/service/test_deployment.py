@@ -16,7 +16,7 @@ import yaml
 
 from ftune.cli import add_service_commands
 from ftune.models.settings import EngineSettings
-from ftune.processes import free_port, ftune_command
+from ftune.processes import FtuneUp, start_ftune_up
 from ftune.service.settings import Settings
 from ftune.testing.archives import zip_folder
 from tests.service.conftest import wait_for_job, wait_until
@@ -36,75 +36,48 @@ def _alive(pid: int) -> bool:
 
 @pytest.mark.processes
 def test_ftune_up_runs_everything_and_ctrl_c_stops_it(tmp_path):
-    home, port = tmp_path / "home", free_port()
-    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "DATABASE_URL")}
-    process = subprocess.Popen(
-        [*ftune_command("up"), "--port", str(port), "--home", str(home),
-         "--workers", "1"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        start_new_session=True)
-    try:
-        state_file = home / "ftune-up.json"
-        wait_until(state_file.exists, 90, "ftune up to write its state file")
-        state = json.loads(state_file.read_text())
+    with start_ftune_up(tmp_path / "home", wait=False) as up:
+        wait_until(up.state_file.exists, 90, "ftune up to write its state file")
+        state = json.loads(up.state_file.read_text())
         assert set(state["children"]) == {"redis", "worker-1", "api"}
         assert state["redis_url"].startswith("redis://:")  # a password, then the host
         assert "@127.0.0.1:" in state["redis_url"]
-        assert state_file.stat().st_mode & 0o777 == 0o600  # it holds that password
-        key_file = home / "operator.key"
-        assert key_file.stat().st_mode & 0o777 == 0o600
-        key = key_file.read_text().strip()
+        assert up.state_file.stat().st_mode & 0o777 == 0o600  # it holds that password
+        assert up.key_file.stat().st_mode & 0o777 == 0o600
+        key = up.operator_key()
         assert key.startswith("ftk_") and len(key) >= 40
-        health = wait_until(lambda: (h := httpx.get(f"http://127.0.0.1:{port}/healthz").json())
-                            ["workers"] == 1 and h, 60, "the worker to report in")
+        health = up.wait_healthy(60)
         assert health["status"] == "ok" and health["auth"].startswith("on")
-        assert (home / "ftune.db").is_file()  # SQLite in the data directory by default
-        url = f"http://127.0.0.1:{port}/v1/jobs"
+        assert (up.home / "ftune.db").is_file()  # SQLite in the data directory by default
+        url = f"{up.url}/v1/jobs"
         assert httpx.get(url).status_code == 401
         assert httpx.get(url, headers={"Authorization": f"Bearer {key}"}).status_code == 200
 
-        process.send_signal(signal.SIGINT)
-        output, _ = process.communicate(timeout=90)
-    finally:
-        if process.poll() is None:
-            process.kill()
-    assert process.returncode == 0, output.decode()
-    assert b"ftune is up" in output
-    assert key.encode() in output and str(key_file).encode() in output  # printed once
+        code = up.stop(90)
+    output = up.output()
+    assert code == 0, output
+    assert "ftune is up" in output
+    assert key in output and str(up.key_file) in output  # printed once
     assert not [name for name, pid in state["children"].items() if _alive(pid)]
-    assert not state_file.exists()
+    assert not up.state_file.exists()
 
 
-def _start_up(home: Path, port: int) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "DATABASE_URL")}
-    env["FTUNE_CANCEL_POLL_S"] = "0.2"
-    process = subprocess.Popen(
-        [*ftune_command("up"), "--port", str(port), "--home", str(home)],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-    wait_until(lambda: httpx.get(f"http://127.0.0.1:{port}/healthz").json()["workers"] == 1,
-               120, "ftune up to be ready")
-    return process
+def _start_up(home: Path) -> FtuneUp:
+    return start_ftune_up(home, env={"FTUNE_CANCEL_POLL_S": "0.2"})
 
 
-def _operator(home: Path, port: int) -> httpx.Client:
-    key = (home / "operator.key").read_text().strip()
-    return httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60,
-                        headers={"Authorization": f"Bearer {key}"})
-
-
-def _stop_up(process: subprocess.Popen) -> str:
-    process.send_signal(signal.SIGINT)
-    output, _ = process.communicate(timeout=120)
-    assert process.returncode == 0, output.decode()
-    return output.decode()
+def _stop_up(up: FtuneUp) -> str:
+    code = up.stop()
+    assert code == 0, up.output()
+    return up.output()
 
 
 @pytest.mark.processes
 def test_stopping_ftune_up_hands_a_running_job_back_to_resume_later(tmp_path, tiny_folder):
     home = tmp_path / "home"
-    port = free_port()
-    process = _start_up(home, port)
+    up = _start_up(home)
     try:
-        http = _operator(home, port)
+        http = up.operator_client()
         dataset = http.post("/v1/datasets",
                             files={"file": ("t.zip", zip_folder(tiny_folder))}).json()
         spec = {"image_size": 64, "epochs": 12, "batch_size": 12, "seed": 3,
@@ -114,7 +87,7 @@ def test_stopping_ftune_up_hands_a_running_job_back_to_resume_later(tmp_path, ti
                    "two finished epochs")
         before = http.get(f"/v1/jobs/{job['id']}").json()["metrics"]
     finally:
-        output = _stop_up(process)
+        output = _stop_up(up)
     with sqlite3.connect(home / "ftune.db") as db:
         status, epoch = db.execute("SELECT status, epoch FROM jobs WHERE id = ?",
                                    (job["id"],)).fetchone()
@@ -122,13 +95,12 @@ def test_stopping_ftune_up_hands_a_running_job_back_to_resume_later(tmp_path, ti
     assert 2 <= epoch < 12
     assert (home / "jobs" / job["id"] / "checkpoints" / "checkpoint.pt").is_file()
 
-    port = free_port()
-    process = _start_up(home, port)  # same data dir: the job waits in the database
+    up = _start_up(home)  # same data dir: the job waits in the database
     try:
-        http = _operator(home, port)
+        http = up.operator_client()
         done = wait_for_job(http, job["id"], timeout_s=300)
     finally:
-        output = _stop_up(process)
+        output = _stop_up(up)
     assert done["status"] == "succeeded", done["error"]
     assert [row["epoch"] for row in done["metrics"]] == list(range(1, 13))  # each epoch once
     assert done["attempts"] == 2
@@ -202,21 +174,18 @@ def test_every_setting_is_documented_in_the_readme():
 
 @pytest.mark.processes
 def test_a_worker_that_keeps_dying_never_takes_ftune_up_down(tmp_path):
-    home, port = tmp_path / "home", free_port()
-    process = _start_up(home, port)
+    up = _start_up(tmp_path / "home")
     try:
-        state_file = home / "ftune-up.json"
         for _ in range(6):  # more than the old limit of 5 deaths a minute
-            pid = json.loads(state_file.read_text())["children"]["worker-1"]
+            pid = json.loads(up.state_file.read_text())["children"]["worker-1"]
             os.kill(pid, signal.SIGKILL)
-            wait_until(lambda pid=pid: json.loads(state_file.read_text())["children"]
+            wait_until(lambda pid=pid: json.loads(up.state_file.read_text())["children"]
                        ["worker-1"] != pid, 30, "the worker to be restarted")
-        assert process.poll() is None  # the launcher is still up
-        assert httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200
-        wait_until(lambda: httpx.get(f"http://127.0.0.1:{port}/healthz").json()["workers"] == 1,
-                   60, "the restarted worker to report in")
+        assert up.process.poll() is None  # the launcher is still up
+        assert httpx.get(f"{up.url}/healthz").status_code == 200
+        up.wait_healthy(60)  # the restarted worker reports in
     finally:
-        output = _stop_up(process)
+        output = _stop_up(up)
     assert output.count("worker-1 exited with code -9; restarting it") == 6
 
 
