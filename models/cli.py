@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ftune.models.errors import FineTuneError
+from ftune.models.export_formats import TRACED_FORMATS
 from ftune.models.settings import engine_settings
 from ftune.models.spec import SpecError, parse_spec
 
@@ -87,7 +88,7 @@ def add_engine_commands(sub: argparse._SubParsersAction) -> None:
 
     export = sub.add_parser("export", help="export a tuned model as ONNX or TorchScript")
     export.add_argument("model", help="folder written by `ftune train`")
-    export.add_argument("--format", required=True, choices=["onnx", "torchscript"])
+    export.add_argument("--format", required=True, choices=TRACED_FORMATS)
     export.add_argument("--out", required=True, help="file to write")
     export.set_defaults(run=_export)
 

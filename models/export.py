@@ -37,12 +37,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ftune.models.export_formats import TRACED_FORMATS
 from ftune.models.predictor import Predictor
 from ftune.models.preprocessing import Preprocessing
 
-FORMATS = ("torchscript", "onnx")
 EXTRA_FILE = "ftune.json"  # in a TorchScript file: the description below
-SUFFIXES = {"torchscript": ".pt", "onnx": ".onnx"}
 ONNX_OPSET = 17
 
 
@@ -93,8 +92,9 @@ def _describe_onnx(path: Path, described: dict[str, str]) -> None:
 
 def export_model(model_dir: str | Path, out: str | Path, fmt: str) -> Path:
     """Write ``out`` atomically (temporary file, then rename); returns its path."""
-    if fmt not in FORMATS:
-        raise ValueError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if fmt not in TRACED_FORMATS:
+        raise ValueError(f"unknown export format {fmt!r}; choose one of "
+                         f"{', '.join(TRACED_FORMATS)}")
     predictor = Predictor.load(model_dir, device="cpu")
     wrapper = ExportedClassifier(predictor.model, predictor.preprocessing).eval()
     size = predictor.preprocessing.input_size

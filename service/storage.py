@@ -8,11 +8,10 @@ import uuid
 from pathlib import Path
 
 from ftune.models.data.archives import remove_tree
+from ftune.models.export_formats import EXPORT_SUFFIXES, export_suffix
 from ftune.service.ids import is_id
 
 log = logging.getLogger(__name__)
-
-EXPORT_SUFFIXES = (".zip", ".onnx", ".pt")  # the bundle zip and ftune.models.export's formats
 
 
 def _checked(object_id: str) -> str:
@@ -99,10 +98,14 @@ class Storage:
         return self.job_dir(job_id) / "checkpoints"
 
     def model_zip(self, model_id: str) -> Path:
-        return self.exports / f"{_checked(model_id)}.zip"
+        return self.export_file(model_id, "safetensors")
+
+    def export_file(self, model_id: str, fmt: str) -> Path:
+        """Where the model's download in ``fmt`` is kept (built or not)."""
+        return self.exports / f"{_checked(model_id)}{export_suffix(fmt)}"
 
     def export_files(self, model_id: str) -> list[Path]:
-        """The model's downloads that exist: zip, ONNX, TorchScript."""
+        """The model's downloads that exist, in any format."""
         stem = _checked(model_id)
         return [p for p in (self.exports / f"{stem}{s}" for s in EXPORT_SUFFIXES) if p.is_file()]
 

@@ -18,6 +18,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from ftune.models.bundle import BUNDLE_FILES, EVALUATION_FILE
+from ftune.models.export_formats import EXPORT_FORMATS
 from ftune.service.auth.principal import Principal
 from ftune.service.auth.tenancy import visible_or_404, visible_rows
 from ftune.service.batching import LOAD_THREAD, DynamicBatcher
@@ -30,7 +31,7 @@ from ftune.service.ids import is_id
 from ftune.service.pages import DEFAULT_LIMIT, Keyset, read_page
 from ftune.service.quotas import limits_of, usage_of
 from ftune.service.settings import Settings
-from ftune.service.storage import EXPORT_SUFFIXES, Storage
+from ftune.service.storage import Storage
 
 EXTRA_FILES = (EVALUATION_FILE,)  # in the download beside what Predictor.load reads
 ALIAS = re.compile(r"[A-Za-z0-9_.\-]{1,100}")
@@ -200,7 +201,7 @@ def build_download(db: Database, storage: Storage, settings: Settings, *, model:
         raise TooManyRequests(f"quota stored_gb exceeded: building this download needs space "
                               f"and the tenant holds {usage.stored_bytes} of "
                               f"{limits.stored_bytes} bytes; delete exports or models first")
-    path = model_zip(storage, model.id) if fmt == "safetensors" else model_export(
+    path = model_zip(storage, model.id) if not EXPORT_FORMATS[fmt].traced else model_export(
         storage, slots, model.id, fmt, timeout_s=settings.export_timeout_s)
     with db.session() as session:
         session.execute(update(TunedModel).where(TunedModel.id == model.id).values(
@@ -209,9 +210,7 @@ def build_download(db: Database, storage: Storage, settings: Settings, *, model:
 
 
 def download_path(storage: Storage, model_id: str, fmt: str) -> Path:
-    suffix = {"safetensors": ".zip", "onnx": ".onnx", "torchscript": ".pt"}[fmt]
-    assert suffix in EXPORT_SUFFIXES
-    return storage.exports / f"{model_id}{suffix}"
+    return storage.export_file(model_id, fmt)
 
 
 class PredictorCache:

@@ -8,6 +8,7 @@ from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
 from starlette.concurrency import run_in_threadpool
 
 from ftune.models.bundle import CONFIG_FILE, EVALUATION_FILE
+from ftune.models.export_formats import DEFAULT_FORMAT, EXPORT_FORMATS, ExportFormat
 from ftune.service.auth.principal import Principal
 from ftune.service.batching import DynamicBatcher
 from ftune.service.cards import build_card, card_markdown, read_json
@@ -146,8 +147,7 @@ def confusion(model_ref: str, ctx: Ctx, who: Member,
 @router.get("/models/{model_ref}/download", response_class=FileResponse, description=REF,
             responses={429: {"description": "building it would exceed the storage quota"}})
 def download(model_ref: str, ctx: Ctx, who: Member,
-             format: Annotated[Literal["safetensors", "torchscript", "onnx"], Query()] =
-             "safetensors") -> FileResponse:
+             format: Annotated[ExportFormat, Query()] = DEFAULT_FORMAT) -> FileResponse:
     """``safetensors`` (default): a zip of what ``ftune.models.Predictor.load`` reads, plus the
     evaluation. ``onnx`` / ``torchscript``: uint8 RGB ``[N, 3, S, S]`` in, probabilities out,
     normalisation included (see ftune/models/export.py for resizing). Built once, then kept
@@ -155,8 +155,8 @@ def download(model_ref: str, ctx: Ctx, who: Member,
     model = _resolve(ctx, who, model_ref)
     path = build_download(ctx.db, ctx.storage, ctx.settings, model=model, fmt=format,
                           slots=ctx.exports)
-    media = "application/zip" if format == "safetensors" else "application/octet-stream"
-    return FileResponse(path, media_type=media, filename=f"model-{model.id}{path.suffix}")
+    return FileResponse(path, media_type=EXPORT_FORMATS[format].media_type,
+                        filename=f"model-{model.id}{path.suffix}")
 
 
 @router.post("/models/{model_ref}/predict", response_model=PredictOut,

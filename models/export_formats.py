@@ -1,0 +1,43 @@
+"""The formats a tuned model is downloaded in, and the file each is kept in (no torch import).
+
+One table for the engine (``ftune export``), the API (the download route, where exports are
+stored and found) and the tests. To add a format, add its name to ``ExportFormat`` and a row
+to ``EXPORT_FORMATS`` (tests/models/test_export.py fails when the two differ), then teach
+``ftune.models.export.export_model`` to write it if it is traced from the model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+ExportFormat = Literal["safetensors", "torchscript", "onnx"]
+DEFAULT_FORMAT: ExportFormat = "safetensors"
+
+
+@dataclass(frozen=True)
+class FormatInfo:
+    suffix: str  # of the file kept under the data directory's exports/ and downloaded
+    media_type: str
+    traced: bool  # written by ``ftune export`` from the model; else the bundle, zipped
+
+
+EXPORT_FORMATS: dict[str, FormatInfo] = {
+    # The bundle that Predictor.load reads (model.safetensors, config.json, ...), zipped.
+    "safetensors": FormatInfo(".zip", "application/zip", traced=False),
+    "torchscript": FormatInfo(".pt", "application/octet-stream", traced=True),
+    "onnx": FormatInfo(".onnx", "application/octet-stream", traced=True),
+}
+
+# What ``ftune export --format`` accepts.
+TRACED_FORMATS = tuple(name for name, info in EXPORT_FORMATS.items() if info.traced)
+EXPORT_SUFFIXES = tuple(info.suffix for info in EXPORT_FORMATS.values())
+
+
+def export_suffix(fmt: str) -> str:
+    """The file suffix of ``fmt``; an unknown format is a ValueError."""
+    info = EXPORT_FORMATS.get(fmt)
+    if info is None:
+        raise ValueError(f"unknown export format {fmt!r}; choose one of "
+                         f"{', '.join(EXPORT_FORMATS)}")
+    return info.suffix
