@@ -16,12 +16,12 @@ from ftune.service.db.session import Database
 from ftune.service.exports import ExportSlots
 from ftune.service.lifecycle.dispatcher import dispatch
 from ftune.service.metrics import ServiceMetrics
+from ftune.service.predictor_cache import PredictorCache
 from ftune.service.queue import make_celery
 from ftune.service.ratelimit import RateLimiter
 from ftune.service.settings import Settings
 from ftune.service.storage import Storage
 from ftune.service.streams import StreamHub
-from ftune.service.tuned_models import PredictorCache
 
 log = logging.getLogger(__name__)
 

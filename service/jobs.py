@@ -4,14 +4,12 @@ a principal: another tenant's job is a 404."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Callable
 from typing import Any
 
 import redis
 from sqlalchemy import delete, select, update
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from ftune.models import memory
@@ -19,25 +17,26 @@ from ftune.models.recipe.resolve import apply_static, image_passes, planned_epoc
 from ftune.models.recipe.stats import DatasetStats, stats_from_report
 from ftune.models.spec import FineTuneSpec, SpecError, parse_spec
 from ftune.service.auth.principal import Principal, Role
+from ftune.service.auth.tenancy import get_visible, visible_rows
 from ftune.service.backbones import check_backbone
 from ftune.service.datasets import get_dataset
 from ftune.service.db.session import Database
 from ftune.service.db.tables import (
+    JOB_CHILDREN,
     Dataset,
     EpochMetrics,
-    IdempotencyKey,
     Job,
-    JobEvent,
-    JobRun,
     Sweep,
     Tenant,
     TunedModel,
     utcnow,
 )
-from ftune.service.errors import Conflict, InvalidInput, NotFound, Unavailable
+from ftune.service.db.writes import rows_changed
+from ftune.service.errors import Conflict, InvalidInput, Unavailable
 from ftune.service.events import EventKind, add_event, status_event
-from ftune.service.ids import is_id
+from ftune.service.idempotency import create_once, forget
 from ftune.service.job_status import ACTIVE, TERMINAL, WAITING, JobStatus, SweepStatus
+from ftune.service.lifecycle.transitions import finish
 from ftune.service.pages import DEFAULT_LIMIT, Keyset, read_page
 from ftune.service.quotas import check_job, limits_of, usage_of
 from ftune.service.schemas import JobIn
@@ -45,6 +44,8 @@ from ftune.service.settings import Settings
 
 # Above this, a job jumps its tenant's queue: only admins may ask for it.
 MEMBER_MAX_PRIORITY = 5
+# Jobs' Idempotency-Keys are stored as sent (they predate sweeps', which have a prefix).
+JOB_KEYS = ""
 
 
 def validate_job_spec(payload: FineTuneSpec | dict) -> FineTuneSpec:
@@ -161,10 +162,8 @@ def _check_fits_a_worker(spec: FineTuneSpec, dataset: Dataset, settings: Setting
 
 
 def get_job(session: Session, principal: Principal, job_id: str) -> Job:
-    job = session.get(Job, job_id) if is_id(job_id) else None
-    if job is None or not principal.can_see(job.tenant_id):
-        raise NotFound(f"job {job_id} not found")
-    return job
+    """The job, if the principal may see it; another tenant's is a 404."""
+    return get_visible(session, principal, Job, job_id, noun="job")
 
 
 def list_jobs(session: Session, principal: Principal, *, status: str | None = None,
@@ -172,9 +171,7 @@ def list_jobs(session: Session, principal: Principal, *, status: str | None = No
               ) -> tuple[list[dict], str | None]:
     """Newest first, a page at a time, without per-epoch metrics (GET one job for those):
     two queries whatever the limit."""
-    query = select(Job)
-    if not principal.is_operator:
-        query = query.where(Job.tenant_id == principal.tenant_id)
+    query = visible_rows(principal, Job)
     if status is not None:
         if status not in tuple(JobStatus):
             raise InvalidInput(f"status must be one of {', '.join(tuple(JobStatus))}")
@@ -206,13 +203,13 @@ def request_cancel(session: Session, job: Job) -> None:
     # Two conditional updates; a job moving between waiting and running in between (a worker
     # claiming it, or handing it back) matches neither, so try again.
     for _ in range(5):
-        cancelled_waiting = session.execute(
+        cancelled_waiting = rows_changed(session, (
             update(Job).where(Job.id == job_id, Job.status.in_(WAITING))
             .values(status=JobStatus.CANCELLED, cancel_requested=True, finished_at=utcnow(),
-                    error="cancelled before it started")).rowcount
-        flagged_running = cancelled_waiting or session.execute(
+                    error="cancelled before it started")))
+        flagged_running = cancelled_waiting or rows_changed(session, (
             update(Job).where(Job.id == job_id, Job.status == JobStatus.RUNNING)
-            .values(cancel_requested=True)).rowcount
+            .values(cancel_requested=True)))
         session.flush()
         session.refresh(job)
         if flagged_running or job.status in TERMINAL:
@@ -238,42 +235,15 @@ def delete_job(session: Session, principal: Principal, *, job_id: str) -> None:
     if model is not None:
         raise Conflict(f"job {job_id} made model {model}; delete the model first "
                        f"(DELETE /v1/models/{model})")
-    for table in (EpochMetrics, JobEvent, JobRun):
-        session.execute(delete(table).where(table.job_id == job_id))
-    session.execute(delete(IdempotencyKey).where(IdempotencyKey.job_id == job_id))
+    delete_job_children(session, [job_id])
     session.delete(job)
     session.flush()
 
 
-def body_digest(body: dict) -> str:
-    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":"))
-                          .encode()).hexdigest()
-
-
-def replay_idempotent(session: Session, principal: Principal, *, key: str,
-                      digest: str) -> Job | None:
-    """The job an earlier request with this key made; 409 if that request's body differed.
-    Keys are per tenant."""
-    if not key or len(key) > 200:
-        raise InvalidInput("Idempotency-Key must be 1 to 200 characters")
-    seen = session.get(IdempotencyKey, (principal.home_tenant, key))
-    if seen is None:
-        return None
-    if seen.body_sha256 != digest:
-        raise Conflict("Idempotency-Key was already used with a different request body")
-    return get_job(session, principal, seen.job_id)
-
-
-def remember_idempotent(session: Session, principal: Principal, *, key: str, digest: str,
-                        job_id: str) -> None:
-    session.add(IdempotencyKey(tenant_id=principal.home_tenant, key=key, body_sha256=digest,
-                               job_id=job_id))
-
-
-def forget_idempotent(session: Session, principal: Principal, *, key: str) -> None:
-    seen = session.get(IdempotencyKey, (principal.home_tenant, key))
-    if seen is not None:
-        session.delete(seen)
+def delete_job_children(session: Session, job_ids: list[str]) -> None:
+    """Every row that belongs to these jobs (``JOB_CHILDREN``), not the jobs themselves."""
+    for column in JOB_CHILDREN:
+        session.execute(delete(column.class_).where(column.in_(job_ids)))
 
 
 def queue_position(session: Session, job: Job) -> int | None:
@@ -355,29 +325,13 @@ def submit_job(db: Database, principal: Principal, settings: Settings, *, reques
     When the queue is unreachable the job is marked failed (never left waiting without a way
     to start) and Unavailable raised: submitting again is safe.
     """
-    digest = body_digest(request.model_dump(mode="json"))
-    try:
-        with db.session() as session:
-            if idempotency_key is not None:
-                earlier = replay_idempotent(session, principal, key=idempotency_key,
-                                            digest=digest)
-                if earlier is not None:
-                    return earlier.id
-            job = create_job(session, principal, settings, request=request)
-            if idempotency_key is not None:
-                remember_idempotent(session, principal, key=idempotency_key, digest=digest,
-                                    job_id=job.id)
-    except IntegrityError:
-        if idempotency_key is None:
-            raise
-        # The same key in a concurrent request won the race; its job is the answer.
-        with db.session() as session:
-            earlier = replay_idempotent(session, principal, key=idempotency_key, digest=digest)
-        if earlier is None:
-            raise
-        return earlier.id
-    _dispatch_or_fail(db, principal, job.id, idempotency_key, dispatch)
-    return job.id
+    job = create_once(db, principal, key=idempotency_key, prefix=JOB_KEYS,
+                      body=request.model_dump(mode="json"),
+                      create=lambda session: create_job(session, principal, settings,
+                                                        request=request).id)
+    if job.new:  # an earlier request with the key dispatched its job already
+        _dispatch_or_fail(db, principal, job.object_id, idempotency_key, dispatch)
+    return job.object_id
 
 
 def _dispatch_or_fail(db: Database, principal: Principal, job_id: str,
@@ -386,13 +340,11 @@ def _dispatch_or_fail(db: Database, principal: Principal, job_id: str,
         dispatch()
     except (redis.RedisError, Unavailable) as exc:  # the lock or the broker unreachable
         with db.session() as session:
-            failed = session.get(Job, job_id)
-            if failed is not None and failed.status in WAITING:
-                failed.status, failed.finished_at = JobStatus.FAILED, utcnow()
-                failed.error = ("could not be queued: the job queue (Redis) is unreachable; "
-                                "submit again")
-                status_event(session, job_id, JobStatus.FAILED, error=failed.error)
+            # Only while it waits: should a worker have taken it after all, it runs.
+            finish(session, job_id, JobStatus.FAILED, only_from=WAITING,
+                   error="could not be queued: the job queue (Redis) is unreachable; "
+                         "submit again")
             if idempotency_key is not None:  # submitting again with the key must try again
-                forget_idempotent(session, principal, key=idempotency_key)
+                forget(session, principal, key=idempotency_key, prefix=JOB_KEYS)
         raise Unavailable(f"the job queue (Redis) is unreachable: {exc}",
                           retry_after_s=5) from exc

@@ -32,7 +32,7 @@ from ftune.service.db.session import Database
 from ftune.service.db.tables import EpochMetrics, Job, Tenant
 from ftune.service.job_status import TERMINAL, JobStatus
 from ftune.service.lifecycle.liveness import WORKER_KEY_PREFIX
-from ftune.service.tuned_models import PredictorCache
+from ftune.service.predictor_cache import PredictorCache
 
 JOB_SECONDS = (10, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600, 86400)
 EPOCH_SECONDS = (0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 900)

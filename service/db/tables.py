@@ -187,14 +187,15 @@ class JobEvent(Base):
 
 
 class IdempotencyKey(Base):
-    """``Idempotency-Key`` of a job submission: the same key and body give the same job."""
+    """``Idempotency-Key`` of a submission (a job, or a sweep under the key's ``sweep:``
+    prefix): the same key and body give the same object (see service/idempotency.py)."""
 
     __tablename__ = "idempotency_keys"
 
     tenant_id: Mapped[str] = mapped_column(String(32), primary_key=True)
     key: Mapped[str] = mapped_column(String(200), primary_key=True)
     body_sha256: Mapped[str] = mapped_column(String(64))
-    job_id: Mapped[str] = mapped_column(String(32))
+    object_id: Mapped[str] = mapped_column(String(32))  # the job's or the sweep's id
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
@@ -287,3 +288,9 @@ class SweepTrial(Base):
     params: Mapped[dict[str, Any]]
     system_attrs: Mapped[dict[str, Any]] = mapped_column(default=dict)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+# Every row that belongs to one job, by the column holding the job's id: deleting a job
+# (service/jobs.py) and removing a tenant (service/removal.py) delete these with it. A new
+# table of per-job rows goes here. (A sweep's trial rows belong to the sweep, not the job.)
+JOB_CHILDREN = (EpochMetrics.job_id, JobEvent.job_id, JobRun.job_id, IdempotencyKey.object_id)

@@ -3,38 +3,30 @@ trial's model."""
 
 from __future__ import annotations
 
-import logging
 import time
 from typing import Annotated
 
-import redis
 from fastapi import APIRouter, Depends, Header, Request, Response
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
-from sqlalchemy.exc import IntegrityError
 
 from ftune.service.auth.principal import Principal
 from ftune.service.context import AppContext
 from ftune.service.deps import Admin, Ctx, Member, rate_limited
-from ftune.service.errors import Unavailable
 from ftune.service.job_status import SweepStatus
-from ftune.service.jobs import body_digest
 from ftune.service.pages import DEFAULT_LIMIT, Cursor, Limit, Page
 from ftune.service.schemas import SweepIn, SweepOut
 from ftune.service.sse import SWEEP_STREAM_DOC, event_rows, event_stream
 from ftune.service.sweeps.sweeps import (
     cancel_sweep,
-    create_sweep,
     get_sweep,
     list_sweeps,
     promote_sweep,
-    remember_sweep,
-    replay_sweep,
+    submit_sweep,
     sweep_view,
 )
 from ftune.service.sweeps.trials import load_trials
 
-log = logging.getLogger(__name__)
 router = APIRouter(tags=["sweeps"])
 
 
@@ -58,28 +50,9 @@ def submit(body: SweepIn, request: Request, ctx: Ctx, who: Member,
     at most ``parallelism`` at once. 422 names a bad space path or distribution (every
     sampled spec must validate), 404 an unknown dataset. With an ``Idempotency-Key``
     header, repeating the request returns the same sweep (another body: 409)."""
-    digest = body_digest(body.model_dump(mode="json"))
-    try:
-        with ctx.db.session() as session:
-            earlier = (replay_sweep(session, who, idempotency_key, digest)
-                       if idempotency_key is not None else None)
-            sweep_id = (earlier or create_sweep(session, who, ctx.settings, body)).id
-            if idempotency_key is not None and earlier is None:
-                remember_sweep(session, who, idempotency_key, digest, sweep_id)
-    except IntegrityError:
-        if idempotency_key is None:
-            raise
-        with ctx.db.session() as session:  # a concurrent request with the key won the race
-            earlier = replay_sweep(session, who, idempotency_key, digest)
-            if earlier is None:
-                raise
-            sweep_id = earlier.id
+    sweep_id = submit_sweep(ctx.db, who, ctx.settings, request=body,
+                            idempotency_key=idempotency_key, dispatch=ctx.dispatch)
     request.state.audit_object = sweep_id
-    try:
-        ctx.dispatch()  # its first trials start now, not at the next periodic round
-    except (redis.RedisError, Unavailable):
-        log.warning("sweep %s: the queue is unreachable; its trials start once it is back",
-                    sweep_id)
     return _view(ctx, who, sweep_id)
 
 
@@ -138,7 +111,7 @@ def cancel(sweep_id: str, ctx: Ctx, who: Member) -> dict:
     """No more trials start; waiting ones are cancelled, running ones stop at their next
     batch. 409 when the sweep has already ended."""
     with ctx.db.session() as session:
-        cancel_sweep(session, who, sweep_id)
+        cancel_sweep(session, who, sweep_id=sweep_id)
     return _view(ctx, who, sweep_id)
 
 
@@ -147,4 +120,4 @@ def promote(sweep_id: str, body: PromoteIn, ctx: Ctx, who: Admin) -> dict:
     """Admins only (as for any alias): point ``alias`` at the best trial's model; returns
     ``{"alias": "name:alias", "model_id", "trial"}``. 409 before a trial has a model."""
     with ctx.db.session() as session:
-        return promote_sweep(session, who, sweep_id, body.alias)
+        return promote_sweep(session, who, sweep_id=sweep_id, alias=body.alias)

@@ -3,18 +3,24 @@ tenant's sweep is a 404."""
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
+
+import redis
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from ftune.models.recipe.resolve import image_passes, resolve_static
 from ftune.models.spec import FineTuneSpec
 from ftune.service.auth.principal import Principal, Role
+from ftune.service.auth.tenancy import get_visible, visible_rows
 from ftune.service.backbones import check_backbone
 from ftune.service.datasets import get_dataset
-from ftune.service.db.tables import Dataset, IdempotencyKey, Sweep, Tenant, utcnow
-from ftune.service.errors import Conflict, InvalidInput, NotFound, TooManyRequests
+from ftune.service.db.session import Database
+from ftune.service.db.tables import Dataset, Sweep, Tenant, utcnow
+from ftune.service.errors import Conflict, InvalidInput, TooManyRequests, Unavailable
 from ftune.service.events import EventKind, add_event
-from ftune.service.ids import is_id
+from ftune.service.idempotency import create_once
 from ftune.service.job_status import SweepStatus
 from ftune.service.jobs import (
     MEMBER_MAX_PRIORITY,
@@ -33,8 +39,13 @@ from ftune.service.sweeps.study import DIRECTIONS, grid_size
 from ftune.service.sweeps.trials import Trial, load_trials
 from ftune.service.tuned_models import set_alias
 
+log = logging.getLogger(__name__)
+# Sweeps' Idempotency-Keys share the jobs' table under this prefix, so a key used for a job
+# and the same key used for a sweep never meet.
+SWEEP_KEYS = "sweep:"
 
-def create_sweep(session: Session, principal: Principal, settings: Settings,
+
+def create_sweep(session: Session, principal: Principal, settings: Settings, *,
                  request: SweepIn) -> Sweep:
     """A running sweep; its first trials start at the next dispatch. 422 names a bad path or
     distribution in the space, before anything runs."""
@@ -101,46 +112,37 @@ def _check_room(session: Session, settings: Settings, dataset: Dataset,
 
 
 def get_sweep(session: Session, principal: Principal, sweep_id: str) -> Sweep:
-    sweep = session.get(Sweep, sweep_id) if is_id(sweep_id) else None
-    if sweep is None or not principal.can_see(sweep.tenant_id):
-        raise NotFound(f"sweep {sweep_id} not found")
-    return sweep
+    """The sweep, if the principal may see it; another tenant's is a 404."""
+    return get_visible(session, principal, Sweep, sweep_id, noun="sweep")
 
 
 def list_sweeps(session: Session, principal: Principal, *, limit: int = DEFAULT_LIMIT,
                 cursor: str | None = None) -> tuple[list[dict], str | None]:
     """Newest first, a page at a time."""
-    query = select(Sweep)
-    if not principal.is_operator:
-        query = query.where(Sweep.tenant_id == principal.tenant_id)
-    sweeps, next_cursor = read_page(session, query, Keyset(Sweep.created_at, Sweep.id),
+    sweeps, next_cursor = read_page(session, visible_rows(principal, Sweep),
+                                    Keyset(Sweep.created_at, Sweep.id),
                                     limit=limit, cursor=cursor)
     return [sweep_view(sweep, load_trials(session, sweep, with_metrics=False))
             for sweep in sweeps], next_cursor
 
 
-# Idempotency keys of sweeps share the jobs' table, under this prefix (a key used for a job
-# and one used for a sweep never meet); its job_id column then holds the sweep's id.
-KEY_PREFIX = "sweep:"
-
-
-def replay_sweep(session: Session, principal: Principal, key: str, digest: str
-                 ) -> Sweep | None:
-    """The sweep an earlier request with this key started; 409 if its body differed."""
-    if not key or len(key) > 200 - len(KEY_PREFIX):
-        raise InvalidInput(f"Idempotency-Key must be 1 to {200 - len(KEY_PREFIX)} characters")
-    seen = session.get(IdempotencyKey, (principal.home_tenant, KEY_PREFIX + key))
-    if seen is None:
-        return None
-    if seen.body_sha256 != digest:
-        raise Conflict("Idempotency-Key was already used with a different request body")
-    return get_sweep(session, principal, seen.job_id)
-
-
-def remember_sweep(session: Session, principal: Principal, key: str, digest: str,
-                   sweep_id: str) -> None:
-    session.add(IdempotencyKey(tenant_id=principal.home_tenant, key=KEY_PREFIX + key,
-                               body_sha256=digest, job_id=sweep_id))
+def submit_sweep(db: Database, principal: Principal, settings: Settings, *,
+                 request: SweepIn, idempotency_key: str | None,
+                 dispatch: Callable[[], object]) -> str:
+    """Record a running sweep and ask the dispatcher to start its first trials now, not at
+    its next periodic round; returns the sweep's id (an earlier sweep's, when the
+    idempotency key was seen with the same request). An unreachable queue only delays the
+    trials: the dispatcher starts them once it is back."""
+    sweep = create_once(db, principal, key=idempotency_key, prefix=SWEEP_KEYS,
+                        body=request.model_dump(mode="json"),
+                        create=lambda session: create_sweep(session, principal, settings,
+                                                            request=request).id)
+    try:
+        dispatch()
+    except (redis.RedisError, Unavailable):
+        log.warning("sweep %s: the queue is unreachable; its trials start once it is back",
+                    sweep.object_id)
+    return sweep.object_id
 
 
 def trial_view(trial: Trial, objective: str) -> dict:
@@ -168,7 +170,7 @@ def sweep_view(sweep: Sweep, trials: list[Trial]) -> dict:
     }
 
 
-def cancel_sweep(session: Session, principal: Principal, sweep_id: str) -> Sweep:
+def cancel_sweep(session: Session, principal: Principal, *, sweep_id: str) -> Sweep:
     """No more trials start; waiting trials are cancelled, running ones stop at their next
     batch. Cancelling an ended sweep is a 409."""
     sweep = get_sweep(session, principal, sweep_id)
@@ -182,7 +184,8 @@ def cancel_sweep(session: Session, principal: Principal, sweep_id: str) -> Sweep
     return sweep
 
 
-def promote_sweep(session: Session, principal: Principal, sweep_id: str, alias: str) -> dict:
+def promote_sweep(session: Session, principal: Principal, *, sweep_id: str, alias: str
+                  ) -> dict:
     """Point ``alias`` at the best trial's model (within the model's name)."""
     sweep = get_sweep(session, principal, sweep_id)
     best = best_trial(load_trials(session, sweep, with_metrics=False), sweep.objective)

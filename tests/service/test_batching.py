@@ -12,8 +12,8 @@ import torch
 from ftune.models.bundle import save_bundle
 from ftune.models.training.fit import fit
 from ftune.service.batching import DynamicBatcher
+from ftune.service.predictor_cache import PredictorCache
 from ftune.service.storage import Storage
-from ftune.service.tuned_models import PredictorCache
 
 
 @pytest.fixture(scope="module")

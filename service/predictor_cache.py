@@ -1,0 +1,96 @@
+"""Loaded models in the API process, for predictions: each with its batcher, bounded by
+memory."""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+
+from ftune.service.batching import LOAD_THREAD, DynamicBatcher
+from ftune.service.storage import Storage
+from ftune.service.tuned_models import bundle_folder
+
+
+class PredictorCache:
+    """Loaded models (each with its batcher) kept in the API process, bounded by memory:
+    least recently used evicted first. A per-model lock makes concurrent first requests load
+    the model once. Each carries its tenant, and a lookup by id is trusted only for a second:
+    after that the model is looked up again (it may have been deleted)."""
+
+    def __init__(self, storage: Storage, max_bytes: int, *, max_batch: int = 32,
+                 max_wait_ms: float = 5.0) -> None:
+        self.storage, self.max_bytes = storage, max_bytes
+        self.max_batch, self.max_wait_ms = max_batch, max_wait_ms
+        self._loaded: OrderedDict[str, DynamicBatcher] = OrderedDict()
+        self._sizes: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self._loading: dict[str, threading.Lock] = {}
+        self._checked: dict[str, float] = {}  # model id -> time.monotonic() of its last lookup
+        self.loads = 0  # misses: a request had to load its model
+        self.hits = 0  # requests that found their model loaded
+        self.on_batch: Callable[[int], None] | None = None  # given to each model's batcher
+        self._evicted_batches = self._evicted_images = 0
+
+    def get(self, model_id: str, tenant_id: str) -> DynamicBatcher:
+        """The model's batcher, loading it if needed; call after looking the model up."""
+        with self._lock:
+            self._checked[model_id] = time.monotonic()
+            if model_id in self._loaded:
+                self.hits += 1
+                self._loaded.move_to_end(model_id)
+                return self._loaded[model_id]
+            loading = self._loading.setdefault(model_id, threading.Lock())
+        with loading:
+            with self._lock:
+                if model_id in self._loaded:  # loaded by a concurrent first request
+                    self.hits += 1
+                    return self._loaded[model_id]
+            from ftune.models.predictor import Predictor  # torch loads on the first predict only
+
+            folder = bundle_folder(self.storage, model_id)
+            predictor = LOAD_THREAD.submit(Predictor.load, folder).result()
+            batcher = DynamicBatcher(predictor, max_batch=self.max_batch,
+                                     max_wait_ms=self.max_wait_ms, tenant_id=tenant_id,
+                                     on_batch=self.on_batch)
+            with self._lock:
+                self.loads += 1
+                self._loaded[model_id] = batcher
+                self._sizes[model_id] = predictor.memory_bytes()
+                # Keep at least the newest model, even when it alone is over the budget.
+                while sum(self._sizes.values()) > self.max_bytes and len(self._loaded) > 1:
+                    evicted, old = self._loaded.popitem(last=False)
+                    self._sizes.pop(evicted, None)
+                    self._checked.pop(evicted, None)
+                    self._evicted_batches += old.batches
+                    self._evicted_images += old.images
+                    old.close()
+                self._loading.pop(model_id, None)
+            return batcher
+
+    def peek(self, model_id: str, max_age_s: float = 1.0) -> DynamicBatcher | None:
+        """The loaded model if it was looked up less than ``max_age_s`` ago; never loads."""
+        with self._lock:
+            fresh = time.monotonic() - self._checked.get(model_id, -math.inf) < max_age_s
+            if not fresh or model_id not in self._loaded:
+                return None
+            self.hits += 1
+            self._loaded.move_to_end(model_id)
+            return self._loaded[model_id]
+
+    @property
+    def batches(self) -> int:
+        return self._evicted_batches + sum(b.batches for b in list(self._loaded.values()))
+
+    @property
+    def images(self) -> int:
+        return self._evicted_images + sum(b.images for b in list(self._loaded.values()))
+
+    @property
+    def bytes(self) -> int:
+        return sum(self._sizes.values())
+
+    def __len__(self) -> int:
+        return len(self._loaded)
