@@ -118,7 +118,7 @@ class StoredStateCollector(Collector):
         yield gpu
 
 
-def _heartbeat(raw: bytes | None) -> dict:
+def _heartbeat(raw: bytes | str | None) -> dict:
     try:
         value = json.loads(raw or b"{}")
     except ValueError:

@@ -35,6 +35,7 @@ from sqlalchemy.orm import Session
 
 from ftune.service.db.session import Database
 from ftune.service.db.tables import Job, Tenant, utcnow
+from ftune.service.db.writes import rows_changed
 from ftune.service.events import EventKind, add_event
 from ftune.service.job_status import JobStatus
 from ftune.service.lifecycle.liveness import live_worker_count
@@ -110,10 +111,10 @@ def admit(session: Session, settings: Settings, *, free_workers: int) -> list[tu
             break
         tenant = min(eligible, key=lambda t: (t.running, t.compute_s, t.waiting[0][2]))
         job_id, priority, _ = tenant.waiting.popleft()
-        taken = session.execute(update(Job).where(Job.id == job_id,
-                                                  Job.status == JobStatus.QUEUED)
-                                .values(status=JobStatus.ADMITTED, admitted_at=utcnow(),
-                                        hold_reason=None)).rowcount
+        taken = rows_changed(session, update(Job).where(Job.id == job_id,
+                                                        Job.status == JobStatus.QUEUED)
+                             .values(status=JobStatus.ADMITTED, admitted_at=utcnow(),
+                                     hold_reason=None))
         if taken:
             tenant.running += 1
             chosen.append((job_id, priority))

@@ -26,6 +26,7 @@ from sqlalchemy.orm import Session
 
 from ftune.service.db.session import Database
 from ftune.service.db.tables import Job, utcnow
+from ftune.service.db.writes import rows_changed
 from ftune.service.events import EventKind, add_event, status_event
 from ftune.service.job_status import JobStatus
 from ftune.service.lifecycle import transitions
@@ -119,9 +120,9 @@ def _unclaimed(session: Session, repairs: Repairs, stale_before: datetime) -> No
     stuck = session.scalars(select(Job.id).where(Job.status == JobStatus.ADMITTED,
                                                  Job.admitted_at < stale_before)).all()
     for job_id in stuck:
-        done = session.execute(update(Job).where(Job.id == job_id,
-                                                  Job.status == JobStatus.ADMITTED)
-                               .values(status=JobStatus.QUEUED, admitted_at=None)).rowcount
+        done = rows_changed(session, update(Job).where(Job.id == job_id,
+                                                       Job.status == JobStatus.ADMITTED)
+                            .values(status=JobStatus.QUEUED, admitted_at=None))
         if done:
             status_event(session, job_id, JobStatus.QUEUED,
                          reason="no worker started it in time; it will be admitted again")

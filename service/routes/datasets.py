@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
 from typing import Annotated
 
@@ -69,10 +70,11 @@ async def upload_dataset(request: Request, ctx: Ctx, who: Member,
     allowance = await run_in_threadpool(_upload_allowance, ctx, tenant_id)
     disk = disk_allowance(ctx.storage, settings, "the upload")
     # The tightest of the three bounds refuses the upload, with its own status and reason.
-    max_bytes, over_limit = min(
+    bounds: list[tuple[int, Callable[[int], ServiceError]]] = [
         (int(settings.max_upload_mb * 2**20), upload_too_large),
         (allowance, _over_storage_quota),
-        (disk, partial(over_disk_allowance, "the upload")), key=lambda bound: bound[0])
+        (disk, partial(over_disk_allowance, "the upload"))]
+    max_bytes, over_limit = min(bounds, key=lambda bound: bound[0])
     form = await receive_multipart(request, dest=ctx.storage.uploads,
                                    file_fields=UPLOAD_FIELDS, max_bytes=max_bytes,
                                    over_limit=over_limit, too_many_files=ONE_ARCHIVE)

@@ -123,7 +123,7 @@ def best_trial(trials: list[Trial], objective: str) -> Trial | None:
     if not done:
         return None
     sign = 1 if objective == "val_accuracy" else -1
-    return max(done, key=lambda t: (sign * t.job.best[objective], -t.row.number))
+    return max(done, key=lambda t: (sign * (t.job.best or {})[objective], -t.row.number))
 
 
 def end_sweep(session: Session, sweep: Sweep, trials: list[Trial], reason: str | None) -> None:

@@ -64,8 +64,13 @@ def distributions(params: list[Param]) -> dict[str, Any]:
 
 def grid_size(params: list[Param]) -> int | None:
     """How many points a grid over the space has; None when a parameter is continuous."""
-    grids = [p.grid for p in params]
-    return None if any(g is None for g in grids) else math.prod(len(g) for g in grids)
+    sizes = []
+    for param in params:
+        grid = param.grid
+        if grid is None:
+            return None
+        sizes.append(len(grid))
+    return math.prod(sizes)
 
 
 def _sampler(kind: str, params: list[Param], seed: int, number: int, n_trials: int) -> Any:

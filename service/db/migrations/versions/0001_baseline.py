@@ -19,8 +19,8 @@ branch_labels = None
 depends_on = None
 
 
-def _id(name: str = "id", **kw: object) -> sa.Column:
-    return sa.Column(name, sa.String(32), nullable=False, **kw)
+def _id(name: str = "id") -> sa.Column:
+    return sa.Column(name, sa.String(32), nullable=False)
 
 
 def upgrade() -> None:
