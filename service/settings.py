@@ -57,7 +57,11 @@ class Settings(BaseSettings):
                                    "error is retried; doubles each time.")
     reconcile_interval_s: float = Field(10.0, gt=0, description="How often the reconciler "
                                         "looks for lost and abandoned jobs.")
-    cancel_poll_s: float = Field(0.5, gt=0, description="How often a running job checks cancel.")
+    cancel_poll_s: float = Field(0.5, gt=0, description="How often a running job looks for "
+                                 "a cancel request, also between progress writes.")
+    progress_interval_s: float = Field(0.5, gt=0, description="How often a running job "
+                                       "writes its batch progress (and heartbeat) to the "
+                                       "database; each write also looks for a cancel.")
     worker_heartbeat_s: float = Field(5.0, gt=0, description="Worker and running-job heartbeat.")
     job_stale_s: float = Field(
         120.0, gt=0, description="A running job without a heartbeat for this long is "

@@ -5,34 +5,58 @@ its heartbeat fresh. A cancel request or a lost claim reaches the engine through
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ftune.service.db.session import Database
 from ftune.service.lifecycle import transitions
 
+if TYPE_CHECKING:
+    from ftune.models.training.fit import Callbacks
+
 log = logging.getLogger(__name__)
+
+# Progress events are throttled harder than progress writes: a stream needs fewer of them
+# than the job view, and each is a row kept for the job's life.
+PROGRESS_EVENT_S = 2.0
 
 
 @dataclass
 class ProgressReporter:
-    """Engine callbacks that write progress to the DB and poll it for a cancel request."""
+    """Engine callbacks that write progress to the DB and poll it for a cancel request;
+    ``callbacks()`` hands them to the engine."""
 
     db: Database
     job_id: str
     worker: str
-    poll_s: float
+    progress_s: float  # between batch-progress writes (FTUNE_PROGRESS_INTERVAL_S)
+    cancel_poll_s: float  # between looks for a cancel request (FTUNE_CANCEL_POLL_S)
     shutdown: threading.Event
-    event_s: float = 2.0
+    event_s: float = PROGRESS_EVENT_S
     deadline: float | None = None  # time.monotonic() after which the run is over its limit
-    _last_write: float = 0.0
-    _last_event: float = 0.0
+    # time.monotonic() of the last of each; never, at first, so the first batch writes both.
+    _last_write: float = -math.inf
+    _last_cancel_check: float = -math.inf
+    _last_event: float = -math.inf
     _cancelled: bool = False
     over_time: bool = False
     lost: bool = False  # another worker owns the job now (we were paused and taken over)
     trial: bool = False  # the job is a sweep's trial: its pruner is asked after each epoch
     pruned: bool = False  # the pruner said stop
+
+    def callbacks(self) -> Callbacks:
+        """All of this reporter's hooks, as the engine takes them."""
+        # Imported here: the engine's training modules load torch, which the worker loads
+        # once at start-up (workers/main.py), not whoever imports this module.
+        from ftune.models.training.fit import Callbacks
+
+        return Callbacks(on_epoch_end=self.on_epoch_end, on_batch_end=self.on_batch_end,
+                         should_stop=self.should_stop, on_stage=self.on_stage,
+                         on_resolved=self.on_resolved,
+                         on_pretrain_epoch=self.on_pretrain_epoch)
 
     def on_epoch_end(self, row: dict) -> None:
         with self.db.session() as session:
@@ -69,15 +93,17 @@ class ProgressReporter:
 
     def on_batch_end(self, epoch: int, step: int, steps: int, loss: float) -> None:
         now = time.monotonic()
-        if now - self._last_write < self.poll_s and step < steps:
-            return
+        if now - self._last_write < self.progress_s and step < steps:
+            return  # the epoch's last step is always written: the job view ends on it
         self._last_write = now
         event = now - self._last_event >= self.event_s or step == steps
         if event:
             self._last_event = now
         with self.db.session() as session:
             state = transitions.record_progress(session, self.job_id, self.worker, epoch, step,
-                                              steps, loss, event=event)
+                                                steps, loss, event=event)
+        # The write read the cancel flag too, so it counts as a look for a cancel.
+        self._last_cancel_check = now
         self._cancelled = state == "cancel"
         self.lost = self.lost or state == "lost"
 
@@ -87,9 +113,10 @@ class ProgressReporter:
             return True
         if self.shutdown.is_set() or self._cancelled or self.lost or self.pruned:
             return True
-        if time.monotonic() - self._last_write >= self.poll_s:
-            # No batch finished for a while (a slow first batch): look for a cancel directly.
-            self._last_write = time.monotonic()
+        if time.monotonic() - self._last_cancel_check >= self.cancel_poll_s:
+            # No progress write has looked for a while (a slow first batch, or writes spaced
+            # further apart than cancel polls): look for a cancel directly.
+            self._last_cancel_check = time.monotonic()
             with self.db.session() as session:
                 self._cancelled = transitions.cancel_requested(session, self.job_id)
         return self._cancelled

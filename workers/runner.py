@@ -54,6 +54,14 @@ class WorkerShuttingDown(Exception):
 
 
 @dataclass(frozen=True)
+class RunTimings:
+    progress_s: float  # between batch-progress writes (FTUNE_PROGRESS_INTERVAL_S)
+    cancel_poll_s: float  # between looks for a cancel request (FTUNE_CANCEL_POLL_S)
+    heartbeat_s: float  # between heartbeats of the running job (FTUNE_WORKER_HEARTBEAT_S)
+    stale_after_s: float  # a running job silent this long may be taken over (FTUNE_JOB_STALE_S)
+
+
+@dataclass(frozen=True)
 class RunLimits:
     max_runtime_s: float  # the service-wide cap; a job's own max_runtime_s may be lower
     max_attempts: int
@@ -62,13 +70,11 @@ class RunLimits:
 
 class JobRunner:
     def __init__(self, db: Database, storage: Storage, *, worker_name: str,
-                 cancel_poll_s: float, heartbeat_s: float, stale_after_s: float,
-                 limits: RunLimits,
+                 timings: RunTimings, limits: RunLimits,
                  shutdown: threading.Event | None = None,
                  derived: DerivedStore | None = None) -> None:
         self.db, self.storage, self.worker_name = db, storage, worker_name
-        self.cancel_poll_s, self.heartbeat_s = cancel_poll_s, heartbeat_s
-        self.stale_after_s = stale_after_s
+        self.timings = timings
         self.limits = limits
         self.shutdown = shutdown or threading.Event()
         self.derived = derived  # decoded images shared by the jobs on the same data
@@ -95,11 +101,14 @@ class JobRunner:
         limit = min(self.limits.max_runtime_s, job.max_runtime_s or float("inf"))
         with self.db.session() as session:  # time spent queued does not count
             used = transitions.run_seconds(session, job_id)
-        reporter = ProgressReporter(self.db, job_id, self.worker_name, self.cancel_poll_s,
-                                    self.shutdown, deadline=time.monotonic() + limit - used,
+        reporter = ProgressReporter(self.db, job_id, self.worker_name,
+                                    progress_s=self.timings.progress_s,
+                                    cancel_poll_s=self.timings.cancel_poll_s,
+                                    shutdown=self.shutdown,
+                                    deadline=time.monotonic() + limit - used,
                                     trial=job.sweep_id is not None)
         try:
-            with JobHeartbeat(self.db, reporter, self.heartbeat_s):
+            with JobHeartbeat(self.db, reporter, self.timings.heartbeat_s):
                 return self._train_with_oom_retry(job, reporter, limit - used)
         except TrainingCancelled:
             return self._stopped(job_id, reporter, limit)
@@ -114,7 +123,8 @@ class JobRunner:
 
     def _claim(self, job_id: str) -> Job | None:
         with self.db.session() as session:
-            job = transitions.claim(session, job_id, self.worker_name, self.stale_after_s)
+            job = transitions.claim(session, job_id, self.worker_name,
+                                    self.timings.stale_after_s)
         if job is None:
             log.info("job %s skipped: missing, finished, cancelled or running elsewhere", job_id)
             with self.db.session() as session:
@@ -240,7 +250,7 @@ class JobRunner:
 
     def _fit(self, job_id: str, spec_json: dict, dataset_id: str,
              reporter: ProgressReporter, run: _RunInputs) -> FitResult:
-        from ftune.models.training.fit import Callbacks, fit
+        from ftune.models.training.fit import fit
 
         spec = parse_spec(spec_json)  # stored JSON is validated again: it may predate a change
         data_dir = self.storage.dataset_dir(dataset_id)
@@ -251,12 +261,7 @@ class JobRunner:
         if resume is not None:
             log.info("job %s resumes from its last checkpoint", job_id)
         return fit(data_dir, spec, checkpoint_dir=checkpoints, resume=resume,
-                   callbacks=Callbacks(on_epoch_end=reporter.on_epoch_end,
-                                       on_batch_end=reporter.on_batch_end,
-                                       should_stop=reporter.should_stop,
-                                       on_stage=reporter.on_stage,
-                                       on_resolved=reporter.on_resolved,
-                                       on_pretrain_epoch=reporter.on_pretrain_epoch),
+                   callbacks=reporter.callbacks(),
                    resolved=run.resolved, time_limit_s=run.seconds_left,
                    derived=self.derived, owner=run.tenant_id,
                    unlabeled=self._unlabeled_dir(job_id))

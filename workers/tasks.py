@@ -16,7 +16,7 @@ from ftune.service.db.session import Database
 from ftune.service.queue import FINETUNE_TASK
 from ftune.service.settings import Settings
 from ftune.service.storage import Storage
-from ftune.workers.runner import JobRunner, RunLimits, WorkerShuttingDown
+from ftune.workers.runner import JobRunner, RunLimits, RunTimings, WorkerShuttingDown
 
 log = logging.getLogger(__name__)
 
@@ -38,9 +38,10 @@ def build_runner(settings: Settings) -> JobRunner:
     storage.prepare()
     return JobRunner(Database(settings.resolved_database_url), storage,
                      worker_name=f"{socket.gethostname()}:{threading.get_native_id()}",
-                     cancel_poll_s=settings.cancel_poll_s,
-                     heartbeat_s=settings.worker_heartbeat_s,
-                     stale_after_s=settings.job_stale_s,
+                     timings=RunTimings(progress_s=settings.progress_interval_s,
+                                        cancel_poll_s=settings.cancel_poll_s,
+                                        heartbeat_s=settings.worker_heartbeat_s,
+                                        stale_after_s=settings.job_stale_s),
                      limits=RunLimits(settings.max_runtime_s, settings.max_attempts,
                                       settings.retry_backoff_s), shutdown=SHUTDOWN,
                      derived=DerivedStore(settings.engine.cache_dir or storage.cache,

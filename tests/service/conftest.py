@@ -18,7 +18,8 @@ from ftune.testing.archives import zip_folder
 
 MAX_UPLOAD_MB = 8  # small, so the 413 test needs only a few MB
 WORKER = "test-worker@localhost"
-FAST_LIFECYCLE = {"FTUNE_CANCEL_POLL_S": "0.2", "FTUNE_WORKER_HEARTBEAT_S": "1",
+FAST_LIFECYCLE = {"FTUNE_CANCEL_POLL_S": "0.2", "FTUNE_PROGRESS_INTERVAL_S": "0.2",
+                  "FTUNE_WORKER_HEARTBEAT_S": "1",
                   # The suite uploads and submits far faster than any person; rate limits
                   # have tests of their own.
                   "FTUNE_RATE_UPLOADS": "100000/minute", "FTUNE_RATE_JOBS": "100000/minute",

@@ -27,7 +27,8 @@ QUICK = {"image_size": 32, "epochs": 1, "batch_size": 12, "preset": "fast"}
 # Long enough to be caught mid-run: every layer trains, a few seconds an epoch.
 SLOW = {"image_size": 64, "epochs": 8, "batch_size": 6, "seed": 5,
         "freeze": {"strategy": "none"}, "early_stopping": {"patience": 100}}
-ENV = {"FTUNE_CANCEL_POLL_S": "0.2", "FTUNE_WORKER_HEARTBEAT_S": "0.5",
+ENV = {"FTUNE_CANCEL_POLL_S": "0.2", "FTUNE_PROGRESS_INTERVAL_S": "0.2",
+       "FTUNE_WORKER_HEARTBEAT_S": "0.5",
        "FTUNE_JOB_STALE_S": "3", "FTUNE_RECONCILE_INTERVAL_S": "1",
        "FTUNE_RETRY_BACKOFF_S": "0.5", "FTUNE_DISPATCH_INTERVAL_S": "0.5",
        "FTUNE_RATE_JOBS": "100000/minute", "FTUNE_RATE_UPLOADS": "100000/minute"}
