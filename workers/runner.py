@@ -19,10 +19,11 @@ from ftune.models.recipe.resolve import STATIC_FIELDS
 from ftune.models.spec import parse_spec
 from ftune.models.training.checkpoint import CHECKPOINT_NAME
 from ftune.service.db.session import Database
-from ftune.service.db.tables import Dataset, Job, Sweep, TunedModel, utcnow
+from ftune.service.db.tables import TunedModel, utcnow
 from ftune.service.ids import new_id
 from ftune.service.job_status import JobStatus
 from ftune.service.lifecycle import transitions
+from ftune.service.lifecycle.transitions import ClaimedJob
 from ftune.service.logs import job_logging
 from ftune.service.storage import Storage
 from ftune.workers.failures import (
@@ -42,11 +43,15 @@ log = logging.getLogger(__name__)
 
 VERSION_RACE_RETRIES = 4
 
+# What ``JobRunner.run`` returns besides the status the job ended in here.
+SKIPPED = "skipped"  # not ours to run: missing, finished, cancelled or running elsewhere
+SUPERSEDED = "superseded"  # another worker took the job over; its run and result stand
+
+
 @dataclass(frozen=True)
 class _RunInputs:
     resolved: dict  # the auto choices made at submit
     seconds_left: float  # of the job's run-time limit
-    tenant_id: str  # whose cache entries this job makes
 
 
 class WorkerShuttingDown(Exception):
@@ -80,10 +85,13 @@ class JobRunner:
         self.derived = derived  # decoded images shared by the jobs on the same data
 
     def run(self, job_id: str) -> str:
-        """Run the job to its end and return its final status (or "skipped")."""
+        """Run the job until it leaves this worker, and say how: the status it ended in
+        (succeeded, failed, cancelled, pruned), ``queued`` (a transient error: it is retried
+        later), ``SUPERSEDED`` or ``SKIPPED``. A stopping worker raises ``WorkerShuttingDown``
+        instead, after handing the job back to the queue."""
         job = self._claim(job_id)
         if job is None:
-            return "skipped"
+            return SKIPPED
         # Every line logged while it runs carries its id and tenant, and is kept for its logs.
         with job_logging(self.storage.job_log(job_id), job_id, job.tenant_id):
             log.info("job %s attempt %d started on %s", job_id, job.attempts,
@@ -96,11 +104,10 @@ class JobRunner:
             log.info("job %s ended: %s", job_id, status)
             return status
 
-    def _run_claimed(self, job: Job) -> str:
+    def _run_claimed(self, job: ClaimedJob) -> str:
         job_id = job.id
         limit = min(self.limits.max_runtime_s, job.max_runtime_s or float("inf"))
-        with self.db.session() as session:  # time spent queued does not count
-            used = transitions.run_seconds(session, job_id)
+        used = job.seconds_run  # time spent queued does not count
         reporter = ProgressReporter(self.db, job_id, self.worker_name,
                                     progress_s=self.timings.progress_s,
                                     cancel_poll_s=self.timings.cancel_poll_s,
@@ -111,7 +118,7 @@ class JobRunner:
             with JobHeartbeat(self.db, reporter, self.timings.heartbeat_s):
                 return self._train_with_oom_retry(job, reporter, limit - used)
         except TrainingCancelled:
-            return self._stopped(job_id, reporter, limit)
+            return self._stopped(job, reporter, limit)
         except Exception as exc:
             if self._retry_later(job, exc):
                 return JobStatus.QUEUED
@@ -121,7 +128,7 @@ class JobRunner:
             self._fail(job_id, describe_failure(exc))
             raise  # a bug: marked failed, and the task fails with its traceback (logged once)
 
-    def _claim(self, job_id: str) -> Job | None:
+    def _claim(self, job_id: str) -> ClaimedJob | None:
         with self.db.session() as session:
             job = transitions.claim(session, job_id, self.worker_name,
                                     self.timings.stale_after_s)
@@ -132,14 +139,16 @@ class JobRunner:
                     self.storage.remove_checkpoints(job_id)
         return job
 
-    def _stopped(self, job_id: str, reporter: ProgressReporter, limit: float) -> str:
-        """The run stopped at a batch boundary: taken over, over time, shutdown or cancel."""
+    def _stopped(self, job: ClaimedJob, reporter: ProgressReporter, limit: float) -> str:
+        """The run stopped at a batch boundary: taken over, pruned, over time, shutdown or
+        cancel. Returns what ``run`` does, or raises ``WorkerShuttingDown``."""
+        job_id = job.id
         if reporter.lost:
             # Another worker took the job over; its run, files and result stand.
             log.warning("job %s was taken over by another worker; stopping", job_id)
-            return "superseded"
+            return SUPERSEDED
         if reporter.pruned and not self.shutdown.is_set():
-            return self._pruned(job_id)
+            return self._pruned(job)
         if reporter.over_time:
             return self._fail(job_id, f"exceeded its maximum run time of {limit:.0f} s "
                               "(max_runtime_s, FTUNE_MAX_RUNTIME_S); the last checkpoint "
@@ -159,17 +168,14 @@ class JobRunner:
         log.info("job %s cancelled", job_id)
         return JobStatus.CANCELLED
 
-    def _pruned(self, job_id: str) -> str:
+    def _pruned(self, job: ClaimedJob) -> str:
         with self.db.session() as session:
-            job = session.get(Job, job_id)
-            sweep = session.get(Sweep, job.sweep_id) if job and job.sweep_id else None
-            objective = sweep.objective if sweep is not None else "val_loss"
-            transitions.prune(session, job_id, self.worker_name, objective)
-        self.storage.remove_checkpoints(job_id)
-        log.info("job %s pruned", job_id)
+            transitions.prune(session, job.id, self.worker_name, job.objective)
+        self.storage.remove_checkpoints(job.id)
+        log.info("job %s pruned", job.id)
         return JobStatus.PRUNED
 
-    def _retry_later(self, job: Job, exc: Exception) -> bool:
+    def _retry_later(self, job: ClaimedJob, exc: Exception) -> bool:
         """A transient error queues the job again, to be admitted no earlier than after a
         backoff (the dispatcher honours ``retry_at``); True when it did."""
         if not is_transient(exc) or job.attempts >= self.limits.max_attempts:
@@ -187,19 +193,20 @@ class JobRunner:
     def _fail(self, job_id: str, message: str) -> str:
         with self.db.session() as session:
             transitions.finish(session, job_id, JobStatus.FAILED, error=message,
-                             worker=self.worker_name)
+                               worker=self.worker_name)
         self.storage.remove_checkpoints(job_id)
         return JobStatus.FAILED
 
-    def _train_with_oom_retry(self, job: Job, reporter: ProgressReporter,
+    def _train_with_oom_retry(self, job: ClaimedJob, reporter: ProgressReporter,
                               seconds_left: float) -> str:
-        job_id, spec_json, dataset_id = job.id, job.spec, job.dataset_id
+        """Train and store the model; returns ``succeeded`` or ``SUPERSEDED``."""
+        job_id, spec_json = job.id, job.spec
         # Only the submit-time choices: what a run measures is measured again on each attempt.
-        static = {k: v for k, v in (job.resolved or {}).items() if k in STATIC_FIELDS}
-        run = _RunInputs(static, seconds_left, job.tenant_id)
+        static = {k: v for k, v in job.resolved.items() if k in STATIC_FIELDS}
+        run = _RunInputs(static, seconds_left)
         smaller = None
         try:
-            return self._train(job_id, spec_json, dataset_id, reporter, run)
+            return self._train(job, spec_json, reporter, run)
         except Exception as exc:
             smaller = halved_batch_spec(spec_json) if is_out_of_memory(exc) else None
             if smaller is None:
@@ -214,19 +221,11 @@ class JobRunner:
         self.storage.remove_checkpoints(job_id)
         with self.db.session() as session:
             transitions.replace_spec(session, job_id, smaller,
-                                   f"out of memory at batch_size {old}; retrying once "
-                                   f"with batch_size {new}")
+                                     f"out of memory at batch_size {old}; retrying once "
+                                     f"with batch_size {new}")
         if reporter.deadline is not None:  # the retry has what is left of the run time
             run = replace(run, seconds_left=reporter.deadline - time.monotonic())
-        return self._train(job_id, smaller, dataset_id, reporter, run)
-
-    def _owner_and_name(self, job_id: str, dataset_id: str) -> tuple[str, str]:
-        """The job's tenant, and the model's name: the job's model_name, else the dataset's."""
-        with self.db.session() as session:
-            job, dataset = session.get(Job, job_id), session.get(Dataset, dataset_id)
-            assert job is not None, "the job was claimed, so it exists"
-            return job.tenant_id, (job.model_name if job.model_name else
-                                   dataset.name if dataset else f"dataset-{dataset_id[:8]}")
+        return self._train(job, smaller, reporter, run)
 
     def _record_success(self, job_id: str, record: TunedModel, best: dict,
                         result: FitResult) -> bool:
@@ -243,34 +242,33 @@ class JobRunner:
             return transitions.succeed(session, job_id, self.worker_name, record, best,
                                        result.stopped_early, result.diagnosis)
 
-    def _train(self, job_id: str, spec_json: dict, dataset_id: str,
-               reporter: ProgressReporter, run: _RunInputs) -> str:
-        result = self._fit(job_id, spec_json, dataset_id, reporter, run)
-        return self._store_model(job_id, dataset_id, result)
+    def _train(self, job: ClaimedJob, spec_json: dict, reporter: ProgressReporter,
+               run: _RunInputs) -> str:
+        """One training run with this spec; returns ``succeeded`` or ``SUPERSEDED``."""
+        result = self._fit(job, spec_json, reporter, run)
+        return self._store_model(job, result)
 
-    def _fit(self, job_id: str, spec_json: dict, dataset_id: str,
-             reporter: ProgressReporter, run: _RunInputs) -> FitResult:
+    def _fit(self, job: ClaimedJob, spec_json: dict, reporter: ProgressReporter,
+             run: _RunInputs) -> FitResult:
         from ftune.models.training.fit import fit
 
         spec = parse_spec(spec_json)  # stored JSON is validated again: it may predate a change
-        data_dir = self.storage.dataset_dir(dataset_id)
+        data_dir = self.storage.dataset_dir(job.dataset_id)
         if not data_dir.is_dir():
-            raise DatasetError(f"dataset {dataset_id} no longer exists on the server")
-        checkpoints = self.storage.checkpoint_dir(job_id)
+            raise DatasetError(f"dataset {job.dataset_id} no longer exists on the server")
+        checkpoints = self.storage.checkpoint_dir(job.id)
         resume = checkpoints if (checkpoints / CHECKPOINT_NAME).is_file() else None
         if resume is not None:
-            log.info("job %s resumes from its last checkpoint", job_id)
+            log.info("job %s resumes from its last checkpoint", job.id)
         return fit(data_dir, spec, checkpoint_dir=checkpoints, resume=resume,
-                   callbacks=reporter.callbacks(),
-                   resolved=run.resolved, time_limit_s=run.seconds_left,
-                   derived=self.derived, owner=run.tenant_id,
-                   unlabeled=self._unlabeled_dir(job_id))
+                   callbacks=reporter.callbacks(), resolved=run.resolved,
+                   time_limit_s=run.seconds_left, derived=self.derived,
+                   owner=job.tenant_id,  # whose cache entries this job makes
+                   unlabeled=self._unlabeled_dir(job))
 
-    def _unlabeled_dir(self, job_id: str) -> Path | None:
+    def _unlabeled_dir(self, job: ClaimedJob) -> Path | None:
         """The folder of the unlabelled dataset the job names, if it names one."""
-        with self.db.session() as session:
-            job = session.get(Job, job_id)
-            other = job.unlabeled_dataset_id if job is not None else None
+        other = job.unlabeled_dataset_id
         if other is None:
             return None
         folder = self.storage.dataset_dir(other)
@@ -278,19 +276,20 @@ class JobRunner:
             raise DatasetError(f"unlabelled dataset {other} no longer exists on the server")
         return folder
 
-    def _store_model(self, job_id: str, dataset_id: str, result: FitResult) -> str:
-        """Write the bundle, then record the model; the bundle goes if recording fails."""
+    def _store_model(self, job: ClaimedJob, result: FitResult) -> str:
+        """Write the bundle, then record the model; the bundle goes if recording fails.
+        Returns ``succeeded``, or ``SUPERSEDED`` when the job is no longer ours to finish."""
         from ftune.models.bundle import save_bundle
 
-        model_id = new_id()
+        job_id, model_id = job.id, new_id()
         model_dir = self.storage.model_dir(model_id)
         save_bundle(result, model_dir)
         best = {"epoch": result.best_epoch,
                 "val_accuracy": result.best_metrics.get("val_accuracy"),
                 "val_loss": result.best_metrics.get("val_loss")}
-        tenant_id, name = self._owner_and_name(job_id, dataset_id)
         record = TunedModel(
-            id=model_id, tenant_id=tenant_id, job_id=job_id, name=name, dataset_id=dataset_id,
+            id=model_id, tenant_id=job.tenant_id, job_id=job_id, name=job.model_name,
+            dataset_id=job.dataset_id,
             size_bytes=self.storage.folder_bytes(model_dir), dataset_hash=result.dataset_hash,
             backbone=result.backbone, classes=result.classes,
             spec=result.spec.model_dump(mode="json"), metrics=_model_metrics(result))
@@ -303,7 +302,7 @@ class JobRunner:
             # Another worker took the job over (we were thought dead); its result stands.
             shutil.rmtree(model_dir, ignore_errors=True)
             log.warning("job %s is no longer ours to finish; model discarded", job_id)
-            return "superseded"
+            return SUPERSEDED
         self.storage.remove_checkpoints(job_id)
         log.info("job %s succeeded: model %s", job_id, model_id)
         return JobStatus.SUCCEEDED

@@ -7,7 +7,7 @@ import socket
 import threading
 from collections.abc import Callable
 
-from celery import Task, shared_task
+from celery import shared_task
 from celery.exceptions import Reject
 from celery.signals import worker_shutting_down
 
@@ -63,9 +63,11 @@ def runner() -> JobRunner:
     return _runner
 
 
-@shared_task(name=FINETUNE_TASK, bind=True, acks_late=True, reject_on_worker_lost=True,
-             max_retries=None)
-def finetune(self: Task, job_id: str) -> str:
+# Late acks and rejection on a lost worker are also the app's defaults (service/queue.py);
+# the task states them too, so no app configuration can make a job's message vanish while
+# it trains. There are no Celery retries: a job is retried by queueing it again in the DB.
+@shared_task(name=FINETUNE_TASK, acks_late=True, reject_on_worker_lost=True)
+def finetune(job_id: str) -> str:
     try:
         return runner().run(job_id)
     except WorkerShuttingDown:

@@ -7,20 +7,59 @@ owns the job, so a worker that was paused and replaced can no longer change it.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import cast
 
-from sqlalchemy import ColumnElement, and_, delete, func, or_, select, update
+from sqlalchemy import (
+    ColumnElement,
+    CursorResult,
+    Update,
+    and_,
+    delete,
+    func,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.orm import Session
 
 from ftune.models.diagnosis import diagnose
-from ftune.service.db.tables import Dataset, EpochMetrics, Job, JobRun, TunedModel, utcnow
+from ftune.service.db.tables import (
+    Dataset,
+    EpochMetrics,
+    Job,
+    JobRun,
+    Sweep,
+    TunedModel,
+    utcnow,
+)
 from ftune.service.events import EventKind, add_event, status_event
 from ftune.service.job_status import ACTIVE, TERMINAL, JobStatus
 
 
-def claim(session: Session, job_id: str, worker: str, stale_after_s: float) -> Job | None:
-    """Mark the job running and return it; None when it must not run (gone, ended, cancelled,
-    or running on another worker).
+@dataclass(frozen=True)
+class ClaimedJob:
+    """What a worker needs of the job it has just claimed, read in the claim's transaction,
+    so the run never reads the job row again for it."""
+
+    id: str
+    tenant_id: str
+    attempts: int  # runs so far, this one included
+    spec: dict
+    dataset_id: str
+    resolved: dict  # the auto choices recorded so far (at submit, and by earlier runs)
+    max_runtime_s: float | None  # the job's own limit, if it set one
+    seconds_run: float  # on workers before this run (its limit counts them)
+    unlabeled_dataset_id: str | None
+    model_name: str  # what its model is called: the job's model_name, else the dataset's
+    sweep_id: str | None  # set for a sweep's trial, whose pruner is asked after each epoch
+    objective: str  # the sweep's metric a pruned trial's best epoch is chosen by
+
+
+def claim(session: Session, job_id: str, worker: str, stale_after_s: float) -> ClaimedJob | None:
+    """Mark the job running and return what its run needs; None when it must not run (gone,
+    ended, cancelled, or running on another worker).
 
     Only an ``admitted`` job is claimed: a message for a job the dispatcher has not admitted
     (a stale duplicate) is ignored. A ``running`` job whose heartbeat stopped more than
@@ -35,24 +74,50 @@ def claim(session: Session, job_id: str, worker: str, stale_after_s: float) -> J
         finish(session, job_id, JobStatus.CANCELLED, error="cancelled")
         return None
     now = utcnow()
-    abandoned = and_(Job.status == JobStatus.RUNNING,
-                     or_(Job.heartbeat_at.is_(None),
-                         Job.heartbeat_at < now - timedelta(seconds=stale_after_s)))
     previous_heartbeat = job.heartbeat_at
-    claimed = session.execute(
-        update(Job).where(Job.id == job_id, Job.cancel_requested.is_(False),
-                          or_(Job.status == JobStatus.ADMITTED, abandoned))
-        .values(status=JobStatus.RUNNING, started_at=job.started_at or now, worker=worker,
-                attempts=Job.attempts + 1, heartbeat_at=now, step=0, steps=0,
-                hold_reason=None)).rowcount
-    session.flush()
-    session.refresh(job)
-    if not claimed:
+    if not _take(session, job, worker, stale_after_s, now):
         return None
     end_run(session, job_id, previous_heartbeat or now)  # a dead worker's run, if any
     session.add(JobRun(job_id=job_id, tenant_id=job.tenant_id, worker=worker, started_at=now))
     status_event(session, job_id, JobStatus.RUNNING, attempt=job.attempts, worker=worker)
-    return job
+    return _claimed(session, job)
+
+
+def _take(session: Session, job: Job, worker: str, stale_after_s: float,
+          now: datetime) -> bool:
+    """The conditional UPDATE that makes the job this worker's; ``job`` is refreshed."""
+    abandoned = and_(Job.status == JobStatus.RUNNING,
+                     or_(Job.heartbeat_at.is_(None),
+                         Job.heartbeat_at < now - timedelta(seconds=stale_after_s)))
+    claimable = and_(Job.id == job.id, Job.cancel_requested.is_(False),
+                     or_(Job.status == JobStatus.ADMITTED, abandoned))
+    taken = _changed(session, update(Job).where(claimable).values(
+        status=JobStatus.RUNNING, started_at=job.started_at or now, worker=worker,
+        attempts=Job.attempts + 1, heartbeat_at=now, step=0, steps=0, hold_reason=None))
+    session.flush()
+    session.refresh(job)
+    return taken > 0
+
+
+def _claimed(session: Session, job: Job) -> ClaimedJob:
+    dataset_name = session.scalar(select(Dataset.name).where(Dataset.id == job.dataset_id))
+    sweep = session.get(Sweep, job.sweep_id) if job.sweep_id is not None else None
+    return ClaimedJob(
+        id=job.id, tenant_id=job.tenant_id, attempts=job.attempts, spec=job.spec,
+        dataset_id=job.dataset_id, resolved=dict(job.resolved or {}),
+        max_runtime_s=job.max_runtime_s, seconds_run=run_seconds(session, job.id),
+        unlabeled_dataset_id=job.unlabeled_dataset_id,
+        model_name=job.model_name or dataset_name or f"dataset-{job.dataset_id[:8]}",
+        sweep_id=job.sweep_id,
+        # A trial whose sweep is gone is still ranked, by the default objective.
+        objective=sweep.objective if sweep is not None else "val_loss")
+
+
+def _changed(session: Session, statement: Update) -> int:
+    """How many rows an UPDATE changed: the conditional writes here count on it."""
+    # Session.execute is typed to return a Result, which has no rowcount; an UPDATE's is a
+    # CursorResult, which has.
+    return cast(CursorResult, session.execute(statement)).rowcount
 
 
 def end_run(session: Session, job_id: str, at: datetime | None = None) -> None:
@@ -65,7 +130,9 @@ def run_seconds(session: Session, job_id: str) -> float:
     """How long the job has run on workers so far (closed runs only)."""
     rows = session.execute(select(JobRun.started_at, JobRun.ended_at).where(
         JobRun.job_id == job_id, JobRun.ended_at.is_not(None)))
-    return sum((ended - started).total_seconds() for started, ended in rows)
+    # The query leaves out open runs; the test on ``ended`` tells the type checker so.
+    return sum(((ended - started).total_seconds() for started, ended in rows
+                if ended is not None), 0.0)
 
 
 def _ours(job_id: str, worker: str) -> ColumnElement[bool]:
@@ -75,14 +142,14 @@ def _ours(job_id: str, worker: str) -> ColumnElement[bool]:
 
 def beat(session: Session, job_id: str, worker: str) -> bool:
     """Refresh the heartbeat; False when the job is no longer this worker's."""
-    return bool(session.execute(update(Job).where(_ours(job_id, worker))
-                                .values(heartbeat_at=utcnow())).rowcount)
+    return bool(_changed(session, update(Job).where(_ours(job_id, worker))
+                         .values(heartbeat_at=utcnow())))
 
 
 def record_epoch(session: Session, job_id: str, worker: str, row: dict) -> bool:
     """Write the epoch's metrics; False (nothing written) when the job is no longer ours."""
-    if not session.execute(update(Job).where(_ours(job_id, worker)).values(
-            epoch=int(row["epoch"]), step=0, heartbeat_at=utcnow())).rowcount:
+    if not _changed(session, update(Job).where(_ours(job_id, worker)).values(
+            epoch=int(row["epoch"]), step=0, heartbeat_at=utcnow())):
         return False
     # merge: a resumed run may finish an epoch the dead attempt had already reported.
     session.merge(EpochMetrics(job_id=job_id, epoch=int(row["epoch"]), row=row))
@@ -93,8 +160,8 @@ def record_epoch(session: Session, job_id: str, worker: str, row: dict) -> bool:
 def record_progress(session: Session, job_id: str, worker: str, epoch: int, step: int,
                     steps: int, loss: float, *, event: bool) -> str:
     """Write batch progress: "ok", "cancel" (requested meanwhile) or "lost" (not ours)."""
-    if not session.execute(update(Job).where(_ours(job_id, worker)).values(
-            step=step, steps=steps, heartbeat_at=utcnow())).rowcount:
+    if not _changed(session, update(Job).where(_ours(job_id, worker)).values(
+            step=step, steps=steps, heartbeat_at=utcnow())):
         return "lost"
     if event:
         add_event(session, job_id, EventKind.PROGRESS, epoch=epoch, step=step, steps=steps,
@@ -108,7 +175,7 @@ def record_stage(session: Session, job_id: str, worker: str, stage: str, epochs:
     values: dict = {"stage": stage, "heartbeat_at": utcnow()}
     if epochs > 0:
         values["epochs"] = epochs
-    if not session.execute(update(Job).where(_ours(job_id, worker)).values(**values)).rowcount:
+    if not _changed(session, update(Job).where(_ours(job_id, worker)).values(**values)):
         return False
     add_event(session, job_id, EventKind.STAGE, stage=stage,
               **({"epochs": epochs} if epochs else {}))
@@ -118,8 +185,8 @@ def record_stage(session: Session, job_id: str, worker: str, stage: str, epochs:
 def record_pretrain_epoch(session: Session, job_id: str, worker: str, row: dict) -> bool:
     """A pretraining epoch ended: an event with its loss (pretraining has no metrics rows,
     whose epochs are the fine-tuning ones)."""
-    if not session.execute(update(Job).where(_ours(job_id, worker))
-                           .values(heartbeat_at=utcnow())).rowcount:
+    if not _changed(session, update(Job).where(_ours(job_id, worker))
+                    .values(heartbeat_at=utcnow())):
         return False
     add_event(session, job_id, EventKind.PRETRAIN, epoch=int(row["epoch"]), method=row["method"],
               loss=round(float(row["pretrain_loss"]), 6), seconds=round(row["seconds"], 2))
@@ -148,10 +215,10 @@ def succeed(session: Session, job_id: str, worker: str, model: TunedModel, best:
             stopped_early: bool, diagnosis: list | None = None) -> bool:
     """Record the model and end the job; False (and nothing written) if it is no longer ours
     to finish, e.g. taken over by another worker."""
-    done = session.execute(update(Job).where(_ours(job_id, worker))
-                           .values(status=JobStatus.SUCCEEDED, finished_at=utcnow(),
-                                   model_id=model.id, best=best, stopped_early=stopped_early,
-                                   error=None, step=0, diagnosis=diagnosis or [])).rowcount
+    done = _changed(session, update(Job).where(_ours(job_id, worker))
+                    .values(status=JobStatus.SUCCEEDED, finished_at=utcnow(),
+                            model_id=model.id, best=best, stopped_early=stopped_early,
+                            error=None, step=0, diagnosis=diagnosis or []))
     if done:
         model.version = 1 + (session.scalar(select(func.max(TunedModel.version)).where(
             TunedModel.tenant_id == model.tenant_id, TunedModel.name == model.name)) or 0)
@@ -170,9 +237,8 @@ def prune(session: Session, job_id: str, worker: str, objective: str) -> bool:
     sign = -1 if objective == "val_loss" else 1
     top = max(scored, key=lambda r: sign * r[objective]) if scored else {}
     best = {k: top.get(k) for k in ("epoch", "val_accuracy", "val_loss")} if top else None
-    done = session.execute(update(Job).where(_ours(job_id, worker)).values(
-        status=JobStatus.PRUNED, finished_at=utcnow(), best=best, error=None,
-        step=0)).rowcount
+    done = _changed(session, update(Job).where(_ours(job_id, worker)).values(
+        status=JobStatus.PRUNED, finished_at=utcnow(), best=best, error=None, step=0))
     if done:
         end_run(session, job_id)
         status_event(session, job_id, JobStatus.PRUNED, epoch=len(rows))
@@ -185,8 +251,8 @@ def finish(session: Session, job_id: str, status: str, *, error: str | None,
     ``ran_until``: when a dead worker's run really ended (its last heartbeat)."""
     condition = (_ours(job_id, worker) if worker is not None
                  else and_(Job.id == job_id, Job.status.in_(ACTIVE)))
-    ended = session.execute(update(Job).where(condition)
-                            .values(status=status, finished_at=utcnow(), error=error)).rowcount
+    ended = _changed(session, update(Job).where(condition)
+                     .values(status=status, finished_at=utcnow(), error=error))
     if ended:
         end_run(session, job_id, ran_until)
         job = session.get(Job, job_id, populate_existing=True)
@@ -215,9 +281,9 @@ def requeue(session: Session, job_id: str, reason: str, worker: str | None = Non
     before ``retry_at``."""
     condition = (_ours(job_id, worker) if worker is not None
                  else and_(Job.id == job_id, Job.status == JobStatus.RUNNING))
-    done = session.execute(update(Job).where(condition)
-                           .values(status=JobStatus.QUEUED, worker=None, step=0, steps=0,
-                                   admitted_at=None, retry_at=retry_at)).rowcount
+    done = _changed(session, update(Job).where(condition)
+                    .values(status=JobStatus.QUEUED, worker=None, step=0, steps=0,
+                            admitted_at=None, retry_at=retry_at))
     if done:
         end_run(session, job_id, ran_until)
         status_event(session, job_id, JobStatus.QUEUED, reason=reason,

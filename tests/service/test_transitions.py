@@ -44,7 +44,9 @@ def test_an_admitted_job_is_claimed_once_and_a_queued_one_not_at_all(db):
                                  stale_after_s=60) is None
     job_id = _job(db)
     with db.session() as session:
-        assert transitions.claim(session, job_id, "w1", stale_after_s=60).status == "running"
+        claimed = transitions.claim(session, job_id, "w1", stale_after_s=60)
+        assert claimed is not None and claimed.attempts == 1
+        assert session.get(Job, job_id).status == "running"
     with db.session() as session:
         # A duplicate delivery while the first worker is alive must not run it again.
         assert transitions.claim(session, job_id, "w2", stale_after_s=60) is None
@@ -55,8 +57,9 @@ def test_an_abandoned_running_job_is_taken_over(db):
     job_id = _job(db, status=JobStatus.RUNNING, attempts=1,
                   heartbeat_at=utcnow() - timedelta(seconds=600))
     with db.session() as session:
-        job = transitions.claim(session, job_id, "w2", stale_after_s=60)
-        assert job is not None and job.attempts == 2 and job.worker == "w2"
+        claimed = transitions.claim(session, job_id, "w2", stale_after_s=60)
+        assert claimed is not None and claimed.attempts == 2
+        assert session.get(Job, job_id).worker == "w2"
 
 
 def test_cancel_wins_over_a_later_claim_and_a_cancelled_job_never_succeeds(db):
@@ -152,6 +155,22 @@ def test_failure_messages_say_what_to_change():
     assert gpu.startswith("out of GPU memory")
     assert describe_failure(UnknownBackboneError("no_such_net")).startswith("unknown backbone")
     assert "report it" in describe_failure(ZeroDivisionError("boom"))
+
+
+def test_a_claim_returns_what_the_run_needs(db):
+    job_id = _job(db, status=JobStatus.RUNNING, attempts=1, resolved={"image_size": 224},
+                  heartbeat_at=utcnow() - timedelta(seconds=600))
+    with db.session() as session:  # the dead worker's run: it counts against the job's limit
+        session.add(JobRun(job_id=job_id, tenant_id=DEFAULT_TENANT_ID, worker="dead",
+                           started_at=utcnow() - timedelta(seconds=630)))
+    with db.session() as session:
+        claimed = transitions.claim(session, job_id, "w2", stale_after_s=60)
+    assert claimed is not None and claimed.id == job_id and claimed.attempts == 2
+    assert claimed.tenant_id == DEFAULT_TENANT_ID and claimed.dataset_id == "d" * 32
+    assert claimed.resolved == {"image_size": 224}
+    assert claimed.model_name == "d"  # no model_name of its own: the dataset's
+    assert 29 < claimed.seconds_run < 60  # closed at the dead worker's last heartbeat
+    assert claimed.sweep_id is None and claimed.objective == "val_loss"
 
 
 def test_runs_are_recorded_for_compute_quotas_and_run_time(db):
