@@ -246,11 +246,12 @@ def prune(session: Session, job_id: str, worker: str, objective: str) -> bool:
 
 
 def finish(session: Session, job_id: str, status: str, *, error: str | None,
-           worker: str | None = None, ran_until: datetime | None = None) -> None:
-    """End an active job; with ``worker``, only while that worker still owns it.
-    ``ran_until``: when a dead worker's run really ended (its last heartbeat)."""
+           worker: str | None = None, ran_until: datetime | None = None,
+           only_from: tuple[str, ...] = ACTIVE) -> None:
+    """End an active job (one in ``only_from``); with ``worker``, only while that worker
+    still owns it. ``ran_until``: when a dead worker's run really ended (its last heartbeat)."""
     condition = (_ours(job_id, worker) if worker is not None
-                 else and_(Job.id == job_id, Job.status.in_(ACTIVE)))
+                 else and_(Job.id == job_id, Job.status.in_(only_from)))
     ended = _changed(session, update(Job).where(condition)
                      .values(status=status, finished_at=utcnow(), error=error))
     if ended:
