@@ -85,16 +85,31 @@ def _routes(http: httpx.Client) -> set[str]:
             if path.startswith("/v1/")}
 
 
-def _call(http: httpx.Client, route: str, ids: dict[str, str], **headers: str) -> httpx.Response:
+MADE_UP = "0" * 32
+
+
+def _path_params(route: str) -> list[str]:
+    return re.findall(r"{(\w+)}", route)
+
+
+def _call(http: httpx.Client, route: str, ids: dict[str, str], *, made_up: bool = True,
+          **headers: str) -> httpx.Response:
+    """Call ``route`` with ``ids`` for its path parameters; where ``ids`` has none, a made-up
+    id, unless ``made_up`` is False (then a missing one fails the test)."""
+    def id_of(name: str) -> str:
+        if name not in ids and not made_up:
+            pytest.fail(f"{route}: no real object for {{{name}}}; create one in b_objects")
+        return ids.get(name, MADE_UP)
+
     method, template = route.split(" ", 1)
-    path = re.sub(r"{(\w+)}", lambda m: ids.get(m[1], "0" * 32), template)
+    path = re.sub(r"{(\w+)}", lambda m: id_of(m[1]), template)
     kwargs: dict = {"headers": headers}
     if route == "POST /v1/models/{model_ref}/predict":
         kwargs["files"] = {"files": ("x.png", _png())}
     elif route == "PUT /v1/models/aliases/{alias}":
-        kwargs["json"] = {"model": ids.get("model_ref", "0" * 32)}
+        kwargs["json"] = {"model": id_of("model_ref")}
     elif route == "POST /v1/jobs":
-        kwargs["json"] = {"dataset_id": ids.get("dataset_id", "0" * 32)}
+        kwargs["json"] = {"dataset_id": ids.get("dataset_id", MADE_UP)}
     elif method in ("POST", "PUT") and route != "POST /v1/datasets":
         kwargs["json"] = {}
     if route.endswith("/events"):
@@ -116,10 +131,32 @@ def test_no_key_or_an_unknown_key_is_401(api_url, route, worker):
             assert response.headers["www-authenticate"] == "Bearer"
 
 
-@pytest.mark.parametrize("route", sorted(r for r in MEMBER | ADMIN if "{" in r))
+# Every route a tenant may call with an id in its path (the table above is the app's routes,
+# so a new route is here too).
+ROUTES_WITH_IDS = sorted(r for r in MEMBER | ADMIN if _path_params(r))
+
+
+def test_every_path_parameter_has_a_real_object_of_another_tenant(client, client_b, b_objects):
+    # The app's own routes, not the table: what every id-taking route needs.
+    names = {name for route in _routes(client) - OPERATOR for name in _path_params(route)}
+    missing = names - set(b_objects)
+    assert not missing, f"create an object in b_objects for {sorted(missing)}"
+    # Real: team-b itself finds each one.
+    assert client_b.get(f"/v1/datasets/{b_objects['dataset_id']}").status_code == 200
+    assert client_b.get(f"/v1/jobs/{b_objects['job_id']}").status_code == 200
+    assert client_b.get(f"/v1/models/{b_objects['model_ref']}").status_code == 200
+    assert client_b.get(f"/v1/models/{b_objects['model_name']}:{b_objects['alias']}"
+                        ).status_code == 200
+    assert client_b.get(f"/v1/sweeps/{b_objects['sweep_id']}").status_code == 200
+    assert b_objects["key_id"] in {k["id"] for k in client_b.get("/v1/keys").json()["items"]}
+
+
+@pytest.mark.parametrize("route", ROUTES_WITH_IDS)
 def test_another_tenants_ids_are_404(client, b_objects, route):
-    # An admin of team-a asks for team-b's objects: they do not exist for it.
-    response = _call(client, route, b_objects)
+    # An admin of team-a asks for team-b's objects: they do not exist for it. Every path
+    # parameter is a real object of team-b's, never a made-up id, which would be a 404
+    # whatever the route checked.
+    response = _call(client, route, b_objects, made_up=False)
     assert response.status_code == 404, (route, response.status_code, response.text)
 
 
@@ -227,7 +264,16 @@ def test_the_audit_log_records_state_changes_per_tenant(client, client_b, member
     assert ("POST /v1/jobs", b_objects["job_id"]) in actions
     assert ("PUT /v1/models/aliases/{alias}", b_objects["model_ref"]) in actions
     assert ("POST /v1/datasets", b_objects["dataset_id"]) in actions
+    assert ("POST /v1/sweeps", b_objects["sweep_id"]) in actions
     assert all(e["key_id"] for e in theirs)
+    # A route's object is its path parameter, whatever it is called (sweeps' once had none).
+    for action in ("cancel", "promote"):
+        assert client.post(f"/v1/sweeps/{b_objects['sweep_id']}/{action}",
+                           json={}).status_code == 404
+    mine = client.get("/v1/audit", params={"limit": 1000}).json()["items"]
+    for action in ("cancel", "promote"):
+        assert (f"POST /v1/sweeps/{{sweep_id}}/{action}", b_objects["sweep_id"]) in {
+            (e["action"], e["object_id"]) for e in mine}
     assert member_client.get("/v1/audit").status_code == 403
     everyone = operator_client.get("/v1/audit", params={"limit": 1000}).json()["items"]
     assert {e["id"] for e in theirs} <= {e["id"] for e in everyone}
