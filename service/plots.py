@@ -5,12 +5,19 @@ drawn literally: mathtext would parse "$...$" and fail on unknown commands or de
 from __future__ import annotations
 
 import io
+from typing import TypedDict
 
 # Figure, not pyplot: no global state, so concurrent requests can draw in threads (this is
 # matplotlib's recipe for web servers).
 from matplotlib.figure import Figure
 
-LITERAL = {"parse_math": False}
+
+class _TextOptions(TypedDict):
+    parse_math: bool
+
+
+# Keyword arguments that draw a string as written (typed, so each call's keywords check).
+LITERAL: _TextOptions = {"parse_math": False}
 
 
 def figure_png(figure: Figure) -> bytes:

@@ -15,9 +15,12 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 from python_multipart.multipart import MultipartParser, parse_options_header
+
+if TYPE_CHECKING:  # the library defines its callback types for type checkers only
+    from python_multipart.multipart import MultipartCallbacks
 from starlette.requests import ClientDisconnect, Request
 
 from ftune.service.errors import (
@@ -73,7 +76,7 @@ class _FormBuilder:
         self._value = bytearray()
         self.error: Exception | None = None
 
-    def callbacks(self) -> dict:
+    def callbacks(self) -> MultipartCallbacks:
         return {
             "on_part_begin": self._part_begin,
             "on_header_field": lambda d, s, e: self._add(d, s, e, "field"),

@@ -4,10 +4,14 @@ the objective against the parameters that matter most."""
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 from matplotlib.figure import Figure
 
 from ftune.service.plots import LITERAL, figure_png
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
 
 TOP_PARAMS = 3
 COLOURS = {"succeeded": "tab:blue", "pruned": "tab:orange", "running": "tab:green"}
@@ -65,7 +69,7 @@ def sweep_png(view: dict, finished_s: dict[int, float]) -> bytes:
     return figure_png(figure)
 
 
-def _over_time(ax: object, trials: list[dict], finished_s: dict[int, float],
+def _over_time(ax: Axes, trials: list[dict], finished_s: dict[int, float],
                view: dict) -> None:
     maximise = view["direction"] == "maximize"
     points = sorted((finished_s.get(t["number"], 0.0), t["value"], t["status"])
@@ -73,7 +77,8 @@ def _over_time(ax: object, trials: list[dict], finished_s: dict[int, float],
     for status, colour in COLOURS.items():
         mine = [(x, y) for x, y, s in points if s == status]
         if mine:
-            ax.scatter(*zip(*mine, strict=True), color=colour, label=status, s=18)
+            xs, ys = zip(*mine, strict=True)
+            ax.scatter(xs, ys, color=colour, label=status, s=18)
     best, line = None, []
     for x, y, status in points:
         if status == "succeeded" and (best is None or (y > best if maximise else y < best)):
@@ -89,7 +94,7 @@ def _over_time(ax: object, trials: list[dict], finished_s: dict[int, float],
         ax.legend(fontsize=8)
 
 
-def _against(ax: object, trials: list[dict], path: str, objective: str,
+def _against(ax: Axes, trials: list[dict], path: str, objective: str,
              weight: float) -> None:
     pairs = [(t["params"].get(path), t["value"], t["status"]) for t in trials
              if t["value"] is not None]
