@@ -7,6 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.encoders import jsonable_encoder
 from fastapi.responses import JSONResponse
+from sqlalchemy.orm import Session
 
 from ftune.service.auth.keys import create_key, key_view, list_keys, revoke_key
 from ftune.service.auth.principal import Principal, Role
@@ -33,7 +34,7 @@ def create(body: KeyIn, request: Request, ctx: Ctx, who: Admin) -> JSONResponse:
     return JSONResponse(jsonable_encoder(NewKeyOut.model_validate(view)), status_code=201)
 
 
-def _target_tenant(session, who: Principal, tenant: str | None) -> str | None:
+def _target_tenant(session: Session, who: Principal, tenant: str | None) -> str | None:
     if tenant is None:
         return who.home_tenant
     who.require(Role.OPERATOR, "choosing a key's tenant")
