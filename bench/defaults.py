@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import signal
 import subprocess
 import tempfile
 import time
@@ -47,14 +46,14 @@ import httpx
 import numpy as np
 import torch
 from PIL import Image
-from service_overhead import start_service, wait_status
+from service_overhead import wait_status
 
 from ftune.models.backbones import create_backbone
 from ftune.models.data.discover import scan_image_folder
 from ftune.models.data.source import ImageSource
 from ftune.models.data.transforms import normalize
 from ftune.models.training.fit import fit
-from ftune.processes import free_port, ftune_command
+from ftune.processes import ftune_command, start_ftune_up
 from ftune.testing.archives import tar_folder
 from ftune.testing.realdata import animal_mnist_arrays, balanced_indices, write_image_folder
 
@@ -234,15 +233,10 @@ def main() -> None:
                 show(name, f"probe_{size}px", accuracy, wall)
         return
     home = work / "home"
-    process, url, key = start_service(home, free_port())
-    try:
-        with httpx.Client(base_url=url, timeout=300,
-                          headers={"Authorization": f"Bearer {key}"}) as client:
-            for name in args.datasets:
-                run_dataset(name, DATASETS[name](work / name), client, home, args.seeds)
-    finally:
-        process.send_signal(signal.SIGINT)
-        process.wait(120)
+    with (start_ftune_up(home, log=work / "service.log") as up,
+          up.operator_client(timeout=300) as client):
+        for name in args.datasets:
+            run_dataset(name, DATASETS[name](work / name), client, home, args.seeds)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ import json
 import os
 import random
 import statistics
-import subprocess
 import tempfile
 import threading
 import time
@@ -29,7 +28,7 @@ import httpx
 import psutil
 from PIL import Image
 
-from ftune.processes import free_port, ftune_command, wait_until
+from ftune.processes import FtuneUp, start_ftune_up, wait_until
 from ftune.testing.archives import zip_folder
 from ftune.testing.realdata import animal_mnist_arrays, balanced_indices, write_image_folder
 
@@ -55,31 +54,13 @@ def main() -> None:
     images, labels = animal_mnist_arrays()
     idx = balanced_indices(labels, 12, classes=3)
     archive = zip_folder(write_image_folder(work / "data", images[idx], labels[idx]))
-    port = free_port()
-    home = work / "home"
-    up = subprocess.Popen([*ftune_command(), "up", "--home", str(home), "--port", str(port)],
-                          env={**os.environ, **LIMITS}, stdout=subprocess.DEVNULL,
-                          stderr=open(work / "up.log", "wb"))  # noqa: SIM115
-    try:
-        url = f"http://127.0.0.1:{port}"
-        wait_until(lambda: _healthy(url), 120, "ftune up")
-        Bench(url, home, archive, args.clients, args.seconds).run()
-    finally:
-        up.terminate()
-        up.wait(90)
-
-
-def _healthy(url: str) -> bool:
-    try:
-        return httpx.get(f"{url}/healthz", timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False
+    with start_ftune_up(work / "home", env=LIMITS) as up:  # its output in work/up.log
+        Bench(up, archive, args.clients, args.seconds).run()
 
 
 class Bench:
-    def __init__(self, url: str, home: Path, archive: bytes, clients: int,
-                 seconds: float) -> None:
-        self.url, self.home, self.archive = url, home, archive
+    def __init__(self, up: FtuneUp, archive: bytes, clients: int, seconds: float) -> None:
+        self.up, self.url, self.archive = up, up.url, archive
         self.clients, self.seconds = clients, seconds
         self.latency: dict[str, list[float]] = defaultdict(list)
         self.answers: Counter[tuple[str, str]] = Counter()
@@ -87,8 +68,7 @@ class Bench:
         self.png = _png()
 
     def run(self) -> None:
-        operator = {"Authorization": f"Bearer {(self.home / 'operator.key').read_text().strip()}"}
-        with httpx.Client(base_url=self.url, headers=operator, timeout=300) as http:
+        with self.up.operator_client(timeout=300) as http:
             keys = [http.post("/v1/keys", json={"name": f"client {i}", "tenant": "default"}
                               ).json()["key"] for i in range(self.clients)]
             self.dataset = http.post("/v1/datasets", files={"file": ("d.zip", self.archive)}
@@ -120,7 +100,7 @@ class Bench:
         return done["model_id"]
 
     def _pid(self, role: str) -> int:
-        state = json.loads((self.home / "ftune-up.json").read_text())
+        state = json.loads(self.up.state_file.read_text())
         return next(pid for name, pid in state["children"].items() if name.startswith(role))
 
     def _epochs(self, http: httpx.Client) -> list[dict]:

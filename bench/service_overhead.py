@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import signal
 import statistics
 import subprocess
 import tempfile
@@ -20,7 +18,7 @@ from pathlib import Path
 
 import httpx
 
-from ftune.processes import free_port, ftune_command
+from ftune.processes import ftune_command, start_ftune_up
 from ftune.testing.archives import tar_folder
 from ftune.testing.realdata import animal_mnist_arrays, balanced_indices, write_image_folder
 
@@ -28,25 +26,6 @@ SPEC = {"backbone": "tf_efficientnet_lite0", "image_size": 96, "epochs": 6, "bat
         "freeze": {"strategy": "last_n_blocks", "n_blocks": 1},
         "optimizer": {"name": "adam", "lr": 0.003}, "seed": 0}
 QUICK = {"image_size": 32, "epochs": 1, "batch_size": 8}
-
-
-def start_service(home: Path, port: int, workers: int = 1
-                  ) -> tuple[subprocess.Popen, str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "DATABASE_URL")}
-    log = open(home.parent / "service.log", "wb")  # noqa: SIM115 - lives as long as the service
-    process = subprocess.Popen(
-        [*ftune_command(), "up", "--home", str(home), "--port", str(port), "--workers",
-         str(workers)], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60 + 60 * workers
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/healthz", timeout=2).json().get("workers") == workers:
-                return process, url, (home / "operator.key").read_text().strip()
-        except (httpx.HTTPError, ValueError):
-            pass
-        time.sleep(0.2)
-    raise SystemExit("the service did not start; see service.log")
 
 
 def wait_status(client: httpx.Client, job_id: str, statuses: set[str],
@@ -114,24 +93,20 @@ def main() -> None:
     spec_file = work / "spec.json"
     spec_file.write_text(json.dumps(SPEC))
 
-    process, url, key = start_service(work / "home", free_port())
     service_s, direct_s, service_fit, direct_fit = [], [], [], []
-    try:
-        with httpx.Client(base_url=url, timeout=120,
-                          headers={"Authorization": f"Bearer {key}"}) as client:
-            for i in range(args.repeats):
-                # Alternate which goes first, so drifting machine load hits both alike.
-                runs = [("service", lambda: run_service(client, archive)),
-                        ("direct", lambda i=i: run_direct(folder, spec_file, work / f"d{i}"))]
-                for name, run in runs if i % 2 == 0 else runs[::-1]:
-                    wall, fit_s = run()
-                    (service_s if name == "service" else direct_s).append(wall)
-                    (service_fit if name == "service" else direct_fit).append(fit_s)
-            tiny = client.post("/v1/datasets", files={"file": ("t.tar.gz", archive)}).json()
-            latencies = submit_latency(client, tiny["id"], args.latency_samples)
-    finally:
-        process.send_signal(signal.SIGINT)
-        process.wait(120)
+    # Its log where this bench always kept it: beside the data directory, as service.log.
+    with (start_ftune_up(work / "home", log=work / "service.log") as up,
+          up.operator_client(timeout=120) as client):
+        for i in range(args.repeats):
+            # Alternate which goes first, so drifting machine load hits both alike.
+            runs = [("service", lambda: run_service(client, archive)),
+                    ("direct", lambda i=i: run_direct(folder, spec_file, work / f"d{i}"))]
+            for name, run in runs if i % 2 == 0 else runs[::-1]:
+                wall, fit_s = run()
+                (service_s if name == "service" else direct_s).append(wall)
+                (service_fit if name == "service" else direct_fit).append(fit_s)
+        tiny = client.post("/v1/datasets", files={"file": ("t.tar.gz", archive)}).json()
+        latencies = submit_latency(client, tiny["id"], args.latency_samples)
     service_med, direct_med = statistics.median(service_s), statistics.median(direct_s)
     print(f"service_overhead service_s={service_med:.2f} direct_s={direct_med:.2f} "
           f"ratio={service_med / direct_med:.3f} best_ratio={min(service_s) / min(direct_s):.3f} "

@@ -27,15 +27,14 @@ first (per image size) reuse the cached features.
 from __future__ import annotations
 
 import argparse
-import signal
 import tempfile
 import time
 from pathlib import Path
 
 import httpx
-from service_overhead import start_service, wait_status
+from service_overhead import wait_status
 
-from ftune.processes import free_port
+from ftune.processes import start_ftune_up
 from ftune.testing.archives import tar_folder
 from ftune.testing.realdata import animal_mnist_arrays, balanced_indices, write_image_folder
 
@@ -110,23 +109,18 @@ def main() -> None:
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="ftune-sweep-"))
     root = dataset(work / "animal-mnist", args.train_per_class)
-    process, url, key = start_service(work / "home", free_port(), workers=2)
-    try:
-        with httpx.Client(base_url=url, timeout=300,
-                          headers={"Authorization": f"Bearer {key}"}) as client:
-            uploaded = client.post("/v1/datasets",
-                                   files={"file": ("data.tar.gz", tar_folder(root))}).json()
-            print(f"sweep dataset=animal-mnist train={args.train_per_class * 10} test=1000 "
-                  f"trials={args.trials} parallelism=2 workers=2 pruner=asha sampler=tpe "
-                  f"base={BASE}", flush=True)
-            default_acc, default_s = default_job(client, uploaded["id"])
-            print(f"sweep default_job spec={{}} accuracy={default_acc:.4f} wall_s={default_s:.1f}",
-                  flush=True)
-            view, wall = run_sweep(client, uploaded["id"], args.trials)
-            report(client, view, wall, default_acc)
-    finally:
-        process.send_signal(signal.SIGINT)
-        process.wait(120)
+    with (start_ftune_up(work / "home", workers=2, log=work / "service.log") as up,
+          up.operator_client(timeout=300) as client):
+        uploaded = client.post("/v1/datasets",
+                               files={"file": ("data.tar.gz", tar_folder(root))}).json()
+        print(f"sweep dataset=animal-mnist train={args.train_per_class * 10} test=1000 "
+              f"trials={args.trials} parallelism=2 workers=2 pruner=asha sampler=tpe "
+              f"base={BASE}", flush=True)
+        default_acc, default_s = default_job(client, uploaded["id"])
+        print(f"sweep default_job spec={{}} accuracy={default_acc:.4f} wall_s={default_s:.1f}",
+              flush=True)
+        view, wall = run_sweep(client, uploaded["id"], args.trials)
+        report(client, view, wall, default_acc)
 
 
 def report(client: httpx.Client, view: dict, wall: float, default_acc: float) -> None:
