@@ -13,7 +13,9 @@ import threading
 import time
 from pathlib import Path
 
-from ftune.processes import Stack, wait_until
+import httpx
+
+from ftune.processes import Child, Stack, wait_until
 from ftune.service.auth.principal import Role
 from ftune.testing.access import Key, make_key
 from ftune.testing.archives import zip_folder
@@ -47,27 +49,52 @@ def run(stack: Stack, url: str, key: Key, folder: Path, n_jobs: int) -> None:
     http = key.client(url, timeout=60)
     dataset = http.post("/v1/datasets", files={"file": ("t.zip", zip_folder(folder))}).json()
 
-    job_ids: list[str] = []
-    latencies: list[float] = []
-    stop = threading.Event()
+    job_ids: list[str] = []  # grows as jobs are submitted; the poller picks from it
+    poller = LatencyPoller(key, url, job_ids)
+    begun = time.perf_counter()
+    submit(http, dataset["id"], n_jobs, job_ids)
+    submit_s = time.perf_counter() - begun
+    kill_victim_twice(stack, http, victim)
+    wait_all_ended(http, job_ids, timeout_s=900)
+    elapsed = time.perf_counter() - begun
+    latencies = poller.stop()
+    report(http, job_ids, latencies, submit_s, elapsed)
 
-    def poll() -> None:
-        with key.client(url, timeout=60) as poller:
-            while not stop.is_set():
-                if job_ids:
+
+class LatencyPoller:
+    """From now until ``stop``: GET a random submitted job every 20 ms on a thread, timing
+    each answer (the API's latency while workers die under it)."""
+
+    def __init__(self, key: Key, url: str, job_ids: list[str]) -> None:
+        self.key, self.url, self.job_ids = key, url, job_ids
+        self.latencies: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+
+    def _poll(self) -> None:
+        with self.key.client(self.url, timeout=60) as poller:
+            while not self._stop.is_set():
+                if self.job_ids:
                     started = time.perf_counter()
-                    poller.get(f"/v1/jobs/{random.choice(job_ids)}")
-                    latencies.append((time.perf_counter() - started) * 1000)
+                    poller.get(f"/v1/jobs/{random.choice(self.job_ids)}")
+                    self.latencies.append((time.perf_counter() - started) * 1000)
                 time.sleep(0.02)
 
-    poller = threading.Thread(target=poll, daemon=True)
-    poller.start()
-    begun = time.perf_counter()
-    for _ in range(n_jobs):
-        response = http.post("/v1/jobs", json={"dataset_id": dataset["id"], "spec": SPEC})
-        job_ids.append(response.json()["id"])
-    submit_s = time.perf_counter() - begun
+    def stop(self) -> list[float]:
+        self._stop.set()
+        self._thread.join()
+        return self.latencies
 
+
+def submit(http: httpx.Client, dataset_id: str, n_jobs: int, job_ids: list[str]) -> None:
+    """Submit as fast as the API answers, adding each id to ``job_ids`` as it comes."""
+    for _ in range(n_jobs):
+        response = http.post("/v1/jobs", json={"dataset_id": dataset_id, "spec": SPEC})
+        job_ids.append(response.json()["id"])
+
+
+def kill_victim_twice(stack: Stack, http: httpx.Client, victim: Child) -> None:
     for round_ in range(2):  # kill the busy worker mid-job, then bring a new one up
         wait_until(lambda: http.get("/v1/jobs", params={"status": "running"}).json()["items"], 60,
                    "a job")
@@ -76,15 +103,19 @@ def run(stack: Stack, url: str, key: Key, folder: Path, n_jobs: int) -> None:
         time.sleep(2.0)
         victim = stack.start_worker(f"victim-{round_ + 1}@bench")
 
-    deadline = time.monotonic() + 900
+
+def wait_all_ended(http: httpx.Client, job_ids: list[str], timeout_s: float) -> None:
+    """Until every job has ended, or ``timeout_s`` (the report then counts the rest lost)."""
+    deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         statuses = [http.get(f"/v1/jobs/{j}").json()["status"] for j in job_ids]
         if all(s in TERMINAL for s in statuses):
             break
         time.sleep(1)
-    elapsed = time.perf_counter() - begun
-    stop.set()
-    poller.join()
+
+
+def report(http: httpx.Client, job_ids: list[str], latencies: list[float], submit_s: float,
+           elapsed: float) -> None:
     jobs = [http.get(f"/v1/jobs/{j}").json() for j in job_ids]
     models = http.get("/v1/models", params={"limit": 1000}).json()["items"]
     per_job = {j["id"]: 0 for j in jobs}

@@ -81,6 +81,53 @@ async def http_throughput(url: str, headers: dict[str, str], png: bytes, clients
         return done / (time.perf_counter() - started)
 
 
+def start_server(home: Path) -> tuple[subprocess.Popen, str]:
+    """``ftune serve`` over ``home`` (no Redis, no training); returns it and its URL."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "DATABASE_URL")}
+    env["FTUNE_RATE_PREDICTIONS"] = "10000000/minute"  # measure the path, not the limit
+    server = subprocess.Popen([*ftune_command(), "serve", "--home", str(home),
+                               "--port", str(port)], env=env)
+    return server, f"http://127.0.0.1:{port}"
+
+
+def wait_for_server(url: str, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if httpx.get(f"{url}/healthz").status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise SystemExit("ftune serve did not start")
+        time.sleep(0.2)
+
+
+def single_image_latency(http: httpx.Client, predictor: Predictor, png: bytes,
+                         tensor: torch.Tensor, repeats: int
+                         ) -> tuple[list[float], list[float], list[float]]:
+    """Latency samples (ms): the bare forward of one image, the same over HTTP, and the bare
+    forward of a batch of 16."""
+    def one_http() -> None:
+        http.post(f"/v1/models/{MODEL_ID}/predict",
+                  files={"files": ("a.png", png)}).raise_for_status()
+
+    batch16 = tensor.repeat(16, 1, 1, 1)
+    with torch.inference_mode():
+        for _ in range(5):  # warm up both sides (model load, allocator, caches)
+            one_http()
+            predictor.probabilities(tensor)
+        # Interleaved, one of each in turn, so drifting machine load hits both alike.
+        bare: list[float] = []
+        over_http: list[float] = []
+        for _ in range(repeats):
+            bare += timed(lambda: predictor.probabilities(tensor), 1)
+            over_http += timed(one_http, 1)
+        bare_batch = timed(lambda: predictor.probabilities(batch16), max(5, repeats // 4))
+    return bare, over_http, bare_batch
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--image-size", type=int, default=None, help="default: backbone's")
@@ -91,54 +138,30 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="ftune-predict-bench-"))
     home, predictor, png = prepare(work, args.image_size)
     tensor = predictor.to_uint8([png])  # what the server computes from the same PNG
-    batch16 = tensor.repeat(16, 1, 1, 1)
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "DATABASE_URL")}
-    env["FTUNE_RATE_PREDICTIONS"] = "10000000/minute"  # measure the path, not the limit
     key = make_key(f"sqlite:///{home / 'ftune.db'}", role=Role.MEMBER)
-    server = subprocess.Popen([*ftune_command(), "serve", "--home", str(home),
-                               "--port", str(port)], env=env)
-    url = f"http://127.0.0.1:{port}"
+    server, url = start_server(home)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{url}/healthz").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise SystemExit("ftune serve did not start")
-            time.sleep(0.2)
-        http = key.client(url, timeout=60)
-
-        def one_http() -> None:
-            http.post(f"/v1/models/{MODEL_ID}/predict",
-                      files={"files": ("a.png", png)}).raise_for_status()
-
-        with torch.inference_mode():
-            for _ in range(5):  # warm up both sides (model load, allocator, caches)
-                one_http()
-                predictor.probabilities(tensor)
-            # Interleaved, one of each in turn, so drifting machine load hits both alike.
-            bare, over_http = [], []
-            for _ in range(args.repeats):
-                bare += timed(lambda: predictor.probabilities(tensor), 1)
-                over_http += timed(one_http, 1)
-            bare_batch = timed(lambda: predictor.probabilities(batch16), max(5, args.repeats // 4))
+        wait_for_server(url)
+        bare, over_http, bare_batch = single_image_latency(key.client(url, timeout=60),
+                                                           predictor, png, tensor, args.repeats)
         bare_img_s = 16 / (statistics.median(bare_batch) / 1000)
         http_img_s = asyncio.run(http_throughput(url, key.headers, png, 16, args.seconds))
         stats = httpx.get(f"{url}/healthz").json()
     finally:
         server.terminate()
         server.wait(30)
+    report(predictor, args.repeats, bare, over_http, http_img_s, bare_img_s, stats)
+
+
+def report(predictor: Predictor, repeats: int, bare: list[float], over_http: list[float],
+           http_img_s: float, bare_img_s: float, stats: dict) -> None:
     p50_b, p99_b = statistics.median(bare), percentile(bare, 0.99)
     p50_h, p99_h = statistics.median(over_http), percentile(over_http, 0.99)
     size = predictor.preprocessing.input_size
     print(f"predict_latency http_p50_ms={p50_h:.2f} http_p99_ms={p99_h:.2f} "
           f"bare_p50_ms={p50_b:.2f} bare_p99_ms={p99_b:.2f} overhead_p50_ms={p50_h - p50_b:.2f} "
           f"overhead_p99_ms={p99_h - p99_b:.2f} target_overhead_p50_ms=5 image_size={size} "
-          f"n={args.repeats}")
+          f"n={repeats}")
     print(f"predict_throughput http_img_s={http_img_s:.1f} bare_batch16_img_s={bare_img_s:.1f} "
           f"ratio={http_img_s / bare_img_s:.3f} target_ratio=0.8 clients=16 "
           f"server_batches={stats['predict_batches']} server_images={stats['predict_images']}")

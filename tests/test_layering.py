@@ -115,7 +115,8 @@ def test_the_engine_has_no_import_loops():
     assert not loops, f"import loops in the engine: {loops[:3]}"
 
 
-@pytest.mark.parametrize("folder", ["models", "service", "workers", "ftune"])
+# The benchmarks too: each is read to learn what a number means, so its steps have names.
+@pytest.mark.parametrize("folder", ["models", "service", "workers", "ftune", "bench"])
 def test_no_function_outgrows_the_design(folder):
     long = []
     for path in _sources(folder):
