@@ -2,7 +2,10 @@
 
 Heavy modules (torch, timm) load on first use, so ``ftune.models.spec`` stays cheap to import.
 Importing this package makes the model hub offline unless ``FTUNE_ALLOW_DOWNLOADS`` is set; it
-must happen before timm loads, and every engine module is imported through this package.
+must happen before timm loads, and every engine module is imported through this package. That
+is all an import changes: the rest of the process-wide state the settings decide (PIL's image
+limit, a warnings filter) is set by ``ftune.models.settings.configure``, the explicit step
+ftune's own entry points take at start.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ftune.models.errors import FineTuneError
 from ftune.models.export_formats import TRACED_FORMATS
-from ftune.models.settings import engine_settings
+from ftune.models.settings import configure, engine_settings
 from ftune.models.spec import SpecError, parse_spec
 
 log = logging.getLogger("ftune")
@@ -38,7 +38,7 @@ def run(parser: argparse.ArgumentParser, argv: list[str] | None = None,
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
-        engine_settings()  # a bad FTUNE_* value fails here, naming the variable
+        configure(engine_settings())  # a bad FTUNE_* value fails here, naming the variable
         return int(args.run(args) or 0)
     except handled as exc:
         print(f"error: {exc}", file=sys.stderr)

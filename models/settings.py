@@ -13,6 +13,8 @@ from typing import TypeVar
 from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from ftune.models import offline
+from ftune.models.data.pil_limits import refuse_images_over
 from ftune.models.errors import FineTuneError
 
 # PIL's own default: about 9459 × 9459. Larger images are refused from their header.
@@ -101,16 +103,32 @@ _current: EngineSettings | None = None
 
 def engine_settings() -> EngineSettings:
     """The engine's settings, read from the environment on first use."""
-    global _current
     if _current is None:
-        _current = load_settings(EngineSettings)
+        return _make_current(load_settings(EngineSettings))
     return _current
 
 
 def configure(settings: EngineSettings) -> None:
-    """Use ``settings`` from now on instead of what the environment says."""
+    """Use ``settings`` from now on instead of what the environment says, and set the
+    process-wide state they decide: PIL refuses images over ``max_image_pixels``, and the
+    model hub is online only if ``allow_downloads``.
+
+    The explicit start-up step: ftune's commands, API, workers and sandbox child call it; a
+    library user may, to get the same guards. Importing ``ftune.models`` changes no warnings
+    filter or PIL limit.
+    """
+    _make_current(settings)
+    # PIL's own check never refuses below its default, nor below ours (open_checked refuses
+    # from our limit itself, naming it).
+    refuse_images_over(max(settings.max_image_pixels, DEFAULT_MAX_IMAGE_PIXELS))
+
+
+def _make_current(settings: EngineSettings) -> EngineSettings:
     global _current
     _current = settings
+    # The hub follows the settings in use, whoever made them: one source for downloads.
+    offline.use_downloads(settings.allow_downloads)
+    return settings
 
 
 __all__ = ["DEFAULT_MAX_IMAGE_PIXELS", "EngineSettings",

@@ -2,7 +2,8 @@
 
 Resolution order: an explicit file (``weights_path``) → ``FTUNE_WEIGHTS_DIR`` → weights shipped
 inside an installed package → timm's hub cache (and the hub itself only when the user opted in
-with ``FTUNE_ALLOW_DOWNLOADS=1``; see ``ftune.models.offline``).
+with ``FTUNE_ALLOW_DOWNLOADS=1`` or the ``allow_downloads`` setting; see
+``ftune.models.offline``).
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 
 
 def downloads_allowed() -> bool:
+    """Whether timm may fetch weights from the hub: the settings in use decide, and the hub's
+    offline mode follows them (``ftune.models.offline``)."""
     return engine_settings().allow_downloads
 
 

@@ -2,31 +2,27 @@
 
 Every decode goes through ``open_checked``: only the formats we document are tried, and the
 pixel count is read from the header and checked before a single pixel is decoded, so a small
-file that would decode to gigabytes (a decompression bomb) costs nothing. PIL's own warning
-for big images is an error too. JPEGs are decoded at a reduced DCT scale when the result will
-be downscaled anyway (``decode_for``), which is several times faster and smaller.
+file that would decode to gigabytes (a decompression bomb) costs nothing; in ftune's own
+processes PIL's warning for big images is an error too (``pil_limits.py``). JPEGs are decoded
+at a reduced DCT scale when the result will be downscaled anyway (``decode_for``), which is
+several times faster and smaller.
 """
 
 from __future__ import annotations
 
 import math
-import warnings
 from pathlib import Path
 from typing import IO
 
 from PIL import Image, ImageOps
 
-from ftune.models.settings import DEFAULT_MAX_IMAGE_PIXELS, engine_settings
+from ftune.models.settings import engine_settings
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 # The formats the README documents. JPEG includes MPO, the variant many phone cameras write
 # (PIL opens it through the JPEG plugin and calls it "MPO").
 FORMATS = ("JPEG", "PNG", "BMP", "GIF", "WEBP", "TIFF")
 READABLE = "JPEG, PNG, BMP, GIF, WebP or TIFF"
-
-# PIL's own bomb check: an error (not a warning) from its limit on, for everything it opens.
-Image.MAX_IMAGE_PIXELS = DEFAULT_MAX_IMAGE_PIXELS
-warnings.simplefilter("error", Image.DecompressionBombWarning)
 
 
 class ImageRefused(ValueError):
@@ -44,8 +40,10 @@ def open_checked(source: str | Path | IO[bytes], max_pixels: int | None = None) 
         Image.MAX_IMAGE_PIXELS = limit  # PIL's backstop never refuses below our own limit
     try:
         image = Image.open(source, formats=FORMATS)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageRefused(f"too many pixels ({exc}); downscale it") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        # PIL's own check (configure makes its warning an error) fires first for images far
+        # over the limit; its limit is never below ours, so name ours, the one users set.
+        raise ImageRefused(f"too many pixels (more than {limit}); downscale it") from None
     width, height = image.size
     if width * height > limit:
         image.close()

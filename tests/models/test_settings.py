@@ -78,3 +78,37 @@ def test_offline_even_when_the_hub_was_imported_first():
 @pytest.mark.processes
 def test_downloads_are_an_explicit_opt_in():
     assert _hub_offline(FTUNE_ALLOW_DOWNLOADS="1") == "False"
+
+
+def _run(code: str, **env: str) -> str:
+    return subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
+                          text=True, env=_clean_env(**env), timeout=120).stdout.strip()
+
+
+def test_importing_the_engine_leaves_warnings_and_pil_alone():
+    # A library user's process is theirs: only the explicit configure step changes them.
+    code = ("import warnings\nfrom PIL import Image\n"
+            "Image.MAX_IMAGE_PIXELS = None\nbefore = list(warnings.filters)\n"
+            "import ftune.models, ftune.models.settings, ftune.models.data.images\n"
+            "print(warnings.filters == before, Image.MAX_IMAGE_PIXELS)\n"
+            "from ftune.models.settings import EngineSettings, configure\n"
+            "configure(EngineSettings(max_image_pixels=10**9))\n"
+            "print(any(f[2] is Image.DecompressionBombWarning and f[0] == 'error'"
+            " for f in warnings.filters), Image.MAX_IMAGE_PIXELS)")
+    assert _run(code).splitlines() == ["True None", f"True {10**9}"]
+
+
+def test_the_settings_in_use_decide_downloads_and_the_hub_follows():
+    code = ("import os\nimport huggingface_hub.constants as c\n"
+            "from ftune.models.backbones.weights import downloads_allowed\n"
+            "from ftune.models.settings import EngineSettings, configure\n"
+            "def show(): print(downloads_allowed(), c.is_offline_mode(),"
+            " os.environ.get('HF_HUB_OFFLINE'))\n"
+            "show()\n"
+            "configure(EngineSettings(allow_downloads=True)); show()\n"
+            "configure(EngineSettings(allow_downloads=False)); show()")
+    assert _run(code).splitlines() == ["False True 1", "True False None", "False True 1"]
+    # The environment's opt-in, and a user's own HF_HUB_OFFLINE, are kept.
+    assert _run(code, FTUNE_ALLOW_DOWNLOADS="1").splitlines()[0] == "True False None"
+    assert _run(code, FTUNE_ALLOW_DOWNLOADS="yes", HF_HUB_OFFLINE="1").splitlines() == [
+        "True True 1", "True True 1", "False True 1"]
