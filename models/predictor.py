@@ -58,9 +58,6 @@ class Predictor:
     def probabilities_from_arrays(self, arrays: np.ndarray) -> torch.Tensor:
         return self.probabilities(torch.from_numpy(arrays).permute(0, 3, 1, 2))
 
-    def preprocess(self, images: Sequence[ImageInput]) -> torch.Tensor:
-        return normalize(self.to_uint8(images).to(self.device), self.preprocessing)
-
     @torch.no_grad()
     def probabilities(self, batch: torch.Tensor) -> torch.Tensor:
         """Class probabilities for a uint8 batch from ``to_uint8``."""

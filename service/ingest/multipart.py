@@ -50,9 +50,6 @@ class ReceivedForm:
     fields: dict[str, str] = field(default_factory=dict)
     files: list[ReceivedFile] = field(default_factory=list)
 
-    def files_named(self, name: str) -> list[ReceivedFile]:
-        return [f for f in self.files if f.field == name]
-
     def cleanup(self) -> None:
         for received in self.files:
             received.path.unlink(missing_ok=True)
