@@ -17,9 +17,10 @@ from torch import nn
 from ftune.models.data.discover import Sample
 from ftune.models.data.source import ImageSource
 from ftune.models.data.transforms import normalize
-from ftune.models.derived.decoded import DecodedImages
+from ftune.models.network import FineTuneModel
 from ftune.models.preprocessing import Preprocessing
 from ftune.models.training.loop import stop_if_asked
+from ftune.models.training.run_setup import RunSetup
 from ftune.models.training.runtime import Precision, feature_batch_size
 
 ECE_BINS = 15
@@ -83,12 +84,14 @@ def _per_class(confusion: torch.Tensor, classes: list[str]) -> list[dict]:
         tp = int(confusion[i, i])
         support, predicted_as = int(confusion[i].sum()), int(confusion[:, i].sum())
         precision, recall = _ratio(tp, predicted_as), _ratio(tp, support)
+        f1: float | None
         if support == 0:
             f1 = None  # not in this split: left out of the macro average
         elif tp == 0:
             f1 = 0.0  # present but never found (precision may be undefined): it counts
-        else:
-            f1 = 2 * precision * recall / (precision + recall)
+        else:  # both defined: tp > 0
+            found, recalled = tp / predicted_as, tp / support
+            f1 = 2 * found * recalled / (found + recalled)
         rows.append({"class": name, "precision": precision, "recall": recall, "f1": f1,
                      "support": support})
     return rows
@@ -130,13 +133,11 @@ def _highest_loss(losses: torch.Tensor, labels: torch.Tensor, predicted: torch.T
             for i in losses.argsort(descending=True)[:WORST_EXAMPLES].tolist()]
 
 
-def evaluate_splits(model: nn.Module, splits: dict[str, list[Sample]], classes: list[str],
-                    prep: Preprocessing, device: torch.device, precision: Precision,
-                    root: Path, val_source: ImageSource | None = None,
-                    should_stop: Callable[[], bool] | None = None,
-                    features: dict[str, torch.Tensor] | None = None,
-                    decoded: DecodedImages | None = None) -> dict:
-    """``{split: summary}`` for each non-empty split (val, and test when the data has one).
+def evaluate_splits(model: FineTuneModel, splits: dict[str, list[Sample]], setup: RunSetup,
+                    *, classes: list[str], root: Path,
+                    features: dict[str, torch.Tensor | None] | None = None) -> dict:
+    """``{split: summary}`` for each non-empty split (val, and test when the data has one),
+    its images read as ``setup`` reads them (val from its val source, others decoded).
 
     ``features``: a split's images through the frozen backbone, in the split's order, when
     the model's backbone is that frozen one; then only the head runs on them."""
@@ -144,20 +145,28 @@ def evaluate_splits(model: nn.Module, splits: dict[str, list[Sample]], classes: 
     for split, samples in splits.items():
         if not samples:
             continue
-        if features is not None and features.get(split) is not None:
+        cached = (features or {}).get(split)
+        if cached is not None:
             model.eval()
-            with torch.no_grad(), precision.autocast():
-                probs = torch.softmax(model.head(features[split]).float(), dim=1).cpu()
+            with torch.no_grad(), setup.precision.autocast():
+                probs = torch.softmax(model.head(cached).float(), dim=1).cpu()
         else:
-            source = (val_source if split == "val" and val_source is not None
-                      else ImageSource([s.path for s in samples], [s.label for s in samples],
-                                       prep, prep.input_size, decoded=decoded, root=root))
-            probs = predict_probabilities(model, source, prep, device, precision,
-                                          should_stop=should_stop)
+            probs = predict_probabilities(model, _source(split, samples, setup, root),
+                                          setup.prep, setup.precision.device, setup.precision,
+                                          should_stop=setup.should_stop)
         labels = torch.tensor([s.label for s in samples])
         names = [_relative(s.path, root) for s in samples]
         results[split] = summarize(probs, labels, classes, names)
     return results
+
+
+def _source(split: str, samples: list[Sample], setup: RunSetup, root: Path) -> ImageSource:
+    """Val images from the run's own val source; others from the decoded store (if any)."""
+    if split == "val":
+        return setup.val_source
+    prep = setup.prep
+    return ImageSource([s.path for s in samples], [s.label for s in samples], prep,
+                       prep.input_size, decoded=setup.decoded, root=root)
 
 
 def _relative(path: Path, root: Path) -> str:

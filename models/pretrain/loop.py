@@ -19,6 +19,7 @@ from ftune.models.data.source import ImageSource
 from ftune.models.data.transforms import normalize
 from ftune.models.preprocessing import Preprocessing
 from ftune.models.pretrain.objectives import build_objective
+from ftune.models.recipe import rules
 from ftune.models.spec import PretrainSpec
 from ftune.models.training.checkpoint import atomic_torch_save, restore_rng_state, rng_state
 from ftune.models.training.loop import stop_if_asked
@@ -28,7 +29,6 @@ from ftune.models.training.runtime import Precision
 log = logging.getLogger(__name__)
 
 CHECKPOINT = "pretrain.pt"
-DEFAULT_STAGES = 2  # pretrain.stages auto: the top two adapt, the rest keep ImageNet's
 
 
 @dataclass
@@ -43,8 +43,7 @@ class PretrainRun:
 
     @property
     def adapting_stages(self) -> int:
-        asked = self.spec.stages
-        return min(len(self.backbone.stages), DEFAULT_STAGES if asked == "auto" else asked)
+        return int(rules.pretrain_stages(self.spec.stages, len(self.backbone.stages)).value)
 
     def run(self, images: ImageSource) -> list[dict]:
         """Adapt on ``images`` (a source of unlabelled uint8 images); the epochs' rows."""

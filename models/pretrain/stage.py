@@ -91,10 +91,6 @@ def adapt_backbone(run: PretrainRun, images: list[Sample], *, size: int,
     return Adapted(key, history, reused=not made)
 
 
-def pretrain_size(spec: FineTuneSpec, input_size: int) -> int:
-    return input_size if spec.pretrain.image_size == "auto" else int(spec.pretrain.image_size)
-
-
 def new_run(spec: FineTuneSpec, backbone, precision: Precision, *,
             should_stop: Callable[[], bool] | None, on_epoch: Callable[[dict], None] | None,
             checkpoint_dir: Path | None) -> PretrainRun:

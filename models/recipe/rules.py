@@ -7,6 +7,7 @@ give the same choices, and the API can make them at submit without torch.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 from ftune.models.recipe.presets import Preset
@@ -36,14 +37,20 @@ MAX_FINETUNE_LR = 1e-3
 # and 1); 0.85 gave 0.950 on digits. With so few stages training, lower rates only slow them.
 LAYER_DECAY = None
 HEAD_DROPOUT = 0.2  # while backbone stages train; none for a head alone on cached features
+# Warmup for the fine-tuning stage: half an epoch ramps the new rates in gently.
+FINETUNE_WARMUP_EPOCHS = 0.5
+DEFAULT_PATIENCE = 3  # an explicit freeze strategy with patience auto
+PRETRAIN_STAGES = 2  # pretrain.stages auto: the top two adapt, the rest keep ImageNet's
 
 
 class Choice(NamedTuple):
     value: Any
     why: str
+    # Facts stored beside the value and the reason (pretraining's key, images and losses).
+    details: Mapping[str, Any] | None = None
 
     def to_dict(self) -> dict:
-        return {"value": self.value, "why": self.why}
+        return {"value": self.value, **(self.details or {}), "why": self.why}
 
 
 def image_size(median_short_side: int | None, backbone_size: int,
@@ -81,6 +88,13 @@ def optimizer_name() -> Choice:
                   "head and the backbone")
 
 
+def freeze_strategy(preset: Preset) -> Choice:
+    if preset.finetune:
+        return Choice("two_stage", "the head alone on cached features until validation stops "
+                      "improving, then the top stages with it")
+    return Choice("head_only", f"preset {preset.name}: the head alone, on cached features")
+
+
 def stages_to_train(num_train: int, preset: Preset, num_stages: int | None = None) -> Choice:
     """How many top backbone stages the second stage trains: one on small data, which more
     would overfit; three from 500 images."""
@@ -96,6 +110,12 @@ def stages_to_train(num_train: int, preset: Preset, num_stages: int | None = Non
                   "stage(s) train in the second stage; fewer overfit small data")
 
 
+def stages_within(planned: Choice, num_stages: int) -> Choice:
+    """The stages to train chosen at submit, capped by the backbone's stage count (known
+    once it is built); the reason is kept as given."""
+    return planned._replace(value=min(int(planned.value), num_stages))
+
+
 def finetune_epochs(num_train: int, preset: Preset) -> Choice:
     passes = math.sqrt(FINETUNE_IMAGES / max(1, num_train)) * preset.epoch_scale
     n = min(MAX_FINETUNE_EPOCHS, max(MIN_FINETUNE_EPOCHS, round(passes)))
@@ -109,6 +129,17 @@ def head_epochs(preset: Preset) -> Choice:
                   f"{preset.head_patience}")
 
 
+def finetune_epochs_in_budget(planned: int, epoch_s: float, left_s: float) -> Choice:
+    """The fine-tuning epochs that fit the time budget left, from an epoch's timed cost."""
+    epochs = min(planned, max(0, int(left_s // epoch_s)))  # the budget may be spent already
+    why = (f"{epoch_s:.1f} s per epoch (timed on the first batches), "
+           f"{max(0.0, left_s):.0f} s of the time budget left")
+    if epochs == planned:
+        return Choice(epochs, why + f": all {planned} planned fit")
+    return Choice(epochs, why + (f": {epochs} of the {planned} planned fit" if epochs else
+                                 ": no fine-tuning epoch fits, the head alone is kept"))
+
+
 def time_budget(preset: Preset, time_budget_s: float | None,
                 limit_s: float | None) -> Choice:
     budget, source = ((time_budget_s, "the spec's time_budget_s") if time_budget_s is not None
@@ -118,6 +149,12 @@ def time_budget(preset: Preset, time_budget_s: float | None,
                       f"{source} ({budget:g} s) capped at {LIMIT_SHARE:.0%} of the job's "
                       f"run-time limit ({limit_s:g} s)")
     return Choice(budget, source)
+
+
+def budget_spent(budget: Choice, epoch: int, next_epoch_s: float) -> Choice:
+    """The time budget's choice once it has ended training: the reason says where."""
+    return budget._replace(why=f"{budget.why}; it ended training after epoch {epoch}, since "
+                           f"another epoch (~{next_epoch_s:.0f} s) would not fit")
 
 
 def augment(preset: Preset, backbone_trains: bool, epochs: int) -> Choice:
@@ -132,6 +169,30 @@ def augment(preset: Preset, backbone_trains: bool, epochs: int) -> Choice:
                       "stages run once per image instead of at every step")
     return Choice(preset.augment, f"backbone stages train for {epochs} epochs: "
                   f"{preset.augment} augmentation (preset {preset.name}) against overfitting")
+
+
+def warmup_epochs(asked: float, epochs: int) -> float:
+    """The fine-tuning stage's warmup with schedule auto: the spec's, else half an epoch
+    (at most half the epochs)."""
+    return asked or min(FINETUNE_WARMUP_EPOCHS, epochs / 2)
+
+
+def schedule(warmup: float) -> Choice:
+    return Choice("cosine", f"{warmup:g} epoch(s) of linear warmup, then cosine decay to zero")
+
+
+def patience(stage: str, preset: Preset, epochs: int) -> Choice:
+    """Early stopping's patience for a stage ("head", "finetune" or "train", the one stage
+    of an explicit freeze strategy)."""
+    if stage == "head":
+        return Choice(preset.head_patience, f"preset {preset.name}: head epochs on cached "
+                      "features are cheap, so it waits long for val to improve")
+    if stage == "finetune":
+        # Its cosine schedule's last epochs, at the lowest rates, are usually its best, and
+        # its first ones are often below the head's best: it runs to the end of its plan.
+        return Choice(max(preset.finetune_patience, epochs), "the fine-tuning stage runs "
+                      "its cosine schedule to the end: its last epochs are usually its best")
+    return Choice(DEFAULT_PATIENCE, "an explicit freeze strategy: the usual patience")
 
 
 def head_lr(suggested: float, how: str) -> Choice:
@@ -180,6 +241,26 @@ def refit_choice(images: int, epochs: int) -> Choice:
                   "stopping chose; val metrics are from the model before this refit")
 
 
+def mixed_precision(device_type: str, bf16_supported: bool) -> Choice:
+    """For mixed_precision auto: autocast on GPUs, plain float32 on CPUs."""
+    if device_type != "cuda":
+        return Choice("off", "float32: on CPUs autocast is usually slower than float32 "
+                      "kernels")
+    if bf16_supported:
+        return Choice("bf16", "bf16 autocast: the GPU supports it, and it needs no loss "
+                      "scaling")
+    return Choice("fp16", "fp16 autocast with loss scaling: the GPU has no bf16")
+
+
+def feature_cache(computed: bool) -> Choice:
+    """Whether the frozen backbone's features were computed by this run or reused."""
+    if computed:
+        return Choice("computed", "frozen features of the training images computed once, "
+                      "kept for later jobs with the same images, size, backbone and precision")
+    return Choice("reused", "frozen features reused from an earlier job with the same images, "
+                  "size, backbone and precision")
+
+
 def head_dropout(head_alone: bool) -> Choice:
     if head_alone:
         return Choice(0.0, "the head trains alone on cached features: early stopping "
@@ -209,3 +290,39 @@ def unlabeled_advice(stats: DatasetStats, uses_unlabeled: bool) -> Choice | None
     used = "the spec uses them" if uses_unlabeled else "the spec uses none of them"
     return Choice("pseudo_labels", f"{min(counts)} labelled images in the smallest class and "
                   f"{stats.unlabeled} unlabelled ones ({used}): {UNLABELED_MEASURED}")
+
+
+def pretrain_size(asked: int | str, input_size: int) -> Choice:
+    if asked != "auto":
+        return Choice(int(asked), "the spec's pretrain.image_size")
+    return Choice(input_size, f"the size fine-tuning trains at ({input_size} px)")
+
+
+def pretrain_stages(asked: int | str, num_stages: int) -> Choice:
+    """How many top backbone stages learn while pretraining (never more than it has)."""
+    wanted = PRETRAIN_STAGES if asked == "auto" else int(asked)
+    return Choice(min(num_stages, wanted), f"the top {min(num_stages, wanted)} stage(s) "
+                  "adapt; the rest keep their pretrained weights")
+
+
+def pretrain(method: str, batchnorm: str, *, key: str | None, reused: bool, epochs: int,
+             images: int, unlabeled: int, size: int, stages: int,
+             losses: list[float]) -> Choice:
+    """What pretraining did; ``images`` counts the unlabelled and the training images."""
+    how = (f"reused the backbone adapted by an earlier job (adapted:{key})" if reused
+           else f"adapted for {epochs} epoch(s)")
+    kept = f"; kept for later jobs as adapted:{key}" if key and not reused else ""
+    return Choice(method, f"{how} on {unlabeled} unlabelled and {images - unlabeled} training "
+                  f"images (labels unused) at {size} px, the top {stages} stage(s) learning, "
+                  "BatchNorm statistics adapting in "
+                  + ("every stage" if batchnorm == "all" else "those") + kept,
+                  {"key": key, "reused": reused, "images": images,
+                   "unlabeled_images": unlabeled, "size": size, "stages": stages,
+                   "loss": losses})
+
+
+def pseudo_labels(rounds: list[dict], threshold: float, num_train: int) -> Choice:
+    """The pseudo-labelling rounds so far (their images per class), and how they were chosen."""
+    return Choice(rounds, f"unlabelled images predicted with probability >= {threshold:g}, "
+                  f"the same number per class, added to the {num_train} training images for "
+                  "another pass of the stages; never to validation")

@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass
 
 from ftune.models.recipe import rules
+from ftune.models.recipe.choices import Choices
 from ftune.models.recipe.presets import PRESETS
 from ftune.models.spec import FineTuneSpec
 
@@ -21,17 +22,17 @@ class Budget:
     spent_before: float = 0.0  # by earlier attempts of the run (from its checkpoint)
 
     @classmethod
-    def start(cls, spec: FineTuneSpec, choices: dict, limit_s: float | None,
+    def start(cls, spec: FineTuneSpec, choices: Choices, limit_s: float | None,
               started: float, spent_before: float = 0.0) -> Budget:
         """The budget applies to auto epochs, and always when time_budget_s is given. A
         resumed run counts what its earlier attempts spent, unless the budget is the job's
-        remaining run time (which already leaves them out)."""
+        remaining run time (which already leaves them out). Records the choice."""
         if spec.time_budget_s is None and "epochs" not in choices:
             return cls(None, started)
         preset = PRESETS[spec.preset]
         choice = rules.time_budget(preset, spec.time_budget_s, limit_s)
         uncapped = rules.time_budget(preset, spec.time_budget_s, None).value
-        choices["time_budget_s"] = choice.to_dict()
+        choices.record("time_budget_s", choice)
         return cls(float(choice.value), started,
                    spent_before if choice.value == uncapped else 0.0)
 

@@ -29,6 +29,7 @@ from ftune.models.evaluation import evaluate_splits
 from ftune.models.network import FineTuneModel, build_head
 from ftune.models.preprocessing import Preprocessing
 from ftune.models.recipe import rules
+from ftune.models.recipe.choices import Choices
 from ftune.models.recipe.plan import StagePlan
 from ftune.models.recipe.presets import PRESETS
 from ftune.models.recipe.resolve import apply_static, backbone_size, resolve_static, two_stage
@@ -39,7 +40,8 @@ from ftune.models.training.budget import Budget
 from ftune.models.training.checkpoint import checkpoint_folder, load_checkpoint
 from ftune.models.training.early_stopping import EarlyStopping
 from ftune.models.training.refit import refit_head
-from ftune.models.training.run import Callbacks, TrainingRun
+from ftune.models.training.run import TrainingRun
+from ftune.models.training.run_setup import Callbacks, RunSetup
 from ftune.models.training.runtime import (
     channels_last,
     configure_backends,
@@ -47,7 +49,7 @@ from ftune.models.training.runtime import (
     resolve_device,
     resolve_precision,
 )
-from ftune.models.training.stages import Progress, RunSetup, StageRunner, plan_with_lr
+from ftune.models.training.stages import Progress, StageRunner, plan_with_lr
 from ftune.models.training.unlabeled import (
     pretrain_stage,
     pseudo_label_rounds,
@@ -116,36 +118,35 @@ def fit(
     index = data if isinstance(data, ImageFolderIndex) else scan_image_folder(data)
     train_samples, val_samples = _split(index, spec)
     callbacks, state = callbacks or Callbacks(), _checkpoint_state(resume, index.classes)
-    choices = state.get("resolved") if state else None
-    choices = choices or static_choices(spec, train_samples, index.classes, resolved,
-                                        unlabeled=len(index.unlabeled))
-    spec = apply_static(spec, choices)
-    _announce(callbacks, "features", None, choices)
+    # A resumed run keeps every choice it had made; a new one starts from the static ones.
+    choices = Choices((state or {}).get("resolved") or static_choices(
+        spec, train_samples, index.classes, resolved, unlabeled=len(index.unlabeled)),
+        on_resolved=callbacks.on_resolved)
+    spec = apply_static(spec, choices.to_dict())
+    _enter(callbacks, "features")
+    choices.notify()
     setup = _build_setup(index, spec, train_samples, val_samples, device=device,
-                         derived=derived, owner=owner)
+                         derived=derived, owner=owner, cache_features=cache_features)
     setup.connect(callbacks, choices)
-    pool, pretrained = _pretrain(setup, spec, index, train_samples, unlabeled, callbacks,
-                                 choices, _folder(checkpoint_dir, resume))
+    pool, pretrained = _pretrain(setup, spec, index, train_samples, unlabeled=unlabeled,
+                                 checkpoints=_folder(checkpoint_dir, resume))
     budget = Budget.start(spec, choices, time_limit_s, started, _spent_before(state))
-    plans, lr_curve, features = plan_with_lr(setup, spec, choices, cache_features,
-                                             resumed=state is not None)
-    _announce(callbacks, None, None, choices)
+    plans, lr_curve, features = plan_with_lr(setup, spec, resumed=state is not None)
+    choices.notify()
     progress = _progress(spec, plans[0], has_val=bool(val_samples))
-    stages = StageRunner(setup, plans, progress, callbacks, choices, budget,
-                         Path(checkpoint_dir) if checkpoint_dir else None, cache_features,
-                         index.classes)
+    stages = StageRunner(setup, plans, progress, budget, classes=index.classes,
+                         ckpt_dir=Path(checkpoint_dir) if checkpoint_dir else None)
     final_run, stopped_early = stages.run_all(features, state)
-    pseudo_label_rounds(setup, stages, spec, train_samples, pool, index.classes, callbacks,
-                        choices)
-    refits = _refits(spec, setup, stages, plans[0], index, bool(val_samples), cache_features)
-    evaluation = _evaluate(setup, stages, index, val_samples, callbacks, choices, refits)
+    pseudo_label_rounds(stages, spec, train=train_samples, unlabeled=pool)
+    refits = _refits(spec, stages, index, has_val=bool(val_samples))
+    evaluation = _evaluate(stages, index, val_samples, refit=refits)
     result = _result(final_run, setup.backbone, index, progress, stopped_early=stopped_early,
                      evaluation=evaluation, num_train=len(train_samples),
                      num_val=len(val_samples), seconds=time.perf_counter() - started)
     # The spec as asked, with the statistics' choices filled in: given back to fit, the same
     # data and seed make the same remaining choices (learning rates, epochs) again.
     result.spec, result.resolved, result.lr_curve, result.pretrain_history = \
-        spec, choices, lr_curve, pretrained
+        spec, choices.to_dict(), lr_curve, pretrained
     result.diagnosis = _diagnose(result, train_samples)
     return result
 
@@ -160,15 +161,15 @@ def _diagnose(result: FitResult, train_samples: list[Sample]) -> list[dict]:
                     uses_unlabeled=spec.uses_unlabeled)
 
 
-def _rebuilt_head_run(setup: RunSetup, stages: StageRunner, first: StagePlan,
-                      cache_features: bool) -> TrainingRun | None:
+def _rebuilt_head_run(stages: StageRunner) -> TrainingRun | None:
     """After a resume, the best weights may come from the head stage of an earlier attempt:
     a run of that stage (its features cached again when needed) stands in for it."""
     history, best = stages.progress.history, stages.progress.stopper.best_epoch
+    first = stages.plans[0]
     if not best or best > len(history) or first.trains_backbone or \
             history[best - 1].get("stage") != first.name:
         return None
-    return setup.run(first, cache_features=cache_features)
+    return TrainingRun(stages.setup, first)
 
 
 def _unlabeled_samples(spec: FineTuneSpec, index: ImageFolderIndex,
@@ -185,14 +186,13 @@ def _unlabeled_samples(spec: FineTuneSpec, index: ImageFolderIndex,
 
 
 def _pretrain(setup: RunSetup, spec: FineTuneSpec, index: ImageFolderIndex,
-              train_samples: list[Sample], unlabeled: str | Path | ImageFolderIndex | None,
-              callbacks: Callbacks, choices: dict, checkpoints: Path | None
-              ) -> tuple[list[Sample], list[dict]]:
+              train_samples: list[Sample], *, unlabeled: str | Path | ImageFolderIndex | None,
+              checkpoints: Path | None) -> tuple[list[Sample], list[dict]]:
     """The unlabelled images the spec uses, and the pretraining epochs' rows (checkpointed
     beside the run's own checkpoints)."""
     samples = _unlabeled_samples(spec, index, unlabeled)
-    return samples, pretrain_stage(setup, spec, train_samples, samples, callbacks=callbacks,
-                                   choices=choices, checkpoint_dir=checkpoints)
+    return samples, pretrain_stage(setup, spec, train_samples, samples,
+                                   checkpoint_dir=checkpoints)
 
 
 def _folder(checkpoint_dir: str | Path | None, resume: str | Path | None) -> Path | None:
@@ -207,49 +207,47 @@ def _spent_before(state: dict | None) -> float:
     return float(state.get("budget_spent_s", 0.0)) if state else 0.0
 
 
-def _refits(spec: FineTuneSpec, setup: RunSetup, stages: StageRunner, first: StagePlan,
-            index: ImageFolderIndex, has_val: bool, cache_features: bool) -> bool:
+def _refits(spec: FineTuneSpec, stages: StageRunner, index: ImageFolderIndex, *,
+            has_val: bool) -> bool:
     """Whether the head is trained again on train+val once its epochs are chosen: when the
     best weights are a head trained alone on cached features (preset fast, or a fine-tuning
     stage that never beat the head)."""
     if stages.best_run is None:  # resumed after the best epoch: its run is gone
-        stages.best_run = _rebuilt_head_run(setup, stages, first, cache_features)
+        stages.best_run = _rebuilt_head_run(stages)
     best = stages.best_run
-    head_alone_cached = (cache_features and has_val and best is not None
+    head_alone_cached = (stages.setup.cache_features and has_val and best is not None
                          and best.backbone_frozen and best.spec.augment == "none")
     return rules.refit(spec.refit, val_carved=index.val is None,
                        head_alone_cached=head_alone_cached)
 
 
-def _evaluate(setup: RunSetup, stages: StageRunner, index: ImageFolderIndex,
-              val_samples: list[Sample], callbacks: Callbacks, choices: dict,
+def _evaluate(stages: StageRunner, index: ImageFolderIndex, val_samples: list[Sample], *,
               refit: bool) -> dict:
     """The best weights, evaluated on val; then, with ``refit``, the head trained again on
-    train+val (recorded in ``choices``); then evaluated on test."""
+    train+val (a recorded choice); then evaluated on test."""
+    setup, callbacks = stages.setup, stages.setup.callbacks
     model = setup.model
     if stages.best_state is not None:
         model.load_state_dict(stages.best_state)
     model.eval()
     history = len(stages.progress.history)
-    _announce(callbacks, "evaluate", history, None)
+    _enter(callbacks, "evaluate", history)
 
-    def evaluate_on(splits: dict[str, list[Sample]], features: torch.Tensor | None) -> dict:
-        split = next(iter(splits))
-        return evaluate_splits(model, splits, index.classes, setup.prep,
-                               setup.precision.device, setup.precision, index.root,
-                               val_source=setup.val_source, should_stop=callbacks.should_stop,
-                               features={split: features}, decoded=setup.decoded)
+    def evaluate_on(split: str, samples: list[Sample], features: torch.Tensor | None) -> dict:
+        return evaluate_splits(model, {split: samples}, setup, classes=index.classes,
+                               root=index.root, features={split: features})
 
-    evaluation = evaluate_on({"val": val_samples}, stages.best_val_features())
+    evaluation = evaluate_on("val", val_samples, stages.best_val_features())
     if refit and stages.best_run is not None:
-        _announce(callbacks, "refit", history, None)
+        _enter(callbacks, "refit", history)
         best = stages.best_run
         epochs = (stages.progress.stopper.best_epoch or history) - best.epoch_offset
         images = refit_head(best, epochs)
-        choices["refit"] = rules.refit_choice(images, epochs).to_dict()
-        _announce(callbacks, "evaluate", history, choices)
+        setup.choices.record("refit", rules.refit_choice(images, epochs))
+        _enter(callbacks, "evaluate", history)
+        setup.choices.notify()
     test = index.test or []
-    return evaluation | evaluate_on({"test": test}, stages.shared_features_of(test, index.root))
+    return evaluation | evaluate_on("test", test, stages.shared_features_of(test, index.root))
 
 
 def _checkpoint_state(resume: str | Path | None, classes: list[str]) -> dict | None:
@@ -263,12 +261,10 @@ def _checkpoint_state(resume: str | Path | None, classes: list[str]) -> dict | N
     return state
 
 
-def _announce(callbacks: Callbacks, stage: str | None, epochs: int | None,
-              choices: dict | None) -> None:
-    if stage is not None and callbacks.on_stage is not None:
-        callbacks.on_stage(stage, epochs or 0)
-    if choices is not None and callbacks.on_resolved is not None:
-        callbacks.on_resolved(dict(choices))
+def _enter(callbacks: Callbacks, stage: str, epochs: int = 0) -> None:
+    """Report a stage beyond the planned ones (``epochs``: the history's rows so far)."""
+    if callbacks.on_stage is not None:
+        callbacks.on_stage(stage, epochs)
 
 
 def _class_counts(samples: list[Sample], classes: list[str]) -> dict[str, int]:
@@ -353,7 +349,8 @@ def _stored_for(spec: FineTuneSpec) -> str:
 
 def _build_setup(index: ImageFolderIndex, spec: FineTuneSpec, train_samples: list[Sample],
                  val_samples: list[Sample], *, device: str | None,
-                 derived: DerivedStore | None = None, owner: str | None = None) -> RunSetup:
+                 derived: DerivedStore | None = None, owner: str | None = None,
+                 cache_features: bool = True) -> RunSetup:
     """Backbone, head and data sources on the chosen device, ready for the first stage."""
     torch_device = resolve_device(device)
     check_memory(spec, torch_device, num_classes=len(index.classes),
@@ -380,7 +377,7 @@ def _build_setup(index: ImageFolderIndex, spec: FineTuneSpec, train_samples: lis
                              prep, prep.input_size, decoded=decoded, root=index.root)
     return RunSetup(backbone, model, prep, precision, train_source, val_source,
                     _class_weights(spec, train_source.labels, len(index.classes)),
-                    decoded=decoded, derived=derived, owner=owner,
+                    cache_features=cache_features, decoded=decoded, derived=derived, owner=owner,
                     fit_rows=range(len(index.train) + len(index.val or [])))
 
 

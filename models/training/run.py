@@ -7,17 +7,14 @@ import math
 import statistics
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from ftune.models.data.source import ImageSource
 from ftune.models.data.transforms import augment, center_crop_batch, normalize
 from ftune.models.derived.features import SharedFeatures
 from ftune.models.network import FineTuneModel
-from ftune.models.preprocessing import Preprocessing
-from ftune.models.spec import FineTuneSpec
+from ftune.models.recipe.plan import StagePlan
 from ftune.models.training.loop import (
     BatchHook,
     EpochStats,
@@ -26,7 +23,8 @@ from ftune.models.training.loop import (
     train_one_epoch,
 )
 from ftune.models.training.prefix_cache import PrefixCache, prefix_cache_budget
-from ftune.models.training.runtime import Precision, as_channels_last, feature_batch_size
+from ftune.models.training.run_setup import Callbacks, RunSetup
+from ftune.models.training.runtime import as_channels_last, feature_batch_size
 from ftune.models.tuning.freezing import (
     apply_freezing,
     backbone_is_frozen,
@@ -46,50 +44,46 @@ Batches = Iterator[tuple[torch.Tensor, torch.Tensor]]
 FEATURE_EVAL_BATCH = 4096
 
 
-@dataclass
-class Callbacks:
-    on_epoch_end: Callable[[dict], None] | None = None  # gets the epoch's metrics row
-    on_batch_end: Callable[[int, int, int, float], None] | None = None  # epoch, step, steps, loss
-    should_stop: Callable[[], bool] | None = None  # checked at every batch boundary
-    on_stage: Callable[[str, int], None] | None = None  # stage name, epochs planned in all
-    on_resolved: Callable[[dict], None] | None = None  # the auto choices made so far
-    on_pretrain_epoch: Callable[[dict], None] | None = None  # a pretraining epoch's row
-
-
 class TrainingRun:
     """Everything that changes while a run trains, and how one epoch of it goes."""
 
-    def __init__(self, model: FineTuneModel, spec: FineTuneSpec, stages: list[list[str]],
-                 prep: Preprocessing, precision: Precision, train_source: ImageSource,
-                 val_source: ImageSource, cache_features: bool, *, stage: str = "train",
-                 epoch_offset: int = 0, class_weights: torch.Tensor | None = None) -> None:
-        self.model, self.spec, self.stages, self.prep = model, spec, stages, prep
-        self.stage, self.epoch_offset = stage, epoch_offset  # rows number epochs across stages
-        self.precision, self.device = precision, precision.device
-        self.train_source, self.val_source = train_source, val_source
-        self.cache_features = cache_features
+    def __init__(self, setup: RunSetup, plan: StagePlan, *, epoch_offset: int = 0,
+                 model: FineTuneModel | None = None) -> None:
+        """A run of ``plan``'s stage on ``setup``'s model (or on ``model``, a copy to time
+        steps on), numbering its epochs from ``epoch_offset`` (rows span the stages)."""
+        spec = plan.spec
+        self.model = model if model is not None else setup.model
+        self.spec, self.stages, self.prep = spec, setup.backbone.stages, setup.prep
+        self.stage, self.epoch_offset = plan.name, epoch_offset
+        self.precision, self.device = setup.precision, setup.precision.device
+        # The sources as they are now: pseudo-labelling gives later runs a larger train one.
+        self.train_source, self.val_source = setup.train_source, setup.val_source
+        self.cache_features = setup.cache_features
         # Also checked while features are cached, which can take long before the first step.
-        self.should_stop: Callable[[], bool] | None = None
+        self.should_stop: Callable[[], bool] | None = setup.should_stop
+        class_weights = setup.class_weights
         weight = class_weights.to(self.device) if class_weights is not None else None
         self.loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=spec.label_smoothing)
         self.scaler = torch.amp.GradScaler(self.device.type,
-                                           enabled=precision.needs_grad_scaler)
+                                           enabled=self.precision.needs_grad_scaler)
         self.best_state: dict | None = None
         self.step = 0
-        self.samples_per_epoch = samples_per_epoch(len(train_source), spec.batch_size)
+        self.samples_per_epoch = samples_per_epoch(len(self.train_source), spec.batch_size)
         self.steps_per_epoch = math.ceil(self.samples_per_epoch / spec.batch_size)
         self.total_steps = self.steps_per_epoch * spec.epochs
         self.warmup_steps = round(spec.schedule.warmup_epochs * self.steps_per_epoch)
         self._features: dict[str, torch.Tensor] = {}
         # Features of the whole dataset kept for other jobs too (when the setup has them).
-        self.shared_features: Callable[[], SharedFeatures | None] | None = None
+        self.shared_features: Callable[[], SharedFeatures | None] | None = \
+            setup.shared_features
         self.caching_s = 0.0  # spent computing cached features (once, not every epoch)
         # The frozen stages' outputs while only the top ones train, for this many trainable.
         self._prefix: tuple[int, PrefixCache | None] | None = None
+        stages = self.stages
         self.n_trainable = trainable_stage_count(spec.freeze, 0, len(stages))
-        apply_freezing(model, stages, self.n_trainable)
+        apply_freezing(self.model, stages, self.n_trainable)
         groups = [g for unit in join_order(len(stages), self.n_trainable)
-                  for g in unit_param_groups(model, stages, unit, spec.optimizer)]
+                  for g in unit_param_groups(self.model, stages, unit, spec.optimizer)]
         self.optimizer = create_optimizer(groups, spec.optimizer)
 
     def set_trainable(self, n_trainable: int) -> None:

@@ -17,15 +17,11 @@ from ftune.models.data.discover import ImageFolderIndex, Sample, without_copies
 from ftune.models.data.source import ImageSource
 from ftune.models.errors import DatasetError
 from ftune.models.evaluation import predict_probabilities
-from ftune.models.pretrain.stage import (
-    adapt_backbone,
-    new_run,
-    pretrain_size,
-    pretraining_images,
-)
+from ftune.models.pretrain.stage import adapt_backbone, new_run, pretraining_images
+from ftune.models.recipe import rules
 from ftune.models.spec import FineTuneSpec
-from ftune.models.training.run import Callbacks
-from ftune.models.training.stages import RunSetup, StageRunner
+from ftune.models.training.run_setup import RunSetup
+from ftune.models.training.stages import StageRunner
 
 log = logging.getLogger(__name__)
 
@@ -50,12 +46,12 @@ def require_unlabeled(spec: FineTuneSpec, unlabeled: list[Sample]) -> None:
 
 
 def pretrain_stage(setup: RunSetup, spec: FineTuneSpec, train: list[Sample],
-                   unlabeled: list[Sample], *, callbacks: Callbacks, choices: dict,
-                   checkpoint_dir: Path | None) -> list[dict]:
+                   unlabeled: list[Sample], *, checkpoint_dir: Path | None) -> list[dict]:
     """Adapt the backbone (or reuse an adaptation); its epochs' rows. Records the choice."""
     if spec.pretrain.method == "none":
         return []
-    size = pretrain_size(spec, setup.prep.input_size)
+    callbacks = setup.callbacks
+    size = rules.pretrain_size(spec.pretrain.image_size, setup.prep.input_size).value
     run = new_run(spec, setup.backbone, setup.precision, should_stop=callbacks.should_stop,
                   on_epoch=callbacks.on_pretrain_epoch, checkpoint_dir=checkpoint_dir)
 
@@ -67,30 +63,21 @@ def pretrain_stage(setup: RunSetup, spec: FineTuneSpec, train: list[Sample],
     adapted = adapt_backbone(run, images, size=size, store=setup.derived, owner=setup.owner,
                              on_start=on_start)
     setup.adapted_key = adapted.key or "unshared"
-    losses = [round(row["pretrain_loss"], 4) for row in adapted.history]
-    how = (f"reused the backbone adapted by an earlier job (adapted:{adapted.key})"
-           if adapted.reused else f"adapted for {len(adapted.history)} epoch(s)")
-    choices["pretrain"] = {
-        "value": spec.pretrain.method, "key": adapted.key, "reused": adapted.reused,
-        "images": len(images), "unlabeled_images": len(unlabeled), "size": size,
-        "stages": run.adapting_stages, "loss": losses,
-        "why": f"{how} on {len(unlabeled)} unlabelled and {len(train)} training images "
-               f"(labels unused) at {size} px, the top {run.adapting_stages} stage(s) "
-               "learning, BatchNorm statistics adapting in "
-               + ("every stage" if spec.pretrain.batchnorm == "all" else "those")
-               + (f"; kept for later jobs as adapted:{adapted.key}"
-                  if adapted.key and not adapted.reused else "")}
-    if callbacks.on_resolved is not None:
-        callbacks.on_resolved(dict(choices))
+    setup.choices.record("pretrain", rules.pretrain(
+        spec.pretrain.method, spec.pretrain.batchnorm, key=adapted.key, reused=adapted.reused,
+        epochs=len(adapted.history), images=len(images), unlabeled=len(unlabeled), size=size,
+        stages=run.adapting_stages,
+        losses=[round(row["pretrain_loss"], 4) for row in adapted.history]))
+    setup.choices.notify()
     return adapted.history
 
 
-def _probabilities(setup: RunSetup, samples: list[Sample], callbacks: Callbacks) -> torch.Tensor:
+def _probabilities(setup: RunSetup, samples: list[Sample]) -> torch.Tensor:
     """The model's class probabilities for ``samples``, as evaluation computes them."""
     prep = setup.prep
     source = ImageSource([s.path for s in samples], [0] * len(samples), prep, prep.input_size)
     return predict_probabilities(setup.model, source, prep, setup.precision.device,
-                                 setup.precision, should_stop=callbacks.should_stop)
+                                 setup.precision, should_stop=setup.should_stop)
 
 
 def select_confident(probabilities: torch.Tensor, threshold: float,
@@ -114,44 +101,35 @@ def select_confident(probabilities: torch.Tensor, threshold: float,
     return indices, labels, counts
 
 
-def pseudo_label_rounds(setup: RunSetup, stages: StageRunner, spec: FineTuneSpec,
-                        train: list[Sample], unlabeled: list[Sample], classes: list[str],
-                        callbacks: Callbacks, choices: dict) -> None:
+def pseudo_label_rounds(stages: StageRunner, spec: FineTuneSpec, *, train: list[Sample],
+                        unlabeled: list[Sample]) -> None:
     """Label, keep the confident, train again from the best weights; the best on val (which
     pseudo-labels never enter) across all rounds is kept. Rounds are not checkpointed: a
     resumed job repeats them."""
-    config = spec.pseudo_labels
+    config, setup = spec.pseudo_labels, stages.setup
     if not config.rounds or not unlabeled or stages.out_of_time:
         return
     rounds: list[dict] = []
     for number in range(1, config.rounds + 1):
         if stages.best_state is not None:
             setup.model.load_state_dict(stages.best_state)
-        if callbacks.on_stage is not None:
-            callbacks.on_stage("pseudo_labels", 0)
-        probabilities = _probabilities(setup, unlabeled, callbacks)
-        indices, labels, counts = select_confident(probabilities, config.threshold,
-                                                   config.max_per_class)
+        if setup.callbacks.on_stage is not None:
+            setup.callbacks.on_stage("pseudo_labels", 0)
+        indices, labels, counts = select_confident(_probabilities(setup, unlabeled),
+                                                   config.threshold, config.max_per_class)
         rounds.append({"round": number, "images": len(indices),
-                       "per_class": dict(zip(classes, counts, strict=True)),
+                       "per_class": dict(zip(stages.classes, counts, strict=True)),
                        "first_epoch": len(stages.progress.history) + 1})
-        choices["pseudo_labels"] = {"value": rounds, "why": (
-            f"unlabelled images predicted with probability >= {config.threshold:g}, the same "
-            f"number per class, added to the {len(train)} training images for another pass "
-            "of the stages; never to validation")}
-        if callbacks.on_resolved is not None:
-            callbacks.on_resolved(dict(choices))
+        setup.choices.record("pseudo_labels",
+                             rules.pseudo_labels(rounds, config.threshold, len(train)))
+        setup.choices.notify()
         if not indices:
             break
         chosen = [unlabeled[i] for i in indices]
         setup.train_source = ImageSource(
             [s.path for s in train] + [s.path for s in chosen],
             [s.label for s in train] + labels, setup.prep, setup.train_source.size)
-        again = StageRunner(setup, stages.plans, stages.progress, callbacks, choices,
-                            stages.budget, None, stages.cache_features, classes)
-        again.best_state, again.best_run = stages.best_state, stages.best_run
-        again.backbone_as_built = stages.backbone_as_built
-        again.stage_offset = len(stages.progress.history)  # epochs number on from there
+        again = stages.another_pass()
         again.run_all(None, None)
         stages.best_state, stages.best_run = again.best_state, again.best_run
         if again.out_of_time:

@@ -14,6 +14,7 @@ import torch
 
 from ftune.models.errors import TrainingCancelled
 from ftune.models.network import build_head
+from ftune.models.recipe.choices import Choices
 from ftune.models.spec import HeadSpec, parse_spec
 from ftune.models.training.budget import Budget
 from ftune.models.training.checkpoint import load_checkpoint
@@ -135,11 +136,11 @@ def test_a_time_budget_ends_the_run_with_its_best_weights(tiny_folder):
 def test_a_resumed_run_counts_what_earlier_attempts_spent_against_the_budget():
     spec = parse_spec({"time_budget_s": 100})
     now = time.perf_counter()
-    fresh = Budget.start(spec, {}, None, now)
-    resumed = Budget.start(spec, {}, None, now, spent_before=60)
+    fresh = Budget.start(spec, Choices(), None, now)
+    resumed = Budget.start(spec, Choices(), None, now, spent_before=60)
     assert fresh.left() - resumed.left() == pytest.approx(60, abs=0.5)
     # Capped by the job's remaining run time (80% of 50 s): earlier attempts are already out.
-    capped = Budget.start(spec, {}, 50, now, spent_before=60)
+    capped = Budget.start(spec, Choices(), 50, now, spent_before=60)
     assert capped.seconds == 40 and capped.spent_before == 0
 
 

@@ -7,6 +7,7 @@ import math
 import pytest
 
 from ftune.models.recipe import rules
+from ftune.models.recipe.choices import Choices
 from ftune.models.recipe.plan import plan_stages
 from ftune.models.recipe.presets import PRESETS
 from ftune.models.recipe.resolve import (
@@ -115,7 +116,7 @@ def test_explicit_values_win():
     resolved = resolve_static(spec, _stats({"a": 100, "b": 10}))
     assert resolved == {}
     assert apply_static(spec, resolved) == spec
-    (plan,) = plan_stages(spec, resolved, num_stages=7)
+    (plan,) = plan_stages(spec, Choices(resolved), num_stages=7)
     assert plan.spec.freeze.strategy == "head_only" and plan.spec.epochs == 4
     assert plan.spec.optimizer.lr == 0.01 and plan.spec.optimizer.name == "sgd"
 
@@ -128,7 +129,8 @@ def test_the_same_statistics_give_the_same_choices():
 def test_two_stage_plan_has_a_cached_head_stage_then_a_finetune_stage():
     spec = FineTuneSpec()
     resolved = resolve_static(spec, _stats({"a": 1000, "b": 1000}))
-    head, finetune = plan_stages(apply_static(spec, resolved), resolved, num_stages=9)
+    choices = Choices(resolved)
+    head, finetune = plan_stages(apply_static(spec, resolved), choices, num_stages=9)
     assert head.spec.freeze.strategy == "head_only" and head.spec.augment == "none"
     assert finetune.spec.freeze.strategy == "last_n_blocks"
     # Three passes over 2,000 images: no augmentation (the frozen stages then run once).
@@ -140,7 +142,7 @@ def test_two_stage_plan_has_a_cached_head_stage_then_a_finetune_stage():
     assert finetune.spec.freeze.batchnorm == "frozen"
     # It starts from a new head, and says so.
     assert finetune.fresh_head and not head.fresh_head
-    assert resolved["finetune.head"]["value"] == "new"
+    assert choices.value("finetune.head") == "new"
 
 
 def test_augmentation_only_when_fine_tuning_sees_the_images_many_times():
@@ -154,14 +156,15 @@ def test_augmentation_only_when_fine_tuning_sees_the_images_many_times():
     assert rules.augment(PRESETS["balanced"], False, many).value == "none"
     spec = FineTuneSpec()
     resolved = resolve_static(spec, _stats({"a": 150, "b": 150}))
-    _, finetune = plan_stages(apply_static(spec, resolved), resolved, num_stages=9)
-    assert finetune.spec.augment == "crop" and resolved["augment"]["value"] == "crop"
+    choices = Choices(resolved)
+    _, finetune = plan_stages(apply_static(spec, resolved), choices, num_stages=9)
+    assert finetune.spec.augment == "crop" and choices.value("augment") == "crop"
 
 
 def test_fast_preset_is_head_only_on_cached_features():
     spec = FineTuneSpec(preset="fast")
     resolved = resolve_static(spec, _stats({"a": 1000, "b": 1000}))
-    (head,) = plan_stages(apply_static(spec, resolved), resolved, num_stages=9)
+    (head,) = plan_stages(apply_static(spec, resolved), Choices(resolved), num_stages=9)
     assert head.spec.freeze.strategy == "head_only" and head.spec.augment == "none"
     assert image_passes(spec, resolved) == 1
     assert planned_epochs(spec, resolved) == PRESETS["fast"].head_max_epochs
