@@ -58,7 +58,7 @@ def _schema(kind: type, above: float | None, at_least: float | None, at_most: fl
 
 def _auto(kind: type, above: float | None = None, at_least: float | None = None,
           at_most: float | None = None, nullable: bool = False) -> Any:
-    base = kind | Literal["auto"] | (None if nullable else kind)  # type: ignore[operator]
+    base = kind | Literal["auto"] | (None if nullable else kind)
     return Annotated[base, PlainValidator(_checker(kind, above, at_least, at_most, nullable)),
                      WithJsonSchema(_schema(kind, above, at_least, at_most, nullable))]
 

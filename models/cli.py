@@ -12,11 +12,17 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ftune.models.errors import FineTuneError
 from ftune.models.export_formats import TRACED_FORMATS
 from ftune.models.settings import configure, engine_settings
-from ftune.models.spec import SpecError, parse_spec
+from ftune.models.spec import FineTuneSpec, SpecError, parse_spec
+
+if TYPE_CHECKING:  # imported where used: `ftune --help` must not load torch or tqdm
+    from tqdm import tqdm
+
+    from ftune.models.derived.store import DerivedStore
 
 log = logging.getLogger("ftune")
 
@@ -97,7 +103,7 @@ def add_engine_commands(sub: argparse._SubParsersAction) -> None:
     backbones.set_defaults(run=_backbones)
 
 
-def _load_spec(path: str | None):  # -> FineTuneSpec
+def _load_spec(path: str | None) -> FineTuneSpec:
     if path is None:
         return parse_spec({})
     try:
@@ -112,7 +118,7 @@ class _TrainingOutput:
 
     def __init__(self, epochs: int | str, *, progress: bool) -> None:
         self.epochs, self.progress = epochs, progress
-        self.bar = None
+        self.bar: tqdm | None = None
         self.shown: dict = {}  # auto choices already printed
 
     def on_stage(self, stage: str, epochs: int) -> None:
@@ -194,7 +200,7 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _derived_store():  # -> DerivedStore | None
+def _derived_store() -> DerivedStore | None:
     """Decoded images are kept between runs only where FTUNE_CACHE_DIR says."""
     settings = engine_settings()
     if settings.cache_dir is None:

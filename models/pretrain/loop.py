@@ -90,7 +90,7 @@ class PretrainRun:
         model.eval()
         return history
 
-    def _adapting_norms(self) -> list[torch.nn.Module]:
+    def _adapting_norms(self) -> list[_BatchNorm]:
         """The BatchNorm layers whose statistics follow the new images."""
         norms = [m for m in self.backbone.model.modules() if isinstance(m, _BatchNorm)]
         if self.spec.batchnorm == "all":
@@ -148,7 +148,7 @@ class PretrainRun:
 @torch.no_grad()
 def recalibrate_batchnorm(model: torch.nn.Module, images: ImageSource, batch_size: int,
                           prep: Preprocessing, precision: Precision,
-                          norms: list[torch.nn.Module]) -> None:
+                          norms: list[_BatchNorm]) -> None:
     """``norms``' statistics of the clean images, averaged over one pass (as AdaBN, Li et
     al. 2016): during pretraining they followed masked, noisy or colour-jittered inputs,
     which fine-tuning and prediction never see. The other layers keep theirs."""

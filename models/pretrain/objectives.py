@@ -17,6 +17,7 @@ have:
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -55,7 +56,10 @@ class Autoencoder(nn.Module):
         """``raw``: a float batch of 0..255 pixels; ``normalise`` as the backbone expects."""
         images = normalise(raw)
         target = F.interpolate(images, size=RECONSTRUCT_SIZE, mode="area")
-        features = self.backbone.forward_features(corrupt(images))
+        # timm's models have forward_features; nn.Module types an unknown attribute as
+        # Tensor | Module, so it is named here as what it is.
+        forward_features = cast(Normalise, self.backbone.forward_features)
+        features = forward_features(corrupt(images))
         if features.dim() != 4:
             raise ValueError("pretrain.method autoencoder needs a convolutional backbone "
                              "(its features are a map); use contrastive")

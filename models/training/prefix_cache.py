@@ -47,7 +47,8 @@ class PrefixCache:
         if name in self._outputs or self.too_large:
             return self._outputs.get(name)
         started = time.perf_counter()
-        chunks, labels = [], []
+        chunks: list[torch.Tensor] = []
+        labels: list[torch.Tensor] = []
         for images, targets in batches():
             stop_if_asked(should_stop)
             with self.precision.autocast():
