@@ -317,8 +317,9 @@ def _monitored_key(spec: FineTuneSpec, *, has_val: bool) -> str:
     return monitor if has_val else monitor.replace("val_", "train_")
 
 
-def _decoded(index: ImageFolderIndex, prep: Preprocessing, derived: DerivedStore | None,
-             owner: str | None, size: int, *, with_test: bool = True) -> DecodedImages | None:
+def _decoded(index: ImageFolderIndex, prep: Preprocessing, size: int, *,
+             derived: DerivedStore | None, owner: str | None,
+             with_test: bool = True) -> DecodedImages | None:
     """The dataset's images decoded at ``size`` (without the test images unless
     ``with_test``), from the store (decoding them into it the first time). Every size holds
     the images in the same order, test images last: a row is the same image in each, so
@@ -366,11 +367,11 @@ def _build_setup(index: ImageFolderIndex, spec: FineTuneSpec, train_samples: lis
                           build_head(backbone.num_features, len(index.classes), spec.head))
     model = channels_last(model.to(torch_device))
     prep = backbone.preprocessing
-    decoded = _decoded(index, prep, derived, owner, prep.input_size)
+    decoded = _decoded(index, prep, prep.input_size, derived=derived, owner=owner)
     train_size = stored_size(prep, _stored_for(spec))
     # Larger images for augmented crops are only ever trained on: no test images among them.
     train_decoded = decoded if train_size == prep.input_size else \
-        _decoded(index, prep, derived, owner, train_size, with_test=False)
+        _decoded(index, prep, train_size, derived=derived, owner=owner, with_test=False)
     train_source = ImageSource([s.path for s in train_samples], [s.label for s in train_samples],
                                prep, train_size, decoded=train_decoded, root=index.root)
     val_source = ImageSource([s.path for s in val_samples], [s.label for s in val_samples],

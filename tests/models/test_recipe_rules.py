@@ -279,3 +279,65 @@ def test_a_new_head_is_initialised_as_at_the_start_from_its_seed():
     assert torch.all(norm.weight == 1) and torch.all(norm.bias == 0)
     reinit_head(head, spec, seed=4)
     assert not torch.equal(first["1.weight"], head.state_dict()["1.weight"])
+
+
+def test_choices_report_every_choice_as_value_and_why_and_never_change_the_callers_dict():
+    given = {"epochs": {"value": 3, "why": "at most 3"}}
+    reports: list[dict] = []
+    choices = Choices(given, on_resolved=reports.append)
+    assert choices.record("augment", rules.Choice("crop", "many epochs")) == "crop"
+    choices.record("epochs", rules.Choice(2, "capped"))
+    assert reports == []  # recorded, not yet reported: a report is a database write
+    choices.notify()
+    assert reports == [{"epochs": {"value": 2, "why": "capped"},
+                        "augment": {"value": "crop", "why": "many epochs"}}]
+    assert given == {"epochs": {"value": 3, "why": "at most 3"}}
+    reports[0]["augment"]["value"] = "none"  # what was reported is a copy, too
+    assert choices.value("augment") == "crop"
+
+
+def test_a_choice_with_details_stores_them_beside_value_and_why():
+    choice = rules.pretrain("autoencoder", "all", key="k", reused=True, epochs=0, images=30,
+                            unlabeled=20, size=96, stages=2, losses=[])
+    stored = Choices()
+    stored.record("pretrain", choice)
+    made = stored.to_dict()["pretrain"]
+    assert list(made) == ["value", "key", "reused", "images", "unlabeled_images", "size",
+                          "stages", "loss", "why"]
+    assert "20 unlabelled and 10 training images" in made["why"]
+    assert stored.choice("pretrain") == choice
+
+
+def test_the_static_fields_and_apply_static_come_from_one_table():
+    from ftune.models.recipe.resolve import STATIC_FIELDS, STATIC_TABLE
+
+    resolved = resolve_static(FineTuneSpec(), _stats({"a": 100, "b": 120}))
+    assert list(resolved) == [name for name in STATIC_FIELDS if name in resolved]  # in order
+    filled = apply_static(FineTuneSpec(), resolved).model_dump()
+    for field in STATIC_TABLE:
+        if field.fills_spec and field.name in resolved:
+            *parents, leaf = field.name.split(".")
+            node = filled
+            for parent in parents:
+                node = node[parent]
+            assert node[leaf] == resolved[field.name]["value"], field.name
+
+
+def test_patience_waits_long_on_the_head_and_lets_fine_tuning_finish():
+    assert rules.patience("head", BALANCED, 40).value == BALANCED.head_patience
+    assert rules.patience("finetune", BALANCED, 9).value == 9
+    assert rules.patience("finetune", BALANCED, 1).value == BALANCED.finetune_patience
+    assert rules.patience("train", BALANCED, 9).value == rules.DEFAULT_PATIENCE
+
+
+def test_mixed_precision_autocasts_only_on_gpus():
+    assert rules.mixed_precision("cpu", False).value == "off"
+    assert rules.mixed_precision("cuda", True).value == "bf16"
+    assert rules.mixed_precision("cuda", False).value == "fp16"
+
+
+def test_pretraining_adapts_the_top_two_stages_unless_asked_never_more_than_there_are():
+    assert rules.pretrain_stages("auto", 7).value == rules.PRETRAIN_STAGES
+    assert rules.pretrain_stages(9, 7).value == 7
+    assert rules.pretrain_size("auto", 96).value == 96
+    assert rules.pretrain_size(64, 96).value == 64
