@@ -48,6 +48,9 @@ ONNX_OPSET = 17
 class ExportedClassifier(nn.Module):
     """uint8 RGB images in, class probabilities out; the same arithmetic as ``Predictor``."""
 
+    shift: torch.Tensor  # buffers, registered below (so they travel with the model)
+    scale: torch.Tensor
+
     def __init__(self, model: nn.Module, prep: Preprocessing) -> None:
         super().__init__()
         self.model = model

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from typing import Literal
 
 import torch
 from torch import nn
@@ -48,7 +49,8 @@ OUTPUT_INIT_STD = 0.01
 def init_head(head: nn.Module, spec: HeadSpec) -> None:
     """He (Kaiming) or Glorot (Xavier) weights for hidden layers, small ones for the output
     layer, and zero biases."""
-    gain_name = "leaky_relu" if spec.activation == "leaky_relu" else "relu"
+    gain_name: Literal["leaky_relu", "relu"] = (
+        "leaky_relu" if spec.activation == "leaky_relu" else "relu")
     linears = [m for m in head.modules() if isinstance(m, nn.Linear)]
     for module in linears:
         if module is linears[-1]:
@@ -69,7 +71,7 @@ class FineTuneModel(nn.Module):
         self.backbone = backbone
         self.head = head
 
-    def forward(self, x):  # type: ignore[no-untyped-def]
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(x))
 
 

@@ -8,7 +8,7 @@ object to ``configure``. The service's settings compose this object.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -74,7 +74,7 @@ class EngineSettings(BaseSettings):
 S = TypeVar("S", bound=BaseSettings)
 
 
-def load_settings(cls: type[S], **values: object) -> S:
+def load_settings(cls: type[S], **values: Any) -> S:
     """``cls(**values)`` with validation errors naming the environment variables."""
     try:
         return cls(**values)

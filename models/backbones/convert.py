@@ -8,6 +8,8 @@ lite keys with strict loading but computes different logits.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
+from typing import cast
 
 import torch
 from torch import nn
@@ -43,7 +45,10 @@ def to_timm(state_dict: StateDict, model: nn.Module, source_format: str | None =
 
 def _from_efficientnet_lite(state_dict: StateDict, model: nn.Module) -> StateDict:
     # lukemelas numbers blocks 0..N-1; timm nests them as blocks.<stage>.<index>.
-    flat_blocks = [(s, i, block) for s, stage in enumerate(model.blocks)
+    # The format is only detected for timm's EfficientNet-Lite models: blocks is a sequence
+    # of stages, each a sequence of blocks.
+    blocks = cast(Iterable[nn.Sequential], model.blocks)
+    flat_blocks = [(s, i, block) for s, stage in enumerate(blocks)
                    for i, block in enumerate(stage)]
     out: StateDict = {}
     for key, value in state_dict.items():

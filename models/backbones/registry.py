@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import asdict, dataclass
+from typing import Any, cast
 
 import timm
 import torch
@@ -115,12 +116,13 @@ def create_backbone(
     else:
         model = timm.create_model(architecture, pretrained=False)
     if num_classes != model.num_classes:
-        model.reset_classifier(num_classes)
+        # Every timm model has reset_classifier and num_features; nn.Module's types do not.
+        model.reset_classifier(num_classes)  # type: ignore[operator]
     return Backbone(
         name=name,
         architecture=architecture,
         model=model,
-        num_features=model.num_features,
+        num_features=cast(int, model.num_features),
         stages=_stages(model),
         preprocessing=_preprocessing(name, model).with_size(image_size),
         weights_source=source,
@@ -139,7 +141,7 @@ def _pretrained_model(
     if weights_path is None:
         try:  # timm's own cache (or hub, when downloads are allowed)
             model = timm.create_model(architecture, pretrained=True)
-            return model, f"timm hub {model.pretrained_cfg.get('hf_hub_id') or architecture}"
+            return model, f"timm hub {pretrained_cfg(model).get('hf_hub_id') or architecture}"
         except Exception as exc:
             mode = "hub" if weights_mod.downloads_allowed() else "offline cache only"
             looked.append(f"timm hub cache ({mode}): {type(exc).__name__}")
@@ -156,7 +158,7 @@ def _load_into(model: nn.Module, state: dict, source_format: str | None, source:
         raise WeightsMismatchError(
             f"weights from {source} do not fit architecture {type(model).__name__}: {exc}"
         ) from exc
-    classifier = model.pretrained_cfg.get("classifier", "classifier")
+    classifier = pretrained_cfg(model).get("classifier", "classifier")
     own = model.state_dict()
     # A classifier of another size (a different task) is dropped; the head is replaced anyway.
     state = {k: v for k, v in state.items()
@@ -191,8 +193,13 @@ def _stages(model: nn.Module) -> list[list[str]]:
     return list(by_child.values())
 
 
+def pretrained_cfg(model: nn.Module) -> dict[str, Any]:
+    """timm's description of a model's weights (classifier name, hub id, preprocessing)."""
+    return cast(dict[str, Any], model.pretrained_cfg)  # every timm model has one
+
+
 def _is_classifier(model: nn.Module, param_name: str) -> bool:
-    classifier = model.pretrained_cfg.get("classifier", "classifier")
+    classifier = pretrained_cfg(model).get("classifier", "classifier")
     return param_name.startswith(classifier + ".")
 
 

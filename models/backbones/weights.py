@@ -73,9 +73,9 @@ def find_weights_file(
         looked.append("FTUNE_WEIGHTS_DIR (not set)")
     entry = PACKAGED_BACKBONES.get(name)
     if entry is not None:
-        path = packaged_weights_file(entry)
-        if path is not None:
-            return WeightsFile(path, f"package {entry.module}", entry.source_format), looked
+        packaged = packaged_weights_file(entry)
+        if packaged is not None:
+            return WeightsFile(packaged, f"package {entry.module}", entry.source_format), looked
         looked.append(f"Python package {entry.module} (not installed)")
     return None, looked
 

@@ -27,9 +27,20 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import IO
+from typing import IO, Any, Protocol
 
 from ftune.models.errors import ArchiveError, ArchiveTooLarge
+
+# zipfile's own end-of-central-directory reader and its record layout (_EndRecData, _ECD_*,
+# ...): private, so typeshed does not describe them, but reading the directory exactly as
+# zipfile will is the point of check_zip_directory.
+_zipfile: Any = zipfile
+
+
+class _Readable(Protocol):
+    """What tarfile reads a stream through (its own streams, gzip, a plain file)."""
+
+    def read(self, size: int, /) -> bytes: ...
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +188,7 @@ def check_expansion(total: int, packed: int, limits: ArchiveLimits, where: str) 
 class _CountingReader:
     """Counts every byte tarfile reads (headers included) against the limits."""
 
-    def __init__(self, raw: IO[bytes], packed: int, limits: ArchiveLimits) -> None:
+    def __init__(self, raw: _Readable, packed: int, limits: ArchiveLimits) -> None:
         self.raw, self.packed, self.limits, self.total = raw, packed, limits, 0
 
     def read(self, size: int = -1) -> bytes:
@@ -211,17 +222,19 @@ class _BoundedTarInfo(tarfile.TarInfo):
     records in quadratic time; each of these is capped here, before tarfile gets to it.
     """
 
-    def _proc_member(self, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:  # type: ignore[override]
+    # _proc_member, _proc_pax and _block are tarfile's private hooks, absent from typeshed:
+    # hence the ignores below naming them.
+    def _proc_member(self, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
         if self.type == tarfile.GNUTYPE_SPARSE:
             raise ArchiveError(f"archive entry {_shown(self.name)} is a sparse file; "
                                "pack it again without --sparse")
         if self.type not in _HEADER_TYPES:
-            return super()._proc_member(tarfile_)
+            return super()._proc_member(tarfile_)  # type: ignore[misc]  # private hook
         state = _header_state(tarfile_)
         _check_header(self, state)
         state.chained += 1
         try:
-            return super()._proc_member(tarfile_)
+            return super()._proc_member(tarfile_)  # type: ignore[misc]  # private hook
         finally:
             state.chained -= 1
 
@@ -229,11 +242,12 @@ class _BoundedTarInfo(tarfile.TarInfo):
         # Read the records here, check them in linear time, then let tarfile parse the same
         # bytes (it reads them first thing) from a stream that replays them.
         stream = tarfile_.fileobj
-        records = stream.read(self._block(self.size))
+        records = stream.read(self._block(self.size))  # type: ignore[attr-defined]  # private
         check_pax_records(records)
+        # A stand-in for the stream, not the whole file-object protocol tarfile declares.
         tarfile_.fileobj = _Replay(stream, records)  # type: ignore[assignment]
         try:
-            return super()._proc_pax(tarfile_)
+            return super()._proc_pax(tarfile_)  # type: ignore[misc]  # private hook
         finally:
             tarfile_.fileobj = stream
 
@@ -259,10 +273,11 @@ def _check_header(header: tarfile.TarInfo, state: _HeaderState) -> None:
 class _Replay:
     """A tar stream with the block just read from it put back in front."""
 
-    def __init__(self, stream: IO[bytes], pending: bytes) -> None:
-        self.stream, self.pending = stream, pending
+    def __init__(self, stream: _Readable, pending: bytes) -> None:
+        self.stream = stream
+        self.pending: bytes | None = pending
 
-    def read(self, size: int | None = None) -> bytes:
+    def read(self, size: int) -> bytes:
         if self.pending is not None:
             data, self.pending = self.pending, None
             return data
@@ -314,21 +329,21 @@ def check_zip_directory(path: Path, max_files: int) -> None:
     with open(path, "rb") as f:
         size = f.seek(0, os.SEEK_END)
         try:
-            end = zipfile._EndRecData(f)
+            end = _zipfile._EndRecData(f)
         except (OSError, struct.error, zipfile.BadZipFile):
             return  # zipfile.ZipFile says what is wrong
         if not end:
             return
-        declared, directory = end[zipfile._ECD_ENTRIES_TOTAL], end[zipfile._ECD_SIZE]
+        declared, directory = end[_zipfile._ECD_ENTRIES_TOTAL], end[_zipfile._ECD_SIZE]
         if declared > max_files:
             raise ArchiveError(f"archive has more than {max_files} entries ({declared} "
                                "declared; FTUNE_MAX_ARCHIVE_FILES)")
         if directory > size:
             raise ArchiveError("the zip archive is damaged or truncated: its central "
                                "directory is larger than the file")
-        start = end[zipfile._ECD_LOCATION] - directory
-        if end[zipfile._ECD_SIGNATURE] == zipfile.stringEndArchive64:
-            start -= zipfile.sizeEndCentDir64 + zipfile.sizeEndCentDir64Locator
+        start = end[_zipfile._ECD_LOCATION] - directory
+        if end[_zipfile._ECD_SIGNATURE] == _zipfile.stringEndArchive64:
+            start -= _zipfile.sizeEndCentDir64 + _zipfile.sizeEndCentDir64Locator
         if start >= 0:
             _count_directory(f, start, directory, max_files)
 
@@ -342,7 +357,7 @@ def _count_directory(f: IO[bytes], start: int, size: int, max_files: int) -> Non
         if len(head) < _CENTRAL.size:
             return
         signature, *lengths = _CENTRAL.unpack(head)
-        if signature != zipfile.stringCentralDir:
+        if signature != _zipfile.stringCentralDir:
             return  # damaged: zipfile.ZipFile says so
         seen += 1
         if seen > max_files:

@@ -49,7 +49,9 @@ class Problem(NamedTuple):
     code: str
     message: str
     items: list
-    count: int | None = None  # None: len(items)
+    # None: len(items). Shadows tuple.count, which nothing calls on a Problem; the name is
+    # what the lint report shows.
+    count: int | None = None  # type: ignore[assignment]
 
 
 @dataclass
@@ -184,12 +186,12 @@ def _folder_candidate(base: Path, rel: PurePosixPath,
         if not is_image_name(Path(parts[-1])):
             return None, "not an image"
         return Candidate(str(rel), base / rel, UNLABELED, ""), ""
-    split: str | None = "train"
+    split = "train"
     if layout == "split_folders":
-        split = split_of(parts[0]) if len(parts) > 1 else None
-        if split is None:
+        named = split_of(parts[0]) if len(parts) > 1 else None
+        if named is None:
             return None, "outside train/, val/ and test/"
-        parts = parts[1:]
+        split, parts = named, parts[1:]
     if len(parts) < 2:
         return None, "not inside a class folder"
     if not is_image_name(Path(parts[-1])):

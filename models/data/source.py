@@ -65,7 +65,9 @@ class ImageSource:
         self._images: torch.Tensor | None = None
         rows = (decoded.rows(self.paths, root) if decoded is not None and root is not None
                 and decoded.array.shape[-1] == size else None)
-        self._stored, self._stored_rows = (decoded, rows) if rows is not None else (None, None)
+        # Both or neither: the decoded images and this source's rows in them.
+        self._stored: DecodedImages | None = decoded if rows is not None else None
+        self._stored_rows: torch.Tensor | None = rows
 
     @property
     def predecoded(self) -> bool:

@@ -77,8 +77,8 @@ def shared_features(store: DerivedStore, decoded: DecodedImages, rows: range, *,
         for start in range(rows.start, rows.stop, batch_size):
             if should_stop is not None:
                 should_stop()
-            chunk = extract(decoded.take(torch.arange(start, min(rows.stop, start + batch_size))))
-            chunk = chunk.float().cpu().numpy()
+            batch = decoded.take(torch.arange(start, min(rows.stop, start + batch_size)))
+            chunk = extract(batch).float().cpu().numpy()
             if out is None:
                 out = np.lib.format.open_memmap(folder / ARRAY, mode="w+", dtype=np.float32,
                                                 shape=(len(rows), chunk.shape[1]))

@@ -12,7 +12,7 @@ EfficientNet family, which every packaged backbone is. Any other always runs who
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 import torch
 from timm.layers import DropPath
@@ -35,7 +35,7 @@ class _Suffix(nn.Module):
         self.model, self.first = model, first
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        backbone = self.model.backbone
+        backbone = cast(EfficientNet, self.model.backbone)  # split_frozen split only these
         for block in backbone.blocks[self.first:]:
             x = block(x)
         return self.model.head(backbone.forward_head(backbone.bn2(backbone.conv_head(x))))

@@ -6,8 +6,7 @@ down, so the same epoch always yields the same group layout (needed to resume op
 
 from __future__ import annotations
 
-from torch import nn
-
+from ftune.models.network import FineTuneModel
 from ftune.models.spec import OptimizerSpec
 
 HEAD = -1  # unit id of the head; backbone stages are 0..S-1 from input to output
@@ -26,7 +25,7 @@ def lr_scale(unit: int, num_stages: int, layer_decay: float | None) -> float:
 
 
 def unit_param_groups(
-    model: nn.Module, stages: list[list[str]], unit: int, spec: OptimizerSpec
+    model: FineTuneModel, stages: list[list[str]], unit: int, spec: OptimizerSpec
 ) -> list[dict]:
     """One or two groups for a unit: parameters with L2, and biases/norm weights without."""
     if unit == HEAD:
