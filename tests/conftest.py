@@ -115,7 +115,8 @@ def database_url(request, tmp_path) -> Iterator[str]:
 # so `make test-fast` (-m "not processes") runs only what needs no process of its own.
 _PROCESS_FIXTURES = frozenset({"stack", "client", "api_url", "worker", "redis_url", "tiny_model",
                                "tiny_dataset", "postgres_server", "pg_client", "client_b",
-                               "member_client", "operator_client", "access", "fuzz_target"})
+                               "member_client", "operator_client", "access", "fuzz_target",
+                               "up"})
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
