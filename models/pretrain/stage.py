@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from ftune.models.backbones import Backbone
 from ftune.models.data.discover import Sample
 from ftune.models.data.source import ImageSource
 from ftune.models.derived.features import backbone_identity
@@ -91,7 +92,7 @@ def adapt_backbone(run: PretrainRun, images: list[Sample], *, size: int,
     return Adapted(key, history, reused=not made)
 
 
-def new_run(spec: FineTuneSpec, backbone, precision: Precision, *,
+def new_run(spec: FineTuneSpec, backbone: Backbone, precision: Precision, *,
             should_stop: Callable[[], bool] | None, on_epoch: Callable[[dict], None] | None,
             checkpoint_dir: Path | None) -> PretrainRun:
     return PretrainRun(backbone, spec.pretrain, precision, spec.seed, should_stop=should_stop,

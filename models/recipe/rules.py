@@ -1,7 +1,10 @@
 """The auto rules, one function each: a value and the reason, in words a user can check.
 
-Pure functions of the dataset's statistics and the preset, so the same data and seed always
-give the same choices, and the API can make them at submit without torch.
+Pure functions of what is known when the choice is made: the dataset's statistics and the
+preset at submit (``resolve.py`` makes those, without torch, in the API), and in the engine
+what it measured (the range test, timed steps, the device, what pretraining did). The same
+data and seed always give the same choices. Whoever makes a choice records it in a
+``Choices`` (``choices.py``), which reports it to the job.
 """
 
 from __future__ import annotations

@@ -34,6 +34,7 @@ from ftune.models.training.run_setup import RunSetup
 
 log = logging.getLogger(__name__)
 
+
 @dataclass
 class Progress:
     """Where the epoch loop stands; restored from a checkpoint when resuming."""
