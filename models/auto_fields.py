@@ -2,17 +2,33 @@
 
 A plain ``float | Literal["auto"]`` union reports one error per member ("should be greater
 than 0"; "should be 'auto'"), at locations that name the member types. These types check
-the value themselves and describe themselves in the JSON schema as either form.
+the value themselves and describe themselves in the JSON schema as either form:
+
+    dropout: Annotated[float | Auto, AutoFloat(at_least=0.0, at_most=0.99)] = Field("auto")
 """
 
 from __future__ import annotations
 
 import math
-from typing import Annotated, Any, Literal
+from dataclasses import dataclass
+from typing import Any, Literal, TypeVar
 
-from pydantic import PlainValidator, WithJsonSchema
+from pydantic import GetCoreSchemaHandler, GetJsonSchemaHandler
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import core_schema
 
 AUTO = "auto"
+Auto = Literal["auto"]
+T = TypeVar("T")
+
+
+def decided(value: T | Auto) -> T:
+    """A field's value once the recipe has decided it. The engine's plans replace every
+    "auto" before training, so one still there is a bug, and says so."""
+    if isinstance(value, str):
+        raise ValueError('a spec field still "auto" reached training: the recipe must '
+                         "decide it first")
+    return value
 
 
 def _bounds(above: float | None, at_least: float | None, at_most: float | None) -> str:
@@ -56,18 +72,33 @@ def _schema(kind: type, above: float | None, at_least: float | None, at_most: fl
     return {"anyOf": options}
 
 
-def _auto(kind: type, above: float | None = None, at_least: float | None = None,
-          at_most: float | None = None, nullable: bool = False) -> Any:
-    base = kind | Literal["auto"] | (None if nullable else kind)
-    return Annotated[base, PlainValidator(_checker(kind, above, at_least, at_most, nullable)),
-                     WithJsonSchema(_schema(kind, above, at_least, at_most, nullable))]
+@dataclass(frozen=True)
+class AutoNumber:
+    """Pydantic metadata for a field typed ``float | Literal["auto"]`` (or ``int``, or with
+    ``None``): the annotation says the type to mypy and readers, this says the bounds, checks
+    the value as one union and writes the schema."""
+
+    kind: type
+    above: float | None = None
+    at_least: float | None = None
+    at_most: float | None = None
+    nullable: bool = False
+
+    def __get_pydantic_core_schema__(self, source: Any,
+                                     handler: GetCoreSchemaHandler) -> core_schema.CoreSchema:
+        return core_schema.no_info_plain_validator_function(
+            _checker(self.kind, self.above, self.at_least, self.at_most, self.nullable))
+
+    def __get_pydantic_json_schema__(self, schema: core_schema.CoreSchema,
+                                     handler: GetJsonSchemaHandler) -> JsonSchemaValue:
+        return _schema(self.kind, self.above, self.at_least, self.at_most, self.nullable)
 
 
 def AutoFloat(*, above: float | None = None, at_least: float | None = None,
-              at_most: float | None = None, nullable: bool = False) -> Any:
-    return _auto(float, above, at_least, at_most, nullable)
+              at_most: float | None = None, nullable: bool = False) -> AutoNumber:
+    return AutoNumber(float, above, at_least, at_most, nullable)
 
 
 def AutoInt(*, at_least: int | None = None, at_most: int | None = None,
-            nullable: bool = False) -> Any:
-    return _auto(int, None, at_least, at_most, nullable)
+            nullable: bool = False) -> AutoNumber:
+    return AutoNumber(int, None, at_least, at_most, nullable)

@@ -12,7 +12,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from ftune.models.auto_fields import AutoFloat, AutoInt
+from ftune.models.auto_fields import Auto, AutoFloat, AutoInt
 from ftune.models.tuning.optimizers import OptimizerName
 
 __all__ = [
@@ -58,7 +58,7 @@ class FreezeSpec(_Strict):
 
 
 class HeadSpec(_Strict):
-    dropout: AutoFloat(at_least=0.0, at_most=0.99) = Field(  # type: ignore[valid-type]
+    dropout: Annotated[float | Auto, AutoFloat(at_least=0.0, at_most=0.99)] = Field(
         "auto", description="Dropout before each linear layer. auto: 0 when the head alone "
         "trains, on cached features (early stopping regularises a head on fixed features, "
         "and dropout slows it down); 0.2 when backbone stages train.")
@@ -74,7 +74,7 @@ class HeadSpec(_Strict):
 class OptimizerSpec(_Strict):
     # The names come from the optimizer table (torch-free): one list for the spec and the factory.
     name: Literal["auto", OptimizerName] = Field("auto", description="auto: Adam.")
-    lr: AutoFloat(above=0.0, at_most=10.0) = Field(  # type: ignore[valid-type]
+    lr: Annotated[float | Auto, AutoFloat(above=0.0, at_most=10.0)] = Field(
         "auto", description="auto: a learning-rate range test on the cached features picks "
         "the head's rate; stages that train get the same rate, at most 1e-3 (lower stages "
         "less when layer_decay is set).")
@@ -82,7 +82,8 @@ class OptimizerSpec(_Strict):
     weight_decay: float = Field(
         0.0, ge=0.0, le=1.0, description="L2 penalty; never applied to biases or norm parameters."
     )
-    layer_decay: AutoFloat(above=0.0, at_most=1.0, nullable=True) = Field(  # type: ignore[valid-type]
+    layer_decay: Annotated[float | Auto | None,
+                           AutoFloat(above=0.0, at_most=1.0, nullable=True)] = Field(
         "auto",
         description="Discriminative LR: the last backbone stage gets lr*f, the one before "
         "lr*f^2, and so on; the head keeps lr. auto: off (null), one rate for the stages "
@@ -99,7 +100,7 @@ class ScheduleSpec(_Strict):
 
 class EarlyStoppingSpec(_Strict):
     monitor: Literal["val_loss", "val_accuracy"] = "val_loss"
-    patience: AutoInt(at_least=1) = Field(  # type: ignore[valid-type]
+    patience: Annotated[int | Auto, AutoInt(at_least=1)] = Field(
         "auto", description="Epochs without improvement before stopping. auto: 3; with "
         "freeze.strategy auto, the preset's for the head (4 with balanced) and the planned "
         "epochs for fine-tuning (its cosine schedule runs to the end).")
@@ -118,9 +119,9 @@ class PretrainSpec(_Strict):
     epochs: int = Field(5, ge=1, le=1000, description="Passes over the pretraining images.")
     lr: float = Field(1e-3, gt=0.0, le=1.0, description="Adam's rate for the adapting stages "
                       "and the objective's own layers.")
-    image_size: AutoInt(at_least=16, at_most=1024) = Field(  # type: ignore[valid-type]
+    image_size: Annotated[int | Auto, AutoInt(at_least=16, at_most=1024)] = Field(
         "auto", description="auto: the fine-tuning image size.")
-    stages: AutoInt(at_least=1, at_most=64) = Field(  # type: ignore[valid-type]
+    stages: Annotated[int | Auto, AutoInt(at_least=1, at_most=64)] = Field(
         "auto", description="Top backbone stages whose weights adapt (auto: 2).")
     batchnorm: Literal["adapting", "all"] = Field(
         "adapting", description="Whose BatchNorm statistics follow the new images: the "
@@ -157,10 +158,11 @@ class FineTuneSpec(_Strict):
         description="Plan the run to end within this many seconds; it ends with the best "
         "weights so far. Default: the preset's budget (fast 300, balanced 1800, best 7200), "
         "never more than the job's run-time limit.")
-    image_size: AutoInt(at_least=16, at_most=1024, nullable=True) = Field(  # type: ignore[valid-type]
+    image_size: Annotated[int | Auto | None,
+                          AutoInt(at_least=16, at_most=1024, nullable=True)] = Field(
         "auto", description="Square input size. auto: from the images' median short side "
         "and the backbone's own size; null: the backbone's own.")
-    epochs: AutoInt(at_least=1, at_most=10_000) = Field(  # type: ignore[valid-type]
+    epochs: Annotated[int | Auto, AutoInt(at_least=1, at_most=10_000)] = Field(
         "auto", description="auto: early stopping decides, within the time budget. With "
         "freeze.strategy auto, this bounds the second (fine-tuning) stage.")
     batch_size: int = Field(32, ge=1, le=4096)

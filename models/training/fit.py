@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from ftune.models import memory
+from ftune.models.auto_fields import decided
 from ftune.models.backbones import Backbone, create_backbone
 from ftune.models.data.discover import ImageFolderIndex, Sample, scan_image_folder
 from ftune.models.data.images import open_checked
@@ -307,7 +308,7 @@ def _split(index: ImageFolderIndex, spec: FineTuneSpec) -> tuple[list[Sample], l
 
 def _progress(spec: FineTuneSpec, first: StagePlan, *, has_val: bool) -> Progress:
     monitor = _monitored_key(spec, has_val=has_val)
-    return Progress(EarlyStopping(monitor, first.spec.early_stopping.patience,
+    return Progress(EarlyStopping(monitor, decided(first.spec.early_stopping.patience),
                                   spec.early_stopping.min_delta), monitor)
 
 

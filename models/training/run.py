@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 
+from ftune.models.auto_fields import decided
 from ftune.models.data.transforms import augment, center_crop_batch, normalize
 from ftune.models.derived.features import SharedFeatures
 from ftune.models.network import FineTuneModel
@@ -70,7 +71,7 @@ class TrainingRun:
         self.step = 0
         self.samples_per_epoch = samples_per_epoch(len(self.train_source), spec.batch_size)
         self.steps_per_epoch = math.ceil(self.samples_per_epoch / spec.batch_size)
-        self.total_steps = self.steps_per_epoch * spec.epochs
+        self.total_steps = self.steps_per_epoch * decided(spec.epochs)
         self.warmup_steps = round(spec.schedule.warmup_epochs * self.steps_per_epoch)
         self._features: dict[str, torch.Tensor] = {}
         # Features of the whole dataset kept for other jobs too (when the setup has them).

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from ftune.models.auto_fields import decided
 from ftune.models.network import reinit_head
 from ftune.models.recipe import rules
 from ftune.models.recipe.choices import Choices
@@ -142,14 +143,14 @@ class StageRunner:
             self._resume(run, state)
         else:
             progress.first_epoch, progress.stage_index = 0, index
-            progress.stopper.patience = spec.early_stopping.patience
+            progress.stopper.patience = decided(spec.early_stopping.patience)
             progress.stopper.bad_epochs = 0
             if index > 0 and progress.monitor.startswith("train_"):
                 # Without a val split the training loss is watched, and a stage that trains
                 # more layers on augmented images starts higher: judge it on its own.
                 progress.stopper.restart()
         if self.callbacks.on_stage is not None:
-            self.callbacks.on_stage(run.stage, self.stage_offset + spec.epochs)
+            self.callbacks.on_stage(run.stage, self.stage_offset + decided(spec.epochs))
 
     def _resume(self, run: TrainingRun, state: dict) -> None:
         progress = self.progress
@@ -169,13 +170,14 @@ class StageRunner:
         progress.first_epoch, progress.history = state["stage_epoch"], state["history"]
         progress.stage_index = state["stage_index"]
         progress.stopper.load_state_dict(state["early_stopping"])
-        progress.stopper.patience = run.spec.early_stopping.patience
+        progress.stopper.patience = decided(run.spec.early_stopping.patience)
         restore_rng_state(state["rng"])
         log.info("resumed at epoch %d of stage %s", len(progress.history), run.stage)
 
     def _train_epochs(self, run: TrainingRun, index: int) -> bool:
         """The stage's remaining epochs; True when early stopping or the budget ended it."""
-        progress, stopper, epochs = self.progress, self.progress.stopper, run.spec.epochs
+        progress, stopper = self.progress, self.progress.stopper
+        epochs = decided(run.spec.epochs)
         if stopper.should_stop and progress.first_epoch < epochs:
             return True  # a resumed stage that had already stopped early
         for epoch in range(progress.first_epoch, epochs):

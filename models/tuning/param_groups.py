@@ -6,6 +6,7 @@ down, so the same epoch always yields the same group layout (needed to resume op
 
 from __future__ import annotations
 
+from ftune.models.auto_fields import decided
 from ftune.models.network import FineTuneModel
 from ftune.models.spec import OptimizerSpec
 
@@ -36,7 +37,7 @@ def unit_param_groups(
                  if n in wanted]
     decay = [p for _, p in named if p.ndim > 1]
     no_decay = [p for _, p in named if p.ndim <= 1]
-    lr = spec.lr * lr_scale(unit, len(stages), spec.layer_decay)
+    lr = decided(spec.lr) * lr_scale(unit, len(stages), decided(spec.layer_decay))
     name = "head" if unit == HEAD else f"stage{unit}"
     groups = []
     for params, weight_decay, suffix in ((decay, spec.weight_decay, ""),
