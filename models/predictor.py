@@ -82,6 +82,7 @@ class Predictor:
                 top_k: int = 5) -> list[list[dict]]:
         """One list per image of ``{"label", "score"}``, best first."""
         if not isinstance(images, (list, tuple)):
+            # A str or Path is one image, though mypy cannot tell a str from a Sequence.
             images = [images]  # type: ignore[list-item]
         if not images:
             return []

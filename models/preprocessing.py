@@ -30,8 +30,13 @@ class Preprocessing:
     def from_dict(cls, data: dict) -> Preprocessing:
         return cls(
             input_size=int(data["input_size"]),
-            mean=tuple(float(v) for v in data["mean"]),  # type: ignore[arg-type]
-            std=tuple(float(v) for v in data["std"]),  # type: ignore[arg-type]
+            mean=_rgb(data["mean"]),
+            std=_rgb(data["std"]),
             interpolation=str(data["interpolation"]),
             crop_pct=float(data["crop_pct"]),
         )
+
+
+def _rgb(values: list) -> tuple[float, float, float]:
+    red, green, blue = (float(v) for v in values)
+    return red, green, blue

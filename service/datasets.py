@@ -13,8 +13,9 @@ from pathlib import Path
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from ftune.models.data.archives import ArchiveLimits, remove_tree
+from ftune.models.data.archives import ArchiveLimits
 from ftune.models.data.sandbox import SandboxResult, unpack_and_inspect
+from ftune.models.data.trees import remove_tree
 from ftune.models.errors import ArchiveTooLarge
 from ftune.models.settings import EngineSettings
 from ftune.service.auth.principal import Principal

@@ -26,6 +26,7 @@ class HeaderTimeoutProtocol(H11Protocol):
     header_timeout_s = 10.0  # set by ``serve`` for the process
     _header_timer: asyncio.TimerHandle | None = None
 
+    # As uvicorn's own override: asyncio.Protocol declares the wider BaseTransport.
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._arm_header_timer()

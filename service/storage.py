@@ -7,7 +7,7 @@ import time
 import uuid
 from pathlib import Path
 
-from ftune.models.data.archives import remove_tree
+from ftune.models.data.trees import remove_tree
 from ftune.models.export_formats import EXPORT_SUFFIXES, export_suffix
 from ftune.service.ids import is_id
 

@@ -108,7 +108,7 @@ class Job:
     error: str | None
     progress: dict[str, Any]
     raw: dict[str, Any] = field(repr=False)
-    _transport: Transport = field(repr=False, compare=False, default=None)  # type: ignore[assignment]
+    _transport: Transport = field(repr=False, compare=False)
 
     @classmethod
     def of(cls, data: dict, transport: Transport) -> Job:
@@ -208,7 +208,7 @@ class Model:
     classes: list[str]
     metrics: dict[str, Any]
     raw: dict[str, Any] = field(repr=False)
-    _transport: Transport = field(repr=False, compare=False, default=None)  # type: ignore[assignment]
+    _transport: Transport = field(repr=False, compare=False)
 
     @classmethod
     def of(cls, data: dict, transport: Transport) -> Model:
@@ -289,7 +289,7 @@ class Sweep:
     status: str
     dataset_id: str
     raw: dict[str, Any] = field(repr=False)
-    _transport: Transport = field(repr=False, compare=False, default=None)  # type: ignore[assignment]
+    _transport: Transport = field(repr=False, compare=False)
 
     @classmethod
     def of(cls, data: dict, transport: Transport) -> Sweep:

@@ -22,13 +22,14 @@ import re
 import stat
 import struct
 import tarfile
+import weakref
 import zipfile
 import zlib
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import IO, Any, Protocol
 
+from ftune.models.data.trees import remove_tree
 from ftune.models.errors import ArchiveError, ArchiveTooLarge
 
 # zipfile's own end-of-central-directory reader and its record layout (_EndRecData, _ECD_*,
@@ -206,12 +207,13 @@ class _HeaderState:
     global_bytes: int = 0
 
 
+# Per open archive, and gone with it.
+_HEADER_STATES: weakref.WeakKeyDictionary[tarfile.TarFile, _HeaderState] = (
+    weakref.WeakKeyDictionary())
+
+
 def _header_state(archive: tarfile.TarFile) -> _HeaderState:
-    state = getattr(archive, "_ftune_headers", None)
-    if state is None:
-        state = _HeaderState()
-        archive._ftune_headers = state  # type: ignore[attr-defined]
-    return state
+    return _HEADER_STATES.setdefault(archive, _HeaderState())
 
 
 class _BoundedTarInfo(tarfile.TarInfo):
@@ -406,6 +408,7 @@ def _unpack_tar(path: Path, writer: _Writer, compressed: bool) -> None:
         counted = _CountingReader(stream, writer.packed, writer.limits)
         try:
             # Streamed member by member ("r|"): a bomb is stopped as its bytes arrive.
+            # Stream mode only reads; typeshed asks any fileobj for the whole file protocol.
             with tarfile.open(fileobj=counted, mode="r|",  # type: ignore[call-overload]
                               tarinfo=_BoundedTarInfo) as archive:
                 while (member := archive.next()) is not None:
@@ -464,95 +467,3 @@ def _unpack_into(path: Path, writer: _Writer) -> None:
         _unpack_tar(path, writer, compressed=writer.result.kind == "tar.gz")
     if writer.result.files == 0:
         raise ArchiveError("the archive holds no files")
-
-
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-
-
-def remove_tree(path: Path) -> bool:
-    """Delete ``path`` and everything below it, links never followed; True when it is gone.
-
-    Never raises: what cannot be removed is logged. Unlike ``shutil.rmtree`` and ``os.walk``
-    (recursive in Python 3.11: a tree deeper than the recursion limit raises
-    ``RecursionError`` whatever ``ignore_errors`` says), this walks with an explicit stack,
-    and every call is relative to one open folder, so no depth or path length stops it.
-    """
-    try:
-        if not stat.S_ISDIR(os.lstat(path).st_mode):
-            os.unlink(path)
-            return True
-        remover = _Remover(path)
-        try:
-            remover.empty()
-        finally:
-            os.close(remover.fd)
-        os.rmdir(path)
-    except FileNotFoundError:
-        return True
-    except OSError as exc:
-        log.warning("could not remove %s: %s", path, exc)
-        return False
-    return True
-
-
-class _Remover:
-    """Empties one folder tree, depth first, holding a single folder open at a time."""
-
-    def __init__(self, root: Path) -> None:
-        self.fd = os.open(root, _DIR_FLAGS)
-        self.failed = 0
-
-    def empty(self) -> None:
-        # Each frame: a folder's name in its parent, and its subfolders still to remove.
-        stack: list[tuple[str, list[str]]] = [("", self._clear())]
-        while stack:
-            name, pending = stack[-1]
-            if not pending:
-                stack.pop()
-                if stack:
-                    self._leave(name)
-                continue
-            child = pending.pop()
-            if self._enter(child):
-                stack.append((child, self._clear()))
-        if self.failed:
-            raise OSError(f"{self.failed} entries could not be removed")
-
-    def _clear(self) -> list[str]:
-        """Unlink the open folder's files; the names of its subfolders."""
-        folders = []
-        try:
-            with os.scandir(self.fd) as entries:
-                for entry in entries:
-                    if entry.is_dir(follow_symlinks=False):
-                        folders.append(entry.name)
-                    else:
-                        self._attempt(os.unlink, entry.name)
-        except OSError:
-            self.failed += 1
-        return folders
-
-    def _enter(self, name: str) -> bool:
-        try:
-            child = os.open(name, _DIR_FLAGS, dir_fd=self.fd)
-        except OSError as exc:
-            self.failed += not isinstance(exc, FileNotFoundError)
-            return False
-        os.close(self.fd)
-        self.fd = child
-        return True
-
-    def _leave(self, name: str) -> None:
-        """Back to the parent folder, and remove the (now empty) one just left."""
-        parent = os.open("..", _DIR_FLAGS, dir_fd=self.fd)
-        os.close(self.fd)
-        self.fd = parent
-        self._attempt(os.rmdir, name)
-
-    def _attempt(self, remove: Callable[..., None], name: str) -> None:
-        try:
-            remove(name, dir_fd=self.fd)
-        except FileNotFoundError:
-            pass
-        except OSError:
-            self.failed += 1

@@ -20,13 +20,13 @@ from PIL import Image
 from ftune.models.data.archives import (
     ArchiveLimits,
     detect_kind,
-    remove_tree,
     safe_member_path,
     unpack,
 )
 from ftune.models.data.discover import inspect_dataset
 from ftune.models.data.layout import list_dataset
 from ftune.models.data.sandbox import unpack_and_inspect
+from ftune.models.data.trees import remove_tree
 from ftune.models.errors import ArchiveError, ArchiveTooLarge
 from ftune.service.storage import Storage
 from ftune.testing.archives import tar_folder, tar_with, zip_members
