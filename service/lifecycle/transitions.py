@@ -9,12 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import cast
 
 from sqlalchemy import (
     ColumnElement,
-    CursorResult,
-    Update,
     and_,
     delete,
     func,
@@ -34,6 +31,7 @@ from ftune.service.db.tables import (
     TunedModel,
     utcnow,
 )
+from ftune.service.db.writes import rows_changed
 from ftune.service.events import EventKind, add_event, status_event
 from ftune.service.job_status import ACTIVE, TERMINAL, JobStatus
 
@@ -91,7 +89,7 @@ def _take(session: Session, job: Job, worker: str, stale_after_s: float,
                          Job.heartbeat_at < now - timedelta(seconds=stale_after_s)))
     claimable = and_(Job.id == job.id, Job.cancel_requested.is_(False),
                      or_(Job.status == JobStatus.ADMITTED, abandoned))
-    taken = _changed(session, update(Job).where(claimable).values(
+    taken = rows_changed(session, update(Job).where(claimable).values(
         status=JobStatus.RUNNING, started_at=job.started_at or now, worker=worker,
         attempts=Job.attempts + 1, heartbeat_at=now, step=0, steps=0, hold_reason=None))
     session.flush()
@@ -111,13 +109,6 @@ def _claimed(session: Session, job: Job) -> ClaimedJob:
         sweep_id=job.sweep_id,
         # A trial whose sweep is gone is still ranked, by the default objective.
         objective=sweep.objective if sweep is not None else "val_loss")
-
-
-def _changed(session: Session, statement: Update) -> int:
-    """How many rows an UPDATE changed: the conditional writes here count on it."""
-    # Session.execute is typed to return a Result, which has no rowcount; an UPDATE's is a
-    # CursorResult, which has.
-    return cast(CursorResult, session.execute(statement)).rowcount
 
 
 def end_run(session: Session, job_id: str, at: datetime | None = None) -> None:
@@ -142,13 +133,13 @@ def _ours(job_id: str, worker: str) -> ColumnElement[bool]:
 
 def beat(session: Session, job_id: str, worker: str) -> bool:
     """Refresh the heartbeat; False when the job is no longer this worker's."""
-    return bool(_changed(session, update(Job).where(_ours(job_id, worker))
+    return bool(rows_changed(session, update(Job).where(_ours(job_id, worker))
                          .values(heartbeat_at=utcnow())))
 
 
 def record_epoch(session: Session, job_id: str, worker: str, row: dict) -> bool:
     """Write the epoch's metrics; False (nothing written) when the job is no longer ours."""
-    if not _changed(session, update(Job).where(_ours(job_id, worker)).values(
+    if not rows_changed(session, update(Job).where(_ours(job_id, worker)).values(
             epoch=int(row["epoch"]), step=0, heartbeat_at=utcnow())):
         return False
     # merge: a resumed run may finish an epoch the dead attempt had already reported.
@@ -160,7 +151,7 @@ def record_epoch(session: Session, job_id: str, worker: str, row: dict) -> bool:
 def record_progress(session: Session, job_id: str, worker: str, epoch: int, step: int,
                     steps: int, loss: float, *, event: bool) -> str:
     """Write batch progress: "ok", "cancel" (requested meanwhile) or "lost" (not ours)."""
-    if not _changed(session, update(Job).where(_ours(job_id, worker)).values(
+    if not rows_changed(session, update(Job).where(_ours(job_id, worker)).values(
             step=step, steps=steps, heartbeat_at=utcnow())):
         return "lost"
     if event:
@@ -175,7 +166,7 @@ def record_stage(session: Session, job_id: str, worker: str, stage: str, epochs:
     values: dict = {"stage": stage, "heartbeat_at": utcnow()}
     if epochs > 0:
         values["epochs"] = epochs
-    if not _changed(session, update(Job).where(_ours(job_id, worker)).values(**values)):
+    if not rows_changed(session, update(Job).where(_ours(job_id, worker)).values(**values)):
         return False
     add_event(session, job_id, EventKind.STAGE, stage=stage,
               **({"epochs": epochs} if epochs else {}))
@@ -185,7 +176,7 @@ def record_stage(session: Session, job_id: str, worker: str, stage: str, epochs:
 def record_pretrain_epoch(session: Session, job_id: str, worker: str, row: dict) -> bool:
     """A pretraining epoch ended: an event with its loss (pretraining has no metrics rows,
     whose epochs are the fine-tuning ones)."""
-    if not _changed(session, update(Job).where(_ours(job_id, worker))
+    if not rows_changed(session, update(Job).where(_ours(job_id, worker))
                     .values(heartbeat_at=utcnow())):
         return False
     add_event(session, job_id, EventKind.PRETRAIN, epoch=int(row["epoch"]), method=row["method"],
@@ -215,7 +206,7 @@ def succeed(session: Session, job_id: str, worker: str, model: TunedModel, best:
             stopped_early: bool, diagnosis: list | None = None) -> bool:
     """Record the model and end the job; False (and nothing written) if it is no longer ours
     to finish, e.g. taken over by another worker."""
-    done = _changed(session, update(Job).where(_ours(job_id, worker))
+    done = rows_changed(session, update(Job).where(_ours(job_id, worker))
                     .values(status=JobStatus.SUCCEEDED, finished_at=utcnow(),
                             model_id=model.id, best=best, stopped_early=stopped_early,
                             error=None, step=0, diagnosis=diagnosis or []))
@@ -237,7 +228,7 @@ def prune(session: Session, job_id: str, worker: str, objective: str) -> bool:
     sign = -1 if objective == "val_loss" else 1
     top = max(scored, key=lambda r: sign * r[objective]) if scored else {}
     best = {k: top.get(k) for k in ("epoch", "val_accuracy", "val_loss")} if top else None
-    done = _changed(session, update(Job).where(_ours(job_id, worker)).values(
+    done = rows_changed(session, update(Job).where(_ours(job_id, worker)).values(
         status=JobStatus.PRUNED, finished_at=utcnow(), best=best, error=None, step=0))
     if done:
         end_run(session, job_id)
@@ -252,7 +243,7 @@ def finish(session: Session, job_id: str, status: str, *, error: str | None,
     still owns it. ``ran_until``: when a dead worker's run really ended (its last heartbeat)."""
     condition = (_ours(job_id, worker) if worker is not None
                  else and_(Job.id == job_id, Job.status.in_(only_from)))
-    ended = _changed(session, update(Job).where(condition)
+    ended = rows_changed(session, update(Job).where(condition)
                      .values(status=status, finished_at=utcnow(), error=error))
     if ended:
         end_run(session, job_id, ran_until)
@@ -282,7 +273,7 @@ def requeue(session: Session, job_id: str, reason: str, worker: str | None = Non
     before ``retry_at``."""
     condition = (_ours(job_id, worker) if worker is not None
                  else and_(Job.id == job_id, Job.status == JobStatus.RUNNING))
-    done = _changed(session, update(Job).where(condition)
+    done = rows_changed(session, update(Job).where(condition)
                     .values(status=JobStatus.QUEUED, worker=None, step=0, steps=0,
                             admitted_at=None, retry_at=retry_at))
     if done:
