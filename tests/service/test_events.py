@@ -38,7 +38,11 @@ def test_events_are_written_with_the_constants():
 
 def test_the_event_routes_document_every_kind(tmp_path):
     settings = Settings(home=tmp_path, auth="off", redis_url="redis://127.0.0.1:1/0")  # unused
-    paths = create_app(settings).openapi()["paths"]
+    app = create_app(settings)
+    try:
+        paths = app.openapi()["paths"]
+    finally:
+        app.state.ctx.db.dispose()  # no database file left open for later tests to see go
     streams = {"/v1/jobs/{job_id}/events": JOB_EVENTS,
                "/v1/sweeps/{sweep_id}/events": SWEEP_EVENTS}
     for path, kinds in streams.items():
