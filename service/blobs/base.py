@@ -1,0 +1,121 @@
+"""The storage interface every blob goes through, whatever the backend.
+
+A blob is written whole or not at all: readers see the finished object or nothing (a local
+file is renamed into place; an S3 object appears when its upload completes). Keys are made
+by the service from ids and content hashes, never from a user's file name, and are checked
+here so that no backend ever builds a path or a URL from anything else.
+"""
+
+from __future__ import annotations
+
+import re
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+# Lower-case ids and hashes, dots for suffixes, slashes between parts; no part is "." or "..".
+_KEY = re.compile(r"[a-z0-9][a-z0-9._-]*(/[a-z0-9][a-z0-9._-]*)*")
+MAX_KEY_LENGTH = 512
+PROBE_KEY = "probes/storage-check"
+
+
+class BlobError(Exception):
+    """The store could not do what was asked (unreachable, refused, a missing object)."""
+
+
+class BlobMissing(BlobError):
+    """No object under the key."""
+
+
+@dataclass(frozen=True)
+class BlobInfo:
+    key: str
+    size: int
+
+
+def check_key(key: str) -> str:
+    """``key`` when it is one the service makes; ValueError otherwise."""
+    if len(key) > MAX_KEY_LENGTH or not _KEY.fullmatch(key) or ".." in key.split("/"):
+        raise ValueError(f"not a storage key: {key!r}")
+    return key
+
+
+class BlobStore(ABC):
+    """What the API and the workers need of a store. Every method checks its key."""
+
+    #: Shown by ``/healthz`` and ``ftune storage check`` (no credentials in it).
+    location: str
+
+    @abstractmethod
+    def put_chunks(self, key: str, chunks: Iterable[bytes]) -> BlobInfo:
+        """Write the object from ``chunks`` as they come (memory stays bounded), visible only
+        once all of it is stored. If ``chunks`` raises, nothing is left behind, not even an
+        incomplete multipart upload, and the exception propagates."""
+
+    @abstractmethod
+    def read_chunks(self, key: str, chunk_size: int = 1 << 20) -> Iterator[bytes]:
+        """The object's bytes in pieces; BlobMissing when there is none."""
+
+    @abstractmethod
+    def info(self, key: str) -> BlobInfo | None:
+        """The object's size, or None when there is none."""
+
+    @abstractmethod
+    def delete(self, key: str) -> None:
+        """Remove the object; nothing happens when there is none."""
+
+    @abstractmethod
+    def keys(self, prefix: str) -> Iterator[str]:
+        """Every key under ``prefix`` (a key or a key followed by "/")."""
+
+    def put_file(self, key: str, path: Path, chunk_size: int = 8 << 20) -> BlobInfo:
+        with path.open("rb") as source:
+            return self.put_chunks(key, iter(lambda: source.read(chunk_size), b""))
+
+    def read(self, key: str) -> bytes:
+        """A small object whole (probes, metadata); stream anything large."""
+        return b"".join(self.read_chunks(key))
+
+    def download(self, key: str, path: Path) -> int:
+        """Copy the object to ``path``, written whole (a temporary name, then renamed)."""
+        partial = path.with_name(f".{path.name}.partial")
+        size = 0
+        try:
+            with partial.open("wb") as out:
+                for chunk in self.read_chunks(key):
+                    out.write(chunk)
+                    size += len(chunk)
+            partial.replace(path)
+        finally:
+            partial.unlink(missing_ok=True)
+        return size
+
+    def delete_prefix(self, prefix: str) -> int:
+        """Remove every object under ``prefix``; how many."""
+        doomed = list(self.keys(prefix))
+        for key in doomed:
+            self.delete(key)
+        return len(doomed)
+
+    def reachable(self) -> str:
+        """"ok", or "down: why" (one cheap request: what ``/healthz`` reports)."""
+        try:
+            # A listing, not a HEAD: a HEAD cannot tell a missing bucket from a missing key.
+            next(iter(self.keys(PROBE_KEY.split("/")[0])), None)
+        except Exception as exc:  # every backend's own errors, named for the operator
+            return f"down: {type(exc).__name__}: {exc}"
+        return "ok"
+
+    def check(self) -> None:
+        """Write, read back and delete a probe; BlobError naming what failed."""
+        payload = b"ftune storage check"
+        try:
+            self.put_chunks(PROBE_KEY, [payload])
+            if self.read(PROBE_KEY) != payload:
+                raise BlobError(f"{self.location}: the probe read back different bytes")
+            self.delete(PROBE_KEY)
+        except BlobError:
+            raise
+        except Exception as exc:  # every backend's own errors, named for the operator
+            raise BlobError(f"{self.location}: {type(exc).__name__}: {exc}") from exc

@@ -1,0 +1,64 @@
+"""Blobs as files under one folder: the embedded default (``make up``, one machine)."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from ftune.service.blobs.base import BlobInfo, BlobMissing, BlobStore, check_key
+
+
+class LocalBlobStore(BlobStore):
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.location = f"file:{root}"
+
+    def _path(self, key: str) -> Path:
+        return self.root / check_key(key)
+
+    def put_chunks(self, key: str, chunks: Iterable[bytes]) -> BlobInfo:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Written beside its final name, then renamed: a reader sees all of it or nothing.
+        partial = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.partial")
+        size = 0
+        try:
+            with partial.open("wb") as out:
+                for chunk in chunks:
+                    out.write(chunk)
+                    size += len(chunk)
+                out.flush()
+                os.fsync(out.fileno())
+            partial.replace(path)
+        finally:
+            partial.unlink(missing_ok=True)
+        return BlobInfo(key, size)
+
+    def read_chunks(self, key: str, chunk_size: int = 1 << 20) -> Iterator[bytes]:
+        path = self._path(key)
+        try:
+            source = path.open("rb")
+        except FileNotFoundError:
+            raise BlobMissing(f"no object {key}") from None
+        with source:
+            yield from iter(lambda: source.read(chunk_size), b"")
+
+    def info(self, key: str) -> BlobInfo | None:
+        try:
+            return BlobInfo(key, self._path(key).stat().st_size)
+        except FileNotFoundError:
+            return None
+
+    def delete(self, key: str) -> None:
+        self._path(key).unlink(missing_ok=True)
+
+    def keys(self, prefix: str) -> Iterator[str]:
+        base = self._path(prefix.rstrip("/"))
+        if base.is_file():
+            yield prefix.rstrip("/")
+        elif base.is_dir():
+            for path in sorted(base.rglob("*")):
+                if path.is_file() and not path.name.startswith("."):
+                    yield path.relative_to(self.root).as_posix()
