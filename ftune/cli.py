@@ -37,6 +37,13 @@ def add_service_commands(sub: argparse._SubParsersAction) -> None:
     _add_server_options(serve)
     serve.set_defaults(run=_serve)
 
+    storage = sub.add_parser("storage", help="the blob store (FTUNE_STORAGE)")
+    storage_sub = storage.add_subparsers(dest="storage_command", required=True)
+    check = storage_sub.add_parser("check", help="write, read back and delete a probe in "
+                                   "the configured store, from this process's host")
+    check.add_argument("--home")
+    check.set_defaults(run=_storage_check)
+
     worker = sub.add_parser("worker", help="run one training worker (needs REDIS_URL)")
     worker.add_argument("--device", help="cpu, cuda, cuda:1 (default: FTUNE_DEVICE, else "
                         "automatic)")
@@ -99,6 +106,21 @@ def _log_format(settings: Settings) -> None:
     from ftune.service.logs import use_log_format
 
     use_log_format(settings.log_format)
+
+
+def _storage_check(args: argparse.Namespace) -> int:
+    from ftune.config import process_settings
+    from ftune.service.blobs import BlobError, open_store
+
+    settings = process_settings(home=args.home)
+    store = open_store(settings.storage, settings.resolved_home)
+    try:
+        store.check()
+    except BlobError as exc:
+        print(f"storage unusable: {exc}", file=sys.stderr)
+        return 1
+    print(f"storage ok: {store.location} (wrote, read back and deleted a probe)")
+    return 0
 
 
 def _worker(args: argparse.Namespace) -> int:

@@ -11,6 +11,7 @@ from celery import Celery
 from sqlalchemy.exc import SQLAlchemyError
 
 from ftune.service.auth.cache import KeyCache
+from ftune.service.blobs import BlobStore, open_store
 from ftune.service.db import migrate
 from ftune.service.db.session import Database
 from ftune.service.exports import ExportSlots
@@ -51,6 +52,10 @@ class AppContext:
             storage, int(settings.predictor_cache_mb * 2**20),
             max_batch=settings.predict_max_batch, max_wait_ms=settings.predict_max_wait_ms),
             serve_only)
+
+    @cached_property
+    def blobs(self) -> BlobStore:
+        return open_store(self.settings.storage, self.settings.resolved_home)
 
     @cached_property
     def celery(self) -> Celery:

@@ -15,6 +15,7 @@ from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from ftune.models.settings import EngineSettings, engine_settings, load_settings
+from ftune.service.blobs.open import check_storage_url
 
 WEEK_S = 7 * 24 * 3600
 
@@ -32,6 +33,10 @@ class Settings(BaseSettings):
     redis_url: str | None = Field(
         None, validation_alias=AliasChoices("REDIS_URL", "FTUNE_REDIS_URL"),
         description="Celery broker; `ftune up` starts a private Redis when unset.")
+    storage: str | None = Field(
+        None, description="Where blobs are kept: empty for HOME/blobs, file:///PATH, or "
+        "s3://BUCKET[/PREFIX] for an S3-compatible store (endpoint, region and credentials "
+        "from AWS_ENDPOINT_URL, AWS_REGION, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY).")
     api_host: str = "127.0.0.1"
     log_format: Literal["text", "json"] = Field(
         "text", description="json: one JSON object per log line (ts, level, logger, message, "
@@ -127,6 +132,11 @@ class Settings(BaseSettings):
     quota_compute_hours: float = Field(192, ge=0, description="Worker hours per rolling 24 h.")
     max_running_sweeps: int = Field(10, ge=0, description="Sweeps a tenant may run at once "
                                     "(their trials also count as jobs against the quotas).")
+
+    @field_validator("storage")
+    @classmethod
+    def _storage_url(cls, value: str | None) -> str | None:
+        return check_storage_url(value)
 
     @field_validator("rate_uploads", "rate_jobs", "rate_predictions")
     @classmethod
