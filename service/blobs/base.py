@@ -8,6 +8,7 @@ here so that no backend ever builds a path or a URL from anything else.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
@@ -32,6 +33,7 @@ class BlobMissing(BlobError):
 class BlobInfo:
     key: str
     size: int
+    sha256: str | None = None  # known when this process wrote it
 
 
 def check_key(key: str) -> str:
@@ -47,11 +49,23 @@ class BlobStore(ABC):
     #: Shown by ``/healthz`` and ``ftune storage check`` (no credentials in it).
     location: str
 
-    @abstractmethod
     def put_chunks(self, key: str, chunks: Iterable[bytes]) -> BlobInfo:
         """Write the object from ``chunks`` as they come (memory stays bounded), visible only
-        once all of it is stored. If ``chunks`` raises, nothing is left behind, not even an
-        incomplete multipart upload, and the exception propagates."""
+        once all of it is stored; its size and SHA-256. If ``chunks`` raises, nothing is
+        left behind, not even an incomplete multipart upload, and the exception propagates."""
+        digest = hashlib.sha256()
+
+        def hashed() -> Iterator[bytes]:
+            for chunk in chunks:
+                digest.update(chunk)
+                yield chunk
+
+        size = self._write(check_key(key), hashed())
+        return BlobInfo(key, size, digest.hexdigest())
+
+    @abstractmethod
+    def _write(self, key: str, chunks: Iterable[bytes]) -> int:
+        """The backend's whole-or-nothing write (see ``put_chunks``); the bytes written."""
 
     @abstractmethod
     def read_chunks(self, key: str, chunk_size: int = 1 << 20) -> Iterator[bytes]:

@@ -18,7 +18,7 @@ class LocalBlobStore(BlobStore):
     def _path(self, key: str) -> Path:
         return self.root / check_key(key)
 
-    def put_chunks(self, key: str, chunks: Iterable[bytes]) -> BlobInfo:
+    def _write(self, key: str, chunks: Iterable[bytes]) -> int:
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         # Written beside its final name, then renamed: a reader sees all of it or nothing.
@@ -34,7 +34,7 @@ class LocalBlobStore(BlobStore):
             partial.replace(path)
         finally:
             partial.unlink(missing_ok=True)
-        return BlobInfo(key, size)
+        return size
 
     def read_chunks(self, key: str, chunk_size: int = 1 << 20) -> Iterator[bytes]:
         path = self._path(key)

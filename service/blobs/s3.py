@@ -46,7 +46,7 @@ class S3BlobStore(BlobStore):
         check_key(key)
         return f"{self.prefix}/{key}" if self.prefix else key
 
-    def put_chunks(self, key: str, chunks: Iterable[bytes]) -> BlobInfo:
+    def _write(self, key: str, chunks: Iterable[bytes]) -> int:
         name, buffer, size = self._name(key), bytearray(), 0
         upload: _Multipart | None = None
         try:
@@ -67,7 +67,7 @@ class S3BlobStore(BlobStore):
             if upload is not None:
                 upload.abort()
             raise
-        return BlobInfo(key, size)
+        return size
 
     def read_chunks(self, key: str, chunk_size: int = 1 << 20) -> Iterator[bytes]:
         try:

@@ -180,3 +180,41 @@ def test_storage_check_and_healthz_follow_the_configured_store(tmp_path, s3_serv
         body = response.json()
         assert (response.status_code, body["storage_location"]) == (status, storage)
         assert body["storage"] == "ok" if status == 200 else body["storage"].startswith("down")
+
+
+class CountingStore:
+    """The real store, counting the downloads that go through it."""
+
+    def __init__(self, store: BlobStore) -> None:
+        self.store, self.reads = store, 0
+        self.location = store.location
+
+    def read_chunks(self, key: str, chunk_size: int = 1 << 20):
+        self.reads += 1
+        return self.store.read_chunks(key, chunk_size)
+
+
+def test_a_host_fetches_an_object_once_verified_and_within_its_cap(store, tmp_path):
+    from ftune.models.derived.store import DerivedStore
+    from ftune.service.blobs.fetched import CorruptBlob, fetch_verified
+
+    first = store.put_chunks("datasets/" + "f" * 32 + "/images.tar", _chunks(3 * MIB))
+    second = store.put_chunks("datasets/" + "e" * 32 + "/images.tar", _chunks(2 * MIB + 1))
+    counting = CountingStore(store)
+    cache = DerivedStore(tmp_path / "cache", max_bytes=4 * MIB, min_idle_s=0)
+    path, downloaded = fetch_verified(counting, cache, first.key, first.sha256, owner="t1")
+    assert downloaded and path.read_bytes() == b"".join(_chunks(3 * MIB))
+    again, downloaded = fetch_verified(counting, cache, first.key, first.sha256, owner="t1")
+    assert (again, downloaded, counting.reads) == (path, False, 1)  # the second job: nothing
+
+    # An object whose bytes do not match the recorded hash is never kept.
+    with pytest.raises(CorruptBlob, match="content hash"):
+        fetch_verified(counting, cache, second.key, first.sha256.replace(
+            first.sha256[0], "0" if first.sha256[0] != "0" else "1"), owner="t1")
+    assert [e.key for e in cache.entries()] == [first.sha256]
+
+    # Over the cap, the least recently used copy goes.
+    fetch_verified(counting, cache, second.key, second.sha256, owner="t2")
+    assert [e.key for e in cache.entries()] == [second.sha256]
+    with pytest.raises(ValueError, match="SHA-256"):
+        fetch_verified(counting, cache, first.key, "../../etc")
