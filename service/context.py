@@ -12,6 +12,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from ftune.service.auth.cache import KeyCache
 from ftune.service.blobs import BlobStore, open_store
+from ftune.service.blobs.base import StoreHealth
 from ftune.service.db import migrate
 from ftune.service.db.session import Database
 from ftune.service.exports import ExportSlots
@@ -33,6 +34,7 @@ class AppContext:
     db: Database
     storage: Storage
     predictors: PredictorCache
+    blobs: BlobStore  # built at start-up: a bad FTUNE_STORAGE or AWS_* value fails it there
     serve_only: bool = False  # `ftune serve`: predictions only, no Redis
 
     @classmethod
@@ -51,11 +53,11 @@ class AppContext:
         return cls(settings, db, storage, PredictorCache(
             storage, int(settings.predictor_cache_mb * 2**20),
             max_batch=settings.predict_max_batch, max_wait_ms=settings.predict_max_wait_ms),
-            serve_only)
+            open_store(settings.storage, settings.resolved_home), serve_only)
 
     @cached_property
-    def blobs(self) -> BlobStore:
-        return open_store(self.settings.storage, self.settings.resolved_home)
+    def storage_health(self) -> StoreHealth:
+        return StoreHealth(self.blobs)
 
     @cached_property
     def celery(self) -> Celery:

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import re
+import threading
+import time
+import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -51,8 +54,10 @@ class BlobStore(ABC):
 
     def put_chunks(self, key: str, chunks: Iterable[bytes]) -> BlobInfo:
         """Write the object from ``chunks`` as they come (memory stays bounded), visible only
-        once all of it is stored; its size and SHA-256. If ``chunks`` raises, nothing is
-        left behind, not even an incomplete multipart upload, and the exception propagates."""
+        once all of it is stored; its size and SHA-256. If ``chunks`` raises, no object
+        appears and the exception propagates; an S3 multipart upload is aborted (if the
+        abort itself fails, or the process dies, the parts wait for the bucket's
+        AbortIncompleteMultipartUpload lifecycle rule)."""
         digest = hashlib.sha256()
 
         def hashed() -> Iterator[bytes]:
@@ -93,7 +98,7 @@ class BlobStore(ABC):
 
     def download(self, key: str, path: Path) -> int:
         """Copy the object to ``path``, written whole (a temporary name, then renamed)."""
-        partial = path.with_name(f".{path.name}.partial")
+        partial = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.partial")
         size = 0
         try:
             with partial.open("wb") as out:
@@ -117,8 +122,8 @@ class BlobStore(ABC):
         try:
             # A listing, not a HEAD: a HEAD cannot tell a missing bucket from a missing key.
             next(iter(self.keys(PROBE_KEY.split("/")[0])), None)
-        except Exception as exc:  # every backend's own errors, named for the operator
-            return f"down: {type(exc).__name__}: {exc}"
+        except Exception as exc:  # every backend's own errors; the type only (a public page)
+            return f"down: {type(exc).__name__}"
         return "ok"
 
     def check(self) -> None:
@@ -133,3 +138,20 @@ class BlobStore(ABC):
             raise
         except Exception as exc:  # every backend's own errors, named for the operator
             raise BlobError(f"{self.location}: {type(exc).__name__}: {exc}") from exc
+
+
+class StoreHealth:
+    """What ``/healthz`` says of the store: at most one cheap request every ``ttl_s``, so a
+    store that is down costs neither threads nor billed requests however often it is asked."""
+
+    def __init__(self, store: BlobStore, ttl_s: float = 10.0) -> None:
+        self.store, self.ttl_s = store, ttl_s
+        self._lock = threading.Lock()
+        self._checked_at, self._status = -float("inf"), "ok"
+
+    def status(self) -> str:
+        with self._lock:
+            if time.monotonic() - self._checked_at >= self.ttl_s:
+                self._status = self.store.reachable()
+                self._checked_at = time.monotonic()
+            return self._status

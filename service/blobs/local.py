@@ -15,6 +15,13 @@ class LocalBlobStore(BlobStore):
         self.root = root
         self.location = f"file:{root}"
 
+    def reachable(self) -> str:
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            return f"down: {type(exc).__name__}"
+        return "ok" if os.access(self.root, os.W_OK) else "down: not writable"
+
     def _path(self, key: str) -> Path:
         return self.root / check_key(key)
 

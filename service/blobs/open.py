@@ -24,7 +24,8 @@ def check_storage_url(url: str | None) -> str | None:
 
 
 def open_store(url: str | None, home: Path) -> BlobStore:
-    if not url or not check_storage_url(url):
+    url = check_storage_url(url)  # raises on a malformed one
+    if not url:
         return LocalBlobStore(home / "blobs")
     parts = urlsplit(url)
     if parts.scheme == "file":

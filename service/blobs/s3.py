@@ -42,6 +42,11 @@ class S3BlobStore(BlobStore):
         self.part_size = part_size
         self.location = f"s3://{bucket}/{self.prefix}".rstrip("/")
 
+    def reachable(self) -> str:
+        # One try with short timeouts: a health probe must answer fast, not retry for minutes.
+        probe = S3BlobStore(self.bucket, self.prefix, s3_client(attempts=1, timeout_s=2.0))
+        return BlobStore.reachable(probe)
+
     def _name(self, key: str) -> str:
         check_key(key)
         return f"{self.prefix}/{key}" if self.prefix else key
