@@ -29,7 +29,7 @@ import torch
 from PIL import Image
 
 from ftune.models.predictor import Predictor
-from ftune.processes import free_port, ftune_command
+from ftune.processes import free_port, ftune_command, wait_until
 from ftune.service.auth.principal import Role
 from ftune.service.storage import Storage
 from ftune.testing.access import make_key
@@ -92,16 +92,8 @@ def start_server(home: Path) -> tuple[subprocess.Popen, str]:
 
 
 def wait_for_server(url: str, timeout_s: float = 60) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            if httpx.get(f"{url}/healthz").status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline:
-            raise SystemExit("ftune serve did not start")
-        time.sleep(0.2)
+    wait_until(lambda: httpx.get(f"{url}/healthz").status_code == 200, timeout_s,
+               "ftune serve")
 
 
 def single_image_latency(http: httpx.Client, predictor: Predictor, png: bytes,

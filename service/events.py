@@ -38,7 +38,8 @@ JOB_EVENTS: Mapping[EventKind, str] = {
     EventKind.RESOLVED: "automatic choices made or changed, named with their values",
     EventKind.PRETRAIN: "each pretraining epoch, with its loss",
     EventKind.EPOCH: "each epoch's metrics",
-    EventKind.PROGRESS: "batch progress, about every 2 s while training",
+    EventKind.PROGRESS: "batch progress while training, about every 2 s (every "
+                        "FTUNE_PROGRESS_INTERVAL_S when that is longer)",
     EventKind.NOTE: "retries, cancel requests, holds and spec changes, in words",
 }
 

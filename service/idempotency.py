@@ -4,8 +4,9 @@ A key is per tenant and remembered with the SHA-256 of the request's body and th
 the first request made: the same key with the same body returns that id again, with another
 body it is a 409. Two requests racing with one key both try to insert the key's row; the
 primary key (tenant, key) lets one commit, and the loser answers with the winner's object.
-Each kind of object keeps its keys under its own prefix, so a job's key and a sweep's never
-meet.
+Sweeps keep their keys under the prefix ``sweep:`` and jobs under none, so a job's key and
+a sweep's meet only if a client sends a job key that itself starts with ``sweep:`` (a 409,
+never another tenant's or another kind's object).
 """
 
 from __future__ import annotations

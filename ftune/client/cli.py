@@ -19,6 +19,10 @@ from ftune.client.config import save_login
 from ftune.client.errors import ApiError, FtuneError
 from ftune.client.watch import watch_job
 
+# The API's download formats (the server's table is ftune.models.export_formats, which this
+# light install cannot import; tests/models/test_export_formats.py keeps the two equal).
+DOWNLOAD_FORMATS = ("safetensors", "onnx", "torchscript")
+
 Handler = Callable[[Client, argparse.Namespace], int]
 
 
@@ -229,8 +233,7 @@ def build_parser(prog: str = "ftune remote") -> argparse.ArgumentParser:
     _add(sub, "list", models_list, "your models")
     _add(sub, "download", models_download, "save a model (safetensors, onnx, torchscript)",
          ("model", {"help": "id, name:version or name:alias"}), ("path", {}),
-         ("--format", {"default": "safetensors",
-                       "choices": ["safetensors", "onnx", "torchscript"]}))
+         ("--format", {"default": DOWNLOAD_FORMATS[0], "choices": DOWNLOAD_FORMATS}))
     _add(sub, "predict", models_predict, "classify images", ("model", {}),
          ("images", {"nargs": "+"}), ("--top-k", {"type": int}))
     _add(sub, "alias", models_alias, "point name:ALIAS at a model", ("model", {}),

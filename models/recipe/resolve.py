@@ -45,7 +45,7 @@ class StaticField:
     """A choice the dataset's statistics decide: when the spec asks for it, and its rule."""
 
     name: str  # the choice's name on jobs; with fills_spec, also the spec's (dotted) field
-    rule: Rule  # None: no choice to make (the rule does not apply to this spec)
+    rule: Rule  # returns None when there is no choice to make for this spec
     asked_by: str | None  # the spec field whose "auto" asks for it; None: always asked
     fills_spec: bool = True  # apply_static writes the value into the spec's field
 

@@ -4,7 +4,8 @@ sees its own tenant's rows, an operator every tenant's.
 Another tenant's id answers 404, never 403: a 403 would confirm that the id exists, and ids
 are all a caller could probe with. Service functions look objects up with ``get_visible``
 (or check a row found another way with ``visible_or_404``) and list them from
-``visible_rows``; nothing else compares a row's tenant with the caller's.
+``visible_rows``. Only rows that are not a tenant's objects (a tenant itself, a loaded model's
+batcher) use ``Principal.can_see`` directly.
 """
 
 from __future__ import annotations

@@ -62,3 +62,10 @@ def test_the_table_loads_without_torch():
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
                          text=True, timeout=120).stdout
     assert out.strip() == "False"
+
+
+def test_the_light_clients_download_formats_are_the_tables():
+    from ftune.client.cli import DOWNLOAD_FORMATS
+    from ftune.models.export_formats import EXPORT_FORMATS
+
+    assert set(DOWNLOAD_FORMATS) == set(EXPORT_FORMATS)
