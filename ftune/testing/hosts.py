@@ -17,7 +17,8 @@ that every command on the host joins with ``nsenter``. What is private to a host
 - its network: addresses, ports, routes, loopback (127.0.0.1 on a host is that host's own).
 
 Everything else (the repository, the virtualenv, ``/usr``) is shared, as identical machine
-images would be: a test that wants data to be private to a host puts it under ``/tmp``.
+images would be, even where it lives under ``/tmp`` (bound through into each private
+``/tmp``): a test that wants data to be private to a host puts it elsewhere under ``/tmp``.
 
 Teardown (leaving the ``with`` block for any reason, or an exception while setting up) kills
 every process in the hosts' namespaces, deletes the namespaces (which removes the veths and
@@ -40,6 +41,7 @@ import secrets
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
@@ -63,11 +65,18 @@ _SWITCH = "switch"
 _ROOT_ONLY = frozenset({"TMPDIR", "TMP", "TEMP", "HOME", "DATABASE_URL", "FTUNE_DATABASE_URL",
                         "REDIS_URL", "FTUNE_REDIS_URL", "FTUNE_HOME"})
 
-# Run by the holder inside its new mount namespace: the private /tmp and /dev/shm, then hide
-# the folder holding every host's /tmp when it is not under /tmp already, then wait forever.
+# Run by the holder inside its new mount namespace: the private /tmp (with the software the
+# hosts run bound through when it lives under /tmp: a clone there must still run) and
+# /dev/shm, then hide the folder holding every host's /tmp when it is not under /tmp already,
+# then wait forever.
 _HOLDER_SCRIPT = """set -e
 own=$1 base=$2
-mount --bind "$own" /tmp
+shift 2
+for keep in "$@"; do
+  mkdir -p "$own/${keep#/tmp/}"
+  mount --bind "$keep" "$own/${keep#/tmp/}"
+done
+mount --rbind "$own" /tmp
 if [ -d /dev/shm ]; then mount -t tmpfs -o size=64m,mode=1777 ftune-shm /dev/shm; fi
 if [ -d "$base" ]; then mount -t tmpfs -o size=1m,mode=700 ftune-hidden "$base"; fi
 cd /tmp/home
@@ -241,7 +250,7 @@ class Hosts:
             holder = subprocess.Popen(
                 [self._ip, "netns", "exec", host.netns, "unshare", "--mount",
                  "--propagation", "private", "--", "sh", "-c", _HOLDER_SCRIPT, "holder",
-                 str(host.tmp), str(self.base)],
+                 str(host.tmp), str(self.base), *_software_under_tmp()],
                 stdout=subprocess.PIPE, stderr=errors, start_new_session=True,
                 preexec_fn=_die_with_parent)
         host.holder = holder
@@ -464,3 +473,15 @@ def sweep_stale(ip: str = "ip") -> None:
         if _process_start(int(record["pid"])) == record.get("start"):
             continue  # its owner is alive: a parallel run
         remove_run(ip, path.stem, Path(record["base"]))
+
+
+def _software_under_tmp() -> list[str]:
+    """The repository and the virtualenv, where they live under /tmp (a clone made there):
+    every host runs them, as identical machine images would, so the private /tmp must not
+    hide them. Outermost folders only."""
+    import ftune
+
+    found = sorted({str(p) for p in (Path(ftune.__file__).resolve().parents[1],
+                                     Path(sys.prefix).resolve())
+                    if p.is_relative_to("/tmp") and p != Path("/tmp")})
+    return [p for p in found if not any(p != q and Path(p).is_relative_to(q) for q in found)]
