@@ -89,9 +89,9 @@ def _per_class(confusion: torch.Tensor, classes: list[str]) -> list[dict]:
             f1 = None  # not in this split: left out of the macro average
         elif tp == 0:
             f1 = 0.0  # present but never found (precision may be undefined): it counts
-        else:  # both defined: tp > 0
-            found, recalled = tp / predicted_as, tp / support
-            f1 = 2 * found * recalled / (found + recalled)
+        else:
+            assert precision is not None and recall is not None  # tp > 0: both defined
+            f1 = 2 * precision * recall / (precision + recall)
         rows.append({"class": name, "precision": precision, "recall": recall, "f1": f1,
                      "support": support})
     return rows

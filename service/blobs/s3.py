@@ -40,12 +40,15 @@ class S3BlobStore(BlobStore):
         self.bucket, self.prefix = bucket, prefix.strip("/")
         self.client = client if client is not None else s3_client()
         self.part_size = part_size
+        self._probe: S3BlobStore | None = None  # made on the first health probe
         self.location = f"s3://{bucket}/{self.prefix}".rstrip("/")
 
     def reachable(self) -> str:
         # One try with short timeouts: a health probe must answer fast, not retry for minutes.
-        probe = S3BlobStore(self.bucket, self.prefix, s3_client(attempts=1, timeout_s=2.0))
-        return BlobStore.reachable(probe)
+        if self._probe is None:
+            self._probe = S3BlobStore(self.bucket, self.prefix,
+                                      s3_client(attempts=1, timeout_s=2.0))
+        return BlobStore.reachable(self._probe)
 
     def _name(self, key: str) -> str:
         check_key(key)
