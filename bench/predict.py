@@ -31,7 +31,6 @@ from PIL import Image
 from ftune.models.predictor import Predictor
 from ftune.processes import free_port, ftune_command, wait_until
 from ftune.service.auth.principal import Role
-from ftune.service.storage import Storage
 from ftune.testing.access import make_key
 from ftune.testing.models import register_tiny_model
 
@@ -45,11 +44,11 @@ def percentile(values: list[float], q: float) -> float:
 
 def prepare(work: Path, image_size: int | None) -> tuple[Path, Predictor, bytes]:
     home = work / "home"
-    folder = register_tiny_model(work, home, MODEL_ID, image_size)
+    tiny = register_tiny_model(work, home, MODEL_ID, image_size)
     png = io.BytesIO()
-    Image.open(next((folder / "animal0").iterdir())).convert("RGB").resize((256, 256)).save(
-        png, "PNG")
-    return home, Predictor.load(Storage(home).model_dir(MODEL_ID), device="cpu"), png.getvalue()
+    Image.open(next((tiny.images / "animal0").iterdir())).convert("RGB").resize(
+        (256, 256)).save(png, "PNG")
+    return home, Predictor.load(tiny.bundle, device="cpu"), png.getvalue()
 
 
 def timed(fn, repeats: int) -> list[float]:

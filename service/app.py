@@ -44,15 +44,16 @@ TRAINING_ROUTES = (backbones, datasets, jobs, sweeps, tuned_models, keys, tenant
 
 
 async def _maintain_forever(ctx: AppContext) -> None:
-    """Admit waiting jobs every FTUNE_DISPATCH_INTERVAL_S; repair lost and abandoned jobs
-    every FTUNE_RECONCILE_INTERVAL_S."""
+    """Admit waiting jobs every FTUNE_DISPATCH_INTERVAL_S; repair lost and abandoned jobs,
+    and retry the store deletes that failed, every FTUNE_RECONCILE_INTERVAL_S."""
     next_repair = 0.0
     while True:
         try:
             if time.monotonic() >= next_repair:
                 next_repair = time.monotonic() + ctx.settings.reconcile_interval_s
                 await run_in_threadpool(reconcile, ctx.db, ctx.celery, ctx.redis,
-                                        ctx.settings, ctx.storage)
+                                        ctx.settings)
+                await run_in_threadpool(ctx.remove_objects)
             await run_in_threadpool(ctx.dispatch)
         except Exception as exc:  # Redis or the DB down: try again next round
             log.warning("job upkeep skipped a round: %s", exc)

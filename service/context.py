@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -11,7 +12,7 @@ from celery import Celery
 from sqlalchemy.exc import SQLAlchemyError
 
 from ftune.service.auth.cache import KeyCache
-from ftune.service.blobs import BlobStore, open_store
+from ftune.service.blobs import BlobStore, deletions
 from ftune.service.blobs.base import StoreHealth
 from ftune.service.db import migrate
 from ftune.service.db.session import Database
@@ -39,7 +40,7 @@ class AppContext:
 
     @classmethod
     def build(cls, settings: Settings, *, serve_only: bool = False) -> AppContext:
-        storage = Storage(settings.resolved_home)
+        storage = Storage.for_settings(settings)  # a bad FTUNE_STORAGE fails start-up here
         storage.prepare()
         storage.sweep_stale()
         # The API upgrades the schema (under a lock); `ftune serve` only checks it is current.
@@ -53,7 +54,7 @@ class AppContext:
         return cls(settings, db, storage, PredictorCache(
             storage, int(settings.predictor_cache_mb * 2**20),
             max_batch=settings.predict_max_batch, max_wait_ms=settings.predict_max_wait_ms),
-            open_store(settings.storage, settings.resolved_home), serve_only)
+            storage.blobs, serve_only)
 
     @cached_property
     def storage_health(self) -> StoreHealth:
@@ -91,6 +92,11 @@ class AppContext:
     @cached_property
     def limiter(self) -> RateLimiter:
         return RateLimiter(self.settings, in_memory=self.serve_only)
+
+    def remove_objects(self, prefixes: Iterable[str] | None = None) -> int:
+        """Delete scheduled store prefixes (those, or every pending one); see
+        ``blobs.deletions``."""
+        return deletions.remove(self.db, self.storage.blobs, prefixes)
 
     def dispatch(self) -> list[str]:
         """Admit waiting jobs to free workers now (see lifecycle.dispatcher)."""

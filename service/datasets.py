@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -20,6 +19,8 @@ from ftune.models.errors import ArchiveTooLarge
 from ftune.models.settings import EngineSettings
 from ftune.service.auth.principal import Principal
 from ftune.service.auth.tenancy import get_visible, visible_rows
+from ftune.service.blobs import deletions
+from ftune.service.blobs.keys import dataset_key, prefixes_of
 from ftune.service.db.tables import Dataset, Job, Sweep
 from ftune.service.disk import over_disk_allowance
 from ftune.service.errors import (
@@ -115,29 +116,39 @@ def ingest_archive(session: Session, storage: Storage, *, tenant_id: str, archiv
     dataset_name = clean_name(name, filename)
     dataset_id = new_id()
     staging = storage.datasets / f".{dataset_id}.staging"
+    key = dataset_key(dataset_id)
+    stored = False
     try:
-        # Unpacked and checked in a child process with its own limits (models.data.sandbox).
-        found = _unpack_within(archive, staging, checks, allowance, disk_allowance, kind)
-        if not found.ok:
-            raise DatasetRejected(_summary(found.errors), found.report)
-        existing = (_find_same_content(session, tenant_id, found.content_hash, kind) if dedupe
-                    else None)
-        if existing is not None:
+        try:
+            # Unpacked and checked in a child process with its own limits (models.data.sandbox).
+            found = _unpack_within(archive, staging, checks, allowance, disk_allowance, kind)
+            if not found.ok:
+                raise DatasetRejected(_summary(found.errors), found.report)
+            existing = (_find_same_content(session, tenant_id, found.content_hash, kind)
+                        if dedupe else None)
+            if existing is not None:
+                return existing, False
+            dataset = _new_dataset(dataset_id, tenant_id, dataset_name, found)
+            dataset.kind = kind
+            # Workers fetch the checked images from the store, never from this host's disk.
+            stored = True
+            dataset.blob_sha256 = storage.put_tree(key, staging).sha256
+        finally:
             remove_tree(staging)
-            return existing, False
-        dataset = _new_dataset(dataset_id, tenant_id, dataset_name, found)
-        dataset.kind = kind
-        os.rename(staging, storage.dataset_dir(dataset_id))
-    except BaseException:
-        remove_tree(staging)
-        raise
-    try:
         session.add(dataset)
-        session.commit()  # here, so a failed commit also removes the files
+        session.commit()  # here, so a failed commit also removes the object
     except BaseException:
-        remove_tree(storage.dataset_dir(dataset_id))
+        if stored:
+            _forget_object(storage, key)
         raise
     return dataset, True
+
+
+def _forget_object(storage: Storage, key: str) -> None:
+    try:
+        storage.blobs.delete(key)
+    except Exception:  # the upload failed already, or the store is down: it was not kept
+        log.warning("could not remove %s after a failed upload", key, exc_info=True)
 
 
 def _new_dataset(dataset_id: str, tenant_id: str, name: str, found: SandboxResult) -> Dataset:
@@ -193,8 +204,9 @@ def list_datasets(session: Session, principal: Principal, *, limit: int = DEFAUL
                      Keyset(Dataset.created_at, Dataset.id), limit=limit, cursor=cursor)
 
 
-def delete_dataset(session: Session, principal: Principal, *, dataset_id: str) -> None:
-    """Delete the row; call ``discard_dataset_files`` once the transaction has committed."""
+def delete_dataset(session: Session, principal: Principal, *, dataset_id: str) -> list[str]:
+    """Delete the row; returns its store prefixes, scheduled for deletion
+    (``blobs.deletions.remove`` them once the transaction has committed)."""
     dataset = get_dataset(session, principal, dataset_id)
     active = session.scalar(select(func.count()).select_from(Job).where(
         (Job.dataset_id == dataset_id) | (Job.unlabeled_dataset_id == dataset_id),
@@ -209,6 +221,7 @@ def delete_dataset(session: Session, principal: Principal, *, dataset_id: str) -
                        "them or wait for them to finish")
     session.delete(dataset)
     session.flush()
+    return deletions.schedule(session, prefixes_of(datasets=[dataset_id]))
 
 
 def dataset_view(dataset: Dataset) -> dict:

@@ -19,6 +19,8 @@ from ftune.models.spec import FineTuneSpec, SpecError, parse_spec
 from ftune.service.auth.principal import Principal, Role
 from ftune.service.auth.tenancy import get_visible, visible_rows
 from ftune.service.backbones import check_backbone
+from ftune.service.blobs import deletions
+from ftune.service.blobs.keys import prefixes_of
 from ftune.service.datasets import get_dataset
 from ftune.service.db.session import Database
 from ftune.service.db.tables import (
@@ -221,9 +223,10 @@ def request_cancel(session: Session, job: Job) -> None:
                   message="cancel requested; stopping at the next batch")
 
 
-def delete_job(session: Session, principal: Principal, *, job_id: str) -> None:
-    """A finished job, its metrics and events; call ``Storage.remove_job_files`` after the
-    commit. Its model (if any) is a separate object and goes first."""
+def delete_job(session: Session, principal: Principal, *, job_id: str) -> list[str]:
+    """A finished job, its metrics and events; returns the store prefixes of its checkpoints
+    and logs, scheduled for deletion (``blobs.deletions.remove`` them after the commit). Its
+    model (if any) is a separate object and goes first."""
     job = get_job(session, principal, job_id)
     if job.status in ACTIVE:
         raise Conflict(f"job {job_id} is {job.status}; cancel it first")
@@ -238,6 +241,7 @@ def delete_job(session: Session, principal: Principal, *, job_id: str) -> None:
     delete_job_children(session, [job_id])
     session.delete(job)
     session.flush()
+    return deletions.schedule(session, prefixes_of(jobs=[job_id]))
 
 
 def delete_job_children(session: Session, job_ids: list[str]) -> None:

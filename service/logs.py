@@ -7,15 +7,19 @@ in the thread that trains it (the engine's included) is tagged without knowing a
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import json
 import logging
 import re
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextvars import ContextVar
 from datetime import UTC, datetime
 from pathlib import Path
+
+from ftune.service.blobs.base import BlobMissing, BlobStore
+from ftune.service.blobs.keys import logs_prefix
 
 JOB_ID: ContextVar[str | None] = ContextVar("ftune_job_id", default=None)
 TENANT: ContextVar[str | None] = ContextVar("ftune_tenant", default=None)
@@ -108,14 +112,26 @@ def redact(text: str, home: Path) -> str:
     return _ABSOLUTE_PATH.sub(lambda m: f"<path>/{m.group(1)}", text)
 
 
-def read_job_log(path: Path, home: Path, tail: int) -> list[dict]:
-    """The job's last ``tail`` lines, redacted; a line that is not JSON is kept as text."""
-    if not path.exists():
-        return []
-    lines: deque[str] = deque(maxlen=max(1, min(tail, MAX_TAIL)))
-    with path.open(encoding="utf-8", errors="replace") as source:
-        for line in source:
-            lines.append(line)
+def stored_log_lines(store: BlobStore, job_id: str) -> Iterator[str]:
+    """The job's log lines as its workers shipped them to the store, attempt after
+    attempt (each attempt's worker ships its own object; see ``blobs.keys.log_key``)."""
+    for key in sorted(store.keys(logs_prefix(job_id))):
+        decoder, pending = codecs.getincrementaldecoder("utf-8")("replace"), ""
+        try:
+            for chunk in store.read_chunks(key):
+                pending += decoder.decode(chunk)
+                *complete, pending = pending.split("\n")
+                yield from (f"{line}\n" for line in complete)
+        except BlobMissing:  # the job was deleted meanwhile
+            return
+        if pending := pending + decoder.decode(b"", final=True):
+            yield pending
+
+
+def read_job_log(source: Iterable[str], home: Path, tail: int) -> list[dict]:
+    """The last ``tail`` of the job's log lines, redacted; a line that is not JSON is kept as
+    text."""
+    lines: deque[str] = deque(source, maxlen=max(1, min(tail, MAX_TAIL)))
     entries = []
     for line in lines:
         try:

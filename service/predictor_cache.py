@@ -10,6 +10,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 
 from ftune.service.batching import LOAD_THREAD, DynamicBatcher
+from ftune.service.db.tables import TunedModel
 from ftune.service.storage import Storage
 from ftune.service.tuned_models import bundle_folder
 
@@ -34,8 +35,9 @@ class PredictorCache:
         self.on_batch: Callable[[int], None] | None = None  # given to each model's batcher
         self._evicted_batches = self._evicted_images = 0
 
-    def get(self, model_id: str, tenant_id: str) -> DynamicBatcher:
+    def get(self, model: TunedModel) -> DynamicBatcher:
         """The model's batcher, loading it if needed; call after looking the model up."""
+        model_id, tenant_id = model.id, model.tenant_id
         with self._lock:
             self._checked[model_id] = time.monotonic()
             if model_id in self._loaded:
@@ -50,7 +52,7 @@ class PredictorCache:
                     return self._loaded[model_id]
             from ftune.models.predictor import Predictor  # torch loads on the first predict only
 
-            folder = bundle_folder(self.storage, model_id)
+            folder = bundle_folder(self.storage, model)  # fetched from the store once
             predictor = LOAD_THREAD.submit(Predictor.load, folder).result()
             batcher = DynamicBatcher(predictor, max_batch=self.max_batch,
                                      max_wait_ms=self.max_wait_ms, tenant_id=tenant_id,

@@ -9,6 +9,8 @@ from sqlalchemy.orm import Session
 
 from ftune.service.auth.principal import Principal
 from ftune.service.auth.tenants import visible_tenant
+from ftune.service.blobs import deletions
+from ftune.service.blobs.keys import prefixes_of
 from ftune.service.db.session import Database
 from ftune.service.db.tables import (
     DEFAULT_TENANT_ID,
@@ -36,12 +38,9 @@ def remove_tenant(db: Database, storage: Storage, principal: Principal, ref: str
             raise Conflict("the default tenant cannot be removed")
         owned = _delete_rows(session, tenant.id)
         session.delete(tenant)
-    for dataset_id in owned.datasets:
-        storage.remove_dataset_files(dataset_id)
-    for model_id in owned.models:
-        storage.remove_model_files(model_id)
-    for job_id in owned.jobs:
-        storage.remove_job_files(job_id)
+        doomed = deletions.schedule(session, prefixes_of(
+            datasets=owned.datasets, models=owned.models, jobs=owned.jobs))
+    deletions.remove(db, storage.blobs, doomed)
 
 
 @dataclass(frozen=True)

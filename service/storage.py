@@ -1,15 +1,28 @@
-"""Where things live under the data directory. Every path is built from a server-made id."""
+"""What one process keeps: the shared blob store (``blobs``: datasets, models, checkpoints,
+logs and exports, which every host reaches over the network), this host's cache of what it
+fetched from it (``derived``), and its own scratch folders under its data directory. Nothing
+here is shared between hosts but ``blobs``. Every path and key is built from a server-made
+id."""
 
 from __future__ import annotations
 
 import logging
 import time
-import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ftune.models.data.trees import remove_tree
-from ftune.models.export_formats import EXPORT_SUFFIXES, export_suffix
+from ftune.models.derived.store import DerivedStore
+from ftune.models.export_formats import export_suffix
+from ftune.service.blobs.base import BlobInfo, BlobStore
+from ftune.service.blobs.fetched import fetch_tree
+from ftune.service.blobs.local import LocalBlobStore
+from ftune.service.blobs.open import open_store
+from ftune.service.blobs.tarred import tar_chunks
 from ftune.service.ids import is_id
+
+if TYPE_CHECKING:
+    from ftune.service.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -21,17 +34,41 @@ def _checked(object_id: str) -> str:
     return object_id
 
 
+DEFAULT_CACHE_BYTES = 4 << 30
+
+
 class Storage:
-    def __init__(self, home: Path) -> None:
+    def __init__(self, home: Path, blobs: BlobStore | None = None,
+                 derived: DerivedStore | None = None) -> None:
         self.home = home
+        self.blobs = blobs if blobs is not None else LocalBlobStore(home / "blobs")
+        # What this host fetched from ``blobs`` (and decoded images, features), LRU-bounded.
+        self.derived = (derived if derived is not None
+                        else DerivedStore(home / "cache", DEFAULT_CACHE_BYTES))
+
+    @classmethod
+    def for_settings(cls, settings: Settings) -> Storage:
+        """The process's storage: ``FTUNE_STORAGE``'s store, and its cache at
+        ``FTUNE_CACHE_DIR`` (default: the data directory's cache/) bounded by
+        ``FTUNE_CACHE_MB``."""
+        home = settings.resolved_home
+        return cls(home, open_store(settings.storage, home),
+                   DerivedStore(settings.engine.cache_dir or home / "cache",
+                                settings.engine.cache_bytes))
+
+    def put_tree(self, key: str, folder: Path) -> BlobInfo:
+        """Store the folder as one tar object, streamed (see ``blobs.tarred``)."""
+        return self.blobs.put_chunks(key, tar_chunks(folder))
+
+    def local_tree(self, key: str, sha256: str, owner: str | None = None) -> Path:
+        """The folder stored under ``key`` (a tar whose hash is ``sha256``), on this host:
+        fetched and verified once, then shared by every job here until evicted."""
+        return fetch_tree(self.blobs, self.derived, key, sha256, owner=owner)[0]
 
     @property
     def datasets(self) -> Path:
+        """Where uploads are unpacked and checked, before they go to the store."""
         return self.home / "datasets"
-
-    @property
-    def models(self) -> Path:
-        return self.home / "models"
 
     @property
     def jobs(self) -> Path:
@@ -55,8 +92,7 @@ class Storage:
         return self.home / "tmp"
 
     def prepare(self) -> None:
-        for folder in (self.datasets, self.models, self.jobs, self.uploads, self.exports,
-                       self.tmp):
+        for folder in (self.datasets, self.jobs, self.uploads, self.exports, self.tmp):
             folder.mkdir(parents=True, exist_ok=True)
 
     def sweep_stale(self, max_age_s: float = 24 * 3600) -> int:
@@ -77,62 +113,18 @@ class Storage:
             removed += sum(_remove_leftover(path) for path in stale)
         return removed
 
-    def dataset_dir(self, dataset_id: str) -> Path:
-        """The unpacked images of a dataset (what the engine reads)."""
-        return self.datasets / _checked(dataset_id)
-
-    def model_dir(self, model_id: str) -> Path:
-        """The tuned-model bundle that ``models.Predictor.load`` reads."""
-        return self.models / _checked(model_id)
-
     def job_dir(self, job_id: str) -> Path:
-        """A job's files: per-epoch checkpoints while it runs, and its log lines."""
+        """This host's files of a job it runs: checkpoints and log lines, shipped to the
+        store as they are written (``blobs.keys``)."""
         return self.jobs / _checked(job_id)
 
-    def job_log(self, job_id: str) -> Path:
-        """The job's worker log lines (JSON), for GET /v1/jobs/{id}/logs; kept until the job
-        is deleted."""
-        return self.job_dir(job_id) / "log.jsonl"
-
-    def checkpoint_dir(self, job_id: str) -> Path:
-        return self.job_dir(job_id) / "checkpoints"
-
-    def model_zip(self, model_id: str) -> Path:
-        return self.export_file(model_id, "safetensors")
-
     def export_file(self, model_id: str, fmt: str) -> Path:
-        """Where the model's download in ``fmt`` is kept (built or not)."""
+        """Where this host builds the model's download in ``fmt`` before storing it."""
         return self.exports / f"{_checked(model_id)}{export_suffix(fmt)}"
 
-    def export_files(self, model_id: str) -> list[Path]:
-        """The model's downloads that exist, in any format."""
-        stem = _checked(model_id)
-        return [p for p in (self.exports / f"{stem}{s}" for s in EXPORT_SUFFIXES) if p.is_file()]
-
-    def remove_dataset_files(self, dataset_id: str) -> None:
-        # Renamed first so the delete is atomic from a reader's view, then removed.
-        folder = self.dataset_dir(dataset_id)
-        if folder.exists():
-            # A unique name: an earlier trash folder of this id may not have gone away.
-            trash = self.tmp / f"deleted-{dataset_id}-{uuid.uuid4().hex[:8]}"
-            folder.rename(trash)
-            remove_tree(trash)
-
-    def remove_model_files(self, model_id: str) -> None:
-        for path in self.export_files(model_id):
-            path.unlink(missing_ok=True)
-        remove_tree(self.model_dir(model_id))
-
-    def folder_bytes(self, folder: Path) -> int:
-        return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
-
     def remove_job_files(self, job_id: str) -> None:
-        """Everything of a deleted job, its log included."""
+        """This host's files of the job (the store's go with ``blobs.deletions``)."""
         remove_tree(self.job_dir(job_id))
-
-    def remove_checkpoints(self, job_id: str) -> None:
-        """A finished job's checkpoints (its log stays)."""
-        remove_tree(self.checkpoint_dir(job_id))
 
 
 def _remove_leftover(path: Path) -> bool:

@@ -3,7 +3,6 @@ bundle, ONNX, TorchScript). Loaded models for predictions live in ``predictor_ca
 
 from __future__ import annotations
 
-import os
 import re
 import uuid
 import zipfile
@@ -17,6 +16,10 @@ from ftune.models.bundle import BUNDLE_FILES, EVALUATION_FILE
 from ftune.models.export_formats import EXPORT_FORMATS
 from ftune.service.auth.principal import Principal
 from ftune.service.auth.tenancy import visible_or_404, visible_rows
+from ftune.service.blobs import deletions
+from ftune.service.blobs.base import BlobInfo, BlobMissing
+from ftune.service.blobs.fetched import CorruptBlob
+from ftune.service.blobs.keys import export_key, export_prefix, model_key, prefixes_of
 from ftune.service.db.session import Database
 from ftune.service.db.tables import ModelAlias, Tenant, TunedModel
 from ftune.service.disk import disk_allowance
@@ -108,9 +111,9 @@ def model_view(model: TunedModel, aliases: list[str] | None = None) -> dict:
 
 def delete_models(session: Session, principal: Principal, *, ref: str, all_versions: bool,
                   force: bool) -> list[str]:
-    """Delete one version (or every version of its name); returns the ids, whose files the
-    caller removes after the commit. Refused while an alias points at one, unless forced
-    (the aliases go too)."""
+    """Delete one version (or every version of its name); returns the ids. Their objects are
+    scheduled for deletion: remove ``prefixes_of(models=ids)`` after the commit. Refused while
+    an alias points at one, unless forced (the aliases go too)."""
     model = get_model(session, principal, ref)
     models = [model] if not all_versions else list(session.scalars(select(TunedModel).where(
         TunedModel.tenant_id == model.tenant_id, TunedModel.name == model.name)))
@@ -127,67 +130,60 @@ def delete_models(session: Session, principal: Principal, *, ref: str, all_versi
     for version in models:
         session.delete(version)
     session.flush()
+    deletions.schedule(session, prefixes_of(models=ids))
     return ids
 
 
 def delete_exports(session: Session, storage: Storage, principal: Principal, *,
                    ref: str) -> int:
-    """Remove the model's zip, ONNX and TorchScript files; returns the bytes freed."""
+    """Remove the model's zip, ONNX and TorchScript downloads; returns the bytes freed."""
     model = get_model(session, principal, ref)
     freed = 0
-    for path in storage.export_files(model.id):
-        freed += path.stat().st_size
-        path.unlink(missing_ok=True)
+    for key in list(storage.blobs.keys(export_prefix(model.id))):
+        found = storage.blobs.info(key)
+        storage.blobs.delete(key)
+        freed += found.size if found is not None else 0
     model.exports_bytes = 0
     return freed
 
 
-def bundle_folder(storage: Storage, model_id: str) -> Path:
-    """The model's bundle folder; 404 when its files are not on this server."""
-    folder = storage.model_dir(model_id)
+def bundle_folder(storage: Storage, model: TunedModel) -> Path:
+    """The model's bundle on this host, fetched from the store the first time (and verified
+    against its hash); 409 when the store no longer has it."""
+    if model.blob_sha256 is None:
+        raise Conflict(f"model {model.id} has no stored files (it was trained before the "
+                       "blob store and its files were not found when the API started)")
+    try:
+        folder = storage.local_tree(model_key(model.id), model.blob_sha256,
+                                    owner=model.tenant_id)
+    except BlobMissing:
+        raise Conflict(f"model {model.id}'s files are missing from the store "
+                       f"({storage.blobs.location}); delete the model and train it again"
+                       ) from None
+    except CorruptBlob as exc:
+        raise Conflict(f"model {model.id}'s stored files are damaged: {exc}") from None
     missing = [name for name in BUNDLE_FILES if not (folder / name).is_file()]
     if missing:
-        raise NotFound(f"model {model_id} has no files on this server (missing "
-                       f"{', '.join(missing)}); was the data directory moved?")
+        raise Conflict(f"model {model.id}'s stored bundle lacks {', '.join(missing)}")
     return folder
 
 
-def model_export(storage: Storage, slots: ExportSlots, model_id: str, fmt: str, *,
-                 timeout_s: float) -> Path:
-    """The model as ONNX or TorchScript, built once (in a child process) and kept."""
-    target = download_path(storage, model_id, fmt)
-    if not target.exists():
-        slots.run(bundle_folder(storage, model_id), target, fmt, timeout_s=timeout_s)
-    return target
-
-
-def model_zip(storage: Storage, model_id: str) -> Path:
-    """The bundle as a zip, built once (models never change) and renamed into place."""
-    target = storage.model_zip(model_id)
-    if target.exists():
-        return target
-    source = bundle_folder(storage, model_id)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}")
-    try:
-        # Weights are already dense floats: storing them uncompressed is as small and faster.
-        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as archive:
-            for name in BUNDLE_FILES + EXTRA_FILES:
-                if (source / name).is_file():
-                    archive.write(source / name, arcname=name)
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return target
+def _build_zip(source: Path, target: Path) -> None:
+    """The bundle as a zip (what the ``safetensors`` download is)."""
+    # Weights are already dense floats: storing them uncompressed is as small and faster.
+    with zipfile.ZipFile(target, "w", compression=zipfile.ZIP_STORED) as archive:
+        for name in BUNDLE_FILES + EXTRA_FILES:
+            if (source / name).is_file():
+                archive.write(source / name, arcname=name)
 
 
 def build_download(db: Database, storage: Storage, settings: Settings, *, model: TunedModel,
-                   fmt: str, slots: ExportSlots) -> Path:
-    """The model's download in ``fmt``, built the first time (models never change) if the
-    tenant's storage quota allows; its size then counts against that quota."""
-    target = download_path(storage, model.id, fmt)
-    if target.exists():
-        return target
+                   fmt: str, slots: ExportSlots) -> BlobInfo:
+    """The model's download in ``fmt`` in the store, built the first time (models never
+    change) if the tenant's storage quota allows; its size then counts against that quota."""
+    key = export_key(model.id, fmt)
+    if (found := storage.blobs.info(key)) is not None:
+        return found
     with db.session() as session:
         usage = usage_of(session, model.tenant_id)
         limits = limits_of(session.get(Tenant, model.tenant_id), settings)
@@ -196,13 +192,22 @@ def build_download(db: Database, storage: Storage, settings: Settings, *, model:
         raise TooManyRequests(f"quota stored_gb exceeded: building this download needs space "
                               f"and the tenant holds {usage.stored_bytes} of "
                               f"{limits.stored_bytes} bytes; delete exports or models first")
-    path = model_zip(storage, model.id) if not EXPORT_FORMATS[fmt].traced else model_export(
-        storage, slots, model.id, fmt, timeout_s=settings.export_timeout_s)
+    source = bundle_folder(storage, model)
+    # Built on this host's disk (a unique name: two requests may build it at once), then
+    # stored whole; the local file goes either way.
+    local = storage.export_file(model.id, fmt)
+    local = local.with_name(f".{uuid.uuid4().hex[:8]}{local.name}")
+    try:
+        if EXPORT_FORMATS[fmt].traced:
+            slots.run(source, local, fmt, timeout_s=settings.export_timeout_s)
+        else:
+            _build_zip(source, local)
+        stored = storage.blobs.put_file(key, local)
+    finally:
+        local.unlink(missing_ok=True)
+    total = sum(info.size for k in storage.blobs.keys(export_prefix(model.id))
+                if (info := storage.blobs.info(k)) is not None)
     with db.session() as session:
         session.execute(update(TunedModel).where(TunedModel.id == model.id).values(
-            exports_bytes=sum(p.stat().st_size for p in storage.export_files(model.id))))
-    return path
-
-
-def download_path(storage: Storage, model_id: str, fmt: str) -> Path:
-    return storage.export_file(model_id, fmt)
+            exports_bytes=total))
+    return stored

@@ -16,6 +16,7 @@ from ftune.models.errors import (
     WeightsNotFoundError,
 )
 from ftune.models.spec import SpecError
+from ftune.service.blobs.base import is_store_outage
 
 _TRANSIENT_ERRNOS = {errno.EIO, errno.EAGAIN, errno.ETIMEDOUT, errno.EBUSY, errno.ESTALE,
                      errno.ECONNRESET, errno.ECONNREFUSED, errno.EINTR}
@@ -34,6 +35,8 @@ def is_transient(exc: BaseException) -> bool:
     if isinstance(exc, (OperationalError, InterfaceError)):
         return True
     if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+        return True
+    if is_store_outage(exc):  # the blob store down or overloaded
         return True
     return isinstance(exc, OSError) and exc.errno in _TRANSIENT_ERRNOS
 

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import logging
-import shutil
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
@@ -13,11 +13,13 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy.exc import IntegrityError
 
+from ftune.models.data.trees import remove_tree
 from ftune.models.derived.store import DerivedStore
-from ftune.models.errors import DatasetError, TrainingCancelled
+from ftune.models.errors import TrainingCancelled
 from ftune.models.recipe.resolve import STATIC_FIELDS
 from ftune.models.spec import parse_spec
-from ftune.models.training.checkpoint import CHECKPOINT_NAME
+from ftune.service.blobs import deletions
+from ftune.service.blobs.keys import model_key, prefixes_of
 from ftune.service.db.session import Database
 from ftune.service.db.tables import TunedModel, utcnow
 from ftune.service.ids import new_id
@@ -35,6 +37,7 @@ from ftune.workers.failures import (
     release_memory,
 )
 from ftune.workers.progress import JobHeartbeat, ProgressReporter
+from ftune.workers.run_files import RunFiles
 
 if TYPE_CHECKING:
     from ftune.models.training.fit import FitResult
@@ -92,19 +95,24 @@ class JobRunner:
         job = self._claim(job_id)
         if job is None:
             return SKIPPED
-        # Every line logged while it runs carries its id and tenant, and is kept for its logs.
-        with job_logging(self.storage.job_log(job_id), job_id, job.tenant_id):
-            log.info("job %s attempt %d started on %s", job_id, job.attempts,
-                     self.worker_name)
-            try:
-                status = self._run_claimed(job)
-            except BaseException as exc:  # handed back on shutdown, or a bug (marked failed)
-                log.info("job %s left this worker: %s", job_id, type(exc).__name__)
-                raise
-            log.info("job %s ended: %s", job_id, status)
-            return status
+        files = RunFiles(self.db, self.storage, self.worker_name, job_id, job.attempts)
+        try:
+            # Every line logged while it runs carries its id and tenant, and is kept (in the
+            # store) for its logs.
+            with job_logging(files.log_path, job_id, job.tenant_id):
+                log.info("job %s attempt %d started on %s", job_id, job.attempts,
+                         self.worker_name)
+                try:
+                    status = self._run_claimed(job, files)
+                except BaseException as exc:  # handed back on shutdown, or a bug (failed)
+                    log.info("job %s left this worker: %s", job_id, type(exc).__name__)
+                    raise
+                log.info("job %s ended: %s", job_id, status)
+                return status
+        finally:
+            files.clean_up()
 
-    def _run_claimed(self, job: ClaimedJob) -> str:
+    def _run_claimed(self, job: ClaimedJob, files: RunFiles) -> str:
         job_id = job.id
         limit = min(self.limits.max_runtime_s, job.max_runtime_s or float("inf"))
         used = job.seconds_run  # time spent queued does not count
@@ -116,16 +124,16 @@ class JobRunner:
                                     trial=job.sweep_id is not None)
         try:
             with JobHeartbeat(self.db, reporter, self.timings.heartbeat_s):
-                return self._train_with_oom_retry(job, reporter, limit - used)
+                return self._train_with_oom_retry(job, files, reporter, limit - used)
         except TrainingCancelled:
-            return self._stopped(job, reporter, limit)
+            return self._stopped(job, files, reporter, limit)
         except Exception as exc:
             if self._retry_later(job, exc):
                 return JobStatus.QUEUED
             if is_users_to_fix(exc):  # bad data, spec, weights, memory: one line, no traceback
                 log.warning("job %s failed: %s", job_id, describe_failure(exc))
-                return self._fail(job_id, describe_failure(exc))
-            self._fail(job_id, describe_failure(exc))
+                return self._fail(files, describe_failure(exc))
+            self._fail(files, describe_failure(exc))
             raise  # a bug: marked failed, and the task fails with its traceback (logged once)
 
     def _claim(self, job_id: str) -> ClaimedJob | None:
@@ -136,10 +144,12 @@ class JobRunner:
             log.info("job %s skipped: missing, finished, cancelled or running elsewhere", job_id)
             with self.db.session() as session:
                 if transitions.cancel_requested(session, job_id):  # cancelled while it was away
-                    self.storage.remove_checkpoints(job_id)
+                    RunFiles(self.db, self.storage, self.worker_name, job_id,
+                             0).discard_checkpoints()
         return job
 
-    def _stopped(self, job: ClaimedJob, reporter: ProgressReporter, limit: float) -> str:
+    def _stopped(self, job: ClaimedJob, files: RunFiles, reporter: ProgressReporter,
+                 limit: float) -> str:
         """The run stopped at a batch boundary: taken over, pruned, over time, shutdown or
         cancel. Returns what ``run`` does, or raises ``WorkerShuttingDown``."""
         job_id = job.id
@@ -148,9 +158,9 @@ class JobRunner:
             log.warning("job %s was taken over by another worker; stopping", job_id)
             return SUPERSEDED
         if reporter.pruned and not self.shutdown.is_set():
-            return self._pruned(job)
+            return self._pruned(job, files)
         if reporter.over_time:
-            return self._fail(job_id, f"exceeded its maximum run time of {limit:.0f} s "
+            return self._fail(files, f"exceeded its maximum run time of {limit:.0f} s "
                               "(max_runtime_s, FTUNE_MAX_RUNTIME_S); the last checkpoint "
                               "was discarded")
         if self.shutdown.is_set():
@@ -164,14 +174,14 @@ class JobRunner:
         with self.db.session() as session:
             transitions.finish(session, job_id, JobStatus.CANCELLED,
                                error="cancelled while running", worker=self.worker_name)
-        self.storage.remove_checkpoints(job_id)
+        files.discard_checkpoints()
         log.info("job %s cancelled", job_id)
         return JobStatus.CANCELLED
 
-    def _pruned(self, job: ClaimedJob) -> str:
+    def _pruned(self, job: ClaimedJob, files: RunFiles) -> str:
         with self.db.session() as session:
             transitions.prune(session, job.id, self.worker_name, job.objective)
-        self.storage.remove_checkpoints(job.id)
+        files.discard_checkpoints()
         log.info("job %s pruned", job.id)
         return JobStatus.PRUNED
 
@@ -190,15 +200,15 @@ class JobRunner:
                                 f"{describe_failure(exc)}")
         return True
 
-    def _fail(self, job_id: str, message: str) -> str:
+    def _fail(self, files: RunFiles, message: str) -> str:
         with self.db.session() as session:
-            transitions.finish(session, job_id, JobStatus.FAILED, error=message,
+            transitions.finish(session, files.job_id, JobStatus.FAILED, error=message,
                                worker=self.worker_name)
-        self.storage.remove_checkpoints(job_id)
+        files.discard_checkpoints()
         return JobStatus.FAILED
 
-    def _train_with_oom_retry(self, job: ClaimedJob, reporter: ProgressReporter,
-                              seconds_left: float) -> str:
+    def _train_with_oom_retry(self, job: ClaimedJob, files: RunFiles,
+                              reporter: ProgressReporter, seconds_left: float) -> str:
         """Train and store the model; returns ``succeeded`` or ``SUPERSEDED``."""
         job_id, spec_json = job.id, job.spec
         # Only the submit-time choices: what a run measures is measured again on each attempt.
@@ -206,7 +216,7 @@ class JobRunner:
         run = _RunInputs(static, seconds_left)
         smaller = None
         try:
-            return self._train(job, spec_json, reporter, run)
+            return self._train(job, files, spec_json, reporter, run)
         except Exception as exc:
             smaller = halved_batch_spec(spec_json) if is_out_of_memory(exc) else None
             if smaller is None:
@@ -218,94 +228,138 @@ class JobRunner:
         log.warning("job %s ran out of memory at batch_size %d; retrying with %d", job_id,
                     old, new)
         # Checkpoints hold optimizer and schedule state for the old batch size.
-        self.storage.remove_checkpoints(job_id)
+        files.discard_checkpoints()
         with self.db.session() as session:
             transitions.replace_spec(session, job_id, smaller,
                                      f"out of memory at batch_size {old}; retrying once "
                                      f"with batch_size {new}")
         if reporter.deadline is not None:  # the retry has what is left of the run time
             run = replace(run, seconds_left=reporter.deadline - time.monotonic())
-        return self._train(job, smaller, reporter, run)
+        return self._train(job, files, smaller, reporter, run)
 
-    def _record_success(self, job_id: str, record: TunedModel, best: dict,
+    def _discard_model(self, model_id: str) -> None:
+        """A stored bundle no row will point at: scheduled and removed (retried if the store
+        refuses now)."""
+        prefixes = prefixes_of(models=[model_id])
+        with self.db.session() as session:
+            deletions.schedule(session, prefixes)
+        deletions.remove(self.db, self.storage.blobs, prefixes)
+
+    def _record_success(self, job_id: str, attempt: int, record: TunedModel, best: dict,
                         result: FitResult) -> bool:
         for _ in range(VERSION_RACE_RETRIES):
             try:
                 with self.db.session() as session:
                     return transitions.succeed(session, job_id, self.worker_name, record, best,
-                                               result.stopped_early, result.diagnosis)
+                                               result.stopped_early, result.diagnosis,
+                                               attempt=attempt)
             except IntegrityError:
                 # Another model of the same name took this version number; take the next.
                 record = TunedModel(**{c.key: getattr(record, c.key)
                                        for c in TunedModel.__table__.columns})
         with self.db.session() as session:  # the last try: an IntegrityError now propagates
             return transitions.succeed(session, job_id, self.worker_name, record, best,
-                                       result.stopped_early, result.diagnosis)
+                                       result.stopped_early, result.diagnosis, attempt=attempt)
 
-    def _train(self, job: ClaimedJob, spec_json: dict, reporter: ProgressReporter,
-               run: _RunInputs) -> str:
+    def _train(self, job: ClaimedJob, files: RunFiles, spec_json: dict,
+               reporter: ProgressReporter, run: _RunInputs) -> str:
         """One training run with this spec; returns ``succeeded`` or ``SUPERSEDED``."""
-        result = self._fit(job, spec_json, reporter, run)
-        return self._store_model(job, result)
+        result = self._fit(job, files, spec_json, reporter, run)
+        return self._store_model(job, files, result)
 
-    def _fit(self, job: ClaimedJob, spec_json: dict, reporter: ProgressReporter,
-             run: _RunInputs) -> FitResult:
+    def _fit(self, job: ClaimedJob, files: RunFiles, spec_json: dict,
+             reporter: ProgressReporter, run: _RunInputs) -> FitResult:
         from ftune.models.training.fit import fit
 
         spec = parse_spec(spec_json)  # stored JSON is validated again: it may predate a change
-        data_dir = self.storage.dataset_dir(job.dataset_id)
-        if not data_dir.is_dir():
-            raise DatasetError(f"dataset {job.dataset_id} no longer exists on the server")
-        checkpoints = self.storage.checkpoint_dir(job.id)
-        resume = checkpoints if (checkpoints / CHECKPOINT_NAME).is_file() else None
+        data_dir = files.dataset(job.dataset_id, job.dataset_sha256, job.tenant_id)
+        unlabeled = (None if job.unlabeled_dataset_id is None else files.dataset(
+            job.unlabeled_dataset_id, job.unlabeled_sha256, job.tenant_id))
+        resume = files.restore_checkpoint()
         if resume is not None:
-            log.info("job %s resumes from its last checkpoint", job.id)
-        return fit(data_dir, spec, checkpoint_dir=checkpoints, resume=resume,
-                   callbacks=reporter.callbacks(), resolved=run.resolved,
+            self._record_missing_epochs(job.id, resume, reporter)
+        callbacks = reporter.callbacks()
+        callbacks.on_epoch_end, callbacks.on_pretrain_epoch = _shipped_first(reporter, files)
+        return fit(data_dir, spec, checkpoint_dir=files.checkpoints, resume=resume,
+                   callbacks=callbacks, resolved=run.resolved,
                    time_limit_s=run.seconds_left, derived=self.derived,
                    owner=job.tenant_id,  # whose cache entries this job makes
-                   unlabeled=self._unlabeled_dir(job))
+                   unlabeled=unlabeled)
 
-    def _unlabeled_dir(self, job: ClaimedJob) -> Path | None:
-        """The folder of the unlabelled dataset the job names, if it names one."""
-        other = job.unlabeled_dataset_id
-        if other is None:
-            return None
-        folder = self.storage.dataset_dir(other)
-        if not folder.is_dir():
-            raise DatasetError(f"unlabelled dataset {other} no longer exists on the server")
-        return folder
+    def _record_missing_epochs(self, job_id: str, resume: Path,
+                               reporter: ProgressReporter) -> None:
+        """Rows of the epochs the checkpoint holds that the database lacks: the attempt that
+        stored it was cut off before it recorded its last epoch."""
+        from ftune.models.training.checkpoint import load_checkpoint
 
-    def _store_model(self, job: ClaimedJob, result: FitResult) -> str:
-        """Write the bundle, then record the model; the bundle goes if recording fails.
+        history = load_checkpoint(resume).get("history", [])
+        with self.db.session() as session:
+            recorded = transitions.recorded_epochs(session, job_id)
+        for row in history:
+            if int(row["epoch"]) not in recorded:
+                log.info("job %s: recording epoch %s from the checkpoint", job_id, row["epoch"])
+                reporter.on_epoch_end(row)
+
+    def _store_model(self, job: ClaimedJob, files: RunFiles, result: FitResult) -> str:
+        """Store the bundle, then record the model; the bundle goes if recording fails.
         Returns ``succeeded``, or ``SUPERSEDED`` when the job is no longer ours to finish."""
         from ftune.models.bundle import save_bundle
 
         job_id, model_id = job.id, new_id()
-        model_dir = self.storage.model_dir(model_id)
-        save_bundle(result, model_dir)
+        key = model_key(model_id)
+        bundle = files.folder / "bundle"
+        try:
+            save_bundle(result, bundle)
+            # Whole or not at all: no reader sees a part of it, and no row points at it yet.
+            stored = self.storage.put_tree(key, bundle)
+        finally:
+            remove_tree(bundle)
         best = {"epoch": result.best_epoch,
                 "val_accuracy": result.best_metrics.get("val_accuracy"),
                 "val_loss": result.best_metrics.get("val_loss")}
         record = TunedModel(
             id=model_id, tenant_id=job.tenant_id, job_id=job_id, name=job.model_name,
             dataset_id=job.dataset_id,
-            size_bytes=self.storage.folder_bytes(model_dir), dataset_hash=result.dataset_hash,
+            size_bytes=stored.size, blob_sha256=stored.sha256, dataset_hash=result.dataset_hash,
             backbone=result.backbone, classes=result.classes,
             spec=result.spec.model_dump(mode="json"), metrics=_model_metrics(result))
         try:
-            recorded = self._record_success(job_id, record, best, result)
+            recorded = self._record_success(job_id, job.attempts, record, best, result)
         except BaseException:
-            shutil.rmtree(model_dir, ignore_errors=True)
+            self._discard_model(model_id)
             raise
         if not recorded:
             # Another worker took the job over (we were thought dead); its result stands.
-            shutil.rmtree(model_dir, ignore_errors=True)
+            self._discard_model(model_id)
             log.warning("job %s is no longer ours to finish; model discarded", job_id)
             return SUPERSEDED
-        self.storage.remove_checkpoints(job_id)
+        files.discard_checkpoints()
         log.info("job %s succeeded: model %s", job_id, model_id)
         return JobStatus.SUCCEEDED
+
+
+def _shipped_first(reporter: ProgressReporter, files: RunFiles
+                   ) -> tuple[Callable[[dict], None], Callable[[dict], None]]:
+    """The ends of an epoch and of a pretraining epoch: the checkpoint stored first, then
+    the row recorded, so a row is never seen without the checkpoint another host resumes
+    from (a run is never set back behind what users saw). Storing is refused once another
+    attempt owns the job: the run stops at the next batch."""
+    def stored() -> bool:
+        if reporter.lost or not files.ship_checkpoint():
+            reporter.lost = True
+            return False
+        return True
+
+    def on_epoch_end(row: dict) -> None:
+        if stored():
+            reporter.on_epoch_end(row)
+        files.ship_log()
+
+    def on_pretrain_epoch(row: dict) -> None:
+        if stored():
+            reporter.on_pretrain_epoch(row)
+
+    return on_epoch_end, on_pretrain_epoch
 
 
 def _model_metrics(result: FitResult) -> dict:

@@ -11,7 +11,6 @@ from celery import shared_task
 from celery.exceptions import Reject
 from celery.signals import worker_shutting_down
 
-from ftune.models.derived.store import DerivedStore
 from ftune.service.db.session import Database
 from ftune.service.queue import FINETUNE_TASK
 from ftune.service.settings import Settings
@@ -34,7 +33,7 @@ def _on_shutdown(**_: object) -> None:
 
 
 def build_runner(settings: Settings) -> JobRunner:
-    storage = Storage(settings.resolved_home)
+    storage = Storage.for_settings(settings)
     storage.prepare()
     return JobRunner(Database(settings.resolved_database_url), storage,
                      worker_name=f"{socket.gethostname()}:{threading.get_native_id()}",
@@ -44,8 +43,7 @@ def build_runner(settings: Settings) -> JobRunner:
                                         stale_after_s=settings.job_stale_s),
                      limits=RunLimits(settings.max_runtime_s, settings.max_attempts,
                                       settings.retry_backoff_s), shutdown=SHUTDOWN,
-                     derived=DerivedStore(settings.engine.cache_dir or storage.cache,
-                                          settings.engine.cache_bytes))
+                     derived=storage.derived)
 
 
 def use_settings(settings: Settings, *, after_job: Callable[[], None] | None = None) -> None:

@@ -272,6 +272,13 @@ class Hosts:
     def address(self, name: str) -> str:
         return self.host(name).address
 
+    def in_network(self, name: str) -> list[str]:
+        """A command prefix that runs a program in host ``name``'s network but the machine's
+        files: for the services a test plants on a host from outside (a database whose
+        folder the test owns)."""
+        return [_tool("nsenter", "util-linux"), f"--net=/run/netns/{self.host(name).netns}",
+                "--"]
+
     def tmp_dir(self, name: str) -> Path:
         """The host's /tmp as the test sees it (to read its logs or plant files)."""
         return self.host(name).tmp

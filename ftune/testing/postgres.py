@@ -15,7 +15,7 @@ import shutil
 import subprocess
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,10 +49,12 @@ class PrivateCluster:
 
     folder: Path | None = None
     port: int = 0
+    listen: str = "127.0.0.1"  # the address it listens on
+    prefix: Sequence[str] = ()  # runs the server under this (a test host's network)
 
     def __enter__(self) -> PrivateCluster:
         self.bin = find_server_binaries()
-        self.port = free_port()
+        self.port = free_port() if not self.prefix else 5432  # a host's ports are its own
         self.folder = Path(tempfile.mkdtemp(prefix="ftune-pg-"))
         self._as_server_user = os.geteuid() == 0
         if self._as_server_user:
@@ -73,7 +75,10 @@ class PrivateCluster:
         self._run("initdb", "-D", str(self.data), "-U", SERVER_USER, "-A", "trust",
                   "--no-sync", "-E", "UTF8")
         assert self.folder is not None
-        options = (f"-p {self.port} -k {self.folder} -c listen_addresses=127.0.0.1 "
+        if self.listen != "127.0.0.1":  # clients on the listening address's own network
+            hba = self.data / "pg_hba.conf"
+            hba.write_text(hba.read_text() + "\nhost all all samenet trust\n")
+        options = (f"-p {self.port} -k {self.folder} -c listen_addresses={self.listen} "
                    "-c fsync=off -c synchronous_commit=off -c full_page_writes=off "
                    "-c max_connections=200")
         self._run("pg_ctl", "-D", str(self.data), "-o", options, "-l",
@@ -86,12 +91,13 @@ class PrivateCluster:
 
     @property
     def url(self) -> str:
-        return f"postgresql://{SERVER_USER}@127.0.0.1:{self.port}/postgres"
+        return f"postgresql://{SERVER_USER}@{self.listen}:{self.port}/postgres"
 
     def _run(self, tool: str, *args: str) -> None:
         command = [str(self.bin / tool), *args]
         if self._as_server_user:
             command = ["runuser", "-u", SERVER_USER, "--", *command]
+        command = [*self.prefix, *command]
         result = subprocess.run(command, capture_output=True, text=True, timeout=120)
         if result.returncode != 0:
             raise PostgresUnavailable(f"{tool} failed ({result.returncode}): "

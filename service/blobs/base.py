@@ -14,7 +14,7 @@ import threading
 import time
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +30,20 @@ class BlobError(Exception):
 
 class BlobMissing(BlobError):
     """No object under the key."""
+
+
+# Each backend adds a test for its own "the store did not answer" errors (workers retry those).
+_OUTAGE_TESTS: list[Callable[[BaseException], bool]] = []
+
+
+def is_store_outage(exc: BaseException) -> bool:
+    """The store was unreachable, timed out or overloaded: worth retrying later (a missing or
+    corrupt object, a refused credential, is not)."""
+    return any(test(exc) for test in _OUTAGE_TESTS)
+
+
+def add_outage_test(test: Callable[[BaseException], bool]) -> None:
+    _OUTAGE_TESTS.append(test)
 
 
 @dataclass(frozen=True)

@@ -59,7 +59,16 @@ class LocalBlobStore(BlobStore):
             return None
 
     def delete(self, key: str) -> None:
-        self._path(key).unlink(missing_ok=True)
+        path = self._path(key)
+        path.unlink(missing_ok=True)
+        # Folders left empty go too (as an S3 prefix does with its last object).
+        for folder in path.parents:
+            if folder == self.root or not folder.is_relative_to(self.root):
+                break
+            try:
+                folder.rmdir()
+            except OSError:  # not empty (or gone already)
+                break
 
     def keys(self, prefix: str) -> Iterator[str]:
         base = self._path(prefix.rstrip("/"))

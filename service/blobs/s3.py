@@ -15,9 +15,15 @@ from typing import Any
 
 import boto3
 from botocore.config import Config
-from botocore.exceptions import ClientError
+from botocore.exceptions import ClientError, HTTPClientError, ResponseStreamingError
 
-from ftune.service.blobs.base import BlobInfo, BlobMissing, BlobStore, check_key
+from ftune.service.blobs.base import (
+    BlobInfo,
+    BlobMissing,
+    BlobStore,
+    add_outage_test,
+    check_key,
+)
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +147,17 @@ class _Multipart:
             # The store keeps the parts until a lifecycle rule for incomplete uploads (or a
             # later sweep) removes them.
             log.warning("could not abort the upload of %s: %s", self.name, exc)
+
+
+def _outage(exc: BaseException) -> bool:
+    # Connection refused or reset, timeouts, a body cut off; or the store's own 5xx.
+    if isinstance(exc, (HTTPClientError, ResponseStreamingError)):
+        return True
+    return isinstance(exc, ClientError) and int(
+        exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0) >= 500
+
+
+add_outage_test(_outage)
 
 
 def _missing(error: ClientError) -> bool:

@@ -119,6 +119,9 @@ class Dataset(Base):
     report: Mapped[dict[str, Any] | None]  # the lint report
     # "labeled", or "unlabeled": images without labels only, for pretraining and pseudo-labels.
     kind: Mapped[str] = mapped_column(String(16), default="labeled", server_default="labeled")
+    # SHA-256 of its images' tar in the blob store (blobs.keys.dataset_key); a worker checks
+    # what it fetches against it.
+    blob_sha256: Mapped[str | None] = mapped_column(String(64))
 
 
 class Job(Base):
@@ -186,6 +189,19 @@ class JobEvent(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
+class BlobDeletion(Base):
+    """A prefix of the blob store whose objects must go. Written in the transaction that
+    deletes their rows, removed once the objects are gone: a delete that fails halfway (the
+    store down, the process killed) is retried by the API's upkeep (blobs/deletions.py)."""
+
+    __tablename__ = "blob_deletions"
+
+    prefix: Mapped[str] = mapped_column(String(300), primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    attempts: Mapped[int] = mapped_column(default=0)
+    last_error: Mapped[str | None] = mapped_column(Text)
+
+
 class IdempotencyKey(Base):
     """``Idempotency-Key`` of a submission (a job, or a sweep under the key's ``sweep:``
     prefix): the same key and body give the same object (see service/idempotency.py)."""
@@ -230,6 +246,8 @@ class TunedModel(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     size_bytes: Mapped[int] = mapped_column(BigInteger, default=0)  # the bundle on disk
     exports_bytes: Mapped[int] = mapped_column(BigInteger, default=0)  # zip, ONNX, TorchScript
+    # SHA-256 of its bundle's tar in the blob store (blobs.keys.model_key).
+    blob_sha256: Mapped[str | None] = mapped_column(String(64))
 
 
 class ModelAlias(Base):

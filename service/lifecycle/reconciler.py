@@ -24,6 +24,8 @@ from celery import Celery
 from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
 
+from ftune.service.blobs import deletions
+from ftune.service.blobs.keys import checkpoints_prefix
 from ftune.service.db.session import Database
 from ftune.service.db.tables import Job, utcnow
 from ftune.service.db.writes import rows_changed
@@ -32,7 +34,6 @@ from ftune.service.job_status import JobStatus
 from ftune.service.lifecycle import transitions
 from ftune.service.queue import TRAINING_QUEUE, enqueue_finetune
 from ftune.service.settings import Settings
-from ftune.service.storage import Storage
 
 log = logging.getLogger(__name__)
 
@@ -63,13 +64,12 @@ def _message_id(raw: bytes | str) -> str:
         return ""
 
 
-def reconcile(db: Database, celery: Celery, client: redis.Redis, settings: Settings,
-              storage: Storage | None = None) -> Repairs:
+def reconcile(db: Database, celery: Celery, client: redis.Redis, settings: Settings) -> Repairs:
     repairs = Repairs()
     now = utcnow()
     stale_before = now - timedelta(seconds=settings.job_stale_s)
     with db.session() as session:
-        _abandoned(session, repairs, stale_before, settings.max_attempts, storage)
+        _abandoned(session, repairs, stale_before, settings.max_attempts)
         _unclaimed(session, repairs, stale_before)
         grace = now - timedelta(seconds=max(5.0, settings.reconcile_interval_s))
         admitted = list(session.execute(select(Job.id, Job.priority).where(
@@ -92,8 +92,8 @@ def reconcile(db: Database, celery: Celery, client: redis.Redis, settings: Setti
     return repairs
 
 
-def _abandoned(session: Session, repairs: Repairs, stale_before: datetime, max_attempts: int,
-               storage: Storage | None) -> None:
+def _abandoned(session: Session, repairs: Repairs, stale_before: datetime,
+               max_attempts: int) -> None:
     """Running jobs whose worker stopped sending heartbeats: queued again to resume, or
     failed after too many runs. Their run ended at their last heartbeat."""
     abandoned = session.scalars(select(Job).where(
@@ -106,8 +106,8 @@ def _abandoned(session: Session, repairs: Repairs, stale_before: datetime, max_a
                                       "(killed, out of memory or lost); giving up. Try a "
                                       "smaller batch_size or image_size."))
             repairs.failed.append(job.id)
-            if storage is not None:
-                storage.remove_checkpoints(job.id)
+            # Removed from the store by the API's upkeep (blobs.deletions).
+            deletions.schedule(session, [checkpoints_prefix(job.id)])
         elif transitions.requeue(session, job.id, "its worker stopped sending heartbeats",
                                  ran_until=job.heartbeat_at):
             repairs.requeued.append(job.id)

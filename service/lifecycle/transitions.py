@@ -50,6 +50,9 @@ class ClaimedJob:
     max_runtime_s: float | None  # the job's own limit, if it set one
     seconds_run: float  # on workers before this run (its limit counts them)
     unlabeled_dataset_id: str | None
+    # SHA-256 of each dataset's tar in the store (None: the dataset is gone or not stored).
+    dataset_sha256: str | None
+    unlabeled_sha256: str | None
     model_name: str  # what its model is called: the job's model_name, else the dataset's
     sweep_id: str | None  # set for a sweep's trial, whose pruner is asked after each epoch
     objective: str  # the sweep's metric a pruned trial's best epoch is chosen by
@@ -99,12 +102,16 @@ def _take(session: Session, job: Job, worker: str, stale_after_s: float,
 
 def _claimed(session: Session, job: Job) -> ClaimedJob:
     dataset_name = session.scalar(select(Dataset.name).where(Dataset.id == job.dataset_id))
+    stored = dict(session.execute(select(Dataset.id, Dataset.blob_sha256).where(
+        Dataset.id.in_([job.dataset_id, job.unlabeled_dataset_id or job.dataset_id]))).all())
     sweep = session.get(Sweep, job.sweep_id) if job.sweep_id is not None else None
     return ClaimedJob(
         id=job.id, tenant_id=job.tenant_id, attempts=job.attempts, spec=job.spec,
         dataset_id=job.dataset_id, resolved=dict(job.resolved or {}),
         max_runtime_s=job.max_runtime_s, seconds_run=run_seconds(session, job.id),
         unlabeled_dataset_id=job.unlabeled_dataset_id,
+        dataset_sha256=stored.get(job.dataset_id),
+        unlabeled_sha256=stored.get(job.unlabeled_dataset_id or ""),
         model_name=job.model_name or dataset_name or f"dataset-{job.dataset_id[:8]}",
         sweep_id=job.sweep_id,
         # A trial whose sweep is gone is still ranked, by the default objective.
@@ -126,9 +133,19 @@ def run_seconds(session: Session, job_id: str) -> float:
                 if ended is not None), 0.0)
 
 
-def _ours(job_id: str, worker: str) -> ColumnElement[bool]:
-    """The job is still running on this worker (not taken over after a pause, say)."""
-    return and_(Job.id == job_id, Job.status == JobStatus.RUNNING, Job.worker == worker)
+def _ours(job_id: str, worker: str, attempt: int | None = None) -> ColumnElement[bool]:
+    """The job is still running on this worker (not taken over after a pause, say), in this
+    attempt when one is given."""
+    ours = and_(Job.id == job_id, Job.status == JobStatus.RUNNING, Job.worker == worker)
+    return ours if attempt is None else and_(ours, Job.attempts == attempt)
+
+
+def owns(session: Session, job_id: str, worker: str, attempt: int) -> bool:
+    """Whether this worker's attempt still runs the job: what a worker checks before it
+    writes a checkpoint to the store (a stale attempt, its host cut off while another took
+    the job over, must not)."""
+    return session.scalar(select(func.count()).select_from(Job)
+                          .where(_ours(job_id, worker, attempt))) == 1
 
 
 def beat(session: Session, job_id: str, worker: str) -> bool:
@@ -146,6 +163,11 @@ def record_epoch(session: Session, job_id: str, worker: str, row: dict) -> bool:
     session.merge(EpochMetrics(job_id=job_id, epoch=int(row["epoch"]), row=row))
     add_event(session, job_id, EventKind.EPOCH, **row)
     return True
+
+
+def recorded_epochs(session: Session, job_id: str) -> set[int]:
+    """The epochs whose metrics rows the job has."""
+    return set(session.scalars(select(EpochMetrics.epoch).where(EpochMetrics.job_id == job_id)))
 
 
 def record_progress(session: Session, job_id: str, worker: str, epoch: int, step: int,
@@ -203,10 +225,11 @@ def cancel_requested(session: Session, job_id: str) -> bool:
 
 
 def succeed(session: Session, job_id: str, worker: str, model: TunedModel, best: dict,
-            stopped_early: bool, diagnosis: list | None = None) -> bool:
+            stopped_early: bool, diagnosis: list | None = None, *,
+            attempt: int | None = None) -> bool:
     """Record the model and end the job; False (and nothing written) if it is no longer ours
-    to finish, e.g. taken over by another worker."""
-    done = rows_changed(session, update(Job).where(_ours(job_id, worker))
+    (this worker's, in ``attempt``) to finish, e.g. taken over by another worker."""
+    done = rows_changed(session, update(Job).where(_ours(job_id, worker, attempt))
                     .values(status=JobStatus.SUCCEEDED, finished_at=utcnow(),
                             model_id=model.id, best=best, stopped_early=stopped_early,
                             error=None, step=0, diagnosis=diagnosis or []))

@@ -142,6 +142,6 @@ def report(dataset_id: str, ctx: Ctx, who: Member) -> dict:
 def delete_one(dataset_id: str, ctx: Ctx, who: Admin) -> Response:
     """Admins only; 409 while a queued or running job uses the dataset."""
     with ctx.db.session() as session:
-        delete_dataset(session, who, dataset_id=dataset_id)
-    ctx.storage.remove_dataset_files(dataset_id)
+        doomed = delete_dataset(session, who, dataset_id=dataset_id)
+    ctx.remove_objects(doomed)
     return Response(status_code=204)

@@ -21,7 +21,7 @@ from ftune.service.jobs import (
     queue_position,
     submit_job,
 )
-from ftune.service.logs import MAX_TAIL, read_job_log
+from ftune.service.logs import MAX_TAIL, read_job_log, stored_log_lines
 from ftune.service.pages import DEFAULT_LIMIT, Cursor, Limit, Page
 from ftune.service.schemas import JobIn, JobOut, JobSummary
 from ftune.service.sse import JOB_STREAM_DOC, event_rows, event_stream
@@ -86,8 +86,8 @@ def delete_one(job_id: str, ctx: Ctx, who: Admin) -> Response:
     """Admins only: a finished job with its metrics, events and files (409 while it is active,
     or while the model it made exists)."""
     with ctx.db.session() as session:
-        delete_job(session, who, job_id=job_id)
-    ctx.storage.remove_job_files(job_id)
+        doomed = delete_job(session, who, job_id=job_id)
+    ctx.remove_objects(doomed)
     return Response(status_code=204)
 
 
@@ -99,7 +99,7 @@ def logs(job_id: str, ctx: Ctx, who: Admin,
     server paths are redacted."""
     with ctx.db.session() as session:
         get_job(session, who, job_id)
-    lines = read_job_log(ctx.storage.job_log(job_id), ctx.storage.home, tail)
+    lines = read_job_log(stored_log_lines(ctx.storage.blobs, job_id), ctx.storage.home, tail)
     return {"lines": lines}
 
 

@@ -1,22 +1,26 @@
 from __future__ import annotations
 
+import itertools
+from pathlib import Path
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.encoders import jsonable_encoder
-from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from ftune.models.bundle import CONFIG_FILE, EVALUATION_FILE
 from ftune.models.export_formats import DEFAULT_FORMAT, EXPORT_FORMATS, ExportFormat
 from ftune.service.auth.principal import Principal
 from ftune.service.batching import DynamicBatcher
+from ftune.service.blobs.base import BlobMissing
+from ftune.service.blobs.keys import prefixes_of
 from ftune.service.cards import build_card, card_markdown, read_json
 from ftune.service.context import AppContext
 from ftune.service.db.tables import Dataset, Job, TunedModel
 from ftune.service.deps import Admin, Ctx, Member, rate_limited
 from ftune.service.disk import disk_allowance
-from ftune.service.errors import InvalidInput, NotFound
+from ftune.service.errors import Conflict, InvalidInput, NotFound
 from ftune.service.ids import is_id
 from ftune.service.ingest.multipart import receive_multipart
 from ftune.service.jobs import epoch_rows
@@ -26,6 +30,7 @@ from ftune.service.schemas import AliasIn, AliasOut, ModelOut, PredictOut
 from ftune.service.tuned_models import (
     aliases_of,
     build_download,
+    bundle_folder,
     delete_exports,
     delete_models,
     get_model,
@@ -85,8 +90,7 @@ def delete_one(model_ref: str, ctx: Ctx, who: Admin,
     too)."""
     with ctx.db.session() as session:
         ids = delete_models(session, who, ref=model_ref, all_versions=all_versions, force=force)
-    for model_id in ids:
-        ctx.storage.remove_model_files(model_id)
+    ctx.remove_objects(prefixes_of(models=ids))
     return Response(status_code=204)
 
 
@@ -103,8 +107,9 @@ def delete_model_exports(model_ref: str, ctx: Ctx, who: Admin) -> Response:
 def evaluation(model_ref: str, ctx: Ctx, who: Member) -> dict:
     """The best weights evaluated on val (and test): per-class metrics, the full confusion
     matrix, calibration error, most confused pairs, highest-loss files."""
-    model_id = _resolve(ctx, who, model_ref).id
-    found = read_json(ctx.storage.model_dir(model_id) / EVALUATION_FILE)
+    model = _resolve(ctx, who, model_ref)
+    model_id = model.id
+    found = read_json(bundle_folder(ctx.storage, model) / EVALUATION_FILE)
     if not found:
         raise NotFound(f"model {model_id} has no evaluation (trained before evaluations)")
     return found
@@ -116,13 +121,16 @@ def card(model_ref: str, ctx: Ctx, who: Member,
          format: Annotated[Literal["markdown", "json"], Query()] = "markdown"
          ) -> Response:
     """The model card, Markdown (default) or ``?format=json``."""
+    model = _resolve(ctx, who, model_ref)
+    try:
+        folder: Path | None = bundle_folder(ctx.storage, model)
+    except Conflict:  # its files are gone: the card says what the database knows
+        folder = None
     with ctx.db.session() as session:
-        model = get_model(session, who, model_ref)
-        folder = ctx.storage.model_dir(model.id)
         content = build_card(model=model, job=session.get(Job, model.job_id),
                              dataset=session.get(Dataset, model.dataset_id),
-                             config=read_json(folder / CONFIG_FILE),
-                             evaluation=read_json(folder / EVALUATION_FILE),
+                             config=read_json(folder / CONFIG_FILE) if folder else {},
+                             evaluation=read_json(folder / EVALUATION_FILE) if folder else {},
                              history=epoch_rows(session, model.job_id))
     if format == "json":
         return JSONResponse(jsonable_encoder(content))
@@ -135,8 +143,9 @@ def confusion(model_ref: str, ctx: Ctx, who: Member,
               split: Annotated[Literal["val", "test"], Query()] = "val") -> Response:
     from ftune.service.plots import confusion_png
 
-    model_id = _resolve(ctx, who, model_ref).id
-    result = read_json(ctx.storage.model_dir(model_id) / EVALUATION_FILE).get(split)
+    model = _resolve(ctx, who, model_ref)
+    model_id = model.id
+    result = read_json(bundle_folder(ctx.storage, model) / EVALUATION_FILE).get(split)
     if not result or "confusion_matrix" not in result:
         raise NotFound(f"model {model_id} has no {split} evaluation")
     matrix = result["confusion_matrix"]
@@ -144,19 +153,30 @@ def confusion(model_ref: str, ctx: Ctx, who: Member,
                                   f"model {model_id[:8]} — {split}"), media_type="image/png")
 
 
-@router.get("/models/{model_ref}/download", response_class=FileResponse, description=REF,
-            responses={429: {"description": "building it would exceed the storage quota"}})
+@router.get("/models/{model_ref}/download", response_class=StreamingResponse, description=REF,
+            responses={429: {"description": "building it would exceed the storage quota"},
+                       409: {"description": "the model's files are missing from the store"}})
 def download(model_ref: str, ctx: Ctx, who: Member,
-             format: Annotated[ExportFormat, Query()] = DEFAULT_FORMAT) -> FileResponse:
+             format: Annotated[ExportFormat, Query()] = DEFAULT_FORMAT) -> StreamingResponse:
     """``safetensors`` (default): a zip of what ``ftune.models.Predictor.load`` reads, plus the
     evaluation. ``onnx`` / ``torchscript``: uint8 RGB ``[N, 3, S, S]`` in, probabilities out,
     normalisation included (see ftune/models/export.py for resizing). Built once, then kept
     (they count against the tenant's storage until deleted)."""
     model = _resolve(ctx, who, model_ref)
-    path = build_download(ctx.db, ctx.storage, ctx.settings, model=model, fmt=format,
-                          slots=ctx.exports)
-    return FileResponse(path, media_type=EXPORT_FORMATS[format].media_type,
-                        filename=f"model-{model.id}{path.suffix}")
+    stored = build_download(ctx.db, ctx.storage, ctx.settings, model=model, fmt=format,
+                            slots=ctx.exports)
+    chunks = ctx.storage.blobs.read_chunks(stored.key)
+    try:
+        # Streamed from the store as the client reads it: the API never holds it whole.
+        first = next(chunks, b"")  # a missing object is a 409 here, not a broken stream
+    except BlobMissing:
+        raise Conflict(f"model {model.id}'s {format} download vanished from the store while "
+                       "it was sent; try again") from None
+    name = f"model-{model.id}{EXPORT_FORMATS[format].suffix}"
+    return StreamingResponse(itertools.chain([first], chunks),
+                             media_type=EXPORT_FORMATS[format].media_type,
+                             headers={"Content-Length": str(stored.size),
+                                      "Content-Disposition": f'attachment; filename="{name}"'})
 
 
 @router.post("/models/{model_ref}/predict", response_model=PredictOut,
@@ -196,4 +216,4 @@ async def predict(model_ref: str, request: Request, ctx: Ctx, who: Member,
 
 def _load(ctx: AppContext, who: Principal, ref: str) -> DynamicBatcher:
     model = _resolve(ctx, who, ref)
-    return ctx.predictors.get(model.id, model.tenant_id)
+    return ctx.predictors.get(model)

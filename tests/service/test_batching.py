@@ -9,26 +9,29 @@ import numpy as np
 import pytest
 import torch
 
-from ftune.models.bundle import save_bundle
 from ftune.models.training.fit import fit
 from ftune.service.batching import DynamicBatcher
+from ftune.service.db.tables import TunedModel
 from ftune.service.predictor_cache import PredictorCache
 from ftune.service.storage import Storage
+from ftune.testing.models import store_bundle
 
 
 @pytest.fixture(scope="module")
 def model_home(tiny_folder, tmp_path_factory):
     storage = Storage(tmp_path_factory.mktemp("home"))
     storage.prepare()
-    ids = ["a" * 32, "b" * 32]
-    for model_id in ids:
-        save_bundle(fit(tiny_folder, {"image_size": 32, "epochs": 1}), storage.model_dir(model_id))
-    return storage, ids
+    models = []
+    for model_id in ("a" * 32, "b" * 32):
+        stored = store_bundle(storage, fit(tiny_folder, {"image_size": 32, "epochs": 1}),
+                              model_id)
+        models.append(TunedModel(id=model_id, tenant_id="t" * 32, blob_sha256=stored.sha256))
+    return storage, models
 
 
 def test_concurrent_requests_share_one_forward_with_the_same_answers(model_home):
-    storage, ids = model_home
-    batcher = PredictorCache(storage, 1 << 30).get(ids[0], "t" * 32)
+    storage, models = model_home
+    batcher = PredictorCache(storage, 1 << 30).get(models[0])
     rng = np.random.default_rng(0)
     batches = [rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8) for n in (1, 3, 2, 1)]
     expected = [batcher.predictor.probabilities_from_arrays(b) for b in batches]
@@ -44,8 +47,8 @@ def test_concurrent_requests_share_one_forward_with_the_same_answers(model_home)
 
 
 def test_a_lone_request_does_not_wait_for_the_batch_window(model_home):
-    storage, ids = model_home
-    predictor = PredictorCache(storage, 1 << 30).get(ids[0], "t" * 32).predictor
+    storage, models = model_home
+    predictor = PredictorCache(storage, 1 << 30).get(models[0]).predictor
     batcher = DynamicBatcher(predictor, max_batch=32, max_wait_ms=2000)
     image = np.zeros((1, 32, 32, 3), dtype=np.uint8)
 
@@ -59,31 +62,31 @@ def test_a_lone_request_does_not_wait_for_the_batch_window(model_home):
 
 
 def test_cache_is_bounded_by_memory_and_loads_once(model_home):
-    storage, ids = model_home
+    storage, models = model_home
     probe = PredictorCache(storage, 1 << 30)
-    one_model = probe.get(ids[0], "t" * 32).predictor.memory_bytes()
+    one_model = probe.get(models[0]).predictor.memory_bytes()
     cache = PredictorCache(storage, int(one_model * 1.5))  # room for one model only
-    first = cache.get(ids[0], "t" * 32)
-    assert cache.get(ids[0], "t" * 32) is first and cache.loads == 1
-    cache.get(ids[1], "t" * 32)
-    assert len(cache) == 1 and cache.peek(ids[0]) is None and cache.bytes == one_model
-    cache.get(ids[0], "t" * 32)
+    first = cache.get(models[0])
+    assert cache.get(models[0]) is first and cache.loads == 1
+    cache.get(models[1])
+    assert len(cache) == 1 and cache.peek(models[0].id) is None and cache.bytes == one_model
+    cache.get(models[0])
     assert cache.loads == 3
 
 
 def test_concurrent_first_requests_load_the_model_once(model_home):
     from concurrent.futures import ThreadPoolExecutor
 
-    storage, ids = model_home
+    storage, models = model_home
     cache = PredictorCache(storage, 1 << 30)
     with ThreadPoolExecutor(6) as pool:
-        batchers = list(pool.map(lambda _: cache.get(ids[1], "t" * 32), range(6)))
+        batchers = list(pool.map(lambda _: cache.get(models[1]), range(6)))
     assert cache.loads == 1 and all(b is batchers[0] for b in batchers)
 
 
 def test_a_closed_batcher_serves_what_is_queued_and_restarts_on_demand(model_home):
-    storage, ids = model_home
-    batcher = PredictorCache(storage, 1 << 30).get(ids[0], "t" * 32)
+    storage, models = model_home
+    batcher = PredictorCache(storage, 1 << 30).get(models[0])
     image = np.zeros((1, 32, 32, 3), dtype=np.uint8)
 
     async def scenario() -> None:

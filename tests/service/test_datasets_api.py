@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from ftune.testing.archives import tar_folder, tar_with, zip_folder, zip_members
+from ftune.testing.blobs import stored_dataset, tar_names
 from tests.service.conftest import MAX_UPLOAD_MB
 
 
@@ -74,11 +75,11 @@ def test_train_and_val_folders_are_kept_as_splits(client, tiny_folder, tmp_path)
 
 def test_delete_removes_row_and_files(client, tiny_folder, service_home):
     body = _upload(client, zip_folder(tiny_folder), filename="x.zip", dedupe=False).json()
-    folder = service_home / "datasets" / body["id"]
-    assert folder.is_dir()
+    stored = stored_dataset(service_home, body["id"])
+    assert stored.is_file()
     assert client.delete(f"/v1/datasets/{body['id']}").status_code == 204
     assert client.get(f"/v1/datasets/{body['id']}").status_code == 404
-    assert not folder.exists()
+    assert not stored.exists() and not stored.parent.exists()
     assert client.delete(f"/v1/datasets/{body['id']}").status_code == 404
 
 
@@ -176,8 +177,8 @@ def test_concurrent_uploads_do_not_interfere(client, animal_folder, service_home
     for k, response in enumerate(responses):
         body = response.json()
         assert len(body["classes"]) == k + 2 and body["num_images"] == 6 * (k + 2)
-        stored = service_home / "datasets" / body["id"]
-        assert len(list(stored.rglob("*.png"))) == 6 * (k + 2)
+        names = tar_names(stored_dataset(service_home, body["id"]))
+        assert len([n for n in names if n.endswith(".png")]) == 6 * (k + 2)
         assert client.delete(f"/v1/datasets/{body['id']}").status_code == 204
     assert _leftovers(service_home) == []
 
@@ -254,11 +255,12 @@ def test_a_broken_multipart_body_is_422(client):
 
 
 def test_existing_datasets_survive_rejected_uploads(client, tiny_dataset, service_home):
-    folder = service_home / "datasets" / tiny_dataset["id"]
-    files_before = sorted(p.relative_to(folder) for p in folder.rglob("*"))
+    stored = stored_dataset(service_home, tiny_dataset["id"])
+    bytes_before = stored.read_bytes()
+    assert tar_names(stored)  # the images are there
     _upload(client, zip_members({"../x.png": b"x"}))
     _upload(client, b"junk")
-    assert sorted(p.relative_to(folder) for p in folder.rglob("*")) == files_before
+    assert stored.read_bytes() == bytes_before
     stored = client.get(f"/v1/datasets/{tiny_dataset['id']}").json()
     assert stored == {k: v for k, v in tiny_dataset.items() if k not in ("report",
                                                                         "deduplicated")}

@@ -19,6 +19,7 @@ from ftune.models.settings import EngineSettings
 from ftune.processes import FtuneUp, start_ftune_up
 from ftune.service.settings import Settings
 from ftune.testing.archives import zip_folder
+from ftune.testing.blobs import local_blob, tar_names
 from tests.service.conftest import wait_for_job, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -93,7 +94,8 @@ def test_stopping_ftune_up_hands_a_running_job_back_to_resume_later(tmp_path, ti
                                    (job["id"],)).fetchone()
     assert status == "queued", output  # handed back, not lost and not stuck "running"
     assert 2 <= epoch < 12
-    assert (home / "jobs" / job["id"] / "checkpoints" / "checkpoint.pt").is_file()
+    stored = local_blob(home, f"jobs/{job['id']}/checkpoints/attempt-0001.tar")
+    assert "checkpoint.pt" in tar_names(stored)
 
     up = _start_up(home)  # same data dir: the job waits in the database
     try:

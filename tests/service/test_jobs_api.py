@@ -8,6 +8,7 @@ import json
 import pytest
 from PIL import Image
 
+from ftune.testing.blobs import local_blob
 from tests.service.conftest import WORKER, wait_for_job, wait_until
 
 UNKNOWN = "0123456789abcdef0123456789abcdef"
@@ -96,7 +97,10 @@ def test_cancel_queued_and_running_jobs(client, tiny_dataset, service_home):
     job = wait_until(lambda: (j := client.get(f"/v1/jobs/{running['id']}").json())["metrics"]
                      and j, 180, "the first epoch's metrics")
     assert job["status"] == "running" and job["metrics"][0]["epoch"] == 1
-    assert (service_home / "jobs" / running["id"] / "checkpoints").is_dir()
+    # Each epoch's checkpoint is in the store (where another host would resume from).
+    stored = local_blob(service_home, f"jobs/{running['id']}")
+    wait_until(lambda: list((stored / "checkpoints").glob("attempt-0001.tar")), 30,
+               "the first checkpoint in the store")
 
     # The second job waits behind the first (one worker, one job at a time).
     assert client.get(f"/v1/jobs/{waiting['id']}").json()["status"] == "queued"
@@ -118,9 +122,9 @@ def test_cancel_queued_and_running_jobs(client, tiny_dataset, service_home):
                         if line.startswith("data:")]
     assert job["progress"]["epoch"] == max(e for e in epochs_in_events if e is not None)
     assert job["progress"]["epochs_done"] == len(job["metrics"])
-    job_files = service_home / "jobs" / running["id"]
-    assert not (job_files / "checkpoints").exists()  # partial files removed
-    assert [p.name for p in job_files.iterdir()] == ["log.jsonl"]  # its log stays
+    assert not (stored / "checkpoints").exists()  # partial files removed
+    assert [p.name for p in (stored / "logs").iterdir()] == ["attempt-0001.jsonl"]  # log stays
+    assert not (service_home / "jobs" / running["id"]).exists()  # nothing left on the worker
     # Cancel is idempotent; a finished job cannot be cancelled.
     assert client.post(f"/v1/jobs/{running['id']}/cancel").json()["status"] == "cancelled"
 

@@ -19,6 +19,7 @@ from ftune.processes import Child, Stack, wait_until
 from ftune.service.auth.principal import Role
 from ftune.testing.access import Key, make_key
 from ftune.testing.archives import zip_folder
+from ftune.testing.blobs import local_blob
 from ftune.testing.realdata import balanced_indices
 from ftune.testing.sse import read_events
 from tests.service.conftest import wait_for_job
@@ -268,7 +269,8 @@ def test_a_job_over_its_run_time_fails_clearly(stack, dataset_id):
         finally:
             stack.stop_workers()
     assert done["status"] == "failed" and "maximum run time of 2 s" in done["error"]
-    assert not (stack.home / "jobs" / job["id"] / "checkpoints").exists()  # its log stays
+    stored = local_blob(stack.home, f"jobs/{job['id']}")
+    assert not (stored / "checkpoints").exists() and (stored / "logs").is_dir()  # log stays
 
 
 def test_jobs_carry_on_while_the_api_restarts(stack, dataset_id):

@@ -10,6 +10,7 @@ import httpx
 import pytest
 
 from ftune.testing.archives import zip_folder
+from ftune.testing.blobs import local_blob, stored_dataset, stored_model
 from tests.service.conftest import wait_for_job, wait_until
 
 QUICK = {"image_size": 32, "epochs": 1, "batch_size": 12, "preset": "fast"}
@@ -40,23 +41,29 @@ def _upload(http, folder, **params) -> httpx.Response:
                      params={"dedupe": "false", **params})
 
 
+def _stored_datasets(home) -> list[str]:
+    """Every dataset object in the store, and what an upload unpacks into meanwhile."""
+    return sorted([p.name for p in (home / "datasets").iterdir()]
+                  + [p.parent.name for p in (home / "blobs" / "datasets").glob("*/*")])
+
+
 def test_dataset_and_storage_quotas_are_429_and_store_nothing(operator_client, team,
                                                              tiny_folder, service_home):
     _quotas(operator_client, team, datasets=1)
     assert _upload(team, tiny_folder).status_code == 201
-    before = sorted(p.name for p in (service_home / "datasets").iterdir())
+    before = _stored_datasets(service_home)
     over = _upload(team, tiny_folder)
     assert over.status_code == 429
     assert "quota datasets exceeded: 1 datasets of 1" in over.json()["detail"]
     assert len(team.get("/v1/datasets").json()["items"]) == 1
-    assert sorted(p.name for p in (service_home / "datasets").iterdir()) == before
+    assert _stored_datasets(service_home) == before
 
     used = team.get("/v1/usage").json()["usage"]["stored_bytes"]
     _quotas(operator_client, team, datasets=5, stored_gb=(used + 1000) / 2**30)
     over = _upload(team, tiny_folder)  # about 12 kB: over what is left
     assert over.status_code == 429 and "quota stored_gb exceeded" in over.json()["detail"]
     assert len(team.get("/v1/datasets").json()["items"]) == 1
-    assert sorted(p.name for p in (service_home / "datasets").iterdir()) == before
+    assert _stored_datasets(service_home) == before
 
 
 def test_job_quotas_are_429_and_store_nothing(operator_client, team, tiny_folder):
@@ -141,12 +148,14 @@ def test_operators_remove_a_tenant_and_everything_it_owns(operator_client, team,
     dataset = _upload(team, tiny_folder).json()
     job = team.post("/v1/jobs", json={"dataset_id": dataset["id"], "spec": QUICK}).json()
     done = wait_for_job(team, job["id"], timeout_s=180)
-    assert (service_home / "models" / done["model_id"]).is_dir()
+    assert stored_model(service_home, done["model_id"]).is_file()
+    assert stored_dataset(service_home, dataset["id"]).is_file()
     assert operator_client.delete(f"/v1/tenants/{team.tenant}").status_code == 204
     # Its keys went with it (API processes trust a key for at most a second).
     wait_until(lambda: team.get("/v1/datasets").status_code == 401, 3, "its key to stop")
     assert operator_client.get(f"/v1/datasets/{dataset['id']}").status_code == 404
     assert operator_client.get(f"/v1/models/{done['model_id']}").status_code == 404
-    assert not (service_home / "datasets" / dataset["id"]).exists()
-    assert not (service_home / "models" / done["model_id"]).exists()
+    assert not stored_dataset(service_home, dataset["id"]).exists()
+    assert not stored_model(service_home, done["model_id"]).exists()
+    assert not local_blob(service_home, f"jobs/{job['id']}").exists()
     assert operator_client.delete("/v1/tenants/default").status_code == 409

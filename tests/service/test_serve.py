@@ -10,7 +10,6 @@ import httpx
 import pytest
 from PIL import Image
 
-from ftune.models.bundle import save_bundle
 from ftune.models.training.fit import fit
 from ftune.processes import free_port, ftune_command, stop_process, wait_until
 from ftune.service.auth.principal import Role
@@ -19,6 +18,7 @@ from ftune.service.db.session import Database
 from ftune.service.db.tables import DEFAULT_TENANT_ID, Job, TunedModel
 from ftune.service.storage import Storage
 from ftune.testing.access import make_key
+from ftune.testing.models import store_bundle
 
 pytestmark = pytest.mark.processes
 
@@ -29,7 +29,7 @@ def test_serve_answers_predictions_without_redis(tiny_folder, tmp_path):
     storage.prepare()
     result = fit(tiny_folder, {"image_size": 32, "epochs": 1})
     model_id = "c" * 32
-    save_bundle(result, storage.model_dir(model_id))
+    stored = store_bundle(storage, result, model_id)
     db = Database(f"sqlite:///{home / 'ftune.db'}", prepare=migrate.upgrade)
     with db.session() as session:
         session.add(Job(id="d" * 32, tenant_id=DEFAULT_TENANT_ID, dataset_id="e" * 32, spec={},
@@ -38,6 +38,7 @@ def test_serve_answers_predictions_without_redis(tiny_folder, tmp_path):
         session.add(TunedModel(id=model_id, tenant_id=DEFAULT_TENANT_ID, job_id="d" * 32,
                                dataset_id="e" * 32, name="tiny", version=1,
                                backbone=result.backbone, classes=result.classes,
+                               blob_sha256=stored.sha256,
                                metrics={}, spec=result.spec.model_dump(mode="json")))
     db.dispose()
     member = make_key(f"sqlite:///{home / 'ftune.db'}", role=Role.MEMBER)
