@@ -17,6 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ftune.models.errors import FineTuneError
 from ftune.models.spec import SpecError
+from ftune.service.blobs.base import is_store_outage
 from ftune.service.db.migrate import SchemaError
 
 log = logging.getLogger(__name__)
@@ -233,5 +234,9 @@ def _install_server_errors(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        if is_store_outage(exc):  # a backend's own error type: no handler can name it
+            log.warning("blob store unavailable on %s: %s", request.url.path, exc)
+            return _json(503, "the blob store is unavailable; try again shortly",
+                         retry_after(DB_RETRY_AFTER_S))
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         return _json(500, f"internal error ({type(exc).__name__}); see the API log")

@@ -63,7 +63,11 @@ class Storage:
     def local_tree(self, key: str, sha256: str, owner: str | None = None) -> Path:
         """The folder stored under ``key`` (a tar whose hash is ``sha256``), on this host:
         fetched and verified once, then shared by every job here until evicted."""
-        return fetch_tree(self.blobs, self.derived, key, sha256, owner=owner)[0]
+        started = time.monotonic()
+        folder, downloaded = fetch_tree(self.blobs, self.derived, key, sha256, owner=owner)
+        if downloaded:
+            log.info("fetched %s from the store in %.1f s", key, time.monotonic() - started)
+        return folder
 
     @property
     def datasets(self) -> Path:

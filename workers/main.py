@@ -77,8 +77,8 @@ def run_worker(settings: Settings, *, name: str | None = None, loglevel: str = "
     _load_engine()
     app = make_celery(settings, include=[tasks.__name__])
     upkeep = _Upkeep(settings, app)
-    tasks.use_settings(settings, after_job=upkeep.dispatch)
     node = name or f"ftune-{uuid.uuid4().hex[:6]}@{socket.gethostname()}"
+    tasks.use_settings(settings, after_job=upkeep.dispatch, node=node)
     heartbeat = Heartbeat(settings.broker_url, node, settings.worker_heartbeat_s)
 
     def on_ready(**_: object) -> None:

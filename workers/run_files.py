@@ -87,7 +87,8 @@ class RunFiles:
             finally:
                 archive.unlink(missing_ok=True)
             if (self.checkpoints / CHECKPOINT_NAME).is_file():
-                log.info("job %s resumes from attempt %d's checkpoint", self.job_id, attempt)
+                log.info("job %s resumes from its last checkpoint (attempt %d's)", self.job_id,
+                         attempt)
                 return self.checkpoints
         return None
 
@@ -99,8 +100,18 @@ class RunFiles:
                 log.warning("job %s: attempt %d no longer owns the job; checkpoint not stored",
                             self.job_id, self.attempt)
                 return False
-        self.storage.put_tree(checkpoint_key(self.job_id, self.attempt), self.checkpoints)
-        return True
+        key = checkpoint_key(self.job_id, self.attempt)
+        self.storage.put_tree(key, self.checkpoints)
+        # Checked again: the upload may have hung while this host was cut off, and finished
+        # once it was back, after another attempt took the job over (and perhaps finished it
+        # and removed its checkpoints). Then what it wrote goes.
+        with self.db.session() as session:
+            still_ours = transitions.owns(session, self.job_id, self.worker, self.attempt)
+        if not still_ours:
+            log.warning("job %s: attempt %d lost the job while storing its checkpoint; "
+                        "removed", self.job_id, self.attempt)
+            self.storage.blobs.delete(key)
+        return still_ours
 
     def ship_log(self) -> None:
         """Store this attempt's log lines so far (the API reads them from the store)."""

@@ -128,8 +128,8 @@ class JobRunner:
         except TrainingCancelled:
             return self._stopped(job, files, reporter, limit)
         except Exception as exc:
-            if self._retry_later(job, exc):
-                return JobStatus.QUEUED
+            if (retried := self._retry_later(job, exc)) is not None:
+                return retried
             if is_users_to_fix(exc):  # bad data, spec, weights, memory: one line, no traceback
                 log.warning("job %s failed: %s", job_id, describe_failure(exc))
                 return self._fail(files, describe_failure(exc))
@@ -185,20 +185,27 @@ class JobRunner:
         log.info("job %s pruned", job.id)
         return JobStatus.PRUNED
 
-    def _retry_later(self, job: ClaimedJob, exc: Exception) -> bool:
+    def _retry_later(self, job: ClaimedJob, exc: Exception) -> str | None:
         """A transient error queues the job again, to be admitted no earlier than after a
-        backoff (the dispatcher honours ``retry_at``); True when it did."""
+        backoff (the dispatcher honours ``retry_at``): ``queued``; ``SUPERSEDED`` when
+        another worker took the job over meanwhile (this host was cut off, say); None when
+        the error is not one to retry."""
         if not is_transient(exc) or job.attempts >= self.limits.max_attempts:
-            return False
+            return None
         countdown = self.limits.retry_backoff_s * 2 ** (job.attempts - 1)
+        with self.db.session() as session:
+            requeued = transitions.requeue(
+                session, job.id, worker=self.worker_name,
+                retry_at=utcnow() + timedelta(seconds=countdown),
+                reason=f"transient error, retrying in {countdown:.0f} s: "
+                f"{describe_failure(exc)}")
+        if not requeued:
+            log.warning("job %s hit a transient error (%s) and was taken over by another "
+                        "worker meanwhile; its run here ends", job.id, exc)
+            return SUPERSEDED
         log.warning("job %s hit a transient error (%s); retrying in %.0f s", job.id, exc,
                     countdown)
-        with self.db.session() as session:
-            transitions.requeue(session, job.id, worker=self.worker_name,
-                                retry_at=utcnow() + timedelta(seconds=countdown),
-                                reason=f"transient error, retrying in {countdown:.0f} s: "
-                                f"{describe_failure(exc)}")
-        return True
+        return JobStatus.QUEUED
 
     def _fail(self, files: RunFiles, message: str) -> str:
         with self.db.session() as session:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import threading
 from collections.abc import Callable
@@ -32,11 +33,13 @@ def _on_shutdown(**_: object) -> None:
     SHUTDOWN.set()
 
 
-def build_runner(settings: Settings) -> JobRunner:
+def build_runner(settings: Settings, node: str | None = None) -> JobRunner:
+    """``node``: the worker's Celery node name; it names the worker in the job's runs and
+    events (with the process id: two workers may share a node name by mistake)."""
     storage = Storage.for_settings(settings)
     storage.prepare()
     return JobRunner(Database(settings.resolved_database_url), storage,
-                     worker_name=f"{socket.gethostname()}:{threading.get_native_id()}",
+                     worker_name=f"{node or socket.gethostname()}:{os.getpid()}",
                      timings=RunTimings(progress_s=settings.progress_interval_s,
                                         cancel_poll_s=settings.cancel_poll_s,
                                         heartbeat_s=settings.worker_heartbeat_s,
@@ -46,11 +49,12 @@ def build_runner(settings: Settings) -> JobRunner:
                      derived=storage.derived)
 
 
-def use_settings(settings: Settings, *, after_job: Callable[[], None] | None = None) -> None:
+def use_settings(settings: Settings, *, after_job: Callable[[], None] | None = None,
+                 node: str | None = None) -> None:
     """Run jobs with these settings (the worker process's, read once at start-up);
     ``after_job`` runs whenever a job ends here."""
     global _runner, _after_job
-    _runner = build_runner(settings)
+    _runner = build_runner(settings, node)
     _after_job = after_job
 
 

@@ -15,7 +15,9 @@ host with ``ftune keys create``, as an operator would.
 from __future__ import annotations
 
 import contextlib
+import shutil
 import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -30,12 +32,13 @@ from ftune.processes import (
     wait_until,
 )
 from ftune.service.lifecycle.liveness import worker_key
-from ftune.testing.forward import Tunnel
+from ftune.testing.forward import Tunnel, start_forwarder
 from ftune.testing.hosts import HOST_HOME, Hosts
 from ftune.testing.postgres import PrivateCluster
 from ftune.testing.s3 import ACCESS_KEY, REGION, SECRET_KEY
 
 API_PORT, REDIS_PORT, S3_PORT = 8000, 6379, 9000
+S3_BACKEND_PORT = 9001  # moto itself, on the control host's loopback (see stop_store)
 BUCKET = "ftune"
 API_HOME = f"{HOST_HOME}/api"  # on the control host
 WORKER_HOME = f"{HOST_HOME}/worker"  # on each worker host
@@ -44,6 +47,7 @@ WORKER_HOME = f"{HOST_HOME}/worker"  # on each worker host
 FAST = {"FTUNE_CANCEL_POLL_S": "0.5", "FTUNE_PROGRESS_INTERVAL_S": "0.5",
         "FTUNE_WORKER_HEARTBEAT_S": "1", "FTUNE_JOB_STALE_S": "6",
         "FTUNE_RECONCILE_INTERVAL_S": "2", "FTUNE_DISPATCH_INTERVAL_S": "1",
+        "FTUNE_RETRY_BACKOFF_S": "2",
         "FTUNE_RATE_UPLOADS": "100000/minute", "FTUNE_RATE_JOBS": "100000/minute",
         "FTUNE_RATE_PREDICTIONS": "100000/minute", "FTUNE_DEVICE": "cpu",
         "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -128,13 +132,35 @@ class Cluster:
             "--dir", str(self.workdir)])
 
     def _start_s3(self) -> subprocess.Popen:
-        import shutil
-        import sys
-
         server = shutil.which("moto_server", path=str(Path(sys.executable).parent))
         if server is None:
             raise RuntimeError("moto_server is not installed (pip install 'moto[server]')")
-        return self._on_control("s3", [server, "-H", self.control, "-p", str(S3_PORT)])
+        process = self._on_control("s3", [server, "-H", "127.0.0.1", "-p",
+                                          str(S3_BACKEND_PORT)])
+        self.start_store()
+        return process
+
+    def start_store(self) -> None:
+        """The store's endpoint answers (again). moto keeps its objects in memory, so an
+        outage of the store is its endpoint going away, not the process: ``stop_store``
+        stops the forwarder from the host's address to moto, and every client then finds
+        the store down (connection refused) until this starts it again."""
+        self.store_front = start_forwarder(f"tcp:{self.control}:{S3_PORT}",
+                                           f"tcp:127.0.0.1:{S3_BACKEND_PORT}",
+                                           prefix=self.hosts.in_network("control"))
+
+    def stop_store(self) -> None:
+        stop_process(self.store_front, 5)
+
+    def restart_redis(self) -> None:
+        """Redis stopped and started empty (it keeps nothing on disk here)."""
+        stop_process(self.redis_process, 10)
+        self.started.remove(self.redis_process)
+        self.redis_process = self._start_redis()
+        wait_until(self.redis.ping, 20, "Redis on the control host, restarted")
+
+    def restart_postgres(self) -> None:
+        self.pg.restart()
 
     def _bucket_made(self) -> bool:
         client = self.s3_client()
@@ -159,6 +185,12 @@ class Cluster:
                        abort=lambda: None if process.poll() is None else
                        f"the worker on {name} exited; see {self.workdir / (name + '.log')}")
         return process
+
+    def stop_worker(self, name: str) -> None:
+        """Stop the host's worker as an operator would (SIGTERM: a running job is handed
+        back)."""
+        process = self.worker_processes.pop(name)
+        stop_process(process, 60)
 
     # -- using ----------------------------------------------------------------------------
     def make_key(self, *args: str) -> str:
@@ -201,7 +233,10 @@ class Cluster:
         for tunnel in self.tunnels:
             with contextlib.suppress(Exception):
                 tunnel.close()
-        for process in [*self.worker_processes.values(), *self.started]:
+        for process in [*self.worker_processes.values(), getattr(self, "store_front", None),
+                        *self.started]:
+            if process is None:
+                continue
             with contextlib.suppress(Exception):
                 stop_process(process, 10)
         if hasattr(self, "pg"):

@@ -16,6 +16,7 @@ from typing import Any
 import boto3
 from botocore.config import Config
 from botocore.exceptions import ClientError, HTTPClientError, ResponseStreamingError
+from botocore.exceptions import ConnectionError as BotoConnectionError
 
 from ftune.service.blobs.base import (
     BlobInfo,
@@ -151,7 +152,7 @@ class _Multipart:
 
 def _outage(exc: BaseException) -> bool:
     # Connection refused or reset, timeouts, a body cut off; or the store's own 5xx.
-    if isinstance(exc, (HTTPClientError, ResponseStreamingError)):
+    if isinstance(exc, (BotoConnectionError, HTTPClientError, ResponseStreamingError)):
         return True
     return isinstance(exc, ClientError) and int(
         exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0) >= 500
