@@ -13,6 +13,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from ftune.service.auth.cache import KeyCache
 from ftune.service.blobs import BlobStore, deletions
+from ftune.service.blobs.backfill import store_legacy_files
 from ftune.service.blobs.base import StoreHealth
 from ftune.service.db import migrate
 from ftune.service.db.session import Database
@@ -48,9 +49,13 @@ class AppContext:
                       prepare=migrate.require_current if serve_only else migrate.upgrade)
         try:
             db.prepare()
+            if not serve_only:
+                store_legacy_files(db, storage)
         except SQLAlchemyError as exc:
             # Start anyway: /healthz reports the database down (503) until it answers.
             log.warning("database unavailable at start-up: %s", exc)
+        except Exception as exc:  # the store down: the next start stores them
+            log.warning("files from before the blob store not stored yet: %s", exc)
         return cls(settings, db, storage, PredictorCache(
             storage, int(settings.predictor_cache_mb * 2**20),
             max_batch=settings.predict_max_batch, max_wait_ms=settings.predict_max_wait_ms),

@@ -4,15 +4,26 @@
 from __future__ import annotations
 
 import os
+import shutil
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from ftune.service.blobs import BlobError, BlobStore, check_key, open_store
-from ftune.service.blobs.base import BlobMissing
+from ftune.models.derived.store import DerivedStore
+from ftune.service.blobs import BlobError, BlobStore, check_key, deletions, open_store
+from ftune.service.blobs.backfill import store_legacy_files
+from ftune.service.blobs.base import BlobMissing, is_store_outage
+from ftune.service.blobs.fetched import CorruptBlob, fetch_tree
+from ftune.service.blobs.keys import dataset_key
 from ftune.service.blobs.local import LocalBlobStore
 from ftune.service.blobs.s3 import S3BlobStore, s3_client
+from ftune.service.blobs.tarred import tar_chunks
+from ftune.service.db import migrate
+from ftune.service.db.session import Database
+from ftune.service.db.tables import DEFAULT_TENANT_ID, BlobDeletion, Dataset
+from ftune.service.storage import Storage
 from ftune.testing.s3 import S3Server
 
 pytestmark = pytest.mark.processes
@@ -237,3 +248,101 @@ def test_the_health_of_the_store_is_asked_at_most_once_per_interval(tmp_path):
     health.ttl_s = 0
     health.status()
     assert Counted.asked == 2
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_a_folder_is_stored_as_one_tar_the_same_each_time(store, tmp_path):
+    folder = tmp_path / "images"
+    for name, data in {"a/1.png": b"one", "a/2.png": os.urandom(3 * MIB), "b/x.jpg": b""}.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(data)
+    first = store.put_chunks("datasets/first/images.tar", tar_chunks(folder))
+    again = store.put_chunks("datasets/again/images.tar", tar_chunks(folder))
+    assert first.sha256 == again.sha256 and first.size == again.size > 3 * MIB
+    cache = DerivedStore(tmp_path / "cache", 64 * MIB)
+    unpacked, downloaded = fetch_tree(store, cache, first.key, str(first.sha256))
+    assert downloaded and _tree(unpacked) == _tree(folder)
+    # A second job on this host finds it here: nothing is downloaded again.
+    store.delete(first.key)
+    assert fetch_tree(store, cache, first.key, str(first.sha256)) == (unpacked, False)
+    # Bytes that do not match the recorded hash are never used.
+    with pytest.raises(CorruptBlob):
+        fetch_tree(store, cache, again.key, "0" * 64)
+    assert [e.key for e in cache.entries()] == [first.sha256]
+
+
+def test_a_tar_stream_abandoned_midway_stops_its_writer(tmp_path):
+    folder = tmp_path / "big"
+    folder.mkdir()
+    for k in range(8):
+        (folder / f"{k}.bin").write_bytes(os.urandom(MIB))
+    chunks = tar_chunks(folder)
+    next(chunks)
+    chunks.close()  # the consumer gave up (an upload failed): no thread is left blocked
+    assert not [t for t in threading.enumerate() if t.name == "tar-writer"]
+
+
+def test_a_delete_the_store_refuses_is_kept_and_retried(tmp_path, s3_server):
+    db = Database(f"sqlite:///{tmp_path / 'ftune.db'}", prepare=migrate.upgrade)
+    live = S3BlobStore(s3_server.bucket, "del", client=s3_client(attempts=1, timeout_s=5))
+    live.put_chunks("models/gone/bundle.tar", [b"x"])
+    with db.session() as session:
+        scheduled = deletions.schedule(session, ["models/gone/"])
+    dead = S3BlobStore(s3_server.bucket, "del", client=_dead_client())
+    assert deletions.remove(db, dead, scheduled) == 0  # the store is down: nothing lost
+    with db.session() as session:
+        pending = session.get(BlobDeletion, "models/gone/")
+        assert pending is not None and pending.attempts == 1
+        assert "EndpointConnectionError" in (pending.last_error or "")
+    assert list(live.keys("models/gone/")) == ["models/gone/bundle.tar"]
+    assert deletions.remove(db, live) == 1  # the upkeep's retry: every pending prefix
+    assert list(live.keys("models/gone/")) == []
+    with db.session() as session:
+        assert session.get(BlobDeletion, "models/gone/") is None
+    db.dispose()
+
+
+def test_a_store_that_does_not_answer_is_an_outage_a_missing_key_is_not(s3_server):
+    with pytest.raises(Exception) as down:
+        S3BlobStore("b", "p", client=_dead_client()).info("x")
+    assert is_store_outage(down.value)
+    assert not is_store_outage(BlobMissing("x")) and not is_store_outage(ValueError("x"))
+
+
+def test_files_from_before_the_blob_store_are_stored_at_start(tmp_path, tiny_folder):
+    home = tmp_path / "home"
+    storage = Storage(home)
+    storage.prepare()
+    db = Database(f"sqlite:///{home / 'ftune.db'}", prepare=migrate.upgrade)
+    shutil.copytree(tiny_folder, home / "datasets" / ("a" * 32))
+    with db.session() as session:
+        session.add(Dataset(id="a" * 32, tenant_id=DEFAULT_TENANT_ID, name="old", classes=[],
+                            class_counts={}, num_images=36, splits={}, warnings=[]))
+        session.add(Dataset(id="b" * 32, tenant_id=DEFAULT_TENANT_ID, name="lost", classes=[],
+                            class_counts={}, num_images=1, splits={}, warnings=[]))
+    assert store_legacy_files(db, storage) == 1
+    with db.session() as session:
+        old, lost = session.get(Dataset, "a" * 32), session.get(Dataset, "b" * 32)
+        assert old is not None and old.blob_sha256 and lost is not None
+        assert lost.blob_sha256 is None  # no folder: nothing to store
+        sha = old.blob_sha256
+    assert not (home / "datasets" / ("a" * 32)).exists()
+    assert _tree(storage.local_tree(dataset_key("a" * 32), sha)) == _tree(tiny_folder)
+    assert store_legacy_files(db, storage) == 0  # once
+    db.dispose()
+
+
+def _dead_client():
+    import boto3
+    from botocore.config import Config
+
+    from ftune.processes import free_port
+
+    return boto3.session.Session().client(
+        "s3", endpoint_url=f"http://127.0.0.1:{free_port()}", region_name="us-east-1",
+        aws_access_key_id="x", aws_secret_access_key="y",
+        config=Config(retries={"max_attempts": 1}, connect_timeout=2))
