@@ -118,6 +118,11 @@ class Settings(BaseSettings):
                                     "the data directory's disk has less free than this.")
     db_pool_timeout_s: float = Field(10, gt=0, description="How long a request waits for a "
                                      "free database connection; then 503 with Retry-After.")
+    presigned_downloads: bool = Field(
+        False, description="Model downloads answer 307 to a presigned URL of the S3 store "
+        "(clients must reach AWS_ENDPOINT_URL) instead of passing through the API.")
+    presigned_ttl_s: int = Field(300, ge=10, le=7 * 24 * 3600, description="How long a "
+                                 "presigned download URL works.")
     export_timeout_s: float = Field(900, gt=0, description="Longest an ONNX or TorchScript "
                                     "export may take (it runs in a child process).")
     exports_at_once: int = Field(1, ge=1, description="ONNX or TorchScript exports built at "

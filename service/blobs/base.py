@@ -102,6 +102,11 @@ class BlobStore(ABC):
     def keys(self, prefix: str) -> Iterator[str]:
         """Every key under ``prefix`` (a key or a key followed by "/")."""
 
+    def presigned_url(self, key: str, *, filename: str, ttl_s: int) -> str | None:
+        """A URL that downloads the object as ``filename`` without credentials for
+        ``ttl_s`` seconds; None where the backend has none (a local folder)."""
+        return None
+
     def put_file(self, key: str, path: Path, chunk_size: int = 8 << 20) -> BlobInfo:
         with path.open("rb") as source:
             return self.put_chunks(key, iter(lambda: source.read(chunk_size), b""))

@@ -97,6 +97,13 @@ class S3BlobStore(BlobStore):
         finally:
             body.close()
 
+    def presigned_url(self, key: str, *, filename: str, ttl_s: int) -> str | None:
+        url: str = self.client.generate_presigned_url(
+            "get_object", ExpiresIn=ttl_s,
+            Params={"Bucket": self.bucket, "Key": self._name(key),
+                    "ResponseContentDisposition": f'attachment; filename="{filename}"'})
+        return url
+
     def info(self, key: str) -> BlobInfo | None:
         try:
             head = self.client.head_object(Bucket=self.bucket, Key=self._name(key))

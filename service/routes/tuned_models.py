@@ -6,7 +6,12 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.encoders import jsonable_encoder
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import (
+    JSONResponse,
+    PlainTextResponse,
+    RedirectResponse,
+    StreamingResponse,
+)
 from starlette.concurrency import run_in_threadpool
 
 from ftune.models.bundle import CONFIG_FILE, EVALUATION_FILE
@@ -157,7 +162,7 @@ def confusion(model_ref: str, ctx: Ctx, who: Member,
             responses={429: {"description": "building it would exceed the storage quota"},
                        409: {"description": "the model's files are missing from the store"}})
 def download(model_ref: str, ctx: Ctx, who: Member,
-             format: Annotated[ExportFormat, Query()] = DEFAULT_FORMAT) -> StreamingResponse:
+             format: Annotated[ExportFormat, Query()] = DEFAULT_FORMAT) -> Response:
     """``safetensors`` (default): a zip of what ``ftune.models.Predictor.load`` reads, plus the
     evaluation. ``onnx`` / ``torchscript``: uint8 RGB ``[N, 3, S, S]`` in, probabilities out,
     normalisation included (see ftune/models/export.py for resizing). Built once, then kept
@@ -165,6 +170,10 @@ def download(model_ref: str, ctx: Ctx, who: Member,
     model = _resolve(ctx, who, model_ref)
     stored = build_download(ctx.db, ctx.storage, ctx.settings, model=model, fmt=format,
                             slots=ctx.exports)
+    name = f"model-{model.id}{EXPORT_FORMATS[format].suffix}"
+    if ctx.settings.presigned_downloads and (url := ctx.storage.blobs.presigned_url(
+            stored.key, filename=name, ttl_s=ctx.settings.presigned_ttl_s)):
+        return RedirectResponse(url, status_code=307)  # the store sends it, not the API
     chunks = ctx.storage.blobs.read_chunks(stored.key)
     try:
         # Streamed from the store as the client reads it: the API never holds it whole.
@@ -172,7 +181,6 @@ def download(model_ref: str, ctx: Ctx, who: Member,
     except BlobMissing:
         raise Conflict(f"model {model.id}'s {format} download vanished from the store while "
                        "it was sent; try again") from None
-    name = f"model-{model.id}{EXPORT_FORMATS[format].suffix}"
     return StreamingResponse(itertools.chain([first], chunks),
                              media_type=EXPORT_FORMATS[format].media_type,
                              headers={"Content-Length": str(stored.size),

@@ -189,7 +189,8 @@ def test_storage_check_and_healthz_follow_the_configured_store(tmp_path, s3_serv
         finally:
             app.state.ctx.db.dispose()
         body = response.json()
-        # Reported, not yet part of the status: the service keeps no blobs there yet.
+        # Reported, not the status: with the store down the API still serves the models it
+        # has cached, and its upkeep retries what failed.
         assert response.status_code == 200
         assert (body["storage"], body["storage_location"]) == (reported, storage)
 
@@ -346,3 +347,50 @@ def _dead_client():
         "s3", endpoint_url=f"http://127.0.0.1:{free_port()}", region_name="us-east-1",
         aws_access_key_id="x", aws_secret_access_key="y",
         config=Config(retries={"max_attempts": 1}, connect_timeout=2))
+
+
+def test_downloads_stream_from_the_store_or_redirect_to_it_when_presigned(tmp_path, s3_server,
+                                                                         tiny_folder):
+    import httpx
+    from fastapi.testclient import TestClient
+
+    from ftune.models.training.fit import fit
+    from ftune.service.app import create_app
+    from ftune.service.db.tables import Job, TunedModel
+    from ftune.service.settings import Settings
+    from ftune.testing.models import store_bundle
+
+    settings = Settings(home=tmp_path / "api", auth="off", redis_url="redis://127.0.0.1:1/0",
+                        storage=f"s3://{s3_server.bucket}/dl")
+    app = create_app(settings)  # makes the schema
+    storage, db = app.state.ctx.storage, app.state.ctx.db
+    stored = store_bundle(storage, fit(tiny_folder, {"image_size": 32, "epochs": 1}), "c" * 32)
+    with db.session() as session:
+        session.add(Job(id="d" * 32, tenant_id=DEFAULT_TENANT_ID, dataset_id="e" * 32, spec={},
+                        epochs=1, status="succeeded"))
+        session.flush()
+        session.add(TunedModel(id="c" * 32, tenant_id=DEFAULT_TENANT_ID, job_id="d" * 32,
+                               dataset_id="e" * 32, name="m", backbone="x", classes=[],
+                               metrics={}, spec={}, blob_sha256=stored.sha256))
+    db.dispose()
+    for presigned in (False, True):
+        app = create_app(settings.model_copy(update={"presigned_downloads": presigned}),
+                         serve_only=True)
+        try:
+            with TestClient(app, base_url="http://127.0.0.1") as client:
+                response = client.get(f"/v1/models/{'c' * 32}/download",
+                                      follow_redirects=False)
+        finally:
+            app.state.ctx.db.dispose()
+        if presigned:
+            assert response.status_code == 307
+            location = response.headers["location"]
+            assert location.startswith(s3_server.endpoint) and "Signature" in location
+            body = httpx.get(location, timeout=30)  # no credentials: the URL is the key
+            assert body.status_code == 200
+            assert f"model-{'c' * 32}.zip" in body.headers["content-disposition"]
+        else:
+            assert response.status_code == 200
+            body = response
+        assert body.content[:2] == b"PK"
+        assert int(body.headers["content-length"]) == len(body.content)
