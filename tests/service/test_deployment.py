@@ -112,31 +112,57 @@ def test_stopping_ftune_up_hands_a_running_job_back_to_resume_later(tmp_path, ti
     assert "operator key: in" in output  # a later start says where the key is
 
 
+# What the API and workers may be given besides FTUNE_* settings: the store's client reads
+# the standard AWS variables.
+STORE_VARIABLES = {"AWS_ENDPOINT_URL", "AWS_REGION", "AWS_ACCESS_KEY_ID",
+                   "AWS_SECRET_ACCESS_KEY"}
+FTUNE_SERVICES = ("api", "worker", "worker-remote")
+
+
 def test_compose_file_matches_the_code():
     compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
     services = compose["services"]
-    assert {"api", "worker", "redis", "postgres"} <= set(services)
+    assert {"api", "worker", "worker-remote", "redis", "postgres", "minio", "minio-init"} <= set(
+        services)
 
     import argparse
 
     parser = argparse.ArgumentParser()
     add_service_commands(parser.add_subparsers())
-    for name in ("api", "worker"):
+    known = {"DATABASE_URL", "REDIS_URL"} | STORE_VARIABLES | {
+        f"FTUNE_{field.upper()}" for field in (*Settings.model_fields,
+                                               *EngineSettings.model_fields)}
+    for name in FTUNE_SERVICES:
         command = services[name]["command"]
         parser.parse_args(command)  # exits (fails the test) on an unknown command or option
         env = services[name]["environment"]
-        known = {"DATABASE_URL", "REDIS_URL"} | {
-            f"FTUNE_{field.upper()}" for field in (*Settings.model_fields,
-                                                   *EngineSettings.model_fields)}
         assert set(env) <= known, set(env) - known
-        assert {"DATABASE_URL", "REDIS_URL", "FTUNE_HOME"} <= set(env)
+        assert {"DATABASE_URL", "REDIS_URL", "FTUNE_HOME", "FTUNE_STORAGE"} | STORE_VARIABLES \
+            <= set(env)
         assert env["FTUNE_HOME"] in {v.split(":")[1] for v in services[name]["volumes"]}
-        # Passwords only from the untracked .env file, never written here.
+        # Every blob in the bucket minio-init makes; settings accept the URL.
+        assert env["FTUNE_STORAGE"].startswith("s3://ftune/")
+        Settings(storage=env["FTUNE_STORAGE"])
+        # Passwords and keys only from the untracked .env file, never written here.
+        assert env["AWS_ACCESS_KEY_ID"] == "${S3_ACCESS_KEY}"
+        assert env["AWS_SECRET_ACCESS_KEY"] == "${S3_SECRET_KEY}"
+    for name in ("api", "worker"):
+        env = services[name]["environment"]
         assert env["REDIS_URL"] == "redis://:${REDIS_PASSWORD}@redis:6379/0"
         assert env["DATABASE_URL"] == ("postgresql://ftune:${POSTGRES_PASSWORD}@postgres:5432/"
                                        "ftune")
-    assert services["api"]["volumes"][0].split(":")[0] == services["worker"]["volumes"][0].split(
-        ":")[0], "API and worker must share the data volume"
+        assert env["AWS_ENDPOINT_URL"] == "http://minio:9000"
+    # A worker on another machine: the same settings, only the control machine's address.
+    local, remote = services["worker"]["environment"], services["worker-remote"]["environment"]
+    assert set(local) == set(remote) and "remote" in services["worker-remote"]["profiles"]
+    control = "${CONTROL_ADDRESS:-127.0.0.1}"
+    for variable, host in (("DATABASE_URL", "postgres"), ("REDIS_URL", "redis"),
+                           ("AWS_ENDPOINT_URL", "minio")):
+        assert remote[variable] == re.sub(rf"(?<=[@/]){host}:", f"{control}:", local[variable])
+    assert {k: v for k, v in remote.items() if not k.endswith("_URL")} == {
+        k: v for k, v in local.items() if not k.endswith("_URL")}
+    _assert_workers_share_no_volume_with_the_api(compose)
+    _assert_the_store_is_made_by_minio_init(services)
     devices = services["worker"]["deploy"]["resources"]["reservations"]["devices"]
     assert devices[0]["driver"] == "nvidia" and "gpu" in devices[0]["capabilities"]
     assert services["worker"]["environment"]["FTUNE_DEVICE"] == "cuda"
@@ -147,8 +173,40 @@ def test_compose_file_matches_the_code():
     assert services["postgres"]["environment"]["POSTGRES_PASSWORD"].startswith(
         "${POSTGRES_PASSWORD:?")
     example = (ROOT / ".env.example").read_text()
-    assert "POSTGRES_PASSWORD=" in example and "REDIS_PASSWORD=" in example
+    for variable in ("POSTGRES_PASSWORD", "REDIS_PASSWORD", "MINIO_ROOT_USER",
+                     "MINIO_ROOT_PASSWORD", "S3_ACCESS_KEY", "S3_SECRET_KEY"):
+        assert f"{variable}=" in example, variable
     assert ".env" in (ROOT / ".gitignore").read_text().split()
+
+
+def _assert_workers_share_no_volume_with_the_api(compose: dict) -> None:
+    """Workers reach the API's files only through the store: no volume in common."""
+    def named(service: str) -> set[str]:
+        return {v.split(":")[0] for v in compose["services"][service].get("volumes", [])}
+
+    for worker in ("worker", "worker-remote"):
+        assert not named("api") & named(worker), f"the API and {worker} share a volume"
+        assert named(worker) <= set(compose["volumes"])
+    assert named("api") <= set(compose["volumes"])
+
+
+def _assert_the_store_is_made_by_minio_init(services: dict) -> None:
+    minio, init = services["minio"], services["minio-init"]
+    assert minio["image"].startswith("minio/minio") and "healthcheck" in minio
+    assert minio["environment"]["MINIO_ROOT_PASSWORD"].startswith("${MINIO_ROOT_PASSWORD:?")
+    assert init["image"].startswith("minio/mc")
+    assert init["depends_on"]["minio"] == {"condition": "service_healthy"}
+    script = " ".join(init["command"])
+    assert "mb --ignore-existing root/ftune" in script  # the bucket FTUNE_STORAGE names
+    # ftune's key may do what the S3 backend does (HEAD is GetObject; multipart is PutObject
+    # and AbortMultipartUpload), on that bucket only.
+    for action in ("ListBucket", "GetObject", "PutObject", "DeleteObject",
+                   "AbortMultipartUpload"):
+        assert f'"s3:{action}"' in script, action
+    assert set(re.findall(r"arn:aws:s3:::[\w*/-]+", script)) == {"arn:aws:s3:::ftune",
+                                                                "arn:aws:s3:::ftune/*"}
+    assert services["api"]["depends_on"]["minio-init"] == {
+        "condition": "service_completed_successfully"}
 
 
 def test_dockerfile_installs_from_the_locks_as_a_non_root_user():
