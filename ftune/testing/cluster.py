@@ -173,10 +173,16 @@ class Cluster:
         return None if code is None else (f"the API exited with {code}; see "
                                           f"{self.workdir / 'api.log'}")
 
-    def start_worker(self, name: str, *, wait: bool = True) -> subprocess.Popen:
+    def start_worker(self, name: str, *, wait: bool = True,
+                     delay_ms: float = 0) -> subprocess.Popen:
+        """The host's worker. ``delay_ms``: everything it sends to the control host and gets
+        back is held that long each way (a slow link, made with forwarders on the host where
+        the kernel has no netem: latency only, no loss)."""
         node = f"{name}@{name}"
-        process = self.hosts.popen(name, ftune_command("worker", "--name", node),
-                                   env={**self.service_env, "FTUNE_HOME": WORKER_HOME},
+        env = {**self.service_env, "FTUNE_HOME": WORKER_HOME}
+        if delay_ms:
+            env.update(self._slow_link(name, delay_ms))
+        process = self.hosts.popen(name, ftune_command("worker", "--name", node), env=env,
                                    stdout=self._log(name), stderr=subprocess.STDOUT)
         self.worker_processes[name] = process
         if wait:
@@ -185,6 +191,19 @@ class Cluster:
                        abort=lambda: None if process.poll() is None else
                        f"the worker on {name} exited; see {self.workdir / (name + '.log')}")
         return process
+
+    def _slow_link(self, name: str, delay_ms: float) -> dict[str, str]:
+        """Forwarders on the host's loopback to each control service, ``delay_ms`` each way;
+        the variables that send the worker through them."""
+        local = {}
+        for port in (5432, REDIS_PORT, S3_PORT):
+            self.started.append(start_forwarder(
+                f"tcp:127.0.0.1:{port}", f"tcp:{self.control}:{port}",
+                prefix=self.hosts.in_network(name), delay_ms=delay_ms))
+            local[port] = f"127.0.0.1:{port}"
+        return {"DATABASE_URL": self.pg.url.replace(f"{self.control}:5432", local[5432]),
+                "REDIS_URL": f"redis://{local[REDIS_PORT]}/0",
+                "AWS_ENDPOINT_URL": f"http://{local[S3_PORT]}"}
 
     def stop_worker(self, name: str) -> None:
         """Stop the host's worker as an operator would (SIGTERM: a running job is handed

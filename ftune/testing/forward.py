@@ -38,15 +38,30 @@ async def _open(target: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter
 
 async def _pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter,
                 delay_s: float) -> None:
-    try:
-        while data := await source.read(CHUNK):
-            if delay_s:
-                await asyncio.sleep(delay_s)
+    """Copy until the end; with a delay, each chunk arrives ``delay_s`` after it was read
+    (latency, not a cap on throughput: chunks in flight do not wait for each other)."""
+    loop = asyncio.get_running_loop()
+    in_flight: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
+
+    async def deliver() -> None:
+        while True:
+            due, data = await in_flight.get()
+            if not data:
+                return
+            await asyncio.sleep(max(0.0, due - loop.time()))
             sink.write(data)
             await sink.drain()
+
+    delivering = asyncio.ensure_future(deliver())
+    try:
+        while data := await source.read(CHUNK):
+            await in_flight.put((loop.time() + delay_s, data))
+        await in_flight.put((loop.time() + delay_s, b""))
+        await delivering
     except (ConnectionError, OSError):
         pass
     finally:
+        delivering.cancel()
         with contextlib.suppress(Exception):
             sink.close()
 

@@ -11,6 +11,7 @@ module takes a few minutes."""
 from __future__ import annotations
 
 import io
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +23,7 @@ from PIL import Image
 from ftune.processes import wait_until
 from ftune.testing.archives import zip_folder
 from ftune.testing.cluster import API_HOME, BUCKET, WORKER_HOME, Cluster
+from ftune.testing.hosts import NetemUnavailable
 from ftune.testing.sse import read_events
 from tests.service.conftest import wait_for_job
 
@@ -33,6 +35,7 @@ HEAD = {"image_size": 32, "batch_size": 12, "preset": "fast", "epochs": 3, "seed
 # Every layer trains: a couple of seconds an epoch, long enough to be caught mid-run.
 SLOW = {"image_size": 48, "batch_size": 6, "epochs": 6, "freeze": {"strategy": "none"},
         "early_stopping": {"patience": 100}, "seed": 5}
+LONG = {**SLOW, "epochs": 30}  # still running while a second worker starts up
 
 
 @pytest.fixture(scope="module")
@@ -161,10 +164,13 @@ def test_a_sweep_runs_trials_on_both_hosts_and_each_host_fetches_the_data_once(c
 def test_a_worker_host_cut_off_mid_job_is_replaced_and_its_stale_attempt_writes_nothing(
         cluster, http, dataset):
     cluster.stop_worker("w2")  # the job must start on w1
-    job = http.post("/v1/jobs", json={"dataset_id": dataset["id"], "spec": SLOW}).json()
+    job = http.post("/v1/jobs", json={"dataset_id": dataset["id"], "spec": LONG}).json()
+    wait_until(lambda: http.get(f"/v1/jobs/{job['id']}").json()["status"] == "running", 120,
+               "the job to start on w1")
+    cluster.start_worker("w2")  # claimed already: w2 cannot take it while w1 runs it
     wait_until(lambda: len(http.get(f"/v1/jobs/{job['id']}").json()["metrics"]) >= 2, 240,
                "two finished epochs on w1")
-    cluster.start_worker("w2")
+    assert http.get(f"/v1/jobs/{job['id']}").json()["status"] == "running"
     cluster.hosts.cut("w1")  # the cable pulled: w1 goes on training, alone
     cut_at = time.monotonic()
     try:
@@ -181,7 +187,7 @@ def test_a_worker_host_cut_off_mid_job_is_replaced_and_its_stale_attempt_writes_
     wait_until(lambda: "taken over by another worker" in cluster.log("w1"), 120,
                "w1's stale attempt to stop")
     rows = http.get(f"/v1/jobs/{job['id']}").json()
-    assert [m["epoch"] for m in rows["metrics"]] == list(range(1, 7))  # each epoch once
+    assert [m["epoch"] for m in rows["metrics"]] == list(range(1, 31))  # each epoch once
     assert rows["attempts"] == 2 and rows["model_id"] == done["model_id"]
     time.sleep(3)  # anything the stale attempt still had in flight
     models = _models_consistent(cluster, http)
@@ -229,3 +235,47 @@ def test_redis_and_postgres_restarted_mid_job_lose_and_duplicate_nothing(cluster
     assert len([m for m in http.get("/v1/models", params={"limit": 200}).json()["items"]
                 if m["job_id"] == job["id"]]) == 1
     _models_consistent(cluster, http)
+
+
+def test_a_slow_link_to_a_worker_host_slows_it_but_breaks_nothing(cluster, http, dataset):
+    """100 ms each way on w1's link: with netem (and 1% loss) where the kernel has it, else
+    with forwarders that hold every byte that long (latency, no loss)."""
+    cluster.stop_worker("w2")
+    cluster.stop_worker("w1")
+    netem = True
+    try:
+        try:
+            cluster.hosts.slow("w1", delay_ms=100, loss_pct=1)
+            redis_url = cluster.service_env["REDIS_URL"]
+        except NetemUnavailable:
+            netem = False
+        cluster.start_worker("w1", delay_ms=0 if netem else 100)
+        if not netem:
+            redis_url = "redis://127.0.0.1:6379/0"  # the worker's way out, through the delay
+        ping = cluster.hosts.run("w1", [sys.executable, "-c", PING, redis_url]).stdout
+        assert float(ping) >= 0.2  # a round trip really takes two delays
+        job = http.post("/v1/jobs", json={"dataset_id": dataset["id"], "spec": HEAD}).json()
+        done = wait_for_job(http, job["id"], timeout_s=300)
+        assert done["status"] == "succeeded", done["error"]
+        # Heartbeats kept up: one run, never requeued for a missed lease.
+        assert done["attempts"] == 1
+        statuses = [e["data"]["status"] for e in read_events(http, f"/v1/jobs/{job['id']}/events")
+                    if e["event"] == "status"]
+        assert "queued" not in statuses[1:], statuses
+        assert [m["epoch"] for m in done["metrics"]] == list(range(1, len(done["metrics"]) + 1))
+    finally:
+        cluster.stop_worker("w1")
+        if netem:
+            cluster.hosts.restore("w1")
+        cluster.start_worker("w1")
+        cluster.start_worker("w2")
+
+
+# Times one Redis PING (after connecting) from the host: what a heartbeat pays per round trip.
+PING = """import sys, time, redis
+client = redis.Redis.from_url(sys.argv[1], socket_timeout=10)
+client.ping()
+start = time.monotonic()
+client.ping()
+print(time.monotonic() - start)
+"""
