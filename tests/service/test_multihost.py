@@ -202,6 +202,7 @@ def test_the_store_down_mid_job_is_waited_out(cluster, http, dataset, tiny_folde
     wait_until(lambda: http.get(f"/v1/jobs/{job['id']}").json()["metrics"], 240,
                "the first epoch")
     datasets_before = http.get("/v1/datasets").json()["items"]
+    objects_before = cluster.stored_keys("datasets/")
     cluster.stop_store()
     try:
         wait_until(lambda: http.get("/healthz").json()["storage"].startswith("down"), 20,
@@ -214,6 +215,11 @@ def test_the_store_down_mid_job_is_waited_out(cluster, http, dataset, tiny_folde
     finally:
         cluster.start_store()
     assert http.get("/v1/datasets").json()["items"] == datasets_before  # nothing half-made
+    assert cluster.stored_keys("datasets/") == objects_before
+    # Nor parts of it (a checkpoint cut off mid-upload may leave some: the store refused
+    # the abort too; the bucket's lifecycle rule for incomplete uploads takes those).
+    assert cluster.s3_client().list_multipart_uploads(
+        Bucket=BUCKET, Prefix="store/datasets/").get("Uploads", []) == []
     done = wait_for_job(http, job["id"], timeout_s=300)
     assert done["status"] == "succeeded", done["error"]
     assert [m["epoch"] for m in done["metrics"]] == list(range(1, 7))
