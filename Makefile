@@ -74,6 +74,7 @@ bench: $(STAMP)
 	$(PY) bench/defaults.py
 	$(PY) bench/sweep.py
 	$(PY) bench/unlabeled.py
+	$(PY) bench/hosts.py
 
 # Refresh the locks (newest versions the constraints in pyproject.toml allow).
 lock: | $(PY)
