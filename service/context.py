@@ -49,13 +49,14 @@ class AppContext:
                       prepare=migrate.require_current if serve_only else migrate.upgrade)
         try:
             db.prepare()
-            if not serve_only:
-                store_legacy_files(db, storage)
         except SQLAlchemyError as exc:
             # Start anyway: /healthz reports the database down (503) until it answers.
             log.warning("database unavailable at start-up: %s", exc)
-        except Exception as exc:  # the store down: the next start stores them
-            log.warning("files from before the blob store not stored yet: %s", exc)
+        if not serve_only:
+            try:
+                store_legacy_files(db, storage)
+            except Exception as exc:  # the database or the store down: the next start does it
+                log.warning("files from before the blob store not stored yet: %s", exc)
         return cls(settings, db, storage, PredictorCache(
             storage, int(settings.predictor_cache_mb * 2**20),
             max_batch=settings.predict_max_batch, max_wait_ms=settings.predict_max_wait_ms),

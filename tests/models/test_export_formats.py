@@ -18,6 +18,7 @@ from ftune.models.export_formats import (
     ExportFormat,
     export_suffix,
 )
+from ftune.service.blobs.keys import export_key, export_prefix
 from ftune.service.storage import Storage
 
 
@@ -45,14 +46,16 @@ def test_the_download_route_offers_every_format():
     assert list(get_args(param.field_info.annotation)) == list(EXPORT_FORMATS)
 
 
-def test_storage_finds_a_download_of_each_format(tmp_path: Path):
+def test_the_store_keeps_a_download_of_each_format(tmp_path: Path):
     storage = Storage(tmp_path)
     model_id = "0" * 32
     for fmt in EXPORT_FORMATS:
-        storage.export_file(model_id, fmt).parent.mkdir(parents=True, exist_ok=True)
-        storage.export_file(model_id, fmt).write_bytes(b"x")
-    assert sorted(p.suffix for p in storage.export_files(model_id)) == [".onnx", ".pt", ".zip"]
-    assert storage.model_zip(model_id) == storage.export_file(model_id, "safetensors")
+        storage.blobs.put_chunks(export_key(model_id, fmt), [b"x"])
+        assert storage.export_file(model_id, fmt).name.endswith(export_suffix(fmt))
+    found = sorted(storage.blobs.keys(export_prefix(model_id)))
+    assert [Path(k).suffix for k in found] == [".onnx", ".pt", ".zip"]
+    with pytest.raises(ValueError, match="unknown export format"):
+        export_key(model_id, "pickle")
     with pytest.raises(ValueError, match="unknown export format"):
         export_suffix("pickle")
 
