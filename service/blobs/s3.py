@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterable, Iterator
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Any
 
 import boto3
@@ -31,7 +30,6 @@ log = logging.getLogger(__name__)
 
 # S3's smallest part is 5 MiB (but the last); 8 MiB keeps memory low and requests few.
 PART_SIZE = 8 << 20
-PARTS_IN_FLIGHT = 4
 
 
 def s3_client(*, attempts: int = 5, timeout_s: float = 30.0) -> Any:
@@ -131,39 +129,25 @@ class S3BlobStore(BlobStore):
 
 
 class _Multipart:
-    """One multipart upload: parts sent as they fill, up to ``PARTS_IN_FLIGHT`` at once (one
-    request at a time leaves most of a link idle), then complete, or abort on any failure.
-    Memory: at most that many parts, whatever the object's size."""
+    """One multipart upload: parts as they fill, then complete, or abort on any failure."""
 
     def __init__(self, client: Any, bucket: str, name: str) -> None:
         self.client, self.bucket, self.name = client, bucket, name
         self.upload_id = client.create_multipart_upload(Bucket=bucket, Key=name)["UploadId"]
-        self.sending: list[Future[dict]] = []
-        self.pool = ThreadPoolExecutor(PARTS_IN_FLIGHT, thread_name_prefix="s3-part")
+        self.parts: list[dict] = []
 
     def add(self, data: bytes) -> None:
-        number = len(self.sending) + 1
-        in_flight = [f for f in self.sending if not f.done()]
-        if len(in_flight) >= PARTS_IN_FLIGHT:
-            wait(in_flight, return_when=FIRST_COMPLETED)
-        for done in (f for f in self.sending if f.done()):
-            done.result()  # a failed part fails the upload now, not at the end
-        self.sending.append(self.pool.submit(self._send, number, data))
-
-    def _send(self, number: int, data: bytes) -> dict:
+        number = len(self.parts) + 1
         etag = self.client.upload_part(Bucket=self.bucket, Key=self.name, PartNumber=number,
                                        UploadId=self.upload_id, Body=data)["ETag"]
-        return {"PartNumber": number, "ETag": etag}
+        self.parts.append({"PartNumber": number, "ETag": etag})
 
     def complete(self) -> None:
-        parts = [f.result() for f in self.sending]
-        self.pool.shutdown()
         self.client.complete_multipart_upload(Bucket=self.bucket, Key=self.name,
                                               UploadId=self.upload_id,
-                                              MultipartUpload={"Parts": parts})
+                                              MultipartUpload={"Parts": self.parts})
 
     def abort(self) -> None:
-        self.pool.shutdown(wait=True, cancel_futures=True)  # no part lands after the abort
         try:
             self.client.abort_multipart_upload(Bucket=self.bucket, Key=self.name,
                                                UploadId=self.upload_id)
