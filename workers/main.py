@@ -9,7 +9,12 @@ import uuid
 
 import redis
 from celery import Celery
-from celery.signals import after_setup_logger, after_setup_task_logger, worker_ready
+from celery.signals import (
+    after_setup_logger,
+    after_setup_task_logger,
+    worker_ready,
+    worker_shutting_down,
+)
 
 from ftune.service.db import migrate
 from ftune.service.db.session import Database
@@ -40,6 +45,7 @@ class _Upkeep:
         except Exception as exc:
             log.warning("start-up reconcile skipped: %s", exc)
         self.dispatch()
+        log.info("start-up upkeep done")
 
     def dispatch(self) -> None:
         try:
@@ -89,7 +95,13 @@ def run_worker(settings: Settings, *, name: str | None = None, loglevel: str = "
     def on_logging(logger: logging.Logger, **_: object) -> None:
         use_log_format(settings.log_format, logger)  # Celery has just set up its handlers
 
+    def on_stopping(**_: object) -> None:
+        # A stopping worker takes no new job: it leaves the live set now, not when its
+        # process ends, so no dispatcher admits a job (or the one it hands back) to it.
+        heartbeat.stop()
+
     worker_ready.connect(on_ready, weak=False)
+    worker_shutting_down.connect(on_stopping, weak=False)
     after_setup_logger.connect(on_logging, weak=False)
     after_setup_task_logger.connect(on_logging, weak=False)
     try:

@@ -223,6 +223,10 @@ def test_redis_restarted_empty_loses_no_job(stack, dataset_id):
         # An admitted job has a message in Redis: a worker is free (but frozen) when it is
         # submitted, so the dispatcher hands it to the broker at once.
         frozen = stack.worker("frozen")
+        # Frozen once its start-up dispatch is over: frozen while holding the dispatcher's
+        # lock, it would keep the API from admitting anything for the lock's 30 s.
+        stack.wait(lambda: "start-up upkeep done" in (stack.log_dir / "worker-frozen@test.log")
+                   .read_text(errors="replace"), 60, "the frozen worker's start-up upkeep")
         frozen.process.send_signal(signal.SIGSTOP)
         admitted = _submit(http, dataset_id, QUICK)
         assert http.get(f"/v1/jobs/{admitted['id']}").json()["status"] == "admitted"
