@@ -12,7 +12,7 @@ from celery import Celery
 from sqlalchemy.exc import SQLAlchemyError
 
 from ftune.service.auth.cache import KeyCache
-from ftune.service.blobs import BlobStore, deletions
+from ftune.service.blobs import deletions
 from ftune.service.blobs.backfill import store_legacy_files
 from ftune.service.blobs.base import StoreHealth
 from ftune.service.db import migrate
@@ -36,12 +36,12 @@ class AppContext:
     db: Database
     storage: Storage
     predictors: PredictorCache
-    blobs: BlobStore  # built at start-up: a bad FTUNE_STORAGE or AWS_* value fails it there
     serve_only: bool = False  # `ftune serve`: predictions only, no Redis
 
     @classmethod
     def build(cls, settings: Settings, *, serve_only: bool = False) -> AppContext:
-        storage = Storage.for_settings(settings)  # a bad FTUNE_STORAGE fails start-up here
+        # The store is built here: a bad FTUNE_STORAGE or AWS_* value fails start-up.
+        storage = Storage.for_settings(settings)
         storage.prepare()
         storage.sweep_stale()
         # The API upgrades the schema (under a lock); `ftune serve` only checks it is current.
@@ -60,11 +60,11 @@ class AppContext:
         return cls(settings, db, storage, PredictorCache(
             storage, int(settings.predictor_cache_mb * 2**20),
             max_batch=settings.predict_max_batch, max_wait_ms=settings.predict_max_wait_ms),
-            storage.blobs, serve_only)
+            serve_only)
 
     @cached_property
     def storage_health(self) -> StoreHealth:
-        return StoreHealth(self.blobs)
+        return StoreHealth(self.storage.blobs)
 
     @cached_property
     def celery(self) -> Celery:

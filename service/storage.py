@@ -87,11 +87,6 @@ class Storage:
         return self.home / "exports"
 
     @property
-    def cache(self) -> Path:
-        """Things derived from datasets (decoded images), kept for later jobs."""
-        return self.home / "cache"
-
-    @property
     def tmp(self) -> Path:
         return self.home / "tmp"
 

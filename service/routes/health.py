@@ -15,11 +15,12 @@ router = APIRouter(tags=["health"])
 @router.get("/healthz")
 def healthz(ctx: Ctx) -> JSONResponse:
     """200 when the database and Redis answer; 503 naming what is down otherwise. Also says
-    whether the blob store answers (checked at most every 10 s; not yet part of the status,
-    since the service does not keep its blobs there yet), whether API keys are required
+    whether the blob store answers (checked at most every 10 s; reported, not part of the
+    status: with the store down, cached models still serve), whether API keys are required
     (``auth``) and where rate limits and blobs are kept."""
     body: dict = {"status": "ok", "database": "ok", "redis": "ok", "workers": None,
-                  "storage": ctx.storage_health.status(), "storage_location": ctx.blobs.location,
+                  "storage": ctx.storage_health.status(),
+                  "storage_location": ctx.storage.blobs.location,
                   "auth": ("on: every /v1 route needs an API key" if ctx.settings.auth == "on"
                            else "off: no API keys (allowed on a loopback address only)"),
                   "rate_limits": ctx.limiter.where,
