@@ -140,6 +140,10 @@ class PseudoLabelSpec(_Strict):
                                       "pseudo-labelled images per class and round.")
 
 
+# Devices one job may ask for: the most a single machine holds.
+MAX_DEVICES = 64
+
+
 class FineTuneSpec(_Strict):
     backbone: str = Field(
         "tf_efficientnet_lite0", min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_.\-]+$"
@@ -195,6 +199,12 @@ class FineTuneSpec(_Strict):
     pretrain: PretrainSpec = Field(default_factory=PretrainSpec)
     pseudo_labels: PseudoLabelSpec = Field(default_factory=PseudoLabelSpec)
     mixed_precision: Literal["auto", "off", "bf16", "fp16"] = "auto"
+    devices: Annotated[int | Auto, AutoInt(at_least=1, at_most=MAX_DEVICES)] = Field(
+        "auto", description="Devices (GPUs, or CPU ranks with FTUNE_DEVICE=cpu) the job trains "
+        "on, data-parallel with one process per device; the batch is split across them, so "
+        "batch_size means the same whatever the count. The job waits for a worker with that "
+        "many. auto: all of its worker's GPUs when the backbone trains on enough images to "
+        "gain from them, else one.")
     oom_retry: bool = Field(
         True, description="The service retries a run that runs out of memory once, with half "
         "the batch size (the job's events say so).")
@@ -219,6 +229,19 @@ class FineTuneSpec(_Strict):
     def uses_unlabeled(self) -> bool:
         """Whether the spec needs unlabelled images."""
         return self.pretrain.method != "none" or self.pseudo_labels.rounds > 0
+
+    @model_validator(mode="after")
+    def _batch_splits_across_devices(self) -> FineTuneSpec:
+        # BatchNorm in train mode needs two images per device in every step.
+        if isinstance(self.devices, int) and self.devices > 1:
+            if self.batch_size < 2 * self.devices:
+                raise ValueError(
+                    f"batch_size ({self.batch_size}) is split across devices ({self.devices}): "
+                    f"it must be at least 2 per device ({2 * self.devices})")
+            if self.uses_unlabeled:
+                raise ValueError(
+                    "pretrain and pseudo_labels run on one device: set devices to 1 or auto")
+        return self
 
     @model_validator(mode="after")
     def _refit_needs_cached_head(self) -> FineTuneSpec:

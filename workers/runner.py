@@ -36,6 +36,7 @@ from ftune.workers.failures import (
     is_users_to_fix,
     release_memory,
 )
+from ftune.workers.placement import ONE_DEVICE, WorkerDevices
 from ftune.workers.progress import JobHeartbeat, ProgressReporter
 from ftune.workers.run_files import RunFiles
 
@@ -80,8 +81,10 @@ class JobRunner:
     def __init__(self, db: Database, storage: Storage, *, worker_name: str,
                  timings: RunTimings, limits: RunLimits,
                  shutdown: threading.Event | None = None,
-                 derived: DerivedStore | None = None) -> None:
+                 derived: DerivedStore | None = None,
+                 devices: WorkerDevices = ONE_DEVICE) -> None:
         self.db, self.storage, self.worker_name = db, storage, worker_name
+        self.devices = devices  # what a job may train on here (``ftune worker --devices``)
         self.timings = timings
         self.limits = limits
         self.shutdown = shutdown or threading.Event()

@@ -255,6 +255,33 @@ def mixed_precision(device_type: str, bf16_supported: bool) -> Choice:
     return Choice("fp16", "fp16 autocast with loss scaling: the GPU has no bf16")
 
 
+# Images per device below which a second GPU costs more in synchronisation than it saves.
+IMAGES_PER_DEVICE = 500
+
+
+def devices(asked: int | str, available: int, *, device_type: str, trains_backbone: bool,
+            num_train: int, batch_size: int, uses_unlabeled: bool) -> Choice:
+    """How many of the worker's devices a job trains on (``asked``: the spec's field)."""
+    if asked != "auto":
+        return Choice(int(asked), f"asked for {asked}")
+    if available <= 1:
+        return Choice(1, "the worker has one device")
+    if device_type != "cuda":
+        return Choice(1, "CPU ranks share the same cores: one process uses them as well "
+                      "(bench/devices.py)")
+    if uses_unlabeled:
+        return Choice(1, "pretraining and pseudo-labels run on one device")
+    if not trains_backbone:
+        return Choice(1, "only the head trains, on cached features: one device does it in "
+                      "moments")
+    useful = min(available, num_train // IMAGES_PER_DEVICE, batch_size // 2)
+    if useful <= 1:
+        return Choice(1, f"{num_train} training images: fewer than {IMAGES_PER_DEVICE} per "
+                      "device would spend more on synchronising than they save")
+    return Choice(useful, f"{useful} of the worker's {available} GPUs: {num_train} training "
+                  f"images, at least {IMAGES_PER_DEVICE} per device")
+
+
 def feature_cache(computed: bool) -> Choice:
     """Whether the frozen backbone's features were computed by this run or reused."""
     if computed:

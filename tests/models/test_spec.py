@@ -27,6 +27,17 @@ def test_empty_spec_is_complete_with_documented_defaults():
     assert (spec.augment, spec.class_weights, spec.mixed_precision) == ("auto", "auto", "auto")
 
 
+def test_devices_must_leave_two_images_per_device_and_no_unlabeled_stage():
+    assert parse_spec({"devices": 2, "batch_size": 4}).devices == 2
+    assert parse_spec({}).devices == "auto"
+    with pytest.raises(SpecError, match=r"batch_size \(3\).*at least 2 per device \(4\)"):
+        parse_spec({"devices": 2, "batch_size": 3})
+    with pytest.raises(SpecError, match="one device"):
+        parse_spec({"devices": 2, "pseudo_labels": {"rounds": 1}})
+    with pytest.raises(SpecError, match="devices"):
+        parse_spec({"devices": 0})
+
+
 def test_top_level_shape_is_exactly_the_documented_one():
     assert set(FineTuneSpec.model_fields) == {
         "backbone", "pretrained", "weights_path", "image_size", "epochs", "batch_size", "seed",
@@ -35,6 +46,7 @@ def test_top_level_shape_is_exactly_the_documented_one():
         "oom_retry",  # issue 5: the service's out-of-memory retry, on by default
         "preset", "time_budget_s", "class_weights", "refit",  # issue 15: the default recipe
         "pretrain", "pseudo_labels",  # issue 18: unlabelled images, both off by default
+        "devices",  # issue 30: data-parallel jobs
     }
     spec = FineTuneSpec()
     assert spec.pretrain.method == "none" and spec.pseudo_labels.rounds == 0
