@@ -46,3 +46,8 @@ class TrainingCancelled(FineTuneError):
 
 class ResourceError(FineTuneError):
     """A run that cannot fit the device it would run on; the message has the numbers."""
+
+
+class RankGroupLost(Exception):
+    """A rank of a data-parallel run died (killed, or its device failed): the whole group
+    ended, and the run is retried from its last checkpoint like a killed worker's."""

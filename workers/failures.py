@@ -11,6 +11,7 @@ from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from ftune.models.errors import (
     DatasetError,
     FineTuneError,
+    RankGroupLost,
     UnknownBackboneError,
     WeightsMismatchError,
     WeightsNotFoundError,
@@ -37,6 +38,8 @@ def is_transient(exc: BaseException) -> bool:
     if isinstance(exc, DBAPIError) and exc.connection_invalidated:
         return True
     if is_store_outage(exc):  # the blob store down or overloaded
+        return True
+    if isinstance(exc, RankGroupLost):  # resumes from its checkpoint, on any device count
         return True
     return isinstance(exc, OSError) and exc.errno in _TRANSIENT_ERRNOS
 

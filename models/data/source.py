@@ -25,6 +25,19 @@ if TYPE_CHECKING:
 from ftune.models.settings import engine_settings
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # images uint8, labels, sample indices
+BatchSizes = int | Sequence[int]  # one size for every batch, or each batch's own
+
+
+def index_batches(order: torch.Tensor, sizes: BatchSizes) -> Iterator[torch.Tensor]:
+    """``order`` cut into batches: ``sizes`` at a time, or of each of the given sizes."""
+    if isinstance(sizes, int):
+        for start in range(0, len(order), sizes):
+            yield order[start:start + sizes]
+        return
+    start = 0
+    for size in sizes:
+        yield order[start:start + size]
+        start += size
 
 
 class _DecodeDataset(Dataset):
@@ -95,24 +108,22 @@ class ImageSource:
         return self._images
 
     def batches(
-        self, order: torch.Tensor, batch_size: int, *, pin: bool = False
+        self, order: torch.Tensor, batch_size: BatchSizes, *, pin: bool = False
     ) -> Iterator[Batch]:
-        """Yield (images, labels, indices) in ``order``, ``batch_size`` at a time."""
+        """Yield (images, labels, indices) in ``order``, ``batch_size`` at a time (or in
+        batches of the given sizes: a rank's shards of the global batches)."""
         if self._stored is not None and self._stored_rows is not None:
-            for start in range(0, len(order), batch_size):
-                idx = order[start:start + batch_size]
+            for idx in index_batches(order, batch_size):
                 yield self._stored.take(self._stored_rows[idx]), self.labels[idx], idx
             return
         if self.in_memory:
             images = self._decoded()
-            for start in range(0, len(order), batch_size):
-                idx = order[start:start + batch_size]
+            for idx in index_batches(order, batch_size):
                 yield images[idx], self.labels[idx], idx
             return
         loader = DataLoader(
             self._dataset,
-            batch_size=batch_size,
-            sampler=order.tolist(),
+            batch_sampler=[idx.tolist() for idx in index_batches(order, batch_size)],
             num_workers=self._workers,
             pin_memory=pin,
             persistent_workers=False,

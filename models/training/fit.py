@@ -28,6 +28,7 @@ from ftune.models.diagnosis import diagnose
 from ftune.models.errors import DatasetError, ResourceError
 from ftune.models.evaluation import evaluate_splits
 from ftune.models.network import FineTuneModel, build_head
+from ftune.models.parallel import ranks
 from ftune.models.preprocessing import Preprocessing
 from ftune.models.recipe import rules
 from ftune.models.recipe.choices import Choices
@@ -138,6 +139,8 @@ def fit(
     stages = StageRunner(setup, plans, progress, budget, classes=index.classes,
                          ckpt_dir=Path(checkpoint_dir) if checkpoint_dir else None)
     final_run, stopped_early = stages.run_all(features, state)
+    if not ranks.leave().writes:  # rank 0 evaluates and builds the model alone
+        raise ranks.ShareDone
     pseudo_label_rounds(stages, spec, train=train_samples, unlabeled=pool)
     refits = _refits(spec, stages, index, has_val=bool(val_samples))
     evaluation = _evaluate(stages, index, val_samples, refit=refits)

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from ftune.models.errors import NonFiniteLossError, TrainingCancelled
+from ftune.models.parallel.ranks import sum_gradients, summed
+from ftune.models.parallel.sync_bn import synced_batchnorm
 from ftune.models.training.runtime import Precision
 
 BatchHook = Callable[[int, int, float], None]  # (step in epoch, steps in epoch, loss)
@@ -68,6 +71,12 @@ class _EpochTotals:
         self.seen += batch
         self.steps += 1
 
+    def add_ranks(self) -> None:
+        """Sum the ranks' counts: the epoch's loss and accuracy over the whole batch."""
+        self.loss, self.correct, self.seen = summed(  # type: ignore[assignment]
+            [float(self.loss), int(self.correct), self.seen])
+        self.seen = int(self.seen)
+
     def stats(self) -> EpochStats:
         return EpochStats(
             loss=float(self.loss) / max(self.seen, 1),
@@ -80,7 +89,10 @@ class _EpochTotals:
 
 
 def _checked_loss(loss: torch.Tensor, step: int, optimizer: torch.optim.Optimizer) -> float:
-    value = loss.item()
+    return _finite(loss.item(), step, optimizer)
+
+
+def _finite(value: float, step: int, optimizer: torch.optim.Optimizer) -> float:
     if not math.isfinite(value):
         raise NonFiniteLossError(
             f"loss became {value} at step {step} of the epoch; lower optimizer.lr "
@@ -88,6 +100,24 @@ def _checked_loss(loss: torch.Tensor, step: int, optimizer: torch.optim.Optimize
             f"grad_clip_norm, or check the data"
         )
     return value
+
+
+def _shard_loss(loss: torch.Tensor, targets: torch.Tensor, loss_fn: nn.Module, step: int,
+                optimizer: torch.optim.Optimizer) -> tuple[torch.Tensor, float, float]:
+    """A rank's loss on its shard of the global batch, weighted by its share of the batch's
+    weight (images, or class weights), so that summing the ranks' gradients gives the
+    gradient of the whole batch's mean loss. Also returns the whole batch's loss and this
+    shard's; every rank raises together when any shard's loss is not finite."""
+    local = loss.item()
+    class_weights = getattr(loss_fn, "weight", None)
+    weight = (float(class_weights[targets].sum()) if class_weights is not None
+              else float(targets.shape[0]))
+    finite = math.isfinite(local)
+    total_weight, weighted, bad = summed([weight, local * weight if finite else 0.0,
+                                          0.0 if finite else 1.0])
+    whole = weighted / total_weight if not bad else float("nan")
+    _finite(whole, step, optimizer)
+    return loss * (weight / total_weight), whole, local
 
 
 def train_one_epoch(
@@ -105,7 +135,10 @@ def train_one_epoch(
     steps_in_epoch: int = 0,
     on_batch: BatchHook | None = None,
     should_stop: Callable[[], bool] | None = None,
+    sharded: bool = False,
 ) -> EpochStats:
+    """``sharded``: the batches are this rank's shards of the global batches; gradients and
+    the epoch's totals are summed over the ranks (see models/parallel/ranks.py)."""
     totals = _EpochTotals()
     all_params = [p for params in grad_groups.values() for p in params]
     for inputs, targets in batches:
@@ -113,21 +146,29 @@ def train_one_epoch(
         factor = lr_at_step(first_step + totals.steps)
         for group in optimizer.param_groups:
             group["lr"] = group["base_lr"] * factor
-        with precision.autocast():
+        with precision.autocast(), synced_batchnorm() if sharded else nullcontext():
             logits = module(inputs)
             loss = loss_fn(logits.float(), targets)
-        loss_value = _checked_loss(loss, totals.steps + 1, optimizer)
+        if sharded:
+            loss, loss_value, local_value = _shard_loss(loss, targets, loss_fn,
+                                                        totals.steps + 1, optimizer)
+        else:
+            loss_value = local_value = _checked_loss(loss, totals.steps + 1, optimizer)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
+        if sharded:  # still scaled: every rank's scaler then sees the same gradients
+            sum_gradients(all_params)
         scaler.unscale_(optimizer)
         totals.add_grad_norms(grad_groups)
         if grad_clip_norm is not None:
             torch.nn.utils.clip_grad_norm_(all_params, grad_clip_norm)
         scaler.step(optimizer)
         scaler.update()
-        totals.add_batch(logits, targets, loss_value)
+        totals.add_batch(logits, targets, local_value)
         if on_batch is not None:
             on_batch(totals.steps, steps_in_epoch, loss_value)
+    if sharded:
+        totals.add_ranks()
     return totals.stats()
 
 
@@ -138,8 +179,10 @@ def evaluate(
     *,
     loss_fn: nn.Module,
     precision: Precision,
+    sharded: bool = False,
 ) -> tuple[float, float]:
-    """Mean loss and accuracy; the caller decides the module's train/eval mode."""
+    """Mean loss and accuracy; the caller decides the module's train/eval mode (``sharded``:
+    the batches are this rank's share, and the means are over every rank's)."""
     total_loss = 0.0
     correct = seen = 0
     for inputs, targets in batches:
@@ -148,4 +191,6 @@ def evaluate(
         total_loss += float(loss_fn(logits.float(), targets)) * targets.shape[0]
         correct += int((logits.argmax(1) == targets).sum())
         seen += targets.shape[0]
+    if sharded:
+        total_loss, correct, seen = summed([total_loss, correct, seen])  # type: ignore[assignment]
     return total_loss / max(seen, 1), correct / max(seen, 1)

@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
+from ftune.models.data.source import BatchSizes, index_batches
 from ftune.models.settings import engine_settings
 from ftune.models.training.loop import stop_if_asked
 from ftune.models.training.runtime import Precision, as_channels_last, device_memory_bytes
@@ -67,10 +68,8 @@ class PrefixCache:
         """What the outputs kept so far take."""
         return sum(out.numel() * out.element_size() for out, _ in self._outputs.values())
 
-    def batches(self, name: str, order: torch.Tensor, batch_size: int) -> Batches:
+    def batches(self, name: str, order: torch.Tensor, batch_size: BatchSizes) -> Batches:
         """``order``'s rows of split ``name`` (computed already), ``batch_size`` at a time."""
         outputs, labels = self._outputs[name]
-        order = order.to(outputs.device)
-        for start in range(0, len(order), batch_size):
-            idx = order[start:start + batch_size]
+        for idx in index_batches(order.to(outputs.device), batch_size):
             yield as_channels_last(outputs[idx]), labels[idx]

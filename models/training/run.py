@@ -12,9 +12,11 @@ import torch
 from torch import nn
 
 from ftune.models.auto_fields import decided
+from ftune.models.data.source import BatchSizes
 from ftune.models.data.transforms import augment, center_crop_batch, normalize
 from ftune.models.derived.features import SharedFeatures
 from ftune.models.network import FineTuneModel
+from ftune.models.parallel import ranks
 from ftune.models.recipe.plan import StagePlan
 from ftune.models.training.loop import (
     BatchHook,
@@ -69,7 +71,9 @@ class TrainingRun:
                                            enabled=self.precision.needs_grad_scaler)
         self.best_state: dict | None = None
         self.step = 0
-        self.samples_per_epoch = samples_per_epoch(len(self.train_source), spec.batch_size)
+        self.world = ranks.current().world  # ranks that train together (one outside a group)
+        self.samples_per_epoch = samples_per_epoch(len(self.train_source), spec.batch_size,
+                                                   self.world)
         self.steps_per_epoch = math.ceil(self.samples_per_epoch / spec.batch_size)
         self.total_steps = self.steps_per_epoch * decided(spec.epochs)
         self.warmup_steps = round(spec.schedule.warmup_epochs * self.steps_per_epoch)
@@ -118,6 +122,7 @@ class TrainingRun:
     def epoch(self, epoch: int, callbacks: Callbacks) -> dict:
         """Train one epoch (0-based) and validate; returns the epoch's metrics row."""
         started = time.perf_counter()
+        ranks.broadcast_module(self.model)  # rank 0's weights: the ranks cannot drift apart
         self.set_trainable(trainable_stage_count(self.spec.freeze, epoch, len(self.stages)))
         set_train_mode(self.model, self.n_trainable, self.spec.freeze.batchnorm)
         frozen = self.cache_features and backbone_is_frozen(self.n_trainable,
@@ -178,14 +183,21 @@ class TrainingRun:
         """One epoch on cached features (the head alone), on the frozen stages' cached
         outputs (``prefix``), or on images."""
         order = self._order(epoch)
+        # Image batches are sharded across ranks; a head on cached features trains on the
+        # whole batch on every rank: its steps cost less than a collective would.
+        sharded = self.world > 1 and not use_train_cache
+        sizes: BatchSizes = self.spec.batch_size
+        if sharded:
+            order, sizes = ranks.shard_batches(order, self.spec.batch_size)
         if use_train_cache:
             module: nn.Module = self.model.head
             batches = self._feature_batches("train", order)
         elif prefix is not None:  # its training images' outputs are ready
             module = prefix.split.suffix
-            batches = prefix.batches("train", order, self.spec.batch_size)
+            batches = prefix.batches("train", order, sizes)
         else:
-            module, batches = self.model, self._image_batches(order, training=True)
+            module, batches = self.model, self._image_batches(order, training=True,
+                                                              batch_size=sizes)
         return train_one_epoch(
             module, batches, self.optimizer, loss_fn=self.loss_fn, precision=self.precision,
             scaler=self.scaler, first_step=self.step,
@@ -194,7 +206,7 @@ class TrainingRun:
             grad_groups=self.grad_groups(), grad_clip_norm=self.spec.grad_clip_norm,
             steps_in_epoch=self.steps_per_epoch,
             on_batch=_epoch_hook(self.epoch_offset + epoch, callbacks),
-            should_stop=callbacks.should_stop,
+            should_stop=callbacks.should_stop, sharded=sharded,
         )
 
     def _validate(self, frozen: bool, prefix: PrefixCache | None
@@ -207,18 +219,20 @@ class TrainingRun:
             return evaluate(self.model.head,
                             self._feature_batches("val", order, FEATURE_EVAL_BATCH),
                             loss_fn=self.loss_fn, precision=self.precision)
+        # Images are shared out among the ranks, and the sums taken over all of them.
+        sharded, order = self.world > 1, ranks.shard(order)
         if prefix is not None and self._prefix_ready(prefix, "val"):
             return evaluate(prefix.split.suffix,
                             prefix.batches("val", order, self.spec.batch_size),
-                            loss_fn=self.loss_fn, precision=self.precision)
+                            loss_fn=self.loss_fn, precision=self.precision, sharded=sharded)
         return evaluate(self.model, self._image_batches(order, training=False, split="val"),
-                        loss_fn=self.loss_fn, precision=self.precision)
+                        loss_fn=self.loss_fn, precision=self.precision, sharded=sharded)
 
     def _order(self, epoch: int) -> torch.Tensor:
         return epoch_order(self.spec.seed, epoch, len(self.train_source), self.samples_per_epoch)
 
     def _image_batches(self, order: torch.Tensor, *, training: bool, split: str = "train",
-                       batch_size: int | None = None) -> Batches:
+                       batch_size: BatchSizes | None = None) -> Batches:
         source = self.train_source if split == "train" else self.val_source
         cuda = self.device.type == "cuda"
         for images, labels, _ in source.batches(order, batch_size or self.spec.batch_size,
@@ -245,7 +259,8 @@ class TrainingRun:
         """Median time of ``steps`` training steps (after one untimed): for planning epochs.
         The steps change this run's weights, so it is called on a throwaway copy."""
         set_train_mode(self.model, self.n_trainable, self.spec.freeze.batchnorm)
-        batch, order = self.spec.batch_size, self._order(0)[:(steps + 1) * self.spec.batch_size]
+        batch = -(-self.spec.batch_size // self.world)  # a rank's shard of the batch
+        order = self._order(0)[:(steps + 1) * batch]
         prefix = self._prefix_cache() if self.spec.augment == "none" else None
         module = self.model if prefix is None else prefix.split.suffix
         times = []
@@ -302,8 +317,13 @@ class TrainingRun:
         return self._features[split], self._features[split + "_labels"]
 
 
-def samples_per_epoch(n: int, batch_size: int) -> int:
-    """A final batch of one sample breaks BatchNorm in train mode: drop it."""
+def samples_per_epoch(n: int, batch_size: int, world: int = 1) -> int:
+    """A final batch of one sample breaks BatchNorm in train mode: drop it. Across ranks,
+    every rank needs two images of every batch: a final batch of fewer than two per rank
+    goes."""
+    if world > 1:
+        rest = n % batch_size
+        return n - rest if 0 < rest < 2 * world and n > rest else n
     return n - 1 if n % batch_size == 1 and n > 1 else n
 
 

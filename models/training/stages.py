@@ -13,6 +13,7 @@ import torch
 
 from ftune.models.auto_fields import decided
 from ftune.models.network import reinit_head
+from ftune.models.parallel import ranks
 from ftune.models.recipe import rules
 from ftune.models.recipe.choices import Choices
 from ftune.models.recipe.plan import StagePlan, plan_stages, with_epochs, with_lr
@@ -65,7 +66,10 @@ def plan_with_lr(setup: RunSetup, spec: FineTuneSpec, *, resumed: bool
     features, labels = probe.cached_features("train")
     test = lr_range_test(setup.model.head, features, labels, loss_fn=probe.loss_fn,
                          batch_size=spec.batch_size, seed=spec.seed)
-    head_lr = choices.record("optimizer.lr", rules.head_lr(test.suggested_lr, test.why()))
+    # Every rank runs the test on the whole batch (the wall time of one doing it alone, with
+    # nothing to send); rank 0's choice holds, should float noise make another's differ.
+    head_lr = choices.record("optimizer.lr",
+                             ranks.agree(rules.head_lr(test.suggested_lr, test.why())))
     return _rates(plans, choices, head_lr), test.curve, probe
 
 
@@ -96,6 +100,7 @@ class StageRunner:
         self.out_of_time = False
         # No epoch has changed the backbone yet: checkpoints need only the head's weights.
         self.backbone_as_built = True
+        self.writes = ranks.current().writes  # rank 0 alone writes checkpoints
 
     def run_all(self, features_from: TrainingRun | None, state: dict | None
                 ) -> tuple[TrainingRun, bool]:
@@ -189,20 +194,23 @@ class StageRunner:
             self.setup.backbone_changed = not self.backbone_as_built
             if stopper.update(row[progress.monitor], row["epoch"]):
                 self.best_state, self.best_run = run.remember_best(), run
-                if self.ckpt_dir is not None:
+                if self.ckpt_dir is not None and self.writes:
                     save_best_weights(self.ckpt_dir, weights_to_save(self.best_state,
                                                                      self.backbone_as_built))
             progress.history.append(row)
             progress.first_epoch = epoch + 1
-            if self.ckpt_dir is not None:
+            if self.ckpt_dir is not None and self.writes:
                 self._save_checkpoint(run, index)
             if self.callbacks.on_epoch_end is not None:
                 self.callbacks.on_epoch_end(row)
-            if epoch + 1 < epochs and stopper.should_stop:
+            # Taken once, by rank 0 (time differs between ranks), and followed by all.
+            early, over = ranks.agree((stopper.should_stop,
+                                       not self.budget.fits(next_epoch_s)))
+            if epoch + 1 < epochs and early:
                 log.info("early stopping after epoch %d (best epoch %s)", row["epoch"],
                          stopper.best_epoch)
                 return True
-            if epoch + 1 < epochs and not self.budget.fits(next_epoch_s):
+            if epoch + 1 < epochs and over:
                 self._out_of_time(row, next_epoch_s)
                 return True
         return False
@@ -239,8 +247,8 @@ class StageRunner:
         if self.budget.seconds is None or resuming:
             return plan
         planned = int(plan.spec.epochs)
-        fit = rules.finetune_epochs_in_budget(planned, self._epoch_seconds(plan),
-                                              self.budget.left())
+        fit = ranks.agree(rules.finetune_epochs_in_budget(planned, self._epoch_seconds(plan),
+                                                          self.budget.left()))
         if fit.value < planned:
             self.choices.record("finetune.epochs", fit)
         self.choices.notify()
@@ -266,5 +274,5 @@ class StageRunner:
             "early_stopping": progress.stopper.state_dict(), "history": progress.history,
             "spec": run.spec.model_dump(mode="json"), "resolved": self.choices.to_dict(),
             "classes": self.classes, "preprocessing": run.prep.to_dict(), "rng": rng_state(),
-            "budget_spent_s": self.budget.spent(),
+            "budget_spent_s": self.budget.spent(), "world_size": run.world,
         })
