@@ -13,11 +13,14 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy.exc import IntegrityError
 
+from ftune.models.data.discover import scan_image_folder
 from ftune.models.data.trees import remove_tree
 from ftune.models.derived.store import DerivedStore
-from ftune.models.errors import TrainingCancelled
+from ftune.models.errors import ResourceError, TrainingCancelled
+from ftune.models.recipe import rules
 from ftune.models.recipe.resolve import STATIC_FIELDS
-from ftune.models.spec import parse_spec
+from ftune.models.recipe.rules import Choice
+from ftune.models.spec import FineTuneSpec, parse_spec
 from ftune.service.blobs import deletions
 from ftune.service.blobs.keys import model_key, prefixes_of
 from ftune.service.db.session import Database
@@ -279,6 +282,7 @@ class JobRunner:
 
     def _fit(self, job: ClaimedJob, files: RunFiles, spec_json: dict,
              reporter: ProgressReporter, run: _RunInputs) -> FitResult:
+        from ftune.models.parallel.launch import Devices, fit_on_devices
         from ftune.models.training.fit import fit
 
         spec = parse_spec(spec_json)  # stored JSON is validated again: it may predate a change
@@ -290,11 +294,34 @@ class JobRunner:
             self._record_missing_epochs(job.id, resume, reporter)
         callbacks = reporter.callbacks()
         callbacks.on_epoch_end, callbacks.on_pretrain_epoch = _shipped_first(reporter, files)
+        devices = self._devices_for(spec, data_dir)
+        resolved = run.resolved | {"devices": devices.to_dict()}
+        if devices.value > 1:
+            log.info("job %s trains on %d %s devices", job.id, devices.value, self.devices.kind)
+            return fit_on_devices(Devices(devices.value, self.devices.kind), data_dir, spec,
+                                  folder=files.folder / "ranks",
+                                  checkpoint_dir=files.checkpoints, resume=resume,
+                                  callbacks=callbacks, resolved=resolved,
+                                  time_limit_s=run.seconds_left, derived=self.derived,
+                                  owner=job.tenant_id)
         return fit(data_dir, spec, checkpoint_dir=files.checkpoints, resume=resume,
-                   callbacks=callbacks, resolved=run.resolved,
+                   callbacks=callbacks, resolved=resolved,
                    time_limit_s=run.seconds_left, derived=self.derived,
                    owner=job.tenant_id,  # whose cache entries this job makes
                    unlabeled=unlabeled)
+
+    def _devices_for(self, spec: FineTuneSpec, data_dir: Path) -> Choice:
+        """How many of this worker's devices the job trains on (``rules.devices``)."""
+        have = self.devices
+        if isinstance(spec.devices, int) and spec.devices > have.count:
+            raise ResourceError(f"the job asks for {spec.devices} devices (devices) but this "
+                                f"worker has {have.count}; start workers with --devices")
+        needs_count = spec.devices == "auto" and have.count > 1 and have.kind == "cuda"
+        # Counting the images walks the dataset: only when the rule needs them.
+        num_train = len(scan_image_folder(data_dir).train) if needs_count else 0
+        return rules.devices(spec.devices, have.count, device_type=have.kind,
+                             trains_backbone=not spec.head_alone, num_train=num_train,
+                             batch_size=spec.batch_size, uses_unlabeled=spec.uses_unlabeled)
 
     def _record_missing_epochs(self, job_id: str, resume: Path,
                                reporter: ProgressReporter) -> None:

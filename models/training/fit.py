@@ -124,6 +124,8 @@ def fit(
     choices = Choices((state or {}).get("resolved") or static_choices(
         spec, train_samples, index.classes, resolved, unlabeled=len(index.unlabeled)),
         on_resolved=callbacks.on_resolved)
+    if resolved and "devices" in resolved:  # this attempt's, whatever an earlier one's was
+        choices.record("devices", Choices(resolved).choice("devices"))
     spec = apply_static(spec, choices.to_dict())
     _enter(callbacks, "features")
     choices.notify()
