@@ -47,6 +47,12 @@ def add_service_commands(sub: argparse._SubParsersAction) -> None:
     worker = sub.add_parser("worker", help="run one training worker (needs REDIS_URL)")
     worker.add_argument("--device", help="cpu, cuda, cuda:1 (default: FTUNE_DEVICE, else "
                         "automatic)")
+    worker.add_argument("--devices", help="devices a job may train on here: N (the first N "
+                        "GPUs, or N CPU ranks with --device cpu), all (every visible GPU) or "
+                        "GPU numbers 0,1 (this worker then sees only those; workers on one "
+                        "machine can split its GPUs: --devices 0,1 and --devices 2,3). Jobs "
+                        "asking for d devices go only to workers with at least d (default: "
+                        "FTUNE_WORKER_DEVICES, else one)")
     worker.add_argument("--name", help="Celery node name (default: random@host)")
     worker.add_argument("--home")
     worker.set_defaults(run=_worker)
@@ -131,7 +137,7 @@ def _worker(args: argparse.Namespace) -> int:
     _log_format(settings)
     settings.broker_url  # noqa: B018
     logging.getLogger().setLevel(logging.INFO)
-    run_worker(settings, name=args.name)
+    run_worker(settings, name=args.name, devices=args.devices)
     return 0
 
 

@@ -2,12 +2,17 @@
 
 Celery carries only job ids; the job's state lives in the database. Workers build their app
 with ``make_celery`` too and register the task under ``FINETUNE_TASK``.
+
+Queues per device class: a job that needs ``d >= 2`` devices goes to ``training.d{d}``, every
+other job to ``training``; a worker with ``k`` devices consumes ``training`` and
+``training.d2`` .. ``training.d{k}``, so only a worker with enough devices takes a job.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from celery import Celery
 
@@ -54,16 +59,39 @@ def make_celery(settings: Settings, *, include: Sequence[str] = ()) -> Celery:
     return app
 
 
+def job_devices(spec: Mapping[str, Any] | None) -> int:
+    """The devices a job needs its worker to have, from its stored spec: ``auto`` (or a spec
+    from before the field) runs on any worker, so 1."""
+    value = (spec or {}).get("devices", "auto")
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+        return value
+    return 1
+
+
+def training_queue(devices: int) -> str:
+    """The queue of a job that needs ``devices`` devices."""
+    return TRAINING_QUEUE if devices <= 1 else f"{TRAINING_QUEUE}.d{devices}"
+
+
+def worker_queues(devices: int) -> list[str]:
+    """The queues a worker with ``devices`` devices consumes, its largest class first: the
+    transport keeps this order ("priority" strategy), so of two jobs of one priority an idle
+    worker takes the one only it can run before one a smaller worker could take."""
+    return [training_queue(d) for d in range(max(1, devices), 0, -1)]
+
+
 def broker_priority(priority: int) -> int:
     """Ours: 9 is most urgent (as in AMQP). Kombu's Redis transport serves 0 first."""
     return 9 - priority
 
 
-def enqueue_finetune(celery: Celery, job_id: str, priority: int = 5) -> None:
-    """Hand a job id to the workers; call only after the job row has committed."""
+def enqueue_finetune(celery: Celery, job_id: str, priority: int, *, devices: int) -> None:
+    """Hand a job id to the workers with at least ``devices`` devices (``job_devices`` of
+    its spec); call only after the job row has committed."""
     try:
         # The task id is the job id, so the reconciler can tell which jobs the broker holds.
-        celery.send_task(FINETUNE_TASK, args=[job_id], task_id=job_id, queue=TRAINING_QUEUE,
+        celery.send_task(FINETUNE_TASK, args=[job_id], task_id=job_id,
+                         queue=training_queue(devices),
                          priority=broker_priority(priority), retry=True,
                          retry_policy=_PUBLISH_RETRY)
     except Exception as exc:  # kombu raises several connection error types

@@ -98,6 +98,18 @@ class Settings(BaseSettings):
     worker_memory_gb: float | None = Field(None, gt=0, description="Memory of the smallest "
                                            "worker device; set it to refuse specs that cannot "
                                            "fit at submit (workers always check).")
+    max_job_devices: int | None = Field(
+        None, ge=1, description="Most devices (spec.devices) one job may ask for; more is "
+        "refused at submit (422). Unset: no cap, and a job that asks for more devices than "
+        "any live worker has waits, its hold_reason saying so, until such a worker starts "
+        "(workers come and go, so the live ones are no reason to refuse).")
+
+    # This worker process (`ftune worker`).
+    worker_devices: str | None = Field(
+        None, pattern=r"^\s*(all|\d+(\s*,\s*\d+)*)\s*$",
+        description="Devices of each worker (`ftune worker --devices` wins): N (the first N "
+        "GPUs, or N CPU ranks with FTUNE_DEVICE=cpu), all (every visible GPU), or GPU "
+        "numbers 0,1. Unset: one device.")
 
     # What one client may hold of the API process (connections, threads, disk).
     limit_concurrency: int = Field(1000, ge=1, description="Connections and requests the API "

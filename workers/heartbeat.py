@@ -13,14 +13,16 @@ import time
 import redis
 
 from ftune.service.lifecycle.liveness import worker_key, worker_key_ttl_s
+from ftune.workers.placement import ONE_DEVICE, WorkerDevices
 
 log = logging.getLogger(__name__)
 
 
 class Heartbeat:
-    def __init__(self, redis_url: str, name: str, interval_s: float) -> None:
+    def __init__(self, redis_url: str, name: str, interval_s: float,
+                 devices: WorkerDevices = ONE_DEVICE) -> None:
         self.client = redis.Redis.from_url(redis_url, socket_connect_timeout=3, socket_timeout=3)
-        self.key, self.interval = worker_key(name), interval_s
+        self.key, self.interval, self.devices = worker_key(name), interval_s, devices
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="ftune-heartbeat", daemon=True)
 
@@ -30,7 +32,7 @@ class Heartbeat:
 
     def _beat(self) -> None:
         try:
-            self.client.set(self.key, json.dumps(beat_payload()),
+            self.client.set(self.key, json.dumps(beat_payload(self.devices)),
                             ex=worker_key_ttl_s(self.interval))
         except redis.RedisError as exc:
             log.warning("heartbeat to Redis failed: %s", exc)
@@ -45,10 +47,11 @@ class Heartbeat:
             self.client.delete(self.key)
 
 
-def beat_payload() -> dict:
-    """What a beat tells the API's /metrics: when it was sent and, on a GPU, the memory the
-    training holds (torch is only asked once a job has loaded it)."""
-    payload: dict = {"at": time.time()}
+def beat_payload(devices: WorkerDevices = ONE_DEVICE) -> dict:
+    """What a beat tells the API: when it was sent, the devices a job may train on here (the
+    dispatcher places jobs by them) and, on a GPU, the memory the training holds (torch is
+    only asked once a job has loaded it)."""
+    payload: dict = {"at": time.time(), "devices": devices.count, "device_kind": devices.kind}
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
         payload["gpu_allocated_bytes"] = int(torch.cuda.memory_allocated())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import threading
 import uuid
@@ -21,10 +22,11 @@ from ftune.service.db.session import Database
 from ftune.service.lifecycle.dispatcher import dispatch
 from ftune.service.lifecycle.reconciler import reconcile
 from ftune.service.logs import use_log_format
-from ftune.service.queue import TRAINING_QUEUE, make_celery
+from ftune.service.queue import make_celery, worker_queues
 from ftune.service.settings import Settings
 from ftune.workers import tasks
 from ftune.workers.heartbeat import Heartbeat
+from ftune.workers.placement import WorkerDevices, parse_devices
 
 log = logging.getLogger(__name__)
 
@@ -76,16 +78,35 @@ def _load_engine() -> None:
     log.info("engine loaded in %.1f s", time.perf_counter() - started)
 
 
-def run_worker(settings: Settings, *, name: str | None = None, loglevel: str = "INFO") -> None:
-    """Consume the training queue until stopped; the engine's device comes from
-    ``settings.engine`` (``--device`` or ``FTUNE_DEVICE``)."""
+def use_devices(settings: Settings, devices: str | None = None) -> WorkerDevices:
+    """This worker's devices (``--devices``, else FTUNE_WORKER_DEVICES, else one), its GPUs
+    made the only ones this process and its children see: before anything initialises
+    CUDA."""
+    text, source = ((devices, "--devices") if devices is not None
+                    else (settings.worker_devices, "FTUNE_WORKER_DEVICES"))
+    try:
+        chosen = parse_devices(text, device=settings.engine.device)
+        if text is not None:  # unset: the engine's device setting decides, as before
+            os.environ.update(chosen.environment(os.environ.get("CUDA_VISIBLE_DEVICES")))
+    except ValueError as exc:
+        raise ValueError(f"{source}: {exc}") from exc
+    log.info("devices: %s %s", chosen.kind, ",".join(map(str, chosen.ids)))
+    return chosen
+
+
+def run_worker(settings: Settings, *, name: str | None = None, loglevel: str = "INFO",
+               devices: str | None = None) -> None:
+    """Consume the training queues of this worker's device count until stopped; the engine's
+    device comes from ``settings.engine`` (``--device`` or ``FTUNE_DEVICE``), how many from
+    ``devices`` (``--devices``) or FTUNE_WORKER_DEVICES."""
+    owned = use_devices(settings, devices)
     _require_current_schema(settings)
     _load_engine()
     app = make_celery(settings, include=[tasks.__name__])
     upkeep = _Upkeep(settings, app)
     node = name or f"ftune-{uuid.uuid4().hex[:6]}@{socket.gethostname()}"
-    tasks.use_settings(settings, after_job=upkeep.dispatch, node=node)
-    heartbeat = Heartbeat(settings.broker_url, node, settings.worker_heartbeat_s)
+    tasks.use_settings(settings, after_job=upkeep.dispatch, node=node, devices=owned)
+    heartbeat = Heartbeat(settings.broker_url, node, settings.worker_heartbeat_s, owned)
 
     def on_ready(**_: object) -> None:
         # Counted as live only once Celery consumes from the queue, not while it starts up.
@@ -109,7 +130,8 @@ def run_worker(settings: Settings, *, name: str | None = None, loglevel: str = "
         # forked child, so CUDA initialised here stays valid; the main thread keeps talking
         # to the broker while the job trains.
         app.worker_main(["worker", "--pool=threads", "--concurrency=1",
-                         f"--queues={TRAINING_QUEUE}", f"--hostname={node}",
+                         f"--queues={','.join(worker_queues(owned.count))}",
+                         f"--hostname={node}",
                          f"--loglevel={loglevel}", "--without-gossip", "--without-mingle"])
     finally:
         heartbeat.stop()

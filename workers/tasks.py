@@ -16,6 +16,7 @@ from ftune.service.db.session import Database
 from ftune.service.queue import FINETUNE_TASK
 from ftune.service.settings import Settings
 from ftune.service.storage import Storage
+from ftune.workers.placement import ONE_DEVICE, WorkerDevices
 from ftune.workers.runner import JobRunner, RunLimits, RunTimings, WorkerShuttingDown
 
 log = logging.getLogger(__name__)
@@ -33,9 +34,11 @@ def _on_shutdown(**_: object) -> None:
     SHUTDOWN.set()
 
 
-def build_runner(settings: Settings, node: str | None = None) -> JobRunner:
+def build_runner(settings: Settings, node: str | None = None,
+                 devices: WorkerDevices = ONE_DEVICE) -> JobRunner:
     """``node``: the worker's Celery node name; it names the worker in the job's runs and
-    events (with the process id: two workers may share a node name by mistake)."""
+    events (with the process id: two workers may share a node name by mistake).
+    ``devices``: what a job may train on here (``ftune worker --devices``)."""
     storage = Storage.for_settings(settings)
     storage.prepare()
     return JobRunner(Database(settings.resolved_database_url), storage,
@@ -46,15 +49,15 @@ def build_runner(settings: Settings, node: str | None = None) -> JobRunner:
                                         stale_after_s=settings.job_stale_s),
                      limits=RunLimits(settings.max_runtime_s, settings.max_attempts,
                                       settings.retry_backoff_s), shutdown=SHUTDOWN,
-                     derived=storage.derived)
+                     derived=storage.derived, devices=devices)
 
 
 def use_settings(settings: Settings, *, after_job: Callable[[], None] | None = None,
-                 node: str | None = None) -> None:
-    """Run jobs with these settings (the worker process's, read once at start-up);
-    ``after_job`` runs whenever a job ends here."""
+                 node: str | None = None, devices: WorkerDevices = ONE_DEVICE) -> None:
+    """Run jobs with these settings (the worker process's, read once at start-up) on
+    ``devices``; ``after_job`` runs whenever a job ends here."""
     global _runner, _after_job
-    _runner = build_runner(settings, node)
+    _runner = build_runner(settings, node, devices)
     _after_job = after_job
 
 

@@ -32,7 +32,7 @@ from ftune.service.db.writes import rows_changed
 from ftune.service.events import EventKind, add_event, status_event
 from ftune.service.job_status import JobStatus
 from ftune.service.lifecycle import transitions
-from ftune.service.queue import TRAINING_QUEUE, enqueue_finetune
+from ftune.service.queue import TRAINING_QUEUE, enqueue_finetune, job_devices
 from ftune.service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -72,20 +72,22 @@ def reconcile(db: Database, celery: Celery, client: redis.Redis, settings: Setti
         _abandoned(session, repairs, stale_before, settings.max_attempts)
         _unclaimed(session, repairs, stale_before)
         grace = now - timedelta(seconds=max(5.0, settings.reconcile_interval_s))
-        admitted = list(session.execute(select(Job.id, Job.priority).where(
+        admitted = list(session.execute(select(Job.id, Job.priority, Job.spec).where(
             Job.status == JobStatus.ADMITTED, Job.admitted_at < grace)))
-    # Admitted jobs whose message is gone (Redis restarted empty) are enqueued again. Queued
-    # jobs have no message by design: the dispatcher admits them.
+    # Admitted jobs whose message is gone (Redis restarted empty) are enqueued again, to the
+    # queue of their device class as the dispatcher chose it. Queued jobs have no message by
+    # design: the dispatcher admits them.
     in_broker = broker_job_ids(client)
-    lost = [(job_id, priority) for job_id, priority in admitted if job_id not in in_broker]
-    for job_id, priority in lost:
-        enqueue_finetune(celery, job_id, priority)
+    lost = [(job_id, priority, spec) for job_id, priority, spec in admitted
+            if job_id not in in_broker]
+    for job_id, priority, spec in lost:
+        enqueue_finetune(celery, job_id, priority, devices=job_devices(spec))
     if lost:
         with db.session() as session:
-            for job_id, _ in lost:
+            for job_id, _, _ in lost:
                 add_event(session, job_id, EventKind.NOTE,
                           message="enqueued again: its message was missing from the broker")
-        repairs.reenqueued = [job_id for job_id, _ in lost]
+        repairs.reenqueued = [job_id for job_id, _, _ in lost]
     if repairs.requeued or repairs.failed or repairs.reenqueued:
         log.warning("reconciler: requeued %s, failed %s, re-enqueued %s", repairs.requeued,
                     repairs.failed, repairs.reenqueued)
