@@ -120,6 +120,7 @@ def new_job(session: Session, settings: Settings, dataset: Dataset, spec: FineTu
     """A queued job on ``dataset`` for its tenant: the submit-time choices made, quotas and
     worker memory checked (429 or 422 otherwise). Shared by submissions and sweep trials."""
     check_backbone(spec, settings)
+    check_devices_cap(spec, settings)
     tenant_id = dataset.tenant_id
     extra = session.get(Dataset, unlabeled_dataset_id) if unlabeled_dataset_id else None
     extra_unlabeled = (extra.splits or {}).get("unlabeled") or 0 if extra else 0
@@ -161,6 +162,16 @@ def _check_fits_a_worker(spec: FineTuneSpec, dataset: Dataset, settings: Setting
         raise InvalidInput(f"spec: this job needs {needed.describe()}, more than the workers' "
                            f"{settings.worker_memory_gb:g} GB; lower batch_size or image_size, "
                            "or freeze more of the backbone")
+
+
+def check_devices_cap(spec: FineTuneSpec, settings: Settings) -> None:
+    """With FTUNE_MAX_JOB_DEVICES set, refuse a job that asks for more devices. Without it,
+    no live worker having that many is no reason to refuse: the job waits for one."""
+    cap = settings.max_job_devices
+    if cap is not None and isinstance(spec.devices, int) and spec.devices > cap:
+        raise InvalidInput(f"spec.devices: {spec.devices} asked, more than the "
+                           f"{cap} a job may have here (FTUNE_MAX_JOB_DEVICES); ask for "
+                           f"{cap} or fewer, or auto")
 
 
 def get_job(session: Session, principal: Principal, job_id: str) -> Job:

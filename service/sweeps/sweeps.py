@@ -24,6 +24,7 @@ from ftune.service.idempotency import create_once
 from ftune.service.job_status import SweepStatus
 from ftune.service.jobs import (
     MEMBER_MAX_PRIORITY,
+    check_devices_cap,
     dataset_stats,
     request_cancel,
     unlabeled_dataset,
@@ -62,6 +63,7 @@ def create_sweep(session: Session, principal: Principal, settings: Settings, *,
     def check_trial(spec: dict) -> None:  # what a trial's spec must pass besides validation
         parsed = validate_job_spec(spec)
         check_backbone(parsed, settings)
+        check_devices_cap(parsed, settings)
         unlabeled_dataset(session, principal, dataset, parsed, None)
 
     try:

@@ -79,3 +79,37 @@ def test_a_spec_no_worker_could_hold_is_refused_at_submit_when_workers_are_known
         _check_fits_a_worker(validate_job_spec({"image_size": 512, "batch_size": 256,
                                                 "freeze": {"strategy": "none"}}),
                              dataset, settings)
+
+
+def test_a_job_over_the_operators_device_cap_is_refused_one_no_worker_has_waits(redis_url,
+                                                                              tmp_path):
+    from fastapi.testclient import TestClient
+
+    from ftune.service.app import create_app
+    from ftune.service.db.session import Database
+    from ftune.service.db.tables import DEFAULT_TENANT_ID, Dataset
+    from ftune.service.settings import Settings
+
+    # A Redis database of its own: no worker is live there, and none takes what is enqueued.
+    broker = redis_url.rsplit("/", 1)[0] + "/10"
+    settings = Settings(home=tmp_path / "home", auth="off", redis_url=broker, max_job_devices=2)
+    with TestClient(create_app(settings), base_url="http://127.0.0.1") as http:
+        db = Database(settings.resolved_database_url)
+        with db.session() as session:
+            session.add(Dataset(id="d" * 32, tenant_id=DEFAULT_TENANT_ID, name="d",
+                                classes=["a", "b"], class_counts={}, num_images=40,
+                                splits={}, warnings=[]))
+        db.dispose()
+        refused = _submit(http, "d" * 32, {"devices": 4})
+        assert refused.status_code == 422
+        assert refused.json()["detail"] == ("spec.devices: 4 asked, more than the 2 a job may "
+                                            "have here (FTUNE_MAX_JOB_DEVICES); ask for 2 or "
+                                            "fewer, or auto")
+        assert refused.json()["errors"][0]["loc"] == ["spec", "devices"]
+        assert http.get("/v1/jobs").json()["items"] == []
+        waiting = _submit(http, "d" * 32, {"devices": 2})
+        assert waiting.status_code == 202, waiting.text
+        job = http.get(f"/v1/jobs/{waiting.json()['id']}").json()
+        assert job["status"] == "queued"
+        assert job["hold_reason"] == "waiting for a worker with 2 devices (no worker is live)"
+        http.post(f"/v1/jobs/{job['id']}/cancel")
