@@ -60,15 +60,20 @@ _LEVELS = {"crop": (0.75, 0.0, False), "light": (0.6, 0.0, True),
            "strong": (0.25, 0.4, True)}
 
 
-def augment(batch: torch.Tensor, out_size: int, level: str) -> torch.Tensor:
+def augment(batch: torch.Tensor, out_size: int, level: str, *,
+            among: tuple[int, torch.Tensor] | None = None) -> torch.Tensor:
     """Random resized crop (+ horizontal flip for "light" and "strong", + colour jitter for
     "strong") on a float batch.
 
     Works on the whole batch at once with roi_align, on whatever device the batch lives on.
     Draws from torch's global RNG so a resumed run repeats the same augmentations.
+    ``among``: the batch is part of a larger one (a rank's shard): (its size, the positions
+    of these images in it). The draws are made for the whole batch and these images take
+    theirs, so every device count augments each image alike.
     """
     min_area, jitter, flips = _LEVELS[level]
-    n, _, h, w = batch.shape
+    _, _, h, w = batch.shape
+    n = among[0] if among is not None else batch.shape[0]
     area = torch.empty(n).uniform_(min_area, 1.0) * h * w
     log_ratio = torch.empty(n).uniform_(math.log(3 / 4), math.log(4 / 3))
     ratio = torch.exp(log_ratio)
@@ -77,6 +82,10 @@ def augment(batch: torch.Tensor, out_size: int, level: str) -> torch.Tensor:
     x0 = torch.rand(n) * (w - crop_w)
     y0 = torch.rand(n) * (h - crop_h)
     flip = (torch.rand(n) < 0.5) & torch.tensor(flips)  # drawn anyway: same RNG stream
+    if among is not None:
+        mine = among[1]
+        crop_w, crop_h, x0, y0, flip = (t[mine] for t in (crop_w, crop_h, x0, y0, flip))
+        n = len(mine)
     # roi_align needs x0 <= x1, so flipping happens after the crop.
     boxes = torch.stack([torch.arange(n, dtype=torch.float), x0, y0, x0 + crop_w, y0 + crop_h], 1)
     out = roi_align(batch, boxes.to(batch.device, batch.dtype), output_size=out_size,
@@ -84,15 +93,17 @@ def augment(batch: torch.Tensor, out_size: int, level: str) -> torch.Tensor:
     flip = flip.to(batch.device)
     out = torch.where(flip.view(n, 1, 1, 1), out.flip(3), out)
     if jitter > 0:
-        out = _colour_jitter(out, jitter)
+        out = _colour_jitter(out, jitter, among)
     return out
 
 
-def _colour_jitter(batch: torch.Tensor, strength: float) -> torch.Tensor:
-    n = batch.shape[0]
+def _colour_jitter(batch: torch.Tensor, strength: float,
+                   among: tuple[int, torch.Tensor] | None = None) -> torch.Tensor:
+    n = among[0] if among is not None else batch.shape[0]
 
     def factors() -> torch.Tensor:
-        return torch.empty(n, 1, 1, 1).uniform_(1 - strength, 1 + strength).to(batch.device)
+        drawn = torch.empty(n, 1, 1, 1).uniform_(1 - strength, 1 + strength)
+        return (drawn if among is None else drawn[among[1]]).to(batch.device)
 
     brightness, contrast, saturation = factors(), factors(), factors()
     batch = batch * brightness

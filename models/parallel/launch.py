@@ -124,37 +124,20 @@ class RankGroup:
                 accepted.put(listener.accept())
 
         threading.Thread(target=accept, name="ftune-ranks-accept", daemon=True).start()
-        conn: Connection | None = None
+        line = _Line(accepted, callbacks)
         result: str | None = None
         while result is None:
             if callbacks.should_stop is not None and callbacks.should_stop():
                 self.stop()
                 raise TrainingCancelled("training cancelled")
-            if conn is None:
-                with contextlib.suppress(queue.Empty):
-                    conn = accepted.get(timeout=POLL_S)
-            else:
-                result = self._relay(conn, callbacks)
+            result = line.relay(POLL_S)
             if result is None and self.process.poll() is not None:
-                # Messages sent just before the end still count (rank 0's result, say).
-                while conn is not None and result is None and conn.poll(0):
-                    result = self._relay(conn, callbacks)
+                result = line.drain()  # rank 0's last messages (its result, say) still count
                 if result is None:
                     raise self._failure()
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.process.wait(timeout=60)  # the other ranks have left already
         return torch.load(result, weights_only=False)
-
-    def _relay(self, conn: Connection, callbacks: Callbacks) -> str | None:
-        """Handle one message from rank 0 if one comes soon; the result's path once sent."""
-        try:
-            if not conn.poll(POLL_S):
-                return None
-            kind, payload = conn.recv()
-        except (EOFError, OSError):
-            time.sleep(POLL_S)  # rank 0 has gone: the group's exit says why
-            return None
-        return _handle(kind, payload, conn, callbacks)
 
     def _failure(self) -> BaseException:
         """Why the group ended without a result: a rank's own error (the lowest rank's
@@ -164,7 +147,7 @@ class RankGroup:
                            key=lambda p: int(p.stem.removeprefix("error-rank"))):
             with contextlib.suppress(Exception):
                 errors.append(pickle.loads(path.read_bytes()))
-        own = [e for e in errors if not isinstance(e, dist.DistError)]
+        own = [e for e in errors if not _lost_peer(e)]
         if own:
             return own[0]
         tail = self.output.read_text(errors="replace")[-LOG_TAIL:] if self.output.exists() \
@@ -185,6 +168,52 @@ class RankGroup:
             os.killpg(pgid, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.process.wait(timeout=STOP_GRACE_S)
+
+
+# How gloo and NCCL say that another rank has gone (as RuntimeError in torch 2.14).
+PEER_LOST = ("gloo", "NCCL", "Connection reset by peer", "Connection closed by peer")
+
+
+def _lost_peer(exc: BaseException) -> bool:
+    """Whether a rank failed only because another one died."""
+    return isinstance(exc, dist.DistError) or any(sign in str(exc) for sign in PEER_LOST)
+
+
+class _Line:
+    """The launcher's end of the channel: rank 0 connects once, and hangs up at its end."""
+
+    def __init__(self, accepted: queue.Queue[Connection], callbacks: Callbacks) -> None:
+        self.accepted, self.callbacks = accepted, callbacks
+        self.conn: Connection | None = None
+        self.closed = False
+
+    def relay(self, wait_s: float) -> str | None:
+        """Handle one message if one comes within ``wait_s``; the result's path once sent."""
+        if self.closed:
+            time.sleep(wait_s)
+            return None
+        if self.conn is None:
+            with contextlib.suppress(queue.Empty):
+                self.conn = self.accepted.get(timeout=wait_s)
+            return None
+        try:
+            if not self.conn.poll(wait_s):
+                return None
+            kind, payload = self.conn.recv()
+        except (EOFError, OSError):  # rank 0 has gone: the group's exit says why
+            self.closed = True
+            return None
+        return _handle(kind, payload, self.conn, self.callbacks)
+
+    def drain(self) -> str | None:
+        """The messages still buffered once the ranks have ended."""
+        while not self.closed and self.conn is not None:
+            result = self.relay(0)
+            if result is not None:
+                return result
+            if not self.closed and not self.conn.poll(0):
+                break
+        return None
 
 
 def _handle(kind: str, payload: Any, conn: Connection, callbacks: Callbacks) -> str | None:

@@ -14,6 +14,7 @@ import logging
 import os
 import pickle
 import sys
+import warnings
 from datetime import timedelta
 from pathlib import Path
 
@@ -58,6 +59,9 @@ def _device(kind: str) -> tuple[str, str]:
 
 
 def main(launch_file: str) -> int:
+    # synced.py's differentiable all-reduce: its replacement has no autograd (torch 2.14).
+    warnings.filterwarnings("ignore", category=FutureWarning,
+                            message="torch.distributed.nn.functional.all_reduce is deprecated")
     launch = json.loads(Path(launch_file).read_text())
     folder = Path(launch["folder"])
     configure(EngineSettings(**launch["engine"]))

@@ -123,16 +123,28 @@ def broadcast_module(module: nn.Module) -> None:
             offset += tensor.numel()
 
 
-def shard_batches(order: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, list[int]]:
-    """This rank's part of every global batch of ``order``: its indices, concatenated, and
-    the size of each part (global batch i is ``order[i*B:(i+1)*B]``, rank r takes ``r::W``)."""
+@dataclass(frozen=True)
+class Shards:
+    """This rank's part of an epoch's global batches (global batch i is
+    ``order[i*B:(i+1)*B]``, and rank r takes its images ``r::world``)."""
+
+    order: torch.Tensor  # this rank's images, batch after batch
+    sizes: list[int]  # of this rank's part of each batch
+    global_sizes: list[int]  # of each whole batch
+
+
+def shard_batches(order: torch.Tensor, batch_size: int) -> Shards:
     ranks = current()
-    if not ranks.distributed:
-        sizes = [min(batch_size, len(order) - s) for s in range(0, len(order), batch_size)]
-        return order, sizes
-    parts = [order[start:start + batch_size][ranks.rank::ranks.world]
-             for start in range(0, len(order), batch_size)]
-    return (torch.cat(parts) if parts else order[:0]), [len(p) for p in parts]
+    parts = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+    mine = [part[ranks.rank::ranks.world] for part in parts]
+    return Shards(torch.cat(mine) if mine else order[:0], [len(p) for p in mine],
+                  [len(p) for p in parts])
+
+
+def positions(global_size: int) -> torch.Tensor:
+    """Where this rank's images sit in a global batch of ``global_size``."""
+    ranks = current()
+    return torch.arange(global_size)[ranks.rank::ranks.world]
 
 
 def shard(indices: torch.Tensor) -> torch.Tensor:

@@ -120,12 +120,7 @@ def fit(
     index = data if isinstance(data, ImageFolderIndex) else scan_image_folder(data)
     train_samples, val_samples = _split(index, spec)
     callbacks, state = callbacks or Callbacks(), _checkpoint_state(resume, index.classes)
-    # A resumed run keeps every choice it had made; a new one starts from the static ones.
-    choices = Choices((state or {}).get("resolved") or static_choices(
-        spec, train_samples, index.classes, resolved, unlabeled=len(index.unlabeled)),
-        on_resolved=callbacks.on_resolved)
-    if resolved and "devices" in resolved:  # this attempt's, whatever an earlier one's was
-        choices.record("devices", Choices(resolved).choice("devices"))
+    choices = _run_choices(state, spec, train_samples, index, resolved, callbacks)
     spec = apply_static(spec, choices.to_dict())
     _enter(callbacks, "features")
     choices.notify()
@@ -155,6 +150,19 @@ def fit(
         spec, choices.to_dict(), lr_curve, pretrained
     result.diagnosis = _diagnose(result, train_samples)
     return result
+
+
+def _run_choices(state: dict | None, spec: FineTuneSpec, train_samples: list[Sample],
+                 index: ImageFolderIndex, resolved: dict | None, callbacks: Callbacks
+                 ) -> Choices:
+    """A resumed run keeps every choice it had made; a new one starts from the static ones.
+    Either way the devices are this attempt's, whatever an earlier one's were."""
+    choices = Choices((state or {}).get("resolved") or static_choices(
+        spec, train_samples, index.classes, resolved, unlabeled=len(index.unlabeled)),
+        on_resolved=callbacks.on_resolved)
+    if resolved and "devices" in resolved:
+        choices.record("devices", Choices(resolved).choice("devices"))
+    return choices
 
 
 def _diagnose(result: FitResult, train_samples: list[Sample]) -> list[dict]:

@@ -16,7 +16,7 @@ from torch import nn
 
 from ftune.models.errors import NonFiniteLossError, TrainingCancelled
 from ftune.models.parallel.ranks import sum_gradients, summed
-from ftune.models.parallel.sync_bn import synced_batchnorm
+from ftune.models.parallel.synced import synced_step
 from ftune.models.training.runtime import Precision
 
 BatchHook = Callable[[int, int, float], None]  # (step in epoch, steps in epoch, loss)
@@ -135,18 +135,22 @@ def train_one_epoch(
     steps_in_epoch: int = 0,
     on_batch: BatchHook | None = None,
     should_stop: Callable[[], bool] | None = None,
-    sharded: bool = False,
+    global_sizes: list[int] | None = None,
 ) -> EpochStats:
-    """``sharded``: the batches are this rank's shards of the global batches; gradients and
-    the epoch's totals are summed over the ranks (see models/parallel/ranks.py)."""
+    """``global_sizes``: the batches are this rank's shards of global batches of these
+    sizes; gradients and the epoch's totals are summed over the ranks, and BatchNorm and
+    dropout work on the whole batch (models/parallel)."""
     totals = _EpochTotals()
+    sharded = global_sizes is not None
     all_params = [p for params in grad_groups.values() for p in params]
     for inputs, targets in batches:
         stop_if_asked(should_stop)
         factor = lr_at_step(first_step + totals.steps)
         for group in optimizer.param_groups:
             group["lr"] = group["base_lr"] * factor
-        with precision.autocast(), synced_batchnorm() if sharded else nullcontext():
+        step = (synced_step(global_sizes[totals.steps]) if global_sizes is not None
+                else nullcontext())
+        with precision.autocast(), step:
             logits = module(inputs)
             loss = loss_fn(logits.float(), targets)
         if sharded:

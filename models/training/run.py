@@ -187,8 +187,10 @@ class TrainingRun:
         # whole batch on every rank: its steps cost less than a collective would.
         sharded = self.world > 1 and not use_train_cache
         sizes: BatchSizes = self.spec.batch_size
+        global_sizes = None
         if sharded:
-            order, sizes = ranks.shard_batches(order, self.spec.batch_size)
+            shards = ranks.shard_batches(order, self.spec.batch_size)
+            order, sizes, global_sizes = shards.order, shards.sizes, shards.global_sizes
         if use_train_cache:
             module: nn.Module = self.model.head
             batches = self._feature_batches("train", order)
@@ -197,7 +199,8 @@ class TrainingRun:
             batches = prefix.batches("train", order, sizes)
         else:
             module, batches = self.model, self._image_batches(order, training=True,
-                                                              batch_size=sizes)
+                                                              batch_size=sizes,
+                                                              global_sizes=global_sizes)
         return train_one_epoch(
             module, batches, self.optimizer, loss_fn=self.loss_fn, precision=self.precision,
             scaler=self.scaler, first_step=self.step,
@@ -206,7 +209,7 @@ class TrainingRun:
             grad_groups=self.grad_groups(), grad_clip_norm=self.spec.grad_clip_norm,
             steps_in_epoch=self.steps_per_epoch,
             on_batch=_epoch_hook(self.epoch_offset + epoch, callbacks),
-            should_stop=callbacks.should_stop, sharded=sharded,
+            should_stop=callbacks.should_stop, global_sizes=global_sizes,
         )
 
     def _validate(self, frozen: bool, prefix: PrefixCache | None
@@ -232,16 +235,22 @@ class TrainingRun:
         return epoch_order(self.spec.seed, epoch, len(self.train_source), self.samples_per_epoch)
 
     def _image_batches(self, order: torch.Tensor, *, training: bool, split: str = "train",
-                       batch_size: BatchSizes | None = None) -> Batches:
+                       batch_size: BatchSizes | None = None,
+                       global_sizes: list[int] | None = None) -> Batches:
+        """``global_sizes``: the batches are this rank's shards of global batches of these
+        sizes; augmentations are drawn for the whole batch, as one process would."""
         source = self.train_source if split == "train" else self.val_source
         cuda = self.device.type == "cuda"
-        for images, labels, _ in source.batches(order, batch_size or self.spec.batch_size,
-                                                pin=cuda):
+        batches = source.batches(order, batch_size or self.spec.batch_size, pin=cuda)
+        for step, (images, labels, _) in enumerate(batches):
             images = images.to(self.device, non_blocking=True)
             labels = labels.to(self.device, non_blocking=True)
             batch = images.float()
             if training and self.spec.augment != "none":
-                batch = augment(batch, self.prep.input_size, self.spec.augment)
+                among = None
+                if global_sizes is not None:  # draws for the whole batch: ours among them
+                    among = (global_sizes[step], ranks.positions(global_sizes[step]))
+                batch = augment(batch, self.prep.input_size, self.spec.augment, among=among)
             elif not training:  # features and validation see the centre, as val is stored
                 batch = center_crop_batch(batch, self.prep.input_size)
             yield as_channels_last(normalize(batch, self.prep)), labels

@@ -1,0 +1,144 @@
+"""Data-parallel fit on CPU: two gloo ranks, started by torchrun, against one process on the
+same data, seed and global batch. Real processes, real images."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+
+import pytest
+import torch
+
+from ftune.models.errors import DatasetError, TrainingCancelled
+from ftune.models.parallel.launch import Devices, fit_on_devices
+from ftune.models.spec import parse_spec
+from ftune.models.training.checkpoint import load_checkpoint
+from ftune.models.training.fit import Callbacks, fit
+
+# The top stage and a head with BatchNorm and dropout train on augmented images: everything
+# that draws random numbers or batch statistics is exercised. 36 images, 28 to train: three
+# batches of 8 and one of 4, so the shards are uneven at the end.
+SPEC = {"image_size": 64, "batch_size": 8, "epochs": 3, "augment": "light", "seed": 3,
+        "optimizer": {"name": "sgd", "lr": 0.02, "momentum": 0.9},
+        "head": {"dropout": 0.3, "hidden": [16], "batchnorm": True},
+        "freeze": {"strategy": "last_n_blocks", "n_blocks": 1}}
+TWO_CPU = Devices(2, "cpu")
+# Float sums in another order (all-reduce, BatchNorm statistics from sums and sums of
+# squares): every tensor within 0.05% of its largest value (1.4e-4 measured after 3 epochs).
+TOLERANCE = 5e-4
+
+
+class StopHere(Exception):
+    pass
+
+
+@pytest.fixture(scope="module")
+def one_process(tiny_folder):
+    return fit(tiny_folder, parse_spec(SPEC), device="cpu")
+
+
+def _rows(history: list[dict]) -> list[tuple]:
+    return [(r["epoch"], r["stage"], r["train_loss"], r["train_accuracy"], r["val_loss"],
+             r["val_accuracy"], r["grad_norm"]) for r in history]
+
+
+def _assert_same_rows(got: list[dict], want: list[dict]) -> None:
+    assert len(got) == len(want)
+    for a, b in zip(_rows(got), _rows(want), strict=True):
+        assert a[:2] == b[:2]
+        assert a[2:] == pytest.approx(b[2:], rel=1e-4, abs=1e-5)
+
+
+def test_two_ranks_train_what_one_process_trains(tmp_path, tiny_folder, one_process):
+    two = fit_on_devices(TWO_CPU, tiny_folder, parse_spec(SPEC), folder=tmp_path / "ranks",
+                         checkpoint_dir=tmp_path / "ckpt")
+    _assert_same_rows(two.history, one_process.history)
+    want = one_process.model.state_dict()
+    got = two.model.state_dict()
+    assert got.keys() == want.keys()
+    for name, value in want.items():
+        if value.is_floating_point():
+            scale = float(value.abs().max())
+            assert float((got[name] - value).abs().max()) <= TOLERANCE * scale + 1e-6, name
+        else:
+            assert torch.equal(got[name], value), name
+    assert two.best_epoch == one_process.best_epoch
+    assert two.evaluation["val"]["accuracy"] == one_process.evaluation["val"]["accuracy"]
+    assert load_checkpoint(tmp_path / "ckpt")["world_size"] == 2
+
+
+def test_a_two_rank_checkpoint_resumes_in_one_process(tmp_path, tiny_folder, one_process):
+    def stop_after_first(row: dict) -> None:
+        if row["epoch"] == 1:
+            raise StopHere
+
+    ckpt = tmp_path / "ckpt"
+    with pytest.raises(StopHere):
+        fit_on_devices(TWO_CPU, tiny_folder, parse_spec(SPEC), folder=tmp_path / "ranks",
+                       checkpoint_dir=ckpt, callbacks=Callbacks(on_epoch_end=stop_after_first))
+    assert load_checkpoint(ckpt)["epoch"] == 1
+    rows: list[dict] = []
+    resumed = fit(tiny_folder, parse_spec(SPEC), device="cpu", resume=ckpt,
+                  checkpoint_dir=ckpt, callbacks=Callbacks(on_epoch_end=rows.append))
+    assert [r["epoch"] for r in rows] == [2, 3]  # each epoch once
+    _assert_same_rows(resumed.history, one_process.history)
+
+
+def test_a_ranks_error_reaches_the_caller_as_itself(tmp_path, tiny_folder):
+    one_class = tmp_path / "one-class"
+    first = sorted(p for p in tiny_folder.iterdir() if p.is_dir())[0]
+    shutil.copytree(first, one_class / first.name)
+    with pytest.raises(DatasetError) as raised:
+        fit_on_devices(TWO_CPU, one_class, parse_spec(SPEC), folder=tmp_path / "ranks",
+                       checkpoint_dir=tmp_path / "ckpt")
+    with pytest.raises(DatasetError) as alone:
+        fit(one_class, parse_spec(SPEC), device="cpu")
+    assert str(raised.value) == str(alone.value)
+
+
+def test_a_stop_request_ends_every_rank(tmp_path, tiny_folder):
+    batches: list[tuple] = []
+    spec = parse_spec({**SPEC, "epochs": 50})
+    with pytest.raises(TrainingCancelled):
+        fit_on_devices(TWO_CPU, tiny_folder, spec, folder=tmp_path / "ranks",
+                       checkpoint_dir=tmp_path / "ckpt",
+                       callbacks=Callbacks(on_batch_end=lambda *a: batches.append(a),
+                                           should_stop=lambda: len(batches) >= 2))
+    assert len(batches) < 4 * 50
+    assert not _rank_processes()
+
+
+def _rank_processes() -> list[int]:
+    """Processes of this user running a rank or torchrun (none may outlive a run)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as handle:
+                command = handle.read().replace(b"\0", b" ")
+        except OSError:
+            continue
+        if b"ftune.models.parallel.rank_main" in command:
+            found.append(int(entry))
+    return found
+
+
+def test_a_killed_rank_ends_the_group_as_lost(tmp_path, tiny_folder):
+    from ftune.models.errors import RankGroupLost
+
+    spec = parse_spec({**SPEC, "epochs": 50})
+    killed: list[int] = []
+
+    def kill_one(*_: object) -> None:
+        if not killed:
+            ranks = sorted(_rank_processes())
+            killed.append(ranks[-1])
+            os.kill(ranks[-1], signal.SIGKILL)
+
+    with pytest.raises(RankGroupLost, match="resuming from the last checkpoint"):
+        fit_on_devices(TWO_CPU, tiny_folder, spec, folder=tmp_path / "ranks",
+                       checkpoint_dir=tmp_path / "ckpt",
+                       callbacks=Callbacks(on_batch_end=kill_one))
+    assert killed and not _rank_processes()
