@@ -3,14 +3,12 @@ same data, seed and global batch. Real processes, real images."""
 
 from __future__ import annotations
 
-import os
 import shutil
-import signal
 
 import pytest
 import torch
 
-from ftune.models.errors import DatasetError, TrainingCancelled
+from ftune.models.errors import DatasetError
 from ftune.models.parallel.launch import Devices, fit_on_devices
 from ftune.models.spec import parse_spec
 from ftune.models.training.checkpoint import load_checkpoint
@@ -95,50 +93,3 @@ def test_a_ranks_error_reaches_the_caller_as_itself(tmp_path, tiny_folder):
     with pytest.raises(DatasetError) as alone:
         fit(one_class, parse_spec(SPEC), device="cpu")
     assert str(raised.value) == str(alone.value)
-
-
-def test_a_stop_request_ends_every_rank(tmp_path, tiny_folder):
-    batches: list[tuple] = []
-    spec = parse_spec({**SPEC, "epochs": 50})
-    with pytest.raises(TrainingCancelled):
-        fit_on_devices(TWO_CPU, tiny_folder, spec, folder=tmp_path / "ranks",
-                       checkpoint_dir=tmp_path / "ckpt",
-                       callbacks=Callbacks(on_batch_end=lambda *a: batches.append(a),
-                                           should_stop=lambda: len(batches) >= 2))
-    assert len(batches) < 4 * 50
-    assert not _rank_processes()
-
-
-def _rank_processes() -> list[int]:
-    """Processes of this user running a rank or torchrun (none may outlive a run)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as handle:
-                command = handle.read().replace(b"\0", b" ")
-        except OSError:
-            continue
-        if b"ftune.models.parallel.rank_main" in command:
-            found.append(int(entry))
-    return found
-
-
-def test_a_killed_rank_ends_the_group_as_lost(tmp_path, tiny_folder):
-    from ftune.models.errors import RankGroupLost
-
-    spec = parse_spec({**SPEC, "epochs": 50})
-    killed: list[int] = []
-
-    def kill_one(*_: object) -> None:
-        if not killed:
-            ranks = sorted(_rank_processes())
-            killed.append(ranks[-1])
-            os.kill(ranks[-1], signal.SIGKILL)
-
-    with pytest.raises(RankGroupLost, match="resuming from the last checkpoint"):
-        fit_on_devices(TWO_CPU, tiny_folder, spec, folder=tmp_path / "ranks",
-                       checkpoint_dir=tmp_path / "ckpt",
-                       callbacks=Callbacks(on_batch_end=kill_one))
-    assert killed and not _rank_processes()
