@@ -257,7 +257,11 @@ class StageRunner:
     def _epoch_seconds(self, plan: StagePlan) -> float:
         """One epoch of ``plan``, estimated by timing a few steps on a copy of the model."""
         probe = TrainingRun(self.setup, plan, model=copy.deepcopy(self.setup.model))
-        step_s = probe.seconds_per_step(PROBE_STEPS)
+        device = self.setup.precision.device
+        # The probe's augmentations and dropout must not move the run's random numbers: the
+        # run then draws the same on any device count (its probe steps are a shard's).
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            step_s = probe.seconds_per_step(PROBE_STEPS)
         batch = plan.spec.batch_size
         val_steps = -(-len(self.setup.val_source) // batch)
         return probe.steps_per_epoch * step_s + val_steps * step_s / 3

@@ -14,6 +14,7 @@ import torch
 
 from ftune.models.errors import TrainingCancelled
 from ftune.models.network import build_head
+from ftune.models.parallel.launch import Devices, fit_on_devices
 from ftune.models.recipe.choices import Choices
 from ftune.models.spec import HeadSpec, parse_spec
 from ftune.models.training.budget import Budget
@@ -38,8 +39,15 @@ def _heldout_accuracy(result, heldout) -> float:
     return float(np.mean([p[0]["label"] == y for p, y in zip(predicted, labels, strict=True)]))
 
 
-def test_empty_spec_clearly_beats_the_old_default(animal_folder, animal_heldout):
-    new = fit(animal_folder, {})
+@pytest.fixture(scope="module")
+def empty_spec_run(animal_folder):
+    """``{}`` on the animal images, in this process (on the CPU here)."""
+    return fit(animal_folder, {})
+
+
+def test_empty_spec_clearly_beats_the_old_default(animal_folder, animal_heldout,
+                                                  empty_spec_run):
+    new = empty_spec_run
     old = fit(animal_folder, OLD_DEFAULT)
     new_acc, old_acc = (_heldout_accuracy(r, animal_heldout) for r in (new, old))
     assert new_acc >= old_acc + 0.05, (new_acc, old_acc)
@@ -56,9 +64,15 @@ def test_auto_choices_are_deterministic_given_data_and_seed(tiny_folder):
     assert set(first.resolved) >= {"optimizer.lr", "optimizer.name", "epochs", "class_weights"}
 
 
-def test_fast_refits_the_head_on_train_and_val_keeping_val_metrics_from_before(tiny_folder):
+@pytest.fixture(scope="module")
+def fast_refit_run(tiny_folder):
+    return fit(tiny_folder, {"preset": "fast", "image_size": 32})
+
+
+def test_fast_refits_the_head_on_train_and_val_keeping_val_metrics_from_before(
+        tiny_folder, fast_refit_run):
     spec = {"preset": "fast", "image_size": 32}
-    refit, plain = fit(tiny_folder, spec), fit(tiny_folder, spec | {"refit": False})
+    refit, plain = fast_refit_run, fit(tiny_folder, spec | {"refit": False})
     assert "refit" not in plain.resolved
     choice = refit.resolved["refit"]
     assert choice["value"] is True
@@ -208,3 +222,25 @@ def test_head_stage_checkpoints_hold_only_the_head_and_resume_exactly(tiny_folde
     final = load_checkpoint(tmp_path)  # fine-tuning changed the backbone: all of it is kept
     assert not final["backbone_as_built"]
     assert final["model"].keys() == whole.model.state_dict().keys()
+
+
+def test_the_default_recipe_on_two_ranks_makes_the_one_process_model(
+        tmp_path, animal_folder, animal_arrays, empty_spec_run, tiny_folder, fast_refit_run):
+    """Features, head, fine-tuning (and, with preset fast, refit) under 2 gloo ranks."""
+    images, labels = animal_arrays
+    idx = balanced_indices(labels, 30, offset=50)  # 300 images neither run has seen
+    heldout = images[idx], [empty_spec_run.classes[int(y)] for y in labels[idx]]
+    two = fit_on_devices(Devices(2, "cpu"), animal_folder, parse_spec({}),
+                         folder=tmp_path / "ranks", checkpoint_dir=tmp_path / "ckpt")
+    stages = [row["stage"] for row in two.history]
+    assert stages == [row["stage"] for row in empty_spec_run.history]
+    assert {"head", "finetune"} <= set(stages)
+    one_acc, two_acc = (_heldout_accuracy(r, heldout) for r in (empty_spec_run, two))
+    assert abs(one_acc - two_acc) <= 0.005, (one_acc, two_acc)
+    # The head alone on cached features, then refit on train+val, on rank 0.
+    fast = fit_on_devices(Devices(2, "cpu"), tiny_folder,
+                          parse_spec({"preset": "fast", "image_size": 32}),
+                          folder=tmp_path / "fast", checkpoint_dir=tmp_path / "fast-ckpt")
+    assert fast.resolved["refit"] == fast_refit_run.resolved["refit"]
+    torch.testing.assert_close(fast.model.head[-1].weight,
+                               fast_refit_run.model.head[-1].weight, rtol=1e-4, atol=1e-5)
