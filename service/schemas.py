@@ -108,7 +108,8 @@ class JobSummary(BaseModel):
     queue_position: int | None = Field(description="place among the tenant's waiting jobs "
                                        "(1: next); null unless waiting")
     hold_reason: str | None = Field(None, description="why a waiting job is held back (a "
-                                    "run-time quota); null when it only waits for a worker")
+                                    "run-time quota, or no live worker with the devices it "
+                                    "asks for); null when it only waits for a free worker")
     retry_at: datetime | None = Field(None, description="a job back from a transient "
                                       "error waits until then")
     resolved: dict[str, Any] = Field(default_factory=dict, description="each auto field's "
