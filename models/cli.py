@@ -23,6 +23,8 @@ if TYPE_CHECKING:  # imported where used: `ftune --help` must not load torch or 
     from tqdm import tqdm
 
     from ftune.models.derived.store import DerivedStore
+    from ftune.models.training.fit import FitResult
+    from ftune.models.training.run_setup import Callbacks
 
 log = logging.getLogger("ftune")
 
@@ -160,6 +162,25 @@ def _print_pretrain_epoch(row: dict) -> None:
           f"in {row['seconds']:.1f} s", flush=True)
 
 
+def _fit_on_devices(spec: FineTuneSpec, data: Path, ckpt_dir: Path,
+                    args: argparse.Namespace, callbacks: Callbacks) -> FitResult:
+    """``devices: N``: N ranks here, on the first N GPUs (or N CPU ranks with --device cpu)."""
+    from ftune.models.parallel.launch import Devices, fit_on_devices
+    from ftune.models.training.runtime import resolve_device
+
+    if args.unlabeled:
+        raise ValueError("--unlabeled: pretraining and pseudo-labels run on one device")
+    kind = "cuda" if resolve_device(args.device).type == "cuda" else "cpu"
+    folder = ckpt_dir.with_name(ckpt_dir.name + ".ranks")
+    try:
+        return fit_on_devices(Devices(int(spec.devices), kind), data, spec,
+                              folder=folder, checkpoint_dir=ckpt_dir,
+                              resume=Path(args.resume) if args.resume else None,
+                              callbacks=callbacks, derived=_derived_store())
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def _train(args: argparse.Namespace) -> int:
     from ftune.models.bundle import ensure_output_free, save_bundle
     from ftune.models.training.fit import Callbacks, fit
@@ -170,15 +191,16 @@ def _train(args: argparse.Namespace) -> int:
         out.name + ".partial")
     output = _TrainingOutput(spec.epochs, progress=not args.no_progress)
     with dataset_folder(args.data, near=out) as data:
+        callbacks = Callbacks(on_epoch_end=output.on_epoch, on_batch_end=output.on_batch,
+                              on_stage=output.on_stage, on_resolved=output.on_resolved,
+                              on_pretrain_epoch=_print_pretrain_epoch)
         try:
-            result = fit(data, spec, checkpoint_dir=ckpt_dir, resume=args.resume,
-                         derived=_derived_store(),
-                         callbacks=Callbacks(on_epoch_end=output.on_epoch,
-                                             on_batch_end=output.on_batch,
-                                             on_stage=output.on_stage,
-                                             on_resolved=output.on_resolved,
-                                             on_pretrain_epoch=_print_pretrain_epoch),
-                         device=args.device, unlabeled=args.unlabeled)
+            if isinstance(spec.devices, int) and spec.devices > 1:
+                result = _fit_on_devices(spec, data, ckpt_dir, args, callbacks)
+            else:
+                result = fit(data, spec, checkpoint_dir=ckpt_dir, resume=args.resume,
+                             derived=_derived_store(), callbacks=callbacks,
+                             device=args.device, unlabeled=args.unlabeled)
         except BaseException:
             output.close()
             if ckpt_dir.exists():

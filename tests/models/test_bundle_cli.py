@@ -97,6 +97,20 @@ def test_cli_train_predict_and_backbones(tiny_folder, tmp_path, capsys):
     assert "already exists" in capsys.readouterr().err
 
 
+def test_cli_train_on_two_cpu_ranks(tiny_folder, tmp_path, capsys):
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"image_size": 48, "epochs": 2, "batch_size": 8, "devices": 2,
+                                "freeze": {"strategy": "last_n_blocks"}}))
+    out = tmp_path / "model"
+    assert main(["train", str(tiny_folder), "--spec", str(spec), "--out", str(out),
+                 "--no-progress", "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert "[train] epoch 2/2" in printed and "model written to" in printed
+    assert sorted(p.name for p in out.iterdir()) == sorted((*BUNDLE_FILES, EVALUATION_FILE))
+    assert not (tmp_path / "model.partial").exists()
+    assert not (tmp_path / "model.partial.ranks").exists()
+
+
 @pytest.mark.parametrize(
     ("spec", "data", "message"),
     [
