@@ -75,6 +75,7 @@ bench: $(STAMP)
 	$(PY) bench/sweep.py
 	$(PY) bench/unlabeled.py
 	$(PY) bench/hosts.py
+	$(PY) bench/devices.py
 
 # Refresh the locks (newest versions the constraints in pyproject.toml allow).
 lock: | $(PY)
