@@ -5,9 +5,11 @@ Usage: ``.venv/bin/python bench/devices.py [--blocks 2] [--epochs 4] [--skip-cpu
 * CPU (always): 2 gloo ranks of 1 thread each (``fit_on_devices(Devices(2, "cpu"))`` from
   this process with ``--threads`` 2: each rank gets half) against 1 process of 2 threads, a
   full fine-tune on real animal-mnist images with image batches (every step is sharded, its
-  gradients all-reduced, its BatchNorm statistics synced). On 2 cores the ranks cannot gain,
-  so this measures what the distributed path costs: ``ratio`` = two_ranks / one_process
-  training images/s, target >= 0.9.
+  gradients all-reduced; BatchNorm as ``sync_batchnorm`` auto does on CPU ranks: each rank's
+  statistics, running ones averaged every epoch; ``--sync-batchnorm true`` measures the exact
+  mode, whose two gloo all-reduces per layer and step halved the ranks' speed here). On 2
+  cores the ranks cannot gain, so this measures what the distributed path costs: ``ratio`` =
+  two_ranks / one_process training images/s, target >= 0.9.
 * GPU (with 2 or more CUDA devices, else printed as skipped): a full fine-tune at 224 px of the
   default backbone with the precision auto picks (bf16), on 1 GPU, 2 and all of them;
   ``efficiency_k`` = images/s on k / (k x images/s on 1), target >= 0.85 on 2. The images are
@@ -168,9 +170,11 @@ def image_folder(root: Path, per_class: int) -> Path:
     return write_image_folder(root, images[idx], labels[idx])
 
 
-def job_spec(*, image_size: int, batch_size: int, epochs: int, mixed_precision: str) -> dict:
+def job_spec(*, image_size: int, batch_size: int, epochs: int, mixed_precision: str,
+             sync_batchnorm: str = "auto") -> dict:
     """A full fine-tune on images, so every step is sharded; a fixed epoch count."""
     return {
+        "sync_batchnorm": {"auto": "auto", "true": True, "false": False}[sync_batchnorm],
         "freeze": {"strategy": "none"}, "image_size": image_size, "batch_size": batch_size,
         "epochs": epochs, "augment": "none", "mixed_precision": mixed_precision,
         "optimizer": {"name": "sgd", "lr": 0.01, "momentum": 0.9},
@@ -302,7 +306,7 @@ def cpu_section(args: argparse.Namespace, work: Path) -> None:
 def cpu_blocks(args: argparse.Namespace, work: Path) -> None:
     data = image_folder(work / "cpu-data", args.per_class)
     spec = job_spec(image_size=args.image_size, batch_size=args.batch_size, epochs=args.epochs,
-                    mixed_precision="off")
+                    mixed_precision="off", sync_batchnorm=args.sync_batchnorm)
     two = Devices(2, "cpu")
     one_runs: list[Run] = []
     two_runs: list[Run] = []
@@ -335,7 +339,8 @@ def cpu_blocks(args: argparse.Namespace, work: Path) -> None:
           f"val_accuracy_one={fmt([r.val_accuracy or 0.0 for r in one_runs], 4)} "
           f"val_accuracy_two={fmt([r.val_accuracy or 0.0 for r in two_runs], 4)} "
           f"val_gap={gap:.4f} tolerance={args.cpu_tolerance} "
-          f"agree={gap <= args.cpu_tolerance} train_images={one_runs[0].num_train} "
+          f"agree={gap <= args.cpu_tolerance} sync_batchnorm={args.sync_batchnorm} "
+          f"train_images={one_runs[0].num_train} "
           f"image_size={args.image_size} batch_size={args.batch_size} epochs={args.epochs} "
           f"blocks={args.blocks} threads={args.threads} load1_before={load_before} "
           f"load1_after={load()}", flush=True)
@@ -445,6 +450,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--quiet-wait-s", type=float, default=10.0,
                         help="before each run, wait up to this long for other processes to "
                         f"use under {CONTENDED_CORES} cores")
+    parser.add_argument("--sync-batchnorm", choices=("auto", "true", "false"), default="auto",
+                        help="the CPU job's sync_batchnorm (auto: false on CPU ranks)")
     parser.add_argument("--skip-cpu", action="store_true")
     parser.add_argument("--skip-gpu", action="store_true")
     parser.add_argument("--child", help=argparse.SUPPRESS)  # one_device's fresh process

@@ -205,6 +205,12 @@ class FineTuneSpec(_Strict):
         "batch_size means the same whatever the count. The job waits for a worker with that "
         "many. auto: all of its worker's GPUs when the backbone trains on enough images to "
         "gain from them, else one.")
+    sync_batchnorm: Literal["auto"] | bool = Field(
+        "auto", description="On several devices: BatchNorm layers that train normalise with "
+        "the whole batch's statistics (true: the run computes what one device would), or "
+        "each device's share of it, their running statistics averaged at every epoch's end "
+        "(false: no communication per layer). auto: true on GPUs, false for CPU ranks, "
+        "where each layer's exchange costs more than the step (bench/devices.py).")
     oom_retry: bool = Field(
         True, description="The service retries a run that runs out of memory once, with half "
         "the batch size (the job's events say so).")

@@ -12,7 +12,9 @@ How the work is divided (docs/architecture.md, "Data-parallel jobs"):
   (the head on cached features, the stages above a frozen prefix, the whole network) and so
   does its trainable set as stages unfreeze, which DDP's reducer fixes at construction.
 - BatchNorm layers that train normalise with the whole global batch's statistics
-  (sync_bn.py), as one process would.
+  (synced.py), as one process would; or, with ``sync_batchnorm`` false (CPU ranks by
+  default), with their shard's, the running statistics averaged over the ranks at the end of
+  every epoch (timm's ``--dist-bn reduce``).
 - Rank 0's weights are broadcast at the start of every epoch, so ranks cannot drift.
 - Decisions that depend on time (epochs in the budget, stopping when it is spent) or that
   must be taken once (early stopping, the learning rate) are rank 0's, broadcast to all.
@@ -131,6 +133,22 @@ class Shards:
     order: torch.Tensor  # this rank's images, batch after batch
     sizes: list[int]  # of this rank's part of each batch
     global_sizes: list[int]  # of each whole batch
+
+
+@torch.no_grad()
+def average_batchnorm(module: nn.Module) -> None:
+    """Average the running statistics of BatchNorm layers that trained on each rank's
+    shards only (``sync_batchnorm`` false), as timm's ``--dist-bn reduce`` does."""
+    ranks = current()
+    if not ranks.distributed:
+        return
+    stats = [buffer for layer in module.modules()
+             if isinstance(layer, nn.modules.batchnorm._BatchNorm) and layer.training
+             for buffer in (layer.running_mean, layer.running_var) if buffer is not None]
+    if stats:
+        _flat_all_reduce(stats)
+        for buffer in stats:
+            buffer.div_(ranks.world)
 
 
 def shard_batches(order: torch.Tensor, batch_size: int) -> Shards:

@@ -71,10 +71,11 @@ def _dropout(original: Callable[..., torch.Tensor], global_size: int, input: tor
 
 
 @contextlib.contextmanager
-def synced_step(global_size: int) -> Iterator[None]:
+def synced_step(global_size: int, *, batchnorm: bool = True) -> Iterator[None]:
     """A step on this rank's shard of a global batch of ``global_size`` images (a no-op
-    outside a process group). Only ever entered by a rank, whose process trains nothing
-    else: the functions it replaces meanwhile are process-wide."""
+    outside a process group); ``batchnorm``: also BatchNorm over the whole batch. Only ever
+    entered by a rank, whose process trains nothing else: the functions it replaces
+    meanwhile are process-wide."""
     if not current().distributed:
         yield
         return
@@ -86,7 +87,9 @@ def synced_step(global_size: int) -> Iterator[None]:
     def synced_dropout(*args: Any, **kwargs: Any) -> torch.Tensor:
         return _dropout(dropout, global_size, *args, **kwargs)
 
-    functional.batch_norm, functional.dropout = synced_batch_norm, synced_dropout
+    functional.dropout = synced_dropout
+    if batchnorm:
+        functional.batch_norm = synced_batch_norm
     try:
         yield
     finally:

@@ -282,6 +282,18 @@ def devices(asked: int | str, available: int, *, device_type: str, trains_backbo
                   f"images, at least {IMAGES_PER_DEVICE} per device")
 
 
+def sync_batchnorm(asked: bool | str, device_type: str) -> Choice:
+    """Whether BatchNorm statistics span every device's share of a batch (several devices)."""
+    if asked != "auto":
+        return Choice(bool(asked), "asked for")
+    if device_type == "cuda":
+        return Choice(True, "BatchNorm over the whole batch: the run computes what one GPU "
+                      "would, for two small all-reduces per layer and step")
+    return Choice(False, "each CPU rank's own BatchNorm statistics, running statistics "
+                  "averaged every epoch: synchronising every layer over gloo halved the "
+                  "speed of two CPU ranks (bench/devices.py)")
+
+
 def feature_cache(computed: bool) -> Choice:
     """Whether the frozen backbone's features were computed by this run or reused."""
     if computed:

@@ -136,10 +136,12 @@ def train_one_epoch(
     on_batch: BatchHook | None = None,
     should_stop: Callable[[], bool] | None = None,
     global_sizes: list[int] | None = None,
+    sync_batchnorm: bool = True,
 ) -> EpochStats:
     """``global_sizes``: the batches are this rank's shards of global batches of these
     sizes; gradients and the epoch's totals are summed over the ranks, and BatchNorm and
-    dropout work on the whole batch (models/parallel)."""
+    dropout work on the whole batch (BatchNorm only with ``sync_batchnorm``;
+    models/parallel)."""
     totals = _EpochTotals()
     sharded = global_sizes is not None
     all_params = [p for params in grad_groups.values() for p in params]
@@ -148,8 +150,8 @@ def train_one_epoch(
         factor = lr_at_step(first_step + totals.steps)
         for group in optimizer.param_groups:
             group["lr"] = group["base_lr"] * factor
-        step = (synced_step(global_sizes[totals.steps]) if global_sizes is not None
-                else nullcontext())
+        step = (synced_step(global_sizes[totals.steps], batchnorm=sync_batchnorm)
+                if global_sizes is not None else nullcontext())
         with precision.autocast(), step:
             logits = module(inputs)
             loss = loss_fn(logits.float(), targets)

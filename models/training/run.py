@@ -17,6 +17,7 @@ from ftune.models.data.transforms import augment, center_crop_batch, normalize
 from ftune.models.derived.features import SharedFeatures
 from ftune.models.network import FineTuneModel
 from ftune.models.parallel import ranks
+from ftune.models.recipe import rules
 from ftune.models.recipe.plan import StagePlan
 from ftune.models.training.loop import (
     BatchHook,
@@ -74,6 +75,11 @@ class TrainingRun:
         self.world = ranks.current().world  # ranks that train together (one outside a group)
         self.samples_per_epoch = samples_per_epoch(len(self.train_source), spec.batch_size,
                                                    self.world)
+        # Across ranks: BatchNorm over the whole batch, or each rank's share of it.
+        sync = rules.sync_batchnorm(spec.sync_batchnorm, self.device.type)
+        self.sync_batchnorm = bool(sync.value)
+        if self.world > 1:
+            setup.choices.record("sync_batchnorm", sync)
         self.steps_per_epoch = math.ceil(self.samples_per_epoch / spec.batch_size)
         self.total_steps = self.steps_per_epoch * decided(spec.epochs)
         self.warmup_steps = round(spec.schedule.warmup_epochs * self.steps_per_epoch)
@@ -132,6 +138,8 @@ class TrainingRun:
         train_on_prefix = prefix is not None and self._prefix_ready(prefix, "train")
         stats = self._train(epoch, callbacks, use_train_cache,
                             prefix if train_on_prefix else None)
+        if self.world > 1 and not use_train_cache and not self.sync_batchnorm:
+            ranks.average_batchnorm(self.model)  # each rank's saw its shards only
         self.step += stats.steps
         val_loss, val_accuracy = self._validate(frozen, prefix)
         return {
@@ -210,6 +218,7 @@ class TrainingRun:
             steps_in_epoch=self.steps_per_epoch,
             on_batch=_epoch_hook(self.epoch_offset + epoch, callbacks),
             should_stop=callbacks.should_stop, global_sizes=global_sizes,
+            sync_batchnorm=self.sync_batchnorm,
         )
 
     def _validate(self, frozen: bool, prefix: PrefixCache | None

@@ -18,6 +18,7 @@ from ftune.models.training.fit import Callbacks, fit
 # that draws random numbers or batch statistics is exercised. 36 images, 28 to train: three
 # batches of 8 and one of 4, so the shards are uneven at the end.
 SPEC = {"image_size": 64, "batch_size": 8, "epochs": 3, "augment": "light", "seed": 3,
+        "sync_batchnorm": True,
         "optimizer": {"name": "sgd", "lr": 0.02, "momentum": 0.9},
         "head": {"dropout": 0.3, "hidden": [16], "batchnorm": True},
         "freeze": {"strategy": "last_n_blocks", "n_blocks": 1}}
@@ -64,6 +65,8 @@ def test_two_ranks_train_what_one_process_trains(tmp_path, tiny_folder, one_proc
     assert two.best_epoch == one_process.best_epoch
     assert two.evaluation["val"]["accuracy"] == one_process.evaluation["val"]["accuracy"]
     assert load_checkpoint(tmp_path / "ckpt")["world_size"] == 2
+    assert two.resolved["sync_batchnorm"]["value"] is True
+    assert "sync_batchnorm" not in one_process.resolved  # a choice made only across devices
 
 
 def test_a_two_rank_checkpoint_resumes_in_one_process(tmp_path, tiny_folder, one_process):
@@ -93,3 +96,17 @@ def test_a_ranks_error_reaches_the_caller_as_itself(tmp_path, tiny_folder):
     with pytest.raises(DatasetError) as alone:
         fit(one_class, parse_spec(SPEC), device="cpu")
     assert str(raised.value) == str(alone.value)
+
+
+def test_cpu_ranks_keep_their_own_batchnorm_statistics_by_default(tmp_path, tiny_folder,
+                                                                  one_process):
+    """sync_batchnorm auto on CPU ranks: each shard's statistics, running ones averaged."""
+    spec = parse_spec({**SPEC, "sync_batchnorm": "auto", "epochs": 1})
+    two = fit_on_devices(TWO_CPU, tiny_folder, spec, folder=tmp_path / "ranks",
+                         checkpoint_dir=tmp_path / "ckpt")
+    assert two.resolved["sync_batchnorm"]["value"] is False
+    assert "gloo" in two.resolved["sync_batchnorm"]["why"]
+    # Shards of 4 normalise differently from batches of 8: close to one process, not equal.
+    first = two.history[0]["train_loss"]
+    assert first != one_process.history[0]["train_loss"]
+    assert first == pytest.approx(one_process.history[0]["train_loss"], rel=0.1)

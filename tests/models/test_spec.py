@@ -46,7 +46,7 @@ def test_top_level_shape_is_exactly_the_documented_one():
         "oom_retry",  # issue 5: the service's out-of-memory retry, on by default
         "preset", "time_budget_s", "class_weights", "refit",  # issue 15: the default recipe
         "pretrain", "pseudo_labels",  # issue 18: unlabelled images, both off by default
-        "devices",  # issue 30: data-parallel jobs
+        "devices", "sync_batchnorm",  # issue 30: data-parallel jobs
     }
     spec = FineTuneSpec()
     assert spec.pretrain.method == "none" and spec.pseudo_labels.rounds == 0
