@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
@@ -165,6 +165,13 @@ class AliasOut(BaseModel):
     model_id: str
 
 
+def _utc_if_naive(moment: datetime | None) -> datetime | None:
+    """Times are compared with the database's aware UTC ones: a naive one is read as UTC."""
+    if moment is not None and moment.tzinfo is None:
+        return moment.replace(tzinfo=UTC)
+    return moment
+
+
 class KeyIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -174,7 +181,8 @@ class KeyIn(BaseModel):
         "aliases, deletions and the audit log; operator (operators only): everything")
     tenant: str | None = Field(None, max_length=100, description="operators only: the "
                                "tenant (id or name) the key belongs to")
-    expires_at: datetime | None = Field(None, description="after this the key stops working")
+    expires_at: Annotated[datetime | None, AfterValidator(_utc_if_naive)] = Field(
+        None, description="after this the key stops working; a time without a zone is UTC")
 
 
 class KeyOut(BaseModel):

@@ -172,7 +172,9 @@ class Settings(BaseSettings):
 
     @property
     def host_patterns(self) -> list[str]:
-        return [h.strip() for h in self.allowed_hosts.split(",") if h.strip()]
+        hosts = [h.strip() for h in self.allowed_hosts.split(",") if h.strip()]
+        # A Host header writes an IPv6 address in brackets ([::1]:8000), and is compared so.
+        return hosts + [f"[{h}]" for h in hosts if ":" in h and not h.startswith("[")]
 
     @cached_property
     def resolved_home(self) -> Path:

@@ -8,7 +8,7 @@ import io
 import re
 import threading
 import time
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import httpx
 import pytest
@@ -207,6 +207,17 @@ def test_keys_are_made_by_admins_shown_once_and_roles_cannot_be_raised(client, m
     assert member_client.post("/v1/keys", json={"name": "x"}).status_code == 403
 
 
+def test_an_expiry_without_a_time_zone_is_read_as_utc(client):
+    naive = (utcnow() + timedelta(days=1)).replace(tzinfo=None, microsecond=0)
+    made = client.post("/v1/keys", json={"name": "naive", "expires_at": naive.isoformat()})
+    assert made.status_code == 201, made.text
+    stored = datetime.fromisoformat(made.json()["expires_at"])
+    assert stored.replace(tzinfo=stored.tzinfo or UTC) == naive.replace(tzinfo=UTC)
+    past = client.post("/v1/keys", json={"name": "naive-past",
+                                         "expires_at": "2001-01-01T00:00:00"})
+    assert past.status_code == 422 and "expires_at" in past.json()["detail"]
+
+
 def test_an_expired_key_is_401(api_url, client):
     soon = (utcnow() + timedelta(seconds=1)).isoformat()
     made = client.post("/v1/keys", json={"name": "short-lived", "expires_at": soon}).json()
@@ -282,6 +293,9 @@ def test_the_audit_log_records_state_changes_per_tenant(client, client_b, member
 def test_hosts_and_origins_of_other_sites_are_refused(api_url, client):
     # DNS rebinding: a name we do not serve.
     assert client.get("/v1/jobs", headers={"Host": "evil.example"}).status_code == 400
+    # Loopback's IPv6 name, as a Host header writes it, is served like the others.
+    port = api_url.rsplit(":", 1)[1]
+    assert client.get("/v1/jobs", headers={"Host": f"[::1]:{port}"}).status_code == 200
     # A web page on another site making the browser POST (Origin header).
     refused = client.post("/v1/jobs/" + "0" * 32 + "/cancel",
                           headers={"Origin": "https://evil.example"})
