@@ -22,7 +22,7 @@ How the work is divided (docs/architecture.md, "Data-parallel jobs"):
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -83,18 +83,23 @@ def summed(values: Sequence[float]) -> list[float]:
     return [float(v) for v in tensor.cpu()]
 
 
-def _flat_all_reduce(tensors: list[torch.Tensor], op: Any = None) -> None:
-    """All-reduce (sum by default) tensors in place: one call per dtype, not per tensor."""
+def _flat(tensors: list[torch.Tensor], collective: Callable[[torch.Tensor], object]) -> None:
+    """Run ``collective`` in place over ``tensors``: one call per dtype, not per tensor."""
     by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
     for tensor in tensors:
         by_dtype.setdefault(tensor.dtype, []).append(tensor)
     for group in by_dtype.values():
-        flat = torch.cat([t.reshape(-1) for t in group])
-        dist.all_reduce(flat, op=op or dist.ReduceOp.SUM)
+        flat = torch.cat([t.detach().reshape(-1) for t in group])
+        collective(flat)
         offset = 0
         for tensor in group:
             tensor.copy_(flat[offset:offset + tensor.numel()].view_as(tensor))
             offset += tensor.numel()
+
+
+def _flat_all_reduce(tensors: list[torch.Tensor]) -> None:
+    """Sum tensors over the ranks, in place."""
+    _flat(tensors, dist.all_reduce)
 
 
 def sum_gradients(params: Iterable[nn.Parameter]) -> None:
@@ -113,16 +118,7 @@ def broadcast_module(module: nn.Module) -> None:
         return
     tensors = [t for t in (*module.parameters(), *module.buffers())
                if t.is_floating_point() or t.dtype == torch.long]
-    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
-    for tensor in tensors:
-        by_dtype.setdefault(tensor.dtype, []).append(tensor)
-    for group in by_dtype.values():
-        flat = torch.cat([t.detach().reshape(-1) for t in group])
-        dist.broadcast(flat, src=0)
-        offset = 0
-        for tensor in group:
-            tensor.copy_(flat[offset:offset + tensor.numel()].view_as(tensor))
-            offset += tensor.numel()
+    _flat(tensors, lambda flat: dist.broadcast(flat, src=0))
 
 
 @dataclass(frozen=True)
