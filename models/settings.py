@@ -47,6 +47,11 @@ class EngineSettings(BaseSettings):
     cache_mb: float = Field(
         20480, ge=0, description="Size cap of the cache; the least recently used entries go "
         "beyond it.")
+    share_derived_across_tenants: bool = Field(
+        False, description="Let every tenant's jobs reuse the cache entries (decoded images, "
+        "frozen features, adapted backbones, fetched datasets) another tenant's jobs made. "
+        "This discloses: a job then shows (feature_cache \"reused\", its log, its speed) that "
+        "another tenant trained on the same images. Off: each tenant's entries are its own.")
     max_image_pixels: int = Field(
         DEFAULT_MAX_IMAGE_PIXELS, ge=1,
         description="Larger images are refused from their header, before decoding.")

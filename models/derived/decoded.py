@@ -45,8 +45,10 @@ def decode_workers() -> int:
 class DecodedImages:
     """The memory-mapped array, and which row holds which image (by path under the root)."""
 
-    def __init__(self, folder: Path) -> None:
-        self.key = folder.name  # the store's key: what later entries derived from it extend
+    def __init__(self, folder: Path, key: str) -> None:
+        # The store's key (not the folder's name, which may carry its owner's tag): what
+        # later entries derived from these images extend.
+        self.key = key
         self.array = np.load(folder / ARRAY, mmap_mode="r")
         self._rows = {name: row for row, name in enumerate(json.loads(
             (folder / NAMES).read_text()))}
@@ -82,7 +84,8 @@ def decoded_images(store: DerivedStore, content_hash: str, paths: list[Path], ro
                    prep: Preprocessing, size: int, owner: str | None = None,
                    part: str = "all") -> tuple[DecodedImages, bool]:
     """The decoded images at ``paths`` (the dataset's ``part``) from the store, decoding
-    them first when absent; True when they were decoded now."""
-    return store.build_and_open(KIND, decoded_key(content_hash, prep, size, part),
-                                lambda tmp: _write(tmp, paths, root, prep, size),
-                                DecodedImages, owner)
+    them first when absent (the owner's own entry unless the store is shared); True when
+    they were decoded now."""
+    key = decoded_key(content_hash, prep, size, part)
+    return store.build_and_open(KIND, key, lambda tmp: _write(tmp, paths, root, prep, size),
+                                lambda folder: DecodedImages(folder, key), owner)

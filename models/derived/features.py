@@ -1,5 +1,6 @@
 """Frozen backbone features of a whole dataset, kept on disk and memory-mapped, shared by
-every job and sweep trial whose features would come out the same.
+every job and sweep trial of the same owner (tenant) whose features would come out the same
+(of any owner when the store is shared: see ``store.py``).
 
 Features are a function of the decoded images (dataset content, preprocessing, input size:
 the decoded entry's key) and of the backbone as built (architecture and pretrained weights)

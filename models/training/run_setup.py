@@ -73,8 +73,9 @@ class RunSetup:
 
     def shared_features(self) -> SharedFeatures | None:
         """The frozen backbone's features of the images trained and validated on, shared
-        with other jobs on the same images, backbone and precision (computed into the store
-        by the first)."""
+        with the owner's other jobs on the same images, backbone and precision (computed
+        into the store by the first; another tenant's entry is never found, so "reused"
+        discloses nothing unless the operator shares the store)."""
         if self._shared is not None or self.backbone_changed:
             return None if self.backbone_changed else self._shared
         self._shared, made = self._open(self.fit_rows)

@@ -54,9 +54,9 @@ def test_least_recently_used_entries_go_beyond_the_cap_and_owners_are_accounted(
     store = DerivedStore(tmp_path, max_bytes=2500, min_idle_s=0)
     store.build("decoded", "a", _writer(1000), owner="t1")
     time.sleep(0.02)
-    store.build("decoded", "b", _writer(1000), owner="t2")
+    store.build("decoded", "b", _writer(1000), owner="t1")
     time.sleep(0.02)
-    assert store.lookup("decoded", "a") is not None  # a used since: b is now the oldest
+    assert store.lookup("decoded", "a", owner="t1") is not None  # b is now the oldest
     time.sleep(0.02)
     store.build("decoded", "c", _writer(1000), owner="t1")
     assert sorted(e.key for e in store.entries()) == ["a", "c"]
@@ -64,6 +64,48 @@ def test_least_recently_used_entries_go_beyond_the_cap_and_owners_are_accounted(
     assert store.clean(owner="t2") == (0, 0)
     assert store.clean(owner="t1") == (2, 2000)
     assert store.entries() == []
+
+
+def test_an_owner_over_its_share_of_the_cap_evicts_its_own_entries_first(tmp_path):
+    """One tenant filling the store does not push out another's (older) entries."""
+    store = DerivedStore(tmp_path, max_bytes=3500, min_idle_s=0)
+    store.build("decoded", "quiet", _writer(1000), owner="t2")  # the oldest entry
+    for key in ("a", "b", "c"):
+        time.sleep(0.02)
+        store.build("decoded", key, _writer(1000), owner="t1")
+    # 4000 bytes over a 3500 cap: t1 holds 3000, over its 1750 share; its oldest goes.
+    assert sorted((e.owner, e.key) for e in store.entries()) == [
+        ("t1", "b"), ("t1", "c"), ("t2", "quiet")]
+    assert store.usage_by_owner() == {"t1": 2000, "t2": 1000}
+
+
+def test_each_owner_has_its_own_entries_of_one_key(tmp_path):
+    """Another tenant's entry of the same content is never found: finding it would tell
+    this tenant that the other had the same data."""
+    store = DerivedStore(tmp_path, max_bytes=10_000, shared=False)
+    first, made = store.build("decoded", "k", _writer(10), owner="t1")
+    assert made and store.lookup("decoded", "k", owner="t2") is None
+    other, made_again = store.build("decoded", "k", _writer(10), owner="t2")
+    assert made_again and other != first
+    assert store.build("decoded", "k", _writer(10), owner="t1") == (first, False)
+    assert "t1" not in first.name and "t2" not in other.name  # a hash, not the tenant's id
+    assert {(e.key, e.owner) for e in store.entries()} == {("k", "t1"), ("k", "t2")}
+    assert store.lookup("decoded", "k") is None  # nor is an owner's entry found without one
+
+
+def test_the_operator_setting_shares_entries_across_owners(tmp_path, engine_config,
+                                                           monkeypatch):
+    monkeypatch.setenv("FTUNE_SHARE_DERIVED_ACROSS_TENANTS", "true")
+    engine_config()  # what a process reads from its environment at start
+    store = DerivedStore(tmp_path, max_bytes=10_000)
+    assert store.shared
+    first, made = store.build("decoded", "k", _writer(10), owner="t1")
+    assert made and store.lookup("decoded", "k", owner="t2") == first
+    assert store.build("decoded", "k", _writer(10), owner="t2") == (first, False)
+    assert store.usage_by_owner() == {"t1": 10}  # accounted to the tenant that made it
+    monkeypatch.delenv("FTUNE_SHARE_DERIVED_ACROSS_TENANTS")
+    engine_config()
+    assert not DerivedStore(tmp_path, max_bytes=10_000).shared  # off by default
 
 
 def test_an_entry_just_looked_up_is_not_evicted_under_its_reader(tmp_path):
@@ -78,7 +120,7 @@ def test_an_entry_just_looked_up_is_not_evicted_under_its_reader(tmp_path):
     assert [e.key for e in store.entries()] == ["b"]
 
 
-@pytest.mark.parametrize("name", ["../x", ".hidden", "a/b", "", "UPPER"])
+@pytest.mark.parametrize("name", ["../x", ".hidden", "a/b", "", "UPPER", "k.tag"])
 def test_names_cannot_leave_the_store(tmp_path, name):
     with pytest.raises(ValueError):
         DerivedStore(tmp_path, 100).build("decoded", name, _writer(1))
@@ -126,25 +168,27 @@ def test_features_of_a_range_of_rows_are_those_rows_of_the_whole(tmp_path, tiny_
 
 
 def test_a_second_job_on_the_same_data_decodes_nothing(tmp_path, tiny_folder, caplog):
-    """Nor computes frozen features: both come from the store, and the result is the same."""
-    store = DerivedStore(tmp_path / "cache", 10**9)
+    """Nor computes frozen features: both come from the store, and the result is the same.
+    A job of another owner (tenant) on the same data finds nothing of the first's: it
+    decodes and computes its own, exactly like a first job."""
+    store = DerivedStore(tmp_path / "cache", 10**9, shared=False)
     spec = {"preset": "fast", "image_size": 32, "epochs": 2}
-    choices: list[dict] = [{}, {}]
+    choices: list[dict] = [{}, {}, {}]
+    results = []
     with caplog.at_level("INFO", logger="ftune.models.training.fit"):
-        first = fit(tiny_folder, spec, derived=store, owner="t1",
-                    callbacks=Callbacks(on_resolved=choices[0].update))
-        second = fit(tiny_folder, spec, derived=store, owner="t2",
-                     callbacks=Callbacks(on_resolved=choices[1].update))
+        for owner, chosen in zip(("t1", "t2", "t1"), choices, strict=True):
+            results.append(fit(tiny_folder, spec, derived=store, owner=owner,
+                               callbacks=Callbacks(on_resolved=chosen.update)))
     messages = [r.getMessage() for r in caplog.records if "images at 32 px" in r.getMessage()]
-    assert messages[0].startswith("decoded 36 images") and \
-        messages[1].startswith("reused the decoded 36 images")
-    assert sorted(e.kind for e in store.entries()) == [KIND, FEATURES_KIND]
-    assert [c["feature_cache"]["value"] for c in choices] == ["computed", "reused"]
-    assert store.usage_by_owner().keys() == {"t1"}
-    assert [r["val_loss"] for r in first.history] == [r["val_loss"] for r in second.history]
+    assert [m.split(" 36 images")[0] for m in messages] == ["decoded", "decoded",
+                                                            "reused the decoded"]
+    assert [c["feature_cache"]["value"] for c in choices] == ["computed", "computed", "reused"]
+    assert sorted((e.kind, e.owner) for e in store.entries()) == [
+        (KIND, "t1"), (KIND, "t2"), (FEATURES_KIND, "t1"), (FEATURES_KIND, "t2")]
+    first, other, second = ([r["val_loss"] for r in result.history] for result in results)
+    assert first == second == other
     plain = fit(tiny_folder, spec)
-    assert [r["val_loss"] for r in plain.history] == pytest.approx(
-        [r["val_loss"] for r in first.history], rel=1e-5)
+    assert [r["val_loss"] for r in plain.history] == pytest.approx(first, rel=1e-5)
 
 
 def test_builds_in_progress_and_entries_being_removed_are_not_entries(tmp_path):
