@@ -23,6 +23,7 @@ def add_admin_commands(sub: argparse._SubParsersAction) -> None:
     _add_key_commands(sub)
     _add_tenant_commands(sub)
     _add_cache_commands(sub)
+    _add_backup_commands(sub)
 
 
 def _command(group: argparse._SubParsersAction, name: str, run: object,
@@ -80,6 +81,17 @@ def _add_cache_commands(sub: argparse._SubParsersAction) -> None:
     clean = _command(group, "clean", _cache_clean, "remove entries (they are rebuilt when "
                      "needed): all of them, or one tenant's")
     clean.add_argument("--tenant", help="only the entries this tenant id's jobs made")
+
+
+def _add_backup_commands(sub: argparse._SubParsersAction) -> None:
+    from ftune.backup import run_backup, run_restore
+
+    backup = _command(sub, "backup", run_backup, "a consistent backup of the running service "
+                      "(database and blobs) into the new folder DEST")
+    backup.add_argument("dest", metavar="DEST")
+    restore = _command(sub, "restore", run_restore, "bring a backup back into an empty data "
+                       "directory (and empty database); running jobs are queued again")
+    restore.add_argument("source", metavar="SRC")
 
 
 def _store(args: argparse.Namespace):  # -> DerivedStore
