@@ -137,7 +137,7 @@ def main() -> None:
                                                            predictor, png, tensor, args.repeats)
         bare_img_s = 16 / (statistics.median(bare_batch) / 1000)
         http_img_s = asyncio.run(http_throughput(url, key.headers, png, 16, args.seconds))
-        stats = httpx.get(f"{url}/healthz").json()
+        stats = httpx.get(f"{url}/healthz", headers=key.headers).json()  # counters need a key
     finally:
         server.terminate()
         server.wait(30)

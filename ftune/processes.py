@@ -334,7 +334,10 @@ class FtuneUp:
                             headers={"Authorization": f"Bearer {self.operator_key()}"})
 
     def health(self) -> dict:
-        return httpx.get(f"{self.url}/healthz", timeout=2).json()
+        """/healthz as the operator: without a key it shows only the status and the mode."""
+        headers = ({"Authorization": f"Bearer {self.operator_key()}"}
+                   if self.key_file.is_file() else {})
+        return httpx.get(f"{self.url}/healthz", headers=headers, timeout=2).json()
 
     def wait_healthy(self, timeout_s: float | None = None) -> dict:
         """Wait until the API answers and all workers have reported in; returns /healthz.

@@ -17,7 +17,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ftune.models.errors import FineTuneError
 from ftune.models.spec import SpecError
-from ftune.service.blobs.base import is_store_outage
+from ftune.service.blobs.base import BlobMissing, is_store_outage
+from ftune.service.blobs.keys import describe
 from ftune.service.db.migrate import SchemaError
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,16 @@ class NotFound(ServiceError):
 
 class Conflict(ServiceError):
     status_code = 409
+
+
+class Vanished(NotFound):
+    """What a request was reading was deleted under it (its row looked up, then its object
+    removed by a concurrent delete): a 404 naming it, never a 500."""
+
+    @classmethod
+    def of_blob(cls, exc: BlobMissing) -> Vanished:
+        return cls(f"{describe(exc.key)} is no longer in the store: it was deleted while "
+                   "this request ran")
 
 
 class PayloadTooLarge(ServiceError):
@@ -122,6 +133,15 @@ class DatasetRejected(InvalidInput):
                         "type": e["code"]} for e in report.get("errors", [])] or self.errors
 
 
+def _service_error(exc: ServiceError) -> JSONResponse:
+    body: dict = {"detail": exc.detail}
+    if isinstance(exc, InvalidInput):
+        body["errors"] = exc.errors
+    if isinstance(exc, DatasetRejected):
+        body["report"] = exc.report
+    return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
+
+
 def _invalid(exc: InvalidInput) -> JSONResponse:
     return JSONResponse({"detail": exc.detail, "errors": exc.errors}, status_code=422)
 
@@ -172,12 +192,13 @@ def _install_request_errors(app: FastAPI) -> None:
 
     @app.exception_handler(ServiceError)
     async def _service(_: Request, exc: ServiceError) -> JSONResponse:
-        body: dict = {"detail": exc.detail}
-        if isinstance(exc, InvalidInput):
-            body["errors"] = exc.errors
-        if isinstance(exc, DatasetRejected):
-            body["report"] = exc.report
-        return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
+        return _service_error(exc)
+
+    @app.exception_handler(BlobMissing)
+    async def _vanished(_: Request, exc: BlobMissing) -> JSONResponse:
+        # The one place a read of a deleted object becomes an answer: routes look rows up,
+        # then read their objects, and a delete may come in between.
+        return _service_error(Vanished.of_blob(exc))
 
     @app.exception_handler(SpecError)
     async def _spec(_: Request, exc: SpecError) -> JSONResponse:

@@ -18,7 +18,7 @@ from contextvars import ContextVar
 from datetime import UTC, datetime
 from pathlib import Path
 
-from ftune.service.blobs.base import BlobMissing, BlobStore
+from ftune.service.blobs.base import BlobStore
 from ftune.service.blobs.keys import logs_prefix
 
 JOB_ID: ContextVar[str | None] = ContextVar("ftune_job_id", default=None)
@@ -114,16 +114,14 @@ def redact(text: str, home: Path) -> str:
 
 def stored_log_lines(store: BlobStore, job_id: str) -> Iterator[str]:
     """The job's log lines as its workers shipped them to the store, attempt after
-    attempt (each attempt's worker ships its own object; see ``blobs.keys.log_key``)."""
+    attempt (each attempt's worker ships its own object; see ``blobs.keys.log_key``). An
+    object deleted with its job after the listing raises BlobMissing (a 404 naming it)."""
     for key in sorted(store.keys(logs_prefix(job_id))):
         decoder, pending = codecs.getincrementaldecoder("utf-8")("replace"), ""
-        try:
-            for chunk in store.read_chunks(key):
-                pending += decoder.decode(chunk)
-                *complete, pending = pending.split("\n")
-                yield from (f"{line}\n" for line in complete)
-        except BlobMissing:  # the job was deleted meanwhile
-            return
+        for chunk in store.read_chunks(key):
+            pending += decoder.decode(chunk)
+            *complete, pending = pending.split("\n")
+            yield from (f"{line}\n" for line in complete)
         if pending := pending + decoder.decode(b"", final=True):
             yield pending
 

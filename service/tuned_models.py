@@ -22,6 +22,7 @@ from ftune.service.blobs.fetched import CorruptBlob
 from ftune.service.blobs.keys import export_key, export_prefix, model_key, prefixes_of
 from ftune.service.db.session import Database
 from ftune.service.db.tables import ModelAlias, Tenant, TunedModel
+from ftune.service.db.writes import rows_changed
 from ftune.service.disk import disk_allowance
 from ftune.service.errors import Conflict, InvalidInput, NotFound, TooManyRequests
 from ftune.service.exports import ExportSlots
@@ -158,8 +159,8 @@ def bundle_folder(storage: Storage, model: TunedModel) -> Path:
                                     owner=model.tenant_id)
     except BlobMissing:
         raise Conflict(f"model {model.id}'s files are missing from the store "
-                       f"({storage.blobs.location}); delete the model and train it again"
-                       ) from None
+                       f"({storage.blobs.location}): deleted while this request ran, or "
+                       "lost (then delete the model and train it again)") from None
     except CorruptBlob as exc:
         raise Conflict(f"model {model.id}'s stored files are damaged: {exc}") from None
     missing = [name for name in BUNDLE_FILES if not (folder / name).is_file()]
@@ -208,6 +209,9 @@ def build_download(db: Database, storage: Storage, settings: Settings, *, model:
     total = sum(info.size for k in storage.blobs.keys(export_prefix(model.id))
                 if (info := storage.blobs.info(k)) is not None)
     with db.session() as session:
-        session.execute(update(TunedModel).where(TunedModel.id == model.id).values(
-            exports_bytes=total))
+        kept = rows_changed(session, update(TunedModel).where(TunedModel.id == model.id)
+                            .values(exports_bytes=total))
+    if not kept:  # deleted while it was built: what was stored now would outlive its row
+        storage.blobs.delete_prefix(export_prefix(model.id))
+        raise NotFound(f"model {model.id} was deleted while its {fmt} download was built")
     return stored

@@ -29,7 +29,12 @@ class BlobError(Exception):
 
 
 class BlobMissing(BlobError):
-    """No object under the key."""
+    """No object under the key: never stored, or deleted (often while a request read it;
+    the API answers 404 naming what vanished, ``errors.py``)."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__(f"no object {key}")
+        self.key = key
 
 
 # Each backend adds a test for its own "the store did not answer" errors (workers retry those).

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
-from ftune.models.export_formats import export_suffix
+from ftune.models.export_formats import EXPORT_FORMATS, export_suffix
 from ftune.service.ids import is_id
 
 
@@ -84,3 +84,25 @@ def prefixes_of(*, datasets: Iterable[str] = (), models: Iterable[str] = (),
     return ([dataset_prefix(d) for d in datasets]
             + [p for m in models for p in (model_prefix(m), export_prefix(m))]
             + [job_prefix(j) for j in jobs])
+
+
+# What the objects under each top-level prefix belong to, and what each object is, for
+# messages that name what vanished (``errors.py``).
+_OWNERS = {"datasets": "dataset", "models": "model", "exports": "model", "jobs": "job"}
+_OBJECTS = {"images.tar": "images", "bundle.tar": "files", "checkpoints": "checkpoint",
+            "logs": "log"}
+
+
+def describe(key: str) -> str:
+    """The object a key holds in words: ``models/<id>/bundle.tar`` is "model <id>'s files"."""
+    parts = key.split("/")
+    owner = _OWNERS.get(parts[0])
+    if owner is None or len(parts) < 3:
+        return f"the stored object {key}"
+    if parts[0] == "exports":
+        suffix = "." + parts[-1].split(".", 1)[-1]
+        what = next((f"{name} download" for name, info in EXPORT_FORMATS.items()
+                     if info.suffix == suffix), "download")
+    else:
+        what = _OBJECTS.get(parts[2], "stored object")
+    return f"{owner} {parts[1]}'s {what}"

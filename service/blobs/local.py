@@ -6,6 +6,7 @@ import os
 import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 from ftune.service.blobs.base import BlobInfo, BlobMissing, BlobStore, check_key
 
@@ -27,12 +28,11 @@ class LocalBlobStore(BlobStore):
 
     def _write(self, key: str, chunks: Iterable[bytes]) -> int:
         path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
         # Written beside its final name, then renamed: a reader sees all of it or nothing.
         partial = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.partial")
         size = 0
         try:
-            with partial.open("wb") as out:
+            with _create_in_folder(partial) as out:
                 for chunk in chunks:
                     out.write(chunk)
                     size += len(chunk)
@@ -48,7 +48,7 @@ class LocalBlobStore(BlobStore):
         try:
             source = path.open("rb")
         except FileNotFoundError:
-            raise BlobMissing(f"no object {key}") from None
+            raise BlobMissing(key) from None
         with source:
             yield from iter(lambda: source.read(chunk_size), b"")
 
@@ -74,7 +74,23 @@ class LocalBlobStore(BlobStore):
         base = self._path(prefix.rstrip("/"))
         if base.is_file():
             yield prefix.rstrip("/")
-        elif base.is_dir():
-            for path in sorted(base.rglob("*")):
-                if path.is_file() and not path.name.startswith("."):
-                    yield path.relative_to(self.root).as_posix()
+            return
+        # os.walk, not rglob: a folder that a concurrent delete removes is skipped, where
+        # rglob raises FileNotFoundError halfway through the listing.
+        found = [Path(folder, name) for folder, _, names in os.walk(base) for name in names
+                 if not name.startswith(".")]
+        for path in sorted(found):
+            yield path.relative_to(self.root).as_posix()
+
+
+def _create_in_folder(path: Path, attempts: int = 5) -> BinaryIO:
+    """``path`` opened for writing, its folders made first. A concurrent ``delete`` of the
+    last object in that folder removes the folder it leaves empty; made again then."""
+    for attempt in range(attempts):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            return path.open("wb")
+        except FileNotFoundError:
+            if attempt == attempts - 1:
+                raise
+    raise AssertionError("unreachable")

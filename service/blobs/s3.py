@@ -89,7 +89,7 @@ class S3BlobStore(BlobStore):
             response = self.client.get_object(Bucket=self.bucket, Key=self._name(key))
         except ClientError as exc:
             if _missing(exc):
-                raise BlobMissing(f"no object {key}") from None
+                raise BlobMissing(key) from None
             raise
         body = response["Body"]
         try:

@@ -18,7 +18,6 @@ from ftune.models.bundle import CONFIG_FILE, EVALUATION_FILE
 from ftune.models.export_formats import DEFAULT_FORMAT, EXPORT_FORMATS, ExportFormat
 from ftune.service.auth.principal import Principal
 from ftune.service.batching import DynamicBatcher
-from ftune.service.blobs.base import BlobMissing
 from ftune.service.blobs.keys import prefixes_of
 from ftune.service.cards import build_card, card_markdown, read_json
 from ftune.service.context import AppContext
@@ -160,6 +159,7 @@ def confusion(model_ref: str, ctx: Ctx, who: Member,
 
 @router.get("/models/{model_ref}/download", response_class=StreamingResponse, description=REF,
             responses={429: {"description": "building it would exceed the storage quota"},
+                       404: {"description": "no such model, or deleted while this ran"},
                        409: {"description": "the model's files are missing from the store"}})
 def download(model_ref: str, ctx: Ctx, who: Member,
              format: Annotated[ExportFormat, Query()] = DEFAULT_FORMAT) -> Response:
@@ -175,12 +175,10 @@ def download(model_ref: str, ctx: Ctx, who: Member,
             stored.key, filename=name, ttl_s=ctx.settings.presigned_ttl_s)):
         return RedirectResponse(url, status_code=307)  # the store sends it, not the API
     chunks = ctx.storage.blobs.read_chunks(stored.key)
-    try:
-        # Streamed from the store as the client reads it: the API never holds it whole.
-        first = next(chunks, b"")  # a missing object is a 409 here, not a broken stream
-    except BlobMissing:
-        raise Conflict(f"model {model.id}'s {format} download vanished from the store while "
-                       "it was sent; try again") from None
+    # Streamed from the store as the client reads it: the API never holds it whole. The first
+    # read opens the object: deleted meanwhile, it is a 404 here (errors.py), not a broken
+    # stream.
+    first = next(chunks, b"")
     return StreamingResponse(itertools.chain([first], chunks),
                              media_type=EXPORT_FORMATS[format].media_type,
                              headers={"Content-Length": str(stored.size),

@@ -50,7 +50,7 @@ def test_serve_answers_predictions_without_redis(tiny_folder, tmp_path):
     try:
         url = f"http://127.0.0.1:{port}"
         wait_until(lambda: httpx.get(f"{url}/healthz").status_code == 200, 60, "ftune serve")
-        health = httpx.get(f"{url}/healthz").json()
+        health = httpx.get(f"{url}/healthz", headers=member.headers).json()
         assert health["redis"] == "not used (ftune serve)"
         assert "memory" in health["rate_limits"]  # no Redis: limits kept in this process
         http = member.client(url, timeout=60)
