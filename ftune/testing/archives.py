@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import io
 import tarfile
 import zipfile
@@ -52,3 +53,41 @@ def tar_with(entries: list[tarfile.TarInfo], data: dict[str, bytes] | None = Non
             else:
                 archive.addfile(info)
     return buffer.getvalue()
+
+
+def _empty_entry_name(index: int) -> str:
+    """Image names in two class folders: only their size gives them away."""
+    return f"c{index % 2}/{index:06d}.png"
+
+
+def zip_of_empty_files(count: int) -> bytes:
+    """A zip of ``count`` empty files named like images (about 100 bytes an entry)."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for index in range(count):
+            archive.writestr(_empty_entry_name(index), b"")
+    return buffer.getvalue()
+
+
+def tar_of_empty_files(count: int, compressed: bool = True) -> bytes:
+    """A tar (gzipped unless told) of ``count`` empty files named like images: one 512-byte
+    header an entry, which gzip packs into a few bytes. The headers are made from one that
+    tarfile wrote, with each name and checksum put in (tarfile itself takes several times
+    longer)."""
+    template = bytearray(tarfile.TarInfo("x").tobuf(format=tarfile.USTAR_FORMAT))
+    template[_NAME] = bytes(_NAME.stop)
+    template[_CHECKSUM] = b" " * (_CHECKSUM.stop - _CHECKSUM.start)  # as it is summed
+    unnamed = sum(template)
+    headers = []
+    for index in range(count):
+        name = _empty_entry_name(index).encode()
+        header = template.copy()
+        header[:len(name)] = name
+        header[_CHECKSUM.start:_CHECKSUM.stop - 1] = b"%06o\0" % (unnamed + sum(name))
+        headers.append(bytes(header))
+    raw = b"".join(headers) + bytes(2 * tarfile.BLOCKSIZE)  # the end-of-archive blocks
+    return gzip.compress(raw, compresslevel=6) if compressed else raw
+
+
+_NAME = slice(0, 100)  # of a ustar header
+_CHECKSUM = slice(148, 156)

@@ -9,7 +9,10 @@ ratio are enforced while bytes are written, not taken from headers. What the sta
 would read whole or parse in more than linear time is bounded before it gets there: a zip's
 central directory is counted first, tar metadata headers are capped in size and in number,
 pax records are checked in linear time (CVE-2024-6232 makes Python 3.11.7's own parser
-quadratic).
+quadratic). Entries that cannot be images (empty files, folders, other names) cost an uploader
+nothing but cost us as much as an image to unpack and check: an archive of too many of them is
+refused (``unusable_entries``), a zip's from its central directory before anything is
+unpacked, a tar's as its headers stream.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from pathlib import Path, PurePosixPath
 from typing import IO, Any, Protocol
 
 from ftune.models.data.trees import remove_tree
+from ftune.models.data.unusable_entries import UnusableEntries
 from ftune.models.errors import ArchiveError, ArchiveTooLarge
 
 # zipfile's own end-of-central-directory reader and its record layout (_EndRecData, _ECD_*,
@@ -67,6 +71,14 @@ class ArchiveLimits:
     max_files: int
     max_ratio: float = 200.0  # unpacked / packed, above which it is a bomb
     ratio_grace_bytes: int = 64 << 20  # small archives may compress well (blank images)
+    # Entries that cannot be images (empty files, folders, other names): at most this many
+    # (a folder for each of FTUNE_MAX_CLASSES' default 10,000 classes), or this many for each
+    # entry that can be one (see unusable_entries).
+    max_unusable_entries: int = 10_000
+    unusable_per_image: float = 2.0
+
+    def unusable_entries(self) -> UnusableEntries:
+        return UnusableEntries(self.max_unusable_entries, self.unusable_per_image)
 
 
 @dataclass
@@ -136,6 +148,7 @@ class _Writer:
     def __init__(self, dest: Path, limits: ArchiveLimits, packed_size: int, kind: str) -> None:
         self.dest, self.limits, self.packed = dest, limits, max(packed_size, 1)
         self.result = Unpacked(kind)
+        self.entries = limits.unusable_entries()  # a tar's, counted as its headers stream
 
     def count_member(self, name: str) -> None:
         self.result.members += 1
@@ -318,17 +331,23 @@ def check_pax_records(buf: bytes) -> None:
         raise ArchiveError(f"archive has a malformed pax header record at byte {pos}")
 
 
-_CENTRAL = struct.Struct("<4s24xHHH12x")  # a central directory header: the name, extra and
-# comment lengths that follow it
+# A central directory header: flags, unpacked size, the name, extra and comment lengths that
+# follow it, and the external attributes (the Unix mode in their upper half).
+_CENTRAL = struct.Struct("<4s4xH14xLHHH4xL4x")
+_UTF8_NAME = 0x800  # flag: the name is UTF-8, else cp437 (as zipfile reads it)
+_ZIP64_SIZE = 0xFFFFFFFF  # the size is in the zip64 extra field
+_ZIP64_EXTRA = struct.Struct("<HH")  # an extra field's id and length
 
 
-def check_zip_directory(path: Path, max_files: int) -> None:
-    """Refuse a zip whose central directory lists more than ``max_files`` entries, before
-    zipfile reads it whole and builds an object for each entry (a 2 GiB directory of
-    minimal entries would take over 12 GB). The declared count is checked first, then the
-    entries are counted, since zipfile ignores the count. The end record is found by zipfile's
-    own function, so this reads exactly the directory zipfile will."""
-    with open(path, "rb") as f:
+def check_zip_directory(path: Path, limits: ArchiveLimits) -> None:
+    """Refuse a zip whose central directory lists more than ``limits.max_files`` entries, or
+    too many that cannot be images, before zipfile reads it whole and builds an object for
+    each entry (a 2 GiB directory of minimal entries would take over 12 GB) and before
+    anything is unpacked. The declared count is checked first, then the entries are counted,
+    since zipfile ignores the count. The end record is found by zipfile's own function, so
+    this reads exactly the directory zipfile will."""
+    max_files = limits.max_files
+    with open(path, "rb", buffering=CHUNK) as f:
         size = f.seek(0, os.SEEK_END)
         try:
             end = _zipfile._EndRecData(f)
@@ -347,30 +366,57 @@ def check_zip_directory(path: Path, max_files: int) -> None:
         if end[_zipfile._ECD_SIGNATURE] == _zipfile.stringEndArchive64:
             start -= _zipfile.sizeEndCentDir64 + _zipfile.sizeEndCentDir64Locator
         if start >= 0:
-            _count_directory(f, start, directory, max_files)
+            entries = _walk_directory(f, start, directory, limits)
+            entries.check("counted in the zip's central directory: nothing was unpacked",
+                          scope="the archive's")
 
 
-def _count_directory(f: IO[bytes], start: int, size: int, max_files: int) -> None:
-    """Walk the headers as zipfile will, reading 46 bytes of each and skipping the rest."""
+def _walk_directory(f: IO[bytes], start: int, size: int, limits: ArchiveLimits
+                    ) -> UnusableEntries:
+    """Walk the headers as zipfile will, counting them and telling which can be images;
+    reads 46 bytes and the name of each (and a zip64 extra field), skips the rest."""
     f.seek(start)
-    seen = total = 0
+    entries = limits.unusable_entries()
+    total = 0
     while total < size:
         head = f.read(_CENTRAL.size)
         if len(head) < _CENTRAL.size:
-            return
-        signature, *lengths = _CENTRAL.unpack(head)
+            break
+        signature, flags, unpacked, name_length, extra, comment, attributes = (
+            _CENTRAL.unpack(head))
         if signature != _zipfile.stringCentralDir:
-            return  # damaged: zipfile.ZipFile says so
-        seen += 1
-        if seen > max_files:
-            raise ArchiveError(f"archive has more than {max_files} entries (counted in its "
-                               "central directory; FTUNE_MAX_ARCHIVE_FILES)")
-        total += _CENTRAL.size + sum(lengths)
-        f.seek(sum(lengths), os.SEEK_CUR)
+            break  # damaged: zipfile.ZipFile says so
+        if entries.total >= limits.max_files:
+            raise ArchiveError(f"archive has more than {limits.max_files} entries (counted in "
+                               "its central directory; FTUNE_MAX_ARCHIVE_FILES)")
+        name = f.read(name_length).decode("utf-8" if flags & _UTF8_NAME else "cp437",
+                                          "replace")
+        skip = extra + comment
+        if unpacked == _ZIP64_SIZE:
+            found = _zip64_size(f.read(extra))
+            unpacked, skip = unpacked if found is None else found, comment
+        f.seek(skip, os.SEEK_CUR)
+        mode = stat.S_IFMT(attributes >> 16)
+        entries.add(name, folder=name.endswith("/"), regular=mode in (0, stat.S_IFREG),
+                    size=unpacked)
+        total += _CENTRAL.size + name_length + extra + comment
+    return entries
+
+
+def _zip64_size(extra: bytes) -> int | None:
+    """The unpacked size in a zip64 extra field (its first value, as zipfile reads it)."""
+    pos = 0
+    while pos + _ZIP64_EXTRA.size <= len(extra):
+        kind, length = _ZIP64_EXTRA.unpack_from(extra, pos)
+        pos += _ZIP64_EXTRA.size
+        if kind == 1 and length >= 8:
+            return int.from_bytes(extra[pos:pos + 8], "little")
+        pos += length
+    return None
 
 
 def _unpack_zip(path: Path, writer: _Writer) -> None:
-    check_zip_directory(path, writer.limits.max_files)
+    check_zip_directory(path, writer.limits)
     try:
         archive = zipfile.ZipFile(path)
     except _ZIP_ERRORS as exc:
@@ -421,6 +467,11 @@ def _unpack_tar(path: Path, writer: _Writer, compressed: bool) -> None:
 
 def _tar_member(archive: tarfile.TarFile, member: tarfile.TarInfo, writer: _Writer) -> None:
     writer.count_member(member.name)
+    # Checked before each member is written: a tar has no index to count first.
+    writer.entries.add(member.name, folder=member.isdir(), regular=member.isfile(),
+                       size=member.size)
+    writer.entries.check("counted from the tar headers as they streamed: refused before the "
+                         "rest was unpacked", scope="the first")
     rel = safe_member_path(member.name)
     if member.issym() or member.islnk():
         raise ArchiveError(f"archive entry {_shown(member.name)} is a "

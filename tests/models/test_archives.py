@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from ftune.models.data import archives
 from ftune.models.data.archives import (
     ArchiveLimits,
     detect_kind,
@@ -27,9 +28,16 @@ from ftune.models.data.discover import inspect_dataset
 from ftune.models.data.layout import list_dataset
 from ftune.models.data.sandbox import unpack_and_inspect
 from ftune.models.data.trees import remove_tree
+from ftune.models.data.unusable_entries import MIN_IMAGE_BYTES
 from ftune.models.errors import ArchiveError, ArchiveTooLarge
 from ftune.service.storage import Storage
-from ftune.testing.archives import tar_folder, tar_with, zip_members
+from ftune.testing.archives import (
+    tar_folder,
+    tar_of_empty_files,
+    tar_with,
+    zip_members,
+    zip_of_empty_files,
+)
 
 ROOMY = ArchiveLimits(max_bytes=10 << 20, max_files=1000)
 
@@ -556,3 +564,125 @@ def test_a_child_over_its_limits_is_stopped_and_named(tmp_path, limit, needle):
         unpack_and_inspect(path, tmp_path / "out", **{**SANDBOX, **limit})
     assert time.monotonic() - started < 30
     assert not (tmp_path / "out").exists()
+
+
+# Entries that cannot be images cost an uploader nothing: an archive of too many of them is
+# refused from its own index (a zip's central directory, a tar's headers), not after
+# unpacking and checking every one.
+
+@pytest.fixture
+def written(monkeypatch) -> list[str]:
+    """The names of the files unpack writes (the real writer, watched)."""
+    names: list[str] = []
+    write = archives._Writer.file
+
+    def watched(self, rel, source, name):
+        names.append(name)
+        return write(self, rel, source, name)
+
+    monkeypatch.setattr(archives._Writer, "file", watched)
+    return names
+
+
+def test_a_zip_of_200000_empty_files_is_refused_before_unpacking(tmp_path, written):
+    path = _write(tmp_path, zip_of_empty_files(200_000))
+    dest = tmp_path / "out"
+    with pytest.raises(ArchiveError) as refused:
+        unpack(path, dest, ArchiveLimits(max_bytes=1 << 40, max_files=500_000))
+    message = str(refused.value)
+    assert message.startswith("200000 of the archive's 200000 entries cannot be images: "
+                              f"200000 files under {MIN_IMAGE_BYTES} bytes")
+    assert "counted in the zip's central directory: nothing was unpacked" in message
+    assert written == [] and not dest.exists()
+
+
+def test_a_tar_of_200000_empty_files_stops_at_the_allowance(tmp_path, written):
+    path = _write(tmp_path, tar_of_empty_files(200_000))
+    limits = ArchiveLimits(max_bytes=1 << 40, max_files=500_000, max_unusable_entries=1000)
+    with pytest.raises(ArchiveError, match="1001 of the first 1001 entries cannot be images"
+                       ) as refused:
+        unpack(path, tmp_path / "out", limits)
+    assert "refused before the rest was unpacked" in str(refused.value)
+    assert len(written) == 1000, "a tar has no index: what came before the limit was written"
+    assert not (tmp_path / "out").exists()
+
+
+def _image_bytes() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 30, 30)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def _cluttered(images: int, junk: int) -> dict[str, bytes]:
+    """``images`` real PNGs, then ``junk`` entries of the kinds that cannot be images."""
+    members = {f"cats/{i}.png": _image_bytes() for i in range(images)}
+    kinds = ("cats/{}.DS_Store", "__MACOSX/cats/._{}.png", "cats/empty{}.png", "README{}.txt")
+    for i in range(junk):
+        members[kinds[i % len(kinds)].format(i)] = b"x" * (4096 if i % 4 == 1 else i % 2)
+    return members
+
+
+@pytest.mark.parametrize(("build", "scope"), [(zip_members, "the archive's"),
+                                              (lambda m: _tar_members(m), "the first")],
+                         ids=["zip", "tar"])
+def test_some_clutter_per_image_is_accepted_and_more_is_refused(tmp_path, build, scope):
+    limits = ArchiveLimits(max_bytes=1 << 30, max_files=1000, max_unusable_entries=10)
+    members = _cluttered(images=8, junk=16)  # over the allowance, but 2 per image
+    assert unpack(_write(tmp_path, build(members)), tmp_path / "a", limits).files == 24
+    with pytest.raises(ArchiveError) as refused:
+        unpack(_write(tmp_path, build(_cluttered(images=8, junk=17))), tmp_path / "b", limits)
+    assert str(refused.value).startswith(
+        f"17 of {scope} 25 entries cannot be images: 4 files under 24 bytes (too small for "
+        "any image), 0 folders, 13 hidden, non-image or special entries; 8 can. At most 10 "
+        "such entries are accepted, or 2 for each entry that can be an image")
+    assert not (tmp_path / "b").exists()
+
+
+def _tar_members(members: dict[str, bytes]) -> bytes:
+    return tar_with([tarfile.TarInfo(name) for name in members], members)
+
+
+def test_a_zip_is_judged_on_its_whole_directory_whatever_the_order(tmp_path):
+    """A zip's clutter may come first: its directory is counted whole before deciding."""
+    limits = ArchiveLimits(max_bytes=1 << 30, max_files=1000, max_unusable_entries=10)
+    members = {f"notes/{i}.txt": b"" for i in range(30)}
+    members |= {f"cats/{i}.png": _image_bytes() for i in range(15)}
+    assert unpack(_write(tmp_path, zip_members(members)), tmp_path / "a", limits).files == 45
+
+
+def test_folders_and_links_count_as_entries_that_cannot_be_images(tmp_path):
+    limits = ArchiveLimits(max_bytes=1 << 30, max_files=1000, max_unusable_entries=3)
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for name in ("a/", "b/", "c/", "d/"):
+            archive.writestr(zipfile.ZipInfo(name), b"")
+        link = zipfile.ZipInfo("a/link.png")
+        link.external_attr = 0o120777 << 16
+        archive.writestr(link, "/etc/passwd" + "x" * 40)
+    with pytest.raises(ArchiveError, match="4 folders, 1 hidden, non-image or special"):
+        unpack(_write(tmp_path, buffer.getvalue()), tmp_path / "out", limits)
+
+
+def test_a_zip64_size_is_read_from_its_extra_field(tmp_path):
+    """Sizes of 0xFFFFFFFF in the directory mean "in the zip64 extra field", where zipfile
+    reads them: 0 there is an empty file."""
+    data = bytearray(zip_members({f"c/{i}.png": b"" for i in range(5)}))
+    end = data.rindex(b"PK\x05\x06")
+    directory_size, directory_start = struct.unpack("<LL", data[end + 12:end + 20])
+    headers, pos = [], directory_start
+    while pos < directory_start + directory_size:
+        name_length, = struct.unpack("<H", data[pos + 28:pos + 30])
+        header = bytearray(data[pos:pos + 46 + name_length])
+        header[20:28] = b"\xff" * 8  # both sizes in the extra field
+        header[30:32] = struct.pack("<H", 20)
+        headers.append(bytes(header) + struct.pack("<HHQQ", 1, 16, 0, 0))
+        pos += 46 + name_length
+    directory = b"".join(headers)
+    eocd = bytearray(data[end:])
+    eocd[12:16] = struct.pack("<L", len(directory))
+    payload = bytes(data[:directory_start]) + directory + bytes(eocd)
+    limits = ArchiveLimits(max_bytes=1 << 30, max_files=1000, max_unusable_entries=4)
+    with pytest.raises(ArchiveError, match="5 files under 24 bytes"):
+        unpack(_write(tmp_path, payload), tmp_path / "out", limits)
+    roomy = ArchiveLimits(max_bytes=1 << 30, max_files=1000)
+    assert unpack(_write(tmp_path, payload), tmp_path / "ok", roomy).files == 5
