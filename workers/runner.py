@@ -91,7 +91,9 @@ class JobRunner:
         self.timings = timings
         self.limits = limits
         self.shutdown = shutdown or threading.Event()
-        self.derived = derived  # decoded images shared by the jobs on the same data
+        # Decoded images and features kept for later jobs on the same data: the same
+        # tenant's only (the job's tenant_id is its owner), unless the operator shares them.
+        self.derived = derived
 
     def run(self, job_id: str) -> str:
         """Run the job until it leaves this worker, and say how: the status it ended in
@@ -327,9 +329,9 @@ class JobRunner:
                                reporter: ProgressReporter) -> None:
         """Rows of the epochs the checkpoint holds that the database lacks: the attempt that
         stored it was cut off before it recorded its last epoch."""
-        from ftune.models.training.checkpoint import load_checkpoint
+        from ftune.models.training.checkpoint import last_history
 
-        history = load_checkpoint(resume).get("history", [])
+        history = last_history(resume)  # its pseudo-labelling rounds' epochs too
         with self.db.session() as session:
             recorded = transitions.recorded_epochs(session, job_id)
         for row in history:

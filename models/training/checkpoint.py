@@ -43,6 +43,31 @@ def checkpoint_folder(path: str | Path) -> Path:
     return path if path.is_dir() else path.parent
 
 
+# The pseudo-labelling rounds' checkpoints, in a folder of the run's checkpoint folder: the
+# run's own checkpoint stays the one its stages ended with.
+ROUNDS_FOLDER = "pseudo_labels"
+
+
+def round_checkpoint(folder: str | Path, history: list[dict]) -> dict | None:
+    """The checkpoint of the pseudo-labelling round a run was in (``folder``: the run's
+    checkpoint), None without one or when it does not go on from ``history`` (the rows the
+    run's stages ended with): a checkpoint of another run left in the folder."""
+    path = checkpoint_folder(folder) / ROUNDS_FOLDER / CHECKPOINT_NAME
+    if not path.is_file():
+        return None
+    state = load_checkpoint(path)
+    if "pseudo_labels" not in state or state["history"][:len(history)] != history:
+        return None
+    return state
+
+
+def last_history(folder: str | Path) -> list[dict]:
+    """The epochs' rows a run's checkpoints hold, those of its pseudo-labelling rounds too."""
+    history = load_checkpoint(folder).get("history", [])
+    rounds = round_checkpoint(folder, history)
+    return rounds["history"] if rounds is not None else history
+
+
 def save_best_weights(directory: Path, state: dict) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     atomic_torch_save(state, directory / BEST_WEIGHTS_NAME)

@@ -138,7 +138,7 @@ def fit(
     final_run, stopped_early = stages.run_all(features, state)
     if not ranks.leave().writes:  # rank 0 evaluates and builds the model alone
         raise ranks.ShareDone
-    pseudo_label_rounds(stages, spec, train=train_samples, unlabeled=pool)
+    pseudo_label_rounds(stages, spec, train=train_samples, unlabeled=pool, resume=resume)
     refits = _refits(spec, stages, index, has_val=bool(val_samples))
     evaluation = _evaluate(stages, index, val_samples, refit=refits)
     result = _result(final_run, setup.backbone, index, progress, stopped_early=stopped_early,

@@ -101,6 +101,7 @@ class StageRunner:
         # No epoch has changed the backbone yet: checkpoints need only the head's weights.
         self.backbone_as_built = True
         self.writes = ranks.current().writes  # rank 0 alone writes checkpoints
+        self.extra: dict = {}  # kept in every checkpoint too (a pseudo-labelling round's)
 
     def run_all(self, features_from: TrainingRun | None, state: dict | None
                 ) -> tuple[TrainingRun, bool]:
@@ -132,11 +133,11 @@ class StageRunner:
         assert run is not None, "a plan has at least one stage"
         return run, stopped_early
 
-    def another_pass(self) -> StageRunner:
-        """A runner for another pass of the same stages (not checkpointed) that continues
-        this one: its best weights to beat, its history, its time budget."""
+    def another_pass(self, ckpt_dir: Path | None = None) -> StageRunner:
+        """A runner for another pass of the same stages that continues this one: its best
+        weights to beat, its history, its time budget (checkpointed in ``ckpt_dir``)."""
         again = StageRunner(self.setup, self.plans, self.progress, self.budget,
-                            classes=self.classes, ckpt_dir=None)
+                            classes=self.classes, ckpt_dir=ckpt_dir)
         again.best_state, again.best_run = self.best_state, self.best_run
         again.backbone_as_built = self.backbone_as_built
         again.stage_offset = len(self.progress.history)  # epochs number on from there
@@ -278,5 +279,5 @@ class StageRunner:
             "early_stopping": progress.stopper.state_dict(), "history": progress.history,
             "spec": run.spec.model_dump(mode="json"), "resolved": self.choices.to_dict(),
             "classes": self.classes, "preprocessing": run.prep.to_dict(), "rng": rng_state(),
-            "budget_spent_s": self.budget.spent(), "world_size": run.world,
+            "budget_spent_s": self.budget.spent(), "world_size": run.world, **self.extra,
         })

@@ -19,7 +19,14 @@ from ftune.models.errors import DatasetError
 from ftune.models.evaluation import predict_probabilities
 from ftune.models.pretrain.stage import adapt_backbone, new_run, pretraining_images
 from ftune.models.recipe import rules
-from ftune.models.spec import FineTuneSpec
+from ftune.models.recipe.choices import Choices
+from ftune.models.spec import FineTuneSpec, PseudoLabelSpec
+from ftune.models.training.checkpoint import (
+    ROUNDS_FOLDER,
+    round_checkpoint,
+    save_best_weights,
+    weights_to_save,
+)
 from ftune.models.training.run_setup import RunSetup
 from ftune.models.training.stages import StageRunner
 
@@ -102,35 +109,82 @@ def select_confident(probabilities: torch.Tensor, threshold: float,
 
 
 def pseudo_label_rounds(stages: StageRunner, spec: FineTuneSpec, *, train: list[Sample],
-                        unlabeled: list[Sample]) -> None:
+                        unlabeled: list[Sample], resume: str | Path | None = None) -> None:
     """Label, keep the confident, train again from the best weights; the best on val (which
-    pseudo-labels never enter) across all rounds is kept. Rounds are not checkpointed: a
-    resumed job repeats them."""
+    pseudo-labels never enter) across all rounds is kept. A round's epochs are checkpointed
+    with the images it labelled: resumed (from ``resume``), a run goes on in the round it
+    was in (one whose epochs were all done ends at once) and repeats no earlier round."""
     config, setup = spec.pseudo_labels, stages.setup
     if not config.rounds or not unlabeled or stages.out_of_time:
         return
-    rounds: list[dict] = []
-    for number in range(1, config.rounds + 1):
-        if stages.best_state is not None:
-            setup.model.load_state_dict(stages.best_state)
+    folder = stages.ckpt_dir / ROUNDS_FOLDER if stages.ckpt_dir is not None else None
+    state = _resumed_round(stages, resume)
+    rounds: list[dict] = state["pseudo_labels"]["rounds"] if state else []
+    for number in range(state["pseudo_labels"]["round"] if state else 1, config.rounds + 1):
         if setup.callbacks.on_stage is not None:
             setup.callbacks.on_stage("pseudo_labels", 0)
-        indices, labels, counts = select_confident(_probabilities(setup, unlabeled),
-                                                   config.threshold, config.max_per_class)
-        rounds.append({"round": number, "images": len(indices),
-                       "per_class": dict(zip(stages.classes, counts, strict=True)),
-                       "first_epoch": len(stages.progress.history) + 1})
-        setup.choices.record("pseudo_labels",
-                             rules.pseudo_labels(rounds, config.threshold, len(train)))
-        setup.choices.notify()
-        if not indices:
-            break
+        if state is not None:  # labelled by the attempt that was cut off
+            indices, labels = state["pseudo_labels"]["indices"], state["pseudo_labels"]["labels"]
+        else:
+            indices, labels = _label_round(stages, config, unlabeled, rounds, len(train))
+            if not indices:
+                break
+            _start_round(stages, folder)
         chosen = [unlabeled[i] for i in indices]
         setup.train_source = ImageSource(
             [s.path for s in train] + [s.path for s in chosen],
             [s.label for s in train] + labels, setup.prep, setup.train_source.size)
-        again = stages.another_pass()
-        again.run_all(None, None)
+        again = stages.another_pass(folder)
+        again.extra = {"pseudo_labels": {"round": number, "rounds": rounds,
+                                         "indices": indices, "labels": labels}}
+        again.run_all(None, state)
+        state = None
         stages.best_state, stages.best_run = again.best_state, again.best_run
+        stages.backbone_as_built = again.backbone_as_built
         if again.out_of_time:
             break
+
+
+def _label_round(stages: StageRunner, config: PseudoLabelSpec, unlabeled: list[Sample],
+                 rounds: list[dict], num_train: int) -> tuple[list[int], list[int]]:
+    """The next round's images and labels, from the best weights so far; records the round."""
+    setup = stages.setup
+    if stages.best_state is not None:
+        setup.model.load_state_dict(stages.best_state)
+    indices, labels, counts = select_confident(_probabilities(setup, unlabeled),
+                                               config.threshold, config.max_per_class)
+    rounds.append({"round": len(rounds) + 1, "images": len(indices),
+                   "per_class": dict(zip(stages.classes, counts, strict=True)),
+                   "first_epoch": len(stages.progress.history) + 1})
+    setup.choices.record("pseudo_labels", rules.pseudo_labels(rounds, config.threshold,
+                                                              num_train))
+    setup.choices.notify()
+    return indices, labels
+
+
+def _start_round(stages: StageRunner, folder: Path | None) -> None:
+    """Before a round's first epoch: its folder holds the best weights it starts from (a
+    resumed round finds them there, as a resumed run does its own)."""
+    if folder is None or not stages.writes or stages.best_state is None:
+        return
+    save_best_weights(folder, weights_to_save(stages.best_state, stages.backbone_as_built))
+
+
+def _resumed_round(stages: StageRunner, resume: str | Path | None) -> dict | None:
+    """The checkpoint of the round a resumed run was in, with the choices and the time spent
+    until then restored; None when the run had not begun its rounds (or is not resumed, or
+    keeps no checkpoints: a resumed round reads its best weights from where it writes)."""
+    if resume is None or stages.ckpt_dir is None:
+        return None
+    state = round_checkpoint(resume, stages.progress.history)
+    if state is None:
+        return None
+    made, choices = Choices(state["resolved"]), stages.setup.choices
+    for name in made.to_dict():
+        if name != "devices":  # this attempt's, as fit recorded them
+            choices.record(name, made.choice(name))
+    choices.notify()
+    if stages.budget.spent_before:  # counted when the budget is not the job's run time left
+        stages.budget.spent_before = float(state["budget_spent_s"])
+    log.info("resuming pseudo-labelling round %d", state["pseudo_labels"]["round"])
+    return state

@@ -16,6 +16,7 @@ from ftune.models.backbones import create_backbone
 from ftune.models.data.discover import inspect_dataset, scan_image_folder
 from ftune.models.derived.store import DerivedStore
 from ftune.models.errors import DatasetError, TrainingCancelled
+from ftune.models.training.checkpoint import last_history, load_checkpoint
 from ftune.models.training.fit import Callbacks, fit
 from ftune.models.training.unlabeled import select_confident, unlabeled_of
 from ftune.testing.realdata import balanced_indices, write_image_folder
@@ -162,6 +163,49 @@ def test_pseudo_labels_join_training_only(low_label):
     # Validation is the 12 val images alone; pseudo-labelled epochs follow the first ones.
     assert result.num_val == 12 and result.evaluation["val"]["num_images"] == 12
     assert len(result.history) >= rounds[1]["first_epoch"] > rounds[0]["first_epoch"] > 1
+
+
+def test_pseudo_label_rounds_are_checkpointed_and_never_repeated(low_label, tmp_path):
+    spec = {**SPEC, "pseudo_labels": {"rounds": 2, "threshold": 0.2}}
+    whole = fit(low_label, spec, checkpoint_dir=tmp_path / "a")
+    rounds = whole.resolved["pseudo_labels"]["value"]
+    second = rounds[1]["first_epoch"]
+    assert len(whole.history) > second + 1  # round 2 has epochs to stop between
+    stages: list[str] = []
+    with pytest.raises(TrainingCancelled):  # stopped as round 2 labels its images
+        fit(low_label, spec, checkpoint_dir=tmp_path / "b", callbacks=Callbacks(
+            on_stage=lambda stage, _: stages.append(stage),
+            should_stop=lambda: stages.count("pseudo_labels") == 2))
+    saved = load_checkpoint(tmp_path / "b" / "pseudo_labels")
+    assert saved["pseudo_labels"]["round"] == 1 and saved["epoch"] == second - 1
+    assert len(saved["pseudo_labels"]["indices"]) == rounds[0]["images"] > 0
+    # The run's own checkpoint still ends with its stages: the rounds' are kept beside it.
+    assert load_checkpoint(tmp_path / "b")["epoch"] == rounds[0]["first_epoch"] - 1
+    rows: list[dict] = []
+    with pytest.raises(TrainingCancelled):  # resumed, then stopped within round 2
+        fit(low_label, spec, checkpoint_dir=tmp_path / "b", resume=tmp_path / "b",
+            callbacks=Callbacks(on_epoch_end=rows.append,
+                                should_stop=lambda: len(rows) == 2))
+    assert [row["epoch"] for row in rows] == [second, second + 1]  # round 1 was not repeated
+    assert load_checkpoint(tmp_path / "b" / "pseudo_labels")["pseudo_labels"]["round"] == 2
+    # What a worker records of a cut-off attempt: its round's epochs too.
+    assert [row["epoch"] for row in last_history(tmp_path / "b")] == list(range(1, second + 2))
+    rows.clear()
+    resumed = fit(low_label, spec, checkpoint_dir=tmp_path / "b", resume=tmp_path / "b",
+                  callbacks=Callbacks(on_epoch_end=rows.append))
+    # The rest of round 2 on the images it had labelled, as if never stopped.
+    assert resumed.resolved["pseudo_labels"]["value"] == rounds
+    assert [row["epoch"] for row in rows] == list(range(second + 2, len(whole.history) + 1))
+    assert [row["epoch"] for row in resumed.history] == list(range(1, len(whole.history) + 1))
+    keys = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr")
+    for a, b in zip(whole.history, resumed.history, strict=True):
+        for key in keys:
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), (a["epoch"], key)
+    for (name, a), b in zip(whole.model.state_dict().items(),
+                            resumed.model.state_dict().values(), strict=True):
+        assert torch.allclose(a.float(), b.float(), atol=1e-5), name
+    assert resumed.best_epoch == whole.best_epoch
+    assert resumed.evaluation["test"]["accuracy"] == whole.evaluation["test"]["accuracy"]
 
 
 def test_ftune_train_takes_a_folder_of_unlabelled_images(tiny_folder, animal_arrays, tmp_path,

@@ -36,6 +36,10 @@ ENV = {"FTUNE_CANCEL_POLL_S": "0.2", "FTUNE_PROGRESS_INTERVAL_S": "0.2",
 # Contrastive pretraining on the tiny set's unlabelled images, long enough to be caught.
 PRETRAIN = {"preset": "fast", "image_size": 64, "epochs": 2, "batch_size": 12, "seed": 3,
             "pretrain": {"method": "contrastive", "epochs": 6, "batch_size": 16}}
+# Two pseudo-labelling rounds after two epochs, every layer training: each round's two
+# epochs take seconds, long enough to be caught in one.
+ROUNDS = {**SLOW, "image_size": 32, "batch_size": 12, "epochs": 2,
+          "pseudo_labels": {"rounds": 2, "threshold": 0.2}}
 REDIS_PASSWORD = "lifecycle-password"
 
 
@@ -99,11 +103,12 @@ def with_unlabeled_id(stack, tiny_folder, animal_arrays, tmp_path_factory) -> st
     return response.json()["id"]
 
 
-def _pretrain_epochs(home, job_id: str) -> list[int]:
-    """The pretraining epochs recorded so far, in order (read from the job's events)."""
+def _pretrain_epochs(home, job_id: str, kind: str = "pretrain") -> list[int]:
+    """The pretraining epochs (or another ``kind``'s) recorded so far, in order (read from
+    the job's events)."""
     with sqlite3.connect(home / "ftune.db") as db:
-        rows = db.execute("SELECT data FROM job_events WHERE job_id = ? AND kind = 'pretrain' "
-                          "ORDER BY id", (job_id,)).fetchall()
+        rows = db.execute("SELECT data FROM job_events WHERE job_id = ? AND kind = ? "
+                          "ORDER BY id", (job_id, kind)).fetchall()
     return [json.loads(data)["epoch"] for (data,) in rows]
 
 
@@ -216,6 +221,35 @@ def test_pretraining_in_a_killed_worker_resumes_from_its_last_epoch(stack, with_
     pretrain = done["resolved"]["pretrain"]
     assert pretrain["value"] == "contrastive" and len(pretrain["loss"]) == 6
     assert pretrain["unlabeled_images"] == 60 and pretrain["reused"] is False
+
+
+def _in_first_round(http: httpx.Client, job_id: str) -> bool:
+    """The job has recorded an epoch of its first pseudo-labelling round."""
+    job = http.get(f"/v1/jobs/{job_id}").json()
+    rounds = (job["resolved"] or {}).get("pseudo_labels", {}).get("value") or []
+    return bool(rounds) and len(job["metrics"]) >= rounds[0]["first_epoch"]
+
+
+def test_pseudo_label_rounds_in_a_killed_worker_are_not_repeated(stack, with_unlabeled_id):
+    with stack.client() as http:
+        job = _submit(http, with_unlabeled_id, ROUNDS)
+        victim = stack.worker("rounds-victim")
+        wait_until(lambda: _in_first_round(http, job["id"]), 300, "an epoch of round 1")
+        stack.kill(victim)  # SIGKILL within the first round
+        before = http.get(f"/v1/jobs/{job['id']}").json()["metrics"]
+        stack.worker("rounds-rescuer")
+        try:
+            done = wait_for_job(http, job["id"], timeout_s=300)
+        finally:
+            stack.stop_workers()
+    assert done["status"] == "succeeded", done["error"]
+    assert done["attempts"] == 2 and done["metrics"][: len(before)] == before
+    rounds = done["resolved"]["pseudo_labels"]["value"]
+    assert [r["round"] for r in rounds] == [1, 2] and rounds[1]["first_epoch"] == 5
+    # Each epoch ran once: the rescuer went on within round 1 from its checkpoint.
+    epochs = list(range(1, 7))
+    assert [row["epoch"] for row in done["metrics"]] == epochs
+    assert _pretrain_epochs(stack.home, job["id"], kind="epoch") == epochs
 
 
 def test_redis_restarted_empty_loses_no_job(stack, dataset_id):

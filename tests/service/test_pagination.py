@@ -5,26 +5,32 @@ queries however many rows it holds."""
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from uuid import uuid4
 
 import pytest
 from sqlalchemy import event
 
-from ftune.service.auth.principal import LOCAL_USER
+from ftune.processes import wait_until
+from ftune.service.auth.principal import LOCAL_USER, Role
 from ftune.service.db import migrate
 from ftune.service.db.session import Database
 from ftune.service.db.tables import DEFAULT_TENANT_ID, EpochMetrics, Job, ModelAlias, TunedModel
 from ftune.service.errors import InvalidInput
 from ftune.service.jobs import list_jobs
 from ftune.service.tuned_models import list_models
+from ftune.testing.access import make_key
 
 LISTS = ["/v1/jobs", "/v1/datasets", "/v1/models", "/v1/keys", "/v1/audit", "/v1/backbones"]
+# The audit log is walked in a tenant of its own (below): the shared stack's is written to by
+# every request, and a row lands just after its response is sent.
+SHARED_LISTS = [path for path in LISTS if path != "/v1/audit"]
 
 
-def _walk(http, path: str, limit: int, rows: int) -> list[dict]:
+def _walk(http, path: str, limit: int, rows: int, **query: str) -> list[dict]:
     """The first ``rows`` rows (or all there are), read ``limit`` at a time."""
     items, cursor = [], None
     while len(items) < rows:
-        params = {"limit": limit, **({"cursor": cursor} if cursor else {})}
+        params = {**query, "limit": limit, **({"cursor": cursor} if cursor else {})}
         page = http.get(path, params=params).json()
         assert set(page) == {"items", "next_cursor"} and len(page["items"]) <= limit
         items += page["items"]
@@ -38,17 +44,17 @@ def _key(row: dict) -> str:
     return row.get("id", row.get("name"))
 
 
-@pytest.mark.parametrize("path", LISTS)
+@pytest.mark.parametrize("path", SHARED_LISTS)
 def test_every_list_pages_through_its_rows_once_in_order(operator_client, client, tiny_model,
                                                          path):
-    for _ in range(3):  # a few keys (and audit rows), so that those lists have several rows
+    for _ in range(3):  # a few keys, so that the list has several rows
         client.post("/v1/keys", json={"name": "paging"})
     first = operator_client.get(path, params={"limit": 1000}).json()["items"][:12]
     assert first
     for limit in (1, 5):
         walked = [_key(row) for row in _walk(operator_client, path, limit, rows=len(first))]
-        # The shared stack may add rows (an audit row, say) while we walk; they come first in a
-        # newest-first list, so the walk must be one contiguous, in-order run of a later read.
+        # The shared stack may add rows (a sweep's job, say) while we walk; they come first in
+        # a newest-first list, so the walk must be one contiguous, in-order run of a later read.
         after = [_key(row) for row in
                  operator_client.get(path, params={"limit": 1000}).json()["items"]]
         assert len(walked) == len(first) and walked[0] in after
@@ -57,6 +63,31 @@ def test_every_list_pages_through_its_rows_once_in_order(operator_client, client
     last_page = operator_client.get(path, params={"limit": 1000}).json()
     if len(last_page["items"]) < 1000:
         assert last_page["next_cursor"] is None
+
+
+def test_the_audit_log_pages_through_its_rows_once_in_order(api_url, database_of_stack,
+                                                            operator_client):
+    """A tenant whose log nobody else writes: every walk is exactly that log."""
+    tenant = f"paging-{uuid4().hex[:8]}"
+    with make_key(database_of_stack, role=Role.ADMIN, tenant=tenant).client(api_url, 60) as http:
+        made = [http.post("/v1/keys", json={"name": f"paging-{i}"}).json()["id"]
+                for i in range(7)]
+
+        def whole_log() -> list[dict] | None:
+            items = http.get("/v1/audit", params={"limit": 1000}).json()["items"]
+            return items if len(items) == len(made) else None
+
+        # A request's audit row is written once its response is sent: wait for the last.
+        log = wait_until(whole_log, 30, "the audit rows of the keys made")
+        # Each key's row, once (in the order written: each lands after its response).
+        assert sorted(row["object_id"] for row in log) == sorted(made)
+        assert {row["action"] for row in log} == {"POST /v1/keys"}
+        ids = [row["id"] for row in log]
+        assert ids == sorted(set(ids), reverse=True)  # newest first, each once
+        for reader, query in ((http, {}), (operator_client, {"tenant": tenant})):
+            for limit in (1, 2, 5, 7, 8):
+                walked = _walk(reader, "/v1/audit", limit, rows=1000, **query)
+                assert walked == log, (query, limit)
 
 
 @pytest.mark.parametrize("path", LISTS)
