@@ -33,6 +33,7 @@ from ftune.service.errors import (
 from ftune.service.ids import new_id
 from ftune.service.job_status import ACTIVE, SweepStatus
 from ftune.service.pages import DEFAULT_LIMIT, Keyset, read_page
+from ftune.service.quotas import Limits, check_new_dataset, lock_tenant, usage_of
 from ftune.service.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -105,13 +106,16 @@ def _summary(errors: list[dict]) -> str:
 def ingest_archive(session: Session, storage: Storage, *, tenant_id: str, archive: Path,
                    filename: str | None, name: str | None, checks: DatasetChecks,
                    allowance: int | None = None, disk_allowance: int | None = None,
-                   dedupe: bool = True, kind: str = "labeled") -> tuple[Dataset, bool]:
+                   dedupe: bool = True, kind: str = "labeled",
+                   quota: Limits | None = None) -> tuple[Dataset, bool]:
     """Unpack, check and record a dataset; returns it and whether it is new.
 
-    ``allowance``: bytes the tenant's stored-bytes quota still allows; ``disk_allowance``:
-    bytes the data disk holds above its reserve (see ``disk``). With ``dedupe``, the
-    tenant's own copy of the same content is returned. A rejected archive leaves nothing
-    behind; an existing dataset is never touched.
+    ``allowance``: bytes the tenant's stored-bytes quota still allowed when the upload
+    began; ``quota``: the tenant's limits, checked again at insert under the tenant's lock
+    (other uploads may have committed since). ``disk_allowance``: bytes the data disk holds
+    above its reserve (see ``disk``). With ``dedupe``, the tenant's own copy of the same
+    content is returned. A rejected archive leaves nothing behind; an existing dataset is
+    never touched.
     """
     dataset_name = clean_name(name, filename)
     dataset_id = new_id()
@@ -135,13 +139,35 @@ def ingest_archive(session: Session, storage: Storage, *, tenant_id: str, archiv
             dataset.blob_sha256 = storage.put_tree(key, staging).sha256
         finally:
             remove_tree(staging)
-        session.add(dataset)
-        session.commit()  # here, so a failed commit also removes the object
+        earlier = _record(session, dataset, quota, dedupe)
     except BaseException:
         if stored:
             _forget_object(storage, key)
         raise
+    if earlier is not None:  # the same content, committed by a request racing this one
+        _forget_object(storage, key)
+        return earlier, False
     return dataset, True
+
+
+def _record(session: Session, dataset: Dataset, quota: Limits | None,
+            dedupe: bool) -> Dataset | None:
+    """Insert and commit the row (a failed commit also removes the object: the caller's
+    ``except``); within ``quota``, counted under the tenant's lock, so uploads racing on
+    any API process cannot together pass a quota only some of them fit. Returns the
+    tenant's earlier copy of the content instead, if one was committed meanwhile."""
+    if quota is not None:
+        lock_tenant(session, dataset.tenant_id)
+        if dedupe:
+            earlier = _find_same_content(session, dataset.tenant_id, dataset.content_hash,
+                                         dataset.kind)
+            if earlier is not None:
+                session.commit()
+                return earlier
+        check_new_dataset(usage_of(session, dataset.tenant_id), quota, dataset.size_bytes)
+    session.add(dataset)
+    session.commit()
+    return None
 
 
 def _forget_object(storage: Storage, key: str) -> None:

@@ -126,6 +126,19 @@ class Settings(BaseSettings):
                              "process.")
     max_streams_per_key: int = Field(20, ge=1, description="Event streams one key may hold "
                                      "open on one API process.")
+    max_streams_per_tenant: int = Field(50, ge=1, description="Event streams the keys of one "
+                                        "tenant may hold open on one API process together.")
+    max_keys_per_tenant: int = Field(20, ge=1, description="API keys a tenant may hold (revoked "
+                                     "and expired ones do not count); its `keys` quota may "
+                                     "differ.")
+    max_uploads_per_tenant: int = Field(2, ge=1, description="Dataset uploads one tenant may "
+                                        "stream and unpack at once, over every API process "
+                                        "(counted in Redis); its `uploads_at_once` quota may "
+                                        "differ. More get 429 with Retry-After.")
+    max_unpacks: int = Field(4, ge=1, description="Dataset uploads one API process streams and "
+                             "unpacks at once (each unpacks in a child process with "
+                             "FTUNE_UNPACK_MEMORY_MB and FTUNE_UNPACK_CPU_S); more get 503 "
+                             "with Retry-After.")
     min_free_disk_mb: float = Field(2048, ge=0, description="Uploads are refused (507) when "
                                     "the data directory's disk has less free than this.")
     db_pool_timeout_s: float = Field(10, gt=0, description="How long a request waits for a "

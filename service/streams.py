@@ -8,8 +8,11 @@ those ids; a woken stream then reads its own events once. A stream also
 wakes every ``RECHECK_S`` to check its key (a revoked key ends it) and reads anyway every
 ``SAFETY_READ_S``, which catches events committed out of id order.
 
-Streams are capped per key and per process: over the key's cap is a 429, over the process's
-a 503, both with ``Retry-After``.
+Streams are capped per key, per tenant (the keys of one tenant together, so making more keys
+does not multiply the key's cap) and per process: over the key's or the tenant's cap is a 429,
+over the process's a 503, all with ``Retry-After``. The caps are per process, as what a
+stream holds (a connection, a task, its memory) is the process's; several API processes
+each keep their own.
 """
 
 from __future__ import annotations
@@ -36,9 +39,12 @@ RETRY_AFTER_S = 10
 
 
 class StreamHub:
-    def __init__(self, db: Database, *, max_streams: int, max_per_key: int) -> None:
+    def __init__(self, db: Database, *, max_streams: int, max_per_key: int,
+                 max_per_tenant: int | None = None) -> None:
         self.db, self.max_streams, self.max_per_key = db, max_streams, max_per_key
+        self.max_per_tenant = max_per_tenant or max_streams
         self._open: Counter[str] = Counter()  # key id -> open streams
+        self._by_tenant: Counter[str] = Counter()  # tenant id -> open streams
         self._watchers: defaultdict[str, set[asyncio.Event]] = defaultdict(set)
         self._seen_id: int | None = None  # newest event id the poller has looked at
 
@@ -46,27 +52,33 @@ class StreamHub:
     def open_streams(self) -> int:
         return sum(self._open.values())
 
-    def admit(self, key_id: str) -> Callable[[], None]:
-        """Take one of the key's and one of the process's stream slots; returns the function
-        that gives them back (safe to call more than once)."""
+    def admit(self, key_id: str, tenant_id: str | None = None) -> Callable[[], None]:
+        """Take one of the key's, one of its tenant's and one of the process's stream slots;
+        returns the function that gives them back (safe to call more than once)."""
         if self._open[key_id] >= self.max_per_key:
             raise TooManyRequests(f"this key already has {self._open[key_id]} event streams "
                                   f"open (FTUNE_MAX_STREAMS_PER_KEY); close one first",
+                                  retry_after_s=RETRY_AFTER_S)
+        tenant = tenant_id or ""
+        if tenant_id is not None and self._by_tenant[tenant] >= self.max_per_tenant:
+            raise TooManyRequests(f"this tenant's keys already have {self._by_tenant[tenant]} "
+                                  "event streams open on this server "
+                                  "(FTUNE_MAX_STREAMS_PER_TENANT); close one first",
                                   retry_after_s=RETRY_AFTER_S)
         if self.open_streams >= self.max_streams:
             raise Unavailable("this server has as many event streams open as it allows "
                               "(FTUNE_MAX_STREAMS); poll GET /v1/jobs/{id} or try again later",
                               retry_after_s=RETRY_AFTER_S)
         self._open[key_id] += 1
+        self._by_tenant[tenant] += 1
         released = False
 
         def release() -> None:
             nonlocal released
             if not released:
                 released = True
-                self._open[key_id] -= 1
-                if self._open[key_id] <= 0:
-                    del self._open[key_id]
+                _give_back(self._open, key_id)
+                _give_back(self._by_tenant, tenant)
 
         return release
 
@@ -110,3 +122,9 @@ class StreamHub:
         for job_id in job_ids:
             for woken in self._watchers.get(job_id, ()):
                 woken.set()
+
+
+def _give_back(counts: Counter[str], name: str) -> None:
+    counts[name] -= 1
+    if counts[name] <= 0:
+        del counts[name]

@@ -14,6 +14,8 @@ from ftune.service.auth.tenancy import get_visible, visible_rows
 from ftune.service.db.tables import ApiKey, Tenant, utcnow
 from ftune.service.errors import InvalidInput, NotFound
 from ftune.service.pages import DEFAULT_LIMIT, Keyset, read_page
+from ftune.service.quotas import check_new_key, lock_tenant
+from ftune.service.settings import Settings
 
 KEY_PREFIX = "ftk_"
 _KEY_BYTES = 32  # 256 bits
@@ -30,17 +32,25 @@ def looks_like_key(token: str) -> bool:
 
 
 def create_key(session: Session, *, role: Role, tenant_id: str | None, name: str,
-               expires_at: datetime | None = None) -> tuple[ApiKey, str]:
-    """A new key and its plaintext (the only time it exists outside the caller)."""
+               expires_at: datetime | None = None,
+               settings: Settings | None = None) -> tuple[ApiKey, str]:
+    """A new key and its plaintext (the only time it exists outside the caller).
+
+    With ``settings`` (the API) a tenant's key counts against its ``keys`` limit, checked
+    under the tenant's lock so that racing requests cannot pass it together; the admin
+    command and the launcher, run on the server itself, make keys without it."""
     name = name.strip()
     if not name or len(name) > MAX_NAME or any(ord(c) < 32 for c in name):
         raise InvalidInput(f"name: 1 to {MAX_NAME} printable characters")
-    if role is Role.OPERATOR:
-        tenant_id = None
-    elif tenant_id is None or session.get(Tenant, tenant_id) is None:
-        raise NotFound(f"tenant {tenant_id} not found")
     if expires_at is not None and expires_at <= utcnow():
         raise InvalidInput("expires_at: must be in the future")
+    if role is Role.OPERATOR:
+        tenant_id = None
+    elif settings is not None and tenant_id is not None:
+        lock_tenant(session, tenant_id)  # 404 when the tenant is gone
+        check_new_key(session, tenant_id, settings)
+    elif tenant_id is None or session.get(Tenant, tenant_id) is None:
+        raise NotFound(f"tenant {tenant_id} not found")
     plaintext = KEY_PREFIX + secrets.token_urlsafe(_KEY_BYTES)
     key = ApiKey(tenant_id=tenant_id, name=name, role=str(role), key_hash=hash_key(plaintext),
                  prefix=plaintext[:SHOWN_PREFIX], expires_at=expires_at)

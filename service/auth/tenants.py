@@ -18,7 +18,8 @@ TENANT_NAME = re.compile(r"[a-z0-9][a-z0-9_.\-]{0,99}")
 
 
 class QuotaOverrides(BaseModel):
-    """A tenant's own limits; a missing one takes the service default (FTUNE_QUOTA_*)."""
+    """A tenant's own limits; a missing one takes the service default (FTUNE_QUOTA_*,
+    FTUNE_MAX_KEYS_PER_TENANT, FTUNE_MAX_UPLOADS_PER_TENANT)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -28,6 +29,10 @@ class QuotaOverrides(BaseModel):
     running_jobs: int | None = Field(None, ge=0, description="Jobs running at once.")
     epoch_images: int | None = Field(None, ge=1, description="Epochs × images of one job.")
     compute_hours: float | None = Field(None, ge=0, description="Worker hours per rolling 24 h.")
+    keys: int | None = Field(None, ge=1, description="API keys that work (revoked and expired "
+                             "ones not counted).")
+    uploads_at_once: int | None = Field(None, ge=1, description="Dataset uploads streamed and "
+                                        "unpacked at once, over every API process.")
 
 
 def create_tenant(session: Session, *, name: str,

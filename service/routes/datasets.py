@@ -25,7 +25,7 @@ from ftune.service.disk import disk_allowance, over_disk_allowance
 from ftune.service.errors import InvalidInput, ServiceError, TooManyRequests
 from ftune.service.ingest.multipart import receive_multipart, upload_too_large
 from ftune.service.pages import DEFAULT_LIMIT, Cursor, Limit, Page
-from ftune.service.quotas import limits_of, upload_allowance, usage_of
+from ftune.service.quotas import Limits, limits_of, upload_allowance, usage_of
 from ftune.service.schemas import DatasetOut, DatasetUploadOut
 
 router = APIRouter(tags=["datasets"])
@@ -54,7 +54,10 @@ _UPLOAD_FORM = {"requestBody": {"required": True, "content": {"multipart/form-da
              responses={200: {"description": "the same content was already uploaded"},
                         413: {"description": "over FTUNE_MAX_UPLOAD_MB"},
                         422: {"description": "not a usable dataset; the body has the report"},
-                        429: {"description": "over a quota or the upload rate limit"},
+                        429: {"description": "over a quota, the upload rate limit or the "
+                                             "tenant's uploads at once"},
+                        503: {"description": "this server is handling as many uploads as "
+                                             "it allows (FTUNE_MAX_UNPACKS)"},
                         507: {"description": "the server's disk is down to its reserve"}})
 async def upload_dataset(request: Request, ctx: Ctx, who: Member,
                          dedupe: Annotated[bool, Query()] = True) -> JSONResponse:
@@ -64,10 +67,18 @@ async def upload_dataset(request: Request, ctx: Ctx, who: Member,
     Streamed to disk, unpacked safely, checked; the response carries the lint report.
     Content this tenant uploaded before returns the existing dataset with 200
     (``?dedupe=false``: a new one). The tenant's quotas (datasets, stored bytes) are checked
-    before and while the upload streams."""
-    settings = ctx.settings
+    before and while the upload streams, and again when the dataset is recorded. A tenant
+    runs at most FTUNE_MAX_UPLOADS_PER_TENANT uploads at once (429 past it), a server
+    FTUNE_MAX_UNPACKS (503), both with Retry-After."""
     tenant_id = who.home_tenant
-    allowance = await run_in_threadpool(_upload_allowance, ctx, tenant_id)
+    allowance, limits = await run_in_threadpool(_upload_allowance, ctx, tenant_id)
+    async with ctx.uploads.slots(tenant_id, limits.uploads_at_once):
+        return await _receive_and_ingest(request, ctx, tenant_id, allowance, limits, dedupe)
+
+
+async def _receive_and_ingest(request: Request, ctx: AppContext, tenant_id: str,
+                              allowance: int, limits: Limits, dedupe: bool) -> JSONResponse:
+    settings = ctx.settings
     disk = disk_allowance(ctx.storage, settings, "the upload")
     # The tightest of the three bounds refuses the upload, with its own status and reason.
     bounds: list[tuple[int, Callable[[int], ServiceError]]] = [
@@ -92,7 +103,8 @@ async def upload_dataset(request: Request, ctx: Ctx, who: Member,
                 dataset, created = ingest_archive(
                     session, ctx.storage, tenant_id=tenant_id, archive=files[0].path,
                     filename=files[0].filename, name=form.fields.get("name"), checks=checks,
-                    allowance=allowance, disk_allowance=disk, dedupe=dedupe, kind=kind)
+                    allowance=allowance, disk_allowance=disk, dedupe=dedupe, kind=kind,
+                    quota=limits)
                 body = {**dataset_view(dataset), "report": dataset.report,
                         "deduplicated": not created}
             request.state.audit_object = dataset.id
@@ -104,10 +116,11 @@ async def upload_dataset(request: Request, ctx: Ctx, who: Member,
         form.cleanup()
 
 
-def _upload_allowance(ctx: AppContext, tenant_id: str) -> int:
+def _upload_allowance(ctx: AppContext, tenant_id: str) -> tuple[int, Limits]:
+    """Bytes the tenant may still store (429 when it may not upload at all), and its limits."""
     with ctx.db.session() as session:
-        return upload_allowance(usage_of(session, tenant_id),
-                                limits_of(session.get(Tenant, tenant_id), ctx.settings))
+        limits = limits_of(session.get(Tenant, tenant_id), ctx.settings)
+        return upload_allowance(usage_of(session, tenant_id), limits), limits
 
 
 def _over_storage_quota(max_bytes: int) -> ServiceError:

@@ -19,16 +19,18 @@ from ftune.service.schemas import KeyIn, KeyOut, NewKeyOut
 router = APIRouter(tags=["keys"])
 
 
-@router.post("/keys", status_code=201, response_model=NewKeyOut)
+@router.post("/keys", status_code=201, response_model=NewKeyOut,
+             responses={429: {"description": "the tenant holds as many keys as it may"}})
 def create(body: KeyIn, request: Request, ctx: Ctx, who: Admin) -> JSONResponse:
     """A new key for the caller's tenant (operators: for ``tenant``, or an operator key).
-    The key is in this response only; it is stored as a hash."""
+    The key is in this response only; it is stored as a hash. A tenant holds at most
+    FTUNE_MAX_KEYS_PER_TENANT keys that work (its ``keys`` quota): past it, 429."""
     role = Role(body.role)
     who.require(role if role is not Role.MEMBER else Role.ADMIN, f"making {role} keys")
     with ctx.db.session() as session:
         tenant_id = _target_tenant(session, who, body.tenant)
         key, plaintext = create_key(session, role=role, tenant_id=tenant_id, name=body.name,
-                                    expires_at=body.expires_at)
+                                    expires_at=body.expires_at, settings=ctx.settings)
         view = {**key_view(key), "key": plaintext}
     request.state.audit_object = view["id"]
     return JSONResponse(jsonable_encoder(NewKeyOut.model_validate(view)), status_code=201)

@@ -24,6 +24,10 @@ FAST_LIFECYCLE = {"FTUNE_CANCEL_POLL_S": "0.2", "FTUNE_PROGRESS_INTERVAL_S": "0.
                   # have tests of their own.
                   "FTUNE_RATE_UPLOADS": "100000/minute", "FTUNE_RATE_JOBS": "100000/minute",
                   "FTUNE_RATE_PREDICTIONS": "100000/minute",
+                  # Tests upload side by side and make keys in one tenant; the tenant
+                  # limits have tests of their own (test_tenant_limits.py).
+                  "FTUNE_MAX_UPLOADS_PER_TENANT": "16", "FTUNE_MAX_UNPACKS": "16",
+                  "FTUNE_MAX_KEYS_PER_TENANT": "1000",
                   # Short, so the slow-client tests wait seconds, not minutes.
                   "FTUNE_HEADER_TIMEOUT_S": "3", "FTUNE_UPLOAD_IDLE_TIMEOUT_S": "3"}
 
