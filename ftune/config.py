@@ -6,6 +6,7 @@ from __future__ import annotations
 from ftune.models.settings import EngineSettings, configure, load_settings
 from ftune.service import settings as service_settings
 from ftune.service.settings import Settings
+from ftune.service.storage import keep_private
 
 
 def process_settings(*, home: str | None = None, api_host: str | None = None,
@@ -20,4 +21,5 @@ def process_settings(*, home: str | None = None, api_host: str | None = None,
         values["api_host"] = api_host
     settings = service_settings.load(**values)
     configure(settings.engine)
+    keep_private(settings.resolved_home)  # before any file of the data directory is made
     return settings

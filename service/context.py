@@ -26,6 +26,7 @@ from ftune.service.ratelimit import RateLimiter
 from ftune.service.settings import Settings
 from ftune.service.storage import Storage
 from ftune.service.streams import StreamHub
+from ftune.service.upload_slots import TenantLeases, UploadGate
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +80,7 @@ class AppContext:
     def metrics(self) -> ServiceMetrics:
         metrics = ServiceMetrics()
         metrics.watch(self.db, None if self.serve_only else self.redis, self.predictors)
+        metrics.watch_rate_limits(self.limiter)
         self.predictors.on_batch = metrics.batch_images.observe
         return metrics
 
@@ -89,7 +91,13 @@ class AppContext:
     @cached_property
     def streams(self) -> StreamHub:
         return StreamHub(self.db, max_streams=self.settings.max_streams,
-                         max_per_key=self.settings.max_streams_per_key)
+                         max_per_key=self.settings.max_streams_per_key,
+                         max_per_tenant=self.settings.max_streams_per_tenant)
+
+    @cached_property
+    def uploads(self) -> UploadGate:
+        """Uploads at once: per tenant (in Redis) and in this process."""
+        return UploadGate(TenantLeases(self.redis), self.settings.max_unpacks)
 
     @cached_property
     def keys(self) -> KeyCache:

@@ -1,6 +1,7 @@
 """Job and sweep events: written in the same transaction as the change they describe. A
 sweep's events are rows of the same table under the sweep's id (ids never collide), so one
-poller wakes both kinds of event stream.
+poller wakes both kinds of event stream. Each subject's events are numbered 1, 2, 3 ... (the
+SSE ``id:``), so a stream shows no gaps that other tenants' events made.
 
 ``EventKind`` is every kind an event row may have; ``JOB_EVENTS`` and ``SWEEP_EVENTS`` say
 which kinds each stream carries and what each means there. The OpenAPI text of the two
@@ -15,6 +16,7 @@ from enum import StrEnum
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from ftune.service.db.numbering import insert_numbered
 from ftune.service.db.tables import Job, JobEvent, SweepTrial, utcnow
 
 
@@ -57,9 +59,11 @@ def describe_kinds(kinds: Mapping[EventKind, str]) -> str:
     return ", ".join(f"``{kind}`` ({meaning})" for kind, meaning in kinds.items())
 
 
-def add_event(session: Session, subject_id: str, kind: EventKind, /, **data: object) -> None:
-    """An event of a job, or of a sweep (``subject_id`` is either's id)."""
-    session.add(JobEvent(job_id=subject_id, kind=kind, data=data, created_at=utcnow()))
+def add_event(session: Session, subject_id: str, kind: EventKind, /, **data: object) -> int:
+    """An event of a job, or of a sweep (``subject_id`` is either's id); returns its number
+    within the subject (1, 2, 3 ...), the stream's ``id:``."""
+    return insert_numbered(session, JobEvent, "job_id", "seq", {
+        "job_id": subject_id, "kind": str(kind), "data": data, "created_at": utcnow()})
 
 
 def status_event(session: Session, job_id: str, status: str, /, **data: object) -> None:
@@ -82,7 +86,9 @@ def _trial_event(session: Session, job_id: str, status: str) -> None:
               epoch=job.epoch, best=job.best)
 
 
-def events_after(session: Session, job_id: str, after_id: int, limit: int = 500) -> list[JobEvent]:
+def events_after(session: Session, job_id: str, after_seq: int, limit: int = 500
+                 ) -> list[JobEvent]:
+    """The subject's events numbered after ``after_seq`` (a ``Last-Event-ID``), in order."""
     return list(session.scalars(select(JobEvent).where(JobEvent.job_id == job_id,
-                                                       JobEvent.id > after_id)
-                                .order_by(JobEvent.id).limit(limit)))
+                                                       JobEvent.seq > after_seq)
+                                .order_by(JobEvent.seq).limit(limit)))

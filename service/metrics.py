@@ -7,7 +7,8 @@ Two kinds of numbers:
   machine is counted without scraping it), and each live worker's heartbeat with its GPU
   memory (workers put it in their Redis heartbeat);
 * what only this API process sees, kept in its own registry: upload and predict latency, the
-  batch sizes the batcher forms, and the model cache's hits, misses and bytes.
+  batch sizes the batcher forms, the model cache's hits, misses and bytes, and requests let
+  through unchecked while Redis was down (``ftune_rate_limit_unenforced_total``).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from ftune.service.db.tables import EpochMetrics, Job, Tenant
 from ftune.service.job_status import TERMINAL, JobStatus
 from ftune.service.lifecycle.liveness import WORKER_KEY_PREFIX
 from ftune.service.predictor_cache import PredictorCache
+from ftune.service.ratelimit import RateLimiter
 
 JOB_SECONDS = (10, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600, 86400)
 EPOCH_SECONDS = (0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 900)
@@ -143,6 +145,21 @@ class PredictorCacheCollector(Collector):
                                 value=len(self.cache))
 
 
+class RateLimitCollector(Collector):
+    """Requests whose rate limit went unchecked, Redis being unreachable (see ratelimit)."""
+
+    def __init__(self, limiter: RateLimiter) -> None:
+        self.limiter = limiter
+
+    def collect(self) -> Iterator[Metric]:
+        unenforced = CounterMetricFamily(
+            "ftune_rate_limit_unenforced", "Requests let through without their rate limit "
+            "checked, because Redis could not be reached", labels=["limit"])
+        for limit in self.limiter.rates:
+            unenforced.add_metric([limit], self.limiter.unenforced[limit])
+        yield unenforced
+
+
 class ServiceMetrics:
     """The API process's registry: its own instruments and the collectors above."""
 
@@ -160,6 +177,9 @@ class ServiceMetrics:
               predictors: PredictorCache) -> None:
         self.registry.register(StoredStateCollector(db, redis_client))
         self.registry.register(PredictorCacheCollector(predictors))
+
+    def watch_rate_limits(self, limiter: RateLimiter) -> None:
+        self.registry.register(RateLimitCollector(limiter))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

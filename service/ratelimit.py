@@ -2,14 +2,19 @@
 library (moving windows). Kept in Redis, so they hold across API processes; ``ftune serve``
 has no Redis and keeps them in its own memory (its /healthz says so).
 
-If Redis cannot be reached, requests are let through: rate limits protect the service, they
-are not what makes it correct, and everything that needs Redis fails with a 503 anyway.
+If Redis cannot be reached, requests are let through unchecked (fail open): rate limits
+protect the service, they are not what makes it correct, and everything that needs Redis fails
+with a 503 anyway. So while Redis is down a key may exceed its rate on routes that do not need
+Redis (predictions, uploads): each request let through so is logged and counted in /metrics as
+``ftune_rate_limit_unenforced_total{limit="uploads|jobs|predictions"}``, for an alert.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
+from collections import Counter
 
 import redis
 from limits import RateLimitItem, parse, storage, strategies
@@ -28,6 +33,9 @@ class RateLimiter:
             settings.broker_url, socket_connect_timeout=2, socket_timeout=2))
         self.limiter = strategies.MovingWindowRateLimiter(backend)
         self.in_memory = in_memory
+        # Requests let through unchecked, per limit, since the process started (/metrics).
+        self.unenforced: Counter[str] = Counter()
+        self._lock = threading.Lock()
         self.rates: dict[str, RateLimitItem] = {
             "uploads": parse(settings.rate_uploads),
             "jobs": parse(settings.rate_jobs),
@@ -48,6 +56,8 @@ class RateLimiter:
                                                      identity).reset_time
         except (redis.RedisError, OSError) as exc:
             log.warning("rate limit %s not checked (Redis unreachable): %s", category, exc)
+            with self._lock:
+                self.unenforced[category] += 1
             return
         raise TooManyRequests(f"rate limit for {category}: {rate} per key; slow down",
                               retry_after_s=max(1.0, reset_at - time.time()))

@@ -1,5 +1,6 @@
 """Server-Sent Events for a job or a sweep: the rows of ``job_events`` under its id, from
-``Last-Event-ID`` on, until it ends or the caller's key stops working. Each row's kind is
+``Last-Event-ID`` on, until it ends or the caller's key stops working. Ids count 1, 2, 3 ...
+within the job or sweep (``job_events.seq``). Each row's kind is
 the ``event:`` field; the kinds each stream carries are ``JOB_EVENTS`` and ``SWEEP_EVENTS``
 in ``service/events.py``, and the routes' OpenAPI texts below are made from them."""
 
@@ -39,7 +40,9 @@ Poll = Callable[[int], tuple[bool, list]]
 
 
 def event_rows(session: Session, subject_id: str, after_id: int) -> list:
-    return [(e.id, e.kind, {**e.data, "at": e.created_at.isoformat()})
+    """(id, kind, data) of the subject's events after ``after_id``; an id is the event's
+    number within its job or sweep (1, 2, 3 ...), never a count across tenants."""
+    return [(e.seq, e.kind, {**e.data, "at": e.created_at.isoformat()})
             for e in events_after(session, subject_id, after_id)]
 
 
@@ -51,7 +54,8 @@ async def event_stream(request: Request, ctx: AppContext, who: Principal, subjec
     after = int(raw)
     token = _bearer_token(request)
     await run_in_threadpool(poll, after)  # 404 before the stream starts
-    release = ctx.streams.admit(who.key_id or "local")  # 429/503 before the stream starts
+    # 429/503 before the stream starts
+    release = ctx.streams.admit(who.key_id or "local", tenant_id=who.home_tenant)
 
     async def stream() -> AsyncIterator[str]:
         last, quiet_since, read_at = after, time.monotonic(), -math.inf

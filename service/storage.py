@@ -7,6 +7,7 @@ id."""
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -35,6 +36,24 @@ def _checked(object_id: str) -> str:
 
 
 DEFAULT_CACHE_BYTES = 4 << 30
+
+# What a process that owns a data directory creates is its user's alone: files 0600, folders
+# 0700. The data directory holds the database, API keys' state, uploads and models.
+PRIVATE_UMASK = 0o077
+PRIVATE_DIR_MODE = 0o700
+
+
+def keep_private(home: Path) -> None:
+    """For the entry points that own ``home`` (``ftune up``, api, serve, worker, admin
+    commands): everything this process creates from now on is private to its user, and so
+    is ``home`` itself, made 0700 or tightened to it (files an older release left inside
+    keep their modes, but no one else can reach them through it)."""
+    os.umask(PRIVATE_UMASK)
+    home.mkdir(mode=PRIVATE_DIR_MODE, parents=True, exist_ok=True)
+    try:
+        home.chmod(PRIVATE_DIR_MODE)
+    except PermissionError as exc:  # a folder someone else owns: say so, but still serve
+        log.warning("could not make the data directory %s private (mode 0700): %s", home, exc)
 
 
 class Storage:
@@ -91,8 +110,9 @@ class Storage:
         return self.home / "tmp"
 
     def prepare(self) -> None:
+        self.home.mkdir(mode=PRIVATE_DIR_MODE, parents=True, exist_ok=True)
         for folder in (self.datasets, self.jobs, self.uploads, self.exports, self.tmp):
-            folder.mkdir(parents=True, exist_ok=True)
+            folder.mkdir(mode=PRIVATE_DIR_MODE, parents=True, exist_ok=True)
 
     def sweep_stale(self, max_age_s: float = 24 * 3600) -> int:
         """Remove what a crashed process left: upload parts and unpacking folders; how many.

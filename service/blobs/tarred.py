@@ -56,4 +56,12 @@ def _add(tar: tarfile.TarFile, path: Path, name: str) -> None:
 def untar(archive: Path, dest: Path) -> None:
     """Unpack a tar made by ``tar_chunks`` into ``dest`` (which exists)."""
     with tarfile.open(archive, mode="r:") as tar:
-        tar.extractall(dest, filter="data")
+        tar.extractall(dest, filter=_private_data)
+
+
+def _private_data(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo:
+    """The ``data`` filter, and the owner's bits only: members say 0644 (for a stable hash),
+    but what a host unpacks is its own cache, private like the rest of its data directory."""
+    member = tarfile.data_filter(member, dest)
+    return member if member.mode is None else member.replace(mode=member.mode & 0o700,
+                                                             deep=False)

@@ -11,11 +11,13 @@ from sqlalchemy import (
     Boolean,
     DateTime,
     ForeignKey,
+    Index,
     Integer,
     String,
     Text,
     TypeDecorator,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -88,12 +90,21 @@ class ApiKey(Base):
 
 
 class AuditEntry(Base):
-    """Who did what: one row per state-changing request."""
+    """Who did what: one row per state-changing request. ``seq`` numbers a tenant's rows 1, 2,
+    3 ... (operators' rows, with no tenant, are one more sequence): the id the API shows, so
+    that it reveals nothing of other tenants (``db/numbering.py``)."""
 
     __tablename__ = "audit_log"
+    __table_args__ = (
+        UniqueConstraint("tenant_id", "seq", name="uq_audit_log_tenant_id_seq"),
+        # A unique constraint treats every null as different: this one covers operators' rows.
+        Index("uq_audit_log_seq_no_tenant", "seq", unique=True,
+              postgresql_where=text("tenant_id IS NULL"), sqlite_where=text("tenant_id IS NULL")),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     tenant_id: Mapped[str | None] = mapped_column(String(32), index=True)
+    seq: Mapped[int]
     key_id: Mapped[str | None] = mapped_column(String(32))
     action: Mapped[str] = mapped_column(String(120))  # "POST /v1/jobs"
     object_id: Mapped[str | None] = mapped_column(String(200))
@@ -178,12 +189,16 @@ class JobRun(Base):
 class JobEvent(Base):
     """What happened to a job or a sweep (``job_id`` is either's id), in order: the source
     of the live event streams (SSE). ``kind`` is an ``EventKind`` (``service/events.py``,
-    which also says what each kind means on each stream)."""
+    which also says what each kind means on each stream). ``seq`` numbers one subject's
+    events 1, 2, 3 ...: the stream's ``id:``, which reveals nothing of other jobs; ``id`` is
+    internal (the stream poller's high-water mark)."""
 
     __tablename__ = "job_events"
+    __table_args__ = (UniqueConstraint("job_id", "seq", name="uq_job_events_job_id_seq"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     job_id: Mapped[str] = mapped_column(String(32), index=True)
+    seq: Mapped[int]
     kind: Mapped[str] = mapped_column(String(16))  # an EventKind
     data: Mapped[dict[str, Any]]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)

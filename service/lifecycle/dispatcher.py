@@ -89,10 +89,17 @@ class _Tenant:
             return (f"quota running_jobs: {self.running} of {self.limits.running_jobs} jobs "
                     "running; starts when one of them ends")
         if self.compute_s >= self.limits.compute_s:
-            return (f"quota compute_hours: {self.compute_s / 3600:.2f} of "
-                    f"{self.limits.compute_s / 3600:.2f} worker hours used in the last 24 h; "
+            return (f"quota compute_hours: {_hours(self.compute_s)} of "
+                    f"{_hours(self.limits.compute_s)} worker hours used in the last 24 h; "
                     "starts as that window moves on")
         return None
+
+
+def _hours(seconds: float) -> str:
+    """Hours, to the hundredth, or more digits below that: a quota of 0.0001 h must not
+    read 0.00."""
+    hours = seconds / 3600
+    return f"{hours:.2f}" if hours >= 0.01 else f"{hours:.6f}".rstrip("0").rstrip(".")
 
 
 def dispatch(db: Database, celery: Celery, client: redis.Redis, settings: Settings) -> list[str]:

@@ -18,7 +18,9 @@ router = APIRouter(tags=["audit"])
 @router.get("/audit", response_model=Page[AuditOut])
 def read(ctx: Ctx, who: Admin, tenant: Annotated[str | None, Query()] = None,
          limit: Limit = DEFAULT_LIMIT, cursor: Cursor = None) -> dict:
-    """Newest first."""
+    """Newest first. Each row's ``id`` is its number within its tenant's log (1, 2, 3 ...;
+    operators' own rows, with no tenant, are numbered apart): with ``tenant_id`` it names
+    the row."""
     with ctx.db.session() as session:
         tenant_id = visible_tenant(session, who, tenant).id if tenant else None
         entries, next_cursor = audit_log(session, who, tenant_id=tenant_id, limit=limit,

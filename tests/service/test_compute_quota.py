@@ -66,6 +66,7 @@ def test_compute_hours_are_charged_and_hold_the_next_job_until_raised(operator_c
                       and j, 30, "the hold reason")
     assert held["hold_reason"].startswith("quota compute_hours: ")
     assert "worker hours used in the last 24 h" in held["hold_reason"]
+    assert " of 0.0001 worker hours used" in held["hold_reason"], held["hold_reason"]
     time.sleep(3)  # three dispatcher rounds: still held, never started, nothing charged
     held = team.get(f"/v1/jobs/{job_id}").json()
     assert held["status"] == "queued" and held["started_at"] is None

@@ -155,3 +155,26 @@ def test_workers_and_serve_refuse_a_schema_that_is_not_current(database_url, eng
     result = subprocess.run(ftune_command("worker", "--home", str(tmp_path)), env=env,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "does not know" in result.stderr
+
+
+def test_existing_events_and_audit_rows_are_numbered_within_their_job_and_tenant(engine):
+    """0008: ids shown to clients count within a job (events) or a tenant (audit rows); rows
+    from before are numbered in the order they were written, interleaved as they were."""
+    migrate.upgrade(engine, "0007")
+    jobs, tenants = ["a" * 32, "b" * 32], ["t" * 32, "u" * 32, None]
+    with engine.begin() as connection:
+        for i in range(7):
+            connection.execute(text("INSERT INTO job_events (job_id, kind, data, created_at) "
+                                    "VALUES (:job, 'note', '{}', :at)"),
+                               {"job": jobs[i % 2], "at": T0})
+            connection.execute(text("INSERT INTO audit_log (tenant_id, action, status_code, "
+                                    "created_at) VALUES (:tenant, 'POST /v1/jobs', 201, :at)"),
+                               {"tenant": tenants[i % 3], "at": T0})
+    migrate.upgrade(engine)
+    with engine.connect() as connection:
+        events = connection.execute(text("SELECT job_id, seq FROM job_events ORDER BY id")).all()
+        audit = connection.execute(text("SELECT tenant_id, seq FROM audit_log ORDER BY id")).all()
+    assert [seq for job, seq in events if job == jobs[0]] == [1, 2, 3, 4]
+    assert [seq for job, seq in events if job == jobs[1]] == [1, 2, 3]
+    for tenant, count in zip(tenants, (3, 2, 2), strict=True):
+        assert [seq for owner, seq in audit if owner == tenant] == list(range(1, count + 1))
