@@ -1,0 +1,104 @@
+"""The soak-and-chaos harness for two minutes with a fixed seed (bench/soak.py runs it for an
+hour): three tenants' mixed workload while every kind of fault strikes at least once, and no
+invariant may break. Then the checker must catch violations planted behind the service's back,
+so a checker that sees nothing cannot pass."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+
+import pytest
+from sqlalchemy import create_engine, func, insert, select
+
+from ftune.service.db.tables import Dataset, Job, JobEvent
+from ftune.service.events import EventKind
+from ftune.service.ids import new_id
+from ftune.testing.soak.faults import FAULT_KINDS
+from ftune.testing.soak.harness import Soak, SoakOptions
+from ftune.testing.soak.report import SoakResult, final_line, summary
+
+pytestmark = [pytest.mark.processes, pytest.mark.slow]
+SEED = 31
+
+
+@pytest.fixture(scope="module")
+def soak(tmp_path_factory) -> Iterator[tuple[Soak, SoakResult]]:
+    options = SoakOptions(work=tmp_path_factory.mktemp("soak"), minutes=2, seed=SEED)
+    with Soak(options) as running:
+        result = running.run()
+        print(summary(result), final_line(result), sep="\n")
+        yield running, result
+
+
+def test_two_minutes_of_faults_break_no_invariant(soak):
+    _, result = soak
+    assert result.harness_errors == [], result.harness_errors
+    assert set(result.journal.faults_by_kind()) == set(FAULT_KINDS)
+    assert result.requests > 200
+    assert result.jobs_by_state["succeeded"] > 0
+    assert result.violations == [], summary(result)
+
+
+def _new_violations(soak_run: Soak, plant) -> list[str]:
+    """What the checker reports after ``plant`` that it did not before."""
+    journal = soak_run.journal
+    before = len(journal.violations)
+    plant()
+    soak_run.checker.grace_s = 0  # what was planted is old enough to judge at once
+    soak_run.checker.check()
+    return [f"{v.invariant}: {v.detail}" for v in journal.violations[before:]]
+
+
+def _writer(soak_run: Soak):
+    return create_engine(soak_run.stack.database_url)
+
+
+def test_the_checker_finds_an_object_deleted_behind_the_service(soak):
+    soak_run, _ = soak
+    with _writer(soak_run).connect() as db:
+        dataset = db.scalar(select(Dataset.id).where(Dataset.blob_sha256.is_not(None)))
+    assert dataset is not None, "the soak left no dataset to plant on"
+    blob = soak_run.stack.home / "blobs" / "datasets" / dataset / "images.tar"
+    found = _new_violations(soak_run, blob.unlink)
+    assert any(f"dataset {dataset}'s row has no" in v for v in found), found
+
+
+def test_the_checker_finds_an_object_without_its_row(soak):
+    soak_run, _ = soak
+    orphan = soak_run.stack.home / "blobs" / "models" / new_id() / "bundle.tar"
+
+    def plant() -> None:
+        orphan.parent.mkdir(parents=True)
+        orphan.write_bytes(b"no row points here")
+        old = time.time() - 3600
+        os.utime(orphan, (old, old))
+        os.utime(orphan.parent, (old, old))
+
+    found = _new_violations(soak_run, plant)
+    assert any(f"models/{orphan.parent.name}/ is in the store with no" in v for v in found), found
+
+
+def test_the_checker_finds_an_epoch_recorded_twice(soak):
+    soak_run, _ = soak
+    engine, events = _writer(soak_run), JobEvent.__table__
+    with engine.connect() as db:
+        job_id = db.scalar(select(Job.id).where(Job.status == "succeeded", Job.attempts == 1,
+                                                Job.epoch >= 1))
+        assert job_id is not None, "the soak left no succeeded job to plant on"
+        event = dict(db.execute(select(events).where(
+            events.c.job_id == job_id, events.c.kind == EventKind.EPOCH)).mappings().first())
+
+    def plant() -> None:
+        """A copy of the job's epoch event, numbered after its last one."""
+        copy = {name: value for name, value in event.items() if name != "id"}
+        with engine.begin() as db:
+            if "seq" in copy:
+                copy["seq"] = 1 + db.scalar(select(func.max(events.c.seq)).where(
+                    events.c.job_id == job_id))
+            db.execute(insert(events).values(**copy))
+
+    found = _new_violations(soak_run, plant)
+    epoch = event["data"]["epoch"]
+    assert any(f"job {job_id}'s epoch {epoch} recorded 2 times" in v for v in found), found
