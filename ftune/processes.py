@@ -346,7 +346,8 @@ class FtuneUp:
 
         def ready() -> dict:
             health = self.health()
-            return health if health["workers"] == self.workers else {}  # {}: keep waiting
+            # {}: keep waiting (also while /healthz shows no workers: a key not yet valid)
+            return health if health.get("workers") == self.workers else {}
 
         return wait_until(ready, timeout_s, "ftune up to be ready", abort=self._death_notice)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import stat
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -118,12 +119,18 @@ def _sha(value: Any, what: str) -> str:
     return value
 
 
-def verify_file(path: Path, size: int, sha256: str, what: str) -> None:
-    """BackupError naming ``what`` unless the file has that size and hash."""
+def verify_file(path: Path, size: int, sha256: str, what: str, *, root: Path) -> None:
+    """BackupError naming ``what`` unless the file is a regular file inside ``root`` (no link
+    on the way: a crafted backup must not make a restore copy a file of the host) with that
+    size and hash."""
     try:
-        actual_size = path.stat().st_size
+        status = path.lstat()
     except FileNotFoundError:
         raise BackupError(f"{what} is missing from the backup ({path})") from None
+    if not stat.S_ISREG(status.st_mode) or not path.resolve().is_relative_to(root.resolve()):
+        raise BackupError(f"{what} is not a regular file inside the backup ({path}): links "
+                          "and special files are refused")
+    actual_size = status.st_size
     if actual_size != size or file_sha256(path) != sha256:
         raise BackupError(f"{what} fails its checksum ({path}): the backup is damaged or "
                           "was changed")

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from enum import StrEnum
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from ftune.service.db.numbering import insert_numbered
@@ -84,6 +84,16 @@ def _trial_event(session: Session, job_id: str, status: str) -> None:
     number = session.scalar(select(SweepTrial.number).where(SweepTrial.job_id == job_id))
     add_event(session, job.sweep_id, EventKind.TRIAL, number=number, job_id=job_id, status=status,
               epoch=job.epoch, best=job.best)
+
+
+def resume_point(session: Session, job_id: str, after_seq: int) -> int:
+    """``after_seq``, or 0 when the subject has no event that high: an id kept from before
+    events were numbered per job (a count across every job) would otherwise skip them all,
+    the final status too; replaying from the start is what a client can cope with."""
+    if after_seq == 0:
+        return 0
+    top = session.scalar(select(func.max(JobEvent.seq)).where(JobEvent.job_id == job_id))
+    return after_seq if after_seq <= (top or 0) else 0
 
 
 def events_after(session: Session, job_id: str, after_seq: int, limit: int = 500

@@ -76,6 +76,11 @@ def restore_backup(source: Path, home: Path, database_url: str, store: BlobStore
 
 def _bring_back(manifest: Manifest, source: Path, database_url: str,
                 store: BlobStore) -> Restored:
+    # The blobs first: without their rows they are only orphans, so a failure after them
+    # leaves the database as empty as it was, and the restore can be run again.
+    if manifest.storage["mode"] == COPIED:
+        for entry in manifest.blobs:
+            store.put_file(entry.key, source / BLOBS / entry.key)
     database = manifest.database
     try:
         restore_database(database["kind"], source / database["file"], database_url)
@@ -93,9 +98,6 @@ def _bring_back(manifest: Manifest, source: Path, database_url: str,
         restored = Restored(manifest, revision, _requeue_in_flight(db))
     finally:
         db.dispose()
-    if manifest.storage["mode"] == COPIED:
-        for entry in manifest.blobs:
-            store.put_file(entry.key, source / BLOBS / entry.key)
     return restored
 
 
@@ -113,13 +115,13 @@ def _check_compatible(manifest: Manifest, database_url: str) -> None:
 def _verify_files(manifest: Manifest, source: Path) -> None:
     database = manifest.database
     verify_file(source / database["file"], int(database["size"]), database["sha256"],
-                f"the database copy {database['file']}")
+                f"the database copy {database['file']}", root=source)
     if manifest.storage["mode"] != COPIED:
         return
     for entry in manifest.blobs:
         assert entry.sha256 is not None  # the manifest's check: copied blobs have one
         verify_file(source / BLOBS / entry.key, entry.size, entry.sha256,
-                    f"the blob {entry.key}")
+                    f"the blob {entry.key}", root=source / BLOBS)
 
 
 def _check_target(home: Path, database_url: str, manifest: Manifest) -> None:

@@ -23,7 +23,13 @@ from ftune.service.auth.principal import Principal
 from ftune.service.context import AppContext
 from ftune.service.deps import authenticate
 from ftune.service.errors import InvalidInput, Unauthorized
-from ftune.service.events import JOB_EVENTS, SWEEP_EVENTS, describe_kinds, events_after
+from ftune.service.events import (
+    JOB_EVENTS,
+    SWEEP_EVENTS,
+    describe_kinds,
+    events_after,
+    resume_point,
+)
 from ftune.service.streams import RECHECK_S, SAFETY_READ_S
 
 SSE_KEEPALIVE_S = 15.0
@@ -46,14 +52,19 @@ def event_rows(session: Session, subject_id: str, after_id: int) -> list:
             for e in events_after(session, subject_id, after_id)]
 
 
+def _resume_point(ctx: AppContext, subject_id: str, after: int) -> int:
+    with ctx.db.session() as session:
+        return resume_point(session, subject_id, after)
+
+
 async def event_stream(request: Request, ctx: AppContext, who: Principal, subject_id: str,
                        poll: Poll, last_event_id: str | None) -> StreamingResponse:
     raw = (last_event_id or request.query_params.get("last_event_id") or "0").strip()
     if not (raw.isascii() and raw.isdigit() and len(raw) <= 18):
         raise InvalidInput("Last-Event-ID must be an event id (a non-negative integer)")
-    after = int(raw)
     token = _bearer_token(request)
-    await run_in_threadpool(poll, after)  # 404 before the stream starts
+    await run_in_threadpool(poll, int(raw))  # 404 before the stream starts
+    after = await run_in_threadpool(_resume_point, ctx, subject_id, int(raw))
     # 429/503 before the stream starts
     release = ctx.streams.admit(who.key_id or "local", tenant_id=who.home_tenant)
 

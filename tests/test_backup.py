@@ -201,6 +201,23 @@ def test_restore_refuses_a_tampered_backup_naming_the_bad_file(tmp_path, tampere
     assert _untouched(tmp_path / "restored")
 
 
+def test_restore_refuses_a_blob_that_is_a_link_out_of_the_backup(tmp_path, capsys):
+    """A crafted backup must not make a restore copy a file of the host into a tenant's
+    dataset: the link has the host file's size and hash in the manifest, and is refused."""
+    made = _small_home(tmp_path / "home", f"sqlite:///{tmp_path / 'home' / 'ftune.db'}")
+    backup = tmp_path / "backup"
+    assert main(["backup", str(backup), "--home", str(tmp_path / "home")]) == 0
+    key = dataset_key(made["dataset"])
+    victim = backup / "blobs" / key
+    secret = tmp_path / "host-secret"
+    secret.write_bytes(victim.read_bytes())  # same size and hash: only the link can tell
+    victim.unlink()
+    victim.symlink_to(secret)
+    said = _refused(["restore", str(backup), "--home", str(tmp_path / "restored")], capsys)
+    assert f"the blob {key} is not a regular file inside the backup" in said
+    assert _untouched(tmp_path / "restored")
+
+
 def test_backup_refuses_a_destination_that_holds_something(tmp_path, capsys):
     _small_home(tmp_path / "home", f"sqlite:///{tmp_path / 'home' / 'ftune.db'}")
     (tmp_path / "backup").mkdir()

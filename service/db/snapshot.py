@@ -156,13 +156,17 @@ def is_empty(url: str) -> bool:
 
 def _run_pg(program: str, url: str, *args: str) -> None:
     """Run a PostgreSQL client program on the database at ``url``; its credentials go in
-    libpq's variables, never on a command line another user could read."""
+    libpq's variables, never on a command line another user could read. The rest of the URL
+    (its query too: ``sslmode``, a socket ``host``) goes as libpq's own URI, so the program
+    connects as the service does."""
     parsed = make_url(normalize_url(url))
-    env = {**os.environ, "PGDATABASE": parsed.database or "", "PGUSER": parsed.username or "",
-           "PGHOST": parsed.host or "", "PGPORT": str(parsed.port or 5432)}
+    env = dict(os.environ)
     if parsed.password is not None:
         env["PGPASSWORD"] = str(parsed.password)
-    done = subprocess.run([_pg_program(program), "--dbname", parsed.database or "", *args],
+    # (URL.set ignores password=None: _replace is how to drop it.)
+    dbname = parsed._replace(drivername="postgresql", password=None).render_as_string(
+        hide_password=False)
+    done = subprocess.run([_pg_program(program), "--dbname", dbname, *args],
                           env=env, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise SnapshotError(f"{program} failed (exit {done.returncode}): "

@@ -44,7 +44,7 @@ def advance(session: Session, settings: Settings, sweep: Sweep) -> None:
     trials = load_trials(session, sweep)
     if sweep.max_total_s is not None and utcnow() - sweep.created_at > timedelta(
             seconds=sweep.max_total_s):
-        for trial in trials:
+        for trial in load_trials(session, sweep, with_metrics=False, for_update=True):
             request_cancel(session, trial.job)
         end_sweep(session, sweep, trials, f"max_total_s ({sweep.max_total_s:g} s) ran out; "
                   "trials still running were cancelled")

@@ -178,7 +178,7 @@ def cancel_sweep(session: Session, principal: Principal, *, sweep_id: str) -> Sw
     sweep = get_sweep(session, principal, sweep_id)
     if sweep.status != SweepStatus.RUNNING:
         raise Conflict(f"sweep {sweep_id} already {sweep.status}; nothing to cancel")
-    for trial in load_trials(session, sweep, with_metrics=False):
+    for trial in load_trials(session, sweep, with_metrics=False, for_update=True):
         request_cancel(session, trial.job)
     sweep.status, sweep.cancel_requested = SweepStatus.CANCELLED, True
     sweep.reason, sweep.finished_at = "cancelled", utcnow()

@@ -27,11 +27,19 @@ class Trial:
                            dict(self.row.system_attrs or {}))
 
 
-def load_trials(session: Session, sweep: Sweep, *, with_metrics: bool = True) -> list[Trial]:
+def load_trials(session: Session, sweep: Sweep, *, with_metrics: bool = True,
+                for_update: bool = False) -> list[Trial]:
+    """The sweep's trials in order. ``for_update`` locks their jobs' rows (in id order) before
+    anything else is written: a transaction that changes several trials must hold them all
+    before it numbers a sweep event, or it deadlocks with a worker that changed one trial and
+    waits for that event's number (``service/db/numbering.py``)."""
     rows = list(session.scalars(select(SweepTrial).where(SweepTrial.sweep_id == sweep.id)
                                 .order_by(SweepTrial.number)))
     job_ids = [row.job_id for row in rows]
-    jobs = {job.id: job for job in session.scalars(select(Job).where(Job.id.in_(job_ids)))}
+    query = select(Job).where(Job.id.in_(job_ids)).order_by(Job.id)
+    if for_update:
+        query = query.with_for_update().execution_options(populate_existing=True)
+    jobs = {job.id: job for job in session.scalars(query)}
     metrics: dict[str, list[dict]] = {job_id: [] for job_id in job_ids}
     if with_metrics and job_ids:
         for m in session.scalars(select(EpochMetrics).where(EpochMetrics.job_id.in_(job_ids))

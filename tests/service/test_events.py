@@ -111,3 +111,7 @@ def test_two_tenants_jobs_interleaving_each_stream_counts_from_one(client, clien
         assert events[-1]["data"]["status"] == "cancelled"
         resumed = read_events(http, f"/v1/jobs/{job}/events", last_event_id=1)
         assert [int(e["id"]) for e in resumed] == ids[1:]
+        # An id from before events were numbered per job (higher than any of this job's)
+        # replays the job from its start rather than skipping it all, final status too.
+        stale = read_events(http, f"/v1/jobs/{job}/events", last_event_id=10**6)
+        assert [int(e["id"]) for e in stale] == ids
