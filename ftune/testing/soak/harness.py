@@ -57,6 +57,7 @@ class Soak:
         self.data = build_data(self.options.work / "data")
         self.stack = SoakStack(self.options.work, self.options.database,
                                self.options.workers).__enter__()
+        self.journal.disk_low = self.stack.disk_low
         try:
             self.tenants = Tenants([self._tenant(name) for name in TENANTS])
             self.checker = Checker(self.stack.database_url, self.stack.home / "blobs",

@@ -7,6 +7,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 CONTEXT = 30  # operations and faults printed before each violation
@@ -57,6 +58,9 @@ class Journal:
     calls: list[Call] = field(default_factory=list)
     faults: list[FaultWindow] = field(default_factory=list)
     violations: list[Violation] = field(default_factory=list)
+    # Whether the data disk is below the API's reserve now, whatever filled it (the fault's
+    # ballast, or another process on the machine): a 507 then is the right answer.
+    disk_low: Callable[[], bool] = lambda: False
     _recent: deque[str] = field(default_factory=lambda: deque(maxlen=CONTEXT))
     _seen: set[tuple[str, str]] = field(default_factory=set)
     _lock: threading.Lock = field(default_factory=threading.Lock)

@@ -3,7 +3,8 @@ whether they stay flat: a least-squares slope fitted after the warm-up.
 
 Processes are restarted by the faults, so each (role, pid) is its own series; the slope is
 fitted over all of them with one intercept per process (a restart's fresh start is not a
-leak, and does not hide one)."""
+leak, and does not hide one), and each process's first ``PROCESS_WARM_UP_S`` are left out.
+The fault schedule spares the first worker, so one series spans the whole run."""
 
 from __future__ import annotations
 
@@ -16,6 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 HOUR = 3600.0
+# Each process's own warm-up (imports, caches filling, the first models loaded) is growth,
+# not a leak: its first samples are left out of the fit.
+PROCESS_WARM_UP_S = 90.0
 
 
 @dataclass(frozen=True)
@@ -80,7 +84,12 @@ class ResourceSampler(threading.Thread):
         """Slopes of ``role``'s processes from samples taken after ``after`` (monotonic)."""
         rss: dict[int, list[tuple[float, float]]] = defaultdict(list)
         fds: dict[int, list[tuple[float, float]]] = defaultdict(list)
-        chosen = [s for s in list(self.samples) if s.role == role and s.at >= after]
+        samples = list(self.samples)
+        first: dict[int, float] = {}
+        for sample in samples:
+            first.setdefault(sample.pid, sample.at)
+        chosen = [s for s in samples if s.role == role and s.at >= after
+                  and s.at >= first[s.pid] + PROCESS_WARM_UP_S]
         for sample in chosen:
             rss[sample.pid].append((sample.at, sample.rss_mb))
             fds[sample.pid].append((sample.at, float(sample.fds)))
