@@ -83,14 +83,16 @@ class LocalBlobStore(BlobStore):
             yield path.relative_to(self.root).as_posix()
 
 
-def _create_in_folder(path: Path, attempts: int = 5) -> BinaryIO:
+def _create_in_folder(path: Path, attempts: int = 20) -> BinaryIO:
     """``path`` opened for writing, its folders made first. A concurrent ``delete`` of the
     last object in that folder removes the folder it leaves empty; made again then."""
     for attempt in range(attempts):
-        path.parent.mkdir(parents=True, exist_ok=True)
         try:
+            # mkdir itself races the delete: a folder it found made (FileExistsError) may be
+            # gone before it checks it is one.
+            path.parent.mkdir(parents=True, exist_ok=True)
             return path.open("wb")
-        except FileNotFoundError:
+        except (FileNotFoundError, FileExistsError):
             if attempt == attempts - 1:
                 raise
     raise AssertionError("unreachable")
