@@ -91,3 +91,21 @@ def tar_of_empty_files(count: int, compressed: bool = True) -> bytes:
 
 _NAME = slice(0, 100)  # of a ustar header
 _CHECKSUM = slice(148, 156)
+
+
+def zip_bomb() -> bytes:
+    """100 MB of zeros in one zip entry of about 100 kB."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("cats/zeros.png", b"\0" * (100 << 20))
+    return buffer.getvalue()
+
+
+def tar_gz_bomb() -> bytes:
+    """100 MB of zeros in one tar entry, gzipped."""
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w") as archive:
+        info = tarfile.TarInfo("cats/zeros.png")
+        info.size = 100 << 20
+        archive.addfile(info, io.BytesIO(b"\0" * info.size))
+    return gzip.compress(raw.getvalue(), compresslevel=9)

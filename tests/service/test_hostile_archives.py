@@ -4,7 +4,6 @@ API keeps answering while and after it checks them."""
 
 from __future__ import annotations
 
-import gzip
 import io
 import shutil
 import tarfile
@@ -22,8 +21,10 @@ from ftune.service.auth.principal import Role
 from ftune.testing.access import make_key
 from ftune.testing.archives import (
     tar_folder,
+    tar_gz_bomb,
     tar_of_empty_files,
     tar_with,
+    zip_bomb,
     zip_folder,
     zip_members,
     zip_of_empty_files,
@@ -70,20 +71,6 @@ def _zip_symlink() -> bytes:
     return buffer.getvalue()
 
 
-def _zip_bomb() -> bytes:
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED) as archive:
-        archive.writestr("cats/zeros.png", b"\0" * (100 << 20))
-    return buffer.getvalue()
-
-
-def _tar_gz_bomb() -> bytes:
-    raw = io.BytesIO()
-    with tarfile.open(fileobj=raw, mode="w") as archive:
-        info = tarfile.TarInfo("cats/zeros.png")
-        info.size = 100 << 20
-        archive.addfile(info, io.BytesIO(b"\0" * info.size))
-    return gzip.compress(raw.getvalue(), compresslevel=9)
 
 
 def _many_classes() -> bytes:
@@ -134,8 +121,8 @@ CORPUS: dict[str, tuple[Callable[[Path], bytes], str]] = {
     "tar-symlink": (lambda _: _link(tarfile.SYMTYPE), "symbolic link"),
     "tar-hard-link": (lambda _: _link(tarfile.LNKTYPE), "hard link"),
     "zip-symlink": (lambda _: _zip_symlink(), "symbolic link"),
-    "zip-bomb": (lambda _: _zip_bomb(), "decompression bomb"),
-    "tar-gz-bomb": (lambda _: _tar_gz_bomb(), "decompression bomb"),
+    "zip-bomb": (lambda _: zip_bomb(), "decompression bomb"),
+    "tar-gz-bomb": (lambda _: tar_gz_bomb(), "decompression bomb"),
     "not-an-archive": (lambda _: b"plainly not an archive" * 40, "not a zip, tar or tar.gz"),
     "empty": (lambda _: b"", "empty"),
     "truncated-tar-gz": (_truncated_tar_gz, "damaged or truncated"),
@@ -185,8 +172,8 @@ def test_the_pathological_pax_header_is_refused_fast(client):
 
 
 def test_the_api_keeps_answering_while_hostile_archives_are_checked(client, service_home):
-    payloads = [deep_tar_folders(), chained_headers_tar(400), _tar_gz_bomb(), deep_zip(),
-                pax_digits_tar(60_000), _zip_bomb()]
+    payloads = [deep_tar_folders(), chained_headers_tar(400), tar_gz_bomb(), deep_zip(),
+                pax_digits_tar(60_000), zip_bomb()]
     latencies = []
     with ThreadPoolExecutor(len(payloads)) as pool:
         uploads = [pool.submit(_upload, client, payload) for payload in payloads]

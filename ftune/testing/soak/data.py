@@ -4,14 +4,18 @@ predict on."""
 
 from __future__ import annotations
 
-import gzip
-import io
 import tarfile
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from ftune.testing.archives import tar_folder, tar_with, zip_folder, zip_members
+from ftune.testing.archives import (
+    tar_folder,
+    tar_gz_bomb,
+    tar_with,
+    zip_bomb,
+    zip_folder,
+    zip_members,
+)
 from ftune.testing.realdata import animal_mnist_arrays, balanced_indices, write_image_folder
 
 
@@ -45,8 +49,8 @@ def hostile_corpus(folder: Path) -> dict[str, bytes]:
                              {"a/../../../../evil.png": b"evil"}),
         "absolute-zip": zip_members({"/tmp/evil.png": b"evil"}),
         "tar-symlink": tar_with([tarfile.TarInfo("cats/a.png"), link], {"cats/a.png": b"x"}),
-        "zip-bomb": _zip_bomb(),
-        "tar-gz-bomb": _tar_gz_bomb(),
+        "zip-bomb": zip_bomb(),
+        "tar-gz-bomb": tar_gz_bomb(),
         "not-an-archive": b"plainly not an archive" * 40,
         "empty": b"",
         "truncated-tar-gz": truncated[: len(truncated) // 2],
@@ -54,17 +58,3 @@ def hostile_corpus(folder: Path) -> dict[str, bytes]:
     }
 
 
-def _zip_bomb() -> bytes:
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED) as archive:
-        archive.writestr("cats/zeros.png", b"\0" * (100 << 20))
-    return buffer.getvalue()
-
-
-def _tar_gz_bomb() -> bytes:
-    raw = io.BytesIO()
-    with tarfile.open(fileobj=raw, mode="w") as archive:
-        info = tarfile.TarInfo("cats/zeros.png")
-        info.size = 100 << 20
-        archive.addfile(info, io.BytesIO(b"\0" * info.size))
-    return gzip.compress(raw.getvalue(), compresslevel=9)
