@@ -20,11 +20,14 @@ COPY ftune ./ftune
 COPY models ./models
 COPY service ./service
 COPY workers ./workers
-RUN pip install --no-deps --no-build-isolation . && rm -rf build
+# The sources go once installed: a python started in a folder holding ftune/ would import
+# that (without models/) instead of the installed package.
+RUN pip install --no-deps --no-build-isolation . && cd / && rm -rf /app
 
 # Run as an unprivileged user that owns only the data volume.
 RUN useradd --create-home --uid 10001 ftune && mkdir /data && chown ftune:ftune /data
 USER ftune
+WORKDIR /home/ftune
 ENV FTUNE_HOME=/data \
     FTUNE_API_HOST=0.0.0.0
 VOLUME ["/data"]

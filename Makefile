@@ -19,12 +19,15 @@ $(PY):
 	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
 
 # Exact versions with hashes from the locks, then the project itself without dependencies
-# (its build uses the locked setuptools).
-$(STAMP): pyproject.toml $(LOCKS) | $(PY)
+# (its build uses the locked setuptools), its import finder first (tools/editable_first.py:
+# `import ftune` works even where Python starts beside a clone named ftune, which is what
+# setuptools' "Editable installation" note warns of, so that note is not shown).
+$(STAMP): pyproject.toml $(LOCKS) tools/editable_first.py | $(PY)
 	$(PIP) install -q pip==$(PIP_VERSION)
 	$(PIP) install -q --require-hashes -r requirements-dev.lock
 	$(PIP) install -q --require-hashes --no-deps -r requirements-nodeps.lock
-	$(PIP) install -q --no-deps --no-build-isolation -e .
+	PYTHONWARNINGS='ignore:Editable installation' $(PIP) install -q --no-deps --no-build-isolation -e .
+	$(PY) tools/editable_first.py
 	touch $(STAMP)
 
 install: $(STAMP)

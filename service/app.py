@@ -25,6 +25,7 @@ from ftune.service.lifecycle.reconciler import reconcile
 from ftune.service.origin import SameOriginMiddleware
 from ftune.service.request_timing import RequestTimingMiddleware
 from ftune.service.routes import (
+    api_docs,
     audit,
     backbones,
     datasets,
@@ -90,7 +91,10 @@ def create_app(settings: Settings | None = None, *, serve_only: bool = False) ->
             task.cancel()
         ctx.db.dispose()
 
-    app = FastAPI(title="ftune", version="0.1.0", lifespan=lifespan,
+    # docs_url/redoc_url off: FastAPI's pages load their scripts from a CDN (blank offline);
+    # api_docs serves Swagger UI's files itself.
+    app = FastAPI(title="ftune", version="0.1.0", lifespan=lifespan, docs_url=None,
+                  redoc_url=None,
                   description="Fine-tune ImageNet-pretrained backbones on your images. Every "
                   "/v1 route needs an API key: `Authorization: Bearer ftk_…` (the Authorize "
                   "button).")
@@ -103,6 +107,7 @@ def create_app(settings: Settings | None = None, *, serve_only: bool = False) ->
     app.add_middleware(BodyLimitsMiddleware, idle_timeout_s=settings.upload_idle_timeout_s)
     app.add_middleware(TrustedHostMiddleware, allowed_hosts=settings.host_patterns)
     app.include_router(health.router)
+    app.include_router(api_docs.router)  # /docs and /favicon.ico: files only, no data
     if not serve_only:
         app.include_router(dashboard.router)  # the pages hold no data: the key is the user's
     app.include_router(metrics.router, dependencies=[Depends(principal)])

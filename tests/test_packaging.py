@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import site
 import subprocess
+import sys
 import sysconfig
 import tomllib
+import zipfile
 from importlib import metadata
 from pathlib import Path
 
@@ -17,7 +20,7 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.version import Version
 
-from ftune.testing.wheel import install_fresh
+from ftune.testing.wheel import SOURCES, install_fresh
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -74,6 +77,47 @@ def test_the_installed_namespace_imports_outside_the_repository(fresh_install, t
     assert not [m for m in result["spec_loaded"] if m.startswith(("ftune.service",
                                                                    "ftune.workers"))]
     assert result["heavy"] == []
+
+
+@pytest.mark.processes
+def test_the_wheel_carries_every_data_file_and_builds_without_warnings(tmp_path):
+    """include-package-data is off (it made setuptools warn that dashboard/static is an
+    undeclared package), so only the package-data globs put non-Python files in the wheel:
+    each one in the source folders must be there."""
+    source = tmp_path / "src"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    data = set()
+    for folder, installed in zip(SOURCES, ("ftune", "ftune/models", "ftune/service",
+                                           "ftune/workers"), strict=True):
+        shutil.copytree(ROOT / folder, source / folder,
+                        ignore=shutil.ignore_patterns("__pycache__"))
+        data |= {f"{installed}/{p.relative_to(ROOT / folder).as_posix()}"
+                 for p in (ROOT / folder).rglob("*")
+                 if p.is_file() and p.suffix != ".py" and "__pycache__" not in p.parts}
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps",
+                            "--no-build-isolation", "-w", str(tmp_path / "dist"), str(source)],
+                           capture_output=True, text=True, check=True, cwd=tmp_path)
+    assert "Warning" not in build.stdout + build.stderr, build.stdout + build.stderr
+    with zipfile.ZipFile(next((tmp_path / "dist").glob("ftune-*.whl"))) as wheel:
+        names = set(wheel.namelist())
+    assert {"ftune/service/db/migrations/script.py.mako",
+            "ftune/service/dashboard/static/index.html"} <= data
+    assert data - names == set(), "declare these in pyproject's package-data"
+
+
+@pytest.mark.processes
+def test_the_checkout_wins_over_a_folder_named_ftune_where_python_starts(tmp_path):
+    """Started in the folder holding a clone named ftune, Python sees that folder as a
+    namespace package `ftune` before setuptools' editable finder, unless
+    tools/editable_first.py (make install) moved that finder to the front."""
+    (tmp_path / "ftune").mkdir()  # the clone's folder, as seen from its parent
+    started = subprocess.run([sys.executable, "-c", "import ftune; from ftune import Client; "
+                              "print(ftune.__file__)"], capture_output=True, text=True,
+                             cwd=tmp_path)
+    assert started.returncode == 0, started.stderr  # cannot import name 'Client' from 'ftune'
+    assert started.stdout.strip() == str(ROOT / "ftune" / "__init__.py")
 
 
 def _pins(lock: Path) -> dict[str, str]:

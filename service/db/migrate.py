@@ -71,7 +71,9 @@ def upgrade(engine: Engine, target: str = "head") -> tuple[str | None, str | Non
         command.upgrade(_config(connection), target)
         connection.commit()
         after = MigrationContext.configure(connection).get_current_revision()
-    if before != after:
+    if before is None and after is not None:  # a new database: nothing an operator must know
+        log.info("created the database at revision %s", after)
+    elif before != after:  # an existing database changed: worth noticing in the logs
         log.warning("database upgraded from revision %s to %s", before, after)
     return before, after
 
