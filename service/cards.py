@@ -6,6 +6,9 @@ import json
 import re
 from pathlib import Path
 
+from pydantic import ValidationError
+
+from ftune.models.spec import FineTuneSpec
 from ftune.service.db.tables import Dataset, Job, TunedModel
 
 CURVE_KEYS = ("epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr",
@@ -28,9 +31,67 @@ def public_source(source: str | None) -> str | None:
     return None if source is None else _ABSOLUTE_PATH.sub("", source)
 
 
+def resolved_spec(spec: dict, resolved: dict) -> tuple[dict, list[str]]:
+    """The spec with each "auto" field the run decided set to its value (what the job used),
+    and the dotted fields still "auto": decided afresh, the same way, by a run of this spec.
+    Left "auto" too: a choice that is no value of its field, and those that, written out,
+    would change the run (see ``_pinnable``)."""
+    filled = json.loads(json.dumps(spec))
+    checks = _validates(filled)
+    for name, choice in resolved.items():
+        parent, leaf = _field(filled, name)
+        if (parent is None or parent.get(leaf) != "auto" or not isinstance(choice, dict)
+                or not _pinnable(name, resolved)):
+            continue
+        parent[leaf] = choice.get("value")
+        if checks and not _validates(filled):
+            parent[leaf] = "auto"
+    return filled, sorted(_autos(filled))
+
+
+def _pinnable(name: str, resolved: dict) -> bool:
+    """Whether writing this choice into the spec trains the same way. freeze.strategy's
+    "auto" asks for the recipe's plan (head stage, then fine-tuning; a fixed strategy has
+    other stages and patience); with two stages, one explicit optimizer.lr would replace
+    both stages' rates (the head's, and finetune.lr derived from it)."""
+    if name == "freeze.strategy":
+        return False
+    return not (name == "optimizer.lr" and "finetune.lr" in resolved)
+
+
+def _field(spec: dict, dotted: str) -> tuple[dict | None, str]:
+    *parents, leaf = dotted.split(".")
+    node: object = spec
+    for key in parents:
+        node = node.get(key) if isinstance(node, dict) else None
+    return (node if isinstance(node, dict) else None), leaf
+
+
+def _validates(spec: dict) -> bool:
+    try:
+        FineTuneSpec.model_validate(spec)
+    except ValidationError:
+        return False
+    return True
+
+
+def _autos(spec: dict, prefix: str = "") -> list[str]:
+    found = []
+    for key, value in spec.items():
+        if isinstance(value, dict):
+            found += _autos(value, f"{prefix}{key}.")
+        elif value == "auto":
+            found.append(f"{prefix}{key}")
+    return found
+
+
 def build_card(*, model: TunedModel, job: Job | None, dataset: Dataset | None, config: dict,
                evaluation: dict, history: list[dict]) -> dict:
+    """The card's content; ``resolved_spec`` is the spec with the run's choices in place of
+    "auto" (``still_auto``: the fields it did not decide)."""
     val = evaluation.get("val", {})
+    resolved = config.get("resolved") or (job.resolved if job else None) or {}
+    filled, still_auto = resolved_spec(config.get("spec", model.spec), resolved)
     summary = {split: {k: result.get(k) for k in ("num_images", "accuracy", "top_k",
                                                   "top_k_accuracy", "macro_f1", "loss",
                                                   "expected_calibration_error")}
@@ -43,7 +104,9 @@ def build_card(*, model: TunedModel, job: Job | None, dataset: Dataset | None, c
                      "pretrained_weights_from": public_source(config.get("weights_source")),
                      "preprocessing": config.get("preprocessing")},
         "spec": config.get("spec", model.spec),
-        "resolved": config.get("resolved") or (job.resolved if job else None) or {},
+        "resolved": resolved,
+        "resolved_spec": filled,
+        "still_auto": still_auto,
         "diagnosis": config.get("diagnosis", job.diagnosis if job else None),
         "lr_range_test": config.get("lr_range_test", []),
         "seed": config.get("spec", model.spec).get("seed"),
@@ -78,10 +141,16 @@ def _fmt(value: object) -> str:
     return str(value)
 
 
+def _choice_value(value: object) -> str:
+    """A choice as a reader wants it: None (optimizer.layer_decay) means the option is off."""
+    return "not used" if value is None else f"`{json.dumps(value)}`" if isinstance(
+        value, (bool, list, dict)) else f"`{value}`"
+
+
 def _recipe_lines(card: dict) -> list[str]:
     lines = ["", "## Choices made for you", ""]
     resolved = card.get("resolved") or {}
-    lines += ([f"- **{field}** = `{choice['value']}`: {choice['why']}"
+    lines += ([f"- **{field}** = {_choice_value(choice['value'])}: {choice['why']}"
                for field, choice in resolved.items()] or ["Every field was set in the spec."])
     lines += ["", "## Diagnosis", ""]
     diagnosis = card.get("diagnosis")
@@ -91,6 +160,13 @@ def _recipe_lines(card: dict) -> list[str]:
         lines += ([f"- **{f['message']}** {f['evidence']}. Try: {f['action']}"
                    for f in diagnosis] or ["Nothing found: the run looks healthy."])
     return lines
+
+
+def _still_auto_line(fields: list[str]) -> str:
+    if not fields:
+        return "Every field holds the value the run used."
+    return ("Still \"auto\" (not needed by this run, or decided the same way again from "
+            f"the same data and seed): {', '.join(fields)}.")
 
 
 def card_markdown(card: dict) -> str:
@@ -135,8 +211,9 @@ def card_markdown(card: dict) -> str:
               f"{_fmt(r['val_loss'])} | {_fmt(r['val_accuracy'])} | {_fmt(r['lr'])} | "
               f"{_fmt(r['seconds'])} |" for r in card["training_curve"]]
     env = card["environment"]
-    lines += ["", "## Reproduce", "", "Spec (resolved):", "", "```json",
-              json.dumps(card["spec"], indent=2), "```", "",
+    lines += ["", "## Reproduce", "", "Spec (resolved: the values this run used in place of "
+              "\"auto\"):", "", "```json", json.dumps(card["resolved_spec"], indent=2), "```",
+              "", _still_auto_line(card.get("still_auto") or []), "",
               f"Environment: device {env['device']}, precision {env['precision']}; "
               + ", ".join(f"{k} {v}" for k, v in (env["versions"] or {}).items()),
               f"Timings: trained in {_fmt(card['timings']['train_seconds'])} s; job "

@@ -4,6 +4,7 @@ route authenticates), the role a route needs, and rate limits."""
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Awaitable, Callable
 from typing import Annotated
 
@@ -28,13 +29,40 @@ bearer = HTTPBearer(auto_error=False, scheme_name="APIKey",
                     description=f"An API key: `Authorization: Bearer {KEY_PREFIX}…`")
 
 
-async def authenticate(ctx: AppContext, token: str | None) -> Principal:
+BEARER_HEADER = f"`Authorization: Bearer {KEY_PREFIX}…`"
+# Where people put keys for other APIs: named in the 401 so the fix is plain.
+OTHER_KEY_HEADERS = ("X-API-Key", "Api-Key", "X-Auth-Token")
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,19}")  # shown back; anything else is not
+
+
+def missing_key(request: Request) -> str:
+    """Why the request carries no bearer key, from what it sent instead (never echoing a
+    key): the header without a scheme, another scheme, or another header."""
+    sent = request.headers.get("Authorization", "").strip()
+    if sent:
+        scheme, _, rest = sent.partition(" ")
+        if scheme.lower() == "bearer":
+            return f"the Authorization header has no key after Bearer: send {BEARER_HEADER}"
+        if not rest.strip() or scheme.startswith(KEY_PREFIX):
+            return (f"the Authorization header has no scheme: send {BEARER_HEADER} (the word "
+                    "Bearer, a space, then the key)")
+        named = repr(scheme) if _SCHEME.fullmatch(scheme) else "not Bearer"
+        return f"the Authorization header's scheme is {named}: send {BEARER_HEADER}"
+    for name in OTHER_KEY_HEADERS:
+        if name in request.headers:
+            return f"API keys are not read from {name}: send {BEARER_HEADER}"
+    return f"missing API key: send {BEARER_HEADER}"
+
+
+async def authenticate(ctx: AppContext, token: str | None,
+                       missing: str = f"missing API key: send {BEARER_HEADER}") -> Principal:
     """The principal a bearer token stands for; 401 for a missing, unknown, revoked or
-    expired key. A cached lookup costs a SHA-256 and a dict lookup (no I/O)."""
+    expired key (``missing``: what to say when there is none). A cached lookup costs a
+    SHA-256 and a dict lookup (no I/O)."""
     if ctx.settings.auth == "off":
         return LOCAL_USER
     if not token:
-        raise Unauthorized(f"missing API key: send `Authorization: Bearer {KEY_PREFIX}…`")
+        raise Unauthorized(missing)
     if not looks_like_key(token):
         raise Unauthorized("unknown API key")
     digest, lookup = ctx.keys.cached(token)
@@ -52,7 +80,8 @@ async def authenticate(ctx: AppContext, token: str | None) -> Principal:
 async def principal(request: Request, ctx: Ctx,
                     credentials: Annotated[HTTPAuthorizationCredentials | None,
                                            Depends(bearer)]) -> Principal:
-    who = await authenticate(ctx, credentials.credentials if credentials else None)
+    token = credentials.credentials if credentials else None
+    who = await authenticate(ctx, token, missing_key(request) if token is None else "")
     request.state.principal = who  # for the audit log
     return who
 

@@ -16,7 +16,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ftune.models.errors import FineTuneError
-from ftune.models.spec import SpecError
+from ftune.models.spec import FineTuneSpec, SpecError
 from ftune.service.blobs.base import BlobMissing, is_store_outage
 from ftune.service.blobs.keys import describe
 from ftune.service.db.migrate import SchemaError
@@ -146,9 +146,11 @@ def _invalid(exc: InvalidInput) -> JSONResponse:
     return JSONResponse({"detail": exc.detail, "errors": exc.errors}, status_code=422)
 
 
-def validation_error(err: dict, body: object) -> dict:
+def validation_error(err: dict, body: object, spec_goes_in: str | None = None) -> dict:
     """One of FastAPI's validation errors for people and programs: the field's path (without
-    where it was: body, query, path), a plain message, the type; never the input echoed."""
+    where it was: body, query, path), a plain message, the type; never the input echoed.
+    ``spec_goes_in``: the body field that holds the spec on this route, for the hint when a
+    spec field is sent beside it."""
     loc = list(err.get("loc", ()))
     if loc and loc[0] in _PLACES:
         loc = loc[1:]
@@ -157,10 +159,21 @@ def validation_error(err: dict, body: object) -> dict:
     msg = str(err.get("msg", "invalid"))
     for prefix in ("Value error, ", "Assertion failed, "):
         msg = msg.removeprefix(prefix)
-    return {"loc": loc, "msg": msg, "type": str(err.get("type", "invalid"))}
+    kind = str(err.get("type", "invalid"))
+    if kind == "extra_forbidden" and spec_goes_in and _is_spec_field(loc):
+        msg = (f"a spec field, which goes inside `{spec_goes_in}`: "
+               f'{{"{spec_goes_in}": {{"{loc[0]}": ...}}}}')
+    return {"loc": loc, "msg": msg, "type": kind}
 
 
 _PLACES = frozenset({"body", "query", "path", "header", "cookie"})
+# Bodies that carry a spec, by route: a spec field at their top level (`preset`, `epochs`) is
+# the usual slip, and the answer names where it goes.
+SPEC_HOLDERS = {"/v1/jobs": "spec", "/v1/sweeps": "base"}
+
+
+def _is_spec_field(loc: list) -> bool:
+    return len(loc) == 1 and loc[0] in FineTuneSpec.model_fields
 
 
 def _json_problem(err: dict, body: str | bytes) -> str:
@@ -209,8 +222,10 @@ def _install_request_errors(app: FastAPI) -> None:
         return _invalid(InvalidInput(str(exc), loc=[], kind=type(exc).__name__))
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = [validation_error(err, exc.body) for err in exc.errors()]
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        holder = SPEC_HOLDERS.get(request.url.path.rstrip("/")) if request.method == "POST" \
+            else None
+        errors = [validation_error(err, exc.body, holder) for err in exc.errors()]
         detail = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'request'}: {e['msg']}"
                            if e["type"] != "json_invalid" else e["msg"] for e in errors)
         return JSONResponse({"detail": detail, "errors": errors}, status_code=422)

@@ -4,6 +4,7 @@ bundle, ONNX, TorchScript). Loaded models for predictions live in ``predictor_ca
 from __future__ import annotations
 
 import re
+import shutil
 import uuid
 import zipfile
 from pathlib import Path
@@ -36,26 +37,36 @@ EXTRA_FILES = (EVALUATION_FILE,)  # in the download beside what Predictor.load r
 ALIAS = re.compile(r"[A-Za-z0-9_.\-]{1,100}")
 
 
+REF_FORMS = "an id, a name (its latest version), name:version or name:alias"
+
+
 def get_model(session: Session, principal: Principal, ref: str) -> TunedModel:
-    """A model by id, ``name:version`` or ``name:alias``; names resolve within the caller's
-    tenant, and another tenant's model is a 404."""
-    model = None
-    tenant = principal.home_tenant
+    """A model by id, name (its latest version), ``name:version`` or ``name:alias``; names
+    resolve within the caller's tenant, and another tenant's model is a 404. An id (32 hex
+    characters) is always read as an id, even where a model is named like one."""
     if is_id(ref):
         model = session.get(TunedModel, ref)
     elif ":" in ref:
-        name, tag = ref.rsplit(":", 1)
-        if tag.isascii() and tag.isdigit():
-            if len(tag) > 9:
-                raise NotFound(f"model {ref} not found (no such version)")
-            model = session.scalar(select(TunedModel).where(
-                TunedModel.tenant_id == tenant, TunedModel.name == name,
-                TunedModel.version == int(tag)))
-        else:
-            alias = session.get(ModelAlias, (tenant, name, tag))
-            model = session.get(TunedModel, alias.model_id) if alias else None
-    return visible_or_404(principal, model, not_found=f"model {ref} not found (use an id, "
-                          "name:version or name:alias)")
+        model = _by_tag(session, principal.home_tenant, ref)
+    else:
+        model = session.scalar(select(TunedModel).where(
+            TunedModel.tenant_id == principal.home_tenant, TunedModel.name == ref)
+            .order_by(TunedModel.version.desc()).limit(1))
+    return visible_or_404(principal, model, not_found=f"model {ref} not found (use "
+                          f"{REF_FORMS}; GET /v1/models lists yours)")
+
+
+def _by_tag(session: Session, tenant: str, ref: str) -> TunedModel | None:
+    """``name:version`` or ``name:alias`` within ``tenant``."""
+    name, tag = ref.rsplit(":", 1)
+    if tag.isascii() and tag.isdigit():
+        if len(tag) > 9:
+            raise NotFound(f"model {ref} not found (no such version)")
+        return session.scalar(select(TunedModel).where(
+            TunedModel.tenant_id == tenant, TunedModel.name == name,
+            TunedModel.version == int(tag)))
+    alias = session.get(ModelAlias, (tenant, name, tag))
+    return session.get(TunedModel, alias.model_id) if alias else None
 
 
 def set_alias(session: Session, principal: Principal, *, alias: str, ref: str) -> ModelAlias:
@@ -114,7 +125,13 @@ def delete_models(session: Session, principal: Principal, *, ref: str, all_versi
                   force: bool) -> list[str]:
     """Delete one version (or every version of its name); returns the ids. Their objects are
     scheduled for deletion: remove ``prefixes_of(models=ids)`` after the commit. Refused while
-    an alias points at one, unless forced (the aliases go too)."""
+    an alias points at one, unless forced (the aliases go too). A bare name, which reads as
+    its latest version elsewhere, is refused here unless every version goes: deleting
+    whichever version is latest is rarely what was meant."""
+    if not all_versions and not is_id(ref) and ":" not in ref:
+        raise InvalidInput(f"{ref!r} alone does not say which version to delete: give "
+                           f"{ref}:VERSION (GET /v1/models lists them), or ?all_versions=true "
+                           "to delete every version")
     model = get_model(session, principal, ref)
     models = [model] if not all_versions else list(session.scalars(select(TunedModel).where(
         TunedModel.tenant_id == model.tenant_id, TunedModel.name == model.name)))
@@ -169,13 +186,22 @@ def bundle_folder(storage: Storage, model: TunedModel) -> Path:
     return folder
 
 
+# Every file in a download is rw-r--r--, whatever mode the worker wrote it with (the bundle
+# has 0600 and 0644 files): unzipped, the model reads the same for everyone who may read it.
+ZIP_FILE_MODE = 0o100644
+COPY_CHUNK = 1 << 20
+
+
 def _build_zip(source: Path, target: Path) -> None:
     """The bundle as a zip (what the ``safetensors`` download is)."""
     # Weights are already dense floats: storing them uncompressed is as small and faster.
     with zipfile.ZipFile(target, "w", compression=zipfile.ZIP_STORED) as archive:
         for name in BUNDLE_FILES + EXTRA_FILES:
             if (source / name).is_file():
-                archive.write(source / name, arcname=name)
+                entry = zipfile.ZipInfo.from_file(source / name, arcname=name)
+                entry.external_attr = ZIP_FILE_MODE << 16
+                with open(source / name, "rb") as data, archive.open(entry, "w") as out:
+                    shutil.copyfileobj(data, out, COPY_CHUNK)
 
 
 def build_download(db: Database, storage: Storage, settings: Settings, *, model: TunedModel,

@@ -188,15 +188,21 @@ def login(args: argparse.Namespace) -> int:
 
 def _add(sub: argparse._SubParsersAction, name: str, handler: Handler, help_: str,
          *args: tuple[str, dict]) -> argparse.ArgumentParser:
-    parser = sub.add_parser(name, help=help_)
+    parser = sub.add_parser(name, help=plain(help_))
     for flag, options in args:
         parser.add_argument(flag, **options)
     parser.set_defaults(handler=handler)
     return parser
 
 
+def plain(text: str) -> str:
+    """Help text without the docstrings' reStructuredText quotes (``x``): a terminal shows
+    them literally."""
+    return text.replace("``", "")
+
+
 def build_parser(prog: str = "ftune remote") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog=prog, description=plain(__doc__.split("\n\n")[0]))
     parser.add_argument("--url", help="API address (default: FTUNE_URL, else the login file)")
     parser.add_argument("--json", action="store_true", help="print the API's JSON")
     groups = parser.add_subparsers(dest="group", required=True)
@@ -232,7 +238,8 @@ def build_parser(prog: str = "ftune remote") -> argparse.ArgumentParser:
     sub = models.add_subparsers(dest="command", required=True)
     _add(sub, "list", models_list, "your models")
     _add(sub, "download", models_download, "save a model (safetensors, onnx, torchscript)",
-         ("model", {"help": "id, name:version or name:alias"}), ("path", {}),
+         ("model", {"help": "id, name (its latest version), name:version or name:alias"}),
+         ("path", {}),
          ("--format", {"default": DOWNLOAD_FORMATS[0], "choices": DOWNLOAD_FORMATS}))
     _add(sub, "predict", models_predict, "classify images", ("model", {}),
          ("images", {"nargs": "+"}), ("--top-k", {"type": int}))

@@ -16,7 +16,9 @@ class Client:
     ``FTUNE_API_KEY``, or from the file ``ftune remote login`` writes.
 
     ``retries``: how often a 429/503 or a lost connection is retried (``Retry-After`` is
-    honoured, up to ``max_wait_s`` a time). ``progress``: upload progress bars on stderr."""
+    honoured, up to ``max_wait_s`` a time); a refused connection before the server has ever
+    answered is not (nothing listens there: it fails at once, naming the address).
+    ``progress``: upload progress bars on stderr."""
 
     def __init__(self, url: str | None = None, api_key: str | None = None, *,
                  timeout: float = 60.0, retries: int = 5, max_wait_s: float = 60.0,

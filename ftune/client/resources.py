@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
+from urllib.parse import quote
 
 from ftune.client.archive import FolderZip, ProgressFile
 from ftune.client.errors import FtuneError, JobFailed
@@ -178,17 +179,25 @@ class Jobs:
         self._t = transport
 
     def create(self, dataset: Dataset | str, spec: dict | None = None, *, priority: int = 5,
-               unlabeled_dataset: Dataset | str | None = None, **fields: Any) -> Job:
-        """Submit a fine-tuning job; ``spec`` and keyword ``fields`` (``epochs=3``,
-        ``optimizer__lr=1e-3``) together make the spec; unset fields are auto.
-        ``unlabeled_dataset``: one uploaded with ``kind="unlabeled"``, for the spec's
-        ``pretrain`` and ``pseudo_labels``."""
+               unlabeled_dataset: Dataset | str | None = None, model_name: str | None = None,
+               max_runtime_s: int | None = None, **fields: Any) -> Job:
+        """Submit a fine-tuning job; ``spec`` and keyword ``fields`` (``preset="fast"``,
+        ``epochs=3``, ``optimizer__lr=1e-3``) together make the spec, and are sent inside
+        it: ``create(ds, preset="fast")`` posts ``{"dataset_id": ..., "spec": {"preset":
+        "fast"}}`` (over HTTP, spec fields go inside ``spec``, never beside it). Unset fields
+        are auto. ``unlabeled_dataset``: one uploaded with ``kind="unlabeled"``, for the
+        spec's ``pretrain`` and ``pseudo_labels``. ``model_name``: the tuned model's name
+        (default: the dataset's); ``max_runtime_s``: fail the job if it runs longer."""
         dataset_id = dataset.id if isinstance(dataset, Dataset) else dataset
         body = {"dataset_id": dataset_id, "spec": _merge(spec or {}, fields),
                 "priority": priority}
         if unlabeled_dataset is not None:
             body["unlabeled_dataset_id"] = (unlabeled_dataset.id if isinstance(
                 unlabeled_dataset, Dataset) else unlabeled_dataset)
+        if model_name is not None:
+            body["model_name"] = model_name
+        if max_runtime_s is not None:
+            body["max_runtime_s"] = max_runtime_s
         return Job.of(self._t.request("POST", "/jobs", json=body).json(), self._t)
 
     def get(self, job_id: str) -> Job:
@@ -275,8 +284,9 @@ class Models:
         self._t = transport
 
     def get(self, ref: str) -> Model:
-        """A model by id, ``name:version`` or ``name:alias``."""
-        return Model.of(self._t.request("GET", f"/models/{ref}").json(), self._t)
+        """A model by id, name (its latest version), ``name:version`` or ``name:alias``."""
+        path = f"/models/{quote(ref, safe=':')}"  # names may hold spaces, '#' or '?'
+        return Model.of(self._t.request("GET", path).json(), self._t)
 
     def list(self, *, limit: int | None = None) -> Iterator[Model]:
         for item in _pages(self._t, "/models", {"limit": limit}):

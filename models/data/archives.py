@@ -65,6 +65,13 @@ _ZIP_ERRORS = (zipfile.BadZipFile, zlib.error, lzma.LZMAError, EOFError, Unicode
 _ZIP_METHODS = {zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA}
 
 
+# curl -F file=@folder sends an empty part for a folder: the likeliest cause, so the fix.
+EMPTY_UPLOAD = ("the uploaded file is empty (0 bytes); to upload a folder, zip it first "
+                "(cd folder && zip -r ../data.zip ., then upload data.zip), or let the "
+                "client do it: `ftune remote datasets upload folder/` and the Python "
+                "client's datasets.upload(folder) upload folders directly")
+
+
 @dataclass(frozen=True)
 class ArchiveLimits:
     max_bytes: int  # total unpacked size
@@ -93,7 +100,7 @@ def detect_kind(path: Path) -> str:
     with open(path, "rb") as f:
         head = f.read(512)
     if not head:
-        raise ArchiveError("the uploaded file is empty")
+        raise ArchiveError(EMPTY_UPLOAD)
     if head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
         return "zip"
     if head.startswith(b"\x1f\x8b"):

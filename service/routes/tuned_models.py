@@ -44,7 +44,7 @@ from ftune.service.tuned_models import (
 )
 
 router = APIRouter(tags=["models"])
-REF = "a model id, name:version or name:alias"
+REF = "a model id, a name (its latest version), name:version or name:alias"
 
 _PREDICT_FORM = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
     "type": "object", "required": ["files"],

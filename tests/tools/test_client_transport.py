@@ -4,14 +4,16 @@ HTTP server whose answers each test scripts (a live API cannot be made to answer
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import httpx
 import pytest
 
-from ftune.client import ApiError, Client
+from ftune.client import ApiError, Client, FtuneError
 from ftune.client.events import follow
 
 Reply = tuple[int, dict, bytes]
@@ -27,9 +29,8 @@ def scripted() -> Iterator[Callable[[list[Reply]], tuple[str, list[dict]]]]:
         class Handler(BaseHTTPRequestHandler):
             def _answer(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
-                if length:
-                    self.rfile.read(length)
-                seen.append({"method": self.command, "path": self.path,
+                body = self.rfile.read(length) if length else b""
+                seen.append({"method": self.command, "path": self.path, "body": body,
                              "headers": dict(self.headers), "at": time.monotonic()})
                 status, headers, body = replies.pop(0)
                 self.send_response(status)
@@ -90,6 +91,24 @@ def test_each_post_gets_its_own_key_and_errors_carry_the_detail(scripted):
     assert "POST /jobs: 422 invalid spec" in str(error.value)
 
 
+def test_spec_keywords_are_sent_inside_the_spec_and_job_options_beside_it(scripted):
+    url, seen = scripted([_json(202, JOB)])
+    with Client(url, "k") as client:
+        client.jobs.create("d1", {"epochs": 2}, preset="fast", optimizer__lr=0.01,
+                           model_name="flowers", max_runtime_s=600)
+    assert json.loads(seen[0]["body"]) == {
+        "dataset_id": "d1", "priority": 5, "model_name": "flowers", "max_runtime_s": 600,
+        "spec": {"epochs": 2, "preset": "fast", "optimizer": {"lr": 0.01}}}
+
+
+def test_a_model_name_is_quoted_in_the_path(scripted):
+    url, seen = scripted([_json(200, {"id": "m1", "name": "my flowers", "version": 2,
+                                      "classes": ["a"]})])
+    with Client(url, "k") as client:
+        client.models.get("my flowers")
+    assert seen[0]["path"] == "/v1/models/my%20flowers"
+
+
 def test_retries_give_up_with_the_last_answer(scripted):
     url, seen = scripted([_json(503, {"detail": "busy"}, **{"Retry-After": "0"})] * 3)
     with Client(url, "k", retries=2) as client, pytest.raises(ApiError, match="busy"):
@@ -119,3 +138,34 @@ def test_a_stream_that_ends_after_the_job_did_stops(scripted):
     url, _ = scripted([_sse((5, "epoch", {"epoch": 3})), _json(200, {**JOB, "status": "failed"})])
     with Client(url, "k") as client:
         assert [e.id for e in follow(client._transport, "j1", last_event_id=4)] == [5]
+
+
+def _closed_port() -> int:
+    """A port nothing listens on: bound, then closed."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_a_closed_port_fails_fast_naming_the_address():
+    url = f"http://127.0.0.1:{_closed_port()}"
+    started = time.monotonic()
+    with Client(url, "k") as client, pytest.raises(FtuneError) as error:
+        client.datasets.get("d1")
+    assert time.monotonic() - started < 3  # not the 15 s of retries
+    assert url in str(error.value) and "Is the server running? (make up" in str(error.value)
+
+
+def test_a_refusal_after_the_server_answered_is_retried(scripted):
+    # The server has answered once: a refusal now is most likely a restart, so the client
+    # waits it out (here: gives up after its retries, having tried each time).
+    url, seen = scripted([_json(200, JOB)])
+    with Client(url, "k", retries=2, max_wait_s=0.2) as client:
+        assert client.jobs.get("j1").id == "j1"
+        client._transport.http.close()
+        client._transport.http = httpx.Client(base_url=f"http://127.0.0.1:{_closed_port()}/v1")
+        started = time.monotonic()
+        with pytest.raises(FtuneError, match="Connection refused"):
+            client.jobs.get("j1")
+    assert time.monotonic() - started >= 0.4  # two waits of max_wait_s: it did retry
+    assert len(seen) == 1
