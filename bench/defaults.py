@@ -15,8 +15,9 @@ one run on this machine:
 * ``full_finetune``: hand-written full fine-tune, ``fit`` with every stage training, Adam
   1e-3, 3 epochs, no augmentation, all training images.
 
-Datasets: animal-mnist (28 px silhouettes, 3,000 training and 1,000 held-out images) and
-scikit-learn's digits (8 px digits upscaled to 32 px, 1,300 and 497).
+Datasets: animal-mnist (28 px silhouettes, 3,000 training and 1,000 held-out images),
+scikit-learn's digits (8 px digits upscaled to 32 px, 1,300 and 497) and scikit-image's
+lfw_subset as faces (25 px faces and non-faces, 160 and 40).
 
 ``--sizes 64 96 128 224`` measures only the probe at each size: the image_size rule
 (``models/recipe/rules.py``) is chosen from that.
@@ -86,7 +87,21 @@ def digits(root: Path) -> Path:
     return root
 
 
-DATASETS = {"animal-mnist": animal_mnist, "digits": digits}
+def faces(root: Path) -> Path:
+    """scikit-image's lfw_subset: 100 faces then 100 non-faces, 25 px grey; 20 of each held
+    out. Small and tiny: where fine-tuning has the least to gain."""
+    from skimage.data import lfw_subset
+
+    images = (lfw_subset() * 255).round().astype(np.uint8)
+    for i, image in enumerate(images):
+        label, rank = ("face", i) if i < 100 else ("not_face", i - 100)
+        folder = root / ("train" if rank < 80 else "test") / label
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(folder / f"{i:03d}.png")
+    return root
+
+
+DATASETS = {"animal-mnist": animal_mnist, "digits": digits, "faces": faces}
 
 
 def probe(root: Path, image_size: int) -> tuple[float, float]:
@@ -123,7 +138,7 @@ def fast_profile(root: Path) -> tuple[float, float, str]:
 
     marks: list[tuple[str, float]] = [("setup", time.perf_counter())]
     result = fit(root, {"preset": "fast"}, callbacks=Callbacks(
-        on_stage=lambda stage, _: marks.append((stage, time.perf_counter()))))
+        on_stage=lambda stage, *_: marks.append((stage, time.perf_counter()))))
     marks.append(("bundle", time.perf_counter()))
     save_bundle(result, Path(tempfile.mkdtemp()) / "model")
     marks.append(("end", time.perf_counter()))
@@ -218,7 +233,7 @@ def run_dataset(name: str, root: Path, client: httpx.Client, home: Path,
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--datasets", nargs="+", choices=sorted(DATASETS),
-                        default=["animal-mnist", "digits"])
+                        default=["animal-mnist", "digits", "faces"])
     parser.add_argument("--seeds", type=int, default=3, help="seeds of {} and of the full "
                         "fine-tune per dataset (accuracy targets compare their means)")
     parser.add_argument("--sizes", nargs="+", type=int, help="only measure the probe at "

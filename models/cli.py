@@ -123,11 +123,13 @@ class _TrainingOutput:
         self.bar: tqdm | None = None
         self.shown: dict = {}  # auto choices already printed
 
-    def on_stage(self, stage: str, epochs: int) -> None:
+    def on_stage(self, stage: str, epochs: int, stage_epochs: int) -> None:
         self.close()
         if epochs:
             self.epochs = epochs
-        print(f"stage {stage}" + (f" (up to epoch {epochs})" if epochs else ""), flush=True)
+        own = f"{stage_epochs} epoch(s) at most, " if stage_epochs else ""
+        print(f"stage {stage}" + (f" ({own}up to epoch {epochs} in all)" if epochs else ""),
+              flush=True)
 
     def on_resolved(self, resolved: dict) -> None:
         for field, choice in resolved.items():

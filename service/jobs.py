@@ -297,9 +297,12 @@ def progress_of(job: Job) -> dict:
     """The epoch being trained (1-based, as the job's events number it) and the batch within
     it; between epochs, and once the job has ended, the last epoch finished."""
     mid_epoch = job.step > 0  # recording an epoch sets step back to 0
-    return {"stage": job.stage, "epoch": job.epoch + 1 if mid_epoch else job.epoch,
-            "epochs": job.epochs, "epochs_done": job.epoch, "step": job.step,
-            "steps": job.steps}
+    epoch = job.epoch + 1 if mid_epoch else job.epoch
+    start = job.stage_start_epoch  # set while a training stage runs
+    return {"stage": job.stage, "epoch": epoch, "epochs": job.epochs,
+            "epochs_done": job.epoch, "step": job.step, "steps": job.steps,
+            "stage_epoch": None if start is None else epoch - start,
+            "stage_epochs": None if start is None else job.stage_epochs}
 
 
 def job_summary(job: Job, position: int | None = None) -> dict:

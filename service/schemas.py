@@ -66,8 +66,9 @@ class JobIn(BaseModel):
     model_name: str | None = Field(None, min_length=1, max_length=200,
                                    pattern=r"^[^:/\x00-\x1f]+$",
                                    description="name of the tuned model (default: the "
-                                   "dataset's); versions count up per name, and "
-                                   "name:version or name:alias then refers to it")
+                                   "dataset's); versions count up per name, and the "
+                                   "name (its latest version), name:version or "
+                                   "name:alias then refers to it")
 
 
 
@@ -77,10 +78,16 @@ class Progress(BaseModel):
                               "freeze strategy) or evaluate; null before the run starts")
     epoch: int = Field(description="the epoch being trained (1-based, as in the job's "
                        "events); between epochs and once the job ended, the last one finished")
-    epochs: int
+    epochs: int = Field(description="epochs in all: those finished plus those the stage being "
+                        "run and the later ones may run (it shrinks when a stage stops early; "
+                        "once the job ends, the epochs run)")
     epochs_done: int = Field(description="epochs finished (one metrics row each)")
     step: int = Field(description="batch within the epoch being trained; 0 between epochs")
     steps: int
+    stage_epoch: int | None = Field(None, description="while a training stage (head, "
+                                    "finetune, train) runs: its own epoch, counted like "
+                                    "epoch; null between stages")
+    stage_epochs: int | None = Field(None, description="the epochs that stage may run")
 
 
 class JobSummary(BaseModel):
@@ -156,7 +163,8 @@ class PredictOut(BaseModel):
 class AliasIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    model: str = Field(description="model id, name:version or name:alias")
+    model: str = Field(description="model id, name (its latest version), name:version or "
+                       "name:alias")
 
 
 class AliasOut(BaseModel):

@@ -76,9 +76,10 @@ class ProgressReporter:
         if self.pruned:
             log.info("job %s pruned by its sweep's pruner after epoch %d", self.job_id, epoch)
 
-    def on_stage(self, stage: str, epochs: int) -> None:
+    def on_stage(self, stage: str, epochs: int, stage_epochs: int) -> None:
         with self.db.session() as session:
-            if not transitions.record_stage(session, self.job_id, self.worker, stage, epochs):
+            if not transitions.record_stage(session, self.job_id, self.worker, stage, epochs,
+                                            stage_epochs):
                 self.lost = True
 
     def on_pretrain_epoch(self, row: dict) -> None:

@@ -27,17 +27,29 @@ class JobWatcher:
         self.header_shown = False
         self.status = ""
         self.choices: dict[str, object] = {}  # resolved events repeat earlier choices
+        self.epochs_done = 0  # the last epoch finished
+        # The training stage being run: its name, the epochs done when it began, its own.
+        self.stage: tuple[str, int, int] | None = None
+
+    def _label(self, epoch: int) -> str:
+        """``finetune epoch 2/12``: the stage's own epochs (the job's count when unknown)."""
+        if self.stage is None:
+            return f"epoch {epoch}"
+        name, start, epochs = self.stage
+        return f"{name} epoch {epoch - start}/{epochs}"
 
     def show(self, event: Event) -> None:
         data = event.data
         if event.kind == "progress":
+            label = self._label(int(data["epoch"]))
             if self.bar is None:
-                self.bar = ProgressBar(f"epoch {data['epoch']}", None, stream=sys.stderr)
-            self.bar.label, self.bar.total = f"epoch {data['epoch']}", data.get("steps")
+                self.bar = ProgressBar(label, None, stream=sys.stderr)
+            self.bar.label, self.bar.total = label, data.get("steps")
             self.bar.update(data.get("step", 0))
             return
         self._end_bar()
         if event.kind == "epoch":
+            self.epochs_done = int(data.get("epoch", self.epochs_done))
             if not self.header_shown:
                 self._line("  ".join(f"{c:>14}" for c in COLUMNS))
                 self.header_shown = True
@@ -47,7 +59,9 @@ class JobWatcher:
             reason = data.get("reason") or data.get("error") or ""
             self._line(f"status: {self.status}" + (f" ({reason})" if reason else ""))
         elif event.kind == "stage":
-            self._line(f"stage: {data.get('stage')}")
+            own = data.get("stage_epochs")
+            self.stage = (data["stage"], self.epochs_done, own) if own else None
+            self._line(f"stage: {data.get('stage')}" + (f" (up to {own} epochs)" if own else ""))
         elif event.kind == "resolved":
             for name, choice in data.items():
                 if isinstance(choice, dict) and self.choices.get(name) != choice.get("value"):

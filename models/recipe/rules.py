@@ -198,6 +198,34 @@ def patience(stage: str, preset: Preset, epochs: int) -> Choice:
     return Choice(DEFAULT_PATIENCE, "an explicit freeze strategy: the usual patience")
 
 
+# A fine-tuning stage is judged once it has run this many epochs and has this many left: its
+# first epochs, from a new head, are often below the head stage's best.
+JUDGE_FINETUNE_AFTER, JUDGE_FINETUNE_LEFT = 3, 2
+
+
+def finetune_futile(stage: list[float], before: list[float], planned: int, *,
+                    metric: str = "val_loss", higher_is_better: bool = False) -> Choice | None:
+    """Whether a fine-tuning stage should stop because it is clearly not going to beat the
+    stages before it (``stage``, ``before``: their values of ``metric`` per epoch). It stops
+    when its best is still worse than theirs and, at the pace its best improved over its
+    last two epochs, the epochs left would not close the gap: an optimistic straight line,
+    since its cosine rate only falls from there. None: it goes on."""
+    done, left = len(stage), planned - len(stage)
+    if done < JUDGE_FINETUNE_AFTER or left < JUDGE_FINETUNE_LEFT:
+        return None
+    sign = -1.0 if higher_is_better else 1.0  # below: lower is better
+    best, target = min(sign * v for v in stage), min(sign * v for v in before)
+    gap, pace = best - target, max(0.0, min(sign * v for v in stage[:-2]) - best) / 2
+    if gap <= 0 or pace * left >= gap:
+        return None
+    name = metric.replace("_", " ")
+    return Choice(done, f"fine-tuning stopped after {done} of its {planned} epochs: its best "
+                  f"{name} {sign * best:.4g} was {gap:.3g} worse than the best before it "
+                  f"({sign * target:.4g}, the head trained alone) and improved {pace:.3g} per "
+                  f"epoch over its last two, too slow to close the gap in the {left} epochs "
+                  "left; the model before fine-tuning is kept")
+
+
 def head_lr(suggested: float, how: str) -> Choice:
     low, high = HEAD_LR
     lr = min(high, max(low, suggested))
@@ -238,10 +266,14 @@ def refit(asked: bool | str, *, head_alone_cached: bool, val_carved: bool) -> bo
     return asked is True or val_carved
 
 
-def refit_choice(images: int, epochs: int) -> Choice:
+def refit_choice(images: int, epochs: int, *, capped: bool) -> Choice:
+    """``capped``: the head's best epoch was the last its stage may run, so its limit, not
+    early stopping, set the epochs."""
+    chosen = (f"the {epochs} epoch(s) its stage may run (val loss was still improving at the "
+              "last)" if capped else f"the {epochs} epoch(s) early stopping chose")
     return Choice(True, f"the head trained alone on cached features, so it was trained "
-                  f"again on train+val ({images} images) for the {epochs} epoch(s) early "
-                  "stopping chose; val metrics are from the model before this refit")
+                  f"again on train+val ({images} images) for {chosen}; val metrics are from "
+                  "the model before this refit")
 
 
 def mixed_precision(device_type: str, bf16_supported: bool) -> Choice:

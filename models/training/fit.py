@@ -257,7 +257,8 @@ def _evaluate(stages: StageRunner, index: ImageFolderIndex, val_samples: list[Sa
         best = stages.best_run
         epochs = (stages.progress.stopper.best_epoch or history) - best.epoch_offset
         images = refit_head(best, epochs)
-        setup.choices.record("refit", rules.refit_choice(images, epochs))
+        setup.choices.record("refit", rules.refit_choice(
+            images, epochs, capped=epochs >= decided(best.spec.epochs)))
         _enter(callbacks, "evaluate", history)
         setup.choices.notify()
     test = index.test or []
@@ -278,7 +279,7 @@ def _checkpoint_state(resume: str | Path | None, classes: list[str]) -> dict | N
 def _enter(callbacks: Callbacks, stage: str, epochs: int = 0) -> None:
     """Report a stage beyond the planned ones (``epochs``: the history's rows so far)."""
     if callbacks.on_stage is not None:
-        callbacks.on_stage(stage, epochs)
+        callbacks.on_stage(stage, epochs, 0)
 
 
 def _class_counts(samples: list[Sample], classes: list[str]) -> dict[str, int]:

@@ -33,9 +33,12 @@ class RangeTest:
     steps: int
 
     def why(self) -> str:
-        return (f"learning-rate range test ({self.steps} steps, {START_LR:g} to {END_LR:g}): "
-                f"the loss fell fastest at {self.suggested_lr:.3g} (lowest at "
-                f"{self.lowest_loss_lr:.3g})")
+        # Lowest near the top of the range: the loss never turned up, which "lowest at 1"
+        # would hide.
+        lowest = (f"lowest at {self.lowest_loss_lr:.3g}" if self.lowest_loss_lr < END_LR / 2
+                  else f"still falling near the test's highest rate, {END_LR:g}")
+        return (f"learning-rate range test ({self.steps} steps, rates {START_LR:g} to "
+                f"{END_LR:g}): the loss fell fastest at {self.suggested_lr:.3g} ({lowest})")
 
 
 def lr_range_test(head: nn.Module, features: torch.Tensor, labels: torch.Tensor, *,

@@ -30,7 +30,9 @@ class Callbacks:
     on_epoch_end: Callable[[dict], None] | None = None  # gets the epoch's metrics row
     on_batch_end: Callable[[int, int, int, float], None] | None = None  # epoch, step, steps, loss
     should_stop: Callable[[], bool] | None = None  # checked at every batch boundary
-    on_stage: Callable[[str, int], None] | None = None  # stage name, epochs planned in all
+    # Stage name, epochs planned in all (0: unchanged), the stage's own (0: not a training
+    # stage, which runs no epochs).
+    on_stage: Callable[[str, int, int], None] | None = None
     on_resolved: Callable[[dict], None] | None = None  # the auto choices made so far
     on_pretrain_epoch: Callable[[dict], None] | None = None  # a pretraining epoch's row
 

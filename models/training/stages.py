@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -156,7 +157,11 @@ class StageRunner:
                 # more layers on augmented images starts higher: judge it on its own.
                 progress.stopper.restart()
         if self.callbacks.on_stage is not None:
-            self.callbacks.on_stage(run.stage, self.stage_offset + decided(spec.epochs))
+            # The epochs in all: this stage's and the later ones' as planned, so the total
+            # does not jump when the next stage begins (it shrinks when one stops early).
+            later = sum(decided(plan.spec.epochs) for plan in self.plans[index + 1:])
+            self.callbacks.on_stage(run.stage, self.stage_offset + decided(spec.epochs) + later,
+                                    decided(spec.epochs))
 
     def _resume(self, run: TrainingRun, state: dict) -> None:
         progress = self.progress
@@ -205,16 +210,36 @@ class StageRunner:
             if self.callbacks.on_epoch_end is not None:
                 self.callbacks.on_epoch_end(row)
             # Taken once, by rank 0 (time differs between ranks), and followed by all.
-            early, over = ranks.agree((stopper.should_stop,
-                                       not self.budget.fits(next_epoch_s)))
+            early, over, futile = ranks.agree((stopper.should_stop,
+                                               not self.budget.fits(next_epoch_s),
+                                               self._futile(run, epochs)))
             if epoch + 1 < epochs and early:
                 log.info("early stopping after epoch %d (best epoch %s)", row["epoch"],
                          stopper.best_epoch)
+                return True
+            if epoch + 1 < epochs and futile is not None:
+                # Recorded as the stage's epochs: a resumed run stops there too.
+                self.choices.record("finetune.epochs", futile)
+                self.choices.notify()
+                log.info("fine-tuning stopped after epoch %d: %s", row["epoch"], futile.why)
                 return True
             if epoch + 1 < epochs and over:
                 self._out_of_time(row, next_epoch_s)
                 return True
         return False
+
+    def _futile(self, run: TrainingRun, epochs: int) -> rules.Choice | None:
+        """Whether a fine-tuning stage is clearly not going to beat the stages before it on
+        the monitored val metric (without a val split, stages are not compared)."""
+        monitor, history = self.progress.monitor, self.progress.history
+        if run.stage != "finetune" or monitor.startswith("train_"):
+            return None
+        before = [row[monitor] for row in history[:self.stage_offset]]
+        stage = [row[monitor] for row in history[self.stage_offset:]]
+        if not before or not all(math.isfinite(v) for v in before + stage):
+            return None
+        return rules.finetune_futile(stage, before, epochs, metric=monitor,
+                                     higher_is_better=self.progress.stopper.mode == "max")
 
     def shared_features_of(self, samples: list, root: Path) -> torch.Tensor | None:
         """Those images' features from the shared store, when the best weights have the

@@ -64,7 +64,7 @@ def pretrain_stage(setup: RunSetup, spec: FineTuneSpec, train: list[Sample],
 
     def on_start() -> None:
         if callbacks.on_stage is not None:
-            callbacks.on_stage("pretrain", 0)  # 0: the fine-tuning epochs are unchanged
+            callbacks.on_stage("pretrain", 0, 0)  # 0: the fine-tuning epochs are unchanged
 
     images = pretraining_images(train, unlabeled)
     adapted = adapt_backbone(run, images, size=size, store=setup.derived, owner=setup.owner,
@@ -122,7 +122,7 @@ def pseudo_label_rounds(stages: StageRunner, spec: FineTuneSpec, *, train: list[
     rounds: list[dict] = state["pseudo_labels"]["rounds"] if state else []
     for number in range(state["pseudo_labels"]["round"] if state else 1, config.rounds + 1):
         if setup.callbacks.on_stage is not None:
-            setup.callbacks.on_stage("pseudo_labels", 0)
+            setup.callbacks.on_stage("pseudo_labels", 0, 0)
         if state is not None:  # labelled by the attempt that was cut off
             indices, labels = state["pseudo_labels"]["indices"], state["pseudo_labels"]["labels"]
         else:

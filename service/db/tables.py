@@ -166,6 +166,9 @@ class Job(Base):
     retry_at: Mapped[datetime | None]  # a transient failure: not admitted again before this
     hold_reason: Mapped[str | None] = mapped_column(Text)  # why a queued job is held back
     stage: Mapped[str | None] = mapped_column(String(16))  # features | head | finetune | ...
+    # While a stage that trains runs: the epochs finished when it began, and its own epochs.
+    stage_start_epoch: Mapped[int | None]
+    stage_epochs: Mapped[int | None]
     resolved: Mapped[dict[str, Any] | None]  # auto field -> {"value", "why"}
     diagnosis: Mapped[list[Any] | None]  # findings, once the job has finished
     sweep_id: Mapped[str | None] = mapped_column(String(32), index=True)  # a sweep's trial

@@ -183,15 +183,21 @@ def record_progress(session: Session, job_id: str, worker: str, epoch: int, step
     return "cancel" if job is not None and job.cancel_requested else "ok"
 
 
-def record_stage(session: Session, job_id: str, worker: str, stage: str, epochs: int) -> bool:
-    """The stage the run entered, and the epochs it may now run in all (0: unchanged)."""
-    values: dict = {"stage": stage, "heartbeat_at": utcnow()}
+def record_stage(session: Session, job_id: str, worker: str, stage: str, epochs: int,
+                 stage_epochs: int = 0) -> bool:
+    """The stage the run entered, the epochs it may now run in all (0: unchanged) and, for a
+    stage that trains, its own (its first epoch is the one after those finished now)."""
+    trains = stage_epochs > 0
+    values: dict = {"stage": stage, "heartbeat_at": utcnow(),
+                    "stage_start_epoch": Job.epoch if trains else None,
+                    "stage_epochs": stage_epochs if trains else None}
     if epochs > 0:
         values["epochs"] = epochs
     if not rows_changed(session, update(Job).where(_ours(job_id, worker)).values(**values)):
         return False
     add_event(session, job_id, EventKind.STAGE, stage=stage,
-              **({"epochs": epochs} if epochs else {}))
+              **({"epochs": epochs} if epochs else {}),
+              **({"stage_epochs": stage_epochs} if trains else {}))
     return True
 
 

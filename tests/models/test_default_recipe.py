@@ -181,7 +181,7 @@ def test_a_two_stage_run_resumes_in_its_second_stage(tiny_folder, tmp_path):
     with pytest.raises(TrainingCancelled):
         fit(tiny_folder, spec, checkpoint_dir=tmp_path,
             callbacks=Callbacks(on_epoch_end=finished.append, should_stop=stop_in_finetune,
-                                on_stage=lambda stage, _: stages_seen.append(stage)))
+                                on_stage=lambda stage, *_: stages_seen.append(stage)))
     resumed = fit(tiny_folder, spec, checkpoint_dir=tmp_path, resume=tmp_path)
     assert [r["epoch"] for r in resumed.history] == list(range(1, len(whole.history) + 1))
     assert [r["stage"] for r in resumed.history] == [r["stage"] for r in whole.history]

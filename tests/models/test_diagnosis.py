@@ -120,3 +120,16 @@ def test_class_imbalance_hurting_recall(weights, advice):
     balanced = diagnose([_row(1, 0.3, 0.3)], num_classes=2, evaluation=evaluation,
                         class_counts={"big": 20, "rare": 20})
     assert balanced == []
+
+
+def test_fine_tuning_that_never_beat_the_head_is_reported_with_its_cost():
+    history = [_row(1, 0.9, 0.6, stage="head"), _row(2, 0.5, 0.4, stage="head"),
+               *[_row(e, 0.4, 0.5, stage="finetune") for e in (3, 4, 5)]]
+    for row in history[2:]:
+        row["seconds"] = 20.0
+    findings = diagnose(history, num_classes=2, best_epoch=2)
+    found = next(f for f in findings if f["code"] == "finetune_no_gain")
+    assert "epoch 2 (head)" in found["evidence"] and "3 epoch(s), 60 s" in found["evidence"]
+    assert "preset fast" in found["action"].lower()
+    # Fine-tuning whose epoch is the best: nothing to report.
+    assert "finetune_no_gain" not in _codes(diagnose(history, num_classes=2, best_epoch=4))

@@ -341,3 +341,45 @@ def test_pretraining_adapts_the_top_two_stages_unless_asked_never_more_than_ther
     assert rules.pretrain_stages(9, 7).value == 7
     assert rules.pretrain_size("auto", 96).value == 96
     assert rules.pretrain_size(64, 96).value == 64
+
+
+def test_finetune_stops_when_its_pace_cannot_close_the_gap_to_the_head():
+    head = [0.9, 0.5, 0.42, 0.43]
+    # Best 0.55 after 4 of 11 epochs, 0.01 a epoch over the last two: 7 left close 0.07 < 0.13.
+    stopped = rules.finetune_futile([0.8, 0.57, 0.56, 0.55], head, 11)
+    assert stopped is not None and stopped.value == 4
+    assert "after 4 of its 11 epochs" in stopped.why and "0.42" in stopped.why
+    # Improving fast enough to close it: goes on.
+    assert rules.finetune_futile([0.9, 0.7, 0.55, 0.45], head, 11) is None
+    # Already better than the head: goes on (early stopping judges it from there).
+    assert rules.finetune_futile([0.6, 0.45, 0.41, 0.44], head, 11) is None
+
+
+def test_finetune_is_judged_only_after_3_epochs_with_2_left():
+    head, stalled = [0.3], [0.9, 0.9, 0.9]
+    assert rules.finetune_futile(stalled[:2], head, 10) is None  # too early to judge
+    assert rules.finetune_futile(stalled, head, 4) is None  # 1 left: its best epochs are last
+    assert rules.finetune_futile(stalled, head, 5) is not None
+
+
+def test_finetune_futility_follows_a_metric_where_higher_is_better():
+    head = [0.80, 0.90]
+    assert rules.finetune_futile([0.5, 0.6, 0.61, 0.615], head, 10, metric="val_accuracy",
+                                 higher_is_better=True) is not None
+    assert rules.finetune_futile([0.5, 0.7, 0.85], head, 10, metric="val_accuracy",
+                                 higher_is_better=True) is None
+
+
+def test_refit_says_whether_early_stopping_or_the_stage_limit_chose_the_epochs():
+    assert "early stopping chose" in rules.refit_choice(100, 12, capped=False).why
+    capped = rules.refit_choice(100, 40, capped=True).why
+    assert "early stopping" not in capped and "still improving" in capped
+
+
+def test_range_test_reason_says_when_the_loss_never_turned_up():
+    from ftune.models.training.lr_finder import RangeTest
+
+    never_turned = RangeTest(0.003, 1.0, [], 200).why()
+    assert "still falling near the test's highest rate" in never_turned
+    assert "lowest at 1" not in never_turned
+    assert "lowest at 0.05" in RangeTest(0.003, 0.05, [], 120).why()

@@ -143,7 +143,7 @@ def test_pretraining_adapts_resumes_after_a_stop_and_is_reused(low_label, tmp_pa
     assert not any(name.startswith("conv_stem.weight") for name in changed)  # stages frozen
     stages: list[str] = []
     again = fit(low_label, spec, derived=store, callbacks=Callbacks(
-        on_stage=lambda stage, _: stages.append(stage)))
+        on_stage=lambda stage, *_: stages.append(stage)))
     assert again.resolved["pretrain"]["reused"] and "pretrain" not in stages
     assert again.resolved["pretrain"]["key"] == choice["key"]
     for name, value in again.model.backbone.state_dict().items():
@@ -154,7 +154,7 @@ def test_pretraining_adapts_resumes_after_a_stop_and_is_reused(low_label, tmp_pa
 def test_pseudo_labels_join_training_only(low_label):
     stages: list[str] = []
     result = fit(low_label, {**SPEC, "pseudo_labels": {"rounds": 2, "threshold": 0.2}},
-                 callbacks=Callbacks(on_stage=lambda stage, _: stages.append(stage)))
+                 callbacks=Callbacks(on_stage=lambda stage, *_: stages.append(stage)))
     rounds = result.resolved["pseudo_labels"]["value"]
     assert [r["round"] for r in rounds] == [1, 2] and stages.count("pseudo_labels") == 2
     for r in rounds:
@@ -174,7 +174,7 @@ def test_pseudo_label_rounds_are_checkpointed_and_never_repeated(low_label, tmp_
     stages: list[str] = []
     with pytest.raises(TrainingCancelled):  # stopped as round 2 labels its images
         fit(low_label, spec, checkpoint_dir=tmp_path / "b", callbacks=Callbacks(
-            on_stage=lambda stage, _: stages.append(stage),
+            on_stage=lambda stage, *_: stages.append(stage),
             should_stop=lambda: stages.count("pseudo_labels") == 2))
     saved = load_checkpoint(tmp_path / "b" / "pseudo_labels")
     assert saved["pseudo_labels"]["round"] == 1 and saved["epoch"] == second - 1

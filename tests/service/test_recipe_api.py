@@ -59,3 +59,35 @@ def test_a_failed_job_is_diagnosed_from_its_stored_metrics(client, tiny_dataset)
     assert codes & {"diverging", "unstable", "exploding_gradients"}, (job["status"],
                                                                       job["diagnosis"])
     assert all(finding["action"] for finding in job["diagnosis"])
+
+
+def test_progress_totals_hold_every_stage_and_each_stage_counts_its_own_epochs(client,
+                                                                              tiny_dataset):
+    spec = {"image_size": 32, "epochs": 2, "batch_size": 12}  # head, then 2 of fine-tuning
+    job = client.post("/v1/jobs", json={"dataset_id": tiny_dataset["id"], "spec": spec}).json()
+    job = wait_for_job(client, job["id"], timeout_s=240)
+    assert job["status"] == "succeeded", job["error"]
+    events = [data for kind, data in _events(client, job["id"]) if kind == "stage"]
+    stages = {data["stage"]: data.get("epochs") for data in events}
+    own = {data["stage"]: data.get("stage_epochs") for data in events}
+    head = [row for row in job["metrics"] if row["stage"] == "head"]
+    # The total announced with the head stage already holds the fine-tuning epochs, so it
+    # does not jump up when fine-tuning begins; it shrinks to what ran.
+    assert stages["head"] == 40 + 2 and stages["finetune"] == len(head) + 2
+    assert (own["head"], own["finetune"], own["evaluate"]) == (40, 2, None)
+    assert job["progress"]["epochs"] == len(job["metrics"]) == job["progress"]["epochs_done"]
+    assert job["progress"]["stage_epoch"] is None  # no training stage runs now
+
+
+def test_a_stage_s_own_epochs_come_from_where_it_began():
+    from ftune.service.db.tables import Job
+    from ftune.service.jobs import progress_of
+
+    running = Job(stage="finetune", stage_start_epoch=40, stage_epochs=12, epoch=41, step=3,
+                  steps=10, epochs=55)
+    shown = progress_of(running)
+    assert (shown["epoch"], shown["epochs"]) == (42, 55)
+    assert (shown["stage_epoch"], shown["stage_epochs"]) == (2, 12)
+    between = progress_of(Job(stage="evaluate", stage_start_epoch=None, epoch=45, step=0,
+                              steps=10, epochs=45))
+    assert between["stage_epoch"] is None and between["stage_epochs"] is None
