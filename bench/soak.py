@@ -38,6 +38,7 @@ def main() -> int:
                         "folder, kept for reading the logs)")
     args = parser.parse_args()
     faulthandler.register(signal.SIGUSR1)  # kill -USR1 PID: where every thread is now
+    signal.signal(signal.SIGTERM, _stop)  # `kill PID` tears the stack down too
     work = args.work or Path(tempfile.mkdtemp(prefix="ftune-soak-"))
     options = SoakOptions(work=work, minutes=args.minutes, seed=args.seed,
                           database=args.database, workers=args.workers)
@@ -47,6 +48,12 @@ def main() -> int:
     print(f"logs: {work / 'logs'}")
     print(final_line(result))
     return 1 if result.violations else 0
+
+
+def _stop(signum: int, _frame: object) -> None:
+    """SIGTERM ends the run as Ctrl-C does, through the stack's own teardown: its
+    PostgreSQL cluster, Redis and processes would outlive it otherwise."""
+    raise SystemExit(128 + signum)
 
 
 if __name__ == "__main__":
