@@ -7,6 +7,7 @@ test-artifacts/dashboard/."""
 from __future__ import annotations
 
 import base64
+import re
 import shutil
 import time
 from pathlib import Path
@@ -120,6 +121,9 @@ def test_the_whole_path_upload_train_watch_model_predict(page, up, animal_zip):
         time.sleep(0.2)
     assert page.inner_text("#job-status") == "succeeded", seen
     assert len(seen) >= 3, seen  # it changed live, more than once
+    # A training stage counted its own epochs; the finished job says how many ran in all.
+    assert any(re.search(r"(head|finetune), epoch \d+/\d+", line) for line in seen), seen
+    assert re.fullmatch(r"\d+ epochs? run", page.inner_text("#job-progress-text")), seen
     assert page.evaluate("window.__loadedOnce") is True  # without reloading
     page.wait_for_selector("#curves svg polyline")
     assert page.locator("#events li").count() > 3
@@ -165,13 +169,107 @@ def test_a_spec_error_is_shown_next_to_its_field(page, up, animal_zip):
     page.wait_for_selector("#nav:not([hidden])")
     page.goto(up.url + "/#/new-job")
     page.wait_for_selector('[data-path="epochs"] input')
+    # The API refuses weights_path from any client: the form does not offer it.
+    assert page.locator('[name="weights_path"], [data-path="weights_path"]').count() == 0
     page.fill('[data-path="epochs"] input', "0")
     page.click("#start-job")
     page.wait_for_selector('[data-path="epochs"] .field-error:not(:empty)')
     assert page.get_attribute('[data-path="epochs"] input', "aria-invalid") == "true"
     assert "1" in page.inner_text('[data-path="epochs"] .field-error')
-    assert page.inner_text("#job-error") == "Some fields need fixing (see below)."
+    summary = page.inner_text("#job-error")
+    assert "epochs" in summary and "above" in summary and "below" not in summary, summary
+    # The focus is on the field to fix (not left on the button), and it is on screen.
+    assert page.evaluate("document.activeElement.name") == "epochs"
+    assert page.evaluate("""(() => { const r = document.activeElement.getBoundingClientRect();
+        return r.top >= 0 && r.bottom <= innerHeight; })()""")
+    page.fill('[data-path="optimizer.lr"] input', "-1")  # two at once: both named
+    page.click("#start-job")
+    wait_for_js(page, "document.querySelector('#job-error').textContent.includes('optimizer.lr')")
+    assert "epochs" in page.inner_text("#job-error")
+    assert page.evaluate("document.activeElement.name") == "epochs"  # the first, in form order
     page.screenshot(path=ARTIFACTS / "spec-error.png", full_page=True)
+
+
+# A dataset name is the uploader's text, and the model card quotes it: it must stay text.
+HOSTILE_NAME = 'animals <img src=x id=injected> [click](javascript:alert(1)) <b>no</b>'
+FAST = {"preset": "fast", "image_size": 32, "epochs": 3, "batch_size": 12}
+# Elements of the page that reach past the viewport's right edge outside a scroll box of their own.
+OVERFLOWING = """[...document.querySelectorAll('#view *')].filter((el) =>
+    el.getBoundingClientRect().right > document.documentElement.clientWidth + 1
+    && !el.closest('.table-wrap, pre')).map((el) => el.tagName + ': ' + el.textContent)"""
+WIDE_TABLES_SCROLL = """(() => { const wraps = [...document.querySelectorAll(SELECTOR)];
+    return wraps.length > 0 && wraps.every((w) => w.getBoundingClientRect().right
+        <= document.documentElement.clientWidth + 1)
+      && wraps.some((w) => w.scrollWidth > w.clientWidth
+        && getComputedStyle(w).overflowX === 'auto'); })()"""
+
+
+def _finished_fast_job(up, zipped: bytes) -> dict:
+    """A fast-preset job on a carved val split: its head is refit on train+val."""
+    with httpx.Client(base_url=up.url, headers={"Authorization": f"Bearer {up.admin_key}"},
+                      timeout=60) as api:
+        dataset = api.post("/v1/datasets", files={"file": ("animals.zip", zipped)},
+                           data={"name": HOSTILE_NAME}, params={"dedupe": "false"}).json()
+        assert dataset["name"] == HOSTILE_NAME, dataset
+        job = api.post("/v1/jobs", json={"dataset_id": dataset["id"], "spec": FAST,
+                                         "model_name": "phone-check"}).json()
+        deadline = time.monotonic() + 240
+        while job["status"] not in ("succeeded", "failed", "cancelled"):
+            assert time.monotonic() < deadline, job
+            time.sleep(0.5)
+            job = api.get(f"/v1/jobs/{job['id']}").json()
+        model = api.get(f"/v1/models/{job['model_id']}").json() if job["model_id"] else None
+    assert job["status"] == "succeeded", job["error"]
+    assert job["resolved"]["refit"]["value"] is True  # what the model page must say
+    return {"job": job, "model": model}
+
+
+def test_on_a_phone_the_best_epoch_refit_and_rendered_card_show(page, up, animal_zip):
+    run = _finished_fast_job(up, animal_zip)
+    job, model = run["job"], run["model"]
+    page.set_viewport_size({"width": 375, "height": 800})
+    sign_in(page, up.admin_key)
+    page.wait_for_selector("#nav:not([hidden])")
+
+    page.goto(f"{up.url}/#/jobs/{job['id']}")
+    page.wait_for_selector("#epochs tr.best")
+    best = page.locator("#epochs tbody tr.best")
+    assert best.count() == 1 and best.get_attribute("data-epoch") == str(job["best"]["epoch"])
+    assert "best" in best.locator("td >> nth=0").inner_text()  # in words, not colour alone
+    assert f"Epoch {job['best']['epoch']} had the best" in page.inner_text("#best-epoch")
+    assert page.evaluate(OVERFLOWING) == []
+    assert page.evaluate(WIDE_TABLES_SCROLL.replace("SELECTOR", "'#epochs .table-wrap'"))
+    assert page.evaluate("document.documentElement.scrollWidth <= innerWidth")
+    page.screenshot(path=ARTIFACTS / "job-phone.png", full_page=True)
+
+    page.goto(f"{up.url}/#/models/{model['id']}")
+    page.wait_for_selector("#model-card table")
+    # Val was trained on after the refit: the page says so next to the val scores.
+    assert "Refit on train+val" in page.inner_text("#refit-note")
+    assert "before the refit" in page.locator("h2", has_text="Evaluation").inner_text()
+    # The card is rendered: headings, tables, code; no Markdown syntax left as text.
+    card = page.inner_text("#model-card")
+    assert page.locator("#model-card h4", has_text="Results").count() == 1
+    assert page.locator("#model-card table").count() >= 3 and "|---" not in card
+    assert "## " not in card and "**" not in card.replace(HOSTILE_NAME, "")
+    assert page.locator("#model-card pre code").count() == 1  # the spec, fenced
+    # Nothing in the card's text becomes markup: no image, no script link, the name as typed.
+    assert HOSTILE_NAME in card, [line for line in card.splitlines() if "Dataset" in line]
+    assert page.locator("#injected, #model-card img, #model-card b").count() == 0
+    assert page.locator("#model-card a[href^='javascript']").count() == 0
+    # Its source can still be read and downloaded.
+    source = page.text_content("#card-source pre")
+    assert source.startswith("# Model card: phone-check v1"), source[:80]
+    with page.expect_download() as download:
+        page.click("#card-download")
+    assert Path(download.value.path()).read_text().startswith("# Model card: phone-check v1")
+    # At phone width: tables scroll in their own box, the hash breaks, the page does not widen.
+    hash_code = page.locator("#model-card code", has_text=model["dataset_hash"][:16])
+    assert hash_code.count() == 1
+    assert page.evaluate(OVERFLOWING) == []
+    assert page.evaluate(WIDE_TABLES_SCROLL.replace("SELECTOR", "'#view .table-wrap'"))
+    assert page.evaluate("document.documentElement.scrollWidth <= innerWidth")
+    page.screenshot(path=ARTIFACTS / "model-phone.png", full_page=True)
 
 
 def test_cancelling_a_running_job(page, up, animal_zip):

@@ -2,6 +2,9 @@
 // default and description; "auto" fields say what they will decide. 422 errors are placed
 // next to the field they name.
 
+// Fields the HTTP API always refuses (the service reads no path a client names): not offered.
+const NOT_OVER_HTTP = new Set(["weights_path"]);
+
 let schemaCache;
 
 export async function specSchema() {
@@ -49,6 +52,7 @@ const id = (path) => `spec-${path.replace(/\./g, "-")}`;
 export function renderSpecForm(schema, container, autoHints = {}) {
   container.replaceChildren();
   for (const [path, field] of specFields(schema)) {
+    if (NOT_OVER_HTTP.has(path)) continue;
     const wrap = document.createElement("div");
     wrap.className = "field";
     wrap.dataset.path = path;
@@ -98,8 +102,9 @@ export function readSpecForm(container) {
   return spec;
 }
 
-// Each 422 error next to its field (loc ["spec", "optimizer", "lr"] -> optimizer.lr); the
-// ones that name no field are returned for the form's own message.
+// Each 422 error next to its field (loc ["spec", "optimizer", "lr"] -> optimizer.lr).
+// Returns the inputs marked (in form order) and the messages that name no field, for the
+// form's own summary.
 export function showErrors(container, errors) {
   container.querySelectorAll(".field-error").forEach((e) => { e.textContent = ""; });
   container.querySelectorAll("[aria-invalid]").forEach((e) => e.removeAttribute("aria-invalid"));
@@ -113,8 +118,9 @@ export function showErrors(container, errors) {
       path = path.split(".").slice(0, -1).join(".");
     }
     if (!wrap) { unplaced.push(err.msg); continue; }
-    wrap.querySelector(".field-error").textContent = err.msg;
+    const error = wrap.querySelector(".field-error");
+    error.textContent = error.textContent ? `${error.textContent} ${err.msg}` : err.msg;
     wrap.querySelector("input").setAttribute("aria-invalid", "true");
   }
-  return unplaced;
+  return { invalid: [...container.querySelectorAll("input[aria-invalid]")], unplaced };
 }

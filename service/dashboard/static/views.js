@@ -4,6 +4,7 @@
 import { ApiError, blobUrl, followEvents, get, request, upload } from "./api.js";
 import { barChart, lineChart } from "./charts.js";
 import { readSpecForm, renderSpecForm, showErrors, specSchema } from "./forms.js";
+import { renderMarkdown } from "./markdown.js";
 
 export function h(tag, attrs = {}, ...children) {
   const node = document.createElement(tag);
@@ -37,10 +38,24 @@ function table(headers, rows, attrs = {}) {
 
 function setText(node, text) { if (node.textContent !== text) node.textContent = text; }
 
+const ENDED = ["succeeded", "failed", "cancelled", "pruned"];
+
+// A training stage counts its own epochs ("finetune, epoch 2/12"), beside the job's total:
+// the head's epochs then the fine-tuning's would read "epoch 41/52".
+function stageEpoch(p, epoch) {
+  if (p.stage_epoch == null || !p.stage_epochs) return null;
+  const own = epoch - (p.epoch - p.stage_epoch);
+  return own >= 1 && own <= p.stage_epochs ? `${p.stage}, epoch ${own}/${p.stage_epochs}` : null;
+}
+
 function progressText(job) {
   const p = job.progress || {};
+  const done = p.epochs_done || 0;
+  if (ENDED.includes(job.status)) return `${done} epoch${done === 1 ? "" : "s"} run`;
+  const own = stageEpoch(p, p.epoch);
+  if (own) return `${own} (${done} of ${p.epochs || "?"} in all)`;
   const stage = p.stage ? `${p.stage}, ` : "";
-  return `${stage}epoch ${p.epochs_done || 0}/${p.epochs || "?"}`;
+  return `${stage}epoch ${done}/${p.epochs || "?"}`;
 }
 
 function dropZone(label, accept, multiple, onFiles) {
@@ -154,9 +169,13 @@ export async function newJobPage(view, alert, query, go) {
       const job = await request("POST", "/jobs", { json: { dataset_id: dataset.value, spec } });
       go(`#/jobs/${job.id}`);
     } catch (error) {
-      const unplaced = error.errors ? showErrors(fields, error.errors) : [];
-      message.textContent = error.errors?.length && !unplaced.length && raw.hidden
-        ? "Some fields need fixing (see below)." : plainError(error);
+      const { invalid, unplaced } = showErrors(fields, error.errors || []);
+      message.textContent = raw.hidden && invalid.length ? fixSummary(invalid, unplaced) : plainError(error);
+      const first = raw.hidden ? invalid[0] : raw;
+      if (first && error.errors?.length) {  // where the fix is, not on the button
+        first.focus({ preventScroll: true });
+        first.scrollIntoView({ block: "center" });
+      }
     }
   };
   view.replaceChildren(h("h1", {}, "New job"), h("form", { id: "job-form", class: "card", onsubmit: submit, novalidate: true },
@@ -164,6 +183,14 @@ export async function newJobPage(view, alert, query, go) {
     h("label", { for: "job-backbone" }, "Backbone"), backbone,
     h("p", {}, "Every field is optional: leave it empty for its default. ", toggle),
     fields, raw, message, h("button", { type: "submit", id: "start-job" }, "Start training")));
+}
+
+// What a 422 asks to fix, naming the fields (each one's message is by it, above this).
+function fixSummary(invalid, unplaced) {
+  const names = invalid.map((input) => input.name);
+  const fields = names.length === 1 ? names[0] : `${names.length} fields: ${names.join(", ")}`;
+  const where = names.length === 1 ? "what is wrong is shown by the field, above" : "each is marked above";
+  return [`Fix ${fields} (${where}).`, ...unplaced].join(" ");
 }
 
 // ---- jobs -----------------------------------------------------------------------------
@@ -214,29 +241,33 @@ export async function jobPage(view, alert, id) {
     h("section", { class: "card" }, h("h2", {}, "Gradient norms per stage"), grads),
     details, h("section", { class: "card" }, h("h2", {}, "Events"), events));
 
-  let shownEpochs = -1;
+  let shownEpochs = "";
+  let lastProgress = {};
   async function refresh() {
     const job = await get(`/jobs/${id}`);
+    lastProgress = job.progress || {};
     setText(status, job.status);
     status.dataset.status = job.status;
     setText(progressLabel, progressText(job));
     const p = job.progress || {};
     progress.value = p.epochs ? Math.min(1, (p.epochs_done || 0) / p.epochs) : 0;
-    cancel.hidden = ["succeeded", "failed", "cancelled", "pruned"].includes(job.status);
+    cancel.hidden = ENDED.includes(job.status);
     if (job.model_id && !modelLink.firstChild) modelLink.append(h("a", { href: `#/models/${job.model_id}`, id: "open-model" }, "Open the model"));
     if (job.error) modelLink.replaceChildren(h("span", { class: "error" }, job.error));
-    if (job.metrics.length !== shownEpochs) { shownEpochs = job.metrics.length; drawMetrics(job.metrics); }
+    const drawn = `${job.metrics.length}@${job.best?.epoch}`;  // the best is known at the end
+    if (drawn !== shownEpochs) { shownEpochs = drawn; drawMetrics(job.metrics, job); }
     details.replaceChildren(resolvedCard(job.resolved), diagnosisCard(job.diagnosis));
     return job;
   }
-  function drawMetrics(rows) {
+  function drawMetrics(rows, job) {
+    const bestEpoch = job.best?.epoch;
     const series = (key, name, cls) => ({ name, cls, points: rows.map((r) => [r.epoch, r[key]]) });
     charts.replaceChildren(
       lineChart("Loss", [series("train_loss", "train", "train"), series("val_loss", "val", "val")], { yMin: 0 }),
       lineChart("Accuracy", [series("train_accuracy", "train", "train"), series("val_accuracy", "val", "val")], { yMin: 0 }));
     epochs.replaceChildren(table(["Epoch", "Stage", "Train loss", "Train acc", "Val loss", "Val acc", "LR", "Seconds"],
-      rows.map((r) => h("tr", {}, [r.epoch, r.stage, num(r.train_loss), pct(r.train_accuracy), num(r.val_loss),
-        pct(r.val_accuracy), num(r.lr, 6), num(r.seconds, 1)].map((v) => h("td", {}, String(v ?? "")))))));
+      rows.map((r) => epochRow(r, r.epoch === bestEpoch))),
+    bestEpoch ? bestNote(bestEpoch, job) : null);
     const stages = [...new Set(rows.flatMap((r) => Object.keys(r.stage_grad_norms || {})))];
     grads.replaceChildren(stages.length ? table(["Epoch", ...stages], rows.map((r) => h("tr", {}, h("td", {}, String(r.epoch)),
       stages.map((s) => h("td", {}, num((r.stage_grad_norms || {})[s], 4)))))) : h("p", {}, "None yet."));
@@ -245,13 +276,38 @@ export async function jobPage(view, alert, id) {
   const stream = followEvents(id, async (event) => {
     if (event.error) { alert(plainError(event.error)); return; }
     events.append(h("li", {}, h("strong", {}, event.kind), " ", describe(event)));
+    // The stage and epoch counts follow the events at once; refresh() catches up after.
+    if (event.kind === "stage") {
+      const done = lastProgress.epochs_done || 0;
+      lastProgress = { ...lastProgress, stage: event.data.stage, stage_epochs: event.data.stage_epochs,
+        stage_epoch: event.data.stage_epochs ? 0 : null, epoch: done };
+    }
+    if (event.kind === "epoch") lastProgress = { ...lastProgress, epochs_done: event.data.epoch };
     if (event.kind === "progress") {
-      setText(progressLabel, `epoch ${event.data.epoch}, step ${event.data.step}/${event.data.steps}`);
+      const epoch = stageEpoch(lastProgress, event.data.epoch) || `epoch ${event.data.epoch}`;
+      setText(progressLabel, `${epoch}, step ${event.data.step}/${event.data.steps}`);
       return;
     }
     try { await refresh(); } catch { /* the next event refreshes again */ }
   });
   return () => stream.stop();
+}
+
+function bestNote(epoch, job) {
+  const monitor = (job.spec?.early_stopping?.monitor || "val_loss").replace("_", " ");
+  const refit = job.resolved?.refit?.value === true
+    ? ", its head then trained again on train+val (see “refit” below)" : "";
+  return h("p", { class: "muted", id: "best-epoch" },
+    `Epoch ${epoch} had the best ${monitor} (marked “best”): the model is made from it${refit}.`);
+}
+
+// One epoch's row; the best one (the weights the model keeps) marked in words, not colour only.
+function epochRow(r, best) {
+  const values = [r.stage, num(r.train_loss), pct(r.train_accuracy), num(r.val_loss), pct(r.val_accuracy),
+    num(r.lr, 6), num(r.seconds, 1)];
+  return h("tr", { class: best ? "best" : null, "data-epoch": r.epoch },
+    h("td", {}, String(r.epoch), best ? [" ", h("span", { class: "badge" }, "best")] : null),
+    values.map((v) => h("td", {}, String(v ?? ""))));
 }
 
 function describe(event) {
@@ -288,12 +344,15 @@ export async function modelsPage(view) {
 }
 
 export async function modelPage(view, alert, id) {
-  const [model, evaluation, card, all] = await Promise.all([get(`/models/${id}`), get(`/models/${id}/evaluation`),
-    request("GET", `/models/${id}/card`).then((r) => r.text()), get("/models", { limit: 100 })]);
-  const split = evaluation.test?.num_images ? "test" : "val";
+  const [model, evaluation, card, cardFacts, all] = await Promise.all([get(`/models/${id}`),
+    get(`/models/${id}/evaluation`), request("GET", `/models/${id}/card`).then((r) => r.text()),
+    get(`/models/${id}/card`, { format: "json" }), get("/models", { limit: 100 })]);
+  const split = evaluation.test?.num_images ? "test" : "val";  // held out to the end: first
   const e = evaluation[split] || {};
+  // Refit on train+val: the model served has learned from the val images too.
+  const valSeen = split === "val" && cardFacts.resolved?.refit?.value === true;
   const confusion = h("img", { id: "confusion", alt: `Confusion matrix on ${split}` });
-  blobUrl(`/models/${id}/confusion.png`).then((url) => { confusion.src = url; }).catch(() => {});
+  blobUrl(`/models/${id}/confusion.png`, { split }).then((url) => { confusion.src = url; }).catch(() => {});
   const results = h("div", { id: "predict-results" });
   const predict = async (files) => {
     const form = new FormData();
@@ -317,8 +376,10 @@ export async function modelPage(view, alert, id) {
     } catch (error) { alert(plainError(error)); }
   } }, format);
   const versions = all.items.filter((m) => m.name === model.name);
+  const cardUrl = URL.createObjectURL(new Blob([card], { type: "text/markdown" }));
   view.replaceChildren(h("h1", {}, `${model.name} v${model.version}`),
-    h("section", { class: "card" }, h("h2", {}, `Evaluation (${split}, ${e.num_images || 0} images)`),
+    h("section", { class: "card" }, h("h2", {}, `Evaluation (${split}, ${e.num_images || 0} images${valSeen ? ", before the refit" : ""})`),
+      valSeen ? refitNote() : null,
       h("p", { id: "accuracy" }, `Accuracy ${pct(e.accuracy)}, macro F1 ${num(e.macro_f1, 3)}, calibration error (ECE) ${num(e.expected_calibration_error, 3)}`),
       table(["Class", "Precision", "Recall", "F1", "Images"], (e.per_class || []).map((c) => h("tr", {},
         h("td", {}, c.class ?? c.label ?? c.name), h("td", {}, pct(c.precision)), h("td", {}, pct(c.recall)), h("td", {}, pct(c.f1)), h("td", {}, String(c.support))))),
@@ -328,5 +389,26 @@ export async function modelPage(view, alert, id) {
       h("ul", {}, versions.map((m) => h("li", {}, h("a", { href: `#/models/${m.id}` }, `v${m.version}`), m.aliases.length ? ` (${m.aliases.join(", ")})` : ""))),
       h("form", { onsubmit: setAlias }, h("label", { for: "alias-name" }, `Point ${model.name}:ALIAS at this version`), aliasInput, h("button", { type: "submit" }, "Set alias"))),
     h("section", { class: "card" }, h("h2", {}, "Download"), ["safetensors", "onnx", "torchscript"].map(download)),
-    h("section", { class: "card" }, h("h2", {}, "Model card"), h("pre", { class: "model-card" }, card)));
+    modelCard(card, `model-card-${model.name}-v${model.version}.md`, cardUrl));
+  return () => URL.revokeObjectURL(cardUrl);
+}
+
+// After a refit the model also learned from the val images: their scores (from the model
+// before the refit) are no held-out measure of the model served. The job page's "Choices made
+// for you" says so too; here it is next to the numbers.
+function refitNote() {
+  return h("p", { class: "caveat", id: "refit-note", role: "note" }, h("strong", {}, "Refit on train+val. "),
+    "These scores are from the model before its head was trained again on train and val together: ",
+    "the model you use has seen these val images, so they are no held-out measure of it. ",
+    "Upload a dataset with a test split for that.");
+}
+
+// The card rendered (markdown.js builds text nodes only), with its Markdown source to read or
+// download.
+function modelCard(markdown, filename, href) {
+  return h("section", { class: "card" }, h("h2", {}, "Model card"),
+    h("div", { class: "model-card", id: "model-card" }, renderMarkdown(markdown, { headingOffset: 2 })),
+    h("details", { id: "card-source" }, h("summary", {}, "Markdown source"),
+      h("pre", { class: "card-markdown" }, markdown)),
+    h("a", { class: "button", id: "card-download", download: filename, href }, "Download card (Markdown)"));
 }
