@@ -102,3 +102,15 @@ def test_the_checker_finds_an_epoch_recorded_twice(soak):
     found = _new_violations(soak_run, plant)
     epoch = event["data"]["epoch"]
     assert any(f"job {job_id}'s epoch {epoch} recorded 2 times" in v for v in found), found
+
+
+def test_the_capacity_answers_the_checker_accepts_are_the_service_s_own():
+    """The checker tells a declared capacity's 503 from an outage by its words: they must be
+    the service's (a reworded answer would make every such 503 a violation, or hide one)."""
+    from pathlib import Path
+
+    from ftune.testing.soak.api import AT_CAPACITY
+
+    service = Path(__file__).parent.parent / "service"
+    sources = " ".join(p.read_text() for p in service.rglob("*.py"))
+    assert all(phrase in sources for phrase in AT_CAPACITY)

@@ -114,12 +114,20 @@ class RunFiles:
         return still_ours
 
     def ship_log(self) -> None:
-        """Store this attempt's log lines so far (the API reads them from the store)."""
-        if self.log_path.is_file():
-            try:
-                self.storage.blobs.put_file(log_key(self.job_id, self.attempt), self.log_path)
-            except Exception as exc:  # the log is worth a warning, never the job
-                log.warning("job %s: could not store its log lines: %s", self.job_id, exc)
+        """Store this attempt's log lines so far (the API reads them from the store). The
+        last lines go after the job has ended, when it may be deleted at once: a log written
+        after its row is gone is removed again (the soak found one left behind)."""
+        if not self.log_path.is_file():
+            return
+        key = log_key(self.job_id, self.attempt)
+        try:
+            self.storage.blobs.put_file(key, self.log_path)
+            with self.db.session() as session:
+                deleted = transitions.job_gone(session, self.job_id)
+            if deleted:
+                self.storage.blobs.delete(key)
+        except Exception as exc:  # the log is worth a warning, never the job
+            log.warning("job %s: could not store its log lines: %s", self.job_id, exc)
 
     def discard_checkpoints(self) -> None:
         """The job is over (or its checkpoints no longer fit it): none are kept, here or in

@@ -208,6 +208,12 @@ class JobRunner:
                 reason=f"transient error, retrying in {countdown:.0f} s: "
                 f"{describe_failure(exc)}")
         if not requeued:
+            with self.db.session() as session:
+                cancelled = transitions.cancel_requested(session, job.id)
+            if cancelled:  # requeue ended it cancelled
+                RunFiles(self.db, self.storage, self.worker_name, job.id,
+                         0).discard_checkpoints()
+                return JobStatus.CANCELLED
             log.warning("job %s hit a transient error (%s) and was taken over by another "
                         "worker meanwhile; its run here ends", job.id, exc)
             return SUPERSEDED

@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 class Repairs:
     requeued: list[str] = field(default_factory=list)  # abandoned running jobs
     failed: list[str] = field(default_factory=list)  # abandoned too often
+    cancelled: list[str] = field(default_factory=list)  # abandoned with a cancel requested
     reenqueued: list[str] = field(default_factory=list)  # queued, but lost from the broker
 
 
@@ -88,9 +89,9 @@ def reconcile(db: Database, celery: Celery, client: redis.Redis, settings: Setti
                 add_event(session, job_id, EventKind.NOTE,
                           message="enqueued again: its message was missing from the broker")
         repairs.reenqueued = [job_id for job_id, _, _ in lost]
-    if repairs.requeued or repairs.failed or repairs.reenqueued:
-        log.warning("reconciler: requeued %s, failed %s, re-enqueued %s", repairs.requeued,
-                    repairs.failed, repairs.reenqueued)
+    if repairs.requeued or repairs.failed or repairs.reenqueued or repairs.cancelled:
+        log.warning("reconciler: requeued %s, failed %s, re-enqueued %s, cancelled %s",
+                    repairs.requeued, repairs.failed, repairs.reenqueued, repairs.cancelled)
     return repairs
 
 
@@ -113,6 +114,9 @@ def _abandoned(session: Session, repairs: Repairs, stale_before: datetime,
         elif transitions.requeue(session, job.id, "its worker stopped sending heartbeats",
                                  ran_until=job.heartbeat_at):
             repairs.requeued.append(job.id)
+        elif job.cancel_requested:  # requeue ended it cancelled: its checkpoints go
+            repairs.cancelled.append(job.id)
+            deletions.schedule(session, [checkpoints_prefix(job.id)])
 
 
 def _unclaimed(session: Session, repairs: Repairs, stale_before: datetime) -> None:

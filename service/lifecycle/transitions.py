@@ -225,6 +225,11 @@ def record_resolved(session: Session, job_id: str, worker: str, resolved: dict) 
     return True
 
 
+def job_gone(session: Session, job_id: str) -> bool:
+    """Whether the job's row has been deleted (what a worker wrote for it then goes too)."""
+    return session.scalar(select(Job.id).where(Job.id == job_id)) is None
+
+
 def cancel_requested(session: Session, job_id: str) -> bool:
     job = session.get(Job, job_id, populate_existing=True)
     return job is None or job.cancel_requested
@@ -299,17 +304,27 @@ def diagnose_stored(session: Session, job: Job, error: str | None) -> list:
 def requeue(session: Session, job_id: str, reason: str, worker: str | None = None, *,
             retry_at: datetime | None = None, ran_until: datetime | None = None) -> bool:
     """Back to queued, to resume from its checkpoint; the dispatcher admits it again, not
-    before ``retry_at``."""
+    before ``retry_at``. A job asked to cancel ends cancelled instead: the dispatcher never
+    admits a job with a cancel request, so queued it would wait forever (the soak found
+    four). Returns whether it was queued."""
     condition = (_ours(job_id, worker) if worker is not None
                  else and_(Job.id == job_id, Job.status == JobStatus.RUNNING))
-    done = rows_changed(session, update(Job).where(condition)
-                    .values(status=JobStatus.QUEUED, worker=None, step=0, steps=0,
-                            admitted_at=None, retry_at=retry_at))
+    done = rows_changed(session, update(Job).where(condition, Job.cancel_requested.is_(False))
+                        .values(status=JobStatus.QUEUED, worker=None, step=0, steps=0,
+                                admitted_at=None, retry_at=retry_at))
     if done:
         end_run(session, job_id, ran_until)
         status_event(session, job_id, JobStatus.QUEUED, reason=reason,
                      **({"retry_at": retry_at.isoformat()} if retry_at else {}))
-    return bool(done)
+        return True
+    if session.scalar(select(Job.cancel_requested).where(condition)):
+        finish(session, job_id, JobStatus.CANCELLED, worker=worker, ran_until=ran_until,
+               only_from=(JobStatus.RUNNING,), error=CANCELLED_AWAY)
+    return False
+
+
+# A cancel requested while the run ended some other way (its worker lost, a transient error).
+CANCELLED_AWAY = "cancelled while running (its run had stopped before it saw the request)"
 
 
 def replace_spec(session: Session, job_id: str, spec: dict, message: str) -> None:

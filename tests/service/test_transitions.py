@@ -203,3 +203,38 @@ def test_an_admitted_job_no_worker_started_goes_back_to_the_dispatcher(db, redis
     with db.session() as session:
         job = session.get(Job, stuck)
         assert job.status == "queued" and job.admitted_at is None
+
+
+def test_a_job_asked_to_cancel_whose_run_stopped_ends_cancelled_not_queued(db, redis_url,
+                                                                           tmp_path):
+    """Found by the soak: a running job's worker lost the database (its run ended) after a
+    cancel was requested; queued again it waited forever, as the dispatcher never admits a
+    job with a cancel request."""
+    import redis as redis_lib
+
+    from ftune.service.lifecycle.dispatcher import admit
+    from ftune.service.lifecycle.reconciler import reconcile
+    from ftune.service.queue import make_celery
+    from ftune.service.settings import Settings
+
+    isolated = redis_url.rsplit("/", 1)[0] + "/7"
+    settings = Settings(home=tmp_path, redis_url=isolated, job_stale_s=30, max_attempts=3,
+                        reconcile_interval_s=10)
+    old = utcnow() - timedelta(seconds=60)
+    abandoned = _job(db, status=JobStatus.RUNNING, attempts=1, heartbeat_at=old,
+                     worker="w1")
+    retried = _job(db, status=JobStatus.RUNNING, attempts=1, heartbeat_at=utcnow(),
+                   worker="w2")
+    with db.session() as session:
+        for job_id in (abandoned, retried):
+            cancel_job(session, LOCAL_USER, job_id=job_id)
+    repairs = reconcile(db, make_celery(settings), redis_lib.Redis.from_url(isolated),
+                        settings)
+    assert repairs.requeued == [] and repairs.cancelled == [abandoned]
+    with db.session() as session:  # a worker's transient error asks to requeue it
+        assert not transitions.requeue(session, retried, "transient", "w2")
+    with db.session() as session:
+        for job_id in (abandoned, retried):
+            job = session.get(Job, job_id)
+            assert job.status == "cancelled" and "cancelled while running" in job.error
+        assert admit(session, settings, workers=[]) == []

@@ -1,6 +1,6 @@
 """An HTTP client that records every request in the journal and judges its answer: no 5xx
-except a 503 with Retry-After during a fault (or a 507 while the disk is below the API's
-reserve: the fault's ballast, or anything else that filled it), and no
+except a 503 with Retry-After during a fault or from a declared capacity (or a 507 while the
+disk is below the API's reserve: the fault's ballast, or anything else that filled it), and no
 request left unanswered except while the API restarts."""
 
 from __future__ import annotations
@@ -17,6 +17,11 @@ TIMEOUT_S = 90.0  # longer than any fault holds a request (SQLite's lock waits i
 # (FTUNE_HEADER_TIMEOUT_S, keep-alive): else a request sent as the server closes it is reset,
 # the keep-alive race every HTTP client must avoid, not a fault of the service.
 KEEPALIVE_S = 1.0
+# A process-wide capacity the service declares (FTUNE_MAX_EXPORTS, FTUNE_MAX_STREAMS,
+# FTUNE_MAX_UNPACKS) answers 503 with Retry-After by design, fault or not: load shed, not an
+# outage. Told apart by what the answer says.
+AT_CAPACITY = ("every export slot is busy", "as many event streams open as it allows",
+               "streaming and unpacking as many uploads as")
 
 
 class RecordingClient:
@@ -53,7 +58,8 @@ class RecordingClient:
                                      f"{call.method} {call.route} got no answer outside an API "
                                      f"restart ({error}; faults then: {sorted(faults)})")
             return
-        if call.status == 503 and response.headers.get("retry-after") and faults:
+        if call.status == 503 and response.headers.get("retry-after") and (
+                faults or any(phrase in response.text for phrase in AT_CAPACITY)):
             return
         if call.status == 507 and ("disk_full" in faults or self.journal.disk_low()):
             return

@@ -20,6 +20,9 @@ HOUR = 3600.0
 # Each process's own warm-up (imports, caches filling, the first models loaded) is growth,
 # not a leak: its first samples are left out of the fit.
 PROCESS_WARM_UP_S = 90.0
+# Series at least this long after their warm-up are the ones judged, where there are any: a
+# process restarted every two minutes shows its warm-up in its short series.
+LONG_SERIES_S = 300.0
 
 
 @dataclass(frozen=True)
@@ -93,6 +96,12 @@ class ResourceSampler(threading.Thread):
         for sample in chosen:
             rss[sample.pid].append((sample.at, sample.rss_mb))
             fds[sample.pid].append((sample.at, float(sample.fds)))
+        long = {pid for pid, points in rss.items()
+                if points[-1][0] - points[0][0] >= LONG_SERIES_S}
+        if long:
+            rss = {pid: points for pid, points in rss.items() if pid in long}
+            fds = {pid: points for pid, points in fds.items() if pid in long}
+            chosen = [s for s in chosen if s.pid in long]
         rss_slope, fds_slope = pooled_slope(rss), pooled_slope(fds)
         return Slopes(rss_mb_per_h=None if rss_slope is None else rss_slope * HOUR,
                       fds_per_h=None if fds_slope is None else fds_slope * HOUR,
