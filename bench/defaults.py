@@ -87,14 +87,18 @@ def digits(root: Path) -> Path:
     return root
 
 
-def faces(root: Path) -> Path:
+def faces(root: Path, split_seed: int | None = None) -> Path:
     """scikit-image's lfw_subset: 100 faces then 100 non-faces, 25 px grey; 20 of each held
-    out. Small and tiny: where fine-tuning has the least to gain."""
+    out (the last 20, or 20 drawn with ``split_seed``). Small and tiny: where fine-tuning
+    has the least to gain."""
     from skimage.data import lfw_subset
 
     images = (lfw_subset() * 255).round().astype(np.uint8)
+    order = np.arange(100) if split_seed is None else \
+        np.random.default_rng(split_seed).permutation(100)
     for i, image in enumerate(images):
-        label, rank = ("face", i) if i < 100 else ("not_face", i - 100)
+        label, index = ("face", i) if i < 100 else ("not_face", i - 100)
+        rank = int(np.flatnonzero(order == index)[0])
         folder = root / ("train" if rank < 80 else "test") / label
         folder.mkdir(parents=True, exist_ok=True)
         Image.fromarray(image).save(folder / f"{i:03d}.png")

@@ -20,7 +20,7 @@ from pathlib import Path
 from unittest import mock
 
 import numpy as np
-from defaults import DATASETS
+from defaults import DATASETS, faces
 
 from ftune.models.recipe import rules
 from ftune.models.training.fit import fit
@@ -44,10 +44,16 @@ def main() -> None:
     parser.add_argument("--datasets", nargs="+", choices=sorted(DATASETS),
                         default=["faces", "digits", "animal-mnist"])
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--faces-splits", type=int, default=0, help="also faces with this "
+                        "many other held-out draws (faces-split0, ...): where fine-tuning "
+                        "helps depends on which 20 images of each class are held out")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="ftune-finetune-stop-"))
-    for name in args.datasets:
-        root = DATASETS[name](work / name)
+    builders = {name: DATASETS[name] for name in args.datasets} | {
+        f"faces-split{k}": (lambda root, k=k: faces(root, split_seed=k))
+        for k in range(args.faces_splits)}
+    for name, build in builders.items():
+        root = build(work / name)
         results: dict[bool, list[tuple[float, float]]] = {True: [], False: []}
         for seed in range(args.seeds):
             for rule in ((True, False) if seed % 2 == 0 else (False, True)):

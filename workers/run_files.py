@@ -56,7 +56,7 @@ class RunFiles:
 
     def clean_up(self) -> None:
         """Ship the log one last time and remove this attempt's files from this host."""
-        self.ship_log()
+        self.ship_log(final=True)
         remove_tree(self.folder)
         with contextlib.suppress(OSError):  # another attempt's files are still there
             self.folder.parent.rmdir()
@@ -113,15 +113,17 @@ class RunFiles:
             self.storage.blobs.delete(key)
         return still_ours
 
-    def ship_log(self) -> None:
+    def ship_log(self, *, final: bool = False) -> None:
         """Store this attempt's log lines so far (the API reads them from the store). The
-        last lines go after the job has ended, when it may be deleted at once: a log written
-        after its row is gone is removed again (the soak found one left behind)."""
+        ``final`` lines go after the job has ended, when it may be deleted at once: a log
+        written after its row is gone is removed again (the soak found one left behind)."""
         if not self.log_path.is_file():
             return
         key = log_key(self.job_id, self.attempt)
         try:
             self.storage.blobs.put_file(key, self.log_path)
+            if not final:  # the job runs: it cannot be deleted meanwhile
+                return
             with self.db.session() as session:
                 deleted = transitions.job_gone(session, self.job_id)
             if deleted:
