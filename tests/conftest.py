@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -32,15 +33,17 @@ def engine_config() -> Iterator[Callable[..., object]]:
     engine.configure(previous)
 
 
+_SESSION_TEMPDIR = tempfile.tempdir  # before any app was made in this process
+
+
 @pytest.fixture(autouse=True)
 def _restore_tempdir() -> Iterator[None]:
     """An app made in-process points tempfile at its data directory (as the API process
-    should); later tests must not inherit that."""
-    import tempfile
-
-    before = tempfile.tempdir
+    should); later tests must not inherit that. Put back what the session started with, not
+    what the test found: a module-scoped app is made before this fixture runs, and a
+    PostgreSQL cluster made in its private folder cannot be read by the postgres user."""
     yield
-    tempfile.tempdir = before
+    tempfile.tempdir = _SESSION_TEMPDIR
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -46,7 +46,9 @@ def _assert_same_rows(got: list[dict], want: list[dict]) -> None:
     assert len(got) == len(want)
     for a, b in zip(_rows(got), _rows(want), strict=True):
         assert a[:2] == b[:2]
-        assert a[2:] == pytest.approx(b[2:], rel=1e-4, abs=1e-5)
+        # The gradient norm sums every parameter's in another order too: it came out 1.1e-4
+        # apart once (CI), within the tolerance the weights are held to.
+        assert a[2:] == pytest.approx(b[2:], rel=TOLERANCE, abs=1e-5)
 
 
 def test_two_ranks_train_what_one_process_trains(tmp_path, tiny_folder, one_process):
