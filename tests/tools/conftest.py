@@ -3,6 +3,7 @@ client, ``ftune remote`` and the light install, which all talk to it over HTTP."
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,3 +33,17 @@ def up(tmp_path_factory) -> Iterator[Up]:
         admin = make_key(database, role=Role.ADMIN, tenant="tools")
         member = make_key(database, role=Role.MEMBER, tenant="tools")
         yield Up(running.url, home, admin.key, member.key, running.log)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Debian's chromium, driven by Playwright (the browser tests)."""
+    from playwright.sync_api import sync_playwright
+
+    executable = shutil.which("chromium")
+    assert executable, ("Debian's chromium is needed: make test installs it "
+                        "(apt-get install chromium)")
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=executable)
+        yield browser
+        browser.close()

@@ -5,7 +5,6 @@ test-artifacts/api-docs/."""
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -15,18 +14,9 @@ pytestmark = pytest.mark.processes
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "api-docs"
 
 
-@pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import sync_playwright
-
-    executable = shutil.which("chromium")
-    assert executable, ("Debian's chromium is needed: make test installs it "
-                        "(apt-get install chromium)")
+@pytest.fixture(scope="module", autouse=True)
+def _artifacts() -> None:
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=executable)
-        yield browser
-        browser.close()
 
 
 def test_the_docs_page_renders_the_operations_offline(browser, up):

@@ -7,24 +7,18 @@ import threading
 
 import pytest
 
-from ftune.service.db import migrate
 from ftune.service.db.session import Database
-from ftune.service.db.tables import DEFAULT_TENANT_ID, Dataset, Job, JobEvent
+from ftune.service.db.tables import DEFAULT_TENANT_ID, Job, JobEvent
 from ftune.service.job_status import JobStatus
 from ftune.workers.progress import ProgressReporter
 
 
 @pytest.fixture
-def db(tmp_path):
-    database = Database(f"sqlite:///{tmp_path / 'ftune.db'}", prepare=migrate.upgrade)
+def db(database):
     with database.session() as session:
-        session.add(Dataset(id="d" * 32, tenant_id=DEFAULT_TENANT_ID, name="d",
-                            classes=["a", "b"], class_counts={}, num_images=2, splits={},
-                            warnings=[]))
         session.add(Job(id="j" * 32, tenant_id=DEFAULT_TENANT_ID, dataset_id="d" * 32,
                         spec={}, epochs=1, status=JobStatus.RUNNING, worker="w1"))
-    yield database
-    database.dispose()
+    return database
 
 
 def _reporter(db: Database, *, progress_s: float, cancel_poll_s: float) -> ProgressReporter:

@@ -7,9 +7,7 @@ from sqlalchemy import delete
 
 from ftune.service.blobs.base import BlobMissing
 from ftune.service.blobs.keys import log_key
-from ftune.service.db import migrate
-from ftune.service.db.session import Database
-from ftune.service.db.tables import DEFAULT_TENANT_ID, Dataset, Job
+from ftune.service.db.tables import DEFAULT_TENANT_ID, Job
 from ftune.service.job_status import JobStatus
 from ftune.service.storage import Storage
 from ftune.workers.run_files import RunFiles
@@ -18,16 +16,11 @@ JOB = "a" * 32  # ids are hex
 
 
 @pytest.fixture
-def db(tmp_path):
-    database = Database(f"sqlite:///{tmp_path / 'ftune.db'}", prepare=migrate.upgrade)
+def db(database):
     with database.session() as session:
-        session.add(Dataset(id="d" * 32, tenant_id=DEFAULT_TENANT_ID, name="d",
-                            classes=["a", "b"], class_counts={}, num_images=2, splits={},
-                            warnings=[]))
         session.add(Job(id=JOB, tenant_id=DEFAULT_TENANT_ID, dataset_id="d" * 32, spec={},
                         epochs=1, status=JobStatus.SUCCEEDED))
-    yield database
-    database.dispose()
+    return database
 
 
 def test_the_last_log_lines_of_a_job_deleted_as_it_ended_are_not_left_behind(db, tmp_path):
