@@ -152,8 +152,7 @@ class JobRunner:
             log.info("job %s skipped: missing, finished, cancelled or running elsewhere", job_id)
             with self.db.session() as session:
                 if transitions.cancel_requested(session, job_id):  # cancelled while it was away
-                    RunFiles(self.db, self.storage, self.worker_name, job_id,
-                             0).discard_checkpoints()
+                    self._discard_checkpoints(job_id)
         return job
 
     def _stopped(self, job: ClaimedJob, files: RunFiles, reporter: ProgressReporter,
@@ -186,6 +185,10 @@ class JobRunner:
         log.info("job %s cancelled", job_id)
         return JobStatus.CANCELLED
 
+    def _discard_checkpoints(self, job_id: str) -> None:
+        """A job cancelled without this attempt's run: its checkpoints go (any attempt's)."""
+        RunFiles(self.db, self.storage, self.worker_name, job_id, 0).discard_checkpoints()
+
     def _pruned(self, job: ClaimedJob, files: RunFiles) -> str:
         with self.db.session() as session:
             transitions.prune(session, job.id, self.worker_name, job.objective)
@@ -211,8 +214,7 @@ class JobRunner:
             with self.db.session() as session:
                 cancelled = transitions.cancel_requested(session, job.id)
             if cancelled:  # requeue ended it cancelled
-                RunFiles(self.db, self.storage, self.worker_name, job.id,
-                         0).discard_checkpoints()
+                self._discard_checkpoints(job.id)
                 return JobStatus.CANCELLED
             log.warning("job %s hit a transient error (%s) and was taken over by another "
                         "worker meanwhile; its run here ends", job.id, exc)

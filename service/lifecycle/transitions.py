@@ -301,6 +301,10 @@ def diagnose_stored(session: Session, job: Job, error: str | None) -> list:
     return diagnose(rows, num_classes=classes, error=error)
 
 
+# A cancel requested while the run ended some other way (its worker lost, a transient error).
+CANCELLED_AWAY = "cancelled while running (its run had stopped before it saw the request)"
+
+
 def requeue(session: Session, job_id: str, reason: str, worker: str | None = None, *,
             retry_at: datetime | None = None, ran_until: datetime | None = None) -> bool:
     """Back to queued, to resume from its checkpoint; the dispatcher admits it again, not
@@ -321,10 +325,6 @@ def requeue(session: Session, job_id: str, reason: str, worker: str | None = Non
         finish(session, job_id, JobStatus.CANCELLED, worker=worker, ran_until=ran_until,
                only_from=(JobStatus.RUNNING,), error=CANCELLED_AWAY)
     return False
-
-
-# A cancel requested while the run ended some other way (its worker lost, a transient error).
-CANCELLED_AWAY = "cancelled while running (its run had stopped before it saw the request)"
 
 
 def replace_spec(session: Session, job_id: str, spec: dict, message: str) -> None:
