@@ -1,4 +1,4 @@
-"""``ftune``: fine-tune image classifiers; train, predict and list backbones need no server."""
+"""ftune: fine-tune image classifiers; train, predict and list backbones need no server."""
 
 from __future__ import annotations
 

@@ -123,8 +123,11 @@ def test_cancel_queued_and_running_jobs(client, tiny_dataset, service_home):
     assert job["progress"]["epoch"] == max(e for e in epochs_in_events if e is not None)
     assert job["progress"]["epochs_done"] == len(job["metrics"])
     assert not (stored / "checkpoints").exists()  # partial files removed
+    # After the job has ended the worker stores its last log lines, then removes its files:
+    # once they are gone, nothing is left on the worker and the log in the store is whole.
+    wait_until(lambda: not (service_home / "jobs" / running["id"]).exists(), 30,
+               "the worker's files removed")
     assert [p.name for p in (stored / "logs").iterdir()] == ["attempt-0001.jsonl"]  # log stays
-    assert not (service_home / "jobs" / running["id"]).exists()  # nothing left on the worker
     # Cancel is idempotent; a finished job cannot be cancelled.
     assert client.post(f"/v1/jobs/{running['id']}/cancel").json()["status"] == "cancelled"
 
