@@ -1,8 +1,12 @@
-"""Does stopping a hopeless fine-tuning stage early cost accuracy? The default recipe (``{}``)
-in this process, with the rule (``models/recipe/rules.py: finetune_futile``) and without it,
-side by side on bench/defaults.py's datasets.
+"""Does stopping a hopeless fine-tuning stage early, or skipping a needless one, cost
+accuracy? The default recipe (``{}``) in this process, with the rules
+(``models/recipe/rules.py``: ``finetune_futile`` stops a stage that cannot beat the head,
+``head_suffices`` skips it when the head gets every val image right) and without them, side
+by side on bench/defaults.py's datasets.
 
-Usage: ``.venv/bin/python bench/finetune_stop.py [--datasets faces digits] [--seeds 3]``
+Usage: ``.venv/bin/python bench/finetune_stop.py [--datasets faces digits] [--seeds 3]
+[--rules finetune_futile head_suffices]`` (``--rules``: those switched off in the runs
+without; both by default)
 
 Each seed runs both ways, alternating which goes first. Prints a line per run (held-out
 accuracy, wall time, epochs per stage, the stage of the best epoch), then per dataset:
@@ -16,6 +20,7 @@ import argparse
 import tempfile
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from pathlib import Path
 from unittest import mock
 
@@ -25,11 +30,15 @@ from defaults import DATASETS, faces
 from ftune.models.recipe import rules
 from ftune.models.training.fit import fit
 
+RULES = ("finetune_futile", "head_suffices")
 
-def run(root: Path, seed: int, *, rule: bool) -> tuple[float, float, str]:
+
+def run(root: Path, seed: int, *, off: tuple[str, ...]) -> tuple[float, float, str]:
     never: Callable[..., None] = lambda *args, **kwargs: None  # noqa: E731
     started = time.perf_counter()
-    with mock.patch.object(rules, "finetune_futile", rules.finetune_futile if rule else never):
+    with ExitStack() as patches:
+        for name in off:
+            patches.enter_context(mock.patch.object(rules, name, never))
         result = fit(root, {"seed": seed} if seed else {})
     wall = time.perf_counter() - started
     stages = [row["stage"] for row in result.history]
@@ -44,6 +53,8 @@ def main() -> None:
     parser.add_argument("--datasets", nargs="+", choices=sorted(DATASETS),
                         default=["faces", "digits", "animal-mnist"])
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--rules", nargs="+", choices=RULES, default=list(RULES),
+                        help="the rules switched off in the runs without")
     parser.add_argument("--faces-splits", type=int, default=0, help="also faces with this "
                         "many other held-out draws (faces-split0, ...): where fine-tuning "
                         "helps depends on which 20 images of each class are held out")
@@ -57,7 +68,7 @@ def main() -> None:
         results: dict[bool, list[tuple[float, float]]] = {True: [], False: []}
         for seed in range(args.seeds):
             for rule in ((True, False) if seed % 2 == 0 else (False, True)):
-                accuracy, wall, detail = run(root, seed, rule=rule)
+                accuracy, wall, detail = run(root, seed, off=() if rule else tuple(args.rules))
                 results[rule].append((accuracy, wall))
                 print(f"finetune_stop dataset={name} seed={seed} rule={'on' if rule else 'off'} "
                       f"accuracy={accuracy:.4f} wall_s={wall:.1f} {detail}", flush=True)

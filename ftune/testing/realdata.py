@@ -49,3 +49,21 @@ def balanced_indices(labels: np.ndarray, per_class: int, offset: int = 0,
     """``per_class`` indices of each class, starting at the ``offset``-th of that class."""
     picked = [np.flatnonzero(labels == c)[offset:offset + per_class] for c in range(classes)]
     return np.concatenate(picked)
+
+
+def write_faces(root: Path, split_seed: int | None = None) -> Path:
+    """scikit-image's lfw_subset (packaged, offline): 100 faces then 100 non-faces, 25 px
+    grey, as ``train/`` and ``test/`` folders with 20 of each class held out (the last 20,
+    or 20 drawn with ``split_seed``). Small, and easy for pretrained features."""
+    from skimage.data import lfw_subset
+
+    images = (lfw_subset() * 255).round().astype(np.uint8)
+    order = np.arange(100) if split_seed is None else \
+        np.random.default_rng(split_seed).permutation(100)
+    for i, image in enumerate(images):
+        label, index = ("face", i) if i < 100 else ("not_face", i - 100)
+        rank = int(np.flatnonzero(order == index)[0])
+        folder = root / ("train" if rank < 80 else "test") / label
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(folder / f"{i:03d}.png")
+    return root

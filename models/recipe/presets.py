@@ -17,10 +17,13 @@ class Preset:
     head_max_epochs: int  # head-only epochs on cached features, early stopping decides
     head_patience: int
     finetune_patience: int
+    # Fine-tuning is skipped when the head alone gets every val image right (rules.py's
+    # head_suffices); preset best, which spends time for the last bit, fine-tunes anyway.
+    head_may_suffice: bool
 
 
 PRESETS: dict[str, Preset] = {
-    "fast": Preset("fast", 300, False, 0, 0.0, "none", 0, 40, 4, 0),
+    "fast": Preset("fast", 300, False, 0, 0.0, "none", 0, 40, 4, 0, False),
     # Fine-tuning follows a cosine schedule whose last epochs, at the lowest rates, are often
     # the best: patience covers the few planned epochs.
     # Crops without flips: a mirrored digit or letter is another class (on digits, crops
@@ -32,6 +35,6 @@ PRESETS: dict[str, Preset] = {
     # stages' outputs are computed once (models/training/prefix_cache.py): lite0's top 3
     # train an epoch 1.6x as fast (bench/train_throughput.py). Preset best, the longest,
     # always augments.
-    "balanced": Preset("balanced", 1800, True, 0, 1.0, "crop", 6, 40, 4, 3),
-    "best": Preset("best", 7200, True, 1, 2.0, "strong", 0, 60, 6, 4),
+    "balanced": Preset("balanced", 1800, True, 0, 1.0, "crop", 6, 40, 4, 3, True),
+    "best": Preset("best", 7200, True, 1, 2.0, "strong", 0, 60, 6, 4, False),
 }

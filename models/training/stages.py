@@ -18,6 +18,7 @@ from ftune.models.parallel import ranks
 from ftune.models.recipe import rules
 from ftune.models.recipe.choices import Choices
 from ftune.models.recipe.plan import StagePlan, plan_stages, with_epochs, with_lr
+from ftune.models.recipe.presets import PRESETS
 from ftune.models.spec import FineTuneSpec
 from ftune.models.training.budget import Budget
 from ftune.models.training.checkpoint import (
@@ -266,11 +267,19 @@ class StageRunner:
         log.info("time budget spent after epoch %d", row["epoch"])
 
     def _fit_to_budget(self, plan: StagePlan, resuming: bool) -> StagePlan | None:
-        """The fine-tuning stage with as many epochs as the budget holds (None: not one)."""
+        """The fine-tuning stage with as many epochs as the budget holds; None: none at all
+        (the head alone suffices, or not one epoch fits)."""
         if "finetune.epochs" in self.choices:  # planned before a restart
             epochs = self.choices.value("finetune.epochs")
             return with_epochs(plan, epochs) if epochs > 0 else None
-        if self.budget.seconds is None or resuming:
+        if resuming:
+            return plan
+        if (enough := self._head_suffices(plan)) is not None:
+            self.choices.record("finetune.epochs", enough)
+            self.choices.notify()
+            log.info("fine-tuning skipped: %s", enough.why)
+            return None
+        if self.budget.seconds is None:
             return plan
         planned = int(plan.spec.epochs)
         fit = ranks.agree(rules.finetune_epochs_in_budget(planned, self._epoch_seconds(plan),
@@ -279,6 +288,17 @@ class StageRunner:
             self.choices.record("finetune.epochs", fit)
         self.choices.notify()
         return with_epochs(plan, fit.value) if fit.value else None
+
+    def _head_suffices(self, plan: StagePlan) -> rules.Choice | None:
+        """Whether the head stage's best model already gets every val image right."""
+        monitor, before = self.progress.monitor, self.progress.history[:self.stage_offset]
+        if monitor.startswith("train_") or not before:
+            return None
+        sign = -1.0 if self.progress.stopper.mode == "max" else 1.0
+        best = min(before, key=lambda row: sign * row[monitor])
+        return ranks.agree(rules.head_suffices(best["val_accuracy"],
+                                               len(self.setup.val_source),
+                                               PRESETS[plan.spec.preset]))
 
     def _epoch_seconds(self, plan: StagePlan) -> float:
         """One epoch of ``plan``, estimated by timing a few steps on a copy of the model."""

@@ -20,7 +20,7 @@ from ftune.models.spec import HeadSpec, parse_spec
 from ftune.models.training.budget import Budget
 from ftune.models.training.checkpoint import load_checkpoint
 from ftune.models.training.fit import Callbacks, fit
-from ftune.testing.realdata import balanced_indices, write_image_folder
+from ftune.testing.realdata import balanced_indices, write_faces, write_image_folder
 
 # What ``{}`` meant before the default recipe: plain SGD, head only, 10 epochs, 224 px.
 OLD_DEFAULT = {"image_size": None, "epochs": 10, "freeze": {"strategy": "head_only"},
@@ -54,6 +54,16 @@ def test_empty_spec_clearly_beats_the_old_default(animal_folder, animal_heldout,
     assert new.resolved["image_size"]["value"] == 96  # 28 px silhouettes
     assert {row["stage"] for row in new.history} == {"head", "finetune"}
     assert new.lr_curve and new.resolved["optimizer.lr"]["why"].startswith("learning-rate")
+
+
+def test_a_head_that_gets_every_val_image_right_is_not_fine_tuned(tmp_path):
+    # lfw_subset's faces and non-faces: pretrained features separate all 32 val images.
+    result = fit(write_faces(tmp_path / "faces"), {})
+    assert {row["stage"] for row in result.history} == {"head"}
+    assert max(row["val_accuracy"] for row in result.history) == 1.0
+    skipped = result.resolved["finetune.epochs"]
+    assert skipped["value"] == 0 and "all 32 val images right" in skipped["why"]
+    assert result.evaluation["test"]["accuracy"] >= 0.95
 
 
 def test_auto_choices_are_deterministic_given_data_and_seed(tiny_folder):

@@ -370,6 +370,15 @@ def test_finetune_futility_follows_a_metric_where_higher_is_better():
                                  higher_is_better=True) is None
 
 
+def test_fine_tuning_is_skipped_when_the_head_gets_every_one_of_enough_val_images_right():
+    skipped = rules.head_suffices(1.0, 32, BALANCED)
+    assert skipped is not None and skipped.value == 0
+    assert "all 32 val images right" in skipped.why and "preset best" in skipped.why
+    assert rules.head_suffices(31 / 32, 32, BALANCED) is None  # one wrong: fine-tune
+    assert rules.head_suffices(1.0, rules.HEAD_SUFFICES_MIN_VAL - 1, BALANCED) is None
+    assert rules.head_suffices(1.0, 5000, PRESETS["best"]) is None  # best always fine-tunes
+
+
 def test_refit_says_whether_early_stopping_or_the_stage_limit_chose_the_epochs():
     assert "early stopping chose" in rules.refit_choice(100, 12, capped=False).why
     capped = rules.refit_choice(100, 40, capped=True).why
