@@ -39,6 +39,10 @@ SOAK_ENV = {
     # A small cache of loaded models fills within minutes: growth after that is a leak, not
     # the cache reaching its bound.
     "FTUNE_PREDICTOR_CACHE_MB": "256",
+    # The same for each process's cache on disk (fetched datasets and bundles, features):
+    # at its default 20 GB it grew ~100 MB a minute and, well inside an hour, took the disk
+    # below the API's reserve (DISK_SLACK_MB), so every upload was refused for disk.
+    "FTUNE_CACHE_MB": "1024",
 }
 
 
