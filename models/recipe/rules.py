@@ -232,7 +232,7 @@ def finetune_futile(stage: list[float], before: list[float], planned: int, *,
 # already gets right. Measured in process on bench/defaults.py's faces (lfw_subset, 32 val
 # images) over 6 held-out draws: the head got every val image right on 3, and held-out
 # accuracy there was 1.000/1.000/0.975 for the head alone against 1.000/1.000/0.950
-# fine-tuned (12 epochs, about 60% of the run); on 300 to 1,200 digits (15 to 60 a class) it
+# fine-tuned (12 epochs, about 70% of the run); on 300 to 1,200 digits (15 to 60 a class) it
 # never did (val accuracy 0.80 to 0.93), and fine-tuning added up to 5 points.
 HEAD_SUFFICES_MIN_VAL = 30
 

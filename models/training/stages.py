@@ -114,7 +114,7 @@ class StageRunner:
             if index < first:
                 continue
             resumed = state if index == first else None  # the checkpoint of this stage
-            plan = (self._fit_to_budget(planned, resumed is not None)
+            plan = (self._finetune_plan(planned, resumed is not None)
                     if planned.name == "finetune" else planned)
             if plan is None:
                 break
@@ -266,9 +266,9 @@ class StageRunner:
             self.choices.choice("time_budget_s"), row["epoch"], next_epoch_s))
         log.info("time budget spent after epoch %d", row["epoch"])
 
-    def _fit_to_budget(self, plan: StagePlan, resuming: bool) -> StagePlan | None:
-        """The fine-tuning stage with as many epochs as the budget holds; None: none at all
-        (the head alone suffices, or not one epoch fits)."""
+    def _finetune_plan(self, plan: StagePlan, resuming: bool) -> StagePlan | None:
+        """The fine-tuning stage as it will run: as many epochs as the time budget holds;
+        None: none at all (the head alone suffices, or not one epoch fits)."""
         if "finetune.epochs" in self.choices:  # planned before a restart
             epochs = self.choices.value("finetune.epochs")
             return with_epochs(plan, epochs) if epochs > 0 else None
