@@ -5,14 +5,16 @@ the API, during the soak and at its end:
   waiting (held, or retrying later) or still running with a fresh heartbeat;
 - no epoch recorded twice (each epoch's event at most once per attempt of its job);
 - at most one model per job;
-- no row pointing at a missing object, and no object without its row (after the grace the
-  deletions need: ``grace_s``);
+- no row pointing at a missing object, and no object without its row (once nothing under
+  its prefix has changed for ``grace_s``: deletions are retried, and writers store an object
+  before they record its row or check that its job still exists);
 - usage (GET /v1/usage) equal to what the rows hold, and model sizes to the objects';
 - every row in the tenant the workload saw it in.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections import Counter
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -46,6 +48,18 @@ def read_only_engine(database_url: str) -> Engine:
 def _stored(path: Path) -> bool:
     """A whole object (the local store writes ``.NAME.partial`` first, then renames)."""
     return path.is_file() and not path.name.startswith(".")
+
+
+def _newest_change(folder: Path) -> float:
+    """When anything under ``folder`` last changed. A writer stores its object first and
+    then records its row, or checks that its job still exists and removes what it wrote:
+    for that moment an object has no row, and such a file deep in the prefix (a job's log
+    rewritten after its row was deleted) leaves the prefix's own folder time as it was."""
+    newest = 0.0
+    for path in (folder, *folder.rglob("*")):
+        with contextlib.suppress(FileNotFoundError):  # removed while we walk
+            newest = max(newest, path.stat().st_mtime)
+    return newest
 
 
 def _now() -> datetime:
@@ -174,7 +188,7 @@ class Checker:
             for entry in sorted(folder.iterdir()) if folder.is_dir() else []:
                 prefix = f"{kind}/{entry.name}/"
                 scheduled = pending.get(prefix)
-                if (not self._has_files(prefix) or entry.stat().st_mtime > horizon
+                if (not self._has_files(prefix) or _newest_change(entry) > horizon
                         or (scheduled and scheduled.timestamp() > horizon)):
                     continue
                 with self.engine.connect() as db:
