@@ -43,6 +43,8 @@ SOAK_ENV = {
     # at its default 20 GB it grew ~100 MB a minute and, well inside an hour, took the disk
     # below the API's reserve (DISK_SLACK_MB), so every upload was refused for disk.
     "FTUNE_CACHE_MB": "1024",
+    # Timed lines: a violation's window is then found in every process's log.
+    "FTUNE_LOG_FORMAT": "json",
 }
 
 
