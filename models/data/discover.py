@@ -14,7 +14,14 @@ from pathlib import Path
 
 from ftune.models.data.copies import kept_indices
 from ftune.models.data.inspect import FileFacts, inspect_image
-from ftune.models.data.layout import SPLIT_DIRS, UNLABELED, Candidate, list_dataset
+from ftune.models.data.layout import (
+    MULTI_LABEL,
+    SINGLE_LABEL,
+    SPLIT_DIRS,
+    UNLABELED,
+    Candidate,
+    list_dataset,
+)
 from ftune.models.data.lint import LintReport, build_report
 from ftune.models.errors import DatasetError
 from ftune.models.settings import engine_settings
@@ -23,8 +30,10 @@ from ftune.models.settings import engine_settings
 @dataclass(frozen=True)
 class Sample:
     path: Path
-    label: int  # -1: unlabelled
+    label: int  # -1: unlabelled, or a multi-label image (see targets)
     sha256: str | None = field(default=None, compare=False)  # of the file's bytes
+    # Multi-label: the indices of the image's classes (empty: a negative for every class).
+    targets: tuple[int, ...] | None = None
 
 
 @dataclass
@@ -41,6 +50,11 @@ class ImageFolderIndex:
     # labelled images left out; and their own content hash.
     unlabeled: list[Sample] = field(default_factory=list)
     unlabeled_hash: str | None = None
+    task: str = SINGLE_LABEL  # or MULTI_LABEL
+
+    @property
+    def multi_label(self) -> bool:
+        return self.task == MULTI_LABEL
 
 
 @dataclass
@@ -78,7 +92,7 @@ def inspect_dataset(data: str | Path, *, check_images: bool = True,
     splits = _split_samples(pairs, classes, declared=listing.declared)
     index = ImageFolderIndex(
         root=root, classes=classes, train=splits.get("train", []), val=splits.get("val"),
-        test=splits.get("test"), layout=listing.layout,
+        test=splits.get("test"), layout=listing.layout, task=listing.task,
         skipped=[(c.rel, f.error) for c, f in pairs if f.error is not None],
         content_hash=_hash_usable(pairs, classes) if check_images else None)
     index.unlabeled = unlabeled_samples(pairs)
@@ -92,10 +106,19 @@ def inspect_dataset(data: str | Path, *, check_images: bool = True,
 
 def _split_samples(pairs: list[tuple[Candidate, FileFacts]], classes: list[str], *,
                    declared: dict[str, list[str]]) -> dict[str, list[Sample]]:
-    """Usable images of each declared split, labelled by their class's index."""
+    """Usable images of each declared split, labelled by their class's index (multi-label: by
+    the indices of their classes known to train)."""
     label_of = {name: i for i, name in enumerate(classes)}
-    return {split: [Sample(c.path, label_of[c.cls], f.sha256) for c, f in pairs
-                    if c.split == split and f.error is None and c.cls in label_of]
+
+    def sample(c: Candidate, f: FileFacts) -> Sample:
+        if c.labels is None:
+            return Sample(c.path, label_of[c.cls], f.sha256)
+        return Sample(c.path, -1, f.sha256,
+                      tuple(sorted(label_of[n] for n in c.labels if n in label_of)))
+
+    return {split: [sample(c, f) for c, f in pairs
+                    if c.split == split and f.error is None
+                    and (c.labels is not None or c.cls in label_of)]
             for split in SPLIT_DIRS if split in declared}
 
 
@@ -112,9 +135,16 @@ def without_copies(samples: list[Sample], labelled: set[str]) -> list[Sample]:
 
 
 def _hash_usable(pairs: list[tuple[Candidate, FileFacts]], classes: list[str]) -> str:
+    """Multi-label images hash their label sets (known to train), marked as such."""
     known = set(classes)
-    return content_hash([(c.split, c.cls, f.sha256 or "") for c, f in pairs
-                         if f.error is None and c.cls in known])
+
+    def key(c: Candidate) -> str:
+        if c.labels is None:
+            return c.cls
+        return f"{MULTI_LABEL}:" + ";".join(n for n in c.labels if n in known)
+
+    return content_hash([(c.split, key(c), f.sha256 or "") for c, f in pairs
+                         if f.error is None and (c.labels is not None or c.cls in known)])
 
 
 def dataset_hash(index: ImageFolderIndex) -> str | None:

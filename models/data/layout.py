@@ -2,8 +2,11 @@
 is opened.
 
 Layouts, looked for in this order, directly under DATA or under one top folder:
-- ``labels.csv`` (header with ``path,label`` and optionally ``split``; paths relative to the
-  folder holding the CSV) next to the images;
+- ``labels.csv`` (header with ``path`` and ``label`` or ``labels``, optionally ``split``; paths
+  relative to the folder holding the CSV) next to the images. A dataset is multi-label when the
+  column is ``labels``, when a row names several labels (separated by ``;`` or ``|``), or when
+  rows list one image with different labels; then an image may have no label at all (a
+  negative for every class). Folder layouts are single-label;
 - ``train/<class>/...`` with optional ``val/<class>/...`` and ``test/<class>/...``;
 - ``<class>/<images>``.
 Images without a label go in an ``unlabeled/`` folder beside the class folders (or beside
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -29,10 +33,12 @@ SPLIT_DIRS = {"train": ("train", "training"), "val": ("val", "valid", "validatio
               "test": ("test", "testing")}
 MANIFEST = "labels.csv"
 HIDDEN_NAMES = frozenset({"__MACOSX", "Thumbs.db", "desktop.ini", "Desktop.ini"})
-MAX_EXAMPLES = 20  # bad manifest rows kept as examples (lint.MAX_ITEMS); all are counted
+MAX_EXAMPLES = 20  # bad manifest rows kept as examples (findings.MAX_ITEMS); all are counted
 MAX_LINE_CHARS = 1 << 20  # of one labels.csv line
 UNLABELED = "unlabeled"  # the split of images without a label (their class is "")
 UNLABELED_NAMES = frozenset({"unlabeled", "unlabelled"})
+LABEL_SEPARATORS = re.compile(r"[;|]")
+SINGLE_LABEL, MULTI_LABEL = "single_label", "multi_label"
 
 
 @dataclass(frozen=True)
@@ -40,7 +46,18 @@ class Candidate:
     rel: str  # path relative to the dataset folder, for messages
     path: Path
     split: str
-    cls: str
+    cls: str  # single-label: the class; multi-label: ""
+    labels: tuple[str, ...] | None = None  # multi-label: the image's classes, sorted
+
+    @property
+    def label_key(self) -> str:
+        """What the image is labelled with, as one string (label sets joined by ";")."""
+        return self.cls if self.labels is None else ";".join(self.labels)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The image's classes: its one class, or its label set."""
+        return (self.cls,) if self.labels is None else self.labels
 
 
 class Problem(NamedTuple):
@@ -60,6 +77,7 @@ class Listing:
 
     base: Path
     layout: str  # "class_folders" | "split_folders" | "csv_manifest" | "unlabeled"
+    task: str = SINGLE_LABEL  # or MULTI_LABEL (labels.csv only)
     candidates: list[Candidate] = field(default_factory=list)
     declared: dict[str, list[str]] = field(default_factory=dict)  # split -> class names
     ignored: list[tuple[str, str]] = field(default_factory=list)  # (rel path, reason)
@@ -201,21 +219,30 @@ def _folder_candidate(base: Path, rel: PurePosixPath,
 
 def _manifest_listing(base: Path, files: list[PurePosixPath]) -> Listing:
     listing = Listing(base, "csv_manifest")
-    rows = _read_manifest(base, listing)
-    if rows is None:
+    read = _read_manifest(base, listing)
+    if read is None:
         return listing
+    rows, plural = read
     bad_rows = Sampled()
+    images: dict[tuple[str, str], tuple[int, list[str]]] = {}  # (path, split) -> first line, labels
     for number, raw in rows:
         row = {(k or "").strip().lower(): (v or "").strip() for k, v in raw.items()
                if isinstance(v, str) or v is None}
-        candidate, reason = _manifest_candidate(base, row)
-        if candidate is None:
+        entry, reason = _manifest_row(base, row)
+        if entry is None:
             bad_rows.add({"row": f"{MANIFEST} line {number}", "reason": reason})
         else:
-            listing.candidates.append(candidate)
+            images.setdefault(entry[:2], (number, []))[1].extend(entry[2])
     if listing.problems:  # the CSV could not be read to the end: nothing in it is used
-        listing.candidates.clear()
         return listing
+    several = any(len(set(names)) > 1 for _, names in images.values())
+    listing.task = MULTI_LABEL if plural or several else SINGLE_LABEL
+    for (name, split), (number, names) in images.items():
+        candidate = _manifest_candidate(base, name, split, names, listing.task)
+        if candidate is None:
+            bad_rows.add({"row": f"{MANIFEST} line {number}", "reason": "empty label"})
+        else:
+            listing.candidates.append(candidate)
     if bad_rows.total:
         listing.problems.append(Problem("manifest_rows", f"{bad_rows.total} row(s) of "
                                         f"{MANIFEST} were skipped", bad_rows.items,
@@ -229,9 +256,17 @@ def _manifest_listing(base: Path, files: list[PurePosixPath]) -> Listing:
     return listing
 
 
+def _manifest_candidate(base: Path, rel: str, split: str, names: list[str],
+                        task: str) -> Candidate | None:
+    """One image of the CSV; None for a single-label image without its label."""
+    if task == MULTI_LABEL:
+        return Candidate(rel, base / rel, split, "", tuple(sorted(set(names))))
+    return Candidate(rel, base / rel, split, names[0]) if names else None
+
+
 def _declare_manifest_classes(listing: Listing) -> None:
     for split in SPLIT_DIRS:
-        names = sorted({c.cls for c in listing.candidates if c.split == split})
+        names = sorted({n for c in listing.candidates if c.split == split for n in c.names})
         if names:
             listing.declared[split] = names
 
@@ -250,10 +285,12 @@ class Sampled:
             self.items.append(item)
 
 
-def _read_manifest(base: Path, listing: Listing) -> Iterator[tuple[int, dict]] | None:
-    """The CSV's rows with their line numbers, read as they are used; None (and a problem on
-    the listing) when the header is unusable. A row past the limit, or a read error midway,
-    ends the rows with a problem on the listing."""
+def _read_manifest(base: Path, listing: Listing
+                   ) -> tuple[Iterator[tuple[int, dict]], bool] | None:
+    """The CSV's rows with their line numbers, read as they are used, and whether its label
+    column is ``labels`` (multi-label); None (and a problem on the listing) when the header is
+    unusable. A row past the limit, or a read error midway, ends the rows with a problem on the
+    listing."""
     try:
         f = open(base / MANIFEST, newline="", encoding="utf-8-sig")  # noqa: SIM115 - below
     except OSError as exc:
@@ -268,13 +305,19 @@ def _read_manifest(base: Path, listing: Listing) -> Iterator[tuple[int, dict]] |
         listing.problems.append(Problem("manifest_invalid",
                                         f"{MANIFEST} cannot be read: {exc}", []))
         return None
-    if not {"path", "label"} <= set(header):
+    if "path" not in header or not {"label", "labels"} & set(header):
         f.close()
         listing.problems.append(Problem(
             "manifest_invalid", f"{MANIFEST} needs a header row with 'path' and 'label' "
-            f"columns (found: {header or 'nothing'})", []))
+            f"(or 'labels') columns (found: {header or 'nothing'})", []))
         return None
-    return _manifest_rows(f, reader, listing)
+    if {"label", "labels"} <= set(header):
+        f.close()
+        listing.problems.append(Problem(
+            "manifest_invalid", f"{MANIFEST} has both a 'label' and a 'labels' column; "
+            "keep one", []))
+        return None
+    return _manifest_rows(f, reader, listing), "labels" in header
 
 
 def _bounded_lines(f: IO[str]) -> Iterator[str]:
@@ -307,13 +350,16 @@ def max_manifest_rows() -> int:
     return engine_settings().max_archive_files
 
 
-def _manifest_candidate(base: Path, row: dict[str, str]) -> tuple[Candidate | None, str]:
-    """The row as a candidate image, or None and why the row is skipped."""
-    name, label = row.get("path", ""), row.get("label", "")
+def _manifest_row(base: Path, row: dict[str, str]
+                  ) -> tuple[tuple[str, str, list[str]] | None, str]:
+    """The row as (path, split, labels), or None and why the row is skipped. An empty label is
+    kept (an image without labels, for multi-label) and judged once the task is known."""
+    name = row.get("path", "")
+    labels = [n.strip() for n in LABEL_SEPARATORS.split(row.get("labels", row.get("label", "")))]
     split = split_of(row["split"]) if row.get("split") else "train"
     rel = PurePosixPath(name.replace("\\", "/"))
-    if not name or not label:
-        return None, "empty path or label"
+    if not name:
+        return None, "empty path"
     if not rel.parts:
         return None, f"path {name!r} does not name a file"
     if rel.is_absolute() or ".." in rel.parts or ":" in rel.parts[0]:
@@ -324,7 +370,7 @@ def _manifest_candidate(base: Path, row: dict[str, str]) -> tuple[Candidate | No
         return None, f"{name} does not exist"
     if not is_image_name(Path(name)):
         return None, f"{name} is not an image"
-    return Candidate(str(rel), base / rel, split, label), ""
+    return (str(rel), split, [n for n in labels if n]), ""
 
 
 def _is_file(path: Path) -> bool:

@@ -9,28 +9,20 @@ from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
+from ftune.models.data import multilabel_lint
 from ftune.models.data.copies import kept_indices
-from ftune.models.data.layout import UNLABELED
+from ftune.models.data.findings import Finding
+from ftune.models.data.findings import add as _add
+from ftune.models.data.layout import MULTI_LABEL, SINGLE_LABEL, UNLABELED
 from ftune.models.recipe.stats import size_summary
 
 if TYPE_CHECKING:
     from ftune.models.data.inspect import FileFacts
     from ftune.models.data.layout import Listing
 
-MAX_ITEMS = 20  # listed per finding; the count says how many there are in all
 IMBALANCE_WARNING = 10.0
 SMALL_SIDE = 32
 EXTREME_ASPECT = 5.0
-
-
-@dataclass
-class Finding:
-    code: str
-    severity: str  # "error" | "warning" | "info"
-    message: str
-    action: str
-    count: int = 0
-    items: list = field(default_factory=list)
 
 
 @dataclass
@@ -43,6 +35,9 @@ class LintReport:
     findings: list[Finding] = field(default_factory=list)
     image_sizes: dict | None = None  # median short side etc. (models.recipe.stats)
     unlabeled: int = 0  # usable unlabelled images, copies of labelled ones not counted
+    task: str = SINGLE_LABEL  # or MULTI_LABEL: then splits count each class's positives
+    images: dict[str, int] = field(default_factory=dict)  # split -> usable labelled images
+    label_sets: dict | None = None  # multi-label: cardinality and co-occurrence
 
     @property
     def errors(self) -> list[Finding]:
@@ -58,26 +53,26 @@ class LintReport:
 
     @property
     def num_images(self) -> int:
+        if self.images:
+            return sum(self.images.values())
         return sum(sum(counts.values()) for counts in self.splits.values())
+
+    def split_images(self, split: str) -> int:
+        return self.images.get(split, sum(self.splits.get(split, {}).values()))
 
     def to_dict(self) -> dict:
         by = defaultdict(list)
         for finding in self.findings:
             by[finding.severity].append(asdict(finding))
-        return {"ok": self.ok, "layout": self.layout, "classes": self.classes,
+        return {"ok": self.ok, "layout": self.layout, "task": self.task,
+                "classes": self.classes,
                 "num_classes": len(self.classes), "num_images": self.num_images,
-                "splits": {s: {"images": sum(c.values()), "per_class": c}
+                "splits": {s: {"images": self.split_images(s), "per_class": c}
                            for s, c in self.splits.items()},
+                "label_sets": self.label_sets,
                 "imbalance_ratio": self.imbalance_ratio, "ignored": self.ignored,
                 "image_sizes": self.image_sizes, "unlabeled": {"images": self.unlabeled},
                 "errors": by["error"], "warnings": by["warning"], "info": by["info"]}
-
-
-def _add(findings: list[Finding], code: str, severity: str, message: str, action: str,
-         items: list | None = None, count: int | None = None) -> None:
-    items = items or []
-    findings.append(Finding(code, severity, message, action,
-                            len(items) if count is None else count, items[:MAX_ITEMS]))
 
 
 def build_report(listing: Listing, facts: list[FileFacts], classes: list[str], *,
@@ -88,10 +83,15 @@ def build_report(listing: Listing, facts: list[FileFacts], classes: list[str], *
     labelled = [(c, f) for c, f in usable if c.split != UNLABELED]
     counts = _count_usable(listing, usable, classes)
     _layout_problems(findings, listing)
+    label_sets = None
     if listing.layout == UNLABELED:
         if not usable and checked:
             _add(findings, "no_images", "error", "found no usable image",
                  "Put the unlabelled images in the archive, in any folders.")
+    elif listing.task == MULTI_LABEL:
+        label_sets = multilabel_lint.check(findings, listing, facts, classes, counts,
+                                           labelled, min_per_class=min_per_class,
+                                           checked=checked)
     else:
         _structure_errors(findings, listing, facts, classes, counts, min_per_class, checked)
     _corrupt(findings, pairs)
@@ -103,8 +103,10 @@ def build_report(listing: Listing, facts: list[FileFacts], classes: list[str], *
     _missing_from_splits(findings, counts, classes)
     ignored = _ignored(findings, listing)
     sizes = size_summary([(f.width, f.height) for _, f in usable if f.width and f.height])
+    images = dict(Counter(c.split for c, _ in labelled))
     return LintReport(listing.layout, classes, counts, ratio, ignored, findings, sizes,
-                      unlabeled)
+                      unlabeled, listing.task, {s: images.get(s, 0) for s in counts},
+                      label_sets)
 
 
 def _unlabeled(findings: list[Finding], usable: list) -> int:
@@ -131,14 +133,17 @@ def _count_usable(listing: Listing, usable: list, classes: list[str]) -> dict[st
                                          [n for n in names if n in classes])}
               for split, names in listing.declared.items()}
     for cand, _ in usable:
-        if cand.cls in counts.get(cand.split, {}):
-            counts[cand.split][cand.cls] += 1
+        split_counts = counts.get(cand.split, {})
+        for name in cand.names:
+            if name in split_counts:
+                split_counts[name] += 1
     return counts
 
 
 _PROBLEM_ACTIONS = {
     "manifest_invalid": "Write labels.csv with a header line 'path,label' (optionally "
-                        "',split') and one row per image.",
+                        "',split') and one row per image; for several labels per image, "
+                        "'path,labels' with the labels separated by ';' or '|'.",
     "val_without_train": "Put the training images under train/<class>/.",
     "reserved_name": "Rename that class (folder or label); unlabelled images go in an "
                      "unlabeled/ folder beside the class folders or beside train/.",
@@ -239,10 +244,11 @@ def _duplicates(findings: list[Finding], usable: list) -> None:
             by_hash[fact.sha256].append(cand)
     groups = [g for g in by_hash.values() if len(g) > 1]
     same_split = [[c.rel for c in g] for g in groups
-                  if len({c.split for c in g}) == 1 and len({c.cls for c in g}) == 1]
+                  if len({c.split for c in g}) == 1 and len({c.label_key for c in g}) == 1]
     leaks = [[c.rel for c in g] for g in groups
              if "train" in {c.split for c in g} and len({c.split for c in g}) > 1]
-    conflicts = [[f"{c.rel} ({c.cls})" for c in g] for g in groups if len({c.cls for c in g}) > 1]
+    conflicts = [[f"{c.rel} ({c.label_key})" for c in g] for g in groups
+                 if len({c.label_key for c in g}) > 1]
     if same_split:
         _add(findings, "duplicates", "warning",
              f"{sum(len(g) - 1 for g in same_split)} exact duplicate file(s) in "

@@ -29,8 +29,9 @@ from pathlib import Path
 
 from ftune.models.data.archives import ArchiveLimits, Unpacked, unpack
 from ftune.models.data.discover import dataset_hash, inspect_dataset
+from ftune.models.data.findings import MAX_ITEMS, Finding
 from ftune.models.data.layout import Listing, list_dataset
-from ftune.models.data.lint import MAX_ITEMS, Finding, LintReport
+from ftune.models.data.lint import LintReport
 from ftune.models.data.trees import remove_tree
 from ftune.models.errors import ArchiveError, ArchiveTooLarge, DatasetError
 from ftune.models.settings import EngineSettings, configure, load_settings
