@@ -134,6 +134,7 @@ def ingest_archive(session: Session, storage: Storage, *, tenant_id: str, archiv
                 return existing, False
             dataset = _new_dataset(dataset_id, tenant_id, dataset_name, found)
             dataset.kind = kind
+            dataset.task = found.report.get("task") if kind == "labeled" else None
             # Workers fetch the checked images from the store, never from this host's disk.
             stored = True
             dataset.blob_sha256 = storage.put_tree(key, staging).sha256
@@ -257,5 +258,5 @@ def dataset_view(dataset: Dataset) -> dict:
         "classes": dataset.classes, "num_images": dataset.num_images, "splits": dataset.splits,
         "class_counts": dataset.class_counts, "warnings": dataset.warnings,
         "size_bytes": dataset.size_bytes, "content_hash": dataset.content_hash,
-        "kind": dataset.kind or "labeled",
+        "kind": dataset.kind or "labeled", "task": dataset.task,
     }

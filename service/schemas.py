@@ -22,13 +22,17 @@ class DatasetOut(BaseModel):
     num_images: int
     splits: dict[str, int | None] = Field(description="images per split; val null: split at "
                                           "training time by the spec's val_fraction")
-    class_counts: dict[str, dict[str, int]]
+    class_counts: dict[str, dict[str, int]] = Field(
+        description="split -> class -> images (multi-label: the images carrying the label)")
     warnings: list[str]
     size_bytes: int
     content_hash: str | None = Field(description="same images with the same labels, same hash")
     kind: str = Field("labeled", description="labeled, or unlabeled: images without labels "
                       "only (splits.unlabeled counts them; a labelled dataset's unlabeled/ "
                       "folder is counted there too)")
+    task: Literal["single_label", "multi_label"] | None = Field(
+        None, description="a labelled dataset's task, detected at upload: single_label (one "
+        "class per image) or multi_label (labels.csv with a set of labels per image)")
 
 
 class DatasetUploadOut(DatasetOut):

@@ -81,6 +81,17 @@ def animal_heldout(animal_arrays):
 
 
 @pytest.fixture(scope="session")
+def multilabel_folder(tmp_path_factory) -> Path:
+    """Multi-label: 2×2 mosaics of real silhouettes (animal0, animal1) and digits (digit2),
+    labels.csv with each mosaic's label set; 90 train and 30 test, tiles from disjoint pools."""
+    from ftune.testing.mosaics import only, tile_pools, write_mosaics
+
+    pools = only(tile_pools(), [0, 1, 12])
+    root = tmp_path_factory.mktemp("mosaics") / "data"
+    return write_mosaics(root, {"train": 90, "test": 30}, seed=1, pools=pools)
+
+
+@pytest.fixture(scope="session")
 def tiny_folder(tmp_path_factory, animal_arrays) -> Path:
     """3 classes × 12 images, for tests that only need the loop to run."""
     from ftune.testing.realdata import balanced_indices, write_image_folder

@@ -197,7 +197,7 @@ def _unpack_and_inspect(request: dict) -> SandboxResult:
     inspection = inspect_dataset(dest, min_per_class=request["min_per_class"],
                                  max_pixels=request["max_pixels"], kind=kind)
     report, index = inspection.report, inspection.index
-    splits = {split: sum(counts.values()) for split, counts in report.splits.items()}
+    splits = {split: report.split_images(split) for split in report.splits}
     if report.unlabeled:
         splits["unlabeled"] = report.unlabeled
     return SandboxResult(

@@ -130,6 +130,8 @@ class Dataset(Base):
     report: Mapped[dict[str, Any] | None]  # the lint report
     # "labeled", or "unlabeled": images without labels only, for pretraining and pseudo-labels.
     kind: Mapped[str] = mapped_column(String(16), default="labeled", server_default="labeled")
+    # A labelled dataset's task, detected at upload: "single_label" or "multi_label".
+    task: Mapped[str | None] = mapped_column(String(16))
     # SHA-256 of its images' tar in the blob store (blobs.keys.dataset_key); a worker checks
     # what it fetches against it.
     blob_sha256: Mapped[str | None] = mapped_column(String(64))

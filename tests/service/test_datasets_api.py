@@ -150,6 +150,20 @@ def test_csv_manifest_upload(client, tiny_folder):
     assert client.delete(f"/v1/datasets/{body['id']}").status_code == 204
 
 
+def test_a_multi_label_upload_names_its_task_and_counts_positives(client, multilabel_folder,
+                                                                  tiny_dataset):
+    body = _upload(client, zip_folder(multilabel_folder), filename="mosaics.zip").json()
+    assert body["task"] == "multi_label" and body["report"]["task"] == "multi_label"
+    assert body["classes"] == ["animal0", "animal1", "digit2"]
+    assert body["num_images"] == 120 and body["splits"]["train"] == 90
+    positives = body["class_counts"]["train"]
+    assert sum(positives.values()) > 90  # some mosaics carry several labels
+    assert body["report"]["label_sets"]["cardinality"] > 1
+    assert client.get(f"/v1/datasets/{body['id']}").json()["task"] == "multi_label"
+    assert client.get(f"/v1/datasets/{tiny_dataset['id']}").json()["task"] == "single_label"
+    assert client.delete(f"/v1/datasets/{body['id']}").status_code == 204
+
+
 def test_a_decompression_bomb_image_is_skipped_before_decoding(client, tiny_folder):
     bomb = io.BytesIO()
     Image.new("1", (12000, 12000)).save(bomb, "PNG")  # 144 Mpx in a few kB
