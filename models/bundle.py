@@ -55,6 +55,9 @@ def bundle_config(result: FitResult) -> dict:
         "backbone": result.backbone,
         "architecture": result.architecture,
         "classes": result.classes,
+        "task": result.task,
+        # Temperature (one, or one per class) and multi-label thresholds (models.calibration).
+        "calibration": result.calibration or None,
         "preprocessing": result.preprocessing.to_dict(),
         "spec": result.spec.model_dump(mode="json"),
         "weights_source": result.weights_source,

@@ -83,7 +83,8 @@ def add_engine_commands(sub: argparse._SubParsersAction) -> None:
     predict = sub.add_parser("predict", help="classify images with a tuned model")
     predict.add_argument("model", help="folder written by `ftune train`")
     predict.add_argument("images", nargs="+")
-    predict.add_argument("--top-k", type=int, default=5)
+    predict.add_argument("--top-k", type=int, default=None,
+                         help="scores shown per image (default 5; multi-label: every class)")
     predict.add_argument("--json", action="store_true", help="print JSON")
     predict.set_defaults(run=_predict)
 
@@ -215,8 +216,9 @@ def _train(args: argparse.Namespace) -> int:
     if not args.checkpoint_dir:
         shutil.rmtree(ckpt_dir, ignore_errors=True)
     best = result.best_metrics
-    print(f"best epoch {result.best_epoch}: val_accuracy={_fmt(best.get('val_accuracy'))} "
-          f"val_loss={_fmt(best.get('val_loss'))}"
+    ranked = f"val_map={_fmt(best.get('val_map'))} " if "val_map" in best else ""
+    print(f"best epoch {result.best_epoch}: {ranked}val_accuracy="
+          f"{_fmt(best.get('val_accuracy'))} val_loss={_fmt(best.get('val_loss'))}"
           f"{' (stopped early)' if result.stopped_early else ''}; model written to {out}")
     for finding in result.diagnosis:
         print(f"diagnosis {finding['code']}: {finding['message']} {finding['evidence']}. "
@@ -294,7 +296,9 @@ def _format_row(row: dict, epochs: int | str) -> str:
     stage = f"[{row['stage']}] " if row.get("stage") else ""
     return (f"{stage}epoch {row['epoch']}/{epochs}  train_loss={_fmt(row['train_loss'])} "
             f"train_acc={_fmt(row['train_accuracy'])}  val_loss={_fmt(row['val_loss'])} "
-            f"val_acc={_fmt(row['val_accuracy'])}  lr={row['lr']:.3g}  "
+            f"val_acc={_fmt(row['val_accuracy'])}  "
+            f"{'val_map=' + _fmt(row['val_map']) + '  ' if 'val_map' in row else ''}"
+            f"lr={row['lr']:.3g}  "
             f"grad_norm={_fmt(row['grad_norm'])}  {row['seconds']:.1f}s"
             f"{'  (cached features)' if row['feature_cache'] else ''}")
 
@@ -308,7 +312,11 @@ def _predict(args: argparse.Namespace) -> int:
         print(json.dumps(dict(zip(args.images, results, strict=True)), indent=2))
         return 0
     for image, preds in zip(args.images, results, strict=True):
-        print(image)
+        if isinstance(preds, dict):  # multi-label: the labels over their thresholds first
+            print(f"{image}: {', '.join(preds['labels']) or '(no label)'}")
+            preds = preds["scores"]
+        else:
+            print(image)
         for pred in preds:
             print(f"  {pred['score']:.4f}  {pred['label']}")
     return 0

@@ -1,8 +1,9 @@
 """Evaluate a tuned model on a labelled split: the numbers a reviewer needs to trust it.
 
-Accuracy, top-k accuracy, per-class precision/recall/F1 and support, the full confusion
-matrix (every class), expected calibration error, the most confused class pairs and the
-highest-loss examples by file name.
+Single-label: accuracy, top-k accuracy, per-class precision/recall/F1 and support, the full
+confusion matrix (every class), expected calibration error before and after calibration, the
+most confused class pairs and the highest-loss examples by file name. Multi-label:
+``models.multilabel_eval``.
 """
 
 from __future__ import annotations
@@ -14,11 +15,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ftune.models import multilabel_eval
+from ftune.models.calibration import Calibration, expected_calibration_error, reliability
 from ftune.models.data.discover import Sample
 from ftune.models.data.source import ImageSource
 from ftune.models.data.transforms import normalize
 from ftune.models.network import FineTuneModel
 from ftune.models.preprocessing import Preprocessing
+from ftune.models.tasks import MultiLabel, Task
 from ftune.models.training.loop import stop_if_asked
 from ftune.models.training.run_setup import RunSetup
 from ftune.models.training.runtime import Precision, feature_batch_size
@@ -29,9 +33,9 @@ WORST_EXAMPLES = 20
 
 
 @torch.no_grad()
-def predict_probabilities(model: nn.Module, source: ImageSource, prep: Preprocessing,
-                          device: torch.device, precision: Precision, batch_size: int | None = None,
-                          should_stop: Callable[[], bool] | None = None) -> torch.Tensor:
+def predict_logits(model: nn.Module, source: ImageSource, prep: Preprocessing,
+                   device: torch.device, precision: Precision, batch_size: int | None = None,
+                   should_stop: Callable[[], bool] | None = None) -> torch.Tensor:
     model.eval()
     chunks = []
     for images, _, _ in source.batches(torch.arange(len(source)),
@@ -39,8 +43,16 @@ def predict_probabilities(model: nn.Module, source: ImageSource, prep: Preproces
         stop_if_asked(should_stop)
         batch = normalize(images.to(device).float(), prep)
         with precision.autocast():
-            chunks.append(torch.softmax(model(batch).float(), dim=1).cpu())
+            chunks.append(model(batch).float().cpu())
     return torch.cat(chunks) if chunks else torch.empty(0, 0)
+
+
+def predict_probabilities(model: nn.Module, source: ImageSource, prep: Preprocessing,
+                          device: torch.device, precision: Precision, batch_size: int | None = None,
+                          should_stop: Callable[[], bool] | None = None) -> torch.Tensor:
+    """Softmax probabilities (single-label models)."""
+    logits = predict_logits(model, source, prep, device, precision, batch_size, should_stop)
+    return torch.softmax(logits, dim=1) if logits.numel() else logits
 
 
 def _ratio(numerator: float, denominator: float) -> float | None:
@@ -133,31 +145,41 @@ def _highest_loss(losses: torch.Tensor, labels: torch.Tensor, predicted: torch.T
             for i in losses.argsort(descending=True)[:WORST_EXAMPLES].tolist()]
 
 
-def evaluate_splits(model: FineTuneModel, splits: dict[str, list[Sample]], setup: RunSetup,
-                    *, classes: list[str], root: Path,
-                    features: dict[str, torch.Tensor | None] | None = None) -> dict:
-    """``{split: summary}`` for each non-empty split (val, and test when the data has one),
-    its images read as ``setup`` reads them (val from its val source, others decoded).
+def split_logits(model: FineTuneModel, split: str, samples: list[Sample], setup: RunSetup,
+                 root: Path, features: torch.Tensor | None = None) -> torch.Tensor:
+    """The model's logits for a split's images, read as ``setup`` reads them (val from its val
+    source, others decoded). ``features``: the images through the frozen backbone, in the
+    split's order, when the model's backbone is that frozen one; then only the head runs."""
+    if features is not None:
+        model.eval()
+        with torch.no_grad(), setup.precision.autocast():
+            return model.head(features).float().cpu()
+    return predict_logits(model, _source(split, samples, setup, root), setup.prep,
+                          setup.precision.device, setup.precision,
+                          should_stop=setup.should_stop)
 
-    ``features``: a split's images through the frozen backbone, in the split's order, when
-    the model's backbone is that frozen one; then only the head runs on them."""
-    results = {}
-    for split, samples in splits.items():
-        if not samples:
-            continue
-        cached = (features or {}).get(split)
-        if cached is not None:
-            model.eval()
-            with torch.no_grad(), setup.precision.autocast():
-                probs = torch.softmax(model.head(cached).float(), dim=1).cpu()
-        else:
-            probs = predict_probabilities(model, _source(split, samples, setup, root),
-                                          setup.prep, setup.precision.device, setup.precision,
-                                          should_stop=setup.should_stop)
-        labels = torch.tensor([s.label for s in samples])
-        names = [_relative(s.path, root) for s in samples]
-        results[split] = summarize(probs, labels, classes, names)
-    return results
+
+def summarize_split(logits: torch.Tensor, samples: list[Sample], task: Task,
+                    calibration: Calibration, *, classes: list[str], root: Path) -> dict:
+    """A split's summary from its logits: metrics of the calibrated probabilities, and the
+    ECE before calibration beside the one after."""
+    targets = task.targets(samples, len(classes))
+    names = [_relative(s.path, root) for s in samples]
+    probs = task.probabilities(calibration.scale(logits))
+    if isinstance(task, MultiLabel):
+        thresholds = torch.tensor(calibration.thresholds or [0.5] * len(classes))
+        summary = multilabel_eval.summarize(probs, targets, thresholds, classes, names)
+        summary["expected_calibration_error"] = expected_calibration_error(probs, targets, task)
+    else:
+        summary = summarize(probs, targets, classes, names)
+    if len(samples):
+        raw = task.probabilities(logits)
+        summary["expected_calibration_error_uncalibrated"] = expected_calibration_error(
+            raw, targets, task)
+        summary["reliability"] = {"uncalibrated": reliability(raw, targets, task),
+                                  "calibrated": reliability(probs, targets, task),
+                                  "temperature": calibration.temperature}
+    return summary
 
 
 def _source(split: str, samples: list[Sample], setup: RunSetup, root: Path) -> ImageSource:

@@ -2,8 +2,11 @@
 
 Input: ``images``, uint8, shape ``[N, 3, S, S]`` (RGB, channels first), S the model's
 ``input_size`` from config.json. Output: ``probabilities``, float32 ``[N, num_classes]``, in
-the order of config.json's ``classes``. Normalisation is inside the exported graph; resizing
-is not. Resize as ``Predictor`` does (shorter side to ``resize_size``, centre crop S × S)::
+the order of config.json's ``classes``: calibrated (the model's temperature is inside), a
+softmax for a single-label model, each class's sigmoid for a multi-label one (a class is
+present when its probability reaches its threshold, in the metadata's ``thresholds``).
+Normalisation is inside the exported graph; resizing is not. Resize as ``Predictor`` does
+(shorter side to ``resize_size``, centre crop S × S)::
 
     import json, math
     import numpy as np, onnxruntime as ort
@@ -50,28 +53,41 @@ class ExportedClassifier(nn.Module):
 
     shift: torch.Tensor  # buffers, registered below (so they travel with the model)
     scale: torch.Tensor
+    inverse_temperature: torch.Tensor
 
-    def __init__(self, model: nn.Module, prep: Preprocessing) -> None:
+    def __init__(self, model: nn.Module, prep: Preprocessing, *, multi_label: bool = False,
+                 temperature: list[float] | None = None) -> None:
         super().__init__()
-        self.model = model
+        self.model, self.multi_label = model, multi_label
         mean = torch.tensor(prep.mean).view(1, 3, 1, 1)
         std = torch.tensor(prep.std).view(1, 3, 1, 1)
         self.register_buffer("shift", -mean / std)
         self.register_buffer("scale", 1.0 / (255.0 * std))
+        self.register_buffer("inverse_temperature",
+                             1.0 / torch.tensor(temperature or [1.0]).view(1, -1))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         normalised = torch.addcmul(self.shift, images.float(), self.scale)
-        return torch.softmax(self.model(normalised).float(), dim=1)
+        logits = self.model(normalised).float() * self.inverse_temperature
+        return torch.sigmoid(logits) if self.multi_label else torch.softmax(logits, dim=1)
 
 
 def description(predictor: Predictor) -> dict[str, str]:
     """What an exported file needs to be used alone: its classes and how to feed it. Every
     value is a string (ONNX metadata holds strings); lists and numbers are JSON."""
     prep = predictor.preprocessing
+    output = ("float32 [N, len(classes)]: each class's calibrated probability (a sigmoid), "
+              "in the order of classes; a class is present when it reaches its threshold"
+              if predictor.multi_label else "float32 calibrated class probabilities "
+              "[N, len(classes)] (a softmax), in the order of classes")
     return {
         "classes": json.dumps(predictor.classes),
+        "task": predictor.task.name,
+        "temperature": json.dumps(predictor.temperature),
+        "thresholds": json.dumps(predictor.thresholds.tolist() if predictor.multi_label
+                                 else None),
         "input": "uint8 RGB [N, 3, S, S], S = input_size; normalisation is inside the model",
-        "output": "float32 class probabilities [N, len(classes)], in the order of classes",
+        "output": output,
         "input_size": str(prep.input_size),
         "resize": (f"shorter side to {prep.resize_size} px ({prep.interpolation}), then a "
                    f"centre crop of {prep.input_size} x {prep.input_size}"),
@@ -99,7 +115,9 @@ def export_model(model_dir: str | Path, out: str | Path, fmt: str) -> Path:
         raise ValueError(f"unknown export format {fmt!r}; choose one of "
                          f"{', '.join(TRACED_FORMATS)}")
     predictor = Predictor.load(model_dir, device="cpu")
-    wrapper = ExportedClassifier(predictor.model, predictor.preprocessing).eval()
+    wrapper = ExportedClassifier(predictor.model, predictor.preprocessing,
+                                 multi_label=predictor.multi_label,
+                                 temperature=predictor.temperature).eval()
     size = predictor.preprocessing.input_size
     example = torch.zeros(2, 3, size, size, dtype=torch.uint8)
     out = Path(out)

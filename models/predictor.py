@@ -12,11 +12,13 @@ from PIL import Image
 
 from ftune.models.backbones import create_backbone
 from ftune.models.bundle import load_bundle
+from ftune.models.calibration import scaled
 from ftune.models.data.images import open_rgb, to_rgb
 from ftune.models.data.transforms import normalize, resize_center_crop, resize_center_crop_image
 from ftune.models.network import FineTuneModel, build_head
 from ftune.models.preprocessing import Preprocessing
 from ftune.models.spec import FineTuneSpec
+from ftune.models.tasks import TASKS, MultiLabel
 from ftune.models.training.runtime import channels_last, resolve_device
 
 ImageInput = Image.Image | str | Path | bytes | np.ndarray
@@ -28,6 +30,16 @@ class Predictor:
         self.model = channels_last(model.to(device)).eval()
         self.classes, self.preprocessing, self.device = classes, preprocessing, device
         self.config = config or {}
+        # The task and calibration the model was saved with (earlier bundles: single-label,
+        # no temperature).
+        self.task = TASKS[self.config.get("task", "single_label")]
+        calibration = self.config.get("calibration") or {}
+        self.temperature: list[float] = calibration.get("temperature") or [1.0]
+        self.thresholds = torch.tensor(calibration.get("thresholds") or [0.5] * len(classes))
+
+    @property
+    def multi_label(self) -> bool:
+        return isinstance(self.task, MultiLabel)
 
     @classmethod
     def load(cls, directory: str | Path, device: str | None = None) -> Predictor:
@@ -60,9 +72,11 @@ class Predictor:
 
     @torch.no_grad()
     def probabilities(self, batch: torch.Tensor) -> torch.Tensor:
-        """Class probabilities for a uint8 batch from ``to_uint8``."""
+        """Calibrated class probabilities for a uint8 batch from ``to_uint8``: a softmax over
+        the classes, or (multi-label) each class's own sigmoid."""
         normalised = normalize(batch.to(self.device), self.preprocessing)
-        return torch.softmax(self.model(normalised).float(), dim=1).cpu()
+        logits = self.model(normalised).float()
+        return self.task.probabilities(scaled(logits, self.temperature)).cpu()
 
     def predict_proba(self, images: Sequence[ImageInput]) -> torch.Tensor:
         return self.probabilities(self.to_uint8(images))
@@ -74,19 +88,30 @@ class Predictor:
                  for s, i in zip(row_s.tolist(), row_i.tolist(), strict=True)]
                 for row_s, row_i in zip(scores, indices, strict=True)]
 
+    def predictions(self, probs: torch.Tensor, top_k: int | None = None) -> list:
+        """Per image: single-label, the ``top_k`` (default 5) ``{"label", "score"}`` best
+        first; multi-label, ``{"labels": [names over their thresholds], "scores": [...]}``
+        with every class's score (or the ``top_k`` best)."""
+        if not self.multi_label:
+            return self.top_k(probs, top_k or 5)
+        over = probs >= self.thresholds[None, :]
+        scores = self.top_k(probs, top_k or len(self.classes))
+        return [{"labels": [self.classes[c] for c in row.nonzero().flatten().tolist()],
+                 "scores": ranked} for row, ranked in zip(over, scores, strict=True)]
+
     def memory_bytes(self) -> int:
         return sum(t.numel() * t.element_size()
                    for t in [*self.model.parameters(), *self.model.buffers()])
 
     def predict(self, images: Sequence[ImageInput] | ImageInput,
-                top_k: int = 5) -> list[list[dict]]:
-        """One list per image of ``{"label", "score"}``, best first."""
+                top_k: int | None = None) -> list:
+        """One entry per image, as ``predictions`` gives them."""
         if not isinstance(images, (list, tuple)):
             # A str or Path is one image, though mypy cannot tell a str from a Sequence.
             images = [images]  # type: ignore[list-item]
         if not images:
             return []
-        return self.top_k(self.predict_proba(images), top_k)
+        return self.predictions(self.predict_proba(images), top_k)
 
 
 def _as_image(image: ImageInput) -> Image.Image:

@@ -99,7 +99,8 @@ class ScheduleSpec(_Strict):
 
 
 class EarlyStoppingSpec(_Strict):
-    monitor: Literal["val_loss", "val_accuracy"] = "val_loss"
+    monitor: Literal["val_loss", "val_accuracy", "val_map"] = Field(
+        "val_loss", description="val_map (mean average precision) is for multi-label jobs.")
     patience: Annotated[int | Auto, AutoInt(at_least=1)] = Field(
         "auto", description="Epochs without improvement before stopping. auto: 3; with "
         "freeze.strategy auto, the preset's for the head (4 with balanced) and the planned "
@@ -149,6 +150,11 @@ class FineTuneSpec(_Strict):
         "tf_efficientnet_lite0", min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_.\-]+$"
     )
     pretrained: bool = True
+    task: Literal["auto", "single_label", "multi_label"] = Field(
+        "auto", description="single_label: one class per image (softmax, cross-entropy); "
+        "multi_label: a set of labels per image (a sigmoid per class, binary cross-entropy, "
+        "a decision threshold per class chosen on val). auto: the dataset's, detected at "
+        "upload (labels.csv with several labels per image is multi-label).")
     weights_path: str | None = Field(
         None, description="Local weights file for the backbone; overrides every other source."
     )
@@ -188,8 +194,10 @@ class FineTuneSpec(_Strict):
         "crop when stages train (strong with preset best); choose light for flips when a "
         "mirror image is the same class.")
     class_weights: Literal["auto", "balanced", "none"] = Field(
-        "auto", description="balanced weighs each class's loss by n/(C*n_c). auto: balanced "
-        "when the largest class has 3 times the images of the smallest, or more.")
+        "auto", description="balanced weighs each class's loss by n/(C*n_c); multi-label: "
+        "each label's positives by sqrt(negatives/positives), at most 10. auto: balanced "
+        "when the largest class has 3 times the images of the smallest, or more (multi-label: "
+        "when a label is on fewer than 1 image in 10).")
     refit: Literal["auto"] | bool = Field(
         "auto", description="When the best weights are a head trained alone on cached "
         "features and val is carved from the training images: train the head again on "
@@ -250,12 +258,26 @@ class FineTuneSpec(_Strict):
         return self
 
     @model_validator(mode="after")
+    def _task_fits(self) -> FineTuneSpec:
+        if self.task == "single_label" and self.early_stopping.monitor == "val_map":
+            raise ValueError("early_stopping.monitor val_map is for multi-label jobs")
+        if self.task == "multi_label" and self.pseudo_labels.rounds > 0:
+            raise ValueError(MULTI_LABEL_PSEUDO)
+        return self
+
+    @model_validator(mode="after")
     def _refit_needs_cached_head(self) -> FineTuneSpec:
         if self.refit is True and not (self.head_alone and self.augment in ("auto", "none")):
             raise ValueError(
                 "refit: true needs the head trained alone on cached features "
                 "(freeze.strategy head_only, or auto with preset fast; augment none)")
         return self
+
+
+# Said at submit too, where the task comes from the dataset (task auto).
+MULTI_LABEL_PSEUDO = ("pseudo_labels: a pseudo-label is the one class a model is sure of, and "
+                      "multi-label jobs have no one class; set pseudo_labels.rounds to 0 (pretrain "
+                      "works for both tasks)")
 
 
 class SpecError(ValueError):

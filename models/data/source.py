@@ -57,7 +57,7 @@ class ImageSource:
     def __init__(
         self,
         paths: Sequence[Path],
-        labels: Sequence[int],
+        labels: Sequence[int] | torch.Tensor,
         prep: Preprocessing,
         size: int,
         *,
@@ -66,10 +66,12 @@ class ImageSource:
         decoded: DecodedImages | None = None,
         root: Path | None = None,
     ) -> None:
-        """``decoded``: the dataset's images already decoded at ``size`` (rows found by path
+        """``labels``: class indices, or a tensor of targets (multi-label: rows of 0/1).
+        ``decoded``: the dataset's images already decoded at ``size`` (rows found by path
         under ``root``); then nothing is decoded here."""
         self.paths = list(paths)
-        self.labels = torch.tensor(list(labels), dtype=torch.long)
+        self.labels = (labels if isinstance(labels, torch.Tensor)
+                       else torch.tensor(list(labels), dtype=torch.long))
         self.prep, self.size = prep, size
         self._dataset = _DecodeDataset(self.paths, prep, size)
         budget = engine_settings().decode_cache_bytes if budget_bytes is None else budget_bytes

@@ -83,6 +83,16 @@ def summed(values: Sequence[float]) -> list[float]:
     return [float(v) for v in tensor.cpu()]
 
 
+def gathered(tensor: torch.Tensor) -> torch.Tensor:
+    """Every rank's rows of ``tensor`` (on the CPU), in rank order: for metrics that rank
+    all the images at once (mean average precision), which sums cannot give."""
+    if not current().distributed:
+        return tensor.cpu()
+    parts: list[Any] = [None] * current().world
+    dist.all_gather_object(parts, tensor.cpu())
+    return torch.cat(parts)
+
+
 def _flat(tensors: list[torch.Tensor], collective: Callable[[torch.Tensor], object]) -> None:
     """Run ``collective`` in place over ``tensors``: one call per dtype, not per tensor."""
     by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}

@@ -67,8 +67,10 @@ def _epochs(spec: FineTuneSpec, stats: DatasetStats) -> rules.Choice:
 STATIC_TABLE: tuple[StaticField, ...] = (
     StaticField("image_size", lambda spec, stats: rules.image_size(
         stats.median_short_side, backbone_size(spec.backbone), spec.preset), "image_size"),
-    StaticField("class_weights", lambda _, stats: rules.class_weights(stats.imbalance_ratio),
-                "class_weights"),
+    StaticField("class_weights", lambda _, stats: (
+        rules.positive_weights(stats.class_counts, stats.num_train)
+        if stats.task == "multi_label" else rules.class_weights(stats.imbalance_ratio)),
+        "class_weights"),
     StaticField("optimizer.name", lambda *_: rules.optimizer_name(), "optimizer.name"),
     # The plan reads freeze.strategy "auto" to train in two stages: the spec keeps it.
     StaticField("freeze.strategy", lambda spec, _: rules.freeze_strategy(PRESETS[spec.preset]),

@@ -17,6 +17,7 @@ from ftune.models.recipe.presets import Preset
 from ftune.models.recipe.stats import DatasetStats
 
 # Balanced class weights from this largest-to-smallest class ratio on.
+RARE_LABEL = 10  # multi-label: a label on fewer than 1 image in this many is rare
 IMBALANCE_FOR_WEIGHTS = 3.0
 # Small images are upscaled: pretrained features need some pixels per object. Measured with
 # bench/defaults.py --sizes (frozen-feature probe, held-out accuracy at 64/96/128/224 px):
@@ -84,6 +85,23 @@ def class_weights(imbalance_ratio: float | None) -> Choice:
     shown = "one class size" if imbalance_ratio is None else f"ratio {imbalance_ratio:.1f}"
     return Choice("none", f"classes are balanced enough ({shown} < "
                   f"{IMBALANCE_FOR_WEIGHTS:g}:1)")
+
+
+def positive_weights(positives: dict[str, int], images: int) -> Choice:
+    """Multi-label class_weights auto: weigh a rare label's positives up when some label is on
+    fewer than 1 image in ``RARE_LABEL``."""
+    if not positives or not images:
+        return Choice("none", "no labels to weigh")
+    rarest = min(positives, key=positives.__getitem__)
+    share = positives[rarest] / images
+    if share < 1 / RARE_LABEL:
+        return Choice("balanced", f"the rarest label ({rarest}) is on {share:.1%} of the training "
+                      f"images (< 1 in {RARE_LABEL}): each label's positives weigh "
+                      "sqrt(negatives/positives) (at most 10), so rare labels are not learned "
+                      "as always absent")
+    return Choice("none", f"every label is on at least 1 in {RARE_LABEL} training images "
+                  f"(the rarest, {rarest}, on {share:.1%}): positives and negatives weigh the "
+                  "same")
 
 
 def optimizer_name() -> Choice:
@@ -422,3 +440,12 @@ def pseudo_labels(rounds: list[dict], threshold: float, num_train: int) -> Choic
     return Choice(rounds, f"unlabelled images predicted with probability >= {threshold:g}, "
                   f"the same number per class, added to the {num_train} training images for "
                   "another pass of the stages; never to validation")
+
+
+def calibration_choice(kept: bool, temperature: list[float], why: str) -> Choice:
+    """Temperature scaling after training (models.calibration): the temperature(s) kept, or
+    none, and the validation ECE that decided it."""
+    if not kept:
+        return Choice("none", why)
+    value = temperature[0] if len(temperature) == 1 else temperature
+    return Choice(value, why)

@@ -13,10 +13,12 @@ class DatasetStats:
     median_short_side: int | None  # px; None when unknown (a dataset from an older release)
     median_size: tuple[int, int] | None = None  # (width, height) of the median image
     unlabeled: int = 0  # unlabelled images the job can use
+    images: int | None = None  # training images; None: the class counts' sum (single-label)
+    task: str = "single_label"  # or "multi_label": class_counts are each label's positives
 
     @property
     def num_train(self) -> int:
-        return sum(self.class_counts.values())
+        return self.images if self.images is not None else sum(self.class_counts.values())
 
     @property
     def imbalance_ratio(self) -> float | None:

@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import math
 
+MAXIMISED = ("accuracy", "map")  # metric names ending so are better higher; losses lower
+
+
+def maximised(metric: str) -> bool:
+    return metric.endswith(MAXIMISED)
+
 
 class EarlyStopping:
     def __init__(self, monitor: str, patience: int, min_delta: float = 0.0) -> None:
-        self.mode = "max" if monitor.endswith("accuracy") else "min"
+        self.mode = "max" if maximised(monitor) else "min"
         self.patience, self.min_delta = patience, min_delta
         self.best: float = -math.inf if self.mode == "max" else math.inf
         self.best_epoch: int | None = None

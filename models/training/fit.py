@@ -17,16 +17,16 @@ import torch
 from ftune.models import memory
 from ftune.models.auto_fields import decided
 from ftune.models.backbones import Backbone, create_backbone
+from ftune.models.calibration import Calibration, calibrate
 from ftune.models.data.discover import ImageFolderIndex, Sample, scan_image_folder
 from ftune.models.data.images import open_checked
 from ftune.models.data.source import ImageSource
-from ftune.models.data.split import stratified_split
 from ftune.models.data.transforms import stored_size
 from ftune.models.derived.decoded import DecodedImages, decoded_images
 from ftune.models.derived.store import DerivedStore
 from ftune.models.diagnosis import diagnose
 from ftune.models.errors import DatasetError, ResourceError
-from ftune.models.evaluation import evaluate_splits
+from ftune.models.evaluation import split_logits, summarize_split
 from ftune.models.network import FineTuneModel, build_head
 from ftune.models.parallel import ranks
 from ftune.models.preprocessing import Preprocessing
@@ -38,6 +38,8 @@ from ftune.models.recipe.resolve import apply_static, backbone_size, resolve_sta
 from ftune.models.recipe.stats import DatasetStats
 from ftune.models.settings import engine_settings
 from ftune.models.spec import FineTuneSpec, parse_spec
+from ftune.models.task_checks import task_name, task_problem
+from ftune.models.tasks import TASKS, Task
 from ftune.models.training.budget import Budget
 from ftune.models.training.checkpoint import checkpoint_folder, load_checkpoint
 from ftune.models.training.early_stopping import EarlyStopping
@@ -92,6 +94,8 @@ class FitResult:
     lr_curve: list[dict] = field(default_factory=list)  # the range test's [{"lr", "loss"}]
     diagnosis: list[dict] = field(default_factory=list)  # models.diagnosis findings
     pretrain_history: list[dict] = field(default_factory=list)  # pretraining epochs' rows
+    task: str = "single_label"  # or "multi_label" (models.tasks)
+    calibration: dict = field(default_factory=dict)  # models.calibration.Calibration
 
 
 def fit(
@@ -118,14 +122,16 @@ def fit(
     started = time.perf_counter()
     spec = spec if isinstance(spec, FineTuneSpec) else parse_spec(spec)
     index = data if isinstance(data, ImageFolderIndex) else scan_image_folder(data)
-    train_samples, val_samples = _split(index, spec)
+    task = task_for(spec, index)
+    train_samples, val_samples = _split(index, spec, task)
     callbacks, state = callbacks or Callbacks(), _checkpoint_state(resume, index.classes)
-    choices = _run_choices(state, spec, train_samples, index, resolved, callbacks)
+    choices = _run_choices(state, spec, train_samples, index, resolved, callbacks, task)
     spec = apply_static(spec, choices.to_dict())
     _enter(callbacks, "features")
     choices.notify()
     setup = _build_setup(index, spec, train_samples, val_samples, device=device,
-                         derived=derived, owner=owner, cache_features=cache_features)
+                         derived=derived, owner=owner, cache_features=cache_features,
+                         task=task)
     setup.connect(callbacks, choices)
     pool, pretrained = _pretrain(setup, spec, index, train_samples, unlabeled=unlabeled,
                                  checkpoints=_folder(checkpoint_dir, resume))
@@ -140,7 +146,7 @@ def fit(
         raise ranks.ShareDone
     pseudo_label_rounds(stages, spec, train=train_samples, unlabeled=pool, resume=resume)
     refits = _refits(spec, stages, index, has_val=bool(val_samples))
-    evaluation = _evaluate(stages, index, val_samples, refit=refits)
+    evaluation, calibration = _evaluate(stages, index, val_samples, refit=refits)
     result = _result(final_run, setup.backbone, index, progress, stopped_early=stopped_early,
                      evaluation=evaluation, num_train=len(train_samples),
                      num_val=len(val_samples), seconds=time.perf_counter() - started)
@@ -149,17 +155,18 @@ def fit(
     result.spec, result.resolved, result.lr_curve, result.pretrain_history = \
         spec, choices.to_dict(), lr_curve, pretrained
     result.diagnosis = _diagnose(result, train_samples)
+    result.calibration = calibration.to_dict()
     return result
 
 
 def _run_choices(state: dict | None, spec: FineTuneSpec, train_samples: list[Sample],
-                 index: ImageFolderIndex, resolved: dict | None, callbacks: Callbacks
-                 ) -> Choices:
+                 index: ImageFolderIndex, resolved: dict | None, callbacks: Callbacks,
+                 task: Task) -> Choices:
     """A resumed run keeps every choice it had made; a new one starts from the static ones.
     Either way the devices are this attempt's, whatever an earlier one's were."""
     choices = Choices((state or {}).get("resolved") or static_choices(
-        spec, train_samples, index.classes, resolved, unlabeled=len(index.unlabeled)),
-        on_resolved=callbacks.on_resolved)
+        spec, train_samples, index.classes, resolved, unlabeled=len(index.unlabeled),
+        task=task), on_resolved=callbacks.on_resolved)
     if resolved and "devices" in resolved:
         choices.record("devices", Choices(resolved).choice("devices"))
     return choices
@@ -170,7 +177,8 @@ def _diagnose(result: FitResult, train_samples: list[Sample]) -> list[dict]:
     return diagnose(result.history, num_classes=len(result.classes),
                     evaluation=result.evaluation, class_weights=spec.class_weights,
                     stopped_early=result.stopped_early, best_epoch=result.best_epoch,
-                    class_counts=_class_counts(train_samples, result.classes),
+                    class_counts=TASKS[result.task].class_counts(train_samples,
+                                                                 result.classes),
                     unlabeled_advice=result.resolved.get("unlabeled"),
                     uses_unlabeled=spec.uses_unlabeled)
 
@@ -236,22 +244,30 @@ def _refits(spec: FineTuneSpec, stages: StageRunner, index: ImageFolderIndex, *,
 
 
 def _evaluate(stages: StageRunner, index: ImageFolderIndex, val_samples: list[Sample], *,
-              refit: bool) -> dict:
-    """The best weights, evaluated on val; then, with ``refit``, the head trained again on
-    train+val (a recorded choice); then evaluated on test."""
+              refit: bool) -> tuple[dict, Calibration]:
+    """The best weights, evaluated on val, where the calibration (temperature, multi-label
+    thresholds) is fitted; then, with ``refit``, the head trained again on train+val (a
+    recorded choice; val's calibration carries over, as val is then trained on); then
+    evaluated on test."""
     setup, callbacks = stages.setup, stages.setup.callbacks
-    model = setup.model
+    model, task = setup.model, setup.task
     if stages.best_state is not None:
         model.load_state_dict(stages.best_state)
     model.eval()
     history = len(stages.progress.history)
     _enter(callbacks, "evaluate", history)
+    val_logits = split_logits(model, "val", val_samples, setup, index.root,
+                              stages.best_val_features())
+    calibration = calibrate(val_logits, task.targets(val_samples, len(index.classes)), task,
+                            seed=stages.plans[0].spec.seed)
+    setup.choices.record("calibration", rules.calibration_choice(
+        calibration.kept, calibration.temperature, calibration.why))
 
-    def evaluate_on(split: str, samples: list[Sample], features: torch.Tensor | None) -> dict:
-        return evaluate_splits(model, {split: samples}, setup, classes=index.classes,
-                               root=index.root, features={split: features})
+    def summary(logits: torch.Tensor, samples: list[Sample]) -> dict:
+        return summarize_split(logits, samples, task, calibration, classes=index.classes,
+                               root=index.root)
 
-    evaluation = evaluate_on("val", val_samples, stages.best_val_features())
+    evaluation = {"val": summary(val_logits, val_samples)} if val_samples else {}
     if refit and stages.best_run is not None:
         _enter(callbacks, "refit", history)
         best = stages.best_run
@@ -260,9 +276,13 @@ def _evaluate(stages: StageRunner, index: ImageFolderIndex, val_samples: list[Sa
         setup.choices.record("refit", rules.refit_choice(
             images, epochs, capped=epochs >= decided(best.spec.epochs)))
         _enter(callbacks, "evaluate", history)
-        setup.choices.notify()
+    setup.choices.notify()
     test = index.test or []
-    return evaluation | evaluate_on("test", test, stages.shared_features_of(test, index.root))
+    if test:
+        logits = split_logits(model, "test", test, setup, index.root,
+                              stages.shared_features_of(test, index.root))
+        evaluation["test"] = summary(logits, test)
+    return evaluation, calibration
 
 
 def _checkpoint_state(resume: str | Path | None, classes: list[str]) -> dict | None:
@@ -282,21 +302,24 @@ def _enter(callbacks: Callbacks, stage: str, epochs: int = 0) -> None:
         callbacks.on_stage(stage, epochs, 0)
 
 
-def _class_counts(samples: list[Sample], classes: list[str]) -> dict[str, int]:
-    counts = dict.fromkeys(classes, 0)
-    for sample in samples:
-        counts[classes[sample.label]] += 1
-    return counts
+def task_for(spec: FineTuneSpec, index: ImageFolderIndex) -> Task:
+    """The spec's task, or the dataset's (``auto``); DatasetError when they do not fit."""
+    problem = task_problem(spec.task, index.task, monitor=spec.early_stopping.monitor,
+                           pseudo_label_rounds=spec.pseudo_labels.rounds)
+    if problem is not None:
+        raise DatasetError(problem)
+    return TASKS[task_name(spec.task, index.task)]
 
 
 def static_choices(spec: FineTuneSpec, train_samples: list[Sample], classes: list[str],
-                   prior: dict | None, unlabeled: int = 0) -> dict:
+                   prior: dict | None, unlabeled: int = 0, task: Task = TASKS["single_label"]
+                   ) -> dict:
     """The auto choices the data's statistics decide; ``prior`` ones (the API's) are kept."""
     prior = dict(prior or {})
     needs_sizes = spec.image_size == "auto" and "image_size" not in prior
-    stats = DatasetStats(_class_counts(train_samples, classes),
+    stats = DatasetStats(task.class_counts(train_samples, classes),
                          median_short_side(train_samples) if needs_sizes else None,
-                         unlabeled=unlabeled)
+                         unlabeled=unlabeled, images=len(train_samples), task=task.name)
     return resolve_static(spec, stats) | prior
 
 
@@ -312,11 +335,11 @@ def median_short_side(samples: list[Sample]) -> int | None:
     return int(statistics.median_low(sides)) if sides else None
 
 
-def _split(index: ImageFolderIndex, spec: FineTuneSpec) -> tuple[list[Sample], list[Sample]]:
+def _split(index: ImageFolderIndex, spec: FineTuneSpec,
+           task: Task) -> tuple[list[Sample], list[Sample]]:
     if index.val is not None:
         return index.train, index.val
-    train_idx, val_idx = stratified_split([s.label for s in index.train], spec.val_fraction,
-                                          spec.seed)
+    train_idx, val_idx = task.split(index.train, spec.val_fraction, spec.seed)
     return [index.train[i] for i in train_idx], [index.train[i] for i in val_idx]
 
 
@@ -329,7 +352,9 @@ def _progress(spec: FineTuneSpec, first: StagePlan, *, has_val: bool) -> Progres
 def _monitored_key(spec: FineTuneSpec, *, has_val: bool) -> str:
     """The metrics key early stopping watches; training metrics when there is no val split."""
     monitor = spec.early_stopping.monitor
-    return monitor if has_val else monitor.replace("val_", "train_")
+    if not has_val:  # no train_map: the loss stands in
+        return "train_loss" if monitor == "val_map" else monitor.replace("val_", "train_")
+    return monitor
 
 
 def _decoded(index: ImageFolderIndex, prep: Preprocessing, size: int, *,
@@ -366,7 +391,7 @@ def _stored_for(spec: FineTuneSpec) -> str:
 def _build_setup(index: ImageFolderIndex, spec: FineTuneSpec, train_samples: list[Sample],
                  val_samples: list[Sample], *, device: str | None,
                  derived: DerivedStore | None = None, owner: str | None = None,
-                 cache_features: bool = True) -> RunSetup:
+                 cache_features: bool = True, task: Task = TASKS["single_label"]) -> RunSetup:
     """Backbone, head and data sources on the chosen device, ready for the first stage."""
     torch_device = resolve_device(device)
     check_memory(spec, torch_device, num_classes=len(index.classes),
@@ -387,23 +412,17 @@ def _build_setup(index: ImageFolderIndex, spec: FineTuneSpec, train_samples: lis
     # Larger images for augmented crops are only ever trained on: no test images among them.
     train_decoded = decoded if train_size == prep.input_size else \
         _decoded(index, prep, train_size, derived=derived, owner=owner, with_test=False)
-    train_source = ImageSource([s.path for s in train_samples], [s.label for s in train_samples],
+    num_classes = len(index.classes)
+    train_source = ImageSource([s.path for s in train_samples],
+                               task.targets(train_samples, num_classes),
                                prep, train_size, decoded=train_decoded, root=index.root)
-    val_source = ImageSource([s.path for s in val_samples], [s.label for s in val_samples],
+    val_source = ImageSource([s.path for s in val_samples], task.targets(val_samples, num_classes),
                              prep, prep.input_size, decoded=decoded, root=index.root)
-    return RunSetup(backbone, model, prep, precision, train_source, val_source,
-                    _class_weights(spec, train_source.labels, len(index.classes)),
+    weights = (task.balanced_weights(train_source.labels, num_classes)
+               if spec.class_weights == "balanced" and len(train_source) else None)
+    return RunSetup(backbone, model, prep, precision, train_source, val_source, weights,
                     cache_features=cache_features, decoded=decoded, derived=derived, owner=owner,
-                    fit_rows=range(len(index.train) + len(index.val or [])))
-
-
-def _class_weights(spec: FineTuneSpec, labels: torch.Tensor,
-                   num_classes: int) -> torch.Tensor | None:
-    """n / (C * n_c) per class: every class weighs the same in the loss."""
-    if spec.class_weights != "balanced" or not len(labels):
-        return None
-    counts = torch.bincount(labels, minlength=num_classes).clamp(min=1).float()
-    return len(labels) / (num_classes * counts)
+                    fit_rows=range(len(index.train) + len(index.val or [])), task=task)
 
 
 def check_memory(spec: FineTuneSpec, device: torch.device, *, num_classes: int,
@@ -433,8 +452,10 @@ def _result(run: TrainingRun, backbone: Backbone, index: ImageFolderIndex, progr
         backbone=backbone.name, architecture=backbone.architecture,
         weights_source=backbone.weights_source, history=history, best_epoch=best_epoch,
         best_metrics={k: best_row.get(k) for k in ("epoch", "train_loss", "train_accuracy",
-                                                    "val_loss", "val_accuracy")},
+                                                    "val_loss", "val_accuracy", "val_map")
+                      if k in best_row or k != "val_map"},
         stopped_early=stopped_early, device=str(run.device), precision=run.precision.name,
         num_train=num_train, num_val=num_val, skipped=index.skipped,
         dataset_hash=index.content_hash, evaluation=evaluation, seconds=seconds,
+        task=run.task.name,
     )

@@ -15,8 +15,9 @@ import torch
 from torch import nn
 
 from ftune.models.errors import NonFiniteLossError, TrainingCancelled
-from ftune.models.parallel.ranks import sum_gradients, summed
+from ftune.models.parallel.ranks import gathered, sum_gradients, summed
 from ftune.models.parallel.synced import synced_step
+from ftune.models.tasks import Task, mean_average_precision, task_of
 from ftune.models.training.runtime import Precision
 
 BatchHook = Callable[[int, int, float], None]  # (step in epoch, steps in epoch, loss)
@@ -29,6 +30,13 @@ class EpochStats:
     steps: int
     grad_norm: float | None = None  # mean over steps of the overall gradient norm
     stage_grad_norms: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class ValStats:
+    loss: float
+    accuracy: float  # multi-label: each label of each image at 0.5
+    map: float | None = None  # multi-label: mean average precision over the classes
 
 
 def stop_if_asked(should_stop: Callable[[], bool] | None) -> None:
@@ -47,7 +55,7 @@ class _EpochTotals:
     def __init__(self) -> None:
         self.loss = torch.zeros((), dtype=torch.float64)
         self.correct: torch.Tensor | int = 0
-        self.seen = self.steps = 0
+        self.seen = self.steps = self.decisions = 0
         self.stage_norms: dict[str, torch.Tensor] = {}
         self.overall_norm: torch.Tensor | float = 0.0
 
@@ -67,20 +75,22 @@ class _EpochTotals:
     def add_batch(self, logits: torch.Tensor, targets: torch.Tensor, loss: float) -> None:
         batch = targets.shape[0]
         self.loss += loss * batch
-        self.correct += (logits.argmax(1) == targets).sum()
+        hits, decisions = task_of(targets).hits(logits, targets)
+        self.correct += hits
         self.seen += batch
+        self.decisions += decisions
         self.steps += 1
 
     def add_ranks(self) -> None:
         """Sum the ranks' counts: the epoch's loss and accuracy over the whole batch."""
-        self.loss, self.correct, self.seen = summed(  # type: ignore[assignment]
-            [float(self.loss), int(self.correct), self.seen])
-        self.seen = int(self.seen)
+        self.loss, self.correct, self.seen, self.decisions = summed(  # type: ignore[assignment]
+            [float(self.loss), int(self.correct), self.seen, self.decisions])
+        self.seen, self.decisions = int(self.seen), int(self.decisions)
 
     def stats(self) -> EpochStats:
         return EpochStats(
             loss=float(self.loss) / max(self.seen, 1),
-            accuracy=int(self.correct) / max(self.seen, 1),
+            accuracy=int(self.correct) / max(self.decisions, 1),
             steps=self.steps,
             grad_norm=float(self.overall_norm) / self.steps if self.stage_norms else None,
             stage_grad_norms={name: float(total) / self.steps
@@ -186,17 +196,34 @@ def evaluate(
     loss_fn: nn.Module,
     precision: Precision,
     sharded: bool = False,
-) -> tuple[float, float]:
-    """Mean loss and accuracy; the caller decides the module's train/eval mode (``sharded``:
-    the batches are this rank's share, and the means are over every rank's)."""
+    task: Task | None = None,
+) -> ValStats:
+    """Mean loss and accuracy (and multi-label, mean average precision); the caller decides
+    the module's train/eval mode (``sharded``: the batches are this rank's share, and the
+    metrics are over every rank's). ``task``: known beforehand, so a rank without images
+    still joins the others in gathering scores; else read from the targets."""
     total_loss = 0.0
-    correct = seen = 0
+    correct = seen = decisions = 0
+    scores: list[torch.Tensor] = []
+    truths: list[torch.Tensor] = []
     for inputs, targets in batches:
         with precision.autocast():
-            logits = module(inputs)
-        total_loss += float(loss_fn(logits.float(), targets)) * targets.shape[0]
-        correct += int((logits.argmax(1) == targets).sum())
-        seen += targets.shape[0]
+            logits = module(inputs).float()
+        task = task_of(targets)
+        total_loss += float(loss_fn(logits, targets)) * targets.shape[0]
+        hits, count = task.hits(logits, targets)
+        correct, seen, decisions = correct + int(hits), seen + targets.shape[0], decisions + count
+        if targets.dim() == 2:  # ranking metrics need every image's scores at once
+            scores.append(logits.cpu())
+            truths.append(targets.cpu())
     if sharded:
-        total_loss, correct, seen = summed([total_loss, correct, seen])  # type: ignore[assignment]
-    return total_loss / max(seen, 1), correct / max(seen, 1)
+        total_loss, correct, seen, decisions = summed(  # type: ignore[assignment]
+            [total_loss, correct, seen, decisions])
+    stats = ValStats(total_loss / max(seen, 1), correct / max(decisions, 1))
+    if scores or (task is not None and task.metric == "val_map"):
+        logits_all = torch.cat(scores) if scores else torch.empty(0)
+        truth_all = torch.cat(truths) if truths else torch.empty(0)
+        if sharded:
+            logits_all, truth_all = gathered(logits_all), gathered(truth_all)
+        stats.map = mean_average_precision(logits_all, truth_all)
+    return stats

@@ -22,6 +22,7 @@ from ftune.models.recipe.plan import StagePlan
 from ftune.models.training.loop import (
     BatchHook,
     EpochStats,
+    ValStats,
     evaluate,
     stop_if_asked,
     train_one_epoch,
@@ -67,7 +68,8 @@ class TrainingRun:
         self.should_stop: Callable[[], bool] | None = setup.should_stop
         class_weights = setup.class_weights
         weight = class_weights.to(self.device) if class_weights is not None else None
-        self.loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=spec.label_smoothing)
+        self.task = setup.task
+        self.loss_fn = self.task.loss(weight, spec.label_smoothing)
         self.scaler = torch.amp.GradScaler(self.device.type,
                                            enabled=self.precision.needs_grad_scaler)
         self.best_state: dict | None = None
@@ -141,14 +143,14 @@ class TrainingRun:
         if self.world > 1 and not use_train_cache and not self.sync_batchnorm:
             ranks.average_batchnorm(self.model)  # each rank's saw its shards only
         self.step += stats.steps
-        val_loss, val_accuracy = self._validate(frozen, prefix)
-        return {
+        val = self._validate(frozen, prefix)
+        row = {
             "epoch": self.epoch_offset + epoch + 1,
             "stage": self.stage,
             "train_loss": stats.loss,
             "train_accuracy": stats.accuracy,
-            "val_loss": val_loss,
-            "val_accuracy": val_accuracy,
+            "val_loss": val.loss if val else None,
+            "val_accuracy": val.accuracy if val else None,
             "lr": self.optimizer.param_groups[0]["lr"],
             "seconds": time.perf_counter() - started,
             "grad_norm": stats.grad_norm,
@@ -159,6 +161,9 @@ class TrainingRun:
             "feature_cache": use_train_cache,
             "frozen_stage_cache": train_on_prefix,
         }
+        if self.task.metric == "val_map":
+            row["val_map"] = val.map if val else None
+        return row
 
     def _prefix_cache(self) -> PrefixCache | None:
         """The frozen stages' output cache, when some stages train and the rest can run
@@ -221,24 +226,25 @@ class TrainingRun:
             sync_batchnorm=self.sync_batchnorm,
         )
 
-    def _validate(self, frozen: bool, prefix: PrefixCache | None
-                  ) -> tuple[float | None, float | None]:
+    def _validate(self, frozen: bool, prefix: PrefixCache | None) -> ValStats | None:
         if not len(self.val_source):
-            return None, None
+            return None
         self.model.eval()
         order = torch.arange(len(self.val_source))
         if frozen:  # the head alone, in eval mode: any batch size gives the same answer
             return evaluate(self.model.head,
                             self._feature_batches("val", order, FEATURE_EVAL_BATCH),
-                            loss_fn=self.loss_fn, precision=self.precision)
+                            loss_fn=self.loss_fn, precision=self.precision, task=self.task)
         # Images are shared out among the ranks, and the sums taken over all of them.
         sharded, order = self.world > 1, ranks.shard(order)
         if prefix is not None and self._prefix_ready(prefix, "val"):
             return evaluate(prefix.split.suffix,
                             prefix.batches("val", order, self.spec.batch_size),
-                            loss_fn=self.loss_fn, precision=self.precision, sharded=sharded)
+                            loss_fn=self.loss_fn, precision=self.precision, sharded=sharded,
+                            task=self.task)
         return evaluate(self.model, self._image_batches(order, training=False, split="val"),
-                        loss_fn=self.loss_fn, precision=self.precision, sharded=sharded)
+                        loss_fn=self.loss_fn, precision=self.precision, sharded=sharded,
+                        task=self.task)
 
     def _order(self, epoch: int) -> torch.Tensor:
         return epoch_order(self.spec.seed, epoch, len(self.train_source), self.samples_per_epoch)

@@ -19,6 +19,7 @@ from ftune.models.network import FineTuneModel
 from ftune.models.preprocessing import Preprocessing
 from ftune.models.recipe import rules
 from ftune.models.recipe.choices import Choices
+from ftune.models.tasks import TASKS, Task
 from ftune.models.training.loop import stop_if_asked
 from ftune.models.training.runtime import Precision, as_channels_last, feature_batch_size
 
@@ -61,6 +62,7 @@ class RunSetup:
     adapted_key: str | None = None
     # The decoded rows of the images trained and validated on (test images come after them).
     fit_rows: range = range(0)
+    task: Task = TASKS["single_label"]
     _shared: SharedFeatures | None = None
     _shared_rest: SharedFeatures | None = None  # the test images' features, when asked for
 

@@ -47,8 +47,10 @@ def test_predictor_reloads_the_same_model_and_generalises(trained, animal_heldou
     result, out = trained
     images, labels = animal_heldout
     predictor = Predictor.load(out)
+    # The saved model carries its calibration (the temperature fitted on val).
     in_memory = Predictor(result.model, result.classes, result.preprocessing,
-                          torch.device("cpu"))
+                          torch.device("cpu"),
+                          {"task": result.task, "calibration": result.calibration})
     batch = list(images[:8])
     assert torch.allclose(predictor.predict_proba(batch), in_memory.predict_proba(batch),
                           atol=1e-6)

@@ -47,6 +47,7 @@ def test_top_level_shape_is_exactly_the_documented_one():
         "preset", "time_budget_s", "class_weights", "refit",  # issue 15: the default recipe
         "pretrain", "pseudo_labels",  # issue 18: unlabelled images, both off by default
         "devices", "sync_batchnorm",  # issue 30: data-parallel jobs
+        "task",  # issue 33: single-label or multi-label
     }
     spec = FineTuneSpec()
     assert spec.pretrain.method == "none" and spec.pseudo_labels.rounds == 0
