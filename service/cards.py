@@ -11,8 +11,12 @@ from pydantic import ValidationError
 from ftune.models.spec import FineTuneSpec
 from ftune.service.db.tables import Dataset, Job, TunedModel
 
-CURVE_KEYS = ("epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr",
-              "seconds")
+CURVE_KEYS = ("epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_map",
+              "lr", "seconds")
+# A split's headline numbers: single-label ones, then multi-label ones; each has its own.
+SUMMARY_KEYS = ("num_images", "accuracy", "top_k", "top_k_accuracy", "macro_f1", "loss",
+                "expected_calibration_error", "expected_calibration_error_uncalibrated",
+                "mean_average_precision", "micro_f1", "exact_match")
 
 
 def read_json(path: Path) -> dict:
@@ -92,14 +96,14 @@ def build_card(*, model: TunedModel, job: Job | None, dataset: Dataset | None, c
     val = evaluation.get("val", {})
     resolved = config.get("resolved") or (job.resolved if job else None) or {}
     filled, still_auto = resolved_spec(config.get("spec", model.spec), resolved)
-    summary = {split: {k: result.get(k) for k in ("num_images", "accuracy", "top_k",
-                                                  "top_k_accuracy", "macro_f1", "loss",
-                                                  "expected_calibration_error")}
+    summary = {split: {k: result.get(k) for k in SUMMARY_KEYS if k in result}
                | {"most_confused": result.get("most_confused", [])[:5]}
                for split, result in evaluation.items()}
     return {
         "model": {"id": model.id, "name": model.name, "version": model.version,
-                  "created_at": model.created_at.isoformat(), "classes": model.classes},
+                  "created_at": model.created_at.isoformat(), "classes": model.classes,
+                  "task": model.task},
+        "calibration": config.get("calibration"),
         "backbone": {"name": config.get("backbone"), "architecture": config.get("architecture"),
                      "pretrained_weights_from": public_source(config.get("weights_source")),
                      "preprocessing": config.get("preprocessing")},
@@ -169,6 +173,54 @@ def _still_auto_line(fields: list[str]) -> str:
             f"the same data and seed): {', '.join(fields)}.")
 
 
+def _results_table(evaluation: dict, *, multi: bool) -> list[str]:
+    """Each split's headline numbers; ECE before → after calibration."""
+    def ece(result: dict) -> str:
+        before = result.get("expected_calibration_error_uncalibrated")
+        after = _fmt(result.get("expected_calibration_error"))
+        return after if before is None else f"{_fmt(before)} → {after}"
+
+    if multi:
+        lines = ["| split | images | mAP | micro F1 | macro F1 | exact match | ECE |",
+                 "|---|---|---|---|---|---|---|"]
+        return lines + [f"| {split} | {r['num_images']} | {_fmt(r.get('mean_average_precision'))} "
+                        f"| {_fmt(r.get('micro_f1'))} | {_fmt(r.get('macro_f1'))} | "
+                        f"{_fmt(r.get('exact_match'))} | {ece(r)} |"
+                        for split, r in evaluation.items()]
+    lines = ["| split | images | accuracy | top-k accuracy | macro F1 | loss | ECE |",
+             "|---|---|---|---|---|---|---|"]
+    return lines + [f"| {split} | {r['num_images']} | {_fmt(r.get('accuracy'))} | "
+                    f"{_fmt(r.get('top_k_accuracy'))} (k={r.get('top_k')}) | "
+                    f"{_fmt(r.get('macro_f1'))} | {_fmt(r.get('loss'))} | {ece(r)} |"
+                    for split, r in evaluation.items()]
+
+
+def _per_class_lines(rows: list[dict], *, multi: bool) -> list[str]:
+    lines = ["", "## Per class (val)", ""]
+    if multi:
+        return lines + ["| class | AP | precision | recall | F1 | positives |",
+                        "|---|---|---|---|---|---|"] + [
+            f"| {row['class']} | {_fmt(row['average_precision'])} | {_fmt(row['precision'])} "
+            f"| {_fmt(row['recall'])} | {_fmt(row['f1'])} | {row['support']} |" for row in rows]
+    return lines + ["| class | precision | recall | F1 | support |", "|---|---|---|---|---|"] + [
+        f"| {row['class']} | {_fmt(row['precision'])} | {_fmt(row['recall'])} | "
+        f"{_fmt(row['f1'])} | {row['support']} |" for row in rows]
+
+
+def _calibration_lines(calibration: dict | None, *, multi: bool) -> list[str]:
+    if not calibration:
+        return []
+    lines = ["", "## Calibration", "", f"{calibration['why'][0].upper()}"
+             f"{calibration['why'][1:]}. Predictions give calibrated probabilities; the "
+             "reliability diagram is at `reliability.png`"
+             + (", the precision-recall curves at `pr_curves.png`." if multi else ".")]
+    if multi and calibration.get("thresholds"):
+        lines.append("Decision thresholds (chosen on val for the best F1 of each class): "
+                     + ", ".join(f"{t:.3f}" for t in calibration["thresholds"]) + ".")
+    lines += [f"Warning: {w}." for w in calibration.get("warnings") or []]
+    return lines
+
+
 def card_markdown(card: dict) -> str:
     model, backbone, dataset = card["model"], card["backbone"], card["dataset"]
     lines = [
@@ -188,23 +240,17 @@ def card_markdown(card: dict) -> str:
         f"Best epoch {card['metrics']['best_epoch']} of {card['metrics']['epochs_run']}"
         f"{' (stopped early)' if card['metrics']['stopped_early'] else ''}.",
         "",
-        "| split | images | accuracy | top-k accuracy | macro F1 | loss | ECE |",
-        "|---|---|---|---|---|---|---|",
     ]
-    for split, result in card["evaluation"].items():
-        lines.append(f"| {split} | {result['num_images']} | {_fmt(result['accuracy'])} | "
-                     f"{_fmt(result['top_k_accuracy'])} (k={result['top_k']}) | "
-                     f"{_fmt(result['macro_f1'])} | {_fmt(result['loss'])} | "
-                     f"{_fmt(result['expected_calibration_error'])} |")
+    multi = model.get("task") == "multi_label"
+    lines += _results_table(card["evaluation"], multi=multi)
     confused = card["evaluation"].get("val", {}).get("most_confused", [])
     if confused:
-        lines += ["", "Most confused (val): " + "; ".join(
+        said = "missed, said instead" if multi else "true → predicted"
+        lines += ["", f"Most confused (val, {said}): " + "; ".join(
             f"{p['true']} → {p['predicted']} ×{p['count']}" for p in confused)]
+    lines += _calibration_lines(card.get("calibration"), multi=multi)
     lines += _recipe_lines(card)
-    lines += ["", "## Per class (val)", "", "| class | precision | recall | F1 | support |",
-              "|---|---|---|---|---|"]
-    lines += [f"| {row['class']} | {_fmt(row['precision'])} | {_fmt(row['recall'])} | "
-              f"{_fmt(row['f1'])} | {row['support']} |" for row in card["per_class"]]
+    lines += _per_class_lines(card["per_class"], multi=multi)
     lines += ["", "## Training curve", "", "| epoch | train loss | train acc | val loss | "
               "val acc | lr | seconds |", "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['epoch']} | {_fmt(r['train_loss'])} | {_fmt(r['train_accuracy'])} | "

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import redis
@@ -16,6 +17,7 @@ from ftune.models import memory
 from ftune.models.recipe.resolve import apply_static, image_passes, planned_epochs, resolve_static
 from ftune.models.recipe.stats import DatasetStats, stats_from_report
 from ftune.models.spec import FineTuneSpec, SpecError, parse_spec
+from ftune.models.task_checks import MULTI_LABEL, SINGLE_LABEL, task_name, task_problem
 from ftune.service.auth.principal import Principal, Role
 from ftune.service.auth.tenancy import get_visible, visible_rows
 from ftune.service.backbones import check_backbone
@@ -114,6 +116,16 @@ def unlabeled_dataset(session: Session, principal: Principal, dataset: Dataset,
     return other
 
 
+def check_task(spec: FineTuneSpec, dataset: Dataset) -> str:
+    """The task the job trains (422 when the spec cannot train it on this dataset)."""
+    problem = task_problem(spec.task, dataset.task or SINGLE_LABEL,
+                           monitor=spec.early_stopping.monitor,
+                           pseudo_label_rounds=spec.pseudo_labels.rounds)
+    if problem is not None:
+        raise InvalidInput(f"spec: {problem}", loc=["spec"], kind="invalid_spec")
+    return task_name(spec.task, dataset.task or SINGLE_LABEL)
+
+
 def new_job(session: Session, settings: Settings, dataset: Dataset, spec: FineTuneSpec, *,
             priority: int, max_runtime_s: int | None = None, model_name: str | None = None,
             sweep_id: str | None = None, unlabeled_dataset_id: str | None = None) -> Job:
@@ -121,6 +133,7 @@ def new_job(session: Session, settings: Settings, dataset: Dataset, spec: FineTu
     worker memory checked (429 or 422 otherwise). Shared by submissions and sweep trials."""
     check_backbone(spec, settings)
     check_devices_cap(spec, settings)
+    check_task(spec, dataset)
     tenant_id = dataset.tenant_id
     extra = session.get(Dataset, unlabeled_dataset_id) if unlabeled_dataset_id else None
     extra_unlabeled = (extra.splits or {}).get("unlabeled") or 0 if extra else 0
@@ -144,10 +157,16 @@ def dataset_stats(dataset: Dataset, spec: FineTuneSpec, extra_unlabeled: int = 0
     engine holds ``val_fraction`` of each class out of training. ``extra_unlabeled``: the
     images of the unlabelled dataset the job names."""
     counts = (dataset.class_counts or {}).get("train") or {}
+    images = (dataset.splits or {}).get("train") or 0
     if (dataset.splits or {}).get("val") is None:
         counts = {c: max(1, round(n * (1 - spec.val_fraction))) for c, n in counts.items()}
+        images = round(images * (1 - spec.val_fraction))
     unlabeled = ((dataset.splits or {}).get("unlabeled") or 0) + extra_unlabeled
-    return stats_from_report(dataset.report, counts, unlabeled)
+    stats = stats_from_report(dataset.report, counts, unlabeled)
+    task = task_name(spec.task, dataset.task or SINGLE_LABEL)
+    if task == MULTI_LABEL:  # counts are each label's positives: the images are counted apart
+        return replace(stats, images=images, task=task)
+    return stats
 
 
 def _check_fits_a_worker(spec: FineTuneSpec, dataset: Dataset, settings: Settings) -> None:

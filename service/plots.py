@@ -71,3 +71,48 @@ def confusion_png(matrix: list[list[int]], classes: list[str], title: str) -> by
     figure.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
     ax.set_title(title, **LITERAL)
     return figure_png(figure)
+
+
+def reliability_png(before: list[dict], after: list[dict], title: str) -> bytes:
+    """The reliability diagram: how often right against how sure, per confidence bin,
+    before and after calibration; the diagonal is perfect calibration."""
+    figure = Figure(figsize=(5.5, 5))
+    ax = figure.subplots()
+    ax.plot([0, 1], [0, 1], "--", color="grey", linewidth=1, label="perfectly calibrated")
+    for bins, style, label in ((before, "-o", "before calibration"),
+                               (after, "-s", "after calibration")):
+        points = [(b["confidence"], b["accuracy"]) for b in bins if b["count"]]
+        if points:
+            ax.plot(*zip(*points, strict=True), style, markersize=4, label=label)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("confidence (mean of the bin)")
+    ax.set_ylabel("how often right")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left")
+    ax.set_title(title, **LITERAL)
+    return figure_png(figure)
+
+
+LEGEND_CLASSES = 12  # more curves than this are drawn without a legend entry each
+
+
+def pr_curves_png(curves: dict[str, list[list[float]]], title: str) -> bytes:
+    """Precision against recall, one curve per class (multi-label models)."""
+    figure = Figure(figsize=(6, 5))
+    ax = figure.subplots()
+    for name, points in curves.items():
+        if points:
+            label = name if len(curves) <= LEGEND_CLASSES else None
+            ax.plot(*zip(*points, strict=True), linewidth=1.2, label=label)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("recall")
+    ax.set_ylabel("precision")
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        legend = ax.legend(loc="lower left", fontsize=8)
+        for text in legend.get_texts():
+            text.set_parse_math(False)
+    ax.set_title(title, **LITERAL)
+    return figure_png(figure)

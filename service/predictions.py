@@ -17,9 +17,10 @@ if TYPE_CHECKING:
 MAX_TOP_K = 1000
 
 
-def parse_top_k(raw: str | int | None) -> int:
+def parse_top_k(raw: str | int | None) -> int | None:
+    """None when not given: the model's default (5 labels; multi-label, every class)."""
     if raw is None or raw == "":
-        return 5
+        return None
     try:
         value = int(raw)
     except (TypeError, ValueError) as exc:

@@ -148,6 +148,9 @@ class ModelOut(BaseModel):
     dataset_hash: str | None = Field(description="content hash of the dataset trained on")
     backbone: str
     classes: list[str]
+    task: Literal["single_label", "multi_label"] = Field(
+        "single_label", description="multi_label: predictions give each image's labels over "
+        "their thresholds and every class's score")
     metrics: dict[str, Any]
     spec: dict[str, Any]
     created_at: datetime
@@ -160,8 +163,16 @@ class Prediction(BaseModel):
     score: float
 
 
+class MultiLabelPrediction(BaseModel):
+    labels: list[str] = Field(description="the classes whose score is over their threshold")
+    scores: list[Prediction] = Field(description="every class's score (or the top_k), best "
+                                     "first")
+
+
 class PredictOut(BaseModel):
-    predictions: list[list[Prediction]] = Field(description="one list per image, in order")
+    predictions: list[list[Prediction]] | list[MultiLabelPrediction] = Field(
+        description="one entry per image, in order: a single-label model's list of "
+        "{label, score} best first; a multi-label model's {labels, scores}")
 
 
 class AliasIn(BaseModel):
@@ -259,8 +270,9 @@ class SweepIn(BaseModel):
                                       "freeze.strategy": {"choice": ["head_only",
                                                                      "last_n_blocks"]},
                                       "head.dropout": {"uniform": [0, 0.5]}}])
-    objective: Literal["val_accuracy", "val_loss"] = Field(
-        "val_accuracy", description="val_accuracy is maximised, val_loss minimised")
+    objective: Literal["val_accuracy", "val_loss", "val_map"] = Field(
+        "val_accuracy", description="val_accuracy and val_map (mean average precision, "
+        "multi-label jobs) are maximised, val_loss minimised")
     n_trials: int = Field(10, ge=1, le=200)
     parallelism: int = Field(2, ge=1, le=32, description="trials running at once at most")
     pruner: Literal["median", "asha", "none"] = Field(

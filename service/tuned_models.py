@@ -116,7 +116,8 @@ def model_view(model: TunedModel, aliases: list[str] | None = None) -> dict:
     return {"id": model.id, "tenant_id": model.tenant_id, "name": model.name,
             "version": model.version, "aliases": aliases or [], "job_id": model.job_id,
             "dataset_id": model.dataset_id, "dataset_hash": model.dataset_hash,
-            "backbone": model.backbone, "classes": model.classes, "metrics": model.metrics,
+            "backbone": model.backbone, "classes": model.classes, "task": model.task,
+            "metrics": model.metrics,
             "spec": model.spec, "created_at": model.created_at,
             "size_bytes": model.size_bytes, "exports_bytes": model.exports_bytes}
 

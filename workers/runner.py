@@ -364,11 +364,13 @@ class JobRunner:
         best = {"epoch": result.best_epoch,
                 "val_accuracy": result.best_metrics.get("val_accuracy"),
                 "val_loss": result.best_metrics.get("val_loss")}
+        if "val_map" in result.best_metrics:
+            best["val_map"] = result.best_metrics["val_map"]
         record = TunedModel(
             id=model_id, tenant_id=job.tenant_id, job_id=job_id, name=job.model_name,
             dataset_id=job.dataset_id,
             size_bytes=stored.size, blob_sha256=stored.sha256, dataset_hash=result.dataset_hash,
-            backbone=result.backbone, classes=result.classes,
+            backbone=result.backbone, classes=result.classes, task=result.task,
             spec=result.spec.model_dump(mode="json"), metrics=_model_metrics(result))
         try:
             recorded = self._record_success(job_id, job.attempts, record, best, result)
@@ -414,4 +416,6 @@ def _model_metrics(result: FitResult) -> dict:
             "stopped_early": result.stopped_early, "epochs_run": len(result.history),
             "num_train": result.num_train, "num_val": result.num_val,
             "device": result.device, "precision": result.precision,
-            "train_seconds": round(result.seconds, 3)}
+            "train_seconds": round(result.seconds, 3),
+            "calibration": {k: result.calibration.get(k) for k in ("temperature", "kept")}
+            if result.calibration else None}

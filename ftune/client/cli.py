@@ -167,7 +167,11 @@ def models_predict(client: Client, args: argparse.Namespace) -> int:
         _print_json(predictions)
         return 0
     for image, top in zip(args.images, predictions, strict=True):
-        print(f"{image}: " + ", ".join(f"{p['label']} {p['score']:.3f}" for p in top))
+        if isinstance(top, dict):  # a multi-label model: its labels, then the scores
+            scores = ", ".join(f"{p['label']} {p['score']:.3f}" for p in top["scores"])
+            print(f"{image}: [{', '.join(top['labels'])}] {scores}")
+        else:
+            print(f"{image}: " + ", ".join(f"{p['label']} {p['score']:.3f}" for p in top))
     return 0
 
 

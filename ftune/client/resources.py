@@ -225,9 +225,10 @@ class Model:
                    data["classes"], data.get("metrics", {}), data, transport)
 
     def predict(self, images: ImageInput | list[ImageInput], *,
-                top_k: int | None = None) -> list[list[dict]]:
-        """Top-k ``{label, score}`` per image, in order. Images are paths, bytes or open
-        binary files."""
+                top_k: int | None = None) -> list:
+        """One entry per image, in order: a single-label model's top-k ``{label, score}``;
+        a multi-label model's ``{"labels": [over threshold], "scores": [{label, score}]}``.
+        Images are paths, bytes or open binary files."""
         items = images if isinstance(images, list) else [images]
 
         def files() -> list:

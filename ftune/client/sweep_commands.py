@@ -95,7 +95,8 @@ def add_commands(groups: argparse._SubParsersAction, add: Add) -> None:
         ("--space", {"required": True, "help": "JSON (or @file): spec path -> distribution, "
                      "e.g. {\"optimizer.lr\": {\"log_uniform\": [1e-4, 1e-2]}}"}),
         ("--base", {"help": "the spec every trial starts from: JSON, or @file.json"}),
-        ("--objective", {"default": "val_accuracy", "choices": ["val_accuracy", "val_loss"]}),
+        ("--objective", {"default": "val_accuracy",
+                         "choices": ["val_accuracy", "val_loss", "val_map"]}),
         ("--trials", {"type": int, "default": 10}), ("--parallelism", {"type": int, "default": 2}),
         ("--pruner", {"default": "median", "choices": ["median", "asha", "none"]}),
         ("--sampler", {"default": "tpe", "choices": ["tpe", "random", "grid"]}),

@@ -263,6 +263,9 @@ class TunedModel(Base):
     classes: Mapped[list[Any]]
     metrics: Mapped[dict[str, Any]]  # best epoch, its metrics, stopped_early, epochs run
     spec: Mapped[dict[str, Any]]
+    # "single_label" or "multi_label": how its predictions read (models.tasks).
+    task: Mapped[str] = mapped_column(String(16), default="single_label",
+                                      server_default="single_label")
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     size_bytes: Mapped[int] = mapped_column(BigInteger, default=0)  # the bundle on disk
     exports_bytes: Mapped[int] = mapped_column(BigInteger, default=0)  # zip, ONNX, TorchScript
@@ -296,7 +299,7 @@ class Sweep(Base):
     status: Mapped[str] = mapped_column(String(16), default=SweepStatus.RUNNING, index=True)
     base: Mapped[dict[str, Any]]  # the spec every trial starts from
     space: Mapped[dict[str, Any]]  # spec path -> distribution
-    objective: Mapped[str] = mapped_column(String(32))  # val_accuracy | val_loss
+    objective: Mapped[str] = mapped_column(String(32))  # val_accuracy | val_loss | val_map
     n_trials: Mapped[int]
     parallelism: Mapped[int]
     pruner: Mapped[str] = mapped_column(String(16))

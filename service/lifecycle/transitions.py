@@ -261,7 +261,8 @@ def prune(session: Session, job_id: str, worker: str, objective: str) -> bool:
     scored = [r for r in rows if r.get(objective) is not None]
     sign = -1 if objective == "val_loss" else 1
     top = max(scored, key=lambda r: sign * r[objective]) if scored else {}
-    best = {k: top.get(k) for k in ("epoch", "val_accuracy", "val_loss")} if top else None
+    best = ({k: top.get(k) for k in ("epoch", "val_accuracy", "val_loss", "val_map")
+            if k in top} if top else None)
     done = rows_changed(session, update(Job).where(_ours(job_id, worker)).values(
         status=JobStatus.PRUNED, finished_at=utcnow(), best=best, error=None, step=0))
     if done:

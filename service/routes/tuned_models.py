@@ -149,12 +149,52 @@ def confusion(model_ref: str, ctx: Ctx, who: Member,
 
     model = _resolve(ctx, who, model_ref)
     model_id = model.id
-    result = read_json(bundle_folder(ctx.storage, model) / EVALUATION_FILE).get(split)
-    if not result or "confusion_matrix" not in result:
-        raise NotFound(f"model {model_id} has no {split} evaluation")
+    result = _split_evaluation(ctx, model, split)
+    if "confusion_matrix" not in result:
+        raise NotFound(f"model {model_id} is multi-label: it has no confusion matrix; see "
+                       "pr_curves.png")
     matrix = result["confusion_matrix"]
     return Response(confusion_png(matrix["rows_true_columns_predicted"], matrix["labels"],
                                   f"model {model_id[:8]} — {split}"), media_type="image/png")
+
+
+def _split_evaluation(ctx: AppContext, model: TunedModel, split: str) -> dict:
+    result = read_json(bundle_folder(ctx.storage, model) / EVALUATION_FILE).get(split)
+    if not result or not result.get("num_images"):
+        raise NotFound(f"model {model.id} has no {split} evaluation")
+    return result
+
+
+@router.get("/models/{model_ref}/reliability.png", response_class=Response,
+            responses={200: {"content": {"image/png": {}}}})
+def reliability(model_ref: str, ctx: Ctx, who: Member,
+                split: Annotated[Literal["val", "test"], Query()] = "val") -> Response:
+    """The reliability diagram: how often the model is right against how sure it is, before
+    and after calibration (temperature scaling)."""
+    from ftune.service.plots import reliability_png
+
+    model = _resolve(ctx, who, model_ref)
+    bins = _split_evaluation(ctx, model, split).get("reliability")
+    if not bins:
+        raise NotFound(f"model {model.id} has no reliability diagram (trained before "
+                       "calibration)")
+    return Response(reliability_png(bins["uncalibrated"], bins["calibrated"],
+                                    f"model {model.id[:8]} — {split}"), media_type="image/png")
+
+
+@router.get("/models/{model_ref}/pr_curves.png", response_class=Response,
+            responses={200: {"content": {"image/png": {}}}})
+def pr_curves(model_ref: str, ctx: Ctx, who: Member,
+              split: Annotated[Literal["val", "test"], Query()] = "val") -> Response:
+    """A multi-label model's precision-recall curve of each class."""
+    from ftune.service.plots import pr_curves_png
+
+    model = _resolve(ctx, who, model_ref)
+    curves = _split_evaluation(ctx, model, split).get("pr_curves")
+    if curves is None:
+        raise NotFound(f"model {model.id} is single-label: see confusion.png")
+    return Response(pr_curves_png(curves, f"model {model.id[:8]} — {split}"),
+                    media_type="image/png")
 
 
 @router.get("/models/{model_ref}/download", response_class=StreamingResponse, description=REF,
@@ -190,7 +230,10 @@ def download(model_ref: str, ctx: Ctx, who: Member,
              dependencies=[Depends(rate_limited("predictions"))])
 async def predict(model_ref: str, request: Request, ctx: Ctx, who: Member,
                   top_k: Annotated[int | None, Query(ge=1, le=1000)] = None) -> dict:
-    """Classify one or more images: one list of ``{label, score}`` per image, in order."""
+    """Classify one or more images, one entry per image in order: a single-label model's
+    ``top_k`` (default 5) ``{label, score}`` best first; a multi-label model's
+    ``{labels, scores}``: the labels over their thresholds and every class's score (or the
+    ``top_k`` best). Scores are calibrated probabilities."""
     settings = ctx.settings
     # A model loaded under its id a moment ago needs no lookup; anything else is resolved
     # (aliases move, models get deleted) and loaded once, then cached.
@@ -217,7 +260,7 @@ async def predict(model_ref: str, request: Request, ctx: Ctx, who: Member,
         finally:
             form.cleanup()
     probs = await batcher.probabilities(batch)
-    return {"predictions": batcher.predictor.top_k(probs, k)}
+    return {"predictions": batcher.predictor.predictions(probs, k)}
 
 
 def _load(ctx: AppContext, who: Principal, ref: str) -> DynamicBatcher:

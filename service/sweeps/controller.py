@@ -22,7 +22,7 @@ from ftune.service.job_status import ACTIVE, JobStatus, SweepStatus
 from ftune.service.jobs import new_job, request_cancel, validate_job_spec
 from ftune.service.settings import Settings
 from ftune.service.sweeps.space import apply_params, parse_space
-from ftune.service.sweeps.study import build_study, grid_size, next_params
+from ftune.service.sweeps.study import DIRECTIONS, build_study, grid_size, next_params
 from ftune.service.sweeps.trials import Trial, load_trials, records
 
 log = logging.getLogger(__name__)
@@ -122,7 +122,7 @@ def best_trial(trials: list[Trial], objective: str) -> Trial | None:
             and (t.job.best or {}).get(objective) is not None]
     if not done:
         return None
-    sign = 1 if objective == "val_accuracy" else -1
+    sign = 1 if DIRECTIONS[objective] == "maximize" else -1
     return max(done, key=lambda t: (sign * (t.job.best or {})[objective], -t.row.number))
 
 

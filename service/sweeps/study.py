@@ -22,7 +22,7 @@ from ftune.service.sweeps.space import Param
 if TYPE_CHECKING:
     pass
 
-DIRECTIONS = {"val_accuracy": "maximize", "val_loss": "minimize"}
+DIRECTIONS = {"val_accuracy": "maximize", "val_loss": "minimize", "val_map": "maximize"}
 # Median: a trial is compared with finished ones at the same epoch, once this many finished.
 MEDIAN_STARTUP_TRIALS = 2
 # Successive halving: rungs at epochs 1, 3, 9...; a third go on from each.

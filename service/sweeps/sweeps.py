@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session
 
 from ftune.models.recipe.resolve import image_passes, resolve_static
 from ftune.models.spec import FineTuneSpec
+from ftune.models.task_checks import MULTI_LABEL
 from ftune.service.auth.principal import Principal, Role
 from ftune.service.auth.tenancy import get_visible, visible_rows
 from ftune.service.backbones import check_backbone
@@ -25,6 +26,7 @@ from ftune.service.job_status import SweepStatus
 from ftune.service.jobs import (
     MEMBER_MAX_PRIORITY,
     check_devices_cap,
+    check_task,
     dataset_stats,
     request_cancel,
     unlabeled_dataset,
@@ -65,6 +67,10 @@ def create_sweep(session: Session, principal: Principal, settings: Settings, *,
         check_backbone(parsed, settings)
         check_devices_cap(parsed, settings)
         unlabeled_dataset(session, principal, dataset, parsed, None)
+        if check_task(parsed, dataset) != MULTI_LABEL and request.objective == "val_map":
+            raise InvalidInput("objective: val_map (mean average precision) is for "
+                               "multi-label jobs; use val_accuracy or val_loss",
+                               loc=["objective"])
 
     try:
         check_trial(request.base)

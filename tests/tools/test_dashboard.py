@@ -304,3 +304,46 @@ def test_a_sweep_started_from_the_form_runs_live_and_promotes_its_best(page, up,
     page.wait_for_selector("#promoted:not(:empty)")
     assert ":best now points at model" in page.inner_text("#promoted")
     page.screenshot(path=ARTIFACTS / "sweep.png", full_page=True)
+
+
+@pytest.fixture(scope="module")
+def mosaics_zip(tmp_path_factory) -> tuple[bytes, bytes]:
+    """A small multi-label set (2×2 mosaics of real images) and one test mosaic's bytes."""
+    from ftune.testing.mosaics import only, tile_pools, write_mosaics
+
+    root = write_mosaics(tmp_path_factory.mktemp("dash") / "mosaics",
+                         {"train": 60, "test": 20}, seed=4, pools=only(tile_pools(), [0, 1, 12]))
+    return zip_folder(root), sorted((root / "test").glob("*.png"))[0].read_bytes()
+
+
+def test_a_multi_label_model_page_shows_map_pr_curves_and_marks_labels(page, up, mosaics_zip):
+    zipped, image = mosaics_zip
+    with httpx.Client(base_url=up.url, headers={"Authorization": f"Bearer {up.admin_key}"},
+                      timeout=60) as api:
+        dataset = api.post("/v1/datasets", files={"file": ("mosaics.zip", zipped)}).json()
+        assert dataset["task"] == "multi_label", dataset
+        job = api.post("/v1/jobs", json={"dataset_id": dataset["id"], "spec": FAST,
+                                         "model_name": "mosaics"}).json()
+        deadline = time.monotonic() + 240
+        while job["status"] not in ("succeeded", "failed", "cancelled"):
+            assert time.monotonic() < deadline, job
+            time.sleep(0.5)
+            job = api.get(f"/v1/jobs/{job['id']}").json()
+        assert job["status"] == "succeeded", job["error"]
+        expected = api.post(f"/v1/models/{job['model_id']}/predict",
+                            files=[("files", ("m.png", image))]).json()["predictions"][0]
+    sign_in(page, up.admin_key)
+    page.wait_for_selector("#nav:not([hidden])")
+    page.goto(f"{up.url}/#/models/{job['model_id']}")
+    wait_for_js(page, "document.querySelector('#pr-curves')?.naturalWidth > 0")
+    wait_for_js(page, "document.querySelector('#reliability')?.naturalWidth > 0")
+    assert page.locator("#confusion").count() == 0
+    assert "mAP" in page.inner_text("#accuracy") and "before calibration" in page.inner_text(
+        "#accuracy")
+    assert page.locator("th", has_text="AP").count() >= 1
+    page.screenshot(path=ARTIFACTS / "model-multilabel.png", full_page=True)
+    drop_files(page, ".drop", [("m.png", image, "image/png")])
+    page.wait_for_selector("#predict-results .prediction.multi")
+    marked = page.locator("#predict-results li.over .label").all_inner_texts()
+    assert sorted(marked) == sorted(expected["labels"])
+    assert page.locator("#predict-results li").count() == 3  # every class's score

@@ -28,7 +28,7 @@ export async function sweepsPage(view, alert, go) {
     datasets.items.map((d) => h("option", { value: d.id }, `${d.name} (${d.num_images} images)`)));
   const space = h("textarea", { id: "sweep-space", rows: "6" }, JSON.stringify(EXAMPLE_SPACE, null, 2));
   const base = h("textarea", { id: "sweep-base", rows: "3" }, "{}");
-  const objective = h("select", { id: "sweep-objective" }, ["val_accuracy", "val_loss"].map((o) => h("option", {}, o)));
+  const objective = h("select", { id: "sweep-objective" }, ["val_accuracy", "val_loss", "val_map"].map((o) => h("option", {}, o)));
   const trials = h("input", { id: "sweep-trials", type: "number", min: "1", max: "200", value: "10" });
   const parallelism = h("input", { id: "sweep-parallelism", type: "number", min: "1", max: "32", value: "2" });
   const pruner = h("select", { id: "sweep-pruner" }, ["median", "asha", "none"].map((o) => h("option", {}, o)));

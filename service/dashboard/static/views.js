@@ -262,11 +262,13 @@ export async function jobPage(view, alert, id) {
   function drawMetrics(rows, job) {
     const bestEpoch = job.best?.epoch;
     const series = (key, name, cls) => ({ name, cls, points: rows.map((r) => [r.epoch, r[key]]) });
+    const multi = rows.some((r) => r.val_map != null);  // a multi-label job: its ranking metric too
     charts.replaceChildren(
       lineChart("Loss", [series("train_loss", "train", "train"), series("val_loss", "val", "val")], { yMin: 0 }),
-      lineChart("Accuracy", [series("train_accuracy", "train", "train"), series("val_accuracy", "val", "val")], { yMin: 0 }));
-    epochs.replaceChildren(table(["Epoch", "Stage", "Train loss", "Train acc", "Val loss", "Val acc", "LR", "Seconds"],
-      rows.map((r) => epochRow(r, r.epoch === bestEpoch))),
+      multi ? lineChart("Val mAP and label accuracy", [series("val_map", "val mAP", "train"), series("val_accuracy", "val label accuracy", "val")], { yMin: 0 })
+        : lineChart("Accuracy", [series("train_accuracy", "train", "train"), series("val_accuracy", "val", "val")], { yMin: 0 }));
+    epochs.replaceChildren(table(["Epoch", "Stage", "Train loss", "Train acc", "Val loss", "Val acc", ...(multi ? ["Val mAP"] : []), "LR", "Seconds"],
+      rows.map((r) => epochRow(r, r.epoch === bestEpoch, multi))),
     bestEpoch ? bestNote(bestEpoch, job) : null);
     const stages = [...new Set(rows.flatMap((r) => Object.keys(r.stage_grad_norms || {})))];
     grads.replaceChildren(stages.length ? table(["Epoch", ...stages], rows.map((r) => h("tr", {}, h("td", {}, String(r.epoch)),
@@ -302,9 +304,9 @@ function bestNote(epoch, job) {
 }
 
 // One epoch's row; the best one (the weights the model keeps) marked in words, not colour only.
-function epochRow(r, best) {
+function epochRow(r, best, multi) {
   const values = [r.stage, num(r.train_loss), pct(r.train_accuracy), num(r.val_loss), pct(r.val_accuracy),
-    num(r.lr, 6), num(r.seconds, 1)];
+    ...(multi ? [pct(r.val_map)] : []), num(r.lr, 6), num(r.seconds, 1)];
   return h("tr", { class: best ? "best" : null, "data-epoch": r.epoch },
     h("td", {}, String(r.epoch), best ? [" ", h("span", { class: "badge" }, "best")] : null),
     values.map((v) => h("td", {}, String(v ?? ""))));
@@ -314,7 +316,7 @@ function describe(event) {
   const d = event.data;
   if (event.kind === "status") return `${d.status}${d.reason ? ` (${d.reason})` : ""}${d.error ? `: ${d.error}` : ""}`;
   if (event.kind === "stage") return d.stage;
-  if (event.kind === "epoch") return `epoch ${d.epoch}: val loss ${num(d.val_loss)}, val accuracy ${pct(d.val_accuracy)}`;
+  if (event.kind === "epoch") return `epoch ${d.epoch}: val loss ${num(d.val_loss)}, val accuracy ${pct(d.val_accuracy)}${d.val_map != null ? `, val mAP ${pct(d.val_map)}` : ""}`;
   if (event.kind === "progress") return `epoch ${d.epoch} step ${d.step}/${d.steps}`;
   if (event.kind === "pretrain") return `pretraining epoch ${d.epoch} (${d.method}): loss ${num(d.loss)}`;
   if (event.kind === "resolved") return Object.keys(d).filter((k) => k !== "at").join(", ");
@@ -340,7 +342,7 @@ export async function modelsPage(view) {
   const list = await get("/models", { limit: 100 });
   view.replaceChildren(h("h1", {}, "Models"), table(["Model", "Version", "Aliases", "Val accuracy", "Created"],
     list.items.map((m) => h("tr", {}, h("td", {}, h("a", { href: `#/models/${m.id}` }, m.name)), h("td", {}, String(m.version)),
-      h("td", {}, m.aliases.join(", ")), h("td", {}, pct(m.metrics?.best?.val_accuracy)), h("td", {}, when(m.created_at))))));
+      h("td", {}, m.aliases.join(", ")), h("td", {}, m.task === "multi_label" ? `mAP ${pct(m.metrics?.best?.val_map)}` : pct(m.metrics?.best?.val_accuracy)), h("td", {}, when(m.created_at))))));
 }
 
 export async function modelPage(view, alert, id) {
@@ -351,16 +353,20 @@ export async function modelPage(view, alert, id) {
   const e = evaluation[split] || {};
   // Refit on train+val: the model served has learned from the val images too.
   const valSeen = split === "val" && cardFacts.resolved?.refit?.value === true;
-  const confusion = h("img", { id: "confusion", alt: `Confusion matrix on ${split}` });
-  blobUrl(`/models/${id}/confusion.png`, { split }).then((url) => { confusion.src = url; }).catch(() => {});
+  const multi = model.task === "multi_label";
+  // A multi-label model has precision-recall curves where a single-label one has a confusion matrix.
+  const picture = (path, pictureId, alt) => {
+    const img = h("img", { id: pictureId, alt });
+    blobUrl(`/models/${id}/${path}`, { split }).then((url) => { img.src = url; }).catch(() => {});
+    return img;
+  };
   const results = h("div", { id: "predict-results" });
   const predict = async (files) => {
     const form = new FormData();
     files.forEach((f) => form.append("files", f));
     try {
-      const out = await request("POST", `/models/${id}/predict`, { form, query: { top_k: 3 } });
-      results.replaceChildren(...out.predictions.map((top, i) => h("div", { class: "prediction" },
-        h("strong", {}, files[i].name), h("ol", {}, top.map((p) => h("li", {}, h("span", { class: "label" }, p.label), ` ${pct(p.score)}`))))));
+      const out = await request("POST", `/models/${id}/predict`, { form, query: multi ? {} : { top_k: 3 } });
+      results.replaceChildren(...out.predictions.map((entry, i) => predictionView(files[i].name, entry, multi)));
     } catch (error) { alert(plainError(error)); }
   };
   const aliasInput = h("input", { id: "alias-name", name: "alias", placeholder: "production", required: true, pattern: "[A-Za-z0-9_.-]+" });
@@ -380,10 +386,17 @@ export async function modelPage(view, alert, id) {
   view.replaceChildren(h("h1", {}, `${model.name} v${model.version}`),
     h("section", { class: "card" }, h("h2", {}, `Evaluation (${split}, ${e.num_images || 0} images${valSeen ? ", before the refit" : ""})`),
       valSeen ? refitNote() : null,
-      h("p", { id: "accuracy" }, `Accuracy ${pct(e.accuracy)}, macro F1 ${num(e.macro_f1, 3)}, calibration error (ECE) ${num(e.expected_calibration_error, 3)}`),
-      table(["Class", "Precision", "Recall", "F1", "Images"], (e.per_class || []).map((c) => h("tr", {},
-        h("td", {}, c.class ?? c.label ?? c.name), h("td", {}, pct(c.precision)), h("td", {}, pct(c.recall)), h("td", {}, pct(c.f1)), h("td", {}, String(c.support))))),
-      h("h3", {}, "Confusion matrix"), confusion),
+      multi ? h("p", { id: "accuracy" }, `mAP ${pct(e.mean_average_precision)}, micro F1 ${num(e.micro_f1, 3)}, macro F1 ${num(e.macro_f1, 3)}, ${calibrationText(e)}`)
+        : h("p", { id: "accuracy" }, `Accuracy ${pct(e.accuracy)}, macro F1 ${num(e.macro_f1, 3)}, ${calibrationText(e)}`),
+      multi ? table(["Class", "AP", "Precision", "Recall", "F1", "Positives"], (e.per_class || []).map((c) => h("tr", {},
+        h("td", {}, c.class), h("td", {}, pct(c.average_precision)), h("td", {}, pct(c.precision)), h("td", {}, pct(c.recall)), h("td", {}, pct(c.f1)), h("td", {}, String(c.support)))))
+        : table(["Class", "Precision", "Recall", "F1", "Images"], (e.per_class || []).map((c) => h("tr", {},
+          h("td", {}, c.class ?? c.label ?? c.name), h("td", {}, pct(c.precision)), h("td", {}, pct(c.recall)), h("td", {}, pct(c.f1)), h("td", {}, String(c.support))))),
+      h("div", { class: "pictures" },
+        h("figure", {}, h("figcaption", {}, multi ? "Precision-recall curves" : "Confusion matrix"),
+          multi ? picture("pr_curves.png", "pr-curves", `Precision-recall curves on ${split}`) : picture("confusion.png", "confusion", `Confusion matrix on ${split}`)),
+        h("figure", {}, h("figcaption", {}, "Reliability (before and after calibration)"),
+          picture("reliability.png", "reliability", `Reliability diagram on ${split}`)))),
     h("section", { class: "card" }, h("h2", {}, "Predict"), dropZone("Drop images here, or choose them", "image/*", true, predict), results),
     h("section", { class: "card" }, h("h2", {}, "Versions and aliases"),
       h("ul", {}, versions.map((m) => h("li", {}, h("a", { href: `#/models/${m.id}` }, `v${m.version}`), m.aliases.length ? ` (${m.aliases.join(", ")})` : ""))),
@@ -391,6 +404,26 @@ export async function modelPage(view, alert, id) {
     h("section", { class: "card" }, h("h2", {}, "Download"), ["safetensors", "onnx", "torchscript"].map(download)),
     modelCard(card, `model-card-${model.name}-v${model.version}.md`, cardUrl));
   return () => URL.revokeObjectURL(cardUrl);
+}
+
+function calibrationText(e) {
+  const before = e.expected_calibration_error_uncalibrated;
+  return before == null ? `calibration error (ECE) ${num(e.expected_calibration_error, 3)}`
+    : `calibration error (ECE) ${num(before, 3)} before calibration, ${num(e.expected_calibration_error, 3)} after`;
+}
+
+// One image's prediction: a single-label model's top classes; a multi-label model's labels over
+// their thresholds, marked among every class's score.
+function predictionView(name, entry, multi) {
+  if (!multi) {
+    return h("div", { class: "prediction" }, h("strong", {}, name),
+      h("ol", {}, entry.map((p) => h("li", {}, h("span", { class: "label" }, p.label), ` ${pct(p.score)}`))));
+  }
+  const over = new Set(entry.labels);
+  return h("div", { class: "prediction multi" }, h("strong", {}, name),
+    h("p", { class: "labels" }, entry.labels.length ? `Labels: ${entry.labels.join(", ")}` : "No label over its threshold"),
+    h("ol", {}, entry.scores.map((p) => h("li", { class: over.has(p.label) ? "over" : "" },
+      h("span", { class: "label" }, p.label), ` ${pct(p.score)}`, over.has(p.label) ? h("span", { class: "mark" }, " ✓ over threshold") : null))));
 }
 
 // After a refit the model also learned from the val images: their scores (from the model

@@ -1,11 +1,13 @@
-"""A labelled dataset's task: ``datasets.task`` is ``single_label`` (one class per image) or
-``multi_label`` (a set of labels per image, from labels.csv), detected at upload.
+"""Tasks: ``datasets.task`` is a labelled dataset's, ``single_label`` (one class per image) or
+``multi_label`` (a set of labels per image, from labels.csv), detected at upload;
+``models.task`` is the task a model was trained for.
 
 Revision ID: 0010
 Revises: 0009
 Create Date: 2026-12-05
 
-Labelled datasets from earlier releases were all single-label; unlabelled ones have no task.
+Labelled datasets and models from earlier releases were all single-label; unlabelled
+datasets have no task.
 """
 
 from __future__ import annotations
@@ -22,8 +24,12 @@ depends_on = None
 def upgrade() -> None:
     op.add_column("datasets", sa.Column("task", sa.String(16), nullable=True))
     op.execute("UPDATE datasets SET task = 'single_label' WHERE kind = 'labeled'")
+    op.add_column("models", sa.Column("task", sa.String(16), nullable=False,
+                                            server_default="single_label"))
 
 
 def downgrade() -> None:
     with op.batch_alter_table("datasets") as batch:
+        batch.drop_column("task")
+    with op.batch_alter_table("models") as batch:
         batch.drop_column("task")
