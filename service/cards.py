@@ -207,6 +207,18 @@ def _per_class_lines(rows: list[dict], *, multi: bool) -> list[str]:
         f"{_fmt(row['f1'])} | {row['support']} |" for row in rows]
 
 
+def _curve_lines(rows: list[dict], *, multi: bool) -> list[str]:
+    """The epochs' table; a multi-label run's val mAP beside its label-wise accuracy."""
+    extra = " val mAP |" if multi else ""
+    lines = ["", "## Training curve", "", "| epoch | train loss | train acc | val loss | "
+             f"val acc |{extra} lr | seconds |", "|---" * (8 if multi else 7) + "|"]
+    return lines + [
+        f"| {r['epoch']} | {_fmt(r['train_loss'])} | {_fmt(r['train_accuracy'])} | "
+        f"{_fmt(r['val_loss'])} | {_fmt(r['val_accuracy'])} | "
+        + (f"{_fmt(r.get('val_map'))} | " if multi else "")
+        + f"{_fmt(r['lr'])} | {_fmt(r['seconds'])} |" for r in rows]
+
+
 def _calibration_lines(calibration: dict | None, *, multi: bool) -> list[str]:
     if not calibration:
         return []
@@ -251,11 +263,7 @@ def card_markdown(card: dict) -> str:
     lines += _calibration_lines(card.get("calibration"), multi=multi)
     lines += _recipe_lines(card)
     lines += _per_class_lines(card["per_class"], multi=multi)
-    lines += ["", "## Training curve", "", "| epoch | train loss | train acc | val loss | "
-              "val acc | lr | seconds |", "|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['epoch']} | {_fmt(r['train_loss'])} | {_fmt(r['train_accuracy'])} | "
-              f"{_fmt(r['val_loss'])} | {_fmt(r['val_accuracy'])} | {_fmt(r['lr'])} | "
-              f"{_fmt(r['seconds'])} |" for r in card["training_curve"]]
+    lines += _curve_lines(card["training_curve"], multi=multi)
     env = card["environment"]
     lines += ["", "## Reproduce", "", "Spec (resolved: the values this run used in place of "
               "\"auto\"):", "", "```json", json.dumps(card["resolved_spec"], indent=2), "```",

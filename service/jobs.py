@@ -81,6 +81,7 @@ def create_job(session: Session, principal: Principal, settings: Settings, *, re
     if request.priority > MEMBER_MAX_PRIORITY:
         principal.require(Role.ADMIN, f"priority above {MEMBER_MAX_PRIORITY}")
     dataset = get_dataset(session, principal, request.dataset_id)
+    check_task(spec, dataset)  # before the unlabelled images: the task is the deeper problem
     unlabeled = unlabeled_dataset(session, principal, dataset, spec,
                                   request.unlabeled_dataset_id)
     return new_job(session, settings, dataset, spec, priority=request.priority,

@@ -42,11 +42,12 @@ class Dataset:
     num_images: int
     report: dict[str, Any] | None
     raw: dict[str, Any] = field(repr=False)
+    task: str | None = None  # a labelled dataset's: "single_label" or "multi_label"
 
     @classmethod
     def of(cls, data: dict) -> Dataset:
         return cls(data["id"], data["name"], data["classes"], data["num_images"],
-                   data.get("report"), data)
+                   data.get("report"), data, data.get("task"))
 
 
 class Datasets:
@@ -218,11 +219,13 @@ class Model:
     metrics: dict[str, Any]
     raw: dict[str, Any] = field(repr=False)
     _transport: Transport = field(repr=False, compare=False)
+    task: str = "single_label"  # or "multi_label": predict() gives label sets
 
     @classmethod
     def of(cls, data: dict, transport: Transport) -> Model:
         return cls(data["id"], data["name"], data["version"], data.get("aliases", []),
-                   data["classes"], data.get("metrics", {}), data, transport)
+                   data["classes"], data.get("metrics", {}), data, transport,
+                   data.get("task", "single_label"))
 
     def predict(self, images: ImageInput | list[ImageInput], *,
                 top_k: int | None = None) -> list:

@@ -65,6 +65,7 @@ def test_card_and_pictures_of_a_multi_label_model(client, multilabel_model):
     card = client.get(f"/v1/models/{model_id}/card").text
     assert "| split | images | mAP |" in card and "## Calibration" in card
     assert "Decision thresholds" in card and "| class | AP |" in card
+    assert "| val acc | val mAP | lr |" in card
     for picture in ("reliability.png", "pr_curves.png", "reliability.png?split=test"):
         response = client.get(f"/v1/models/{model_id}/{picture}")
         assert response.status_code == 200 and response.content[:4] == b"\x89PNG", picture
@@ -73,7 +74,7 @@ def test_card_and_pictures_of_a_multi_label_model(client, multilabel_model):
 
 
 def test_a_single_label_model_has_a_reliability_diagram_and_no_pr_curves(client, tiny_model):
-    model_id = tiny_model["model_id"]
+    model_id = tiny_model["id"]
     assert client.get(f"/v1/models/{model_id}/reliability.png").status_code == 200
     assert client.get(f"/v1/models/{model_id}/pr_curves.png").status_code == 404
     assert client.get(f"/v1/models/{model_id}").json()["task"] == "single_label"
@@ -98,3 +99,23 @@ def test_val_map_is_refused_on_a_single_label_dataset(client, tiny_dataset):
         "dataset_id": tiny_dataset["id"], "base": SPEC, "objective": "val_map",
         "space": {"optimizer.lr": {"log_uniform": [1e-4, 1e-2]}}, "n_trials": 2})
     assert sweep.status_code == 422 and "val_map" in sweep.text
+
+
+def test_a_sweep_ranks_multi_label_trials_by_val_map(client, multilabel_dataset):
+    from ftune.processes import wait_until
+
+    response = client.post("/v1/sweeps", json={
+        "dataset_id": multilabel_dataset["id"], "base": {**SPEC, "epochs": 2},
+        "objective": "val_map", "space": {"optimizer.lr": {"choice": [0.0003, 0.003]}},
+        "n_trials": 2, "parallelism": 1, "pruner": "none", "sampler": "grid"})
+    assert response.status_code == 202, response.text
+
+    def ended() -> dict | None:
+        sweep = client.get(f"/v1/sweeps/{response.json()['id']}").json()
+        return sweep if sweep["status"] != "running" else None
+
+    done = wait_until(ended, 300, "the sweep to end", interval_s=0.5)
+    assert done["status"] == "succeeded", done["reason"]
+    values = [t["value"] for t in done["trials"]]
+    assert all(v is not None and 0 < v <= 1 for v in values)
+    assert done["best_trial"]["value"] == max(values)

@@ -121,3 +121,28 @@ def test_a_sweep_runs_streams_and_promotes_through_the_client(client, dataset):
     with pytest.raises(ApiError) as bad:
         client.sweeps.create(dataset, {"optimizer.nope": {"uniform": [0, 1]}})
     assert bad.value.status == 422 and bad.value.errors[0]["loc"][-1] == "optimizer.nope"
+
+
+def test_a_multi_label_dataset_trains_and_predicts_label_sets_through_client_and_cli(
+        client, multilabel_folder, up, tmp_path):
+    import os
+    import subprocess
+
+    from ftune.processes import ftune_command
+
+    dataset = client.datasets.upload(multilabel_folder, name="mosaics")
+    assert dataset.task == "multi_label" and dataset.classes == ["animal0", "animal1", "digit2"]
+    job = client.jobs.create(dataset, FAST, epochs=3)
+    job.wait(timeout=240)
+    model = job.model()
+    assert model.task == "multi_label"
+    image = sorted((multilabel_folder / "test").glob("*.png"))[0]
+    (entry,) = model.predict([image])
+    assert set(entry) == {"labels", "scores"} and len(entry["scores"]) == 3
+    env = {**os.environ, "FTUNE_URL": up.url, "FTUNE_API_KEY": up.admin_key,
+           "FTUNE_REMOTE_CONFIG": str(tmp_path / "remote.json")}
+    printed = subprocess.run(ftune_command("remote", "models", "predict", model.id, str(image)),
+                             env=env, capture_output=True, text=True, timeout=120)
+    assert printed.returncode == 0, printed.stderr
+    assert printed.stdout.startswith(f"{image}: [{', '.join(entry['labels'])}] ")
+    assert all(s["label"] in printed.stdout for s in entry["scores"])
