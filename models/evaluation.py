@@ -17,6 +17,7 @@ from torch import nn
 
 from ftune.models import multilabel_eval
 from ftune.models.calibration import Calibration, expected_calibration_error, reliability
+from ftune.models.confusion_pairs import most_confused
 from ftune.models.data.discover import Sample
 from ftune.models.data.source import ImageSource
 from ftune.models.data.transforms import normalize
@@ -28,7 +29,6 @@ from ftune.models.training.run_setup import RunSetup
 from ftune.models.training.runtime import Precision, feature_batch_size
 
 ECE_BINS = 15
-CONFUSED_PAIRS = 10
 WORST_EXAMPLES = 20
 
 
@@ -85,7 +85,7 @@ def summarize(probs: torch.Tensor, labels: torch.Tensor, classes: list[str],
         "per_class": per_class,
         "confusion_matrix": {"labels": classes, "rows_true_columns_predicted":
                              confusion.tolist()},
-        "most_confused": _most_confused(confusion, classes),
+        "most_confused": most_confused(confusion, classes),
         "highest_loss": _highest_loss(losses, labels, predicted, confidence, classes, names),
     }
 
@@ -120,21 +120,6 @@ def _expected_calibration_error(confidence: torch.Tensor, correct: torch.Tensor)
             gap = (correct[in_bin].float().mean() - confidence[in_bin].mean()).abs()
             ece += float(gap) * int(in_bin.sum()) / n
     return ece
-
-
-def _most_confused(confusion: torch.Tensor, classes: list[str]) -> list[dict]:
-    c = len(classes)
-    off_diagonal = confusion.clone()
-    off_diagonal.fill_diagonal_(0)
-    flat_counts = off_diagonal.flatten()
-    pairs = []
-    for flat in flat_counts.argsort(descending=True)[:CONFUSED_PAIRS].tolist():
-        count = int(flat_counts[flat])
-        if count == 0:
-            break
-        pairs.append({"true": classes[flat // c], "predicted": classes[flat % c],
-                      "count": count})
-    return pairs
 
 
 def _highest_loss(losses: torch.Tensor, labels: torch.Tensor, predicted: torch.Tensor,

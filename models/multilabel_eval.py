@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import torch
 
+from ftune.models.confusion_pairs import most_confused
 from ftune.models.tasks import average_precision
 
-CONFUSED_PAIRS = 10
 WORST_EXAMPLES = 20
 CURVE_POINTS = 50  # per class, enough to draw the precision-recall curve
 
@@ -64,17 +64,7 @@ def _most_confused(truth: torch.Tensor, predicted: torch.Tensor,
     the multi-label form of a confusion between two classes."""
     missed = (truth & ~predicted).float()
     wrongly = (predicted & ~truth).float()
-    counts = missed.T @ wrongly  # [true, said]
-    counts.fill_diagonal_(0)
-    c = len(classes)
-    pairs = []
-    for flat in counts.flatten().argsort(descending=True)[:CONFUSED_PAIRS].tolist():
-        count = int(counts.flatten()[flat])
-        if count == 0:
-            break
-        pairs.append({"true": classes[flat // c], "predicted": classes[flat % c],
-                      "count": count})
-    return pairs
+    return most_confused(missed.T @ wrongly, classes)  # [true, said]
 
 
 def _worst(losses: torch.Tensor, truth: torch.Tensor, predicted: torch.Tensor,

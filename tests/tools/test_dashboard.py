@@ -194,6 +194,18 @@ WIDE_TABLES_SCROLL = """(() => { const wraps = [...document.querySelectorAll(SEL
         && getComputedStyle(w).overflowX === 'auto'); })()"""
 
 
+def _job_to_its_end(api: httpx.Client, dataset_id: str, model_name: str) -> dict:
+    """A job with the FAST spec, polled until it ends."""
+    job = api.post("/v1/jobs", json={"dataset_id": dataset_id, "spec": FAST,
+                                     "model_name": model_name}).json()
+    deadline = time.monotonic() + 240
+    while job["status"] not in ("succeeded", "failed", "cancelled"):
+        assert time.monotonic() < deadline, job
+        time.sleep(0.5)
+        job = api.get(f"/v1/jobs/{job['id']}").json()
+    return job
+
+
 def _finished_fast_job(up, zipped: bytes) -> dict:
     """A fast-preset job on a carved val split: its head is refit on train+val."""
     with httpx.Client(base_url=up.url, headers={"Authorization": f"Bearer {up.admin_key}"},
@@ -201,13 +213,7 @@ def _finished_fast_job(up, zipped: bytes) -> dict:
         dataset = api.post("/v1/datasets", files={"file": ("animals.zip", zipped)},
                            data={"name": HOSTILE_NAME}, params={"dedupe": "false"}).json()
         assert dataset["name"] == HOSTILE_NAME, dataset
-        job = api.post("/v1/jobs", json={"dataset_id": dataset["id"], "spec": FAST,
-                                         "model_name": "phone-check"}).json()
-        deadline = time.monotonic() + 240
-        while job["status"] not in ("succeeded", "failed", "cancelled"):
-            assert time.monotonic() < deadline, job
-            time.sleep(0.5)
-            job = api.get(f"/v1/jobs/{job['id']}").json()
+        job = _job_to_its_end(api, dataset["id"], "phone-check")
         model = api.get(f"/v1/models/{job['model_id']}").json() if job["model_id"] else None
     assert job["status"] == "succeeded", job["error"]
     assert job["resolved"]["refit"]["value"] is True  # what the model page must say
@@ -322,13 +328,7 @@ def test_a_multi_label_model_page_shows_map_pr_curves_and_marks_labels(page, up,
                       timeout=60) as api:
         dataset = api.post("/v1/datasets", files={"file": ("mosaics.zip", zipped)}).json()
         assert dataset["task"] == "multi_label", dataset
-        job = api.post("/v1/jobs", json={"dataset_id": dataset["id"], "spec": FAST,
-                                         "model_name": "mosaics"}).json()
-        deadline = time.monotonic() + 240
-        while job["status"] not in ("succeeded", "failed", "cancelled"):
-            assert time.monotonic() < deadline, job
-            time.sleep(0.5)
-            job = api.get(f"/v1/jobs/{job['id']}").json()
+        job = _job_to_its_end(api, dataset["id"], "mosaics")
         assert job["status"] == "succeeded", job["error"]
         expected = api.post(f"/v1/models/{job['model_id']}/predict",
                             files=[("files", ("m.png", image))]).json()["predictions"][0]
