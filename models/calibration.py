@@ -3,15 +3,17 @@ each multi-label class's decision threshold.
 
 Temperature scaling (Guo et al., "On Calibration of Modern Neural Networks", ICML 2017)
 divides the logits by one number chosen to minimise the validation loss: the ranking, and so
-the accuracy and mAP, are unchanged; only the confidence moves. A temperature is kept only
-when it lowers the validation ECE. Multi-label models may get one temperature per class:
-both forms are measured by fitting on one half of val and scoring on the other, and the
-better one is fitted on all of val.
+the accuracy and mAP, are unchanged; only the confidence moves. Whether it helps is measured
+on images it was not fitted on: fitted on one half of val and scored on the other, both ways
+round; it is kept (fitted on all of val) only when it lowers that ECE. Multi-label models may
+get one temperature per class, chosen the same way. A model with fewer than 3 mistakes on val
+gets none: its loss only falls as it grows surer.
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -22,6 +24,8 @@ from ftune.models.tasks import MultiLabel, Task
 
 ECE_BINS = 15
 MIN_VAL = 10  # fewer val images than this: no temperature is fitted (too noisy)
+MIN_MISTAKES = 3  # fewer val mistakes than this: nothing to calibrate against
+TEMPERATURE_RANGE = (0.25, 10.0)  # beyond, a fit says more about the val set than the model
 
 
 @dataclass
@@ -96,7 +100,7 @@ def fit_temperature(logits: torch.Tensor, targets: torch.Tensor, task: Task, *,
         return loss
 
     optimizer.step(closure)
-    return [round(float(v), 6) for v in log_t.detach().exp().clamp(0.05, 20.0)]
+    return [round(float(v), 6) for v in log_t.detach().exp().clamp(*TEMPERATURE_RANGE)]
 
 
 def _loss_of(task: Task) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
@@ -105,60 +109,90 @@ def _loss_of(task: Task) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     return functional.cross_entropy
 
 
-def calibrate(logits: torch.Tensor, targets: torch.Tensor, task: Task, seed: int = 0
-              ) -> Calibration:
-    """Fit on the validation logits; keep only what lowers the validation ECE."""
+def calibrate(logits: torch.Tensor, targets: torch.Tensor, task: Task, seed: int = 0,
+              classes: list[str] | None = None) -> Calibration:
+    """Fit on the validation logits; keep only what lowers the ECE on images it was not
+    fitted on (each half of val, from a fit on the other half)."""
+    result = _temperature(logits, targets, task, seed)
+    return _thresholds(result, logits, targets, task, classes)
+
+
+def _temperature(logits: torch.Tensor, targets: torch.Tensor, task: Task,
+                 seed: int) -> Calibration:
     if len(logits) < MIN_VAL:
-        return _thresholds(Calibration([1.0], False, f"fewer than {MIN_VAL} validation images: "
-                                       "too few to fit a temperature"), logits, targets, task)
-    before = expected_calibration_error(task.probabilities(logits), targets, task)
-    per_class = isinstance(task, MultiLabel) and _per_class_is_better(logits, targets, task,
-                                                                       seed)
+        return Calibration([1.0], False, f"fewer than {MIN_VAL} validation images: too few to "
+                           "fit a temperature")
+    mistakes = _mistakes(logits, targets, task)
+    if mistakes < MIN_MISTAKES:
+        # With (almost) no mistakes the loss only falls as the model grows surer: a fitted
+        # temperature would make test mistakes at full confidence.
+        return Calibration([1.0], False, f"{mistakes} mistake(s) on the {len(logits)} "
+                           f"validation images (fewer than {MIN_MISTAKES}): too few to fit a "
+                           "temperature against")
+    halves = _halves(len(logits), seed)
+    per_class = isinstance(task, MultiLabel) and \
+        _held_out(logits, targets, task, halves, per_class=True)[1] < \
+        _held_out(logits, targets, task, halves, per_class=False)[1]
+    before, after = _held_out(logits, targets, task, halves, per_class=per_class)
     temperature = fit_temperature(logits, targets, task, per_class=per_class)
-    after = expected_calibration_error(task.probabilities(scaled(logits, temperature)),
-                                       targets, task)
     form = "one per class" if per_class else "one shared"
-    if after < before:
-        result = Calibration(temperature, True, f"temperature scaling ({form}) lowered the "
-                             f"validation ECE from {before:.4f} to {after:.4f}", before, after)
-    else:
-        result = Calibration([1.0], False, f"temperature scaling ({form}) did not lower the "
-                             f"validation ECE ({before:.4f}, {after:.4f} with it): not kept",
-                             before, before)
-    return _thresholds(result, logits, targets, task)
+    measured = (f"the validation ECE measured on each half of val with a fit on the other: "
+                f"{before:.4f} without, {after:.4f} with")
+    if after < before and all(math.isfinite(t) for t in temperature):
+        return Calibration(temperature, True, f"temperature scaling ({form}) lowered {measured}",
+                           before, after)
+    return Calibration([1.0], False, f"temperature scaling ({form}) did not lower {measured}: "
+                       "not kept", before, before)
 
 
-def _per_class_is_better(logits: torch.Tensor, targets: torch.Tensor, task: Task,
-                         seed: int) -> bool:
-    """Fit each form on one half of val and score it on the other, both ways round."""
-    order = torch.randperm(len(logits), generator=torch.Generator().manual_seed(seed))
-    halves = (order[: len(order) // 2], order[len(order) // 2:])
-    ece = {False: 0.0, True: 0.0}
+def _mistakes(logits: torch.Tensor, targets: torch.Tensor, task: Task) -> int:
+    hits, decisions = task.hits(logits, targets)
+    return decisions - int(hits)
+
+
+def _halves(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return order[: n // 2], order[n // 2:]
+
+
+def _held_out(logits: torch.Tensor, targets: torch.Tensor, task: Task,
+              halves: tuple[torch.Tensor, torch.Tensor], *, per_class: bool
+              ) -> tuple[float, float]:
+    """ECE without and with a temperature, each half scored with the fit on the other."""
+    before = after = 0.0
     for fit_rows, score_rows in (halves, halves[::-1]):
-        for per_class in ece:
-            t = fit_temperature(logits[fit_rows], targets[fit_rows], task, per_class=per_class)
-            probs = task.probabilities(scaled(logits[score_rows], t))
-            ece[per_class] += expected_calibration_error(probs, targets[score_rows], task)
-    return ece[True] < ece[False]
+        t = fit_temperature(logits[fit_rows], targets[fit_rows], task, per_class=per_class)
+        before += expected_calibration_error(task.probabilities(logits[score_rows]),
+                                             targets[score_rows], task) / 2
+        after += expected_calibration_error(task.probabilities(scaled(logits[score_rows], t)),
+                                            targets[score_rows], task) / 2
+    return before, after
 
 
 def _thresholds(result: Calibration, logits: torch.Tensor, targets: torch.Tensor,
-                task: Task) -> Calibration:
-    if isinstance(task, MultiLabel):
-        probs = task.probabilities(scaled(logits, result.temperature))
-        result.thresholds, missing = best_f1_thresholds(probs, targets)
-        if missing:
-            result.warnings.append(
-                f"{len(missing)} class(es) have no positive in val and keep the threshold "
-                f"0.5: {', '.join(str(c) for c in missing[:10])}")
+                task: Task, classes: list[str] | None) -> Calibration:
+    if not isinstance(task, MultiLabel):
+        return result
+    if not len(logits):
+        result.thresholds = [0.5] * (len(classes) if classes else 0)
+        result.warnings.append("no validation images: every class keeps the threshold 0.5")
+        return result
+    probs = task.probabilities(scaled(logits, result.temperature))
+    result.thresholds, missing = best_f1_thresholds(probs, targets)
+    if missing:
+        names = [classes[c] if classes else str(c) for c in missing]
+        result.warnings.append(
+            f"{len(missing)} class(es) have no positive in val and keep the threshold 0.5: "
+            f"{', '.join(names[:10])}{' …' if len(names) > 10 else ''}")
     return result
 
 
 def best_f1_thresholds(probs: torch.Tensor, targets: torch.Tensor
                        ) -> tuple[list[float], list[int]]:
-    """Each class's threshold maximising its F1 on these images (midway between the
-    deciding score and the next one down); classes without positives keep 0.5 and are
-    returned as the second value."""
+    """Each class's threshold maximising its F1 on these images: the lowest score it then
+    says yes to (a class is present at or over its threshold; kept exact, so no rounding can
+    move it past a score); classes without positives keep 0.5 and are returned as the
+    second value."""
     thresholds, missing = [], []
     for c in range(targets.shape[1]):
         truth = targets[:, c].bool()
@@ -170,7 +204,5 @@ def best_f1_thresholds(probs: torch.Tensor, targets: torch.Tensor
         scores, order = probs[:, c].sort(descending=True, stable=True)
         found = truth[order].float().cumsum(0)
         f1 = 2 * found / (torch.arange(1, len(scores) + 1) + total)
-        best = int(f1.argmax())
-        below = float(scores[best + 1]) if best + 1 < len(scores) else 0.0
-        thresholds.append(round((float(scores[best]) + below) / 2, 6))
+        thresholds.append(float(scores[int(f1.argmax())]))
     return thresholds, missing

@@ -37,7 +37,32 @@ def _finite(values: list) -> list[float]:
     return [float(v) for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
 
 
-def _diverging(history: list[dict], error: str | None, num_classes: int) -> Finding | None:
+@dataclass(frozen=True)
+class Chance:
+    """The training loss of guessing, and how to say it."""
+
+    loss: float
+    words: str
+
+
+def single_label_chance(num_classes: int) -> Chance | None:
+    """Cross-entropy of a uniform guess: ln C."""
+    if num_classes < 2:
+        return None
+    return Chance(math.log(num_classes), f"guessing among {num_classes} classes")
+
+
+def multi_label_chance(positives: dict[str, int], images: int) -> Chance | None:
+    """Binary cross-entropy of guessing each label at its frequency: the mean, over the
+    classes, of the entropy of its share of positives (at most ln 2)."""
+    shares = [n / images for n in positives.values()] if images else []
+    entropies = [-(p * math.log(p) + (1 - p) * math.log(1 - p)) for p in shares if 0 < p < 1]
+    if not entropies:
+        return None
+    return Chance(sum(entropies) / len(entropies), "guessing each label at its frequency")
+
+
+def _diverging(history: list[dict], error: str | None, chance: Chance | None) -> Finding | None:
     if error and ("loss became" in error or "non-finite" in error):
         return Finding("diverging", "The loss diverged to infinity or NaN.", error,
                        "Lower optimizer.lr (or use lr auto), or set grad_clip_norm.")
@@ -51,11 +76,10 @@ def _diverging(history: list[dict], error: str | None, num_classes: int) -> Find
         return Finding("diverging", "The training loss rose instead of falling.",
                        f"train_loss went from {finite[0]:.3g} to {finite[-1]:.3g}",
                        "Lower optimizer.lr (a tenth), or use lr auto.")
-    chance = math.log(num_classes) if num_classes >= 2 else None
-    if chance and finite and max(finite) > ABOVE_CHANCE * chance:
+    if chance and finite and max(finite) > ABOVE_CHANCE * chance.loss:
         return Finding("diverging", "The training loss went far above the loss of guessing.",
-                       f"train_loss reached {max(finite):.3g}, {max(finite) / chance:.1f}x "
-                       f"the {chance:.3g} of guessing among {num_classes} classes",
+                       f"train_loss reached {max(finite):.3g}, {max(finite) / chance.loss:.1f}x "
+                       f"the {chance.loss:.3g} of {chance.words}",
                        "Lower optimizer.lr (a tenth), or use lr auto.")
     # Within a stage only: a new stage (more layers, augmentation) starts from a higher loss.
     jumps = [(b["epoch"], b["train_loss"] / a["train_loss"])
@@ -71,18 +95,17 @@ def _diverging(history: list[dict], error: str | None, num_classes: int) -> Find
     return None
 
 
-def _no_progress(history: list[dict], num_classes: int) -> Finding | None:
+def _no_progress(history: list[dict], chance: Chance | None) -> Finding | None:
     losses = _finite([row.get("train_loss") for row in history])
-    if not losses or num_classes < 2:
+    if not losses or chance is None:
         return None
-    chance = math.log(num_classes)
     accuracy = history[-1].get("train_accuracy")
-    if losses[-1] < NO_PROGRESS_SHARE * chance:
+    if losses[-1] < NO_PROGRESS_SHARE * chance.loss:
         return None
     acc = f", train accuracy {accuracy:.2f}" if isinstance(accuracy, float) else ""
     return Finding("no_progress", "The model learned almost nothing.",
-                   f"final train_loss {losses[-1]:.3g} vs {chance:.3g} for guessing among "
-                   f"{num_classes} classes{acc}",
+                   f"final train_loss {losses[-1]:.3g} vs {chance.loss:.3g} for "
+                   f"{chance.words}{acc}",
                    "Raise optimizer.lr (or use lr auto), train more epochs, or unfreeze more "
                    "stages (freeze.strategy auto or last_n_blocks).")
 
@@ -195,11 +218,13 @@ def diagnose(history: list[dict], *, num_classes: int, evaluation: dict | None =
              class_counts: dict[str, int] | None = None, class_weights: str | None = None,
              stopped_early: bool = False, best_epoch: int | None = None,
              error: str | None = None, unlabeled_advice: dict | None = None,
-             uses_unlabeled: bool = False) -> list[dict]:
+             uses_unlabeled: bool = False, chance: Chance | None = None) -> list[dict]:
     """Findings as dicts (code, message, evidence, action); a healthy run has none.
-    ``unlabeled_advice``: the recipe's advice on unlabelled images (resolved "unlabeled")."""
-    diverging = _diverging(history, error, num_classes)
-    found = [diverging, None if diverging else _no_progress(history, num_classes),
+    ``unlabeled_advice``: the recipe's advice on unlabelled images (resolved "unlabeled").
+    ``chance``: the loss of guessing (default: a single-label run's, ln of the classes)."""
+    chance = chance or single_label_chance(num_classes)
+    diverging = _diverging(history, error, chance)
+    found = [diverging, None if diverging else _no_progress(history, chance),
              _overfitting(history), *_gradients(history),
              _early_stop_at_first(history, stopped_early, best_epoch),
              _finetune_no_gain(history, best_epoch),

@@ -153,7 +153,8 @@ def summarize_split(logits: torch.Tensor, samples: list[Sample], task: Task,
     probs = task.probabilities(calibration.scale(logits))
     if isinstance(task, MultiLabel):
         thresholds = torch.tensor(calibration.thresholds or [0.5] * len(classes))
-        summary = multilabel_eval.summarize(probs, targets, thresholds, classes, names)
+        summary = multilabel_eval.summarize(probs, targets, thresholds, classes, names,
+                                            ranking=calibration.scale(logits))
         summary["expected_calibration_error"] = expected_calibration_error(probs, targets, task)
     else:
         summary = summarize(probs, targets, classes, names)

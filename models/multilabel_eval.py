@@ -13,15 +13,18 @@ CURVE_POINTS = 50  # per class, enough to draw the precision-recall curve
 
 
 def summarize(probs: torch.Tensor, targets: torch.Tensor, thresholds: torch.Tensor,
-              classes: list[str], names: list[str]) -> dict:
+              classes: list[str], names: list[str], ranking: torch.Tensor | None = None) -> dict:
     """Every metric of the evaluation from calibrated probabilities, 0/1 targets and each
-    class's decision threshold."""
+    class's decision threshold. ``ranking``: scores in the probabilities' order that do not
+    saturate (the calibrated logits), for average precision and the curves; a sigmoid rounds
+    many of them to exactly 0 or 1 in float32, which would tie images the model ranks."""
+    ranking = probs if ranking is None else ranking
     n = len(targets)
     if n == 0:
         return {"num_images": 0}
     truth = targets.bool()
     predicted = probs >= thresholds[None, :]
-    per_class = _per_class(probs, truth, predicted, classes)
+    per_class = _per_class(ranking, truth, predicted, classes)
     aps = [row["average_precision"] for row in per_class if row["average_precision"] is not None]
     f1s = [row["f1"] for row in per_class if row["support"] and row["f1"] is not None]
     tp = int((predicted & truth).sum())
@@ -39,11 +42,11 @@ def summarize(probs: torch.Tensor, targets: torch.Tensor, thresholds: torch.Tens
         "per_class": per_class,
         "most_confused": _most_confused(truth, predicted, classes),
         "worst": _worst(losses, truth, predicted, probs, classes, names),
-        "pr_curves": {c: _curve(probs[:, i], truth[:, i]) for i, c in enumerate(classes)},
+        "pr_curves": {c: _curve(ranking[:, i], truth[:, i]) for i, c in enumerate(classes)},
     }
 
 
-def _per_class(probs: torch.Tensor, truth: torch.Tensor, predicted: torch.Tensor,
+def _per_class(ranking: torch.Tensor, truth: torch.Tensor, predicted: torch.Tensor,
                classes: list[str]) -> list[dict]:
     rows = []
     for i, name in enumerate(classes):
@@ -52,7 +55,7 @@ def _per_class(probs: torch.Tensor, truth: torch.Tensor, predicted: torch.Tensor
         precision = tp / said if said else None
         recall = tp / support if support else None
         f1 = None if not support else 2 * tp / (support + said)
-        rows.append({"class": name, "average_precision": average_precision(probs[:, i],
+        rows.append({"class": name, "average_precision": average_precision(ranking[:, i],
                                                                            truth[:, i]),
                      "precision": precision, "recall": recall, "f1": f1, "support": support})
     return rows

@@ -27,3 +27,8 @@ def task_problem(requested: str, dataset_task: str, *, monitor: str,
     if name == MULTI_LABEL and pseudo_label_rounds > 0:
         return MULTI_LABEL_PSEUDO
     return None
+
+
+VAL_WITHOUT_LABELS = ("the val split has no image with a label: a multi-label model cannot be "
+                      "validated (nor its thresholds chosen) on it; label some val images, or "
+                      "remove val/ so that val is carved from train")

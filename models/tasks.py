@@ -141,15 +141,22 @@ def task_of(targets: torch.Tensor) -> Task:
 
 
 def average_precision(scores: torch.Tensor, positives: torch.Tensor) -> float | None:
-    """Area under one class's precision-recall curve, as the mean precision at each
-    positive's rank; None without positives (nothing to find)."""
+    """Area under one class's precision-recall curve as scikit-learn computes it: one step
+    per distinct score (tied images are ranked together, whatever their order), the
+    precision at each step weighted by the recall it adds; None without positives."""
     found = positives.bool()
     total = int(found.sum())
     if total == 0:
         return None
-    ranked = found[scores.argsort(descending=True, stable=True)].float()
-    precision = ranked.cumsum(0) / torch.arange(1, len(ranked) + 1)
-    return float((precision * ranked).sum() / total)
+    order = scores.argsort(descending=True, stable=True)
+    ranked, hits = scores[order], found[order].double().cumsum(0)
+    # The last image of each run of equal scores: where the curve takes a step.
+    ends = torch.cat([(ranked[1:] != ranked[:-1]).nonzero().flatten(),
+                      torch.tensor([len(ranked) - 1])])
+    precision = hits[ends] / (ends + 1).double()
+    recall = hits[ends] / total
+    gains = torch.diff(recall, prepend=torch.zeros(1, dtype=torch.float64))
+    return float((gains * precision).sum())
 
 
 def mean_average_precision(scores: torch.Tensor, targets: torch.Tensor) -> float | None:

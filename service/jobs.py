@@ -17,7 +17,13 @@ from ftune.models import memory
 from ftune.models.recipe.resolve import apply_static, image_passes, planned_epochs, resolve_static
 from ftune.models.recipe.stats import DatasetStats, stats_from_report
 from ftune.models.spec import FineTuneSpec, SpecError, parse_spec
-from ftune.models.task_checks import MULTI_LABEL, SINGLE_LABEL, task_name, task_problem
+from ftune.models.task_checks import (
+    MULTI_LABEL,
+    SINGLE_LABEL,
+    VAL_WITHOUT_LABELS,
+    task_name,
+    task_problem,
+)
 from ftune.service.auth.principal import Principal, Role
 from ftune.service.auth.tenancy import get_visible, visible_rows
 from ftune.service.backbones import check_backbone
@@ -124,7 +130,11 @@ def check_task(spec: FineTuneSpec, dataset: Dataset) -> str:
                            pseudo_label_rounds=spec.pseudo_labels.rounds)
     if problem is not None:
         raise InvalidInput(f"spec: {problem}", loc=["spec"], kind="invalid_spec")
-    return task_name(spec.task, dataset.task or SINGLE_LABEL)
+    task = task_name(spec.task, dataset.task or SINGLE_LABEL)
+    val = (dataset.class_counts or {}).get("val")
+    if task == MULTI_LABEL and (dataset.splits or {}).get("val") and not any((val or {}).values()):
+        raise InvalidInput(f"dataset_id: {VAL_WITHOUT_LABELS}", loc=["dataset_id"])
+    return task
 
 
 def new_job(session: Session, settings: Settings, dataset: Dataset, spec: FineTuneSpec, *,

@@ -265,9 +265,12 @@ def _manifest_candidate(base: Path, rel: str, split: str, names: list[str],
 
 
 def _declare_manifest_classes(listing: Listing) -> None:
+    """The splits the CSV uses and their classes (a multi-label split of images without
+    labels is still a split: its images are negatives)."""
     for split in SPLIT_DIRS:
-        names = sorted({n for c in listing.candidates if c.split == split for n in c.names})
-        if names:
+        in_split = [c for c in listing.candidates if c.split == split]
+        names = sorted({n for c in in_split for n in c.names})
+        if names or (in_split and listing.task == MULTI_LABEL):
             listing.declared[split] = names
 
 

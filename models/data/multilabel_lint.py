@@ -38,6 +38,15 @@ def check(findings: list[Finding], listing: Listing, facts: list[FileFacts],
             f"{len(unknown)} label(s) appear in val/test but not in train; they are not "
             "learned or evaluated", "Label training images with them, or remove them from "
             "val/test.", unknown)
+    for split in ("val", "test"):
+        images = sum(1 for c, _ in labelled if c.split == split)
+        if images and not any(counts.get(split, {}).values()):
+            add(findings, f"{split}_without_labels", "error" if split == "val" else "warning",
+                f"the {split} split's {images} image(s) carry no label known to train",
+                "Label them (a multi-label model is validated and its thresholds chosen on "
+                "val), or leave the split out: val is then carved from train."
+                if split == "val" else "Label them, or leave the split out: its metrics "
+                "would be empty.")
     empty = [c.rel for c, _ in labelled if not c.names]
     if empty:
         add(findings, "images_without_labels", "info",

@@ -306,6 +306,13 @@ def refit(asked: bool | str, *, head_alone_cached: bool, val_carved: bool) -> bo
     return asked is True or val_carved
 
 
+def no_refit_multi_label() -> Choice:
+    """refit auto on a multi-label run that would otherwise refit."""
+    return Choice(False, "multi-label: each class's threshold and the temperature are chosen "
+                  "on val, and a head trained again on val would no longer match them; the "
+                  "head trained on train alone is kept (refit: true asks for it anyway)")
+
+
 def refit_choice(images: int, epochs: int, *, capped: bool) -> Choice:
     """``capped``: the head's best epoch was the last its stage may run, so its limit, not
     early stopping, set the epochs."""
@@ -442,10 +449,12 @@ def pseudo_labels(rounds: list[dict], threshold: float, num_train: int) -> Choic
                   "another pass of the stages; never to validation")
 
 
-def calibration_choice(kept: bool, temperature: list[float], why: str) -> Choice:
+def calibration_choice(kept: bool, temperature: list[float], why: str,
+                       warnings: list[str] | None = None) -> Choice:
     """Temperature scaling after training (models.calibration): the temperature(s) kept, or
-    none, and the validation ECE that decided it."""
+    none, and the validation ECE that decided it; ``warnings`` (a class keeping the 0.5
+    threshold) go beside it."""
+    details = {"warnings": warnings} if warnings else None
     if not kept:
-        return Choice("none", why)
-    value = temperature[0] if len(temperature) == 1 else temperature
-    return Choice(value, why)
+        return Choice("none", why, details)
+    return Choice(temperature[0] if len(temperature) == 1 else temperature, why, details)

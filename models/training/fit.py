@@ -24,7 +24,7 @@ from ftune.models.data.source import ImageSource
 from ftune.models.data.transforms import stored_size
 from ftune.models.derived.decoded import DecodedImages, decoded_images
 from ftune.models.derived.store import DerivedStore
-from ftune.models.diagnosis import diagnose
+from ftune.models.diagnosis import diagnose, multi_label_chance
 from ftune.models.errors import DatasetError, ResourceError
 from ftune.models.evaluation import split_logits, summarize_split
 from ftune.models.network import FineTuneModel, build_head
@@ -38,8 +38,13 @@ from ftune.models.recipe.resolve import apply_static, backbone_size, resolve_sta
 from ftune.models.recipe.stats import DatasetStats
 from ftune.models.settings import engine_settings
 from ftune.models.spec import FineTuneSpec, parse_spec
-from ftune.models.task_checks import task_name, task_problem
-from ftune.models.tasks import TASKS, Task
+from ftune.models.task_checks import (
+    MULTI_LABEL,
+    VAL_WITHOUT_LABELS,
+    task_name,
+    task_problem,
+)
+from ftune.models.tasks import TASKS, Task, labels_of
 from ftune.models.training.budget import Budget
 from ftune.models.training.checkpoint import checkpoint_folder, load_checkpoint
 from ftune.models.training.early_stopping import EarlyStopping
@@ -124,6 +129,8 @@ def fit(
     index = data if isinstance(data, ImageFolderIndex) else scan_image_folder(data)
     task = task_for(spec, index)
     train_samples, val_samples = _split(index, spec, task)
+    if task.name == MULTI_LABEL and val_samples and not any(labels_of(s) for s in val_samples):
+        raise DatasetError(VAL_WITHOUT_LABELS)
     callbacks, state = callbacks or Callbacks(), _checkpoint_state(resume, index.classes)
     choices = _run_choices(state, spec, train_samples, index, resolved, callbacks, task)
     spec = apply_static(spec, choices.to_dict())
@@ -174,13 +181,14 @@ def _run_choices(state: dict | None, spec: FineTuneSpec, train_samples: list[Sam
 
 def _diagnose(result: FitResult, train_samples: list[Sample]) -> list[dict]:
     spec = result.spec
+    counts = TASKS[result.task].class_counts(train_samples, result.classes)
+    chance = (multi_label_chance(counts, len(train_samples)) if result.task == MULTI_LABEL
+              else None)
     return diagnose(result.history, num_classes=len(result.classes),
                     evaluation=result.evaluation, class_weights=spec.class_weights,
                     stopped_early=result.stopped_early, best_epoch=result.best_epoch,
-                    class_counts=TASKS[result.task].class_counts(train_samples,
-                                                                 result.classes),
-                    unlabeled_advice=result.resolved.get("unlabeled"),
-                    uses_unlabeled=spec.uses_unlabeled)
+                    class_counts=counts, unlabeled_advice=result.resolved.get("unlabeled"),
+                    uses_unlabeled=spec.uses_unlabeled, chance=chance)
 
 
 def _rebuilt_head_run(stages: StageRunner) -> TrainingRun | None:
@@ -239,8 +247,12 @@ def _refits(spec: FineTuneSpec, stages: StageRunner, index: ImageFolderIndex, *,
     best = stages.best_run
     head_alone_cached = (stages.setup.cache_features and has_val and best is not None
                          and best.backbone_frozen and best.spec.augment == "none")
-    return rules.refit(spec.refit, val_carved=index.val is None,
-                       head_alone_cached=head_alone_cached)
+    refits = rules.refit(spec.refit, val_carved=index.val is None,
+                         head_alone_cached=head_alone_cached)
+    if refits and spec.refit == "auto" and stages.setup.task.name == MULTI_LABEL:
+        stages.setup.choices.record("refit", rules.no_refit_multi_label())
+        return False
+    return refits
 
 
 def _evaluate(stages: StageRunner, index: ImageFolderIndex, val_samples: list[Sample], *,
@@ -259,9 +271,9 @@ def _evaluate(stages: StageRunner, index: ImageFolderIndex, val_samples: list[Sa
     val_logits = split_logits(model, "val", val_samples, setup, index.root,
                               stages.best_val_features())
     calibration = calibrate(val_logits, task.targets(val_samples, len(index.classes)), task,
-                            seed=stages.plans[0].spec.seed)
+                            seed=stages.plans[0].spec.seed, classes=index.classes)
     setup.choices.record("calibration", rules.calibration_choice(
-        calibration.kept, calibration.temperature, calibration.why))
+        calibration.kept, calibration.temperature, calibration.why, calibration.warnings))
 
     def summary(logits: torch.Tensor, samples: list[Sample]) -> dict:
         return summarize_split(logits, samples, task, calibration, classes=index.classes,

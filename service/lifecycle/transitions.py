@@ -21,7 +21,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Session
 
-from ftune.models.diagnosis import diagnose
+from ftune.models.diagnosis import diagnose, multi_label_chance
+from ftune.models.task_checks import MULTI_LABEL, SINGLE_LABEL, task_name
 from ftune.service.db.tables import (
     Dataset,
     EpochMetrics,
@@ -299,7 +300,12 @@ def diagnose_stored(session: Session, job: Job, error: str | None) -> list:
         EpochMetrics.job_id == job.id).order_by(EpochMetrics.epoch))]
     dataset = session.get(Dataset, job.dataset_id)
     classes = len(dataset.classes) if dataset is not None else 0
-    return diagnose(rows, num_classes=classes, error=error)
+    chance = None
+    if dataset is not None and task_name((job.spec or {}).get("task", "auto"),
+                                         dataset.task or SINGLE_LABEL) == MULTI_LABEL:
+        chance = multi_label_chance((dataset.class_counts or {}).get("train") or {},
+                                    (dataset.splits or {}).get("train") or 0)
+    return diagnose(rows, num_classes=classes, error=error, chance=chance)
 
 
 # A cancel requested while the run ended some other way (its worker lost, a transient error).

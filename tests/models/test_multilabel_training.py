@@ -43,7 +43,9 @@ def test_auto_detects_multi_label_and_learns_every_label(trained, multilabel_fol
     worst = test["worst"][0]
     assert worst["path"].startswith("test/") and set(worst) >= {"missed", "false_positives"}
     assert len(result.calibration["thresholds"]) == 3
-    assert result.resolved["calibration"]["why"].startswith("temperature scaling")
+    assert "validation" in result.resolved["calibration"]["why"]
+    # Thresholds are chosen on val: the head is not trained again on it.
+    assert result.resolved["refit"]["value"] is False
 
 
 def test_the_carved_val_split_holds_every_label(trained):
@@ -79,6 +81,24 @@ def test_a_multi_label_dataset_refuses_single_label_and_pseudo_labels(multilabel
         fit(multilabel_folder, {**HEAD, "pseudo_labels": {"rounds": 1}})
 
 
+def test_a_val_split_without_labels_is_refused(multilabel_folder, tmp_path):
+    import shutil
+
+    root = shutil.copytree(multilabel_folder, tmp_path / "data")
+    rows = (root / "labels.csv").read_text().splitlines()
+    # Five test mosaics become a val split whose images carry no label.
+    val = [f"{line.split(',')[0]},,val" for line in rows if line.endswith(",test")][:5]
+    (root / "labels.csv").write_text("\n".join(rows + val) + "\n")
+    with pytest.raises(DatasetError, match="val split's 5 image"):  # the lint error
+        fit(root, HEAD)
+    from ftune.models.data.discover import inspect_dataset
+
+    index = inspect_dataset(root, min_per_class=1).index
+    assert len(index.val or []) == 5  # the split is kept, not dropped for having no labels
+    with pytest.raises(DatasetError, match="val split has no image with a label"):
+        fit(index, HEAD)  # given the index itself, training refuses too
+
+
 def test_a_single_label_dataset_can_train_as_multi_label(tiny_folder):
     result = fit(tiny_folder, {**HEAD, "epochs": 2, "task": "multi_label"})
     assert result.task == "multi_label" and "mean_average_precision" in result.evaluation["val"]
@@ -99,8 +119,31 @@ def test_thresholds_maximise_f1_and_a_class_without_positives_keeps_half():
     probs = torch.tensor([[0.9, 0.2], [0.6, 0.1], [0.4, 0.3], [0.1, 0.05]])
     targets = torch.tensor([[1, 0], [1, 0], [0, 0], [0, 0]])
     thresholds, missing = best_f1_thresholds(probs, targets)
-    assert thresholds[0] == pytest.approx(0.5)  # between 0.6 (last positive) and 0.4
+    assert thresholds[0] == pytest.approx(0.6)  # the lowest score it says yes to
     assert thresholds[1] == 0.5 and missing == [1]
+    # Saturated scores: the threshold is a score itself, so no rounding moves it past one.
+    close = torch.tensor([[0.99999988], [0.9999996], [1e-7]])
+    (edge,), _ = best_f1_thresholds(close, torch.tensor([[1], [0], [0]]))
+    assert (close[:, 0] >= edge).tolist() == [True, False, False]
+
+
+def test_a_model_without_val_mistakes_gets_no_temperature():
+    task = TASKS["single_label"]
+    logits = torch.randn(40, 3, generator=torch.Generator().manual_seed(1))
+    result = calibrate(logits, logits.argmax(1), task)  # every val image right
+    assert not result.kept and result.temperature == [1.0] and "mistake" in result.why
+
+
+def test_average_precision_ranks_ties_together_as_scikit_learn_does():
+    from sklearn.metrics import average_precision_score
+
+    generator = torch.Generator().manual_seed(2)
+    scores = torch.randint(0, 5, (200,), generator=generator).float()  # many ties
+    truth = torch.randint(0, 2, (200,), generator=generator)
+    expected = average_precision_score(truth.numpy(), scores.numpy())
+    assert average_precision(scores, truth) == pytest.approx(expected)
+    flipped = torch.arange(199, -1, -1)
+    assert average_precision(scores[flipped], truth[flipped]) == pytest.approx(expected)
 
 
 @pytest.mark.parametrize("task_name", ["single_label", "multi_label"])
@@ -116,9 +159,11 @@ def test_temperature_scaling_undoes_overconfidence(task_name):
     fitted = fit_temperature(overconfident, targets, task)
     assert fitted[0] == pytest.approx(3.0, rel=0.15)
     result = calibrate(overconfident, targets, task)
+    # Judged on images the temperature was not fitted on (each half from the other's fit).
     assert result.kept and result.val_ece_after < 0.5 * result.val_ece_before
     probs = task.probabilities(result.scale(overconfident))
-    assert expected_calibration_error(probs, targets, task) == pytest.approx(result.val_ece_after)
+    before = expected_calibration_error(task.probabilities(overconfident), targets, task)
+    assert expected_calibration_error(probs, targets, task) < 0.5 * before
     if task_name == "single_label":  # the ranking, so the accuracy, is unchanged
         assert torch.equal(probs.argmax(1), overconfident.argmax(1))
 
