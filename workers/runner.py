@@ -261,9 +261,16 @@ class JobRunner:
         return self._train(job, files, smaller, reporter, run)
 
     def _discard_model(self, model_id: str) -> None:
-        """A stored bundle no row will point at: scheduled and removed (retried if the store
-        refuses now)."""
+        """A stored bundle no row will point at: removed from the store at once, which needs no
+        database (recording may have failed because the database is down: the soak found
+        bundles left so); scheduled for the upkeep's retries only if the store refuses."""
         prefixes = prefixes_of(models=[model_id])
+        try:
+            for prefix in prefixes:
+                self.storage.blobs.delete_prefix(prefix)
+            return
+        except Exception as exc:  # every backend's errors: scheduled, retried by the upkeep
+            log.warning("could not remove model %s's files now (scheduled): %s", model_id, exc)
         with self.db.session() as session:
             deletions.schedule(session, prefixes)
         deletions.remove(self.db, self.storage.blobs, prefixes)
