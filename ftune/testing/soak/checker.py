@@ -153,6 +153,18 @@ class Checker:
                                  "models", key=job_id)
 
     # -- objects and rows ------------------------------------------------------------------
+    def _keys(self, prefix: str, most: int = 10) -> str:
+        """What an orphan holds, with times: which writer left it (an export, a log, a
+        bundle) is the first thing to know."""
+        folder = self.blobs / prefix
+        found = []
+        for path in sorted(folder.rglob("*")):
+            with contextlib.suppress(FileNotFoundError):
+                if _stored(path):
+                    when = datetime.fromtimestamp(path.stat().st_mtime, UTC)
+                    found.append(f"{path.relative_to(folder)} ({when:%H:%M:%S.%f})")
+        return ", ".join(found[:most]) + (" …" if len(found) > most else "") or "nothing"
+
     def _has_files(self, prefix: str) -> bool:
         folder = self.blobs / prefix
         return folder.is_dir() and any(_stored(p) for p in folder.rglob("*"))
@@ -198,7 +210,8 @@ class Checker:
                            f"{scheduled:%H:%M:%S}" if scheduled else "nothing scheduled")
                     self.journal.violate("no object without its row",
                                          f"{prefix} is in the store with no {column.table}"
-                                         f" row ({why})", key=prefix)
+                                         f" row ({why}); it holds {self._keys(prefix)}",
+                                         key=prefix)
 
     # -- usage ------------------------------------------------------------------------------
     def usage_matches(self, api_url: str) -> None:
