@@ -8,6 +8,7 @@ checkpoints) is shared: it reaches the task through ``TASKS`` or ``task_of``.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, ClassVar
 
@@ -23,29 +24,35 @@ if TYPE_CHECKING:
 POS_WEIGHT_CAP = 10.0  # a label on 1 image in 1,000 must not swamp the loss
 
 
-class Task:
+class Task(ABC):
     name: ClassVar[str]
     metric: ClassVar[str]  # the validation metric that ranks models of this task
 
+    @abstractmethod
     def targets(self, samples: Sequence[Sample], num_classes: int) -> torch.Tensor:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def loss(self, weights: torch.Tensor | None, label_smoothing: float) -> nn.Module:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def hits(self, logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, int]:
         """Right decisions in a batch and how many decisions were made."""
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def balanced_weights(self, targets: torch.Tensor, num_classes: int) -> torch.Tensor:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def split(self, samples: Sequence[Sample], val_fraction: float, seed: int
               ) -> tuple[list[int], list[int]]:
-        raise NotImplementedError
+        ...
 
     def class_counts(self, samples: Sequence[Sample], classes: list[str]) -> dict[str, int]:
         """Training images of each class (multi-label: the images carrying it)."""
