@@ -129,8 +129,6 @@ def fit(
     index = data if isinstance(data, ImageFolderIndex) else scan_image_folder(data)
     task = task_for(spec, index)
     train_samples, val_samples = _split(index, spec, task)
-    if task.name == MULTI_LABEL and val_samples and not any(labels_of(s) for s in val_samples):
-        raise DatasetError(VAL_WITHOUT_LABELS)
     callbacks, state = callbacks or Callbacks(), _checkpoint_state(resume, index.classes)
     choices = _run_choices(state, spec, train_samples, index, resolved, callbacks, task)
     spec = apply_static(spec, choices.to_dict())
@@ -349,7 +347,10 @@ def median_short_side(samples: list[Sample]) -> int | None:
 
 def _split(index: ImageFolderIndex, spec: FineTuneSpec,
            task: Task) -> tuple[list[Sample], list[Sample]]:
+    """Train and val: the dataset's own, or val carved from train (stratified by class)."""
     if index.val is not None:
+        if task.name == MULTI_LABEL and index.val and not any(map(labels_of, index.val)):
+            raise DatasetError(VAL_WITHOUT_LABELS)
         return index.train, index.val
     train_idx, val_idx = task.split(index.train, spec.val_fraction, spec.seed)
     return [index.train[i] for i in train_idx], [index.train[i] for i in val_idx]
