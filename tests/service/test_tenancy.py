@@ -34,6 +34,7 @@ MEMBER = {
     "GET /v1/jobs/{job_id}/events", "GET /v1/models", "GET /v1/models/{model_ref}",
     "GET /v1/models/{model_ref}/evaluation", "GET /v1/models/{model_ref}/card",
     "GET /v1/models/{model_ref}/confusion.png", "GET /v1/models/{model_ref}/download",
+    "GET /v1/models/{model_ref}/reliability.png", "GET /v1/models/{model_ref}/pr_curves.png",
     "POST /v1/models/{model_ref}/predict", "GET /v1/usage", "GET /v1/sweeps", "POST /v1/sweeps",
     "GET /v1/sweeps/{sweep_id}", "GET /v1/sweeps/{sweep_id}/events",
     "GET /v1/sweeps/{sweep_id}/plot.png", "POST /v1/sweeps/{sweep_id}/cancel",
