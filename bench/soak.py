@@ -11,7 +11,9 @@ Prints a summary (requests by route and status, faults by kind, jobs by final st
 violation with the operations that led to it, memory and descriptor slopes, GET /v1/jobs/{id}
 latency outside and during faults), then one line:
 soak minutes=… seed=… requests=… violations=N jobs=… faults=… mem_slope_mb_per_h=…
-fd_slope_per_h=… p50_ms=… p99_ms=…  (target: violations=0). Exits 1 when violations > 0."""
+raw_rss_slope_mb_per_h=… fd_slope_per_h=… p50_ms=… p99_ms=…  (target: violations=0; the
+memory slope is of RSS less the API's model cache, which has a bound of its own). Exits 1
+when violations > 0."""
 
 from __future__ import annotations
 

@@ -6,6 +6,7 @@ so a checker that sees nothing cannot pass."""
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Iterator
 
@@ -18,6 +19,7 @@ from ftune.service.ids import new_id
 from ftune.testing.soak.faults import FAULT_KINDS
 from ftune.testing.soak.harness import Soak, SoakOptions
 from ftune.testing.soak.report import SoakResult, final_line, summary
+from ftune.testing.soak.resources import ResourceSampler, Sample
 
 pytestmark = [pytest.mark.processes, pytest.mark.slow]
 SEED = 31
@@ -114,3 +116,17 @@ def test_the_capacity_answers_the_checker_accepts_are_the_service_s_own():
     service = Path(__file__).parent.parent / "service"
     sources = " ".join(p.read_text() for p in service.rglob("*.py"))
     assert all(phrase in sources for phrase in AT_CAPACITY)
+
+
+def test_memory_held_by_a_bounded_cache_is_not_judged_a_leak_but_other_growth_is():
+    """A cache filling to its bound grows RSS; the judged slope is of RSS less what the
+    process reports it holds, so a leak beside the cache still shows."""
+    sampler = ResourceSampler(lambda: {}, threading.Event())
+    for minute in range(30):
+        cache = min(minute, 20) * 4.0  # fills to 80 MB, then stays
+        leak = minute * 0.5  # 30 MB/h of memory nothing accounts for
+        sampler.samples.append(Sample(minute * 60.0, "api", 1, 200 + cache + leak, 10,
+                                      held_mb=cache))
+    found = sampler.slopes("api", after=-1.0)
+    assert found.rss_mb_per_h is not None and found.rss_mb_per_h > 150
+    assert found.unheld_mb_per_h == pytest.approx(30.0)

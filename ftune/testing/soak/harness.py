@@ -22,7 +22,7 @@ from ftune.testing.soak.faults import FaultInjector, schedule
 from ftune.testing.soak.journal import Journal
 from ftune.testing.soak.operator import OperatorActor
 from ftune.testing.soak.report import SoakResult
-from ftune.testing.soak.resources import ResourceSampler, Slopes
+from ftune.testing.soak.resources import ResourceSampler, Slopes, model_cache_mb
 from ftune.testing.soak.stack import SoakStack
 from ftune.testing.soak.tenants import Tenants, TenantState
 from ftune.testing.soak.workload import TenantActor
@@ -89,7 +89,7 @@ class Soak:
                                  self.journal, options.seed, self.halt)
         faults = FaultInjector(self.stack, self.journal, schedule(options.seed, duration),
                                options.seed, self.halt)
-        sampler = ResourceSampler(self.stack.pids, self.halt)
+        sampler = ResourceSampler(self.stack.pids, self.halt, self._held_mb)
         threads = [*actors, operator, faults, sampler]
         for thread in threads:
             thread.start()
@@ -109,6 +109,11 @@ class Soak:
         if (failed := self._check(final=True)) is not None:
             errors.append(f"the final check failed: {failed}")
         return self._result(sampler, began, errors)
+
+    def _held_mb(self, role: str) -> float | None:
+        if role != "api":
+            return 0.0
+        return model_cache_mb(self.stack.api_url, self.stack.operator.key)
 
     def _check(self, *, final: bool) -> str | None:
         """Runs the checker; why it could not finish (a fault, such as the database
@@ -148,9 +153,10 @@ class Soak:
 
     def _judge_slopes(self, slopes: dict[str, Slopes]) -> None:
         for role, found in slopes.items():
-            if found.rss_mb_per_h is not None and found.rss_mb_per_h > RSS_BOUND_MB_PER_H[role]:
-                self.journal.violate("memory stays flat", f"{role} RSS grows "
-                                     f"{found.rss_mb_per_h:.0f} MB/h (bound "
+            grows = found.unheld_mb_per_h
+            if grows is not None and grows > RSS_BOUND_MB_PER_H[role]:
+                self.journal.violate("memory stays flat", f"{role} RSS less its bounded "
+                                     f"caches grows {grows:.0f} MB/h (bound "
                                      f"{RSS_BOUND_MB_PER_H[role]:.0f})", key=f"rss:{role}")
             if found.fds_per_h is not None and found.fds_per_h > FD_BOUND_PER_H:
                 self.journal.violate("descriptors stay flat", f"{role} opens "

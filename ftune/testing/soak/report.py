@@ -66,7 +66,8 @@ def summary(result: SoakResult) -> str:
     lines.append("jobs by final state: " + ", ".join(
         f"{state} {n}" for state, n in sorted(result.jobs_by_state.items())))
     for role, slopes in sorted(result.slopes.items()):
-        lines.append(f"{role}: RSS {_fmt(slopes.rss_mb_per_h)} MB/h, descriptors "
+        lines.append(f"{role}: RSS {_fmt(slopes.rss_mb_per_h)} MB/h, less bounded caches "
+                     f"{_fmt(slopes.unheld_mb_per_h)} MB/h (judged), descriptors "
                      f"{_fmt(slopes.fds_per_h)}/h over {slopes.samples} samples after warm-up"
                      f"{'' if result.slopes_judged else ' (too short a run to judge)'}")
     for label, during in (("outside faults", False), ("during faults", True)):
@@ -83,10 +84,11 @@ def summary(result: SoakResult) -> str:
 def final_line(result: SoakResult) -> str:
     outside = result.latencies(False)
     worst = {name: max((getattr(s, name) or 0.0 for s in result.slopes.values()), default=0.0)
-             for name in ("rss_mb_per_h", "fds_per_h")}
+             for name in ("unheld_mb_per_h", "rss_mb_per_h", "fds_per_h")}
     return (f"soak minutes={result.minutes:g} seed={result.seed} requests={result.requests} "
             f"violations={len(result.violations)} jobs={sum(result.jobs_by_state.values())} "
             f"faults={sum(result.journal.faults_by_kind().values())} "
-            f"mem_slope_mb_per_h={worst['rss_mb_per_h']:.1f} "
+            f"mem_slope_mb_per_h={worst['unheld_mb_per_h']:.1f} "
+            f"raw_rss_slope_mb_per_h={worst['rss_mb_per_h']:.1f} "
             f"fd_slope_per_h={worst['fds_per_h']:.1f} "
             f"p50_ms={_fmt(percentile(outside, 50), 0)} p99_ms={_fmt(percentile(outside, 99), 0)}")
