@@ -136,6 +136,8 @@ def ingest_archive(session: Session, storage: Storage, *, tenant_id: str, archiv
             dataset.kind = kind
             dataset.task = found.report.get("task") if kind == "labeled" else None
             # Workers fetch the checked images from the store, never from this host's disk.
+            # Held first: if this process dies before the row commits, the images go.
+            deletions.hold(session, prefixes_of(datasets=[dataset_id]))
             stored = True
             dataset.blob_sha256 = storage.put_tree(key, staging).sha256
         finally:
@@ -163,10 +165,12 @@ def _record(session: Session, dataset: Dataset, quota: Limits | None,
             earlier = _find_same_content(session, dataset.tenant_id, dataset.content_hash,
                                          dataset.kind)
             if earlier is not None:
+                deletions.schedule(session, prefixes_of(datasets=[dataset.id]))  # due now
                 session.commit()
                 return earlier
         check_new_dataset(usage_of(session, dataset.tenant_id), quota, dataset.size_bytes)
     session.add(dataset)
+    deletions.release(session, prefixes_of(datasets=[dataset.id]))
     session.commit()
     return None
 

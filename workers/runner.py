@@ -263,33 +263,40 @@ class JobRunner:
     def _discard_model(self, model_id: str) -> None:
         """A stored bundle no row will point at: removed from the store at once, which needs no
         database (recording may have failed because the database is down: the soak found
-        bundles left so); scheduled for the upkeep's retries only if the store refuses."""
+        bundles left so). Its hold is then settled where the database answers; where neither
+        answers, the upkeep removes what is left when the hold comes due."""
         prefixes = prefixes_of(models=[model_id])
         try:
             for prefix in prefixes:
                 self.storage.blobs.delete_prefix(prefix)
-            return
-        except Exception as exc:  # every backend's errors: scheduled, retried by the upkeep
+        except Exception as exc:  # every backend's errors: the deletion below retries it
             log.warning("could not remove model %s's files now (scheduled): %s", model_id, exc)
-        with self.db.session() as session:
-            deletions.schedule(session, prefixes)
-        deletions.remove(self.db, self.storage.blobs, prefixes)
+        try:
+            with self.db.session() as session:
+                deletions.schedule(session, prefixes)  # the hold, due now
+            deletions.remove(self.db, self.storage.blobs, prefixes)
+        except Exception as exc:  # the database is down: the hold comes due by itself
+            log.warning("model %s's hold is left to come due: %s", model_id, exc)
 
     def _record_success(self, job_id: str, attempt: int, record: TunedModel, best: dict,
                         result: FitResult) -> bool:
-        for _ in range(VERSION_RACE_RETRIES):
+        held = prefixes_of(models=[record.id])
+        for last in [False] * (VERSION_RACE_RETRIES - 1) + [True]:
             try:
                 with self.db.session() as session:
-                    return transitions.succeed(session, job_id, self.worker_name, record, best,
-                                               result.stopped_early, result.diagnosis,
-                                               attempt=attempt)
+                    recorded = transitions.succeed(
+                        session, job_id, self.worker_name, record, best, result.stopped_early,
+                        result.diagnosis, attempt=attempt)
+                    if recorded:  # in the same transaction: the row and its bundle's keep
+                        deletions.release(session, held)
+                    return recorded
             except IntegrityError:
+                if last:
+                    raise
                 # Another model of the same name took this version number; take the next.
                 record = TunedModel(**{c.key: getattr(record, c.key)
                                        for c in TunedModel.__table__.columns})
-        with self.db.session() as session:  # the last try: an IntegrityError now propagates
-            return transitions.succeed(session, job_id, self.worker_name, record, best,
-                                       result.stopped_early, result.diagnosis, attempt=attempt)
+        raise AssertionError("unreachable: the last try returns or raises")
 
     def _train(self, job: ClaimedJob, files: RunFiles, spec_json: dict,
                reporter: ProgressReporter, run: _RunInputs) -> str:
@@ -364,6 +371,9 @@ class JobRunner:
         bundle = files.folder / "bundle"
         try:
             save_bundle(result, bundle)
+            # Held first: if this process dies before the row is recorded, the bundle goes.
+            with self.db.session() as session:
+                deletions.hold(session, prefixes_of(models=[model_id]))
             # Whole or not at all: no reader sees a part of it, and no row points at it yet.
             stored = self.storage.put_tree(key, bundle)
         finally:

@@ -212,12 +212,15 @@ class JobEvent(Base):
 class BlobDeletion(Base):
     """A prefix of the blob store whose objects must go. Written in the transaction that
     deletes their rows, removed once the objects are gone: a delete that fails halfway (the
-    store down, the process killed) is retried by the API's upkeep (blobs/deletions.py)."""
+    store down, the process killed) is retried by the API's upkeep (blobs/deletions.py).
+    With ``not_before``, a writer's hold on objects whose row is not committed yet: due then,
+    unless the row's transaction takes it back first."""
 
     __tablename__ = "blob_deletions"
 
     prefix: Mapped[str] = mapped_column(String(300), primary_key=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    not_before: Mapped[datetime | None] = mapped_column()
     attempts: Mapped[int] = mapped_column(default=0)
     last_error: Mapped[str | None] = mapped_column(Text)
 

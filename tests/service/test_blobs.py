@@ -307,6 +307,29 @@ def test_a_delete_the_store_refuses_is_kept_and_retried(tmp_path, s3_server):
     db.dispose()
 
 
+def test_a_writer_s_hold_removes_what_it_stored_only_if_it_never_recorded_it(tmp_path):
+    """A writer holds a prefix before storing under it: killed before its row commits, the
+    objects go once the hold is due; a writer that recorded its row keeps them; a writer
+    whose hold the upkeep claimed first cannot record (HoldLost), so no row points at
+    objects being removed."""
+    db = Database(f"sqlite:///{tmp_path / 'ftune.db'}", prepare=migrate.upgrade)
+    store = LocalBlobStore(tmp_path / "blobs")
+    for name in ("died", "kept", "late"):
+        with db.session() as session:
+            deletions.hold(session, [f"models/{name}/"], hold_s=0 if name != "kept" else 60)
+        store.put_chunks(f"models/{name}/bundle.tar", [b"x"])
+    with db.session() as session:  # the row's transaction takes "kept"'s hold back
+        deletions.release(session, ["models/kept/"])
+    assert deletions.remove(db, store, ["models/died/"]) == 0  # a hold is no deletion yet
+    assert deletions.remove(db, store) == 2  # the upkeep: "died" and "late" came due
+    assert list(store.keys("models/")) == ["models/kept/bundle.tar"]
+    with pytest.raises(deletions.HoldLost), db.session() as session:
+        deletions.release(session, ["models/late/"])
+    with db.session() as session:
+        assert session.query(BlobDeletion).count() == 0
+    db.dispose()
+
+
 def test_a_store_that_does_not_answer_is_an_outage_a_missing_key_is_not(s3_server):
     with pytest.raises(Exception) as down:
         S3BlobStore("b", "p", client=_dead_client()).info("x")

@@ -7,7 +7,8 @@ the API, during the soak and at its end:
 - at most one model per job;
 - no row pointing at a missing object, and no object without its row (once nothing under
   its prefix has changed for ``grace_s``: deletions are retried, and writers store an object
-  before they record its row or check that its job still exists);
+  before they record its row or check that its job still exists; a writer's hold on what it
+  stores counts from when it comes due);
 - usage (GET /v1/usage) equal to what the rows hold, and model sizes to the objects';
 - every row in the tenant the workload saw it in.
 """
@@ -193,8 +194,11 @@ class Checker:
         """Each object's prefix has its row, once the grace a delete needs has passed."""
         horizon = _now().timestamp() - self.grace_s
         with self.engine.connect() as db:
-            pending = {prefix: _aware(created) for prefix, created in db.execute(
-                select(BlobDeletion.prefix, BlobDeletion.created_at)).all()}
+            # A writer's hold counts from when it comes due (a writer killed between storing
+            # and recording leaves one: the upkeep removes its objects then).
+            pending = {prefix: _aware(due or created) for prefix, created, due in db.execute(select(
+                           BlobDeletion.prefix, BlobDeletion.created_at,
+                           BlobDeletion.not_before)).all()}
         for kind, column in PREFIX_ROWS.items():
             folder = self.blobs / kind
             for entry in sorted(folder.iterdir()) if folder.is_dir() else []:
