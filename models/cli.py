@@ -95,10 +95,13 @@ def add_engine_commands(sub: argparse._SubParsersAction) -> None:
     lint.add_argument("--json", action="store_true", help="print the whole report as JSON")
     lint.set_defaults(run=_lint)
 
-    export = sub.add_parser("export", help="export a tuned model as ONNX or TorchScript")
+    export = sub.add_parser("export", help="export a tuned model as ONNX, TorchScript or a "
+                            "Triton model repository")
     export.add_argument("model", help="folder written by `ftune train`")
     export.add_argument("--format", required=True, choices=TRACED_FORMATS)
     export.add_argument("--out", required=True, help="file to write")
+    export.add_argument("--name", default="model", help="the model's name in a Triton "
+                        "repository (default: model)")
     export.set_defaults(run=_export)
 
     backbones = sub.add_parser("backbones", help="list backbones with offline pretrained weights")
@@ -261,9 +264,9 @@ def dataset_folder(data: str, near: Path) -> Iterator[Path]:
 def _export(args: argparse.Namespace) -> int:
     from ftune.models.export import export_model
 
-    path = export_model(args.model, args.out, args.format)
+    path = export_model(args.model, args.out, args.format, name=args.name)
     print(f"{args.format} model written to {path} (input: uint8 [N, 3, S, S] RGB; output: "
-          "class probabilities; see models/export.py)")
+          "class probabilities; see models/export.py and, for Triton, models/triton.py)")
     return 0
 
 

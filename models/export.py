@@ -109,35 +109,58 @@ def _describe_onnx(path: Path, described: dict[str, str]) -> None:
     onnx.save(model, str(path))
 
 
-def export_model(model_dir: str | Path, out: str | Path, fmt: str) -> Path:
-    """Write ``out`` atomically (temporary file, then rename); returns its path."""
+def export_model(model_dir: str | Path, out: str | Path, fmt: str, *,
+                 name: str = "model") -> Path:
+    """Write ``out`` atomically (temporary file, then rename); returns its path. ``name``
+    names the model in a Triton repository."""
     if fmt not in TRACED_FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; choose one of "
                          f"{', '.join(TRACED_FORMATS)}")
     predictor = Predictor.load(model_dir, device="cpu")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}")
+    onnx_tmp = tmp.with_name(tmp.name + ".onnx")
+    try:
+        if fmt == "torchscript":
+            _torchscript(predictor, tmp)
+        elif fmt == "onnx":
+            _onnx(predictor, tmp)
+        else:  # triton: a repository around the ONNX export
+            from ftune.models.triton import write_repository
+
+            write_repository(_onnx(predictor, onnx_tmp), predictor.classes, name, tmp)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+        onnx_tmp.unlink(missing_ok=True)
+    return out
+
+
+def _wrapped(predictor: Predictor) -> tuple[ExportedClassifier, torch.Tensor]:
     wrapper = ExportedClassifier(predictor.model, predictor.preprocessing,
                                  multi_label=predictor.multi_label,
                                  temperature=predictor.temperature).eval()
     size = predictor.preprocessing.input_size
-    example = torch.zeros(2, 3, size, size, dtype=torch.uint8)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}")
-    try:
-        described = description(predictor)
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # tracer and exporter chatter about constants
-            if fmt == "torchscript":
-                torch.jit.save(torch.jit.trace(wrapper, example), str(tmp),
-                               _extra_files={EXTRA_FILE: json.dumps(described, indent=2)})
-            else:
-                torch.onnx.export(wrapper, (example,), str(tmp), input_names=["images"],
-                                  output_names=["probabilities"],
-                                  dynamic_axes={"images": {0: "batch"},
-                                                "probabilities": {0: "batch"}},
-                                  opset_version=ONNX_OPSET, dynamo=False)
-                _describe_onnx(tmp, described)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return out
+    return wrapper, torch.zeros(2, 3, size, size, dtype=torch.uint8)
+
+
+def _torchscript(predictor: Predictor, path: Path) -> Path:
+    wrapper, example = _wrapped(predictor)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer chatter about constants
+        torch.jit.save(torch.jit.trace(wrapper, example), str(path),
+                       _extra_files={EXTRA_FILE: json.dumps(description(predictor), indent=2)})
+    return path
+
+
+def _onnx(predictor: Predictor, path: Path) -> Path:
+    wrapper, example = _wrapped(predictor)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # exporter chatter about constants
+        torch.onnx.export(wrapper, (example,), str(path), input_names=["images"],
+                          output_names=["probabilities"],
+                          dynamic_axes={"images": {0: "batch"}, "probabilities": {0: "batch"}},
+                          opset_version=ONNX_OPSET, dynamo=False)
+    _describe_onnx(path, description(predictor))
+    return path

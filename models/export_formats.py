@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-ExportFormat = Literal["safetensors", "torchscript", "onnx"]
+ExportFormat = Literal["safetensors", "torchscript", "onnx", "triton"]
 DEFAULT_FORMAT: ExportFormat = "safetensors"
 
 
@@ -27,6 +27,8 @@ EXPORT_FORMATS: dict[str, FormatInfo] = {
     "safetensors": FormatInfo(".zip", "application/zip", traced=False),
     "torchscript": FormatInfo(".pt", "application/octet-stream", traced=True),
     "onnx": FormatInfo(".onnx", "application/octet-stream", traced=True),
+    # A Triton Inference Server model repository around the ONNX export (models/triton.py).
+    "triton": FormatInfo(".triton.zip", "application/zip", traced=True),
 }
 
 # What ``ftune export --format`` accepts.

@@ -44,15 +44,18 @@ class ExportSlots:
         finally:
             self._free.release()
 
-    def run(self, source: Path, target: Path, fmt: str, *, timeout_s: float) -> Path:
+    def run(self, source: Path, target: Path, fmt: str, *, timeout_s: float,
+            name: str = "model") -> Path:
         with self.slot():
-            return export_in_child(source, target, fmt, timeout_s=timeout_s)
+            return export_in_child(source, target, fmt, timeout_s=timeout_s, name=name)
 
 
-def export_in_child(source: Path, target: Path, fmt: str, *, timeout_s: float) -> Path:
-    """Run ``ftune export`` on ``source``; it writes ``target`` atomically."""
+def export_in_child(source: Path, target: Path, fmt: str, *, timeout_s: float,
+                    name: str = "model") -> Path:
+    """Run ``ftune export`` on ``source``; it writes ``target`` atomically. ``name``: the
+    model's, for a Triton repository."""
     command = [sys.executable, "-m", "ftune.models.cli", "export", str(source),
-               "--format", fmt, "--out", str(target)]
+               "--format", fmt, "--out", str(target), "--name", name]
     env = {**os.environ, "OMP_NUM_THREADS": _CHILD_THREADS, "MKL_NUM_THREADS": _CHILD_THREADS,
            "FTUNE_DEVICE": "cpu", "CUDA_VISIBLE_DEVICES": ""}
     try:

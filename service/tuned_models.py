@@ -227,7 +227,8 @@ def build_download(db: Database, storage: Storage, settings: Settings, *, model:
     local = local.with_name(f".{uuid.uuid4().hex[:8]}{local.name}")
     try:
         if EXPORT_FORMATS[fmt].traced:
-            slots.run(source, local, fmt, timeout_s=settings.export_timeout_s)
+            slots.run(source, local, fmt, timeout_s=settings.export_timeout_s,
+                      name=model.name)
         else:
             _build_zip(source, local)
         stored = storage.blobs.put_file(key, local)

@@ -248,8 +248,8 @@ class Model:
         return self._transport.request("GET", f"/models/{self.id}/card").text
 
     def download(self, path: str | os.PathLike, *, format: str = "safetensors") -> Path:
-        """Save the model (safetensors zip, onnx or torchscript) at ``path``, written whole
-        or not at all."""
+        """Save the model (safetensors zip, onnx, torchscript or a Triton repository zip)
+        at ``path``, written whole or not at all."""
         target = Path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")

@@ -82,3 +82,49 @@ def test_an_exported_file_describes_itself(tuned, tmp_path, fmt):
     assert json.loads(meta["std"]) == pytest.approx(list(prep.std))
     assert meta["interpolation"] == prep.interpolation
     assert f"shorter side to {prep.resize_size} px" in meta["resize"]
+
+
+def _pbtxt_tensors(config: str, block: str) -> list[dict[str, str]]:
+    """The ``{ name: ..., data_type: ..., dims: [...] }`` entries of an input/output block."""
+    import re
+
+    body = re.search(rf"^{block} \[\n(.*?)\n\]", config, re.S | re.M)
+    assert body is not None, f"no {block} block in config.pbtxt"
+    return [dict(re.findall(r'(\w+): ("[^"]*"|\[[^\]]*\]|\w+)', entry))
+            for entry in re.findall(r"\{([^}]*)\}", body.group(1))]
+
+
+def test_a_triton_repository_matches_its_onnx_model(tuned, animal_heldout, tmp_path):
+    """The zip is one model repository (config.pbtxt, 1/model.onnx, labels.txt), and the
+    config's input and output names, types and shapes are the ONNX model's own."""
+    import zipfile
+
+    import onnx
+
+    predictor = Predictor.load(tuned, device="cpu")
+    path = export_model(tuned, tmp_path / "model.triton.zip", "triton", name="pets v2!")
+    with zipfile.ZipFile(path) as archive:
+        assert sorted(archive.namelist()) == [
+            "pets_v2/1/model.onnx", "pets_v2/config.pbtxt", "pets_v2/labels.txt"]
+        assert all(info.external_attr >> 16 == 0o100644 for info in archive.infolist())
+        archive.extractall(tmp_path / "repo")
+    folder = tmp_path / "repo" / "pets_v2"
+    config = (folder / "config.pbtxt").read_text()
+    assert 'name: "pets_v2"' in config and 'platform: "onnxruntime_onnx"' in config
+    assert "max_batch_size: 32" in config and "dynamic_batching" in config
+    assert (folder / "labels.txt").read_text().splitlines() == predictor.classes
+    graph = onnx.load(str(folder / "1" / "model.onnx")).graph
+    size = predictor.preprocessing.input_size
+    (inp,), (out,) = _pbtxt_tensors(config, "input"), _pbtxt_tensors(config, "output")
+    assert inp == {"name": f'"{graph.input[0].name}"', "data_type": "TYPE_UINT8",
+                   "dims": f"[3, {size}, {size}]"}
+    assert out["name"] == f'"{graph.output[0].name}"' and out["data_type"] == "TYPE_FP32"
+    assert out["dims"] == f"[{len(predictor.classes)}]"
+    assert out["label_filename"] == '"labels.txt"'
+    # The model in the repository is the ONNX export: the same probabilities as Predictor.
+    images, _ = animal_heldout
+    pil, batch = _batch(predictor, images[:8])
+    session = ort.InferenceSession(str(folder / "1" / "model.onnx"),
+                                   providers=["CPUExecutionProvider"])
+    got = session.run(None, {"images": batch})[0]
+    assert np.abs(got - predictor.predict_proba(pil).numpy()).max() <= 1e-4

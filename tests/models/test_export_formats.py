@@ -30,7 +30,7 @@ def test_the_names_and_the_table_cannot_drift():
 
 
 def test_the_export_command_offers_the_traced_formats():
-    assert TRACED_FORMATS == ("torchscript", "onnx")
+    assert TRACED_FORMATS == ("torchscript", "onnx", "triton")
     parser = build_parser()
     for fmt in TRACED_FORMATS:
         assert parser.parse_args(["export", "m", "--format", fmt, "--out", "o"]).format == fmt
@@ -53,7 +53,8 @@ def test_the_store_keeps_a_download_of_each_format(tmp_path: Path):
         storage.blobs.put_chunks(export_key(model_id, fmt), [b"x"])
         assert storage.export_file(model_id, fmt).name.endswith(export_suffix(fmt))
     found = sorted(storage.blobs.keys(export_prefix(model_id)))
-    assert [Path(k).suffix for k in found] == [".onnx", ".pt", ".zip"]
+    assert [k.split("/")[-1] for k in found] == [
+        "model.onnx", "model.pt", "model.triton.zip", "model.zip"]
     with pytest.raises(ValueError, match="unknown export format"):
         export_key(model_id, "pickle")
     with pytest.raises(ValueError, match="unknown export format"):

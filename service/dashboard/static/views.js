@@ -30,6 +30,9 @@ const when = (iso) => (iso ? new Date(iso).toLocaleString() : "");
 const pct = (v) => (typeof v === "number" ? `${(100 * v).toFixed(1)}%` : "–");
 const num = (v, d = 4) => (typeof v === "number" ? v.toFixed(d) : "–");
 
+// The download formats (models/export_formats.py) and the file name each is saved under.
+const DOWNLOAD_SUFFIXES = { safetensors: "zip", onnx: "onnx", torchscript: "pt", triton: "triton.zip" };
+
 function table(headers, rows, attrs = {}) {
   return h("div", { class: "table-wrap" }, h("table", attrs,
     h("thead", {}, h("tr", {}, headers.map((x) => h("th", { scope: "col" }, x)))),
@@ -377,7 +380,7 @@ export async function modelPage(view, alert, id) {
   const download = (format) => h("button", { type: "button", onclick: async () => {
     try {
       const response = await request("GET", `/models/${id}/download`, { query: { format } });
-      const link = h("a", { href: URL.createObjectURL(await response.blob()), download: `model-${id}.${format === "safetensors" ? "zip" : format === "onnx" ? "onnx" : "pt"}` });
+      const link = h("a", { href: URL.createObjectURL(await response.blob()), download: `model-${id}.${DOWNLOAD_SUFFIXES[format]}` });
       link.click();
     } catch (error) { alert(plainError(error)); }
   } }, format);
@@ -401,7 +404,7 @@ export async function modelPage(view, alert, id) {
     h("section", { class: "card" }, h("h2", {}, "Versions and aliases"),
       h("ul", {}, versions.map((m) => h("li", {}, h("a", { href: `#/models/${m.id}` }, `v${m.version}`), m.aliases.length ? ` (${m.aliases.join(", ")})` : ""))),
       h("form", { onsubmit: setAlias }, h("label", { for: "alias-name" }, `Point ${model.name}:ALIAS at this version`), aliasInput, h("button", { type: "submit" }, "Set alias"))),
-    h("section", { class: "card" }, h("h2", {}, "Download"), ["safetensors", "onnx", "torchscript"].map(download)),
+    h("section", { class: "card" }, h("h2", {}, "Download"), Object.keys(DOWNLOAD_SUFFIXES).map(download)),
     modelCard(card, `model-card-${model.name}-v${model.version}.md`, cardUrl));
   return () => URL.revokeObjectURL(cardUrl);
 }
