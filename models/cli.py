@@ -104,6 +104,16 @@ def add_engine_commands(sub: argparse._SubParsersAction) -> None:
                         "repository (default: model)")
     export.set_defaults(run=_export)
 
+    serving = sub.add_parser("serving-check", help="export a tuned model to ONNX, check it "
+                             "against the torch model and make its int8 model where the "
+                             "guard passes (what the API's FTUNE_SERVE_ENGINE=auto runs)")
+    serving.add_argument("model", help="folder written by `ftune train`")
+    serving.add_argument("--data", help="the model's dataset folder (its images are "
+                         "checked); without it nothing is offered")
+    serving.add_argument("--out", required=True, help="folder for model.onnx, "
+                         "model.int8.onnx and serving.json")
+    serving.set_defaults(run=_serving_check)
+
     backbones = sub.add_parser("backbones", help="list backbones with offline pretrained weights")
     backbones.add_argument("--json", action="store_true", help="print JSON")
     backbones.set_defaults(run=_backbones)
@@ -267,6 +277,15 @@ def _export(args: argparse.Namespace) -> int:
     path = export_model(args.model, args.out, args.format, name=args.name)
     print(f"{args.format} model written to {path} (input: uint8 [N, 3, S, S] RGB; output: "
           "class probabilities; see models/export.py and, for Triton, models/triton.py)")
+    return 0
+
+
+def _serving_check(args: argparse.Namespace) -> int:
+    from ftune.models.serving.prepare import prepare_serving
+
+    report = prepare_serving(Path(args.model), Path(args.data) if args.data else None,
+                             Path(args.out))
+    print(json.dumps(report, indent=2))
     return 0
 
 

@@ -125,11 +125,11 @@ def export_model(model_dir: str | Path, out: str | Path, fmt: str, *,
         if fmt == "torchscript":
             _torchscript(predictor, tmp)
         elif fmt == "onnx":
-            _onnx(predictor, tmp)
+            write_onnx(predictor, tmp)
         else:  # triton: a repository around the ONNX export
             from ftune.models.triton import write_repository
 
-            write_repository(_onnx(predictor, onnx_tmp), predictor.classes, name, tmp)
+            write_repository(write_onnx(predictor, onnx_tmp), predictor.classes, name, tmp)
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
@@ -154,7 +154,8 @@ def _torchscript(predictor: Predictor, path: Path) -> Path:
     return path
 
 
-def _onnx(predictor: Predictor, path: Path) -> Path:
+def write_onnx(predictor: Predictor, path: Path) -> Path:
+    """The ONNX export of a loaded model at ``path`` (not atomic: its callers make it so)."""
     wrapper, example = _wrapped(predictor)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # exporter chatter about constants

@@ -1,9 +1,10 @@
 """The formats a tuned model is downloaded in, and the file each is kept in (no torch import).
 
-One table for the engine (``ftune export``), the API (the download route, where exports are
-stored and found) and the tests. To add a format, add its name to ``ExportFormat`` and a row
-to ``EXPORT_FORMATS`` (tests/models/test_export.py fails when the two differ), then teach
-``ftune.models.export.export_model`` to write it if it is traced from the model.
+One table for the engine (``ftune export``, ``ftune serving-check``), the API (the download
+route, where exports are stored and found) and the tests. To add a format, add its name to
+``ExportFormat`` and a row to ``EXPORT_FORMATS`` (tests/models/test_export_formats.py fails
+when the two differ), then teach ``ftune.models.export.export_model`` to write it if it is
+traced from the model.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-ExportFormat = Literal["safetensors", "torchscript", "onnx", "triton"]
+ExportFormat = Literal["safetensors", "torchscript", "onnx", "triton", "onnx-int8"]
 DEFAULT_FORMAT: ExportFormat = "safetensors"
 
 
@@ -19,7 +20,11 @@ DEFAULT_FORMAT: ExportFormat = "safetensors"
 class FormatInfo:
     suffix: str  # of the file kept under the data directory's exports/ and downloaded
     media_type: str
-    traced: bool  # written by ``ftune export`` from the model; else the bundle, zipped
+    # Written by ``ftune export`` from the model; else the bundle zipped, or ``serving``.
+    traced: bool
+    # Made by the serving preparation (``ftune serving-check``: models/serving/prepare.py),
+    # and offered only where its guard passed.
+    serving: bool = False
 
 
 EXPORT_FORMATS: dict[str, FormatInfo] = {
@@ -29,6 +34,9 @@ EXPORT_FORMATS: dict[str, FormatInfo] = {
     "onnx": FormatInfo(".onnx", "application/octet-stream", traced=True),
     # A Triton Inference Server model repository around the ONNX export (models/triton.py).
     "triton": FormatInfo(".triton.zip", "application/zip", traced=True),
+    # Statically quantized ONNX (models/serving/int8.py), where its accuracy guard passed.
+    "onnx-int8": FormatInfo(".int8.onnx", "application/octet-stream", traced=False,
+                            serving=True),
 }
 
 # What ``ftune export --format`` accepts.

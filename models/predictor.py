@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import io
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +17,7 @@ from ftune.models.data.images import open_rgb, to_rgb
 from ftune.models.data.transforms import normalize, resize_center_crop, resize_center_crop_image
 from ftune.models.network import FineTuneModel, build_head
 from ftune.models.preprocessing import Preprocessing
+from ftune.models.serving.engines import TORCH
 from ftune.models.spec import FineTuneSpec
 from ftune.models.tasks import TASKS, MultiLabel
 from ftune.models.training.runtime import channels_last, resolve_device
@@ -36,6 +37,11 @@ class Predictor:
         calibration = self.config.get("calibration") or {}
         self.temperature: list[float] = calibration.get("temperature") or [1.0]
         self.thresholds = torch.tensor(calibration.get("thresholds") or [0.5] * len(classes))
+        # What runs the forwards of probabilities_from_arrays (models.serving): torch until
+        # an ONNX Runtime runner is attached; the torch model stays (a fallback, and what a
+        # gradient needs).
+        self.engine: str = TORCH
+        self.runner: Callable[[np.ndarray], np.ndarray] | None = None
 
     @property
     def multi_label(self) -> bool:
@@ -67,7 +73,17 @@ class Predictor:
         return np.stack([np.asarray(resize_center_crop_image(_as_image(im), self.preprocessing,
                                                              size)) for im in images])
 
+    def serve_with(self, runner: Callable[[np.ndarray], np.ndarray] | None,
+                   engine: str) -> None:
+        """Forwards from now on by ``runner`` (uint8 NCHW in, calibrated probabilities out,
+        as models/export.py's graph), or torch (None); the next forward sees it."""
+        self.runner, self.engine = runner, engine
+
     def probabilities_from_arrays(self, arrays: np.ndarray) -> torch.Tensor:
+        """Calibrated probabilities for uint8 ``[N, S, S, 3]`` arrays, by the engine set."""
+        runner = self.runner
+        if runner is not None:
+            return torch.from_numpy(runner(arrays.transpose(0, 3, 1, 2)))
         return self.probabilities(torch.from_numpy(arrays).permute(0, 3, 1, 2))
 
     @torch.no_grad()
@@ -100,8 +116,9 @@ class Predictor:
                  "scores": ranked} for row, ranked in zip(over, scores, strict=True)]
 
     def memory_bytes(self) -> int:
-        return sum(t.numel() * t.element_size()
-                   for t in [*self.model.parameters(), *self.model.buffers()])
+        torch_bytes = sum(t.numel() * t.element_size()
+                          for t in [*self.model.parameters(), *self.model.buffers()])
+        return torch_bytes + int(getattr(self.runner, "memory_bytes", lambda: 0)())
 
     def predict(self, images: Sequence[ImageInput] | ImageInput,
                 top_k: int | None = None) -> list:

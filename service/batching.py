@@ -1,4 +1,5 @@
-"""Dynamic batching: concurrent predict requests for one model share a forward pass.
+"""Dynamic batching: concurrent predict requests for one model share a forward pass, whichever
+engine runs it (torch or ONNX Runtime: service/serving.py).
 
 A request's images wait for peers only while other requests for the same model are on their
 way (being received or decoded), and then at most ``max_wait_ms``; a lone request goes
@@ -57,9 +58,10 @@ class _Item:
 
 class DynamicBatcher:
     def __init__(self, predictor: Predictor, *, max_batch: int, max_wait_ms: float,
-                 tenant_id: str = "", on_batch: Callable[[int], None] | None = None) -> None:
+                 tenant_id: str = "",
+                 on_batch: Callable[[int, str], None] | None = None) -> None:
         self.predictor, self.max_batch, self.max_wait = predictor, max_batch, max_wait_ms / 1000
-        self.on_batch = on_batch  # gets each forward's image count (the metrics' histogram)
+        self.on_batch = on_batch  # gets each forward's image count and engine (the metrics)
         self.tenant_id = tenant_id  # whose model this is: checked before every prediction
         self._queue: asyncio.Queue[_Item | None] | None = None
         self._task: asyncio.Task | None = None
@@ -116,6 +118,7 @@ class DynamicBatcher:
 
     async def _forward(self, items: list[_Item]) -> None:
         batch = np.concatenate([item.batch for item in items])
+        engine = self.predictor.engine  # what runs this forward (it may change for the next)
         try:
             probs = await asyncio.get_running_loop().run_in_executor(
                 TORCH_THREAD, self.predictor.probabilities_from_arrays, batch)
@@ -130,7 +133,7 @@ class DynamicBatcher:
         self.batches += 1
         self.images += len(batch)
         if self.on_batch is not None:
-            self.on_batch(len(batch))
+            self.on_batch(len(batch), engine)
         start = 0
         for item in items:
             if not item.future.done():

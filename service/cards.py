@@ -104,6 +104,7 @@ def build_card(*, model: TunedModel, job: Job | None, dataset: Dataset | None, c
                   "created_at": model.created_at.isoformat(), "classes": model.classes,
                   "task": model.task},
         "calibration": config.get("calibration"),
+        "serving": (model.serving or {}).get("report"),
         "backbone": {"name": config.get("backbone"), "architecture": config.get("architecture"),
                      "pretrained_weights_from": public_source(config.get("weights_source")),
                      "preprocessing": config.get("preprocessing")},
@@ -233,6 +234,29 @@ def _calibration_lines(calibration: dict | None, *, multi: bool) -> list[str]:
     return lines
 
 
+def _serving_lines(report: dict | None) -> list[str]:
+    """The ONNX export's parity check and the int8 guard, once the model was prepared."""
+    lines = ["", "## Serving", ""]
+    if not report:
+        return [*lines, "Not prepared for ONNX Runtime yet: its first prediction (under "
+                "FTUNE_SERVE_ENGINE auto, onnxruntime or int8) prepares it."]
+    onnx, int8 = report.get("onnx") or {}, report.get("int8") or {}
+    lines.append(f"- **ONNX Runtime (fp32)**: {'passed' if onnx.get('passed') else 'failed'} "
+                 f"its parity check against torch, {onnx.get('why')}.")
+    if int8.get("offered"):
+        lines.append(f"- **int8**: offered (`format=onnx-int8`). Same answer as fp32 on "
+                     f"{_pct(int8.get('agreement'))}, {int8.get('metric')} "
+                     f"{_pct(int8.get('quality'))} against fp32's "
+                     f"{_pct(int8.get('fp32_quality'))}; {int8.get('why')}.")
+    else:
+        lines.append(f"- **int8**: not offered: {int8.get('why')}.")
+    return lines
+
+
+def _pct(value: object) -> str:
+    return f"{100 * value:.1f}%" if isinstance(value, (int, float)) else "–"
+
+
 def card_markdown(card: dict) -> str:
     model, backbone, dataset = card["model"], card["backbone"], card["dataset"]
     lines = [
@@ -261,6 +285,7 @@ def card_markdown(card: dict) -> str:
         lines += ["", f"Most confused (val, {said}): " + "; ".join(
             f"{p['true']} → {p['predicted']} ×{p['count']}" for p in confused)]
     lines += _calibration_lines(card.get("calibration"), multi=multi)
+    lines += _serving_lines(card.get("serving"))
     lines += _recipe_lines(card)
     lines += _per_class_lines(card["per_class"], multi=multi)
     lines += _curve_lines(card["training_curve"], multi=multi)

@@ -23,6 +23,7 @@ from ftune.service.metrics import ServiceMetrics
 from ftune.service.predictor_cache import PredictorCache
 from ftune.service.queue import make_celery
 from ftune.service.ratelimit import RateLimiter
+from ftune.service.serving import ServingEngines
 from ftune.service.settings import Settings
 from ftune.service.storage import Storage
 from ftune.service.streams import StreamHub
@@ -37,6 +38,7 @@ class AppContext:
     db: Database
     storage: Storage
     predictors: PredictorCache
+    exports: ExportSlots  # exports and serving preparations built at once, in children
     serve_only: bool = False  # `ftune serve`: predictions only, no Redis
 
     @classmethod
@@ -58,10 +60,16 @@ class AppContext:
                 store_legacy_files(db, storage)
             except Exception as exc:  # the database or the store down: the next start does it
                 log.warning("files from before the blob store not stored yet: %s", exc)
-        return cls(settings, db, storage, PredictorCache(
+        slots = ExportSlots(settings.exports_at_once)
+        # Serving preparations have slots of their own: one never makes a download wait.
+        engines = ServingEngines(db, storage, settings, ExportSlots(
+            settings.exports_at_once, busy="other models are being prepared for ONNX Runtime"))
+        predictors = PredictorCache(
             storage, int(settings.predictor_cache_mb * 2**20),
-            max_batch=settings.predict_max_batch, max_wait_ms=settings.predict_max_wait_ms),
-            serve_only)
+            max_batch=settings.predict_max_batch, max_wait_ms=settings.predict_max_wait_ms,
+            engines=engines)
+        engines.on_change = predictors.resize
+        return cls(settings, db, storage, predictors, slots, serve_only)
 
     @cached_property
     def storage_health(self) -> StoreHealth:
@@ -81,12 +89,8 @@ class AppContext:
         metrics = ServiceMetrics()
         metrics.watch(self.db, None if self.serve_only else self.redis, self.predictors)
         metrics.watch_rate_limits(self.limiter)
-        self.predictors.on_batch = metrics.batch_images.observe
+        self.predictors.on_batch = metrics.record_batch
         return metrics
-
-    @cached_property
-    def exports(self) -> ExportSlots:
-        return ExportSlots(self.settings.exports_at_once)
 
     @cached_property
     def streams(self) -> StreamHub:

@@ -1,4 +1,5 @@
-"""ONNX and TorchScript exports, built in a child process so predictions keep flowing.
+"""ONNX, TorchScript and Triton exports, and the serving preparation (ONNX Runtime's files,
+its parity check and int8), built in a child process so predictions keep flowing.
 
 Tracing or exporting a model takes seconds to minutes of CPU and a few times the model's
 memory. Done in the API process it would hold the torch thread that serves every prediction
@@ -31,14 +32,17 @@ _CHILD_THREADS = "2"  # torch's intra-op threads in the child: leave the API its
 class ExportSlots:
     """At most ``size`` exports at once in this process; the rest are told to come back."""
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, busy: str = "another ONNX, TorchScript or Triton export "
+                 "is being built") -> None:
         self._free = threading.BoundedSemaphore(size)
+        self.busy = busy  # what a refusal says the slots are doing
 
     @contextmanager
-    def slot(self) -> Iterator[None]:
-        if not self._free.acquire(blocking=False):
-            raise Unavailable("every export slot is busy (another ONNX or TorchScript export is "
-                              "being built); try again shortly", retry_after_s=RETRY_AFTER_S)
+    def slot(self, wait_s: float | None = None) -> Iterator[None]:
+        """A slot now, or (``wait_s``) within that long; else 503 with ``Retry-After``."""
+        if not self._free.acquire(blocking=wait_s is not None, timeout=wait_s):
+            raise Unavailable(f"every export slot is busy ({self.busy}); try again shortly",
+                              retry_after_s=RETRY_AFTER_S)
         try:
             yield
         finally:
@@ -54,21 +58,31 @@ def export_in_child(source: Path, target: Path, fmt: str, *, timeout_s: float,
                     name: str = "model") -> Path:
     """Run ``ftune export`` on ``source``; it writes ``target`` atomically. ``name``: the
     model's, for a Triton repository."""
-    command = [sys.executable, "-m", "ftune.models.cli", "export", str(source),
-               "--format", fmt, "--out", str(target), "--name", name]
+    try:
+        run_engine_child(["export", str(source), "--format", fmt, "--out", str(target),
+                          "--name", name], f"the {fmt} export", timeout_s=timeout_s)
+    finally:
+        for partial in target.parent.glob(f".{target.name}.*"):  # a killed child's temp file
+            partial.unlink(missing_ok=True)
+    if not target.is_file():
+        raise RuntimeError(f"the {fmt} export wrote nothing; see the API log")
+    return target
+
+
+def run_engine_child(args: list[str], what: str, *, timeout_s: float) -> None:
+    """``python -m ftune.models.cli ARGS`` on the CPU with two threads, killed past
+    ``timeout_s`` (503 naming FTUNE_EXPORT_TIMEOUT_S); a failure names ``what``."""
+    command = [sys.executable, "-m", "ftune.models.cli", *args]
     env = {**os.environ, "OMP_NUM_THREADS": _CHILD_THREADS, "MKL_NUM_THREADS": _CHILD_THREADS,
            "FTUNE_DEVICE": "cpu", "CUDA_VISIBLE_DEVICES": ""}
     try:
         done = subprocess.run(command, env=env, capture_output=True, timeout=timeout_s,
                               stdin=subprocess.DEVNULL, check=False)
     except subprocess.TimeoutExpired:
-        for partial in target.parent.glob(f".{target.name}.*"):  # the killed child's temp file
-            partial.unlink(missing_ok=True)
-        log.warning("export of %s as %s took over %.0f s; killed", source.name, fmt, timeout_s)
-        raise Unavailable(f"building the {fmt} export took longer than FTUNE_EXPORT_TIMEOUT_S "
+        log.warning("%s took over %.0f s; killed (%s)", what, timeout_s, args[1])
+        raise Unavailable(f"building {what} took longer than FTUNE_EXPORT_TIMEOUT_S "
                           f"({timeout_s:.0f} s); ask an operator to raise it") from None
-    if done.returncode != 0 or not target.is_file():
+    if done.returncode != 0:
         tail = done.stderr[-_STDERR_TAIL:].decode("utf-8", "replace")
-        log.error("export of %s as %s failed (exit %s): %s", source, fmt, done.returncode, tail)
-        raise RuntimeError(f"the {fmt} export failed (exit {done.returncode}); see the API log")
-    return target
+        log.error("%s of %s failed (exit %s): %s", what, args[1], done.returncode, tail)
+        raise RuntimeError(f"{what} failed (exit {done.returncode}); see the API log")

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from datetime import datetime
 
 import redis
-from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -172,6 +172,13 @@ class ServiceMetrics:
         self.batch_images = Histogram(
             "ftune_predict_batch_images", "Images in each forward pass the batcher formed",
             buckets=BATCH_IMAGES, registry=self.registry)
+        self.predicted_images = Counter(
+            "ftune_predicted_images", "Images predicted, by the engine that ran the forward "
+            "(torch, onnxruntime, onnxruntime-int8)", ["engine"], registry=self.registry)
+
+    def record_batch(self, images: int, engine: str) -> None:
+        self.batch_images.observe(images)
+        self.predicted_images.labels(engine).inc(images)
 
     def watch(self, db: Database, redis_client: redis.Redis | None,
               predictors: PredictorCache) -> None:

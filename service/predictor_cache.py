@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 from ftune.service.batching import LOAD_THREAD, DynamicBatcher
 from ftune.service.db.tables import TunedModel
+from ftune.service.serving import ServingEngines
 from ftune.service.storage import Storage
 from ftune.service.tuned_models import bundle_folder
 
@@ -22,8 +23,8 @@ class PredictorCache:
     after that the model is looked up again (it may have been deleted)."""
 
     def __init__(self, storage: Storage, max_bytes: int, *, max_batch: int = 32,
-                 max_wait_ms: float = 5.0) -> None:
-        self.storage, self.max_bytes = storage, max_bytes
+                 max_wait_ms: float = 5.0, engines: ServingEngines | None = None) -> None:
+        self.storage, self.max_bytes, self.engines = storage, max_bytes, engines
         self.max_batch, self.max_wait_ms = max_batch, max_wait_ms
         self._loaded: OrderedDict[str, DynamicBatcher] = OrderedDict()
         self._sizes: dict[str, int] = {}
@@ -32,7 +33,8 @@ class PredictorCache:
         self._checked: dict[str, float] = {}  # model id -> time.monotonic() of its last lookup
         self.loads = 0  # misses: a request had to load its model
         self.hits = 0  # requests that found their model loaded
-        self.on_batch: Callable[[int], None] | None = None  # given to each model's batcher
+        # Given to each model's batcher: a forward's image count and engine.
+        self.on_batch: Callable[[int, str], None] | None = None
         self._evicted_batches = self._evicted_images = 0
 
     def get(self, model: TunedModel) -> DynamicBatcher:
@@ -54,6 +56,8 @@ class PredictorCache:
 
             folder = bundle_folder(self.storage, model)  # fetched from the store once
             predictor = LOAD_THREAD.submit(Predictor.load, folder).result()
+            if self.engines is not None:  # torch, or ONNX Runtime once the model passes
+                self.engines.attach(model, predictor)
             batcher = DynamicBatcher(predictor, max_batch=self.max_batch,
                                      max_wait_ms=self.max_wait_ms, tenant_id=tenant_id,
                                      on_batch=self.on_batch)
@@ -89,6 +93,12 @@ class PredictorCache:
     @property
     def images(self) -> int:
         return self._evicted_images + sum(b.images for b in list(self._loaded.values()))
+
+    def resize(self, model_id: str) -> None:
+        """Count a loaded model's memory again (its engine changed)."""
+        with self._lock:
+            if model_id in self._loaded:
+                self._sizes[model_id] = self._loaded[model_id].predictor.memory_bytes()
 
     @property
     def bytes(self) -> int:

@@ -137,6 +137,20 @@ class JobOut(JobSummary):
     metrics: list[dict[str, Any]] = Field(description="one row per finished epoch")
 
 
+class ServingOut(BaseModel):
+    policy: Literal["auto", "torch", "onnxruntime", "int8"] = Field(
+        description="FTUNE_SERVE_ENGINE of this API process")
+    engine: Literal["torch", "onnxruntime", "onnxruntime-int8"] | None = Field(
+        description="what runs the model's predictions here (null: refused, see why)")
+    why: str
+    onnx: dict[str, Any] | None = Field(
+        None, description="the ONNX export's parity check against torch: passed, why, "
+        "images, agreement, max_prob_diff (null until the first prediction prepares it)")
+    int8: dict[str, Any] | None = Field(
+        None, description="the int8 model's guard: offered, why, images, agreement, metric, "
+        "quality and fp32_quality")
+
+
 class ModelOut(BaseModel):
     id: str
     tenant_id: str
@@ -155,7 +169,9 @@ class ModelOut(BaseModel):
     spec: dict[str, Any]
     created_at: datetime
     size_bytes: int = Field(description="the bundle on disk")
-    exports_bytes: int = Field(description="downloads built so far (zip, ONNX, TorchScript)")
+    exports_bytes: int = Field(description="downloads built so far (zip, ONNX, TorchScript), "
+                               "and ONNX Runtime's files once prepared")
+    serving: ServingOut
 
 
 class Prediction(BaseModel):

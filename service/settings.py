@@ -14,6 +14,7 @@ from typing import Literal
 from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from ftune.models.serving.engines import ServePolicy
 from ftune.models.settings import EngineSettings, engine_settings, load_settings
 from ftune.service.blobs.open import check_storage_url
 
@@ -49,6 +50,11 @@ class Settings(BaseSettings):
                                       "loaded by each API process (least recently used "
                                       "evicted).")
     predict_max_batch: int = Field(32, ge=1, description="Most images in one batched forward.")
+    serve_engine: ServePolicy = Field(
+        "auto", description="What runs /predict's forward passes: auto (ONNX Runtime once a "
+        "model's export passes its parity check against torch, torch until then and where it "
+        "fails), torch, onnxruntime (always; a model failing parity is refused), or int8 (as "
+        "auto, with the int8 model where its guard passed). See README, Serving engines.")
     predict_max_wait_ms: float = Field(5.0, ge=0, description="Longest a predict request "
                                        "waits for others to batch with.")
     visibility_timeout_s: int = Field(

@@ -7,6 +7,7 @@ import re
 import shutil
 import uuid
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 from sqlalchemy import select, update
@@ -15,12 +16,19 @@ from sqlalchemy.orm import Session
 
 from ftune.models.bundle import BUNDLE_FILES, EVALUATION_FILE
 from ftune.models.export_formats import EXPORT_FORMATS
+from ftune.models.serving.engines import INT8_FILE, choose
 from ftune.service.auth.principal import Principal
 from ftune.service.auth.tenancy import visible_or_404, visible_rows
 from ftune.service.blobs import deletions
 from ftune.service.blobs.base import BlobInfo, BlobMissing
 from ftune.service.blobs.fetched import CorruptBlob
-from ftune.service.blobs.keys import export_key, export_prefix, model_key, prefixes_of
+from ftune.service.blobs.keys import (
+    export_key,
+    export_prefix,
+    model_key,
+    prefixes_of,
+    serving_key,
+)
 from ftune.service.db.session import Database
 from ftune.service.db.tables import ModelAlias, Tenant, TunedModel
 from ftune.service.db.writes import rows_changed
@@ -99,7 +107,8 @@ def aliases_of(session: Session, model: TunedModel) -> list[str]:
 
 
 def list_models(session: Session, principal: Principal, *, limit: int = DEFAULT_LIMIT,
-                cursor: str | None = None) -> tuple[list[dict], str | None]:
+                cursor: str | None = None,
+                serve_policy: str = "auto") -> tuple[list[dict], str | None]:
     """Newest first, a page at a time, with their aliases: two queries whatever the limit."""
     models, next_cursor = read_page(session, visible_rows(principal, TunedModel),
                                     Keyset(TunedModel.created_at, TunedModel.id),
@@ -109,17 +118,33 @@ def list_models(session: Session, principal: Principal, *, limit: int = DEFAULT_
             select(ModelAlias.model_id, ModelAlias.alias)
             .where(ModelAlias.model_id.in_(list(aliases))).order_by(ModelAlias.alias)):
         aliases[model_id].append(alias)
-    return [model_view(m, aliases[m.id]) for m in models], next_cursor
+    return [model_view(m, aliases[m.id], serve_policy) for m in models], next_cursor
 
 
-def model_view(model: TunedModel, aliases: list[str] | None = None) -> dict:
+def model_view(model: TunedModel, aliases: list[str] | None = None,
+               serve_policy: str = "auto") -> dict:
+    """``serve_policy``: the API's FTUNE_SERVE_ENGINE, which decides the engine shown."""
     return {"id": model.id, "tenant_id": model.tenant_id, "name": model.name,
             "version": model.version, "aliases": aliases or [], "job_id": model.job_id,
             "dataset_id": model.dataset_id, "dataset_hash": model.dataset_hash,
             "backbone": model.backbone, "classes": model.classes, "task": model.task,
             "metrics": model.metrics,
             "spec": model.spec, "created_at": model.created_at,
-            "size_bytes": model.size_bytes, "exports_bytes": model.exports_bytes}
+            "size_bytes": model.size_bytes, "exports_bytes": model.exports_bytes,
+            "serving": serving_view(serve_policy, model.serving)}
+
+
+def report_of(serving: dict | None) -> dict | None:
+    return None if serving is None else serving.get("report")
+
+
+def serving_view(policy: str, serving: dict | None) -> dict:
+    """``GET /v1/models/{ref}``'s ``serving``: the engine this API serves it with, why, and
+    the figures (null until prepared)."""
+    report = report_of(serving)
+    choice = choose(policy, report)
+    return {"policy": policy, "engine": choice.engine, "why": choice.why,
+            "onnx": (report or {}).get("onnx"), "int8": (report or {}).get("int8")}
 
 
 def delete_models(session: Session, principal: Principal, *, ref: str, all_versions: bool,
@@ -205,10 +230,29 @@ def _build_zip(source: Path, target: Path) -> None:
                     shutil.copyfileobj(data, out, COPY_CHUNK)
 
 
+def _copy_prepared(storage: Storage, model: TunedModel, fmt: str, target: Path,
+                   prepare_serving: Callable[[TunedModel], dict] | None) -> None:
+    """The int8 model from the serving preparation, where its guard offered it (409 naming
+    why not)."""
+    if prepare_serving is None:
+        raise Conflict(f"the {fmt} download is made by the serving preparation, which this "
+                       "process does not run")
+    serving = prepare_serving(model)
+    int8 = (report_of(serving) or {}).get("int8") or {}
+    if not int8.get("offered"):
+        raise Conflict(f"model {model.id}'s int8 model is not offered: {int8.get('why')}")
+    folder = storage.local_tree(serving_key(model.id), serving["sha256"],
+                                owner=model.tenant_id)
+    shutil.copyfile(folder / INT8_FILE, target)
+
+
 def build_download(db: Database, storage: Storage, settings: Settings, *, model: TunedModel,
-                   fmt: str, slots: ExportSlots) -> BlobInfo:
+                   fmt: str, slots: ExportSlots,
+                   prepare_serving: Callable[[TunedModel], dict] | None = None) -> BlobInfo:
     """The model's download in ``fmt`` in the store, built the first time (models never
-    change) if the tenant's storage quota allows; its size then counts against that quota."""
+    change) if the tenant's storage quota allows; its size then counts against that quota.
+    ``prepare_serving``: the model's serving preparation (service/serving.py), which makes
+    the formats that come from it (int8)."""
     key = export_key(model.id, fmt)
     if (found := storage.blobs.info(key)) is not None:
         return found
@@ -226,7 +270,9 @@ def build_download(db: Database, storage: Storage, settings: Settings, *, model:
     local = storage.export_file(model.id, fmt)
     local = local.with_name(f".{uuid.uuid4().hex[:8]}{local.name}")
     try:
-        if EXPORT_FORMATS[fmt].traced:
+        if EXPORT_FORMATS[fmt].serving:
+            _copy_prepared(storage, model, fmt, local, prepare_serving)
+        elif EXPORT_FORMATS[fmt].traced:
             slots.run(source, local, fmt, timeout_s=settings.export_timeout_s,
                       name=model.name)
         else:

@@ -21,7 +21,7 @@ from ftune.client.watch import watch_job
 
 # The API's download formats (the server's table is ftune.models.export_formats, which this
 # light install cannot import; tests/models/test_export_formats.py keeps the two equal).
-DOWNLOAD_FORMATS = ("safetensors", "onnx", "torchscript", "triton")
+DOWNLOAD_FORMATS = ("safetensors", "onnx", "torchscript", "triton", "onnx-int8")
 
 Handler = Callable[[Client, argparse.Namespace], int]
 
@@ -241,7 +241,8 @@ def build_parser(prog: str = "ftune remote") -> argparse.ArgumentParser:
     models = groups.add_parser("models", help="list, download and query tuned models")
     sub = models.add_subparsers(dest="command", required=True)
     _add(sub, "list", models_list, "your models")
-    _add(sub, "download", models_download, "save a model (safetensors, onnx, torchscript, triton)",
+    _add(sub, "download", models_download,
+         "save a model (safetensors, onnx, torchscript, triton, onnx-int8)",
          ("model", {"help": "id, name (its latest version), name:version or name:alias"}),
          ("path", {}),
          ("--format", {"default": DOWNLOAD_FORMATS[0], "choices": DOWNLOAD_FORMATS}))

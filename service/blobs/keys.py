@@ -46,6 +46,12 @@ def export_key(model_id: str, fmt: str) -> str:
     return f"{export_prefix(model_id)}model{export_suffix(fmt)}"
 
 
+def serving_key(model_id: str) -> str:
+    """What ONNX Runtime serves the model with (models.serving.prepare's folder), as a tar;
+    under the exports prefix: it counts as an export and goes with the model."""
+    return f"{export_prefix(model_id)}serving.tar"
+
+
 def job_prefix(job_id: str) -> str:
     return f"jobs/{_id(job_id)}/"
 
@@ -90,7 +96,7 @@ def prefixes_of(*, datasets: Iterable[str] = (), models: Iterable[str] = (),
 # messages that name what vanished (``errors.py``).
 _OWNERS = {"datasets": "dataset", "models": "model", "exports": "model", "jobs": "job"}
 _OBJECTS = {"images.tar": "images", "bundle.tar": "files", "checkpoints": "checkpoint",
-            "logs": "log"}
+            "logs": "log", "serving.tar": "ONNX Runtime files"}
 
 
 def describe(key: str) -> str:
@@ -99,7 +105,7 @@ def describe(key: str) -> str:
     owner = _OWNERS.get(parts[0])
     if owner is None or len(parts) < 3:
         return f"the stored object {key}"
-    if parts[0] == "exports":
+    if parts[0] == "exports" and parts[2] != "serving.tar":
         suffix = "." + parts[-1].split(".", 1)[-1]
         what = next((f"{name} download" for name, info in EXPORT_FORMATS.items()
                      if info.suffix == suffix), "download")

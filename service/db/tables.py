@@ -274,6 +274,9 @@ class TunedModel(Base):
     exports_bytes: Mapped[int] = mapped_column(BigInteger, default=0)  # zip, ONNX, TorchScript
     # SHA-256 of its bundle's tar in the blob store (blobs.keys.model_key).
     blob_sha256: Mapped[str | None] = mapped_column(String(64))
+    # Its ONNX Runtime files once prepared (service/serving.py): {"report": the parity and
+    # int8 figures (models.serving.prepare), "sha256": of blobs.keys.serving_key's tar}.
+    serving: Mapped[dict[str, Any] | None]
 
 
 class ModelAlias(Base):

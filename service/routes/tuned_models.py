@@ -64,7 +64,8 @@ def list_all(ctx: Ctx, who: Member, limit: Limit = DEFAULT_LIMIT,
              cursor: Cursor = None) -> dict:
     """Newest first."""
     with ctx.db.session() as session:
-        items, next_cursor = list_models(session, who, limit=limit, cursor=cursor)
+        items, next_cursor = list_models(session, who, limit=limit, cursor=cursor,
+                                         serve_policy=ctx.settings.serve_engine)
         return {"items": items, "next_cursor": next_cursor}
 
 
@@ -82,7 +83,7 @@ def put_alias(alias: str, body: AliasIn, request: Request, ctx: Ctx, who: Admin)
 def get_one(model_ref: str, ctx: Ctx, who: Member) -> dict:
     with ctx.db.session() as session:
         model = get_model(session, who, model_ref)
-        return model_view(model, aliases_of(session, model))
+        return model_view(model, aliases_of(session, model), ctx.settings.serve_engine)
 
 
 @router.delete("/models/{model_ref}", status_code=204, description=REF)
@@ -200,16 +201,22 @@ def pr_curves(model_ref: str, ctx: Ctx, who: Member,
 @router.get("/models/{model_ref}/download", response_class=StreamingResponse, description=REF,
             responses={429: {"description": "building it would exceed the storage quota"},
                        404: {"description": "no such model, or deleted while this ran"},
-                       409: {"description": "the model's files are missing from the store"}})
+                       409: {"description": "the model's files are missing from the store, "
+                                        "or its int8 model is not offered (why)"}})
 def download(model_ref: str, ctx: Ctx, who: Member,
              format: Annotated[ExportFormat, Query()] = DEFAULT_FORMAT) -> Response:
     """``safetensors`` (default): a zip of what ``ftune.models.Predictor.load`` reads, plus the
     evaluation. ``onnx`` / ``torchscript``: uint8 RGB ``[N, 3, S, S]`` in, probabilities out,
-    normalisation included (see ftune/models/export.py for resizing). Built once, then kept
-    (they count against the tenant's storage until deleted)."""
+    normalisation included (see ftune/models/export.py for resizing). ``triton``: a Triton
+    Inference Server model repository (config.pbtxt, 1/model.onnx, labels.txt) as a zip.
+    ``onnx-int8``: the statically quantized ONNX model, only where its accuracy guard passed
+    (409 naming why otherwise). Built once, then kept (they count against the tenant's
+    storage until deleted)."""
     model = _resolve(ctx, who, model_ref)
+    engines = ctx.predictors.engines
     stored = build_download(ctx.db, ctx.storage, ctx.settings, model=model, fmt=format,
-                            slots=ctx.exports)
+                            slots=ctx.exports,
+                            prepare_serving=None if engines is None else engines.prepare)
     name = f"model-{model.id}{EXPORT_FORMATS[format].suffix}"
     if ctx.settings.presigned_downloads and (url := ctx.storage.blobs.presigned_url(
             stored.key, filename=name, ttl_s=ctx.settings.presigned_ttl_s)):

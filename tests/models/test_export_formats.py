@@ -54,7 +54,7 @@ def test_the_store_keeps_a_download_of_each_format(tmp_path: Path):
         assert storage.export_file(model_id, fmt).name.endswith(export_suffix(fmt))
     found = sorted(storage.blobs.keys(export_prefix(model_id)))
     assert [k.split("/")[-1] for k in found] == [
-        "model.onnx", "model.pt", "model.triton.zip", "model.zip"]
+        "model.int8.onnx", "model.onnx", "model.pt", "model.triton.zip", "model.zip"]
     with pytest.raises(ValueError, match="unknown export format"):
         export_key(model_id, "pickle")
     with pytest.raises(ValueError, match="unknown export format"):

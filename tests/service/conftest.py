@@ -29,7 +29,11 @@ FAST_LIFECYCLE = {"FTUNE_CANCEL_POLL_S": "0.2", "FTUNE_PROGRESS_INTERVAL_S": "0.
                   "FTUNE_MAX_UPLOADS_PER_TENANT": "16", "FTUNE_MAX_UNPACKS": "16",
                   "FTUNE_MAX_KEYS_PER_TENANT": "1000",
                   # Short, so the slow-client tests wait seconds, not minutes.
-                  "FTUNE_HEADER_TIMEOUT_S": "3", "FTUNE_UPLOAD_IDLE_TIMEOUT_S": "3"}
+                  "FTUNE_HEADER_TIMEOUT_S": "3", "FTUNE_UPLOAD_IDLE_TIMEOUT_S": "3",
+                  # Predictions stay on one engine, so tests comparing scores across calls
+                  # compare like with like; the engines have tests of their own
+                  # (test_serving_engines.py, with the default auto).
+                  "FTUNE_SERVE_ENGINE": "torch"}
 
 
 @pytest.fixture(scope="session")

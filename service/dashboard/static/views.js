@@ -31,7 +31,7 @@ const pct = (v) => (typeof v === "number" ? `${(100 * v).toFixed(1)}%` : "–");
 const num = (v, d = 4) => (typeof v === "number" ? v.toFixed(d) : "–");
 
 // The download formats (models/export_formats.py) and the file name each is saved under.
-const DOWNLOAD_SUFFIXES = { safetensors: "zip", onnx: "onnx", torchscript: "pt", triton: "triton.zip" };
+const DOWNLOAD_SUFFIXES = { safetensors: "zip", onnx: "onnx", torchscript: "pt", triton: "triton.zip", "onnx-int8": "int8.onnx" };
 
 function table(headers, rows, attrs = {}) {
   return h("div", { class: "table-wrap" }, h("table", attrs,
@@ -404,9 +404,19 @@ export async function modelPage(view, alert, id) {
     h("section", { class: "card" }, h("h2", {}, "Versions and aliases"),
       h("ul", {}, versions.map((m) => h("li", {}, h("a", { href: `#/models/${m.id}` }, `v${m.version}`), m.aliases.length ? ` (${m.aliases.join(", ")})` : ""))),
       h("form", { onsubmit: setAlias }, h("label", { for: "alias-name" }, `Point ${model.name}:ALIAS at this version`), aliasInput, h("button", { type: "submit" }, "Set alias"))),
-    h("section", { class: "card" }, h("h2", {}, "Download"), Object.keys(DOWNLOAD_SUFFIXES).map(download)),
+    h("section", { class: "card" }, h("h2", {}, "Serving"), servingView(model.serving)),
+    h("section", { class: "card" }, h("h2", {}, "Download"),
+      Object.keys(DOWNLOAD_SUFFIXES).filter((f) => f !== "onnx-int8" || model.serving?.int8?.offered).map(download)),
     modelCard(card, `model-card-${model.name}-v${model.version}.md`, cardUrl));
   return () => URL.revokeObjectURL(cardUrl);
+}
+
+// Which engine runs the model's predictions here, why, and the int8 guard's verdict.
+function servingView(serving) {
+  const engine = serving.engine ?? "refused";
+  return h("div", { id: "serving" },
+    h("p", {}, `Engine: ${engine} (FTUNE_SERVE_ENGINE=${serving.policy}). ${serving.why}.`),
+    serving.int8 ? h("p", {}, `int8: ${serving.int8.offered ? "offered" : "not offered"}: ${serving.int8.why}.`) : null);
 }
 
 function calibrationText(e) {

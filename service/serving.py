@@ -1,0 +1,172 @@
+"""Which engine serves each loaded model (``FTUNE_SERVE_ENGINE``), and the one-off
+preparation that lets ONNX Runtime serve it.
+
+The preparation is ``ftune serving-check`` (models/serving/prepare.py) in a child process,
+holding a slot as exports do (slots of its own, ``FTUNE_EXPORTS_AT_ONCE`` of them): the ONNX
+export, its parity check against the torch model on the model's own images (its dataset,
+fetched from the store), and the int8 model with its guard. Its files are stored once, as
+one tar under the model's exports (they count against the tenant's storage like a download,
+and go with the model); its figures go on the model's row, so every API process serves the
+model the same way without checking again.
+
+Under ``auto`` and ``int8`` the first load of an unprepared model is served by torch at once
+while the preparation runs in the background; the engine changes between two forwards once it
+passes. Under ``onnxruntime`` the first load waits for it, and a model that fails it is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from sqlalchemy import update
+from sqlalchemy.orm import Session
+
+from ftune.models.serving.engines import REPORT_FILE, Choice, choose
+from ftune.service.blobs.keys import dataset_key, export_prefix, serving_key
+from ftune.service.db.session import Database
+from ftune.service.db.tables import Dataset, Tenant, TunedModel
+from ftune.service.db.writes import rows_changed
+from ftune.service.disk import disk_allowance
+from ftune.service.errors import NotFound, TooManyRequests, Unavailable
+from ftune.service.exports import ExportSlots, run_engine_child
+from ftune.service.quotas import limits_of, usage_of
+from ftune.service.settings import Settings
+from ftune.service.storage import Storage
+from ftune.service.tuned_models import bundle_folder, report_of
+
+if TYPE_CHECKING:
+    from ftune.models.predictor import Predictor
+
+log = logging.getLogger(__name__)
+
+WHAT = "the serving preparation (ONNX export, parity check, int8)"
+BACKGROUND_SLOT_WAIT_S = 3600.0  # a background preparation queues for a slot this long
+
+
+class ServingEngines:
+    def __init__(self, db: Database, storage: Storage, settings: Settings,
+                 slots: ExportSlots) -> None:
+        self.db, self.storage, self.settings, self.slots = db, storage, settings, slots
+        self.policy: str = settings.serve_engine
+        self._pending: set[str] = set()  # models being prepared in the background here
+        self._lock = threading.Lock()
+        self._background = ThreadPoolExecutor(max_workers=1,
+                                              thread_name_prefix="serving-prep")
+        self.on_change: Callable[[str], None] | None = None  # a model's engine changed
+
+    def choice(self, model: TunedModel) -> Choice:
+        return choose(self.policy, report_of(model.serving))
+
+    def attach(self, model: TunedModel, predictor: Predictor) -> None:
+        """Set the engine of a model just loaded; may start (or, under ``onnxruntime``,
+        wait for) its preparation. 503 naming why where ``onnxruntime`` refuses it."""
+        serving = model.serving
+        if serving is None and self.policy == "onnxruntime":
+            serving = self.prepare(model)
+        elif serving is None and self.policy != "torch":
+            self._prepare_later(model, predictor)
+        self._apply(model, serving, predictor)
+
+    def _apply(self, model: TunedModel, serving: dict | None, predictor: Predictor) -> None:
+        choice = choose(self.policy, report_of(serving))
+        if choice.engine is None:
+            raise Unavailable(f"model {model.id} cannot be served under "
+                              f"FTUNE_SERVE_ENGINE=onnxruntime: {choice.why}")
+        if choice.file is None or serving is None:
+            predictor.serve_with(None, choice.engine)
+            return
+        from ftune.models.serving.onnx_runner import OnnxRunner
+
+        folder = self.storage.local_tree(serving_key(model.id), serving["sha256"],
+                                         owner=model.tenant_id)
+        predictor.serve_with(OnnxRunner(folder / choice.file, device=str(predictor.device)),
+                             choice.engine)
+        log.info("model %s is served by %s (%s)", model.id, choice.engine, choice.why)
+
+    def _prepare_later(self, model: TunedModel, predictor: Predictor) -> None:
+        with self._lock:
+            if model.id in self._pending:
+                return
+            self._pending.add(model.id)
+        self._background.submit(self._prepare_and_apply, model, predictor)
+
+    def _prepare_and_apply(self, model: TunedModel, predictor: Predictor) -> None:
+        try:
+            serving = self.prepare(model, wait_s=BACKGROUND_SLOT_WAIT_S)
+            self._apply(model, serving, predictor)
+            if self.on_change is not None:
+                self.on_change(model.id)
+        except Exception as exc:  # torch keeps serving; the next load of the model tries again
+            log.warning("model %s stays on torch: %s failed: %s", model.id, WHAT, exc)
+        finally:
+            with self._lock:
+                self._pending.discard(model.id)
+
+    def prepare(self, model: TunedModel, wait_s: float | None = None) -> dict:
+        """The model's serving preparation, made now if no process has made it; its row's
+        ``serving``. 503 when every export slot stays busy, 429 over the storage quota."""
+        if (done := self._serving_of(model.id)) is not None:
+            return done
+        with self.slots.slot(wait_s):
+            with self.db.session() as session:
+                row = session.get(TunedModel, model.id)
+                if row is None:
+                    raise NotFound(f"model {model.id} was deleted")
+                if row.serving is not None:  # another process made it meanwhile
+                    return row.serving
+                self._check_room(session, model)
+                data = self._dataset_folder(session.get(Dataset, model.dataset_id))
+            return self._build(model, data)
+
+    def _serving_of(self, model_id: str) -> dict | None:
+        with self.db.session() as session:
+            row = session.get(TunedModel, model_id)
+            if row is None:
+                raise NotFound(f"model {model_id} was deleted")
+            return row.serving
+
+    def _check_room(self, session: Session, model: TunedModel) -> None:
+        usage = usage_of(session, model.tenant_id)
+        limits = limits_of(session.get(Tenant, model.tenant_id), self.settings)
+        disk_allowance(self.storage, self.settings, WHAT)
+        if usage.stored_bytes >= limits.stored_bytes:
+            raise TooManyRequests(f"quota stored_gb exceeded: {WHAT} needs space and the "
+                                  f"tenant holds {usage.stored_bytes} of "
+                                  f"{limits.stored_bytes} bytes")
+
+    def _dataset_folder(self, dataset: Dataset | None) -> Path | None:
+        """The model's dataset on this host (its images are what parity is checked on);
+        None when it was deleted."""
+        if dataset is None or dataset.blob_sha256 is None:
+            return None
+        return self.storage.local_tree(dataset_key(dataset.id), dataset.blob_sha256,
+                                       owner=dataset.tenant_id)
+
+    def _build(self, model: TunedModel, data: Path | None) -> dict:
+        bundle = bundle_folder(self.storage, model)
+        with tempfile.TemporaryDirectory(dir=self.storage.tmp) as scratch:
+            out = Path(scratch) / "serving"
+            args = ["serving-check", str(bundle), "--out", str(out)]
+            run_engine_child(args + (["--data", str(data)] if data else []), WHAT,
+                             timeout_s=self.settings.export_timeout_s)
+            report = json.loads((out / REPORT_FILE).read_text())
+            stored = self.storage.put_tree(serving_key(model.id), out)
+        serving = {"report": report, "sha256": stored.sha256, "size": stored.size}
+        total = sum(info.size for key in self.storage.blobs.keys(export_prefix(model.id))
+                    if (info := self.storage.blobs.info(key)) is not None)
+        with self.db.session() as session:
+            kept = rows_changed(session, update(TunedModel).where(TunedModel.id == model.id)
+                                .values(serving=serving, exports_bytes=total))
+        if not kept:  # deleted while it was built: what was stored would outlive its row
+            self.storage.blobs.delete_prefix(export_prefix(model.id))
+            raise NotFound(f"model {model.id} was deleted while {WHAT} ran")
+        log.info("model %s prepared for ONNX Runtime: %s", model.id, report)
+        return serving
+
