@@ -1,18 +1,30 @@
-"""Prediction speed through HTTP against the bare model, side by side in one run.
+"""Prediction speed by serving engine, in process and through HTTP, side by side in one run.
 
-- Single image: p50/p99 latency of POST /predict (one PNG, sequential) against the bare
-  forward of the same uint8 tensor in this process; prints the overhead (target p50 ≤ 5 ms).
-- Throughput: 16 concurrent clients each sending one-image requests, against the bare batched
-  forward at batch 16; prints ``ratio=`` (target ≥ 0.8). The server is `ftune serve`, with
-  dynamic batching, on the same 2 cores.
+The model: lite0 tuned with ``{"preset": "fast"}`` on animal-mnist (``--train`` training and
+``--test`` held-out images per class) at ``--image-size`` (default 224, the backbone's own),
+recorded with its dataset in a fresh data directory. Its serving preparation runs as the API
+runs it (``ftune serving-check`` in a child process): the parity check and the int8 guard
+on the animal test split.
+
+- ``predict_int8``: fp32 and int8 accuracy on the test split, the drop in points, the share
+  of images where int8 gives fp32's answer, whether int8 is offered (target: drop ≤ 0.5).
+- ``predict_inprocess``: the limit. Eager torch (channels-last, inference mode), ONNX Runtime
+  fp32 and int8 at batch 1 and 16, images per second, measured in alternating blocks, and
+  each engine's ratio to torch.
+- ``predict_serving``: ``ftune serve`` under FTUNE_SERVE_ENGINE=torch, auto and int8 (one
+  server each, measured in alternating blocks): 16 concurrent one-image clients, throughput
+  divided by the same engine's in-process batch-16 throughput (target ≥ 0.8), and the
+  single-image p50 overhead over the same engine's bare forward (target ≤ 5 ms).
+- ``predict_auto_vs_torch``: /predict throughput under auto divided by under torch
+  (target ≥ 1.5).
 """
 
 from __future__ import annotations
 
 import os
 
-# Both processes share 2 cores: OpenMP threads that spin after a forward would steal the CPU
-# the other process's forward needs, and the interleaved samples would measure that instead.
+# The processes share the cores: OpenMP threads that spin after a forward would steal the CPU
+# the next measured forward needs, and the interleaved samples would measure that instead.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
@@ -22,19 +34,33 @@ import statistics
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
+import numpy as np
 import torch
 from PIL import Image
 
 from ftune.models.predictor import Predictor
+from ftune.models.serving.engines import FP32_FILE, INT8_FILE
+from ftune.models.serving.onnx_runner import OnnxRunner
 from ftune.processes import free_port, ftune_command, wait_until
 from ftune.service.auth.principal import Role
+from ftune.service.blobs.keys import serving_key
+from ftune.service.db.session import Database
+from ftune.service.db.tables import TunedModel
+from ftune.service.exports import ExportSlots
+from ftune.service.serving import ServingEngines
+from ftune.service.settings import Settings
+from ftune.service.storage import Storage
 from ftune.testing.access import make_key
-from ftune.testing.models import register_tiny_model
+from ftune.testing.models import register_model
+from ftune.testing.realdata import animal_mnist_arrays, balanced_indices, write_image_folder
 
 MODEL_ID = "f" * 32
+POLICIES = {"torch": "torch", "auto": "onnxruntime", "int8": "onnxruntime-int8"}
+Forward = Callable[[np.ndarray], object]  # uint8 [N, 3, S, S] -> probabilities
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -42,22 +68,61 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(len(ordered) * q))]
 
 
-def prepare(work: Path, image_size: int | None) -> tuple[Path, Predictor, bytes]:
+def prepare(work: Path, image_size: int | None, train: int, test: int
+            ) -> tuple[Path, Predictor, dict, Path]:
+    """The model recorded with its dataset, prepared for serving: (home, the torch
+    predictor, the preparation's report, the prepared files on this host)."""
+    images, labels = animal_mnist_arrays()
+    data = work / "data"
+    for split, per_class, offset in (("train", train, 0), ("test", test, train)):
+        idx = balanced_indices(labels, per_class, offset=offset)
+        write_image_folder(data / split, images[idx], labels[idx])
     home = work / "home"
-    tiny = register_tiny_model(work, home, MODEL_ID, image_size)
-    png = io.BytesIO()
-    Image.open(next((tiny.images / "animal0").iterdir())).convert("RGB").resize(
-        (256, 256)).save(png, "PNG")
-    return home, Predictor.load(tiny.bundle, device="cpu"), png.getvalue()
+    tuned = register_model(data, home, MODEL_ID, {"preset": "fast", "image_size": image_size},
+                           with_dataset=True)
+    settings = Settings(home=home)
+    storage = Storage(home)
+    db = Database(settings.resolved_database_url)
+    with db.session() as session:
+        model = session.get(TunedModel, MODEL_ID)
+        assert model is not None
+        session.expunge(model)
+    serving = ServingEngines(db, storage, settings, ExportSlots(1)).prepare(model)
+    folder = storage.local_tree(serving_key(MODEL_ID), serving["sha256"])
+    db.dispose()
+    return home, Predictor.load(tuned.bundle, device="cpu"), serving["report"], folder
 
 
-def timed(fn, repeats: int) -> list[float]:
-    samples = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - started) * 1000)
-    return samples
+def rate(forward: Forward, batch: np.ndarray, seconds: float) -> float:
+    """Images per second over about ``seconds`` of forwards of ``batch``."""
+    forward(batch)  # warm
+    done, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        forward(batch)
+        done += len(batch)
+    return done / (time.perf_counter() - started)
+
+
+def in_process(engines: dict[str, Forward], image: np.ndarray, rounds: int,
+               seconds: float) -> dict[tuple[str, int], float]:
+    """Median images/s of each engine at batch 1 and 16, in alternating blocks."""
+    samples: dict[tuple[str, int], list[float]] = {}
+    for _ in range(rounds):
+        for name, forward in engines.items():
+            for size in (1, 16):
+                batch = np.repeat(image, size, axis=0)
+                samples.setdefault((name, size), []).append(rate(forward, batch, seconds))
+    return {key: statistics.median(values) for key, values in samples.items()}
+
+
+def start_server(home: Path, policy: str) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "DATABASE_URL")}
+    env["FTUNE_RATE_PREDICTIONS"] = "10000000/minute"  # measure the path, not the limit
+    env["FTUNE_SERVE_ENGINE"] = policy
+    server = subprocess.Popen([*ftune_command(), "serve", "--home", str(home),
+                               "--port", str(port)], env=env)
+    return server, f"http://127.0.0.1:{port}"
 
 
 async def http_throughput(url: str, headers: dict[str, str], png: bytes, clients: int,
@@ -80,82 +145,107 @@ async def http_throughput(url: str, headers: dict[str, str], png: bytes, clients
         return done / (time.perf_counter() - started)
 
 
-def start_server(home: Path) -> tuple[subprocess.Popen, str]:
-    """``ftune serve`` over ``home`` (no Redis, no training); returns it and its URL."""
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "DATABASE_URL")}
-    env["FTUNE_RATE_PREDICTIONS"] = "10000000/minute"  # measure the path, not the limit
-    server = subprocess.Popen([*ftune_command(), "serve", "--home", str(home),
-                               "--port", str(port)], env=env)
-    return server, f"http://127.0.0.1:{port}"
-
-
-def wait_for_server(url: str, timeout_s: float = 60) -> None:
-    wait_until(lambda: httpx.get(f"{url}/healthz").status_code == 200, timeout_s,
-               "ftune serve")
-
-
-def single_image_latency(http: httpx.Client, predictor: Predictor, png: bytes,
-                         tensor: torch.Tensor, repeats: int
-                         ) -> tuple[list[float], list[float], list[float]]:
-    """Latency samples (ms): the bare forward of one image, the same over HTTP, and the bare
-    forward of a batch of 16."""
+def latency(http: httpx.Client, forward: Forward, png: bytes, image: np.ndarray,
+            repeats: int) -> tuple[list[float], list[float]]:
+    """Single-image samples (ms), interleaved: the bare forward, and the same over HTTP."""
     def one_http() -> None:
         http.post(f"/v1/models/{MODEL_ID}/predict",
                   files={"files": ("a.png", png)}).raise_for_status()
 
-    batch16 = tensor.repeat(16, 1, 1, 1)
-    with torch.inference_mode():
-        for _ in range(5):  # warm up both sides (model load, allocator, caches)
-            one_http()
-            predictor.probabilities(tensor)
-        # Interleaved, one of each in turn, so drifting machine load hits both alike.
-        bare: list[float] = []
-        over_http: list[float] = []
-        for _ in range(repeats):
-            bare += timed(lambda: predictor.probabilities(tensor), 1)
-            over_http += timed(one_http, 1)
-        bare_batch = timed(lambda: predictor.probabilities(batch16), max(5, repeats // 4))
-    return bare, over_http, bare_batch
+    bare: list[float] = []
+    over_http: list[float] = []
+    for _ in range(repeats):
+        for fn, into in ((lambda: forward(image), bare), (one_http, over_http)):
+            started = time.perf_counter()
+            fn()
+            into.append((time.perf_counter() - started) * 1000)
+    return bare, over_http
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--image-size", type=int, default=None, help="default: backbone's")
-    parser.add_argument("--repeats", type=int, default=100)
-    parser.add_argument("--seconds", type=float, default=15)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--train", type=int, default=100, help="training images per class")
+    parser.add_argument("--test", type=int, default=100, help="test images per class")
+    parser.add_argument("--repeats", type=int, default=60)
+    parser.add_argument("--seconds", type=float, default=12, help="per engine, over rounds")
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="ftune-predict-bench-"))
-    home, predictor, png = prepare(work, args.image_size)
-    tensor = predictor.to_uint8([png])  # what the server computes from the same PNG
+    home, predictor, report, files = prepare(work, args.image_size, args.train, args.test)
+    report_int8(report)
+    png_buffer = io.BytesIO()
+    Image.open(next((work / "data" / "test").rglob("*.png"))).convert("RGB").resize(
+        (256, 256)).save(png_buffer, "PNG")
+    png = png_buffer.getvalue()
+    image = predictor.to_uint8([png]).numpy()  # what the server computes from the same PNG
+    engines: dict[str, Forward] = {"torch": lambda b: predictor.probabilities(
+        torch.from_numpy(b)), "onnxruntime": OnnxRunner(files / FP32_FILE)}
+    if (files / INT8_FILE).exists():
+        engines["onnxruntime-int8"] = OnnxRunner(files / INT8_FILE)
+    with torch.inference_mode():
+        limits = in_process(engines, image, args.rounds, args.seconds / args.rounds / 2)
+    report_in_process(limits, predictor.preprocessing.input_size)
+    serve(home, engines, limits, png, image, args)
+
+
+def serve(home: Path, engines: dict[str, Forward], limits: dict[tuple[str, int], float],
+          png: bytes, image: np.ndarray, args: argparse.Namespace) -> None:
     key = make_key(f"sqlite:///{home / 'ftune.db'}", role=Role.MEMBER)
-    server, url = start_server(home)
+    policies = {p: e for p, e in POLICIES.items() if e in engines}
+    servers = {policy: start_server(home, policy) for policy in policies}
     try:
-        wait_for_server(url)
-        bare, over_http, bare_batch = single_image_latency(key.client(url, timeout=60),
-                                                           predictor, png, tensor, args.repeats)
-        bare_img_s = 16 / (statistics.median(bare_batch) / 1000)
-        http_img_s = asyncio.run(http_throughput(url, key.headers, png, 16, args.seconds))
-        stats = httpx.get(f"{url}/healthz", headers=key.headers).json()  # counters need a key
+        for _, url in servers.values():
+            wait_until(lambda u=url: httpx.get(f"{u}/healthz").status_code == 200, 60,
+                       "ftune serve")
+        overheads, rates = {}, {}
+        for policy, (_, url) in servers.items():
+            with torch.inference_mode(), key.client(url, timeout=120) as http:
+                for _ in range(5):  # load the model, warm both sides
+                    http.post(f"/v1/models/{MODEL_ID}/predict",
+                              files={"files": ("a.png", png)}).raise_for_status()
+                bare, over_http = latency(http, engines[policies[policy]], png, image,
+                                          args.repeats)
+            overheads[policy] = statistics.median(over_http) - statistics.median(bare)
+        for _ in range(args.rounds):  # alternating blocks: drifting load hits each alike
+            for policy, (_, url) in servers.items():
+                rates.setdefault(policy, []).append(asyncio.run(http_throughput(
+                    url, key.headers, png, 16, args.seconds / args.rounds)))
     finally:
-        server.terminate()
-        server.wait(30)
-    report(predictor, args.repeats, bare, over_http, http_img_s, bare_img_s, stats)
+        for server, _ in servers.values():
+            server.terminate()
+            server.wait(30)
+    for policy, engine in policies.items():
+        http_img_s = statistics.median(rates[policy])
+        print(f"predict_serving policy={policy} engine={engine} http_img_s={http_img_s:.1f} "
+              f"inprocess_batch16_img_s={limits[(engine, 16)]:.1f} "
+              f"ratio={http_img_s / limits[(engine, 16)]:.3f} target_ratio=0.8 "
+              f"overhead_p50_ms={overheads[policy]:.2f} target_overhead_p50_ms=5 clients=16")
+    auto, plain = statistics.median(rates["auto"]), statistics.median(rates["torch"])
+    print(f"predict_auto_vs_torch ratio={auto / plain:.3f} auto_img_s={auto:.1f} "
+          f"torch_img_s={plain:.1f} target=1.5")
 
 
-def report(predictor: Predictor, repeats: int, bare: list[float], over_http: list[float],
-           http_img_s: float, bare_img_s: float, stats: dict) -> None:
-    p50_b, p99_b = statistics.median(bare), percentile(bare, 0.99)
-    p50_h, p99_h = statistics.median(over_http), percentile(over_http, 0.99)
-    size = predictor.preprocessing.input_size
-    print(f"predict_latency http_p50_ms={p50_h:.2f} http_p99_ms={p99_h:.2f} "
-          f"bare_p50_ms={p50_b:.2f} bare_p99_ms={p99_b:.2f} overhead_p50_ms={p50_h - p50_b:.2f} "
-          f"overhead_p99_ms={p99_h - p99_b:.2f} target_overhead_p50_ms=5 image_size={size} "
-          f"n={repeats}")
-    print(f"predict_throughput http_img_s={http_img_s:.1f} bare_batch16_img_s={bare_img_s:.1f} "
-          f"ratio={http_img_s / bare_img_s:.3f} target_ratio=0.8 clients=16 "
-          f"server_batches={stats['predict_batches']} server_images={stats['predict_images']}")
+def report_int8(report: dict) -> None:
+    onnx, int8 = report["onnx"], report["int8"]
+    print(f"predict_parity passed={onnx['passed']} images={onnx.get('images')} "
+          f"agreement={onnx.get('agreement')} max_prob_diff={onnx.get('max_prob_diff')}")
+    if "quality" in int8:
+        drop = 100 * (int8["fp32_quality"] - int8["quality"])
+        print(f"predict_int8 offered={int8['offered']} images={int8['images']} "
+              f"fp32_accuracy={int8['fp32_quality']:.4f} int8_accuracy={int8['quality']:.4f} "
+              f"drop_points={drop:.2f} agreement={int8['agreement']:.4f} "
+              f"target_drop_points=0.5")
+    else:
+        print(f"predict_int8 offered=False why={int8['why']!r}")
+
+
+def report_in_process(limits: dict[tuple[str, int], float], size: int) -> None:
+    for (engine, batch), img_s in sorted(limits.items()):
+        print(f"predict_inprocess engine={engine} batch={batch} img_s={img_s:.1f} "
+              f"vs_torch={img_s / limits[('torch', batch)]:.2f} image_size={size}")
 
 
 if __name__ == "__main__":

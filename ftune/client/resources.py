@@ -221,6 +221,11 @@ class Model:
     _transport: Transport = field(repr=False, compare=False)
     task: str = "single_label"  # or "multi_label": predict() gives label sets
 
+    @property
+    def serving(self) -> dict[str, Any]:
+        """Which engine serves it (``engine``, ``why``) and the parity and int8 figures."""
+        return self.raw.get("serving") or {}
+
     @classmethod
     def of(cls, data: dict, transport: Transport) -> Model:
         return cls(data["id"], data["name"], data["version"], data.get("aliases", []),

@@ -10,10 +10,10 @@ from pathlib import Path
 from ftune.models.bundle import save_bundle
 from ftune.models.training.fit import FitResult, fit
 from ftune.service.blobs.base import BlobInfo
-from ftune.service.blobs.keys import model_key
+from ftune.service.blobs.keys import dataset_key, model_key
 from ftune.service.db import migrate
 from ftune.service.db.session import Database
-from ftune.service.db.tables import DEFAULT_TENANT_ID, Job, TunedModel
+from ftune.service.db.tables import DEFAULT_TENANT_ID, Dataset, Job, TunedModel
 from ftune.service.storage import Storage
 from ftune.testing.realdata import animal_mnist_arrays, balanced_indices, write_image_folder
 
@@ -38,12 +38,26 @@ def register_tiny_model(work: Path, home: Path, model_id: str,
     images, labels = animal_mnist_arrays()
     idx = balanced_indices(labels, 12, classes=3)
     folder = write_image_folder(work / "data", images[idx], labels[idx])
-    result = fit(folder, {"image_size": image_size, "epochs": 1})
+    return register_model(folder, home, model_id, {"image_size": image_size, "epochs": 1})
+
+
+def register_model(folder: Path, home: Path, model_id: str, spec: dict, *,
+                   with_dataset: bool = False) -> TinyModel:
+    """Train ``spec`` on ``folder`` in this process and record it under ``home`` as
+    ``model_id``; ``with_dataset``: its dataset stored and recorded too (under the same id),
+    as an upload leaves it, so the serving preparation can check the model on its images."""
+    result = fit(folder, spec)
     storage = Storage(home)
     storage.prepare()
     stored = store_bundle(storage, result, model_id)
     db = Database(f"sqlite:///{storage.home / 'ftune.db'}", prepare=migrate.upgrade)
     with db.session() as session:
+        if with_dataset:
+            images = storage.put_tree(dataset_key(model_id), folder)
+            session.add(Dataset(id=model_id, tenant_id=DEFAULT_TENANT_ID, name="bench",
+                                classes=result.classes, class_counts={}, splits={},
+                                num_images=result.num_train + result.num_val, warnings=[],
+                                size_bytes=images.size, blob_sha256=images.sha256))
         session.add(Job(id=model_id, tenant_id=DEFAULT_TENANT_ID, dataset_id=model_id, spec={},
                         epochs=1, status="succeeded"))
         session.flush()
