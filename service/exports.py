@@ -11,6 +11,7 @@ thread waiting in the pool, and a child over ``FTUNE_EXPORT_TIMEOUT_S`` is kille
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import subprocess
@@ -69,20 +70,41 @@ def export_in_child(source: Path, target: Path, fmt: str, *, timeout_s: float,
     return target
 
 
+# Children running now: killed when the API exits, so none outlives it (a background serving
+# preparation would otherwise keep a core busy after a restart).
+_running: set[subprocess.Popen] = set()
+_running_lock = threading.Lock()
+
+
+@atexit.register
+def _kill_running() -> None:
+    with _running_lock:
+        for child in _running:
+            child.kill()
+
+
 def run_engine_child(args: list[str], what: str, *, timeout_s: float) -> None:
     """``python -m ftune.models.cli ARGS`` on the CPU with two threads, killed past
     ``timeout_s`` (503 naming FTUNE_EXPORT_TIMEOUT_S); a failure names ``what``."""
     command = [sys.executable, "-m", "ftune.models.cli", *args]
     env = {**os.environ, "OMP_NUM_THREADS": _CHILD_THREADS, "MKL_NUM_THREADS": _CHILD_THREADS,
            "FTUNE_DEVICE": "cpu", "CUDA_VISIBLE_DEVICES": ""}
+    child = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    with _running_lock:
+        _running.add(child)
     try:
-        done = subprocess.run(command, env=env, capture_output=True, timeout=timeout_s,
-                              stdin=subprocess.DEVNULL, check=False)
+        _, stderr = child.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
+        child.kill()
+        child.communicate()
         log.warning("%s took over %.0f s; killed (%s)", what, timeout_s, args[1])
         raise Unavailable(f"building {what} took longer than FTUNE_EXPORT_TIMEOUT_S "
                           f"({timeout_s:.0f} s); ask an operator to raise it") from None
-    if done.returncode != 0:
-        tail = done.stderr[-_STDERR_TAIL:].decode("utf-8", "replace")
-        log.error("%s of %s failed (exit %s): %s", what, args[1], done.returncode, tail)
-        raise RuntimeError(f"{what} failed (exit {done.returncode}); see the API log")
+    finally:
+        with _running_lock:
+            _running.discard(child)
+    if child.returncode != 0:
+        tail = stderr[-_STDERR_TAIL:].decode("utf-8", "replace")
+        log.error("%s of %s failed (exit %s): %s", what, args[1], child.returncode, tail)
+        raise RuntimeError(f"{what} failed (exit {child.returncode}); see the API log")

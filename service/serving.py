@@ -18,17 +18,17 @@ from __future__ import annotations
 
 import json
 import logging
+import queue
 import tempfile
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sqlalchemy import update
 from sqlalchemy.orm import Session
 
-from ftune.models.serving.engines import REPORT_FILE, Choice, choose
+from ftune.models.serving.engines import REPORT_FILE, TORCH, Choice, choose
 from ftune.service.blobs.keys import dataset_key, export_prefix, serving_key
 from ftune.service.db.session import Database
 from ftune.service.db.tables import Dataset, Tenant, TunedModel
@@ -57,8 +57,10 @@ class ServingEngines:
         self.policy: str = settings.serve_engine
         self._pending: set[str] = set()  # models being prepared in the background here
         self._lock = threading.Lock()
-        self._background = ThreadPoolExecutor(max_workers=1,
-                                              thread_name_prefix="serving-prep")
+        # One daemon thread prepares in the background, in turn: it never holds up the
+        # process's exit (a pool's threads are joined at exit; its child is killed then).
+        self._queue: queue.SimpleQueue[tuple[TunedModel, Predictor]] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
         self.on_change: Callable[[str], None] | None = None  # a model's engine changed
 
     def choice(self, model: TunedModel) -> Choice:
@@ -84,10 +86,19 @@ class ServingEngines:
             return
         from ftune.models.serving.onnx_runner import OnnxRunner
 
-        folder = self.storage.local_tree(serving_key(model.id), serving["sha256"],
-                                         owner=model.tenant_id)
-        predictor.serve_with(OnnxRunner(folder / choice.file, device=str(predictor.device)),
-                             choice.engine)
+        try:
+            folder = self.storage.local_tree(serving_key(model.id), serving["sha256"],
+                                             owner=model.tenant_id)
+            runner = OnnxRunner(folder / choice.file, device=str(predictor.device))
+        except Exception as exc:  # its files gone or damaged: torch, unless it is forced
+            if self.policy == "onnxruntime":
+                raise Unavailable(f"model {model.id}'s ONNX Runtime files cannot be loaded: "
+                                  f"{exc}") from exc
+            log.warning("model %s stays on torch: its ONNX Runtime files cannot be loaded: %s",
+                        model.id, exc)
+            predictor.serve_with(None, TORCH)
+            return
+        predictor.serve_with(runner, choice.engine)
         log.info("model %s is served by %s (%s)", model.id, choice.engine, choice.why)
 
     def _prepare_later(self, model: TunedModel, predictor: Predictor) -> None:
@@ -95,7 +106,15 @@ class ServingEngines:
             if model.id in self._pending:
                 return
             self._pending.add(model.id)
-        self._background.submit(self._prepare_and_apply, model, predictor)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._prepare_in_turn, daemon=True,
+                                                name="serving-prep")
+                self._thread.start()
+        self._queue.put((model, predictor))
+
+    def _prepare_in_turn(self) -> None:
+        while True:
+            self._prepare_and_apply(*self._queue.get())
 
     def _prepare_and_apply(self, model: TunedModel, predictor: Predictor) -> None:
         try:
