@@ -59,7 +59,7 @@ def prepare_serving(bundle: Path, data: Path | None, out: Path) -> dict:
                   "int8": {"offered": False, "why": why}}
     else:
         runner = OnnxRunner(out / FP32)
-        report = {"onnx": _parity(predictor, runner, checked[:PARITY_IMAGES], where)}
+        report = {"onnx": _parity(predictor, runner, _spread(checked, PARITY_IMAGES), where)}
         report["int8"] = (_int8(predictor, runner, checked, calibration, out, where)
                           if report["onnx"]["passed"] else
                           {"offered": False, "why": "the fp32 ONNX export failed its parity "
