@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 from ftune.service.batching import LOAD_THREAD, DynamicBatcher
 from ftune.service.db.tables import TunedModel
+from ftune.service.freed_memory import return_freed_memory
 from ftune.service.serving import ServingEngines
 from ftune.service.storage import Storage
 from ftune.service.tuned_models import bundle_folder
@@ -66,7 +67,9 @@ class PredictorCache:
                 self._loaded[model_id] = batcher
                 self._sizes[model_id] = predictor.memory_bytes()
                 # Keep at least the newest model, even when it alone is over the budget.
+                evicting = False
                 while sum(self._sizes.values()) > self.max_bytes and len(self._loaded) > 1:
+                    evicting = True
                     evicted, old = self._loaded.popitem(last=False)
                     self._sizes.pop(evicted, None)
                     self._checked.pop(evicted, None)
@@ -74,6 +77,8 @@ class PredictorCache:
                     self._evicted_images += old.images
                     old.close()
                 self._loading.pop(model_id, None)
+            if evicting:  # what the evicted models held goes back to the system (once freed)
+                LOAD_THREAD.submit(return_freed_memory)
             return batcher
 
     def peek(self, model_id: str, max_age_s: float = 1.0) -> DynamicBatcher | None:

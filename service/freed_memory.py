@@ -1,0 +1,34 @@
+"""Giving memory a process has freed back to the system.
+
+glibc's allocator keeps freed blocks in its arenas for reuse, and loading and evicting models
+(many megabytes of tensors each, allocated on different threads) leaves them fragmented: the
+process's RSS then climbs with every model loaded, though nothing is leaked. Measured by
+loading a tiny model 300 times with 18 kept (as the model cache does): RSS rose 104 MB and
+kept rising without ``malloc_trim``, 5 MB with it; the 60-minute soak measured the API's RSS
+growing 233 MB/h with its model cache full and evicting.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+
+log = logging.getLogger(__name__)
+
+
+def _malloc_trim() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
+    """glibc's ``malloc_trim``; None elsewhere (musl, macOS), where this is a no-op."""
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+_TRIM = _malloc_trim()
+
+
+def return_freed_memory() -> None:
+    """Release the free memory at the top of the heap and in every arena to the system."""
+    if _TRIM is not None:
+        _TRIM(0)
