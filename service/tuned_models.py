@@ -180,7 +180,8 @@ def delete_models(session: Session, principal: Principal, *, ref: str, all_versi
 
 def delete_exports(session: Session, storage: Storage, principal: Principal, *,
                    ref: str) -> int:
-    """Remove the model's zip, ONNX and TorchScript downloads; returns the bytes freed."""
+    """Remove the model's downloads and its ONNX Runtime files (its next first prediction
+    prepares them again); returns the bytes freed."""
     model = get_model(session, principal, ref)
     freed = 0
     for key in list(storage.blobs.keys(export_prefix(model.id))):
@@ -188,6 +189,7 @@ def delete_exports(session: Session, storage: Storage, principal: Principal, *,
         storage.blobs.delete(key)
         freed += found.size if found is not None else 0
     model.exports_bytes = 0
+    model.serving = None
     return freed
 
 
