@@ -25,21 +25,19 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sqlalchemy import update
 from sqlalchemy.orm import Session
 
 from ftune.models.serving.engines import REPORT_FILE, TORCH, Choice, choose
-from ftune.service.blobs.keys import dataset_key, export_prefix, serving_key
+from ftune.service.blobs.keys import dataset_key, serving_key
 from ftune.service.db.session import Database
 from ftune.service.db.tables import Dataset, Tenant, TunedModel
-from ftune.service.db.writes import rows_changed
 from ftune.service.disk import disk_allowance
 from ftune.service.errors import NotFound, TooManyRequests, Unavailable
 from ftune.service.exports import ExportSlots, run_engine_child
 from ftune.service.quotas import limits_of, usage_of
 from ftune.service.settings import Settings
 from ftune.service.storage import Storage
-from ftune.service.tuned_models import bundle_folder, report_of
+from ftune.service.tuned_models import bundle_folder, record_exports, report_of
 
 if TYPE_CHECKING:
     from ftune.models.predictor import Predictor
@@ -178,14 +176,7 @@ class ServingEngines:
             report = json.loads((out / REPORT_FILE).read_text())
             stored = self.storage.put_tree(serving_key(model.id), out)
         serving = {"report": report, "sha256": stored.sha256, "size": stored.size}
-        total = sum(info.size for key in self.storage.blobs.keys(export_prefix(model.id))
-                    if (info := self.storage.blobs.info(key)) is not None)
-        with self.db.session() as session:
-            kept = rows_changed(session, update(TunedModel).where(TunedModel.id == model.id)
-                                .values(serving=serving, exports_bytes=total))
-        if not kept:  # deleted while it was built: what was stored would outlive its row
-            self.storage.blobs.delete_prefix(export_prefix(model.id))
-            raise NotFound(f"model {model.id} was deleted while {WHAT} ran")
+        record_exports(self.db, self.storage, model.id, f"{WHAT} ran", serving=serving)
         log.info("model %s prepared for ONNX Runtime: %s", model.id, report)
         return serving
 

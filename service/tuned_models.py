@@ -282,12 +282,20 @@ def build_download(db: Database, storage: Storage, settings: Settings, *, model:
         stored = storage.blobs.put_file(key, local)
     finally:
         local.unlink(missing_ok=True)
-    total = sum(info.size for k in storage.blobs.keys(export_prefix(model.id))
+    record_exports(db, storage, model.id, f"its {fmt} download was built")
+    return stored
+
+
+def record_exports(db: Database, storage: Storage, model_id: str, what: str,
+                   **values: object) -> None:
+    """After storing under the model's exports: its ``exports_bytes`` (what the tenant's
+    quota counts) from the store, with ``values``, on its row. A model deleted while
+    ``what`` happened has what was stored removed (it would outlive its row) and is a 404."""
+    total = sum(info.size for k in storage.blobs.keys(export_prefix(model_id))
                 if (info := storage.blobs.info(k)) is not None)
     with db.session() as session:
-        kept = rows_changed(session, update(TunedModel).where(TunedModel.id == model.id)
-                            .values(exports_bytes=total))
-    if not kept:  # deleted while it was built: what was stored now would outlive its row
-        storage.blobs.delete_prefix(export_prefix(model.id))
-        raise NotFound(f"model {model.id} was deleted while its {fmt} download was built")
-    return stored
+        kept = rows_changed(session, update(TunedModel).where(TunedModel.id == model_id)
+                            .values(exports_bytes=total, **values))
+    if not kept:
+        storage.blobs.delete_prefix(export_prefix(model_id))
+        raise NotFound(f"model {model_id} was deleted while {what}")
