@@ -4,8 +4,8 @@ glibc's allocator keeps freed blocks in its arenas for reuse, and loading and ev
 (many megabytes of tensors each, allocated on different threads) leaves them fragmented: the
 process's RSS then climbs with every model loaded, though nothing is leaked. Measured by
 loading a tiny model 300 times with 18 kept (as the model cache does): RSS rose 104 MB and
-kept rising without ``malloc_trim``, 5 MB with it; the 60-minute soak measured the API's RSS
-growing 233 MB/h with its model cache full and evicting.
+kept rising without ``malloc_trim``, 5 MB with it. (It is not all of the soak's API growth:
+233 MB/h before, 182 MB/h after, with the model cache full and evicting in both.)
 """
 
 from __future__ import annotations

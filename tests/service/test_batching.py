@@ -110,8 +110,8 @@ def _rss_mb() -> float:
 
 def test_models_evicted_over_and_over_give_their_memory_back(model_home):
     """Loading and evicting models again and again (a full cache serving many models) must
-    not grow the process: the soak found the API's RSS climbing 233 MB/h this way, from
-    freed memory the allocator kept (service/freed_memory.py)."""
+    not grow the process: freed memory the allocator keeps is given back
+    (service/freed_memory.py)."""
     storage, models = model_home
     probe = PredictorCache(storage, 1 << 30)
     cache = PredictorCache(storage, int(probe.get(models[0]).predictor.memory_bytes() * 1.5))
