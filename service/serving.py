@@ -126,6 +126,13 @@ class ServingEngines:
             with self._lock:
                 self._pending.discard(model.id)
 
+    def prepare_for_request(self, model: TunedModel) -> dict:
+        """What a request that needs the preparation (the int8 download) waits on: one of
+        this model already under way here is waited for; otherwise a busy slot is a 503."""
+        with self._lock:
+            under_way = model.id in self._pending
+        return self.prepare(model, self.settings.export_timeout_s if under_way else None)
+
     def prepare(self, model: TunedModel, wait_s: float | None = None) -> dict:
         """The model's serving preparation, made now if no process has made it; its row's
         ``serving``. 503 when every export slot stays busy, 429 over the storage quota."""

@@ -216,7 +216,8 @@ def download(model_ref: str, ctx: Ctx, who: Member,
     engines = ctx.predictors.engines
     stored = build_download(ctx.db, ctx.storage, ctx.settings, model=model, fmt=format,
                             slots=ctx.exports,
-                            prepare_serving=None if engines is None else engines.prepare)
+                            prepare_serving=None if engines is None
+                            else engines.prepare_for_request)
     name = f"model-{model.id}{EXPORT_FORMATS[format].suffix}"
     if ctx.settings.presigned_downloads and (url := ctx.storage.blobs.presigned_url(
             stored.key, filename=name, ttl_s=ctx.settings.presigned_ttl_s)):
