@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy.orm import Session
 
-from ftune.models.serving.engines import REPORT_FILE, TORCH, Choice, choose
+from ftune.models.serving.engines import REPORT_FILE, TORCH, choose
 from ftune.service.blobs.keys import dataset_key, serving_key
 from ftune.service.db.session import Database
 from ftune.service.db.tables import Dataset, Tenant, TunedModel
@@ -60,9 +60,6 @@ class ServingEngines:
         self._queue: queue.SimpleQueue[tuple[TunedModel, Predictor]] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self.on_change: Callable[[str], None] | None = None  # a model's engine changed
-
-    def choice(self, model: TunedModel) -> Choice:
-        return choose(self.policy, report_of(model.serving))
 
     def attach(self, model: TunedModel, predictor: Predictor) -> None:
         """Set the engine of a model just loaded; may start (or, under ``onnxruntime``,

@@ -44,27 +44,26 @@ from ftune.models.serving.onnx_runner import OnnxRunner
 from ftune.models.spec import FineTuneSpec
 from ftune.models.tasks import TASKS
 
-REPORT, FP32, INT8 = REPORT_FILE, FP32_FILE, INT8_FILE
 DECODE_CHUNK = 64  # images decoded at once: memory stays flat on large test splits
 
 
 def prepare_serving(bundle: Path, data: Path | None, out: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     predictor = Predictor.load(bundle, device="cpu")
-    write_onnx(predictor, out / FP32)
+    write_onnx(predictor, out / FP32_FILE)
     checked, calibration, where = _images(predictor, data)
     if not checked:
         why = f"no images to check the ONNX export on ({where})"
         report = {"onnx": {"passed": False, "why": why},
                   "int8": {"offered": False, "why": why}}
     else:
-        runner = OnnxRunner(out / FP32)
+        runner = OnnxRunner(out / FP32_FILE)
         report = {"onnx": _parity(predictor, runner, _spread(checked, PARITY_IMAGES), where)}
         report["int8"] = (_int8(predictor, runner, checked, calibration, out, where)
                           if report["onnx"]["passed"] else
                           {"offered": False, "why": "the fp32 ONNX export failed its parity "
                            "check, so int8 (made from it) is not offered"})
-    (out / REPORT).write_text(json.dumps(report, indent=2))
+    (out / REPORT_FILE).write_text(json.dumps(report, indent=2))
     return report
 
 
@@ -127,8 +126,8 @@ def _parity(predictor: Predictor, runner: OnnxRunner, samples: list[Sample],
 def _int8(predictor: Predictor, runner: OnnxRunner, checked: list[Sample],
           calibration: list[Sample], out: Path, where: str) -> dict:
     samples = _spread(checked, INT8_CHECK_IMAGES)
-    quantize_int8(out / FP32, out / INT8, _uint8(predictor, calibration))
-    int8 = OnnxRunner(out / INT8)
+    quantize_int8(out / FP32_FILE, out / INT8_FILE, _uint8(predictor, calibration))
+    int8 = OnnxRunner(out / INT8_FILE)
     fp32_probs, int8_probs = [], []
     for i in range(0, len(samples), DECODE_CHUNK):
         batch = _uint8(predictor, samples[i:i + DECODE_CHUNK])
@@ -147,7 +146,7 @@ def _int8(predictor: Predictor, runner: OnnxRunner, checked: list[Sample],
            f"{int8_quality:.1%} against {fp32_quality:.1%} (bound: within "
            f"{100 * INT8_MAX_DROP:.1f} points)")
     if not offered:
-        (out / INT8).unlink(missing_ok=True)
+        (out / INT8_FILE).unlink(missing_ok=True)
     return {"offered": offered, "why": why, **found.to_dict(), "metric": metric,
             "quality": int8_quality, "fp32_quality": fp32_quality}
 
