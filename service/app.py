@@ -21,6 +21,7 @@ from ftune.service.context import AppContext
 from ftune.service.dashboard import routes as dashboard
 from ftune.service.deps import principal
 from ftune.service.errors import install_error_handlers
+from ftune.service.freed_memory import return_freed_memory_forever
 from ftune.service.lifecycle.reconciler import reconcile
 from ftune.service.origin import SameOriginMiddleware
 from ftune.service.request_timing import RequestTimingMiddleware
@@ -84,8 +85,10 @@ def create_app(settings: Settings | None = None, *, serve_only: bool = False) ->
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        tasks = [] if serve_only else [asyncio.create_task(_maintain_forever(ctx)),
-                                       asyncio.create_task(ctx.streams.run())]
+        tasks = [asyncio.create_task(return_freed_memory_forever())]
+        if not serve_only:
+            tasks += [asyncio.create_task(_maintain_forever(ctx)),
+                      asyncio.create_task(ctx.streams.run())]
         yield
         for task in tasks:
             task.cancel()

@@ -21,6 +21,7 @@ import logging
 import queue
 import tempfile
 import threading
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -57,7 +58,10 @@ class ServingEngines:
         self._lock = threading.Lock()
         # One daemon thread prepares in the background, in turn: it never holds up the
         # process's exit (a pool's threads are joined at exit; its child is killed then).
-        self._queue: queue.SimpleQueue[tuple[TunedModel, Predictor]] = queue.SimpleQueue()
+        # The queue holds the loaded predictors weakly: one the model cache evicts while its
+        # model waits its turn is freed then, not kept until the preparation runs.
+        self._queue: queue.SimpleQueue[tuple[TunedModel, weakref.ref[Predictor]]] = (
+            queue.SimpleQueue())
         self._thread: threading.Thread | None = None
         self.on_change: Callable[[str], None] | None = None  # a model's engine changed
 
@@ -105,16 +109,21 @@ class ServingEngines:
                 self._thread = threading.Thread(target=self._prepare_in_turn, daemon=True,
                                                 name="serving-prep")
                 self._thread.start()
-        self._queue.put((model, predictor))
+        self._queue.put((model, weakref.ref(predictor)))
 
     def _prepare_in_turn(self) -> None:
         while True:
             self._prepare_and_apply(*self._queue.get())
 
-    def _prepare_and_apply(self, model: TunedModel, predictor: Predictor) -> None:
+    def _prepare_and_apply(self, model: TunedModel,
+                           loaded: weakref.ref[Predictor]) -> None:
         try:
             serving = self.prepare(model, wait_s=BACKGROUND_SLOT_WAIT_S)
+            predictor = loaded()
+            if predictor is None:  # evicted meanwhile: its next load reads the row's files
+                return
             self._apply(model, serving, predictor)
+            del predictor
             if self.on_change is not None:
                 self.on_change(model.id)
         except Exception as exc:  # torch keeps serving; the next load of the model tries again

@@ -35,6 +35,10 @@ class OnnxRunner:
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.log_severity_level = 3  # warnings about unused initialisers are not ours
+        # No arena: a run's activations go back to the allocator when it ends (one block per
+        # run, planned from the shapes), instead of each session keeping its largest batch's
+        # worth for good; an API holds many sessions, one per loaded model.
+        options.enable_cpu_mem_arena = False
         self.path = Path(path)
         self.session = ort.InferenceSession(str(path), options,
                                             providers=execution_providers(device))

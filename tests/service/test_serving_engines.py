@@ -128,3 +128,44 @@ def test_forcing_onnx_runtime_prepares_on_the_first_prediction(serve, access, ti
         view = http.get(f"/v1/models/{model_id}").json()["serving"]
         assert view["engine"] == "onnxruntime" and view["onnx"]["passed"]
         assert _predicted(access["operator"], url) == {"onnxruntime": 1.0}
+
+
+def test_a_model_evicted_while_it_waits_for_its_preparation_is_freed_then(tmp_path):
+    """The background preparation holds the loaded predictor weakly: a model the cache evicts
+    while another export holds the slot is freed at once, and is still prepared after."""
+    import gc
+    import weakref
+
+    from ftune.models.predictor import Predictor
+    from ftune.service.db.session import Database
+    from ftune.service.db.tables import TunedModel
+    from ftune.service.exports import ExportSlots
+    from ftune.service.serving import ServingEngines
+    from ftune.service.settings import Settings
+    from ftune.service.storage import Storage
+    from ftune.testing.models import register_tiny_model
+
+    model_id = "e" * 32
+    home = tmp_path / "home"
+    tiny = register_tiny_model(tmp_path, home, model_id, image_size=32)
+    settings = Settings(home=home, serve_engine="auto")
+    db = Database(settings.resolved_database_url)
+    with db.session() as session:
+        model = session.get(TunedModel, model_id)
+        assert model is not None
+        session.expunge(model)
+    slots = ExportSlots(1)
+    engines = ServingEngines(db, Storage(home), settings, slots)
+    predictor = Predictor.load(tiny.bundle, device="cpu")
+    loaded = weakref.ref(predictor)
+    try:
+        with slots.slot():  # another export holds the one slot: the preparation waits
+            engines.attach(model, predictor)
+            assert predictor.engine == "torch"
+            del predictor  # what the cache's eviction leaves
+            gc.collect()
+            assert loaded() is None
+        wait_until(lambda: engines._serving_of(model_id) is not None, 180,
+                   "the preparation of the evicted model")
+    finally:
+        db.dispose()
