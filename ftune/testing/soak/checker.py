@@ -109,7 +109,7 @@ class Checker:
         for job_id, state in expected.items():
             row = rows.get(job_id)
             if row is None:
-                if job_id not in state.deleted["jobs"]:  # not deleted meanwhile
+                if not state.may_be_gone("jobs", job_id):  # not deleted meanwhile
                     self.journal.violate("no job lost", f"{state.name}'s job {job_id} was "
                                          "accepted and has no row", key=job_id)
                 continue

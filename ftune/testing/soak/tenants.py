@@ -16,6 +16,11 @@ class TenantState:
     key: str  # an admin key of the tenant
     owned: dict[str, set[str]] = field(default_factory=lambda: {k: set() for k in KINDS})
     deleted: dict[str, set[str]] = field(default_factory=lambda: {k: set() for k in KINDS})
+    # Deletes whose outcome is unknown: no answer, or a 5xx (the database dropped the
+    # connection around the commit, which may have gone through). Such an object may be
+    # there or gone; a later 404 for it settles it as deleted.
+    perhaps_deleted: dict[str, set[str]] = field(
+        default_factory=lambda: {k: set() for k in KINDS})
     accepted_jobs: set[str] = field(default_factory=set)  # every 202 (and sweep trials)
     finished_jobs: set[str] = field(default_factory=set)
     to_cancel: list[str] = field(default_factory=list)
@@ -30,6 +35,14 @@ class TenantState:
     def remove(self, kind: str, object_id: str) -> None:
         with self.lock:
             self.deleted[kind].add(object_id)
+
+    def perhaps_removed(self, kind: str, object_id: str) -> None:
+        with self.lock:
+            self.perhaps_deleted[kind].add(object_id)
+
+    def may_be_gone(self, kind: str, object_id: str) -> bool:
+        with self.lock:
+            return object_id in self.deleted[kind] or object_id in self.perhaps_deleted[kind]
 
     def live(self, kind: str) -> list[str]:
         """Owned and not deleted, in a stable order (the workload draws from it)."""

@@ -71,7 +71,11 @@ class TenantActor(threading.Thread):
                 key=f"{self.state.name}:{item.get('id')}")
 
     def _vanished(self, kind: str, object_id: str, response: httpx.Response) -> None:
-        if response.status_code == 404 and object_id not in self.state.deleted[kind]:
+        if response.status_code != 404:
+            return
+        if self.state.may_be_gone(kind, object_id):
+            self.state.remove(kind, object_id)  # an unanswered delete had gone through
+        else:
             self.journal.violate("nothing vanishes that was not deleted",
                                  f"{self.state.name}'s {kind[:-1]} {object_id}: 404 "
                                  f"({response.text[:200]})", key=object_id)
@@ -242,6 +246,8 @@ class TenantActor(threading.Thread):
     def _remove_object(self, kind: str, object_id: str, query: str = "") -> bool:
         response = self.api.request("DELETE", f"/v1/{kind}/{object_id}{query}",
                                     f"/v1/{kind}/{{id}}")
+        if response is None or response.status_code >= 500:  # done or not: nobody can say
+            self.state.perhaps_removed(kind, object_id)
         if response is None:
             return False
         self._vanished(kind, object_id, response)
