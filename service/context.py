@@ -116,6 +116,11 @@ class AppContext:
         ``blobs.deletions``."""
         return deletions.remove(self.db, self.storage.blobs, prefixes)
 
+    def remove_deleted(self, prefixes: Iterable[str]) -> int:
+        """Delete the prefixes a committed delete scheduled; never fails that delete (see
+        ``blobs.deletions.remove_committed``)."""
+        return deletions.remove_committed(self.db, self.storage.blobs, prefixes)
+
     def dispatch(self) -> list[str]:
         """Admit waiting jobs to free workers now (see lifecycle.dispatcher)."""
         return dispatch(self.db, self.celery, self.redis, self.settings)

@@ -20,6 +20,7 @@ from collections.abc import Iterable
 from datetime import timedelta
 
 from sqlalchemy import delete, select, update
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from ftune.service.blobs.base import BlobStore
@@ -109,3 +110,17 @@ def remove(db: Database, store: BlobStore, prefixes: Iterable[str] | None = None
             session.execute(delete(BlobDeletion).where(BlobDeletion.prefix == prefix))
         done += 1
     return done
+
+
+def remove_committed(db: Database, store: BlobStore, prefixes: Iterable[str]) -> int:
+    """``remove`` right after the delete that scheduled ``prefixes`` has committed: the
+    request's answer is that delete's, so a database gone at this point (restarted a moment
+    after the commit) is logged, not raised; the prefixes stay scheduled and the upkeep
+    removes them. Raising would answer 503 for a delete that was done."""
+    prefixes = list(prefixes)
+    try:
+        return remove(db, store, prefixes)
+    except SQLAlchemyError as exc:
+        log.warning("the delete of %s has committed; its objects are removed by the upkeep "
+                    "(the database failed just after: %s)", prefixes, exc)
+        return 0

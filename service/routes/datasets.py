@@ -156,5 +156,5 @@ def delete_one(dataset_id: str, ctx: Ctx, who: Admin) -> Response:
     """Admins only; 409 while a queued or running job uses the dataset."""
     with ctx.db.session() as session:
         doomed = delete_dataset(session, who, dataset_id=dataset_id)
-    ctx.remove_objects(doomed)
+    ctx.remove_deleted(doomed)
     return Response(status_code=204)

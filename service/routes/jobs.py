@@ -87,7 +87,7 @@ def delete_one(job_id: str, ctx: Ctx, who: Admin) -> Response:
     or while the model it made exists)."""
     with ctx.db.session() as session:
         doomed = delete_job(session, who, job_id=job_id)
-    ctx.remove_objects(doomed)
+    ctx.remove_deleted(doomed)
     return Response(status_code=204)
 
 

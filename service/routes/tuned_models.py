@@ -95,7 +95,7 @@ def delete_one(model_ref: str, ctx: Ctx, who: Admin,
     too)."""
     with ctx.db.session() as session:
         ids = delete_models(session, who, ref=model_ref, all_versions=all_versions, force=force)
-    ctx.remove_objects(prefixes_of(models=ids))
+    ctx.remove_deleted(prefixes_of(models=ids))
     return Response(status_code=204)
 
 

@@ -307,6 +307,22 @@ def test_a_delete_the_store_refuses_is_kept_and_retried(tmp_path, s3_server):
     db.dispose()
 
 
+def test_a_database_gone_just_after_a_delete_committed_does_not_fail_that_delete(tmp_path):
+    """The removal after a committed delete: the database restarting then is logged, not
+    raised (the request answers the delete, which was done; the upkeep removes the objects
+    later), while the upkeep's own removal still reports the outage to its caller."""
+    from sqlalchemy.exc import OperationalError
+
+    store = LocalBlobStore(tmp_path / "blobs")
+    store.put_chunks("models/gone/bundle.tar", [b"x"])
+    down = Database("postgresql+psycopg://ftune@127.0.0.1:1/ftune")  # nothing listens there
+    assert deletions.remove_committed(down, store, ["models/gone/"]) == 0
+    with pytest.raises(OperationalError):
+        deletions.remove(down, store, ["models/gone/"])
+    assert list(store.keys("models/")) == ["models/gone/bundle.tar"]  # nothing lost
+    down.dispose()
+
+
 def test_a_writer_s_hold_removes_what_it_stored_only_if_it_never_recorded_it(tmp_path):
     """A writer holds a prefix before storing under it: killed before its row commits, the
     objects go once the hold is due; a writer that recorded its row keeps them; a writer
