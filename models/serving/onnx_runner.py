@@ -35,10 +35,9 @@ class OnnxRunner:
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.log_severity_level = 3  # warnings about unused initialisers are not ours
-        # No arena: a run's activations go back to the allocator when it ends (one block per
-        # run, planned from the shapes), instead of each session keeping its largest batch's
-        # worth for good; an API holds many sessions, one per loaded model.
-        options.enable_cpu_mem_arena = False
+        # The CPU arena stays on: it keeps the largest batch's activations for the session's
+        # life, but without it each run maps and faults in fresh memory (measured on lite0 at
+        # 224 px: batch 16 at 90 against 135 images/s).
         self.path = Path(path)
         self.session = ort.InferenceSession(str(path), options,
                                             providers=execution_providers(device))
