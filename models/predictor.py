@@ -100,9 +100,10 @@ class Predictor:
     def top_k(self, probs: torch.Tensor, top_k: int) -> list[list[dict]]:
         k = max(1, min(top_k, len(self.classes)))
         scores, indices = probs.topk(k, dim=1)
-        return [[{"label": self.classes[i], "score": float(s)}
-                 for s, i in zip(row_s.tolist(), row_i.tolist(), strict=True)]
-                for row_s, row_i in zip(scores, indices, strict=True)]
+        # Lists first: iterating a tensor row by row costs a tensor per row (per request).
+        return [[{"label": self.classes[i], "score": s}
+                 for s, i in zip(row_s, row_i, strict=True)]
+                for row_s, row_i in zip(scores.tolist(), indices.tolist(), strict=True)]
 
     def predictions(self, probs: torch.Tensor, top_k: int | None = None) -> list:
         """Per image: single-label, the ``top_k`` (default 5) ``{"label", "score"}`` best
