@@ -111,10 +111,10 @@ class AppContext:
     def limiter(self) -> RateLimiter:
         return RateLimiter(self.settings, in_memory=self.serve_only)
 
-    def remove_objects(self, prefixes: Iterable[str] | None = None) -> int:
-        """Delete scheduled store prefixes (those, or every pending one); see
-        ``blobs.deletions``."""
-        return deletions.remove(self.db, self.storage.blobs, prefixes)
+    def remove_objects(self) -> int:
+        """The upkeep: delete every pending scheduled store prefix (see ``blobs.deletions``);
+        a database or store outage is the caller's to log and retry."""
+        return deletions.remove(self.db, self.storage.blobs)
 
     def remove_deleted(self, prefixes: Iterable[str]) -> int:
         """Delete the prefixes a committed delete scheduled; never fails that delete (see

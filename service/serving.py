@@ -123,7 +123,6 @@ class ServingEngines:
             if predictor is None:  # evicted meanwhile: its next load reads the row's files
                 return
             self._apply(model, serving, predictor)
-            del predictor
             if self.on_change is not None:
                 self.on_change(model.id)
         except Exception as exc:  # torch keeps serving; the next load of the model tries again
