@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import pytest
 from sqlalchemy import create_engine, func, insert, select
 
-from ftune.service.db.tables import Dataset, Job, JobEvent
+from ftune.service.db.tables import Dataset, Job, JobEvent, TunedModel
 from ftune.service.events import EventKind
 from ftune.service.ids import new_id
 from ftune.testing.soak.faults import FAULT_KINDS
@@ -157,3 +157,34 @@ def test_memory_held_by_a_bounded_cache_is_not_judged_a_leak_but_other_growth_is
     found = sampler.slopes("api", after=-1.0)
     assert found.rss_mb_per_h is not None and found.rss_mb_per_h > 150
     assert found.unheld_mb_per_h == pytest.approx(30.0)
+
+
+def test_a_delete_committed_after_the_checkers_first_look_is_no_orphan(soak):
+    """Found by the hour-long soak (four false orphans): the checker read every pending
+    deletion's time as None (a zone-aware time was dropped), and its one look at them was
+    taken before walking the store. A model deleted meanwhile (row gone, deletion scheduled,
+    files not yet removed) is judged from fresh reads; a real orphan is still found."""
+    from ftune.service.db.tables import BlobDeletion
+
+    soak_run, _ = soak
+    checker, journal = soak_run.checker, soak_run.journal
+
+    def planted() -> str:
+        bundle = soak_run.stack.home / "blobs" / "models" / new_id() / "bundle.tar"
+        bundle.parent.mkdir(parents=True)
+        bundle.write_bytes(b"no row points here")
+        return f"models/{bundle.parent.name}/"
+
+    before = len(journal.violations)
+    orphan = planted()  # nothing scheduled: an orphan
+    checker.orphan_unless_deleted(orphan, TunedModel.id, horizon=time.time() + 60)
+    found = [v.detail for v in journal.violations[before:]]
+    assert len(found) == 1 and f"{orphan} is in the store with no" in found[0], found
+    assert "nothing scheduled" in found[0]
+    deleted = planted()  # what a delete's transaction leaves: no row, a deletion scheduled
+    with _writer(soak_run).begin() as db:
+        db.execute(insert(BlobDeletion).values(prefix=deleted))
+    checker.orphan_unless_deleted(deleted, TunedModel.id, horizon=time.time() - 60)
+    assert len(journal.violations) == before + 1, journal.violations[-1].detail  # being removed
+    with _writer(soak_run).begin() as db:  # the upkeep removes what was planted
+        db.execute(insert(BlobDeletion).values(prefix=orphan))

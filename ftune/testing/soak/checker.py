@@ -20,9 +20,10 @@ from collections import Counter
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any, cast
 
 import httpx
-from sqlalchemy import Engine, create_engine, func, select
+from sqlalchemy import Connection, Engine, create_engine, func, select
 
 from ftune.service.db.session import normalize_url
 from ftune.service.db.tables import BlobDeletion, Dataset, Job, JobEvent, TunedModel
@@ -67,8 +68,21 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
+def _pending(db: Connection, prefix: str | None = None) -> dict[str, datetime]:
+    """Scheduled deletions (of ``prefix`` alone, if given) and when each is due: a writer's
+    hold counts from when it comes due (a writer killed between storing and recording
+    leaves one: the upkeep removes its objects then)."""
+    query = select(BlobDeletion.prefix, BlobDeletion.created_at, BlobDeletion.not_before)
+    if prefix is not None:
+        query = query.where(BlobDeletion.prefix == prefix)
+    return {p: cast(datetime, _aware(due or created)) for p, created, due in db.execute(query)}
+
+
 def _aware(value: datetime | None) -> datetime | None:
-    return None if value is None or value.tzinfo else value.replace(tzinfo=UTC)
+    """A time read from the database, in UTC (SQLite gives it back without a zone)."""
+    if value is None or value.tzinfo is not None:
+        return value
+    return value.replace(tzinfo=UTC)
 
 
 @dataclass
@@ -194,11 +208,7 @@ class Checker:
         """Each object's prefix has its row, once the grace a delete needs has passed."""
         horizon = _now().timestamp() - self.grace_s
         with self.engine.connect() as db:
-            # A writer's hold counts from when it comes due (a writer killed between storing
-            # and recording leaves one: the upkeep removes its objects then).
-            pending = {prefix: _aware(due or created) for prefix, created, due in db.execute(select(
-                           BlobDeletion.prefix, BlobDeletion.created_at,
-                           BlobDeletion.not_before)).all()}
+            pending = _pending(db)
         for kind, column in PREFIX_ROWS.items():
             folder = self.blobs / kind
             for entry in sorted(folder.iterdir()) if folder.is_dir() else []:
@@ -207,15 +217,25 @@ class Checker:
                 if (not self._has_files(prefix) or _newest_change(entry) > horizon
                         or (scheduled and scheduled.timestamp() > horizon)):
                     continue
-                with self.engine.connect() as db:
-                    row = db.scalar(select(column).where(column == entry.name))
-                if row is None:
-                    why = ("its deletion is still pending since "
-                           f"{scheduled:%H:%M:%S}" if scheduled else "nothing scheduled")
-                    self.journal.violate("no object without its row",
-                                         f"{prefix} is in the store with no {column.table}"
-                                         f" row ({why}); it holds {self._keys(prefix)}",
-                                         key=prefix)
+                self.orphan_unless_deleted(prefix, column, horizon)
+
+    def orphan_unless_deleted(self, prefix: str, column: Any, horizon: float) -> None:
+        """Judge ``prefix`` from fresh reads, in the order a delete writes them: its row,
+        then its scheduled deletion (one transaction removes the row and schedules the
+        deletion), then its files (removed before the schedule goes). A delete committed
+        since the first look at the pending deletions is no orphan: the soak found that
+        first look stale four times in an hour."""
+        with self.engine.connect() as db:
+            if db.scalar(select(column).where(column == prefix.split("/")[1])) is not None:
+                return
+            scheduled = _pending(db, prefix).get(prefix)
+        if (scheduled and scheduled.timestamp() > horizon) or not self._has_files(prefix):
+            return
+        why = (f"its deletion is still pending since {scheduled:%H:%M:%S}" if scheduled
+               else "nothing scheduled")
+        self.journal.violate("no object without its row",
+                             f"{prefix} is in the store with no {column.table} row ({why}); "
+                             f"it holds {self._keys(prefix)}", key=prefix)
 
     # -- usage ------------------------------------------------------------------------------
     def usage_matches(self, api_url: str) -> None:
