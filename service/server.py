@@ -1,10 +1,12 @@
 """Run the API under uvicorn with limits on what each connection may hold.
 
-Uvicorn times out idle keep-alive connections but not a client that opens a connection and
-sends its headers a byte at a time (slowloris): ``HeaderTimeoutProtocol`` closes a connection
-whose request headers are not complete ``FTUNE_HEADER_TIMEOUT_S`` after it opened or after
-its previous response. Bodies are bounded by ``body_limits``; connections and requests at
-once by ``FTUNE_LIMIT_CONCURRENCY`` (uvicorn answers 503 beyond it).
+Requests are parsed by httptools (llhttp, in C): uvicorn's pure-Python h11 parser cost a
+small request about a millisecond of the event loop's one thread. Uvicorn times out idle
+keep-alive connections but not a client that opens a connection and sends its headers a byte
+at a time (slowloris): ``HeaderTimeoutProtocol`` closes a connection whose request headers
+are not complete ``FTUNE_HEADER_TIMEOUT_S`` after it opened or after its previous response.
+Bodies are bounded by ``body_limits``; connections and requests at once by
+``FTUNE_LIMIT_CONCURRENCY`` (uvicorn answers 503 beyond it).
 """
 
 from __future__ import annotations
@@ -13,16 +15,15 @@ import asyncio
 import logging
 import math
 
-import h11
 import uvicorn
 from fastapi import FastAPI
-from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from ftune.service.logs import use_log_format
 from ftune.service.settings import Settings
 
 
-class HeaderTimeoutProtocol(H11Protocol):
+class HeaderTimeoutProtocol(HttpToolsProtocol):
     header_timeout_s = 10.0  # set by ``serve`` for the process
     _header_timer: asyncio.TimerHandle | None = None
 
@@ -31,15 +32,17 @@ class HeaderTimeoutProtocol(H11Protocol):
         super().connection_made(transport)
         self._arm_header_timer()
 
-    def data_received(self, data: bytes) -> None:
-        super().data_received(data)
-        if self._header_timer is not None and self.conn.their_state is not h11.IDLE:
-            self._disarm_header_timer()  # the request line and headers are in
+    def on_headers_complete(self) -> None:
+        self._disarm_header_timer()  # the request line and headers are in
+        super().on_headers_complete()
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
-        if not self.transport.is_closing():
-            self._arm_header_timer()  # for the next request on this connection
+        # Wait for the next request's headers, unless they are in already (a pipelined
+        # request just started, or one read while this response was being sent).
+        waiting = self.cycle is None or self.cycle.response_complete
+        if waiting and not self.pipeline and not self.transport.is_closing():
+            self._arm_header_timer()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm_header_timer()
@@ -56,7 +59,7 @@ class HeaderTimeoutProtocol(H11Protocol):
 
     def _headers_late(self) -> None:
         self._header_timer = None
-        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+        if not self.transport.is_closing():
             self.transport.close()
 
 
