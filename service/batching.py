@@ -31,7 +31,8 @@ def _keep_thread_count() -> None:
     torch.set_num_threads(torch.get_num_threads())  # pinned here, before LOAD_THREAD lowers it
 
 
-def _one_thread() -> None:
+def one_openmp_thread() -> None:
+    """A thread's initializer: torch kernels on it use one OpenMP thread (see below)."""
     import torch
 
     TORCH_THREAD.submit(int).result()  # the torch thread exists first and keeps its count
@@ -47,7 +48,7 @@ TORCH_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="torch",
 # with one OpenMP thread: then no second team competes with the forwards (measured: forwards
 # as fast as with loading on the torch thread).
 LOAD_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="torch-load",
-                                 initializer=_one_thread)
+                                 initializer=one_openmp_thread)
 
 
 @dataclass

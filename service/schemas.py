@@ -185,10 +185,21 @@ class MultiLabelPrediction(BaseModel):
                                      "first")
 
 
+class Explanation(BaseModel):
+    label: str = Field(description="the class explained: the image's top class")
+    heatmap: list[list[float]] = Field(
+        description="Grad-CAM evidence for that class over the image, rows top to bottom, "
+        "each value in [0, 1] (the last feature map's resolution)")
+    overlay_png: str = Field(description="the heat map over the image the model saw, a "
+                             "base64 PNG")
+
+
 class PredictOut(BaseModel):
     predictions: list[list[Prediction]] | list[MultiLabelPrediction] = Field(
         description="one entry per image, in order: a single-label model's list of "
         "{label, score} best first; a multi-label model's {labels, scores}")
+    explanations: list[Explanation] | None = Field(
+        None, description="with explain=true: one per image, in order")
 
 
 class AliasIn(BaseModel):

@@ -46,6 +46,8 @@ class Settings(BaseSettings):
     max_upload_mb: float = Field(2048, gt=0, description="Largest dataset upload accepted.")
     max_predict_images: int = Field(64, ge=1, description="Most images in one predict request.")
     max_predict_image_mb: float = Field(20, gt=0, description="Largest image accepted by predict.")
+    max_explain_images: int = Field(8, ge=1, description="Most images in one predict request "
+                                    "with explain=true (each costs a backward pass).")
     predictor_cache_mb: float = Field(2048, gt=0, description="Memory for tuned models kept "
                                       "loaded by each API process (least recently used "
                                       "evicted).")

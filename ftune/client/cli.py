@@ -161,6 +161,8 @@ def models_download(client: Client, args: argparse.Namespace) -> int:
 
 
 def models_predict(client: Client, args: argparse.Namespace) -> int:
+    if args.explain:
+        return _explain(client, args)
     predictions = client.models.get(args.model).predict([Path(p) for p in args.images],
                                                         top_k=args.top_k)
     if args.json:
@@ -172,6 +174,22 @@ def models_predict(client: Client, args: argparse.Namespace) -> int:
             print(f"{image}: [{', '.join(top['labels'])}] {scores}")
         else:
             print(f"{image}: " + ", ".join(f"{p['label']} {p['score']:.3f}" for p in top))
+    return 0
+
+
+def _explain(client: Client, args: argparse.Namespace) -> int:
+    """Each image's overlay saved as OUT/<image name>.explain.png; the top class printed."""
+    out = Path(args.explain)
+    out.mkdir(parents=True, exist_ok=True)
+    explained = client.models.get(args.model).explain([Path(p) for p in args.images])
+    for image, why in zip(args.images, explained, strict=True):
+        target = out / f"{Path(image).stem}.explain.png"
+        target.write_bytes(why["overlay_png"])
+        if not args.json:
+            print(f"{image}: {why['label']} -> {target}")
+    if args.json:
+        _print_json([{k: v for k, v in why.items() if k != "overlay_png"}
+                     for why in explained])
     return 0
 
 
@@ -247,7 +265,9 @@ def build_parser(prog: str = "ftune remote") -> argparse.ArgumentParser:
          ("path", {}),
          ("--format", {"default": DOWNLOAD_FORMATS[0], "choices": DOWNLOAD_FORMATS}))
     _add(sub, "predict", models_predict, "classify images", ("model", {}),
-         ("images", {"nargs": "+"}), ("--top-k", {"type": int}))
+         ("images", {"nargs": "+"}), ("--top-k", {"type": int}),
+         ("--explain", {"metavar": "DIR", "help": "also explain each image's top class: "
+                        "save its heat map overlay in DIR"}))
     _add(sub, "alias", models_alias, "point name:ALIAS at a model", ("model", {}),
          ("alias", {}))
     sweep_commands.add_commands(groups, _add)

@@ -5,6 +5,7 @@ attributes."""
 
 from __future__ import annotations
 
+import base64
 import os
 import tempfile
 import time
@@ -245,6 +246,23 @@ class Model:
         response = self._transport.request("POST", f"/models/{self.id}/predict", files=files,
                                            params={"top_k": top_k} if top_k else None)
         return response.json()["predictions"]
+
+    def explain(self, images: ImageInput | list[ImageInput]) -> list[dict]:
+        """One entry per image, in order: its prediction (as ``predict`` gives it) and why:
+        ``label`` (the top class), ``heatmap`` (Grad-CAM evidence for it, rows of values in
+        [0, 1]) and ``overlay_png`` (PNG bytes: the heat map over the image). The server
+        takes at most a few images per request (FTUNE_MAX_EXPLAIN_IMAGES)."""
+        items = images if isinstance(images, list) else [images]
+
+        def files() -> list:
+            return [("files", _image_part(item, i)) for i, item in enumerate(items)]
+
+        answer = self._transport.request("POST", f"/models/{self.id}/predict", files=files,
+                                         params={"explain": "true"}).json()
+        return [{**why, "prediction": prediction,
+                 "overlay_png": base64.b64decode(why["overlay_png"])}
+                for prediction, why in zip(answer["predictions"], answer["explanations"],
+                                           strict=True)]
 
     def evaluation(self) -> dict:
         return self._transport.request("GET", f"/models/{self.id}/evaluation").json()

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import asyncio
 import itertools
 from pathlib import Path
 from typing import Annotated, Literal
@@ -25,6 +26,7 @@ from ftune.service.db.tables import Dataset, Job, TunedModel
 from ftune.service.deps import Admin, Ctx, Member, rate_limited
 from ftune.service.disk import disk_allowance
 from ftune.service.errors import Conflict, InvalidInput, NotFound
+from ftune.service.explanations import EXPLAIN_THREAD, explain_batch
 from ftune.service.ids import is_id
 from ftune.service.ingest.multipart import receive_multipart
 from ftune.service.jobs import epoch_rows
@@ -234,14 +236,16 @@ def download(model_ref: str, ctx: Ctx, who: Member,
 
 
 @router.post("/models/{model_ref}/predict", response_model=PredictOut,
-             openapi_extra=_PREDICT_FORM, description=REF,
+             response_model_exclude_none=True, openapi_extra=_PREDICT_FORM, description=REF,
              dependencies=[Depends(rate_limited("predictions"))])
 async def predict(model_ref: str, request: Request, ctx: Ctx, who: Member,
-                  top_k: Annotated[int | None, Query(ge=1, le=1000)] = None) -> dict:
+                  top_k: Annotated[int | None, Query(ge=1, le=1000)] = None,
+                  explain: bool = False) -> dict:
     """Classify one or more images, one entry per image in order: a single-label model's
     ``top_k`` (default 5) ``{label, score}`` best first; a multi-label model's
     ``{labels, scores}``: the labels over their thresholds and every class's score (or the
-    ``top_k`` best). Scores are calibrated probabilities."""
+    ``top_k`` best). Scores are calibrated probabilities. ``explain``: also a Grad-CAM heat
+    map of each image's top class (at most FTUNE_MAX_EXPLAIN_IMAGES images)."""
     settings = ctx.settings
     # A model loaded under its id a moment ago needs no lookup; anything else is resolved
     # (aliases move, models get deleted) and loaded once, then cached.
@@ -261,6 +265,9 @@ async def predict(model_ref: str, request: Request, ctx: Ctx, who: Member,
             if not files:
                 raise InvalidInput("files: send one or more images as the multipart field "
                                    "'files'")
+            if explain and len(files) > settings.max_explain_images:
+                raise InvalidInput(f"explain: at most {settings.max_explain_images} images per "
+                                   f"request, got {len(files)} (FTUNE_MAX_EXPLAIN_IMAGES)")
             k = top_k if top_k is not None else parse_top_k(form.fields.get("top_k"))
             # Decoding and resizing happen on a worker thread, never on the event loop.
             batch = await run_in_threadpool(decode_batch, files, batcher.predictor,
@@ -268,7 +275,11 @@ async def predict(model_ref: str, request: Request, ctx: Ctx, who: Member,
         finally:
             form.cleanup()
     probs = await batcher.probabilities(batch)
-    return {"predictions": batcher.predictor.predictions(probs, k)}
+    answer = {"predictions": batcher.predictor.predictions(probs, k)}
+    if explain:
+        answer["explanations"] = await asyncio.get_running_loop().run_in_executor(
+            EXPLAIN_THREAD, explain_batch, batcher.predictor, batch, probs)
+    return answer
 
 
 def _load(ctx: AppContext, who: Principal, ref: str) -> DynamicBatcher:

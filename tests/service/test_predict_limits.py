@@ -51,3 +51,22 @@ def test_the_per_image_limit_holds_for_each_file(client, tiny_model):
     assert "huge.png" in response.json()["detail"]
     assert "FTUNE_MAX_PREDICT_IMAGE_MB" in response.json()["detail"]
     assert _predict(client, tiny_model["id"], "ok.png", small).status_code == 200
+
+
+def test_explanations_come_only_when_asked_and_only_for_a_few_images(client, tiny_model):
+    from ftune.service.settings import Settings
+
+    small = _png(Image.new("RGB", (40, 40), (90, 20, 200)))
+    url = f"/v1/models/{tiny_model['id']}/predict"
+    plain = client.post(url, files={"files": ("a.png", small)})
+    assert plain.status_code == 200 and "explanations" not in plain.json()
+    asked = client.post(url, params={"explain": "true"}, files={"files": ("a.png", small)})
+    assert asked.status_code == 200, asked.text
+    (why,) = asked.json()["explanations"]
+    assert why["label"] == asked.json()["predictions"][0][0]["label"]
+    limit = Settings().max_explain_images
+    many = client.post(url, params={"explain": "true"},
+                       files=[("files", (f"{i}.png", small)) for i in range(limit + 1)])
+    assert many.status_code == 422
+    assert "FTUNE_MAX_EXPLAIN_IMAGES" in many.json()["detail"]
+    assert str(limit) in many.json()["detail"]

@@ -146,3 +146,33 @@ def test_a_multi_label_dataset_trains_and_predicts_label_sets_through_client_and
     assert printed.returncode == 0, printed.stderr
     assert printed.stdout.startswith(f"{image}: [{', '.join(entry['labels'])}] ")
     assert all(s["label"] in printed.stdout for s in entry["scores"])
+
+
+def test_a_prediction_is_explained_through_client_and_cli(client, dataset, tiny_folder, up,
+                                                          tmp_path):
+    import io
+    import os
+    import subprocess
+
+    from PIL import Image
+
+    from ftune.processes import ftune_command
+
+    job = client.jobs.create(dataset, {**FAST, "image_size": 64}, epochs=1)
+    job.wait(timeout=180)
+    model = job.model()
+    image = next(tiny_folder.rglob("*.png"))
+    (why,) = model.explain([image])
+    assert why["label"] == why["prediction"][0]["label"]  # the top class is explained
+    assert len(why["heatmap"]) == 2 and all(len(row) == 2 for row in why["heatmap"])  # 64/32
+    assert max(max(row) for row in why["heatmap"]) == pytest.approx(1.0)
+    assert Image.open(io.BytesIO(why["overlay_png"])).size == (64, 64)
+    env = {**os.environ, "FTUNE_URL": up.url, "FTUNE_API_KEY": up.admin_key,
+           "FTUNE_REMOTE_CONFIG": str(tmp_path / "remote.json")}
+    printed = subprocess.run(ftune_command("remote", "models", "predict", model.id, str(image),
+                                           "--explain", str(tmp_path / "why")),
+                             env=env, capture_output=True, text=True, timeout=120)
+    assert printed.returncode == 0, printed.stderr
+    saved = tmp_path / "why" / f"{image.stem}.explain.png"
+    assert saved.read_bytes() == why["overlay_png"]
+    assert printed.stdout.startswith(f"{image}: {why['label']} -> {saved}")

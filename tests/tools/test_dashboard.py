@@ -136,6 +136,13 @@ def test_the_whole_path_upload_train_watch_model_predict(page, up, animal_zip):
         top = api.post(f"/v1/models/{model_id}/predict", files=[("files", ("one.png", image))],
                        params={"top_k": 3}).json()["predictions"][0]
     assert shown == top[0]["label"]
+    assert page.locator("#predict-results .explanation").count() == 0  # only when asked
+    page.check("#explain")
+    drop_files(page, ".drop", [("one.png", image, "image/png")])
+    wait_for_js(page, "document.querySelector('#predict-results .explanation img')"
+                "?.naturalWidth > 0")
+    assert page.inner_text("#predict-results .explanation figcaption") == \
+        f"Evidence for {shown}"
 
     page.set_viewport_size({"width": 390, "height": 844})  # a phone
     page.goto(up.url + "/#/jobs")

@@ -364,12 +364,16 @@ export async function modelPage(view, alert, id) {
     return img;
   };
   const results = h("div", { id: "predict-results" });
+  // Explaining costs a backward pass per image: asked for, never by default.
+  const explain = h("input", { type: "checkbox", id: "explain" });
   const predict = async (files) => {
     const form = new FormData();
     files.forEach((f) => form.append("files", f));
+    const query = { ...(multi ? {} : { top_k: 3 }), ...(explain.checked ? { explain: "true" } : {}) };
     try {
-      const out = await request("POST", `/models/${id}/predict`, { form, query: multi ? {} : { top_k: 3 } });
-      results.replaceChildren(...out.predictions.map((entry, i) => predictionView(files[i].name, entry, multi)));
+      const out = await request("POST", `/models/${id}/predict`, { form, query });
+      results.replaceChildren(...out.predictions.map((entry, i) =>
+        predictionView(files[i].name, entry, multi, out.explanations?.[i])));
     } catch (error) { alert(plainError(error)); }
   };
   const aliasInput = h("input", { id: "alias-name", name: "alias", placeholder: "production", required: true, pattern: "[A-Za-z0-9_.-]+" });
@@ -400,7 +404,9 @@ export async function modelPage(view, alert, id) {
           multi ? picture("pr_curves.png", "pr-curves", `Precision-recall curves on ${split}`) : picture("confusion.png", "confusion", `Confusion matrix on ${split}`)),
         h("figure", {}, h("figcaption", {}, "Reliability (before and after calibration)"),
           picture("reliability.png", "reliability", `Reliability diagram on ${split}`)))),
-    h("section", { class: "card" }, h("h2", {}, "Predict"), dropZone("Drop images here, or choose them", "image/*", true, predict), results),
+    h("section", { class: "card" }, h("h2", {}, "Predict"),
+      h("label", { for: "explain" }, explain, " Explain: show where the evidence for the top class is (Grad-CAM)"),
+      dropZone("Drop images here, or choose them", "image/*", true, predict), results),
     h("section", { class: "card" }, h("h2", {}, "Versions and aliases"),
       h("ul", {}, versions.map((m) => h("li", {}, h("a", { href: `#/models/${m.id}` }, `v${m.version}`), m.aliases.length ? ` (${m.aliases.join(", ")})` : ""))),
       h("form", { onsubmit: setAlias }, h("label", { for: "alias-name" }, `Point ${model.name}:ALIAS at this version`), aliasInput, h("button", { type: "submit" }, "Set alias"))),
@@ -427,16 +433,20 @@ function calibrationText(e) {
 
 // One image's prediction: a single-label model's top classes; a multi-label model's labels over
 // their thresholds, marked among every class's score.
-function predictionView(name, entry, multi) {
+function predictionView(name, entry, multi, why) {
+  const heatMap = why ? h("figure", { class: "explanation" },
+    h("img", { src: `data:image/png;base64,${why.overlay_png}`, alt: `Where the evidence for ${why.label} is in ${name}` }),
+    h("figcaption", {}, `Evidence for ${why.label}`)) : null;
   if (!multi) {
     return h("div", { class: "prediction" }, h("strong", {}, name),
-      h("ol", {}, entry.map((p) => h("li", {}, h("span", { class: "label" }, p.label), ` ${pct(p.score)}`))));
+      h("ol", {}, entry.map((p) => h("li", {}, h("span", { class: "label" }, p.label), ` ${pct(p.score)}`))), heatMap);
   }
   const over = new Set(entry.labels);
   return h("div", { class: "prediction multi" }, h("strong", {}, name),
     h("p", { class: "labels" }, entry.labels.length ? `Labels: ${entry.labels.join(", ")}` : "No label over its threshold"),
     h("ol", {}, entry.scores.map((p) => h("li", { class: over.has(p.label) ? "over" : "" },
-      h("span", { class: "label" }, p.label), ` ${pct(p.score)}`, over.has(p.label) ? h("span", { class: "mark" }, " ✓ over threshold") : null))));
+      h("span", { class: "label" }, p.label), ` ${pct(p.score)}`, over.has(p.label) ? h("span", { class: "mark" }, " ✓ over threshold") : null))),
+    heatMap);
 }
 
 // After a refit the model also learned from the val images: their scores (from the model
