@@ -14,20 +14,23 @@ from __future__ import annotations
 import base64
 import io
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
-from captum.attr import LayerAttribution, LayerGradCam  # type: ignore[import-untyped]
 from matplotlib import colormaps
 from PIL import Image
 from torch import nn
 
-from ftune.models.data.transforms import normalize
+from ftune.models.data.images import open_rgb
+from ftune.models.data.transforms import normalize, resize_center_crop
 from ftune.models.network import FineTuneModel
 from ftune.models.preprocessing import Preprocessing
 
 OVERLAY_ALPHA = 0.5  # the heat map's share of each overlay pixel
 ARRAY_DECIMALS = 3
+WORST_EXPLAINED = 8  # of the evaluation's worst files, best first
+THUMBNAIL_SIDE = 112  # their overlays kept in the evaluation, at most this wide
 
 
 class _LastFeatureMap(nn.Module):
@@ -60,6 +63,8 @@ class HeatMaps:
 
     def upsampled(self, size: int) -> torch.Tensor:
         """[N, size, size] in [0, 1], bilinear: for overlays and pointing at pixels."""
+        from captum.attr import LayerAttribution  # type: ignore[import-untyped]
+
         return LayerAttribution.interpolate(self.maps[:, None], (size, size),
                                             "bilinear")[:, 0].clamp(0, 1)
 
@@ -69,6 +74,10 @@ def grad_cam(model: FineTuneModel, batch: torch.Tensor, prep: Preprocessing,
     """Heat maps for a uint8 ``[N, 3, S, S]`` batch, of the evidence for ``classes`` (one
     per image; default each image's top class). The model stays in eval mode: BatchNorm and
     dropout act as in a prediction."""
+    # Imported when first used: Captum loads modules of its own that nothing before a run's
+    # evaluation needs.
+    from captum.attr import LayerGradCam
+
     device = next(model.parameters()).device
     # Inputs that need a gradient: the feature map then needs one too, frozen backbone or not.
     inputs = normalize(batch.to(device), prep).requires_grad_(True)
@@ -89,15 +98,49 @@ def as_array(heat_map: torch.Tensor) -> list[list[float]]:
     return [[round(v, ARRAY_DECIMALS) for v in row] for row in heat_map.tolist()]
 
 
-def overlay_png(image: np.ndarray, heat_map: torch.Tensor) -> bytes:
+def overlay_png(image: np.ndarray, heat_map: torch.Tensor, side: int | None = None) -> bytes:
     """The image (uint8 HWC) under its heat map (upsampled to the image, [0, 1]) in the
-    jet colours, as PNG bytes."""
+    jet colours, as PNG bytes (``side``: at most that wide)."""
     colours = colormaps["jet"](heat_map.numpy())[..., :3]  # [S, S, 3] in [0, 1]
     blended = (1 - OVERLAY_ALPHA) * image.astype(np.float32) / 255 + OVERLAY_ALPHA * colours
+    picture = Image.fromarray((blended * 255).round().clip(0, 255).astype(np.uint8))
+    if side is not None and picture.width > side:
+        picture = picture.resize((side, side), Image.Resampling.BILINEAR)
     out = io.BytesIO()
-    Image.fromarray((blended * 255).round().clip(0, 255).astype(np.uint8)).save(out, "PNG")
+    picture.save(out, "PNG")
     return out.getvalue()
 
 
-def overlay_base64(image: np.ndarray, heat_map: torch.Tensor) -> str:
-    return base64.b64encode(overlay_png(image, heat_map)).decode("ascii")
+def overlay_base64(image: np.ndarray, heat_map: torch.Tensor, side: int | None = None) -> str:
+    return base64.b64encode(overlay_png(image, heat_map, side)).decode("ascii")
+
+
+def explain_worst(model: FineTuneModel, prep: Preprocessing, root: Path, summary: dict,
+                     classes: list[str]) -> None:
+    """The evaluation's worst files (``highest_loss``, or a multi-label model's ``worst``:
+    the most confident mistakes first) get, in place, the class explained (single-label:
+    the answer given; multi-label: its surest false positive, else its first missed label),
+    its heat map and a small overlay: where the model looked."""
+    rows = [(row, label) for row in (summary.get("highest_loss") or summary.get("worst")
+                                     or [])[:WORST_EXPLAINED]
+            if (label := _explained(row)) is not None and (root / row["path"]).is_file()]
+    if not rows:
+        return
+    batch = torch.stack([resize_center_crop(open_rgb(root / row["path"]), prep,
+                                            prep.input_size) for row, _ in rows])
+    maps = grad_cam(model, batch, prep, [classes.index(label) for _, label in rows])
+    full = maps.upsampled(prep.input_size)
+    for i, (row, label) in enumerate(rows):
+        row.update(explained=label, heatmap=as_array(maps.maps[i]),
+                   overlay_png=overlay_base64(batch[i].permute(1, 2, 0).numpy(), full[i],
+                                              THUMBNAIL_SIDE))
+
+
+def _explained(row: dict) -> str | None:
+    if "predicted" in row:  # single-label
+        return str(row["predicted"])
+    wrong = sorted(row.get("false_positives") or [], key=lambda fp: -fp["score"])
+    if wrong:
+        return str(wrong[0]["label"])
+    missed = row.get("missed") or row.get("true") or []
+    return str(missed[0]) if missed else None

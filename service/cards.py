@@ -97,7 +97,8 @@ def build_card(*, model: TunedModel, job: Job | None, dataset: Dataset | None, c
     resolved = config.get("resolved") or (job.resolved if job else None) or {}
     filled, still_auto = resolved_spec(config.get("spec", model.spec), resolved)
     summary = {split: {k: result.get(k) for k in SUMMARY_KEYS if k in result}
-               | {"most_confused": result.get("most_confused", [])[:5]}
+               | {"most_confused": result.get("most_confused", [])[:5],
+                  "worst_explained": _worst_explained(result)}
                for split, result in evaluation.items()}
     return {
         "model": {"id": model.id, "name": model.name, "version": model.version,
@@ -119,7 +120,11 @@ def build_card(*, model: TunedModel, job: Job | None, dataset: Dataset | None, c
                     "content_hash": model.dataset_hash,
                     "class_counts": dataset.class_counts if dataset else None,
                     "num_train": config.get("num_train"), "num_val": config.get("num_val"),
-                    "skipped_files": len(config.get("skipped", []))},
+                    "skipped_files": len(config.get("skipped", [])),
+                    # Lineage: the exact version trained on, and what it added to its parent.
+                    "version": dataset.version if dataset else None,
+                    "parent_id": dataset.parent_id if dataset else None,
+                    "added": dataset.added if dataset else None},
         "metrics": {"best_epoch": config.get("best_epoch"),
                     "best": config.get("best_metrics"),
                     "stopped_early": config.get("stopped_early"),
@@ -220,6 +225,42 @@ def _curve_lines(rows: list[dict], *, multi: bool) -> list[str]:
         + f"{_fmt(r['lr'])} | {_fmt(r['seconds'])} |" for r in rows]
 
 
+def _lineage(dataset: dict) -> str:
+    """A version's place: its number, its parent and what it added."""
+    if not dataset.get("parent_id"):
+        return ""
+    added = dataset.get("added") or {}
+    source = ("labels for images of dataset " + str(added.get("unlabeled_dataset_id"))
+              if added.get("from") == "unlabeled_dataset" else "an archive of new images")
+    return (f"; version {dataset['version']}, made from dataset {dataset['parent_id']} with "
+            f"{added.get('images', 0)} image(s) added from {source}")
+
+
+def _worst_explained(result: dict) -> list[dict]:
+    """The worst files that got a heat map (what the card lists; the picture has them)."""
+    return [{"path": row["path"], "true": row["true"], "explained": row["explained"],
+             "loss": row.get("loss")}
+            for row in result.get("highest_loss") or result.get("worst") or []
+            if row.get("explained")]
+
+
+def _worst_lines(evaluation: dict) -> list[str]:
+    split = "test" if evaluation.get("test", {}).get("worst_explained") else "val"
+    rows = evaluation.get(split, {}).get("worst_explained") or []
+    if not rows:
+        return []
+    return ["", "## Worst files, explained", "",
+            f"The {split} files with the highest loss (the most confident mistakes first), "
+            "each with a Grad-CAM heat map of where the model looked for the class it gave, "
+            f"are drawn at `worst.png?split={split}`:", ""] + [
+        f"- `{row['path']}`: true {_names(row['true'])}, looked for {row['explained']}"
+        for row in rows]
+
+
+def _names(value: str | list[str]) -> str:
+    return value if isinstance(value, str) else (", ".join(value) or "none")
+
+
 def _calibration_lines(calibration: dict | None, *, multi: bool) -> list[str]:
     if not calibration:
         return []
@@ -267,7 +308,8 @@ def card_markdown(card: dict) -> str:
         f"weights from {backbone['pretrained_weights_from'] or 'none (random init)'}",
         f"- **Dataset**: {dataset['name'] or dataset['id']}, content hash "
         f"`{dataset['content_hash']}`; {dataset['num_train']} training and "
-        f"{dataset['num_val']} validation images; {dataset['skipped_files']} files skipped",
+        f"{dataset['num_val']} validation images; {dataset['skipped_files']} files skipped"
+        + _lineage(dataset),
         f"- **Classes** ({len(model['classes'])}): {', '.join(model['classes'])}",
         f"- **Seed**: {card['seed']}",
         "",
@@ -284,6 +326,7 @@ def card_markdown(card: dict) -> str:
         said = "missed, said instead" if multi else "true → predicted"
         lines += ["", f"Most confused (val, {said}): " + "; ".join(
             f"{p['true']} → {p['predicted']} ×{p['count']}" for p in confused)]
+    lines += _worst_lines(card["evaluation"])
     lines += _calibration_lines(card.get("calibration"), multi=multi)
     lines += _serving_lines(card.get("serving"))
     lines += _recipe_lines(card)

@@ -132,7 +132,7 @@ def ingest_archive(session: Session, storage: Storage, *, tenant_id: str, archiv
                         if dedupe else None)
             if existing is not None:
                 return existing, False
-            dataset = _new_dataset(dataset_id, tenant_id, dataset_name, found)
+            dataset = new_dataset(dataset_id, tenant_id, dataset_name, found)
             dataset.kind = kind
             dataset.task = found.report.get("task") if kind == "labeled" else None
             # Workers fetch the checked images from the store, never from this host's disk.
@@ -142,18 +142,18 @@ def ingest_archive(session: Session, storage: Storage, *, tenant_id: str, archiv
             dataset.blob_sha256 = storage.put_tree(key, staging).sha256
         finally:
             remove_tree(staging)
-        earlier = _record(session, dataset, quota, dedupe)
+        earlier = record_dataset(session, dataset, quota, dedupe)
     except BaseException:
         if stored:
-            _forget_object(storage, key)
+            forget_object(storage, key)
         raise
     if earlier is not None:  # the same content, committed by a request racing this one
-        _forget_object(storage, key)
+        forget_object(storage, key)
         return earlier, False
     return dataset, True
 
 
-def _record(session: Session, dataset: Dataset, quota: Limits | None,
+def record_dataset(session: Session, dataset: Dataset, quota: Limits | None,
             dedupe: bool) -> Dataset | None:
     """Insert and commit the row (a failed commit also removes the object: the caller's
     ``except``); within ``quota``, counted under the tenant's lock, so uploads racing on
@@ -175,14 +175,14 @@ def _record(session: Session, dataset: Dataset, quota: Limits | None,
     return None
 
 
-def _forget_object(storage: Storage, key: str) -> None:
+def forget_object(storage: Storage, key: str) -> None:
     try:
         storage.blobs.delete(key)
     except Exception:  # the upload failed already, or the store is down: it was not kept
         log.warning("could not remove %s after a failed upload", key, exc_info=True)
 
 
-def _new_dataset(dataset_id: str, tenant_id: str, name: str, found: SandboxResult) -> Dataset:
+def new_dataset(dataset_id: str, tenant_id: str, name: str, found: SandboxResult) -> Dataset:
     return Dataset(
         id=dataset_id, tenant_id=tenant_id, name=name, classes=found.classes,
         class_counts=found.class_counts, num_images=found.num_images,
@@ -245,6 +245,11 @@ def delete_dataset(session: Session, principal: Principal, *, dataset_id: str) -
     if active:
         raise Conflict(f"dataset {dataset_id} is used by {active} queued or running job(s); "
                        "cancel them or wait for them to finish")
+    versions = session.scalar(select(func.count()).select_from(Dataset).where(
+        Dataset.parent_id == dataset_id))
+    if versions:  # a version holds only what it added: its parent's images are its own too
+        raise Conflict(f"dataset {dataset_id} has {versions} version(s) made from it; delete "
+                       "them first")
     sweeps = session.scalar(select(func.count()).select_from(Sweep).where(
         Sweep.dataset_id == dataset_id, Sweep.status == SweepStatus.RUNNING))
     if sweeps:
@@ -263,4 +268,6 @@ def dataset_view(dataset: Dataset) -> dict:
         "class_counts": dataset.class_counts, "warnings": dataset.warnings,
         "size_bytes": dataset.size_bytes, "content_hash": dataset.content_hash,
         "kind": dataset.kind or "labeled", "task": dataset.task,
+        "parent_id": dataset.parent_id, "version": dataset.version or 1,
+        "added": dataset.added,
     }

@@ -21,6 +21,14 @@ class JobStatus(StrEnum):
     PRUNED = "pruned"
 
 
+class JobKind(StrEnum):
+    """What a job does: ``finetune`` trains a model; ``suggest`` ranks a dataset of
+    unlabelled images for labelling with a tuned model (its result: the ranked images)."""
+
+    FINETUNE = "finetune"
+    SUGGEST = "suggest"
+
+
 class SweepStatus(StrEnum):
     """A sweep is ``running`` until its trials are done (``succeeded``: one made a model;
     ``failed``: none did), or it is ``cancelled``."""

@@ -45,7 +45,14 @@ from ftune.service.db.writes import rows_changed
 from ftune.service.errors import Conflict, InvalidInput, Unavailable
 from ftune.service.events import EventKind, add_event, status_event
 from ftune.service.idempotency import create_once, forget
-from ftune.service.job_status import ACTIVE, TERMINAL, WAITING, JobStatus, SweepStatus
+from ftune.service.job_status import (
+    ACTIVE,
+    TERMINAL,
+    WAITING,
+    JobKind,
+    JobStatus,
+    SweepStatus,
+)
 from ftune.service.lifecycle.transitions import finish
 from ftune.service.pages import DEFAULT_LIMIT, Keyset, read_page
 from ftune.service.quotas import check_job, limits_of, usage_of
@@ -320,7 +327,8 @@ def _waiting_order(row: Any) -> tuple:
 
 
 def job_view(job: Job, metrics: list[dict], position: int | None = None) -> dict:
-    return {**job_summary(job, position), "metrics": metrics}
+    suggestions = (job.result or {}).get("suggestions") if job.kind == JobKind.SUGGEST else None
+    return {**job_summary(job, position), "metrics": metrics, "suggestions": suggestions}
 
 
 def progress_of(job: Job) -> dict:
@@ -342,6 +350,7 @@ def job_summary(job: Job, position: int | None = None) -> dict:
         "tenant_id": job.tenant_id,
         "dataset_id": job.dataset_id,
         "unlabeled_dataset_id": job.unlabeled_dataset_id,
+        "kind": job.kind,
         "status": job.status,
         "spec": job.spec,
         "created_at": job.created_at,
@@ -378,12 +387,14 @@ def submit_job(db: Database, principal: Principal, settings: Settings, *, reques
                       create=lambda session: create_job(session, principal, settings,
                                                         request=request).id)
     if job.new:  # an earlier request with the key dispatched its job already
-        _dispatch_or_fail(db, principal, job.object_id, idempotency_key, dispatch)
+        dispatch_or_fail(db, principal, job.object_id, idempotency_key, dispatch)
     return job.object_id
 
 
-def _dispatch_or_fail(db: Database, principal: Principal, job_id: str,
-                      idempotency_key: str | None, dispatch: Callable[[], object]) -> None:
+def dispatch_or_fail(db: Database, principal: Principal, job_id: str,
+                     idempotency_key: str | None, dispatch: Callable[[], object]) -> None:
+    """Ask the dispatcher to start what it can; a queue that cannot be reached fails the
+    job (it would never start) and answers 503."""
     try:
         dispatch()
     except (redis.RedisError, Unavailable) as exc:  # the lock or the broker unreachable

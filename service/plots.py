@@ -116,3 +116,30 @@ def pr_curves_png(curves: dict[str, list[list[float]]], title: str) -> bytes:
             text.set_parse_math(False)
     ax.set_title(title, **LITERAL)
     return figure_png(figure)
+
+
+WORST_COLUMNS = 4
+
+
+def worst_png(rows: list[dict], title: str) -> bytes:
+    """The worst files' overlays (their Grad-CAM heat maps over the image), each titled
+    with the truth and the class explained."""
+    import base64
+
+    from PIL import Image
+
+    shown = [row for row in rows if row.get("overlay_png")]
+    columns = min(WORST_COLUMNS, max(1, len(shown)))
+    lines = max(1, -(-len(shown) // columns))
+    figure = Figure(figsize=(2.4 * columns, 2.7 * lines))
+    axes = figure.subplots(lines, columns, squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, row in zip(axes.flat, shown, strict=False):
+        picture = Image.open(io.BytesIO(base64.b64decode(row["overlay_png"])))
+        ax.imshow(picture)
+        truth = row["true"] if isinstance(row["true"], str) else ", ".join(row["true"]) or "none"
+        ax.set_title(f"{row['path'][-28:]}\ntrue: {truth[:28]}\nlooked for: "
+                     f"{row['explained'][:24]}", fontsize=7, **LITERAL)
+    figure.suptitle(title, **LITERAL)
+    return figure_png(figure)

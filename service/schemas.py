@@ -33,6 +33,27 @@ class DatasetOut(BaseModel):
     task: Literal["single_label", "multi_label"] | None = Field(
         None, description="a labelled dataset's task, detected at upload: single_label (one "
         "class per image) or multi_label (labels.csv with a set of labels per image)")
+    parent_id: str | None = Field(None, description="the dataset this version was made from "
+                                  "(null: an upload)")
+    version: int = Field(1, description="1 for an upload, one more than its parent's for a "
+                         "version")
+    added: dict[str, Any] | None = Field(
+        None, description="a version's additions: from (unlabeled_dataset or archive), "
+        "images, by_class, copies_left_out (already in the parent, by content)")
+
+
+class VersionIn(BaseModel):
+    """A new version from labels for images of a dataset of unlabelled images."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    unlabeled_dataset_id: str = Field(description="a dataset uploaded with kind=unlabeled")
+    labels: dict[str, str | list[str]] = Field(
+        min_length=1, max_length=100_000,
+        description="image path in that dataset -> its class (a multi-label dataset: its "
+        "list of labels, possibly empty)")
+    name: str | None = Field(None, min_length=1, max_length=200,
+                             description="the version's name (default: the parent's)")
 
 
 class DatasetUploadOut(DatasetOut):
@@ -76,6 +97,23 @@ class JobIn(BaseModel):
 
 
 
+MAX_SUGGESTIONS = 1000
+
+
+class SuggestionsIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    unlabeled_dataset_id: DatasetId = Field(description="a dataset uploaded with "
+                                            "kind=unlabeled, of the model's tenant")
+    count: int = Field(100, ge=1, le=MAX_SUGGESTIONS, description="how many images to "
+                       "suggest (fewer when the rest are near-duplicates of those picked)")
+    measure: Literal["margin", "entropy"] = Field(
+        "margin", description="the uncertainty of the calibrated scores: margin (1 - the "
+        "gap between the top two) or entropy; multi-label models use each class's distance "
+        "to its threshold")
+    priority: int = Field(5, ge=0, le=9, description="as a job's")
+
+
 class Progress(BaseModel):
     stage: str | None = Field(None, description="features (decoding, feature extraction, the "
                               "learning-rate test), head, finetune, train (an explicit "
@@ -102,6 +140,10 @@ class JobSummary(BaseModel):
     dataset_id: str
     unlabeled_dataset_id: str | None = Field(None, description="the dataset of unlabelled "
                                              "images the job also uses, if it names one")
+    kind: Literal["finetune", "suggest"] = Field(
+        "finetune", description="finetune: trains a model; suggest: ranks a dataset of "
+        "unlabelled images for labelling with spec.model_id (POST "
+        "/v1/models/{ref}/suggestions)")
     status: JobStatus
     spec: dict[str, Any]
     created_at: datetime
@@ -133,8 +175,21 @@ class JobSummary(BaseModel):
     sweep_id: str | None = Field(None, description="the sweep this job is a trial of")
 
 
+class Suggestion(BaseModel):
+    path: str = Field(description="the image's path in the unlabelled dataset")
+    sha256: str | None = Field(description="of the image's bytes")
+    uncertainty: float = Field(description="0 (sure) to 1 (least sure)")
+    distance: float = Field(description="cosine distance, in the model's feature space, to "
+                            "the nearest image suggested before it (the first: 1)")
+    score: float = Field(description="uncertainty × distance: what ranked it")
+    guess: list[Prediction] | MultiLabelPrediction = Field(
+        description="the model's answer for it, as /predict gives it")
+
+
 class JobOut(JobSummary):
     metrics: list[dict[str, Any]] = Field(description="one row per finished epoch")
+    suggestions: list[Suggestion] | None = Field(
+        None, description="a suggest job's ranked images, best first, once it succeeded")
 
 
 class ServingOut(BaseModel):

@@ -29,7 +29,8 @@ from typing import TYPE_CHECKING
 from sqlalchemy.orm import Session
 
 from ftune.models.serving.engines import REPORT_FILE, TORCH, choose
-from ftune.service.blobs.keys import dataset_key, serving_key
+from ftune.service.blobs.keys import serving_key
+from ftune.service.dataset_versions import parts_of
 from ftune.service.db.session import Database
 from ftune.service.db.tables import Dataset, Tenant, TunedModel
 from ftune.service.disk import disk_allowance
@@ -151,7 +152,7 @@ class ServingEngines:
                 if row.serving is not None:  # another process made it meanwhile
                     return row.serving
                 self._check_room(session, model)
-                data = self._dataset_folder(session.get(Dataset, model.dataset_id))
+                data = self._dataset_folder(session, session.get(Dataset, model.dataset_id))
             return self._build(model, data)
 
     def _serving_of(self, model_id: str) -> dict | None:
@@ -170,13 +171,14 @@ class ServingEngines:
                                   f"tenant holds {usage.stored_bytes} of "
                                   f"{limits.stored_bytes} bytes")
 
-    def _dataset_folder(self, dataset: Dataset | None) -> Path | None:
+    def _dataset_folder(self, session: Session, dataset: Dataset | None) -> Path | None:
         """The model's dataset on this host (its images are what parity is checked on);
         None when it was deleted."""
-        if dataset is None or dataset.blob_sha256 is None:
+        parts = parts_of(session, dataset) if dataset is not None else []
+        if not parts or any(sha256 is None for _, sha256 in parts):
             return None
-        return self.storage.local_tree(dataset_key(dataset.id), dataset.blob_sha256,
-                                       owner=dataset.tenant_id)
+        return self.storage.local_dataset([(i, s) for i, s in parts if s is not None],
+                                          owner=dataset.tenant_id if dataset else None)
 
     def _build(self, model: TunedModel, data: Path | None) -> dict:
         bundle = bundle_folder(self.storage, model)

@@ -6,6 +6,7 @@ id."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import time
@@ -13,10 +14,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ftune.models.data.trees import remove_tree
+from ftune.models.data.versions import overlay
 from ftune.models.derived.store import DerivedStore
 from ftune.models.export_formats import export_suffix
 from ftune.service.blobs.base import BlobInfo, BlobStore
 from ftune.service.blobs.fetched import fetch_tree
+from ftune.service.blobs.keys import dataset_key
 from ftune.service.blobs.local import LocalBlobStore
 from ftune.service.blobs.open import open_store
 from ftune.service.blobs.tarred import tar_chunks
@@ -36,6 +39,7 @@ def _checked(object_id: str) -> str:
 
 
 DEFAULT_CACHE_BYTES = 4 << 30
+VERSION_KIND, VERSION_TREE = "version", "tree"  # a dataset version's tree, in the derived store
 
 # What a process that owns a data directory creates is its user's alone: files 0600, folders
 # 0700. The data directory holds the database, API keys' state, uploads and models.
@@ -87,6 +91,20 @@ class Storage:
         if downloaded:
             log.info("fetched %s from the store in %.1f s", key, time.monotonic() - started)
         return folder
+
+    def local_dataset(self, parts: list[tuple[str, str]], owner: str | None = None) -> Path:
+        """A dataset's images on this host: ``parts`` is its chain of versions, oldest first
+        (id, tar SHA-256; an upload is a chain of one). A version's tree is its parents'
+        trees with what it added over them (``models.data.versions.overlay``, hard links),
+        kept in the derived store (kind ``version``) like the trees themselves."""
+        trees = [self.local_tree(dataset_key(dataset_id), sha256, owner=owner)
+                 for dataset_id, sha256 in parts]
+        if len(trees) == 1:
+            return trees[0]
+        key = hashlib.sha256(":".join(sha256 for _, sha256 in parts).encode()).hexdigest()
+        folder, _ = self.derived.build(VERSION_KIND, key,
+                                       lambda tmp: overlay(trees, tmp / VERSION_TREE), owner)
+        return folder / VERSION_TREE
 
     @property
     def datasets(self) -> Path:

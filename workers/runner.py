@@ -26,7 +26,7 @@ from ftune.service.blobs.keys import model_key, prefixes_of
 from ftune.service.db.session import Database
 from ftune.service.db.tables import TunedModel, utcnow
 from ftune.service.ids import new_id
-from ftune.service.job_status import JobStatus
+from ftune.service.job_status import JobKind, JobStatus
 from ftune.service.lifecycle import transitions
 from ftune.service.lifecycle.transitions import ClaimedJob
 from ftune.service.logs import job_logging
@@ -42,6 +42,7 @@ from ftune.workers.failures import (
 from ftune.workers.placement import ONE_DEVICE, WorkerDevices
 from ftune.workers.progress import JobHeartbeat, ProgressReporter
 from ftune.workers.run_files import RunFiles
+from ftune.workers.suggesting import run_suggestions
 
 if TYPE_CHECKING:
     from ftune.models.training.fit import FitResult
@@ -132,6 +133,10 @@ class JobRunner:
                                     trial=job.sweep_id is not None)
         try:
             with JobHeartbeat(self.db, reporter, self.timings.heartbeat_s):
+                if job.kind == JobKind.SUGGEST:
+                    ranked = run_suggestions(self.db, self.storage, self.derived, job, files,
+                                             reporter, self.worker_name)
+                    return JobStatus.SUCCEEDED if ranked else SUPERSEDED
                 return self._train_with_oom_retry(job, files, reporter, limit - used)
         except TrainingCancelled:
             return self._stopped(job, files, reporter, limit)
@@ -310,7 +315,7 @@ class JobRunner:
         from ftune.models.training.fit import fit
 
         spec = parse_spec(spec_json)  # stored JSON is validated again: it may predate a change
-        data_dir = files.dataset(job.dataset_id, job.dataset_sha256, job.tenant_id)
+        data_dir = files.dataset_version(job.dataset_parts, job.tenant_id)
         unlabeled = (None if job.unlabeled_dataset_id is None else files.dataset(
             job.unlabeled_dataset_id, job.unlabeled_sha256, job.tenant_id))
         resume = files.restore_checkpoint()

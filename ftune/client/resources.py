@@ -9,7 +9,7 @@ import base64
 import os
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -100,6 +100,17 @@ class Datasets:
 
     def delete(self, dataset_id: str) -> None:
         self._t.request("DELETE", f"/datasets/{dataset_id}")
+
+    def new_version(self, parent: Dataset | str, *, unlabeled: Dataset | str,
+                    labels: Mapping[str, str | Sequence[str]],
+                    name: str | None = None) -> Dataset:
+        """The next version of ``parent``: its images plus images of the dataset of
+        unlabelled images ``unlabeled``, labelled (path -> class, or a label list)."""
+        body = {"unlabeled_dataset_id": _id(unlabeled),
+                "labels": {path: v if isinstance(v, str) else [*v] for path, v in labels.items()},
+                **({"name": name} if name else {})}
+        return Dataset.of(self._t.request("POST", f"/datasets/{_id(parent)}/versions",
+                                          json=body).json())
 
 
 @dataclass
@@ -291,10 +302,23 @@ class Model:
             raise
         return target
 
+    def suggest(self, unlabeled: Dataset | str, *, count: int = 100,
+                measure: str = "margin") -> Job:
+        """A suggest job: which images of ``unlabeled`` to label next (``wait()`` for it,
+        then ``raw["suggestions"]``)."""
+        response = self._transport.request(
+            "POST", f"/models/{self.id}/suggestions",
+            json={"unlabeled_dataset_id": _id(unlabeled), "count": count, "measure": measure})
+        return Job.of(response.json(), self._transport)
+
     def set_alias(self, alias: str) -> Model:
         """Point ``name:alias`` at this model (tenant admins only)."""
         self._transport.request("PUT", f"/models/aliases/{alias}", json={"model": self.id})
         return Models(self._transport).get(self.id)
+
+
+def _id(item: Dataset | str) -> str:
+    return item if isinstance(item, str) else item.id
 
 
 def _image_part(item: ImageInput, index: int) -> tuple[str, Any]:

@@ -71,15 +71,17 @@ class SandboxResult:
         return list(self.report.get("warnings", []))
 
 
-def unpack_and_inspect(archive: Path, dest: Path, *, limits: ArchiveLimits, min_per_class: int,
-                       max_pixels: int, max_classes: int, memory_mb: int, cpu_s: int,
-                       timeout_s: float, kind: str = "labeled") -> SandboxResult:
-    """Unpack ``archive`` into the new folder ``dest`` and check the dataset, in a child.
+def unpack_and_inspect(archive: Path | None, dest: Path, *, limits: ArchiveLimits,
+                       min_per_class: int, max_pixels: int, max_classes: int, memory_mb: int,
+                       cpu_s: int, timeout_s: float, kind: str = "labeled") -> SandboxResult:
+    """Unpack ``archive`` into the new folder ``dest`` and check the dataset, in a child
+    (``archive`` None: check the folder ``dest`` as it is, a dataset version's tree).
 
     ``ArchiveTooLarge`` when it unpacks past ``limits.max_bytes``, ``ArchiveError`` for any
     other refusal, a damaged archive or a child over a limit; ``dest`` is then gone.
     """
-    request = {"archive": str(archive), "dest": str(dest), "limits": asdict(limits),
+    request = {"archive": None if archive is None else str(archive), "dest": str(dest),
+               "limits": asdict(limits),
                "min_per_class": min_per_class, "max_pixels": max_pixels,
                "max_classes": max_classes, "memory_mb": memory_mb, "cpu_s": cpu_s,
                "timeout_s": timeout_s, "kind": kind}
@@ -188,7 +190,8 @@ def _unpack_and_inspect(request: dict) -> SandboxResult:
     configure(load_settings(EngineSettings, max_archive_files=limits.max_files,
                             max_image_pixels=request["max_pixels"],
                             min_images_per_class=request["min_per_class"]))
-    unpacked = unpack(Path(request["archive"]), dest, limits)
+    unpacked = (unpack(Path(request["archive"]), dest, limits) if request["archive"]
+                else _counted(dest))
     # Counted first: checking a dataset of very many classes costs more than it should.
     kind = request.get("kind", "labeled")
     listing = list_dataset(dest, kind)
@@ -204,6 +207,13 @@ def _unpack_and_inspect(request: dict) -> SandboxResult:
         report=report.to_dict(), content_hash=dataset_hash(index), classes=index.classes,
         num_images=report.num_images + report.unlabeled, splits=splits,
         class_counts=report.splits, size_bytes=unpacked.bytes, files=unpacked.files)
+
+
+def _counted(folder: Path) -> Unpacked:
+    """A folder's files and bytes, as ``unpack`` counts what it wrote."""
+    sizes = [(Path(top) / name).stat().st_size
+             for top, _, names in os.walk(folder) for name in names]
+    return Unpacked("folder", files=len(sizes), members=len(sizes), bytes=sum(sizes))
 
 
 def _too_many_classes(listing: Listing, max_classes: int, unpacked: Unpacked) -> SandboxResult:

@@ -27,6 +27,7 @@ from ftune.models.derived.store import DerivedStore
 from ftune.models.diagnosis import diagnose, multi_label_chance
 from ftune.models.errors import DatasetError, ResourceError
 from ftune.models.evaluation import split_logits, summarize_split
+from ftune.models.explain import explain_worst
 from ftune.models.network import FineTuneModel, build_head
 from ftune.models.parallel import ranks
 from ftune.models.preprocessing import Preprocessing
@@ -292,6 +293,13 @@ def _evaluate(stages: StageRunner, index: ImageFolderIndex, val_samples: list[Sa
         logits = split_logits(model, "test", test, setup, index.root,
                               stages.shared_features_of(test, index.root))
         evaluation["test"] = summary(logits, test)
+    # The split the card shows: its worst files get heat maps of where the model looked.
+    shown = evaluation.get("test") or evaluation.get("val")
+    if shown and shown.get("num_images"):
+        try:
+            explain_worst(model, setup.prep, index.root, shown, index.classes)
+        except Exception:  # an extra for the card: never worth the run it follows
+            log.warning("the worst files could not be explained", exc_info=True)
     return evaluation, calibration
 
 

@@ -16,7 +16,7 @@ router = APIRouter(include_in_schema=False)
 ASSETS = {  # name -> media type
     "app.js": "text/javascript", "api.js": "text/javascript", "charts.js": "text/javascript",
     "forms.js": "text/javascript", "views.js": "text/javascript", "sweeps.js": "text/javascript",
-    "markdown.js": "text/javascript", "app.css": "text/css",
+    "markdown.js": "text/javascript", "labelling.js": "text/javascript", "app.css": "text/css",
 }
 # The pages load only their own scripts and styles, and talk only to this origin.
 SECURITY_HEADERS = {

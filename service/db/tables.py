@@ -133,8 +133,13 @@ class Dataset(Base):
     # A labelled dataset's task, detected at upload: "single_label" or "multi_label".
     task: Mapped[str | None] = mapped_column(String(16))
     # SHA-256 of its images' tar in the blob store (blobs.keys.dataset_key); a worker checks
-    # what it fetches against it.
+    # what it fetches against it. A version's tar holds only what it added to its parent.
     blob_sha256: Mapped[str | None] = mapped_column(String(64))
+    # A version's parent (null: an upload); not a foreign key, as elsewhere: a parent with
+    # versions cannot be deleted (datasets.delete_dataset), which keeps the chain whole.
+    parent_id: Mapped[str | None] = mapped_column(String(32), index=True)
+    version: Mapped[int] = mapped_column(default=1, server_default="1")
+    added: Mapped[dict[str, Any] | None]  # a version's: from where, per class, copies left out
 
 
 class Job(Base):
@@ -176,6 +181,10 @@ class Job(Base):
     sweep_id: Mapped[str | None] = mapped_column(String(32), index=True)  # a sweep's trial
     # A dataset of kind unlabeled whose images the job's pretraining or pseudo-labels use.
     unlabeled_dataset_id: Mapped[str | None] = mapped_column(String(32), index=True)
+    # A JobKind: "finetune" makes a model; "suggest" ranks dataset_id's unlabelled images
+    # for labelling with spec["model_id"], and keeps them in result.
+    kind: Mapped[str] = mapped_column(String(16), default="finetune", server_default="finetune")
+    result: Mapped[dict[str, Any] | None]
 
 
 class JobRun(Base):

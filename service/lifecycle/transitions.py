@@ -7,7 +7,7 @@ owns the job, so a worker that was paused and replaced can no longer change it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from sqlalchemy import (
@@ -23,6 +23,7 @@ from sqlalchemy.orm import Session
 
 from ftune.models.diagnosis import diagnose, multi_label_chance
 from ftune.models.task_checks import MULTI_LABEL, SINGLE_LABEL, task_name
+from ftune.service.dataset_versions import parts_of
 from ftune.service.db.tables import (
     Dataset,
     EpochMetrics,
@@ -57,6 +58,9 @@ class ClaimedJob:
     model_name: str  # what its model is called: the job's model_name, else the dataset's
     sweep_id: str | None  # set for a sweep's trial, whose pruner is asked after each epoch
     objective: str  # the sweep's metric a pruned trial's best epoch is chosen by
+    kind: str = "finetune"  # a JobKind
+    # The dataset's chain of versions, oldest first: (id, tar SHA-256, None when gone).
+    dataset_parts: list[tuple[str, str | None]] = field(default_factory=list)
 
 
 def claim(session: Session, job_id: str, worker: str, stale_after_s: float) -> ClaimedJob | None:
@@ -102,7 +106,8 @@ def _take(session: Session, job: Job, worker: str, stale_after_s: float,
 
 
 def _claimed(session: Session, job: Job) -> ClaimedJob:
-    dataset_name = session.scalar(select(Dataset.name).where(Dataset.id == job.dataset_id))
+    dataset = session.get(Dataset, job.dataset_id)
+    dataset_name = dataset.name if dataset is not None else None
     stored = dict(session.execute(select(Dataset.id, Dataset.blob_sha256).where(
         Dataset.id.in_([job.dataset_id, job.unlabeled_dataset_id or job.dataset_id]))).all())
     sweep = session.get(Sweep, job.sweep_id) if job.sweep_id is not None else None
@@ -116,7 +121,8 @@ def _claimed(session: Session, job: Job) -> ClaimedJob:
         model_name=job.model_name or dataset_name or f"dataset-{job.dataset_id[:8]}",
         sweep_id=job.sweep_id,
         # A trial whose sweep is gone is still ranked, by the default objective.
-        objective=sweep.objective if sweep is not None else "val_loss")
+        objective=sweep.objective if sweep is not None else "val_loss", kind=job.kind,
+        dataset_parts=parts_of(session, dataset) if dataset is not None else [])
 
 
 def end_run(session: Session, job_id: str, at: datetime | None = None) -> None:
@@ -251,6 +257,19 @@ def succeed(session: Session, job_id: str, worker: str, model: TunedModel, best:
         session.add(model)
         end_run(session, job_id)
         status_event(session, job_id, JobStatus.SUCCEEDED, model_id=model.id)
+    return bool(done)
+
+
+def succeed_with_result(session: Session, job_id: str, worker: str, result: dict, *,
+                        attempt: int | None = None) -> bool:
+    """End a job that makes no model (a suggest job) with what it found; False (nothing
+    written) if it is no longer ours to finish."""
+    done = rows_changed(session, update(Job).where(_ours(job_id, worker, attempt))
+                        .values(status=JobStatus.SUCCEEDED, finished_at=utcnow(),
+                                result=result, error=None, step=0, diagnosis=[]))
+    if done:
+        end_run(session, job_id)
+        status_event(session, job_id, JobStatus.SUCCEEDED)
     return bool(done)
 
 

@@ -29,10 +29,11 @@ from ftune.service.errors import Conflict, InvalidInput, NotFound
 from ftune.service.explanations import EXPLAIN_THREAD, explain_batch
 from ftune.service.ids import is_id
 from ftune.service.ingest.multipart import receive_multipart
-from ftune.service.jobs import epoch_rows
+from ftune.service.jobs import epoch_rows, get_job, job_view, queue_position
 from ftune.service.pages import DEFAULT_LIMIT, Cursor, Limit, Page
 from ftune.service.predictions import decode_batch, parse_top_k
-from ftune.service.schemas import AliasIn, AliasOut, ModelOut, PredictOut
+from ftune.service.schemas import AliasIn, AliasOut, JobOut, ModelOut, PredictOut, SuggestionsIn
+from ftune.service.suggestions import submit_suggestions
 from ftune.service.tuned_models import (
     aliases_of,
     build_download,
@@ -200,6 +201,26 @@ def pr_curves(model_ref: str, ctx: Ctx, who: Member,
                     media_type="image/png")
 
 
+@router.get("/models/{model_ref}/worst.png", response_class=Response,
+            responses={200: {"content": {"image/png": {}}}})
+def worst(model_ref: str, ctx: Ctx, who: Member,
+             split: Annotated[Literal["val", "test"], Query()] = "val") -> Response:
+    """The evaluation's worst files (highest loss: the most confident mistakes first), each
+    with a Grad-CAM heat map of where the model looked for the class it gave (multi-label:
+    its surest false positive)."""
+    from ftune.service.plots import worst_png
+
+    model = _resolve(ctx, who, model_ref)
+    result = _split_evaluation(ctx, model, split)
+    rows = [row for row in result.get("highest_loss") or result.get("worst") or []
+            if row.get("overlay_png")]
+    if not rows:
+        raise NotFound(f"model {model.id} has no explained worst files on {split} (trained "
+                       "before explanations)")
+    return Response(worst_png(rows, f"model {model.id[:8]} — {split}: worst files"),
+                    media_type="image/png")
+
+
 @router.get("/models/{model_ref}/download", response_class=StreamingResponse, description=REF,
             responses={429: {"description": "building it would exceed the storage quota"},
                        404: {"description": "no such model, or deleted while this ran"},
@@ -280,6 +301,24 @@ async def predict(model_ref: str, request: Request, ctx: Ctx, who: Member,
         answer["explanations"] = await asyncio.get_running_loop().run_in_executor(
             EXPLAIN_THREAD, explain_batch, batcher.predictor, batch, probs)
     return answer
+
+
+@router.post("/models/{model_ref}/suggestions", status_code=202, response_model=JobOut,
+             description=REF, dependencies=[Depends(rate_limited("jobs"))],
+             responses={429: {"description": "over a quota or the submission rate limit"},
+                        503: {"description": "the job queue (Redis) is unreachable"}})
+def suggestions(model_ref: str, body: SuggestionsIn, request: Request, ctx: Ctx,
+                who: Member) -> dict:
+    """Which images of a dataset of unlabelled images to label next: a suggest job (poll
+    ``GET /v1/jobs/{id}``) in which the model ranks them by how unsure it is of each,
+    spread out in its feature space (never two near-duplicates); once it succeeds, the
+    job's ``suggestions`` hold them, best first, with the model's guesses."""
+    job_id = submit_suggestions(ctx.db, who, ctx.settings, model_ref=model_ref, request=body,
+                                dispatch=ctx.dispatch)
+    request.state.audit_object = job_id
+    with ctx.db.session() as session:
+        job = get_job(session, who, job_id)
+        return job_view(job, [], queue_position(session, job))
 
 
 def _load(ctx: AppContext, who: Principal, ref: str) -> DynamicBatcher:

@@ -5,6 +5,9 @@ Maps", NeurIPS 2018: re-initialising the head and the top stages must change the
 
 from __future__ import annotations
 
+import base64
+import io
+
 import numpy as np
 import pytest
 import torch
@@ -12,7 +15,7 @@ from PIL import Image
 from scipy.stats import spearmanr  # type: ignore[import-untyped]
 
 from ftune.models.bundle import save_bundle
-from ftune.models.explain import grad_cam
+from ftune.models.explain import THUMBNAIL_SIDE, WORST_EXPLAINED, grad_cam
 from ftune.models.predictor import Predictor
 from ftune.models.spec import parse_spec
 from ftune.models.training.fit import fit
@@ -34,7 +37,7 @@ def pasted_model(tmp_path_factory):
                                    "seed": 1, "freeze": {"strategy": "last_n_blocks",
                                                          "n_blocks": 2}}), device="cpu")
     bundle = save_bundle(result, tmp_path_factory.mktemp("models") / "pasted")
-    return root, boxes, Predictor.load(bundle, device="cpu")
+    return root, boxes, Predictor.load(bundle, device="cpu"), result.evaluation
 
 
 def _seen(predictor: Predictor, root, boxes) -> tuple[torch.Tensor, list[list[float]]]:
@@ -50,7 +53,7 @@ def _seen(predictor: Predictor, root, boxes) -> tuple[torch.Tensor, list[list[fl
 
 
 def test_the_heat_maps_peak_falls_on_the_pasted_object(pasted_model):
-    root, boxes, predictor = pasted_model
+    root, boxes, predictor, _ = pasted_model
     batch, moved = _seen(predictor, root, boxes)
     maps = grad_cam(predictor.model, batch, predictor.preprocessing)
     full = maps.upsampled(predictor.preprocessing.input_size)
@@ -64,7 +67,7 @@ def test_the_heat_maps_peak_falls_on_the_pasted_object(pasted_model):
 
 
 def test_re_initialising_the_top_of_the_network_changes_the_heat_maps(pasted_model):
-    root, boxes, predictor = pasted_model
+    root, boxes, predictor, _ = pasted_model
     batch, _ = _seen(predictor, root, boxes)
     trained = grad_cam(predictor.model, batch, predictor.preprocessing)
     # The same classes explained, by the network with its head and top stages re-drawn.
@@ -82,3 +85,17 @@ def test_re_initialising_the_top_of_the_network_changes_the_heat_maps(pasted_mod
     assert mean < RANDOMISED_BOUND
     # The check itself can fail: a model compared with itself correlates perfectly.
     assert spearmanr(trained.maps[0].flatten(), trained.maps[0].flatten()).statistic > 0.99
+
+
+def test_the_worst_test_files_carry_heat_maps_of_the_class_given(pasted_model):
+    root, _, predictor, evaluation = pasted_model
+    worst = evaluation["test"]["highest_loss"]
+    explained = [row for row in worst if "heatmap" in row]
+    assert explained and len(explained) == min(len(worst), WORST_EXPLAINED)
+    side = predictor.preprocessing.input_size // 32  # the last feature map's
+    for row in explained:
+        assert row["explained"] == row["predicted"]
+        assert len(row["heatmap"]) == side and max(map(max, row["heatmap"])) == 1.0
+        overlay = Image.open(io.BytesIO(base64.b64decode(row["overlay_png"])))
+        assert overlay.size == (THUMBNAIL_SIDE, THUMBNAIL_SIDE)
+        assert (root / row["path"]).is_file()

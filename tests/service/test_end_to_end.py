@@ -142,7 +142,12 @@ def _check_model_extras(client, model, job, dataset, images, remote_top1):
     markdown = client.get(f"/v1/models/{model['id']}/card")
     assert markdown.headers["content-type"].startswith("text/markdown")
     assert "# Model card: animals v" in markdown.text and "| animal0 |" in markdown.text
-    for url in (f"/v1/jobs/{job['id']}/curves.png", f"/v1/models/{model['id']}/confusion.png"):
+    # The worst val files, explained: listed in the card, drawn in worst.png.
+    worst = card["evaluation"]["val"]["worst_explained"]
+    assert worst and all(w["explained"] in model["classes"] for w in worst)
+    assert "## Worst files, explained" in markdown.text and worst[0]["path"] in markdown.text
+    for url in (f"/v1/jobs/{job['id']}/curves.png", f"/v1/models/{model['id']}/confusion.png",
+                f"/v1/models/{model['id']}/worst.png"):
         picture = client.get(url)
         assert picture.headers["content-type"] == "image/png"
         assert picture.content.startswith(b"\x89PNG")

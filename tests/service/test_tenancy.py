@@ -29,13 +29,17 @@ SLOW = {"image_size": 64, "epochs": 50, "batch_size": 6, "freeze": {"strategy": 
 # test below compares this table with the app's routes), so none ships without a decision.
 MEMBER = {
     "GET /v1/backbones", "GET /v1/datasets", "POST /v1/datasets", "GET /v1/datasets/{dataset_id}",
-    "GET /v1/datasets/{dataset_id}/report", "GET /v1/jobs", "POST /v1/jobs",
+    "GET /v1/datasets/{dataset_id}/report", "POST /v1/datasets/{dataset_id}/versions",
+    "GET /v1/datasets/{dataset_id}/images/{path}",
+    "GET /v1/jobs", "POST /v1/jobs",
     "GET /v1/jobs/{job_id}", "POST /v1/jobs/{job_id}/cancel", "GET /v1/jobs/{job_id}/curves.png",
     "GET /v1/jobs/{job_id}/events", "GET /v1/models", "GET /v1/models/{model_ref}",
     "GET /v1/models/{model_ref}/evaluation", "GET /v1/models/{model_ref}/card",
     "GET /v1/models/{model_ref}/confusion.png", "GET /v1/models/{model_ref}/download",
     "GET /v1/models/{model_ref}/reliability.png", "GET /v1/models/{model_ref}/pr_curves.png",
-    "POST /v1/models/{model_ref}/predict", "GET /v1/usage", "GET /v1/sweeps", "POST /v1/sweeps",
+    "GET /v1/models/{model_ref}/worst.png",
+    "POST /v1/models/{model_ref}/predict", "POST /v1/models/{model_ref}/suggestions",
+    "GET /v1/usage", "GET /v1/sweeps", "POST /v1/sweeps",
     "GET /v1/sweeps/{sweep_id}", "GET /v1/sweeps/{sweep_id}/events",
     "GET /v1/sweeps/{sweep_id}/plot.png", "POST /v1/sweeps/{sweep_id}/cancel",
 }
@@ -77,7 +81,8 @@ def b_objects(client_b, tiny_folder) -> dict[str, str]:
     assert sweep.status_code == 202, sweep.text
     return {"dataset_id": dataset.json()["id"], "job_id": done["id"], "model_ref": model["id"],
             "model_name": model["name"], "alias": "prod", "key_id": key["id"],
-            "tenant_ref": "team-b", "sweep_id": sweep.json()["id"]}
+            "tenant_ref": "team-b", "sweep_id": sweep.json()["id"],
+            "path": min(p.relative_to(tiny_folder).as_posix() for p in tiny_folder.rglob("*.png"))}
 
 
 def _routes(http: httpx.Client) -> set[str]:
@@ -111,6 +116,10 @@ def _call(http: httpx.Client, route: str, ids: dict[str, str], *, made_up: bool 
         kwargs["json"] = {"model": id_of("model_ref")}
     elif route == "POST /v1/jobs":
         kwargs["json"] = {"dataset_id": ids.get("dataset_id", MADE_UP)}
+    elif route in ("POST /v1/datasets/{dataset_id}/versions",
+                   "POST /v1/models/{model_ref}/suggestions"):  # a body that passes validation
+        kwargs["json"] = {"unlabeled_dataset_id": ids.get("dataset_id", MADE_UP),
+                          **({"labels": {"x.png": "a"}} if "versions" in route else {})}
     elif method in ("POST", "PUT") and route != "POST /v1/datasets":
         kwargs["json"] = {}
     if route.endswith("/events"):

@@ -176,3 +176,28 @@ def test_a_prediction_is_explained_through_client_and_cli(client, dataset, tiny_
     saved = tmp_path / "why" / f"{image.stem}.explain.png"
     assert saved.read_bytes() == why["overlay_png"]
     assert printed.stdout.startswith(f"{image}: {why['label']} -> {saved}")
+
+
+def test_suggestions_and_a_new_version_through_the_client(client, dataset, tmp_path,
+                                                          animal_arrays):
+    from PIL import Image
+
+    from ftune.testing.realdata import balanced_indices
+
+    images, labels = animal_arrays
+    pool = tmp_path / "pool"
+    pool.mkdir()
+    truth = {}
+    for i, index in enumerate(balanced_indices(labels, 2, offset=200, classes=3)):
+        Image.fromarray(images[index]).save(pool / f"p{i}.png")
+        truth[f"p{i}.png"] = f"animal{int(labels[index])}"
+    unlabeled = client.datasets.upload(pool, name="pool", kind="unlabeled")
+    model = client.jobs.create(dataset, FAST, epochs=1).wait(timeout=180).model()
+    job = model.suggest(unlabeled, count=3).wait(timeout=120)
+    picks = job.raw["suggestions"]
+    assert job.status == "succeeded" and len(picks) == 3
+    # The client zips the folder under its own name: paths are "pool/p0.png".
+    chosen = {p["path"]: truth[p["path"].rsplit("/", 1)[-1]] for p in picks[:2]}
+    version = client.datasets.new_version(dataset, unlabeled=unlabeled, labels=chosen)
+    assert version.raw["parent_id"] == dataset.id and version.raw["added"]["images"] == 2
+    assert version.num_images == dataset.num_images + 2

@@ -354,3 +354,72 @@ def test_a_multi_label_model_page_shows_map_pr_curves_and_marks_labels(page, up,
     marked = page.locator("#predict-results li.over .label").all_inner_texts()
     assert sorted(marked) == sorted(expected["labels"])
     assert page.locator("#predict-results li").count() == 3  # every class's score
+
+
+def _ended(api: httpx.Client, job: dict) -> dict:
+    deadline = time.monotonic() + 240
+    while job["status"] not in ("succeeded", "failed", "cancelled"):
+        assert time.monotonic() < deadline, job
+        time.sleep(0.5)
+        job = api.get(f"/v1/jobs/{job['id']}").json()
+    return job
+
+
+def test_labelling_suggestions_with_the_keyboard_trains_the_next_version(page, up, animal_zip,
+                                                                         tmp_path):
+    from PIL import Image
+
+    images, labels = animal_mnist_arrays()
+    pool = tmp_path / "pool" / "new"
+    pool.mkdir(parents=True)
+    for i, index in enumerate(balanced_indices(labels, 2, offset=300, classes=4)):
+        Image.fromarray(images[index]).save(pool / f"photo{i:02d}.png")  # names say nothing
+    with httpx.Client(base_url=up.url, headers={"Authorization": f"Bearer {up.admin_key}"},
+                      timeout=60) as api:
+        dataset = api.post("/v1/datasets", files={"file": ("a.zip", animal_zip)},
+                           params={"dedupe": "false"}).json()
+        made = _job_to_its_end(api, dataset["id"], "labelled")
+        assert made["status"] == "succeeded", made["error"]
+        unlabeled = api.post("/v1/datasets", files={"file": ("p.zip", zip_folder(pool.parent))},
+                             data={"kind": "unlabeled"}).json()
+        suggest = _ended(api, api.post(f"/v1/models/{made['model_id']}/suggestions", json={
+            "unlabeled_dataset_id": unlabeled["id"], "count": 3}).json())
+        assert suggest["status"] == "succeeded", suggest["error"]
+        classes = api.get(f"/v1/models/{made['model_id']}").json()["classes"]
+    picks = suggest["suggestions"]
+    sign_in(page, up.admin_key)
+    page.wait_for_selector("#nav:not([hidden])")
+    page.goto(f"{up.url}/#/jobs/{suggest['id']}")
+    page.click("#open-labelling")
+    wait_for_js(page, "document.querySelector('#label-image')?.naturalWidth > 0")
+    assert page.inner_text("#label-progress").startswith("1 of 3")
+    guessed = page.get_attribute("#label-classes [aria-pressed=true]", "data-class")
+    assert guessed == picks[0]["guess"][0]["label"]  # the model's guess, chosen already
+    page.click("#label-explain")
+    wait_for_js(page, "document.querySelector('#label-heatmap')?.naturalWidth > 0")
+    page.screenshot(path=ARTIFACTS / "labelling.png", full_page=True)
+    page.keyboard.press("2")  # the second class, by its digit
+    assert page.get_attribute("#label-classes [aria-pressed=true]", "data-class") == classes[1]
+    page.keyboard.press("Enter")
+    wait_for_js(page, "document.querySelector('#label-progress').textContent.startsWith('2 of 3')")
+    page.keyboard.press("s")  # skipped
+    wait_for_js(page, "document.querySelector('#label-progress').textContent.startsWith('3 of 3')")
+    page.keyboard.press("Backspace")  # back to the skipped one: labelled after all
+    wait_for_js(page, "document.querySelector('#label-progress').textContent.startsWith('2 of 3')")
+    page.keyboard.press("Enter")  # the guess
+    wait_for_js(page, "document.querySelector('#label-progress').textContent.startsWith('3 of 3')")
+    page.keyboard.press("a")  # the first class whose name starts with it
+    assert page.get_attribute("#label-classes [aria-pressed=true]", "data-class") == classes[0]
+    page.keyboard.press("Enter")
+    wait_for_js(page, "document.querySelector('#label-progress').textContent.startsWith('All 3')")
+    assert "3 labelled, 0 skipped" in page.inner_text("#label-progress")
+    page.click("#train-next")
+    page.wait_for_url(re.compile(r".*#/jobs/\w+$"))
+    job_id = page.url.rsplit("/", 1)[-1]
+    with httpx.Client(base_url=up.url, headers={"Authorization": f"Bearer {up.admin_key}"},
+                      timeout=60) as api:
+        job = api.get(f"/v1/jobs/{job_id}").json()
+        version = api.get(f"/v1/datasets/{job['dataset_id']}").json()
+    assert version["parent_id"] == dataset["id"] and version["added"]["images"] == 3
+    assert job["spec"] == made["spec"]
+    assert version["added"]["by_class"].get(classes[1]) >= 1

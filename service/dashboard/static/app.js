@@ -1,6 +1,7 @@
 // Sign in, the hash router and the error banner. Pages are in views.js.
 
 import { get, key } from "./api.js";
+import * as labelling from "./labelling.js";
 import * as sweeps from "./sweeps.js";
 import * as views from "./views.js";
 
@@ -23,6 +24,7 @@ const ROUTES = [
   [/^#\/datasets$/, () => views.datasetsPage(view, alert)],
   [/^#\/new-job(\?.*)?$/, (m) => views.newJobPage(view, alert, new URLSearchParams((m[1] || "").slice(1)), go)],
   [/^#\/jobs\/(\w+)$/, (m) => views.jobPage(view, alert, m[1])],
+  [/^#\/label\/(\w+)$/, (m) => labelling.labelPage(view, alert, m[1], go)],
   [/^#\/jobs$/, () => views.jobsPage(view)],
   [/^#\/models\/(\w+)$/, (m) => views.modelPage(view, alert, m[1])],
   [/^#\/models$/, () => views.modelsPage(view)],

@@ -256,6 +256,9 @@ export async function jobPage(view, alert, id) {
     progress.value = p.epochs ? Math.min(1, (p.epochs_done || 0) / p.epochs) : 0;
     cancel.hidden = ENDED.includes(job.status);
     if (job.model_id && !modelLink.firstChild) modelLink.append(h("a", { href: `#/models/${job.model_id}`, id: "open-model" }, "Open the model"));
+    if (job.kind === "suggest" && job.status === "succeeded" && !modelLink.firstChild) {
+      modelLink.append(h("a", { href: `#/label/${id}`, id: "open-labelling" }, `Label the ${job.suggestions.length} suggested images`));
+    }
     if (job.error) modelLink.replaceChildren(h("span", { class: "error" }, job.error));
     const drawn = `${job.metrics.length}@${job.best?.epoch}`;  // the best is known at the end
     if (drawn !== shownEpochs) { shownEpochs = drawn; drawMetrics(job.metrics, job); }
@@ -403,7 +406,11 @@ export async function modelPage(view, alert, id) {
         h("figure", {}, h("figcaption", {}, multi ? "Precision-recall curves" : "Confusion matrix"),
           multi ? picture("pr_curves.png", "pr-curves", `Precision-recall curves on ${split}`) : picture("confusion.png", "confusion", `Confusion matrix on ${split}`)),
         h("figure", {}, h("figcaption", {}, "Reliability (before and after calibration)"),
-          picture("reliability.png", "reliability", `Reliability diagram on ${split}`)))),
+          picture("reliability.png", "reliability", `Reliability diagram on ${split}`)),
+        // The worst files (highest loss), each with where the model looked for the class it gave.
+        (e.highest_loss || e.worst || []).some((row) => row.overlay_png)
+          ? h("figure", {}, h("figcaption", {}, "Worst files, explained (Grad-CAM)"),
+            picture("worst.png", "worst", `Worst files on ${split} with their heat maps`)) : null)),
     h("section", { class: "card" }, h("h2", {}, "Predict"),
       h("label", { for: "explain" }, explain, " Explain: show where the evidence for the top class is (Grad-CAM)"),
       dropZone("Drop images here, or choose them", "image/*", true, predict), results),
