@@ -21,6 +21,7 @@ from ftune.service.blobs import deletions
 from ftune.service.blobs.keys import dataset_key, prefixes_of
 from ftune.service.datasets import (
     DatasetChecks,
+    clean_name,
     forget_object,
     get_dataset,
     new_dataset,
@@ -56,6 +57,7 @@ def parts_of(session: Session, dataset: Dataset) -> list[tuple[str, str | None]]
 # whole tree is checked after, with the real limits.
 PARTIAL_SHAPE = frozenset({"too_few_classes", "too_few_images"})
 MAX_LABELS = 100_000
+MAX_LABEL_CHARS = 200
 
 
 @dataclass(frozen=True)
@@ -80,10 +82,21 @@ def from_unlabeled(session: Session, storage: Storage, principal: Principal, par
         raise InvalidInput(f"labels: {len(unknown)} path(s) are not images of dataset "
                            f"{other.id}: {', '.join(repr(p[:80]) for p in unknown[:5])}",
                            loc=["body", "labels"])
-    images = [NewImage(tree / path, PurePosixPath(path).name,
-                       tuple(value) if isinstance(value, list) else (value,))
+    images = [NewImage(tree / path, PurePosixPath(path).name, _names(path, value))
               for path, value in labels.items()]
     return Additions(images, {"from": "unlabeled_dataset", "unlabeled_dataset_id": other.id})
+
+
+def _names(path: str, value: str | list[str]) -> tuple[str, ...]:
+    """An image's labels, each a name a class may have; 422 naming the image otherwise."""
+    names = tuple(value) if isinstance(value, list) else (value,)
+    for name in names:
+        if not 0 < len(name) <= MAX_LABEL_CHARS or not name.isprintable() or \
+                any(c in name for c in '/\\'):
+            raise InvalidInput(f"labels: {path[:80]!r}: {name[:80]!r} cannot name a class (1 "
+                               f"to {MAX_LABEL_CHARS} printable characters, no slashes)",
+                               loc=["body", "labels"])
+    return names
 
 
 def inside(tree: Path, relative: str) -> bool:
@@ -91,7 +104,10 @@ def inside(tree: Path, relative: str) -> bool:
     path = PurePosixPath(relative)
     if path.is_absolute() or ".." in path.parts or not path.parts:
         return False
-    return (tree / path).is_file() and not (tree / path).is_symlink()
+    try:
+        return (tree / path).is_file() and not (tree / path).is_symlink()
+    except (OSError, ValueError):  # a NUL byte, a name too long
+        return False
 
 
 def from_archive(folder: Path, filename: str | None) -> Additions:
@@ -141,6 +157,7 @@ def create_version(db: Database, storage: Storage, principal: Principal, *, pare
                    name: str | None = None) -> Dataset:
     """A new version of ``parent_id`` with the images ``collect`` finds; the parent is never
     changed. Quotas as for an upload: the version counts as a dataset of the bytes it adds."""
+    name = None if name is None else clean_name(name, None)
     with db.session() as session:
         parent = get_dataset(session, principal, parent_id)
         if parent.kind != "labeled":

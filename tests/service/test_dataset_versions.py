@@ -100,7 +100,9 @@ def test_bad_version_requests_are_refused_naming_the_problem(client, base, pool)
     path = next(iter(truth))
     for labels, words in (({"batch/nope.png": "animal0"}, "not images of dataset"),
                           ({"../etc/passwd": "animal0"}, "not images of dataset"),
-                          ({path: "../animal0"}, "cannot name a class folder"),
+                          ({path: "../animal0"}, "cannot name a class"),
+                          ({path: "bad\x00name"}, "cannot name a class"),
+                          ({"batch/\x00.png": "animal0"}, "not images of dataset"),
                           ({path: ["animal0", "animal1"]}, "one label")):
         answer = client.post(url, json={"unlabeled_dataset_id": unlabeled["id"],
                                         "labels": labels})
