@@ -3,7 +3,6 @@ it writes anything (a restore trusts nothing it reads from the backup)."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import stat
@@ -11,6 +10,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ftune.models.data.inspect import file_sha256
 from ftune.service.blobs.base import check_key
 from ftune.service.db.snapshot import POSTGRES_FILE, SQLITE_FILE
 
@@ -47,14 +47,6 @@ class Manifest:
     def write(self, folder: Path) -> None:
         data = asdict(self)
         (folder / MANIFEST).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as source:
-        for chunk in iter(lambda: source.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def read_manifest(folder: Path) -> Manifest:

@@ -12,13 +12,13 @@ the parent already holds, or that come twice, are left out (deduplicated by cont
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from ftune.models.data.inspect import file_sha256
 from ftune.models.data.layout import (
     MANIFEST,
     MULTI_LABEL,
@@ -41,14 +41,6 @@ class Delta:
     added: list[str]  # paths written, relative to the delta's root
     duplicates: list[str]  # names of the new images whose bytes were there already
     by_class: dict[str, int]  # new images per label
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def write_delta(parent: Path, images: list[NewImage], out: Path, tag: str) -> Delta:

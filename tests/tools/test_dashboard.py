@@ -203,14 +203,8 @@ WIDE_TABLES_SCROLL = """(() => { const wraps = [...document.querySelectorAll(SEL
 
 def _job_to_its_end(api: httpx.Client, dataset_id: str, model_name: str) -> dict:
     """A job with the FAST spec, polled until it ends."""
-    job = api.post("/v1/jobs", json={"dataset_id": dataset_id, "spec": FAST,
-                                     "model_name": model_name}).json()
-    deadline = time.monotonic() + 240
-    while job["status"] not in ("succeeded", "failed", "cancelled"):
-        assert time.monotonic() < deadline, job
-        time.sleep(0.5)
-        job = api.get(f"/v1/jobs/{job['id']}").json()
-    return job
+    return _ended(api, api.post("/v1/jobs", json={"dataset_id": dataset_id, "spec": FAST,
+                                                  "model_name": model_name}).json())
 
 
 def _finished_fast_job(up, zipped: bytes) -> dict:
@@ -357,6 +351,7 @@ def test_a_multi_label_model_page_shows_map_pr_curves_and_marks_labels(page, up,
 
 
 def _ended(api: httpx.Client, job: dict) -> dict:
+    """The job, polled until it ends."""
     deadline = time.monotonic() + 240
     while job["status"] not in ("succeeded", "failed", "cancelled"):
         assert time.monotonic() < deadline, job
