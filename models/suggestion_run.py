@@ -47,10 +47,9 @@ def suggest(bundle: str | Path, data: str | Path, count: int, *, measure: Measur
     samples = index.unlabeled
     if not samples:
         raise DatasetError("the dataset has no unlabelled images to suggest from")
-    scores_features = _scored(predictor, index.root, [s.path for s in samples],
-                              index.unlabeled_hash, derived, owner, model_id, on_progress,
-                              should_stop)
-    logits, features = scores_features
+    logits, features = _scored(predictor, index.root, [s.path for s in samples],
+                               index.unlabeled_hash, derived, owner, model_id, on_progress,
+                               should_stop)
     probs = predictor.task.probabilities(scaled(logits, predictor.temperature))
     unsure = uncertainty(probs, measure=measure,
                          thresholds=predictor.thresholds if predictor.multi_label else None)

@@ -174,7 +174,7 @@ def create_version(db: Database, storage: Storage, principal: Principal, *, pare
     staging = storage.datasets / f".{version_id}.version"
     key, stored = dataset_key(version_id), False
     try:
-        parent_tree = storage.local_dataset([(i, s) for i, s in parts if s], owner=tenant_id)
+        parent_tree = storage.local_dataset(parts, owner=tenant_id)
         delta, found = build_version(parent_tree=parent_tree, additions=additions,
                                      version_id=version_id, staging=staging, checks=checks)
         dataset = new_dataset(version_id, tenant_id, name or parent_name, found)

@@ -177,7 +177,7 @@ class ServingEngines:
         parts = parts_of(session, dataset) if dataset is not None else []
         if not parts or any(sha256 is None for _, sha256 in parts):
             return None
-        return self.storage.local_dataset([(i, s) for i, s in parts if s is not None],
+        return self.storage.local_dataset(parts,
                                           owner=dataset.tenant_id if dataset else None)
 
     def _build(self, model: TunedModel, data: Path | None) -> dict:

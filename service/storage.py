@@ -17,7 +17,7 @@ from ftune.models.data.trees import remove_tree
 from ftune.models.data.versions import overlay
 from ftune.models.derived.store import DerivedStore
 from ftune.models.export_formats import export_suffix
-from ftune.service.blobs.base import BlobInfo, BlobStore
+from ftune.service.blobs.base import BlobInfo, BlobMissing, BlobStore
 from ftune.service.blobs.fetched import fetch_tree
 from ftune.service.blobs.keys import dataset_key
 from ftune.service.blobs.local import LocalBlobStore
@@ -92,16 +92,21 @@ class Storage:
             log.info("fetched %s from the store in %.1f s", key, time.monotonic() - started)
         return folder
 
-    def local_dataset(self, parts: list[tuple[str, str]], owner: str | None = None) -> Path:
+    def local_dataset(self, parts: list[tuple[str, str | None]],
+                      owner: str | None = None) -> Path:
         """A dataset's images on this host: ``parts`` is its chain of versions, oldest first
-        (id, tar SHA-256; an upload is a chain of one). A version's tree is its parents'
+        (id, tar SHA-256; an upload is a chain of one; BlobMissing naming a part without
+        one). A version's tree is its parents'
         trees with what it added over them (``models.data.versions.overlay``, hard links),
         kept in the derived store (kind ``version``) like the trees themselves."""
-        trees = [self.local_tree(dataset_key(dataset_id), sha256, owner=owner)
-                 for dataset_id, sha256 in parts]
+        trees = []
+        for dataset_id, sha256 in parts:
+            if sha256 is None:  # its row says its images were never stored, or are gone
+                raise BlobMissing(dataset_key(dataset_id))
+            trees.append(self.local_tree(dataset_key(dataset_id), sha256, owner=owner))
         if len(trees) == 1:
             return trees[0]
-        key = hashlib.sha256(":".join(sha256 for _, sha256 in parts).encode()).hexdigest()
+        key = hashlib.sha256(":".join(str(sha256) for _, sha256 in parts).encode()).hexdigest()
         folder, _ = self.derived.build(VERSION_KIND, key,
                                        lambda tmp: overlay(trees, tmp / VERSION_TREE), owner)
         return folder / VERSION_TREE

@@ -73,13 +73,10 @@ class RunFiles:
     def dataset_version(self, parts: list[tuple[str, str | None]], owner: str) -> Path:
         """A dataset's images on this host from its chain of versions (oldest first), each
         fetched from the store unless cached here."""
-        missing = [dataset_id for dataset_id, sha256 in parts if sha256 is None]
-        if missing or not parts:
-            raise DatasetError(f"dataset {missing[0] if missing else '?'} no longer exists on "
-                               "the server")
+        if not parts:
+            raise DatasetError("the job's dataset no longer exists on the server")
         try:
-            return self.storage.local_dataset([(i, s) for i, s in parts if s is not None],
-                                              owner=owner)
+            return self.storage.local_dataset(parts, owner=owner)
         except BlobMissing:
             raise DatasetError(f"dataset {parts[-1][0]} (or a version it was made from) no "
                                "longer exists in the store") from None

@@ -39,7 +39,6 @@ from ftune.service.db.tables import Dataset, Tenant
 from ftune.service.deps import Admin, Ctx, Member, rate_limited
 from ftune.service.disk import disk_allowance, over_disk_allowance
 from ftune.service.errors import (
-    Conflict,
     InvalidInput,
     NotFound,
     ServiceError,
@@ -183,10 +182,7 @@ def image(dataset_id: str, path: str, ctx: Ctx, who: Member) -> Response:
         dataset = get_dataset(session, who, dataset_id)
         parts = parts_of(session, dataset)
         owner = dataset.tenant_id
-    stored = [(i, sha256) for i, sha256 in parts if sha256 is not None]
-    if len(stored) != len(parts):
-        raise Conflict(f"dataset {dataset_id}'s images are gone from the store")
-    tree = ctx.storage.local_dataset(stored, owner=owner)
+    tree = ctx.storage.local_dataset(parts, owner=owner)  # gone from the store: a 404
     if not is_image_name(Path(path)) or not inside(tree, path):
         raise NotFound(f"dataset {dataset_id} has no image {path[:200]!r}")
     return FileResponse(tree / path, media_type=mimetypes.guess_type(path)[0] or "image/*",
