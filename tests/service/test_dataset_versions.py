@@ -5,6 +5,8 @@ requests are refused naming the problem and leave the parent as it was."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 from PIL import Image
 
@@ -31,12 +33,31 @@ def pool(client, animal_arrays, tmp_path_factory) -> tuple[dict, dict[str, int]]
 
 
 @pytest.fixture(scope="module")
-def base(client, tiny_folder) -> dict:
-    """A labelled dataset of this module's own (versions keep a parent from deletion)."""
+def base(client, tiny_folder) -> Iterator[dict]:
+    """A labelled dataset of this module's own (versions keep a parent from deletion);
+    removed with its versions afterwards, so later modules' uploads of the same images
+    are not deduplicated to it."""
     response = client.post("/v1/datasets", files={"file": ("base.zip", zip_folder(tiny_folder))},
                            data={"name": "versioned"}, params={"dedupe": "false"})
     assert response.status_code == 201, response.text
-    return response.json()
+    yield response.json()
+    _delete_with_versions(client, response.json()["id"])
+
+
+def _delete_with_versions(client, root_id: str) -> None:
+    """Newest first: a version's children are always newer than it, so leaves go first."""
+    listed = client.get("/v1/datasets", params={"limit": 200}).json()["items"]
+    parents = {d["id"]: d["parent_id"] for d in listed}
+
+    def descends(dataset_id: str | None) -> bool:
+        while dataset_id is not None and dataset_id != root_id:
+            dataset_id = parents.get(dataset_id)
+        return dataset_id == root_id
+
+    for dataset in listed:
+        if descends(dataset["id"]):
+            deleted = client.delete(f"/v1/datasets/{dataset['id']}")
+            assert deleted.status_code == 204, deleted.text
 
 
 def test_labels_for_unlabelled_images_make_a_version_that_trains(client, base, pool):
