@@ -11,10 +11,13 @@ on the animal test split.
 - ``predict_inprocess``: the limit. Eager torch (channels-last, inference mode), ONNX Runtime
   fp32 and int8 at batch 1 and 16, images per second, measured in alternating blocks, and
   each engine's ratio to torch.
+- ``predict_batch``: the batch size each ONNX Runtime engine was measured fastest at in the
+  preparation (models/serving/batch_size.py), which the server splits batches into.
 - ``predict_serving``: ``ftune serve`` under FTUNE_SERVE_ENGINE=torch, auto and int8 (one
   server each, measured in alternating blocks): 16 concurrent one-image clients, throughput
-  divided by the same engine's in-process batch-16 throughput (target ≥ 0.8), and the
-  single-image p50 overhead over the same engine's bare forward (target ≤ 5 ms).
+  divided by the same engine's in-process batch-16 throughput (target ≥ 0.8) and by its
+  better in-process rate of batch 1 and 16, and the single-image p50 overhead over the same
+  engine's bare forward (target ≤ 5 ms).
 - ``predict_auto_vs_torch``: /predict throughput under auto divided by under torch
   (target ≥ 1.5).
 """
@@ -219,9 +222,11 @@ def serve(home: Path, engines: dict[str, Forward], limits: dict[tuple[str, int],
             server.wait(30)
     for policy, engine in policies.items():
         http_img_s = statistics.median(rates[policy])
+        best = max(limits[(engine, 1)], limits[(engine, 16)])
         print(f"predict_serving policy={policy} engine={engine} http_img_s={http_img_s:.1f} "
               f"inprocess_batch16_img_s={limits[(engine, 16)]:.1f} "
               f"ratio={http_img_s / limits[(engine, 16)]:.3f} target_ratio=0.8 "
+              f"ratio_to_best_inprocess={http_img_s / best:.3f} "
               f"overhead_p50_ms={overheads[policy]:.2f} target_overhead_p50_ms=5 clients=16")
     auto, plain = statistics.median(rates["auto"]), statistics.median(rates["torch"])
     print(f"predict_auto_vs_torch ratio={auto / plain:.3f} auto_img_s={auto:.1f} "
@@ -240,6 +245,11 @@ def report_int8(report: dict) -> None:
               f"target_drop_points=0.5")
     else:
         print(f"predict_int8 offered=False why={int8['why']!r}")
+    for name, engine in (("onnx", "onnxruntime"), ("int8", "onnxruntime-int8")):
+        if report[name].get("batch"):
+            batch = report[name]["batch"]
+            print(f"predict_batch engine={engine} served_at={batch['size']} "
+                  f"provider={batch['provider']} images_per_s={batch['images_per_s']}")
 
 
 def report_in_process(limits: dict[tuple[str, int], float], size: int) -> None:

@@ -283,15 +283,25 @@ def _serving_lines(report: dict | None) -> list[str]:
                 "FTUNE_SERVE_ENGINE auto, onnxruntime or int8) prepares it."]
     onnx, int8 = report.get("onnx") or {}, report.get("int8") or {}
     lines.append(f"- **ONNX Runtime (fp32)**: {'passed' if onnx.get('passed') else 'failed'} "
-                 f"its parity check against torch, {onnx.get('why')}.")
+                 f"its parity check against torch, {onnx.get('why')}.{_batch(onnx)}")
     if int8.get("offered"):
         lines.append(f"- **int8**: offered (`format=onnx-int8`). Same answer as fp32 on "
                      f"{_pct(int8.get('agreement'))}, {int8.get('metric')} "
                      f"{_pct(int8.get('quality'))} against fp32's "
-                     f"{_pct(int8.get('fp32_quality'))}; {int8.get('why')}.")
+                     f"{_pct(int8.get('fp32_quality'))}; {int8.get('why')}.{_batch(int8)}")
     else:
         lines.append(f"- **int8**: not offered: {int8.get('why')}.")
     return lines
+
+
+def _batch(engine: dict) -> str:
+    """The batch size the engine was measured fastest at, and the figures."""
+    batch = engine.get("batch")
+    if not batch:
+        return ""
+    rates = ", ".join(f"{size}: {rate:g}" for size, rate in batch["images_per_s"].items())
+    return (f" Served {batch['size']} image(s) at a time, the fastest measured with "
+            f"{batch['provider']} (images/s by batch size: {rates}).")
 
 
 def _pct(value: object) -> str:

@@ -90,6 +90,7 @@ class ServingEngines:
             folder = self.storage.local_tree(serving_key(model.id), serving["sha256"],
                                              owner=model.tenant_id)
             runner = OnnxRunner(folder / choice.file, device=str(predictor.device))
+            runner.use_batch(choice.batch)
         except Exception as exc:  # its files gone or damaged: torch, unless it is forced
             if self.policy == "onnxruntime":
                 raise Unavailable(f"model {model.id}'s ONNX Runtime files cannot be loaded: "
@@ -99,7 +100,8 @@ class ServingEngines:
             predictor.serve_with(None, TORCH)
             return
         predictor.serve_with(runner, choice.engine)
-        log.info("model %s is served by %s (%s)", model.id, choice.engine, choice.why)
+        log.info("model %s is served by %s, %s at a time (%s)", model.id, choice.engine,
+                 runner.chunk or "the whole batch", choice.why)
 
     def _prepare_later(self, model: TunedModel, predictor: Predictor) -> None:
         with self._lock:

@@ -43,6 +43,7 @@ class Choice:
     engine: str | None  # TORCH, ONNXRUNTIME or ONNXRUNTIME_INT8; None: refused
     file: str | None  # the ONNX file ONNX Runtime loads
     why: str
+    batch: dict | None = None  # the batch size measured fastest for that file (prepare.py)
 
 
 def choose(policy: str, report: dict | None) -> Choice:
@@ -59,6 +60,9 @@ def choose(policy: str, report: dict | None) -> Choice:
         return Choice(None if policy == "onnxruntime" else TORCH, None, why)
     if policy == "int8":
         if int8.get("offered"):
-            return Choice(ONNXRUNTIME_INT8, INT8_FILE, f"int8 offered: {int8.get('why')}")
-        return Choice(ONNXRUNTIME, FP32_FILE, f"int8 not offered: {int8.get('why')}")
-    return Choice(ONNXRUNTIME, FP32_FILE, f"parity passed: {onnx.get('why')}")
+            return Choice(ONNXRUNTIME_INT8, INT8_FILE, f"int8 offered: {int8.get('why')}",
+                          int8.get("batch"))
+        return Choice(ONNXRUNTIME, FP32_FILE, f"int8 not offered: {int8.get('why')}",
+                      onnx.get("batch"))
+    return Choice(ONNXRUNTIME, FP32_FILE, f"parity passed: {onnx.get('why')}",
+                  onnx.get("batch"))

@@ -4,9 +4,13 @@ against the torch model, and an int8 model offered only where its guard passes.
 ``prepare_serving`` writes into a folder: ``model.onnx``, ``model.int8.onnx`` (only when
 offered) and ``serving.json``, the figures and the reasons::
 
-    {"onnx": {"passed": bool, "why": str, "images": n, "agreement": a, "max_prob_diff": d},
+    {"onnx": {"passed": bool, "why": str, "images": n, "agreement": a, "max_prob_diff": d,
+              "batch": {"size": n, "provider": p, "images_per_s": {"1": r, ...}}},
      "int8": {"offered": bool, "why": str, "images": n, "agreement": a,
-              "quality": q, "fp32_quality": q32, "metric": "accuracy" | "mAP"}}
+              "quality": q, "fp32_quality": q32, "metric": "accuracy" | "mAP", "batch": ...}}
+
+``batch`` (where the engine may serve): the batch size it runs fastest at on this host
+(batch_size.py); the serving runner splits larger batches into chunks of it.
 
 The images are the model's own: its dataset's test split, else its val split (the dataset's
 own, or carved from train exactly as training carved it); int8's ranges are calibrated on
@@ -27,6 +31,7 @@ from ftune.models.data.discover import Sample, scan_image_folder
 from ftune.models.export import write_onnx
 from ftune.models.predictor import Predictor
 from ftune.models.serving.agreement import Agreement, agreement, quality
+from ftune.models.serving.batch_size import measure_batch_sizes
 from ftune.models.serving.engines import (
     FP32_FILE,
     INT8_CALIBRATION_IMAGES,
@@ -63,8 +68,18 @@ def prepare_serving(bundle: Path, data: Path | None, out: Path) -> dict:
                           if report["onnx"]["passed"] else
                           {"offered": False, "why": "the fp32 ONNX export failed its parity "
                            "check, so int8 (made from it) is not offered"})
+        _measure_batch(report, out, _uint8(predictor, checked[:1]))
     (out / REPORT_FILE).write_text(json.dumps(report, indent=2))
     return report
+
+
+def _measure_batch(report: dict, out: Path, image: np.ndarray) -> None:
+    """Each engine that may serve gets the batch size it runs fastest at here."""
+    for name, file, usable in (("onnx", FP32_FILE, report["onnx"]["passed"]),
+                               ("int8", INT8_FILE, report["int8"]["offered"])):
+        if usable:
+            runner = OnnxRunner(out / file)
+            report[name]["batch"] = measure_batch_sizes(runner, image, runner.providers[0])
 
 
 def parity_passes(found: Agreement) -> bool:

@@ -14,6 +14,7 @@ from ftune.models.bundle import save_bundle
 from ftune.models.cli import main
 from ftune.models.predictor import Predictor
 from ftune.models.serving.agreement import Agreement, agreement
+from ftune.models.serving.batch_size import BATCH_SIZES, choose_size
 from ftune.models.serving.onnx_runner import OnnxRunner
 from ftune.models.serving.prepare import int8_passes, parity_passes, prepare_serving
 from ftune.models.training.fit import fit
@@ -45,6 +46,32 @@ def test_the_onnx_export_passes_parity_on_the_model_s_own_images(prepared, tuned
     batch = torch.randint(0, 256, (5, 3, 48, 48), dtype=torch.uint8)
     got = OnnxRunner(out / "model.onnx", threads=1)(batch.numpy())
     assert np.abs(got - predictor.probabilities(batch).numpy()).max() <= 1e-4
+
+
+def test_the_batch_size_served_is_measured_and_chunks_give_the_whole_batch_s_answer(
+        prepared):
+    out, report = prepared
+    batch = report["onnx"]["batch"]
+    runner = OnnxRunner(out / "model.onnx", threads=1)
+    assert batch["provider"] == runner.providers[0] == "CPUExecutionProvider"
+    assert set(batch["images_per_s"]) == {str(size) for size in BATCH_SIZES}
+    assert all(rate > 0 for rate in batch["images_per_s"].values())
+    assert batch["size"] in BATCH_SIZES
+    assert ("batch" in report["int8"]) == report["int8"]["offered"]
+    images = np.random.default_rng(0).integers(0, 256, (7, 3, 48, 48), dtype=np.uint8)
+    whole = runner(images)
+    runner.use_batch({**batch, "size": 3})
+    assert runner.chunk == 3
+    assert np.abs(runner(images) - whole).max() <= 1e-6 and len(runner(images)) == 7
+    # Measured with another execution provider: the whole batch at once.
+    runner.use_batch({**batch, "provider": "CUDAExecutionProvider"})
+    assert runner.chunk is None
+
+
+def test_the_fastest_batch_size_wins_only_by_a_margin():
+    assert choose_size({1: 100.0, 4: 104.0, 16: 90.0}) == 1
+    assert choose_size({1: 100.0, 4: 130.0, 16: 120.0}) == 4
+    assert choose_size({1: 50.0, 16: 400.0}) == 16
 
 
 def test_int8_is_quantized_statically_and_judged_against_fp32(prepared):
@@ -90,7 +117,8 @@ def test_without_its_dataset_nothing_is_offered(tuned, tmp_path, capsys):
     assert "no longer stored" in report["onnx"]["why"]
 
 
-PASSED = {"onnx": {"passed": True, "why": "same"}, "int8": {"offered": True, "why": "kept"}}
+PASSED = {"onnx": {"passed": True, "why": "same", "batch": {"size": 1}},
+          "int8": {"offered": True, "why": "kept", "batch": {"size": 4}}}
 
 
 @pytest.mark.parametrize(("policy", "report", "engine", "file"), [
@@ -109,5 +137,8 @@ def test_the_policy_and_the_checks_choose_the_engine(policy, report, engine, fil
 
     choice = choose(policy, report)
     assert (choice.engine, choice.file) == (engine, file)
+    # The batch size measured for the file that serves goes with it.
+    assert choice.batch == {"model.onnx": {"size": 1}, "model.int8.onnx": {"size": 4},
+                            None: None}[file]
     if report is not None and not report["onnx"]["passed"]:
         assert "failed its parity check: moved" in choice.why

@@ -94,6 +94,10 @@ def test_auto_serves_with_onnx_runtime_once_parity_passes(serve, access, tiny_mo
         assert view["engine"] == "onnxruntime" and view["policy"] == "auto"
         assert view["onnx"]["agreement"] == 1.0 and view["onnx"]["max_prob_diff"] <= 1e-3
         assert "val split" in view["onnx"]["why"]  # the model's own images, held out
+        batch = view["onnx"]["batch"]  # measured on this host; the card says it
+        assert batch["provider"] == "CPUExecutionProvider" and batch["size"] >= 1
+        card = http.get(f"/v1/models/{model_id}/card").text
+        assert f"Served {batch['size']} image(s) at a time" in card
 
         def on_onnx() -> bool:
             _scores(http, model_id, png)
