@@ -20,9 +20,13 @@ Both are scored the same way on the test mosaics, by scikit-learn: macro mAP
 hand-written one at 0.5 (what such a script uses). Targets: ``{}``'s mAP at least the
 hand-written one's, in no more than its wall time.
 
-Calibration: ``{}`` on the single-label animal-mnist set (3,000 training and 1,000 test
-images): test ECE before and after temperature scaling (target: after <= 0.5x before) and
-test accuracy before and after (unchanged: a temperature does not reorder the classes).
+Calibration, on the single-label animal-mnist set (1,000 held-out images): test ECE before
+and after temperature scaling (target: after <= 0.5x before) and test accuracy before and
+after (unchanged: a temperature does not reorder the classes), for ``{}`` on 3,000 training
+images and for an over-trained spec on 1,000 (``OVERTRAINED``: every layer, 12 epochs, the
+most accurate epoch kept), the kind of model that is surer than it is right. ``{}``'s short,
+early-stopped fine-tune is close to calibrated already, and the temperature is kept only when
+it lowers ECE on held-out halves of val, so there the ratio says how little was left to fix.
 """
 
 from __future__ import annotations
@@ -159,22 +163,36 @@ def overall_accuracy(bins: list[dict]) -> float:
     return sum(b["accuracy"] * b["count"] for b in bins if b["count"]) / total
 
 
+# What a user who trains everything and keeps the most accurate epoch writes: every layer,
+# a fixed rate, no augmentation, many epochs on few images. Such a model grows surer than it
+# is right (Guo et al., 2017), where the default recipe's short, early-stopped fine-tune
+# stays close to calibrated and leaves temperature scaling little to do.
+OVERTRAINED = {"freeze": {"strategy": "none"}, "epochs": 12, "augment": "none",
+               "optimizer": {"lr": 1e-3}, "schedule": {"name": "constant"},
+               "early_stopping": {"monitor": "val_accuracy", "patience": 12}}
+
+
 def calibration(client: httpx.Client, work: Path, per_class: int) -> None:
+    """Test ECE before and after temperature scaling for ``{}`` and for an over-trained
+    spec (a third of the images: it trains every layer for 12 epochs)."""
     images, labels = animal_mnist_arrays()
-    root = work / "animal-mnist"
-    for split, count, offset in (("train", per_class, 0), ("test", per_class // 3, per_class)):
-        idx = balanced_indices(labels, count, offset=offset)
-        write_image_folder(root / split, images[idx], labels[idx])
-    job, wall = run_job(client, tar_folder(root), {})
-    test = client.get(f"/v1/models/{job['model_id']}/evaluation").json()["test"]
-    before, after = test["expected_calibration_error_uncalibrated"], \
-        test["expected_calibration_error"]
-    bins = test["reliability"]
-    print(f"calibration dataset=animal-mnist test_ece_before={before:.4f} "
-          f"test_ece_after={after:.4f} ratio={after / before:.2f} (<= 0.5: "
-          f"{after <= 0.5 * before}) accuracy_before={overall_accuracy(bins['uncalibrated']):.4f} "
-          f"accuracy_after={overall_accuracy(bins['calibrated']):.4f} "
-          f"temperature={bins['temperature']} wall_s={wall:.1f}", flush=True)
+    for name, spec, count in (("empty_spec", {}, per_class),
+                              ("overtrained", OVERTRAINED, per_class // 3)):
+        root = work / f"animal-mnist-{name}"
+        for split, n, offset in (("train", count, 0), ("test", per_class // 3, per_class)):
+            idx = balanced_indices(labels, n, offset=offset)
+            write_image_folder(root / split, images[idx], labels[idx])
+        job, wall = run_job(client, tar_folder(root), spec)
+        test = client.get(f"/v1/models/{job['model_id']}/evaluation").json()["test"]
+        before, after = test["expected_calibration_error_uncalibrated"], \
+            test["expected_calibration_error"]
+        bins = test["reliability"]
+        print(f"calibration dataset=animal-mnist spec={name} train_per_class={count} "
+              f"test_ece_before={before:.4f} test_ece_after={after:.4f} "
+              f"ratio={after / before:.2f} (<= 0.5: {after <= 0.5 * before}) "
+              f"accuracy_before={overall_accuracy(bins['uncalibrated']):.4f} "
+              f"accuracy_after={overall_accuracy(bins['calibrated']):.4f} "
+              f"temperature={bins['temperature']} wall_s={wall:.1f}", flush=True)
 
 
 def main() -> None:
