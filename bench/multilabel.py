@@ -24,7 +24,7 @@ Calibration, on the single-label animal-mnist set (1,000 held-out images): test 
 and after temperature scaling (target: after <= 0.5x before) and test accuracy before and
 after (unchanged: a temperature does not reorder the classes), for ``{}`` on 3,000 training
 images and for an over-trained spec on 1,000 (``OVERTRAINED``: every layer, 12 epochs, the
-most accurate epoch kept), the kind of model that is surer than it is right. ``{}``'s short,
+most accurate epoch kept), where calibration is expected to drift. ``{}``'s short,
 early-stopped fine-tune is close to calibrated already, and the temperature is kept only when
 it lowers ECE on held-out halves of val, so there the ratio says how little was left to fix.
 """
@@ -164,9 +164,10 @@ def overall_accuracy(bins: list[dict]) -> float:
 
 
 # What a user who trains everything and keeps the most accurate epoch writes: every layer,
-# a fixed rate, no augmentation, many epochs on few images. Such a model grows surer than it
-# is right (Guo et al., 2017), where the default recipe's short, early-stopped fine-tune
-# stays close to calibrated and leaves temperature scaling little to do.
+# a fixed rate, no augmentation, many epochs on few images. Long training is where modern
+# networks are expected to grow surer than they are right (Guo et al., 2017); {}'s short,
+# early-stopped fine-tune is close to calibrated. (Measured once on this machine it was not
+# over-confident either: ECE 0.033, and the temperature kept was 0.86, below 1.)
 OVERTRAINED = {"freeze": {"strategy": "none"}, "epochs": 12, "augment": "none",
                "optimizer": {"lr": 1e-3}, "schedule": {"name": "constant"},
                "early_stopping": {"monitor": "val_accuracy", "patience": 12}}
