@@ -17,7 +17,8 @@ on the animal test split.
   server each, measured in alternating blocks): 16 concurrent one-image clients, throughput
   divided by the same engine's in-process batch-16 throughput (target ≥ 0.8) and by its
   better in-process rate of batch 1 and 16, and the single-image p50 overhead over the same
-  engine's bare forward (target ≤ 5 ms).
+  engine's bare forward (target ≤ 5 ms). ``predict_clients``: the share of the machine's cores
+  the clients themselves used while measured, which the server did not have.
 - ``predict_auto_vs_torch``: /predict throughput under auto divided by under torch
   (target ≥ 1.5).
 """
@@ -62,6 +63,7 @@ from ftune.testing.models import register_model
 from ftune.testing.realdata import animal_mnist_arrays, balanced_indices, write_image_folder
 
 MODEL_ID = "f" * 32
+CLIENT_CPU: list[float] = []  # per throughput block: the clients' share of all cores
 POLICIES = {"torch": "torch", "auto": "onnxruntime", "int8": "onnxruntime-int8"}
 Forward = Callable[[np.ndarray], object]  # uint8 [N, 3, S, S] -> probabilities
 
@@ -143,9 +145,12 @@ async def http_throughput(url: str, headers: dict[str, str], png: bytes, clients
 
     limits = httpx.Limits(max_connections=clients)
     async with httpx.AsyncClient(timeout=120, limits=limits, headers=headers) as http:
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         await asyncio.gather(*(client(http) for _ in range(clients)))
-        return done / (time.perf_counter() - started)
+        wall = time.perf_counter() - started
+        # The clients run on this machine's cores too: the share they took is not the server's.
+        CLIENT_CPU.append((time.process_time() - cpu) / wall / (os.cpu_count() or 1))
+        return done / wall
 
 
 def latency(http: httpx.Client, forward: Forward, png: bytes, image: np.ndarray,
@@ -228,6 +233,8 @@ def serve(home: Path, engines: dict[str, Forward], limits: dict[tuple[str, int],
               f"ratio={http_img_s / limits[(engine, 16)]:.3f} target_ratio=0.8 "
               f"ratio_to_best_inprocess={http_img_s / best:.3f} "
               f"overhead_p50_ms={overheads[policy]:.2f} target_overhead_p50_ms=5 clients=16")
+    print(f"predict_clients cpu_share_median={statistics.median(CLIENT_CPU):.3f} "
+          f"cores={os.cpu_count()} (the 16 clients' CPU while measured, of all cores)")
     auto, plain = statistics.median(rates["auto"]), statistics.median(rates["torch"])
     print(f"predict_auto_vs_torch ratio={auto / plain:.3f} auto_img_s={auto:.1f} "
           f"torch_img_s={plain:.1f} target=1.5")
