@@ -47,6 +47,7 @@ import torch
 from PIL import Image
 
 from ftune.models.predictor import Predictor
+from ftune.models.serving.batch_size import images_per_second
 from ftune.models.serving.engines import FP32_FILE, INT8_FILE
 from ftune.models.serving.onnx_runner import OnnxRunner
 from ftune.processes import free_port, ftune_command, wait_until
@@ -63,7 +64,6 @@ from ftune.testing.models import register_model
 from ftune.testing.realdata import animal_mnist_arrays, balanced_indices, write_image_folder
 
 MODEL_ID = "f" * 32
-CLIENT_CPU: list[float] = []  # per throughput block: the clients' share of all cores
 POLICIES = {"torch": "torch", "auto": "onnxruntime", "int8": "onnxruntime-int8"}
 Forward = Callable[[np.ndarray], object]  # uint8 [N, 3, S, S] -> probabilities
 
@@ -101,11 +101,7 @@ def prepare(work: Path, image_size: int | None, train: int, test: int
 def rate(forward: Forward, batch: np.ndarray, seconds: float) -> float:
     """Images per second over about ``seconds`` of forwards of ``batch``."""
     forward(batch)  # warm
-    done, started = 0, time.perf_counter()
-    while time.perf_counter() - started < seconds:
-        forward(batch)
-        done += len(batch)
-    return done / (time.perf_counter() - started)
+    return images_per_second(forward, batch, seconds)
 
 
 def in_process(engines: dict[str, Forward], image: np.ndarray, rounds: int,
@@ -131,7 +127,8 @@ def start_server(home: Path, policy: str) -> tuple[subprocess.Popen, str]:
 
 
 async def http_throughput(url: str, headers: dict[str, str], png: bytes, clients: int,
-                          seconds: float) -> float:
+                          seconds: float) -> tuple[float, float]:
+    """Images per second, and the share of all cores the clients themselves used."""
     done = 0
     deadline = time.perf_counter() + seconds
 
@@ -149,8 +146,7 @@ async def http_throughput(url: str, headers: dict[str, str], png: bytes, clients
         await asyncio.gather(*(client(http) for _ in range(clients)))
         wall = time.perf_counter() - started
         # The clients run on this machine's cores too: the share they took is not the server's.
-        CLIENT_CPU.append((time.process_time() - cpu) / wall / (os.cpu_count() or 1))
-        return done / wall
+        return done / wall, (time.process_time() - cpu) / wall / (os.cpu_count() or 1)
 
 
 def latency(http: httpx.Client, forward: Forward, png: bytes, image: np.ndarray,
@@ -208,7 +204,9 @@ def serve(home: Path, engines: dict[str, Forward], limits: dict[tuple[str, int],
         for _, url in servers.values():
             wait_until(lambda u=url: httpx.get(f"{u}/healthz").status_code == 200, 60,
                        "ftune serve")
-        overheads, rates = {}, {}
+        overheads: dict[str, float] = {}
+        rates: dict[str, list[float]] = {}
+        client_cpu: list[float] = []
         for policy, (_, url) in servers.items():
             with torch.inference_mode(), key.client(url, timeout=120) as http:
                 for _ in range(5):  # load the model, warm both sides
@@ -219,8 +217,10 @@ def serve(home: Path, engines: dict[str, Forward], limits: dict[tuple[str, int],
             overheads[policy] = statistics.median(over_http) - statistics.median(bare)
         for _ in range(args.rounds):  # alternating blocks: drifting load hits each alike
             for policy, (_, url) in servers.items():
-                rates.setdefault(policy, []).append(asyncio.run(http_throughput(
-                    url, key.headers, png, 16, args.seconds / args.rounds)))
+                img_s, cpu_share = asyncio.run(http_throughput(
+                    url, key.headers, png, 16, args.seconds / args.rounds))
+                rates.setdefault(policy, []).append(img_s)
+                client_cpu.append(cpu_share)
     finally:
         for server, _ in servers.values():
             server.terminate()
@@ -233,7 +233,7 @@ def serve(home: Path, engines: dict[str, Forward], limits: dict[tuple[str, int],
               f"ratio={http_img_s / limits[(engine, 16)]:.3f} target_ratio=0.8 "
               f"ratio_to_best_inprocess={http_img_s / best:.3f} "
               f"overhead_p50_ms={overheads[policy]:.2f} target_overhead_p50_ms=5 clients=16")
-    print(f"predict_clients cpu_share_median={statistics.median(CLIENT_CPU):.3f} "
+    print(f"predict_clients cpu_share_median={statistics.median(client_cpu):.3f} "
           f"cores={os.cpu_count()} (the 16 clients' CPU while measured, of all cores)")
     auto, plain = statistics.median(rates["auto"]), statistics.median(rates["torch"])
     print(f"predict_auto_vs_torch ratio={auto / plain:.3f} auto_img_s={auto:.1f} "

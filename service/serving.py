@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 from sqlalchemy.orm import Session
 
 from ftune.models.serving.engines import REPORT_FILE, TORCH, choose
+from ftune.service.blobs.base import BlobMissing
 from ftune.service.blobs.keys import serving_key
 from ftune.service.dataset_versions import parts_of
 from ftune.service.db.session import Database
@@ -176,11 +177,13 @@ class ServingEngines:
     def _dataset_folder(self, session: Session, dataset: Dataset | None) -> Path | None:
         """The model's dataset on this host (its images are what parity is checked on);
         None when it was deleted."""
-        parts = parts_of(session, dataset) if dataset is not None else []
-        if not parts or any(sha256 is None for _, sha256 in parts):
+        if dataset is None:
             return None
-        return self.storage.local_dataset(parts,
-                                          owner=dataset.tenant_id if dataset else None)
+        try:
+            return self.storage.local_dataset(parts_of(session, dataset),
+                                              owner=dataset.tenant_id)
+        except BlobMissing:  # its images are gone from the store
+            return None
 
     def _build(self, model: TunedModel, data: Path | None) -> dict:
         bundle = bundle_folder(self.storage, model)

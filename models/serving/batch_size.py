@@ -33,14 +33,21 @@ def measure_batch_sizes(run: Callable[[np.ndarray], object], image: np.ndarray, 
         run(batches[size])  # warm: first runs allocate
     for _ in range(rounds):
         for size in sizes:
-            done, started = 0, time.perf_counter()
-            while time.perf_counter() - started < block_s or not done:
-                run(batches[size])
-                done += size
-            samples[size].append(done / (time.perf_counter() - started))
+            samples[size].append(images_per_second(run, batches[size], block_s))
     rates = {size: float(np.median(values)) for size, values in samples.items()}
     return {"size": choose_size(rates), "provider": provider,
             "images_per_s": {str(size): round(rate, 1) for size, rate in rates.items()}}
+
+
+def images_per_second(run: Callable[[np.ndarray], object], batch: np.ndarray,
+                      seconds: float) -> float:
+    """Images per second of ``run`` over about ``seconds`` of runs of ``batch`` (one at
+    least)."""
+    done, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds or not done:
+        run(batch)
+        done += len(batch)
+    return done / (time.perf_counter() - started)
 
 
 def choose_size(rates: dict[int, float]) -> int:

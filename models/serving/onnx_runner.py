@@ -48,8 +48,8 @@ class OnnxRunner:
     def use_batch(self, measured: dict | None) -> None:
         """Run batches in chunks of the size measured fastest (models/serving/batch_size.py)
         where it was measured with this session's execution provider; whole otherwise."""
-        fits = measured is not None and measured.get("provider") == self.providers[0]
-        self.chunk = int(measured["size"]) if fits and measured is not None else None
+        self.chunk = (int(measured["size"]) if measured is not None
+                      and measured.get("provider") == self.providers[0] else None)
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         """float32 ``[N, C]`` probabilities for uint8 ``[N, 3, S, S]`` images."""

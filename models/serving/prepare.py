@@ -68,17 +68,17 @@ def prepare_serving(bundle: Path, data: Path | None, out: Path) -> dict:
                           if report["onnx"]["passed"] else
                           {"offered": False, "why": "the fp32 ONNX export failed its parity "
                            "check, so int8 (made from it) is not offered"})
-        _measure_batch(report, out, _uint8(predictor, checked[:1]))
+        _measure_batch(report, runner, out, _uint8(predictor, checked[:1]))
     (out / REPORT_FILE).write_text(json.dumps(report, indent=2))
     return report
 
 
-def _measure_batch(report: dict, out: Path, image: np.ndarray) -> None:
+def _measure_batch(report: dict, fp32: OnnxRunner, out: Path, image: np.ndarray) -> None:
     """Each engine that may serve gets the batch size it runs fastest at here."""
-    for name, file, usable in (("onnx", FP32_FILE, report["onnx"]["passed"]),
-                               ("int8", INT8_FILE, report["int8"]["offered"])):
-        if usable:
-            runner = OnnxRunner(out / file)
+    runners = {"onnx": fp32 if report["onnx"]["passed"] else None,
+               "int8": OnnxRunner(out / INT8_FILE) if report["int8"]["offered"] else None}
+    for name, runner in runners.items():
+        if runner is not None:
             report[name]["batch"] = measure_batch_sizes(runner, image, runner.providers[0])
 
 
