@@ -107,3 +107,7 @@ def with_lr(plan: StagePlan, lr: float) -> StagePlan:
 def with_epochs(plan: StagePlan, epochs: int) -> StagePlan:
     warmup = min(plan.spec.schedule.warmup_epochs, epochs)
     return replace(plan, spec=_with(plan.spec, epochs=epochs, schedule__warmup_epochs=warmup))
+
+
+def with_augment(plan: StagePlan, augment: str) -> StagePlan:
+    return replace(plan, spec=_with(plan.spec, augment=augment))

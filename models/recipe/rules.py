@@ -192,6 +192,14 @@ def augment(preset: Preset, backbone_trains: bool, epochs: int) -> Choice:
                   f"{preset.augment} augmentation (preset {preset.name}) against overfitting")
 
 
+def augment_cut(preset: Preset, epochs: int) -> Choice:
+    """No augmentation once the time budget holds fewer fine-tuning epochs than it needs."""
+    return Choice("none", f"the time budget holds {epochs} fine-tuning epoch(s) with "
+                  f"{preset.augment} augmentation, fewer than {preset.augment_from_epochs} "
+                  f"(preset {preset.name}): too few passes for it to pay, so none, and the "
+                  "frozen stages run once per image, which may fit more epochs")
+
+
 def warmup_epochs(asked: float, epochs: int) -> float:
     """The fine-tuning stage's warmup with schedule auto: the spec's, else half an epoch
     (at most half the epochs)."""

@@ -17,7 +17,7 @@ from ftune.models.network import reinit_head
 from ftune.models.parallel import ranks
 from ftune.models.recipe import rules
 from ftune.models.recipe.choices import Choices
-from ftune.models.recipe.plan import StagePlan, plan_stages, with_epochs, with_lr
+from ftune.models.recipe.plan import StagePlan, plan_stages, with_augment, with_epochs, with_lr
 from ftune.models.recipe.presets import PRESETS
 from ftune.models.spec import FineTuneSpec
 from ftune.models.training.budget import Budget
@@ -269,6 +269,8 @@ class StageRunner:
     def _finetune_plan(self, plan: StagePlan, resuming: bool) -> StagePlan | None:
         """The fine-tuning stage as it will run: as many epochs as the time budget holds;
         None: none at all (the head alone suffices, or not one epoch fits)."""
+        if "finetune.augment" in self.choices:  # cut by the budget before a restart
+            plan = with_augment(plan, self.choices.value("finetune.augment"))
         if "finetune.epochs" in self.choices:  # planned before a restart
             epochs = self.choices.value("finetune.epochs")
             return with_epochs(plan, epochs) if epochs > 0 else None
@@ -282,12 +284,29 @@ class StageRunner:
         if self.budget.seconds is None:
             return plan
         planned = int(plan.spec.epochs)
-        fit = ranks.agree(rules.finetune_epochs_in_budget(planned, self._epoch_seconds(plan),
-                                                          self.budget.left()))
+        fit = self._epochs_that_fit(plan, planned)
+        if (unaugmented := self._without_augmentation(plan, fit.value)) is not None:
+            plan, fit = unaugmented, self._epochs_that_fit(unaugmented, planned)
         if fit.value < planned:
             self.choices.record("finetune.epochs", fit)
         self.choices.notify()
         return with_epochs(plan, fit.value) if fit.value else None
+
+    def _epochs_that_fit(self, plan: StagePlan, planned: int) -> rules.Choice:
+        return ranks.agree(rules.finetune_epochs_in_budget(planned, self._epoch_seconds(plan),
+                                                           self.budget.left()))
+
+    def _without_augmentation(self, plan: StagePlan, epochs: int) -> StagePlan | None:
+        """The stage without the augmentation the recipe chose for its planned epochs, when
+        the budget holds too few of them for it to pay (unaugmented epochs are re-timed:
+        the frozen stages then run once per image, so more of them may fit)."""
+        preset = PRESETS[plan.spec.preset]
+        if "augment" not in self.choices or plan.spec.augment == "none" or \
+                epochs >= preset.augment_from_epochs:
+            return None  # augmentation asked for by the spec is kept whatever the budget
+        self.choices.record("finetune.augment", rules.augment_cut(preset, epochs))
+        log.info("augmentation dropped: the budget holds %d fine-tuning epoch(s)", epochs)
+        return with_augment(plan, "none")
 
     def _head_suffices(self, plan: StagePlan) -> rules.Choice | None:
         """Whether the head stage's best model already gets every val image right."""
