@@ -59,7 +59,8 @@ def _epochs(spec: FineTuneSpec, stats: DatasetStats) -> rules.Choice:
     """The fine-tuning stage's epochs, or the head's when it trains alone."""
     preset = PRESETS[spec.preset]
     return (rules.head_epochs(preset) if spec.head_alone
-            else rules.finetune_epochs(stats.num_train, preset))
+            else rules.finetune_epochs(stats.num_train, preset,
+                                       multi_label=stats.task == "multi_label"))
 
 
 # In the order they are made (and shown). A new static choice is a rule in rules.py and a

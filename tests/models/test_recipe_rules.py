@@ -67,6 +67,17 @@ def test_finetune_epochs_fall_with_dataset_size(images, expected):
     assert rules.finetune_epochs(images, BALANCED).value == expected
 
 
+def test_a_multi_label_set_fine_tunes_twice_as_long_within_the_same_bounds():
+    single = resolve_static(FineTuneSpec(), DatasetStats({"a": 900, "b": 700}, 56,
+                                                         images=2400))
+    multi = resolve_static(FineTuneSpec(), DatasetStats({"a": 900, "b": 700}, 56,
+                                                        images=2400, task="multi_label"))
+    assert (single["epochs"]["value"], multi["epochs"]["value"]) == (3, 6)
+    assert "multi-label" in multi["epochs"]["why"]
+    assert "multi-label" not in single["epochs"]["why"]
+    assert rules.finetune_epochs(100, BALANCED, multi_label=True).value == 12  # the cap
+
+
 def test_best_preset_trains_longer():
     assert rules.finetune_epochs(2700, PRESETS["best"]).value > \
         rules.finetune_epochs(2700, BALANCED).value
