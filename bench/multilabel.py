@@ -22,11 +22,13 @@ hand-written one's, in no more than its wall time.
 
 Calibration, on the single-label animal-mnist set (1,000 held-out images): test ECE before
 and after temperature scaling (target: after <= 0.5x before) and test accuracy before and
-after (unchanged: a temperature does not reorder the classes), for ``{}`` on 3,000 training
-images and for an over-trained spec on 1,000 (``OVERTRAINED``: every layer, 12 epochs, the
-most accurate epoch kept), where calibration is expected to drift. ``{}``'s short,
-early-stopped fine-tune is close to calibrated already, and the temperature is kept only when
-it lowers ECE on held-out halves of val, so there the ratio says how little was left to fix.
+after (unchanged: a temperature does not reorder the classes), for ``{}`` and for ``{}`` with
+label smoothing 0.1 (``SMOOTHED``: timm's training script's default), both on 3,000 training
+images. ``{}``'s short, early-stopped fine-tune is close to calibrated already (its test ECE is
+near what 1,000 images can measure), and the temperature is kept only when it lowers ECE and
+the log loss on held-out halves of val, so there the ratio says how little was left to fix;
+label smoothing trains a model that is less sure than it is right, which a temperature below
+1 undoes.
 """
 
 from __future__ import annotations
@@ -163,22 +165,18 @@ def overall_accuracy(bins: list[dict]) -> float:
     return sum(b["accuracy"] * b["count"] for b in bins if b["count"]) / total
 
 
-# What a user who trains everything and keeps the most accurate epoch writes: every layer,
-# a fixed rate, no augmentation, many epochs on few images. Long training is where modern
-# networks are expected to grow surer than they are right (Guo et al., 2017); {}'s short,
-# early-stopped fine-tune is close to calibrated. (Measured once on this machine it was not
-# over-confident either: ECE 0.033, and the temperature kept was 0.86, below 1.)
-OVERTRAINED = {"freeze": {"strategy": "none"}, "epochs": 12, "augment": "none",
-               "optimizer": {"lr": 1e-3}, "schedule": {"name": "constant"},
-               "early_stopping": {"monitor": "val_accuracy", "patience": 12}}
+# Label smoothing (timm's train.py uses 0.1 unless told otherwise) makes a model less sure than
+# it is right. Measured before this spec: an over-trained one (every layer, 12 to 30 epochs, no
+# dropout, the most accurate epoch kept) was not over-confident here (test ECE 0.021 to 0.033).
+SMOOTHED = {"label_smoothing": 0.1}
 
 
 def calibration(client: httpx.Client, work: Path, per_class: int) -> None:
-    """Test ECE before and after temperature scaling for ``{}`` and for an over-trained
-    spec (a third of the images: it trains every layer for 12 epochs)."""
+    """Test ECE before and after temperature scaling for ``{}`` and ``{}`` with label
+    smoothing."""
     images, labels = animal_mnist_arrays()
     for name, spec, count in (("empty_spec", {}, per_class),
-                              ("overtrained", OVERTRAINED, per_class // 3)):
+                              ("label_smoothing_0.1", SMOOTHED, per_class)):
         root = work / f"animal-mnist-{name}"
         for split, n, offset in (("train", count, 0), ("test", per_class // 3, per_class)):
             idx = balanced_indices(labels, n, offset=offset)
