@@ -42,6 +42,9 @@ class Predictor:
         # gradient needs).
         self.engine: str = TORCH
         self.runner: Callable[[np.ndarray], np.ndarray] | None = None
+        # The forward size the engine runs fastest at on this host (models/serving/
+        # batch_size.py): larger batches run in chunks of it. None: whole.
+        self.batch_size: int | None = None
 
     @property
     def multi_label(self) -> bool:
@@ -74,14 +77,18 @@ class Predictor:
                                                              size)) for im in images])
 
     def serve_with(self, runner: Callable[[np.ndarray], np.ndarray] | None,
-                   engine: str) -> None:
+                   engine: str, batch_size: int | None = None) -> None:
         """Forwards from now on by ``runner`` (uint8 NCHW in, calibrated probabilities out,
-        as models/export.py's graph), or torch (None); the next forward sees it."""
-        self.runner, self.engine = runner, engine
+        as models/export.py's graph), or torch (None), ``batch_size`` images at a time at
+        most; the next forward sees it."""
+        self.runner, self.engine, self.batch_size = runner, engine, batch_size
 
     def probabilities_from_arrays(self, arrays: np.ndarray) -> torch.Tensor:
         """Calibrated probabilities for uint8 ``[N, S, S, 3]`` arrays, by the engine set."""
-        runner = self.runner
+        runner, step = self.runner, self.batch_size or len(arrays)
+        if len(arrays) > step:
+            return torch.cat([self.probabilities_from_arrays(arrays[i:i + step])
+                              for i in range(0, len(arrays), step)])
         if runner is not None:
             return torch.from_numpy(runner(arrays.transpose(0, 3, 1, 2)))
         return self.probabilities(torch.from_numpy(arrays).permute(0, 3, 1, 2))

@@ -4,7 +4,10 @@ engine runs it (torch or ONNX Runtime: service/serving.py).
 A request's images wait for peers only while other requests for the same model are on their
 way (being received or decoded), and then at most ``max_wait_ms``; a lone request goes
 straight through. Forwards run one at a time on the process's torch thread, never on the
-event loop; requests arriving during a forward form the next batch.
+event loop; requests arriving during a forward form the next batch. A forward takes at most
+the images its engine runs fastest at (``Predictor.batch_size``, measured on this host) and
+answers them as soon as it ends: on a CPU, two forwards of 8 beat one of 16 (eager lite0 at
+224 px: 94 against 67 images/s), and their first half need not wait for the second.
 """
 
 from __future__ import annotations
@@ -100,7 +103,8 @@ class DynamicBatcher:
             items = [first]
             size = len(first.batch)
             deadline = loop.time() + self.max_wait
-            while size < self.max_batch:
+            limit = min(self.max_batch, self.predictor.batch_size or self.max_batch)
+            while size < limit:
                 if not queue.empty():
                     item = queue.get_nowait()
                 elif self.incoming > 0 and loop.time() < deadline:

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 from sqlalchemy.orm import Session
 
 from ftune.models.serving.engines import REPORT_FILE, TORCH, choose
+from ftune.service.batching import TORCH_THREAD
 from ftune.service.blobs.base import BlobMissing
 from ftune.service.blobs.keys import serving_key
 from ftune.service.dataset_versions import parts_of
@@ -49,6 +50,28 @@ log = logging.getLogger(__name__)
 
 WHAT = "the serving preparation (ONNX export, parity check, int8)"
 BACKGROUND_SLOT_WAIT_S = 3600.0  # a background preparation queues for a slot this long
+
+
+# torch's fastest forward size by (architecture, input size, device), measured once in this
+# process: it depends on the network's shape and the host, not on the tuned weights.
+_torch_batch_sizes: dict[tuple[str, int, str], int] = {}
+_torch_lock = threading.Lock()
+
+
+def serve_with_torch(predictor: Predictor) -> None:
+    """Torch serves the model, at the forward size measured fastest for its architecture
+    (about 2 s on the forward thread the first time: models/serving/batch_size.py)."""
+    from ftune.models.serving.batch_size import measure_torch_batch_sizes
+
+    key = (str(predictor.config.get("backbone")), predictor.preprocessing.input_size,
+           str(predictor.device))
+    with _torch_lock:  # one measurement per key, whichever loads come at once
+        if key not in _torch_batch_sizes:
+            measured = TORCH_THREAD.submit(measure_torch_batch_sizes, predictor).result()
+            _torch_batch_sizes[key] = int(measured["size"])
+            log.info("torch serves %s at %d px on %s %d image(s) at a time (images/s by "
+                     "size: %s)", *key, measured["size"], measured["images_per_s"])
+    predictor.serve_with(None, TORCH, _torch_batch_sizes[key])
 
 
 class ServingEngines:
@@ -83,7 +106,7 @@ class ServingEngines:
             raise Unavailable(f"model {model.id} cannot be served under "
                               f"FTUNE_SERVE_ENGINE=onnxruntime: {choice.why}")
         if choice.file is None or serving is None:
-            predictor.serve_with(None, choice.engine)
+            serve_with_torch(predictor)
             return
         from ftune.models.serving.onnx_runner import OnnxRunner
 
@@ -91,18 +114,17 @@ class ServingEngines:
             folder = self.storage.local_tree(serving_key(model.id), serving["sha256"],
                                              owner=model.tenant_id)
             runner = OnnxRunner(folder / choice.file, device=str(predictor.device))
-            runner.use_batch(choice.batch)
         except Exception as exc:  # its files gone or damaged: torch, unless it is forced
             if self.policy == "onnxruntime":
                 raise Unavailable(f"model {model.id}'s ONNX Runtime files cannot be loaded: "
                                   f"{exc}") from exc
             log.warning("model %s stays on torch: its ONNX Runtime files cannot be loaded: %s",
                         model.id, exc)
-            predictor.serve_with(None, TORCH)
+            serve_with_torch(predictor)
             return
-        predictor.serve_with(runner, choice.engine)
+        predictor.serve_with(runner, choice.engine, runner.batch_size(choice.batch))
         log.info("model %s is served by %s, %s at a time (%s)", model.id, choice.engine,
-                 runner.chunk or "the whole batch", choice.why)
+                 predictor.batch_size or "the whole batch", choice.why)
 
     def _prepare_later(self, model: TunedModel, predictor: Predictor) -> None:
         with self._lock:

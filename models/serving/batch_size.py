@@ -1,18 +1,26 @@
-"""The batch size ONNX Runtime runs fastest at on this host, measured once per model.
+"""The batch size an engine runs fastest at on this host: ONNX Runtime's measured once per
+model (in its serving preparation), torch's once per architecture and input size in each API
+process.
 
-On a CPU, a larger batch is not faster per image: lite0 at 224 px ran 262 images/s at batch 1
-and 217 at batch 16 (bench/predict.py), since a batch's activations outgrow the caches. So
-the dynamic batcher still gathers every waiting request into one forward, and the runner
-splits it into chunks of the size measured here. On a GPU the measurement finds the large
-batches; a chunk size is used only with the execution provider it was measured with.
+On a CPU, a larger batch is not faster per image: lite0 at 224 px ran ONNX Runtime at 165
+images/s at batch 4 and 153 at batch 16, eager torch at 94 at batch 8 and 67 at batch 16
+(bench/predict.py's model, in process), since a batch's activations outgrow the caches. So
+the dynamic batcher gathers at most that many images into one forward (answering them as
+soon as it ends), and a request with more runs in chunks of it. On a GPU the measurement
+finds the large batches; a size is used only with the execution provider it was measured
+with.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from ftune.models.predictor import Predictor
 
 BATCH_SIZES = (1, 2, 4, 8, 16)
 ROUNDS = 3  # alternating blocks: drifting load hits every size alike
@@ -37,6 +45,21 @@ def measure_batch_sizes(run: Callable[[np.ndarray], object], image: np.ndarray, 
     rates = {size: float(np.median(values)) for size, values in samples.items()}
     return {"size": choose_size(rates), "provider": provider,
             "images_per_s": {str(size): round(rate, 1) for size, rate in rates.items()}}
+
+
+def measure_torch_batch_sizes(predictor: Predictor, rounds: int = ROUNDS,
+                              block_s: float = BLOCK_S) -> dict:
+    """``measure_batch_sizes`` for the predictor's torch model (on noise: the speed of a
+    forward does not depend on what the image shows). Call it on the thread that runs the
+    forwards: its thread count is theirs."""
+    import torch
+
+    side = predictor.preprocessing.input_size
+    image = np.random.default_rng(0).integers(0, 256, (1, 3, side, side), dtype=np.uint8)
+    with torch.inference_mode():
+        return measure_batch_sizes(lambda batch: predictor.probabilities(
+            torch.from_numpy(batch)), image, f"torch-{predictor.device.type}", rounds=rounds,
+            block_s=block_s)
 
 
 def images_per_second(run: Callable[[np.ndarray], object], batch: np.ndarray,

@@ -43,24 +43,16 @@ class OnnxRunner:
                                             providers=execution_providers(device))
         self.input = self.session.get_inputs()[0].name
         self.providers: list[str] = self.session.get_providers()
-        self.chunk: int | None = None  # runs at most this many images at once (use_batch)
 
-    def use_batch(self, measured: dict | None) -> None:
-        """Run batches in chunks of the size measured fastest (models/serving/batch_size.py)
-        where it was measured with this session's execution provider; whole otherwise."""
-        self.chunk = (int(measured["size"]) if measured is not None
-                      and measured.get("provider") == self.providers[0] else None)
+    def batch_size(self, measured: dict | None) -> int | None:
+        """The size measured fastest (models/serving/batch_size.py), where it was measured
+        with this session's execution provider; None otherwise (whole batches)."""
+        return (int(measured["size"]) if measured is not None
+                and measured.get("provider") == self.providers[0] else None)
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         """float32 ``[N, C]`` probabilities for uint8 ``[N, 3, S, S]`` images."""
         batch = np.ascontiguousarray(images, dtype=np.uint8)
-        step = self.chunk or len(batch)
-        if len(batch) <= step:
-            return self._run(batch)
-        return np.concatenate([self._run(batch[i:i + step])
-                               for i in range(0, len(batch), step)])
-
-    def _run(self, batch: np.ndarray) -> np.ndarray:
         return np.asarray(self.session.run(None, {self.input: batch})[0], dtype=np.float32)
 
     def memory_bytes(self) -> int:

@@ -14,7 +14,11 @@ from ftune.models.bundle import save_bundle
 from ftune.models.cli import main
 from ftune.models.predictor import Predictor
 from ftune.models.serving.agreement import Agreement, agreement
-from ftune.models.serving.batch_size import BATCH_SIZES, choose_size
+from ftune.models.serving.batch_size import (
+    BATCH_SIZES,
+    choose_size,
+    measure_torch_batch_sizes,
+)
 from ftune.models.serving.onnx_runner import OnnxRunner
 from ftune.models.serving.prepare import int8_passes, parity_passes, prepare_serving
 from ftune.models.training.fit import fit
@@ -49,7 +53,7 @@ def test_the_onnx_export_passes_parity_on_the_model_s_own_images(prepared, tuned
 
 
 def test_the_batch_size_served_is_measured_and_chunks_give_the_whole_batch_s_answer(
-        prepared):
+        prepared, tuned):
     out, report = prepared
     batch = report["onnx"]["batch"]
     runner = OnnxRunner(out / "model.onnx", threads=1)
@@ -58,14 +62,25 @@ def test_the_batch_size_served_is_measured_and_chunks_give_the_whole_batch_s_ans
     assert all(rate > 0 for rate in batch["images_per_s"].values())
     assert batch["size"] in BATCH_SIZES
     assert ("batch" in report["int8"]) == report["int8"]["offered"]
-    images = np.random.default_rng(0).integers(0, 256, (7, 3, 48, 48), dtype=np.uint8)
-    whole = runner(images)
-    runner.use_batch({**batch, "size": 3})
-    assert runner.chunk == 3
-    assert np.abs(runner(images) - whole).max() <= 1e-6 and len(runner(images)) == 7
+    assert runner.batch_size({**batch, "size": 3}) == 3
     # Measured with another execution provider: the whole batch at once.
-    runner.use_batch({**batch, "provider": "CUDAExecutionProvider"})
-    assert runner.chunk is None
+    assert runner.batch_size({**batch, "provider": "CUDAExecutionProvider"}) is None
+    predictor = Predictor.load(tuned, device="cpu")
+    arrays = np.random.default_rng(0).integers(0, 256, (7, 48, 48, 3), dtype=np.uint8)
+    for engine in (None, runner):  # torch, then ONNX Runtime
+        predictor.serve_with(engine, "any")
+        whole = predictor.probabilities_from_arrays(arrays)
+        predictor.serve_with(engine, "any", batch_size=3)
+        chunked = predictor.probabilities_from_arrays(arrays)
+        assert chunked.shape == whole.shape == (7, len(predictor.classes))
+        assert (chunked - whole).abs().max() <= 1e-5
+
+
+def test_torch_s_batch_size_is_measured_on_the_model_as_built(tuned):
+    predictor = Predictor.load(tuned, device="cpu")
+    measured = measure_torch_batch_sizes(predictor, rounds=1, block_s=0.01)
+    assert measured["provider"] == "torch-cpu" and measured["size"] in BATCH_SIZES
+    assert set(measured["images_per_s"]) == {str(size) for size in BATCH_SIZES}
 
 
 def test_the_fastest_batch_size_wins_only_by_a_margin():

@@ -46,6 +46,26 @@ def test_concurrent_requests_share_one_forward_with_the_same_answers(model_home)
     batcher.close()
 
 
+def test_a_forward_takes_at_most_the_engine_s_batch_size(model_home):
+    storage, models = model_home
+    predictor = PredictorCache(storage, 1 << 30).get(models[0]).predictor
+    predictor.serve_with(None, "torch", batch_size=2)  # as if measured fastest at 2
+    batcher = DynamicBatcher(predictor, max_batch=32, max_wait_ms=5)
+    rng = np.random.default_rng(1)
+    batches = [rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8) for n in (1, 1, 1, 1, 3)]
+    expected = [predictor.probabilities_from_arrays(b) for b in batches]
+
+    async def together() -> list[torch.Tensor]:
+        return await asyncio.gather(*(batcher.probabilities(b) for b in batches))
+
+    results = asyncio.run(together())
+    # 1+1, 1+1, then the 3-image request alone (in chunks of 2 within its forward).
+    assert batcher.batches == 3 and batcher.images == 7
+    for got, want in zip(results, expected, strict=True):
+        assert torch.allclose(got, want, atol=1e-5)
+    batcher.close()
+
+
 def test_a_lone_request_does_not_wait_for_the_batch_window(model_home):
     storage, models = model_home
     predictor = PredictorCache(storage, 1 << 30).get(models[0]).predictor
