@@ -93,7 +93,7 @@ class Predictor:
             return torch.from_numpy(runner(arrays.transpose(0, 3, 1, 2)))
         return self.probabilities(torch.from_numpy(arrays).permute(0, 3, 1, 2))
 
-    @torch.no_grad()
+    @torch.inference_mode()  # no autograd bookkeeping at all (no_grad keeps some)
     def probabilities(self, batch: torch.Tensor) -> torch.Tensor:
         """Calibrated class probabilities for a uint8 batch from ``to_uint8``: a softmax over
         the classes, or (multi-label) each class's own sigmoid."""
