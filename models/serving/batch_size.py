@@ -56,10 +56,9 @@ def measure_torch_batch_sizes(predictor: Predictor, rounds: int = ROUNDS,
 
     side = predictor.preprocessing.input_size
     image = np.random.default_rng(0).integers(0, 256, (1, 3, side, side), dtype=np.uint8)
-    with torch.inference_mode():
-        return measure_batch_sizes(lambda batch: predictor.probabilities(
-            torch.from_numpy(batch)), image, f"torch-{predictor.device.type}", rounds=rounds,
-            block_s=block_s)
+    return measure_batch_sizes(lambda batch: predictor.probabilities(torch.from_numpy(batch)),
+                               image, f"torch-{predictor.device.type}", rounds=rounds,
+                               block_s=block_s)
 
 
 def images_per_second(run: Callable[[np.ndarray], object], batch: np.ndarray,
