@@ -134,10 +134,12 @@ def _temperature(logits: torch.Tensor, targets: torch.Tensor, task: Task,
                            f"validation images (fewer than {MIN_MISTAKES}): too few to fit a "
                            "temperature against")
     halves = _halves(len(logits), seed)
-    per_class = isinstance(task, MultiLabel) and \
-        _mean(_held_out(logits, targets, task, halves, per_class=True))[1] < \
-        _mean(_held_out(logits, targets, task, halves, per_class=False))[1]
-    scores = _held_out(logits, targets, task, halves, per_class=per_class)
+    # Multi-label: one temperature per class or one shared, whichever the held-out ECE
+    # prefers (shared on a tie); each form is scored once.
+    scored = {per_class: _held_out(logits, targets, task, halves, per_class=per_class)
+              for per_class in ((False, True) if isinstance(task, MultiLabel) else (False,))}
+    per_class = min(scored, key=lambda form: _mean(scored[form])[1])
+    scores = scored[per_class]
     (before, after), loss_fell = _mean(scores), all(h.loss_after < h.loss_before for h in scores)
     temperature = fit_temperature(logits, targets, task, per_class=per_class)
     form = "one per class" if per_class else "one shared"
