@@ -18,7 +18,8 @@ from ftune.service.context import AppContext
 from ftune.service.errors import Unauthorized
 
 
-def get_context(request: Request) -> AppContext:
+async def get_context(request: Request) -> AppContext:
+    # async: FastAPI runs a plain function dependency on a worker thread, a hop per request.
     return request.app.state.ctx
 
 
