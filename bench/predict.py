@@ -9,16 +9,19 @@ on the animal test split.
 - ``predict_int8``: fp32 and int8 accuracy on the test split, the drop in points, the share
   of images where int8 gives fp32's answer, whether int8 is offered (target: drop ≤ 0.5).
 - ``predict_inprocess``: the limit. Eager torch (channels-last, inference mode), ONNX Runtime
-  fp32 and int8 at batch 1 and 16, images per second, measured in alternating blocks, and
-  each engine's ratio to torch.
-- ``predict_batch``: the batch size each ONNX Runtime engine was measured fastest at in the
-  preparation (models/serving/batch_size.py), which the server splits batches into.
+  fp32 and int8 at batch 1 and 16, one forward at a time on every core, images per second,
+  measured in alternating blocks, and each engine's ratio to torch.
+- ``predict_lanes``: the limit as the server runs forwards (models/serving/lanes.py): the
+  host's lanes side by side, each on its share of the cores, at batch 1, 2 and 4.
+- ``predict_batch``: the batch size each ONNX Runtime engine was measured fastest at in its
+  lanes by the preparation (models/serving/batch_size.py), which the server batches up to.
 - ``predict_serving``: ``ftune serve`` under FTUNE_SERVE_ENGINE=torch, auto and int8 (one
   server each, measured in alternating blocks): 16 concurrent one-image clients, throughput
-  divided by the same engine's in-process batch-16 throughput (target ≥ 0.8) and by its
-  better in-process rate of batch 1 and 16, and the single-image p50 overhead over the same
-  engine's bare forward (target ≤ 5 ms). ``predict_clients``: the share of the machine's cores
-  the clients themselves used while measured, which the server did not have.
+  divided by the same engine's in-process batch-16 throughput (target ≥ 0.8), by its
+  better in-process rate of batch 1 and 16, and by its best rate in lanes, and the
+  single-image p50 overhead over the same engine's bare forward (target ≤ 5 ms).
+  ``predict_clients``: the share of the machine's cores the clients themselves used while
+  measured, which the server did not have.
 - ``predict_auto_vs_torch``: /predict throughput under auto divided by under torch
   (target ≥ 1.5).
 """
@@ -39,6 +42,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -48,7 +52,9 @@ from PIL import Image
 
 from ftune.models.predictor import Predictor
 from ftune.models.serving.batch_size import images_per_second
+from ftune.models.serving.batch_size import in_lanes as lanes_rate
 from ftune.models.serving.engines import FP32_FILE, INT8_FILE
+from ftune.models.serving.lanes import LaneLayout, lane_layout
 from ftune.models.serving.onnx_runner import OnnxRunner
 from ftune.processes import free_port, ftune_command, wait_until
 from ftune.service.auth.principal import Role
@@ -65,7 +71,9 @@ from ftune.testing.realdata import animal_mnist_arrays, balanced_indices, write_
 
 MODEL_ID = "f" * 32
 POLICIES = {"torch": "torch", "auto": "onnxruntime", "int8": "onnxruntime-int8"}
-Forward = Callable[[np.ndarray], object]  # uint8 [N, 3, S, S] -> probabilities
+# uint8 [N, 3, S, S] and the threads it may use (None: every core) -> probabilities
+Forward = Callable[[np.ndarray, int | None], object]
+LANE_SIZES = (1, 2, 4)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -99,9 +107,24 @@ def prepare(work: Path, image_size: int | None, train: int, test: int
 
 
 def rate(forward: Forward, batch: np.ndarray, seconds: float) -> float:
-    """Images per second over about ``seconds`` of forwards of ``batch``."""
-    forward(batch)  # warm
-    return images_per_second(forward, batch, seconds)
+    """Images per second over about ``seconds`` of forwards of ``batch`` on every core."""
+    forward(batch, None)  # warm
+    return images_per_second(lambda b: forward(b, None), batch, seconds)
+
+
+def in_lanes(engines: dict[str, Forward], image: np.ndarray, rounds: int, seconds: float,
+             layout: LaneLayout) -> dict[tuple[str, int], float]:
+    """Median images/s of each engine in ``layout``'s lanes at each of LANE_SIZES."""
+    samples: dict[tuple[str, int], list[float]] = {}
+    with ThreadPoolExecutor(layout.lanes) as pool:
+        for _ in range(rounds):
+            for name, forward in engines.items():
+                for size in LANE_SIZES:
+                    batch = np.repeat(image, size, axis=0)
+                    lanes_rate(pool, forward, batch, layout, 0.0)  # warm each lane
+                    samples.setdefault((name, size), []).append(
+                        lanes_rate(pool, forward, batch, layout, seconds))
+    return {key: statistics.median(values) for key, values in samples.items()}
 
 
 def in_process(engines: dict[str, Forward], image: np.ndarray, rounds: int,
@@ -159,7 +182,7 @@ def latency(http: httpx.Client, forward: Forward, png: bytes, image: np.ndarray,
     bare: list[float] = []
     over_http: list[float] = []
     for _ in range(repeats):
-        for fn, into in ((lambda: forward(image), bare), (one_http, over_http)):
+        for fn, into in ((lambda: forward(image, None), bare), (one_http, over_http)):
             started = time.perf_counter()
             fn()
             into.append((time.perf_counter() - started) * 1000)
@@ -185,18 +208,24 @@ def main() -> None:
         (256, 256)).save(png_buffer, "PNG")
     png = png_buffer.getvalue()
     image = predictor.to_uint8([png]).numpy()  # what the server computes from the same PNG
-    engines: dict[str, Forward] = {"torch": lambda b: predictor.probabilities(
-        torch.from_numpy(b)), "onnxruntime": OnnxRunner(files / FP32_FILE)}
+    layout = lane_layout("cpu")
+    engines: dict[str, Forward] = {
+        "torch": lambda b, t=None: predictor.probabilities(torch.from_numpy(b), t),
+        "onnxruntime": OnnxRunner(files / FP32_FILE, threads=layout.widths)}
     if (files / INT8_FILE).exists():
-        engines["onnxruntime-int8"] = OnnxRunner(files / INT8_FILE)
+        engines["onnxruntime-int8"] = OnnxRunner(files / INT8_FILE, threads=layout.widths)
+    block_s = args.seconds / args.rounds / 2
     with torch.inference_mode():
-        limits = in_process(engines, image, args.rounds, args.seconds / args.rounds / 2)
+        limits = in_process(engines, image, args.rounds, block_s)
+        lanes = in_lanes(engines, image, args.rounds, block_s, layout)
     report_in_process(limits, predictor.preprocessing.input_size)
-    serve(home, engines, limits, png, image, args)
+    report_lanes(lanes, layout)
+    serve(home, engines, limits, lanes, png, image, args)
 
 
 def serve(home: Path, engines: dict[str, Forward], limits: dict[tuple[str, int], float],
-          png: bytes, image: np.ndarray, args: argparse.Namespace) -> None:
+          lanes: dict[tuple[str, int], float], png: bytes, image: np.ndarray,
+          args: argparse.Namespace) -> None:
     key = make_key(f"sqlite:///{home / 'ftune.db'}", role=Role.MEMBER)
     policies = {p: e for p, e in POLICIES.items() if e in engines}
     servers = {policy: start_server(home, policy) for policy in policies}
@@ -228,10 +257,12 @@ def serve(home: Path, engines: dict[str, Forward], limits: dict[tuple[str, int],
     for policy, engine in policies.items():
         http_img_s = statistics.median(rates[policy])
         best = max(limits[(engine, 1)], limits[(engine, 16)])
+        in_lanes_best = max(lanes[(engine, size)] for size in LANE_SIZES)
         print(f"predict_serving policy={policy} engine={engine} http_img_s={http_img_s:.1f} "
               f"inprocess_batch16_img_s={limits[(engine, 16)]:.1f} "
               f"ratio={http_img_s / limits[(engine, 16)]:.3f} target_ratio=0.8 "
               f"ratio_to_best_inprocess={http_img_s / best:.3f} "
+              f"ratio_to_lanes={http_img_s / in_lanes_best:.3f} "
               f"overhead_p50_ms={overheads[policy]:.2f} target_overhead_p50_ms=5 clients=16")
     print(f"predict_clients cpu_share_median={statistics.median(client_cpu):.3f} "
           f"cores={os.cpu_count()} (the 16 clients' CPU while measured, of all cores)")
@@ -257,6 +288,12 @@ def report_int8(report: dict) -> None:
             batch = report[name]["batch"]
             print(f"predict_batch engine={engine} served_at={batch['size']} "
                   f"provider={batch['provider']} images_per_s={batch['images_per_s']}")
+
+
+def report_lanes(lanes: dict[tuple[str, int], float], layout: LaneLayout) -> None:
+    for (engine, batch), img_s in sorted(lanes.items()):
+        print(f"predict_lanes engine={engine} lanes={layout.lanes} threads={layout.threads} "
+              f"batch={batch} img_s={img_s:.1f}")
 
 
 def report_in_process(limits: dict[tuple[str, int], float], size: int) -> None:

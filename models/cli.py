@@ -112,6 +112,9 @@ def add_engine_commands(sub: argparse._SubParsersAction) -> None:
                          "checked); without it nothing is offered")
     serving.add_argument("--out", required=True, help="folder for model.onnx, "
                          "model.int8.onnx and serving.json")
+    serving.add_argument("--lanes", type=int, default=0, help="forwards the server runs at "
+                         "once, which the batch size is measured with (default: one per "
+                         "core, at most 4)")
     serving.set_defaults(run=_serving_check)
 
     backbones = sub.add_parser("backbones", help="list backbones with offline pretrained weights")
@@ -284,7 +287,7 @@ def _serving_check(args: argparse.Namespace) -> int:
     from ftune.models.serving.prepare import prepare_serving
 
     report = prepare_serving(Path(args.model), Path(args.data) if args.data else None,
-                             Path(args.out))
+                             Path(args.out), max(0, args.lanes))
     print(json.dumps(report, indent=2))
     return 0
 

@@ -23,6 +23,9 @@ from ftune.models.tasks import TASKS, MultiLabel
 from ftune.models.training.runtime import channels_last, resolve_device
 
 ImageInput = Image.Image | str | Path | bytes | np.ndarray
+# Another engine's forward: uint8 NCHW images and the threads it may use (None: its default)
+# -> calibrated probabilities, as models/export.py's graph computes them.
+Runner = Callable[[np.ndarray, int | None], np.ndarray]
 
 
 class Predictor:
@@ -41,7 +44,7 @@ class Predictor:
         # an ONNX Runtime runner is attached; the torch model stays (a fallback, and what a
         # gradient needs).
         self.engine: str = TORCH
-        self.runner: Callable[[np.ndarray], np.ndarray] | None = None
+        self.runner: Runner | None = None
         # The forward size the engine runs fastest at on this host (models/serving/
         # batch_size.py): larger batches run in chunks of it. None: whole.
         self.batch_size: int | None = None
@@ -76,27 +79,32 @@ class Predictor:
         return np.stack([np.asarray(resize_center_crop_image(_as_image(im), self.preprocessing,
                                                              size)) for im in images])
 
-    def serve_with(self, runner: Callable[[np.ndarray], np.ndarray] | None,
-                   engine: str, batch_size: int | None = None) -> None:
-        """Forwards from now on by ``runner`` (uint8 NCHW in, calibrated probabilities out,
-        as models/export.py's graph), or torch (None), ``batch_size`` images at a time at
-        most; the next forward sees it."""
+    def serve_with(self, runner: Runner | None, engine: str,
+                   batch_size: int | None = None) -> None:
+        """Forwards from now on by ``runner``, or torch (None), ``batch_size`` images at a
+        time at most; the next forward sees it."""
         self.runner, self.engine, self.batch_size = runner, engine, batch_size
 
-    def probabilities_from_arrays(self, arrays: np.ndarray) -> torch.Tensor:
-        """Calibrated probabilities for uint8 ``[N, S, S, 3]`` arrays, by the engine set."""
+    def probabilities_from_arrays(self, arrays: np.ndarray,
+                                  threads: int | None = None) -> torch.Tensor:
+        """Calibrated probabilities for uint8 ``[N, S, S, 3]`` arrays, by the engine set, on
+        ``threads`` cores (see ``probabilities``)."""
         runner, step = self.runner, self.batch_size or len(arrays)
         if len(arrays) > step:
-            return torch.cat([self.probabilities_from_arrays(arrays[i:i + step])
+            return torch.cat([self.probabilities_from_arrays(arrays[i:i + step], threads)
                               for i in range(0, len(arrays), step)])
         if runner is not None:
-            return torch.from_numpy(runner(arrays.transpose(0, 3, 1, 2)))
-        return self.probabilities(torch.from_numpy(arrays).permute(0, 3, 1, 2))
+            return torch.from_numpy(runner(arrays.transpose(0, 3, 1, 2), threads))
+        return self.probabilities(torch.from_numpy(arrays).permute(0, 3, 1, 2), threads)
 
     @torch.inference_mode()  # no autograd bookkeeping at all (no_grad keeps some)
-    def probabilities(self, batch: torch.Tensor) -> torch.Tensor:
+    def probabilities(self, batch: torch.Tensor, threads: int | None = None) -> torch.Tensor:
         """Calibrated class probabilities for a uint8 batch from ``to_uint8``: a softmax over
-        the classes, or (multi-label) each class's own sigmoid."""
+        the classes, or (multi-label) each class's own sigmoid. ``threads``: the CPU cores
+        it may use; torch keeps a count per thread, so the calling thread keeps it too
+        (None: the thread's own)."""
+        if threads is not None and torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
         normalised = normalize(batch.to(self.device), self.preprocessing)
         logits = self.model(normalised).float()
         return self.task.probabilities(scaled(logits, self.temperature)).cpu()

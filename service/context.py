@@ -67,7 +67,7 @@ class AppContext:
         predictors = PredictorCache(
             storage, int(settings.predictor_cache_mb * 2**20),
             max_batch=settings.predict_max_batch, max_wait_ms=settings.predict_max_wait_ms,
-            engines=engines)
+            lanes=settings.serve_lanes, engines=engines)
         engines.on_change = predictors.resize
         return cls(settings, db, storage, predictors, slots, serve_only)
 

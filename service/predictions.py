@@ -40,7 +40,7 @@ def decode_batch(files: list[ReceivedFile], predictor: Predictor,
         if received.size == 0:
             raise InvalidInput(f"{received.filename}: the file is empty")
         try:
-            image = decode_for(received.path, predictor.preprocessing.resize_size, max_pixels)
+            image = decode_for(received.source(), predictor.preprocessing.resize_size, max_pixels)
         except ImageRefused as exc:
             raise InvalidInput(f"{received.filename}: {exc}") from None
         except UnidentifiedImageError:

@@ -9,7 +9,8 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 
-from ftune.service.batching import LOAD_THREAD, DynamicBatcher
+from ftune.models.serving.lanes import lane_layout
+from ftune.service.batching import LOAD_THREAD, DynamicBatcher, forward_lanes
 from ftune.service.db.tables import TunedModel
 from ftune.service.freed_memory import return_freed_memory
 from ftune.service.serving import ServingEngines
@@ -24,8 +25,10 @@ class PredictorCache:
     after that the model is looked up again (it may have been deleted)."""
 
     def __init__(self, storage: Storage, max_bytes: int, *, max_batch: int = 32,
-                 max_wait_ms: float = 5.0, engines: ServingEngines | None = None) -> None:
+                 max_wait_ms: float = 5.0, lanes: int = 0,
+                 engines: ServingEngines | None = None) -> None:
         self.storage, self.max_bytes, self.engines = storage, max_bytes, engines
+        self.lanes = lanes  # FTUNE_SERVE_LANES (models/serving/lanes.py)
         self.max_batch, self.max_wait_ms = max_batch, max_wait_ms
         self._loaded: OrderedDict[str, DynamicBatcher] = OrderedDict()
         self._sizes: dict[str, int] = {}
@@ -57,11 +60,12 @@ class PredictorCache:
 
             folder = bundle_folder(self.storage, model)  # fetched from the store once
             predictor = LOAD_THREAD.submit(Predictor.load, folder).result()
+            layout = lane_layout(str(predictor.device), self.lanes)
             if self.engines is not None:  # torch, or ONNX Runtime once the model passes
-                self.engines.attach(model, predictor)
+                self.engines.attach(model, predictor, layout)
             batcher = DynamicBatcher(predictor, max_batch=self.max_batch,
                                      max_wait_ms=self.max_wait_ms, tenant_id=tenant_id,
-                                     on_batch=self.on_batch)
+                                     lanes=forward_lanes(layout), on_batch=self.on_batch)
             with self._lock:
                 self.loads += 1
                 self._loaded[model_id] = batcher

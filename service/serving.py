@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 from sqlalchemy.orm import Session
 
 from ftune.models.serving.engines import REPORT_FILE, TORCH, choose
-from ftune.service.batching import TORCH_THREAD
+from ftune.models.serving.lanes import LaneLayout
 from ftune.service.blobs.base import BlobMissing
 from ftune.service.blobs.keys import serving_key
 from ftune.service.dataset_versions import parts_of
@@ -45,6 +45,7 @@ from ftune.service.tuned_models import bundle_folder, record_exports, report_of
 
 if TYPE_CHECKING:
     from ftune.models.predictor import Predictor
+    from ftune.models.serving.onnx_runner import OnnxRunner
 
 log = logging.getLogger(__name__)
 
@@ -52,26 +53,33 @@ WHAT = "the serving preparation (ONNX export, parity check, int8)"
 BACKGROUND_SLOT_WAIT_S = 3600.0  # a background preparation queues for a slot this long
 
 
-# torch's fastest forward size by (architecture, input size, device), measured once in this
-# process: it depends on the network's shape and the host, not on the tuned weights.
-_torch_batch_sizes: dict[tuple[str, int, str], int] = {}
-_torch_lock = threading.Lock()
+# The fastest forward size by (engine, provider, architecture, input size, device, lanes),
+# measured once in this process where the model's preparation did not measure it here: it
+# depends on the network's shape and the host, not on the tuned weights.
+_batch_sizes: dict[tuple[str, str, str, int, str, LaneLayout], int] = {}
+_measure_lock = threading.Lock()
 
 
-def serve_with_torch(predictor: Predictor) -> None:
-    """Torch serves the model, at the forward size measured fastest for its architecture
-    (about 2 s on the forward thread the first time: models/serving/batch_size.py)."""
-    from ftune.models.serving.batch_size import measure_torch_batch_sizes
+def measured_batch_size(predictor: Predictor, layout: LaneLayout, engine: str = TORCH,
+                        runner: OnnxRunner | None = None) -> int:
+    """The forward size ``engine`` (``runner``, or torch) runs fastest at in ``layout``'s
+    lanes (about 2 s the first time: models/serving/batch_size.py)."""
+    from ftune.models.serving.batch_size import measure_model_batch_sizes
 
-    key = (str(predictor.config.get("backbone")), predictor.preprocessing.input_size,
-           str(predictor.device))
-    with _torch_lock:  # one measurement per key, whichever loads come at once
-        if key not in _torch_batch_sizes:
-            measured = TORCH_THREAD.submit(measure_torch_batch_sizes, predictor).result()
-            _torch_batch_sizes[key] = int(measured["size"])
-            log.info("torch serves %s at %d px on %s %d image(s) at a time (images/s by "
-                     "size: %s)", *key, measured["size"], measured["images_per_s"])
-    predictor.serve_with(None, TORCH, _torch_batch_sizes[key])
+    provider = runner.providers[0] if runner is not None else f"torch-{predictor.device.type}"
+    key = (engine, provider, str(predictor.config.get("backbone")),
+           predictor.preprocessing.input_size, str(predictor.device), layout)
+    with _measure_lock:  # one measurement per key, whichever loads come at once
+        if key not in _batch_sizes:
+            measured = measure_model_batch_sizes(predictor, layout, runner, provider)
+            _batch_sizes[key] = int(measured["size"])
+            log.info("%s (%s) serves %s at %d px on %s (%s) %d image(s) at a time (images/s "
+                     "by size: %s)", *key, measured["size"], measured["images_per_s"])
+    return _batch_sizes[key]
+
+
+def serve_with_torch(predictor: Predictor, layout: LaneLayout) -> None:
+    predictor.serve_with(None, TORCH, measured_batch_size(predictor, layout))
 
 
 class ServingEngines:
@@ -85,48 +93,54 @@ class ServingEngines:
         # process's exit (a pool's threads are joined at exit; its child is killed then).
         # The queue holds the loaded predictors weakly: one the model cache evicts while its
         # model waits its turn is freed then, not kept until the preparation runs.
-        self._queue: queue.SimpleQueue[tuple[TunedModel, weakref.ref[Predictor]]] = (
-            queue.SimpleQueue())
+        self._queue: queue.SimpleQueue[tuple[TunedModel, weakref.ref[Predictor],
+                                             LaneLayout]] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self.on_change: Callable[[str], None] | None = None  # a model's engine changed
 
-    def attach(self, model: TunedModel, predictor: Predictor) -> None:
-        """Set the engine of a model just loaded; may start (or, under ``onnxruntime``,
-        wait for) its preparation. 503 naming why where ``onnxruntime`` refuses it."""
+    def attach(self, model: TunedModel, predictor: Predictor, layout: LaneLayout) -> None:
+        """Set the engine of a model just loaded, to be served in ``layout``'s lanes; may
+        start (or, under ``onnxruntime``, wait for) its preparation. 503 naming why where
+        ``onnxruntime`` refuses it."""
         serving = model.serving
         if serving is None and self.policy == "onnxruntime":
             serving = self.prepare(model)
         elif serving is None and self.policy != "torch":
-            self._prepare_later(model, predictor)
-        self._apply(model, serving, predictor)
+            self._prepare_later(model, predictor, layout)
+        self._apply(model, serving, predictor, layout)
 
-    def _apply(self, model: TunedModel, serving: dict | None, predictor: Predictor) -> None:
+    def _apply(self, model: TunedModel, serving: dict | None, predictor: Predictor,
+               layout: LaneLayout) -> None:
         choice = choose(self.policy, report_of(serving))
         if choice.engine is None:
             raise Unavailable(f"model {model.id} cannot be served under "
                               f"FTUNE_SERVE_ENGINE=onnxruntime: {choice.why}")
         if choice.file is None or serving is None:
-            serve_with_torch(predictor)
+            serve_with_torch(predictor, layout)
             return
         from ftune.models.serving.onnx_runner import OnnxRunner
 
         try:
             folder = self.storage.local_tree(serving_key(model.id), serving["sha256"],
                                              owner=model.tenant_id)
-            runner = OnnxRunner(folder / choice.file, device=str(predictor.device))
+            runner = OnnxRunner(folder / choice.file, threads=layout.widths,
+                                device=str(predictor.device))
         except Exception as exc:  # its files gone or damaged: torch, unless it is forced
             if self.policy == "onnxruntime":
                 raise Unavailable(f"model {model.id}'s ONNX Runtime files cannot be loaded: "
                                   f"{exc}") from exc
             log.warning("model %s stays on torch: its ONNX Runtime files cannot be loaded: %s",
                         model.id, exc)
-            serve_with_torch(predictor)
+            serve_with_torch(predictor, layout)
             return
-        predictor.serve_with(runner, choice.engine, runner.batch_size(choice.batch))
+        size = (runner.batch_size(choice.batch, layout)  # measured here by the preparation
+                or measured_batch_size(predictor, layout, choice.engine, runner))
+        predictor.serve_with(runner, choice.engine, size)
         log.info("model %s is served by %s, %s at a time (%s)", model.id, choice.engine,
                  predictor.batch_size or "the whole batch", choice.why)
 
-    def _prepare_later(self, model: TunedModel, predictor: Predictor) -> None:
+    def _prepare_later(self, model: TunedModel, predictor: Predictor,
+                       layout: LaneLayout) -> None:
         with self._lock:
             if model.id in self._pending:
                 return
@@ -135,20 +149,20 @@ class ServingEngines:
                 self._thread = threading.Thread(target=self._prepare_in_turn, daemon=True,
                                                 name="serving-prep")
                 self._thread.start()
-        self._queue.put((model, weakref.ref(predictor)))
+        self._queue.put((model, weakref.ref(predictor), layout))
 
     def _prepare_in_turn(self) -> None:
         while True:
             self._prepare_and_apply(*self._queue.get())
 
-    def _prepare_and_apply(self, model: TunedModel,
-                           loaded: weakref.ref[Predictor]) -> None:
+    def _prepare_and_apply(self, model: TunedModel, loaded: weakref.ref[Predictor],
+                           layout: LaneLayout) -> None:
         try:
             serving = self.prepare(model, wait_s=BACKGROUND_SLOT_WAIT_S)
             predictor = loaded()
             if predictor is None:  # evicted meanwhile: its next load reads the row's files
                 return
-            self._apply(model, serving, predictor)
+            self._apply(model, serving, predictor, layout)
             if self.on_change is not None:
                 self.on_change(model.id)
         except Exception as exc:  # torch keeps serving; the next load of the model tries again
@@ -211,7 +225,8 @@ class ServingEngines:
         bundle = bundle_folder(self.storage, model)
         with tempfile.TemporaryDirectory(dir=self.storage.tmp) as scratch:
             out = Path(scratch) / "serving"
-            args = ["serving-check", str(bundle), "--out", str(out)]
+            args = ["serving-check", str(bundle), "--out", str(out),
+                    "--lanes", str(self.settings.serve_lanes)]
             run_engine_child(args + (["--data", str(data)] if data else []), WHAT,
                              timeout_s=self.settings.export_timeout_s)
             report = json.loads((out / REPORT_FILE).read_text())

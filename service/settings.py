@@ -57,6 +57,10 @@ class Settings(BaseSettings):
         "model's export passes its parity check against torch, torch until then and where it "
         "fails), torch, onnxruntime (always; a model failing parity is refused), or int8 (as "
         "auto, with the int8 model where its guard passed). See README, Serving engines.")
+    serve_lanes: int = Field(
+        0, ge=0, description="Forwards /predict runs at once on a CPU, each on its share of "
+        "the cores (0: one per core, at most 4; 1: one forward at a time on every core). A "
+        "request that finds them idle and nobody waiting runs on every core.")
     predict_max_wait_ms: float = Field(5.0, ge=0, description="Longest a predict request "
                                        "waits for others to batch with.")
     visibility_timeout_s: int = Field(

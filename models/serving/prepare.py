@@ -9,8 +9,9 @@ offered) and ``serving.json``, the figures and the reasons::
      "int8": {"offered": bool, "why": str, "images": n, "agreement": a,
               "quality": q, "fp32_quality": q32, "metric": "accuracy" | "mAP", "batch": ...}}
 
-``batch`` (where the engine may serve): the batch size it runs fastest at on this host
-(batch_size.py); the serving runner splits larger batches into chunks of it.
+``batch`` (where the engine may serve): the batch size it runs fastest at on this host, in
+its serving lanes (lanes.py, batch_size.py); the batcher gathers at most that many images
+into one forward.
 
 The images are the model's own: its dataset's test split, else its val split (the dataset's
 own, or carved from train exactly as training carved it); int8's ranges are calibrated on
@@ -45,6 +46,7 @@ from ftune.models.serving.engines import (
     REPORT_FILE,
 )
 from ftune.models.serving.int8 import quantize_int8
+from ftune.models.serving.lanes import LaneLayout, lane_layout
 from ftune.models.serving.onnx_runner import OnnxRunner
 from ftune.models.spec import FineTuneSpec
 from ftune.models.tasks import TASKS
@@ -52,7 +54,8 @@ from ftune.models.tasks import TASKS
 DECODE_CHUNK = 64  # images decoded at once: memory stays flat on large test splits
 
 
-def prepare_serving(bundle: Path, data: Path | None, out: Path) -> dict:
+def prepare_serving(bundle: Path, data: Path | None, out: Path, lanes: int = 0) -> dict:
+    """``lanes``: the serving lanes the batch size is measured in (lanes.py)."""
     out.mkdir(parents=True, exist_ok=True)
     predictor = Predictor.load(bundle, device="cpu")
     write_onnx(predictor, out / FP32_FILE)
@@ -68,18 +71,20 @@ def prepare_serving(bundle: Path, data: Path | None, out: Path) -> dict:
                           if report["onnx"]["passed"] else
                           {"offered": False, "why": "the fp32 ONNX export failed its parity "
                            "check, so int8 (made from it) is not offered"})
-        _measure_batch(report, runner, out, _uint8(predictor, checked[:1]))
+        _measure_batch(report, out, _uint8(predictor, checked[:1]), lane_layout("cpu", lanes))
     (out / REPORT_FILE).write_text(json.dumps(report, indent=2))
     return report
 
 
-def _measure_batch(report: dict, fp32: OnnxRunner, out: Path, image: np.ndarray) -> None:
+def _measure_batch(report: dict, out: Path, image: np.ndarray, layout: LaneLayout) -> None:
     """Each engine that may serve gets the batch size it runs fastest at here."""
-    runners = {"onnx": fp32 if report["onnx"]["passed"] else None,
-               "int8": OnnxRunner(out / INT8_FILE) if report["int8"]["offered"] else None}
-    for name, runner in runners.items():
-        if runner is not None:
-            report[name]["batch"] = measure_batch_sizes(runner, image, runner.providers[0])
+    files = {"onnx": FP32_FILE if report["onnx"]["passed"] else None,
+             "int8": INT8_FILE if report["int8"]["offered"] else None}
+    for name, file in files.items():
+        if file is not None:
+            runner = OnnxRunner(out / file, threads=layout.threads)
+            report[name]["batch"] = measure_batch_sizes(runner, image, runner.providers[0],
+                                                        layout)
 
 
 def parity_passes(found: Agreement) -> bool:

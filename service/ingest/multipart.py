@@ -5,11 +5,17 @@ ourselves so that the body is never held in memory whole, nothing is written out
 directory, and an oversized upload is refused as soon as it is seen. Parsing and writing run
 on a small pool of I/O threads, a megabyte at a time, never on the event loop (a slow disk
 would stall every request). How long a client may pause is bounded by ``body_limits``.
+
+A route may keep small bodies in memory instead (``in_memory_bytes``: predictions): a body
+that declares at most that many bytes is parsed on the event loop when it has arrived (about
+as long as a thread hop costs, for a megabyte), and nothing is written.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import io
 import uuid
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -41,8 +47,19 @@ UPLOAD_IO = ThreadPoolExecutor(max_workers=8, thread_name_prefix="upload-io")
 class ReceivedFile:
     field: str
     filename: str
-    path: Path
+    path: Path | None  # where it was written; None: held in ``data``
     size: int = 0
+    data: bytearray = dataclasses.field(default_factory=bytearray)  # (``field`` is ours)
+
+    def source(self) -> Path | IO[bytes]:
+        return self.path if self.path is not None else io.BytesIO(self.data)
+
+    @property
+    def written(self) -> Path:
+        """Its file: every upload not kept in memory has one."""
+        if self.path is None:
+            raise ValueError(f"{self.filename} was kept in memory, not written")
+        return self.path
 
 
 @dataclass
@@ -52,13 +69,15 @@ class ReceivedForm:
 
     def cleanup(self) -> None:
         for received in self.files:
-            received.path.unlink(missing_ok=True)
+            if received.path is not None:
+                received.path.unlink(missing_ok=True)
 
 
 class _FormBuilder:
-    """Callbacks for python-multipart's push parser; writes file parts as they arrive."""
+    """Callbacks for python-multipart's push parser; writes file parts as they arrive (to
+    ``dest``; None: keeps them in memory)."""
 
-    def __init__(self, dest: Path, file_fields: set[str], max_files: int,
+    def __init__(self, dest: Path | None, file_fields: set[str], max_files: int,
                  max_file_bytes: int | None = None, file_limit_name: str = "") -> None:
         self.dest, self.file_fields, self.max_files = dest, file_fields, max_files
         self.max_file_bytes, self.file_limit_name = max_file_bytes, file_limit_name
@@ -115,34 +134,38 @@ class _FormBuilder:
                                "request")
         # The client's file name is kept for messages only; the stored name is ours.
         filename = options[b"filename"].decode("utf-8", "replace")
-        path = self.dest / f"{uuid.uuid4().hex}.part"
+        path = None if self.dest is None else self.dest / f"{uuid.uuid4().hex}.part"
         self._file = ReceivedFile(self._name, filename, path)
         self.form.files.append(self._file)
-        self._handle = open(path, "xb")  # noqa: SIM115 - closed in _part_end or close()
+        if path is not None:
+            self._handle = open(path, "xb")  # noqa: SIM115 - closed in _part_end or close()
 
     def _part_data(self, data: bytes, start: int, end: int) -> None:
-        if self._handle is not None and self._file is not None:
+        if self._file is not None:
             self._file.size += end - start
             if self.max_file_bytes is not None and self._file.size > self.max_file_bytes:
                 raise PayloadTooLarge(f"{self._file.filename}: larger than the limit of "
                                       f"{self.max_file_bytes} bytes per file "
                                       f"({self.file_limit_name})")
-            self._handle.write(data[start:end])
+            if self._handle is not None:
+                self._handle.write(data[start:end])
+            else:
+                self._file.data += data[start:end]
             return
         self._value += data[start:end]
         if len(self._value) > MAX_FIELD_BYTES:
             raise InvalidInput(f"form field {self._name!r} is longer than {MAX_FIELD_BYTES} bytes")
 
     def _part_end(self) -> None:
-        if self._handle is not None:
-            self._handle.close()
-            self._handle = None
+        if self._file is not None:
+            self.close()
+            self._file = None
         elif self._name:
             self.form.fields[self._name] = self._value.decode("utf-8", "replace")
 
     @property
     def part_open(self) -> bool:
-        return self._handle is not None
+        return self._file is not None
 
     def close(self) -> None:
         if self._handle is not None:
@@ -158,9 +181,10 @@ def upload_too_large(max_bytes: int) -> ServiceError:
 async def receive_multipart(request: Request, *, dest: Path, file_fields: set[str],
                             max_bytes: int, max_files: int = 1, too_many_files: str | None = None,
                             over_limit: Callable[[int], ServiceError] = upload_too_large,
-                            max_file_bytes: int | None = None, file_limit_name: str = ""
-                            ) -> ReceivedForm:
-    """Parse the request body; files go to ``dest``. On any error nothing is left behind.
+                            max_file_bytes: int | None = None, file_limit_name: str = "",
+                            in_memory_bytes: int = 0) -> ReceivedForm:
+    """Parse the request body; files go to ``dest``, or stay in memory where the body
+    declares at most ``in_memory_bytes``. On any error nothing is left behind.
 
     A body over ``max_bytes`` is refused from its Content-Length, or as soon as the streamed
     bytes pass it, with ``over_limit(max_bytes)``."""
@@ -171,8 +195,13 @@ async def receive_multipart(request: Request, *, dest: Path, file_fields: set[st
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > max_bytes:
         raise over_limit(max_bytes)
-    dest.mkdir(parents=True, exist_ok=True)
-    builder = _FormBuilder(dest, file_fields, max_files, max_file_bytes, file_limit_name)
+    in_memory = bool(declared and declared.isdigit() and int(declared) <= in_memory_bytes)
+    if in_memory:  # the server stops a body at its declared length: bounded
+        max_bytes = min(max_bytes, in_memory_bytes)
+    else:
+        dest.mkdir(parents=True, exist_ok=True)
+    builder = _FormBuilder(None if in_memory else dest, file_fields, max_files, max_file_bytes,
+                           file_limit_name)
     builder.too_many_files = too_many_files
     parser = MultipartParser(params[b"boundary"], builder.callbacks())
     received, pending = 0, bytearray()
@@ -183,12 +212,15 @@ async def receive_multipart(request: Request, *, dest: Path, file_fields: set[st
             if received > max_bytes:
                 raise over_limit(max_bytes)
             pending += chunk
-            if len(pending) >= PARSE_BATCH_BYTES:
+            if len(pending) >= PARSE_BATCH_BYTES and not in_memory:
                 work = UPLOAD_IO.submit(parser.write, bytes(pending))
                 await asyncio.wrap_future(work)
                 pending.clear()
-        work = UPLOAD_IO.submit(_finish, parser, bytes(pending))
-        await asyncio.wrap_future(work)
+        if in_memory:
+            _finish(parser, bytes(pending))
+        else:
+            work = UPLOAD_IO.submit(_finish, parser, bytes(pending))
+            await asyncio.wrap_future(work)
         if builder.part_open:
             raise InvalidInput("incomplete multipart body: the final boundary is missing")
     except BaseException as exc:

@@ -124,7 +124,7 @@ async def _receive_and_ingest(request: Request, ctx: AppContext, tenant_id: str,
             disk = disk_allowance(ctx.storage, settings, "unpacking the upload")
             with ctx.db.session() as session:
                 dataset, created = ingest_archive(
-                    session, ctx.storage, tenant_id=tenant_id, archive=files[0].path,
+                    session, ctx.storage, tenant_id=tenant_id, archive=files[0].written,
                     filename=files[0].filename, name=form.fields.get("name"), checks=checks,
                     allowance=allowance, disk_allowance=disk, dedupe=dedupe, kind=kind,
                     quota=limits)
@@ -263,7 +263,7 @@ async def _version_from_archive(request: Request, ctx: AppContext, who: Principa
                 # The new images alone: checked in the sandbox as an upload is, except for
                 # how many classes and images so few make (the version is checked whole).
                 check_archive(unpack_and_inspect(
-                    archive.path, staging, limits=checks.limits, min_per_class=1,
+                    archive.written, staging, limits=checks.limits, min_per_class=1,
                     max_pixels=checks.max_pixels, max_classes=checks.max_classes,
                     memory_mb=checks.memory_mb, cpu_s=checks.cpu_s, timeout_s=checks.timeout_s))
                 dataset = create_version(

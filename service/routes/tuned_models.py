@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 from pathlib import Path
 from typing import Annotated, Literal
@@ -256,6 +257,11 @@ def download(model_ref: str, ctx: Ctx, who: Member,
                                       "Content-Disposition": f'attachment; filename="{name}"'})
 
 
+# A predict body up to this size is parsed in memory: no file written and read back, no hop to
+# an I/O thread (a 224 px PNG is about 100 kB).
+PREDICT_IN_MEMORY = 1 << 20
+
+
 @router.post("/models/{model_ref}/predict", response_model=PredictOut,
              response_model_exclude_none=True, openapi_extra=_PREDICT_FORM, description=REF,
              dependencies=[Depends(rate_limited("predictions"))])
@@ -280,22 +286,26 @@ async def predict(model_ref: str, request: Request, ctx: Ctx, who: Member,
             request, dest=ctx.storage.uploads, file_fields={"files", "file"},
             max_bytes=min(settings.max_predict_images * per_image, disk),
             max_files=settings.max_predict_images, max_file_bytes=per_image,
-            file_limit_name="FTUNE_MAX_PREDICT_IMAGE_MB")
-        try:
-            files = form.files  # both field names, in the order sent
-            if not files:
-                raise InvalidInput("files: send one or more images as the multipart field "
-                                   "'files'")
-            if explain and len(files) > settings.max_explain_images:
-                raise InvalidInput(f"explain: at most {settings.max_explain_images} images per "
-                                   f"request, got {len(files)} (FTUNE_MAX_EXPLAIN_IMAGES)")
-            k = top_k if top_k is not None else parse_top_k(form.fields.get("top_k"))
-            # Decoding and resizing happen on a worker thread, never on the event loop.
-            batch = await run_in_threadpool(decode_batch, files, batcher.predictor,
-                                            settings.engine.max_image_pixels)
-        finally:
-            form.cleanup()
-    probs = await batcher.probabilities(batch)
+            file_limit_name="FTUNE_MAX_PREDICT_IMAGE_MB", in_memory_bytes=PREDICT_IN_MEMORY)
+    try:
+        files = form.files  # both field names, in the order sent
+        if not files:
+            raise InvalidInput("files: send one or more images as the multipart field 'files'")
+        if explain and len(files) > settings.max_explain_images:
+            raise InvalidInput(f"explain: at most {settings.max_explain_images} images per "
+                               f"request, got {len(files)} (FTUNE_MAX_EXPLAIN_IMAGES)")
+        k = top_k if top_k is not None else parse_top_k(form.fields.get("top_k"))
+        decode = functools.partial(decode_batch, predictor=batcher.predictor,
+                                   max_pixels=settings.engine.max_image_pixels)
+        # Decoding and resizing never run on the event loop: a small body's images on the
+        # forward's thread, just before it; large files on a worker thread first, so that
+        # they do not hold up the requests they would share a forward with.
+        if all(received.path is None for received in files):
+            batch, probs = await batcher.predict(files, decode)
+        else:
+            batch, probs = await batcher.predict(await run_in_threadpool(decode, files))
+    finally:
+        form.cleanup()
     answer = {"predictions": batcher.predictor.predictions(probs, k)}
     if explain:
         answer["explanations"] = await asyncio.get_running_loop().run_in_executor(

@@ -17,8 +17,9 @@ from ftune.models.serving.agreement import Agreement, agreement
 from ftune.models.serving.batch_size import (
     BATCH_SIZES,
     choose_size,
-    measure_torch_batch_sizes,
+    measure_model_batch_sizes,
 )
+from ftune.models.serving.lanes import LaneLayout, lane_layout
 from ftune.models.serving.onnx_runner import OnnxRunner
 from ftune.models.serving.prepare import int8_passes, parity_passes, prepare_serving
 from ftune.models.training.fit import fit
@@ -62,9 +63,12 @@ def test_the_batch_size_served_is_measured_and_chunks_give_the_whole_batch_s_ans
     assert all(rate > 0 for rate in batch["images_per_s"].values())
     assert batch["size"] in BATCH_SIZES
     assert ("batch" in report["int8"]) == report["int8"]["offered"]
-    assert runner.batch_size({**batch, "size": 3}) == 3
-    # Measured with another execution provider: the whole batch at once.
-    assert runner.batch_size({**batch, "provider": "CUDAExecutionProvider"}) is None
+    layout = lane_layout("cpu")
+    assert (batch["lanes"], batch["threads"]) == (layout.lanes, layout.threads)
+    assert runner.batch_size({**batch, "size": 3}, layout) == 3
+    # Measured with another execution provider, or other lanes: not this host's size.
+    assert runner.batch_size({**batch, "provider": "CUDAExecutionProvider"}, layout) is None
+    assert runner.batch_size({**batch, "size": 3}, LaneLayout(3, 5, 15)) is None
     predictor = Predictor.load(tuned, device="cpu")
     arrays = np.random.default_rng(0).integers(0, 256, (7, 48, 48, 3), dtype=np.uint8)
     for engine in (None, runner):  # torch, then ONNX Runtime
@@ -76,11 +80,31 @@ def test_the_batch_size_served_is_measured_and_chunks_give_the_whole_batch_s_ans
         assert (chunked - whole).abs().max() <= 1e-5
 
 
-def test_torch_s_batch_size_is_measured_on_the_model_as_built(tuned):
+def test_torch_s_batch_size_is_measured_on_the_model_as_built_in_the_lanes(tuned):
     predictor = Predictor.load(tuned, device="cpu")
-    measured = measure_torch_batch_sizes(predictor, rounds=1, block_s=0.01)
+    layout = LaneLayout(lanes=2, threads=1, wide_threads=2)
+    measured = measure_model_batch_sizes(predictor, layout, rounds=1, block_s=0.01)
     assert measured["provider"] == "torch-cpu" and measured["size"] in BATCH_SIZES
+    assert (measured["lanes"], measured["threads"]) == (2, 1)
     assert set(measured["images_per_s"]) == {str(size) for size in BATCH_SIZES}
+
+
+def test_lanes_split_the_cores_and_a_gpu_has_one():
+    assert lane_layout("cpu", cores=2) == LaneLayout(lanes=2, threads=1, wide_threads=2)
+    assert lane_layout("cpu", cores=16) == LaneLayout(lanes=4, threads=4, wide_threads=16)
+    assert lane_layout("cpu", lanes=1, cores=16) == LaneLayout(1, 16, 16)
+    assert lane_layout("cpu", lanes=8, cores=2) == LaneLayout(2, 1, 2)  # no more than cores
+    assert lane_layout("cuda:0", cores=16) == LaneLayout(1, 16, 16)
+    assert LaneLayout(2, 1, 2).widths == (2, 1) and LaneLayout(1, 8, 8).widths == (8,)
+
+
+def test_one_onnx_model_runs_with_each_thread_count_it_is_given(prepared):
+    out, _ = prepared
+    runner = OnnxRunner(out / "model.onnx", threads=(2, 1))
+    assert sorted(runner.sessions) == [1, 2] and runner.default == 2
+    batch = np.random.default_rng(1).integers(0, 256, (3, 3, 48, 48), dtype=np.uint8)
+    assert np.abs(runner(batch, 1) - runner(batch)).max() <= 1e-5
+    assert runner.memory_bytes() == 2 * (out / "model.onnx").stat().st_size
 
 
 def test_the_fastest_batch_size_wins_only_by_a_margin():

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 
 import numpy as np
 import pytest
 import torch
 
+from ftune.models.serving.lanes import LaneLayout
 from ftune.models.training.fit import fit
-from ftune.service.batching import DynamicBatcher
+from ftune.service.batching import DynamicBatcher, forward_lanes
 from ftune.service.db.tables import TunedModel
 from ftune.service.predictor_cache import PredictorCache
 from ftune.service.storage import Storage
@@ -29,17 +31,35 @@ def model_home(tiny_folder, tmp_path_factory):
     return storage, models
 
 
-def test_concurrent_requests_share_one_forward_with_the_same_answers(model_home):
-    storage, models = model_home
-    batcher = PredictorCache(storage, 1 << 30).get(models[0])
-    rng = np.random.default_rng(0)
-    batches = [rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8) for n in (1, 3, 2, 1)]
-    expected = [batcher.predictor.probabilities_from_arrays(b) for b in batches]
+TWO_LANES = LaneLayout(lanes=2, threads=1, wide_threads=2)
 
-    async def together() -> list[torch.Tensor]:
+
+def _batcher(model_home, *, batch_size: int | None = None, layout: LaneLayout = TWO_LANES,
+             max_wait_ms: float = 5) -> DynamicBatcher:
+    storage, models = model_home
+    predictor = PredictorCache(storage, 1 << 30).get(models[0]).predictor
+    predictor.serve_with(None, "torch", batch_size)  # as if measured fastest at batch_size
+    return DynamicBatcher(predictor, max_batch=32, max_wait_ms=max_wait_ms,
+                          lanes=forward_lanes(layout))
+
+
+def _images(seed: int, *sizes: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8) for n in sizes]
+
+
+def _together(batcher: DynamicBatcher, batches: list[np.ndarray]) -> list[torch.Tensor]:
+    async def run() -> list[torch.Tensor]:
         return await asyncio.gather(*(batcher.probabilities(b) for b in batches))
 
-    results = asyncio.run(together())
+    return asyncio.run(run())
+
+
+def test_concurrent_requests_share_one_forward_with_the_same_answers(model_home):
+    batcher = _batcher(model_home)
+    batches = _images(0, 1, 3, 2, 1)
+    expected = [batcher.predictor.probabilities_from_arrays(b) for b in batches]
+    results = _together(batcher, batches)
     assert batcher.batches == 1 and batcher.images == 7  # one forward for four requests
     for got, want in zip(results, expected, strict=True):
         assert torch.allclose(got, want, atol=1e-5)
@@ -47,29 +67,99 @@ def test_concurrent_requests_share_one_forward_with_the_same_answers(model_home)
 
 
 def test_a_forward_takes_at_most_the_engine_s_batch_size(model_home):
-    storage, models = model_home
-    predictor = PredictorCache(storage, 1 << 30).get(models[0]).predictor
-    predictor.serve_with(None, "torch", batch_size=2)  # as if measured fastest at 2
-    batcher = DynamicBatcher(predictor, max_batch=32, max_wait_ms=5)
-    rng = np.random.default_rng(1)
-    batches = [rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8) for n in (1, 1, 1, 1, 3)]
-    expected = [predictor.probabilities_from_arrays(b) for b in batches]
-
-    async def together() -> list[torch.Tensor]:
-        return await asyncio.gather(*(batcher.probabilities(b) for b in batches))
-
-    results = asyncio.run(together())
-    # 1+1, 1+1, then the 3-image request alone (in chunks of 2 within its forward).
-    assert batcher.batches == 3 and batcher.images == 7
+    batcher = _batcher(model_home, batch_size=2)
+    sizes: list[int] = []
+    batcher.on_batch = lambda images, engine: sizes.append(images)
+    batches = _images(1, 1, 1, 1, 1, 3)
+    expected = [batcher.predictor.probabilities_from_arrays(b) for b in batches]
+    results = _together(batcher, batches)
+    # 1+1, 1+1, then the 3-image request split over the two lanes (2 and 1).
+    assert sorted(sizes) == [1, 2, 2, 2] and batcher.images == 7
     for got, want in zip(results, expected, strict=True):
         assert torch.allclose(got, want, atol=1e-5)
     batcher.close()
 
 
+def test_forwards_run_side_by_side_in_the_lanes_each_on_its_share_of_the_cores(model_home):
+    """Decoding runs on the forward's thread: slow decodes show which threads forward, how
+    many at once, and with how many torch threads."""
+    batcher = _batcher(model_home, batch_size=1)
+    seen: list[tuple[str, int]] = []
+    running, most = 0, 0
+    lock = threading.Lock()
+
+    def slow_decode(images: list[np.ndarray]) -> np.ndarray:
+        nonlocal running, most
+        with lock:
+            running += 1
+            most = max(most, running)
+            seen.append((threading.current_thread().name, torch.get_num_threads()))
+        time.sleep(0.2)  # sleeps without the GIL: a thread of its own each
+        with lock:
+            running -= 1
+        return np.concatenate(images)
+
+    async def requests() -> list[tuple[np.ndarray, torch.Tensor]]:
+        return await asyncio.gather(*(batcher.predict([image], slow_decode)
+                                      for image in _images(2, 1, 1, 1, 1, 1, 1)))
+
+    answers = asyncio.run(requests())
+    assert most == 2  # both lanes at once, never more
+    assert {name for name, _ in seen} == {"lane_0", "lane_1"}
+    assert {threads for _, threads in seen} == {1}
+    assert all(probs.shape == (1, 3) for _, probs in answers)
+    batcher.close()
+
+
+def test_a_lone_request_gets_every_core(model_home):
+    batcher = _batcher(model_home)
+    seen: list[tuple[str, int]] = []
+
+    def record(images: list[np.ndarray]) -> np.ndarray:
+        seen.append((threading.current_thread().name, torch.get_num_threads()))
+        return np.concatenate(images)
+
+    for image in _images(3, 1, 1):  # one after the other: each alone
+        asyncio.run(batcher.predict([image], record))
+    assert [name for name, _ in seen] == ["torch_0", "torch_0"]  # TORCH_THREAD
+    assert seen[-1][1] == TWO_LANES.wide_threads  # the thread count its forward ran with
+    assert batcher.wide_batches == batcher.batches == 2
+    batcher.close()
+
+
+def test_one_lane_runs_every_forward_on_every_core(model_home):
+    one = LaneLayout(lanes=1, threads=torch.get_num_threads(),
+                     wide_threads=torch.get_num_threads())
+    batcher = _batcher(model_home, layout=one, batch_size=1)
+    results = _together(batcher, _images(4, 1, 2, 1))
+    assert [r.shape[0] for r in results] == [1, 2, 1]
+    assert batcher.wide_batches == 0 and batcher.images == 4
+    batcher.close()
+
+
+def test_an_image_that_cannot_be_decoded_fails_its_own_request_only(model_home):
+    batcher = _batcher(model_home)
+    good, bad = _images(5, 2, 1)
+
+    def decode(images: list[np.ndarray]) -> np.ndarray:
+        if any(image is bad for image in images):
+            raise ValueError("bad.png: damaged")
+        return np.stack(images)
+
+    async def both() -> list:
+        return await asyncio.gather(batcher.predict(list(good), decode),
+                                    batcher.predict([bad], decode), return_exceptions=True)
+
+    answer, failure = asyncio.run(both())
+    assert isinstance(failure, ValueError) and "bad.png" in str(failure)
+    arrays, probs = answer
+    assert np.array_equal(arrays, good)
+    assert torch.allclose(probs, batcher.predictor.probabilities_from_arrays(good), atol=1e-5)
+    batcher.close()
+
+
 def test_a_lone_request_does_not_wait_for_the_batch_window(model_home):
-    storage, models = model_home
-    predictor = PredictorCache(storage, 1 << 30).get(models[0]).predictor
-    batcher = DynamicBatcher(predictor, max_batch=32, max_wait_ms=2000)
+    batcher = _batcher(model_home, max_wait_ms=2000)
     image = np.zeros((1, 32, 32, 3), dtype=np.uint8)
 
     async def alone() -> float:

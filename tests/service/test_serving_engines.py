@@ -141,6 +141,7 @@ def test_a_model_evicted_while_it_waits_for_its_preparation_is_freed_then(tmp_pa
     import weakref
 
     from ftune.models.predictor import Predictor
+    from ftune.models.serving.lanes import lane_layout
     from ftune.service.db.session import Database
     from ftune.service.db.tables import TunedModel
     from ftune.service.exports import ExportSlots
@@ -164,7 +165,7 @@ def test_a_model_evicted_while_it_waits_for_its_preparation_is_freed_then(tmp_pa
     loaded = weakref.ref(predictor)
     try:
         with slots.slot():  # another export holds the one slot: the preparation waits
-            engines.attach(model, predictor)
+            engines.attach(model, predictor, lane_layout("cpu"))
             assert predictor.engine == "torch"
             del predictor  # what the cache's eviction leaves
             gc.collect()
