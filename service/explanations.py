@@ -2,7 +2,7 @@
 whichever engine serves the plain predictions.
 
 Explaining costs a backward pass, so it runs on a thread of its own with one OpenMP thread
-(as model loads do, service/batching.py): plain predictions keep the forward thread and its
+(as model loads do, service/forward_threads.py): plain predictions keep the forward thread and its
 dynamic batching, and an explanation never competes with them for more than one core.
 """
 
@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ftune.service.batching import one_openmp_thread
+from ftune.service.forward_threads import one_openmp_thread
 
 if TYPE_CHECKING:
     import torch

@@ -10,8 +10,9 @@ from collections import OrderedDict
 from collections.abc import Callable
 
 from ftune.models.serving.lanes import lane_layout
-from ftune.service.batching import LOAD_THREAD, DynamicBatcher, forward_lanes
+from ftune.service.batching import DynamicBatcher
 from ftune.service.db.tables import TunedModel
+from ftune.service.forward_threads import LOAD_THREAD, forward_lanes
 from ftune.service.freed_memory import return_freed_memory
 from ftune.service.serving import ServingEngines
 from ftune.service.storage import Storage

@@ -12,8 +12,9 @@ import torch
 
 from ftune.models.serving.lanes import LaneLayout
 from ftune.models.training.fit import fit
-from ftune.service.batching import DynamicBatcher, forward_lanes
+from ftune.service.batching import DynamicBatcher
 from ftune.service.db.tables import TunedModel
+from ftune.service.forward_threads import forward_lanes
 from ftune.service.predictor_cache import PredictorCache
 from ftune.service.storage import Storage
 from ftune.testing.models import store_bundle
