@@ -2,8 +2,9 @@
 whichever engine serves the plain predictions.
 
 Explaining costs a backward pass, so it runs on a thread of its own with one OpenMP thread
-(as model loads do, service/forward_threads.py): plain predictions keep the forward thread and its
-dynamic batching, and an explanation never competes with them for more than one core.
+(as model loads do, service/forward_threads.py): plain predictions keep the forward threads
+and their dynamic batching, and an explanation never competes with them for more than one
+core.
 """
 
 from __future__ import annotations
