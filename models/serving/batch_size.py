@@ -32,6 +32,7 @@ Forward = Callable[[np.ndarray, int], object]
 BATCH_SIZES = (1, 2, 4, 8, 16)
 ROUNDS = 3  # alternating blocks: drifting load hits every size alike
 BLOCK_S = 0.15  # per size and round: the whole measurement takes about 2 s
+BLOCK_RUNS = 32  # or this many forwards per lane, if sooner: a small model's takes far less
 # A larger size must beat the smallest by this much: within noise, small batches keep latency.
 MIN_GAIN = 1.05
 
@@ -50,21 +51,22 @@ def measure_batch_sizes(run: Forward, image: np.ndarray, provider: str, layout: 
             in_lanes(pool, run, batches[size], layout, 0.0)
         for _ in range(rounds):
             for size in sizes:
-                samples[size].append(in_lanes(pool, run, batches[size], layout, block_s))
+                samples[size].append(in_lanes(pool, run, batches[size], layout, block_s,
+                                              BLOCK_RUNS))
     rates = {size: float(np.median(values)) for size, values in samples.items()}
     return {"size": choose_size(rates), "provider": provider, **layout.describe(),
             "images_per_s": {str(size): round(rate, 1) for size, rate in rates.items()}}
 
 
 def in_lanes(pool: ThreadPoolExecutor, run: Forward, batch: np.ndarray, layout: LaneLayout,
-             seconds: float) -> float:
+             seconds: float, max_runs: int | None = None) -> float:
     """Images per second of ``layout.lanes`` threads running ``batch`` side by side for about
-    ``seconds`` (``pool``: that many threads)."""
+    ``seconds`` or ``max_runs`` runs each (``pool``: that many threads)."""
     together = threading.Barrier(layout.lanes)
 
     def lane() -> float:
         together.wait()
-        return images_per_second(lambda b: run(b, layout.threads), batch, seconds)
+        return images_per_second(lambda b: run(b, layout.threads), batch, seconds, max_runs)
 
     return sum(f.result() for f in [pool.submit(lane) for _ in range(layout.lanes)])
 
@@ -88,14 +90,15 @@ def measure_model_batch_sizes(predictor: Predictor, layout: LaneLayout, run: For
 
 
 def images_per_second(run: Callable[[np.ndarray], object], batch: np.ndarray,
-                      seconds: float) -> float:
-    """Images per second of ``run`` over about ``seconds`` of runs of ``batch`` (one at
-    least)."""
-    done, started = 0, time.perf_counter()
-    while time.perf_counter() - started < seconds or not done:
+                      seconds: float, max_runs: int | None = None) -> float:
+    """Images per second of ``run`` over about ``seconds`` of runs of ``batch``, or
+    ``max_runs`` runs if sooner (one at least)."""
+    runs, started = 0, time.perf_counter()
+    while not runs or (time.perf_counter() - started < seconds
+                       and (max_runs is None or runs < max_runs)):
         run(batch)
-        done += len(batch)
-    return done / (time.perf_counter() - started)
+        runs += 1
+    return runs * len(batch) / (time.perf_counter() - started)
 
 
 def choose_size(rates: dict[int, float]) -> int:
