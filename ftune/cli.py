@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from typing import TYPE_CHECKING
 
@@ -99,6 +100,9 @@ def _run_server(args: argparse.Namespace, *, serve_only: bool) -> int:
 
     settings = process_settings(home=args.home, api_host=args.host)
     _log_format(settings)
+    # torch loads with the first model: its OpenMP threads then sleep between forwards rather
+    # than spin on the cores the event loop and the other lanes need (as ONNX Runtime's do).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if not serve_only:
         settings.broker_url  # noqa: B018 - fail now with a clear message, not on the first job
     serve(create_app(settings, serve_only=serve_only), settings,
