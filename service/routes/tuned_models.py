@@ -303,7 +303,9 @@ async def predict(model_ref: str, request: Request, ctx: Ctx, who: Member,
         if all(received.path is None for received in files):
             batch, probs = await batcher.predict(files, decode)
         else:
-            batch, probs = await batcher.predict(await run_in_threadpool(decode, files))
+            with batcher.arriving():  # still on its way
+                arrays = await run_in_threadpool(decode, files)
+            batch, probs = await batcher.predict(arrays)
     finally:
         form.cleanup()
     answer = {"predictions": batcher.predictor.predictions(probs, k)}
