@@ -64,14 +64,13 @@ def measured_batch_size(predictor: Predictor, layout: LaneLayout, engine: str = 
                         runner: OnnxRunner | None = None) -> int:
     """The forward size ``engine`` (``runner``, or torch) runs fastest at in ``layout``'s
     lanes (about 2 s the first time: models/serving/batch_size.py)."""
-    from ftune.models.serving.batch_size import measure_model_batch_sizes
+    from ftune.models.serving.batch_size import measure_model_batch_sizes, provider_of
 
-    provider = runner.providers[0] if runner is not None else f"torch-{predictor.device.type}"
-    key = (engine, provider, str(predictor.config.get("backbone")),
+    key = (engine, provider_of(predictor, runner), str(predictor.config.get("backbone")),
            predictor.preprocessing.input_size, str(predictor.device), layout)
     with _measure_lock:  # one measurement per key, whichever loads come at once
         if key not in _batch_sizes:
-            measured = measure_model_batch_sizes(predictor, layout, runner, provider)
+            measured = measure_model_batch_sizes(predictor, layout, runner)
             _batch_sizes[key] = int(measured["size"])
             log.info("%s (%s) serves %s at %d px on %s (%s) %d image(s) at a time (images/s "
                      "by size: %s)", *key, measured["size"], measured["images_per_s"])

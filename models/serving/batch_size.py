@@ -25,6 +25,7 @@ from ftune.models.serving.lanes import LaneLayout
 
 if TYPE_CHECKING:
     from ftune.models.predictor import Predictor
+    from ftune.models.serving.onnx_runner import OnnxRunner
 
 # A forward: uint8 [N, 3, S, S] images and the threads it may use -> probabilities.
 Forward = Callable[[np.ndarray, int], object]
@@ -71,22 +72,28 @@ def in_lanes(pool: ThreadPoolExecutor, run: Forward, batch: np.ndarray, layout: 
     return sum(f.result() for f in [pool.submit(lane) for _ in range(layout.lanes)])
 
 
-def measure_model_batch_sizes(predictor: Predictor, layout: LaneLayout, run: Forward | None = None,
-                              provider: str = "", rounds: int = ROUNDS,
+def measure_model_batch_sizes(predictor: Predictor, layout: LaneLayout,
+                              runner: OnnxRunner | None = None, rounds: int = ROUNDS,
                               block_s: float = BLOCK_S) -> dict:
     """``measure_batch_sizes`` for the predictor's architecture, on noise (the speed of a
-    forward does not depend on what the image shows): by ``run`` with ``provider``, or by
-    the predictor's torch model."""
+    forward does not depend on what the image shows): by ``runner``, or by the predictor's
+    torch model."""
     import torch
 
-    if run is None:
-        def run(batch: np.ndarray, threads: int) -> object:
-            return predictor.probabilities(torch.from_numpy(batch), threads)
+    def by_torch(batch: np.ndarray, threads: int) -> object:
+        return predictor.probabilities(torch.from_numpy(batch), threads)
 
-        provider = f"torch-{predictor.device.type}"
     side = predictor.preprocessing.input_size
     image = np.random.default_rng(0).integers(0, 256, (1, 3, side, side), dtype=np.uint8)
-    return measure_batch_sizes(run, image, provider, layout, rounds=rounds, block_s=block_s)
+    return measure_batch_sizes(by_torch if runner is None else runner, image,
+                               provider_of(predictor, runner), layout, rounds=rounds,
+                               block_s=block_s)
+
+
+def provider_of(predictor: Predictor, runner: OnnxRunner | None) -> str:
+    """What a measured size holds for: the ONNX Runtime session's execution provider, or
+    torch on the predictor's device."""
+    return runner.providers[0] if runner is not None else f"torch-{predictor.device.type}"
 
 
 def images_per_second(run: Callable[[np.ndarray], object], batch: np.ndarray,
