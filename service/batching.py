@@ -208,7 +208,8 @@ class DynamicBatcher:
         start = 0
         for item, arrays in zip(items, decoded, strict=True):
             if isinstance(arrays, Exception):
-                item.future.set_exception(arrays)
+                if not item.future.done():  # its request may have been cancelled meanwhile
+                    item.future.set_exception(arrays)
                 continue
             if probs is not None and not item.future.done():
                 item.future.set_result((arrays, probs[start:start + len(arrays)]))

@@ -48,8 +48,7 @@ class OnnxRunner:
         batcher's own limit)."""
         if measured is None or measured.get("provider") != self.providers[0]:
             return None
-        if (measured.get("lanes", 1), measured.get("threads")) != (layout.lanes,
-                                                                  layout.threads):
+        if any(measured.get(key) != value for key, value in layout.describe().items()):
             return None
         return int(measured["size"])
 

@@ -159,6 +159,28 @@ def test_an_image_that_cannot_be_decoded_fails_its_own_request_only(model_home):
     batcher.close()
 
 
+def test_a_request_cancelled_while_its_images_decode_leaves_its_batch_answered(model_home):
+    batcher = _batcher(model_home)
+    slow, fine = _images(6, 1, 1)
+
+    def decode(images: list[np.ndarray]) -> np.ndarray:
+        if any(image is slow for image in images):
+            time.sleep(0.3)
+            raise ValueError("slow.png: damaged")
+        return np.concatenate(images)
+
+    async def scenario() -> torch.Tensor:
+        gone = asyncio.ensure_future(batcher.predict([slow], decode))
+        kept = asyncio.ensure_future(batcher.predict([fine], decode))
+        await asyncio.sleep(0.1)  # both in one forward, the first still decoding
+        gone.cancel()
+        _, probs = await asyncio.wait_for(kept, 10)
+        return probs
+
+    assert asyncio.run(scenario()).shape == (1, 3)
+    batcher.close()
+
+
 def test_a_lone_request_does_not_wait_for_the_batch_window(model_home):
     batcher = _batcher(model_home, max_wait_ms=2000)
     image = np.zeros((1, 32, 32, 3), dtype=np.uint8)
